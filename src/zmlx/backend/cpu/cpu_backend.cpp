@@ -1,0 +1,445 @@
+// The CPU backend: reference numerics and a fast path (OpenMP threads over
+// output rows, SIMD mat-vec kernels from qgemv.h).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "zmlx/backend/cpu/elementwise.h"
+#include "zmlx/backend/cpu/qgemv.h"
+#include "zmlx/core/error.h"
+#include "zmlx/ops/backend.h"
+
+namespace zmlx {
+namespace {
+
+using cpu::MatrixView;
+using cpu::PreparedRows;
+
+constexpr int64_t kRowBlock = 16;  // output rows per work item (weights stay in L1)
+
+void check_bf16_2d(const Tensor& t, const char* what) {
+  ZMLX_CHECK(t.dtype == DType::BF16, "{}: expected a bf16 tensor, got {}", what, dtype_name(t.dtype));
+}
+
+// Groups the (token, slot) pairs of a routing by expert, in token-major order
+// inside each expert. Both the fused and unfused MoE paths use this order.
+struct ExpertGroups {
+  std::vector<int32_t> experts;                // experts with at least one pair
+  std::vector<std::vector<int64_t>> pairs;     // per listed expert: t * k + j
+};
+
+ExpertGroups group_by_expert(const Routing& r, int64_t T, int64_t n_experts) {
+  const int32_t* ex = r.experts.ptr<int32_t>();
+  std::vector<std::vector<int64_t>> by(static_cast<size_t>(n_experts));
+  for (int64_t p = 0; p < T * r.k; ++p) {
+    ZMLX_CHECK(ex[p] >= 0 && ex[p] < n_experts, "router selected expert {} of {}", ex[p], n_experts);
+    by[size_t(ex[p])].push_back(p);
+  }
+  ExpertGroups g;
+  for (int64_t e = 0; e < n_experts; ++e)
+    if (!by[size_t(e)].empty()) {
+      g.experts.push_back(int32_t(e));
+      g.pairs.push_back(std::move(by[size_t(e)]));
+    }
+  return g;
+}
+
+// For every expert group, computes fp32 rows W_e · x_pair for all its pairs:
+// result[group][pair_index * N + n]. `x_row(pair)` gives the bf16 input row.
+template <typename XRow>
+std::vector<std::vector<float>> expert_matmuls(const Weight& w, const ExpertGroups& g, int64_t K,
+                                               XRow x_row) {
+  const int64_t N = w.rows;
+  const size_t G = g.experts.size();
+  std::vector<PreparedRows> prepared(G);
+  std::vector<std::vector<float>> out(G);
+  std::vector<uint16_t> gathered;
+  for (size_t i = 0; i < G; ++i) {
+    const auto& pairs = g.pairs[i];
+    gathered.resize(pairs.size() * size_t(K));
+    for (size_t p = 0; p < pairs.size(); ++p)
+      std::memcpy(&gathered[p * K], x_row(pairs[p]), size_t(K) * 2);
+    prepared[i].prepare(gathered.data(), int64_t(pairs.size()), K, K);
+    out[i].resize(pairs.size() * size_t(N));
+  }
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  const int64_t items = int64_t(G) * blocks;
+#pragma omp parallel for schedule(static)
+  for (int64_t it = 0; it < items; ++it) {
+    const size_t gi = size_t(it / blocks);
+    const int64_t r0 = (it % blocks) * kRowBlock, r1 = std::min(N, r0 + kRowBlock);
+    const MatrixView m = cpu::matrix_view(w, g.experts[gi]);
+    cpu::gemv_rows(m, r0, r1, prepared[gi], 0, prepared[gi].T(), out[gi].data() + r0, N);
+  }
+  return out;
+}
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override { return fmt::format("cpu ({}, {} threads)", cpu::isa_name(cpu::active_isa()), omp_get_max_threads()); }
+  Device device() const override { return Device::CPU; }
+
+  Tensor alloc(DType dtype, std::vector<int64_t> shape) override { return host_tensor(dtype, std::move(shape)); }
+  Tensor from_host(const Tensor& h) override { return h; }
+  Tensor to_host(const Tensor& t) override { return t; }
+
+  Tensor embed(const Weight& table, const std::vector<int32_t>& ids) override {
+    const int64_t T = int64_t(ids.size()), D = table.cols;
+    Tensor out = alloc(DType::BF16, {T, D});
+    uint16_t* o = out.ptr<uint16_t>();
+    std::vector<float> row(static_cast<size_t>(D));
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t id = ids[size_t(t)];
+      ZMLX_CHECK(id >= 0 && id < table.rows, "token id {} is outside the vocabulary [0, {})", id, table.rows);
+      if (table.quantized) {
+        const MatrixView m = cpu::matrix_view(table);
+        quant::dequantize_row(m.w + id * table.words_per_row(), m.scales + id * table.groups_per_row(),
+                              m.biases + id * table.groups_per_row(), D, table.q, row.data());
+        for (int64_t d = 0; d < D; ++d) o[t * D + d] = f32_to_bf16_bits(row[size_t(d)]);
+      } else {
+        std::memcpy(o + t * D, table.w.ptr<uint16_t>() + int64_t(id) * D, size_t(D) * 2);
+      }
+    }
+    return out;
+  }
+
+  Tensor linear(const Tensor& x, const Weight& w) override {
+    check_bf16_2d(x, w.name.c_str());
+    const int64_t T = x.rows(), K = x.cols(), N = w.rows;
+    ZMLX_CHECK(K == w.cols, "{}: input has {} features, weight expects {}", w.name, K, w.cols);
+    PreparedRows px;
+    px.prepare(x.ptr<uint16_t>(), T, K, K);
+    std::vector<float> acc(static_cast<size_t>(T * N));
+    const MatrixView m = cpu::matrix_view(w);
+    const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t r0 = b * kRowBlock, r1 = std::min(N, r0 + kRowBlock);
+      cpu::gemv_rows(m, r0, r1, px, 0, T, acc.data() + r0, N);
+    }
+    Tensor out = alloc(DType::BF16, {T, N});
+    uint16_t* o = out.ptr<uint16_t>();
+    for (int64_t i = 0; i < T * N; ++i) o[i] = f32_to_bf16_bits(acc[size_t(i)]);
+    return out;
+  }
+
+  Tensor rms_norm(const Tensor& x, const Tensor& w, float eps) override {
+    check_bf16_2d(x, "rms_norm input");
+    const int64_t D = w.numel();
+    ZMLX_CHECK(x.numel() % D == 0, "rms_norm: {} elements do not split into rows of {}", x.numel(), D);
+    const int64_t R = x.numel() / D;
+    Tensor out = alloc(DType::BF16, x.shape);
+    const uint16_t* xi = x.ptr<uint16_t>();
+    const uint16_t* wi = w.ptr<uint16_t>();
+    uint16_t* o = out.ptr<uint16_t>();
+    for (int64_t r = 0; r < R; ++r) {
+      float ss = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = bf16_to_f32(xi[r * D + d]);
+        ss += v * v;
+      }
+      const float inv = 1.0f / std::sqrt(ss / float(D) + eps);
+      for (int64_t d = 0; d < D; ++d) {
+        const float n = round_bf16(bf16_to_f32(xi[r * D + d]) * inv);
+        o[r * D + d] = f32_to_bf16_bits(bf16_to_f32(wi[d]) * n);
+      }
+    }
+    return out;
+  }
+
+  void rope(Tensor& x, int64_t heads, int64_t head_dim, int64_t rot_offset, int64_t rot_dims,
+            int64_t pos0, float base, bool traditional) override {
+    const int64_t T = x.rows(), half = rot_dims / 2;
+    ZMLX_CHECK(x.cols() == heads * head_dim, "rope: row has {} values, expected {}x{}", x.cols(), heads,
+               head_dim);
+    std::vector<float> inv_freq(static_cast<size_t>(half));
+    const float lb = std::log2(base);
+    for (int64_t i = 0; i < half; ++i) inv_freq[size_t(i)] = std::exp2(-(float(i) / float(half)) * lb);
+    uint16_t* p = x.ptr<uint16_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      const float pos = float(pos0 + t);
+      for (int64_t i = 0; i < half; ++i) {
+        const float theta = pos * inv_freq[size_t(i)];
+        const float c = std::cos(theta), s = std::sin(theta);
+        for (int64_t h = 0; h < heads; ++h) {
+          uint16_t* v = p + t * heads * head_dim + h * head_dim + rot_offset;
+          const int64_t a = traditional ? 2 * i : i, b = traditional ? 2 * i + 1 : i + half;
+          const float x0 = bf16_to_f32(v[a]), x1 = bf16_to_f32(v[b]);
+          v[a] = f32_to_bf16_bits(x0 * c - x1 * s);
+          v[b] = f32_to_bf16_bits(x0 * s + x1 * c);
+        }
+      }
+    }
+  }
+
+  void add(Tensor& h, const Tensor& x) override {
+    ZMLX_CHECK(h.numel() == x.numel(), "add: {} vs {} elements", h.numel(), x.numel());
+    uint16_t* a = h.ptr<uint16_t>();
+    const uint16_t* b = x.ptr<uint16_t>();
+    for (int64_t i = 0; i < h.numel(); ++i) a[i] = f32_to_bf16_bits(bf16_to_f32(a[i]) + bf16_to_f32(b[i]));
+  }
+
+  Tensor swiglu(const Tensor& gate, const Tensor& up) override {
+    ZMLX_CHECK(gate.numel() == up.numel(), "swiglu: gate {} vs up {} elements", gate.numel(), up.numel());
+    Tensor out = alloc(DType::BF16, gate.shape);
+    const uint16_t* g = gate.ptr<uint16_t>();
+    const uint16_t* u = up.ptr<uint16_t>();
+    uint16_t* o = out.ptr<uint16_t>();
+    for (int64_t i = 0; i < gate.numel(); ++i) o[i] = cpu::swiglu_bf16(g[i], u[i]);
+    return out;
+  }
+
+  KvLayer new_kv_layer(int64_t kv_heads, int64_t head_dim, int64_t capacity) override {
+    KvLayer c;
+    c.capacity = capacity;
+    c.k = alloc(DType::BF16, {kv_heads, capacity, head_dim});
+    c.v = alloc(DType::BF16, {kv_heads, capacity, head_dim});
+    return c;
+  }
+
+  void kv_write(KvLayer& c, const Tensor& k, const Tensor& v, int64_t pos0) override {
+    const int64_t H = c.k.dim(0), hd = c.k.dim(2), T = k.rows();
+    if (pos0 + T > c.capacity) {  // grow geometrically, keeping what is cached
+      int64_t cap = std::max<int64_t>(c.capacity * 2, pos0 + T + 256);
+      KvLayer n = new_kv_layer(H, hd, cap);
+      for (int64_t h = 0; h < H; ++h) {
+        std::memcpy(n.k.ptr<uint16_t>() + h * cap * hd, c.k.ptr<uint16_t>() + h * c.capacity * hd, size_t(pos0 * hd) * 2);
+        std::memcpy(n.v.ptr<uint16_t>() + h * cap * hd, c.v.ptr<uint16_t>() + h * c.capacity * hd, size_t(pos0 * hd) * 2);
+      }
+      c = std::move(n);
+    }
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        std::memcpy(c.k.ptr<uint16_t>() + (h * c.capacity + pos0 + t) * hd, k.ptr<uint16_t>() + (t * H + h) * hd, size_t(hd) * 2);
+        std::memcpy(c.v.ptr<uint16_t>() + (h * c.capacity + pos0 + t) * hd, v.ptr<uint16_t>() + (t * H + h) * hd, size_t(hd) * 2);
+      }
+  }
+
+  Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads, int64_t kv_heads,
+                   int64_t hd, float scale) override {
+    const int64_t T = q.rows(), S = pos0 + T, group = heads / kv_heads;
+    Tensor out = alloc(DType::BF16, {T, heads * hd});
+    const uint16_t* qp = q.ptr<uint16_t>();
+    uint16_t* o = out.ptr<uint16_t>();
+#pragma omp parallel
+    {
+      std::vector<float> qs(static_cast<size_t>(hd)), sc(static_cast<size_t>(S)), acc(static_cast<size_t>(hd));
+#pragma omp for schedule(dynamic, 1) collapse(2)
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t kvh = h / group, visible = pos0 + t + 1;  // causal
+          const uint16_t* K = c.k.ptr<uint16_t>() + kvh * c.capacity * hd;
+          const uint16_t* V = c.v.ptr<uint16_t>() + kvh * c.capacity * hd;
+          for (int64_t d = 0; d < hd; ++d) qs[size_t(d)] = scale * bf16_to_f32(qp[(t * heads + h) * hd + d]);
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t j = 0; j < visible; ++j) {
+            float s = 0.f;
+            for (int64_t d = 0; d < hd; ++d) s += qs[size_t(d)] * bf16_to_f32(K[j * hd + d]);
+            sc[size_t(j)] = s;
+            mx = std::max(mx, s);
+          }
+          float sum = 0.f;
+          for (int64_t j = 0; j < visible; ++j) sum += (sc[size_t(j)] = std::exp(sc[size_t(j)] - mx));
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t j = 0; j < visible; ++j) {
+            const float p = sc[size_t(j)];
+            for (int64_t d = 0; d < hd; ++d) acc[size_t(d)] += p * bf16_to_f32(V[j * hd + d]);
+          }
+          const float inv = 1.0f / sum;
+          for (int64_t d = 0; d < hd; ++d) o[(t * heads + h) * hd + d] = f32_to_bf16_bits(acc[size_t(d)] * inv);
+        }
+    }
+    return out;
+  }
+
+  Routing route_softmax_topk(const Tensor& logits, int64_t k, bool normalize) override {
+    const int64_t T = logits.rows(), E = logits.cols();
+    ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
+    Routing r;
+    r.k = k;
+    r.experts = alloc(DType::I32, {T, k});
+    r.scores = alloc(DType::BF16, {T, k});
+    const uint16_t* l = logits.ptr<uint16_t>();
+    std::vector<float> p(static_cast<size_t>(E));
+    std::vector<int32_t> order(static_cast<size_t>(E));
+    for (int64_t t = 0; t < T; ++t) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t e = 0; e < E; ++e) mx = std::max(mx, bf16_to_f32(l[t * E + e]));
+      float sum = 0.f;
+      for (int64_t e = 0; e < E; ++e) sum += (p[size_t(e)] = std::exp(bf16_to_f32(l[t * E + e]) - mx));
+      for (int64_t e = 0; e < E; ++e) p[size_t(e)] = round_bf16(p[size_t(e)] / sum);  // stored bf16
+      for (int64_t e = 0; e < E; ++e) order[size_t(e)] = int32_t(e);
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+        return p[size_t(a)] > p[size_t(b)] || (p[size_t(a)] == p[size_t(b)] && a < b);
+      });
+      float total = 0.f;
+      for (int64_t j = 0; j < k; ++j) total += p[size_t(order[size_t(j)])];
+      const float denom = round_bf16(total);
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t e = order[size_t(j)];
+        r.experts.ptr<int32_t>()[t * k + j] = e;
+        r.scores.ptr<uint16_t>()[t * k + j] =
+            f32_to_bf16_bits(normalize ? p[size_t(e)] / denom : p[size_t(e)]);
+      }
+    }
+    return r;
+  }
+
+  // ---------------------------------------------------------------- experts
+
+  Tensor gather_qmm(const Tensor& x, const Weight& w, const Routing& r) override {
+    const int64_t T = r.experts.rows(), k = r.k, K = x.cols(), N = w.rows;
+    ZMLX_CHECK(K == w.cols, "{}: input has {} features, experts expect {}", w.name, K, w.cols);
+    const bool per_slot = x.rows() == T * k;
+    ZMLX_CHECK(per_slot || x.rows() == T, "{}: {} input rows for {} tokens x {} slots", w.name, x.rows(), T, k);
+    const ExpertGroups g = group_by_expert(r, T, w.experts);
+    const uint16_t* xp = x.ptr<uint16_t>();
+    auto y = expert_matmuls(w, g, K, [&](int64_t pair) { return xp + (per_slot ? pair : pair / k) * K; });
+    Tensor out = alloc(DType::BF16, {T, k, N});
+    uint16_t* o = out.ptr<uint16_t>();
+    for (size_t gi = 0; gi < g.experts.size(); ++gi)
+      for (size_t p = 0; p < g.pairs[gi].size(); ++p)
+        for (int64_t n = 0; n < N; ++n) o[g.pairs[gi][p] * N + n] = f32_to_bf16_bits(y[gi][p * N + n]);
+    return out;
+  }
+
+  Tensor moe_combine(const Tensor& y, const Routing& r, CombineMode mode) override {
+    const int64_t T = r.experts.rows(), k = r.k, D = y.cols();
+    Tensor out = alloc(DType::BF16, {T, D});
+    const uint16_t* yp = y.ptr<uint16_t>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t d = 0; d < D; ++d) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < k; ++j) acc += combine_term(yp[(t * k + j) * D + d], r, t * k + j, mode);
+        out.ptr<uint16_t>()[t * D + d] = f32_to_bf16_bits(acc);
+      }
+    return out;
+  }
+
+  Tensor gather_qmm_swiglu(const Tensor& x, const Weight& gate, const Weight& up, const Routing& r) override {
+    const int64_t T = r.experts.rows(), k = r.k, K = x.cols(), I = gate.rows;
+    ZMLX_CHECK(x.rows() == T && K == gate.cols && K == up.cols && up.rows == I,
+               "{}: gather_qmm_swiglu shape mismatch", gate.name);
+    const ExpertGroups g = group_by_expert(r, T, gate.experts);
+    const size_t G = g.experts.size();
+    // x is prepared once per expert group and shared by the gate and up rows.
+    std::vector<PreparedRows> prepared(G);
+    std::vector<uint16_t> gathered;
+    const uint16_t* xp = x.ptr<uint16_t>();
+    for (size_t i = 0; i < G; ++i) {
+      gathered.resize(g.pairs[i].size() * size_t(K));
+      for (size_t p = 0; p < g.pairs[i].size(); ++p)
+        std::memcpy(&gathered[p * K], xp + (g.pairs[i][p] / k) * K, size_t(K) * 2);
+      prepared[i].prepare(gathered.data(), int64_t(g.pairs[i].size()), K, K);
+    }
+    Tensor out = alloc(DType::BF16, {T, k, I});
+    uint16_t* o = out.ptr<uint16_t>();
+    const int64_t blocks = (I + kRowBlock - 1) / kRowBlock;
+    const int64_t items = int64_t(G) * blocks;
+#pragma omp parallel
+    {
+      std::vector<float> ga, ua;
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < items; ++it) {
+        const size_t gi = size_t(it / blocks);
+        const int64_t r0 = (it % blocks) * kRowBlock, r1 = std::min(I, r0 + kRowBlock), nr = r1 - r0;
+        const int64_t P = prepared[gi].T();
+        ga.resize(size_t(P * nr));
+        ua.resize(size_t(P * nr));
+        cpu::gemv_rows(cpu::matrix_view(gate, g.experts[gi]), r0, r1, prepared[gi], 0, P, ga.data(), nr);
+        cpu::gemv_rows(cpu::matrix_view(up, g.experts[gi]), r0, r1, prepared[gi], 0, P, ua.data(), nr);
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t i = 0; i < nr; ++i)
+            o[g.pairs[gi][size_t(p)] * I + r0 + i] =
+                cpu::swiglu_bf16(f32_to_bf16_bits(ga[size_t(p * nr + i)]), f32_to_bf16_bits(ua[size_t(p * nr + i)]));
+      }
+    }
+    return out;
+  }
+
+  Tensor gather_qmm_combine(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode) override {
+    const int64_t T = r.experts.rows(), k = r.k, I = h.cols(), D = down.rows;
+    ZMLX_CHECK(h.rows() == T * k && I == down.cols, "{}: gather_qmm_combine shape mismatch", down.name);
+    Tensor out = alloc(DType::BF16, {T, D});
+    uint16_t* o = out.ptr<uint16_t>();
+    const uint16_t* hp = h.ptr<uint16_t>();
+    if (T == 1) {
+      // Decode: each work item owns a block of output rows and walks the k
+      // selected experts in slot order, combining in registers.
+      std::vector<PreparedRows> prepared(static_cast<size_t>(k));
+      for (int64_t j = 0; j < k; ++j) prepared[size_t(j)].prepare(hp + j * I, 1, I, I);
+      const int32_t* ex = r.experts.ptr<int32_t>();
+      const int64_t blocks = (D + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for schedule(static)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t r0 = b * kRowBlock, r1 = std::min(D, r0 + kRowBlock);
+        float y[kRowBlock], acc[kRowBlock] = {};
+        for (int64_t j = 0; j < k; ++j) {
+          cpu::gemv_rows(cpu::matrix_view(down, ex[j]), r0, r1, prepared[size_t(j)], 0, 1, y, kRowBlock);
+          for (int64_t d = 0; d < r1 - r0; ++d) acc[d] += combine_term(f32_to_bf16_bits(y[d]), r, j, mode);
+        }
+        for (int64_t d = 0; d < r1 - r0; ++d) o[r0 + d] = f32_to_bf16_bits(acc[d]);
+      }
+      return out;
+    }
+    // Prefill: expert-grouped matmuls (weights reused across tokens), then the
+    // combine in slot order — the same per-element arithmetic as above.
+    const ExpertGroups g = group_by_expert(r, T, down.experts);
+    auto y = expert_matmuls(down, g, I, [&](int64_t pair) { return hp + pair * I; });
+    std::vector<float> acc(static_cast<size_t>(T * D), 0.f);
+    std::vector<const float*> row_of(static_cast<size_t>(T * k));
+    for (size_t gi = 0; gi < g.experts.size(); ++gi)
+      for (size_t p = 0; p < g.pairs[gi].size(); ++p) row_of[size_t(g.pairs[gi][p])] = &y[gi][p * D];
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t d = 0; d < D; ++d)
+          acc[size_t(t * D + d)] += combine_term(f32_to_bf16_bits(row_of[size_t(t * k + j)][d]), r, t * k + j, mode);
+    for (int64_t i = 0; i < T * D; ++i) o[i] = f32_to_bf16_bits(acc[size_t(i)]);
+    return out;
+  }
+
+  Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) override {
+    const int64_t T = x.rows(), K = x.cols(), I = gate.rows;
+    ZMLX_CHECK(K == gate.cols && K == up.cols && up.rows == I, "{}: linear_swiglu shape mismatch", gate.name);
+    PreparedRows px;
+    px.prepare(x.ptr<uint16_t>(), T, K, K);
+    Tensor out = alloc(DType::BF16, {T, I});
+    uint16_t* o = out.ptr<uint16_t>();
+    const MatrixView mg = cpu::matrix_view(gate), mu = cpu::matrix_view(up);
+    const int64_t blocks = (I + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel
+    {
+      std::vector<float> ga(static_cast<size_t>(T * kRowBlock)), ua(static_cast<size_t>(T * kRowBlock));
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t r0 = b * kRowBlock, r1 = std::min(I, r0 + kRowBlock), nr = r1 - r0;
+        cpu::gemv_rows(mg, r0, r1, px, 0, T, ga.data(), nr);
+        cpu::gemv_rows(mu, r0, r1, px, 0, T, ua.data(), nr);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t i = 0; i < nr; ++i)
+            o[t * I + r0 + i] = cpu::swiglu_bf16(f32_to_bf16_bits(ga[size_t(t * nr + i)]), f32_to_bf16_bits(ua[size_t(t * nr + i)]));
+      }
+    }
+    return out;
+  }
+
+ private:
+  // One term of the MoE combine, rounded as the family's mode says.
+  static float combine_term(uint16_t y, const Routing& r, int64_t pair, CombineMode mode) {
+    if (mode == CombineMode::Bf16Products)
+      return round_bf16(bf16_to_f32(y) * bf16_to_f32(r.scores.ptr<uint16_t>()[pair]));
+    const float s = r.scores.dtype == DType::F32 ? r.scores.ptr<float>()[pair]
+                                                 : bf16_to_f32(r.scores.ptr<uint16_t>()[pair]);
+    return bf16_to_f32(y) * s;
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace zmlx

@@ -1,0 +1,87 @@
+// zmlx bench MODEL: prefill and decode throughput (median, min, max over
+// runs) and peak memory. Greedy decoding of a fixed pseudo-random prompt;
+// EOS does not stop a run, so every run decodes the same number of tokens.
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+
+#include "zmlx/cli/command.h"
+#include "zmlx/cli/common.h"
+#include "zmlx/core/error.h"
+#include "zmlx/gen/generator.h"
+
+namespace zmlx::cli {
+namespace {
+
+struct BenchArgs {
+  ModelArgs model;
+  int prompt_tokens = 512, gen_tokens = 128, runs = 5, warmup = 1;
+  bool json = false;
+};
+
+struct Stats {
+  double median, min, max;
+};
+Stats stats(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return {v[v.size() / 2], v.front(), v.back()};
+}
+
+int run(const BenchArgs& a) {
+  LoadedModel m = load(a.model, false);
+  const int64_t V = m.model->config().vocab_size;
+  std::vector<int32_t> prompt(static_cast<size_t>(a.prompt_tokens));
+  uint64_t s = 12345;
+  for (auto& id : prompt) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    id = int32_t((s >> 33) % uint64_t(V));
+  }
+  GenerateOptions opt;
+  opt.max_tokens = a.gen_tokens;  // no EOS ids: always the full length
+  std::vector<double> pre, dec;
+  for (int r = 0; r < a.warmup + a.runs; ++r) {
+    GenerateResult g = generate(*m.model, *m.backend, nullptr, prompt, opt);
+    if (r < a.warmup) continue;
+    pre.push_back(g.prefill_tps());
+    dec.push_back(g.decode_tps());
+    std::fprintf(stderr, "[zmlx] run %d: prefill %.2f tok/s, decode %.2f tok/s\n", r - a.warmup + 1, pre.back(),
+                 dec.back());
+  }
+  Stats p = stats(pre), d = stats(dec);
+  uint64_t per_token = 0;
+  for (auto& w : m.model->weight_summaries()) per_token += w.bytes_per_token;
+  const double rss = double(peak_rss_bytes());
+  if (a.json) {
+    nlohmann::json j = {{"model", m.dir}, {"family", m.model->family()}, {"backend", m.backend->name()},
+                        {"prompt_tokens", a.prompt_tokens}, {"gen_tokens", a.gen_tokens}, {"runs", a.runs},
+                        {"prefill_tps", {{"median", p.median}, {"min", p.min}, {"max", p.max}}},
+                        {"decode_tps", {{"median", d.median}, {"min", d.min}, {"max", d.max}}},
+                        {"bytes_per_token", per_token},
+                        {"decode_gbps", d.median * double(per_token) / 1e9},
+                        {"peak_rss_bytes", uint64_t(rss)}};
+    std::printf("%s\n", j.dump(2).c_str());
+  } else {
+    std::printf("model    %s (%s) on %s\n", m.dir.c_str(), m.model->family().c_str(), m.backend->name().c_str());
+    std::printf("prefill  %d tokens: %.2f tok/s median (min %.2f, max %.2f)\n", a.prompt_tokens, p.median, p.min, p.max);
+    std::printf("decode   %d tokens: %.2f tok/s median (min %.2f, max %.2f)\n", a.gen_tokens, d.median, d.min, d.max);
+    std::printf("traffic  %s per token -> %.1f GB/s at the median decode rate\n", human_bytes(double(per_token)).c_str(),
+                d.median * double(per_token) / 1e9);
+    std::printf("memory   peak RSS %s\n", human_bytes(rss).c_str());
+  }
+  return 0;
+}
+
+ZMLX_COMMAND("bench", "Measure prefill and decode throughput", [](CLI::App& app) {
+  auto a = std::make_shared<BenchArgs>();
+  add_model_args(app, a->model);
+  app.add_option("--prompt-tokens", a->prompt_tokens)->check(CLI::Range(1, 1 << 20));
+  app.add_option("--gen-tokens", a->gen_tokens)->check(CLI::Range(2, 1 << 20));
+  app.add_option("--runs", a->runs)->check(CLI::Range(1, 1000));
+  app.add_option("--warmup", a->warmup, "untimed runs first")->check(CLI::Range(0, 100));
+  app.add_flag("--json", a->json);
+  return [a] { return run(*a); };
+});
+
+}  // namespace
+}  // namespace zmlx::cli

@@ -1,0 +1,47 @@
+// The generation loop: prefill the prompt (in chunks), then decode one token
+// per step until max_tokens, an EOS id or a stop string. Text is streamed
+// through a UTF-8-safe decoder, holding back any tail that could still
+// become a stop string.
+#pragma once
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "zmlx/gen/sampler.h"
+#include "zmlx/models/model.h"
+#include "zmlx/text/tokenizer.h"
+
+namespace zmlx {
+
+struct GenerateOptions {
+  int max_tokens = 128;
+  SamplerOptions sampling;
+  std::vector<std::string> stop_strings;
+  std::vector<int32_t> eos_ids;   // generation stops when one is sampled (not emitted)
+  int prefill_chunk = 512;        // prompt tokens per forward pass
+};
+
+struct GenerateResult {
+  std::vector<int32_t> prompt_ids, token_ids;
+  std::string text;
+  std::string finish_reason;  // "stop" (EOS or stop string), "length", "cancelled"
+  double prefill_seconds = 0, decode_seconds = 0;
+  double prefill_tps() const { return prefill_seconds > 0 ? prompt_ids.size() / prefill_seconds : 0; }
+  // Decode rate counts the steps after the first token (which prefill produced).
+  double decode_tps() const {
+    return decode_seconds > 0 && token_ids.size() > 1 ? (token_ids.size() - 1) / decode_seconds : 0;
+  }
+};
+
+// on_text receives each newly released piece of text; returning false
+// cancels generation.
+using TextCallback = std::function<bool(const std::string&)>;
+
+GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
+                        const std::vector<int32_t>& prompt_ids, const GenerateOptions& opt,
+                        const TextCallback& on_text = nullptr);
+
+// Logits as fp32 on the host.
+std::vector<float> logits_to_host(Backend& be, const Tensor& logits, int64_t row);
+
+}  // namespace zmlx

@@ -1,0 +1,31 @@
+#include "zmlx/models/blocks.h"
+
+namespace zmlx {
+
+Tensor SwigluMlp::forward(Backend& be, const Tensor& x) {
+  Tensor gate = be.linear(x, gate_proj);
+  Tensor up = be.linear(x, up_proj);
+  return be.linear(be.swiglu(gate, up), down_proj);
+}
+
+Routing MoeBlock::route(Backend& be, const Tensor& x) const {
+  Tensor logits = be.linear(x, router);
+  return be.route_softmax_topk(logits, top_k, norm_topk_prob);
+}
+
+Tensor MoeBlock::experts(Backend& be, const Tensor& x, const Routing& r) {
+  Tensor up = be.gather_qmm(x, up_proj, r);      // [T, k, I]
+  Tensor gate = be.gather_qmm(x, gate_proj, r);  // [T, k, I]
+  Tensor h = be.swiglu(gate, up);
+  Tensor y = be.gather_qmm(h, down_proj, r);     // [T, k, D], one down_proj per slot
+  return be.moe_combine(y, r, combine);
+}
+
+Tensor MoeBlock::forward(Backend& be, const Tensor& x) {
+  const Routing r = route(be, x);
+  Tensor out = experts(be, x, r);
+  if (shared_expert) be.add(out, shared_expert->forward(be, x));
+  return out;
+}
+
+}  // namespace zmlx

@@ -1,0 +1,54 @@
+// Feed-forward blocks shared by the families: the dense SwiGLU MLP and the
+// mixture-of-experts block (router -> SwitchGLU experts -> weighted combine,
+// plus an optional shared expert). The patch layer swaps these modules for
+// fused equivalents (patch/), which is why layers hold them by pointer.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "zmlx/ops/backend.h"
+
+namespace zmlx {
+
+class FeedForward {
+ public:
+  virtual ~FeedForward() = default;
+  virtual Tensor forward(Backend& be, const Tensor& x) = 0;
+  // "swiglu_mlp", "moe" (unfused) or a patched kind ("fused:moe_mlp", ...).
+  virtual std::string kind() const = 0;
+  std::string path;  // checkpoint module path, e.g. "model.layers.3.mlp"
+};
+
+// down(silu(gate(x)) * up(x))
+class SwigluMlp : public FeedForward {
+ public:
+  Weight gate_proj, up_proj, down_proj;
+  Tensor forward(Backend& be, const Tensor& x) override;
+  std::string kind() const override { return "swiglu_mlp"; }
+};
+
+enum class RouterKind {
+  SoftmaxTopK,  // Qwen3-MoE: softmax, top-k, optional renormalisation
+};
+
+class MoeBlock : public FeedForward {
+ public:
+  RouterKind router_kind = RouterKind::SoftmaxTopK;
+  Weight router;                          // [E, D]
+  Weight gate_proj, up_proj, down_proj;   // stacked experts [E, I, D] / [E, D, I]
+  int64_t top_k = 0;
+  bool norm_topk_prob = true;
+  CombineMode combine = CombineMode::Bf16Products;
+  std::unique_ptr<SwigluMlp> shared_expert;  // GLM; null otherwise
+
+  Tensor forward(Backend& be, const Tensor& x) override;
+  std::string kind() const override { return "moe"; }
+  Routing route(Backend& be, const Tensor& x) const;
+
+ protected:
+  // The expert computation for routed tokens -> [T, D]. The unfused form
+  // (three gather_qmm calls, swiglu, combine) is the "unpatched" baseline.
+  virtual Tensor experts(Backend& be, const Tensor& x, const Routing& r);
+};
+
+}  // namespace zmlx

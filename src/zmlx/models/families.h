@@ -1,0 +1,12 @@
+// The model families zmlx knows, one builder per file; registry.cpp maps
+// config.json's model_type to these.
+#pragma once
+#include <memory>
+
+#include "zmlx/models/model.h"
+
+namespace zmlx {
+
+std::unique_ptr<Model> build_qwen3_moe(ModelConfig cfg, std::shared_ptr<io::WeightStore> store, Backend& be);
+
+}  // namespace zmlx

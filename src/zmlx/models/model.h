@@ -1,0 +1,64 @@
+// Model: a loaded checkpoint of one family, as a tree of modules named like
+// the checkpoint keys, run through a Backend. Families live in one file each
+// (qwen3_moe.cpp, ...) and are listed in registry.cpp.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "zmlx/io/safetensors.h"
+#include "zmlx/models/blocks.h"
+#include "zmlx/models/config.h"
+#include "zmlx/ops/backend.h"
+
+namespace zmlx {
+
+// Everything a sequence carries between steps.
+struct Cache {
+  int64_t pos = 0;              // tokens already processed
+  std::vector<KvLayer> kv;      // one per attention layer
+};
+
+// One row of `zmlx inspect`: a weight as stored.
+struct WeightSummary {
+  std::string path;
+  std::vector<int64_t> shape;   // logical [experts?, rows, cols]
+  bool quantized;
+  int bits, group_size;
+  uint64_t bytes;               // stored bytes (all experts)
+  uint64_t bytes_per_token;     // bytes a decode step reads
+  int64_t params, active_params;
+};
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  const ModelConfig& config() const { return config_; }
+  virtual std::string family() const = 0;
+
+  // Runs `ids` at positions cache.pos.. and advances the cache. Returns bf16
+  // logits [1, V] for the last token, or [T, V] for all when all_logits.
+  virtual Tensor forward(Backend& be, const std::vector<int32_t>& ids, Cache& cache,
+                         bool all_logits = false) = 0;
+  virtual Cache new_cache(Backend& be) const = 0;
+
+  // The swappable feed-forward modules, in layer order (patch layer, inspect).
+  std::vector<std::unique_ptr<FeedForward>*> feed_forwards();
+  // Per-layer descriptions for inspect ("attention+moe", ...).
+  virtual std::vector<std::string> layer_kinds() const = 0;
+  const std::vector<WeightSummary>& weight_summaries() const { return summaries_; }
+
+ protected:
+  ModelConfig config_;
+  std::shared_ptr<io::WeightStore> store_;
+  std::vector<std::unique_ptr<FeedForward>*> ffn_slots_;
+  std::vector<WeightSummary> summaries_;
+  friend class WeightLoader;
+};
+
+// Loads a model directory (already resolved) onto `be`. Unknown model_type
+// is an error listing the supported families.
+std::unique_ptr<Model> load_model(const std::string& dir, Backend& be);
+std::vector<std::string> supported_families();
+
+}  // namespace zmlx

@@ -1,0 +1,158 @@
+// Qwen3-MoE (model_type "qwen3_moe", e.g. Qwen3-30B-A3B): spec §1.
+//
+//   h = embed(ids)
+//   per layer: h += o_proj(attn(rope(q_norm(q)), rope(k_norm(k)), v))
+//              h += moe(post_attention_layernorm(h))      (dense MLP on mlp_only_layers)
+//   logits = lm_head(norm(h))
+#include <cmath>
+
+#include "zmlx/core/error.h"
+#include "zmlx/models/families.h"
+#include "zmlx/models/loader.h"
+
+namespace zmlx {
+namespace {
+
+struct Attention {
+  Weight q_proj, k_proj, v_proj, o_proj;
+  Tensor q_norm, k_norm;
+};
+
+struct Layer {
+  Tensor input_layernorm, post_attention_layernorm;
+  Attention attn;
+  std::unique_ptr<FeedForward> mlp;
+};
+
+class Qwen3Moe final : public Model {
+ public:
+  Qwen3Moe(ModelConfig cfg, std::shared_ptr<io::WeightStore> store, Backend& be) {
+    config_ = std::move(cfg);
+    store_ = store;
+    const ModelConfig& c = config_;
+    D_ = c.hidden_size;
+    H_ = c.num_attention_heads;
+    Hkv_ = c.num_key_value_heads;
+    hd_ = c.head_dim;
+    ZMLX_CHECK(H_ % Hkv_ == 0, "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
+               c.path, H_, Hkv_);
+    ZMLX_CHECK(hd_ % 2 == 0, "{}: head_dim {} must be even for RoPE", c.path, hd_);
+    const int64_t E = c.get_int("num_experts"), k = c.get_int("num_experts_per_tok");
+    const int64_t I = c.get_int("moe_intermediate_size");
+    c.check_range("num_experts_per_tok", k, 1, E);
+    const int64_t sparse_step = c.get_int("decoder_sparse_step", 1);
+    const auto mlp_only = c.get_int_list("mlp_only_layers");
+    const bool norm_topk = c.get_bool("norm_topk_prob", true);
+    scale_ = float(std::pow(double(hd_), -0.5));
+
+    WeightLoader wl(*this, store, be);
+    embed_ = wl.linear("model.embed_tokens", c.vocab_size, D_, 0, 0, /*reads_one_row=*/true);
+    layers_.resize(size_t(c.num_hidden_layers));
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l);
+      Layer& L = layers_[size_t(l)];
+      L.input_layernorm = wl.tensor(p + ".input_layernorm.weight", DType::BF16, {D_});
+      L.post_attention_layernorm = wl.tensor(p + ".post_attention_layernorm.weight", DType::BF16, {D_});
+      L.attn.q_proj = wl.linear(p + ".self_attn.q_proj", H_ * hd_, D_);
+      L.attn.k_proj = wl.linear(p + ".self_attn.k_proj", Hkv_ * hd_, D_);
+      L.attn.v_proj = wl.linear(p + ".self_attn.v_proj", Hkv_ * hd_, D_);
+      L.attn.o_proj = wl.linear(p + ".self_attn.o_proj", D_, H_ * hd_);
+      L.attn.q_norm = wl.tensor(p + ".self_attn.q_norm.weight", DType::BF16, {hd_});
+      L.attn.k_norm = wl.tensor(p + ".self_attn.k_norm.weight", DType::BF16, {hd_});
+      const bool is_moe = std::find(mlp_only.begin(), mlp_only.end(), l) == mlp_only.end() && E > 0 &&
+                          (l + 1) % sparse_step == 0;
+      if (is_moe) {
+        auto moe = std::make_unique<MoeBlock>();
+        moe->router = wl.linear(p + ".mlp.gate", E, D_);
+        moe->gate_proj = wl.linear(p + ".mlp.switch_mlp.gate_proj", I, D_, E, k);
+        moe->up_proj = wl.linear(p + ".mlp.switch_mlp.up_proj", I, D_, E, k);
+        moe->down_proj = wl.linear(p + ".mlp.switch_mlp.down_proj", D_, I, E, k);
+        moe->top_k = k;
+        moe->norm_topk_prob = norm_topk;
+        moe->combine = CombineMode::Bf16Products;
+        L.mlp = std::move(moe);
+      } else {
+        const int64_t In = c.get_int("intermediate_size");
+        auto mlp = std::make_unique<SwigluMlp>();
+        mlp->gate_proj = wl.linear(p + ".mlp.gate_proj", In, D_);
+        mlp->up_proj = wl.linear(p + ".mlp.up_proj", In, D_);
+        mlp->down_proj = wl.linear(p + ".mlp.down_proj", D_, In);
+        L.mlp = std::move(mlp);
+      }
+      L.mlp->path = p + ".mlp";
+      ffn_slots_.push_back(&L.mlp);
+    }
+    norm_ = wl.tensor("model.norm.weight", DType::BF16, {D_});
+    if (c.tie_word_embeddings && !wl.has("lm_head.weight")) {
+      lm_head_ = embed_;
+      tied_ = true;
+    } else {
+      lm_head_ = wl.linear("lm_head", c.vocab_size, D_);
+    }
+    unused_ = wl.unused();
+    ZMLX_CHECK(unused_.empty(), "{}: {} tensor(s) in the checkpoint belong to no qwen3_moe module, e.g. '{}'",
+               store->dir(), unused_.size(), unused_.front());
+  }
+
+  std::string family() const override { return "qwen3_moe"; }
+
+  std::vector<std::string> layer_kinds() const override {
+    std::vector<std::string> out;
+    for (auto& L : layers_) out.push_back("attention+" + L.mlp->kind());
+    return out;
+  }
+
+  Cache new_cache(Backend& be) const override {
+    Cache c;
+    for (size_t l = 0; l < layers_.size(); ++l) c.kv.push_back(be.new_kv_layer(Hkv_, hd_, 256));
+    return c;
+  }
+
+  Tensor forward(Backend& be, const std::vector<int32_t>& ids, Cache& cache, bool all_logits) override {
+    ZMLX_CHECK(!ids.empty(), "forward: no tokens");
+    const float eps = config_.rms_norm_eps;
+    const int64_t pos0 = cache.pos, T = int64_t(ids.size());
+    Tensor h = be.embed(embed_, ids);
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      Layer& L = layers_[l];
+      Tensor x = be.rms_norm(h, L.input_layernorm, eps);
+      Tensor q = be.rms_norm(be.linear(x, L.attn.q_proj), L.attn.q_norm, eps);
+      Tensor k = be.rms_norm(be.linear(x, L.attn.k_proj), L.attn.k_norm, eps);
+      Tensor v = be.linear(x, L.attn.v_proj);
+      be.rope(q, H_, hd_, 0, hd_, pos0, config_.rope_theta, /*traditional=*/false);
+      be.rope(k, Hkv_, hd_, 0, hd_, pos0, config_.rope_theta, /*traditional=*/false);
+      be.kv_write(cache.kv[l], k, v, pos0);
+      Tensor o = be.attention(q, cache.kv[l], pos0, H_, Hkv_, hd_, scale_);
+      be.add(h, be.linear(o, L.attn.o_proj));
+      Tensor f = L.mlp->forward(be, be.rms_norm(h, L.post_attention_layernorm, eps));
+      be.add(h, f);
+    }
+    cache.pos += T;
+    if (!all_logits && T > 1) h = last_row(be, h);
+    return be.linear(be.rms_norm(h, norm_, eps), lm_head_);
+  }
+
+ private:
+  static Tensor last_row(Backend& be, const Tensor& h) {
+    Tensor r = h;
+    r.shape = {1, h.cols()};
+    r.data = static_cast<uint8_t*>(h.data) + size_t(h.rows() - 1) * h.cols() * 2;
+    return r;
+  }
+
+  int64_t D_, H_, Hkv_, hd_;
+  float scale_;
+  Weight embed_, lm_head_;
+  bool tied_ = false;
+  Tensor norm_;
+  std::vector<Layer> layers_;
+  std::vector<std::string> unused_;
+};
+
+}  // namespace
+
+std::unique_ptr<Model> build_qwen3_moe(ModelConfig cfg, std::shared_ptr<io::WeightStore> store, Backend& be) {
+  return std::make_unique<Qwen3Moe>(std::move(cfg), std::move(store), be);
+}
+
+}  // namespace zmlx

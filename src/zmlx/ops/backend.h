@@ -1,0 +1,100 @@
+// Backend: the op interface the models are written against. The CPU backend
+// (backend/cpu) is the reference and runs everywhere; the CUDA backend
+// (backend/cuda) is the fast path. Models never touch raw memory: they call
+// these ops on Tensors the backend owns.
+//
+// Numerics (spec/architectures.md §0.2–0.4): activations bf16; dot products
+// accumulate in fp32; results are rounded to bf16 exactly where MLX rounds.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "zmlx/ops/tensor.h"
+#include "zmlx/ops/weight.h"
+
+namespace zmlx {
+
+// Per-layer attention cache: K and V as [kv_heads, capacity, head_dim] bf16.
+struct KvLayer {
+  Tensor k, v;
+  int64_t capacity = 0;
+};
+
+// The result of routing T tokens to k experts each.
+struct Routing {
+  Tensor experts;  // I32 [T, k]
+  Tensor scores;   // BF16 or F32 [T, k] (the combine weights)
+  int64_t k = 0;
+};
+
+// How y = Σ_j score_j · y_j is rounded (it differs per family, spec §0.3).
+enum class CombineMode {
+  Bf16Products,  // Qwen3 / LFM2: bf16 products, summed in fp32, rounded to bf16
+  F32Products,   // GLM: fp32 products and sum, rounded once
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual Device device() const = 0;
+
+  // Makes a checkpoint tensor/weight usable by this backend (CPU: no-op view
+  // of the mmap; CUDA: uploads once).
+  virtual Weight adopt(const Weight& w) { return w; }
+  virtual Tensor adopt(const Tensor& t) { return t; }
+
+  virtual Tensor alloc(DType dtype, std::vector<int64_t> shape) = 0;
+  virtual Tensor from_host(const Tensor& host) = 0;
+  virtual Tensor to_host(const Tensor& t) = 0;
+
+  // Embedding rows (dequantized when quantized) -> [T, D] bf16.
+  virtual Tensor embed(const Weight& table, const std::vector<int32_t>& ids) = 0;
+  // x [T, K] @ W[N, K]ᵀ -> [T, N] bf16.
+  virtual Tensor linear(const Tensor& x, const Weight& w) = 0;
+  // RMSNorm over consecutive runs of w.numel() elements:
+  // y = w * bf16(x * rsqrt(mean(x²) + eps)).
+  virtual Tensor rms_norm(const Tensor& x, const Tensor& w, float eps) = 0;
+  // RoPE in place on x [T, heads * head_dim], rotating dims
+  // [rot_offset, rot_offset + rot_dims) of every head at positions pos0 + t.
+  virtual void rope(Tensor& x, int64_t heads, int64_t head_dim, int64_t rot_offset,
+                    int64_t rot_dims, int64_t pos0, float base, bool traditional) = 0;
+  virtual void add(Tensor& h, const Tensor& x) = 0;  // h = bf16(h + x)
+  // silu(gate) * up with MLX's bf16 rounding after sigmoid, product and result.
+  virtual Tensor swiglu(const Tensor& gate, const Tensor& up) = 0;
+
+  // Attention with a KV cache.
+  virtual KvLayer new_kv_layer(int64_t kv_heads, int64_t head_dim, int64_t capacity) = 0;
+  // Writes k, v [T, kv_heads * head_dim] at positions pos0.. (grows capacity).
+  virtual void kv_write(KvLayer& c, const Tensor& k, const Tensor& v, int64_t pos0) = 0;
+  // Causal GQA attention of q [T, heads * head_dim] at positions pos0.. over
+  // cache positions [0, pos0 + T): softmax in fp32, output bf16.
+  virtual Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads,
+                           int64_t kv_heads, int64_t head_dim, float scale) = 0;
+
+  // Router: softmax (fp32, stored bf16) over logits [T, E], top-k, optional
+  // renormalisation (bf16), as Qwen3-MoE does.
+  virtual Routing route_softmax_topk(const Tensor& logits, int64_t k, bool normalize) = 0;
+
+  // Unfused expert matmuls: out[t, j] = x[t] (or x[t, j] when x has T·k
+  // rows) @ W[experts[t, j]]ᵀ -> [T, k, N] bf16.
+  virtual Tensor gather_qmm(const Tensor& x, const Weight& w, const Routing& r) = 0;
+  // out[t] = Σ_j scores[t, j] · y[t, j]  ->  [T, D] bf16.
+  virtual Tensor moe_combine(const Tensor& y, const Routing& r, CombineMode mode) = 0;
+
+  // Fused forms (the patch layer's kernels). Same rounding points and
+  // reduction order as the unfused ops above, so results are bit-identical.
+  // gate/up matmuls + SwiGLU for every selected expert in one pass -> [T, k, I].
+  virtual Tensor gather_qmm_swiglu(const Tensor& x, const Weight& gate, const Weight& up,
+                                   const Routing& r) = 0;
+  // down projection of h [T, k, I] + weighted combine in one pass -> [T, D].
+  virtual Tensor gather_qmm_combine(const Tensor& h, const Weight& down, const Routing& r,
+                                    CombineMode mode) = 0;
+  // Dense SwiGLU MLP gate+up in one pass: swiglu(x@Wgᵀ, x@Wuᵀ) -> [T, I].
+  virtual Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+
+}  // namespace zmlx

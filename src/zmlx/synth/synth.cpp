@@ -1,0 +1,392 @@
+#include "zmlx/synth/synth.h"
+
+#include <nlohmann/json.hpp>
+#include <omp.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <mutex>
+
+#include "zmlx/core/dtype.h"
+#include "zmlx/core/error.h"
+#include "zmlx/io/safetensors.h"
+#include "zmlx/quant/affine.h"
+#include "zmlx/text/chat_template.h"
+#include "zmlx/text/tokenizer.h"
+
+namespace zmlx::synth {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// ------------------------------------------------------------------ random
+
+struct SplitMix {
+  uint64_t s;
+  explicit SplitMix(uint64_t seed) : s(seed) {}
+  uint64_t next() {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  float uniform() { return float(next() >> 40) * (1.0f / 16777216.0f); }  // [0, 1)
+  float normal() {  // Irwin–Hall approximation: cheap and deterministic
+    float s4 = uniform() + uniform() + uniform() + uniform();
+    return (s4 - 2.0f) * 1.7320508f;
+  }
+};
+
+uint64_t hash_str(const std::string& s, uint64_t seed) {
+  uint64_t h = 1469598103934665603ull ^ (seed * 0x9e3779b97f4a7c15ull);
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+// ------------------------------------------------------------------ plan
+
+// How a module's values are produced.
+enum class Kind { Random, Embedding, LmHeadFromEmbedding, Norm };
+
+struct ModulePlan {
+  std::string path;
+  Kind kind = Kind::Random;
+  int64_t experts = 0, rows = 0, cols = 0;
+  float std = 0.02f;            // Random / Embedding: target std of the values
+  int bits = 4, group = 64;     // bits 0: dense bf16
+  std::string embed_path;       // LmHeadFromEmbedding
+  float beta = 0, noise = 0;    // LmHeadFromEmbedding: beta·embed[π(v)] + noise
+};
+
+struct Plan {
+  json config;
+  std::vector<ModulePlan> modules;
+  std::string family;
+};
+
+// Standard deviation of a uniform integer in [0, n].
+float uniform_int_std(int n) { return std::sqrt(float((n + 1) * (n + 1) - 1) / 12.0f); }
+
+// Random quantized row: uniform codes, per-group scale of random sign whose
+// magnitude gives the target std, bias centring the values on zero.
+void random_quant_row(const ModulePlan& m, uint64_t seed, int64_t row, uint32_t* w, uint16_t* s, uint16_t* b) {
+  SplitMix rng(hash_str(m.path, seed) ^ (uint64_t(row) * 0xd1b54a32d192ed03ull));
+  const int n = (1 << m.bits) - 1;
+  const int64_t groups = m.cols / m.group, words = m.cols * m.bits / 32;
+  const float mag = m.std / uniform_int_std(n);
+  for (int64_t g = 0; g < groups; ++g) {
+    float scale = mag * (0.8f + 0.4f * rng.uniform());
+    if (rng.next() & 1) scale = -scale;  // MLX scales may be negative
+    s[g] = f32_to_bf16_bits(scale);
+    b[g] = f32_to_bf16_bits(-scale * float(n) / 2.0f);
+  }
+  for (int64_t i = 0; i < words; ++i) w[i] = uint32_t(rng.next());
+}
+
+void random_dense_row(const ModulePlan& m, uint64_t seed, int64_t row, uint16_t* out) {
+  SplitMix rng(hash_str(m.path, seed) ^ (uint64_t(row) * 0xd1b54a32d192ed03ull));
+  for (int64_t c = 0; c < m.cols; ++c) out[c] = f32_to_bf16_bits(m.std * rng.normal());
+}
+
+// A full module's tensors, produced on first request and dropped once all of
+// its parts have been written (write order is sorted, so parts are adjacent).
+struct Produced {
+  std::vector<uint8_t> weight, scales, biases;
+  int parts_left = 0;
+};
+
+class Producer {
+ public:
+  Producer(const Plan& plan, uint64_t seed) : plan_(plan), seed_(seed) {
+    for (auto& m : plan_.modules) by_path_[m.path] = &m;
+  }
+
+  std::vector<io::TensorSpec> specs() const {
+    std::vector<io::TensorSpec> out;
+    for (auto& m : plan_.modules) {
+      auto shp = [&](std::vector<int64_t> s) {
+        if (m.experts > 0) s.insert(s.begin(), m.experts);
+        return s;
+      };
+      if (m.kind == Kind::Norm) {
+        out.push_back({m.path + ".weight", DType::BF16, {m.cols}});
+      } else if (m.bits == 0) {
+        out.push_back({m.path + ".weight", DType::BF16, shp({m.rows, m.cols})});
+      } else {
+        out.push_back({m.path + ".weight", DType::U32, shp({m.rows, m.cols * m.bits / 32})});
+        out.push_back({m.path + ".scales", DType::BF16, shp({m.rows, m.cols / m.group})});
+        out.push_back({m.path + ".biases", DType::BF16, shp({m.rows, m.cols / m.group})});
+      }
+    }
+    return out;
+  }
+
+  void fill(const io::TensorSpec& spec, uint8_t* dst) {
+    const size_t dot = spec.name.rfind('.');
+    const std::string path = spec.name.substr(0, dot), part = spec.name.substr(dot + 1);
+    const ModulePlan& m = *by_path_.at(path);
+    if (m.kind == Kind::Norm) {
+      SplitMix rng(hash_str(m.path, seed_));
+      auto* o = reinterpret_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < m.cols; ++i) o[i] = f32_to_bf16_bits(1.0f + 0.05f * rng.normal());
+      return;
+    }
+    if (m.bits == 0) {  // dense: rows are independent, produce in place
+      auto* o = reinterpret_cast<uint16_t*>(dst);
+      const int64_t R = (m.experts > 0 ? m.experts : 1) * m.rows;
+#pragma omp parallel for schedule(static)
+      for (int64_t r = 0; r < R; ++r) random_dense_row(m, seed_, r, o + r * m.cols);
+      return;
+    }
+    if (m.kind == Kind::Random) {  // quantized random: parts are independent streams
+      produce_random(m, part, dst);
+      return;
+    }
+    Produced& p = produced_[path];
+    if (p.parts_left == 0) {
+      produce_structured(m, p);
+      p.parts_left = 3;
+    }
+    const std::vector<uint8_t>& src = part == "weight" ? p.weight : part == "scales" ? p.scales : p.biases;
+    std::memcpy(dst, src.data(), src.size());
+    if (--p.parts_left == 0) produced_.erase(path);
+  }
+
+ private:
+  void produce_random(const ModulePlan& m, const std::string& part, uint8_t* dst) {
+    const int64_t R = (m.experts > 0 ? m.experts : 1) * m.rows;
+    const int64_t words = m.cols * m.bits / 32, groups = m.cols / m.group;
+#pragma omp parallel
+    {
+      std::vector<uint32_t> w(static_cast<size_t>(words));
+      std::vector<uint16_t> s(static_cast<size_t>(groups)), b(static_cast<size_t>(groups));
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < R; ++r) {
+        random_quant_row(m, seed_, r, w.data(), s.data(), b.data());
+        if (part == "weight") std::memcpy(dst + r * words * 4, w.data(), size_t(words) * 4);
+        else if (part == "scales") std::memcpy(dst + r * groups * 2, s.data(), size_t(groups) * 2);
+        else std::memcpy(dst + r * groups * 2, b.data(), size_t(groups) * 2);
+      }
+    }
+  }
+
+  void produce_structured(const ModulePlan& m, Produced& p) {
+    const int64_t words = m.cols * m.bits / 32, groups = m.cols / m.group;
+    p.weight.resize(size_t(m.rows * words * 4));
+    p.scales.resize(size_t(m.rows * groups * 2));
+    p.biases.resize(size_t(m.rows * groups * 2));
+    auto* W = reinterpret_cast<uint32_t*>(p.weight.data());
+    auto* S = reinterpret_cast<uint16_t*>(p.scales.data());
+    auto* B = reinterpret_cast<uint16_t*>(p.biases.data());
+    if (m.kind == Kind::Embedding) {
+#pragma omp parallel for schedule(static)
+      for (int64_t r = 0; r < m.rows; ++r) random_quant_row(m, seed_, r, W + r * words, S + r * groups, B + r * groups);
+      return;
+    }
+    // lm_head row v = beta · embed[π(v)] + noise, re-quantized with MLX's algorithm.
+    const ModulePlan& e = *by_path_.at(m.embed_path);
+    const int64_t V = m.rows;
+    uint64_t a = 0x9e3779b1ull % uint64_t(V);
+    while (std::gcd(a, uint64_t(V)) != 1) ++a;
+    const quant::QuantParams qp{m.bits, m.group};
+    const int64_t ew = e.cols * e.bits / 32, eg = e.cols / e.group;
+#pragma omp parallel
+    {
+      std::vector<uint32_t> w(static_cast<size_t>(ew));
+      std::vector<uint16_t> s(static_cast<size_t>(eg)), b(static_cast<size_t>(eg));
+      std::vector<float> x(static_cast<size_t>(m.cols));
+#pragma omp for schedule(static)
+      for (int64_t v = 0; v < V; ++v) {
+        const int64_t src = int64_t((a * uint64_t(v) + 7) % uint64_t(V));
+        random_quant_row(e, seed_, src, w.data(), s.data(), b.data());
+        quant::dequantize_row(w.data(), s.data(), b.data(), e.cols, {e.bits, e.group}, x.data());
+        SplitMix rng(hash_str(m.path, seed_) ^ (uint64_t(v) * 0xd1b54a32d192ed03ull));
+        for (auto& xi : x) xi = round_bf16(m.beta * xi + m.noise * rng.normal());
+        quant::quantize_row(x.data(), m.cols, qp, W + v * words, S + v * groups, B + v * groups);
+      }
+    }
+  }
+
+  const Plan& plan_;
+  uint64_t seed_;
+  std::map<std::string, const ModulePlan*> by_path_;
+  std::map<std::string, Produced> produced_;
+};
+
+// ------------------------------------------------------------------ families
+
+json qwen3_moe_config(const std::string& preset) {
+  json c;
+  if (preset == "full") {  // Qwen/Qwen3-30B-A3B (spec §1.1)
+    c = {{"hidden_size", 2048}, {"num_hidden_layers", 48}, {"num_attention_heads", 32},
+         {"num_key_value_heads", 4}, {"head_dim", 128}, {"num_experts", 128},
+         {"num_experts_per_tok", 8}, {"moe_intermediate_size", 768}, {"intermediate_size", 6144},
+         {"vocab_size", 151936}, {"max_position_embeddings", 40960}, {"max_window_layers", 48}};
+  } else if (preset == "tiny") {
+    c = {{"hidden_size", 128}, {"num_hidden_layers", 4}, {"num_attention_heads", 4},
+         {"num_key_value_heads", 2}, {"head_dim", 32}, {"num_experts", 8},
+         {"num_experts_per_tok", 2}, {"moe_intermediate_size", 64}, {"intermediate_size", 256},
+         {"vocab_size", 2048}, {"max_position_embeddings", 4096}, {"max_window_layers", 4}};
+  } else {
+    fail("synth: unknown preset '{}' (tiny, full)", preset);
+  }
+  c.update(json{{"architectures", {"Qwen3MoeForCausalLM"}}, {"model_type", "qwen3_moe"},
+                {"attention_bias", false}, {"attention_dropout", 0.0}, {"bos_token_id", 151643},
+                {"eos_token_id", 151645}, {"decoder_sparse_step", 1}, {"hidden_act", "silu"},
+                {"initializer_range", 0.02}, {"mlp_only_layers", json::array()}, {"norm_topk_prob", true},
+                {"output_router_logits", false}, {"rms_norm_eps", 1e-6}, {"rope_scaling", nullptr},
+                {"rope_theta", 1000000.0}, {"router_aux_loss_coef", 0.001}, {"sliding_window", nullptr},
+                {"tie_word_embeddings", false}, {"torch_dtype", "bfloat16"}, {"use_cache", true},
+                {"use_sliding_window", false}, {"transformers_version", "4.51.0"}});
+  return c;
+}
+
+Plan qwen3_moe_plan(const json& c, int bits, int group, int router_bits) {
+  Plan p;
+  p.family = "qwen3_moe";
+  p.config = c;
+  auto I = [&](const char* k) { return c.at(k).get<int64_t>(); };
+  const int64_t D = I("hidden_size"), L = I("num_hidden_layers"), H = I("num_attention_heads"),
+                Hkv = I("num_key_value_heads"), hd = c.value("head_dim", D / H), E = I("num_experts"),
+                Im = I("moe_intermediate_size"), V = I("vocab_size");
+  const float gamma = 0.05f;  // each block's output size relative to the residual
+  auto lin = [&](std::string path, int64_t rows, int64_t cols, float std, int64_t experts = 0, int b = -1) {
+    ModulePlan m;
+    m.path = std::move(path);
+    m.rows = rows;
+    m.cols = cols;
+    m.std = std;
+    m.experts = experts;
+    m.bits = b < 0 ? bits : b;
+    m.group = group;
+    p.modules.push_back(m);
+  };
+  auto norm = [&](std::string path, int64_t n) {
+    ModulePlan m;
+    m.path = std::move(path);
+    m.kind = Kind::Norm;
+    m.cols = n;
+    p.modules.push_back(m);
+  };
+  ModulePlan emb;
+  emb.path = "model.embed_tokens";
+  emb.kind = Kind::Embedding;
+  emb.rows = V;
+  emb.cols = D;
+  emb.std = 1.0f;
+  emb.bits = bits == 0 ? 4 : bits;  // embedding rows are regenerated for lm_head
+  emb.group = group;
+  if (bits == 0) emb.kind = Kind::Embedding;
+  p.modules.push_back(emb);
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string pre = "model.layers." + std::to_string(l);
+    norm(pre + ".input_layernorm", D);
+    norm(pre + ".post_attention_layernorm", D);
+    lin(pre + ".self_attn.q_proj", H * hd, D, 1.0f / std::sqrt(float(D)));
+    lin(pre + ".self_attn.k_proj", Hkv * hd, D, 1.0f / std::sqrt(float(D)));
+    lin(pre + ".self_attn.v_proj", Hkv * hd, D, 1.0f / std::sqrt(float(D)));
+    lin(pre + ".self_attn.o_proj", D, H * hd, gamma / std::sqrt(float(H * hd)));
+    norm(pre + ".self_attn.q_norm", hd);
+    norm(pre + ".self_attn.k_norm", hd);
+    lin(pre + ".mlp.gate", E, D, 2.0f / std::sqrt(float(D)), 0, router_bits ? router_bits : -1);
+    lin(pre + ".mlp.switch_mlp.gate_proj", Im, D, 1.0f / std::sqrt(float(D)), E);
+    lin(pre + ".mlp.switch_mlp.up_proj", Im, D, 1.0f / std::sqrt(float(D)), E);
+    lin(pre + ".mlp.switch_mlp.down_proj", D, Im, 2.0f * gamma / std::sqrt(float(Im)), E);
+  }
+  norm("model.norm", D);
+  ModulePlan head;
+  head.path = "lm_head";
+  head.kind = Kind::LmHeadFromEmbedding;
+  head.rows = V;
+  head.cols = D;
+  head.bits = bits == 0 ? 4 : bits;
+  head.group = group;
+  head.embed_path = "model.embed_tokens";
+  head.beta = 16.0f / float(D);                  // matching-row logit ≈ 16
+  head.noise = 2.0f / std::sqrt(float(D));       // other logits ≈ N(0, 2)
+  p.modules.push_back(head);
+  return p;
+}
+
+json parse_set_value(const std::string& v) {
+  try {
+    return json::parse(v);
+  } catch (...) {
+    return json(v);
+  }
+}
+
+void write_json(const fs::path& path, const json& j) {
+  std::ofstream f(path);
+  ZMLX_CHECK(f.good(), "cannot write {}", path.string());
+  f << j.dump(4) << "\n";
+}
+
+}  // namespace
+
+std::vector<std::string> synth_archs() { return {"qwen3_moe"}; }
+
+std::string synth_model(const SynthOptions& o) {
+  ZMLX_CHECK(!o.out.empty(), "synth: --out DIR is required");
+  ZMLX_CHECK(o.arch == "qwen3_moe", "synth: unknown --arch '{}' (supported: qwen3_moe)", o.arch);
+  ZMLX_CHECK(o.bits == 0 || quant::supported({o.bits, o.group_size}),
+             "synth: --bits {} --group-size {} unsupported (bits 2/4/8 or 0 for bf16; groups 32/64/128)", o.bits,
+             o.group_size);
+  ZMLX_CHECK(o.router_bits == 0 || quant::supported({o.router_bits, o.group_size}), "synth: --router-bits {} unsupported",
+             o.router_bits);
+  json config = qwen3_moe_config(o.preset);
+  for (auto& [k, v] : o.sets) config[k] = parse_set_value(v);
+  const int qbits = o.bits == 0 ? 4 : o.bits;  // embedding/lm_head stay quantized in bf16 mode
+  Plan plan = qwen3_moe_plan(config, o.bits, o.group_size, o.router_bits);
+  for (auto& m : plan.modules)
+    if (m.kind != Kind::Norm && m.bits != 0)
+      ZMLX_CHECK(m.cols % m.group == 0, "synth: {} has {} input features, not a multiple of group size {}", m.path,
+                 m.cols, m.group);
+
+  json quant = {{"group_size", o.group_size}, {"bits", qbits}};
+  if (o.router_bits)
+    for (int64_t l = 0; l < config["num_hidden_layers"].get<int64_t>(); ++l)
+      quant["model.layers." + std::to_string(l) + ".mlp.gate"] = {{"group_size", o.group_size}, {"bits", o.router_bits}};
+  config["quantization"] = quant;
+  config["quantization_config"] = quant;
+
+  fs::create_directories(o.out);
+  if (o.tokenizer_dir.empty()) {
+    text::write_synthetic_tokenizer(o.out, plan.family, config["vocab_size"].get<int64_t>());
+  } else {
+    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                          "vocab.json", "merges.txt"}) {
+      fs::path src = fs::path(o.tokenizer_dir) / f;
+      if (fs::exists(src)) fs::copy_file(src, fs::path(o.out) / f, fs::copy_options::overwrite_existing);
+    }
+    ZMLX_CHECK(fs::exists(fs::path(o.out) / "tokenizer.json"), "synth: --tokenizer {} has no tokenizer.json",
+               o.tokenizer_dir);
+  }
+  // The special ids come from the tokenizer actually written: a vocabulary
+  // too small for the real ids keeps the specials at its top.
+  const text::Tokenizer tok = text::Tokenizer::from_dir(o.out);
+  const auto eos = tok.token_id("<|im_end|>"), eot = tok.token_id("<|endoftext|>");
+  if (eos) config["eos_token_id"] = *eos;
+  if (eot) config["bos_token_id"] = *eot;
+  json eos_list = json::array();
+  if (eos) eos_list.push_back(*eos);
+  if (eot) eos_list.push_back(*eot);
+  write_json(fs::path(o.out) / "config.json", config);
+  json gen = {{"bos_token_id", config.value("bos_token_id", 0)},
+              {"eos_token_id", eos_list},
+              {"do_sample", true}, {"temperature", 0.6}, {"top_k", 20}, {"top_p", 0.95}};
+  write_json(fs::path(o.out) / "generation_config.json", gen);
+
+  Producer producer(plan, o.seed);
+  io::write_model_weights(o.out, producer.specs(),
+                          [&](const io::TensorSpec& s, uint8_t* dst) { producer.fill(s, dst); },
+                          uint64_t(5) << 30, o.progress);
+  return o.out;
+}
+
+}  // namespace zmlx::synth
