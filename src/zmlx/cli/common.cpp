@@ -12,15 +12,39 @@
 
 namespace zmlx::cli {
 
-void add_model_args(CLI::App& app, ModelArgs& a) {
+void add_model_args(CLI::App& app, ModelArgs& a, bool with_patch_flags) {
   app.add_option("model", a.model, "model directory or Hugging Face repo id (looked up offline in the HF cache)")
       ->required();
   app.add_option("--backend", a.backend, "cpu, cuda or auto")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--threads", a.threads, "CPU threads (default: all cores)");
+  if (!with_patch_flags) return;
+  app.add_flag_function("--patch", [&a](int64_t) { a.patch = 1; }, "apply fused-kernel patches (as EXO_ZMLX=1)");
+  app.add_flag_function("--no-patch", [&a](int64_t) { a.patch = 0; }, "run unpatched (as EXO_ZMLX=0)");
+  app.add_option("--patterns", a.patterns, "comma-separated patterns, overriding the family defaults (as EXO_ZMLX_PATTERNS)");
+  app.add_option("--exclude", a.exclude, "comma-separated patterns to exclude (as EXO_ZMLX_EXCLUDE)");
+  app.add_flag("--patch-verbose", a.patch_verbose, "log every patched module (as EXO_ZMLX_VERBOSE=1)");
+}
+
+patch::PatchOptions patch_options(const ModelArgs& a) {
+  patch::PatchOptions o = patch::PatchOptions::from_env();
+  if (a.patch >= 0) o.enabled = a.patch == 1;
+  if (!a.patterns.empty()) {
+    o.patterns = patch::parse_pattern_list(a.patterns);
+    patch::check_pattern_names(*o.patterns);
+    if (a.patch < 0) o.enabled = true;  // naming patterns implies patching
+  }
+  if (!a.exclude.empty()) {
+    o.exclude = patch::parse_pattern_list(a.exclude);
+    patch::check_pattern_names(o.exclude);
+  }
+  if (a.patch_verbose) o.verbose = true;
+  return o;
 }
 
 LoadedModel load(const ModelArgs& a, bool need_tokenizer) {
   LoadedModel m;
+  const patch::PatchOptions popt = patch_options(a);  // flag/env errors before the (slow) load
+  (void)popt;
   if (a.threads > 0) omp_set_num_threads(a.threads);
   ZMLX_CHECK(a.backend != "cuda", "--backend cuda: the CUDA backend is not available in this build yet; use --backend cpu");
   m.dir = io::resolve_model_path(a.model);
@@ -28,6 +52,7 @@ LoadedModel load(const ModelArgs& a, bool need_tokenizer) {
   m.backend = make_cpu_backend();
   m.model = load_model(m.dir, *m.backend);
   m.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  m.patch_report = patch::patch(*m.model, patch_options(a));
   if (std::filesystem::exists(std::filesystem::path(m.dir) / "tokenizer.json"))
     m.tokenizer = text::Tokenizer::from_dir(m.dir);
   else

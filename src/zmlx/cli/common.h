@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "zmlx/models/model.h"
+#include "zmlx/patch/patch.h"
 #include "zmlx/text/tokenizer.h"
 
 namespace zmlx::cli {
@@ -16,9 +17,13 @@ struct ModelArgs {
   std::string model;
   std::string backend = "auto";
   int threads = 0;
+  // Patch control: the EXO_ZMLX* environment, overridden by these flags.
+  int patch = -1;  // -1: from EXO_ZMLX; 0: --no-patch; 1: --patch
+  std::string patterns, exclude;
+  bool patch_verbose = false;
 };
 
-void add_model_args(CLI::App& app, ModelArgs& a);
+void add_model_args(CLI::App& app, ModelArgs& a, bool with_patch_flags = true);
 
 struct LoadedModel {
   std::string dir;
@@ -26,7 +31,11 @@ struct LoadedModel {
   std::unique_ptr<Model> model;
   std::optional<text::Tokenizer> tokenizer;  // absent when the dir has no tokenizer.json
   double load_seconds = 0;
+  patch::PatchReport patch_report;
 };
+
+// The patch options the flags and environment ask for.
+patch::PatchOptions patch_options(const ModelArgs& a);
 
 LoadedModel load(const ModelArgs& a, bool need_tokenizer);
 

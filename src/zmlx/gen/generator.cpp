@@ -53,7 +53,12 @@ GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
     std::vector<int32_t> part(prompt_ids.begin() + i, prompt_ids.begin() + std::min(prompt_ids.size(), i + chunk));
     logits = model.forward(be, part, cache);
   }
-  int32_t next = sampler.sample(logits_to_host(be, logits, 0), history);
+  auto sample = [&](const Tensor& l) {
+    std::vector<float> host = logits_to_host(be, l, 0);
+    if (opt.on_logits) opt.on_logits(host);
+    return sampler.sample(std::move(host), history);
+  };
+  int32_t next = sample(logits);
   res.prefill_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
 
   std::optional<text::StreamDecoder> dec;
@@ -95,7 +100,7 @@ GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
     }
     if (int(res.token_ids.size()) >= opt.max_tokens) break;
     logits = model.forward(be, {next}, cache);
-    next = sampler.sample(logits_to_host(be, logits, 0), history);
+    next = sample(logits);
   }
   if (dec && !stop_string_hit && !cancelled) {
     std::string tail = pending + dec->flush();

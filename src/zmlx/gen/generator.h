@@ -19,6 +19,8 @@ struct GenerateOptions {
   std::vector<std::string> stop_strings;
   std::vector<int32_t> eos_ids;   // generation stops when one is sampled (not emitted)
   int prefill_chunk = 512;        // prompt tokens per forward pass
+  // Called with the logits of every sampled position (validate compares them).
+  std::function<void(const std::vector<float>&)> on_logits;
 };
 
 struct GenerateResult {

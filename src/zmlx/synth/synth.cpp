@@ -3,10 +3,12 @@
 #include <nlohmann/json.hpp>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <numeric>
 #include <map>
 #include <mutex>
 
@@ -61,6 +63,7 @@ struct ModulePlan {
   int bits = 4, group = 64;     // bits 0: dense bf16
   std::string embed_path;       // LmHeadFromEmbedding
   float beta = 0, noise = 0;    // LmHeadFromEmbedding: beta·embed[π(v)] + noise
+  std::vector<int32_t> usable;  // LmHeadFromEmbedding: ids π permutes (others: noise only)
 };
 
 struct Plan {
@@ -188,11 +191,19 @@ class Producer {
       for (int64_t r = 0; r < m.rows; ++r) random_quant_row(m, seed_, r, W + r * words, S + r * groups, B + r * groups);
       return;
     }
-    // lm_head row v = beta · embed[π(v)] + noise, re-quantized with MLX's algorithm.
+    // lm_head row v = beta · embed[π(v)] + noise, re-quantized with MLX's
+    // algorithm. π permutes the usable ids (real tokens, not specials or
+    // reserved fillers), whose rows carry the structure; other rows are noise,
+    // so greedy decoding emits readable pieces.
     const ModulePlan& e = *by_path_.at(m.embed_path);
     const int64_t V = m.rows;
-    uint64_t a = 0x9e3779b1ull % uint64_t(V);
-    while (std::gcd(a, uint64_t(V)) != 1) ++a;
+    std::vector<int64_t> slot(static_cast<size_t>(V), -1);
+    const auto& U = m.usable;
+    for (size_t i = 0; i < U.size(); ++i)
+      if (U[i] >= 0 && U[i] < V) slot[size_t(U[i])] = int64_t(i);
+    const uint64_t n = std::max<uint64_t>(1, U.size());
+    uint64_t a = 0x9e3779b1ull % n;
+    while (n > 1 && std::gcd(a, n) != 1) ++a;
     const quant::QuantParams qp{m.bits, m.group};
     const int64_t ew = e.cols * e.bits / 32, eg = e.cols / e.group;
 #pragma omp parallel
@@ -202,9 +213,14 @@ class Producer {
       std::vector<float> x(static_cast<size_t>(m.cols));
 #pragma omp for schedule(static)
       for (int64_t v = 0; v < V; ++v) {
-        const int64_t src = int64_t((a * uint64_t(v) + 7) % uint64_t(V));
-        random_quant_row(e, seed_, src, w.data(), s.data(), b.data());
-        quant::dequantize_row(w.data(), s.data(), b.data(), e.cols, {e.bits, e.group}, x.data());
+        const int64_t i = slot[size_t(v)];
+        if (i >= 0) {
+          const int64_t src = U[size_t((a * uint64_t(i) + 7) % n)];
+          random_quant_row(e, seed_, src, w.data(), s.data(), b.data());
+          quant::dequantize_row(w.data(), s.data(), b.data(), e.cols, {e.bits, e.group}, x.data());
+        } else {
+          std::fill(x.begin(), x.end(), 0.f);
+        }
         SplitMix rng(hash_str(m.path, seed_) ^ (uint64_t(v) * 0xd1b54a32d192ed03ull));
         for (auto& xi : x) xi = round_bf16(m.beta * xi + m.noise * rng.normal());
         quant::quantize_row(x.data(), m.cols, qp, W + v * words, S + v * groups, B + v * groups);
@@ -255,6 +271,8 @@ Plan qwen3_moe_plan(const json& c, int bits, int group, int router_bits) {
                 Hkv = I("num_key_value_heads"), hd = c.value("head_dim", D / H), E = I("num_experts"),
                 Im = I("moe_intermediate_size"), V = I("vocab_size");
   const float gamma = 0.05f;  // each block's output size relative to the residual
+  const std::vector<int64_t> mlp_only = c.value("mlp_only_layers", std::vector<int64_t>{});
+  const int64_t sparse_step = std::max<int64_t>(1, c.value("decoder_sparse_step", int64_t(1)));
   auto lin = [&](std::string path, int64_t rows, int64_t cols, float std, int64_t experts = 0, int b = -1) {
     ModulePlan m;
     m.path = std::move(path);
@@ -293,6 +311,14 @@ Plan qwen3_moe_plan(const json& c, int bits, int group, int router_bits) {
     lin(pre + ".self_attn.o_proj", D, H * hd, gamma / std::sqrt(float(H * hd)));
     norm(pre + ".self_attn.q_norm", hd);
     norm(pre + ".self_attn.k_norm", hd);
+    const bool dense = std::find(mlp_only.begin(), mlp_only.end(), l) != mlp_only.end() || (l + 1) % sparse_step != 0;
+    if (dense) {  // mlp_only_layers / decoder_sparse_step: a dense SwiGLU MLP
+      const int64_t In = I("intermediate_size");
+      lin(pre + ".mlp.gate_proj", In, D, 1.0f / std::sqrt(float(D)));
+      lin(pre + ".mlp.up_proj", In, D, 1.0f / std::sqrt(float(D)));
+      lin(pre + ".mlp.down_proj", D, In, 2.0f * gamma / std::sqrt(float(In)));
+      continue;
+    }
     lin(pre + ".mlp.gate", E, D, 2.0f / std::sqrt(float(D)), 0, router_bits ? router_bits : -1);
     lin(pre + ".mlp.switch_mlp.gate_proj", Im, D, 1.0f / std::sqrt(float(D)), E);
     lin(pre + ".mlp.switch_mlp.up_proj", Im, D, 1.0f / std::sqrt(float(D)), E);
@@ -319,6 +345,22 @@ json parse_set_value(const std::string& v) {
   } catch (...) {
     return json(v);
   }
+}
+
+// True for complete, printable UTF-8 (so a random model's output stays readable).
+bool printable_utf8(const std::string& s) {
+  if (s.empty()) return false;
+  for (size_t i = 0; i < s.size();) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    int n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + size_t(n) > s.size()) return false;
+    if (n == 1 && c < 0x20 && c != '\n') return false;
+    if (n == 1 && c == 0x7f) return false;
+    for (int k = 1; k < n; ++k)
+      if ((static_cast<unsigned char>(s[i + size_t(k)]) >> 6) != 2) return false;
+    i += size_t(n);
+  }
+  return true;
 }
 
 void write_json(const fs::path& path, const json& j) {
@@ -370,6 +412,12 @@ std::string synth_model(const SynthOptions& o) {
   // The special ids come from the tokenizer actually written: a vocabulary
   // too small for the real ids keeps the specials at its top.
   const text::Tokenizer tok = text::Tokenizer::from_dir(o.out);
+  for (auto& m : plan.modules)
+    if (m.kind == Kind::LmHeadFromEmbedding)
+      for (int64_t id = 0; id < m.rows && id < int64_t(tok.vocab_size()); ++id)
+        if (!tok.is_special(int32_t(id)) && tok.piece(int32_t(id)).rfind("<|reserved", 0) != 0 &&
+            printable_utf8(tok.token_bytes(int32_t(id))))
+          m.usable.push_back(int32_t(id));
   const auto eos = tok.token_id("<|im_end|>"), eot = tok.token_id("<|endoftext|>");
   if (eos) config["eos_token_id"] = *eos;
   if (eot) config["bos_token_id"] = *eot;

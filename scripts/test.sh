@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sets everything up and runs every test that can run on this machine:
+# unit tests (GoogleTest), the tokenizer/template conformance suite against
+# Hugging Face's own implementations, and the CLI end-to-end checks.
+# GPU tests skip cleanly where no GPU is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/build.sh
+
+echo "== unit tests"
+(cd build && ctest --output-on-failure -j"$(nproc)" --timeout 900)
+
+echo "== CLI end to end"
+bash tests/e2e/cli.sh build/zmlx
+
+if [[ -x tests/text/run.sh ]]; then
+  echo "== tokenizer and chat-template conformance"
+  bash tests/text/run.sh build/zmlx
+fi
+echo "== all tests passed"

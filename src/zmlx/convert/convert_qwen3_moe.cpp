@@ -1,0 +1,192 @@
+// qwen3_moe (Qwen3MoeForCausalLM): Hugging Face keys -> MLX keys, as
+// mlx-lm's qwen3_moe.sanitize + nn.quantize produce them.
+//
+// Source layouts accepted for the routed experts of layer N:
+//  - per expert (what transformers 4.x saves, and what 5.x save_pretrained
+//    writes by default, save_original_format=True):
+//      model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight   [I, D] / [D, I]
+//  - fused (transformers 5.x in-memory Qwen3MoeExperts, written when saving
+//    with save_original_format=False; its conversion_mapping builds it with
+//    MergeModulelist(dim=0) + Concatenate(dim=1) of [gate, up]):
+//      model.layers.N.mlp.experts.gate_up_proj   [E, 2*I, D]  (rows 0..I-1 gate, I..2I-1 up)
+//      model.layers.N.mlp.experts.down_proj      [E, D, I]
+// Output: model.layers.N.mlp.switch_mlp.{gate,up,down}_proj.weight [E, out, in].
+// Layers listed in mlp_only_layers (or skipped by decoder_sparse_step) have a
+// dense MLP: model.layers.N.mlp.{gate,up,down}_proj.weight, kept as is.
+#include <map>
+#include <set>
+
+#include "zmlx/convert/convert.h"
+#include "zmlx/core/error.h"
+
+namespace zmlx::convert {
+
+namespace {
+
+constexpr const char* kProjs[] = {"gate_proj", "up_proj", "down_proj"};
+
+OutputTensor same(const io::TensorInfo& t, Role role) { return {t.name, t.shape, {{t.name}}, role}; }
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  io::TensorInfo t;
+  t.shape = s;
+  return t.shape_str();
+}
+
+}  // namespace
+
+Plan plan_qwen3_moe(const PlanInput& in) {
+  const io::WeightStore& ws = in.weights;
+  const nlohmann::json& cfg = in.config;
+  const int64_t n_layers = config_int(cfg, "num_hidden_layers", -1);
+  ZMLX_CHECK(n_layers > 0, "[convert qwen3_moe] config.json: 'num_hidden_layers' missing or not positive");
+  // transformers 5 writes num_local_experts in some versions, num_experts in others.
+  int64_t n_experts = config_int(cfg, "num_experts", -1);
+  if (n_experts < 0) n_experts = config_int(cfg, "num_local_experts", -1);
+  ZMLX_CHECK(n_experts > 0, "[convert qwen3_moe] config.json: 'num_experts' (or 'num_local_experts') missing or "
+             "not positive");
+  const int64_t hidden = config_int(cfg, "hidden_size", -1);
+  const int64_t inter = config_int(cfg, "moe_intermediate_size", -1);
+  const bool tied = config_bool(cfg, "tie_word_embeddings", false);
+
+  Plan p;
+  // layer -> proj -> expert -> source name
+  std::map<int64_t, std::map<std::string, std::map<int64_t, std::string>>> per_expert;
+  std::map<int64_t, std::map<std::string, std::string>> fused;  // layer -> {gate_up_proj|down_proj -> name}
+  std::set<int64_t> routers;
+
+  static const std::set<std::string> kKeep = {
+      "input_layernorm.weight",  "post_attention_layernorm.weight", "self_attn.q_norm.weight",
+      "self_attn.k_norm.weight", "self_attn.q_proj.bias",           "self_attn.k_proj.bias",
+      "self_attn.v_proj.bias",   "self_attn.o_proj.bias"};
+  static const std::set<std::string> kLinear = {
+      "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+      "self_attn.o_proj.weight", "mlp.gate_proj.weight",    "mlp.up_proj.weight",
+      "mlp.down_proj.weight"};
+
+  for (const std::string& name : ws.names()) {
+    const io::TensorInfo& t = ws.get(name);
+    if (name == "model.embed_tokens.weight") {
+      p.tensors.push_back(same(t, Role::Linear));
+      continue;
+    }
+    if (name == "lm_head.weight") {
+      if (tied) p.ignored[name] = "tie_word_embeddings: the embedding is the output head";
+      else p.tensors.push_back(same(t, Role::Linear));
+      continue;
+    }
+    if (name == "model.norm.weight") {
+      p.tensors.push_back(same(t, Role::Keep));
+      continue;
+    }
+    if (name.ends_with("rotary_emb.inv_freq")) {
+      p.ignored[name] = "recomputed from rope_theta";
+      continue;
+    }
+    int64_t layer = 0;
+    std::string rest;
+    if (!split_layer_key(name, "model.layers.", &layer, &rest)) continue;  // reported as unknown
+    ZMLX_CHECK(layer < n_layers, "[convert qwen3_moe] tensor '{}' belongs to layer {}, but config.json has "
+               "num_hidden_layers = {}", name, layer, n_layers);
+    if (kKeep.count(rest)) {
+      p.tensors.push_back(same(t, Role::Keep));
+    } else if (kLinear.count(rest)) {
+      p.tensors.push_back(same(t, Role::Linear));
+    } else if (rest == "mlp.gate.weight") {
+      ZMLX_CHECK(t.shape.size() == 2 && t.shape[0] == n_experts,
+                 "[convert qwen3_moe] router '{}' in '{}': expected [{}, hidden], found {}", name, t.file,
+                 n_experts, t.shape_str());
+      p.tensors.push_back(same(t, Role::Router));
+      routers.insert(layer);
+    } else if (rest == "mlp.experts.gate_up_proj" || rest == "mlp.experts.down_proj") {
+      fused[layer][rest.substr(12)] = name;
+    } else if (rest.starts_with("mlp.experts.")) {
+      int64_t e = 0;
+      std::string proj;
+      if (split_layer_key(rest, "mlp.experts.", &e, &proj) && proj.ends_with(".weight")) {
+        proj = proj.substr(0, proj.size() - 7);
+        if (proj == "gate_proj" || proj == "up_proj" || proj == "down_proj") {
+          ZMLX_CHECK(e < n_experts, "[convert qwen3_moe] tensor '{}' is expert {}, but config.json has {} "
+                     "experts", name, e, n_experts);
+          per_expert[layer][proj][e] = name;
+        }
+      }
+    }
+  }
+
+  auto switch_name = [](int64_t layer, const char* proj) {
+    return fmt::format("model.layers.{}.mlp.switch_mlp.{}.weight", layer, proj);
+  };
+  auto check_dims = [&](const std::string& name, const std::vector<int64_t>& found, int64_t rows, int64_t cols) {
+    bool ok = found.size() == 2 && (rows < 0 || found[0] == rows) && (cols < 0 || found[1] == cols);
+    ZMLX_CHECK(ok, "[convert qwen3_moe] '{}': expected [{}, {}] (from config.json), found {}", name,
+               rows < 0 ? "?" : std::to_string(rows), cols < 0 ? "?" : std::to_string(cols), shape_str(found));
+  };
+
+  // Per-expert tensors -> stacked [E, out, in].
+  for (auto& [layer, projs] : per_expert) {
+    ZMLX_CHECK(!fused.count(layer), "[convert qwen3_moe] layer {} has both per-expert and fused expert tensors",
+               layer);
+    for (const char* proj : kProjs) {
+      auto pit = projs.find(proj);
+      for (int64_t e = 0; e < n_experts; ++e) {
+        ZMLX_CHECK(pit != projs.end() && pit->second.count(e),
+                   "[convert qwen3_moe] missing tensor 'model.layers.{}.mlp.experts.{}.{}.weight' (layer {} "
+                   "needs all {} experts)", layer, e, proj, layer, n_experts);
+      }
+      const auto& by_e = pit->second;
+      const std::vector<int64_t> shape0 = ws.get(by_e.at(0)).shape;
+      const bool down = std::string(proj) == "down_proj";
+      check_dims(by_e.at(0), shape0, down ? hidden : inter, down ? inter : hidden);
+      OutputTensor o{switch_name(layer, proj), {n_experts, shape0[0], shape0[1]}, {}, Role::Linear};
+      for (int64_t e = 0; e < n_experts; ++e) {
+        const io::TensorInfo& t = ws.get(by_e.at(e));
+        ZMLX_CHECK(t.shape == shape0, "[convert qwen3_moe] '{}' has shape {}, expert 0 has {}", t.name,
+                   t.shape_str(), shape_str(shape0));
+        o.pieces.push_back({t.name});
+      }
+      p.tensors.push_back(std::move(o));
+    }
+  }
+
+  // Fused tensors -> split gate/up, down as is.
+  for (auto& [layer, parts] : fused) {
+    ZMLX_CHECK(parts.count("gate_up_proj") && parts.count("down_proj"),
+               "[convert qwen3_moe] layer {} has only one of mlp.experts.gate_up_proj / mlp.experts.down_proj",
+               layer);
+    const io::TensorInfo& gu = ws.get(parts["gate_up_proj"]);
+    const io::TensorInfo& dn = ws.get(parts["down_proj"]);
+    ZMLX_CHECK(gu.shape.size() == 3 && gu.shape[0] == n_experts && gu.shape[1] % 2 == 0 &&
+                   (inter < 0 || gu.shape[1] == 2 * inter) && (hidden < 0 || gu.shape[2] == hidden),
+               "[convert qwen3_moe] '{}': expected [{}, 2*moe_intermediate_size, hidden_size] = [{}, {}, {}], "
+               "found {}", gu.name, n_experts, n_experts, inter < 0 ? "?" : std::to_string(2 * inter),
+               hidden < 0 ? "?" : std::to_string(hidden), gu.shape_str());
+    const int64_t I = gu.shape[1] / 2, D = gu.shape[2];
+    ZMLX_CHECK(dn.shape == std::vector<int64_t>({n_experts, D, I}),
+               "[convert qwen3_moe] '{}': expected [{}, {}, {}], found {}", dn.name, n_experts, D, I,
+               dn.shape_str());
+    OutputTensor gate{switch_name(layer, "gate_proj"), {n_experts, I, D}, {}, Role::Linear};
+    OutputTensor up{switch_name(layer, "up_proj"), {n_experts, I, D}, {}, Role::Linear};
+    for (int64_t e = 0; e < n_experts; ++e) {
+      gate.pieces.push_back({gu.name, e * 2 * I * D, I * D});
+      up.pieces.push_back({gu.name, e * 2 * I * D + I * D, I * D});
+    }
+    p.tensors.push_back(std::move(gate));
+    p.tensors.push_back(std::move(up));
+    p.tensors.push_back({switch_name(layer, "down_proj"), dn.shape, {{dn.name}}, Role::Linear});
+  }
+
+  // Every MoE layer has a router and experts, and vice versa.
+  for (int64_t layer : routers)
+    ZMLX_CHECK(per_expert.count(layer) || fused.count(layer),
+               "[convert qwen3_moe] layer {} has a router (mlp.gate.weight) but no expert tensors", layer);
+  for (auto& [layer, _] : per_expert)
+    ZMLX_CHECK(routers.count(layer), "[convert qwen3_moe] layer {} has experts but no 'model.layers.{}.mlp.gate.weight'",
+               layer, layer);
+  for (auto& [layer, _] : fused)
+    ZMLX_CHECK(routers.count(layer), "[convert qwen3_moe] layer {} has experts but no 'model.layers.{}.mlp.gate.weight'",
+               layer, layer);
+  return p;
+}
+
+}  // namespace zmlx::convert
