@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "zmlx/backend/cpu/qgemv.h"
+#include "zmlx/backend/cpu/repack.h"
 
 using namespace zmlx;
 
@@ -53,8 +54,14 @@ int main() {
   std::mt19937 rng(7);
   Weight small = make(512, 2048, rng);       // 0.6 MB: cache resident
   Weight big = make(131072, 2048, rng);      // 151 MB: DRAM
-  for (int t : {1, 2}) {
+  Weight small_t = small, big_t = big;
+  cpu::repack_rows16(small_t);
+  cpu::repack_rows16(big_t);
+  const int max_threads = omp_get_max_threads();
+  for (int t = 1; t <= max_threads; ++t) {
     run("4-bit 512x2048 (in cache)", small, t, 2000);
+    run("  row-interleaved tiles", small_t, t, 2000);
     run("4-bit 131072x2048 (DRAM)", big, t, 10);
+    run("  row-interleaved tiles", big_t, t, 10);
   }
 }

@@ -7,6 +7,7 @@
 
 #include "test_helpers.h"
 #include "zmlx/backend/cpu/qgemv.h"
+#include "zmlx/backend/cpu/repack.h"
 
 namespace zmlx {
 namespace {
@@ -96,6 +97,44 @@ TEST(Qgemv, NibbleOrderIsLsbFirst) {
       float out = -1;
       cpu::gemv_rows(cpu::matrix_view(w), 0, 1, px, 0, 1, &out, 1);
       EXPECT_EQ(out, float(c % 16)) << "column " << c << " isa " << cpu::isa_name(isa);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace zmlx
+
+namespace zmlx {
+namespace {
+
+TEST(QgemvRepacked, TilesMatchReferenceAndCheckpointLayout) {
+  if (!cpu::isa_supported(cpu::Isa::Avx512)) GTEST_SKIP() << "no AVX-512 BF16 on this CPU";
+  cpu::force_isa(cpu::Isa::Avx512);
+  std::mt19937 rng(77);
+  for (auto [rows, cols, group, T] : {std::tuple{48, 256, 64, 1}, std::tuple{32, 384, 128, 5}, std::tuple{16, 96, 32, 3},
+                                      std::tuple{64, 2048, 64, 2}}) {
+    Weight w = test::random_qweight(rng, 2, rows, cols, 4, group);
+    Weight r = w;
+    ASSERT_TRUE(cpu::can_repack(r));
+    cpu::repack_rows16(r);
+    auto x = test::random_bf16(rng, size_t(T * cols));
+    cpu::PreparedRows px;
+    px.prepare(x.data(), T, cols, cols);
+    for (int64_t e = 0; e < 2; ++e) {
+      const cpu::MatrixView plain = cpu::matrix_view(w, e), tiled = cpu::matrix_view(r, e);
+      ASSERT_NE(tiled.tiles, nullptr);
+      std::vector<float> a(size_t(T * rows), std::nanf("")), b(size_t(T * rows), std::nanf(""));
+      cpu::gemv_rows(tiled, 0, 16, px, 0, T, b.data(), rows);  // first tile alone, then the rest
+      cpu::gemv_rows(tiled, 16, rows, px, 0, T, b.data() + 16, rows);
+      cpu::gemv_rows(plain, 0, rows, px, 0, T, a.data(), rows);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < rows; ++i) {
+          const double ref = cpu::reference_dot(plain, i, x.data() + t * cols);
+          double mag = 0;
+          for (int64_t c = 0; c < cols; ++c) mag += std::fabs(bf16_to_f32(x[size_t(t * cols + c)]));
+          ASSERT_NEAR(b[size_t(t * rows + i)], ref, 1e-5 * mag + 1e-5) << "expert " << e << " row " << i;
+          ASSERT_NEAR(b[size_t(t * rows + i)], a[size_t(t * rows + i)], 2e-5 * mag + 1e-5);
+        }
     }
   }
 }

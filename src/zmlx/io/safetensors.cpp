@@ -366,14 +366,9 @@ uint64_t WeightStore::total_bytes() const {
 
 void WeightStore::prefetch(bool progress) const {
   const size_t page = size_t(::sysconf(_SC_PAGESIZE));
-  uint64_t total = 0;
-  for (auto& f : files_) total += f->file_size();
-  Progress bar("loading", progress ? total : 0);
+  Progress bar("loading", progress ? total_bytes() : 0);
   volatile uint8_t sink = 0;
   for (auto& f : files_) {
-    if (f->tensors().empty()) continue;
-    // Any tensor's pointer minus its offset gives us the mapping's readable range;
-    // simpler: walk each tensor's bytes.
     for (auto& [n, t] : f->tensors()) {
       if (t.nbytes == 0) continue;
       uintptr_t p0 = reinterpret_cast<uintptr_t>(t.data);

@@ -35,6 +35,7 @@ Weight WeightLoader::linear(const std::string& path, int64_t rows, int64_t cols,
   w.experts = experts;
   w.rows = rows;
   w.cols = cols;
+  w.lookup_only = reads_one_row;
   const io::TensorInfo& wi = store_->get(path + ".weight");
   if (store_->has(path + ".scales")) {
     const io::TensorInfo& si = store_->get(path + ".scales");

@@ -84,7 +84,9 @@ class Qwen3Moe final : public Model {
     }
     norm_ = wl.tensor("model.norm.weight", DType::BF16, {D_});
     if (c.tie_word_embeddings && !wl.has("lm_head.weight")) {
-      lm_head_ = embed_;
+      lm_head_ = embed_;  // tied: the embedding table is also the output projection
+      lm_head_.lookup_only = false;
+      lm_head_ = be.adopt(lm_head_);
       tied_ = true;
     } else {
       lm_head_ = wl.linear("lm_head", c.vocab_size, D_);

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <new>
 
@@ -13,9 +15,15 @@ Tensor host_tensor(DType dtype, std::vector<int64_t> shape) {
   Tensor t;
   t.dtype = dtype;
   t.shape = std::move(shape);
-  size_t bytes = (t.nbytes() + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, bytes ? bytes : 64);
+  // Large buffers (weights in a repacked layout, big activations) are 2 MB
+  // aligned and marked for transparent huge pages: fewer page faults when
+  // they are filled, fewer TLB misses when decode streams through them.
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t align = t.nbytes() >= kHuge ? kHuge : 64;
+  size_t bytes = (t.nbytes() + align - 1) / align * align;
+  void* p = std::aligned_alloc(align, bytes ? bytes : align);
   if (!p) throw std::bad_alloc();
+  if (align == kHuge) madvise(p, bytes, MADV_HUGEPAGE);
   t.storage = std::shared_ptr<void>(p, std::free);
   t.data = p;
   return t;

@@ -23,6 +23,11 @@ Weight Weight::expert(int64_t e) const {
     m.scales = slice0(scales, e);
     m.biases = slice0(biases, e);
   }
+  if (!tiles.empty()) {
+    m.tiles = slice0(tiles, e);
+    m.tile_scales = slice0(tile_scales, e);
+    m.tile_biases = slice0(tile_biases, e);
+  }
   return m;
 }
 

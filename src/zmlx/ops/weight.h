@@ -19,6 +19,12 @@ struct Weight {
   quant::QuantParams q;      // valid when quantized
   Tensor w;                  // U32 packed, or BF16 dense
   Tensor scales, biases;     // BF16, quantized only
+  // Embedding tables read by row lookup only (never multiplied): the CPU
+  // backend leaves them in the checkpoint layout.
+  bool lookup_only = false;
+  // Optional backend-specific copy in a faster layout (CPU: 4-bit rows
+  // interleaved in tiles of 16, see backend/cpu/repack.h). Same values.
+  Tensor tiles, tile_scales, tile_biases;
 
   int64_t words_per_row() const { return cols * q.bits / 32; }
   int64_t groups_per_row() const { return cols / q.group_size; }

@@ -4,11 +4,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 
 #include "zmlx/backend/cpu/elementwise.h"
 #include "zmlx/backend/cpu/qgemv.h"
+#include "zmlx/backend/cpu/repack.h"
 #include "zmlx/core/error.h"
 #include "zmlx/ops/backend.h"
 
@@ -62,7 +65,7 @@ std::vector<std::vector<float>> expert_matmuls(const Weight& w, const ExpertGrou
     gathered.resize(pairs.size() * size_t(K));
     for (size_t p = 0; p < pairs.size(); ++p)
       std::memcpy(&gathered[p * K], x_row(pairs[p]), size_t(K) * 2);
-    prepared[i].prepare(gathered.data(), int64_t(pairs.size()), K, K);
+    prepared[i].prepare(gathered.data(), int64_t(pairs.size()), K, K, cpu::layouts_needed(cpu::matrix_view(w, g.experts[i])));
     out[i].resize(pairs.size() * size_t(N));
   }
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
@@ -77,10 +80,27 @@ std::vector<std::vector<float>> expert_matmuls(const Weight& w, const ExpertGrou
   return out;
 }
 
+bool repack_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("ZMLX_CPU_REPACK");
+    return cpu::active_isa() == cpu::Isa::Avx512 && !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return fmt::format("cpu ({}, {} threads)", cpu::isa_name(cpu::active_isa()), omp_get_max_threads()); }
   Device device() const override { return Device::CPU; }
+
+  // 4-bit matrices get the row-interleaved copy the AVX-512 kernel prefers
+  // (ZMLX_CPU_REPACK=0 keeps only the checkpoint layout, e.g. to save memory).
+  Weight adopt(const Weight& w) override {
+    if (!repack_enabled() || !cpu::can_repack(w)) return w;
+    Weight r = w;
+    cpu::repack_rows16(r);
+    return r;
+  }
 
   Tensor alloc(DType dtype, std::vector<int64_t> shape) override { return host_tensor(dtype, std::move(shape)); }
   Tensor from_host(const Tensor& h) override { return h; }
@@ -110,10 +130,10 @@ class CpuBackend final : public Backend {
     check_bf16_2d(x, w.name.c_str());
     const int64_t T = x.rows(), K = x.cols(), N = w.rows;
     ZMLX_CHECK(K == w.cols, "{}: input has {} features, weight expects {}", w.name, K, w.cols);
-    PreparedRows px;
-    px.prepare(x.ptr<uint16_t>(), T, K, K);
-    std::vector<float> acc(static_cast<size_t>(T * N));
     const MatrixView m = cpu::matrix_view(w);
+    PreparedRows px;
+    px.prepare(x.ptr<uint16_t>(), T, K, K, cpu::layouts_needed(m));
+    std::vector<float> acc(static_cast<size_t>(T * N));
     const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -226,28 +246,25 @@ class CpuBackend final : public Backend {
     uint16_t* o = out.ptr<uint16_t>();
 #pragma omp parallel
     {
-      std::vector<float> qs(static_cast<size_t>(hd)), sc(static_cast<size_t>(S)), acc(static_cast<size_t>(hd));
+      std::vector<float> sc(static_cast<size_t>(S)), acc(static_cast<size_t>(hd));
 #pragma omp for schedule(dynamic, 1) collapse(2)
       for (int64_t h = 0; h < heads; ++h)
         for (int64_t t = 0; t < T; ++t) {
           const int64_t kvh = h / group, visible = pos0 + t + 1;  // causal
           const uint16_t* K = c.k.ptr<uint16_t>() + kvh * c.capacity * hd;
           const uint16_t* V = c.v.ptr<uint16_t>() + kvh * c.capacity * hd;
-          for (int64_t d = 0; d < hd; ++d) qs[size_t(d)] = scale * bf16_to_f32(qp[(t * heads + h) * hd + d]);
+          // scores = scale · (q · k): bf16 products are exact, fp32 accumulation.
+          const uint16_t* qh = qp + (t * heads + h) * hd;
           float mx = -std::numeric_limits<float>::infinity();
           for (int64_t j = 0; j < visible; ++j) {
-            float s = 0.f;
-            for (int64_t d = 0; d < hd; ++d) s += qs[size_t(d)] * bf16_to_f32(K[j * hd + d]);
+            const float s = scale * cpu::dot_bf16(qh, K + j * hd, hd);
             sc[size_t(j)] = s;
             mx = std::max(mx, s);
           }
           float sum = 0.f;
           for (int64_t j = 0; j < visible; ++j) sum += (sc[size_t(j)] = std::exp(sc[size_t(j)] - mx));
           std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t j = 0; j < visible; ++j) {
-            const float p = sc[size_t(j)];
-            for (int64_t d = 0; d < hd; ++d) acc[size_t(d)] += p * bf16_to_f32(V[j * hd + d]);
-          }
+          for (int64_t j = 0; j < visible; ++j) cpu::axpy_bf16(sc[size_t(j)], V + j * hd, acc.data(), hd);
           const float inv = 1.0f / sum;
           for (int64_t d = 0; d < hd; ++d) o[(t * heads + h) * hd + d] = f32_to_bf16_bits(acc[size_t(d)] * inv);
         }
@@ -333,11 +350,15 @@ class CpuBackend final : public Backend {
       gathered.resize(g.pairs[i].size() * size_t(K));
       for (size_t p = 0; p < g.pairs[i].size(); ++p)
         std::memcpy(&gathered[p * K], xp + (g.pairs[i][p] / k) * K, size_t(K) * 2);
-      prepared[i].prepare(gathered.data(), int64_t(g.pairs[i].size()), K, K);
+      prepared[i].prepare(gathered.data(), int64_t(g.pairs[i].size()), K, K,
+                          cpu::layouts_needed(cpu::matrix_view(gate, g.experts[i])) |
+                              cpu::layouts_needed(cpu::matrix_view(up, g.experts[i])));
     }
     Tensor out = alloc(DType::BF16, {T, k, I});
     uint16_t* o = out.ptr<uint16_t>();
-    const int64_t blocks = (I + kRowBlock - 1) / kRowBlock;
+    // Work items of kSwigluRows rows: long sequential reads of gate, then up.
+    constexpr int64_t kSwigluRows = 128;
+    const int64_t blocks = (I + kSwigluRows - 1) / kSwigluRows;
     const int64_t items = int64_t(G) * blocks;
 #pragma omp parallel
     {
@@ -345,7 +366,7 @@ class CpuBackend final : public Backend {
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
         const size_t gi = size_t(it / blocks);
-        const int64_t r0 = (it % blocks) * kRowBlock, r1 = std::min(I, r0 + kRowBlock), nr = r1 - r0;
+        const int64_t r0 = (it % blocks) * kSwigluRows, r1 = std::min(I, r0 + kSwigluRows), nr = r1 - r0;
         const int64_t P = prepared[gi].T();
         ga.resize(size_t(P * nr));
         ua.resize(size_t(P * nr));
@@ -370,18 +391,27 @@ class CpuBackend final : public Backend {
       // Decode: each work item owns a block of output rows and walks the k
       // selected experts in slot order, combining in registers.
       std::vector<PreparedRows> prepared(static_cast<size_t>(k));
-      for (int64_t j = 0; j < k; ++j) prepared[size_t(j)].prepare(hp + j * I, 1, I, I);
+      for (int64_t j = 0; j < k; ++j)
+        prepared[size_t(j)].prepare(hp + j * I, 1, I, I,
+                                    cpu::layouts_needed(cpu::matrix_view(down, r.experts.ptr<int32_t>()[j])));
+      // Each thread owns one contiguous range of output rows and streams that
+      // range of every selected expert in slot order, so DRAM reads stay long
+      // and sequential; the combine happens in registers/L1 as rows finish.
       const int32_t* ex = r.experts.ptr<int32_t>();
-      const int64_t blocks = (D + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel for schedule(static)
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t r0 = b * kRowBlock, r1 = std::min(D, r0 + kRowBlock);
-        float y[kRowBlock], acc[kRowBlock] = {};
+      const int64_t nth = omp_get_max_threads();
+      const int64_t span = ((D + nth - 1) / nth + kRowBlock - 1) / kRowBlock * kRowBlock;
+#pragma omp parallel for schedule(static, 1)
+      for (int64_t part = 0; part < nth; ++part) {
+        const int64_t p0 = part * span, p1 = std::min(D, p0 + span);
+        if (p0 >= p1) continue;
+        std::vector<float> y(static_cast<size_t>(p1 - p0)), acc(static_cast<size_t>(p1 - p0), 0.f);
         for (int64_t j = 0; j < k; ++j) {
-          cpu::gemv_rows(cpu::matrix_view(down, ex[j]), r0, r1, prepared[size_t(j)], 0, 1, y, kRowBlock);
-          for (int64_t d = 0; d < r1 - r0; ++d) acc[d] += combine_term(f32_to_bf16_bits(y[d]), r, j, mode);
+          const MatrixView m = cpu::matrix_view(down, ex[j]);
+          for (int64_t r0 = p0; r0 < p1; r0 += kRowBlock)
+            cpu::gemv_rows(m, r0, std::min(p1, r0 + kRowBlock), prepared[size_t(j)], 0, 1, y.data() + (r0 - p0), 0);
+          for (int64_t d = 0; d < p1 - p0; ++d) acc[size_t(d)] += combine_term(f32_to_bf16_bits(y[size_t(d)]), r, j, mode);
         }
-        for (int64_t d = 0; d < r1 - r0; ++d) o[r0 + d] = f32_to_bf16_bits(acc[d]);
+        for (int64_t d = 0; d < p1 - p0; ++d) o[p0 + d] = f32_to_bf16_bits(acc[size_t(d)]);
       }
       return out;
     }
@@ -406,7 +436,8 @@ class CpuBackend final : public Backend {
     const int64_t T = x.rows(), K = x.cols(), I = gate.rows;
     ZMLX_CHECK(K == gate.cols && K == up.cols && up.rows == I, "{}: linear_swiglu shape mismatch", gate.name);
     PreparedRows px;
-    px.prepare(x.ptr<uint16_t>(), T, K, K);
+    px.prepare(x.ptr<uint16_t>(), T, K, K,
+               cpu::layouts_needed(cpu::matrix_view(gate)) | cpu::layouts_needed(cpu::matrix_view(up)));
     Tensor out = alloc(DType::BF16, {T, I});
     uint16_t* o = out.ptr<uint16_t>();
     const MatrixView mg = cpu::matrix_view(gate), mu = cpu::matrix_view(up);

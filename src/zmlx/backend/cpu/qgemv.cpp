@@ -22,13 +22,14 @@ static void permute_for_bits(const uint16_t* x, int64_t K, int bits, uint16_t* o
       for (int j = 0; j < 32; ++j) out[B + 32 * k + j] = x[B + e * j + k];
 }
 
-void PreparedRows::prepare(const uint16_t* x, int64_t T, int64_t K, int64_t ldx) {
+void PreparedRows::prepare(const uint16_t* x, int64_t T, int64_t K, int64_t ldx, unsigned layouts) {
   T_ = T;
   K_ = K;
+  layouts_ = layouts;
   nat_.resize(size_t(T * K));
-  f32_.resize(size_t(T * K));
-  perm4_.resize(size_t(T * K));
-  perm2_.resize(size_t(T * K));
+  if (layouts & kF32) f32_.resize(size_t(T * K));
+  if (layouts & kPerm4) perm4_.resize(size_t(T * K));
+  if (layouts & kPerm2) perm2_.resize(size_t(T * K));
   const int64_t n32 = K / 32;
   sums32_.assign(size_t(T * n32), 0.f);
   sums64_.assign(size_t(T * (K / 64)), 0.f);
@@ -36,16 +37,16 @@ void PreparedRows::prepare(const uint16_t* x, int64_t T, int64_t K, int64_t ldx)
   for (int64_t t = 0; t < T; ++t) {
     const uint16_t* xr = x + t * ldx;
     std::memcpy(&nat_[t * K], xr, size_t(K) * 2);
-    float* f = &f32_[t * K];
-    for (int64_t c = 0; c < K; ++c) f[c] = bf16_to_f32(xr[c]);
-    if (K % 64 == 0) permute_for_bits(xr, K, 4, &perm4_[t * K]);
-    if (K % 128 == 0) permute_for_bits(xr, K, 2, &perm2_[t * K]);
+    if (layouts & kF32)
+      for (int64_t c = 0; c < K; ++c) f32_[size_t(t * K + c)] = bf16_to_f32(xr[c]);
+    if ((layouts & kPerm4) && K % 64 == 0) permute_for_bits(xr, K, 4, &perm4_[t * K]);
+    if ((layouts & kPerm2) && K % 128 == 0) permute_for_bits(xr, K, 2, &perm2_[t * K]);
     // Group sums are built hierarchically (32 -> 64 -> 128) so every kernel
     // variant sees the same bias-term values.
     float* s32 = &sums32_[t * n32];
     for (int64_t i = 0; i < n32; ++i) {
       float s = 0.f;
-      for (int c = 0; c < 32; ++c) s += f[i * 32 + c];
+      for (int c = 0; c < 32; ++c) s += bf16_to_f32(xr[i * 32 + c]);
       s32[i] = s;
     }
     for (int64_t i = 0; i < K / 64; ++i) sums64_[t * (K / 64) + i] = s32[2 * i] + s32[2 * i + 1];
@@ -55,7 +56,13 @@ void PreparedRows::prepare(const uint16_t* x, int64_t T, int64_t K, int64_t ldx)
 }
 
 const uint16_t* PreparedRows::permuted(int bits, int64_t t) const {
+  ZMLX_CHECK(layouts_ & (bits == 2 ? kPerm2 : kPerm4), "internal: {}-bit layout of x was not prepared", bits);
   return (bits == 2 ? perm2_.data() : perm4_.data()) + t * K_;
+}
+
+const float* PreparedRows::f32(int64_t t) const {
+  ZMLX_CHECK(layouts_ & kF32, "internal: fp32 layout of x was not prepared");
+  return f32_.data() + t * K_;
 }
 
 const float* PreparedRows::group_sums(int g, int64_t t) const {
@@ -78,11 +85,27 @@ MatrixView matrix_view(const Weight& w, int64_t expert) {
     m.biases = w.biases.ptr<uint16_t>() + e * w.rows * gpr;
     m.bits = w.q.bits;
     m.group = w.q.group_size;
+    if (!w.tiles.empty()) {
+      m.tiles = w.tiles.ptr<uint8_t>() + e * w.rows * w.cols / 2;
+      m.tile_scales = w.tile_scales.ptr<uint16_t>() + e * w.rows * gpr;
+      m.tile_biases = w.tile_biases.ptr<uint16_t>() + e * w.rows * gpr;
+    }
   } else {
     const int64_t e = expert < 0 ? 0 : expert;
     m.wd = w.w.ptr<uint16_t>() + e * w.rows * w.cols;
   }
   return m;
+}
+
+unsigned layouts_needed(const MatrixView& m) {
+  if (active_isa() == Isa::Portable) return kF32;
+  if (m.tiles) return 0;
+  switch (m.bits) {
+    case 0: return m.cols % 32 == 0 ? 0u : unsigned(kF32);
+    case 2: return m.cols % 128 == 0 ? unsigned(kPerm2) : unsigned(kF32);
+    case 4: return m.cols % 64 == 0 ? unsigned(kPerm4) : unsigned(kF32);
+    default: return m.cols % 32 == 0 ? 0u : unsigned(kF32);
+  }
 }
 
 // ---------------------------------------------------------------- dispatch
@@ -126,6 +149,18 @@ void gemv_rows(const MatrixView& m, int64_t r0, int64_t r1, const PreparedRows& 
     detail::gemv_avx512(m, r0, r1, x, t0, T, out, ldo);
   else
     detail::gemv_portable(m, r0, r1, x, t0, T, out, ldo);
+}
+
+float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n) {
+  if (isa_slot() == Isa::Avx512 && n % 32 == 0) return detail::dot_bf16_avx512(a, b, n);
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += bf16_to_f32(a[i]) * bf16_to_f32(b[i]);
+  return s;
+}
+
+void axpy_bf16(float a, const uint16_t* x, float* y, int64_t n) {
+  if (isa_slot() == Isa::Avx512 && n % 16 == 0) return detail::axpy_bf16_avx512(a, x, y, n);
+  for (int64_t i = 0; i < n; ++i) y[i] += a * bf16_to_f32(x[i]);
 }
 
 // ---------------------------------------------------------------- portable

@@ -22,19 +22,23 @@ namespace zmlx::cpu {
 // Activation rows prepared once and then dotted with many weight rows:
 // bf16 in the natural order, bf16 re-ordered to match the nibble layout of
 // 2- and 4-bit words, fp32, and per-32-element sums (for the bias term).
+// Which derived layouts to build (bf16 natural order and group sums always).
+enum Layout : unsigned { kPerm4 = 1, kPerm2 = 2, kF32 = 4, kAllLayouts = 7 };
+
 class PreparedRows {
  public:
-  void prepare(const uint16_t* x, int64_t T, int64_t K, int64_t ldx);
+  void prepare(const uint16_t* x, int64_t T, int64_t K, int64_t ldx, unsigned layouts = kAllLayouts);
   int64_t T() const { return T_; }
   int64_t K() const { return K_; }
   const uint16_t* natural(int64_t t) const { return nat_.data() + t * K_; }
   const uint16_t* permuted(int bits, int64_t t) const;  // bits 2 or 4
-  const float* f32(int64_t t) const { return f32_.data() + t * K_; }
+  const float* f32(int64_t t) const;
   // Σ x over each group of size g, in order; g in {32, 64, 128}.
   const float* group_sums(int g, int64_t t) const;
 
  private:
   int64_t T_ = 0, K_ = 0;
+  unsigned layouts_ = 0;
   std::vector<uint16_t> nat_, perm2_, perm4_;
   std::vector<float> f32_, sums32_, sums64_, sums128_;
 };
@@ -47,8 +51,15 @@ struct MatrixView {
   const uint16_t* biases = nullptr;
   int64_t rows = 0, cols = 0;
   int bits = 0, group = 0;       // bits == 0: dense bf16
+  // 4-bit rows re-laid out in tiles of 16 (repack.h); when set, the kernel
+  // reads these instead of w/scales/biases. Row ranges must then be whole tiles.
+  const uint8_t* tiles = nullptr;
+  const uint16_t* tile_scales = nullptr;
+  const uint16_t* tile_biases = nullptr;
 };
 MatrixView matrix_view(const Weight& w, int64_t expert = -1);
+// The layouts the active kernel variant reads for this matrix.
+unsigned layouts_needed(const MatrixView& m);
 
 enum class Isa { Portable, Avx512 };
 Isa active_isa();
@@ -60,6 +71,12 @@ bool isa_supported(Isa isa);
 void gemv_rows(const MatrixView& m, int64_t r0, int64_t r1, const PreparedRows& x, int64_t t0,
                int64_t T, float* out, int64_t ldo);
 
+// Small vector helpers for attention, dispatched like the mat-vec kernels.
+// dot of two bf16 vectors in fp32 (products exact, fp32 accumulation).
+float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n);
+// y[i] += a * x[i] for a bf16 vector x and fp32 y.
+void axpy_bf16(float a, const uint16_t* x, float* y, int64_t n);
+
 // The plain reference: double-precision Σ x_c · (scale·q + bias), used only by tests.
 double reference_dot(const MatrixView& m, int64_t row, const uint16_t* x_bf16);
 
@@ -70,6 +87,8 @@ void gemv_portable(const MatrixView&, int64_t, int64_t, const PreparedRows&, int
                    float*, int64_t);
 void gemv_avx512(const MatrixView&, int64_t, int64_t, const PreparedRows&, int64_t, int64_t,
                  float*, int64_t);
+float dot_bf16_avx512(const uint16_t* a, const uint16_t* b, int64_t n);
+void axpy_bf16_avx512(float a, const uint16_t* x, float* y, int64_t n);
 }  // namespace detail
 
 }  // namespace zmlx::cpu

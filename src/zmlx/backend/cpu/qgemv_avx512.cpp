@@ -10,6 +10,8 @@
 // quantization group, so the per-group scale is applied lane-wise per block.
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "zmlx/backend/cpu/qgemv.h"
 
 namespace zmlx::cpu::detail {
@@ -117,9 +119,77 @@ static void rows_dense(const MatrixView& m, int64_t r0, int64_t r1, const Prepar
   }
 }
 
+
+// Row-interleaved 4-bit tiles (repack.h): 16 rows per zmm, so there is no
+// horizontal reduction and each broadcast x pair feeds 16 rows. Codes become
+// the bf16 value 1 + q/16 with a shift and one ternary-logic op (no shuffle
+// ports used), so per group
+//   Σ x·q = 16·(Σ x·(1 + q/16) − Σ x)
+//   row   = Σ_g 16·scale_g·acc_g  +  Σ_g (bias_g − 16·scale_g)·Σx_g
+// Products x·(1 + q/16) are exact in fp32; four accumulators per token (one
+// per column pair of a chunk) break the dependency chain.
+template <int TT>
+static void rows_tiles(const MatrixView& m, int64_t r0, int64_t r1, const PreparedRows& x, int64_t t0,
+                       float* out, int64_t ldo) {
+  const int64_t K = m.cols, G = K / m.group, chunks_per_group = m.group / 8;
+  const __m512i nib = _mm512_set1_epi16(0x0078), one = _mm512_set1_epi16(0x3F80);
+  const uint16_t* xs[TT];
+  const float* sx[TT];
+  for (int t = 0; t < TT; ++t) {
+    xs[t] = x.natural(t0 + t);
+    sx[t] = x.group_sums(m.group, t0 + t);
+  }
+  auto bf16x16 = [](const uint16_t* p) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  };
+  auto bcast = [](const uint16_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return (__m512bh)_mm512_set1_epi32(v);
+  };
+  for (int64_t row = r0; row < r1; row += 16) {
+    const int64_t tile = row / 16;
+    const uint8_t* tp = m.tiles + tile * (K / 8) * 64;
+    const uint16_t* ts = m.tile_scales + tile * G * 16;
+    const uint16_t* tb = m.tile_biases + tile * G * 16;
+    __m512 total[TT], bsum[TT];
+    for (int t = 0; t < TT; ++t) total[t] = bsum[t] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc[TT][4];
+      for (int t = 0; t < TT; ++t)
+        for (int j = 0; j < 4; ++j) acc[t][j] = _mm512_setzero_ps();
+      for (int64_t kk = 0; kk < chunks_per_group; ++kk) {
+        const int64_t k = g * chunks_per_group + kk;
+        const __m512i w = _mm512_loadu_si512(tp + k * 64);
+        const __m512bh q0 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi16(w, 3), nib, one, 0xEA);
+        const __m512bh q1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 1), nib, one, 0xEA);
+        const __m512bh q2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 5), nib, one, 0xEA);
+        const __m512bh q3 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 9), nib, one, 0xEA);
+        for (int t = 0; t < TT; ++t) {
+          const uint16_t* xp = xs[t] + k * 8;
+          acc[t][0] = _mm512_dpbf16_ps(acc[t][0], q0, bcast(xp));
+          acc[t][1] = _mm512_dpbf16_ps(acc[t][1], q1, bcast(xp + 2));
+          acc[t][2] = _mm512_dpbf16_ps(acc[t][2], q2, bcast(xp + 4));
+          acc[t][3] = _mm512_dpbf16_ps(acc[t][3], q3, bcast(xp + 6));
+        }
+      }
+      const __m512 sc16 = _mm512_mul_ps(bf16x16(ts + g * 16), _mm512_set1_ps(16.0f));  // exact
+      const __m512 corr = _mm512_sub_ps(bf16x16(tb + g * 16), sc16);                   // bias − 16·scale
+      for (int t = 0; t < TT; ++t) {
+        const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3]));
+        total[t] = _mm512_fmadd_ps(a, sc16, total[t]);
+        bsum[t] = _mm512_fmadd_ps(corr, _mm512_set1_ps(sx[t][g]), bsum[t]);
+      }
+    }
+    for (int t = 0; t < TT; ++t) _mm512_storeu_ps(out + t * ldo + (row - r0), _mm512_add_ps(total[t], bsum[t]));
+  }
+}
+
 template <int TT>
 static void rows_tile(const MatrixView& m, int64_t r0, int64_t r1, const PreparedRows& x,
                       int64_t t0, float* out, int64_t ldo) {
+  if (m.tiles) return rows_tiles<TT>(m, r0, r1, x, t0, out, ldo);
   switch (m.bits) {
     case 0: return rows_dense<TT>(m, r0, r1, x, t0, out, ldo);
     case 2: return rows_quant<2, TT>(m, r0, r1, x, t0, out, ldo);
@@ -131,13 +201,29 @@ static void rows_tile(const MatrixView& m, int64_t r0, int64_t r1, const Prepare
 void gemv_avx512(const MatrixView& m, int64_t r0, int64_t r1, const PreparedRows& x, int64_t t0,
                  int64_t T, float* out, int64_t ldo) {
   const int64_t block = m.bits == 0 ? 32 : 32 * (8 / m.bits);
-  if (m.cols % block != 0) return gemv_portable(m, r0, r1, x, t0, T, out, ldo);
+  if (!m.tiles && m.cols % block != 0) return gemv_portable(m, r0, r1, x, t0, T, out, ldo);
   int64_t t = 0;
   for (; t + 4 <= T; t += 4) rows_tile<4>(m, r0, r1, x, t0 + t, out + t * ldo, ldo);
   switch (T - t) {
     case 3: rows_tile<3>(m, r0, r1, x, t0 + t, out + t * ldo, ldo); break;
     case 2: rows_tile<2>(m, r0, r1, x, t0 + t, out + t * ldo, ldo); break;
     case 1: rows_tile<1>(m, r0, r1, x, t0 + t, out + t * ldo, ldo); break;
+  }
+}
+
+float dot_bf16_avx512(const uint16_t* a, const uint16_t* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
+  return _mm512_reduce_add_ps(acc);
+}
+
+void axpy_bf16_avx512(float a, const uint16_t* x, float* y, int64_t n) {
+  const __m512 av = _mm512_set1_ps(a);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 xv = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))), 16));
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, xv, _mm512_loadu_ps(y + i)));
   }
 }
 
