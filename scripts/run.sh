@@ -12,4 +12,5 @@ if [[ -z "$MODEL" ]]; then
   [[ -f "$MODEL/config.json" ]] || build/zmlx synth --arch qwen3_moe --preset tiny --out "$MODEL"
 fi
 build/zmlx inspect "$MODEL" | head -8
+export EXO_ZMLX="${EXO_ZMLX:-1}"  # fused-kernel patches on, as the seed's launcher does
 build/zmlx generate "$MODEL" --chat --prompt "${PROMPT:-Tell me about mixture-of-experts models.}" --max-tokens "${MAX_TOKENS:-64}"

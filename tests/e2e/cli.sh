@@ -59,6 +59,20 @@ pass "bench --json"
 cmp -s "$WORK/l.npy" "$WORK/l1.npy" || fail "teacher-forced logits differ between one pass and token-by-token"
 pass "logits: prefill and step-by-step decode bit-identical"
 
+"$ZMLX" validate "$WORK/m" --max-tokens 24 --runs 2 > "$WORK/val.txt" 2>&1 || fail "validate failed: $(cat "$WORK/val.txt")"
+grep -q "FIDELITY: 24/24 tokens identical  \[PASS\]" "$WORK/val.txt" || fail "validate report: $(cat "$WORK/val.txt")"
+grep -q "(bit-identical)" "$WORK/val.txt" || fail "validate logits not bit-identical"
+grep -q "Patched 4 modules in .*{'moe_mlp': 4}" "$WORK/val.txt" || fail "patch log line shape"
+pass "validate: 24/24 tokens, logits bit-identical, seed log lines"
+"$ZMLX" validate "$WORK/m" --max-tokens 8 --runs 1 --json 2>/dev/null > "$WORK/val.json"
+$PY -c "import json; j=json.load(open('$WORK/val.json')); assert j['fidelity_pass'] and j['max_abs_logit_diff']==0 and j['patched_modules']==4, j" || fail "validate --json"
+pass "validate --json"
+EXO_ZMLX=1 "$ZMLX" generate "$WORK/m" --prompt hi -n 4 2>"$WORK/patch.log" >/dev/null
+grep -q "Patched 4 modules" "$WORK/patch.log" || fail "EXO_ZMLX=1 did not patch"
+EXO_ZMLX=1 "$ZMLX" generate "$WORK/m" --prompt hi -n 4 --no-patch 2>"$WORK/patch.log" >/dev/null
+! grep -q "Patched" "$WORK/patch.log" || fail "--no-patch still patched"
+pass "EXO_ZMLX=1 patches, --no-patch overrides"
+
 # ---- bad input: clear message, exit 1, no crash
 expect_error() {  # expect_error "needle" cmd...
   local needle="$1"; shift
@@ -76,4 +90,5 @@ expect_error "model.safetensors" "$ZMLX" generate "$WORK/corrupt" --prompt hi
 cp -r "$WORK/m" "$WORK/badcfg"; echo '{"model_type": "qwen3_moe",' > "$WORK/badcfg/config.json"
 expect_error "config.json" "$ZMLX" inspect "$WORK/badcfg"
 expect_error "vocabulary" "$ZMLX" generate "$WORK/m" --ids 1,2,99999999
+expect_error "warp_drive" "$ZMLX" generate "$WORK/m" --prompt hi --patterns warp_drive
 echo "cli e2e: all passed"

@@ -3,6 +3,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
+#include <map>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -80,6 +82,34 @@ std::vector<std::vector<float>> expert_matmuls(const Weight& w, const ExpertGrou
   return out;
 }
 
+// ZMLX_PROFILE=1: wall time per backend op, printed at exit (for tuning).
+struct OpProfile {
+  std::map<std::string, std::pair<double, long>> t;
+  bool on = std::getenv("ZMLX_PROFILE") != nullptr;
+  ~OpProfile() {
+    if (!on) return;
+    double total = 0;
+    for (auto& [k, v] : t) total += v.first;
+    for (auto& [k, v] : t)
+      fmt::print(stderr, "[zmlx profile] {:<20} {:9.3f} s {:6.1f}%  {} calls\n", k, v.first, 100 * v.first / total, v.second);
+  }
+};
+OpProfile& profile() {
+  static OpProfile p;
+  return p;
+}
+struct OpTimer {
+  const char* name;
+  std::chrono::steady_clock::time_point t0;
+  explicit OpTimer(const char* n) : name(n), t0(profile().on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{}) {}
+  ~OpTimer() {
+    if (!profile().on) return;
+    auto& e = profile().t[name];
+    e.first += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    e.second++;
+  }
+};
+
 bool repack_enabled() {
   static const bool on = [] {
     const char* e = std::getenv("ZMLX_CPU_REPACK");
@@ -107,6 +137,7 @@ class CpuBackend final : public Backend {
   Tensor to_host(const Tensor& t) override { return t; }
 
   Tensor embed(const Weight& table, const std::vector<int32_t>& ids) override {
+    OpTimer timer_("embed");
     const int64_t T = int64_t(ids.size()), D = table.cols;
     Tensor out = alloc(DType::BF16, {T, D});
     uint16_t* o = out.ptr<uint16_t>();
@@ -127,6 +158,7 @@ class CpuBackend final : public Backend {
   }
 
   Tensor linear(const Tensor& x, const Weight& w) override {
+    OpTimer timer_("linear");
     check_bf16_2d(x, w.name.c_str());
     const int64_t T = x.rows(), K = x.cols(), N = w.rows;
     ZMLX_CHECK(K == w.cols, "{}: input has {} features, weight expects {}", w.name, K, w.cols);
@@ -147,6 +179,7 @@ class CpuBackend final : public Backend {
   }
 
   Tensor rms_norm(const Tensor& x, const Tensor& w, float eps) override {
+    OpTimer timer_("rms_norm");
     check_bf16_2d(x, "rms_norm input");
     const int64_t D = w.numel();
     ZMLX_CHECK(x.numel() % D == 0, "rms_norm: {} elements do not split into rows of {}", x.numel(), D);
@@ -172,6 +205,7 @@ class CpuBackend final : public Backend {
 
   void rope(Tensor& x, int64_t heads, int64_t head_dim, int64_t rot_offset, int64_t rot_dims,
             int64_t pos0, float base, bool traditional) override {
+    OpTimer timer_("rope");
     const int64_t T = x.rows(), half = rot_dims / 2;
     ZMLX_CHECK(x.cols() == heads * head_dim, "rope: row has {} values, expected {}x{}", x.cols(), heads,
                head_dim);
@@ -196,6 +230,7 @@ class CpuBackend final : public Backend {
   }
 
   void add(Tensor& h, const Tensor& x) override {
+    OpTimer timer_("add");
     ZMLX_CHECK(h.numel() == x.numel(), "add: {} vs {} elements", h.numel(), x.numel());
     uint16_t* a = h.ptr<uint16_t>();
     const uint16_t* b = x.ptr<uint16_t>();
@@ -203,6 +238,7 @@ class CpuBackend final : public Backend {
   }
 
   Tensor swiglu(const Tensor& gate, const Tensor& up) override {
+    OpTimer timer_("swiglu");
     ZMLX_CHECK(gate.numel() == up.numel(), "swiglu: gate {} vs up {} elements", gate.numel(), up.numel());
     Tensor out = alloc(DType::BF16, gate.shape);
     const uint16_t* g = gate.ptr<uint16_t>();
@@ -221,6 +257,7 @@ class CpuBackend final : public Backend {
   }
 
   void kv_write(KvLayer& c, const Tensor& k, const Tensor& v, int64_t pos0) override {
+    OpTimer timer_("kv_write");
     const int64_t H = c.k.dim(0), hd = c.k.dim(2), T = k.rows();
     if (pos0 + T > c.capacity) {  // grow geometrically, keeping what is cached
       int64_t cap = std::max<int64_t>(c.capacity * 2, pos0 + T + 256);
@@ -240,6 +277,7 @@ class CpuBackend final : public Backend {
 
   Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads, int64_t kv_heads,
                    int64_t hd, float scale) override {
+    OpTimer timer_("attention");
     const int64_t T = q.rows(), S = pos0 + T, group = heads / kv_heads;
     Tensor out = alloc(DType::BF16, {T, heads * hd});
     const uint16_t* qp = q.ptr<uint16_t>();
@@ -273,6 +311,7 @@ class CpuBackend final : public Backend {
   }
 
   Routing route_softmax_topk(const Tensor& logits, int64_t k, bool normalize) override {
+    OpTimer timer_("route_softmax_topk");
     const int64_t T = logits.rows(), E = logits.cols();
     ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
     Routing r;
@@ -308,6 +347,7 @@ class CpuBackend final : public Backend {
   // ---------------------------------------------------------------- experts
 
   Tensor gather_qmm(const Tensor& x, const Weight& w, const Routing& r) override {
+    OpTimer timer_("gather_qmm");
     const int64_t T = r.experts.rows(), k = r.k, K = x.cols(), N = w.rows;
     ZMLX_CHECK(K == w.cols, "{}: input has {} features, experts expect {}", w.name, K, w.cols);
     const bool per_slot = x.rows() == T * k;
@@ -324,6 +364,7 @@ class CpuBackend final : public Backend {
   }
 
   Tensor moe_combine(const Tensor& y, const Routing& r, CombineMode mode) override {
+    OpTimer timer_("moe_combine");
     const int64_t T = r.experts.rows(), k = r.k, D = y.cols();
     Tensor out = alloc(DType::BF16, {T, D});
     const uint16_t* yp = y.ptr<uint16_t>();
@@ -337,6 +378,7 @@ class CpuBackend final : public Backend {
   }
 
   Tensor gather_qmm_swiglu(const Tensor& x, const Weight& gate, const Weight& up, const Routing& r) override {
+    OpTimer timer_("gather_qmm_swiglu");
     const int64_t T = r.experts.rows(), k = r.k, K = x.cols(), I = gate.rows;
     ZMLX_CHECK(x.rows() == T && K == gate.cols && K == up.cols && up.rows == I,
                "{}: gather_qmm_swiglu shape mismatch", gate.name);
@@ -382,6 +424,7 @@ class CpuBackend final : public Backend {
   }
 
   Tensor gather_qmm_combine(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode) override {
+    OpTimer timer_("gather_qmm_combine");
     const int64_t T = r.experts.rows(), k = r.k, I = h.cols(), D = down.rows;
     ZMLX_CHECK(h.rows() == T * k && I == down.cols, "{}: gather_qmm_combine shape mismatch", down.name);
     Tensor out = alloc(DType::BF16, {T, D});
@@ -433,6 +476,7 @@ class CpuBackend final : public Backend {
   }
 
   Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) override {
+    OpTimer timer_("linear_swiglu");
     const int64_t T = x.rows(), K = x.cols(), I = gate.rows;
     ZMLX_CHECK(K == gate.cols && K == up.cols && up.rows == I, "{}: linear_swiglu shape mismatch", gate.name);
     PreparedRows px;
