@@ -34,7 +34,7 @@ ojson read_json_file(const std::string& path, const char* what) {
 }
 
 int run_template(const TemplateOptions& o) {
-  auto tok = zmlx::text::Tokenizer::from_dir(zmlx::io::resolve_model_path(o.model));
+  auto tok = zmlx::text::Tokenizer::from_dir(zmlx::io::resolve_tokenizer_path(o.model));
   ojson messages = read_json_file(o.messages, "--messages");
   ZMLX_CHECK(messages.is_array(), "--messages file {}: expected a JSON array of messages", o.messages);
   ojson extra = ojson::object();

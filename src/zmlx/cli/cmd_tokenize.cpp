@@ -45,7 +45,7 @@ int run_tokenize(const TokenizeOptions& o, bool have_text) {
   }
   int sources = int(have_text) + int(!o.file.empty()) + int(!o.jsonl.empty());
   ZMLX_CHECK(sources == 1, "tokenize: give exactly one of --text, --file, --jsonl");
-  auto tok = zmlx::text::Tokenizer::from_dir(zmlx::io::resolve_model_path(o.model));
+  auto tok = zmlx::text::Tokenizer::from_dir(zmlx::io::resolve_tokenizer_path(o.model));
   if (!o.jsonl.empty()) {
     std::ifstream in(o.jsonl, std::ios::binary);
     ZMLX_CHECK(in.good(), "cannot open {}", o.jsonl);

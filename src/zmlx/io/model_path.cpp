@@ -150,4 +150,11 @@ std::vector<CachedModel> list_cached_models() {
   return out;
 }
 
+std::string resolve_tokenizer_path(const std::string& arg) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(arg, ec) && fs::exists(fs::path(arg) / "tokenizer.json", ec)) return arg;
+  return resolve_model_path(arg);
+}
+
 }  // namespace zmlx::io

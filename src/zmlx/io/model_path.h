@@ -12,6 +12,10 @@ namespace zmlx::io {
 // place it looked when nothing is found.
 std::string resolve_model_path(const std::string& arg);
 
+// Like resolve_model_path, but a directory holding only tokenizer files
+// (tokenizer.json, no config.json) is accepted as is: for the text commands.
+std::string resolve_tokenizer_path(const std::string& arg);
+
 // The hub directory searched for repo ids, with huggingface_hub's precedence:
 // $HF_HUB_CACHE, $HF_HOME/hub, $XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub.
 std::string hf_hub_dir();

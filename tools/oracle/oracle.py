@@ -1,0 +1,911 @@
+#!/usr/bin/env python3
+"""External-truth check: zmlx (CPU) against Hugging Face transformers on a small random Qwen3-MoE.
+
+What it does (default mode, needs torch + transformers, a GPU if there is one):
+  1. builds a small random-init Qwen3MoeForCausalLM (fixed seed, re-initialised with a larger scale so
+     the logits are not flat), casts it to bf16 and save_pretrained()s it (safetensors);
+  2. converts it with the zmlx binary twice: --dtype bf16 and --bits 4 --group-size 64;
+  3. reads the converted MLX safetensors back (U32 LSB-first packed weights, bf16 scales/biases,
+     w = bf16(fp32(scale*q + bias))), unstacks switch_mlp into the layout the transformers model holds
+     in memory (found at run time from model.state_dict()), and checks that the bf16 conversion
+     reproduces every original weight bit for bit;
+  4. runs the same prompts (random token ids, teacher forced) through
+       - transformers in bf16 (eager attention, no_grad) with those weights  -> the reference,
+       - transformers in fp32 with the same (bf16-valued) weights            -> noise floor of bf16 itself,
+       - transformers in bf16 with router probabilities rounded to bf16 before top-k (as MLX/zmlx do),
+       - a float64 NumPy forward with MLX semantics                          -> independent cross-check,
+       - zmlx logits on the CPU: one pass, --chunk 16 (KV cache) and --chunk 1 (decode path);
+  5. prints a table, writes results.json (and logits.npz) and exits 1 if a bar fails.
+
+Bars (both the bf16 and the 4-bit conversion, zmlx one pass against transformers bf16):
+  - relative L2 error ||z - h|| / ||h|| over all [T, V] logits <= 1e-2 for EVERY prompt;
+  - argmax agreement >= 99% over all positions of all prompts together (per prompt is reported too;
+    with 64 positions a prompt, 99% per prompt would mean no mismatch at all);
+  - zmlx --chunk 16 equals the one-pass logits exactly (every prompt, both conversions);
+  - the bf16 conversion reproduces every weight of the transformers model exactly;
+  - the converted directories load in zmlx as written (if not, config.json is patched so the numeric
+    checks still run, and the bar fails).
+
+--selftest: no torch needed; the checkpoint is written by NumPy in the Hugging Face per-expert layout and
+the float64 NumPy forward is the reference. Used to develop the tool on a machine without a GPU.
+
+Usage:
+  python3 tools/oracle/oracle.py --zmlx build/zmlx --out /tmp/oracle_out
+  python3 tools/oracle/oracle.py --zmlx build/zmlx --out /tmp/oracle_out --selftest
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------
+# bf16 helpers (NumPy has no bfloat16: keep the 16 bits in uint16, compute in float32/float64)
+
+
+def bf16_bits_to_f32(u16: np.ndarray) -> np.ndarray:
+    return (np.ascontiguousarray(u16, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round to nearest even, like torch's / MLX's float32 -> bfloat16 cast (inputs are finite)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    return bf16_bits_to_f32(f32_to_bf16_bits(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors with NumPy only
+
+_ST_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
+              "U32": np.uint32, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "I8": np.int8}
+
+
+def st_header(path: str) -> dict:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n))
+
+
+def st_read(path: str) -> dict:
+    """name -> (dtype string, raw numpy array with the stored bits)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        base = 8 + n
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            a, b = info["data_offsets"]
+            f.seek(base + a)
+            buf = f.read(b - a)
+            arr = np.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+            out[name] = (info["dtype"], arr)
+        return out
+
+
+def st_write(path: str, tensors: dict, metadata: dict | None = None) -> None:
+    """tensors: name -> (dtype string, numpy array holding exactly those bits)."""
+    header, blobs, off = {}, [], 0
+    for name in sorted(tensors):
+        dt, arr = tensors[name]
+        raw = np.ascontiguousarray(arr).tobytes()
+        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    if metadata:
+        header["__metadata__"] = metadata
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for b in blobs:
+            f.write(b)
+
+
+def safetensors_files(d: str) -> list:
+    idx = os.path.join(d, "model.safetensors.index.json")
+    if os.path.exists(idx):
+        wm = json.load(open(idx))["weight_map"]
+        return sorted({os.path.join(d, f) for f in wm.values()})
+    return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------
+# MLX checkpoint -> logical float32 weights (bf16-valued)
+
+
+def dequantize(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> np.ndarray:
+    """MLX affine: element c of a row is bits [bits*(c % per), ...) of word c // per (LSB first);
+    w = scale * q + bias in float32 (the caller rounds to bf16)."""
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint32) * bits).astype(np.uint32)
+    q = (wq[..., None] >> shifts) & np.uint32((1 << bits) - 1)
+    q = q.reshape(*wq.shape[:-1], wq.shape[-1] * per).astype(np.float32)
+    G = scales.shape[-1]
+    C = q.shape[-1]
+    assert C % G == 0, (q.shape, scales.shape)
+    gs = C // G
+    w = q.reshape(*q.shape[:-1], G, gs) * scales[..., None] + biases[..., None]
+    return w.reshape(q.shape).astype(np.float32)
+
+
+def load_mlx(d: str) -> tuple:
+    """Returns (weights: name -> float32 array of bf16 values, info: name -> {"bits", "group_size"} for
+    quantized tensors). Quantized modules are dequantized as bf16(fp32(scale * q + bias))."""
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    qcfg = cfg.get("quantization") or {}
+    raw = {}
+    for f in safetensors_files(d):
+        raw.update(st_read(f))
+    out, info = {}, {}
+    for name, (dt, arr) in raw.items():
+        if name.endswith(".scales") or name.endswith(".biases"):
+            continue
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module is not None and module + ".scales" in raw:
+            ov = qcfg.get(module) if isinstance(qcfg.get(module), dict) else {}
+            bits = int(ov.get("bits", qcfg.get("bits", 4)))
+            gs_cfg = int(ov.get("group_size", qcfg.get("group_size", 64)))
+            assert dt == "U32", (name, dt)
+            sdt, s = raw[module + ".scales"]
+            bdt, b = raw[module + ".biases"]
+            s = bf16_bits_to_f32(s) if sdt == "BF16" else s.astype(np.float32)
+            b = bf16_bits_to_f32(b) if bdt == "BF16" else b.astype(np.float32)
+            cols = arr.shape[-1] * 32 // bits
+            gs = cols // s.shape[-1]
+            assert gs == gs_cfg, f"{name}: group size {gs} from shapes, {gs_cfg} from config.json"
+            out[name] = bf16_round(dequantize(arr, s, b, bits))
+            info[name] = {"bits": bits, "group_size": gs}
+        elif dt == "BF16":
+            out[name] = bf16_bits_to_f32(arr)
+        else:
+            out[name] = arr.astype(np.float32)
+    return out, info
+
+
+# ----------------------------------------------------------------------------------------------
+# MLX names <-> the Hugging Face model's names (per-expert or fused experts, found from its keys)
+
+_FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(\.weight)?$")
+_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def mlx_to_hf(mlx: dict, hf_shapes: dict) -> tuple:
+    """Builds every tensor of the HF model (hf_shapes: name -> shape) from the MLX weights.
+    Returns (weights, notes). Raises on a missing tensor or a shape no layout explains."""
+    out, notes, used = {}, [], set()
+
+    def sw(layer, proj):
+        n = f"model.layers.{layer}.mlp.switch_mlp.{proj}.weight"
+        used.add(n)
+        return mlx[n]
+
+    for name, shape in hf_shapes.items():
+        shape = tuple(shape)
+        if name in mlx:
+            assert tuple(mlx[name].shape) == shape, f"{name}: MLX {mlx[name].shape}, HF {shape}"
+            out[name] = mlx[name]
+            used.add(name)
+            continue
+        m = _FUSED.match(name)
+        if m:
+            layer, kind = int(m.group(1)), m.group(2)
+            if kind == "gate_up_proj":
+                g, u = sw(layer, "gate_proj"), sw(layer, "up_proj")  # [E, I, D]
+                E, I, D = g.shape
+                a = np.concatenate([g, u], axis=1)  # [E, 2I, D]: rows 0..I-1 gate, I..2I-1 up
+                if shape == (E, 2 * I, D):
+                    if 2 * I == D:
+                        notes.append(f"{name}: [E, 2I, D] assumed (2I == D); checked against the original")
+                    out[name] = a
+                elif shape == (E, D, 2 * I):
+                    out[name] = np.ascontiguousarray(a.transpose(0, 2, 1))
+                    notes.append(f"{name}: stored [E, D, 2I]")
+                else:
+                    raise ValueError(f"{name}: HF shape {shape} fits neither [E,2I,D] nor [E,D,2I] with "
+                                     f"gate {g.shape}")
+            else:
+                dn = sw(layer, "down_proj")  # [E, D, I]
+                E, D, I = dn.shape
+                if shape == (E, D, I):
+                    if D == I:
+                        notes.append(f"{name}: [E, D, I] assumed (D == I); checked against the original")
+                    out[name] = dn
+                elif shape == (E, I, D):
+                    out[name] = np.ascontiguousarray(dn.transpose(0, 2, 1))
+                    notes.append(f"{name}: stored [E, I, D]")
+                else:
+                    raise ValueError(f"{name}: HF shape {shape} fits neither [E,D,I] nor [E,I,D]")
+            continue
+        m = _PER_EXPERT.match(name)
+        if m:
+            layer, e, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+            a = sw(layer, proj)[e]
+            assert tuple(a.shape) == shape, f"{name}: MLX expert {a.shape}, HF {shape}"
+            out[name] = a
+            continue
+        raise KeyError(f"HF tensor {name} {shape}: no MLX tensor for it")
+    unused = sorted(set(mlx) - used)
+    if unused:
+        raise KeyError(f"MLX tensors not used by the HF model: {unused[:5]} ({len(unused)})")
+    return out, notes
+
+
+# ----------------------------------------------------------------------------------------------
+# Float64 NumPy forward with MLX semantics (MLX naming), an independent cross-check
+
+
+def np_forward(W: dict, cfg: dict, ids: list, bf16: bool = False) -> np.ndarray:
+    """float64 math; bf16=True rounds to bf16 where MLX does (spec 0.3/0.4/1.2): after every linear,
+    norm, RoPE, attention output, residual add, router probabilities, SwiGLU and expert combine."""
+    D = cfg["hidden_size"]
+    H, Hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or D // H
+    k_top = cfg["num_experts_per_tok"]
+    E = cfg.get("num_experts", cfg.get("num_local_experts"))
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    norm_topk = cfg.get("norm_topk_prob", True)
+    f = lambda n: W[n].astype(np.float64)  # noqa: E731
+    R = (lambda x: bf16_round(np.asarray(x, dtype=np.float32)).astype(np.float64)) if bf16 else (lambda x: x)  # noqa: E731
+    T = len(ids)
+    h = f("model.embed_tokens.weight")[np.asarray(ids)]
+    inv = (1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))).astype(np.float32 if bf16 else np.float64)
+    ang = np.arange(T, dtype=inv.dtype)[:, None] * inv[None, :]
+    cos, sin = np.cos(ang)[:, None, :].astype(np.float64), np.sin(ang)[:, None, :].astype(np.float64)
+
+    def rms(x, w):  # MLX: w * bf16(x * rsqrt(mean(x^2) + eps)), the product rounded again
+        return R(w * R(x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)))
+
+    def rope(x):
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return R(np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1))
+
+    def lin(x, w):
+        return R(x @ w.T)
+
+    mask = np.triu(np.ones((T, T), dtype=bool), 1)
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        a = rms(h, f(p + "input_layernorm.weight"))
+        q = rope(rms(lin(a, f(p + "self_attn.q_proj.weight")).reshape(T, H, hd), f(p + "self_attn.q_norm.weight")))
+        kk = rope(rms(lin(a, f(p + "self_attn.k_proj.weight")).reshape(T, Hkv, hd), f(p + "self_attn.k_norm.weight")))
+        vv = lin(a, f(p + "self_attn.v_proj.weight")).reshape(T, Hkv, hd)
+        kk, vv = np.repeat(kk, H // Hkv, axis=1), np.repeat(vv, H // Hkv, axis=1)  # head h -> kv h // rep
+        s = np.einsum("thd,shd->hts", q, kk) * hd ** -0.5
+        s[:, mask] = -np.inf
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = R(np.einsum("hts,shd->thd", s, vv).reshape(T, H * hd))
+        h = R(h + lin(o, f(p + "self_attn.o_proj.weight")))
+        a = rms(h, f(p + "post_attention_layernorm.weight"))
+        r = lin(a, f(p + "mlp.gate.weight"))
+        r = np.exp(r - r.max(-1, keepdims=True))
+        r = R(r / r.sum(-1, keepdims=True))
+        top = np.argsort(-r, axis=-1, kind="stable")[:, :k_top]
+        sc = np.take_along_axis(r, top, axis=-1)
+        if norm_topk:
+            sc = R(sc / R(sc.sum(-1, keepdims=True)))
+        Wg, Wu, Wd = (f(p + f"mlp.switch_mlp.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj"))
+        y = np.zeros_like(h)
+        for e in range(E):
+            rows, slot = np.nonzero(top == e)
+            if rows.size == 0:
+                continue
+            x = a[rows]
+            g, u = lin(x, Wg[e]), lin(x, Wu[e])
+            y[rows] += R(sc[rows, slot][:, None] * lin(R(R(g / (1 + np.exp(-g))) * u), Wd[e]))
+        h = R(h + R(y))
+    return lin(rms(h, f("model.norm.weight")), f("lm_head.weight"))
+
+
+# ----------------------------------------------------------------------------------------------
+# comparisons
+
+
+def compare(z: np.ndarray, ref: np.ndarray) -> dict:
+    z, ref = z.astype(np.float64), ref.astype(np.float64)
+    d = z - ref
+    am_z, am_r = z.argmax(-1), ref.argmax(-1)
+    return {"rel_l2": float(np.linalg.norm(d) / np.linalg.norm(ref)),
+            "argmax_agree": float((am_z == am_r).mean()),
+            "argmax_mismatches": int((am_z != am_r).sum()),
+            "positions": int(z.shape[0]),
+            "max_abs": float(np.abs(d).max()),
+            "ref_logit_std": float(ref.std())}
+
+
+def mismatch_details(z: np.ndarray, ref: np.ndarray, others: dict, prompt: int) -> list:
+    """For each argmax mismatch: the reference's top-2 and gap, and zmlx's and other references' view."""
+    out = []
+    am_z, am_r = z.argmax(-1), ref.argmax(-1)
+    for t in np.nonzero(am_z != am_r)[0]:
+        r2 = np.argsort(-ref[t])[:2]
+        row = {"prompt": prompt, "pos": int(t), "ref_top1": int(r2[0]), "ref_top2": int(r2[1]),
+               "ref_gap": float(ref[t, r2[0]] - ref[t, r2[1]]), "zmlx_top1": int(am_z[t]),
+               "zmlx_gap_ref_top1_minus_zmlx_top1": float(z[t, am_r[t]] - z[t, am_z[t]])}
+        for k, o in others.items():
+            row[f"{k}_top1"] = int(o[t].argmax())
+        out.append(row)
+    return out
+
+
+def aggregate(zs: list, refs: list) -> dict:
+    z = np.concatenate([a.astype(np.float64) for a in zs])
+    r = np.concatenate([a.astype(np.float64) for a in refs])
+    return compare(z, r)
+
+
+# ----------------------------------------------------------------------------------------------
+# zmlx
+
+
+def run(cmd: list, log: list, check=True) -> subprocess.CompletedProcess:
+    t0 = time.time()
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log.append({"cmd": " ".join(cmd) if len(" ".join(cmd)) < 400 else " ".join(cmd)[:400] + " ...",
+                "rc": p.returncode, "s": round(time.time() - t0, 3),
+                "stdout": p.stdout[-2000:], "stderr": p.stderr[-2000:]})
+    if check and p.returncode != 0:
+        raise RuntimeError(f"command failed ({p.returncode}): {' '.join(cmd)[:300]}\n{p.stdout[-2000:]}\n"
+                           f"{p.stderr[-3000:]}")
+    return p
+
+
+def zmlx_logits(zmlx: str, model: str, ids: list, out_npy: str, chunk: int, log: list, backend="cpu"):
+    cmd = [zmlx, "logits", model, "--ids", ",".join(str(i) for i in ids), "--out", out_npy,
+           "--backend", backend]
+    if chunk:
+        cmd += ["--chunk", str(chunk)]
+    run(cmd, log)
+    a = np.load(out_npy)
+    assert a.shape == (len(ids), a.shape[1]) and a.dtype == np.float32, (a.shape, a.dtype)
+    return a
+
+
+def check_loads(zmlx: str, model: str, ids: list, work: str, log: list) -> dict:
+    """Does the converted directory load in zmlx as written? If not and the cause is the experts count
+    key, add num_experts to config.json so the numeric checks can still run (and say so)."""
+    res = {"dir": model, "loads_as_written": True, "patched_config": None, "error": None}
+    p = run([zmlx, "logits", model, "--ids", ",".join(str(i) for i in ids[:4]), "--out",
+             os.path.join(work, "load_probe.npy"), "--backend", "cpu"], log, check=False)
+    if p.returncode == 0:
+        return res
+    res["loads_as_written"] = False
+    res["error"] = (p.stderr or p.stdout).strip()[-1000:]
+    cpath = os.path.join(model, "config.json")
+    cfg = json.load(open(cpath))
+    if "num_experts" not in cfg and "num_local_experts" in cfg:
+        cfg["num_experts"] = cfg["num_local_experts"]
+        json.dump(cfg, open(cpath, "w"), indent=4)
+        res["patched_config"] = "added num_experts = num_local_experts"
+        run([zmlx, "logits", model, "--ids", ",".join(str(i) for i in ids[:4]), "--out",
+             os.path.join(work, "load_probe.npy"), "--backend", "cpu"], log)
+    else:
+        raise RuntimeError(f"zmlx cannot load {model}: {res['error']}")
+    return res
+
+
+MUTATIONS = ("rope_theta_1e4", "swap_experts_0_1_layer_1", "q_norm_ones_layer_0")
+
+
+def mutate_dir(src: str, dst: str, kind: str) -> None:
+    """A copy of a converted (bf16) directory with one deliberate defect, to show the oracle would see it."""
+    shutil.copytree(src, dst)
+    if kind == "rope_theta_1e4":
+        cpath = os.path.join(dst, "config.json")
+        c = json.load(open(cpath))
+        if "rope_theta" in c:
+            c["rope_theta"] = 1e4
+        if isinstance(c.get("rope_parameters"), dict):
+            c["rope_parameters"]["rope_theta"] = 1e4
+        json.dump(c, open(cpath, "w"), indent=4)
+        return
+    hit = False
+    for f in safetensors_files(dst):
+        raw = st_read(f)
+        changed = False
+        for name in list(raw):
+            dt, a = raw[name]
+            if kind == "swap_experts_0_1_layer_1" and name.startswith("model.layers.1.mlp.switch_mlp."):
+                a = a.copy()
+                a[[0, 1]] = a[[1, 0]]
+                raw[name], changed = (dt, a), True
+            elif kind == "q_norm_ones_layer_0" and name == "model.layers.0.self_attn.q_norm.weight":
+                raw[name], changed = (dt, f32_to_bf16_bits(np.ones(a.shape, np.float32))), True
+        if changed:
+            st_write(f, raw, {"format": "mlx"})
+            hit = True
+    assert hit, f"mutation {kind}: no tensor found"
+
+
+# ----------------------------------------------------------------------------------------------
+# model configuration
+
+
+def model_config(args) -> dict:
+    return dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                moe_intermediate_size=args.moe_inter, num_hidden_layers=args.layers,
+                num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
+                num_experts=args.experts, num_experts_per_tok=args.top_k, norm_topk_prob=True,
+                rms_norm_eps=1e-6, max_position_embeddings=4096, tie_word_embeddings=False,
+                decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False, hidden_act="silu",
+                initializer_range=args.init_std)
+
+
+def init_value(name: str, shape: tuple, rng_normal, args):
+    """Weights of the random model: norms 1 + jitter (so a '1 + w' or an ignored norm weight shows), the
+    embedding N(0, embed_std), lm_head N(0, lm_head_std) (logits not flat: std ~ lm_head_std * sqrt(hidden)),
+    every other matrix N(0, init_std). A larger init_std makes the random network chaotic: bf16 rounding
+    alone then moves the logits by several percent (measured with the NumPy forward: init_std 0.1 -> 2-3%
+    bf16-vs-float64), which would drown any real difference."""
+    if len(shape) == 1:
+        return 1.0 + args.norm_jitter * rng_normal(shape)
+    if "embed_tokens" in name:
+        return args.embed_std * rng_normal(shape)
+    if "lm_head" in name:
+        return args.lm_head_std * rng_normal(shape)
+    return args.init_std * rng_normal(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# the Hugging Face side
+
+
+class HF:
+    def __init__(self, args, work: str, results: dict):
+        import torch
+        import transformers
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        self.torch, self.tf = torch, transformers
+        self.Config, self.Model = Qwen3MoeConfig, Qwen3MoeForCausalLM
+        self.args, self.work, self.results = args, work, results
+        self.device = "cuda" if torch.cuda.is_available() and not args.hf_cpu else "cpu"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        with contextlib.suppress(Exception):
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        env = results["env"]
+        env["torch"] = torch.__version__
+        env["transformers"] = transformers.__version__
+        env["hf_device"] = self.device
+        if self.device == "cuda":
+            env["gpu"] = torch.cuda.get_device_name(0)
+        env["hf_settings"] = {"allow_tf32": False, "allow_bf16_reduced_precision_reduction": False,
+                              "attn_implementation": "eager"}
+
+    def build_and_save(self, hf_dir: str) -> tuple:
+        torch, args = self.torch, self.args
+        kw = model_config(args)
+        rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+        try:
+            cfg = self.Config(**kw, rope_parameters=rope)
+        except TypeError:
+            cfg = self.Config(**kw, rope_theta=args.rope_theta)
+        with contextlib.suppress(Exception):
+            cfg._attn_implementation = "eager"
+        torch.manual_seed(args.seed)
+        model = self.Model(cfg)
+        with contextlib.suppress(Exception):
+            model.set_attn_implementation("eager")
+        gen = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            for name, p in sorted(model.named_parameters()):
+                v = init_value(name, tuple(p.shape), lambda s: torch.randn(s, generator=gen), args)
+                p.copy_(v.to(p.dtype))
+        model = model.to(torch.bfloat16).eval()
+        model.save_pretrained(hf_dir)
+        sd = model.state_dict()
+        orig = {k: v.float().cpu().numpy() for k, v in sd.items()}
+        shapes = {k: list(v.shape) for k, v in sd.items()}
+        saved = {}
+        for f in safetensors_files(hf_dir):
+            for k, v in st_header(f).items():
+                if k != "__metadata__":
+                    saved[k] = (v["dtype"], v["shape"])
+        saved_cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+        self.results["hf_checkpoint"] = {
+            "files": sorted(os.listdir(hf_dir)), "config": saved_cfg, "saved_tensors": len(saved),
+            "saved_dtypes": sorted({d for d, _ in saved.values()}),
+            "saved_expert_keys_sample": sorted(k for k in saved if ".experts." in k)[:4],
+            "in_memory_state_dict_keys": len(shapes),
+            "in_memory_expert_keys": {k: s for k, s in shapes.items() if ".experts." in k and ".layers.0." in k
+                                      and not _PER_EXPERT.match(k)} or "per-expert modules",
+            "experts_implementation": str(getattr(model.config, "_experts_implementation", None)),
+            "attn_implementation": str(getattr(model.config, "_attn_implementation", None)),
+        }
+        del model
+        return orig, shapes
+
+    def load(self, hf_dir: str, dtype):
+        torch = self.torch
+        try:
+            m = self.Model.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager")
+        except TypeError:
+            m = self.Model.from_pretrained(hf_dir, torch_dtype=dtype, attn_implementation="eager")
+        m = m.to(self.device).eval()
+        # RoPE frequencies must stay float32 (a model-wide .to(bf16) would round them); make sure.
+        notes = []
+        for mod in m.modules():
+            if hasattr(mod, "inv_freq") and isinstance(mod.inv_freq, torch.Tensor):
+                if mod.inv_freq.dtype != torch.float32:
+                    notes.append(f"{type(mod).__name__}.inv_freq was {mod.inv_freq.dtype}; recomputed in fp32")
+                    inv, _ = mod.rope_init_fn(mod.config, self.device)
+                    mod.inv_freq = inv.float().to(self.device)
+                    mod.original_inv_freq = mod.inv_freq
+                hd = self.args.head_dim
+                expect = 1.0 / (self.args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+                if tuple(mod.inv_freq.shape) != tuple(expect.shape):
+                    notes.append(f"{type(mod).__name__}.inv_freq has shape {tuple(mod.inv_freq.shape)}")
+                    continue
+                err = float((mod.inv_freq.double().cpu() - expect).abs().max())
+                if err > 1e-6:
+                    notes.append(f"MISMATCH: {type(mod).__name__}.inv_freq differs from rope_theta "
+                                 f"{self.args.rope_theta} by {err}")
+        return m, notes
+
+    def logits(self, model, weights: dict, dtype, prompts: list, router_bf16=False) -> tuple:
+        torch = self.torch
+        sd = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype) for k, v in weights.items()}
+        model.load_state_dict(sd, strict=True)
+        calls = {"n": 0}
+        F = torch.nn.functional
+        orig_softmax = F.softmax
+        E = self.args.experts
+
+        def softmax_bf16_router(x, *a, **kw):
+            y = orig_softmax(x, *a, **kw)
+            if x.dim() == 2 and x.shape[-1] == E and y.dtype == torch.float32:
+                calls["n"] += 1
+                return y.to(torch.bfloat16).float()
+            return y
+
+        outs = []
+        with torch.no_grad():
+            if router_bf16:
+                F.softmax = softmax_bf16_router
+            try:
+                for ids in prompts:
+                    t = torch.tensor([ids], dtype=torch.long, device=self.device)
+                    out = model(input_ids=t, use_cache=False).logits
+                    outs.append(out[0].float().cpu().numpy())
+            finally:
+                F.softmax = orig_softmax
+        return outs, calls["n"]
+
+
+# ----------------------------------------------------------------------------------------------
+# self-test checkpoint (NumPy only, Hugging Face per-expert layout, as transformers 5.17 saves it)
+
+
+def write_numpy_checkpoint(args, hf_dir: str) -> tuple:
+    os.makedirs(hf_dir, exist_ok=True)
+    kw = model_config(args)
+    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "dtype": "bfloat16",
+           "rope_parameters": {"rope_theta": args.rope_theta, "rope_type": "default"}, **kw}
+    cfg["num_local_experts"] = cfg.pop("num_experts")  # what transformers 5.17's save_pretrained writes
+    json.dump(cfg, open(os.path.join(hf_dir, "config.json"), "w"), indent=2)
+    rng = np.random.default_rng(args.seed)
+    D, I, E, V = args.hidden, args.moe_inter, args.experts, args.vocab
+    H, Hkv, hd = args.heads, args.kv_heads, args.head_dim
+    shapes = {"model.embed_tokens.weight": (V, D), "lm_head.weight": (V, D), "model.norm.weight": (D,)}
+    for l in range(args.layers):
+        p = f"model.layers.{l}."
+        shapes.update({p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+                       p + "self_attn.q_proj.weight": (H * hd, D), p + "self_attn.k_proj.weight": (Hkv * hd, D),
+                       p + "self_attn.v_proj.weight": (Hkv * hd, D), p + "self_attn.o_proj.weight": (D, H * hd),
+                       p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+                       p + "mlp.gate.weight": (E, D)})
+        for e in range(E):
+            shapes.update({p + f"mlp.experts.{e}.gate_proj.weight": (I, D),
+                           p + f"mlp.experts.{e}.up_proj.weight": (I, D),
+                           p + f"mlp.experts.{e}.down_proj.weight": (D, I)})
+    tensors, orig = {}, {}
+    for name in sorted(shapes):
+        v = init_value(name, shapes[name], lambda s: rng.standard_normal(s), args).astype(np.float32)
+        bits = f32_to_bf16_bits(v)
+        tensors[name] = ("BF16", bits)
+        orig[name] = bf16_bits_to_f32(bits)
+    st_write(os.path.join(hf_dir, "model.safetensors"), tensors, {"format": "pt"})
+    return orig, {k: list(v) for k, v in shapes.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def fmt_row(cols, widths):
+    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cols, widths)))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zmlx", default="build/zmlx", help="zmlx binary")
+    ap.add_argument("--out", required=True, help="folder for results.json and logits.npz")
+    ap.add_argument("--work", help="work folder (default: a temporary one, removed afterwards)")
+    ap.add_argument("--selftest", action="store_true", help="no torch: NumPy checkpoint, NumPy reference")
+    ap.add_argument("--hf-cpu", action="store_true", help="run transformers on the CPU even with a GPU")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--moe-inter", type=int, default=128)
+    ap.add_argument("--rope-theta", type=float, default=1e6)
+    ap.add_argument("--init-std", type=float, default=0.02, help="std of the attention/router/expert matrices")
+    ap.add_argument("--embed-std", type=float, default=0.3)
+    ap.add_argument("--lm-head-std", type=float, default=0.1)
+    ap.add_argument("--norm-jitter", type=float, default=0.1)
+    ap.add_argument("--rel-l2-bar", type=float, default=1e-2)
+    ap.add_argument("--argmax-bar", type=float, default=0.99)
+    args = ap.parse_args()
+
+    os.makedirs(args.out, exist_ok=True)
+    work = args.work or tempfile.mkdtemp(prefix="zmlx_oracle_")
+    os.makedirs(work, exist_ok=True)
+    zmlx = os.path.abspath(args.zmlx)
+    log: list = []
+    cpu = ""
+    with contextlib.suppress(Exception):
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    results = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mode": "selftest" if args.selftest else "transformers",
+        "env": {"python": platform.python_version(), "numpy": np.__version__, "cpu": cpu,
+                "cpus": os.cpu_count(), "zmlx": ""},
+        "model_config": model_config(args) | {"rope_theta": args.rope_theta, "embed_std": args.embed_std,
+                                              "lm_head_std": args.lm_head_std,
+                                              "norm_jitter": args.norm_jitter, "seed": args.seed},
+        "bars": {"rel_l2_max_per_prompt": args.rel_l2_bar, "argmax_agree_min_over_all_positions":
+                 args.argmax_bar, "chunked_equals_one_pass": "exact"},
+        "checks": {}, "comparisons": {}, "commands": log,
+    }
+    failures, t_start = [], time.time()
+    npz, main_refs = {}, {}
+    try:
+        results["env"]["zmlx"] = run([zmlx, "--version"], log).stdout.strip()
+        hf_dir = os.path.join(work, "hf")
+        hf = None
+        if args.selftest:
+            orig, hf_shapes = write_numpy_checkpoint(args, hf_dir)
+        else:
+            hf = HF(args, work, results)
+            orig, hf_shapes = hf.build_and_save(hf_dir)
+        print(f"[oracle] checkpoint written to {hf_dir} ({len(hf_shapes)} tensors in memory)", flush=True)
+
+        dirs = {"bf16": os.path.join(work, "mlx_bf16"), "q4": os.path.join(work, "mlx_q4")}
+        run([zmlx, "convert", hf_dir, dirs["bf16"], "--dtype", "bf16"], log)
+        run([zmlx, "convert", hf_dir, dirs["q4"], "--bits", "4", "--group-size", "64"], log)
+
+        rng = np.random.default_rng(args.seed + 1)
+        prompts = [rng.integers(0, args.vocab, size=args.seq).tolist() for _ in range(args.prompts)]
+        results["prompts"] = prompts
+
+        loads = {v: check_loads(zmlx, d, prompts[0], work, log) for v, d in dirs.items()}
+        results["checks"]["loads_as_written"] = loads
+        for v, r in loads.items():
+            if not r["loads_as_written"]:
+                failures.append(f"{v}: the converted directory does not load in zmlx as written "
+                                f"({r['error'][:160]}); numeric checks ran after: {r['patched_config']}")
+
+        mlx_cfg = json.load(open(os.path.join(dirs["q4"], "config.json")))
+        weights = {}
+        for v, d in dirs.items():
+            mlx, qinfo = load_mlx(d)
+            hfw, notes = mlx_to_hf(mlx, hf_shapes)
+            weights[v] = (mlx, hfw)
+            chk = {"mapping_notes": notes, "quantized_tensors": len(qinfo)}
+            if v == "bf16":
+                diff = [k for k in orig if not np.array_equal(orig[k], hfw[k])]
+                chk["tensors_not_bit_exact"] = diff[:10]
+                chk["n_not_bit_exact"] = len(diff)
+                if diff:
+                    failures.append(f"bf16 conversion changed {len(diff)} weights, e.g. {diff[:3]}")
+            else:
+                rel = {k: float(np.linalg.norm(hfw[k] - orig[k]) / max(np.linalg.norm(orig[k]), 1e-30))
+                       for k in orig}
+                worst = max(rel, key=rel.get)
+                chk["dequant_rel_err_max"] = {"tensor": worst, "rel": rel[worst]}
+                chk["dequant_rel_err_median_quantized"] = float(np.median(
+                    [r for k, r in rel.items() if len(hf_shapes[k]) > 1]))
+                chk["unquantized_exact"] = all(np.array_equal(hfw[k], orig[k]) for k in orig
+                                               if len(hf_shapes[k]) == 1)
+                if rel[worst] > 0.25 or not chk["unquantized_exact"]:
+                    failures.append(f"4-bit dequantized weights do not match the originals "
+                                    f"(worst {worst}: rel {rel[worst]:.3f}): layout or packing is off")
+            results["checks"][f"weights_{v}"] = chk
+        print(f"[oracle] weights checked ({time.time() - t_start:.1f}s)", flush=True)
+
+        for v, d in dirs.items():
+            mlx, hfw = weights[v]
+            refs = {}
+            refs["np_f64"] = [np_forward(mlx, mlx_cfg, ids) for ids in prompts]
+            refs["np_bf16"] = [np_forward(mlx, mlx_cfg, ids, bf16=True) for ids in prompts]
+            if hf is not None:
+                m16, n16 = hf.load(hf_dir, hf.torch.bfloat16)
+                refs["hf_bf16"], _ = hf.logits(m16, hfw, hf.torch.bfloat16, prompts)
+                refs["hf_bf16_router_bf16"], ncalls = hf.logits(m16, hfw, hf.torch.bfloat16, prompts,
+                                                                router_bf16=True)
+                results["checks"][f"router_bf16_patch_calls_{v}"] = ncalls
+                if ncalls == 0:
+                    del refs["hf_bf16_router_bf16"]
+                del m16
+                m32, n32 = hf.load(hf_dir, hf.torch.float32)
+                refs["hf_fp32"], _ = hf.logits(m32, hfw, hf.torch.float32, prompts)
+                del m32
+                results["checks"][f"hf_load_notes_{v}"] = n16 + n32
+                for note in n16 + n32:
+                    if note.startswith("MISMATCH"):
+                        failures.append(f"transformers model: {note}")
+            main_ref = "hf_bf16" if hf is not None else "np_f64"
+            z = {"one_pass": [], f"chunk{args.chunk}": [], "chunk1": []}
+            for i, ids in enumerate(prompts):
+                z["one_pass"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}.npy"), 0, log))
+                z[f"chunk{args.chunk}"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}_c.npy"),
+                                                           args.chunk, log))
+                z["chunk1"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}_c1.npy"), 1, log))
+            comp = {"reference": main_ref, "per_prompt": [], "aggregate": {}, "argmax_mismatches": []}
+            for i in range(len(prompts)):
+                row = {"prompt": i}
+                row["zmlx_vs_" + main_ref] = compare(z["one_pass"][i], refs[main_ref][i])
+                for rk, rv in refs.items():
+                    if rk != main_ref:
+                        row["zmlx_vs_" + rk] = compare(z["one_pass"][i], rv[i])
+                if "hf_fp32" in refs:
+                    row["hf_bf16_vs_hf_fp32"] = compare(refs["hf_bf16"][i], refs["hf_fp32"][i])
+                    row["np_f64_vs_hf_fp32"] = compare(refs["np_f64"][i], refs["hf_fp32"][i])
+                if "hf_bf16_router_bf16" in refs:
+                    row["hf_bf16_router_bf16_vs_hf_bf16"] = compare(refs["hf_bf16_router_bf16"][i],
+                                                                    refs["hf_bf16"][i])
+                zc = z[f"chunk{args.chunk}"][i]
+                row[f"chunk{args.chunk}_equals_one_pass"] = bool(np.array_equal(zc, z["one_pass"][i]))
+                row[f"chunk{args.chunk}_max_abs_vs_one_pass"] = float(np.abs(zc - z["one_pass"][i]).max())
+                row["chunk1_equals_one_pass"] = bool(np.array_equal(z["chunk1"][i], z["one_pass"][i]))
+                row["chunk1_max_abs_vs_one_pass"] = float(np.abs(z["chunk1"][i] - z["one_pass"][i]).max())
+                row["zmlx_chunk1_vs_" + main_ref] = compare(z["chunk1"][i], refs[main_ref][i])
+                comp["per_prompt"].append(row)
+                comp["argmax_mismatches"] += mismatch_details(
+                    z["one_pass"][i], refs[main_ref][i],
+                    {k: r[i] for k, r in refs.items() if k != main_ref}, i)
+            comp["aggregate"]["zmlx_vs_" + main_ref] = aggregate(z["one_pass"], refs[main_ref])
+            for rk, rv in refs.items():
+                if rk != main_ref:
+                    comp["aggregate"]["zmlx_vs_" + rk] = aggregate(z["one_pass"], rv)
+            if "hf_fp32" in refs:
+                comp["aggregate"]["hf_bf16_vs_hf_fp32"] = aggregate(refs["hf_bf16"], refs["hf_fp32"])
+                comp["aggregate"]["np_f64_vs_hf_fp32"] = aggregate(refs["np_f64"], refs["hf_fp32"])
+            if "hf_bf16_router_bf16" in refs:
+                comp["aggregate"]["hf_bf16_router_bf16_vs_hf_bf16"] = aggregate(refs["hf_bf16_router_bf16"],
+                                                                                refs["hf_bf16"])
+            comp["aggregate"]["zmlx_chunk1_vs_" + main_ref] = aggregate(z["chunk1"], refs[main_ref])
+            results["comparisons"][v] = comp
+            for k, arrs in list(refs.items()) + [("zmlx", z["one_pass"])]:
+                npz[f"{v}_{k}"] = np.stack(arrs).astype(np.float32)
+
+            # bars
+            key = "zmlx_vs_" + main_ref
+            for row in comp["per_prompt"]:
+                if not row[key]["rel_l2"] <= args.rel_l2_bar:
+                    failures.append(f"{v} prompt {row['prompt']}: rel L2 {row[key]['rel_l2']:.3e} > "
+                                    f"{args.rel_l2_bar:g} (zmlx vs {main_ref})")
+                if not row[f"chunk{args.chunk}_equals_one_pass"]:
+                    failures.append(f"{v} prompt {row['prompt']}: --chunk {args.chunk} differs from one pass "
+                                    f"(max abs {row[f'chunk{args.chunk}_max_abs_vs_one_pass']:.3e})")
+            agg = comp["aggregate"][key]
+            if not agg["argmax_agree"] >= args.argmax_bar:
+                failures.append(f"{v}: argmax agreement {agg['argmax_agree'] * 100:.2f}% < "
+                                f"{args.argmax_bar * 100:g}% over {agg['positions']} positions (vs {main_ref})")
+            print(f"[oracle] {v} done ({time.time() - t_start:.1f}s)", flush=True)
+            main_refs[v] = refs[main_ref]
+
+        # Sensitivity: the same comparison against deliberately broken copies of the bf16 conversion.
+        sens = {}
+        for kind in MUTATIONS:
+            try:
+                mdir = os.path.join(work, "mut_" + kind)
+                mutate_dir(dirs["bf16"], mdir, kind)
+                zm = zmlx_logits(zmlx, mdir, prompts[0], os.path.join(work, f"mut_{kind}.npy"), 0, log)
+                c = compare(zm, main_refs["bf16"][0])
+                c["detected"] = bool(c["rel_l2"] > args.rel_l2_bar or c["argmax_agree"] < args.argmax_bar)
+                sens[kind] = c
+            except Exception as e:  # noqa: BLE001
+                sens[kind] = {"error": f"{type(e).__name__}: {e}"}
+        results["sensitivity_bf16_prompt0"] = sens
+    except Exception as e:  # noqa: BLE001
+        failures.append(f"error: {type(e).__name__}: {e}")
+        results["traceback"] = traceback.format_exc()
+        print(results["traceback"], file=sys.stderr)
+
+    results["failures"] = failures
+    results["passed"] = not failures
+    results["seconds"] = round(time.time() - t_start, 1)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if npz:
+        np.savez_compressed(os.path.join(args.out, "logits.npz"), **npz)
+    print_table(results, args)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if not failures else 1
+
+
+def print_table(results: dict, args) -> None:
+    env = results["env"]
+    print()
+    print(f"zmlx oracle ({results['mode']}): zmlx {env.get('zmlx')}, transformers {env.get('transformers', '-')},"
+          f" torch {env.get('torch', '-')}, GPU {env.get('gpu', '-')}, CPU {env.get('cpu')}")
+    for v, comp in results.get("comparisons", {}).items():
+        ref = comp["reference"]
+        print(f"\n== {v}: zmlx (CPU, one pass) vs {ref}")
+        hdr = ["prompt", "rel L2", "argmax %", "max |d|", f"chunk{args.chunk}==", "chunk1==", "c1 rel L2"]
+        extra = [k for k in comp["per_prompt"][0] if k.startswith("zmlx_vs_") and k != "zmlx_vs_" + ref]
+        extra += [k for k in ("hf_bf16_vs_hf_fp32", "hf_bf16_router_bf16_vs_hf_bf16") if k in comp["per_prompt"][0]]
+        hdr += [f"{k} relL2/argmax%" for k in extra]
+        w = [max(8, len(h)) for h in hdr]
+        print(fmt_row(hdr, w))
+        rows = comp["per_prompt"] + [None]
+        for row in rows:
+            if row is None:
+                a = comp["aggregate"]
+                m = a["zmlx_vs_" + ref]
+                cols = ["all", f"{m['rel_l2']:.3e}", f"{m['argmax_agree'] * 100:.2f}", f"{m['max_abs']:.3e}", "", "",
+                        f"{a['zmlx_chunk1_vs_' + ref]['rel_l2']:.3e}"]
+                cols += [f"{a[k]['rel_l2']:.2e}/{a[k]['argmax_agree'] * 100:.1f}" for k in extra]
+            else:
+                m = row["zmlx_vs_" + ref]
+                cols = [row["prompt"], f"{m['rel_l2']:.3e}", f"{m['argmax_agree'] * 100:.2f}", f"{m['max_abs']:.3e}",
+                        "yes" if row[f"chunk{args.chunk}_equals_one_pass"] else
+                        f"no {row[f'chunk{args.chunk}_max_abs_vs_one_pass']:.1e}",
+                        "yes" if row["chunk1_equals_one_pass"] else f"no {row['chunk1_max_abs_vs_one_pass']:.1e}",
+                        f"{row['zmlx_chunk1_vs_' + ref]['rel_l2']:.3e}"]
+                cols += [f"{row[k]['rel_l2']:.2e}/{row[k]['argmax_agree'] * 100:.1f}" for k in extra]
+            print(fmt_row(cols, w))
+        for mm in comp["argmax_mismatches"][:10]:
+            print("   argmax mismatch:", json.dumps(mm))
+    print()
+    for k, c in results.get("sensitivity_bf16_prompt0", {}).items():
+        if "error" in c:
+            print(f"sensitivity {k}: error {c['error']}")
+        else:
+            print(f"sensitivity (deliberately broken bf16 copy, prompt 0) {k}: rel L2 {c['rel_l2']:.3e}, "
+                  f"argmax {c['argmax_agree'] * 100:.1f}% -> {'detected' if c['detected'] else 'NOT detected'}")
+    for k, c in results.get("checks", {}).items():
+        if k.startswith("weights_") or k.startswith("loads"):
+            print(f"check {k}: {json.dumps(c)[:400]}")
+    if results["failures"]:
+        print("\nFAIL:")
+        for f in results["failures"]:
+            print("  -", f)
+    else:
+        print("\nPASS: every bar met")
+    print(f"({results['seconds']}s; results in {os.path.join(args.out, 'results.json')})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
