@@ -462,8 +462,9 @@ def init_value(name: str, shape: tuple, rng_normal, args):
         return 1.0 + args.norm_jitter * rng_normal(shape)
     if "embed_tokens" in name:
         return args.embed_std * rng_normal(shape)
-    if "lm_head" in name:
-        return args.lm_head_std * rng_normal(shape)
+    if "lm_head" in name:  # rows of log-normal norm: a few tokens stand out, as in a trained model
+        return args.lm_head_std * rng_normal(shape) * (2.718281828459045 ** (args.lm_head_row_spread *
+                                                                            rng_normal((shape[0], 1))))
     return args.init_std * rng_normal(shape)
 
 
@@ -661,10 +662,13 @@ def main() -> int:
     ap.add_argument("--init-std", type=float, default=0.02, help="std of the attention/router/expert matrices")
     ap.add_argument("--embed-std", type=float, default=0.3)
     ap.add_argument("--lm-head-std", type=float, default=0.1)
+    ap.add_argument("--lm-head-row-spread", type=float, default=0.0, help="sigma of log row norm of lm_head")
     ap.add_argument("--norm-jitter", type=float, default=0.1)
     ap.add_argument("--rel-l2-bar", type=float, default=1e-2)
     ap.add_argument("--argmax-bar", type=float, default=0.99)
     args = ap.parse_args()
+    if args.chunk < 2:
+        ap.error("--chunk must be >= 2 (chunks of 1 token are always run, as the decode path)")
 
     os.makedirs(args.out, exist_ok=True)
     work = args.work or tempfile.mkdtemp(prefix="zmlx_oracle_")
@@ -681,6 +685,7 @@ def main() -> int:
                 "cpus": os.cpu_count(), "zmlx": ""},
         "model_config": model_config(args) | {"rope_theta": args.rope_theta, "embed_std": args.embed_std,
                                               "lm_head_std": args.lm_head_std,
+                                              "lm_head_row_spread": args.lm_head_row_spread,
                                               "norm_jitter": args.norm_jitter, "seed": args.seed},
         "bars": {"rel_l2_max_per_prompt": args.rel_l2_bar, "argmax_agree_min_over_all_positions":
                  args.argmax_bar, "chunked_equals_one_pass": "exact"},
@@ -690,6 +695,8 @@ def main() -> int:
     npz, main_refs = {}, {}
     try:
         results["env"]["zmlx"] = run([zmlx, "--version"], log).stdout.strip()
+        import hashlib
+        results["env"]["zmlx_sha256"] = hashlib.sha256(open(zmlx, "rb").read()).hexdigest()
         hf_dir = os.path.join(work, "hf")
         hf = None
         if args.selftest:

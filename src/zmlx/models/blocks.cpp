@@ -2,6 +2,12 @@
 
 namespace zmlx {
 
+std::vector<Tensor> Backend::linear_multi(const Tensor& x, const std::vector<const Weight*>& w) {
+  std::vector<Tensor> out;
+  for (const Weight* m : w) out.push_back(linear(x, *m));
+  return out;
+}
+
 Tensor SwigluMlp::forward(Backend& be, const Tensor& x) {
   Tensor gate = be.linear(x, gate_proj);
   Tensor up = be.linear(x, up_proj);

@@ -118,9 +118,10 @@ class Qwen3Moe final : public Model {
     for (size_t l = 0; l < layers_.size(); ++l) {
       Layer& L = layers_[l];
       Tensor x = be.rms_norm(h, L.input_layernorm, eps);
-      Tensor q = be.rms_norm(be.linear(x, L.attn.q_proj), L.attn.q_norm, eps);
-      Tensor k = be.rms_norm(be.linear(x, L.attn.k_proj), L.attn.k_norm, eps);
-      Tensor v = be.linear(x, L.attn.v_proj);
+      auto qkv = be.linear_multi(x, {&L.attn.q_proj, &L.attn.k_proj, &L.attn.v_proj});
+      Tensor q = be.rms_norm(qkv[0], L.attn.q_norm, eps);
+      Tensor k = be.rms_norm(qkv[1], L.attn.k_norm, eps);
+      Tensor v = qkv[2];
       be.rope(q, H_, hd_, 0, hd_, pos0, config_.rope_theta, /*traditional=*/false);
       be.rope(k, Hkv_, hd_, 0, hd_, pos0, config_.rope_theta, /*traditional=*/false);
       be.kv_write(cache.kv[l], k, v, pos0);

@@ -53,6 +53,9 @@ class Backend {
   virtual Tensor embed(const Weight& table, const std::vector<int32_t>& ids) = 0;
   // x [T, K] @ W[N, K]ᵀ -> [T, N] bf16.
   virtual Tensor linear(const Tensor& x, const Weight& w) = 0;
+  // Several matrices applied to the same input in one pass (e.g. q/k/v);
+  // each result is exactly linear(x, *w[i]).
+  virtual std::vector<Tensor> linear_multi(const Tensor& x, const std::vector<const Weight*>& w);
   // RMSNorm over consecutive runs of w.numel() elements:
   // y = w * bf16(x * rsqrt(mean(x²) + eps)).
   virtual Tensor rms_norm(const Tensor& x, const Tensor& w, float eps) = 0;

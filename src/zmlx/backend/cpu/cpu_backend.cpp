@@ -159,22 +159,47 @@ class CpuBackend final : public Backend {
 
   Tensor linear(const Tensor& x, const Weight& w) override {
     OpTimer timer_("linear");
-    check_bf16_2d(x, w.name.c_str());
-    const int64_t T = x.rows(), K = x.cols(), N = w.rows;
-    ZMLX_CHECK(K == w.cols, "{}: input has {} features, weight expects {}", w.name, K, w.cols);
-    const MatrixView m = cpu::matrix_view(w);
+    return std::move(linear_many(x, {&w})[0]);
+  }
+
+  std::vector<Tensor> linear_multi(const Tensor& x, const std::vector<const Weight*>& w) override {
+    OpTimer timer_("linear");
+    return linear_many(x, w);
+  }
+
+  // One parallel pass over the row blocks of every matrix in `ws` (x prepared
+  // once); each thread rounds its own rows to bf16.
+  std::vector<Tensor> linear_many(const Tensor& x, const std::vector<const Weight*>& ws) {
+    check_bf16_2d(x, ws[0]->name.c_str());
+    const int64_t T = x.rows(), K = x.cols();
+    unsigned layouts = 0;
+    std::vector<MatrixView> views;
+    std::vector<int64_t> first_block{0};
+    std::vector<Tensor> out;
+    std::vector<std::vector<float>> acc(ws.size());
+    for (const Weight* w : ws) {
+      ZMLX_CHECK(K == w->cols, "{}: input has {} features, weight expects {}", w->name, K, w->cols);
+      views.push_back(cpu::matrix_view(*w));
+      layouts |= cpu::layouts_needed(views.back());
+      first_block.push_back(first_block.back() + (w->rows + kRowBlock - 1) / kRowBlock);
+      out.push_back(alloc(DType::BF16, {T, w->rows}));
+      acc[out.size() - 1].resize(static_cast<size_t>(T * w->rows));
+    }
     PreparedRows px;
-    px.prepare(x.ptr<uint16_t>(), T, K, K, cpu::layouts_needed(m));
-    std::vector<float> acc(static_cast<size_t>(T * N));
-    const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+    px.prepare(x.ptr<uint16_t>(), T, K, K, layouts);
+    const int64_t blocks = first_block.back();
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t r0 = b * kRowBlock, r1 = std::min(N, r0 + kRowBlock);
-      cpu::gemv_rows(m, r0, r1, px, 0, T, acc.data() + r0, N);
+      size_t i = 0;
+      while (b >= first_block[i + 1]) ++i;
+      const int64_t N = ws[i]->rows;
+      const int64_t r0 = (b - first_block[i]) * kRowBlock, r1 = std::min(N, r0 + kRowBlock);
+      float* a = acc[i].data();
+      cpu::gemv_rows(views[i], r0, r1, px, 0, T, a + r0, N);
+      uint16_t* o = out[i].ptr<uint16_t>();
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t r = r0; r < r1; ++r) o[t * N + r] = f32_to_bf16_bits(a[size_t(t * N + r)]);
     }
-    Tensor out = alloc(DType::BF16, {T, N});
-    uint16_t* o = out.ptr<uint16_t>();
-    for (int64_t i = 0; i < T * N; ++i) o[i] = f32_to_bf16_bits(acc[size_t(i)]);
     return out;
   }
 
