@@ -11,7 +11,7 @@ Z=build/zmlx
 MODEL="${ZMLX_MODEL:-models/qwen3-full}"
 P="${PROMPT_TOKENS:-64}"; N="${GEN_TOKENS:-32}"; R="${RUNS:-3}"
 echo "# $(date -u +%F' '%T) UTC  $(lscpu | sed -n 's/^Model name: *//p')  $(nproc) cores"
-/tmp/bw 2>/dev/null || true
+build/read_bandwidth 2>/dev/null || true
 if [[ -n "${LLAMA_BENCH:-}" && -n "${LLAMA_GGUF:-}" ]]; then
   echo "## llama.cpp"; "$LLAMA_BENCH" -m "$LLAMA_GGUF" -t "$(nproc)" -p "$P" -n "$N" -r "$R"
 fi

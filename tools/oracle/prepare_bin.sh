@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Puts build/zmlx and the shared libraries that the GPU machine's image may lack (libfmt, libpcre2-8,
+# libgomp) into tools/oracle/bin/ (git-ignored), so a device `run` can carry that folder:
+#   run(command="export LD_LIBRARY_PATH=$PWD/tools/oracle/bin/lib; python3 tools/oracle/oracle.py \
+#                --zmlx tools/oracle/bin/zmlx --out $OUT --prompts 16", carry=["tools/oracle/bin"])
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+[[ -x build/zmlx ]] || { echo "build/zmlx missing: bash scripts/build.sh zmlx" >&2; exit 1; }
+rm -rf tools/oracle/bin
+mkdir -p tools/oracle/bin/lib
+cp build/zmlx tools/oracle/bin/
+for lib in libfmt libpcre2-8 libgomp; do
+  path=$(ldd build/zmlx | awk -v l="$lib" 'index($1, l ".so") == 1 {print $3}')
+  [[ -n "$path" ]] && cp -L "$path" tools/oracle/bin/lib/
+done
+ls -l tools/oracle/bin tools/oracle/bin/lib
+sha256sum tools/oracle/bin/zmlx
