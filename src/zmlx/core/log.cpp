@@ -28,7 +28,7 @@ void Progress::advance(uint64_t n) {
 void Progress::finish() {
   if (finished_) return;
   finished_ = true;
-  if (tty_ && last_pct_ >= 0) fmt::print(stderr, "\n");
+  if (tty_ && last_pct_ >= 0) fmt::print(stderr, "\r{} [{:=<30}] 100%\n", label_, "");
 }
 
 }  // namespace zmlx

@@ -1,11 +1,15 @@
 #include "zmlx/models/loader.h"
 
+#include <unistd.h>
+
 #include "zmlx/core/error.h"
 
 namespace zmlx {
 
 WeightLoader::WeightLoader(Model& model, std::shared_ptr<io::WeightStore> store, Backend& be)
-    : model_(model), store_(std::move(store)), be_(be) {}
+    : model_(model), store_(std::move(store)), be_(be) {
+  if (isatty(2)) progress_ = std::make_unique<Progress>("[zmlx] loading", store_->total_bytes());
+}
 
 Tensor WeightLoader::view(const io::TensorInfo& info) {
   Tensor t;
@@ -95,7 +99,9 @@ Weight WeightLoader::linear(const std::string& path, int64_t rows, int64_t cols,
     s.active_params = rows * cols * act;
   }
   model_.summaries_.push_back(s);
-  return be_.adopt(w);
+  Weight adopted = be_.adopt(w);
+  if (progress_) progress_->advance(s.bytes);
+  return adopted;
 }
 
 std::vector<std::string> WeightLoader::unused() const {

@@ -6,6 +6,7 @@
 #include <set>
 #include <string>
 
+#include "zmlx/core/log.h"
 #include "zmlx/io/safetensors.h"
 #include "zmlx/models/model.h"
 
@@ -33,6 +34,7 @@ class WeightLoader {
   std::shared_ptr<io::WeightStore> store_;
   Backend& be_;
   std::set<std::string> used_;
+  std::unique_ptr<Progress> progress_;  // on a terminal: bytes of weights made ready
 };
 
 }  // namespace zmlx
