@@ -159,3 +159,18 @@ TEST(ModelErrors, BadTokenIdIsAnErrorNotACrash) {
 
 }  // namespace
 }  // namespace zmlx
+
+namespace zmlx {
+namespace {
+TEST(ModelConfigNames, AcceptsTransformers5NumLocalExperts) {
+  auto be = make_cpu_backend();
+  std::string d = tiny("local_experts");
+  edit_config(d, [](nlohmann::json& j) {
+    j["num_local_experts"] = j["num_experts"];
+    j.erase("num_experts");
+  });
+  auto m = load_model(d, *be);
+  EXPECT_EQ(m->layer_kinds().size(), 4u);
+}
+}  // namespace
+}  // namespace zmlx

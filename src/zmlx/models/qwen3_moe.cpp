@@ -37,7 +37,9 @@ class Qwen3Moe final : public Model {
     ZMLX_CHECK(H_ % Hkv_ == 0, "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
                c.path, H_, Hkv_);
     ZMLX_CHECK(hd_ % 2 == 0, "{}: head_dim {} must be even for RoPE", c.path, hd_);
-    const int64_t E = c.get_int("num_experts"), k = c.get_int("num_experts_per_tok");
+    // transformers 5.x writes num_local_experts; older configs num_experts.
+    const int64_t E = c.has("num_experts") ? c.get_int("num_experts") : c.get_int("num_local_experts");
+    const int64_t k = c.get_int("num_experts_per_tok");
     const int64_t I = c.get_int("moe_intermediate_size");
     c.check_range("num_experts_per_tok", k, 1, E);
     const int64_t sparse_step = c.get_int("decoder_sparse_step", 1);
