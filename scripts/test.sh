@@ -11,6 +11,14 @@ bash scripts/build.sh
 echo "== unit tests"
 (cd build && ctest --output-on-failure -j"$(nproc)" --timeout 900)
 
+# The model-level suites again under every other kernel variant this CPU
+# runs (fused vs unfused must stay bit-identical under each).
+for isa in portable avx2; do
+  if [[ $isa == avx2 ]] && ! grep -qw avx2 /proc/cpuinfo; then continue; fi
+  echo "== unit tests with ZMLX_CPU_ISA=$isa"
+  ZMLX_CPU_ISA=$isa build/zmlx_tests --gtest_brief=1 --gtest_filter='FusedMoe*:FusedSwiglu*:Patch*:Model*:CpuOps*:DecodeAndPrefill*'
+done
+
 echo "== CLI end to end"
 bash tests/e2e/cli.sh build/zmlx
 

@@ -27,7 +27,7 @@ void check_against_reference(const Weight& w, int64_t T, std::mt19937& rng) {
   cpu::PreparedRows px;
   px.prepare(x.data(), T, K, K);
   const cpu::MatrixView m = cpu::matrix_view(w, w.experts > 0 ? w.experts - 1 : -1);
-  for (Isa isa : {Isa::Portable, Isa::Avx512}) {
+  for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Avx512}) {
     if (!cpu::isa_supported(isa)) continue;
     cpu::force_isa(isa);
     std::vector<float> out(size_t(T * N), std::numeric_limits<float>::quiet_NaN());
@@ -86,7 +86,7 @@ TEST(Qgemv, NibbleOrderIsLsbFirst) {
   for (int i = 0; i < 8; ++i) w.w.ptr<uint32_t>()[i] = i % 2 == 0 ? 0x76543210u : 0xfedcba98u;
   w.scales.ptr<uint16_t>()[0] = f32_to_bf16_bits(1.f);
   w.biases.ptr<uint16_t>()[0] = f32_to_bf16_bits(0.f);
-  for (Isa isa : {Isa::Portable, Isa::Avx512}) {
+  for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Avx512}) {
     if (!cpu::isa_supported(isa)) continue;
     cpu::force_isa(isa);
     for (int c = 0; c < 64; ++c) {

@@ -28,6 +28,7 @@ void PreparedRows::prepare(const uint16_t* x, int64_t T, int64_t K, int64_t ldx,
   layouts_ = layouts;
   nat_.resize(size_t(T * K));
   if (layouts & kF32) f32_.resize(size_t(T * K));
+  if (layouts & kF32Perm4) f32p4_.resize(size_t(T * K));
   if (layouts & kPerm4) perm4_.resize(size_t(T * K));
   if (layouts & kPerm2) perm2_.resize(size_t(T * K));
   const int64_t n32 = K / 32;
@@ -39,6 +40,12 @@ void PreparedRows::prepare(const uint16_t* x, int64_t T, int64_t K, int64_t ldx,
     std::memcpy(&nat_[t * K], xr, size_t(K) * 2);
     if (layouts & kF32)
       for (int64_t c = 0; c < K; ++c) f32_[size_t(t * K + c)] = bf16_to_f32(xr[c]);
+    if ((layouts & kF32Perm4) && K % 16 == 0)
+      for (int64_t b = 0; b < K; b += 16)
+        for (int j = 0; j < 8; ++j) {
+          f32p4_[size_t(t * K + b + j)] = bf16_to_f32(xr[b + 2 * j]);
+          f32p4_[size_t(t * K + b + 8 + j)] = bf16_to_f32(xr[b + 2 * j + 1]);
+        }
     if ((layouts & kPerm4) && K % 64 == 0) permute_for_bits(xr, K, 4, &perm4_[t * K]);
     if ((layouts & kPerm2) && K % 128 == 0) permute_for_bits(xr, K, 2, &perm2_[t * K]);
     // Group sums are built hierarchically (32 -> 64 -> 128) so every kernel
@@ -58,6 +65,11 @@ void PreparedRows::prepare(const uint16_t* x, int64_t T, int64_t K, int64_t ldx,
 const uint16_t* PreparedRows::permuted(int bits, int64_t t) const {
   ZMLX_CHECK(layouts_ & (bits == 2 ? kPerm2 : kPerm4), "internal: {}-bit layout of x was not prepared", bits);
   return (bits == 2 ? perm2_.data() : perm4_.data()) + t * K_;
+}
+
+const float* PreparedRows::f32_perm4(int64_t t) const {
+  ZMLX_CHECK(layouts_ & kF32Perm4, "internal: fp32 4-bit layout of x was not prepared");
+  return f32p4_.data() + t * K_;
 }
 
 const float* PreparedRows::f32(int64_t t) const {
@@ -99,6 +111,7 @@ MatrixView matrix_view(const Weight& w, int64_t expert) {
 
 unsigned layouts_needed(const MatrixView& m) {
   if (active_isa() == Isa::Portable) return kF32;
+  if (active_isa() == Isa::Avx2) return m.bits == 4 && m.cols % 16 == 0 ? unsigned(kF32Perm4) : unsigned(kF32);
   if (m.tiles) return 0;
   switch (m.bits) {
     case 0: return m.cols % 32 == 0 ? 0u : unsigned(kF32);
@@ -117,19 +130,30 @@ static bool cpu_has_avx512() {
          __builtin_cpu_supports("avx512vbmi");
 }
 
-bool isa_supported(Isa isa) { return isa == Isa::Portable || cpu_has_avx512(); }
+static bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+bool isa_supported(Isa isa) {
+  return isa == Isa::Portable || (isa == Isa::Avx2 && cpu_has_avx2()) || (isa == Isa::Avx512 && cpu_has_avx512());
+}
 
 static Isa detect_isa() {
   if (const char* env = std::getenv("ZMLX_CPU_ISA")) {
     std::string v = env;
     if (v == "portable") return Isa::Portable;
+    if (v == "avx2") {
+      ZMLX_CHECK(cpu_has_avx2(), "ZMLX_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
+      return Isa::Avx2;
+    }
     if (v == "avx512") {
       ZMLX_CHECK(cpu_has_avx512(), "ZMLX_CPU_ISA=avx512 but this CPU lacks AVX-512 BF16/VBMI");
       return Isa::Avx512;
     }
-    fail("ZMLX_CPU_ISA='{}' is not one of: portable, avx512", v);
+    fail("ZMLX_CPU_ISA='{}' is not one of: portable, avx2, avx512", v);
   }
-  return cpu_has_avx512() ? Isa::Avx512 : Isa::Portable;
+  return cpu_has_avx512() ? Isa::Avx512 : cpu_has_avx2() ? Isa::Avx2 : Isa::Portable;
 }
 
 static Isa& isa_slot() {
@@ -141,12 +165,16 @@ void force_isa(Isa isa) {
   ZMLX_CHECK(isa_supported(isa), "ISA {} not supported on this CPU", isa_name(isa));
   isa_slot() = isa;
 }
-std::string_view isa_name(Isa isa) { return isa == Isa::Avx512 ? "avx512" : "portable"; }
+std::string_view isa_name(Isa isa) {
+  return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "portable";
+}
 
 void gemv_rows(const MatrixView& m, int64_t r0, int64_t r1, const PreparedRows& x, int64_t t0,
                int64_t T, float* out, int64_t ldo) {
   if (isa_slot() == Isa::Avx512)
     detail::gemv_avx512(m, r0, r1, x, t0, T, out, ldo);
+  else if (isa_slot() == Isa::Avx2)
+    detail::gemv_avx2(m, r0, r1, x, t0, T, out, ldo);
   else
     detail::gemv_portable(m, r0, r1, x, t0, T, out, ldo);
 }

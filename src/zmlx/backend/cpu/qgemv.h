@@ -6,9 +6,9 @@
 //   Σ_g ( scale_g · Σ_{c∈g} x_c·q_c  +  bias_g · Σ_{c∈g} x_c )
 // so the dequantized weight is never materialised.
 //
-// Every kernel variant (portable, AVX-512) computes the same math with
+// Every kernel variant (portable, AVX2, AVX-512) computes the same math with
 // its own fp32 summation order; one process always uses one variant, chosen
-// at start-up (or forced with ZMLX_CPU_ISA=portable|avx512), so fused and
+// at start-up (or forced with ZMLX_CPU_ISA=portable|avx2|avx512), so fused and
 // unfused paths that share these routines are bit-identical.
 #pragma once
 #include <cstdint>
@@ -23,7 +23,7 @@ namespace zmlx::cpu {
 // bf16 in the natural order, bf16 re-ordered to match the nibble layout of
 // 2- and 4-bit words, fp32, and per-32-element sums (for the bias term).
 // Which derived layouts to build (bf16 natural order and group sums always).
-enum Layout : unsigned { kPerm4 = 1, kPerm2 = 2, kF32 = 4, kAllLayouts = 7 };
+enum Layout : unsigned { kPerm4 = 1, kPerm2 = 2, kF32 = 4, kF32Perm4 = 8, kAllLayouts = 15 };
 
 class PreparedRows {
  public:
@@ -33,6 +33,9 @@ class PreparedRows {
   const uint16_t* natural(int64_t t) const { return nat_.data() + t * K_; }
   const uint16_t* permuted(int bits, int64_t t) const;  // bits 2 or 4
   const float* f32(int64_t t) const;
+  // fp32, each 16-element block as [even elements, odd elements] (the AVX2
+  // order of 4-bit low / high nibbles of 8 consecutive bytes).
+  const float* f32_perm4(int64_t t) const;
   // Σ x over each group of size g, in order; g in {32, 64, 128}.
   const float* group_sums(int g, int64_t t) const;
 
@@ -40,7 +43,7 @@ class PreparedRows {
   int64_t T_ = 0, K_ = 0;
   unsigned layouts_ = 0;
   std::vector<uint16_t> nat_, perm2_, perm4_;
-  std::vector<float> f32_, sums32_, sums64_, sums128_;
+  std::vector<float> f32_, f32p4_, sums32_, sums64_, sums128_;
 };
 
 // A 2-D view of one matrix of a Weight (one expert).
@@ -61,7 +64,7 @@ MatrixView matrix_view(const Weight& w, int64_t expert = -1);
 // The layouts the active kernel variant reads for this matrix.
 unsigned layouts_needed(const MatrixView& m);
 
-enum class Isa { Portable, Avx512 };
+enum class Isa { Portable, Avx2, Avx512 };
 Isa active_isa();
 std::string_view isa_name(Isa isa);
 void force_isa(Isa isa);        // tests: run every variant
@@ -87,6 +90,8 @@ void gemv_portable(const MatrixView&, int64_t, int64_t, const PreparedRows&, int
                    float*, int64_t);
 void gemv_avx512(const MatrixView&, int64_t, int64_t, const PreparedRows&, int64_t, int64_t,
                  float*, int64_t);
+void gemv_avx2(const MatrixView&, int64_t, int64_t, const PreparedRows&, int64_t, int64_t, float*,
+               int64_t);
 float dot_bf16_avx512(const uint16_t* a, const uint16_t* b, int64_t n);
 void axpy_bf16_avx512(float a, const uint16_t* x, float* y, int64_t n);
 }  // namespace detail
