@@ -22,7 +22,6 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 void send_json(HttpConnection& c, int status, const json& j) { c.send(status, "application/json", dump(j)); }
-void send_json(HttpConnection& c, int status, const ojson& j) { c.send(status, "application/json", dump(j)); }
 
 void send_error(HttpConnection& c, const ApiError& e) {
   if (c.responded()) return;

@@ -61,14 +61,20 @@ std::vector<std::vector<float>> expert_matmuls(const Weight& w, const ExpertGrou
   const size_t G = g.experts.size();
   std::vector<PreparedRows> prepared(G);
   std::vector<std::vector<float>> out(G);
-  std::vector<uint16_t> gathered;
-  for (size_t i = 0; i < G; ++i) {
-    const auto& pairs = g.pairs[i];
-    gathered.resize(pairs.size() * size_t(K));
-    for (size_t p = 0; p < pairs.size(); ++p)
-      std::memcpy(&gathered[p * K], x_row(pairs[p]), size_t(K) * 2);
-    prepared[i].prepare(gathered.data(), int64_t(pairs.size()), K, K, cpu::layouts_needed(cpu::matrix_view(w, g.experts[i])));
-    out[i].resize(pairs.size() * size_t(N));
+  // Gather + prepare per expert group, in parallel when there are many (prefill).
+#pragma omp parallel if (G > 8)
+  {
+    std::vector<uint16_t> gathered;
+#pragma omp for schedule(dynamic, 1)
+    for (size_t i = 0; i < G; ++i) {
+      const auto& pairs = g.pairs[i];
+      gathered.resize(pairs.size() * size_t(K));
+      for (size_t p = 0; p < pairs.size(); ++p)
+        std::memcpy(&gathered[p * K], x_row(pairs[p]), size_t(K) * 2);
+      prepared[i].prepare(gathered.data(), int64_t(pairs.size()), K, K,
+                          cpu::layouts_needed(cpu::matrix_view(w, g.experts[i])));
+      out[i].resize(pairs.size() * size_t(N));
+    }
   }
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
   const int64_t items = int64_t(G) * blocks;
@@ -213,6 +219,7 @@ class CpuBackend final : public Backend {
     const uint16_t* xi = x.ptr<uint16_t>();
     const uint16_t* wi = w.ptr<uint16_t>();
     uint16_t* o = out.ptr<uint16_t>();
+#pragma omp parallel for schedule(static) if (R >= 64)
     for (int64_t r = 0; r < R; ++r) {
       float ss = 0.f;
       for (int64_t d = 0; d < D; ++d) {
@@ -411,15 +418,19 @@ class CpuBackend final : public Backend {
     const size_t G = g.experts.size();
     // x is prepared once per expert group and shared by the gate and up rows.
     std::vector<PreparedRows> prepared(G);
-    std::vector<uint16_t> gathered;
     const uint16_t* xp = x.ptr<uint16_t>();
-    for (size_t i = 0; i < G; ++i) {
-      gathered.resize(g.pairs[i].size() * size_t(K));
-      for (size_t p = 0; p < g.pairs[i].size(); ++p)
-        std::memcpy(&gathered[p * K], xp + (g.pairs[i][p] / k) * K, size_t(K) * 2);
-      prepared[i].prepare(gathered.data(), int64_t(g.pairs[i].size()), K, K,
-                          cpu::layouts_needed(cpu::matrix_view(gate, g.experts[i])) |
-                              cpu::layouts_needed(cpu::matrix_view(up, g.experts[i])));
+#pragma omp parallel if (G > 8)
+    {
+      std::vector<uint16_t> gathered;
+#pragma omp for schedule(dynamic, 1)
+      for (size_t i = 0; i < G; ++i) {
+        gathered.resize(g.pairs[i].size() * size_t(K));
+        for (size_t p = 0; p < g.pairs[i].size(); ++p)
+          std::memcpy(&gathered[p * K], xp + (g.pairs[i][p] / k) * K, size_t(K) * 2);
+        prepared[i].prepare(gathered.data(), int64_t(g.pairs[i].size()), K, K,
+                            cpu::layouts_needed(cpu::matrix_view(gate, g.experts[i])) |
+                                cpu::layouts_needed(cpu::matrix_view(up, g.experts[i])));
+      }
     }
     Tensor out = alloc(DType::BF16, {T, k, I});
     uint16_t* o = out.ptr<uint16_t>();
