@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 
 #include "zmlx/core/error.h"
@@ -170,6 +171,35 @@ TEST(Patch, FamilyTable) {
   EXPECT_TRUE(patch::family_policy("llama").defaults.empty());
   EXPECT_FALSE(patch::family_policy("llama").exclusions.empty());  // with a reason
   EXPECT_TRUE(patch::family_policy("mamba9").defaults.empty());   // unknown: safe no-op
+}
+
+}  // namespace
+}  // namespace zmlx
+
+namespace zmlx {
+namespace {
+
+TEST(Patch, DenseQwen3RunsUnpatchedByDefaultAndFusesWhenAsked) {
+  auto be = make_cpu_backend();
+  synth::SynthOptions so;
+  so.arch = "qwen3";
+  so.out = (fs::temp_directory_path() / ("zmlx_patch_dense_" + std::to_string(::getpid()))).string();
+  fs::remove_all(so.out);
+  auto m = load_model(synth::synth_model(so), *be);
+  EXPECT_EQ(m->family(), "qwen3");
+  for (auto& k : m->layer_kinds()) EXPECT_EQ(k, "attention+swiglu_mlp");
+  auto rep = patch::patch(*m, on());
+  EXPECT_EQ(rep.total(), 0);
+  ASSERT_EQ(rep.excluded.size(), 1u);
+  EXPECT_EQ(rep.excluded[0].first, "swiglu_mlp");
+  const auto ids = prompt(9, m->config().vocab_size);
+  const auto base = run(*m, *be, ids);
+  auto o = on();
+  o.patterns = std::vector<std::string>{"swiglu_mlp"};
+  EXPECT_EQ(patch::patch(*m, o).counts_str(), "{'swiglu_mlp': 4}");
+  const auto fused = run(*m, *be, ids);
+  ASSERT_EQ(base.size(), fused.size());
+  EXPECT_TRUE(std::memcmp(base.data(), fused.data(), base.size() * 4) == 0);
 }
 
 }  // namespace

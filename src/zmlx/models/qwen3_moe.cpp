@@ -1,4 +1,6 @@
-// Qwen3-MoE (model_type "qwen3_moe", e.g. Qwen3-30B-A3B): spec §1.
+// Qwen3-MoE (model_type "qwen3_moe", e.g. Qwen3-30B-A3B): spec §1, and the
+// dense Qwen3 family (model_type "qwen3", e.g. Qwen3-0.6B/8B), which is the
+// same network with a SwiGLU MLP in every layer.
 //
 //   h = embed(ids)
 //   per layer: h += o_proj(attn(rope(q_norm(q)), rope(k_norm(k)), v))
@@ -37,11 +39,12 @@ class Qwen3Moe final : public Model {
     ZMLX_CHECK(H_ % Hkv_ == 0, "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
                c.path, H_, Hkv_);
     ZMLX_CHECK(hd_ % 2 == 0, "{}: head_dim {} must be even for RoPE", c.path, hd_);
+    const bool dense = c.model_type == "qwen3";
     // transformers 5.x writes num_local_experts; older configs num_experts.
-    const int64_t E = c.has("num_experts") ? c.get_int("num_experts") : c.get_int("num_local_experts");
-    const int64_t k = c.get_int("num_experts_per_tok");
-    const int64_t I = c.get_int("moe_intermediate_size");
-    c.check_range("num_experts_per_tok", k, 1, E);
+    const int64_t E = dense ? 0 : c.has("num_experts") ? c.get_int("num_experts") : c.get_int("num_local_experts");
+    const int64_t k = dense ? 0 : c.get_int("num_experts_per_tok");
+    const int64_t I = dense ? 0 : c.get_int("moe_intermediate_size");
+    if (!dense) c.check_range("num_experts_per_tok", k, 1, E);
     const int64_t sparse_step = c.get_int("decoder_sparse_step", 1);
     const auto mlp_only = c.get_int_list("mlp_only_layers");
     const bool norm_topk = c.get_bool("norm_topk_prob", true);
@@ -94,11 +97,11 @@ class Qwen3Moe final : public Model {
       lm_head_ = wl.linear("lm_head", c.vocab_size, D_);
     }
     unused_ = wl.unused();
-    ZMLX_CHECK(unused_.empty(), "{}: {} tensor(s) in the checkpoint belong to no qwen3_moe module, e.g. '{}'",
-               store->dir(), unused_.size(), unused_.front());
+    ZMLX_CHECK(unused_.empty(), "{}: {} tensor(s) in the checkpoint belong to no {} module, e.g. '{}'",
+               store->dir(), unused_.size(), c.model_type, unused_.front());
   }
 
-  std::string family() const override { return "qwen3_moe"; }
+  std::string family() const override { return config_.model_type; }
 
   std::vector<std::string> layer_kinds() const override {
     std::vector<std::string> out;
@@ -155,6 +158,10 @@ class Qwen3Moe final : public Model {
 };
 
 }  // namespace
+
+std::unique_ptr<Model> build_qwen3(ModelConfig cfg, std::shared_ptr<io::WeightStore> store, Backend& be) {
+  return std::make_unique<Qwen3Moe>(std::move(cfg), std::move(store), be);
+}
 
 std::unique_ptr<Model> build_qwen3_moe(ModelConfig cfg, std::shared_ptr<io::WeightStore> store, Backend& be) {
   return std::make_unique<Qwen3Moe>(std::move(cfg), std::move(store), be);

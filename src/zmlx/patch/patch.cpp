@@ -208,6 +208,9 @@ PatchReport patch(Model& model, const PatchOptions& o) {
     for (auto& [p, reason] : policy.exclusions) rep.excluded.push_back({p, reason});
     if (selected.empty() && policy.exclusions.empty())
       say(o, "[zmlx] Family '{}' has no fusion patterns: nothing patched (safe no-op)\n", rep.family);
+    else if (selected.empty())
+      for (auto& [p, reason] : policy.exclusions)
+        say(o, "[zmlx] Family '{}': {} not applied by default: {}\n", rep.family, p, reason);
   }
   check_pattern_names(o.exclude);
   for (auto& e : o.exclude) {

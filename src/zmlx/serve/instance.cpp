@@ -161,7 +161,11 @@ void Instance::worker_loop() {
         job->push_text(piece);
         return !job->cancelled();
       });
-      if (job->cancelled()) r.finish_reason = "cancelled";
+      if (job->cancelled()) {
+        r.finish_reason = "cancelled";
+        std::lock_guard<std::mutex> lk(mu_);
+        if (stopping_) err = "model '" + model_id_ + "' was unloaded during generation";
+      }
     } catch (const std::exception& e) {
       err = e.what();
       r.finish_reason = "error";

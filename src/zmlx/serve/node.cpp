@@ -159,7 +159,7 @@ void stream_job(GenJob& job, HttpConnection& conn, bool include_usage, bool chat
   std::string err = job.error();
   GenerateResult r = job.result();
   if (!err.empty()) {
-    ApiError e(500, "generation failed: " + err, "", "generation_error", "server_error");
+    ApiError e(503, "generation failed: " + err, "", "generation_error", "server_error");
     write(sse_event(dump(e.body())));
     write(sse_done());
     conn.end_chunked();
@@ -299,7 +299,7 @@ void Node::chat_completions(const HttpRequest& req, HttpConnection& conn) {
     return;
   }
   if (!wait_done(*job, conn)) return;
-  if (!job->error().empty()) throw ApiError(500, "generation failed: " + job->error(), "", "generation_error", "server_error");
+  if (!job->error().empty()) throw ApiError(503, "generation failed: " + job->error(), "", "generation_error", "server_error");
   GenerateResult g = job->result();
   json resp = {{"id", id},
                {"object", "chat.completion"},
@@ -339,7 +339,7 @@ void Node::completions(const HttpRequest& req, HttpConnection& conn) {
     return;
   }
   if (!wait_done(*job, conn)) return;
-  if (!job->error().empty()) throw ApiError(500, "generation failed: " + job->error(), "", "generation_error", "server_error");
+  if (!job->error().empty()) throw ApiError(503, "generation failed: " + job->error(), "", "generation_error", "server_error");
   GenerateResult g = job->result();
   send_json(conn, 200,
             json{{"id", id},

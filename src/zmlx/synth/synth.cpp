@@ -264,12 +264,14 @@ json qwen3_moe_config(const std::string& preset) {
 
 Plan qwen3_moe_plan(const json& c, int bits, int group, int router_bits) {
   Plan p;
-  p.family = "qwen3_moe";
+  p.family = c.value("model_type", std::string("qwen3_moe"));
   p.config = c;
+  const bool all_dense = p.family == "qwen3";  // the dense Qwen3 family: a SwiGLU MLP in every layer
   auto I = [&](const char* k) { return c.at(k).get<int64_t>(); };
   const int64_t D = I("hidden_size"), L = I("num_hidden_layers"), H = I("num_attention_heads"),
-                Hkv = I("num_key_value_heads"), hd = c.value("head_dim", D / H), E = I("num_experts"),
-                Im = I("moe_intermediate_size"), V = I("vocab_size");
+                Hkv = I("num_key_value_heads"), hd = c.value("head_dim", D / H),
+                E = all_dense ? 0 : I("num_experts"), Im = all_dense ? 0 : I("moe_intermediate_size"),
+                V = I("vocab_size");
   const float gamma = 0.05f;  // each block's output size relative to the residual
   const std::vector<int64_t> mlp_only = c.value("mlp_only_layers", std::vector<int64_t>{});
   const int64_t sparse_step = std::max<int64_t>(1, c.value("decoder_sparse_step", int64_t(1)));
@@ -311,7 +313,7 @@ Plan qwen3_moe_plan(const json& c, int bits, int group, int router_bits) {
     lin(pre + ".self_attn.o_proj", D, H * hd, gamma / std::sqrt(float(H * hd)));
     norm(pre + ".self_attn.q_norm", hd);
     norm(pre + ".self_attn.k_norm", hd);
-    const bool dense = std::find(mlp_only.begin(), mlp_only.end(), l) != mlp_only.end() || (l + 1) % sparse_step != 0;
+    const bool dense = all_dense || std::find(mlp_only.begin(), mlp_only.end(), l) != mlp_only.end() || (l + 1) % sparse_step != 0;
     if (dense) {  // mlp_only_layers / decoder_sparse_step: a dense SwiGLU MLP
       const int64_t In = I("intermediate_size");
       lin(pre + ".mlp.gate_proj", In, D, 1.0f / std::sqrt(float(D)));
@@ -335,7 +337,7 @@ Plan qwen3_moe_plan(const json& c, int bits, int group, int router_bits) {
   head.embed_path = "model.embed_tokens";
   head.beta = 16.0f / float(D);                  // matching-row logit ≈ 16
   head.noise = 2.0f / std::sqrt(float(D));       // other logits ≈ N(0, 2)
-  p.modules.push_back(head);
+  if (!c.value("tie_word_embeddings", false)) p.modules.push_back(head);  // tied: the embedding is the head
   return p;
 }
 
@@ -371,17 +373,40 @@ void write_json(const fs::path& path, const json& j) {
 
 }  // namespace
 
-std::vector<std::string> synth_archs() { return {"qwen3_moe"}; }
+// The dense Qwen3 family (Qwen3-0.6B shapes for `full`): runs unpatched by default.
+json qwen3_config(const std::string& preset) {
+  json c;
+  if (preset == "full") {  // Qwen/Qwen3-0.6B
+    c = {{"hidden_size", 1024}, {"num_hidden_layers", 28}, {"num_attention_heads", 16}, {"num_key_value_heads", 8},
+         {"head_dim", 128}, {"intermediate_size", 3072}, {"vocab_size", 151936}, {"max_position_embeddings", 40960},
+         {"tie_word_embeddings", true}};
+  } else if (preset == "tiny") {
+    c = {{"hidden_size", 128}, {"num_hidden_layers", 4}, {"num_attention_heads", 4}, {"num_key_value_heads", 2},
+         {"head_dim", 32}, {"intermediate_size", 256}, {"vocab_size", 2048}, {"max_position_embeddings", 4096},
+         {"tie_word_embeddings", false}};
+  } else {
+    fail("synth: unknown preset '{}' (tiny, full)", preset);
+  }
+  c.update(json{{"architectures", {"Qwen3ForCausalLM"}}, {"model_type", "qwen3"}, {"attention_bias", false},
+                {"attention_dropout", 0.0}, {"bos_token_id", 151643}, {"eos_token_id", 151645}, {"hidden_act", "silu"},
+                {"initializer_range", 0.02}, {"rms_norm_eps", 1e-6}, {"rope_scaling", nullptr},
+                {"rope_theta", 1000000.0}, {"sliding_window", nullptr}, {"torch_dtype", "bfloat16"},
+                {"use_cache", true}, {"use_sliding_window", false}, {"transformers_version", "4.51.0"}});
+  return c;
+}
+
+std::vector<std::string> synth_archs() { return {"qwen3_moe", "qwen3"}; }
 
 std::string synth_model(const SynthOptions& o) {
   ZMLX_CHECK(!o.out.empty(), "synth: --out DIR is required");
-  ZMLX_CHECK(o.arch == "qwen3_moe", "synth: unknown --arch '{}' (supported: qwen3_moe)", o.arch);
+  ZMLX_CHECK(o.arch == "qwen3_moe" || o.arch == "qwen3", "synth: unknown --arch '{}' (supported: qwen3_moe, qwen3)",
+             o.arch);
   ZMLX_CHECK(o.bits == 0 || quant::supported({o.bits, o.group_size}),
              "synth: --bits {} --group-size {} unsupported (bits 2/4/8 or 0 for bf16; groups 32/64/128)", o.bits,
              o.group_size);
   ZMLX_CHECK(o.router_bits == 0 || quant::supported({o.router_bits, o.group_size}), "synth: --router-bits {} unsupported",
              o.router_bits);
-  json config = qwen3_moe_config(o.preset);
+  json config = o.arch == "qwen3" ? qwen3_config(o.preset) : qwen3_moe_config(o.preset);
   for (auto& [k, v] : o.sets) config[k] = parse_set_value(v);
   const int qbits = o.bits == 0 ? 4 : o.bits;  // embedding/lm_head stay quantized in bf16 mode
   Plan plan = qwen3_moe_plan(config, o.bits, o.group_size, o.router_bits);
