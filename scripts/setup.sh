@@ -7,7 +7,7 @@ PKGS=(
   build-essential cmake ninja-build pkg-config
   nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev libpcre2-dev
   libgtest-dev libgmock-dev libbenchmark-dev libomp-dev
-  python3 python3-jinja2 python3-numpy
+  python3 python3-jinja2 python3-numpy curl
   openmpi-bin libopenmpi-dev
 )
 

@@ -22,6 +22,9 @@ done
 echo "== CLI end to end"
 bash tests/e2e/cli.sh build/zmlx
 
+echo "== node: OpenAI client against zmlx serve"
+bash tests/e2e/node/run.sh build/zmlx
+
 if [[ -x tests/text/run.sh ]]; then
   echo "== tokenizer and chat-template conformance"
   bash tests/text/run.sh build/zmlx

@@ -413,6 +413,27 @@ await check("DELETE /instance unloads; POST /instance loads again", async () => 
   assert.equal(r.choices[0].message.content, reference.choices[0].message.content);
 });
 
+await check("unloading mid-stream ends that stream with an error event; the node reloads fine", async () => {
+  const inst = (await state()).instances.find((i) => i.model === MODEL);
+  const stream = await client.chat.completions.create({ ...chat("long", { max_tokens: 3500 }), stream: true });
+  let n = 0, deleted = false, error = null;
+  try {
+    for await (const c of stream) {
+      if (c.choices[0]?.delta?.content && ++n === 3) {
+        const del = await raw("DELETE", "/instance/" + inst.id);
+        assert.equal(del.status, 200);
+        deleted = true;
+      }
+    }
+  } catch (e) { error = e; }
+  assert.ok(deleted);
+  assert.ok(error && /unloaded/.test(error.message), "expected an error event, got " + error);
+  const load = await raw("POST", "/instance", JSON.stringify({ model: MODEL_PATH }));
+  assert.equal(load.status, 201, load.text);
+  const r = await client.chat.completions.create(chat("Hello there"));
+  assert.equal(r.choices[0].message.content, reference.choices[0].message.content);
+});
+
 await check("the dashboard is served at /", async () => {
   const r = await raw("GET", "/");
   assert.equal(r.status, 200);
