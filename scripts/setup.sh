@@ -9,6 +9,7 @@ PKGS=(
   libgtest-dev libgmock-dev libbenchmark-dev libomp-dev
   python3 python3-jinja2 python3-numpy curl
   openmpi-bin libopenmpi-dev
+  chromium fonts-dejavu-core
 )
 
 missing=()

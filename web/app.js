@@ -305,7 +305,7 @@ async function send(text) {
   state.controller = new AbortController();
   setBusy(true);
   const t0 = performance.now();
-  let tFirst = 0, tLast = 0, reply = "", usage = null, finish = null, stopped = false;
+  let tFirst = 0, tLast = 0, reply = "", usage = null, finish = null, stopped = false, timings = null;
   let pending = false;
   const paint = () => {
     if (pending) return;
@@ -325,6 +325,7 @@ async function send(text) {
     await readSse(res, (ev) => {
       if (ev.error) throw new Error(ev.error.message);
       if (ev.usage) usage = ev.usage;
+      if (ev.zmlx) timings = ev.zmlx;  // the node's own timing of this generation
       for (const c of ev.choices || []) {
         const piece = c.delta && c.delta.content;
         if (piece) {
@@ -349,7 +350,10 @@ async function send(text) {
   const parts = [];
   if (tFirst) parts.push("TTFT " + ((tFirst - t0) / 1000).toFixed(2) + " s");
   const n = usage ? usage.completion_tokens : null;
-  if (n && tLast > tFirst && n > 1) parts.push(((n - 1) / ((tLast - tFirst) / 1000)).toFixed(1) + " tok/s");
+  // tok/s: the node's decode rate when it sent one (chunks can arrive bunched,
+  // so arrival times overstate it); else measured here from chunk arrivals.
+  if (timings && timings.decode_tps > 0) parts.push(timings.decode_tps.toFixed(1) + " tok/s");
+  else if (n && tLast > tFirst && n > 1) parts.push(((n - 1) / ((tLast - tFirst) / 1000)).toFixed(1) + " tok/s");
   if (n) parts.push(n + " tokens");
   if (stopped) parts.push("stopped");
   else if (finish) parts.push("finish: " + finish);

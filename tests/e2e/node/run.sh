@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end checks of `zmlx serve` with the official OpenAI client (npm
 # `openai`): synthesizes a tiny model, starts the node on a free port, runs
-# node_test.mjs against it, and checks that a busy port is one clear line.
+# node_test.mjs against it, checks that a busy port is one clear line, then
+# drives the dashboard in headless Chromium (dashboard_test.mjs; screenshots in
+# $ZMLX_ARTIFACTS, default tests/e2e/node/artifacts/; ZMLX_SKIP_BROWSER=1 skips it).
 # Usage: tests/e2e/node/run.sh [ZMLX_BINARY]   (exit status non-zero on any failure)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -16,7 +18,7 @@ trap cleanup EXIT
 fail() { echo "FAIL: $*" >&2; [[ -f "$WORK/serve.log" ]] && tail -20 "$WORK/serve.log" >&2; exit 1; }
 
 command -v node >/dev/null || fail "node is not installed"
-if [[ ! -d "$HERE/node_modules/openai" ]]; then
+if [[ ! -d "$HERE/node_modules/openai" || ! -d "$HERE/node_modules/playwright-core" ]]; then
   (cd "$HERE" && npm ci --no-audit --no-fund --loglevel=error) || fail "npm ci failed"
 fi
 
@@ -46,6 +48,8 @@ echo "ok   busy port: $(cat "$WORK/busy.err")"
 
 ZMLX_BASE_URL="http://127.0.0.1:$PORT" ZMLX_MODEL=tiny ZMLX_MODEL_PATH="$WORK/models/tiny" \
   node "$HERE/node_test.mjs" || fail "node_test.mjs"
+
+ZMLX_MODEL=tiny node "$HERE/dashboard_test.mjs" "http://127.0.0.1:$PORT" || fail "dashboard_test.mjs"
 
 kill -0 "$SERVER_PID" 2>/dev/null || fail "the node died during the tests"
 echo "ok   node still alive after all tests"
