@@ -153,8 +153,8 @@ static void rows_tiles(const MatrixView& m, int64_t r0, int64_t r1, const Prepar
     const uint8_t* tp = m.tiles + tile * (K / 8) * 64;
     const uint16_t* ts = m.tile_scales + tile * G * 16;
     const uint16_t* tb = m.tile_biases + tile * G * 16;
-    __m512 total[TT], bsum[TT];
-    for (int t = 0; t < TT; ++t) total[t] = bsum[t] = _mm512_setzero_ps();
+    __m512 total[TT];
+    for (int t = 0; t < TT; ++t) total[t] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
       __m512 acc[TT][4];
       for (int t = 0; t < TT; ++t)
@@ -175,14 +175,21 @@ static void rows_tiles(const MatrixView& m, int64_t r0, int64_t r1, const Prepar
         }
       }
       const __m512 sc16 = _mm512_mul_ps(bf16x16(ts + g * 16), _mm512_set1_ps(16.0f));  // exact
-      const __m512 corr = _mm512_sub_ps(bf16x16(tb + g * 16), sc16);                   // bias − 16·scale
       for (int t = 0; t < TT; ++t) {
         const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3]));
         total[t] = _mm512_fmadd_ps(a, sc16, total[t]);
-        bsum[t] = _mm512_fmadd_ps(corr, _mm512_set1_ps(sx[t][g]), bsum[t]);
       }
     }
-    for (int t = 0; t < TT; ++t) _mm512_storeu_ps(out + t * ldo + (row - r0), _mm512_add_ps(total[t], bsum[t]));
+    // Bias term, group by group: Σ_g (bias_g − 16·scale_g)·Σx_g.
+    for (int t = 0; t < TT; ++t) {
+      __m512 bsum = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        const __m512 sc16 = _mm512_mul_ps(bf16x16(ts + g * 16), _mm512_set1_ps(16.0f));
+        const __m512 corr = _mm512_sub_ps(bf16x16(tb + g * 16), sc16);
+        bsum = _mm512_fmadd_ps(corr, _mm512_set1_ps(sx[t][g]), bsum);
+      }
+      _mm512_storeu_ps(out + t * ldo + (row - r0), _mm512_add_ps(total[t], bsum));
+    }
   }
 }
 
