@@ -22,6 +22,9 @@ done
 echo "== CLI end to end"
 bash tests/e2e/cli.sh build/zmlx
 
+echo "== shipped model: greedy tokens vs transformers golden"
+bash tests/e2e/shipped_model.sh build/zmlx
+
 echo "== node: OpenAI client against zmlx serve"
 bash tests/e2e/node/run.sh build/zmlx
 

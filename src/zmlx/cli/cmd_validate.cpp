@@ -132,6 +132,7 @@ int run(ValidateArgs& a) {
   if (first_div >= 0) fmt::print("            First divergence at token {}\n", first_div);
   fmt::print("            max |dlogit| over {} steps: {:g}{}\n", steps, max_diff, max_diff == 0 ? " (bit-identical)" : "");
   if (report.total() == 0) fmt::print("            nothing was patched, so nothing was validated\n");
+  if (total == 0) fmt::print("            the model generated no tokens for this prompt (EOS at once); try --prompt\n");
   fmt::print("\n  PERFORMANCE (median of {} runs, alternating):\n", a.runs);
   fmt::print("  {:<20} {:>14} {:>14} {:>10}\n", "Config", "Prompt tok/s", "Decode tok/s", "Peak Mem");
   fmt::print("  {}\n", std::string(60, '-'));
