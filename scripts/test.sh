@@ -24,6 +24,8 @@ bash tests/e2e/cli.sh build/zmlx
 
 echo "== shipped model: greedy tokens vs transformers golden"
 bash tests/e2e/shipped_model.sh build/zmlx
+build/zmlx validate models-shipped/zmlx-tiny-moe --prompt "The meaning of life is" --max-tokens 32 --runs 1 \
+  2>/dev/null | grep -E "FIDELITY|dlogit"
 
 echo "== node: OpenAI client against zmlx serve"
 bash tests/e2e/node/run.sh build/zmlx
