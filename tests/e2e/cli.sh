@@ -73,6 +73,19 @@ EXO_ZMLX=1 "$ZMLX" generate "$WORK/m" --prompt hi -n 4 --no-patch 2>"$WORK/patch
 ! grep -q "Patched" "$WORK/patch.log" || fail "--no-patch still patched"
 pass "EXO_ZMLX=1 patches, --no-patch overrides"
 
+# ---- lfm2_moe (spec §3): synth, inspect, validate
+"$ZMLX" synth --arch lfm2_moe --preset tiny --out "$WORK/lfm" --seed 2 2>/dev/null
+"$ZMLX" inspect "$WORK/lfm" --json > "$WORK/lfm_inspect.json"
+$PY - "$WORK/lfm_inspect.json" "$WORK/lfm/config.json" <<'PY' || fail "lfm2_moe synth/inspect"
+import json,sys; j=json.load(open(sys.argv[1])); c=json.load(open(sys.argv[2]))
+assert j["family"]=="lfm2_moe" and len(j["layers"])==6, j
+assert c["quantization"]["model.layers.2.feed_forward.gate"]=={"group_size":64,"bits":8}, c["quantization"]
+assert "model.layers.1.feed_forward.gate" not in c["quantization"] and c["tie_word_embeddings"] is True
+PY
+"$ZMLX" validate "$WORK/lfm" --max-tokens 16 --runs 1 --json 2>/dev/null > "$WORK/lfm_val.json"
+$PY -c "import json; j=json.load(open('$WORK/lfm_val.json')); assert j['fidelity_pass'] and j['max_abs_logit_diff']==0 and j['patched_modules']==6, j" || fail "lfm2_moe validate --json"
+pass "lfm2_moe: synth (8-bit router override), inspect, validate bit-identical"
+
 # ---- bad input: clear message, exit 1, no crash
 expect_error() {  # expect_error "needle" cmd...
   local needle="$1"; shift

@@ -16,6 +16,8 @@ Tensor SwigluMlp::forward(Backend& be, const Tensor& x) {
 
 Routing MoeBlock::route(Backend& be, const Tensor& x) const {
   Tensor logits = be.linear(x, router);
+  if (router_kind == RouterKind::SigmoidBiasTopK)
+    return be.route_sigmoid_topk(logits, expert_bias, top_k, norm_topk_prob, route_eps, routed_scaling);
   return be.route_softmax_topk(logits, top_k, norm_topk_prob);
 }
 

@@ -28,7 +28,8 @@ class SwigluMlp : public FeedForward {
 };
 
 enum class RouterKind {
-  SoftmaxTopK,  // Qwen3-MoE: softmax, top-k, optional renormalisation
+  SoftmaxTopK,      // Qwen3-MoE: softmax, top-k, optional renormalisation
+  SigmoidBiasTopK,  // LFM2: sigmoid, top-k of sigmoid + expert_bias, renorm (+eps), x scaling
 };
 
 class MoeBlock : public FeedForward {
@@ -38,6 +39,9 @@ class MoeBlock : public FeedForward {
   Weight gate_proj, up_proj, down_proj;   // stacked experts [E, I, D] / [E, D, I]
   int64_t top_k = 0;
   bool norm_topk_prob = true;
+  Tensor expert_bias;          // SigmoidBiasTopK: F32 [E], used for selection only
+  float route_eps = 1e-6f;     // SigmoidBiasTopK: added to the renormalisation denominator
+  float routed_scaling = 1.0f; // SigmoidBiasTopK: routed_scaling_factor
   CombineMode combine = CombineMode::Bf16Products;
   std::unique_ptr<SwigluMlp> shared_expert;  // GLM; null otherwise
 

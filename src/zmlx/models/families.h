@@ -8,6 +8,7 @@
 namespace zmlx {
 
 std::unique_ptr<Model> build_qwen3(ModelConfig cfg, std::shared_ptr<io::WeightStore> store, Backend& be);
+std::unique_ptr<Model> build_lfm2_moe(ModelConfig cfg, std::shared_ptr<io::WeightStore> store, Backend& be);
 std::unique_ptr<Model> build_qwen3_moe(ModelConfig cfg, std::shared_ptr<io::WeightStore> store, Backend& be);
 
 }  // namespace zmlx

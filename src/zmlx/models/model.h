@@ -16,7 +16,8 @@ namespace zmlx {
 // Everything a sequence carries between steps.
 struct Cache {
   int64_t pos = 0;              // tokens already processed
-  std::vector<KvLayer> kv;      // one per attention layer
+  std::vector<KvLayer> kv;      // one per attention layer (qwen3); per layer, empty for conv layers (lfm2)
+  std::vector<Tensor> conv;     // lfm2: per layer, the last L-1 conv inputs [L-1, C] (empty for attention layers)
 };
 
 // One row of `zmlx inspect`: a weight as stored.

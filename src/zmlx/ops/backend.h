@@ -79,6 +79,20 @@ class Backend {
   // Router: softmax (fp32, stored bf16) over logits [T, E], top-k, optional
   // renormalisation (bf16), as Qwen3-MoE does.
   virtual Routing route_softmax_topk(const Tensor& logits, int64_t k, bool normalize) = 0;
+  // Router, LFM2 / spec §3.2: sw = bf16(sigmoid(z)); the top-k of fp32(sw) +
+  // bias (F32 [E], selection only; ties to the lower id) in descending order;
+  // w = sw[inds]; when normalize, w = bf16(w / bf16(bf16(Σw) + eps)); then
+  // w = bf16(w · scaling). Scores are bf16.
+  virtual Routing route_sigmoid_topk(const Tensor& logits, const Tensor& bias, int64_t k, bool normalize,
+                                     float eps, float scaling) = 0;
+
+  // LFM2 ShortConv core (spec §3.2) on bcx = in_proj(x) [T, 3C] = [B | C | x]:
+  // Bx = bf16(B·x); seq = concat(state, Bx) with state [L-1, C] the previous
+  // L-1 Bx rows (zeros at the start); conv[t, c] = bf16(Σ_k seq[t+k, c]·w[c, k])
+  // (depthwise cross-correlation, fp32 sum in k order, w [C, L] or [C, L, 1]);
+  // returns bf16(C · conv) [T, C] and updates state in place to the last L-1
+  // rows of seq.
+  virtual Tensor short_conv(const Tensor& bcx, Tensor& state, const Tensor& w) = 0;
 
   // Unfused expert matmuls: out[t, j] = x[t] (or x[t, j] when x has T·k
   // rows) @ W[experts[t, j]]ᵀ -> [T, k, N] bf16.

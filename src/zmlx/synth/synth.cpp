@@ -53,7 +53,7 @@ uint64_t hash_str(const std::string& s, uint64_t seed) {
 // ------------------------------------------------------------------ plan
 
 // How a module's values are produced.
-enum class Kind { Random, Embedding, LmHeadFromEmbedding, Norm };
+enum class Kind { Random, Embedding, LmHeadFromEmbedding, Norm, F32Vector };  // F32Vector: tensor named `path` exactly
 
 struct ModulePlan {
   std::string path;
@@ -118,6 +118,8 @@ class Producer {
       };
       if (m.kind == Kind::Norm) {
         out.push_back({m.path + ".weight", DType::BF16, {m.cols}});
+      } else if (m.kind == Kind::F32Vector) {
+        out.push_back({m.path, DType::F32, {m.cols}});
       } else if (m.bits == 0) {
         out.push_back({m.path + ".weight", DType::BF16, shp({m.rows, m.cols})});
       } else {
@@ -130,6 +132,13 @@ class Producer {
   }
 
   void fill(const io::TensorSpec& spec, uint8_t* dst) {
+    if (auto it = by_path_.find(spec.name); it != by_path_.end() && it->second->kind == Kind::F32Vector) {
+      const ModulePlan& m = *it->second;
+      SplitMix rng(hash_str(m.path, seed_));
+      auto* o = reinterpret_cast<float*>(dst);
+      for (int64_t i = 0; i < m.cols; ++i) o[i] = m.std * rng.normal();
+      return;
+    }
     const size_t dot = spec.name.rfind('.');
     const std::string path = spec.name.substr(0, dot), part = spec.name.substr(dot + 1);
     const ModulePlan& m = *by_path_.at(path);
@@ -341,6 +350,119 @@ Plan qwen3_moe_plan(const json& c, int bits, int group, int router_bits) {
   return p;
 }
 
+// LFM2-MoE (spec §3.1 shapes for `full`).
+json lfm2_moe_config(const std::string& preset) {
+  json c;
+  std::vector<int64_t> attn;
+  if (preset == "full") {  // LiquidAI/LFM2-8B-A1B
+    c = {{"hidden_size", 2048}, {"num_hidden_layers", 24}, {"num_attention_heads", 32}, {"num_key_value_heads", 8},
+         {"num_experts", 32}, {"num_experts_per_tok", 4}, {"moe_intermediate_size", 1792},
+         {"intermediate_size", 7168}, {"num_dense_layers", 2}, {"vocab_size", 65536},
+         {"max_position_embeddings", 128000}};
+    attn = {2, 6, 10, 14, 18, 21};
+  } else if (preset == "tiny") {
+    c = {{"hidden_size", 128}, {"num_hidden_layers", 6}, {"num_attention_heads", 4}, {"num_key_value_heads", 2},
+         {"num_experts", 8}, {"num_experts_per_tok", 2}, {"moe_intermediate_size", 64}, {"intermediate_size", 256},
+         {"num_dense_layers", 2}, {"vocab_size", 2048}, {"max_position_embeddings", 4096}};
+    attn = {2, 5};
+  } else {
+    fail("synth: unknown preset '{}' (tiny, full)", preset);
+  }
+  c.update(json{{"architectures", {"Lfm2MoeForCausalLM"}}, {"model_type", "lfm2_moe"}, {"full_attn_idxs", attn},
+                {"conv_L_cache", 3}, {"conv_bias", false}, {"use_expert_bias", true}, {"norm_topk_prob", true},
+                {"routed_scaling_factor", 1.0}, {"norm_eps", 1e-5}, {"rope_theta", 1000000.0},
+                {"tie_word_embeddings", true}, {"bos_token_id", 1}, {"eos_token_id", 7}, {"pad_token_id", 0},
+                {"hidden_act", "silu"}, {"torch_dtype", "bfloat16"}, {"use_cache", true},
+                {"transformers_version", "4.57.0"}});
+  return c;
+}
+
+// layer_types from full_attn_idxs and num_hidden_layers (unless given).
+void lfm2_fill_layer_types(json& c) {
+  const int64_t L = c.at("num_hidden_layers").get<int64_t>();
+  const std::vector<int64_t> attn = c.value("full_attn_idxs", std::vector<int64_t>{});
+  json lt = json::array();
+  for (int64_t l = 0; l < L; ++l)
+    lt.push_back(std::find(attn.begin(), attn.end(), l) != attn.end() ? "full_attention" : "conv");
+  c["layer_types"] = lt;
+}
+
+Plan lfm2_moe_plan(const json& c, int bits, int group, int router_bits) {
+  Plan p;
+  p.family = "lfm2_moe";
+  p.config = c;
+  auto I = [&](const char* k) { return c.at(k).get<int64_t>(); };
+  const int64_t D = I("hidden_size"), L = I("num_hidden_layers"), H = I("num_attention_heads"),
+                Hkv = I("num_key_value_heads"), hd = D / H, E = I("num_experts"), Im = I("moe_intermediate_size"),
+                In = I("intermediate_size"), V = I("vocab_size"), n_dense = c.value("num_dense_layers", int64_t(0)),
+                Lc = c.value("conv_L_cache", int64_t(3));
+  const json& lt = c.at("layer_types");
+  ZMLX_CHECK(lt.is_array() && int64_t(lt.size()) == L, "synth: layer_types must list {} layers", L);
+  const float gamma = 0.05f;
+  auto lin = [&](std::string path, int64_t rows, int64_t cols, float std, int64_t experts = 0, int b = -1) {
+    ModulePlan m;
+    m.path = std::move(path);
+    m.rows = rows;
+    m.cols = cols;
+    m.std = std;
+    m.experts = experts;
+    m.bits = b < 0 ? bits : b;
+    m.group = group;
+    p.modules.push_back(m);
+  };
+  auto norm = [&](std::string path, int64_t n) {
+    ModulePlan m;
+    m.path = std::move(path);
+    m.kind = Kind::Norm;
+    m.cols = n;
+    p.modules.push_back(m);
+  };
+  ModulePlan emb;
+  emb.path = "model.embed_tokens";
+  emb.kind = Kind::Embedding;
+  emb.rows = V;
+  emb.cols = D;
+  emb.std = 1.0f;  // tied head: logits peak on the current token's own row
+  emb.bits = bits == 0 ? 4 : bits;
+  emb.group = group;
+  p.modules.push_back(emb);
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string pre = "model.layers." + std::to_string(l);
+    norm(pre + ".operator_norm", D);
+    norm(pre + ".ffn_norm", D);
+    if (lt[size_t(l)] == "full_attention") {
+      lin(pre + ".self_attn.q_proj", H * hd, D, 1.0f / std::sqrt(float(D)));
+      lin(pre + ".self_attn.k_proj", Hkv * hd, D, 1.0f / std::sqrt(float(D)));
+      lin(pre + ".self_attn.v_proj", Hkv * hd, D, 1.0f / std::sqrt(float(D)));
+      lin(pre + ".self_attn.out_proj", D, H * hd, gamma / std::sqrt(float(H * hd)));
+      norm(pre + ".self_attn.q_layernorm", hd);
+      norm(pre + ".self_attn.k_layernorm", hd);
+    } else {
+      lin(pre + ".conv.in_proj", 3 * D, D, 1.0f / std::sqrt(float(D)));
+      lin(pre + ".conv.out_proj", D, D, 4.0f * gamma / std::sqrt(float(D)));
+      lin(pre + ".conv.conv", Lc, 1, 0.5f, D, 0);  // dense bf16 [D, L, 1]
+    }
+    if (l < n_dense) {
+      lin(pre + ".feed_forward.gate_proj", In, D, 1.0f / std::sqrt(float(D)));
+      lin(pre + ".feed_forward.up_proj", In, D, 1.0f / std::sqrt(float(D)));
+      lin(pre + ".feed_forward.down_proj", D, In, 2.0f * gamma / std::sqrt(float(In)));
+      continue;
+    }
+    lin(pre + ".feed_forward.gate", E, D, 2.0f / std::sqrt(float(D)), 0, bits == 0 ? 0 : router_bits);
+    ModulePlan bias;
+    bias.path = pre + ".feed_forward.expert_bias";
+    bias.kind = Kind::F32Vector;
+    bias.cols = E;
+    bias.std = 0.02f;
+    p.modules.push_back(bias);
+    lin(pre + ".feed_forward.switch_mlp.gate_proj", Im, D, 1.0f / std::sqrt(float(D)), E);
+    lin(pre + ".feed_forward.switch_mlp.up_proj", Im, D, 1.0f / std::sqrt(float(D)), E);
+    lin(pre + ".feed_forward.switch_mlp.down_proj", D, Im, 2.0f * gamma / std::sqrt(float(Im)), E);
+  }
+  norm("model.embedding_norm", D);
+  return p;
+}
+
 json parse_set_value(const std::string& v) {
   try {
     return json::parse(v);
@@ -395,30 +517,47 @@ json qwen3_config(const std::string& preset) {
   return c;
 }
 
-std::vector<std::string> synth_archs() { return {"qwen3_moe", "qwen3"}; }
+std::vector<std::string> synth_archs() { return {"qwen3_moe", "qwen3", "lfm2_moe"}; }
 
 std::string synth_model(const SynthOptions& o) {
   ZMLX_CHECK(!o.out.empty(), "synth: --out DIR is required");
-  ZMLX_CHECK(o.arch == "qwen3_moe" || o.arch == "qwen3", "synth: unknown --arch '{}' (supported: qwen3_moe, qwen3)",
-             o.arch);
+  ZMLX_CHECK(o.arch == "qwen3_moe" || o.arch == "qwen3" || o.arch == "lfm2_moe",
+             "synth: unknown --arch '{}' (supported: qwen3_moe, qwen3, lfm2_moe)", o.arch);
   ZMLX_CHECK(o.bits == 0 || quant::supported({o.bits, o.group_size}),
              "synth: --bits {} --group-size {} unsupported (bits 2/4/8 or 0 for bf16; groups 32/64/128)", o.bits,
              o.group_size);
   ZMLX_CHECK(o.router_bits == 0 || quant::supported({o.router_bits, o.group_size}), "synth: --router-bits {} unsupported",
              o.router_bits);
-  json config = o.arch == "qwen3" ? qwen3_config(o.preset) : qwen3_moe_config(o.preset);
-  for (auto& [k, v] : o.sets) config[k] = parse_set_value(v);
+  const bool lfm2 = o.arch == "lfm2_moe";
+  json config = o.arch == "qwen3" ? qwen3_config(o.preset) : lfm2 ? lfm2_moe_config(o.preset) : qwen3_moe_config(o.preset);
+  bool set_layer_types = false;
+  for (auto& [k, v] : o.sets) {
+    config[k] = parse_set_value(v);
+    set_layer_types |= k == "layer_types";
+  }
+  if (lfm2 && !set_layer_types) lfm2_fill_layer_types(config);
   const int qbits = o.bits == 0 ? 4 : o.bits;  // embedding/lm_head stay quantized in bf16 mode
-  Plan plan = qwen3_moe_plan(config, o.bits, o.group_size, o.router_bits);
+  // LFM2's router is 8-bit in the real checkpoint (a per-module override).
+  const int router_bits = lfm2 && o.bits != 0 && o.router_bits == 0 ? 8 : o.router_bits;
+  ZMLX_CHECK(router_bits == 0 || quant::supported({router_bits, o.group_size}), "synth: router bits {} unsupported",
+             router_bits);
+  Plan plan = lfm2 ? lfm2_moe_plan(config, o.bits, o.group_size, router_bits)
+                   : qwen3_moe_plan(config, o.bits, o.group_size, o.router_bits);
   for (auto& m : plan.modules)
-    if (m.kind != Kind::Norm && m.bits != 0)
+    if (m.kind != Kind::Norm && m.kind != Kind::F32Vector && m.bits != 0)
       ZMLX_CHECK(m.cols % m.group == 0, "synth: {} has {} input features, not a multiple of group size {}", m.path,
                  m.cols, m.group);
 
   json quant = {{"group_size", o.group_size}, {"bits", qbits}};
-  if (o.router_bits)
+  if (lfm2) {
+    if (router_bits && o.bits != 0)
+      for (int64_t l = config.value("num_dense_layers", int64_t(0)); l < config["num_hidden_layers"].get<int64_t>(); ++l)
+        quant["model.layers." + std::to_string(l) + ".feed_forward.gate"] = {{"group_size", o.group_size},
+                                                                               {"bits", router_bits}};
+  } else if (o.router_bits) {
     for (int64_t l = 0; l < config["num_hidden_layers"].get<int64_t>(); ++l)
       quant["model.layers." + std::to_string(l) + ".mlp.gate"] = {{"group_size", o.group_size}, {"bits", o.router_bits}};
+  }
   config["quantization"] = quant;
   config["quantization_config"] = quant;
 
@@ -446,9 +585,11 @@ std::string synth_model(const SynthOptions& o) {
   const auto eos = tok.token_id("<|im_end|>"), eot = tok.token_id("<|endoftext|>");
   if (eos) config["eos_token_id"] = *eos;
   if (eot) config["bos_token_id"] = *eot;
+  if (lfm2)  // spec §3.4: BOS <|startoftext|>, EOS <|im_end|> only
+    if (auto bos = tok.token_id("<|startoftext|>")) config["bos_token_id"] = *bos;
   json eos_list = json::array();
   if (eos) eos_list.push_back(*eos);
-  if (eot) eos_list.push_back(*eot);
+  if (eot && !lfm2) eos_list.push_back(*eot);
   write_json(fs::path(o.out) / "config.json", config);
   json gen = {{"bos_token_id", config.value("bos_token_id", 0)},
               {"eos_token_id", eos_list},

@@ -376,6 +376,78 @@ class CpuBackend final : public Backend {
     return r;
   }
 
+  Routing route_sigmoid_topk(const Tensor& logits, const Tensor& bias, int64_t k, bool normalize, float eps,
+                             float scaling) override {
+    OpTimer timer_("route_sigmoid_topk");
+    check_bf16_2d(logits, "route_sigmoid_topk logits");
+    const int64_t T = logits.rows(), E = logits.cols();
+    ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
+    ZMLX_CHECK(bias.dtype == DType::F32 && bias.numel() == E, "router: expert bias must be F32 [{}], got {} with {} values",
+               E, dtype_name(bias.dtype), bias.numel());
+    Routing r;
+    r.k = k;
+    r.experts = alloc(DType::I32, {T, k});
+    r.scores = alloc(DType::BF16, {T, k});
+    const uint16_t* l = logits.ptr<uint16_t>();
+    const float* b = bias.ptr<float>();
+    std::vector<float> sw(static_cast<size_t>(E)), sel(static_cast<size_t>(E));
+    std::vector<int32_t> order(static_cast<size_t>(E));
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t e = 0; e < E; ++e) {
+        const float z = bf16_to_f32(l[t * E + e]);
+        sw[size_t(e)] = round_bf16(1.0f / (1.0f + std::exp(-z)));
+        sel[size_t(e)] = sw[size_t(e)] + b[e];
+        order[size_t(e)] = int32_t(e);
+      }
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t x, int32_t y) {
+        return sel[size_t(x)] > sel[size_t(y)] || (sel[size_t(x)] == sel[size_t(y)] && x < y);
+      });
+      float total = 0.f;
+      for (int64_t j = 0; j < k; ++j) total += sw[size_t(order[size_t(j)])];
+      const float denom = round_bf16(round_bf16(total) + eps);
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t e = order[size_t(j)];
+        float w = sw[size_t(e)];
+        if (normalize) w = round_bf16(w / denom);
+        r.experts.ptr<int32_t>()[t * k + j] = e;
+        r.scores.ptr<uint16_t>()[t * k + j] = f32_to_bf16_bits(w * scaling);
+      }
+    }
+    return r;
+  }
+
+  Tensor short_conv(const Tensor& bcx, Tensor& state, const Tensor& w) override {
+    OpTimer timer_("short_conv");
+    check_bf16_2d(bcx, "short_conv input");
+    ZMLX_CHECK(bcx.cols() % 3 == 0, "short_conv: input rows have {} values, expected 3 x channels", bcx.cols());
+    const int64_t T = bcx.rows(), C = bcx.cols() / 3;
+    ZMLX_CHECK(w.dtype == DType::BF16 && w.shape.size() >= 2 && w.dim(0) == C && w.numel() == C * w.dim(1),
+               "short_conv: weight with {} values does not fit {} channels", w.numel(), C);
+    const int64_t L = w.dim(1), S = L - 1;
+    ZMLX_CHECK(state.dtype == DType::BF16 && state.numel() == S * C,
+               "short_conv: state has {} values, expected {}x{}", state.numel(), S, C);
+    const uint16_t* in = bcx.ptr<uint16_t>();
+    // seq = [state; Bx], Bx = bf16(B * x).
+    std::vector<uint16_t> seq(static_cast<size_t>((S + T) * C));
+    std::memcpy(seq.data(), state.ptr<uint16_t>(), size_t(S * C) * 2);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < C; ++c)
+        seq[size_t((S + t) * C + c)] =
+            f32_to_bf16_bits(bf16_to_f32(in[t * 3 * C + c]) * bf16_to_f32(in[t * 3 * C + 2 * C + c]));
+    Tensor out = alloc(DType::BF16, {T, C});
+    uint16_t* o = out.ptr<uint16_t>();
+    const uint16_t* wp = w.ptr<uint16_t>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < C; ++c) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < L; ++k) acc += bf16_to_f32(seq[size_t((t + k) * C + c)]) * bf16_to_f32(wp[c * L + k]);
+        const float conv = round_bf16(acc);
+        o[t * C + c] = f32_to_bf16_bits(bf16_to_f32(in[t * 3 * C + C + c]) * conv);
+      }
+    std::memcpy(state.ptr<uint16_t>(), seq.data() + size_t(T * C), size_t(S * C) * 2);
+    return out;
+  }
+
   // ---------------------------------------------------------------- experts
 
   Tensor gather_qmm(const Tensor& x, const Weight& w, const Routing& r) override {
