@@ -72,6 +72,66 @@ struct Plan {
   std::string family;
 };
 
+// Appends module plans with the scaling rules every family shares: inputs
+// project with std 1/sqrt(fan_in); blocks write back into the residual with
+// `gamma` of its size, so the current token's embedding stays dominant.
+struct PlanBuilder {
+  Plan& p;
+  int bits, group;
+  static constexpr float gamma = 0.05f;
+
+  void linear(std::string path, int64_t rows, int64_t cols, float std, int64_t experts = 0, int b = -1) {
+    ModulePlan m;
+    m.path = std::move(path);
+    m.rows = rows;
+    m.cols = cols;
+    m.std = std;
+    m.experts = experts;
+    m.bits = b < 0 ? bits : b;
+    m.group = group;
+    p.modules.push_back(m);
+  }
+  void input_proj(std::string path, int64_t rows, int64_t cols, int64_t experts = 0) {
+    linear(std::move(path), rows, cols, 1.0f / std::sqrt(float(cols)), experts);
+  }
+  void output_proj(std::string path, int64_t rows, int64_t cols, int64_t experts = 0) {
+    linear(std::move(path), rows, cols, gamma / std::sqrt(float(cols)), experts);
+  }
+  void norm(std::string path, int64_t n) {
+    ModulePlan m;
+    m.path = std::move(path);
+    m.kind = Kind::Norm;
+    m.cols = n;
+    p.modules.push_back(m);
+  }
+  // Embedding rows are regenerated when lm_head is built from them, so the
+  // table stays quantized even for bf16 models.
+  void embedding(int64_t vocab, int64_t dim) {
+    ModulePlan m;
+    m.path = "model.embed_tokens";
+    m.kind = Kind::Embedding;
+    m.rows = vocab;
+    m.cols = dim;
+    m.std = 1.0f;
+    m.bits = bits == 0 ? 4 : bits;
+    m.group = group;
+    p.modules.push_back(m);
+  }
+  // A dense SwiGLU MLP (gate_proj / up_proj / down_proj) under `prefix`.
+  void swiglu_mlp(const std::string& prefix, int64_t inter, int64_t dim) {
+    input_proj(prefix + ".gate_proj", inter, dim);
+    input_proj(prefix + ".up_proj", inter, dim);
+    linear(prefix + ".down_proj", dim, inter, 2.0f * gamma / std::sqrt(float(inter)));
+  }
+  // Router + stacked experts under `prefix` (router bits: 0 = dense bf16, -1 = as the model).
+  void moe(const std::string& prefix, int64_t experts, int64_t inter, int64_t dim, int router_bits) {
+    linear(prefix + ".gate", experts, dim, 2.0f / std::sqrt(float(dim)), 0, router_bits);
+    input_proj(prefix + ".switch_mlp.gate_proj", inter, dim, experts);
+    input_proj(prefix + ".switch_mlp.up_proj", inter, dim, experts);
+    linear(prefix + ".switch_mlp.down_proj", dim, inter, 2.0f * gamma / std::sqrt(float(inter)), experts);
+  }
+};
+
 // Standard deviation of a uniform integer in [0, n].
 float uniform_int_std(int n) { return std::sqrt(float((n + 1) * (n + 1) - 1) / 12.0f); }
 
@@ -281,61 +341,29 @@ Plan qwen3_moe_plan(const json& c, int bits, int group, int router_bits) {
                 Hkv = I("num_key_value_heads"), hd = c.value("head_dim", D / H),
                 E = all_dense ? 0 : I("num_experts"), Im = all_dense ? 0 : I("moe_intermediate_size"),
                 V = I("vocab_size");
-  const float gamma = 0.05f;  // each block's output size relative to the residual
   const std::vector<int64_t> mlp_only = c.value("mlp_only_layers", std::vector<int64_t>{});
   const int64_t sparse_step = std::max<int64_t>(1, c.value("decoder_sparse_step", int64_t(1)));
-  auto lin = [&](std::string path, int64_t rows, int64_t cols, float std, int64_t experts = 0, int b = -1) {
-    ModulePlan m;
-    m.path = std::move(path);
-    m.rows = rows;
-    m.cols = cols;
-    m.std = std;
-    m.experts = experts;
-    m.bits = b < 0 ? bits : b;
-    m.group = group;
-    p.modules.push_back(m);
-  };
-  auto norm = [&](std::string path, int64_t n) {
-    ModulePlan m;
-    m.path = std::move(path);
-    m.kind = Kind::Norm;
-    m.cols = n;
-    p.modules.push_back(m);
-  };
-  ModulePlan emb;
-  emb.path = "model.embed_tokens";
-  emb.kind = Kind::Embedding;
-  emb.rows = V;
-  emb.cols = D;
-  emb.std = 1.0f;
-  emb.bits = bits == 0 ? 4 : bits;  // embedding rows are regenerated for lm_head
-  emb.group = group;
-  if (bits == 0) emb.kind = Kind::Embedding;
-  p.modules.push_back(emb);
+  PlanBuilder pb{p, bits, group};
+  pb.embedding(V, D);
   for (int64_t l = 0; l < L; ++l) {
     const std::string pre = "model.layers." + std::to_string(l);
-    norm(pre + ".input_layernorm", D);
-    norm(pre + ".post_attention_layernorm", D);
-    lin(pre + ".self_attn.q_proj", H * hd, D, 1.0f / std::sqrt(float(D)));
-    lin(pre + ".self_attn.k_proj", Hkv * hd, D, 1.0f / std::sqrt(float(D)));
-    lin(pre + ".self_attn.v_proj", Hkv * hd, D, 1.0f / std::sqrt(float(D)));
-    lin(pre + ".self_attn.o_proj", D, H * hd, gamma / std::sqrt(float(H * hd)));
-    norm(pre + ".self_attn.q_norm", hd);
-    norm(pre + ".self_attn.k_norm", hd);
-    const bool dense = all_dense || std::find(mlp_only.begin(), mlp_only.end(), l) != mlp_only.end() || (l + 1) % sparse_step != 0;
-    if (dense) {  // mlp_only_layers / decoder_sparse_step: a dense SwiGLU MLP
-      const int64_t In = I("intermediate_size");
-      lin(pre + ".mlp.gate_proj", In, D, 1.0f / std::sqrt(float(D)));
-      lin(pre + ".mlp.up_proj", In, D, 1.0f / std::sqrt(float(D)));
-      lin(pre + ".mlp.down_proj", D, In, 2.0f * gamma / std::sqrt(float(In)));
-      continue;
-    }
-    lin(pre + ".mlp.gate", E, D, 2.0f / std::sqrt(float(D)), 0, router_bits ? router_bits : -1);
-    lin(pre + ".mlp.switch_mlp.gate_proj", Im, D, 1.0f / std::sqrt(float(D)), E);
-    lin(pre + ".mlp.switch_mlp.up_proj", Im, D, 1.0f / std::sqrt(float(D)), E);
-    lin(pre + ".mlp.switch_mlp.down_proj", D, Im, 2.0f * gamma / std::sqrt(float(Im)), E);
+    pb.norm(pre + ".input_layernorm", D);
+    pb.norm(pre + ".post_attention_layernorm", D);
+    pb.input_proj(pre + ".self_attn.q_proj", H * hd, D);
+    pb.input_proj(pre + ".self_attn.k_proj", Hkv * hd, D);
+    pb.input_proj(pre + ".self_attn.v_proj", Hkv * hd, D);
+    pb.output_proj(pre + ".self_attn.o_proj", D, H * hd);
+    pb.norm(pre + ".self_attn.q_norm", hd);
+    pb.norm(pre + ".self_attn.k_norm", hd);
+    // mlp_only_layers / decoder_sparse_step (and the dense family): a dense SwiGLU MLP
+    const bool dense = all_dense || std::find(mlp_only.begin(), mlp_only.end(), l) != mlp_only.end() ||
+                       (l + 1) % sparse_step != 0;
+    if (dense)
+      pb.swiglu_mlp(pre + ".mlp", I("intermediate_size"), D);
+    else
+      pb.moe(pre + ".mlp", E, Im, D, router_bits ? router_bits : -1);
   }
-  norm("model.norm", D);
+  pb.norm("model.norm", D);
   ModulePlan head;
   head.path = "lm_head";
   head.kind = Kind::LmHeadFromEmbedding;
@@ -398,68 +426,37 @@ Plan lfm2_moe_plan(const json& c, int bits, int group, int router_bits) {
                 Lc = c.value("conv_L_cache", int64_t(3));
   const json& lt = c.at("layer_types");
   ZMLX_CHECK(lt.is_array() && int64_t(lt.size()) == L, "synth: layer_types must list {} layers", L);
-  const float gamma = 0.05f;
-  auto lin = [&](std::string path, int64_t rows, int64_t cols, float std, int64_t experts = 0, int b = -1) {
-    ModulePlan m;
-    m.path = std::move(path);
-    m.rows = rows;
-    m.cols = cols;
-    m.std = std;
-    m.experts = experts;
-    m.bits = b < 0 ? bits : b;
-    m.group = group;
-    p.modules.push_back(m);
-  };
-  auto norm = [&](std::string path, int64_t n) {
-    ModulePlan m;
-    m.path = std::move(path);
-    m.kind = Kind::Norm;
-    m.cols = n;
-    p.modules.push_back(m);
-  };
-  ModulePlan emb;
-  emb.path = "model.embed_tokens";
-  emb.kind = Kind::Embedding;
-  emb.rows = V;
-  emb.cols = D;
-  emb.std = 1.0f;  // tied head: logits peak on the current token's own row
-  emb.bits = bits == 0 ? 4 : bits;
-  emb.group = group;
-  p.modules.push_back(emb);
+  PlanBuilder pb{p, bits, group};
+  pb.embedding(V, D);  // tied head: logits peak on the current token's own row
   for (int64_t l = 0; l < L; ++l) {
     const std::string pre = "model.layers." + std::to_string(l);
-    norm(pre + ".operator_norm", D);
-    norm(pre + ".ffn_norm", D);
+    pb.norm(pre + ".operator_norm", D);
+    pb.norm(pre + ".ffn_norm", D);
     if (lt[size_t(l)] == "full_attention") {
-      lin(pre + ".self_attn.q_proj", H * hd, D, 1.0f / std::sqrt(float(D)));
-      lin(pre + ".self_attn.k_proj", Hkv * hd, D, 1.0f / std::sqrt(float(D)));
-      lin(pre + ".self_attn.v_proj", Hkv * hd, D, 1.0f / std::sqrt(float(D)));
-      lin(pre + ".self_attn.out_proj", D, H * hd, gamma / std::sqrt(float(H * hd)));
-      norm(pre + ".self_attn.q_layernorm", hd);
-      norm(pre + ".self_attn.k_layernorm", hd);
+      pb.input_proj(pre + ".self_attn.q_proj", H * hd, D);
+      pb.input_proj(pre + ".self_attn.k_proj", Hkv * hd, D);
+      pb.input_proj(pre + ".self_attn.v_proj", Hkv * hd, D);
+      pb.output_proj(pre + ".self_attn.out_proj", D, H * hd);
+      pb.norm(pre + ".self_attn.q_layernorm", hd);
+      pb.norm(pre + ".self_attn.k_layernorm", hd);
     } else {
-      lin(pre + ".conv.in_proj", 3 * D, D, 1.0f / std::sqrt(float(D)));
-      lin(pre + ".conv.out_proj", D, D, 4.0f * gamma / std::sqrt(float(D)));
-      lin(pre + ".conv.conv", Lc, 1, 0.5f, D, 0);  // dense bf16 [D, L, 1]
+      pb.input_proj(pre + ".conv.in_proj", 3 * D, D);
+      pb.linear(pre + ".conv.out_proj", D, D, 4.0f * PlanBuilder::gamma / std::sqrt(float(D)));
+      pb.linear(pre + ".conv.conv", Lc, 1, 0.5f, D, 0);  // dense bf16 [D, L, 1]
     }
     if (l < n_dense) {
-      lin(pre + ".feed_forward.gate_proj", In, D, 1.0f / std::sqrt(float(D)));
-      lin(pre + ".feed_forward.up_proj", In, D, 1.0f / std::sqrt(float(D)));
-      lin(pre + ".feed_forward.down_proj", D, In, 2.0f * gamma / std::sqrt(float(In)));
+      pb.swiglu_mlp(pre + ".feed_forward", In, D);
       continue;
     }
-    lin(pre + ".feed_forward.gate", E, D, 2.0f / std::sqrt(float(D)), 0, bits == 0 ? 0 : router_bits);
+    pb.moe(pre + ".feed_forward", E, Im, D, bits == 0 ? 0 : router_bits);
     ModulePlan bias;
     bias.path = pre + ".feed_forward.expert_bias";
     bias.kind = Kind::F32Vector;
     bias.cols = E;
     bias.std = 0.02f;
     p.modules.push_back(bias);
-    lin(pre + ".feed_forward.switch_mlp.gate_proj", Im, D, 1.0f / std::sqrt(float(D)), E);
-    lin(pre + ".feed_forward.switch_mlp.up_proj", Im, D, 1.0f / std::sqrt(float(D)), E);
-    lin(pre + ".feed_forward.switch_mlp.down_proj", D, Im, 2.0f * gamma / std::sqrt(float(Im)), E);
   }
-  norm("model.embedding_norm", D);
+  pb.norm("model.embedding_norm", D);
   return p;
 }
 
