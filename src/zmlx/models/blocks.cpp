@@ -8,6 +8,16 @@ std::vector<Tensor> Backend::linear_multi(const Tensor& x, const std::vector<con
   return out;
 }
 
+Tensor GqaAttention::forward(Backend& be, const Tensor& x, KvLayer& cache, int64_t pos0) const {
+  auto qkv = be.linear_multi(x, {&q_proj, &k_proj, &v_proj});
+  Tensor q = be.rms_norm(qkv[0], q_norm, eps);
+  Tensor k = be.rms_norm(qkv[1], k_norm, eps);
+  be.rope(q, heads, head_dim, 0, head_dim, pos0, rope_theta, /*traditional=*/false);
+  be.rope(k, kv_heads, head_dim, 0, head_dim, pos0, rope_theta, /*traditional=*/false);
+  be.kv_write(cache, k, qkv[2], pos0);
+  return be.linear(be.attention(q, cache, pos0, heads, kv_heads, head_dim, scale), o_proj);
+}
+
 Tensor SwigluMlp::forward(Backend& be, const Tensor& x) {
   Tensor gate = be.linear(x, gate_proj);
   Tensor up = be.linear(x, up_proj);

@@ -10,6 +10,17 @@
 
 namespace zmlx {
 
+// Grouped-query attention with per-head RMSNorm on q and k before RoPE
+// (Qwen3 and LFM2): returns the output projection, to be added to h.
+struct GqaAttention {
+  Weight q_proj, k_proj, v_proj, o_proj;
+  Tensor q_norm, k_norm;
+  int64_t heads = 0, kv_heads = 0, head_dim = 0;
+  float scale = 1.f, rope_theta = 10000.f, eps = 1e-6f;
+
+  Tensor forward(Backend& be, const Tensor& x, KvLayer& cache, int64_t pos0) const;
+};
+
 class FeedForward {
  public:
   virtual ~FeedForward() = default;

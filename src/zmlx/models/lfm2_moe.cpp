@@ -24,9 +24,7 @@ namespace {
 struct Layer {
   bool attention = false;
   Tensor operator_norm, ffn_norm;
-  // attention
-  Weight q_proj, k_proj, v_proj, out_proj;
-  Tensor q_norm, k_norm;
+  GqaAttention attn;
   // short conv
   Weight in_proj, conv_out_proj;
   Tensor conv_w;  // [D, L, 1]
@@ -92,12 +90,10 @@ class Lfm2Moe final : public Model {
       L.operator_norm = wl.tensor(p + ".operator_norm.weight", DType::BF16, {D_});
       L.ffn_norm = wl.tensor(p + ".ffn_norm.weight", DType::BF16, {D_});
       if (L.attention) {
-        L.q_proj = wl.linear(p + ".self_attn.q_proj", H_ * hd_, D_);
-        L.k_proj = wl.linear(p + ".self_attn.k_proj", Hkv_ * hd_, D_);
-        L.v_proj = wl.linear(p + ".self_attn.v_proj", Hkv_ * hd_, D_);
-        L.out_proj = wl.linear(p + ".self_attn.out_proj", D_, H_ * hd_);
-        L.q_norm = wl.tensor(p + ".self_attn.q_layernorm.weight", DType::BF16, {hd_});
-        L.k_norm = wl.tensor(p + ".self_attn.k_layernorm.weight", DType::BF16, {hd_});
+        L.attn = wl.gqa_attention(p + ".self_attn", "out_proj", "q_layernorm", "k_layernorm", H_, Hkv_, hd_, D_);
+        L.attn.scale = scale_;
+        L.attn.rope_theta = c.rope_theta;
+        L.attn.eps = c.rms_norm_eps;
       } else {
         L.in_proj = wl.linear(p + ".conv.in_proj", 3 * D_, D_);
         L.conv_out_proj = wl.linear(p + ".conv.out_proj", D_, D_);
@@ -114,37 +110,21 @@ class Lfm2Moe final : public Model {
           std::fill(z.ptr<float>(), z.ptr<float>() + E, 0.f);
           moe->expert_bias = be.from_host(z);
         }
-        moe->gate_proj = wl.linear(p + ".feed_forward.switch_mlp.gate_proj", I, D_, E, k);
-        moe->up_proj = wl.linear(p + ".feed_forward.switch_mlp.up_proj", I, D_, E, k);
-        moe->down_proj = wl.linear(p + ".feed_forward.switch_mlp.down_proj", D_, I, E, k);
-        moe->top_k = k;
+        wl.switch_experts(*moe, p + ".feed_forward", E, I, D_, k);
         moe->norm_topk_prob = norm_topk;
         moe->route_eps = 1e-6f;
         moe->routed_scaling = scaling;
         moe->combine = CombineMode::Bf16Products;
         L.mlp = std::move(moe);
       } else {
-        const int64_t In = c.get_int("intermediate_size");
-        auto mlp = std::make_unique<SwigluMlp>();
-        mlp->gate_proj = wl.linear(p + ".feed_forward.gate_proj", In, D_);
-        mlp->up_proj = wl.linear(p + ".feed_forward.up_proj", In, D_);
-        mlp->down_proj = wl.linear(p + ".feed_forward.down_proj", D_, In);
-        L.mlp = std::move(mlp);
+        L.mlp = wl.swiglu_mlp(p + ".feed_forward", c.get_int("intermediate_size"), D_);
       }
       L.mlp->path = p + ".feed_forward";
       ffn_slots_.push_back(&L.mlp);
     }
     norm_ = wl.tensor("model.embedding_norm.weight", DType::BF16, {D_});
-    if (!wl.has("lm_head.weight")) {  // mlx-lm always ties: logits = embed.as_linear
-      lm_head_ = embed_;
-      lm_head_.lookup_only = false;
-      lm_head_ = be.adopt(lm_head_);
-    } else {
-      lm_head_ = wl.linear("lm_head", c.vocab_size, D_);
-    }
-    const auto unused = wl.unused();
-    ZMLX_CHECK(unused.empty(), "{}: {} tensor(s) in the checkpoint belong to no {} module, e.g. '{}'", store->dir(),
-               unused.size(), c.model_type, unused.front());
+    lm_head_ = wl.output_projection(embed_, c.vocab_size, D_, /*may_tie=*/true);  // mlx-lm always ties
+    wl.check_all_used();
   }
 
   std::string family() const override { return config_.model_type; }
@@ -182,14 +162,7 @@ class Lfm2Moe final : public Model {
       Layer& L = layers_[l];
       Tensor x = be.rms_norm(h, L.operator_norm, eps);
       if (L.attention) {
-        auto qkv = be.linear_multi(x, {&L.q_proj, &L.k_proj, &L.v_proj});
-        Tensor q = be.rms_norm(qkv[0], L.q_norm, eps);
-        Tensor k = be.rms_norm(qkv[1], L.k_norm, eps);
-        be.rope(q, H_, hd_, 0, hd_, pos0, config_.rope_theta, /*traditional=*/false);
-        be.rope(k, Hkv_, hd_, 0, hd_, pos0, config_.rope_theta, /*traditional=*/false);
-        be.kv_write(cache.kv[l], k, qkv[2], pos0);
-        Tensor o = be.attention(q, cache.kv[l], pos0, H_, Hkv_, hd_, scale_);
-        be.add(h, be.linear(o, L.out_proj));
+        be.add(h, L.attn.forward(be, x, cache.kv[l], pos0));
       } else {
         Tensor y = be.short_conv(be.linear(x, L.in_proj), cache.conv[l], L.conv_w);
         be.add(h, be.linear(y, L.conv_out_proj));
@@ -197,12 +170,7 @@ class Lfm2Moe final : public Model {
       be.add(h, L.mlp->forward(be, be.rms_norm(h, L.ffn_norm, eps)));
     }
     cache.pos += T;
-    if (!all_logits && T > 1) {
-      Tensor r = h;
-      r.shape = {1, h.cols()};
-      r.data = static_cast<uint8_t*>(h.data) + size_t(h.rows() - 1) * size_t(h.cols()) * 2;
-      h = r;
-    }
+    if (!all_logits && T > 1) h = last_row(h);
     return be.linear(be.rms_norm(h, norm_, eps), lm_head_);
   }
 

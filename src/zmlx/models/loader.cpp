@@ -111,4 +111,49 @@ std::vector<std::string> WeightLoader::unused() const {
   return out;
 }
 
+std::unique_ptr<SwigluMlp> WeightLoader::swiglu_mlp(const std::string& prefix, int64_t inter, int64_t dim) {
+  auto m = std::make_unique<SwigluMlp>();
+  m->gate_proj = linear(prefix + ".gate_proj", inter, dim);
+  m->up_proj = linear(prefix + ".up_proj", inter, dim);
+  m->down_proj = linear(prefix + ".down_proj", dim, inter);
+  return m;
+}
+
+void WeightLoader::switch_experts(MoeBlock& moe, const std::string& prefix, int64_t experts, int64_t inter,
+                                  int64_t dim, int64_t k) {
+  moe.gate_proj = linear(prefix + ".switch_mlp.gate_proj", inter, dim, experts, k);
+  moe.up_proj = linear(prefix + ".switch_mlp.up_proj", inter, dim, experts, k);
+  moe.down_proj = linear(prefix + ".switch_mlp.down_proj", dim, inter, experts, k);
+  moe.top_k = k;
+}
+
+GqaAttention WeightLoader::gqa_attention(const std::string& prefix, const char* o_name, const char* q_norm_name,
+                                         const char* k_norm_name, int64_t heads, int64_t kv_heads,
+                                         int64_t head_dim, int64_t dim) {
+  GqaAttention a;
+  a.q_proj = linear(prefix + ".q_proj", heads * head_dim, dim);
+  a.k_proj = linear(prefix + ".k_proj", kv_heads * head_dim, dim);
+  a.v_proj = linear(prefix + ".v_proj", kv_heads * head_dim, dim);
+  a.o_proj = linear(prefix + "." + o_name, dim, heads * head_dim);
+  a.q_norm = tensor(prefix + "." + q_norm_name + ".weight", DType::BF16, {head_dim});
+  a.k_norm = tensor(prefix + "." + k_norm_name + ".weight", DType::BF16, {head_dim});
+  a.heads = heads;
+  a.kv_heads = kv_heads;
+  a.head_dim = head_dim;
+  return a;
+}
+
+Weight WeightLoader::output_projection(const Weight& embed, int64_t vocab, int64_t dim, bool may_tie) {
+  if (!may_tie || has("lm_head.weight")) return linear("lm_head", vocab, dim);
+  Weight head = embed;  // tied: the embedding table is also the output projection
+  head.lookup_only = false;
+  return be_.adopt(head);
+}
+
+void WeightLoader::check_all_used() const {
+  const auto left = unused();
+  ZMLX_CHECK(left.empty(), "{}: {} tensor(s) in the checkpoint belong to no {} module, e.g. '{}'", store_->dir(),
+             left.size(), model_.config().model_type, left.front());
+}
+
 }  // namespace zmlx

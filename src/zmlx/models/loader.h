@@ -8,6 +8,7 @@
 
 #include "zmlx/core/log.h"
 #include "zmlx/io/safetensors.h"
+#include "zmlx/models/blocks.h"
 #include "zmlx/models/model.h"
 
 namespace zmlx {
@@ -25,6 +26,22 @@ class WeightLoader {
   // A plain tensor (norm weights, biases) of the given dtype and shape.
   Tensor tensor(const std::string& name, DType dtype, const std::vector<int64_t>& shape);
   bool has(const std::string& name) const { return store_->has(name); }
+
+  // Module-level helpers shared by the families.
+  // gate_proj / up_proj / down_proj under `prefix`.
+  std::unique_ptr<SwigluMlp> swiglu_mlp(const std::string& prefix, int64_t inter, int64_t dim);
+  // switch_mlp.{gate,up,down}_proj under `prefix` into `moe` (k of E active).
+  void switch_experts(MoeBlock& moe, const std::string& prefix, int64_t experts, int64_t inter, int64_t dim,
+                      int64_t k);
+  // q/k/v/o projections and q/k norms of a GQA block (names differ per family).
+  GqaAttention gqa_attention(const std::string& prefix, const char* o_name, const char* q_norm_name,
+                             const char* k_norm_name, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                             int64_t dim);
+  // The output projection: lm_head, or (when `may_tie` and the checkpoint has
+  // no lm_head) the embedding table itself.
+  Weight output_projection(const Weight& embed, int64_t vocab, int64_t dim, bool may_tie);
+  // Throws when checkpoint tensors belong to no module (as mlx-lm's strict load).
+  void check_all_used() const;
   // Tensors in the checkpoint that no module claimed (reported, not fatal).
   std::vector<std::string> unused() const;
 

@@ -15,14 +15,9 @@
 namespace zmlx {
 namespace {
 
-struct Attention {
-  Weight q_proj, k_proj, v_proj, o_proj;
-  Tensor q_norm, k_norm;
-};
-
 struct Layer {
   Tensor input_layernorm, post_attention_layernorm;
-  Attention attn;
+  GqaAttention attn;
   std::unique_ptr<FeedForward> mlp;
 };
 
@@ -58,47 +53,28 @@ class Qwen3Moe final : public Model {
       Layer& L = layers_[size_t(l)];
       L.input_layernorm = wl.tensor(p + ".input_layernorm.weight", DType::BF16, {D_});
       L.post_attention_layernorm = wl.tensor(p + ".post_attention_layernorm.weight", DType::BF16, {D_});
-      L.attn.q_proj = wl.linear(p + ".self_attn.q_proj", H_ * hd_, D_);
-      L.attn.k_proj = wl.linear(p + ".self_attn.k_proj", Hkv_ * hd_, D_);
-      L.attn.v_proj = wl.linear(p + ".self_attn.v_proj", Hkv_ * hd_, D_);
-      L.attn.o_proj = wl.linear(p + ".self_attn.o_proj", D_, H_ * hd_);
-      L.attn.q_norm = wl.tensor(p + ".self_attn.q_norm.weight", DType::BF16, {hd_});
-      L.attn.k_norm = wl.tensor(p + ".self_attn.k_norm.weight", DType::BF16, {hd_});
+      L.attn = wl.gqa_attention(p + ".self_attn", "o_proj", "q_norm", "k_norm", H_, Hkv_, hd_, D_);
+      L.attn.scale = scale_;
+      L.attn.rope_theta = c.rope_theta;
+      L.attn.eps = c.rms_norm_eps;
       const bool is_moe = std::find(mlp_only.begin(), mlp_only.end(), l) == mlp_only.end() && E > 0 &&
                           (l + 1) % sparse_step == 0;
       if (is_moe) {
         auto moe = std::make_unique<MoeBlock>();
         moe->router = wl.linear(p + ".mlp.gate", E, D_);
-        moe->gate_proj = wl.linear(p + ".mlp.switch_mlp.gate_proj", I, D_, E, k);
-        moe->up_proj = wl.linear(p + ".mlp.switch_mlp.up_proj", I, D_, E, k);
-        moe->down_proj = wl.linear(p + ".mlp.switch_mlp.down_proj", D_, I, E, k);
-        moe->top_k = k;
+        wl.switch_experts(*moe, p + ".mlp", E, I, D_, k);
         moe->norm_topk_prob = norm_topk;
         moe->combine = CombineMode::Bf16Products;
         L.mlp = std::move(moe);
       } else {
-        const int64_t In = c.get_int("intermediate_size");
-        auto mlp = std::make_unique<SwigluMlp>();
-        mlp->gate_proj = wl.linear(p + ".mlp.gate_proj", In, D_);
-        mlp->up_proj = wl.linear(p + ".mlp.up_proj", In, D_);
-        mlp->down_proj = wl.linear(p + ".mlp.down_proj", D_, In);
-        L.mlp = std::move(mlp);
+        L.mlp = wl.swiglu_mlp(p + ".mlp", c.get_int("intermediate_size"), D_);
       }
       L.mlp->path = p + ".mlp";
       ffn_slots_.push_back(&L.mlp);
     }
     norm_ = wl.tensor("model.norm.weight", DType::BF16, {D_});
-    if (c.tie_word_embeddings && !wl.has("lm_head.weight")) {
-      lm_head_ = embed_;  // tied: the embedding table is also the output projection
-      lm_head_.lookup_only = false;
-      lm_head_ = be.adopt(lm_head_);
-      tied_ = true;
-    } else {
-      lm_head_ = wl.linear("lm_head", c.vocab_size, D_);
-    }
-    unused_ = wl.unused();
-    ZMLX_CHECK(unused_.empty(), "{}: {} tensor(s) in the checkpoint belong to no {} module, e.g. '{}'",
-               store->dir(), unused_.size(), c.model_type, unused_.front());
+    lm_head_ = wl.output_projection(embed_, c.vocab_size, D_, c.tie_word_embeddings);
+    wl.check_all_used();
   }
 
   std::string family() const override { return config_.model_type; }
@@ -123,38 +99,21 @@ class Qwen3Moe final : public Model {
     for (size_t l = 0; l < layers_.size(); ++l) {
       Layer& L = layers_[l];
       Tensor x = be.rms_norm(h, L.input_layernorm, eps);
-      auto qkv = be.linear_multi(x, {&L.attn.q_proj, &L.attn.k_proj, &L.attn.v_proj});
-      Tensor q = be.rms_norm(qkv[0], L.attn.q_norm, eps);
-      Tensor k = be.rms_norm(qkv[1], L.attn.k_norm, eps);
-      Tensor v = qkv[2];
-      be.rope(q, H_, hd_, 0, hd_, pos0, config_.rope_theta, /*traditional=*/false);
-      be.rope(k, Hkv_, hd_, 0, hd_, pos0, config_.rope_theta, /*traditional=*/false);
-      be.kv_write(cache.kv[l], k, v, pos0);
-      Tensor o = be.attention(q, cache.kv[l], pos0, H_, Hkv_, hd_, scale_);
-      be.add(h, be.linear(o, L.attn.o_proj));
+      be.add(h, L.attn.forward(be, x, cache.kv[l], pos0));
       Tensor f = L.mlp->forward(be, be.rms_norm(h, L.post_attention_layernorm, eps));
       be.add(h, f);
     }
     cache.pos += T;
-    if (!all_logits && T > 1) h = last_row(be, h);
+    if (!all_logits && T > 1) h = last_row(h);
     return be.linear(be.rms_norm(h, norm_, eps), lm_head_);
   }
 
  private:
-  static Tensor last_row(Backend& be, const Tensor& h) {
-    Tensor r = h;
-    r.shape = {1, h.cols()};
-    r.data = static_cast<uint8_t*>(h.data) + size_t(h.rows() - 1) * h.cols() * 2;
-    return r;
-  }
-
   int64_t D_, H_, Hkv_, hd_;
   float scale_;
   Weight embed_, lm_head_;
-  bool tied_ = false;
   Tensor norm_;
   std::vector<Layer> layers_;
-  std::vector<std::string> unused_;
 };
 
 }  // namespace

@@ -11,6 +11,13 @@ namespace zmlx {
 
 std::string Tensor::shape_str() const { return fmt::format("[{}]", fmt::join(shape, ", ")); }
 
+Tensor last_row(const Tensor& t) {
+  Tensor r = t;
+  r.shape = {1, t.cols()};
+  r.data = static_cast<uint8_t*>(t.data) + size_t(t.rows() - 1) * size_t(t.cols()) * dtype_size(t.dtype);
+  return r;
+}
+
 Tensor host_tensor(DType dtype, std::vector<int64_t> shape) {
   Tensor t;
   t.dtype = dtype;

@@ -35,6 +35,9 @@ struct Tensor {
   std::string shape_str() const;
 };
 
+// A [1, cols] view of the last row of a 2-D tensor (no copy).
+Tensor last_row(const Tensor& t);
+
 // Host allocation, 64-byte aligned (SIMD loads); contents uninitialised.
 Tensor host_tensor(DType dtype, std::vector<int64_t> shape);
 
