@@ -16,6 +16,7 @@
 #include "zmlx/models/model.h"
 #include "zmlx/patch/patch.h"
 #include "zmlx/synth/synth.h"
+#include "model_test_helpers.h"
 
 namespace zmlx {
 namespace {
@@ -37,33 +38,6 @@ std::vector<int32_t> ids_of(size_t n, int64_t vocab) {
   std::vector<int32_t> ids;
   for (size_t i = 0; i < n; ++i) ids.push_back(int32_t((i * 7919 + 13) % uint64_t(vocab)));
   return ids;
-}
-
-std::vector<float> last_logits(Model& m, Backend& be, const std::vector<int32_t>& ids, size_t chunk) {
-  Cache c = m.new_cache(be);
-  Tensor l;
-  for (size_t i = 0; i < ids.size(); i += chunk)
-    l = m.forward(be, std::vector<int32_t>(ids.begin() + i, ids.begin() + std::min(ids.size(), i + chunk)), c);
-  return logits_to_host(be, l, 0);
-}
-
-// All logits of a teacher-forced pass plus 6 greedy decode steps.
-std::vector<float> run(Model& m, Backend& be, const std::vector<int32_t>& ids) {
-  Cache c = m.new_cache(be);
-  std::vector<float> all;
-  Tensor l = m.forward(be, ids, c, /*all_logits=*/true);
-  for (int64_t r = 0; r < l.rows(); ++r) {
-    auto v = logits_to_host(be, l, r);
-    all.insert(all.end(), v.begin(), v.end());
-  }
-  const int64_t V = m.config().vocab_size;
-  int32_t next = argmax(all.data() + all.size() - V, V);
-  for (int s = 0; s < 6; ++s) {
-    auto v = logits_to_host(be, m.forward(be, {next}, c), 0);
-    all.insert(all.end(), v.begin(), v.end());
-    next = argmax(v.data(), int64_t(v.size()));
-  }
-  return all;
 }
 
 std::vector<int32_t> greedy(Model& m, Backend& be, const std::vector<int32_t>& prompt, int n) {
@@ -187,14 +161,14 @@ TEST(Lfm2Model, ChunkedPrefillEqualsOnePassAndTokenByTokenBitForBit) {
   auto be = make_cpu_backend();
   auto m = load_model(synth_lfm2("chunks"), *be);
   const auto ids = ids_of(23, m->config().vocab_size);
-  const auto one = last_logits(*m, *be, ids, ids.size());
-  EXPECT_EQ(one, last_logits(*m, *be, ids, 1));
-  EXPECT_EQ(one, last_logits(*m, *be, ids, 2));
-  EXPECT_EQ(one, last_logits(*m, *be, ids, 5));
+  const auto one = test::last_logits(*m, *be, ids, ids.size());
+  EXPECT_EQ(one, test::last_logits(*m, *be, ids, 1));
+  EXPECT_EQ(one, test::last_logits(*m, *be, ids, 2));
+  EXPECT_EQ(one, test::last_logits(*m, *be, ids, 5));
   // The conv state matters: a different earlier token changes the logits.
   auto other = ids;
   other[ids.size() - 3] = (other[ids.size() - 3] + 1) % int32_t(m->config().vocab_size);
-  EXPECT_NE(one, last_logits(*m, *be, other, 1));
+  EXPECT_NE(one, test::last_logits(*m, *be, other, 1));
 }
 
 TEST(Lfm2Model, PatchedLogitsAreBitIdenticalToUnpatched) {
@@ -202,13 +176,13 @@ TEST(Lfm2Model, PatchedLogitsAreBitIdenticalToUnpatched) {
   auto m = load_model(synth_lfm2("patch"), *be);
   for (size_t n : {1u, 7u, 40u}) {
     const auto ids = ids_of(n, m->config().vocab_size);
-    const auto base = run(*m, *be, ids);
+    const auto base = test::prefill_then_greedy_logits(*m, *be, ids);
     patch::PatchOptions o;
     o.enabled = true;
     o.quiet = true;
     const auto rep = patch::patch(*m, o);
     EXPECT_EQ(rep.counts_str(), "{'swiglu_mlp': 2, 'moe_mlp': 4}");
-    EXPECT_EQ(run(*m, *be, ids), base) << n << " tokens";
+    EXPECT_EQ(test::prefill_then_greedy_logits(*m, *be, ids), base) << n << " tokens";
     EXPECT_EQ(patch::unpatch(*m), 6);
   }
 }

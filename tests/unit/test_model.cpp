@@ -12,6 +12,7 @@
 #include "zmlx/gen/generator.h"
 #include "zmlx/models/model.h"
 #include "zmlx/synth/synth.h"
+#include "model_test_helpers.h"
 #include "zmlx/text/tokenizer.h"
 
 namespace zmlx {
@@ -44,14 +45,6 @@ std::string slurp(const fs::path& p) {
   return s.str();
 }
 
-std::vector<float> last_logits(Model& m, Backend& be, const std::vector<int32_t>& ids, size_t chunk) {
-  Cache c = m.new_cache(be);
-  Tensor l;
-  for (size_t i = 0; i < ids.size(); i += chunk)
-    l = m.forward(be, std::vector<int32_t>(ids.begin() + i, ids.begin() + std::min(ids.size(), i + chunk)), c);
-  return logits_to_host(be, l, 0);
-}
-
 TEST(Synth, SameSeedGivesIdenticalBytes) {
   std::string a = tiny("det_a"), b = tiny("det_b");
   for (auto& e : fs::directory_iterator(a)) {
@@ -66,9 +59,9 @@ TEST(Model, PrefillInChunksEqualsOnePassBitForBit) {
   auto m = load_model(tiny("chunks"), *be);
   std::vector<int32_t> ids;
   for (int i = 0; i < 23; ++i) ids.push_back((i * 37 + 11) % 2000);
-  auto one = last_logits(*m, *be, ids, ids.size());
-  auto steps = last_logits(*m, *be, ids, 1);
-  auto mixed = last_logits(*m, *be, ids, 5);
+  auto one = test::last_logits(*m, *be, ids, ids.size());
+  auto steps = test::last_logits(*m, *be, ids, 1);
+  auto mixed = test::last_logits(*m, *be, ids, 5);
   EXPECT_EQ(one, steps);
   EXPECT_EQ(one, mixed);
 }
@@ -85,7 +78,7 @@ TEST(Model, GreedyGenerationIsDeterministicAndPeaked) {
   EXPECT_EQ(a.token_ids, b.token_ids);
   EXPECT_EQ(a.token_ids.size(), 24u);
   // Synthetic weights are scaled so greedy choices are clear-cut.
-  auto l = last_logits(*m, *be, prompt, prompt.size());
+  auto l = test::last_logits(*m, *be, prompt, prompt.size());
   std::vector<float> s = l;
   std::sort(s.rbegin(), s.rend());
   EXPECT_GT(s[0] - s[1], 0.5f);
@@ -96,11 +89,11 @@ TEST(Model, QuantizationVariantsLoadAndRun) {
   for (auto [bits, group] : {std::pair{8, 32}, std::pair{2, 128}, std::pair{4, 128}, std::pair{0, 64}}) {
     auto m = load_model(tiny("q" + std::to_string(bits) + "_" + std::to_string(group),
                              {{"moe_intermediate_size", std::to_string(group)}}, bits, group), *be);
-    auto l = last_logits(*m, *be, {1, 2, 3}, 3);
+    auto l = test::last_logits(*m, *be, {1, 2, 3}, 3);
     for (float v : l) ASSERT_TRUE(std::isfinite(v));
   }
   auto m = load_model(tiny("router8", {}, 4, 64, 8), *be);
-  EXPECT_TRUE(std::isfinite(last_logits(*m, *be, {1, 2}, 2)[0]));
+  EXPECT_TRUE(std::isfinite(test::last_logits(*m, *be, {1, 2}, 2)[0]));
 }
 
 TEST(Model, DenseLayersFromMlpOnlyLayers) {

@@ -11,6 +11,7 @@
 #include "zmlx/models/model.h"
 #include "zmlx/patch/patch.h"
 #include "zmlx/synth/synth.h"
+#include "model_test_helpers.h"
 
 namespace zmlx {
 namespace {
@@ -33,24 +34,6 @@ std::vector<int32_t> prompt(size_t n, int64_t vocab) {
   std::vector<int32_t> ids;
   for (size_t i = 0; i < n; ++i) ids.push_back(int32_t((i * 7919 + 13) % uint64_t(vocab)));
   return ids;
-}
-
-// All logits of a teacher-forced pass plus 6 greedy decode steps.
-std::vector<float> run(Model& m, Backend& be, const std::vector<int32_t>& ids) {
-  Cache c = m.new_cache(be);
-  std::vector<float> all;
-  Tensor l = m.forward(be, ids, c, /*all_logits=*/true);
-  for (int64_t r = 0; r < l.rows(); ++r) {
-    auto v = logits_to_host(be, l, r);
-    all.insert(all.end(), v.begin(), v.end());
-  }
-  int32_t next = argmax(all.data() + all.size() - m.config().vocab_size, m.config().vocab_size);
-  for (int s = 0; s < 6; ++s) {
-    auto v = logits_to_host(be, m.forward(be, {next}, c), 0);
-    all.insert(all.end(), v.begin(), v.end());
-    next = argmax(v.data(), int64_t(v.size()));
-  }
-  return all;
 }
 
 patch::PatchOptions on() {
@@ -83,10 +66,10 @@ TEST(Patch, FusedLogitsAreBitIdenticalAcrossSeedsShapesAndPromptLengths) {
     for (size_t n : {size_t(1), size_t(7), size_t(300)}) {
       if (c.name == "wide" && n == 300) continue;  // keeps the suite fast; 7 tokens already prefill
       const auto ids = prompt(n, m->config().vocab_size);
-      const auto base = run(*m, *be, ids);
+      const auto base = test::prefill_then_greedy_logits(*m, *be, ids);
       auto rep = patch::patch(*m, on());
       ASSERT_GT(rep.total(), 0);
-      const auto fused = run(*m, *be, ids);
+      const auto fused = test::prefill_then_greedy_logits(*m, *be, ids);
       ASSERT_EQ(patch::unpatch(*m), rep.total());
       ASSERT_EQ(base.size(), fused.size());
       ASSERT_TRUE(std::memcmp(base.data(), fused.data(), base.size() * 4) == 0)
@@ -193,11 +176,11 @@ TEST(Patch, DenseQwen3RunsUnpatchedByDefaultAndFusesWhenAsked) {
   ASSERT_EQ(rep.excluded.size(), 1u);
   EXPECT_EQ(rep.excluded[0].first, "swiglu_mlp");
   const auto ids = prompt(9, m->config().vocab_size);
-  const auto base = run(*m, *be, ids);
+  const auto base = test::prefill_then_greedy_logits(*m, *be, ids);
   auto o = on();
   o.patterns = std::vector<std::string>{"swiglu_mlp"};
   EXPECT_EQ(patch::patch(*m, o).counts_str(), "{'swiglu_mlp': 4}");
-  const auto fused = run(*m, *be, ids);
+  const auto fused = test::prefill_then_greedy_logits(*m, *be, ids);
   ASSERT_EQ(base.size(), fused.size());
   EXPECT_TRUE(std::memcmp(base.data(), fused.data(), base.size() * 4) == 0);
 }
