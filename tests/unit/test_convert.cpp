@@ -18,6 +18,8 @@
 #include "zmlx/io/safetensors.h"
 #include "zmlx/quant/affine.h"
 
+#include "test_helpers.h"
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 using namespace zmlx;
@@ -25,18 +27,7 @@ using namespace zmlx::io;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "zmlx_cv_XXXXXX").string();
-    EXPECT_NE(::mkdtemp(tmpl.data()), nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using zmlx::test::TempDir;
 
 constexpr int64_t kLayers = 2, kExperts = 4, kHidden = 128, kInter = 64, kHeads = 4, kKv = 2, kHeadDim = 32,
                   kVocab = 256;

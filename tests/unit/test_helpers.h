@@ -1,6 +1,10 @@
 // Helpers shared by the unit tests: seeded random data and tensors.
 #pragma once
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
 #include <cmath>
+#include <filesystem>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -11,6 +15,24 @@
 #include "zmlx/ops/weight.h"
 
 namespace zmlx::test {
+
+// A fresh directory under the system temp dir, removed with everything in it
+// when the test ends.
+struct TempDir {
+  std::filesystem::path path;
+  explicit TempDir(const std::string& tag = "tmp") {
+    std::string tmpl = (std::filesystem::temp_directory_path() / ("zmlx_" + tag + "_XXXXXX")).string();
+    EXPECT_NE(::mkdtemp(tmpl.data()), nullptr) << tmpl;
+    path = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
 
 inline std::vector<uint16_t> random_bf16(std::mt19937& rng, size_t n, float std = 1.0f) {
   std::normal_distribution<float> d(0.f, std);

@@ -13,6 +13,8 @@
 #include "zmlx/core/error.h"
 #include "zmlx/io/safetensors.h"
 
+#include "test_helpers.h"
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 using namespace zmlx;
@@ -20,20 +22,7 @@ using namespace zmlx::io;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "zmlx_st_XXXXXX").string();
-    char* p = ::mkdtemp(tmpl.data());
-    EXPECT_NE(p, nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using zmlx::test::TempDir;
 
 void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream f(path, std::ios::binary | std::ios::trunc);

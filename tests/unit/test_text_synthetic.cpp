@@ -9,16 +9,13 @@
 #include "zmlx/text/chat_template.h"
 #include "zmlx/text/tokenizer.h"
 
+#include "test_helpers.h"
+
 using zmlx::text::Tokenizer;
 
 namespace {
 
-struct TempDir {
-  std::filesystem::path path;
-  explicit TempDir(const std::string& tag)
-      : path(std::filesystem::temp_directory_path() / ("zmlx_syn_" + tag + "_" + std::to_string(::getpid()))) {}
-  ~TempDir() { std::filesystem::remove_all(path); }
-};
+using zmlx::test::TempDir;
 
 nlohmann::json convo() {
   return nlohmann::json::array({{{"role", "system"}, {"content", "Be brief."}},
