@@ -50,6 +50,22 @@ static void run(const char* label, const Weight& w, int threads, int reps) {
               double(w.bytes_per_matrix()) / s / 1e9);
 }
 
+// Several tokens per weight load (prefill): in-cache tiles, single thread.
+static void run_tokens(const Weight& w, int T) {
+  std::mt19937 rng(3);
+  std::vector<uint16_t> x(size_t(T * w.cols));
+  for (auto& v : x) v = f32_to_bf16_bits(float(rng() % 100) / 50.f - 1.f);
+  cpu::PreparedRows px;
+  px.prepare(x.data(), T, w.cols, w.cols, cpu::layouts_needed(cpu::matrix_view(w)));
+  std::vector<float> out(size_t(T * w.rows));
+  const cpu::MatrixView m = cpu::matrix_view(w);
+  const int reps = 4000 / T + 1;
+  auto t0 = std::chrono::steady_clock::now();
+  for (int r = 0; r < reps; ++r) cpu::gemv_rows(m, 0, w.rows, px, 0, T, out.data(), w.rows);
+  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
+  std::printf("  tiles, %2d tokens per load    threads=1  %7.2f GMAC/s\n", T, double(T) * w.rows * w.cols / s / 1e9);
+}
+
 int main() {
   std::mt19937 rng(7);
   Weight small = make(512, 2048, rng);       // 0.6 MB: cache resident
@@ -58,6 +74,7 @@ int main() {
   cpu::repack_rows16(small_t);
   cpu::repack_rows16(big_t);
   const int max_threads = omp_get_max_threads();
+  for (int T : {1, 4, 16, 64}) run_tokens(small_t, T);
   for (int t = 1; t <= max_threads; ++t) {
     run("4-bit 512x2048 (in cache)", small, t, 2000);
     run("  row-interleaved tiles", small_t, t, 2000);
