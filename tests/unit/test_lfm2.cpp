@@ -25,13 +25,7 @@ namespace fs = std::filesystem;
 
 std::string synth_lfm2(const std::string& name, std::vector<std::pair<std::string, std::string>> sets = {},
                        uint64_t seed = 5) {
-  synth::SynthOptions o;
-  o.arch = "lfm2_moe";
-  o.out = (fs::temp_directory_path() / ("zmlx_lfm2_" + name + "_" + std::to_string(::getpid()))).string();
-  fs::remove_all(o.out);
-  o.seed = seed;
-  o.sets = std::move(sets);
-  return synth::synth_model(o);
+  return test::synth_temp("lfm2_moe", "lfm2_" + name, seed, std::move(sets));
 }
 
 std::vector<int32_t> ids_of(size_t n, int64_t vocab) {

@@ -20,22 +20,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-fs::path temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("zmlx_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  return p;
-}
-
 std::string tiny(const std::string& name, std::vector<std::pair<std::string, std::string>> sets = {}, int bits = 4,
                  int group = 64, int router_bits = 0) {
-  synth::SynthOptions o;
-  o.out = temp_dir(name).string();
-  o.sets = std::move(sets);
-  o.bits = bits;
-  o.group_size = group;
-  o.router_bits = router_bits;
-  o.seed = 3;
-  return synth::synth_model(o);
+  return test::synth_temp("qwen3_moe", name, 3, std::move(sets), bits, group, router_bits);
 }
 
 std::string slurp(const fs::path& p) {

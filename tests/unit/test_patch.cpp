@@ -20,14 +20,7 @@ namespace fs = std::filesystem;
 
 std::string synth(const std::string& name, uint64_t seed, std::vector<std::pair<std::string, std::string>> sets = {},
                   int bits = 4, int group = 64) {
-  synth::SynthOptions o;
-  o.out = (fs::temp_directory_path() / ("zmlx_patch_" + name + "_" + std::to_string(::getpid()))).string();
-  fs::remove_all(o.out);
-  o.seed = seed;
-  o.sets = std::move(sets);
-  o.bits = bits;
-  o.group_size = group;
-  return synth::synth_model(o);
+  return test::synth_temp("qwen3_moe", "patch_" + name, seed, std::move(sets), bits, group);
 }
 
 std::vector<int32_t> prompt(size_t n, int64_t vocab) {
