@@ -67,8 +67,6 @@ int run(const ServeArgs& a) {
   o.load.backend = a.model.backend;
   o.limits.max_body_bytes = a.max_body_mb * 1024 * 1024;
   if (a.model.threads > 0) omp_set_num_threads(a.model.threads);
-  ZMLX_CHECK(a.model.backend != "cuda",
-             "--backend cuda: the CUDA backend is not available in this build yet; use --backend cpu");
 
   // Bind first: a busy port is reported before any (slow) model load.
   serve::HttpServer server(o.limits);

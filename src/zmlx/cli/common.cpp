@@ -46,10 +46,9 @@ LoadedModel load(const ModelArgs& a, bool need_tokenizer) {
   const patch::PatchOptions popt = patch_options(a);  // flag/env errors before the (slow) load
   (void)popt;
   if (a.threads > 0) omp_set_num_threads(a.threads);
-  ZMLX_CHECK(a.backend != "cuda", "--backend cuda: the CUDA backend is not available in this build yet; use --backend cpu");
   m.dir = io::resolve_model_path(a.model);
   auto t0 = std::chrono::steady_clock::now();
-  m.backend = make_cpu_backend();
+  m.backend = make_backend(a.backend);
   m.model = load_model(m.dir, *m.backend);
   m.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   m.patch_report = patch::patch(*m.model, patch_options(a));

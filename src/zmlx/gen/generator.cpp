@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "zmlx/core/error.h"
+#include "zmlx/gen/decode_step.h"
 
 namespace zmlx {
 
@@ -99,7 +100,7 @@ GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
       break;
     }
     if (int(res.token_ids.size()) >= opt.max_tokens) break;
-    logits = model.forward(be, {next}, cache);
+    logits = decode_forward(model, be, next, cache);
     next = sample(logits);
   }
   if (dec && !stop_string_hit && !cancelled) {

@@ -36,6 +36,9 @@ class Model {
   virtual ~Model() = default;
   const ModelConfig& config() const { return config_; }
   virtual std::string family() const = 0;
+  // Unique per loaded model in this process (never reused), e.g. to key
+  // recorded decode steps.
+  uint64_t uid() const { return uid_; }
 
   // Runs `ids` at positions cache.pos.. and advances the cache. Returns bf16
   // logits [1, V] for the last token, or [T, V] for all when all_logits.
@@ -55,6 +58,10 @@ class Model {
   std::vector<std::unique_ptr<FeedForward>*> ffn_slots_;
   std::vector<WeightSummary> summaries_;
   friend class WeightLoader;
+
+ private:
+  static uint64_t next_uid();
+  const uint64_t uid_ = next_uid();
 };
 
 // Loads a model directory (already resolved) onto `be`. Unknown model_type

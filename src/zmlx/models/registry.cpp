@@ -1,5 +1,6 @@
 #include <fmt/format.h>
 
+#include <atomic>
 #include <functional>
 #include <map>
 
@@ -26,6 +27,11 @@ std::vector<std::string> supported_families() {
 }
 
 std::vector<std::unique_ptr<FeedForward>*> Model::feed_forwards() { return ffn_slots_; }
+
+uint64_t Model::next_uid() {
+  static std::atomic<uint64_t> n{0};
+  return ++n;
+}
 
 std::unique_ptr<Model> load_model(const std::string& dir, Backend& be) {
   ModelConfig cfg = load_config(dir);

@@ -80,10 +80,8 @@ void GenJob::finish(GenerateResult r, std::string error) {
 
 Instance::Instance(std::string id, std::string model_id, std::string ref, std::string dir, const LoadOptions& opt)
     : id_(std::move(id)), model_id_(std::move(model_id)), ref_(std::move(ref)), dir_(std::move(dir)) {
-  ZMLX_CHECK(opt.backend != "cuda",
-             "--backend cuda: the CUDA backend is not available in this build yet; use --backend cpu");
   auto t0 = Clock::now();
-  backend_ = make_cpu_backend();
+  backend_ = make_backend(opt.backend);
   model_ = load_model(dir_, *backend_);
   load_seconds_ = std::chrono::duration<double>(Clock::now() - t0).count();
   report_ = patch::patch(*model_, opt.patch);
