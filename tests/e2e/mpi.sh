@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Multi-process parallelism over MPI on tiny synthetic models (2 ranks, CPU):
+#   pipeline: token ids and logits bit-identical to one process;
+#   tensor:   greedy tokens identical, logits within relative L2 1e-2;
+#   a killed or hung rank makes the job fail fast, naming the rank;
+#   a config that does not divide is refused with a clear message.
+# Skips (exit 0) when mpirun is missing or zmlx was built without MPI.
+set -euo pipefail
+ZMLX="$(realpath "${1:-build/zmlx}")"
+WORK="$(mktemp -d)"
+trap '[[ -n "${KEEP:-}" ]] || rm -rf "$WORK"' EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+pass() { echo "ok   $*"; }
+PY=/usr/bin/python3
+
+if ! command -v mpirun >/dev/null; then echo "skip: no mpirun"; exit 0; fi
+export OMP_NUM_THREADS=1
+if [[ $(id -u) == 0 ]]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+MPIRUN=(mpirun --oversubscribe -np 2)
+
+# The three synthetic models: MoE (moe_intermediate_size 128 = 2 groups of 64,
+# so it splits in two), dense qwen3, and the stock tiny MoE (64 = one group: tensor refuses).
+"$ZMLX" synth --arch qwen3_moe --preset tiny --out "$WORK/moe" --seed 3 --set moe_intermediate_size=128 2>/dev/null
+"$ZMLX" synth --arch qwen3_moe --preset tiny --out "$WORK/dense" --seed 4 --set model_type='"qwen3"' 2>/dev/null
+"$ZMLX" synth --arch qwen3_moe --preset tiny --out "$WORK/odd" --seed 5 2>/dev/null
+
+if "$ZMLX" generate "$WORK/moe" --ids 1,2,3 --max-tokens 1 --parallel pipeline 2>&1 | grep -q "built without MPI"; then
+  echo "skip: zmlx built without MPI"; exit 0
+fi
+
+# relL2 FILE_A FILE_B -> prints the relative L2 distance of two raw float32 files
+rel_l2() {
+  $PY - "$1" "$2" <<'PY'
+import array, math, sys
+a = array.array("f"); b = array.array("f")
+a.frombytes(open(sys.argv[1], "rb").read()); b.frombytes(open(sys.argv[2], "rb").read())
+assert len(a) == len(b) and len(a) > 0, (len(a), len(b))
+print(math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b))) / math.sqrt(sum(x * x for x in a)))
+PY
+}
+tokens() { $PY -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["token_ids"])' "$1"; }
+
+PROMPT=5,17,300,42,7,99,1000,3
+for m in moe dense; do
+  "$ZMLX" generate "$WORK/$m" --ids $PROMPT --max-tokens 24 --json --dump-logits "$WORK/$m.single.bin" \
+    > "$WORK/$m.single.json" 2>/dev/null
+  "$ZMLX" logits "$WORK/$m" --ids $PROMPT,11,12,13 --out "$WORK/$m.single.npy" 2>/dev/null
+
+  # pipeline, split by bytes and by hand; patched (fused kernels on every rank) and not
+  for extra in "" "--layers 0-0,1-3 --patch"; do
+    # shellcheck disable=SC2086
+    "${MPIRUN[@]}" "$ZMLX" generate "$WORK/$m" --ids $PROMPT --max-tokens 24 --json --parallel pipeline $extra \
+      --dump-logits "$WORK/$m.pipe.bin" > "$WORK/$m.pipe.json" 2> "$WORK/$m.pipe.err" || { cat "$WORK/$m.pipe.err"; fail "$m pipeline $extra"; }
+    [[ "$(tokens "$WORK/$m.single.json")" == "$(tokens "$WORK/$m.pipe.json")" ]] || fail "$m pipeline $extra: tokens differ"
+    cmp -s "$WORK/$m.single.bin" "$WORK/$m.pipe.bin" || fail "$m pipeline $extra: logits not bit-identical"
+  done
+  grep -q "rank 1/2 layers 1-3" "$WORK/$m.pipe.err" || fail "$m pipeline: the patch log does not name rank 1's layers"
+  "${MPIRUN[@]}" "$ZMLX" logits "$WORK/$m" --ids $PROMPT,11,12,13 --out "$WORK/$m.pipe.npy" --parallel pipeline 2>/dev/null
+  cmp -s "$WORK/$m.single.npy" "$WORK/$m.pipe.npy" || fail "$m pipeline: teacher-forced logits not bit-identical"
+  pass "$m pipeline (2 ranks): tokens and logits bit-identical to one process"
+
+  "${MPIRUN[@]}" "$ZMLX" generate "$WORK/$m" --ids $PROMPT --max-tokens 24 --json --parallel tensor --patch \
+    --patterns swiglu_mlp,moe_mlp --dump-logits "$WORK/$m.tp.bin" > "$WORK/$m.tp.json" 2> "$WORK/$m.tp.err" \
+    || { cat "$WORK/$m.tp.err"; fail "$m tensor"; }
+  grep -Eq "Patched [1-9][0-9]* modules.*tensor shard 2/2" "$WORK/$m.tp.err" || fail "$m tensor: fused patches not applied on rank 1"
+  [[ "$(tokens "$WORK/$m.single.json")" == "$(tokens "$WORK/$m.tp.json")" ]] || fail "$m tensor: greedy tokens differ"
+  r=$(rel_l2 "$WORK/$m.single.bin" "$WORK/$m.tp.bin")
+  $PY -c "import sys; sys.exit(0 if float('$r') <= 1e-2 else 1)" || fail "$m tensor: logits rel L2 $r > 1e-2"
+  pass "$m tensor (2 ranks, fused): greedy tokens identical, logits rel L2 $r"
+done
+
+# A dimension that does not divide is refused, naming it.
+if "${MPIRUN[@]}" "$ZMLX" generate "$WORK/odd" --ids 1,2,3 --max-tokens 2 --parallel tensor > "$WORK/odd.out" 2>&1; then
+  fail "tensor parallel on a non-dividing expert size was accepted"
+fi
+grep -q "not a multiple of the quantization group size" "$WORK/odd.out" || { cat "$WORK/odd.out"; fail "no clear refusal"; }
+"$ZMLX" synth --arch qwen3_moe --preset tiny --out "$WORK/kv3" --seed 5 --set num_key_value_heads=1 2>/dev/null
+if "${MPIRUN[@]}" "$ZMLX" generate "$WORK/kv3" --ids 1,2,3 --max-tokens 2 --parallel tensor > "$WORK/kv3.out" 2>&1; then
+  fail "tensor parallel with 1 kv head on 2 ranks was accepted"
+fi
+grep -q "key/value heads do not both divide" "$WORK/kv3.out" || { cat "$WORK/kv3.out"; fail "no clear kv-head refusal"; }
+pass "non-dividing configs refused (expert group alignment, kv heads)"
+
+# A rank that dies, or hangs, mid-generation: the job ends non-zero within the timeout, naming rank 1.
+for fault in kill hang; do
+  start=$(date +%s)
+  if ZMLX_DIST_FAULT=1:$fault:3 timeout 60 "${MPIRUN[@]}" "$ZMLX" generate "$WORK/moe" --ids $PROMPT --max-tokens 24 \
+      --parallel pipeline --dist-timeout 3 > "$WORK/$fault.out" 2>&1; then
+    fail "a ${fault}ed rank went unnoticed"
+  fi
+  took=$(( $(date +%s) - start ))
+  (( took < 30 )) || fail "$fault: took ${took}s to fail"
+  grep -Eq "rank 1\b" "$WORK/$fault.out" || { cat "$WORK/$fault.out"; fail "$fault: the message does not name rank 1"; }
+  pass "rank 1 ${fault}ed at step 3: job failed in ${took}s naming rank 1 ($(grep -Eo 'rank 1[^:]*' "$WORK/$fault.out" | head -1))"
+done
+grep -q "no answer within 3 s" "$WORK/hang.out" || { cat "$WORK/hang.out"; fail "hang: no deadline message"; }
+echo "mpi e2e: all passed"
