@@ -69,6 +69,28 @@ for m in moe dense; do
   pass "$m tensor (2 ranks, fused): greedy tokens identical, logits rel L2 $r"
 done
 
+# The node over 2 ranks: API on rank 0, rank 1 follows; /state lists both ranks.
+"${MPIRUN[@]}" "$ZMLX" serve "$WORK/moe" --parallel tensor --port 0 > "$WORK/serve.out" 2> "$WORK/serve.err" &
+SERVE=$!
+for _ in $(seq 100); do grep -q "listening on" "$WORK/serve.out" 2>/dev/null && break; sleep 0.1; done
+PORT=$(grep -Eo '127\.0\.0\.1:[0-9]+' "$WORK/serve.out" | head -1 | cut -d: -f2)
+[[ -n "$PORT" ]] || { kill $SERVE; cat "$WORK/serve.err"; fail "serve --parallel did not start"; }
+"$ZMLX" generate "$WORK/moe" --prompt "hello world" --max-tokens 12 --json 2>/dev/null | tail -1 > "$WORK/serve.single.json"
+$PY - "$PORT" "$WORK/serve.single.json" <<'PY' || { kill $SERVE; cat "$WORK/serve.err"; fail "serve --parallel"; }
+import json, sys, urllib.request
+base = "http://127.0.0.1:" + sys.argv[1]
+st = json.load(urllib.request.urlopen(base + "/state"))["parallel"]
+assert st["mode"] == "tensor" and [r["rank"] for r in st["ranks"]] == [0, 1] and st["ranks"][1]["shard"] == "2/2", st
+want = json.load(open(sys.argv[2]))["text"]
+for _ in range(2):  # two requests: the follower stays in step
+    req = urllib.request.Request(base + "/v1/completions", method="POST", headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": "moe", "prompt": "hello world", "max_tokens": 12, "temperature": 0}).encode())
+    got = json.load(urllib.request.urlopen(req))["choices"][0]["text"]
+    assert got == want, (got, want)
+PY
+kill -INT $SERVE; wait $SERVE || true
+pass "serve --parallel tensor: /state lists both ranks; completions match one process"
+
 # A dimension that does not divide is refused, naming it.
 if "${MPIRUN[@]}" "$ZMLX" generate "$WORK/odd" --ids 1,2,3 --max-tokens 2 --parallel tensor > "$WORK/odd.out" 2>&1; then
   fail "tensor parallel on a non-dividing expert size was accepted"
