@@ -69,6 +69,30 @@ for m in moe dense; do
   pass "$m tensor (2 ranks, fused): greedy tokens identical, logits rel L2 $r"
 done
 
+# LFM2-MoE (short-conv layers replicated under tensor parallel): teacher-forced logits.
+"$ZMLX" synth --arch lfm2_moe --preset tiny --out "$WORK/lfm2" --seed 2 --set moe_intermediate_size=128 2>/dev/null
+IDS=$PROMPT,11,12,13,14,15,16
+"$ZMLX" logits "$WORK/lfm2" --ids $IDS --out "$WORK/lfm2.single.npy" 2>/dev/null
+"${MPIRUN[@]}" "$ZMLX" logits "$WORK/lfm2" --ids $IDS --out "$WORK/lfm2.pipe.npy" --parallel pipeline --patch 2>/dev/null
+cmp -s "$WORK/lfm2.single.npy" "$WORK/lfm2.pipe.npy" || fail "lfm2 pipeline: logits not bit-identical"
+"${MPIRUN[@]}" "$ZMLX" logits "$WORK/lfm2" --ids $IDS --out "$WORK/lfm2.tp.npy" --parallel tensor --patch 2>/dev/null
+r=$($PY - "$WORK/lfm2.single.npy" "$WORK/lfm2.tp.npy" <<'PY'
+import array, math, sys
+def load(p):
+    b = open(p, "rb").read(); n = int.from_bytes(b[8:10], "little"); h = b[10:10 + n].decode()
+    a = array.array("f"); a.frombytes(b[10 + n:]); V = int(h.split("shape': (")[1].split(",")[1].split(")")[0])
+    return a, V
+(a, V), (b, _) = load(sys.argv[1]), load(sys.argv[2])
+assert len(a) == len(b) > 0
+rows = len(a) // V
+am = lambda x, r: max(range(V), key=lambda i: x[r * V + i])
+assert all(am(a, r) == am(b, r) for r in range(rows)), "argmax differs"
+print(math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b))) / math.sqrt(sum(x * x for x in a)))
+PY
+) || fail "lfm2 tensor: argmax of some position differs"
+$PY -c "import sys; sys.exit(0 if float('$r') <= 1e-2 else 1)" || fail "lfm2 tensor: logits rel L2 $r > 1e-2"
+pass "lfm2_moe: pipeline logits bit-identical; tensor argmax identical at every position, rel L2 $r"
+
 # The node over 2 ranks: API on rank 0, rank 1 follows; /state lists both ranks.
 "${MPIRUN[@]}" "$ZMLX" serve "$WORK/moe" --parallel tensor --port 0 > "$WORK/serve.out" 2> "$WORK/serve.err" &
 SERVE=$!
