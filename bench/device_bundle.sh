@@ -5,10 +5,10 @@
 #   run(command="bash bench/device.sh", carry=["build-device"])
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/build.sh zmlx zmlx_tests gpu_bandwidth >/dev/null
+bash scripts/build.sh zmlx zmlx_tests gpu_bandwidth cuda_kernels_bench gemm_bench >/dev/null
 rm -rf build-device
 mkdir -p build-device/lib
-cp build/zmlx build/zmlx_tests build/gpu_bandwidth build-device/
+cp build/zmlx build/zmlx_tests build/gpu_bandwidth build/cuda_kernels_bench build/gemm_bench build-device/
 for lib in libfmt libpcre2-8 libgomp libgtest; do
   path=$(ldd build/zmlx_tests | awk -v l="$lib" 'index($1, l ".so") == 1 {print $3}')
   [[ -n "$path" ]] && cp -L "$path" build-device/lib/

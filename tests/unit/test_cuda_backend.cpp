@@ -177,6 +177,66 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
   }
 }
 
+TEST(CudaOps, FusedResidualNormAndAttentionPrepMatchCpu) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(16);
+  const int64_t D = 2048;
+  Tensor h = test::bf16_tensor(test::random_bf16(rng, size_t(3 * D)), {3, D});
+  Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(3 * D)), {3, D});
+  Tensor w = test::bf16_tensor(test::random_bf16(rng, size_t(D)), {D});
+  Tensor gh = g->from_host(h);
+  const auto got = host_floats(*g, g->add_rms_norm(gh, g->from_host(x), g->adopt(w), 1e-6f));
+  const auto ref = host_floats(*c, c->add_rms_norm(h, x, w, 1e-6f));
+  EXPECT_LT(rel_l2(got, ref), 5e-3);
+  EXPECT_TRUE(std::memcmp(g->to_host(gh).data, h.data, h.nbytes()) == 0) << "the residual sum is exact";
+  for (int64_t hd : {32, 64, 128})
+    for (bool trad : {false, true}) {
+      const int64_t T = 5, H = 4, Hkv = 2, pos0 = 9;
+      Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(T * H * hd)), {T, H * hd});
+      Tensor k = test::bf16_tensor(test::random_bf16(rng, size_t(T * Hkv * hd)), {T, Hkv * hd});
+      Tensor v = test::bf16_tensor(test::random_bf16(rng, size_t(T * Hkv * hd)), {T, Hkv * hd});
+      Tensor qn = test::bf16_tensor(test::random_bf16(rng, size_t(hd)), {hd});
+      Tensor kn = test::bf16_tensor(test::random_bf16(rng, size_t(hd)), {hd});
+      KvLayer cc = c->new_kv_layer(Hkv, hd, 64), gc = g->new_kv_layer(Hkv, hd, 64);
+      const auto qr = host_floats(*c, c->qk_norm_rope_cache(q, k, v, qn, kn, 1e-6f, H, Hkv, hd, pos0, 1e6f, trad, cc));
+      const auto qg = host_floats(*g, g->qk_norm_rope_cache(g->from_host(q), g->from_host(k), g->from_host(v),
+                                                            g->adopt(qn), g->adopt(kn), 1e-6f, H, Hkv, hd, pos0, 1e6f,
+                                                            trad, gc));
+      EXPECT_LT(rel_l2(qg, qr), 5e-3) << "q hd " << hd << " trad " << trad;
+      // The cache rows written: k close, v exact.
+      const auto kc = host_floats(*c, cc.k), kg = host_floats(*g, gc.k);
+      const auto vc = host_floats(*c, cc.v), vg = host_floats(*g, gc.v);
+      std::vector<float> kcw, kgw;
+      for (int64_t hh = 0; hh < Hkv; ++hh)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t d = 0; d < hd; ++d) {
+            const size_t i = size_t((hh * 64 + pos0 + t) * hd + d);
+            kcw.push_back(kc[i]), kgw.push_back(kg[i]);
+            EXPECT_EQ(vc[i], vg[i]);
+          }
+      EXPECT_LT(rel_l2(kgw, kcw), 5e-3) << "k hd " << hd << " trad " << trad;
+    }
+}
+
+TEST(CudaOps, ArgmaxMatchesHostIncludingTies) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  std::mt19937 rng(17);
+  for (int64_t V : {5, 1000, 151936}) {
+    auto v = test::random_bf16(rng, size_t(3 * V), 2.f);
+    v[size_t(V + V / 3)] = v[size_t(V + V / 2)] = f32_to_bf16_bits(50.f);  // a tie in row 1: the lower id wins
+    Tensor t = test::bf16_tensor(v, {3, V});
+    Tensor d = g->from_host(t);
+    for (int64_t row = 0; row < 3; ++row) {
+      std::vector<float> f(static_cast<size_t>(V));
+      for (int64_t i = 0; i < V; ++i) f[size_t(i)] = bf16_to_f32(v[size_t(row * V + i)]);
+      EXPECT_EQ(g->argmax_row(d, row), argmax(f.data(), V)) << "V " << V << " row " << row;
+    }
+  }
+}
+
 TEST(CudaOps, RoutersAndShortConvMatchCpu) {
   REQUIRE_GPU();
   auto g = gpu();
@@ -223,8 +283,23 @@ void check_model(const std::string& arch, const std::string& name) {
   ASSERT_EQ(lc.size(), lg.size());
   EXPECT_LT(rel_l2(lg, lc), 1e-2) << arch;
   const int64_t V = mc->config().vocab_size;
-  for (size_t r = 0; r + V <= lc.size(); r += size_t(V))
-    EXPECT_EQ(argmax(lc.data() + r, V), argmax(lg.data() + r, V)) << arch << " row " << r / V;
+  // Greedy tokens (the decode rows) must agree. Teacher-forced prompt rows
+  // may differ only at near-ties: the GPU prefill GEMMs round dequantized
+  // weights to bf16 (as MLX's prefill does), the CPU keeps them in fp32.
+  const size_t rows = lc.size() / size_t(V), prompt_rows = ids.size();
+  for (size_t row = 0; row < rows; ++row) {
+    const float* a = lc.data() + row * V;
+    const float* b = lg.data() + row * V;
+    const int32_t ia = argmax(a, V), ib = argmax(b, V);
+    if (row >= prompt_rows) {
+      EXPECT_EQ(ia, ib) << arch << ": greedy token " << row - prompt_rows << " differs";
+    } else if (ia != ib) {
+      float mx = 0.f;
+      for (int64_t i = 0; i < V; ++i) mx = std::max(mx, std::fabs(a[i]));
+      EXPECT_LT(a[ia] - a[ib], 0.02f * mx) << arch << " prompt row " << row << ": not a near-tie (CPU top "
+                                           << a[ia] << " vs " << a[ib] << ")";
+    }
+  }
 
   patch::PatchOptions on;
   on.enabled = true;

@@ -162,9 +162,14 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
   auto sample = [&](const Tensor& l) {
     int32_t t = 0;
     if (!P.active() || P.rank == P.logits_rank()) {
-      std::vector<float> host = logits_to_host(be, l, 0);
-      if (opt.on_logits) opt.on_logits(host);
-      t = sampler.sample(std::move(host), history);
+      const SamplerOptions& so = sampler.options();
+      if (!opt.on_logits && so.temperature <= 0.f && so.repetition_penalty == 1.f) {
+        t = be.argmax_row(l, 0);  // greedy: the backend reduces, one id crosses to the host
+      } else {
+        std::vector<float> host = logits_to_host(be, l, 0);
+        if (opt.on_logits) opt.on_logits(host);
+        t = sampler.sample(std::move(host), history);
+      }
     }
     if (P.active()) P.comm->broadcast(&t, sizeof t, P.logits_rank());
     return t;

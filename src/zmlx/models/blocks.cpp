@@ -8,13 +8,36 @@ std::vector<Tensor> Backend::linear_multi(const Tensor& x, const std::vector<con
   return out;
 }
 
+int32_t Backend::argmax_row(const Tensor& logits, int64_t row) {
+  Tensor h = to_host(logits);
+  const int64_t V = h.cols();
+  const uint16_t* p = h.ptr<uint16_t>() + row * V;
+  int32_t best = 0;
+  for (int64_t i = 1; i < V; ++i)
+    if (bf16_to_f32(p[i]) > bf16_to_f32(p[best])) best = int32_t(i);
+  return best;
+}
+
+Tensor Backend::add_rms_norm(Tensor& h, const Tensor& x, const Tensor& w, float eps) {
+  add(h, x);
+  return rms_norm(h, w, eps);
+}
+
+Tensor Backend::qk_norm_rope_cache(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qn,
+                                   const Tensor& kn, float eps, int64_t heads, int64_t kv_heads, int64_t hd,
+                                   int64_t pos0, float base, bool traditional, KvLayer& cache) {
+  Tensor qo = rms_norm(q, qn, eps);
+  Tensor ko = rms_norm(k, kn, eps);
+  rope(qo, heads, hd, 0, hd, pos0, base, traditional);
+  rope(ko, kv_heads, hd, 0, hd, pos0, base, traditional);
+  kv_write(cache, ko, v, pos0);
+  return qo;
+}
+
 Tensor GqaAttention::forward(Backend& be, const Tensor& x, KvLayer& cache, int64_t pos0) const {
   auto qkv = be.linear_multi(x, {&q_proj, &k_proj, &v_proj});
-  Tensor q = be.rms_norm(qkv[0], q_norm, eps);
-  Tensor k = be.rms_norm(qkv[1], k_norm, eps);
-  be.rope(q, heads, head_dim, 0, head_dim, pos0, rope_theta, /*traditional=*/false);
-  be.rope(k, kv_heads, head_dim, 0, head_dim, pos0, rope_theta, /*traditional=*/false);
-  be.kv_write(cache, k, qkv[2], pos0);
+  Tensor q = be.qk_norm_rope_cache(qkv[0], qkv[1], qkv[2], q_norm, k_norm, eps, heads, kv_heads, head_dim, pos0,
+                                   rope_theta, /*traditional=*/false, cache);
   return be.linear(be.attention(q, cache, pos0, heads, kv_heads, head_dim, scale), o_proj);
 }
 

@@ -175,21 +175,22 @@ class Lfm2Moe final : public Model {
     Tensor h;
     stage_input(be, ids, embed_, h);  // pipeline: later stages receive h
     const int64_t NL = int64_t(layers_.size());
+    Tensor f;  // the previous layer's MLP output, added to h together with the next norm
     for (size_t l = size_t(placement().layer_begin()); l < size_t(placement().layer_end(NL)); ++l) {
       Layer& L = layers_[l];
-      Tensor x = be.rms_norm(h, L.operator_norm, eps);
+      Tensor x = f.empty() ? be.rms_norm(h, L.operator_norm, eps) : be.add_rms_norm(h, f, L.operator_norm, eps);
+      Tensor a;
       if (L.attention) {
-        Tensor a = L.attn.forward(be, x, cache.kv[l], pos0);
+        a = L.attn.forward(be, x, cache.kv[l], pos0);
         tp_reduce(be, a);  // tensor parallel: sum of the heads' shards
-        be.add(h, a);
       } else {  // replicated under tensor parallel: every rank computes the whole conv
         Tensor y = be.short_conv(be.linear(x, L.in_proj), cache.conv[l], L.conv_w);
-        be.add(h, be.linear(y, L.conv_out_proj));
+        a = be.linear(y, L.conv_out_proj);
       }
-      Tensor f = L.mlp->forward(be, be.rms_norm(h, L.ffn_norm, eps));
+      f = L.mlp->forward(be, be.add_rms_norm(h, a, L.ffn_norm, eps));
       tp_reduce(be, f);
-      be.add(h, f);
     }
+    if (!f.empty()) be.add(h, f);
     cache.pos += T;
     if (stage_output(be, h)) return Tensor{};  // pipeline: not the last stage
     if (!all_logits && T > 1) h = last_row(h);

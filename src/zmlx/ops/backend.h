@@ -65,6 +65,9 @@ class Backend {
   virtual void rope(Tensor& x, int64_t heads, int64_t head_dim, int64_t rot_offset,
                     int64_t rot_dims, int64_t pos0, float base, bool traditional) = 0;
   virtual void add(Tensor& h, const Tensor& x) = 0;  // h = bf16(h + x)
+  // The residual step of every block: add(h, x), then rms_norm(h, w, eps).
+  // Same results as those two ops; one pass on backends that fuse it.
+  virtual Tensor add_rms_norm(Tensor& h, const Tensor& x, const Tensor& w, float eps);
   // silu(gate) * up with MLX's bf16 rounding after sigmoid, product and result.
   virtual Tensor swiglu(const Tensor& gate, const Tensor& up) = 0;
 
@@ -72,6 +75,13 @@ class Backend {
   virtual KvLayer new_kv_layer(int64_t kv_heads, int64_t head_dim, int64_t capacity) = 0;
   // Writes k, v [T, kv_heads * head_dim] at positions pos0.. (grows capacity).
   virtual void kv_write(KvLayer& c, const Tensor& k, const Tensor& v, int64_t pos0) = 0;
+  // Attention input preparation: per-head RMSNorm of q [T, heads·hd] and
+  // k [T, kv_heads·hd] (weights qn, kn [hd]), RoPE over whole heads at
+  // positions pos0.., then k and v written to the cache. Returns q. Same
+  // results as rms_norm, rope and kv_write in that order.
+  virtual Tensor qk_norm_rope_cache(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qn,
+                                    const Tensor& kn, float eps, int64_t heads, int64_t kv_heads, int64_t hd,
+                                    int64_t pos0, float base, bool traditional, KvLayer& cache);
   // Causal GQA attention of q [T, heads * head_dim] at positions pos0.. over
   // cache positions [0, pos0 + T): softmax in fp32, output bf16.
   virtual Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads,
@@ -111,6 +121,10 @@ class Backend {
                                     CombineMode mode) = 0;
   // Dense SwiGLU MLP gate+up in one pass: swiglu(x@Wgᵀ, x@Wuᵀ) -> [T, I].
   virtual Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) = 0;
+
+  // argmax of one row of bf16 logits [R, V], ties to the lower id (as the
+  // greedy sampler); the default reads the row back to the host.
+  virtual int32_t argmax_row(const Tensor& logits, int64_t row);
 
   // One decode step: `step` runs the model on {token} at position `pos` and
   // returns its logits. A backend may record the step once (CUDA graph) and

@@ -10,11 +10,13 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 #include <map>
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>
 
+#include "zmlx/backend/cuda/gemm.h"
 #include "zmlx/backend/cuda/kernels.h"
 #include "zmlx/core/error.h"
 #include "zmlx/core/log.h"
@@ -24,6 +26,12 @@ namespace zmlx {
 namespace {
 
 namespace kern = zmlx::cuda::k;
+namespace tc = zmlx::cuda::gemm;  // tensor-core GEMMs for many-token (prefill) calls
+
+// Token counts from which the tensor-core GEMMs replace the mat-vec kernels
+// (the choice depends only on T and k, so patched and unpatched paths agree).
+constexpr int64_t kGemmMinTokens = 16;
+constexpr int64_t kGemmMinPairs = 64;
 
 void cuda_check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) fail("CUDA: {} failed: {}", what, cudaGetErrorString(e));
@@ -127,7 +135,59 @@ kern::QMat qmat(const Weight& w) {
 const uint16_t* bf16p(const Tensor& t) { return static_cast<const uint16_t*>(t.data); }
 uint16_t* bf16p(Tensor& t) { return static_cast<uint16_t*>(t.data); }
 
+class CudaBackend;
+
+// ZMLX_PROFILE=1: GPU time per op (CUDA events; recording is off), printed
+// at exit — for tuning, like the CPU backend's profile.
+struct GpuProfile {
+  bool on = std::getenv("ZMLX_PROFILE") != nullptr;
+  std::map<std::string, std::pair<double, long>> ms;
+  std::vector<std::tuple<const char*, cudaEvent_t, cudaEvent_t>> pending;
+  void collect() {
+    for (auto& [name, a, b] : pending) {
+      float t = 0;
+      cudaEventElapsedTime(&t, a, b);
+      auto& e = ms[name];
+      e.first += t;
+      e.second++;
+      cudaEventDestroy(a);
+      cudaEventDestroy(b);
+    }
+    pending.clear();
+  }
+  ~GpuProfile() {
+    if (!on) return;
+    double total = 0;
+    for (auto& [k, v] : ms) total += v.first;
+    for (auto& [k, v] : ms)
+      fmt::print(stderr, "[zmlx profile] {:<20} {:9.3f} ms {:6.1f}%  {} calls  {:.2f} us/call\n", k, v.first,
+                 100 * v.first / total, v.second, 1000 * v.first / v.second);
+  }
+};
+
+struct Prof {
+  GpuProfile* p;
+  cudaStream_t s;
+  const char* name;
+  cudaEvent_t a = nullptr;
+  template <typename B>
+  Prof(B* be, const char* n) : p(be->profile_.on ? &be->profile_ : nullptr), s(be->stream_), name(n) {
+    if (!p) return;
+    cudaEventCreate(&a);
+    cudaEventRecord(a, s);
+  }
+  ~Prof() {
+    if (!p) return;
+    cudaEvent_t b;
+    cudaEventCreate(&b);
+    cudaEventRecord(b, s);
+    p->pending.emplace_back(name, a, b);
+  }
+};
+
 class CudaBackend final : public Backend {
+  friend struct Prof;
+
  public:
   explicit CudaBackend(int device) : pool_(std::make_shared<DevicePool>()) {
     cuda_check(cudaSetDevice(device), "cudaSetDevice");
@@ -135,10 +195,10 @@ class CudaBackend final : public Backend {
     cuda_check(cudaGetDeviceProperties(&p, device), "cudaGetDeviceProperties");
     name_ = fmt::format("cuda ({}, sm_{}{})", p.name, p.major, p.minor);
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-    cuda_check(cudaMallocHost(&h_step_, 2 * sizeof(int32_t)), "cudaMallocHost");
-    cuda_check(cudaMalloc(&d_step_, 2 * sizeof(int32_t)), "cudaMalloc");
+    cuda_check(cudaMallocHost(&h_step_, 4 * sizeof(int32_t)), "cudaMallocHost");
+    cuda_check(cudaMalloc(&d_step_, 4 * sizeof(int32_t)), "cudaMalloc");
     const char* g = std::getenv("ZMLX_CUDA_GRAPHS");
-    graphs_enabled_ = !(g && std::string(g) == "0");
+    graphs_enabled_ = !(g && std::string(g) == "0") && !profile_.on;
   }
 
   ~CudaBackend() override {
@@ -181,6 +241,7 @@ class CudaBackend final : public Backend {
     Tensor h = host_tensor(t.dtype, t.shape);
     cuda_check(cudaMemcpyAsync(h.data, t.data, t.nbytes(), cudaMemcpyDeviceToHost, stream_), "download");
     cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (a kernel failed)");
+    if (profile_.on) profile_.collect();
     return h;
   }
 
@@ -252,6 +313,7 @@ class CudaBackend final : public Backend {
     m.group = table.quantized ? table.q.group_size : 64;
     m.scales = static_cast<const uint16_t*>(table.scales.data);
     m.biases = static_cast<const uint16_t*>(table.biases.data);
+    Prof p_(this, "embed");
     kern::embed(m, dids, int(T), bf16p(out), stream_);
     return out;
   }
@@ -259,8 +321,38 @@ class CudaBackend final : public Backend {
   Tensor linear(const Tensor& x, const Weight& w) override {
     check_input(x, w);
     Tensor y = alloc(DType::BF16, {x.rows(), w.rows});
-    kern::linear(bf16p(x), int(x.rows()), qmat(w), bf16p(y), stream_);
+    const kern::QMat m = qmat(w);
+    Prof p_(this, "linear");
+    if (x.rows() >= kGemmMinTokens && tc::gemm_supported(m))
+      tc::gemm_dense(bf16p(x), int(x.rows()), m, bf16p(y), stream_);
+    else
+      kern::linear(bf16p(x), int(x.rows()), m, bf16p(y), stream_);
     return y;
+  }
+
+  std::vector<Tensor> linear_multi(const Tensor& x, const std::vector<const Weight*>& ws) override {
+    std::vector<kern::QMat> ms;
+    std::vector<Tensor> out;
+    std::vector<uint16_t*> ys;
+    bool same = ws.size() <= 4;
+    for (const Weight* w : ws) {
+      check_input(x, *w);
+      ms.push_back(qmat(*w));
+      same = same && ms.back().bits == ms[0].bits;
+      out.push_back(alloc(DType::BF16, {x.rows(), w->rows}));
+      ys.push_back(bf16p(out.back()));
+    }
+    Prof p_(this, "linear");
+    bool gemm = x.rows() >= kGemmMinTokens;
+    for (auto& m : ms) gemm = gemm && tc::gemm_supported(m);
+    if (gemm) {
+      for (size_t i = 0; i < ms.size(); ++i) tc::gemm_dense(bf16p(x), int(x.rows()), ms[i], ys[i], stream_);
+    } else if (same) {
+      kern::linear_multi(bf16p(x), int(x.rows()), ms.data(), ys.data(), int(ms.size()), stream_);
+    } else {
+      for (size_t i = 0; i < ms.size(); ++i) kern::linear(bf16p(x), int(x.rows()), ms[i], ys[i], stream_);
+    }
+    return out;
   }
 
   Tensor rms_norm(const Tensor& x, const Tensor& w, float eps) override {
@@ -268,6 +360,7 @@ class CudaBackend final : public Backend {
     ZMLX_CHECK(x.dtype == DType::BF16 && x.numel() % D == 0, "rms_norm: {} elements do not split into rows of {}",
                x.numel(), D);
     Tensor out = alloc(DType::BF16, x.shape);
+    Prof p_(this, "rms_norm");
     kern::rms_norm(bf16p(x), x.numel() / D, D, bf16p(w), eps, bf16p(out), stream_);
     return out;
   }
@@ -275,18 +368,48 @@ class CudaBackend final : public Backend {
   void rope(Tensor& x, int64_t heads, int64_t head_dim, int64_t rot_offset, int64_t rot_dims, int64_t pos0, float base,
             bool traditional) override {
     ZMLX_CHECK(x.cols() == heads * head_dim, "rope: row has {} values, expected {}x{}", x.cols(), heads, head_dim);
+    Prof p_(this, "rope");
     kern::rope(bf16p(x), int(x.rows()), int(heads), int(head_dim), int(rot_offset), int(rot_dims), int(pos0), dpos(),
             rope_table(base, rot_dims), traditional, stream_);
   }
 
   void add(Tensor& h, const Tensor& x) override {
     ZMLX_CHECK(h.numel() == x.numel(), "add: {} vs {} elements", h.numel(), x.numel());
+    Prof p_(this, "add");
     kern::add(bf16p(h), bf16p(x), h.numel(), stream_);
+  }
+
+  Tensor add_rms_norm(Tensor& h, const Tensor& x, const Tensor& w, float eps) override {
+    const int64_t D = w.numel();
+    ZMLX_CHECK(h.numel() == x.numel() && h.numel() % D == 0, "add_rms_norm: {} + {} elements in rows of {}",
+               h.numel(), x.numel(), D);
+    Tensor out = alloc(DType::BF16, h.shape);
+    Prof p_(this, "add_rms_norm");
+    kern::add_rms_norm(bf16p(h), bf16p(x), h.numel() / D, D, bf16p(w), eps, bf16p(out), stream_);
+    return out;
+  }
+
+  Tensor qk_norm_rope_cache(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qn, const Tensor& kn,
+                            float eps, int64_t heads, int64_t kv_heads, int64_t hd, int64_t pos0, float base,
+                            bool traditional, KvLayer& cache) override {
+    const int64_t T = q.rows();
+    ZMLX_CHECK(q.cols() == heads * hd && k.cols() == kv_heads * hd && v.cols() == kv_heads * hd &&
+                   qn.numel() == hd && kn.numel() == hd,
+               "qk_norm_rope_cache: shapes do not match {} + {} heads of {}", heads, kv_heads, hd);
+    if (pos0 + T > cache.capacity || (hd != 32 && hd != 64 && hd != 128 && hd != 256))
+      return Backend::qk_norm_rope_cache(q, k, v, qn, kn, eps, heads, kv_heads, hd, pos0, base, traditional, cache);
+    Tensor qo = alloc(DType::BF16, q.shape);
+    Prof p_(this, "qk_norm_rope_kv");
+    kern::qk_norm_rope_kv(bf16p(q), bf16p(k), bf16p(v), int(T), int(heads), int(kv_heads), int(hd), bf16p(qn),
+                          bf16p(kn), eps, rope_table(base, hd), traditional, int(pos0), dpos(), bf16p(qo),
+                          bf16p(cache.k), bf16p(cache.v), cache.capacity, stream_);
+    return qo;
   }
 
   Tensor swiglu(const Tensor& gate, const Tensor& up) override {
     ZMLX_CHECK(gate.numel() == up.numel(), "swiglu: gate {} vs up {} elements", gate.numel(), up.numel());
     Tensor out = alloc(DType::BF16, gate.shape);
+    Prof p_(this, "swiglu");
     kern::swiglu(bf16p(gate), bf16p(up), gate.numel(), bf16p(out), stream_);
     return out;
   }
@@ -312,6 +435,7 @@ class CudaBackend final : public Backend {
                                    size_t(pos0) * row, size_t(H), cudaMemcpyDeviceToDevice, stream_), "KV grow");
       c = std::move(n);
     }
+    Prof p_(this, "kv_write");
     kern::kv_write(bf16p(c.k), bf16p(c.v), c.capacity, int(H), int(hd), bf16p(k), bf16p(v), int(T), int(pos0), dpos(),
                 stream_);
   }
@@ -321,9 +445,10 @@ class CudaBackend final : public Backend {
     const int64_t T = q.rows();
     // Decode splits the keys over blocks (flash-decoding); the split count
     // depends only on the cache capacity, so eager and replayed steps agree.
-    const int splits = T == 1 ? int(std::clamp<int64_t>(c.capacity / 128, 1, 32)) : 1;
+    const int splits = T == 1 ? int(std::clamp<int64_t>(c.capacity / 64, 1, 128)) : 1;
     Tensor scratch = alloc(DType::F32, {T * heads * splits * (hd + 2)});
     Tensor out = alloc(DType::BF16, {T, heads * hd});
+    Prof p_(this, "attention");
     kern::attention(bf16p(q), int(T), int(heads), int(kv_heads), int(hd), bf16p(c.k), bf16p(c.v), c.capacity, int(pos0),
                  dpos(), scale, splits, static_cast<float*>(scratch.data), bf16p(out), stream_);
     return out;
@@ -336,6 +461,7 @@ class CudaBackend final : public Backend {
     r.k = k;
     r.experts = alloc(DType::I32, {T, k});
     r.scores = alloc(DType::BF16, {T, k});
+    Prof p_(this, "route_softmax");
     kern::route_softmax(bf16p(logits), int(T), int(E), int(k), normalize, static_cast<int32_t*>(r.experts.data),
                      bf16p(r.scores), stream_);
     return r;
@@ -350,6 +476,7 @@ class CudaBackend final : public Backend {
     r.k = k;
     r.experts = alloc(DType::I32, {T, k});
     r.scores = alloc(DType::BF16, {T, k});
+    Prof p_(this, "route_sigmoid");
     kern::route_sigmoid(bf16p(logits), static_cast<const float*>(bias.data), int(T), int(E), int(k), normalize, eps,
                      scaling, static_cast<int32_t*>(r.experts.data), bf16p(r.scores), stream_);
     return r;
@@ -360,6 +487,7 @@ class CudaBackend final : public Backend {
     const int64_t T = bcx.rows(), C = bcx.cols() / 3, L = w.dim(1);
     ZMLX_CHECK(w.dim(0) == C && state.numel() == (L - 1) * C, "short_conv: weight/state do not fit {} channels", C);
     Tensor out = alloc(DType::BF16, {T, C});
+    Prof p_(this, "short_conv");
     kern::short_conv(bf16p(bcx), int(T), int(C), bf16p(state), bf16p(w), int(L), bf16p(out), stream_);
     return out;
   }
@@ -370,13 +498,22 @@ class CudaBackend final : public Backend {
     const bool per_slot = x.rows() == T * k;
     ZMLX_CHECK(per_slot || x.rows() == T, "{}: {} input rows for {} tokens x {} slots", w.name, x.rows(), T, k);
     Tensor out = alloc(DType::BF16, {T, k, N});
-    kern::gather_linear(bf16p(x), per_slot, experts_of(r), int(T), int(k), qmat(w), bf16p(out), stream_);
+    const kern::QMat m = qmat(w);
+    Prof p_(this, "gather_linear");
+    if (T * k >= kGemmMinPairs && tc::gemm_supported(m)) {
+      Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(w.experts)))});
+      tc::moe_linear(bf16p(x), per_slot, experts_of(r), int(T), int(k), m, bf16p(out), ws.data, stream_,
+                     int(w.experts));
+    } else {
+      kern::gather_linear(bf16p(x), per_slot, experts_of(r), int(T), int(k), m, bf16p(out), stream_);
+    }
     return out;
   }
 
   Tensor moe_combine(const Tensor& y, const Routing& r, CombineMode mode) override {
     const int64_t T = r.experts.rows(), k = r.k, D = y.cols();
     Tensor out = alloc(DType::BF16, {T, D});
+    Prof p_(this, "moe_combine");
     kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), D,
                    bf16p(out), stream_);
     return out;
@@ -387,7 +524,15 @@ class CudaBackend final : public Backend {
     ZMLX_CHECK(x.rows() == T && x.cols() == gate.cols && x.cols() == up.cols && up.rows == I,
                "{}: gather_qmm_swiglu shape mismatch", gate.name);
     Tensor out = alloc(DType::BF16, {T, k, I});
-    kern::gather_swiglu(bf16p(x), experts_of(r), int(T), int(k), qmat(gate), qmat(up), bf16p(out), stream_);
+    const kern::QMat g = qmat(gate), u = qmat(up);
+    Prof p_(this, "gather_swiglu");
+    if (T * k >= kGemmMinPairs && tc::gemm_supported(g) && tc::gemm_supported(u)) {
+      Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(gate.experts)))});
+      tc::moe_gate_up_swiglu(bf16p(x), experts_of(r), int(T), int(k), g, u, bf16p(out), ws.data, stream_,
+                             int(gate.experts));
+    } else {
+      kern::gather_swiglu(bf16p(x), experts_of(r), int(T), int(k), g, u, bf16p(out), stream_);
+    }
     return out;
   }
 
@@ -395,8 +540,26 @@ class CudaBackend final : public Backend {
     const int64_t T = r.experts.rows(), k = r.k, D = down.rows;
     ZMLX_CHECK(h.rows() == T * k && h.cols() == down.cols, "{}: gather_qmm_combine shape mismatch", down.name);
     Tensor out = alloc(DType::BF16, {T, D});
-    kern::gather_combine(bf16p(h), experts_of(r), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T),
-                      int(k), qmat(down), bf16p(out), stream_);
+    const kern::QMat m = qmat(down);
+    Prof p_(this, "gather_combine");
+    if (T * k >= kGemmMinPairs && tc::gemm_supported(m)) {
+      // Expert GEMM into y [T·k, D], then the same combine kernel the unfused path uses.
+      Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(down.experts)))});
+      Tensor y = alloc(DType::BF16, {T * k, D});
+      tc::moe_down(bf16p(h), experts_of(r), int(T), int(k), m, bf16p(y), ws.data, stream_, int(down.experts));
+      kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), D,
+                        bf16p(out), stream_);
+    } else if (down.cols > 1024) {
+      // Long rows (LFM2's 1792): the one-launch form keeps only one expert's
+      // loads in flight; the two-launch form of the unfused path is faster.
+      Tensor y = alloc(DType::BF16, {T * k, D});
+      kern::gather_linear(bf16p(h), true, experts_of(r), int(T), int(k), m, bf16p(y), stream_);
+      kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), D,
+                        bf16p(out), stream_);
+    } else {
+      kern::gather_combine(bf16p(h), experts_of(r), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode),
+                           int(T), int(k), m, bf16p(out), stream_);
+    }
     return out;
   }
 
@@ -404,8 +567,23 @@ class CudaBackend final : public Backend {
     ZMLX_CHECK(x.cols() == gate.cols && x.cols() == up.cols && up.rows == gate.rows, "{}: linear_swiglu shape mismatch",
                gate.name);
     Tensor out = alloc(DType::BF16, {x.rows(), gate.rows});
-    kern::linear_swiglu(bf16p(x), int(x.rows()), qmat(gate), qmat(up), bf16p(out), stream_);
+    const kern::QMat g = qmat(gate), u = qmat(up);
+    Prof p_(this, "linear_swiglu");
+    if (x.rows() >= kGemmMinTokens && tc::gemm_supported(g) && tc::gemm_supported(u))
+      tc::gemm_dense_swiglu(bf16p(x), int(x.rows()), g, u, bf16p(out), stream_);
+    else
+      kern::linear_swiglu(bf16p(x), int(x.rows()), g, u, bf16p(out), stream_);
     return out;
+  }
+
+  int32_t argmax_row(const Tensor& logits, int64_t row) override {
+    if (logits.device != Device::CUDA) return Backend::argmax_row(logits, row);
+    const int64_t V = logits.cols();
+    kern::argmax(bf16p(logits) + row * V, V, d_step_ + 2, stream_);
+    cuda_check(cudaMemcpyAsync(h_step_ + 2, d_step_ + 2, 4, cudaMemcpyDeviceToHost, stream_), "argmax download");
+    cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (a kernel failed)");
+    if (profile_.on) profile_.collect();
+    return h_step_[2];
   }
 
   // ------------------------------------------------------ recorded steps
@@ -498,6 +676,7 @@ class CudaBackend final : public Backend {
   }
 
   std::string name_;
+  GpuProfile profile_;
   cudaStream_t stream_ = nullptr;
   std::shared_ptr<DevicePool> pool_;
   std::unordered_map<const void*, std::weak_ptr<void>> uploaded_;

@@ -11,6 +11,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -22,6 +23,48 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;  // one warp per row, 256 threads
 constexpr int kTokTile = 8;       // tokens per pass over a weight row (prefill)
+constexpr int kMaxMulti = 4;
+
+struct MultiQ {
+  QMat m[kMaxMulti];
+  uint16_t* y[kMaxMulti];
+  int64_t first_block[kMaxMulti + 1];
+  int n;
+};
+
+// Programmatic dependent launch (Hopper): every kernel waits for its
+// predecessor's results before touching memory, then lets its successor
+// start launching, so launch latency overlaps the previous kernel's tail.
+// Without the launch attribute the two instructions are no-ops.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+bool pdl_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("ZMLX_CUDA_PDL");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Args... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
 
 void check_launch(const char* what) {
   cudaError_t e = cudaGetLastError();
@@ -53,21 +96,27 @@ __device__ __forceinline__ uint16_t swiglu_bf(uint16_t gate, uint16_t up) {
   return to_bf(s * bf(up));
 }
 
-// 32 bf16 inputs of one chunk, as 16 words of two values each.
-struct XChunk {
-  uint32_t v[16];
+// 32 bf16 inputs of one chunk as floats, and their sum (fp32, in order):
+// the quantized dot product needs Σx once per chunk, whatever the row.
+struct XF {
+  float v[32];
+  float sum;
 };
-__device__ __forceinline__ XChunk load_x(const uint16_t* x) {
-  XChunk c;
+__device__ __forceinline__ XF load_x(const uint16_t* x) {
+  XF c;
   const uint4* p = reinterpret_cast<const uint4*>(x);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const uint4 q = __ldg(p + i);
-    c.v[4 * i] = q.x, c.v[4 * i + 1] = q.y, c.v[4 * i + 2] = q.z, c.v[4 * i + 3] = q.w;
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) c.v[8 * i + 2 * j] = lo_bf(w[j]), c.v[8 * i + 2 * j + 1] = hi_bf(w[j]);
   }
+  c.sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) c.sum += c.v[i];
   return c;
 }
-__device__ __forceinline__ float x_at(const XChunk& c, int i) { return (i & 1) ? hi_bf(c.v[i >> 1]) : lo_bf(c.v[i >> 1]); }
 
 // 32 weights of one chunk: BITS words (BITS = 16 means dense bf16).
 template <int BITS>
@@ -91,26 +140,25 @@ __device__ __forceinline__ WChunk<BITS> load_w(const uint32_t* p) {
 }
 
 // acc += Σ_i w_i·x_i over one chunk. Quantized: w_i = scale·q_i + bias, so
-// the sum is scale·Σq·x + bias·Σx (fp32, fixed order).
+// the sum is scale·Σq·x + bias·Σx (fp32, fixed order). q becomes a float
+// through the exponent trick (2^23 + q, exact) instead of a slow I2F.
 template <int BITS>
-__device__ __forceinline__ float chunk_dot(const WChunk<BITS>& w, const XChunk& x, float scale, float bias, float acc) {
+__device__ __forceinline__ float chunk_dot(const WChunk<BITS>& w, const XF& x, float scale, float bias, float acc) {
   if constexpr (BITS == 16) {
 #pragma unroll
-    for (int i = 0; i < 32; ++i) acc = fmaf((i & 1) ? hi_bf(w.v[i >> 1]) : lo_bf(w.v[i >> 1]), x_at(x, i), acc);
+    for (int i = 0; i < 32; ++i) acc = fmaf((i & 1) ? hi_bf(w.v[i >> 1]) : lo_bf(w.v[i >> 1]), x.v[i], acc);
     return acc;
   } else {
     constexpr uint32_t mask = (1u << BITS) - 1u;
     constexpr int per = 32 / BITS;
-    float qx = 0.f, xs = 0.f;
+    float qx = 0.f;
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
-      const float q = float((w.v[i / per] >> (BITS * (i % per))) & mask);
-      const float xv = x_at(x, i);
-      qx = fmaf(q, xv, qx);
-      xs += xv;
+      const float q = __uint_as_float(0x4B000000u | ((w.v[i / per] >> (BITS * (i % per))) & mask)) - 8388608.0f;
+      qx = fmaf(q, x.v[i], qx);
     }
     acc = fmaf(scale, qx, acc);
-    return fmaf(bias, xs, acc);
+    return fmaf(bias, x.sum, acc);
   }
 }
 
@@ -145,6 +193,49 @@ __device__ __forceinline__ void row_dot(const QMat& m, int64_t e, int64_t r, con
   for (int t = 0; t < TT; ++t) acc[t] = warp_sum(acc[t]);
 }
 
+// Decode (one input row): a warp computes R consecutive rows r0.. (nrows
+// valid), issuing every row's loads for a chunk before using them; the
+// input chunk is unpacked once for all R rows. Per row, the arithmetic is
+// row_dot's.
+// Measured on an H200 (bench/cuda_kernels_bench): one row per warp is best
+// for the plain mat-vecs (more warps in flight), two for gate+up pairs.
+constexpr int kDecodeRows = 1;
+constexpr int kSwigluDecodeRows = 2;
+
+template <int BITS, int R>
+__device__ __forceinline__ void rows_dot(const QMat& m, int64_t e, int64_t r0, int nrows, const uint16_t* x,
+                                         float (&acc)[R]) {
+  const int lane = threadIdx.x & 31;
+  const int64_t K = m.cols;
+  const int chunks = int(K / 32);
+  const int64_t wpr = K * BITS / 32;
+  const int64_t gpr = BITS == 16 ? 0 : K / m.group;
+  const uint32_t* wb = m.w + e * m.w_stride + r0 * wpr;
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  for (int c = lane; c < chunks; c += kWarp) {
+    WChunk<BITS> w[R];
+    float sc[R], bi[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      sc[r] = 1.f, bi[r] = 0.f;
+      if (r < nrows) {
+        w[r] = load_w<BITS>(wb + r * wpr + int64_t(c) * BITS);
+        if constexpr (BITS != 16) {
+          const int64_t g = e * m.s_stride + (r0 + r) * gpr + (c * 32) / m.group;
+          sc[r] = bf(__ldg(m.scales + g)), bi[r] = bf(__ldg(m.biases + g));
+        }
+      }
+    }
+    const XF xf = load_x(x + int64_t(c) * 32);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (r < nrows) acc[r] = chunk_dot<BITS>(w[r], xf, sc[r], bi[r], acc[r]);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+}
+
 __device__ __forceinline__ float combine_term(uint16_t y, const void* scores, bool f32, int mode, int64_t p) {
   if (mode == kBf16Products) return rbf(bf(y) * bf(static_cast<const uint16_t*>(scores)[p]));
   const float s = f32 ? static_cast<const float*>(scores)[p] : bf(static_cast<const uint16_t*>(scores)[p]);
@@ -155,6 +246,7 @@ __device__ __forceinline__ float combine_term(uint16_t y, const void* scores, bo
 
 template <int BITS, int TT>
 __global__ void __launch_bounds__(256) linear_kernel(const uint16_t* x, int T, QMat m, uint16_t* y) {
+  pdl_begin();
   const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   if (r >= m.rows) return;
   const int t0 = blockIdx.y * TT, ntok = min(TT, T - t0);
@@ -164,8 +256,26 @@ __global__ void __launch_bounds__(256) linear_kernel(const uint16_t* x, int T, Q
     for (int t = 0; t < ntok; ++t) y[int64_t(t0 + t) * m.rows + r] = to_bf(acc[t]);
 }
 
+// Several matrices (same format) applied to the same input in one launch;
+// block b belongs to the matrix whose block range holds it.
+template <int BITS, int TT>
+__global__ void __launch_bounds__(256) linear_multi_kernel(const uint16_t* x, int T, MultiQ mq) {
+  pdl_begin();
+  int i = 0;
+  while (i + 1 < mq.n && int64_t(blockIdx.x) >= mq.first_block[i + 1]) ++i;
+  const QMat& m = mq.m[i];
+  const int64_t r = (int64_t(blockIdx.x) - mq.first_block[i]) * kRowsPerBlock + (threadIdx.x >> 5);
+  if (r >= m.rows) return;
+  const int t0 = blockIdx.y * TT, ntok = min(TT, T - t0);
+  float acc[TT];
+  row_dot<BITS, TT>(m, 0, r, x + int64_t(t0) * m.cols, m.cols, ntok, acc);
+  if ((threadIdx.x & 31) == 0)
+    for (int t = 0; t < ntok; ++t) mq.y[i][int64_t(t0 + t) * m.rows + r] = to_bf(acc[t]);
+}
+
 template <int BITS, int TT>
 __global__ void __launch_bounds__(256) linear_swiglu_kernel(const uint16_t* x, int T, QMat g, QMat u, uint16_t* y) {
+  pdl_begin();
   const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   if (r >= g.rows) return;
   const int t0 = blockIdx.y * TT, ntok = min(TT, T - t0);
@@ -177,33 +287,9 @@ __global__ void __launch_bounds__(256) linear_swiglu_kernel(const uint16_t* x, i
 }
 
 template <int BITS>
-__global__ void __launch_bounds__(256) gather_linear_kernel(const uint16_t* x, bool per_slot, const int32_t* ex, int k,
-                                                            QMat m, uint16_t* y) {
-  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
-  if (r >= m.rows) return;
-  const int64_t p = blockIdx.y;
-  const int64_t xr = per_slot ? p : p / k;
-  float acc[1];
-  row_dot<BITS, 1>(m, ex[p], r, x + xr * m.cols, 0, 1, acc);
-  if ((threadIdx.x & 31) == 0) y[p * m.rows + r] = to_bf(acc[0]);
-}
-
-template <int BITS>
-__global__ void __launch_bounds__(256) gather_swiglu_kernel(const uint16_t* x, const int32_t* ex, int k, QMat g, QMat u,
-                                                            uint16_t* y) {
-  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
-  if (r >= g.rows) return;
-  const int64_t p = blockIdx.y;
-  const int32_t e = ex[p];
-  float ga[1], ua[1];
-  row_dot<BITS, 1>(g, e, r, x + (p / k) * g.cols, 0, 1, ga);
-  row_dot<BITS, 1>(u, e, r, x + (p / k) * u.cols, 0, 1, ua);
-  if ((threadIdx.x & 31) == 0) y[p * g.rows + r] = swiglu_bf(to_bf(ga[0]), to_bf(ua[0]));
-}
-
-template <int BITS>
 __global__ void __launch_bounds__(256) gather_combine_kernel(const uint16_t* h, const int32_t* ex, const void* scores,
                                                              bool f32, int mode, int k, QMat m, uint16_t* out) {
+  pdl_begin();
   const int64_t d = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   if (d >= m.rows) return;
   const int64_t t = blockIdx.y;
@@ -217,14 +303,137 @@ __global__ void __launch_bounds__(256) gather_combine_kernel(const uint16_t* h, 
   if ((threadIdx.x & 31) == 0) out[t * m.rows + d] = to_bf(acc);
 }
 
+constexpr int kShortK = 8;  // experts per token the short-row combine keeps in registers
+
+// gather_combine for rows of at most 1024 inputs (one chunk per lane): every
+// selected expert's chunk is loaded before any is used. Same arithmetic as
+// row_dot (a lane's only chunk, then the warp reduction).
+template <int BITS>
+__global__ void __launch_bounds__(256) gather_combine_short_kernel(const uint16_t* h, const int32_t* ex,
+                                                                   const void* scores, bool f32, int mode, int k,
+                                                                   QMat m, uint16_t* out) {
+  pdl_begin();
+  const int64_t d = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  if (d >= m.rows) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t t = blockIdx.y, K = m.cols;
+  const bool active = lane < int(K / 32);
+  const int64_t gpr = BITS == 16 ? 0 : K / m.group;
+  WChunk<BITS> w[kShortK];
+  float sc[kShortK], bi[kShortK];
+#pragma unroll
+  for (int j = 0; j < kShortK; ++j) {
+    sc[j] = 1.f, bi[j] = 0.f;
+    if (j < k && active) {
+      const int64_t e = ex[t * k + j];
+      w[j] = load_w<BITS>(m.w + e * m.w_stride + d * (K * BITS / 32) + int64_t(lane) * BITS);
+      if constexpr (BITS != 16) {
+        const int64_t g = e * m.s_stride + d * gpr + (lane * 32) / m.group;
+        sc[j] = bf(__ldg(m.scales + g)), bi[j] = bf(__ldg(m.biases + g));
+      }
+    }
+  }
+  float acc = 0.f;
+#pragma unroll
+  for (int j = 0; j < kShortK; ++j) {
+    if (j >= k) break;
+    const int64_t p = t * k + j;
+    float a = active ? chunk_dot<BITS>(w[j], load_x(h + p * K + int64_t(lane) * 32), sc[j], bi[j], 0.f) : 0.f;
+    a = warp_sum(a);
+    acc += combine_term(to_bf(a), scores, f32, mode, p);
+  }
+  if (lane == 0) out[t * m.rows + d] = to_bf(acc);
+}
+
 __global__ void moe_combine_kernel(const uint16_t* y, const void* scores, bool f32, int mode, int T, int k, int64_t D,
                                    uint16_t* out) {
+  pdl_begin();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= int64_t(T) * D) return;
   const int64_t t = i / D, d = i % D;
   float acc = 0.f;
   for (int j = 0; j < k; ++j) acc += combine_term(y[(t * k + j) * D + d], scores, f32, mode, t * k + j);
   out[i] = to_bf(acc);
+}
+
+// ---- decode forms (one token; kDecodeRows rows per warp) ----
+constexpr int kRowsPerDecodeBlock = kRowsPerBlock * kDecodeRows;
+
+template <int R = kDecodeRows>
+__device__ __forceinline__ int64_t decode_row0() {
+  return (int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5)) * R;
+}
+
+template <int BITS>
+__global__ void __launch_bounds__(256) linear_decode_kernel(const uint16_t* x, QMat m, uint16_t* y) {
+  pdl_begin();
+  const int64_t r0 = decode_row0();
+  if (r0 >= m.rows) return;
+  const int n = int(kDecodeRows < (m.rows - r0) ? int64_t(kDecodeRows) : (m.rows - r0));
+  float acc[kDecodeRows];
+  rows_dot<BITS, kDecodeRows>(m, 0, r0, n, x, acc);
+  if ((threadIdx.x & 31) == 0)
+    for (int r = 0; r < n; ++r) y[r0 + r] = to_bf(acc[r]);
+}
+
+template <int BITS>
+__global__ void __launch_bounds__(256) linear_multi_decode_kernel(const uint16_t* x, MultiQ mq) {
+  pdl_begin();
+  int i = 0;
+  while (i + 1 < mq.n && int64_t(blockIdx.x) >= mq.first_block[i + 1]) ++i;
+  const QMat& m = mq.m[i];
+  const int64_t r0 = ((int64_t(blockIdx.x) - mq.first_block[i]) * kRowsPerBlock + (threadIdx.x >> 5)) * kDecodeRows;
+  if (r0 >= m.rows) return;
+  const int n = int(kDecodeRows < (m.rows - r0) ? int64_t(kDecodeRows) : (m.rows - r0));
+  float acc[kDecodeRows];
+  rows_dot<BITS, kDecodeRows>(m, 0, r0, n, x, acc);
+  if ((threadIdx.x & 31) == 0)
+    for (int r = 0; r < n; ++r) mq.y[i][r0 + r] = to_bf(acc[r]);
+}
+
+template <int BITS>
+__global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_t* x, QMat g, QMat u, uint16_t* y) {
+  pdl_begin();
+  const int64_t r0 = decode_row0();
+  if (r0 >= g.rows) return;
+  const int n = int(kDecodeRows < (g.rows - r0) ? int64_t(kDecodeRows) : (g.rows - r0));
+  float ga[kDecodeRows], ua[kDecodeRows];
+  rows_dot<BITS, kDecodeRows>(g, 0, r0, n, x, ga);
+  rows_dot<BITS, kDecodeRows>(u, 0, r0, n, x, ua);
+  if ((threadIdx.x & 31) == 0)
+    for (int r = 0; r < n; ++r) y[r0 + r] = swiglu_bf(to_bf(ga[r]), to_bf(ua[r]));
+}
+
+// One (token, slot) pair per blockIdx.y.
+template <int BITS>
+__global__ void __launch_bounds__(256) gather_linear_decode_kernel(const uint16_t* x, bool per_slot, const int32_t* ex,
+                                                                   int k, QMat m, uint16_t* y) {
+  pdl_begin();
+  const int64_t r0 = decode_row0();
+  if (r0 >= m.rows) return;
+  const int n = int(kDecodeRows < (m.rows - r0) ? int64_t(kDecodeRows) : (m.rows - r0));
+  const int64_t p = blockIdx.y;
+  const int64_t xr = per_slot ? p : p / k;
+  float acc[kDecodeRows];
+  rows_dot<BITS, kDecodeRows>(m, ex[p], r0, n, x + xr * m.cols, acc);
+  if ((threadIdx.x & 31) == 0)
+    for (int r = 0; r < n; ++r) y[p * m.rows + r0 + r] = to_bf(acc[r]);
+}
+
+template <int BITS>
+__global__ void __launch_bounds__(256) gather_swiglu_decode_kernel(const uint16_t* x, const int32_t* ex, int k, QMat g,
+                                                                   QMat u, uint16_t* y) {
+  pdl_begin();
+  const int64_t r0 = decode_row0<kSwigluDecodeRows>();
+  if (r0 >= g.rows) return;
+  const int n = int(kSwigluDecodeRows < (g.rows - r0) ? int64_t(kSwigluDecodeRows) : (g.rows - r0));
+  const int64_t p = blockIdx.y;
+  const int32_t e = ex[p];
+  float ga[kSwigluDecodeRows], ua[kSwigluDecodeRows];
+  rows_dot<BITS, kSwigluDecodeRows>(g, e, r0, n, x + (p / k) * g.cols, ga);
+  rows_dot<BITS, kSwigluDecodeRows>(u, e, r0, n, x + (p / k) * u.cols, ua);
+  if ((threadIdx.x & 31) == 0)
+    for (int r = 0; r < n; ++r) y[p * g.rows + r0 + r] = swiglu_bf(to_bf(ga[r]), to_bf(ua[r]));
 }
 
 // Dispatch on the weight format; TT = tokens per pass.
@@ -244,9 +453,20 @@ struct LinearL {
   static void go(const uint16_t* x, int T, const QMat& m, uint16_t* y, cudaStream_t s) {
     const unsigned gx = unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     if (T == 1)
-      linear_kernel<B, 1><<<dim3(gx, 1), 256, 0, s>>>(x, T, m, y);
+      launch(linear_decode_kernel<B>, dim3(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock)),
+             dim3(256), s, x, m, y);
     else
-      linear_kernel<B, kTokTile><<<dim3(gx, unsigned((T + kTokTile - 1) / kTokTile)), 256, 0, s>>>(x, T, m, y);
+      launch(linear_kernel<B, kTokTile>, dim3(dim3(gx, unsigned((T + kTokTile - 1) / kTokTile))), dim3(256), s, x, T, m, y);
+  }
+};
+template <int B>
+struct LinearMultiL {
+  static void go(const uint16_t* x, int T, const MultiQ& mq, cudaStream_t s) {
+    const unsigned gx = unsigned(mq.first_block[mq.n]);
+    if (T == 1)
+      launch(linear_multi_decode_kernel<B>, dim3(gx), dim3(256), s, x, mq);
+    else
+      launch(linear_multi_kernel<B, kTokTile>, dim3(gx, unsigned((T + kTokTile - 1) / kTokTile)), dim3(256), s, x, T, mq);
   }
 };
 template <int B>
@@ -254,32 +474,39 @@ struct LinearSwigluL {
   static void go(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s) {
     const unsigned gx = unsigned((g.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     if (T == 1)
-      linear_swiglu_kernel<B, 1><<<dim3(gx, 1), 256, 0, s>>>(x, T, g, u, y);
+      launch(linear_swiglu_decode_kernel<B>, dim3(unsigned((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock)),
+             dim3(256), s, x, g, u, y);
     else
-      linear_swiglu_kernel<B, kTokTile><<<dim3(gx, unsigned((T + kTokTile - 1) / kTokTile)), 256, 0, s>>>(x, T, g, u, y);
+      launch(linear_swiglu_kernel<B, kTokTile>, dim3(dim3(gx, unsigned((T + kTokTile - 1) / kTokTile))), dim3(256), s, x, T, g, u, y);
   }
 };
 template <int B>
 struct GatherL {
   static void go(const uint16_t* x, bool per_slot, const int32_t* ex, int P, int k, const QMat& m, uint16_t* y,
                  cudaStream_t s) {
-    gather_linear_kernel<B><<<dim3(unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(P)), 256, 0, s>>>(
-        x, per_slot, ex, k, m, y);
+    launch(gather_linear_decode_kernel<B>,
+           dim3(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock), unsigned(P)), dim3(256), s, x,
+           per_slot, ex, k, m, y);
   }
 };
 template <int B>
 struct GatherSwigluL {
   static void go(const uint16_t* x, const int32_t* ex, int P, int k, const QMat& g, const QMat& u, uint16_t* y,
                  cudaStream_t s) {
-    gather_swiglu_kernel<B><<<dim3(unsigned((g.rows + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(P)), 256, 0, s>>>(
-        x, ex, k, g, u, y);
+    constexpr int per_block = kRowsPerBlock * kSwigluDecodeRows;
+    launch(gather_swiglu_decode_kernel<B>, dim3(unsigned((g.rows + per_block - 1) / per_block), unsigned(P)), dim3(256), s, x, ex,
+           k, g, u, y);
   }
 };
 template <int B>
 struct GatherCombineL {
   static void go(const uint16_t* h, const int32_t* ex, const void* sc, bool f32, int mode, int T, int k, const QMat& m,
                  uint16_t* out, cudaStream_t s) {
-    gather_combine_kernel<B><<<dim3(unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(T)), 256, 0, s>>>(
+    if (m.cols <= 32 * 32 && k <= kShortK)
+      launch(gather_combine_short_kernel<B>, dim3(unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(T)),
+             dim3(256), s, h, ex, sc, f32, mode, k, m, out);
+    else
+      launch(gather_combine_kernel<B>, dim3(dim3(unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(T))), dim3(256), s, 
         h, ex, sc, f32, mode, k, m, out);
   }
 };
@@ -287,6 +514,7 @@ struct GatherCombineL {
 // ------------------------------------------------------------ elementwise
 
 __global__ void embed_kernel(QMat m, const int32_t* ids, int T, uint16_t* out) {
+  pdl_begin();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t D = m.cols;
   if (i >= int64_t(T) * D) return;
@@ -307,6 +535,7 @@ __global__ void embed_kernel(QMat m, const int32_t* ids, int T, uint16_t* out) {
 
 // One warp per row (D <= 1024) or one block per row.
 __global__ void rms_norm_warp_kernel(const uint16_t* x, int64_t R, int D, const uint16_t* w, float eps, uint16_t* out) {
+  pdl_begin();
   const int64_t r = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
   if (r >= R) return;
   const int lane = threadIdx.x & 31;
@@ -322,6 +551,7 @@ __global__ void rms_norm_warp_kernel(const uint16_t* x, int64_t R, int D, const 
 }
 
 __global__ void rms_norm_block_kernel(const uint16_t* x, int D, const uint16_t* w, float eps, uint16_t* out) {
+  pdl_begin();
   __shared__ float part[32];
   const int64_t r = blockIdx.x;
   const uint16_t* xr = x + r * D;
@@ -343,8 +573,104 @@ __global__ void rms_norm_block_kernel(const uint16_t* x, int D, const uint16_t* 
   for (int d = threadIdx.x; d < D; d += blockDim.x) out[r * D + d] = to_bf(bf(w[d]) * rbf(bf(xr[d]) * inv));
 }
 
+// h = bf16(h + x) in place, then out = rms_norm(h) (block per row).
+__global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
+                                    uint16_t* out) {
+  pdl_begin();
+  __shared__ float part[32];
+  const int64_t r = blockIdx.x;
+  uint16_t* hr = h + r * D;
+  const uint16_t* xr = x + r * D;
+  float ss = 0.f;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    const uint16_t v = to_bf(bf(hr[d]) + bf(xr[d]));
+    hr[d] = v;
+    ss = fmaf(bf(v), bf(v), ss);
+  }
+  ss = warp_sum(ss);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
+    v = warp_sum(v);
+    if (threadIdx.x == 0) part[0] = v;
+  }
+  __syncthreads();
+  const float inv = 1.0f / sqrtf(part[0] / float(D) + eps);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) out[r * D + d] = to_bf(bf(w[d]) * rbf(bf(hr[d]) * inv));
+}
+
+// Per head row (one warp): RMSNorm with the q or k norm weight, RoPE over
+// the whole head, then q to q_out and k, v into the cache at pos + t.
+template <int DPL>
+__global__ void qk_norm_rope_kv_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, int T, int H, int Hkv,
+                                       const uint16_t* qn, const uint16_t* kn, float eps, const float* inv_freq,
+                                       bool traditional, int pos0, const int* dpos, uint16_t* q_out, uint16_t* kc,
+                                       uint16_t* vc, int64_t cap) {
+  pdl_begin();
+  constexpr int HD = 32 * DPL;
+  const int64_t wid = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (wid >= int64_t(T) * (H + Hkv)) return;
+  const int lane = threadIdx.x & 31;
+  const int t = int(wid / (H + Hkv)), hh = int(wid % (H + Hkv));
+  const bool is_q = hh < H;
+  const int head = is_q ? hh : hh - H;
+  const uint16_t* src = is_q ? q + (int64_t(t) * H + head) * HD : k + (int64_t(t) * Hkv + head) * HD;
+  const uint16_t* nw = is_q ? qn : kn;
+  float x[DPL];
+  float ss = 0.f;
+#pragma unroll
+  for (int d = 0; d < DPL; ++d) {
+    x[d] = bf(src[lane * DPL + d]);
+    ss = fmaf(x[d], x[d], ss);
+  }
+  ss = warp_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / float(HD) + eps);
+#pragma unroll
+  for (int d = 0; d < DPL; ++d) x[d] = bf(to_bf(bf(nw[lane * DPL + d]) * rbf(x[d] * inv)));
+  const int pos = (dpos ? *dpos : pos0) + t;
+  float y[DPL];
+  if (!traditional) {  // pairs (i, i + HD/2): lanes l and l ^ 16 hold them at the same offsets
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) {
+      const float other = __shfl_xor_sync(0xffffffffu, x[d], 16);
+      const int i = (lane & 15) * DPL + d;
+      const float th = float(pos) * inv_freq[i];
+      const float c = cosf(th), sn = sinf(th);
+      y[d] = lane < 16 ? x[d] * c - other * sn : other * sn + x[d] * c;
+    }
+  } else if constexpr (DPL % 2 == 0) {  // pairs (2i, 2i+1) inside a lane
+#pragma unroll
+    for (int d = 0; d < DPL; d += 2) {
+      const int i = (lane * DPL + d) / 2;
+      const float th = float(pos) * inv_freq[i];
+      const float c = cosf(th), sn = sinf(th);
+      y[d] = x[d] * c - x[d + 1] * sn;
+      y[d + 1] = x[d] * sn + x[d + 1] * c;
+    }
+  } else {  // DPL == 1: pairs across lanes l, l ^ 1
+    const float other = __shfl_xor_sync(0xffffffffu, x[0], 1);
+    const int i = lane / 2;
+    const float th = float(pos) * inv_freq[i];
+    const float c = cosf(th), sn = sinf(th);
+    y[0] = (lane & 1) == 0 ? x[0] * c - other * sn : other * sn + x[0] * c;
+  }
+  if (is_q) {
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) q_out[(int64_t(t) * H + head) * HD + lane * DPL + d] = to_bf(y[d]);
+  } else if (pos < cap) {
+    const uint16_t* vs = v + (int64_t(t) * Hkv + head) * HD;
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) {
+      kc[(head * cap + pos) * HD + lane * DPL + d] = to_bf(y[d]);
+      vc[(head * cap + pos) * HD + lane * DPL + d] = vs[lane * DPL + d];
+    }
+  }
+}
+
 __global__ void rope_kernel(uint16_t* x, int T, int heads, int hd, int off, int half, int pos0, const int* dpos,
                             const float* inv_freq, bool traditional) {
+  pdl_begin();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= int64_t(T) * heads * half) return;
   const int f = int(i % half);
@@ -361,17 +687,20 @@ __global__ void rope_kernel(uint16_t* x, int T, int heads, int hd, int off, int 
 }
 
 __global__ void add_kernel(uint16_t* h, const uint16_t* x, int64_t n) {
+  pdl_begin();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) h[i] = to_bf(bf(h[i]) + bf(x[i]));
 }
 
 __global__ void swiglu_kernel(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* out) {
+  pdl_begin();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) out[i] = swiglu_bf(g[i], u[i]);
 }
 
 __global__ void kv_write_kernel(uint16_t* kc, uint16_t* vc, int64_t cap, int H, int hd, const uint16_t* k,
                                 const uint16_t* v, int T, int pos0, const int* dpos) {
+  pdl_begin();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= int64_t(T) * H * hd) return;
   const int d = int(i % hd);
@@ -394,6 +723,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
                                                                       const uint16_t* kc, const uint16_t* vc,
                                                                       int64_t cap, int pos0, const int* dpos,
                                                                       float scale, int splits, float* scratch) {
+  pdl_begin();
   constexpr int HD = 32 * DPL;
   const int h = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -446,6 +776,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
 }
 
 __global__ void attn_merge_kernel(const float* scratch, int heads, int hd, int splits, uint16_t* out) {
+  pdl_begin();
   const int h = blockIdx.x, t = blockIdx.y;
   const float* base = scratch + (int64_t(t) * heads + h) * splits * (hd + 2);
   float M = -FLT_MAX;
@@ -503,6 +834,7 @@ __device__ void warp_topk(const float (&key)[kRouteMaxPerLane], int E, int k, in
 
 __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k, bool normalize, int32_t* ex,
                                      uint16_t* scores) {
+  pdl_begin();
   const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (t >= T) return;
   const uint16_t* l = logits + int64_t(t) * E;
@@ -541,6 +873,7 @@ __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k
 
 __global__ void route_sigmoid_kernel(const uint16_t* logits, const float* bias, int T, int E, int k, bool normalize,
                                      float eps, float scaling, int32_t* ex, uint16_t* scores) {
+  pdl_begin();
   const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (t >= T) return;
   const uint16_t* l = logits + int64_t(t) * E;
@@ -578,6 +911,7 @@ constexpr int kConvMaxL = 8;
 
 __global__ void short_conv_kernel(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16_t* w, int L,
                                   uint16_t* out) {
+  pdl_begin();
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   uint16_t win[kConvMaxL];  // the last L-1 Bx values, oldest first
@@ -593,6 +927,29 @@ __global__ void short_conv_kernel(const uint16_t* bcx, int T, int C, uint16_t* s
   for (int i = 0; i < L - 1; ++i) state[int64_t(i) * C + c] = win[i];
 }
 
+// argmax of one bf16 row (ties to the lower id), one block.
+__global__ void argmax_kernel(const uint16_t* x, int64_t V, int32_t* out) {
+  pdl_begin();
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  float bv = -INFINITY;
+  int bi = INT_MAX;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+    const float v = bf(x[i]);
+    if (v > bv || (v == bv && int(i) < bi)) bv = v, bi = int(i);
+  }
+  float ov;
+  int oi;
+  warp_best(bv, bi, ov, oi);
+  if ((threadIdx.x & 31) == 0) sv[threadIdx.x >> 5] = ov, si[threadIdx.x >> 5] = oi;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int nw = blockDim.x / 32;
+    warp_best(threadIdx.x < nw ? sv[threadIdx.x] : -INFINITY, threadIdx.x < nw ? si[threadIdx.x] : INT_MAX, ov, oi);
+    if (threadIdx.x == 0) *out = oi;
+  }
+}
+
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
 }  // namespace
@@ -600,13 +957,29 @@ unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) 
 // -------------------------------------------------------------- host entry
 
 void embed(const QMat& table, const int32_t* ids, int T, uint16_t* out, cudaStream_t s) {
-  embed_kernel<<<blocks_for(int64_t(T) * table.cols, 256), 256, 0, s>>>(table, ids, T, out);
+  launch(embed_kernel, dim3(blocks_for(int64_t(T) * table.cols, 256)), dim3(256), s, table, ids, T, out);
   check_launch("embed");
 }
 
 void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s) {
   by_bits<LinearL>(w.bits, x, T, w, y, s);
   check_launch("linear");
+}
+
+void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys, int n, cudaStream_t s) {
+  if (n > kMaxMulti) throw std::runtime_error("linear_multi: at most 4 matrices");
+  MultiQ mq;
+  mq.n = n;
+  mq.first_block[0] = 0;
+  for (int i = 0; i < n; ++i) {
+    if (ms[i].bits != ms[0].bits || ms[i].cols != ms[0].cols) throw std::runtime_error("linear_multi: matrices differ in format");
+    mq.m[i] = ms[i];
+    mq.y[i] = ys[i];
+    const int64_t per_block = T == 1 ? kRowsPerDecodeBlock : kRowsPerBlock;
+    mq.first_block[i + 1] = mq.first_block[i] + (ms[i].rows + per_block - 1) / per_block;
+  }
+  by_bits<LinearMultiL>(ms[0].bits, x, T, mq, s);
+  check_launch("linear_multi");
 }
 
 void linear_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s) {
@@ -636,40 +1009,62 @@ void gather_combine(const uint16_t* h, const int32_t* experts, const void* score
 
 void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,
                  uint16_t* out, cudaStream_t s) {
-  moe_combine_kernel<<<blocks_for(int64_t(T) * D, 256), 256, 0, s>>>(y, scores, scores_f32, int(mode), T, k, D, out);
+  launch(moe_combine_kernel, dim3(blocks_for(int64_t(T) * D, 256)), dim3(256), s, y, scores, scores_f32, int(mode), T, k, D, out);
   check_launch("moe_combine");
 }
 
 void rms_norm(const uint16_t* x, int64_t rows, int64_t D, const uint16_t* w, float eps, uint16_t* out,
               cudaStream_t s) {
   if (D <= 1024)
-    rms_norm_warp_kernel<<<unsigned((rows + 7) / 8), 256, 0, s>>>(x, rows, int(D), w, eps, out);
+    launch(rms_norm_warp_kernel, dim3(unsigned((rows + 7) / 8)), dim3(256), s, x, rows, int(D), w, eps, out);
   else
-    rms_norm_block_kernel<<<unsigned(rows), 256, 0, s>>>(x, int(D), w, eps, out);
+    launch(rms_norm_block_kernel, dim3(unsigned(rows)), dim3(256), s, x, int(D), w, eps, out);
   check_launch("rms_norm");
+}
+
+void add_rms_norm(uint16_t* h, const uint16_t* x, int64_t rows, int64_t D, const uint16_t* w, float eps,
+                  uint16_t* out, cudaStream_t s) {
+  launch(add_rms_norm_kernel, dim3(unsigned(rows)), dim3(256), s, h, x, int(D), w, eps, out);
+  check_launch("add_rms_norm");
+}
+
+bool qk_norm_rope_kv(const uint16_t* q, const uint16_t* k, const uint16_t* v, int T, int H, int Hkv, int hd,
+                     const uint16_t* qn, const uint16_t* kn, float eps, const float* inv_freq, bool traditional,
+                     int pos0, const int* dpos, uint16_t* q_out, uint16_t* kc, uint16_t* vc, int64_t cap,
+                     cudaStream_t s) {
+  const dim3 grid{unsigned((int64_t(T) * (H + Hkv) + 7) / 8)};
+  switch (hd) {
+    case 32: launch(qk_norm_rope_kv_kernel<1>, grid, dim3(256), s, q, k, v, T, H, Hkv, qn, kn, eps, inv_freq, traditional, pos0, dpos, q_out, kc, vc, cap); break;
+    case 64: launch(qk_norm_rope_kv_kernel<2>, grid, dim3(256), s, q, k, v, T, H, Hkv, qn, kn, eps, inv_freq, traditional, pos0, dpos, q_out, kc, vc, cap); break;
+    case 128: launch(qk_norm_rope_kv_kernel<4>, grid, dim3(256), s, q, k, v, T, H, Hkv, qn, kn, eps, inv_freq, traditional, pos0, dpos, q_out, kc, vc, cap); break;
+    case 256: launch(qk_norm_rope_kv_kernel<8>, grid, dim3(256), s, q, k, v, T, H, Hkv, qn, kn, eps, inv_freq, traditional, pos0, dpos, q_out, kc, vc, cap); break;
+    default: return false;
+  }
+  check_launch("qk_norm_rope_kv");
+  return true;
 }
 
 void rope(uint16_t* x, int T, int heads, int head_dim, int rot_offset, int rot_dims, int pos0, const int* dpos,
           const float* inv_freq, bool traditional, cudaStream_t s) {
   const int half = rot_dims / 2;
-  rope_kernel<<<blocks_for(int64_t(T) * heads * half, 256), 256, 0, s>>>(x, T, heads, head_dim, rot_offset, half, pos0,
+  launch(rope_kernel, dim3(blocks_for(int64_t(T) * heads * half, 256)), dim3(256), s, x, T, heads, head_dim, rot_offset, half, pos0,
                                                                          dpos, inv_freq, traditional);
   check_launch("rope");
 }
 
 void add(uint16_t* h, const uint16_t* x, int64_t n, cudaStream_t s) {
-  add_kernel<<<blocks_for(n, 256), 256, 0, s>>>(h, x, n);
+  launch(add_kernel, dim3(blocks_for(n, 256)), dim3(256), s, h, x, n);
   check_launch("add");
 }
 
 void swiglu(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* out, cudaStream_t s) {
-  swiglu_kernel<<<blocks_for(n, 256), 256, 0, s>>>(g, u, n, out);
+  launch(swiglu_kernel, dim3(blocks_for(n, 256)), dim3(256), s, g, u, n, out);
   check_launch("swiglu");
 }
 
 void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int head_dim, const uint16_t* k,
               const uint16_t* v, int T, int pos0, const int* dpos, cudaStream_t s) {
-  kv_write_kernel<<<blocks_for(int64_t(T) * kv_heads * head_dim, 256), 256, 0, s>>>(kc, vc, capacity, kv_heads,
+  launch(kv_write_kernel, dim3(blocks_for(int64_t(T) * kv_heads * head_dim, 256)), dim3(256), s, kc, vc, capacity, kv_heads,
                                                                                     head_dim, k, v, T, pos0, dpos);
   check_launch("kv_write");
 }
@@ -679,35 +1074,41 @@ void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, 
                cudaStream_t s) {
   const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
   switch (head_dim) {
-    case 64: attn_partial_kernel<2><<<grid, kAttnWarps * 32, 0, s>>>(q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
-    case 128: attn_partial_kernel<4><<<grid, kAttnWarps * 32, 0, s>>>(q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
-    case 256: attn_partial_kernel<8><<<grid, kAttnWarps * 32, 0, s>>>(q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
-    default: throw std::runtime_error("CUDA attention: head_dim " + std::to_string(head_dim) + " (supported: 64, 128, 256)");
+    case 32: launch(attn_partial_kernel<1>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
+    case 64: launch(attn_partial_kernel<2>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
+    case 128: launch(attn_partial_kernel<4>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
+    case 256: launch(attn_partial_kernel<8>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
+    default: throw std::runtime_error("CUDA attention: head_dim " + std::to_string(head_dim) + " (supported: 32, 64, 128, 256)");
   }
   check_launch("attention");
-  attn_merge_kernel<<<dim3(unsigned(heads), unsigned(T)), 128, 0, s>>>(scratch, heads, head_dim, splits, out);
+  launch(attn_merge_kernel, dim3(dim3(unsigned(heads), unsigned(T))), dim3(128), s, scratch, heads, head_dim, splits, out);
   check_launch("attention merge");
 }
 
 void route_softmax(const uint16_t* logits, int T, int E, int k, bool normalize, int32_t* experts, uint16_t* scores,
                    cudaStream_t s) {
   if (E > 32 * kRouteMaxPerLane || k > 16) throw std::runtime_error("CUDA router: at most 512 experts, top-16");
-  route_softmax_kernel<<<unsigned((T + 3) / 4), 128, 0, s>>>(logits, T, E, k, normalize, experts, scores);
+  launch(route_softmax_kernel, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, T, E, k, normalize, experts, scores);
   check_launch("route_softmax_topk");
 }
 
 void route_sigmoid(const uint16_t* logits, const float* bias, int T, int E, int k, bool normalize, float eps,
                    float scaling, int32_t* experts, uint16_t* scores, cudaStream_t s) {
   if (E > 32 * kRouteMaxPerLane || k > 16) throw std::runtime_error("CUDA router: at most 512 experts, top-16");
-  route_sigmoid_kernel<<<unsigned((T + 3) / 4), 128, 0, s>>>(logits, bias, T, E, k, normalize, eps, scaling, experts,
+  launch(route_sigmoid_kernel, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T, E, k, normalize, eps, scaling, experts,
                                                               scores);
   check_launch("route_sigmoid_topk");
+}
+
+void argmax(const uint16_t* x, int64_t V, int32_t* out, cudaStream_t s) {
+  launch(argmax_kernel, dim3(1), dim3(1024), s, x, V, out);
+  check_launch("argmax");
 }
 
 void short_conv(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16_t* w, int L, uint16_t* out,
                 cudaStream_t s) {
   if (L > kConvMaxL) throw std::runtime_error("CUDA short_conv: kernel length " + std::to_string(L) + " > 8");
-  short_conv_kernel<<<blocks_for(C, 128), 128, 0, s>>>(bcx, T, C, state, w, L, out);
+  launch(short_conv_kernel, dim3(blocks_for(C, 128)), dim3(128), s, bcx, T, C, state, w, L, out);
   check_launch("short_conv");
 }
 

@@ -37,6 +37,8 @@ void embed(const QMat& table, const int32_t* ids, int T, uint16_t* out, cudaStre
 
 // y[T, N] = bf16(x[T, K] · Wᵀ)
 void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s);
+// ys[i][T, N_i] = bf16(x · W_iᵀ) for up to 4 matrices of one format, one launch.
+void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys, int n, cudaStream_t s);
 // y[T, N] = swiglu(bf16(x·Gᵀ), bf16(x·Uᵀ))
 void linear_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s);
 
@@ -55,6 +57,15 @@ void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine
 
 void rms_norm(const uint16_t* x, int64_t rows, int64_t D, const uint16_t* w, float eps, uint16_t* out,
               cudaStream_t s);
+// h = bf16(h + x) in place; out = rms_norm(h, w) (rows of D).
+void add_rms_norm(uint16_t* h, const uint16_t* x, int64_t rows, int64_t D, const uint16_t* w, float eps,
+                  uint16_t* out, cudaStream_t s);
+// Backend::qk_norm_rope_cache for full-head RoPE in one launch; false when
+// head_dim is not 32/64/128/256 (the caller composes the plain ops).
+bool qk_norm_rope_kv(const uint16_t* q, const uint16_t* k, const uint16_t* v, int T, int H, int Hkv, int hd,
+                     const uint16_t* qn, const uint16_t* kn, float eps, const float* inv_freq, bool traditional,
+                     int pos0, const int* dpos, uint16_t* q_out, uint16_t* kc, uint16_t* vc, int64_t cap,
+                     cudaStream_t s);
 void rope(uint16_t* x, int T, int heads, int head_dim, int rot_offset, int rot_dims, int pos0, const int* dpos,
           const float* inv_freq, bool traditional, cudaStream_t s);
 void add(uint16_t* h, const uint16_t* x, int64_t n, cudaStream_t s);
@@ -73,6 +84,9 @@ void route_softmax(const uint16_t* logits, int T, int E, int k, bool normalize, 
                    cudaStream_t s);
 void route_sigmoid(const uint16_t* logits, const float* bias, int T, int E, int k, bool normalize, float eps,
                    float scaling, int32_t* experts, uint16_t* scores, cudaStream_t s);
+
+// argmax of x[V] (bf16), ties to the lower id, into *out.
+void argmax(const uint16_t* x, int64_t V, int32_t* out, cudaStream_t s);
 
 // LFM2 short conv (see Backend::short_conv); state [L-1, C] updated in place.
 void short_conv(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16_t* w, int L, uint16_t* out,

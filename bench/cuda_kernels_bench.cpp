@@ -1,0 +1,138 @@
+// GPU time of each decode kernel at Qwen3-30B-A3B shapes (hidden 2048, 32/4
+// heads of 128, 128 experts of 768, top-8, 4-bit group 64): every kernel is
+// launched `reps` times inside one CUDA graph, so the figure is GPU time per
+// launch including the per-node cost a recorded decode step pays, without
+// host launch overhead. Random bits stand in for weights (speed only).
+//   build/cuda_kernels_bench [reps]
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "zmlx/backend/cuda/kernels.h"
+
+namespace k = zmlx::cuda::k;
+
+namespace {
+
+void* dev_random(size_t bytes, std::mt19937& rng, bool bf16_small = false) {
+  std::vector<uint16_t> h((bytes + 1) / 2);
+  for (auto& v : h) v = bf16_small ? uint16_t(0x3c00 + (rng() & 0xff)) : uint16_t(rng());
+  void* d = nullptr;
+  if (cudaMalloc(&d, h.size() * 2) != cudaSuccess) {
+    std::fprintf(stderr, "cudaMalloc failed\n");
+    std::exit(1);
+  }
+  cudaMemcpy(d, h.data(), h.size() * 2, cudaMemcpyHostToDevice);
+  return d;
+}
+
+k::QMat qmat(int64_t experts, int64_t rows, int64_t cols, std::mt19937& rng) {
+  k::QMat m;
+  m.rows = rows, m.cols = cols, m.bits = 4, m.group = 64;
+  const int64_t E = experts > 0 ? experts : 1;
+  m.w_stride = rows * cols / 8;
+  m.s_stride = rows * cols / 64;
+  m.w = static_cast<const uint32_t*>(dev_random(size_t(E * m.w_stride) * 4, rng));
+  m.scales = static_cast<const uint16_t*>(dev_random(size_t(E * m.s_stride) * 2, rng, true));
+  m.biases = static_cast<const uint16_t*>(dev_random(size_t(E * m.s_stride) * 2, rng, true));
+  return m;
+}
+
+double bytes_of(const k::QMat& m, int64_t active) {
+  return double(active) * double(m.rows) * double(m.cols) * (4.0 / 8.0 + 4.0 / 64.0);
+}
+
+void time_it(cudaStream_t s, int reps, const char* name, double bytes, const std::function<void()>& launch) {
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed);
+  for (int i = 0; i < reps; ++i) launch();
+  cudaStreamEndCapture(s, &g);
+  cudaGraphInstantiate(&ge, g, 0);
+  cudaGraphLaunch(ge, s);  // warm-up
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  cudaEventRecord(a, s);
+  cudaGraphLaunch(ge, s);
+  cudaEventRecord(b, s);
+  cudaEventSynchronize(b);
+  float ms = 0;
+  cudaEventElapsedTime(&ms, a, b);
+  const double us = 1000.0 * ms / reps;
+  std::printf("%-28s %8.2f us  %7.0f GB/s\n", name, us, bytes > 0 ? bytes / (us * 1e-6) / 1e9 : 0.0);
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  if (cudaGetLastError() != cudaSuccess) std::printf("  (CUDA error)\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int reps = argc > 1 ? std::atoi(argv[1]) : 200;
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    std::fprintf(stderr, "cuda_kernels_bench: no GPU\n");
+    return 1;
+  }
+  std::mt19937 rng(7);
+  cudaStream_t s;
+  cudaStreamCreate(&s);
+  const int64_t D = 2048, H = 32, Hkv = 4, hd = 128, E = 128, kk = 8, I = 768, S = 512, cap = 1024;
+  k::QMat q = qmat(0, H * hd, D, rng), kp = qmat(0, Hkv * hd, D, rng), vp = qmat(0, Hkv * hd, D, rng),
+          o = qmat(0, D, H * hd, rng), router = qmat(0, E, D, rng), gate = qmat(E, I, D, rng),
+          up = qmat(E, I, D, rng), down = qmat(E, D, I, rng), head = qmat(0, 151936, D, rng);
+  auto* x = static_cast<uint16_t*>(dev_random(size_t(D) * 2, rng, true));
+  auto* h = static_cast<uint16_t*>(dev_random(size_t(D) * 2, rng, true));
+  auto* nw = static_cast<uint16_t*>(dev_random(size_t(D) * 2, rng, true));
+  auto* yq = static_cast<uint16_t*>(dev_random(size_t(H * hd) * 2, rng, true));
+  auto* yk = static_cast<uint16_t*>(dev_random(size_t(Hkv * hd) * 2, rng, true));
+  auto* yv = static_cast<uint16_t*>(dev_random(size_t(Hkv * hd) * 2, rng, true));
+  auto* att = static_cast<uint16_t*>(dev_random(size_t(H * hd) * 2, rng, true));
+  auto* logits = static_cast<uint16_t*>(dev_random(size_t(E) * 2, rng, true));
+  auto* big = static_cast<uint16_t*>(dev_random(size_t(151936) * 2, rng, true));
+  auto* hmid = static_cast<uint16_t*>(dev_random(size_t(kk * I) * 2, rng, true));
+  auto* kc = static_cast<uint16_t*>(dev_random(size_t(Hkv * cap * hd) * 2, rng, true));
+  auto* vc = static_cast<uint16_t*>(dev_random(size_t(Hkv * cap * hd) * 2, rng, true));
+  auto* scratch = static_cast<float*>(dev_random(size_t(H * 64 * (hd + 2)) * 4, rng));
+  auto* freq = static_cast<float*>(dev_random(size_t(hd) * 4, rng));
+  int32_t* ex = nullptr;
+  uint16_t* sc = nullptr;
+  cudaMalloc(&ex, kk * 4);
+  cudaMalloc(&sc, kk * 2);
+  std::vector<int32_t> hex;
+  for (int j = 0; j < kk; ++j) hex.push_back(int32_t(j * 13 % E));
+  cudaMemcpy(ex, hex.data(), kk * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(sc, nw, kk * 2, cudaMemcpyDeviceToDevice);
+
+  cudaDeviceProp p{};
+  cudaGetDeviceProperties(&p, 0);
+  std::printf("%s, %d launches per kernel in one graph\n", p.name, reps);
+  const k::QMat qkv[3] = {q, kp, vp};
+  uint16_t* const ys[3] = {yq, yk, yv};
+  time_it(s, reps, "add_rms_norm [2048]", 0, [&] { k::add_rms_norm(h, x, 1, D, nw, 1e-6f, x, s); });
+  time_it(s, reps, "linear_multi q/k/v", bytes_of(q, 1) + 2 * bytes_of(kp, 1),
+          [&] { k::linear_multi(x, 1, qkv, ys, 3, s); });
+  time_it(s, reps, "qk_norm_rope_kv", 0, [&] {
+    k::qk_norm_rope_kv(yq, yk, yv, 1, H, Hkv, hd, nw, nw, 1e-6f, freq, false, S, nullptr, yq, kc, vc, cap, s);
+  });
+  time_it(s, reps, "attention S=512 (split 16)", double(2 * Hkv * S * hd * 2),
+          [&] { k::attention(yq, 1, H, Hkv, hd, kc, vc, cap, S - 1, nullptr, 0.088f, 16, scratch, att, s); });
+  time_it(s, reps, "linear o_proj", bytes_of(o, 1), [&] { k::linear(att, 1, o, x, s); });
+  time_it(s, reps, "linear router", bytes_of(router, 1), [&] { k::linear(x, 1, router, logits, s); });
+  time_it(s, reps, "route_softmax", 0, [&] { k::route_softmax(logits, 1, E, kk, true, ex, sc, s); });
+  cudaMemcpy(ex, hex.data(), kk * 4, cudaMemcpyHostToDevice);
+  time_it(s, reps, "gather_qmm_swiglu", bytes_of(gate, kk) + bytes_of(up, kk),
+          [&] { k::gather_swiglu(x, ex, 1, kk, gate, up, hmid, s); });
+  time_it(s, reps, "gather_qmm_combine", bytes_of(down, kk),
+          [&] { k::gather_combine(hmid, ex, sc, false, k::kBf16Products, 1, kk, down, h, s); });
+  time_it(s, reps, "gather_qmm (down, unfused)", bytes_of(down, kk),
+          [&] { k::gather_linear(hmid, true, ex, 1, kk, down, big, s); });
+  time_it(s, reps, "lm_head 151936", bytes_of(head, 1), [&] { k::linear(x, 1, head, big, s); });
+  return 0;
+}

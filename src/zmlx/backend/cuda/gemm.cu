@@ -1,0 +1,608 @@
+// Tensor-core GEMMs for prefill (see gemm.h for the contracts).
+//
+// Block tile: BM = 64 rows of activations (tokens, or expert-sorted pairs)
+// x BN = 128 weight rows x BK = 64 along K; 256 threads = 8 warps as 2 (M)
+// x 4 (N), each warp 32 x 32 with mma.sync m16n8k16 (bf16 in, fp32 acc).
+//
+// Pipeline (STAGES deep, cp.async): per K-step a stage holds the activation
+// tile (bf16, 64 x 64) and the raw weight tile (packed words, or bf16 for
+// dense weights). Before the K-step's MMAs the packed tile is dequantized
+// once into a bf16 tile (bf16(fma(scale, q, bias))); dense weights are used
+// from the stage directly. Shared tiles of 64 bf16 per row (128 bytes = 8
+// chunks of 16 bytes) store chunk c of row r at c ^ (r & 7), so ldmatrix,
+// cp.async and the dequant stores are free of bank conflicts.
+//
+// The gate/up + SwiGLU variant loads 64 rows of G and the same 64 rows of U
+// into one 128-row tile; warp (wm, wn) multiplies gate rows wn·16..+16 and
+// up rows 64 + wn·16..+16, so each thread holds gate and up of the same
+// outputs and applies SwiGLU in registers.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <stdexcept>
+#include <string>
+
+#include "zmlx/backend/cuda/gemm.h"
+
+namespace zmlx::cuda::gemm {
+namespace {
+
+constexpr int BM = 64, BN = 128, BK = 64, NT = 256, STAGES = 4;
+constexpr int kBucketThreads = 1024;
+constexpr int kDefaultExpertsHint = 128;
+
+// ------------------------------------------------------------------ helpers
+
+__device__ __forceinline__ float bf(uint16_t u) { return __uint_as_float(uint32_t(u) << 16); }
+__device__ __forceinline__ uint16_t to_bf(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+__device__ __forceinline__ float rbf(float f) { return bf(to_bf(f)); }
+__device__ __forceinline__ uint32_t pack_bf2(float lo, float hi) {
+  return uint32_t(to_bf(lo)) | (uint32_t(to_bf(hi)) << 16);
+}
+
+// Same arithmetic as swiglu_bf in kernels.cu (both files use --fmad=false).
+__device__ __forceinline__ float swiglu_f(float g, float u) {
+  const float sig = rbf(1.0f / (1.0f + expf(-g)));
+  const float s = rbf(g * sig);
+  return s * u;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; src_bytes = 0 fills the destination with zeros.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Byte offset of 16-byte chunk c of row r in a [rows][64 bf16] swizzled tile.
+__device__ __forceinline__ uint32_t swz(int r, int c) { return uint32_t(r * 128 + ((c ^ (r & 7)) << 4)); }
+
+// ------------------------------------------------------------------ GEMM
+
+struct Params {
+  const uint16_t* a;      // activations, rows of K bf16
+  int a_div;              // activation row of pair p: p / a_div
+  const int32_t* perm;    // sorted row -> pair (MoE), null for dense
+  const int4* tiles;      // MoE: {expert, first sorted row, end sorted row, 0}
+  const int* ntiles;      // MoE: number of valid tiles
+  int M;                  // dense: number of tokens
+  QMat w0, w1;            // w1: up matrix (SwiGLU only)
+  int64_t K, N;           // N = rows of w0 = output width
+  uint16_t* out;          // [rows, N], row = token (dense) or pair (MoE)
+};
+
+template <int BITS>
+struct Cfg {
+  static constexpr int A_STAGE = BM * BK * 2;                       // bytes
+  static constexpr int W_STAGE = BN * BK * BITS / 8;                // bytes
+  static constexpr int CPR = BK * BITS / 8 / 16;                    // 16-byte chunks per weight row
+  static constexpr int W_CHUNKS = BN * CPR;                         // per stage
+  static constexpr int W_PER_THREAD = (W_CHUNKS + NT - 1) / NT;     // 1, 1, 2, 4
+  static constexpr int B_TILE = BITS == 16 ? 0 : BN * BK * 2;       // dequantized tile
+  static constexpr int SMEM = STAGES * (A_STAGE + W_STAGE) + B_TILE;
+};
+
+template <int BITS, bool SWIGLU>
+__global__ void __launch_bounds__(NT, 2) gemm_kernel(Params p) {
+  using C = Cfg<BITS>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* sA = smem;
+  uint8_t* sW = smem + STAGES * C::A_STAGE;
+  uint8_t* sB = sW + STAGES * C::W_STAGE;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp >> 2, wn = warp & 3;
+  const int64_t K = p.K, N = p.N;
+  const int nk = int(K / BK);
+  const bool moe = p.tiles != nullptr;
+
+  // Dense: blockIdx.x = M tile, y = N tile (blocks sharing a weight tile run
+  // together). MoE: blockIdx.x = N tile, y strides over the tile table.
+  const int nt = moe ? int(blockIdx.x) : int(blockIdx.y);
+  const int64_t n0 = SWIGLU ? int64_t(nt) * 64 : int64_t(nt) * BN;  // first output column
+  const int tile_count = moe ? *p.ntiles : 1;
+
+  for (int ti = moe ? int(blockIdx.y) : 0; ti < tile_count; ti += moe ? int(gridDim.y) : 1) {
+    int e = 0, row0, row_end;
+    if (moe) {
+      const int4 t = p.tiles[ti];
+      e = t.x, row0 = t.y, row_end = t.z;
+    } else {
+      row0 = int(blockIdx.x) * BM;
+      row_end = min(row0 + BM, p.M);
+    }
+
+    // ---- activation loads: 2 chunks per thread (64 rows x 8 chunks)
+    const uint16_t* a_src[2];
+    bool a_ok[2];
+    uint32_t a_dst[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = (tid >> 3) + i * 32, c = tid & 7;
+      const int row = row0 + r;
+      a_ok[i] = row < row_end;
+      int64_t arow = 0;
+      if (a_ok[i]) arow = moe ? int64_t(p.perm[row] / p.a_div) : int64_t(row);
+      a_src[i] = p.a + arow * K + c * 8;
+      a_dst[i] = swz(r, c);
+    }
+
+    // ---- weight loads: W_PER_THREAD chunks per thread
+    const uint32_t* w_src[C::W_PER_THREAD];
+    bool w_ok[C::W_PER_THREAD];
+    uint32_t w_dst[C::W_PER_THREAD];
+#pragma unroll
+    for (int i = 0; i < C::W_PER_THREAD; ++i) {
+      const int c = tid + i * NT;
+      const int r = c / C::CPR, cc = c % C::CPR;
+      const bool up = SWIGLU && r >= 64;  // select fields, not the struct (keeps Params in param space)
+      const uint32_t* mw = up ? p.w1.w : p.w0.w;
+      const int64_t mstride = up ? p.w1.w_stride : p.w0.w_stride;
+      const int64_t wrow = SWIGLU ? n0 + (r & 63) : n0 + r;
+      w_ok[i] = c < C::W_CHUNKS && wrow < N;
+      w_src[i] = mw + (w_ok[i] ? int64_t(e) * mstride + wrow * (K * BITS / 32) + cc * 4 : 0);
+      w_dst[i] = BITS == 16 ? swz(r, cc) : uint32_t(r * C::CPR * 16 + cc * 16);
+    }
+
+    // ---- dequant role: row dr, values dh·32..+32 of each K-step
+    const int dr = tid >> 1, dh = tid & 1;
+    const uint16_t* s_src = nullptr;
+    const uint16_t* b_src = nullptr;
+    int group = 64;
+    if constexpr (BITS != 16) {
+      const bool up = SWIGLU && dr >= 64;
+      const int64_t wrow = SWIGLU ? n0 + (dr & 63) : n0 + dr;
+      group = p.w0.group;  // gate and up share the format
+      if (wrow < N) {
+        const int64_t off = int64_t(e) * (up ? p.w1.s_stride : p.w0.s_stride) + wrow * (K / group);
+        s_src = (up ? p.w1.scales : p.w0.scales) + off;
+        b_src = (up ? p.w1.biases : p.w0.biases) + off;
+      }
+    }
+
+    auto load_stage = [&](int stage, int kt) {
+      const uint32_t a_base = smem_addr(sA + stage * C::A_STAGE);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) cp_async16(a_base + a_dst[i], a_src[i] + int64_t(kt) * BK, a_ok[i]);
+      const uint32_t w_base = smem_addr(sW + stage * C::W_STAGE);
+#pragma unroll
+      for (int i = 0; i < C::W_PER_THREAD; ++i) {
+        if (C::W_CHUNKS % NT == 0 || tid + i * NT < C::W_CHUNKS)
+          cp_async16(w_base + w_dst[i], w_src[i] + int64_t(kt) * (BK * BITS / 32), w_ok[i]);
+      }
+    };
+
+    float acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.f;
+
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+      if (st < nk) load_stage(st, st);
+      cp_async_commit();
+    }
+
+    uint16_t sc = 0, bi = 0;
+    if (BITS != 16 && s_src) {
+      const int gi = (dh * 32) / group;
+      sc = __ldg(s_src + gi);
+      bi = __ldg(b_src + gi);
+    }
+
+    for (int kt = 0; kt < nk; ++kt) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();
+      const int st = kt % STAGES;
+      const uint8_t* btile = sW + st * C::W_STAGE;
+      if constexpr (BITS != 16) {
+        // Dequantize 32 values of row dr into 4 swizzled chunks of sB.
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(sW + st * C::W_STAGE + dr * C::CPR * 16) + dh * BITS;
+        uint32_t wv[BITS];
+        if constexpr (BITS == 2) {
+          const uint2 q = *reinterpret_cast<const uint2*>(src);
+          wv[0] = q.x, wv[1] = q.y;
+        } else {
+#pragma unroll
+          for (int i = 0; i < BITS / 4; ++i) {
+            const uint4 q = reinterpret_cast<const uint4*>(src)[i];
+            wv[4 * i] = q.x, wv[4 * i + 1] = q.y, wv[4 * i + 2] = q.z, wv[4 * i + 3] = q.w;
+          }
+        }
+        const float s = bf(sc), b = bf(bi);
+        constexpr int per = 32 / BITS;
+        constexpr uint32_t mask = (1u << BITS) - 1u;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          uint32_t o[4];
+#pragma unroll
+          for (int v = 0; v < 4; ++v) {
+            float f[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int i = j * 8 + v * 2 + h;
+              const uint32_t q = (wv[i / per] >> (BITS * (i % per))) & mask;
+              // exact int -> float: 2^23 + q, minus 2^23
+              const float qf = __uint_as_float(0x4B000000u | q) - 8388608.0f;
+              f[h] = __fmaf_rn(s, qf, b);
+            }
+            o[v] = pack_bf2(f[0], f[1]);
+          }
+          *reinterpret_cast<uint4*>(sB + swz(dr, dh * 4 + j)) = make_uint4(o[0], o[1], o[2], o[3]);
+        }
+        // Scale and bias of the next K-step (latency hidden behind the MMAs).
+        if (s_src && kt + 1 < nk) {
+          const int gi = ((kt + 1) * BK + dh * 32) / group;
+          sc = __ldg(s_src + gi);
+          bi = __ldg(b_src + gi);
+        }
+        btile = sB;
+        __syncthreads();
+      }
+
+      {
+        const int kn = kt + STAGES - 1;
+        if (kn < nk) load_stage(kn % STAGES, kn);
+        cp_async_commit();
+      }
+
+      const uint32_t a_base = smem_addr(sA + st * C::A_STAGE);
+      const uint32_t b_base = smem_addr(btile);
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        uint32_t af[2][4], bfr[4][2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int r = wm * 32 + i * 16 + (lane & 15);
+          ldmatrix_x4(af[i], a_base + swz(r, kk * 2 + (lane >> 4)));
+        }
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int nb = SWIGLU ? q * 64 + wn * 16 : wn * 32 + q * 16;
+          const int r = nb + (lane & 7) + ((lane >> 4) << 3);
+          uint32_t t[4];
+          ldmatrix_x4(t, b_base + swz(r, kk * 2 + ((lane >> 3) & 1)));
+          bfr[2 * q][0] = t[0], bfr[2 * q][1] = t[1], bfr[2 * q + 1][0] = t[2], bfr[2 * q + 1][1] = t[3];
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) mma_bf16(acc[i][j], af[i], bfr[j][0], bfr[j][1]);
+      }
+    }
+
+    // ---- epilogue
+    const int g = lane >> 2, c2 = (lane & 3) * 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = row0 + wm * 32 + i * 16 + g + hh * 8;
+        if (row >= row_end) continue;
+        const int64_t orow = moe ? int64_t(p.perm[row]) : int64_t(row);
+        uint16_t* o = p.out + orow * N;
+        constexpr int NJ = SWIGLU ? 2 : 4;
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+          const int64_t col = SWIGLU ? n0 + wn * 16 + j * 8 + c2 : n0 + wn * 32 + j * 8 + c2;
+          float v0, v1;
+          if constexpr (SWIGLU) {
+            v0 = swiglu_f(rbf(acc[i][j][hh * 2]), rbf(acc[i][j + 2][hh * 2]));
+            v1 = swiglu_f(rbf(acc[i][j][hh * 2 + 1]), rbf(acc[i][j + 2][hh * 2 + 1]));
+          } else {
+            v0 = acc[i][j][hh * 2];
+            v1 = acc[i][j][hh * 2 + 1];
+          }
+          if ((N & 1) == 0 && col + 1 < N) {
+            *reinterpret_cast<uint32_t*>(o + col) = pack_bf2(v0, v1);
+          } else {
+            if (col < N) o[col] = to_bf(v0);
+            if (col + 1 < N) o[col + 1] = to_bf(v1);
+          }
+        }
+      }
+    }
+
+    if (moe) {
+      // The next tile's prologue overwrites the stages and sB.
+      cp_async_wait<0>();
+      __syncthreads();
+    }
+  }
+}
+
+// ------------------------------------------------------------------ bucketing
+
+struct Workspace {
+  int* counts;   // [kMaxExperts]
+  int* offsets;  // [kMaxExperts]
+  int* ntiles;   // [1]
+  int4* tiles;   // [max_tiles]
+  int32_t* perm; // [P]
+  int max_tiles;
+};
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+int max_tiles_for(int64_t P) { return int((P + BM - 1) / BM + std::min<int64_t>(P, kMaxExperts)); }
+
+Workspace carve(void* ws, int64_t P) {
+  Workspace w{};
+  uint8_t* b = static_cast<uint8_t*>(ws);
+  w.max_tiles = max_tiles_for(P);
+  w.counts = reinterpret_cast<int*>(b);
+  b += align256(sizeof(int) * kMaxExperts);
+  w.offsets = reinterpret_cast<int*>(b);
+  b += align256(sizeof(int) * kMaxExperts);
+  w.ntiles = reinterpret_cast<int*>(b);
+  b += 256;
+  w.tiles = reinterpret_cast<int4*>(b);
+  b += align256(sizeof(int4) * size_t(w.max_tiles));
+  w.perm = reinterpret_cast<int32_t*>(b);
+  return w;
+}
+
+size_t workspace_size(int64_t P) {
+  return 2 * align256(sizeof(int) * kMaxExperts) + 256 + align256(sizeof(int4) * size_t(max_tiles_for(P))) +
+         align256(sizeof(int32_t) * size_t(std::max<int64_t>(P, 1)));
+}
+
+__global__ void count_kernel(const int32_t* ex, int P, int* counts) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < P) {
+    const int e = ex[i];
+    if (unsigned(e) < unsigned(kMaxExperts)) atomicAdd(&counts[e], 1);
+  }
+}
+
+// One block of kBucketThreads (= kMaxExperts) threads: exclusive scans of the
+// counts and of the tile counts, then the tile table.
+__global__ void __launch_bounds__(kBucketThreads) scan_kernel(const int* counts, int* offsets, int4* tiles,
+                                                              int* ntiles, int max_tiles) {
+  __shared__ int wc[32], wt[32];
+  const int e = threadIdx.x, lane = e & 31, warp = e >> 5;
+  const int c = counts[e];
+  const int t = (c + BM - 1) / BM;
+  int ic = c, it = t;  // inclusive warp scans
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int xc = __shfl_up_sync(0xffffffffu, ic, o), xt = __shfl_up_sync(0xffffffffu, it, o);
+    if (lane >= o) ic += xc, it += xt;
+  }
+  if (lane == 31) wc[warp] = ic, wt[warp] = it;
+  __syncthreads();
+  if (warp == 0) {
+    int vc = wc[lane], vt = wt[lane];
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int xc = __shfl_up_sync(0xffffffffu, vc, o), xt = __shfl_up_sync(0xffffffffu, vt, o);
+      if (lane >= o) vc += xc, vt += xt;
+    }
+    wc[lane] = vc, wt[lane] = vt;  // inclusive over warps
+  }
+  __syncthreads();
+  const int off = (warp ? wc[warp - 1] : 0) + ic - c;
+  const int toff = (warp ? wt[warp - 1] : 0) + it - t;
+  offsets[e] = off;
+  for (int j = 0; j < t; ++j)
+    if (toff + j < max_tiles) tiles[toff + j] = make_int4(e, off + j * BM, min(off + (j + 1) * BM, off + c), 0);
+  if (e == kBucketThreads - 1) *ntiles = min(wt[31], max_tiles);
+}
+
+// Block e writes the pairs of expert e in increasing pair order.
+__global__ void __launch_bounds__(256) scatter_kernel(const int32_t* ex, int P, const int* counts, const int* offsets,
+                                                      int32_t* perm) {
+  const int e = blockIdx.x;
+  if (counts[e] == 0) return;
+  __shared__ int wtot[8];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int run = offsets[e];
+  for (int p0 = 0; p0 < P; p0 += 256) {
+    const int pi = p0 + tid;
+    const bool hit = pi < P && ex[pi] == e;
+    const unsigned bal = __ballot_sync(0xffffffffu, hit);
+    if (lane == 0) wtot[warp] = __popc(bal);
+    __syncthreads();
+    int before = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) {
+      before += w < warp ? wtot[w] : 0;
+      total += wtot[w];
+    }
+    if (hit) perm[run + before + __popc(bal & ((1u << lane) - 1u))] = pi;
+    run += total;
+    __syncthreads();
+  }
+}
+
+Workspace bucket(const int32_t* experts, int64_t P, void* ws, cudaStream_t s) {
+  Workspace w = carve(ws, P);
+  cudaMemsetAsync(w.counts, 0, sizeof(int) * kMaxExperts, s);
+  count_kernel<<<unsigned((P + 255) / 256), 256, 0, s>>>(experts, int(P), w.counts);
+  scan_kernel<<<1, kBucketThreads, 0, s>>>(w.counts, w.offsets, w.tiles, w.ntiles, w.max_tiles);
+  scatter_kernel<<<kMaxExperts, 256, 0, s>>>(experts, int(P), w.counts, w.offsets, w.perm);
+  return w;
+}
+
+// ------------------------------------------------------------------ combine
+
+__global__ void combine_kernel(const uint16_t* y, const void* scores, bool f32, int mode, int T, int k, int64_t D,
+                               uint16_t* out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(T) * D) return;
+  const int64_t t = i / D, d = i % D;
+  float acc = 0.f;
+  for (int j = 0; j < k; ++j) {
+    const int64_t pi = t * k + j;
+    const float v = bf(y[pi * D + d]);
+    float term;
+    if (mode == ::zmlx::cuda::k::kBf16Products) {
+      term = rbf(v * bf(static_cast<const uint16_t*>(scores)[pi]));
+    } else {
+      const float sc = f32 ? static_cast<const float*>(scores)[pi] : bf(static_cast<const uint16_t*>(scores)[pi]);
+      term = v * sc;
+    }
+    acc += term;
+  }
+  out[i] = to_bf(acc);
+}
+
+// ------------------------------------------------------------------ launch
+
+void check(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw std::runtime_error(std::string("zmlx gemm ") + what + ": " + cudaGetErrorString(e));
+}
+
+template <int BITS, bool SWIGLU>
+void launch_gemm(const Params& p, dim3 grid, cudaStream_t s) {
+  constexpr int smem = Cfg<BITS>::SMEM;
+  // Opt in to > 48 KiB of dynamic shared memory once per device.
+  static std::atomic<uint64_t> done{0};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const uint64_t bit = uint64_t(1) << (dev & 63);
+  if (!(done.load(std::memory_order_acquire) & bit)) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(gemm_kernel<BITS, SWIGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) throw std::runtime_error(std::string("zmlx gemm: shared memory opt-in: ") + cudaGetErrorString(e));
+    done.fetch_or(bit, std::memory_order_acq_rel);
+  }
+  gemm_kernel<BITS, SWIGLU><<<grid, NT, smem, s>>>(p);
+}
+
+template <bool SWIGLU>
+void launch_bits(int bits, const Params& p, dim3 grid, cudaStream_t s) {
+  switch (bits) {
+    case 2: launch_gemm<2, SWIGLU>(p, grid, s); break;
+    case 4: launch_gemm<4, SWIGLU>(p, grid, s); break;
+    case 8: launch_gemm<8, SWIGLU>(p, grid, s); break;
+    case 16: launch_gemm<16, SWIGLU>(p, grid, s); break;
+    default: throw std::runtime_error("zmlx gemm: unsupported bits " + std::to_string(bits));
+  }
+}
+
+void require(const QMat& w, const char* what) {
+  if (!gemm_supported(w)) throw std::runtime_error(std::string("zmlx gemm ") + what + ": unsupported weight format");
+}
+
+unsigned moe_grid_y(int64_t P, int num_experts) {
+  const int64_t hint = num_experts > 0 ? num_experts : kDefaultExpertsHint;
+  const int64_t y = (P + BM - 1) / BM + std::min<int64_t>(P, hint);
+  return unsigned(std::min<int64_t>(std::max<int64_t>(y, 1), 65535));
+}
+
+}  // namespace
+
+bool gemm_supported(const QMat& w) {
+  if (!w.w || w.rows < 1 || w.cols < BK || w.cols % BK != 0) return false;
+  if (w.bits == 16) return true;
+  if (w.bits != 2 && w.bits != 4 && w.bits != 8) return false;
+  if (w.group != 32 && w.group != 64 && w.group != 128) return false;
+  if (w.cols % w.group != 0 || !w.scales || !w.biases) return false;
+  return (reinterpret_cast<uintptr_t>(w.w) & 15) == 0;
+}
+
+void gemm_dense(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s) {
+  if (T <= 0) return;
+  require(w, "gemm_dense");
+  Params p{};
+  p.a = x, p.a_div = 1, p.M = T, p.w0 = w, p.w1 = w, p.K = w.cols, p.N = w.rows, p.out = y;
+  const dim3 grid(unsigned((T + BM - 1) / BM), unsigned((w.rows + BN - 1) / BN));
+  if (grid.y > 65535) throw std::runtime_error("zmlx gemm_dense: too many rows");
+  launch_bits<false>(w.bits, p, grid, s);
+  check("gemm_dense");
+}
+
+void gemm_dense_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s) {
+  if (T <= 0) return;
+  require(g, "gemm_dense_swiglu");
+  require(u, "gemm_dense_swiglu");
+  if (g.bits != u.bits || g.group != u.group || g.rows != u.rows || g.cols != u.cols)
+    throw std::runtime_error("zmlx gemm_dense_swiglu: gate and up differ in format");
+  Params p{};
+  p.a = x, p.a_div = 1, p.M = T, p.w0 = g, p.w1 = u, p.K = g.cols, p.N = g.rows, p.out = y;
+  const dim3 grid(unsigned((T + BM - 1) / BM), unsigned((g.rows + 63) / 64));
+  if (grid.y > 65535) throw std::runtime_error("zmlx gemm_dense_swiglu: too many rows");
+  launch_bits<true>(g.bits, p, grid, s);
+  check("gemm_dense_swiglu");
+}
+
+size_t moe_workspace_bytes(int T, int k, int E) {
+  if (E > kMaxExperts) throw std::runtime_error("zmlx gemm: more than kMaxExperts experts");
+  return workspace_size(int64_t(T) * k);
+}
+
+void moe_gate_up_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u,
+                        uint16_t* out, void* workspace, cudaStream_t s, int num_experts) {
+  const int64_t P = int64_t(T) * k;
+  if (P <= 0) return;
+  require(g, "moe_gate_up_swiglu");
+  require(u, "moe_gate_up_swiglu");
+  if (g.bits != u.bits || g.group != u.group || g.rows != u.rows || g.cols != u.cols)
+    throw std::runtime_error("zmlx moe_gate_up_swiglu: gate and up differ in format");
+  const Workspace w = bucket(experts, P, workspace, s);
+  check("moe bucketing");
+  Params p{};
+  p.a = x, p.a_div = k, p.perm = w.perm, p.tiles = w.tiles, p.ntiles = w.ntiles;
+  p.w0 = g, p.w1 = u, p.K = g.cols, p.N = g.rows, p.out = out;
+  const dim3 grid(unsigned((g.rows + 63) / 64), moe_grid_y(P, num_experts));
+  launch_bits<true>(g.bits, p, grid, s);
+  check("moe_gate_up_swiglu");
+}
+
+void moe_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T, int k, const QMat& d, uint16_t* y,
+                void* workspace, cudaStream_t s, int num_experts) {
+  const int64_t P = int64_t(T) * k;
+  if (P <= 0) return;
+  require(d, "moe_linear");
+  const Workspace w = bucket(experts, P, workspace, s);
+  check("moe bucketing");
+  Params p{};
+  p.a = x, p.a_div = per_slot ? 1 : k, p.perm = w.perm, p.tiles = w.tiles, p.ntiles = w.ntiles;
+  p.w0 = d, p.w1 = d, p.K = d.cols, p.N = d.rows, p.out = y;
+  const dim3 grid(unsigned((d.rows + BN - 1) / BN), moe_grid_y(P, num_experts));
+  launch_bits<false>(d.bits, p, grid, s);
+  check("moe_linear");
+}
+
+void moe_down(const uint16_t* h, const int32_t* experts, int T, int k, const QMat& d, uint16_t* y, void* workspace,
+              cudaStream_t s, int num_experts) {
+  moe_linear(h, true, experts, T, k, d, y, workspace, s, num_experts);
+}
+
+void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,
+                 uint16_t* out, cudaStream_t s) {
+  const int64_t n = int64_t(T) * D;
+  if (n <= 0) return;
+  combine_kernel<<<unsigned((n + 255) / 256), 256, 0, s>>>(y, scores, scores_f32, int(mode), T, k, D, out);
+  check("moe_combine");
+}
+
+}  // namespace zmlx::cuda::gemm

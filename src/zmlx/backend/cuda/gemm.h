@@ -1,0 +1,80 @@
+// Tensor-core GEMMs for the many-token (prefill) path of the CUDA backend.
+//
+// Every kernel computes bf16(x · Wᵀ) with W an MLX-affine quantized matrix
+// (bits 2/4/8, group 32/64/128) or dense bf16, in tiles of 64 tokens x 128
+// weight rows x 64 K: W tiles are dequantized in shared memory to
+// bf16(fma(scale, q, bias)) (the same rounding as MLX's qmm prefill path),
+// then multiplied with mma.sync m16n8k16 bf16 -> fp32. Results are rounded
+// to bf16 once (round-to-nearest-even). Against the mat-vec kernels in
+// kernels.cu (which keep the weights in fp32) results differ by about one
+// bf16 ulp: the weight rounding to bf16 is the only extra approximation.
+//
+// MoE: the P = T·k (token, slot) pairs are bucketed by expert on the device
+// (counting sort: counts, offsets, a permutation sorted by expert then by
+// pair index — deterministic) and each expert's rows are multiplied by that
+// expert's matrix. Outputs are written per pair (row p of a [P, N] array),
+// so the order of the MoE sum over slots stays fixed (moe_combine).
+//
+// Activations (x, h) and outputs must be 16-byte aligned with rows packed
+// (row stride = K or N elements); cudaMalloc'd tensors qualify.
+//
+// All functions enqueue on stream s and return at once; they launch without
+// programmatic dependent launch, so ordinary stream order applies. They are
+// capturable in a CUDA graph (no host synchronization, no allocation).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "zmlx/backend/cuda/kernels.h"  // QMat, Combine (read only)
+
+namespace zmlx::cuda::gemm {
+
+using QMat = ::zmlx::cuda::k::QMat;
+using Combine = ::zmlx::cuda::k::Combine;
+
+// Largest expert id + 1 the bucketing handles.
+constexpr int kMaxExperts = 1024;
+
+// cols % 64 == 0, bits in {2, 4, 8, 16}, group in {32, 64, 128} when
+// quantized, rows >= 1, pointers 16-byte aligned per row (true for MLX
+// checkpoints whose cols is a multiple of 64).
+bool gemm_supported(const QMat& w);
+
+// y[T, N] = bf16(x[T, K] · Wᵀ), N = w.rows, K = w.cols. Uses expert 0 of w.
+void gemm_dense(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s);
+
+// y[T, I] = swiglu(bf16(x · Gᵀ), bf16(x · Uᵀ)) (dense MLP; swiglu as below).
+void gemm_dense_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s);
+
+// Bytes of device workspace moe_gate_up_swiglu / moe_down need for T tokens
+// with k slots each (E = number of experts, <= kMaxExperts; only checked).
+size_t moe_workspace_bytes(int T, int k, int E);
+
+// out[p, i] = swiglu(bf16(x[p / k] · G_e[i]), bf16(x[p / k] · U_e[i])),
+// e = experts[p], p < P = T·k; out is [P, I] (I = g.rows).
+// swiglu(g, u) = bf16(bf16(g · bf16(1 / (1 + expf(-g)))) · u).
+// experts[p] must lie in [0, kMaxExperts); pairs with other ids are skipped
+// (their output rows are left untouched). num_experts is only a hint for
+// the grid size (0: assume 128); any value gives correct results.
+void moe_gate_up_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u,
+                        uint16_t* out, void* workspace, cudaStream_t s, int num_experts = 0);
+
+// y[p, d] = bf16(h[p] · D_e[d]), e = experts[p]; h is [P, I], y is [P, D]
+// (D = d.rows). Follow with moe_combine for the weighted sum over slots.
+void moe_down(const uint16_t* h, const int32_t* experts, int T, int k, const QMat& d, uint16_t* y, void* workspace,
+              cudaStream_t s, int num_experts = 0);
+
+// y[p, n] = bf16(x_p · W_e[n]), e = experts[p]; x_p = x[p] when per_slot
+// (x is [P, K]), else x[p / k] (x is [T, K]); y is [P, N]. moe_down is the
+// per_slot case.
+void moe_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T, int k, const QMat& w, uint16_t* y,
+                void* workspace, cudaStream_t s, int num_experts = 0);
+
+// out[t, d] = bf16(Σ_{j=0..k-1} term(y[t·k + j, d], score[t·k + j])) summed
+// in fp32 in slot order; term = bf16(y · bf16 score) (kBf16Products) or
+// y · score in fp32 (kF32Products; scores bf16 or f32). Same contract and
+// rounding as k::moe_combine (kernels.h).
+void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,
+                 uint16_t* out, cudaStream_t s);
+
+}  // namespace zmlx::cuda::gemm
