@@ -11,6 +11,7 @@
 #include "zmlx/cli/common.h"
 #include "zmlx/core/error.h"
 #include "zmlx/gen/generator.h"
+#include "zmlx/text/prompt_prefix.h"
 
 namespace zmlx::cli {
 namespace {
@@ -45,9 +46,10 @@ int run(ValidateArgs& a) {
   patch::PatchOptions popt = patch_options(a.model);
   popt.enabled = true;
   LoadedModel m = load(base, true);
-  const std::vector<int32_t> prompt = m.tokenizer->encode(a.prompt);
+  const std::string& family = m.model->config().model_type;
+  const std::vector<int32_t> prompt = m.tokenizer->encode(text::with_raw_prompt_prefix(family, a.prompt));
   ZMLX_CHECK(!prompt.empty(), "validate: the prompt encodes to no tokens");
-  const std::vector<int32_t> warm = m.tokenizer->encode("Hello");
+  const std::vector<int32_t> warm = m.tokenizer->encode(text::with_raw_prompt_prefix(family, "Hello"));
 
   GenerateOptions opt;
   opt.max_tokens = a.max_tokens;
