@@ -25,6 +25,7 @@ using json = nlohmann::json;
 const std::vector<Family>& families() {
   static const std::vector<Family> table = {
       {"qwen3_moe", "Qwen3MoeForCausalLM", &plan_qwen3_moe},
+      {"glm4_moe_lite", "Glm4MoeLiteForCausalLM", &plan_glm4_moe_lite},
   };
   return table;
 }

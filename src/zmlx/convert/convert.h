@@ -76,7 +76,8 @@ struct Family {
 };
 
 // Plan functions, one per family file.
-Plan plan_qwen3_moe(const PlanInput& in);  // convert_qwen3_moe.cpp
+Plan plan_qwen3_moe(const PlanInput& in);      // convert_qwen3_moe.cpp
+Plan plan_glm4_moe_lite(const PlanInput& in);  // convert_glm4_moe_lite.cpp
 
 // The family table (convert.cpp).
 const std::vector<Family>& families();
