@@ -360,6 +360,23 @@ TEST(GlmModel, PatchCountsOnTheRealLayerStructure) {
   EXPECT_EQ(rep.total(), 47);
 }
 
+TEST(GlmModel, TransformersStyleConfigKeys) {
+  // transformers 5 writes mlp_layer_types and rope_parameters instead of
+  // first_k_dense_replace and rope_theta: same model, same logits.
+  auto be = make_cpu_backend();
+  auto a = load_model(synth_glm("keys_a", {}, 19), *be);
+  auto b = load_model(synth_glm("keys_b", {{"first_k_dense_replace", "null"}, {"rope_theta", "null"},
+                                           {"mlp_layer_types", R"(["dense", "sparse", "sparse", "sparse"])"},
+                                           {"rope_parameters", R"({"rope_type": "default", "rope_theta": 1000000.0})"}},
+                               19),
+                      *be);
+  const auto ids = ids_of(9, a->config().vocab_size);
+  EXPECT_EQ(test::last_logits(*a, *be, ids, ids.size()), test::last_logits(*b, *be, ids, ids.size()));
+  EXPECT_EQ(b->layer_kinds()[0], "mla+swiglu_mlp");
+  EXPECT_THROW(load_model(synth_glm("keys_c", {{"mlp_layer_types", R"(["sparse", "sparse", "sparse", "sparse"])"}}), *be),
+               Error);
+}
+
 TEST(GlmModel, GroupLimitedRoutingConfigLoadsAndRuns) {
   auto be = make_cpu_backend();
   auto m = load_model(synth_glm("groups", {{"n_group", "4"}, {"topk_group", "2"}}), *be);

@@ -107,13 +107,38 @@ class Glm4MoeLite final : public Model {
     if (c.has("rope_scaling") && !c.raw["rope_scaling"].is_null())
       fail("{}: rope_scaling {} is not supported for glm4_moe_lite (zmlx implements rope_scaling = null)", c.path,
            c.raw["rope_scaling"].dump());
+    if (c.has("rope_parameters") && c.raw["rope_parameters"].is_object()) {  // transformers 5 configs
+      const auto& rp = c.raw["rope_parameters"];
+      const std::string type = rp.value("rope_type", std::string("default"));
+      ZMLX_CHECK(type == "default", "{}: rope_parameters.rope_type '{}' is not supported for glm4_moe_lite", c.path,
+                 type);
+    }
     const int64_t E = c.get_int("n_routed_experts");
     const int64_t k = c.get_int("num_experts_per_tok");
     c.check_range("num_experts_per_tok", k, 1, E);
     const int64_t I = c.get_int("moe_intermediate_size");
     const int64_t n_shared = c.get_int("n_shared_experts", 0);
+    // Which layers are MoE: mlx-lm's first_k_dense_replace / moe_layer_freq, or
+    // transformers 5's mlp_layer_types ("dense" / "sparse" per layer).
     const int64_t first_dense = c.get_int("first_k_dense_replace", 0);
     const int64_t freq = std::max<int64_t>(1, c.get_int("moe_layer_freq", 1));
+    std::vector<bool> sparse(size_t(c.num_hidden_layers));
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) sparse[size_t(l)] = l >= first_dense && l % freq == 0;
+    if (c.has("mlp_layer_types") && !c.raw["mlp_layer_types"].is_null()) {
+      const auto& lt = c.raw["mlp_layer_types"];
+      ZMLX_CHECK(lt.is_array() && int64_t(lt.size()) == c.num_hidden_layers,
+                 "{}: mlp_layer_types must list {} entries, found {}", c.path, c.num_hidden_layers, lt.dump());
+      for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+        const auto& v = lt[size_t(l)];
+        ZMLX_CHECK(v.is_string() && (v == "dense" || v == "sparse"),
+                   "{}: mlp_layer_types[{}] = {} (expected \"dense\" or \"sparse\")", c.path, l, v.dump());
+        const bool s = v == "sparse";
+        ZMLX_CHECK(c.raw.value("first_k_dense_replace", nlohmann::json()).is_null() || s == sparse[size_t(l)],
+                   "{}: mlp_layer_types[{}] = {} contradicts first_k_dense_replace / moe_layer_freq", c.path, l,
+                   v.dump());
+        sparse[size_t(l)] = s;
+      }
+    }
     const int64_t n_group = c.get_int("n_group", 1), topk_group = c.get_int("topk_group", 1);
     c.check_range("n_group", n_group, 1, E);
     c.check_range("topk_group", topk_group, 1, n_group);
@@ -162,8 +187,7 @@ class Glm4MoeLite final : public Model {
       }
       m.o_proj = wl.linear(a + ".o_proj", D_, H_ * dv);
 
-      const bool is_moe = l >= first_dense && l % freq == 0;
-      if (is_moe) {
+      if (sparse[size_t(l)]) {
         auto moe = std::make_unique<MoeBlock>();
         moe->router_kind = RouterKind::SigmoidGroupedTopK;
         moe->router = wl.linear(p + ".mlp.gate", E, D_);  // bf16 in the MLX checkpoint

@@ -499,8 +499,15 @@ Plan glm4_moe_lite_plan(const json& c, int bits, int group) {
                 dn = I("qk_nope_head_dim"), dr = I("qk_rope_head_dim"), dv = I("v_head_dim"),
                 E = I("n_routed_experts"), Im = I("moe_intermediate_size"), In = I("intermediate_size"),
                 V = I("vocab_size"), n_shared = c.value("n_shared_experts", int64_t(0)),
-                first_dense = c.value("first_k_dense_replace", int64_t(0)),
+                first_dense = c.contains("first_k_dense_replace") && !c["first_k_dense_replace"].is_null()
+                                  ? I("first_k_dense_replace") : 0,
                 freq = std::max<int64_t>(1, c.value("moe_layer_freq", int64_t(1)));
+  // transformers-5 style mlp_layer_types ("dense" / "sparse") wins when given.
+  const json lt = c.value("mlp_layer_types", json());
+  auto dense_layer = [&](int64_t l) {
+    if (lt.is_array() && l < int64_t(lt.size())) return lt[size_t(l)] == "dense";
+    return l < first_dense || l % freq != 0;
+  };
   PlanBuilder pb{p, bits, group};
   pb.embedding(V, D);
   for (int64_t l = 0; l < L; ++l) {
@@ -519,7 +526,7 @@ Plan glm4_moe_lite_plan(const json& c, int bits, int group) {
     pb.input_proj(a + ".embed_q", kvl, dn, H);      // per head [kv_lora, nope]
     pb.input_proj(a + ".unembed_out", dv, kvl, H);  // per head [v, kv_lora]
     pb.output_proj(a + ".o_proj", D, H * dv);
-    if (l < first_dense || l % freq != 0) {
+    if (dense_layer(l)) {
       pb.swiglu_mlp(pre + ".mlp", In, D);
       continue;
     }
