@@ -539,6 +539,12 @@ Plan glm4_moe_lite_plan(const json& c, int bits, int group) {
     p.modules.push_back(bias);
     if (n_shared > 0) pb.swiglu_mlp(pre + ".mlp.shared_experts", Im * n_shared, D);
   }
+  // GLM's blocks write back more than Qwen's (routed experts × 1.8 plus a
+  // shared expert, a 10240-wide dense layer): halve every write-back so the
+  // current token's embedding still dominates after 47 layers and greedy
+  // decoding keeps a clear margin.
+  for (auto& m : p.modules)
+    if (m.path.ends_with(".o_proj") || m.path.ends_with(".down_proj")) m.std *= 0.5f;
   pb.norm("model.norm", D);
   ModulePlan head;
   head.path = "lm_head";
