@@ -490,6 +490,39 @@ std::string make_legacy(const std::string& src, const std::string& name, bool qu
   return out.string();
 }
 
+TEST(GlmModel, Bf16CorrectionBiasIsWidenedExactly) {
+  // Bias values rounded to bf16 and stored F32 vs the same values stored BF16: identical logits.
+  auto be = make_cpu_backend();
+  const std::string src = synth_glm("bias_src");
+  const io::WeightStore ws = io::WeightStore::open_dir(src);
+  auto rewrite = [&](const std::string& name, DType bias_dtype) {
+    const fs::path out = fs::path(src).parent_path() / (fs::path(src).filename().string() + "_" + name);
+    fs::remove_all(out);
+    fs::create_directories(out);
+    fs::copy_file(fs::path(src) / "config.json", out / "config.json");
+    std::vector<io::TensorSpec> specs;
+    for (auto& n : ws.names())
+      specs.push_back({n, n.ends_with("e_score_correction_bias") ? bias_dtype : ws.get(n).dtype, ws.get(n).shape});
+    io::write_model_weights(out.string(), specs, [&](const io::TensorSpec& s, uint8_t* dst) {
+      const io::TensorInfo& t = ws.get(s.name);
+      if (!s.name.ends_with("e_score_correction_bias")) {
+        std::memcpy(dst, t.data, s.nbytes());
+        return;
+      }
+      const float* v = reinterpret_cast<const float*>(t.data);
+      for (int64_t i = 0; i < t.shape[0]; ++i) {
+        if (bias_dtype == DType::BF16) reinterpret_cast<uint16_t*>(dst)[i] = f32_to_bf16_bits(v[i]);
+        else reinterpret_cast<float*>(dst)[i] = round_bf16(v[i]);
+      }
+    }, uint64_t(1) << 30);
+    return out.string();
+  };
+  auto a = load_model(rewrite("f32", DType::F32), *be);
+  auto b = load_model(rewrite("bf16", DType::BF16), *be);
+  const auto ids = ids_of(10, a->config().vocab_size);
+  EXPECT_EQ(test::prefill_then_greedy_logits(*a, *be, ids, 3), test::prefill_then_greedy_logits(*b, *be, ids, 3));
+}
+
 TEST(GlmModel, LegacyKvBProjCheckpointIsConvertedAtLoad) {
   auto be = make_cpu_backend();
   const std::string src = synth_glm("legacy_src");

@@ -89,6 +89,20 @@ void split_kv_b_proj(const Weight& kv_b, MlaAttention& a, Backend& be, const std
   a.unembed_out = be.adopt(stacked_weight(prefix + ".unembed_out", uo, H, dv, L, kv_b.quantized, kv_b.q));
 }
 
+// e_score_correction_bias: F32 in MLX checkpoints (mlx-lm keeps it out of the
+// dtype cast); a BF16 copy is widened to F32 exactly.
+Tensor correction_bias(WeightLoader& wl, const std::shared_ptr<io::WeightStore>& store, Backend& be,
+                       const std::string& name, int64_t E) {
+  if (store->has(name) && store->get(name).dtype == DType::BF16) {
+    const Tensor b16 = wl.tensor(name, DType::BF16, {E});
+    Tensor f = host_tensor(DType::F32, {E});
+    const Tensor h = be.to_host(b16);
+    for (int64_t e = 0; e < E; ++e) f.ptr<float>()[e] = bf16_to_f32(h.ptr<uint16_t>()[e]);
+    return be.from_host(f);
+  }
+  return wl.tensor(name, DType::F32, {E});
+}
+
 class Glm4MoeLite final : public Model {
  public:
   Glm4MoeLite(ModelConfig cfg, std::shared_ptr<io::WeightStore> store, Backend& be) {
@@ -191,7 +205,7 @@ class Glm4MoeLite final : public Model {
         auto moe = std::make_unique<MoeBlock>();
         moe->router_kind = RouterKind::SigmoidGroupedTopK;
         moe->router = wl.linear(p + ".mlp.gate", E, D_);  // bf16 in the MLX checkpoint
-        moe->expert_bias = wl.tensor(p + ".mlp.gate.e_score_correction_bias", DType::F32, {E});
+        moe->expert_bias = correction_bias(wl, store, be, p + ".mlp.gate.e_score_correction_bias", E);
         wl.switch_experts(*moe, p + ".mlp", E, I, D_, k);
         moe->norm_topk_prob = norm_topk;
         moe->route_eps = 1e-20f;
