@@ -207,7 +207,7 @@ class Glm4MoeLite final : public Model {
         moe->router = wl.linear(p + ".mlp.gate", E, D_);  // bf16 in the MLX checkpoint
         moe->expert_bias = correction_bias(wl, store, be, p + ".mlp.gate.e_score_correction_bias", E);
         wl.switch_experts(*moe, p + ".mlp", E, I, D_, k);
-        moe->norm_topk_prob = norm_topk;
+        moe->norm_topk_prob = norm_topk && k > 1;  // mlx-lm renormalises only when top_k > 1
         moe->route_eps = 1e-20f;
         moe->routed_scaling = scaling;
         moe->n_group = n_group;
