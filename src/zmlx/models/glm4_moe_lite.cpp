@@ -132,9 +132,10 @@ class Glm4MoeLite final : public Model {
     c.check_range("num_experts_per_tok", k, 1, E);
     const int64_t I = c.get_int("moe_intermediate_size");
     const int64_t n_shared = c.get_int("n_shared_experts", 0);
-    // Which layers are MoE: mlx-lm's first_k_dense_replace / moe_layer_freq, or
-    // transformers 5's mlp_layer_types ("dense" / "sparse" per layer).
-    const int64_t first_dense = c.get_int("first_k_dense_replace", 0);
+    // Which layers are MoE: mlx-lm's first_k_dense_replace (default 1, as
+    // mlx-lm's ModelArgs) / moe_layer_freq, or transformers 5's mlp_layer_types
+    // ("dense" / "sparse" per layer) when present.
+    const int64_t first_dense = c.get_int("first_k_dense_replace", 1);
     const int64_t freq = std::max<int64_t>(1, c.get_int("moe_layer_freq", 1));
     std::vector<bool> sparse(size_t(c.num_hidden_layers));
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) sparse[size_t(l)] = l >= first_dense && l % freq == 0;

@@ -500,7 +500,7 @@ Plan glm4_moe_lite_plan(const json& c, int bits, int group) {
                 E = I("n_routed_experts"), Im = I("moe_intermediate_size"), In = I("intermediate_size"),
                 V = I("vocab_size"), n_shared = c.value("n_shared_experts", int64_t(0)),
                 first_dense = c.contains("first_k_dense_replace") && !c["first_k_dense_replace"].is_null()
-                                  ? I("first_k_dense_replace") : 0,
+                                  ? I("first_k_dense_replace") : 1,  // mlx-lm's default
                 freq = std::max<int64_t>(1, c.value("moe_layer_freq", int64_t(1)));
   // transformers-5 style mlp_layer_types ("dense" / "sparse") wins when given.
   const json lt = c.value("mlp_layer_types", json());
