@@ -1,6 +1,27 @@
 #include "zmlx/models/blocks.h"
 
+#include "zmlx/core/error.h"
+
 namespace zmlx {
+
+// The GLM ops a backend may not have (yet): a clear error, never a crash.
+Tensor Backend::attention_pe(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
+                             int64_t, int64_t, float) {
+  fail("attention_pe (multi-latent attention) is not implemented on the {} backend", name());
+}
+Tensor Backend::multi_linear(const Tensor&, const Weight& w, bool) {
+  fail("{}: multi_linear (per-head matmuls) is not implemented on the {} backend", w.name, name());
+}
+Tensor Backend::slice_cols(const Tensor&, int64_t, int64_t, int64_t) {
+  fail("slice_cols is not implemented on the {} backend", name());
+}
+KvLayer Backend::new_latent_kv_layer(int64_t, int64_t, int64_t) {
+  fail("new_latent_kv_layer (multi-latent attention cache) is not implemented on the {} backend", name());
+}
+Routing Backend::route_sigmoid_grouped_topk(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, bool, float,
+                                            float) {
+  fail("route_sigmoid_grouped_topk (GLM router) is not implemented on the {} backend", name());
+}
 
 std::vector<Tensor> Backend::linear_multi(const Tensor& x, const std::vector<const Weight*>& w) {
   std::vector<Tensor> out;

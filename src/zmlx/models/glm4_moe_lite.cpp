@@ -237,7 +237,7 @@ class Glm4MoeLite final : public Model {
 
   Cache new_cache(Backend& be) const override {
     Cache c;
-    for (size_t l = 0; l < layers_.size(); ++l) c.kv.push_back(be.new_kv_layer(1, kv_lora_, 256, rope_dim_));
+    for (size_t l = 0; l < layers_.size(); ++l) c.kv.push_back(be.new_latent_kv_layer(kv_lora_, rope_dim_, 256));
     return c;
   }
 

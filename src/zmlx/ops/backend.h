@@ -16,9 +16,9 @@
 namespace zmlx {
 
 // Per-layer attention cache: K as [kv_heads, capacity, head_dim] and V as
-// [kv_heads, capacity, v_head_dim] bf16 (v_head_dim = head_dim unless given).
-// With kv_heads == 1 (multi-latent attention) the rows of k / v are also a
-// token-major [capacity, dim] matrix; see first_rows() in tensor.h.
+// [kv_heads, capacity, v_head_dim] bf16 (v_head_dim = head_dim except for the
+// one-head multi-latent caches of new_latent_kv_layer, whose k / v rows are
+// also token-major [capacity, dim] matrices; see first_rows() in tensor.h).
 struct KvLayer {
   Tensor k, v;
   int64_t capacity = 0;
@@ -71,16 +71,21 @@ class Backend {
   virtual Tensor swiglu(const Tensor& gate, const Tensor& up) = 0;
 
   // Attention with a KV cache.
-  // v_head_dim 0 means head_dim.
-  virtual KvLayer new_kv_layer(int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t v_head_dim = 0) = 0;
+  virtual KvLayer new_kv_layer(int64_t kv_heads, int64_t head_dim, int64_t capacity) = 0;
   // Writes k [T, kv_heads * head_dim], v [T, kv_heads * v_head_dim] at
-  // positions pos0.. (grows capacity, keeping rows [0, pos0)).
+  // positions pos0.. (grows capacity, keeping rows [0, pos0)). v_head_dim is
+  // c.v.dim(2): head_dim for new_kv_layer caches, v_dim for latent ones.
   virtual void kv_write(KvLayer& c, const Tensor& k, const Tensor& v, int64_t pos0) = 0;
   // Causal GQA attention of q [T, heads * head_dim] at positions pos0.. over
   // cache positions [0, pos0 + T): softmax in fp32, output bf16.
   virtual Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads,
                            int64_t kv_heads, int64_t head_dim, float scale) = 0;
 
+  // ---- GLM-4.7-Flash ops (multi-latent attention, grouped sigmoid router).
+  // The base versions throw "not implemented on this backend"; the CPU
+  // backend implements them (a backend that runs glm4_moe_lite overrides all
+  // five: attention_pe, multi_linear, slice_cols, new_latent_kv_layer,
+  // route_sigmoid_grouped_topk).
   // Multi-latent attention core (GLM-4.7-Flash, spec §2.2): causal attention
   // with an additive rotary score term, for both MLA forms.
   //   q [T, heads*dk]; k [S, kv_heads*dk]; v [S, kv_heads*dv] (token-major,
@@ -95,7 +100,7 @@ class Backend {
   // -> [T, heads*dv]. Absorbed (decode) form: k = v = latent cache, kv_heads 1;
   // expanded (prefill) form: k = per-head k_nope, v = per-head values.
   virtual Tensor attention_pe(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pe,
-                              const Tensor& k_pe, int64_t pos0, int64_t heads, int64_t kv_heads, float scale) = 0;
+                              const Tensor& k_pe, int64_t pos0, int64_t heads, int64_t kv_heads, float scale);
   // Per-head matmuls over stacked matrices W logical [H, R, C] (MLX
   // MultiLinear: GLM's embed_q / unembed_out). x is [T, H*Kin] (head h reads
   // columns [h*Kin, (h+1)*Kin)) or [T, Kin] (one input shared by every head).
@@ -104,11 +109,15 @@ class Backend {
   //                      over r in index order)
   // Weights dequantised as fp32 scale·q + bias, fp32 accumulation, one bf16
   // rounding -> [T, H*N].
-  virtual Tensor multi_linear(const Tensor& x, const Weight& w, bool transpose) = 0;
+  virtual Tensor multi_linear(const Tensor& x, const Weight& w, bool transpose);
   // Columns [offset, offset+width) of every consecutive group of `group`
   // columns: x [T, n*group] -> [T, n*width] (splits a fused projection, e.g.
   // MLA's per-head [nope | rope] query or the [latent | k_pe] kv projection).
-  virtual Tensor slice_cols(const Tensor& x, int64_t group, int64_t offset, int64_t width) = 0;
+  virtual Tensor slice_cols(const Tensor& x, int64_t group, int64_t offset, int64_t width);
+  // A one-head cache for multi-latent attention: K rows k_dim wide (the
+  // latent), V rows v_dim wide (the roped shared key); k / v are
+  // [1, capacity, k_dim / v_dim], so first_rows() reads them token-major.
+  virtual KvLayer new_latent_kv_layer(int64_t k_dim, int64_t v_dim, int64_t capacity);
 
   // Router: softmax (fp32, stored bf16) over logits [T, E], top-k, optional
   // renormalisation (bf16), as Qwen3-MoE does.
@@ -128,7 +137,7 @@ class Backend {
   // to the lower id); w = s[inds]; when normalize w = w / (Σw + eps); then
   // w = w · scaling. Scores are F32 [T, k] (combine with F32Products).
   virtual Routing route_sigmoid_grouped_topk(const Tensor& logits, const Tensor& bias, int64_t k, int64_t n_group,
-                                             int64_t topk_group, bool normalize, float eps, float scaling) = 0;
+                                             int64_t topk_group, bool normalize, float eps, float scaling);
 
   // LFM2 ShortConv core (spec §3.2) on bcx = in_proj(x) [T, 3C] = [B | C | x]:
   // Bx = bf16(B·x); seq = concat(state, Bx) with state [L-1, C] the previous

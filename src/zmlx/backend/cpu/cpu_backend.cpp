@@ -280,11 +280,19 @@ class CpuBackend final : public Backend {
     return out;
   }
 
-  KvLayer new_kv_layer(int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t v_head_dim) override {
+  KvLayer new_kv_layer(int64_t kv_heads, int64_t head_dim, int64_t capacity) override {
+    return kv_layer(kv_heads, head_dim, head_dim, capacity);
+  }
+
+  KvLayer new_latent_kv_layer(int64_t k_dim, int64_t v_dim, int64_t capacity) override {
+    return kv_layer(1, k_dim, v_dim, capacity);
+  }
+
+  KvLayer kv_layer(int64_t heads, int64_t k_dim, int64_t v_dim, int64_t capacity) {
     KvLayer c;
     c.capacity = capacity;
-    c.k = alloc(DType::BF16, {kv_heads, capacity, head_dim});
-    c.v = alloc(DType::BF16, {kv_heads, capacity, v_head_dim > 0 ? v_head_dim : head_dim});
+    c.k = alloc(DType::BF16, {heads, capacity, k_dim});
+    c.v = alloc(DType::BF16, {heads, capacity, v_dim});
     return c;
   }
 
@@ -296,7 +304,7 @@ class CpuBackend final : public Backend {
                v.rows(), v.cols(), H, hd, hv);
     if (pos0 + T > c.capacity) {  // grow geometrically, keeping what is cached
       int64_t cap = std::max<int64_t>(c.capacity * 2, pos0 + T + 256);
-      KvLayer n = new_kv_layer(H, hd, cap, hv);
+      KvLayer n = kv_layer(H, hd, hv, cap);
       for (int64_t h = 0; h < H; ++h) {
         std::memcpy(n.k.ptr<uint16_t>() + h * cap * hd, c.k.ptr<uint16_t>() + h * c.capacity * hd, size_t(pos0 * hd) * 2);
         std::memcpy(n.v.ptr<uint16_t>() + h * cap * hv, c.v.ptr<uint16_t>() + h * c.capacity * hv, size_t(pos0 * hv) * 2);
