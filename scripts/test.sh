@@ -22,6 +22,9 @@ done
 echo "== CLI end to end"
 bash tests/e2e/cli.sh build/zmlx
 
+echo "== multi-process parallelism over MPI (2 ranks: pipeline, tensor, failures)"
+bash tests/e2e/mpi.sh build/zmlx
+
 echo "== shipped model: greedy tokens vs transformers golden"
 bash tests/e2e/shipped_model.sh build/zmlx
 build/zmlx validate models-shipped/zmlx-tiny-moe --prompt "The meaning of life is" --max-tokens 32 --runs 1 \

@@ -45,15 +45,17 @@ int run(const BenchArgs& a) {
     if (r < a.warmup) continue;
     pre.push_back(g.prefill_tps());
     dec.push_back(g.decode_tps());
-    std::fprintf(stderr, "[zmlx] run %d: prefill %.2f tok/s, decode %.2f tok/s\n", r - a.warmup + 1, pre.back(),
+    if (m.leader()) std::fprintf(stderr, "[zmlx] run %d: prefill %.2f tok/s, decode %.2f tok/s\n", r - a.warmup + 1, pre.back(),
                  dec.back());
   }
   Stats p = stats(pre), d = stats(dec);
   uint64_t per_token = 0;
   for (auto& w : m.model->weight_summaries()) per_token += w.bytes_per_token;
   const double rss = double(peak_rss_bytes());
+  if (!m.leader()) return 0;
   if (a.json) {
     nlohmann::json j = {{"model", m.dir}, {"family", m.model->family()}, {"backend", m.backend->name()},
+                        {"parallel", m.model->placement().describe()},
                         {"prompt_tokens", a.prompt_tokens}, {"gen_tokens", a.gen_tokens}, {"runs", a.runs},
                         {"prefill_tps", {{"median", p.median}, {"min", p.min}, {"max", p.max}}},
                         {"decode_tps", {{"median", d.median}, {"min", d.min}, {"max", d.max}}},

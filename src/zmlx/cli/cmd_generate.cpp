@@ -7,6 +7,7 @@
 #include "zmlx/cli/command.h"
 #include "zmlx/cli/common.h"
 #include "zmlx/core/error.h"
+#include "zmlx/dist/comm.h"
 #include "zmlx/gen/generator.h"
 #include "zmlx/text/chat_template.h"
 #include "zmlx/text/prompt_prefix.h"
@@ -23,6 +24,7 @@ struct GenerateArgs {
   int top_k = 0;
   uint64_t seed = 0;
   std::vector<std::string> stop;
+  std::string dump_logits;
 };
 
 int run(const GenerateArgs& a) {
@@ -51,7 +53,12 @@ int run(const GenerateArgs& a) {
   opt.stop_strings = a.stop;
   for (int32_t id : m.model->config().eos_token_ids) opt.eos_ids.push_back(id);
 
-  const bool stream = !a.json;
+  // --dump-logits: the fp32 logits of every sampled step, raw little-endian
+  // [steps, V] (written by the rank that holds the logits).
+  std::vector<float> dumped;
+  if (!a.dump_logits.empty())
+    opt.on_logits = [&](const std::vector<float>& l) { dumped.insert(dumped.end(), l.begin(), l.end()); };
+  const bool stream = !a.json && m.leader();
   GenerateResult r = generate(*m.model, *m.backend, m.tokenizer ? &*m.tokenizer : nullptr, prompt, opt,
                               [&](const std::string& piece) {
                                 if (stream) {
@@ -60,6 +67,14 @@ int run(const GenerateArgs& a) {
                                 }
                                 return true;
                               });
+  const dist::Placement& P = m.model->placement();
+  if (!a.dump_logits.empty() && (!P.active() || P.rank == P.logits_rank())) {
+    FILE* f = std::fopen(a.dump_logits.c_str(), "wb");
+    ZMLX_CHECK(f && std::fwrite(dumped.data(), 4, dumped.size(), f) == dumped.size(), "cannot write {}",
+               a.dump_logits);
+    std::fclose(f);
+  }
+  if (!m.leader()) return 0;
   if (stream) std::printf("\n");
   std::fprintf(stderr, "[zmlx] prompt %zu tokens, %.2f tok/s | generated %zu tokens, %.2f tok/s | %s\n",
                r.prompt_ids.size(), r.prefill_tps(), r.token_ids.size(), r.decode_tps(), m.backend->name().c_str());
@@ -98,6 +113,8 @@ ZMLX_COMMAND("generate", "Generate text from a prompt", [](CLI::App& app) {
   app.add_option("--seed", a->seed, "random seed");
   app.add_option("--stop", a->stop, "stop string (repeatable)");
   app.add_flag("--json", a->json, "print one JSON object with token ids, text and speeds");
+  app.add_option("--dump-logits", a->dump_logits, "write every sampled step's logits as raw float32 [steps, V]")
+      ->group("");  // debugging / tests
   return [a] {
     ZMLX_CHECK(!a->prompt.empty() || !a->ids.empty(), "generate: give --prompt TEXT or --ids 1,2,3");
     return run(*a);

@@ -5,6 +5,7 @@
 #include "zmlx/cli/command.h"
 #include "zmlx/cli/common.h"
 #include "zmlx/core/error.h"
+#include "zmlx/dist/comm.h"
 #include "zmlx/gen/generator.h"
 
 namespace zmlx::cli {
@@ -43,11 +44,14 @@ ZMLX_COMMAND("logits", "Teacher-forced logits for a token sequence (.npy)", [](C
     for (size_t i = 0; i < tokens.size(); i += step) {
       std::vector<int32_t> part(tokens.begin() + i, tokens.begin() + std::min(tokens.size(), i + step));
       Tensor l = m.model->forward(*m.backend, part, cache, /*all_logits=*/true);
+      if (l.empty()) continue;  // pipeline: only the last stage has logits
       for (int64_t r = 0; r < l.rows(); ++r) {
         auto row = logits_to_host(*m.backend, l, r);
         all.insert(all.end(), row.begin(), row.end());
       }
     }
+    const dist::Placement& P = m.model->placement();
+    if (P.active() && P.rank != P.logits_rank()) return 0;
     write_npy(*out, all, T, V);
     std::fprintf(stderr, "[zmlx] wrote %s: logits [%ld, %ld]\n", out->c_str(), long(T), long(V));
     return 0;

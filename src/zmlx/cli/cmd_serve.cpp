@@ -10,6 +10,8 @@
 #include "zmlx/cli/command.h"
 #include "zmlx/cli/common.h"
 #include "zmlx/core/error.h"
+#include "zmlx/dist/comm.h"
+#include "zmlx/gen/generator.h"
 #include "zmlx/serve/node.h"
 
 #ifndef ZMLX_WEB_DIR
@@ -67,8 +69,24 @@ int run(const ServeArgs& a) {
   o.load.backend = a.model.backend;
   o.limits.max_body_bytes = a.max_body_mb * 1024 * 1024;
   if (a.model.threads > 0) omp_set_num_threads(a.model.threads);
-  ZMLX_CHECK(a.model.backend != "cuda",
-             "--backend cuda: the CUDA backend is not available in this build yet; use --backend cpu");
+
+  // Multi-process: rank 0 runs the node; the other ranks load the same model
+  // (their layers or shards) and follow rank 0's requests until it ends.
+  o.load.parallel = make_placement(a.model);
+  if (o.load.parallel.active()) {
+    ZMLX_CHECK(a.models.size() == 1, "serve --parallel {}: give exactly one model on the command line (found {})",
+               a.model.parallel, a.models.size());
+    if (o.load.parallel.rank != 0) {
+      ModelArgs ma = a.model;
+      ma.model = a.models[0];
+      LoadedModel m = load(ma, false);
+      std::fprintf(stderr, "[zmlx] rank %d following rank 0's requests (%s)\n", o.load.parallel.rank,
+                   m.model->placement().describe().c_str());
+      while (follow_request(*m.model, *m.backend)) {
+      }
+      return 0;
+    }
+  }
 
   // Bind first: a busy port is reported before any (slow) model load.
   serve::HttpServer server(o.limits);
@@ -91,6 +109,19 @@ int run(const ServeArgs& a) {
   std::signal(SIGTERM, on_signal);
   server.run([&](const serve::HttpRequest& req, serve::HttpConnection& conn) { node->handle(req, conn); });
   std::fprintf(stderr, "[zmlx] shutting down\n");
+  if (o.load.parallel.active()) {  // release the followers, then end the MPI job cleanly
+    auto insts = node->instances().list();
+    if (!insts.empty() && !insts[0]->busy()) {
+      try {
+        end_followers(insts[0]->model());
+        std::fflush(stdout);
+        std::fflush(stderr);
+        dist::finalize(true);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "[zmlx] %s\n", e.what());
+      }
+    }
+  }
   std::fflush(stdout);
   std::fflush(stderr);
   // Connection threads are detached and may still hold the node: leave without unwinding them.

@@ -10,6 +10,7 @@
 #include "zmlx/cli/command.h"
 #include "zmlx/cli/common.h"
 #include "zmlx/core/error.h"
+#include "zmlx/dist/comm.h"
 #include "zmlx/gen/generator.h"
 #include "zmlx/text/prompt_prefix.h"
 
@@ -57,7 +58,8 @@ int run(ValidateArgs& a) {
   GenerateOptions warm_opt = opt;
   warm_opt.max_tokens = 5;
 
-  if (!a.json) fmt::print("\n{}\n  Patching {}\n{}\n", std::string(60, '='), m.dir, std::string(60, '='));
+  const bool lead = m.leader();
+  if (!a.json && lead) fmt::print("\n{}\n  Patching {}\n{}\n", std::string(60, '='), m.dir, std::string(60, '='));
   patch::PatchReport report = patch::patch(*m.model, popt);
   patch::unpatch(*m.model);
 
@@ -81,7 +83,7 @@ int run(ValidateArgs& a) {
       sides[s].prefill.push_back(g.prefill_tps());
       sides[s].decode.push_back(g.decode_tps());
       sides[s].peak_rss = std::max(sides[s].peak_rss, peak_rss_bytes());
-      if (!a.json)
+      if (!a.json && lead)
         fmt::print("  {:<8} run {}/{} ...  prompt={:.1f} tok/s  gen={:.1f} tok/s  mem={:.2f} GB\n", names[s], r + 1,
                    a.runs, g.prefill_tps(), g.decode_tps(), double(peak_rss_bytes()) / 1e9);
     }
@@ -98,10 +100,18 @@ int run(ValidateArgs& a) {
   }
   if (first_div < 0 && ta.size() != tb.size()) first_div = long(common);
   double max_diff = 0;
-  const size_t steps = std::min(sides[0].logits.size(), sides[1].logits.size());
+  size_t steps = std::min(sides[0].logits.size(), sides[1].logits.size());
   for (size_t i = 0; i < steps; ++i)
     for (size_t v = 0; v < sides[0].logits[i].size(); ++v)
       max_diff = std::max(max_diff, double(std::fabs(sides[0].logits[i][v] - sides[1].logits[i][v])));
+  // Multi-process: the logits live on the logits rank; rank 0 reports.
+  if (const dist::Placement& P = m.model->placement(); P.active()) {
+    double msg[2] = {max_diff, double(steps)};
+    P.comm->broadcast(msg, sizeof msg, P.logits_rank());
+    max_diff = msg[0];
+    steps = size_t(msg[1]);
+    if (!lead) return 0;
+  }
   const bool pass = total > 0 && matches == total && max_diff == 0.0 && report.total() > 0;
   const double pb = median(sides[0].prefill), pp = median(sides[1].prefill);
   const double db = median(sides[0].decode), dp = median(sides[1].decode);
@@ -128,6 +138,7 @@ int run(ValidateArgs& a) {
     return pass ? 0 : 3;
   }
   fmt::print("\n{}\n  VALIDATION REPORT\n{}\n", std::string(60, '='), std::string(60, '='));
+  if (m.model->placement().active()) fmt::print("  Parallel: {} over {} ranks\n", m.model->placement().describe(), m.model->placement().size);
   fmt::print("  Model:    {}\n  Backend:  {}\n  Patterns: [{}] ({} modules: {})\n  Tokens:   {} greedy (temp=0)\n\n", m.dir,
              m.backend->name(), fmt::join(report.selected, ", "), report.total(), report.counts_str(), a.max_tokens);
   fmt::print("  FIDELITY: {}/{} tokens identical  [{}]\n", matches, total, pass ? "PASS" : "FAIL");

@@ -8,6 +8,7 @@
 
 #include "zmlx/core/error.h"
 #include "zmlx/core/log.h"
+#include "zmlx/dist/comm.h"
 #include "zmlx/io/model_path.h"
 
 namespace zmlx::cli {
@@ -17,12 +18,39 @@ void add_model_args(CLI::App& app, ModelArgs& a, bool with_patch_flags) {
       ->required();
   app.add_option("--backend", a.backend, "cpu, cuda or auto")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--threads", a.threads, "CPU threads (default: all cores)");
+  app.add_option("--parallel", a.parallel,
+                 "multi-process parallelism across the ranks of `mpirun -np N`: none, pipeline (layers split) or "
+                 "tensor (heads, MLPs and experts split)")
+      ->check(CLI::IsMember({"none", "pipeline", "tensor"}));
+  app.add_option("--layers", a.layers, "pipeline: layer ranges per rank, e.g. 0-23,24-47 (default: balanced by bytes)");
+  app.add_option("--dist-timeout", a.dist_timeout, "seconds a rank waits for a peer before failing (default 60)")
+      ->check(CLI::Range(0.1, 1e6));
   if (!with_patch_flags) return;
   app.add_flag_function("--patch", [&a](int64_t) { a.patch = 1; }, "apply fused-kernel patches (as EXO_ZMLX=1)");
   app.add_flag_function("--no-patch", [&a](int64_t) { a.patch = 0; }, "run unpatched (as EXO_ZMLX=0)");
   app.add_option("--patterns", a.patterns, "comma-separated patterns, overriding the family defaults (as EXO_ZMLX_PATTERNS)");
   app.add_option("--exclude", a.exclude, "comma-separated patterns to exclude (as EXO_ZMLX_EXCLUDE)");
   app.add_flag("--patch-verbose", a.patch_verbose, "log every patched module (as EXO_ZMLX_VERBOSE=1)");
+}
+
+dist::Placement make_placement(const ModelArgs& a) {
+  dist::Placement p;
+  const int launched = dist::launcher_size();
+  if (a.parallel == "none") {
+    ZMLX_CHECK(a.layers.empty(), "--layers needs --parallel pipeline");
+    if (launched > 1)
+      std::fprintf(stderr,
+                   "[zmlx] warning: launched as one of %d ranks but --parallel is none: every rank runs the whole "
+                   "model on its own\n", launched);
+    return p;
+  }
+  p.mode = a.parallel == "pipeline" ? dist::Mode::Pipeline : dist::Mode::Tensor;
+  ZMLX_CHECK(a.layers.empty() || p.pipeline(), "--layers needs --parallel pipeline");
+  p.layers_arg = a.layers;
+  p.comm = dist::world(a.dist_timeout);
+  p.rank = p.comm->rank();
+  p.size = p.comm->size();
+  return p;
 }
 
 patch::PatchOptions patch_options(const ModelArgs& a) {
@@ -38,6 +66,10 @@ patch::PatchOptions patch_options(const ModelArgs& a) {
     patch::check_pattern_names(o.exclude);
   }
   if (a.patch_verbose) o.verbose = true;
+  if (a.parallel != "none") {
+    o.distributed = true;
+    o.parallelism = a.parallel;
+  }
   return o;
 }
 
@@ -46,13 +78,17 @@ LoadedModel load(const ModelArgs& a, bool need_tokenizer) {
   const patch::PatchOptions popt = patch_options(a);  // flag/env errors before the (slow) load
   (void)popt;
   if (a.threads > 0) omp_set_num_threads(a.threads);
-  ZMLX_CHECK(a.backend != "cuda", "--backend cuda: the CUDA backend is not available in this build yet; use --backend cpu");
   m.dir = io::resolve_model_path(a.model);
   auto t0 = std::chrono::steady_clock::now();
-  m.backend = make_cpu_backend();
-  m.model = load_model(m.dir, *m.backend);
+  dist::Placement place = make_placement(a);
+  m.backend = make_backend(a.backend);
+  m.model = load_model(m.dir, *m.backend, place);
   m.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  m.patch_report = patch::patch(*m.model, patch_options(a));
+  patch::PatchOptions po = patch_options(a);
+  po.placement = m.model->placement().describe();
+  m.patch_report = patch::patch(*m.model, po);
+  // Every rank has loaded before the first collective (loads may take long).
+  if (place.active()) place.comm->barrier(/*patience=*/20);
   if (std::filesystem::exists(std::filesystem::path(m.dir) / "tokenizer.json"))
     m.tokenizer = text::Tokenizer::from_dir(m.dir);
   else

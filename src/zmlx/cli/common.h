@@ -21,6 +21,10 @@ struct ModelArgs {
   int patch = -1;  // -1: from EXO_ZMLX; 0: --no-patch; 1: --patch
   std::string patterns, exclude;
   bool patch_verbose = false;
+  // Multi-process (launched with mpirun -np N): none | pipeline | tensor.
+  std::string parallel = "none";
+  std::string layers;         // pipeline split by hand, e.g. "0-23,24-47"
+  double dist_timeout = 60;   // seconds a rank waits for a peer before failing
 };
 
 void add_model_args(CLI::App& app, ModelArgs& a, bool with_patch_flags = true);
@@ -32,7 +36,12 @@ struct LoadedModel {
   std::optional<text::Tokenizer> tokenizer;  // absent when the dir has no tokenizer.json
   double load_seconds = 0;
   patch::PatchReport patch_report;
+  // Rank 0 (or a single process): the one that prints results.
+  bool leader() const { return !model->placement().active() || model->placement().rank == 0; }
 };
+
+// The placement the --parallel flags ask for (starts MPI when active).
+dist::Placement make_placement(const ModelArgs& a);
 
 // The patch options the flags and environment ask for.
 patch::PatchOptions patch_options(const ModelArgs& a);

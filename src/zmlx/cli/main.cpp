@@ -4,6 +4,7 @@
 
 #include "zmlx/cli/command.h"
 #include "zmlx/core/error.h"
+#include "zmlx/dist/comm.h"
 
 namespace zmlx::cli {
 std::vector<CommandInfo>& command_registry() {
@@ -30,13 +31,20 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  int rc = 0;
+  bool ok = true;
   try {
-    return chosen ? chosen() : 0;
+    rc = chosen ? chosen() : 0;
   } catch (const zmlx::Error& e) {
     std::fprintf(stderr, "zmlx: error: %s\n", e.what());
-    return 1;
+    rc = 1;
+    ok = false;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "zmlx: internal error: %s\n", e.what());
-    return 2;
+    rc = 2;
+    ok = false;
   }
+  // Multi-process: a failed rank ends the whole job (MPI_Abort) so no peer waits on it.
+  zmlx::dist::finalize(ok);
+  return rc;
 }

@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 
 #include "zmlx/core/error.h"
+#include "zmlx/dist/comm.h"
+#include "zmlx/gen/decode_step.h"
 
 namespace zmlx {
 
@@ -30,9 +33,111 @@ static size_t held_back(const std::string& text, const std::vector<std::string>&
   return best;
 }
 
+namespace {
+
+// A request as one int32 message: prompt, limits, EOS ids, sampler options.
+std::vector<int32_t> encode_request(const std::vector<int32_t>& prompt, const GenerateOptions& o) {
+  std::vector<int32_t> m;
+  auto f = [&](float v) {
+    int32_t b;
+    std::memcpy(&b, &v, 4);
+    m.push_back(b);
+  };
+  m.push_back(int32_t(prompt.size()));
+  m.insert(m.end(), prompt.begin(), prompt.end());
+  m.push_back(o.max_tokens);
+  m.push_back(o.prefill_chunk);
+  m.push_back(int32_t(o.eos_ids.size()));
+  m.insert(m.end(), o.eos_ids.begin(), o.eos_ids.end());
+  const SamplerOptions& s = o.sampling;
+  f(s.temperature);
+  m.push_back(s.top_k);
+  f(s.top_p);
+  f(s.min_p);
+  f(s.repetition_penalty);
+  m.push_back(s.repetition_context);
+  m.push_back(int32_t(uint32_t(s.seed)));
+  m.push_back(int32_t(uint32_t(s.seed >> 32)));
+  return m;
+}
+
+void decode_request(const std::vector<int32_t>& m, std::vector<int32_t>& prompt, GenerateOptions& o) {
+  size_t i = 0;
+  auto next = [&]() {
+    ZMLX_CHECK(i < m.size(), "distributed request: truncated message ({} words)", m.size());
+    return m[i++];
+  };
+  auto f = [&]() {
+    int32_t b = next();
+    float v;
+    std::memcpy(&v, &b, 4);
+    return v;
+  };
+  prompt.resize(size_t(next()));
+  for (auto& t : prompt) t = next();
+  o.max_tokens = next();
+  o.prefill_chunk = next();
+  o.eos_ids.resize(size_t(next()));
+  for (auto& t : o.eos_ids) t = next();
+  SamplerOptions& s = o.sampling;
+  s.temperature = f();
+  s.top_k = next();
+  s.top_p = f();
+  s.min_p = f();
+  s.repetition_penalty = f();
+  s.repetition_context = next();
+  const uint32_t lo = uint32_t(next()), hi = uint32_t(next());
+  s.seed = uint64_t(lo) | (uint64_t(hi) << 32);
+}
+
+GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* tok,
+                              const std::vector<int32_t>& prompt_ids, const GenerateOptions& opt,
+                              const TextCallback& on_text);
+
+}  // namespace
+
 GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
                         const std::vector<int32_t>& prompt_ids, const GenerateOptions& opt,
                         const TextCallback& on_text) {
+  const dist::Placement& P = model.placement();
+  if (!P.active()) return run_generation(model, be, tok, prompt_ids, opt, on_text);
+  ZMLX_CHECK(!prompt_ids.empty(), "the prompt is empty (no tokens to condition on)");
+  // Rank 0's request is the one every rank runs.
+  std::vector<int32_t> msg = P.rank == 0 ? encode_request(prompt_ids, opt) : std::vector<int32_t>{};
+  P.comm->broadcast_i32(msg, 0);
+  std::vector<int32_t> prompt;
+  GenerateOptions o = opt;
+  decode_request(msg, prompt, o);
+  if (P.rank != 0) return run_generation(model, be, nullptr, prompt, o, nullptr);
+  return run_generation(model, be, tok, prompt, o, on_text);
+}
+
+bool follow_request(Model& model, Backend& be) {
+  const dist::Placement& P = model.placement();
+  ZMLX_CHECK(P.active() && P.rank != 0, "follow_request: only ranks other than 0 of a parallel run follow");
+  std::vector<int32_t> msg;
+  P.comm->broadcast_i32(msg, 0, /*wait_forever=*/true);  // idle until the next request
+  if (msg.empty()) return false;
+  std::vector<int32_t> prompt;
+  GenerateOptions o;
+  decode_request(msg, prompt, o);
+  run_generation(model, be, nullptr, prompt, o, nullptr);
+  return true;
+}
+
+void end_followers(Model& model) {
+  const dist::Placement& P = model.placement();
+  if (!P.active() || P.rank != 0) return;
+  std::vector<int32_t> empty;
+  P.comm->broadcast_i32(empty, 0);
+}
+
+namespace {
+
+GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* tok,
+                              const std::vector<int32_t>& prompt_ids, const GenerateOptions& opt,
+                              const TextCallback& on_text) {
+  const dist::Placement& P = model.placement();
   ZMLX_CHECK(!prompt_ids.empty(), "the prompt is empty (no tokens to condition on)");
   ZMLX_CHECK(opt.max_tokens >= 0, "max_tokens must be >= 0, got {}", opt.max_tokens);
   for (auto& s : opt.stop_strings) ZMLX_CHECK(!s.empty(), "stop strings must not be empty");
@@ -53,10 +158,16 @@ GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
     std::vector<int32_t> part(prompt_ids.begin() + i, prompt_ids.begin() + std::min(prompt_ids.size(), i + chunk));
     logits = model.forward(be, part, cache);
   }
+  // The logits rank samples; in a parallel run it broadcasts the token.
   auto sample = [&](const Tensor& l) {
-    std::vector<float> host = logits_to_host(be, l, 0);
-    if (opt.on_logits) opt.on_logits(host);
-    return sampler.sample(std::move(host), history);
+    int32_t t = 0;
+    if (!P.active() || P.rank == P.logits_rank()) {
+      std::vector<float> host = logits_to_host(be, l, 0);
+      if (opt.on_logits) opt.on_logits(host);
+      t = sampler.sample(std::move(host), history);
+    }
+    if (P.active()) P.comm->broadcast(&t, sizeof t, P.logits_rank());
+    return t;
   };
   int32_t next = sample(logits);
   res.prefill_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
@@ -91,15 +202,27 @@ GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
       if (stopped) {
         stop_string_hit = true;
         res.finish_reason = "stop";
-        break;
       }
     }
+    if (P.active()) {  // rank 0 decides stop strings and cancels for everyone
+      uint8_t flag = stop_string_hit ? 1 : cancelled ? 2 : 0;
+      P.comm->broadcast(&flag, 1, 0);
+      if (P.rank != 0 && flag == 1) {
+        res.finish_reason = "stop";
+        break;
+      }
+      if (P.rank != 0 && flag == 2) cancelled = true;
+    }
+    if (stop_string_hit) break;
     if (cancelled) {
       res.finish_reason = "cancelled";
       break;
     }
     if (int(res.token_ids.size()) >= opt.max_tokens) break;
-    logits = model.forward(be, {next}, cache);
+    if (P.active()) dist::maybe_inject_fault(P.rank, step);
+    // Recorded (graph) steps skip host code, so a distributed step, whose
+    // sends and all-reduces run on the host, always runs eagerly.
+    logits = P.active() ? model.forward(be, {next}, cache) : decode_forward(model, be, next, cache);
     next = sample(logits);
   }
   if (dec && !stop_string_hit && !cancelled) {
@@ -110,5 +233,7 @@ GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
   res.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   return res;
 }
+
+}  // namespace
 
 }  // namespace zmlx

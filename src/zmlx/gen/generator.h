@@ -43,6 +43,16 @@ GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
                         const std::vector<int32_t>& prompt_ids, const GenerateOptions& opt,
                         const TextCallback& on_text = nullptr);
 
+// Multi-process runs (model.placement().active()): generate() is collective.
+// Rank 0's prompt and options are broadcast and every rank runs the same
+// forward passes; the logits rank samples and broadcasts each token; rank 0
+// (the only one with a tokenizer's stream decoder and on_text) broadcasts
+// whether a stop string or a cancel ended the run. A follower that has no
+// request of its own (the node's other ranks) calls follow_request() in a
+// loop; it returns false once rank 0 called end_followers().
+bool follow_request(Model& model, Backend& be);
+void end_followers(Model& model);
+
 // Logits as fp32 on the host.
 std::vector<float> logits_to_host(Backend& be, const Tensor& logits, int64_t row);
 

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "zmlx/dist/placement.h"
 #include "zmlx/quant/affine.h"
 
 namespace zmlx {
@@ -39,6 +40,8 @@ struct ModelConfig {
   std::vector<int32_t> eos_token_ids;  // generation_config.json, else config.json
   std::optional<int32_t> bos_token_id;
   QuantConfig quant;
+  // Multi-process runs: this rank's place (set by load_model; none by default).
+  dist::Placement parallel;
 
   // Typed getters for family-specific fields; throw zmlx::Error naming the
   // file, the field and what was expected vs found.

@@ -80,17 +80,29 @@ class Lfm2Moe final : public Model {
       }
     }
 
+    // Multi-process: pipeline loads only this rank's layers; tensor parallel
+    // splits attention heads, dense MLPs and experts, while the short-conv
+    // layers (in_proj/conv/out_proj, small) are replicated on every rank.
+    const dist::Placement& P = c.parallel;
+    const int tpi = P.tp_index(), tpn = P.tp_count();
+    parallel_supported_ = true;
+
     WeightLoader wl(*this, store, be);
     embed_ = wl.linear("model.embed_tokens", c.vocab_size, D_, 0, 0, /*reads_one_row=*/true);
     layers_.resize(size_t(NL));
     for (int64_t l = 0; l < NL; ++l) {
       const std::string p = "model.layers." + std::to_string(l);
+      if (!P.owns_layer(l)) {
+        wl.skip(p + ".");
+        continue;
+      }
       Layer& L = layers_[size_t(l)];
       L.attention = is_attn[size_t(l)];
       L.operator_norm = wl.tensor(p + ".operator_norm.weight", DType::BF16, {D_});
       L.ffn_norm = wl.tensor(p + ".ffn_norm.weight", DType::BF16, {D_});
       if (L.attention) {
-        L.attn = wl.gqa_attention(p + ".self_attn", "out_proj", "q_layernorm", "k_layernorm", H_, Hkv_, hd_, D_);
+        L.attn = wl.gqa_attention(p + ".self_attn", "out_proj", "q_layernorm", "k_layernorm", H_, Hkv_, hd_, D_, tpi,
+                                  tpn);
         L.attn.scale = scale_;
         L.attn.rope_theta = c.rope_theta;
         L.attn.eps = c.rms_norm_eps;
@@ -110,20 +122,21 @@ class Lfm2Moe final : public Model {
           std::fill(z.ptr<float>(), z.ptr<float>() + E, 0.f);
           moe->expert_bias = be.from_host(z);
         }
-        wl.switch_experts(*moe, p + ".feed_forward", E, I, D_, k);
+        wl.switch_experts(*moe, p + ".feed_forward", E, I, D_, k, tpi, tpn);
         moe->norm_topk_prob = norm_topk;
         moe->route_eps = 1e-6f;
         moe->routed_scaling = scaling;
         moe->combine = CombineMode::Bf16Products;
         L.mlp = std::move(moe);
       } else {
-        L.mlp = wl.swiglu_mlp(p + ".feed_forward", c.get_int("intermediate_size"), D_);
+        L.mlp = wl.swiglu_mlp(p + ".feed_forward", c.get_int("intermediate_size"), D_, tpi, tpn);
       }
       L.mlp->path = p + ".feed_forward";
       ffn_slots_.push_back(&L.mlp);
     }
     norm_ = wl.tensor("model.embedding_norm.weight", DType::BF16, {D_});
-    lm_head_ = wl.output_projection(embed_, c.vocab_size, D_, /*may_tie=*/true);  // mlx-lm always ties
+    if (P.last_stage()) lm_head_ = wl.output_projection(embed_, c.vocab_size, D_, /*may_tie=*/true);  // mlx-lm always ties
+    else wl.skip("lm_head.");
     wl.check_all_used();
   }
 
@@ -131,7 +144,8 @@ class Lfm2Moe final : public Model {
 
   std::vector<std::string> layer_kinds() const override {
     std::vector<std::string> out;
-    for (auto& L : layers_) out.push_back(std::string(L.attention ? "attention+" : "conv+") + L.mlp->kind());
+    for (auto& L : layers_)
+      out.push_back(L.mlp ? std::string(L.attention ? "attention+" : "conv+") + L.mlp->kind() : "(another rank)");
     return out;
   }
 
@@ -140,8 +154,9 @@ class Lfm2Moe final : public Model {
     c.kv.resize(layers_.size());
     c.conv.resize(layers_.size());
     for (size_t l = 0; l < layers_.size(); ++l) {
+      if (!layers_[l].mlp) continue;  // another pipeline stage's layer
       if (layers_[l].attention) {
-        c.kv[l] = be.new_kv_layer(Hkv_, hd_, 256);
+        c.kv[l] = be.new_kv_layer(layers_[l].attn.kv_heads, hd_, 256);
       } else {
         Tensor z = host_tensor(DType::BF16, {Lc_ - 1, D_});
         std::memset(z.data, 0, z.nbytes());
@@ -157,19 +172,26 @@ class Lfm2Moe final : public Model {
                "forward: the cache was not made by this model");
     const float eps = config_.rms_norm_eps;
     const int64_t pos0 = cache.pos, T = int64_t(ids.size());
-    Tensor h = be.embed(embed_, ids);
-    for (size_t l = 0; l < layers_.size(); ++l) {
+    Tensor h;
+    stage_input(be, ids, embed_, h);  // pipeline: later stages receive h
+    const int64_t NL = int64_t(layers_.size());
+    for (size_t l = size_t(placement().layer_begin()); l < size_t(placement().layer_end(NL)); ++l) {
       Layer& L = layers_[l];
       Tensor x = be.rms_norm(h, L.operator_norm, eps);
       if (L.attention) {
-        be.add(h, L.attn.forward(be, x, cache.kv[l], pos0));
-      } else {
+        Tensor a = L.attn.forward(be, x, cache.kv[l], pos0);
+        tp_reduce(be, a);  // tensor parallel: sum of the heads' shards
+        be.add(h, a);
+      } else {  // replicated under tensor parallel: every rank computes the whole conv
         Tensor y = be.short_conv(be.linear(x, L.in_proj), cache.conv[l], L.conv_w);
         be.add(h, be.linear(y, L.conv_out_proj));
       }
-      be.add(h, L.mlp->forward(be, be.rms_norm(h, L.ffn_norm, eps)));
+      Tensor f = L.mlp->forward(be, be.rms_norm(h, L.ffn_norm, eps));
+      tp_reduce(be, f);
+      be.add(h, f);
     }
     cache.pos += T;
+    if (stage_output(be, h)) return Tensor{};  // pipeline: not the last stage
     if (!all_logits && T > 1) h = last_row(h);
     return be.linear(be.rms_norm(h, norm_, eps), lm_head_);
   }

@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <cstring>
+
 #include "zmlx/core/error.h"
 
 namespace zmlx {
@@ -31,8 +33,73 @@ static std::vector<int64_t> with_experts(int64_t experts, std::vector<int64_t> s
   return s;
 }
 
+// Copies rows [lo, hi) (axis 0) or columns [lo, hi) (axis 1, in elements)
+// of every matrix of a [E?, R, C] tensor into host memory.
+static Tensor slice_matrices(const Tensor& t, int axis, int64_t lo, int64_t hi) {
+  const size_t nd = t.shape.size();
+  const int64_t E = nd == 3 ? t.shape[0] : 1, R = t.shape[nd - 2], C = t.shape[nd - 1];
+  std::vector<int64_t> shape = t.shape;
+  shape[nd - 2 + size_t(axis)] = hi - lo;
+  Tensor out = host_tensor(t.dtype, shape);
+  const size_t es = dtype_size(t.dtype);
+  const uint8_t* src = static_cast<const uint8_t*>(t.data);
+  uint8_t* dst = static_cast<uint8_t*>(out.data);
+  for (int64_t e = 0; e < E; ++e) {
+    const uint8_t* m = src + size_t(e * R * C) * es;
+    if (axis == 0) {
+      const size_t n = size_t((hi - lo) * C) * es;
+      std::memcpy(dst, m + size_t(lo * C) * es, n);
+      dst += n;
+    } else {
+      for (int64_t r = 0; r < R; ++r) {
+        const size_t n = size_t(hi - lo) * es;
+        std::memcpy(dst, m + size_t(r * C + lo) * es, n);
+        dst += n;
+      }
+    }
+  }
+  return out;
+}
+
+static void shard_weight(Weight& w, const Shard& s) {
+  const int n = s.count, i = s.index;
+  if (s.axis == Shard::Rows) {
+    ZMLX_CHECK(w.rows % n == 0, "--parallel tensor: {} has {} output rows, which do not split into {} shards",
+               w.name, w.rows, n);
+    const int64_t per = w.rows / n, lo = per * i, hi = lo + per;
+    w.w = slice_matrices(w.w, 0, lo, hi);
+    if (w.quantized) {
+      w.scales = slice_matrices(w.scales, 0, lo, hi);
+      w.biases = slice_matrices(w.biases, 0, lo, hi);
+    }
+    w.rows = per;
+  } else {
+    ZMLX_CHECK(w.cols % n == 0, "--parallel tensor: {} has {} input columns, which do not split into {} shards",
+               w.name, w.cols, n);
+    const int64_t per = w.cols / n, lo = per * i, hi = lo + per;
+    if (w.quantized) {
+      ZMLX_CHECK(per % w.q.group_size == 0 && (per * w.q.bits) % 32 == 0,
+                 "--parallel tensor: {} splits its {} input columns into shards of {}, which is not a multiple of "
+                 "the quantization group size {} (shards must start on group boundaries)",
+                 w.name, w.cols, per, w.q.group_size);
+      const int64_t wpc = w.q.bits;  // words per 32 columns
+      w.w = slice_matrices(w.w, 1, lo * wpc / 32, hi * wpc / 32);
+      w.scales = slice_matrices(w.scales, 1, lo / w.q.group_size, hi / w.q.group_size);
+      w.biases = slice_matrices(w.biases, 1, lo / w.q.group_size, hi / w.q.group_size);
+    } else {
+      w.w = slice_matrices(w.w, 1, lo, hi);
+    }
+    w.cols = per;
+  }
+}
+
+void WeightLoader::skip(const std::string& prefix) {
+  for (auto& n : store_->names())
+    if (n.compare(0, prefix.size(), prefix) == 0) used_.insert(n);
+}
+
 Weight WeightLoader::linear(const std::string& path, int64_t rows, int64_t cols, int64_t experts,
-                            int64_t active_experts, bool reads_one_row) {
+                            int64_t active_experts, bool reads_one_row, Shard shard) {
   const ModelConfig& cfg = model_.config();
   Weight w;
   w.name = path;
@@ -80,6 +147,11 @@ Weight WeightLoader::linear(const std::string& path, int64_t rows, int64_t cols,
     w.quantized = false;
     w.w = view(store_->get(path + ".weight", DType::BF16, with_experts(experts, {rows, cols})));
   }
+  if (shard.axis != Shard::None && shard.count > 1) {
+    shard_weight(w, shard);
+    rows = w.rows;
+    cols = w.cols;
+  }
 
   WeightSummary s;
   s.path = path;
@@ -111,34 +183,48 @@ std::vector<std::string> WeightLoader::unused() const {
   return out;
 }
 
-std::unique_ptr<SwigluMlp> WeightLoader::swiglu_mlp(const std::string& prefix, int64_t inter, int64_t dim) {
+std::unique_ptr<SwigluMlp> WeightLoader::swiglu_mlp(const std::string& prefix, int64_t inter, int64_t dim,
+                                                    int tp_index, int tp_count) {
+  ZMLX_CHECK(inter % tp_count == 0, "--parallel tensor: {}: intermediate size {} does not divide across {} ranks",
+             prefix, inter, tp_count);
   auto m = std::make_unique<SwigluMlp>();
-  m->gate_proj = linear(prefix + ".gate_proj", inter, dim);
-  m->up_proj = linear(prefix + ".up_proj", inter, dim);
-  m->down_proj = linear(prefix + ".down_proj", dim, inter);
+  m->gate_proj = linear(prefix + ".gate_proj", inter, dim, 0, 0, false, {Shard::Rows, tp_index, tp_count});
+  m->up_proj = linear(prefix + ".up_proj", inter, dim, 0, 0, false, {Shard::Rows, tp_index, tp_count});
+  m->down_proj = linear(prefix + ".down_proj", dim, inter, 0, 0, false, {Shard::Cols, tp_index, tp_count});
   return m;
 }
 
 void WeightLoader::switch_experts(MoeBlock& moe, const std::string& prefix, int64_t experts, int64_t inter,
-                                  int64_t dim, int64_t k) {
-  moe.gate_proj = linear(prefix + ".switch_mlp.gate_proj", inter, dim, experts, k);
-  moe.up_proj = linear(prefix + ".switch_mlp.up_proj", inter, dim, experts, k);
-  moe.down_proj = linear(prefix + ".switch_mlp.down_proj", dim, inter, experts, k);
+                                  int64_t dim, int64_t k, int tp_index, int tp_count) {
+  ZMLX_CHECK(inter % tp_count == 0,
+             "--parallel tensor: {}: moe_intermediate_size {} does not divide across {} ranks", prefix, inter,
+             tp_count);
+  moe.gate_proj = linear(prefix + ".switch_mlp.gate_proj", inter, dim, experts, k, false,
+                         {Shard::Rows, tp_index, tp_count});
+  moe.up_proj = linear(prefix + ".switch_mlp.up_proj", inter, dim, experts, k, false,
+                       {Shard::Rows, tp_index, tp_count});
+  moe.down_proj = linear(prefix + ".switch_mlp.down_proj", dim, inter, experts, k, false,
+                         {Shard::Cols, tp_index, tp_count});
   moe.top_k = k;
 }
 
 GqaAttention WeightLoader::gqa_attention(const std::string& prefix, const char* o_name, const char* q_norm_name,
                                          const char* k_norm_name, int64_t heads, int64_t kv_heads,
-                                         int64_t head_dim, int64_t dim) {
+                                         int64_t head_dim, int64_t dim, int tp_index, int tp_count) {
+  // Tensor parallel: whole heads per rank (q/k/v rows by head, o_proj columns).
+  ZMLX_CHECK(heads % tp_count == 0 && kv_heads % tp_count == 0,
+             "--parallel tensor: {}: {} attention heads and {} key/value heads do not both divide across {} ranks",
+             prefix, heads, kv_heads, tp_count);
+  const Shard rows{Shard::Rows, tp_index, tp_count}, cols{Shard::Cols, tp_index, tp_count};
   GqaAttention a;
-  a.q_proj = linear(prefix + ".q_proj", heads * head_dim, dim);
-  a.k_proj = linear(prefix + ".k_proj", kv_heads * head_dim, dim);
-  a.v_proj = linear(prefix + ".v_proj", kv_heads * head_dim, dim);
-  a.o_proj = linear(prefix + "." + o_name, dim, heads * head_dim);
+  a.q_proj = linear(prefix + ".q_proj", heads * head_dim, dim, 0, 0, false, rows);
+  a.k_proj = linear(prefix + ".k_proj", kv_heads * head_dim, dim, 0, 0, false, rows);
+  a.v_proj = linear(prefix + ".v_proj", kv_heads * head_dim, dim, 0, 0, false, rows);
+  a.o_proj = linear(prefix + "." + o_name, dim, heads * head_dim, 0, 0, false, cols);
   a.q_norm = tensor(prefix + "." + q_norm_name + ".weight", DType::BF16, {head_dim});
   a.k_norm = tensor(prefix + "." + k_norm_name + ".weight", DType::BF16, {head_dim});
-  a.heads = heads;
-  a.kv_heads = kv_heads;
+  a.heads = heads / tp_count;
+  a.kv_heads = kv_heads / tp_count;
   a.head_dim = head_dim;
   return a;
 }

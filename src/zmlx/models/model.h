@@ -36,6 +36,9 @@ class Model {
   virtual ~Model() = default;
   const ModelConfig& config() const { return config_; }
   virtual std::string family() const = 0;
+  // Unique per loaded model in this process (never reused), e.g. to key
+  // recorded decode steps.
+  uint64_t uid() const { return uid_; }
 
   // Runs `ids` at positions cache.pos.. and advances the cache. Returns bf16
   // logits [1, V] for the last token, or [T, V] for all when all_logits.
@@ -48,18 +51,38 @@ class Model {
   // Per-layer descriptions for inspect ("attention+moe", ...).
   virtual std::vector<std::string> layer_kinds() const = 0;
   const std::vector<WeightSummary>& weight_summaries() const { return summaries_; }
+  // Where this rank sits in a multi-process run (dist/placement.h). Under
+  // pipeline parallel, forward() returns an empty tensor on every stage but
+  // the last.
+  const dist::Placement& placement() const { return config_.parallel; }
+  bool supports_parallel() const { return parallel_supported_; }
 
  protected:
+  // Parallel glue (models/parallel.cpp), no-ops in a single process:
+  // the first stage embeds, later stages receive [T, D] from the previous one;
+  bool stage_input(Backend& be, const std::vector<int32_t>& ids, const Weight& embed, Tensor& h);
+  // a stage that is not the last sends h on and returns true;
+  bool stage_output(Backend& be, const Tensor& h);
+  // tensor parallel: t = Σ over ranks (the one all-reduce per block).
+  void tp_reduce(Backend& be, Tensor& t);
+  // Set by a family that honours config_.parallel; load_model refuses otherwise.
+  bool parallel_supported_ = false;
+
   ModelConfig config_;
   std::shared_ptr<io::WeightStore> store_;
   std::vector<std::unique_ptr<FeedForward>*> ffn_slots_;
   std::vector<WeightSummary> summaries_;
   friend class WeightLoader;
+
+ private:
+  static uint64_t next_uid();
+  const uint64_t uid_ = next_uid();
 };
 
 // Loads a model directory (already resolved) onto `be`. Unknown model_type
-// is an error listing the supported families.
-std::unique_ptr<Model> load_model(const std::string& dir, Backend& be);
+// is an error listing the supported families. With an active `place`, only
+// this rank's layers (pipeline) or shards (tensor) are loaded.
+std::unique_ptr<Model> load_model(const std::string& dir, Backend& be, dist::Placement place = {});
 std::vector<std::string> supported_families();
 
 }  // namespace zmlx

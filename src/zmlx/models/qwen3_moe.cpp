@@ -45,15 +45,25 @@ class Qwen3Moe final : public Model {
     const bool norm_topk = c.get_bool("norm_topk_prob", true);
     scale_ = float(std::pow(double(hd_), -0.5));
 
+    // Multi-process (dist/placement.h): pipeline loads only this rank's
+    // layers; tensor parallel loads 1/n of every head group and MLP/expert.
+    const dist::Placement& P = c.parallel;
+    const int tpi = P.tp_index(), tpn = P.tp_count();
+    parallel_supported_ = true;
+
     WeightLoader wl(*this, store, be);
     embed_ = wl.linear("model.embed_tokens", c.vocab_size, D_, 0, 0, /*reads_one_row=*/true);
     layers_.resize(size_t(c.num_hidden_layers));
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       const std::string p = "model.layers." + std::to_string(l);
+      if (!P.owns_layer(l)) {
+        wl.skip(p + ".");
+        continue;
+      }
       Layer& L = layers_[size_t(l)];
       L.input_layernorm = wl.tensor(p + ".input_layernorm.weight", DType::BF16, {D_});
       L.post_attention_layernorm = wl.tensor(p + ".post_attention_layernorm.weight", DType::BF16, {D_});
-      L.attn = wl.gqa_attention(p + ".self_attn", "o_proj", "q_norm", "k_norm", H_, Hkv_, hd_, D_);
+      L.attn = wl.gqa_attention(p + ".self_attn", "o_proj", "q_norm", "k_norm", H_, Hkv_, hd_, D_, tpi, tpn);
       L.attn.scale = scale_;
       L.attn.rope_theta = c.rope_theta;
       L.attn.eps = c.rms_norm_eps;
@@ -62,18 +72,19 @@ class Qwen3Moe final : public Model {
       if (is_moe) {
         auto moe = std::make_unique<MoeBlock>();
         moe->router = wl.linear(p + ".mlp.gate", E, D_);
-        wl.switch_experts(*moe, p + ".mlp", E, I, D_, k);
+        wl.switch_experts(*moe, p + ".mlp", E, I, D_, k, tpi, tpn);
         moe->norm_topk_prob = norm_topk;
         moe->combine = CombineMode::Bf16Products;
         L.mlp = std::move(moe);
       } else {
-        L.mlp = wl.swiglu_mlp(p + ".mlp", c.get_int("intermediate_size"), D_);
+        L.mlp = wl.swiglu_mlp(p + ".mlp", c.get_int("intermediate_size"), D_, tpi, tpn);
       }
       L.mlp->path = p + ".mlp";
       ffn_slots_.push_back(&L.mlp);
     }
     norm_ = wl.tensor("model.norm.weight", DType::BF16, {D_});
-    lm_head_ = wl.output_projection(embed_, c.vocab_size, D_, c.tie_word_embeddings);
+    if (P.last_stage()) lm_head_ = wl.output_projection(embed_, c.vocab_size, D_, c.tie_word_embeddings);
+    else wl.skip("lm_head.");
     wl.check_all_used();
   }
 
@@ -81,13 +92,14 @@ class Qwen3Moe final : public Model {
 
   std::vector<std::string> layer_kinds() const override {
     std::vector<std::string> out;
-    for (auto& L : layers_) out.push_back("attention+" + L.mlp->kind());
+    for (auto& L : layers_) out.push_back(L.mlp ? "attention+" + L.mlp->kind() : "(another rank)");
     return out;
   }
 
   Cache new_cache(Backend& be) const override {
     Cache c;
-    for (size_t l = 0; l < layers_.size(); ++l) c.kv.push_back(be.new_kv_layer(Hkv_, hd_, 256));
+    for (size_t l = 0; l < layers_.size(); ++l)
+      c.kv.push_back(layers_[l].mlp ? be.new_kv_layer(layers_[l].attn.kv_heads, hd_, 256) : KvLayer{});
     return c;
   }
 
@@ -95,15 +107,21 @@ class Qwen3Moe final : public Model {
     ZMLX_CHECK(!ids.empty(), "forward: no tokens");
     const float eps = config_.rms_norm_eps;
     const int64_t pos0 = cache.pos, T = int64_t(ids.size());
-    Tensor h = be.embed(embed_, ids);
-    for (size_t l = 0; l < layers_.size(); ++l) {
+    Tensor h;
+    stage_input(be, ids, embed_, h);  // pipeline: later stages receive h
+    const int64_t NL = int64_t(layers_.size());
+    for (size_t l = size_t(placement().layer_begin()); l < size_t(placement().layer_end(NL)); ++l) {
       Layer& L = layers_[l];
       Tensor x = be.rms_norm(h, L.input_layernorm, eps);
-      be.add(h, L.attn.forward(be, x, cache.kv[l], pos0));
+      Tensor a = L.attn.forward(be, x, cache.kv[l], pos0);
+      tp_reduce(be, a);  // tensor parallel: sum of the heads' shards
+      be.add(h, a);
       Tensor f = L.mlp->forward(be, be.rms_norm(h, L.post_attention_layernorm, eps));
+      tp_reduce(be, f);
       be.add(h, f);
     }
     cache.pos += T;
+    if (stage_output(be, h)) return Tensor{};  // pipeline: not the last stage
     if (!all_logits && T > 1) h = last_row(h);
     return be.linear(be.rms_norm(h, norm_, eps), lm_head_);
   }

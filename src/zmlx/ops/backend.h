@@ -6,6 +6,7 @@
 // Numerics (spec/architectures.md §0.2–0.4): activations bf16; dot products
 // accumulate in fp32; results are rounded to bf16 exactly where MLX rounds.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -163,8 +164,26 @@ class Backend {
                                     CombineMode mode) = 0;
   // Dense SwiGLU MLP gate+up in one pass: swiglu(x@Wgᵀ, x@Wuᵀ) -> [T, I].
   virtual Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) = 0;
+
+  // One decode step: `step` runs the model on {token} at position `pos` and
+  // returns its logits. A backend may record the step once (CUDA graph) and
+  // replay the recording for later steps with the same `key` — the caller's
+  // promise that the model, its modules and the cache buffers are unchanged
+  // (see gen/decode_step.h). The logits of a replay stay valid until the
+  // next step. Default: run eagerly.
+  virtual Tensor decode_step(uint64_t key, int32_t token, int64_t pos, const std::function<Tensor()>& step) {
+    (void)key, (void)token, (void)pos;
+    return step();
+  }
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
+#ifdef ZMLX_HAVE_CUDA
+std::unique_ptr<Backend> make_cuda_backend(int device = 0);
+bool cuda_device_present();
+#endif
+// "cpu", "cuda" or "auto" (CUDA when this build has it and a GPU is present).
+// An unavailable choice is an error that says why.
+std::unique_ptr<Backend> make_backend(const std::string& name);
 
 }  // namespace zmlx

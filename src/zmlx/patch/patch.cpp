@@ -247,7 +247,10 @@ PatchReport patch(Model& model, const PatchOptions& o) {
     }
   }
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  say(o, "[zmlx] Patched {} modules in {:.2f}s: {}\n", rep.total(), rep.seconds, rep.counts_str());
+  if (o.placement.empty())
+    say(o, "[zmlx] Patched {} modules in {:.2f}s: {}\n", rep.total(), rep.seconds, rep.counts_str());
+  else
+    say(o, "[zmlx] Patched {} modules in {:.2f}s: {} ({})\n", rep.total(), rep.seconds, rep.counts_str(), o.placement);
   if (!rep.skipped.empty() && !o.verbose)
     say(o, "[zmlx] Skipped {} modules (EXO_ZMLX_VERBOSE=1 lists them)\n", rep.skipped.size());
   return rep;

@@ -23,6 +23,7 @@ struct PatchOptions {
   std::vector<std::string> exclude;
   std::string parallelism = "none";                  // none | pipeline | tensor
   bool distributed = false;
+  std::string placement;  // multi-process: this rank's share ("rank 1/2 layers 24-47"), logged
   bool quiet = false;  // no log lines (validate re-patches between runs)
 
   // Reads EXO_ZMLX, EXO_ZMLX_VERBOSE, EXO_ZMLX_PATTERNS, EXO_ZMLX_EXCLUDE.

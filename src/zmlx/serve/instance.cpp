@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "zmlx/core/error.h"
+#include "zmlx/dist/comm.h"
 #include "zmlx/io/model_path.h"
 #include "zmlx/serve/api.h"
 
@@ -80,13 +81,14 @@ void GenJob::finish(GenerateResult r, std::string error) {
 
 Instance::Instance(std::string id, std::string model_id, std::string ref, std::string dir, const LoadOptions& opt)
     : id_(std::move(id)), model_id_(std::move(model_id)), ref_(std::move(ref)), dir_(std::move(dir)) {
-  ZMLX_CHECK(opt.backend != "cuda",
-             "--backend cuda: the CUDA backend is not available in this build yet; use --backend cpu");
   auto t0 = Clock::now();
-  backend_ = make_cpu_backend();
-  model_ = load_model(dir_, *backend_);
+  backend_ = make_backend(opt.backend);
+  model_ = load_model(dir_, *backend_, opt.parallel);
   load_seconds_ = std::chrono::duration<double>(Clock::now() - t0).count();
-  report_ = patch::patch(*model_, opt.patch);
+  patch::PatchOptions po = opt.patch;
+  po.placement = model_->placement().describe();
+  report_ = patch::patch(*model_, po);
+  if (opt.parallel.active()) opt.parallel.comm->barrier(/*patience=*/20);  // every rank loaded
   ZMLX_CHECK(fs::exists(fs::path(dir_) / "tokenizer.json"), "{}: no tokenizer.json; the node needs one to serve text",
              dir_);
   tokenizer_ = text::Tokenizer::from_dir(dir_);
@@ -257,6 +259,16 @@ static std::string model_id_for(const std::string& ref, const std::string& dir) 
 std::pair<std::shared_ptr<Instance>, bool> InstanceManager::load(const std::string& ref) {
   std::lock_guard<std::mutex> load_lock(load_mu_);
   std::string dir = io::resolve_model_path(ref);
+  if (opt_.parallel.active()) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!instances_.empty() && fs::weakly_canonical(instances_[0]->dir()) == fs::weakly_canonical(dir))
+      return {instances_[0], false};
+    if (!instances_.empty() || opt_.parallel_started)
+      throw ApiError(409,
+                     "this node runs --parallel " + std::string(dist::mode_name(opt_.parallel.mode)) +
+                         " across ranks: its one model is given on the command line and cannot be changed",
+                     "model", "parallel_fixed_model");
+  }
   std::string canon = fs::weakly_canonical(dir).string();
   std::string mid = model_id_for(ref, dir);
   std::string iid;
@@ -275,12 +287,16 @@ std::pair<std::shared_ptr<Instance>, bool> InstanceManager::load(const std::stri
     iid = "inst-" + std::to_string(next_id_++);
   }
   auto inst = std::make_shared<Instance>(iid, mid, ref, dir, opt_);
+  opt_.parallel_started = true;
   std::lock_guard<std::mutex> lk(mu_);
   instances_.push_back(inst);
   return {inst, true};
 }
 
 bool InstanceManager::unload(const std::string& key) {
+  if (opt_.parallel.active())
+    throw ApiError(409, "this node runs across ranks (--parallel): its model cannot be unloaded", "id",
+                   "parallel_fixed_model");
   std::shared_ptr<Instance> victim;
   {
     std::lock_guard<std::mutex> lk(mu_);

@@ -63,6 +63,9 @@ class GenJob {
 struct LoadOptions {
   patch::PatchOptions patch;
   std::string backend = "auto";
+  // Multi-process node (--parallel): rank 0 serves; one model, loaded at start.
+  dist::Placement parallel;
+  bool parallel_started = false;  // the one model has been loaded
 };
 
 // Numbers of one finished request, for the state endpoint.

@@ -1,3 +1,4 @@
+#include "zmlx/dist/comm.h"
 #include "zmlx/serve/node.h"
 
 #include <chrono>
@@ -361,9 +362,27 @@ void Node::completions(const HttpRequest& req, HttpConnection& conn) {
 json Node::state() const {
   json insts = json::array();
   for (auto& i : instances_.list()) insts.push_back(i->info());
+  // Multi-process node: every rank, its host, and its layers or shard.
+  json par = {{"mode", dist::mode_name(opt_.load.parallel.mode)}, {"ranks", json::array()}};
+  const auto list = instances_.list();
+  if (opt_.load.parallel.active() && !list.empty()) {
+    const dist::Placement& P = list[0]->model().placement();
+    par["transport"] = P.comm->kind();
+    par["timeout_s"] = P.comm->timeout_seconds();
+    for (int r = 0; r < P.size; ++r) {
+      json e = {{"rank", r}, {"host", P.comm->hosts().at(size_t(r))}, {"device", list[0]->backend_name()},
+                {"role", r == 0 ? "api" : "follower"}};
+      if (P.pipeline())
+        e["layers"] = {P.stages.at(size_t(r)).first, P.stages.at(size_t(r)).second - 1};
+      else
+        e["shard"] = fmt::format("{}/{}", r + 1, P.size);
+      par["ranks"].push_back(e);
+    }
+  }
   return {{"node", {{"host", opt_.host}, {"port", opt_.port}, {"version", "0.1.0"}}},
           {"memory", {{"process_rss_bytes", current_rss_bytes()}, {"process_peak_rss_bytes", peak_rss_bytes_now()}}},
           {"patch_enabled", opt_.load.patch.enabled},
+          {"parallel", par},
           {"instances", insts}};
 }
 

@@ -1,0 +1,529 @@
+// The CUDA backend: the Backend ops on one GPU and one stream.
+//
+// Memory: weights are uploaded once (adopt) into their own allocations;
+// everything else comes from a caching pool (stream-ordered reuse is safe on
+// a single stream). Decode steps can be recorded as a CUDA graph and
+// replayed (decode_step): blocks handed out while recording belong to the
+// graph until it is dropped, so nothing else can reuse them.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "zmlx/backend/cuda/kernels.h"
+#include "zmlx/core/error.h"
+#include "zmlx/core/log.h"
+#include "zmlx/ops/backend.h"
+
+namespace zmlx {
+namespace {
+
+namespace kern = zmlx::cuda::k;
+
+void cuda_check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) fail("CUDA: {} failed: {}", what, cudaGetErrorString(e));
+}
+
+// Size-bucketed free lists of device blocks.
+class DevicePool {
+ public:
+  ~DevicePool() {
+    for (auto& [size, list] : free_)
+      for (void* p : list) cudaFree(p);
+  }
+
+  void* get(size_t bytes) {
+    std::lock_guard<std::mutex> lk(mu_);
+    const size_t size = bucket(bytes);
+    auto& list = free_[size];
+    void* p = nullptr;
+    if (!list.empty()) {
+      p = list.back();
+      list.pop_back();
+    } else {
+      cudaError_t e = cudaMalloc(&p, size);
+      if (e != cudaSuccess) {
+        cudaGetLastError();
+        size_t fr = 0, total = 0;
+        cudaMemGetInfo(&fr, &total);
+        fail("out of GPU memory: needed {:.1f} MiB more, {:.1f} of {:.1f} MiB free", size / 1048576.0,
+             fr / 1048576.0, total / 1048576.0);
+      }
+    }
+    sizes_[p] = size;
+    if (capturing_) graph_blocks_.insert(p);
+    return p;
+  }
+
+  void put(void* p) {
+    std::lock_guard<std::mutex> lk(mu_);
+    const size_t size = sizes_.at(p);
+    if (graph_blocks_.count(p)) {
+      graph_freed_.push_back(p);  // still used by the recorded graph
+      return;
+    }
+    free_[size].push_back(p);
+  }
+
+  void set_capturing(bool on) {
+    std::lock_guard<std::mutex> lk(mu_);
+    capturing_ = on;
+  }
+
+  // The recorded graph is gone: its blocks may be reused.
+  void release_graph_blocks() {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (void* p : graph_freed_) free_[sizes_.at(p)].push_back(p);
+    graph_freed_.clear();
+    graph_blocks_.clear();  // blocks still held by tensors return through put()
+  }
+
+ private:
+  static size_t bucket(size_t bytes) {
+    if (bytes <= 4096) return 4096;
+    // Round to 1/8 of the next power of two so varying prompt lengths reuse blocks.
+    size_t p2 = 1;
+    while (p2 < bytes) p2 <<= 1;
+    const size_t step = std::max<size_t>(4096, p2 / 8);
+    return (bytes + step - 1) / step * step;
+  }
+  std::mutex mu_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  std::unordered_map<void*, size_t> sizes_;
+  bool capturing_ = false;
+  std::unordered_set<void*> graph_blocks_;
+  std::vector<void*> graph_freed_;
+};
+
+kern::QMat qmat(const Weight& w) {
+  ZMLX_CHECK(w.w.device == Device::CUDA, "{}: weight is not on the GPU (load the model with the CUDA backend)", w.name);
+  ZMLX_CHECK(w.cols % 32 == 0, "{}: the CUDA kernels need a multiple of 32 input features, got {}", w.name, w.cols);
+  kern::QMat m;
+  m.w = static_cast<const uint32_t*>(w.w.data);
+  m.rows = w.rows;
+  m.cols = w.cols;
+  if (w.quantized) {
+    ZMLX_CHECK(w.q.bits == 2 || w.q.bits == 4 || w.q.bits == 8, "{}: {}-bit weights are not supported on CUDA", w.name,
+               w.q.bits);
+    m.bits = w.q.bits;
+    m.group = w.q.group_size;
+    m.scales = static_cast<const uint16_t*>(w.scales.data);
+    m.biases = static_cast<const uint16_t*>(w.biases.data);
+    m.w_stride = w.rows * w.cols * w.q.bits / 32;
+    m.s_stride = w.rows * (w.cols / w.q.group_size);
+  } else {
+    ZMLX_CHECK(w.w.dtype == DType::BF16, "{}: dense weights must be bf16 on CUDA, got {}", w.name, dtype_name(w.w.dtype));
+    m.bits = 16;
+    m.w_stride = w.rows * w.cols / 2;
+  }
+  return m;
+}
+
+const uint16_t* bf16p(const Tensor& t) { return static_cast<const uint16_t*>(t.data); }
+uint16_t* bf16p(Tensor& t) { return static_cast<uint16_t*>(t.data); }
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : pool_(std::make_shared<DevicePool>()) {
+    cuda_check(cudaSetDevice(device), "cudaSetDevice");
+    cudaDeviceProp p{};
+    cuda_check(cudaGetDeviceProperties(&p, device), "cudaGetDeviceProperties");
+    name_ = fmt::format("cuda ({}, sm_{}{})", p.name, p.major, p.minor);
+    cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    cuda_check(cudaMallocHost(&h_step_, 2 * sizeof(int32_t)), "cudaMallocHost");
+    cuda_check(cudaMalloc(&d_step_, 2 * sizeof(int32_t)), "cudaMalloc");
+    const char* g = std::getenv("ZMLX_CUDA_GRAPHS");
+    graphs_enabled_ = !(g && std::string(g) == "0");
+  }
+
+  ~CudaBackend() override {
+    drop_graph();
+    cudaStreamSynchronize(stream_);
+    for (auto& [k, v] : rope_tables_) cudaFree(v);
+    cudaFree(d_step_);
+    cudaFreeHost(h_step_);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return name_; }
+  Device device() const override { return Device::CUDA; }
+
+  // ------------------------------------------------------------ memory
+
+  Tensor alloc(DType dtype, std::vector<int64_t> shape) override {
+    Tensor t;
+    t.dtype = dtype;
+    t.shape = std::move(shape);
+    t.device = Device::CUDA;
+    const size_t bytes = std::max<size_t>(t.nbytes(), 1);
+    void* p = pool_->get(bytes);
+    auto pool = pool_;
+    t.storage = std::shared_ptr<void>(p, [pool](void* q) { pool->put(q); });
+    t.data = p;
+    return t;
+  }
+
+  Tensor from_host(const Tensor& h) override {
+    if (h.device == Device::CUDA) return h;
+    Tensor t = alloc(h.dtype, h.shape);
+    cuda_check(cudaMemcpyAsync(t.data, h.data, h.nbytes(), cudaMemcpyHostToDevice, stream_), "upload");
+    return t;
+  }
+
+  Tensor to_host(const Tensor& t) override {
+    if (t.device == Device::CPU) return t;
+    ZMLX_CHECK(!capturing_, "to_host inside a recorded decode step");
+    Tensor h = host_tensor(t.dtype, t.shape);
+    cuda_check(cudaMemcpyAsync(h.data, t.data, t.nbytes(), cudaMemcpyDeviceToHost, stream_), "download");
+    cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (a kernel failed)");
+    return h;
+  }
+
+  // Weights and constant tensors: uploaded once, shared when the checkpoint
+  // uses the same bytes twice (tied embeddings).
+  Tensor adopt(const Tensor& t) override {
+    if (t.device == Device::CUDA || t.empty()) return t;
+    auto it = uploaded_.find(t.data);
+    if (it != uploaded_.end()) {
+      if (auto s = it->second.lock()) {
+        Tensor d = t;
+        d.device = Device::CUDA;
+        d.storage = s;
+        d.data = s.get();
+        return d;
+      }
+    }
+    void* p = nullptr;
+    if (cudaMalloc(&p, std::max<size_t>(t.nbytes(), 1)) != cudaSuccess) {
+      cudaGetLastError();
+      size_t fr = 0, total = 0;
+      cudaMemGetInfo(&fr, &total);
+      fail("out of GPU memory uploading weights: {:.1f} MiB more needed, {:.1f} of {:.1f} MiB free",
+           t.nbytes() / 1048576.0, fr / 1048576.0, total / 1048576.0);
+    }
+    cuda_check(cudaMemcpy(p, t.data, t.nbytes(), cudaMemcpyHostToDevice), "weight upload");
+    Tensor d = t;
+    d.device = Device::CUDA;
+    d.storage = std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
+    d.data = p;
+    uploaded_[t.data] = d.storage;
+    ++weights_epoch_;
+    return d;
+  }
+
+  Weight adopt(const Weight& w) override {
+    Weight d = w;
+    d.tiles = d.tile_scales = d.tile_biases = Tensor{};
+    d.w = adopt(w.w);
+    if (w.quantized) {
+      d.scales = adopt(w.scales);
+      d.biases = adopt(w.biases);
+    }
+    return d;
+  }
+
+  // --------------------------------------------------------------- ops
+
+  Tensor embed(const Weight& table, const std::vector<int32_t>& ids) override {
+    const int64_t T = int64_t(ids.size()), D = table.cols;
+    for (int32_t id : ids)
+      ZMLX_CHECK(id >= 0 && id < table.rows, "token id {} is outside the vocabulary [0, {})", id, table.rows);
+    const int32_t* dids;
+    Tensor tmp;
+    if (capturing_) {
+      ZMLX_CHECK(T == 1, "a recorded decode step takes one token");
+      dids = d_step_;  // filled from h_step_ by the graph's first node
+    } else {
+      tmp = alloc(DType::I32, {T});
+      cuda_check(cudaMemcpyAsync(tmp.data, ids.data(), size_t(T) * 4, cudaMemcpyHostToDevice, stream_), "ids upload");
+      dids = static_cast<const int32_t*>(tmp.data);
+    }
+    Tensor out = alloc(DType::BF16, {T, D});
+    kern::QMat m;
+    m.w = static_cast<const uint32_t*>(table.w.data);
+    m.rows = table.rows;
+    m.cols = D;
+    m.bits = table.quantized ? table.q.bits : 16;
+    m.group = table.quantized ? table.q.group_size : 64;
+    m.scales = static_cast<const uint16_t*>(table.scales.data);
+    m.biases = static_cast<const uint16_t*>(table.biases.data);
+    kern::embed(m, dids, int(T), bf16p(out), stream_);
+    return out;
+  }
+
+  Tensor linear(const Tensor& x, const Weight& w) override {
+    check_input(x, w);
+    Tensor y = alloc(DType::BF16, {x.rows(), w.rows});
+    kern::linear(bf16p(x), int(x.rows()), qmat(w), bf16p(y), stream_);
+    return y;
+  }
+
+  Tensor rms_norm(const Tensor& x, const Tensor& w, float eps) override {
+    const int64_t D = w.numel();
+    ZMLX_CHECK(x.dtype == DType::BF16 && x.numel() % D == 0, "rms_norm: {} elements do not split into rows of {}",
+               x.numel(), D);
+    Tensor out = alloc(DType::BF16, x.shape);
+    kern::rms_norm(bf16p(x), x.numel() / D, D, bf16p(w), eps, bf16p(out), stream_);
+    return out;
+  }
+
+  void rope(Tensor& x, int64_t heads, int64_t head_dim, int64_t rot_offset, int64_t rot_dims, int64_t pos0, float base,
+            bool traditional) override {
+    ZMLX_CHECK(x.cols() == heads * head_dim, "rope: row has {} values, expected {}x{}", x.cols(), heads, head_dim);
+    kern::rope(bf16p(x), int(x.rows()), int(heads), int(head_dim), int(rot_offset), int(rot_dims), int(pos0), dpos(),
+            rope_table(base, rot_dims), traditional, stream_);
+  }
+
+  void add(Tensor& h, const Tensor& x) override {
+    ZMLX_CHECK(h.numel() == x.numel(), "add: {} vs {} elements", h.numel(), x.numel());
+    kern::add(bf16p(h), bf16p(x), h.numel(), stream_);
+  }
+
+  Tensor swiglu(const Tensor& gate, const Tensor& up) override {
+    ZMLX_CHECK(gate.numel() == up.numel(), "swiglu: gate {} vs up {} elements", gate.numel(), up.numel());
+    Tensor out = alloc(DType::BF16, gate.shape);
+    kern::swiglu(bf16p(gate), bf16p(up), gate.numel(), bf16p(out), stream_);
+    return out;
+  }
+
+  KvLayer new_kv_layer(int64_t kv_heads, int64_t head_dim, int64_t capacity) override {
+    KvLayer c;
+    c.capacity = capacity;
+    c.k = alloc(DType::BF16, {kv_heads, capacity, head_dim});
+    c.v = alloc(DType::BF16, {kv_heads, capacity, head_dim});
+    return c;
+  }
+
+  void kv_write(KvLayer& c, const Tensor& k, const Tensor& v, int64_t pos0) override {
+    const int64_t H = c.k.dim(0), hd = c.k.dim(2), T = k.rows();
+    if (pos0 + T > c.capacity) {
+      ZMLX_CHECK(!capturing_, "KV cache growth inside a recorded decode step");
+      const int64_t cap = std::max<int64_t>(c.capacity * 2, pos0 + T + 256);
+      KvLayer n = new_kv_layer(H, hd, cap);
+      const size_t row = size_t(hd) * 2;
+      cuda_check(cudaMemcpy2DAsync(n.k.data, size_t(cap) * row, c.k.data, size_t(c.capacity) * row,
+                                   size_t(pos0) * row, size_t(H), cudaMemcpyDeviceToDevice, stream_), "KV grow");
+      cuda_check(cudaMemcpy2DAsync(n.v.data, size_t(cap) * row, c.v.data, size_t(c.capacity) * row,
+                                   size_t(pos0) * row, size_t(H), cudaMemcpyDeviceToDevice, stream_), "KV grow");
+      c = std::move(n);
+    }
+    kern::kv_write(bf16p(c.k), bf16p(c.v), c.capacity, int(H), int(hd), bf16p(k), bf16p(v), int(T), int(pos0), dpos(),
+                stream_);
+  }
+
+  Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads, int64_t kv_heads, int64_t hd,
+                   float scale) override {
+    const int64_t T = q.rows();
+    // Decode splits the keys over blocks (flash-decoding); the split count
+    // depends only on the cache capacity, so eager and replayed steps agree.
+    const int splits = T == 1 ? int(std::clamp<int64_t>(c.capacity / 128, 1, 32)) : 1;
+    Tensor scratch = alloc(DType::F32, {T * heads * splits * (hd + 2)});
+    Tensor out = alloc(DType::BF16, {T, heads * hd});
+    kern::attention(bf16p(q), int(T), int(heads), int(kv_heads), int(hd), bf16p(c.k), bf16p(c.v), c.capacity, int(pos0),
+                 dpos(), scale, splits, static_cast<float*>(scratch.data), bf16p(out), stream_);
+    return out;
+  }
+
+  Routing route_softmax_topk(const Tensor& logits, int64_t k, bool normalize) override {
+    const int64_t T = logits.rows(), E = logits.cols();
+    ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
+    Routing r;
+    r.k = k;
+    r.experts = alloc(DType::I32, {T, k});
+    r.scores = alloc(DType::BF16, {T, k});
+    kern::route_softmax(bf16p(logits), int(T), int(E), int(k), normalize, static_cast<int32_t*>(r.experts.data),
+                     bf16p(r.scores), stream_);
+    return r;
+  }
+
+  Routing route_sigmoid_topk(const Tensor& logits, const Tensor& bias, int64_t k, bool normalize, float eps,
+                             float scaling) override {
+    const int64_t T = logits.rows(), E = logits.cols();
+    ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
+    ZMLX_CHECK(bias.dtype == DType::F32 && bias.numel() == E, "router: expert bias must be F32 [{}]", E);
+    Routing r;
+    r.k = k;
+    r.experts = alloc(DType::I32, {T, k});
+    r.scores = alloc(DType::BF16, {T, k});
+    kern::route_sigmoid(bf16p(logits), static_cast<const float*>(bias.data), int(T), int(E), int(k), normalize, eps,
+                     scaling, static_cast<int32_t*>(r.experts.data), bf16p(r.scores), stream_);
+    return r;
+  }
+
+  Tensor short_conv(const Tensor& bcx, Tensor& state, const Tensor& w) override {
+    ZMLX_CHECK(bcx.cols() % 3 == 0, "short_conv: input rows have {} values, expected 3 x channels", bcx.cols());
+    const int64_t T = bcx.rows(), C = bcx.cols() / 3, L = w.dim(1);
+    ZMLX_CHECK(w.dim(0) == C && state.numel() == (L - 1) * C, "short_conv: weight/state do not fit {} channels", C);
+    Tensor out = alloc(DType::BF16, {T, C});
+    kern::short_conv(bf16p(bcx), int(T), int(C), bf16p(state), bf16p(w), int(L), bf16p(out), stream_);
+    return out;
+  }
+
+  Tensor gather_qmm(const Tensor& x, const Weight& w, const Routing& r) override {
+    const int64_t T = r.experts.rows(), k = r.k, N = w.rows;
+    ZMLX_CHECK(x.cols() == w.cols, "{}: input has {} features, experts expect {}", w.name, x.cols(), w.cols);
+    const bool per_slot = x.rows() == T * k;
+    ZMLX_CHECK(per_slot || x.rows() == T, "{}: {} input rows for {} tokens x {} slots", w.name, x.rows(), T, k);
+    Tensor out = alloc(DType::BF16, {T, k, N});
+    kern::gather_linear(bf16p(x), per_slot, experts_of(r), int(T), int(k), qmat(w), bf16p(out), stream_);
+    return out;
+  }
+
+  Tensor moe_combine(const Tensor& y, const Routing& r, CombineMode mode) override {
+    const int64_t T = r.experts.rows(), k = r.k, D = y.cols();
+    Tensor out = alloc(DType::BF16, {T, D});
+    kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), D,
+                   bf16p(out), stream_);
+    return out;
+  }
+
+  Tensor gather_qmm_swiglu(const Tensor& x, const Weight& gate, const Weight& up, const Routing& r) override {
+    const int64_t T = r.experts.rows(), k = r.k, I = gate.rows;
+    ZMLX_CHECK(x.rows() == T && x.cols() == gate.cols && x.cols() == up.cols && up.rows == I,
+               "{}: gather_qmm_swiglu shape mismatch", gate.name);
+    Tensor out = alloc(DType::BF16, {T, k, I});
+    kern::gather_swiglu(bf16p(x), experts_of(r), int(T), int(k), qmat(gate), qmat(up), bf16p(out), stream_);
+    return out;
+  }
+
+  Tensor gather_qmm_combine(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode) override {
+    const int64_t T = r.experts.rows(), k = r.k, D = down.rows;
+    ZMLX_CHECK(h.rows() == T * k && h.cols() == down.cols, "{}: gather_qmm_combine shape mismatch", down.name);
+    Tensor out = alloc(DType::BF16, {T, D});
+    kern::gather_combine(bf16p(h), experts_of(r), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T),
+                      int(k), qmat(down), bf16p(out), stream_);
+    return out;
+  }
+
+  Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) override {
+    ZMLX_CHECK(x.cols() == gate.cols && x.cols() == up.cols && up.rows == gate.rows, "{}: linear_swiglu shape mismatch",
+               gate.name);
+    Tensor out = alloc(DType::BF16, {x.rows(), gate.rows});
+    kern::linear_swiglu(bf16p(x), int(x.rows()), qmat(gate), qmat(up), bf16p(out), stream_);
+    return out;
+  }
+
+  // ------------------------------------------------------ recorded steps
+
+  Tensor decode_step(uint64_t key, int32_t token, int64_t pos, const std::function<Tensor()>& step) override {
+    if (!graphs_enabled_) return step();
+    key ^= weights_epoch_ * 0x9e3779b97f4a7c15ull;
+    if (exec_ && key == graph_key_) {
+      h_step_[0] = token;
+      h_step_[1] = int32_t(pos);
+      cuda_check(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch");
+      return graph_logits_;
+    }
+    if (key != warm_key_) {  // first step under this key: run eagerly so the pool holds the sizes it needs
+      warm_key_ = key;
+      return step();
+    }
+    drop_graph();
+    h_step_[0] = token;
+    h_step_[1] = int32_t(pos);
+    cuda_check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
+    pool_->set_capturing(true);
+    capturing_ = true;
+    Tensor logits;
+    cudaGraph_t graph = nullptr;
+    try {
+      cuda_check(cudaMemcpyAsync(d_step_, h_step_, 2 * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+                 "step input copy");
+      logits = step();
+    } catch (...) {
+      capturing_ = false;
+      pool_->set_capturing(false);
+      cudaStreamEndCapture(stream_, &graph);
+      if (graph) cudaGraphDestroy(graph);
+      pool_->release_graph_blocks();
+      warm_key_ = 0;
+      throw;
+    }
+    capturing_ = false;
+    pool_->set_capturing(false);
+    cuda_check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+    cuda_check(cudaGraphInstantiate(&exec_, graph, 0), "cudaGraphInstantiate");
+    cudaGraphDestroy(graph);
+    graph_key_ = key;
+    graph_logits_ = logits;
+    cuda_check(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch");
+    return logits;
+  }
+
+ private:
+  void drop_graph() {
+    if (!exec_) return;
+    cudaStreamSynchronize(stream_);
+    cudaGraphExecDestroy(exec_);
+    exec_ = nullptr;
+    graph_key_ = 0;
+    graph_logits_ = Tensor{};
+    pool_->release_graph_blocks();
+  }
+
+  const int* dpos() const { return capturing_ ? d_step_ + 1 : nullptr; }
+
+  static void check_input(const Tensor& x, const Weight& w) {
+    ZMLX_CHECK(x.dtype == DType::BF16, "{}: expected a bf16 input, got {}", w.name, dtype_name(x.dtype));
+    ZMLX_CHECK(x.cols() == w.cols, "{}: input has {} features, weight expects {}", w.name, x.cols(), w.cols);
+  }
+
+  static const int32_t* experts_of(const Routing& r) {
+    ZMLX_CHECK(r.experts.device == Device::CUDA, "routing was computed on another device");
+    return static_cast<const int32_t*>(r.experts.data);
+  }
+  static kern::Combine combine_of(CombineMode m) {
+    return m == CombineMode::Bf16Products ? kern::kBf16Products : kern::kF32Products;
+  }
+
+  // RoPE inverse frequencies, computed on the host exactly as the CPU backend does.
+  const float* rope_table(float base, int64_t rot_dims) {
+    const auto key = std::make_pair(base, rot_dims);
+    auto it = rope_tables_.find(key);
+    if (it != rope_tables_.end()) return it->second;
+    const int64_t half = rot_dims / 2;
+    std::vector<float> f(static_cast<size_t>(half));
+    const float lb = std::log2(base);
+    for (int64_t i = 0; i < half; ++i) f[size_t(i)] = std::exp2(-(float(i) / float(half)) * lb);
+    float* d = nullptr;
+    cuda_check(cudaMalloc(&d, f.size() * 4), "cudaMalloc");
+    cuda_check(cudaMemcpy(d, f.data(), f.size() * 4, cudaMemcpyHostToDevice), "rope table upload");
+    rope_tables_[key] = d;
+    return d;
+  }
+
+  std::string name_;
+  cudaStream_t stream_ = nullptr;
+  std::shared_ptr<DevicePool> pool_;
+  std::unordered_map<const void*, std::weak_ptr<void>> uploaded_;
+  uint64_t weights_epoch_ = 0;
+  std::map<std::pair<float, int64_t>, float*> rope_tables_;
+  // Recorded decode step: token and position live in pinned host memory and
+  // are copied to the device by the graph's first node.
+  int32_t* h_step_ = nullptr;
+  int32_t* d_step_ = nullptr;
+  bool graphs_enabled_ = true, capturing_ = false;
+  cudaGraphExec_t exec_ = nullptr;
+  uint64_t graph_key_ = 0, warm_key_ = 0;
+  Tensor graph_logits_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<CudaBackend>(device); }
+
+bool cuda_device_present() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+}  // namespace zmlx

@@ -1,0 +1,81 @@
+// CUDA kernels of the CUDA backend, behind plain host functions (raw device
+// pointers, one stream) so the backend class itself compiles as ordinary C++.
+//
+// Numerics follow ops/backend.h: bf16 activations (stored as uint16_t bit
+// patterns), fp32 accumulation, bf16 rounding exactly where the CPU backend
+// rounds. Kernels are compiled with --fmad=false and use explicit fmaf() where
+// they want a fused multiply-add, so the same device function gives the same
+// bits in every kernel that inlines it — the basis of "fused == unfused".
+//
+// Position-dependent kernels (rope, kv_write, attention) take both a host
+// value and an optional device pointer: a recorded CUDA graph passes the
+// pointer so one recording serves every position.
+#pragma once
+#include <cstdint>
+
+typedef struct CUstream_st* cudaStream_t;
+
+namespace zmlx::cuda::k {
+
+// One matrix or E stacked expert matrices, [E?, rows, cols], MLX affine
+// quantized (bits 2/4/8, packed little-end-first into uint32) or dense bf16.
+struct QMat {
+  const uint32_t* w = nullptr;       // packed words, or the bf16 data (as words) when dense
+  const uint16_t* scales = nullptr;  // bf16 [E?, rows, cols / group]
+  const uint16_t* biases = nullptr;
+  int64_t rows = 0, cols = 0;
+  int bits = 16;                     // 16: dense bf16
+  int group = 64;
+  // Per-expert strides, in uint32 words (w) and in groups (scales/biases).
+  int64_t w_stride = 0, s_stride = 0;
+};
+
+// How the MoE combine rounds (mirrors zmlx::CombineMode).
+enum Combine : int { kBf16Products = 0, kF32Products = 1 };
+
+void embed(const QMat& table, const int32_t* ids, int T, uint16_t* out, cudaStream_t s);
+
+// y[T, N] = bf16(x[T, K] · Wᵀ)
+void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s);
+// y[T, N] = swiglu(bf16(x·Gᵀ), bf16(x·Uᵀ))
+void linear_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s);
+
+// Expert matmuls for P = T·k (token, slot) pairs; experts[p] picks the
+// matrix. Input row of pair p: x[p] when per_slot, else x[p / k].
+void gather_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T, int k, const QMat& w,
+                   uint16_t* y, cudaStream_t s);
+void gather_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u,
+                   uint16_t* y, cudaStream_t s);
+// out[t, d] = Σ_j term(bf16(h[t, j] · down[e_tj][d]), score[t, j]) in slot order.
+void gather_combine(const uint16_t* h, const int32_t* experts, const void* scores, bool scores_f32, Combine mode,
+                    int T, int k, const QMat& down, uint16_t* out, cudaStream_t s);
+// out[t, d] = Σ_j term(y[t, j, d], score[t, j]) in slot order.
+void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,
+                 uint16_t* out, cudaStream_t s);
+
+void rms_norm(const uint16_t* x, int64_t rows, int64_t D, const uint16_t* w, float eps, uint16_t* out,
+              cudaStream_t s);
+void rope(uint16_t* x, int T, int heads, int head_dim, int rot_offset, int rot_dims, int pos0, const int* dpos,
+          const float* inv_freq, bool traditional, cudaStream_t s);
+void add(uint16_t* h, const uint16_t* x, int64_t n, cudaStream_t s);
+void swiglu(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* out, cudaStream_t s);
+
+// Cache layout [kv_heads, capacity, head_dim].
+void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int head_dim, const uint16_t* k,
+              const uint16_t* v, int T, int pos0, const int* dpos, cudaStream_t s);
+// Causal GQA attention, split over `splits` key ranges per (token, head)
+// (flash-decoding) and merged; scratch holds T·heads·splits·(head_dim + 2) floats.
+void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, const uint16_t* kc,
+               const uint16_t* vc, int64_t capacity, int pos0, const int* dpos, float scale, int splits,
+               float* scratch, uint16_t* out, cudaStream_t s);
+
+void route_softmax(const uint16_t* logits, int T, int E, int k, bool normalize, int32_t* experts, uint16_t* scores,
+                   cudaStream_t s);
+void route_sigmoid(const uint16_t* logits, const float* bias, int T, int E, int k, bool normalize, float eps,
+                   float scaling, int32_t* experts, uint16_t* scores, cudaStream_t s);
+
+// LFM2 short conv (see Backend::short_conv); state [L-1, C] updated in place.
+void short_conv(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16_t* w, int L, uint16_t* out,
+                cudaStream_t s);
+
+}  // namespace zmlx::cuda::k

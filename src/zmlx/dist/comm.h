@@ -1,0 +1,82 @@
+// Communicator: the collective and point-to-point operations the parallel
+// model code needs, independent of the transport. MPI (CPU ranks, one or
+// several hosts) implements it today; a NCCL implementation for GPU ranks
+// plugs into the same interface (buffers then live on the device: see
+// accepts()).
+//
+// Every operation has a deadline (timeout_seconds()): a peer that died or
+// hangs makes the waiting rank throw dist::PeerError naming that rank, instead
+// of blocking forever. wait_forever variants exist only for a follower idling
+// between requests.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "zmlx/core/dtype.h"
+#include "zmlx/core/error.h"
+#include "zmlx/ops/tensor.h"
+
+namespace zmlx::dist {
+
+// A peer did not answer within the deadline (or the transport failed).
+class PeerError : public Error {
+ public:
+  using Error::Error;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual std::string kind() const = 0;  // "mpi", "nccl", ...
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // Host name of every rank (index = rank), gathered at start.
+  virtual const std::vector<std::string>& hosts() const = 0;
+  // Whether buffers may live on `d` (MPI: CPU only; NCCL: CUDA).
+  virtual bool accepts(Device d) const { return d == Device::CPU; }
+
+  // In place: buf = Σ over ranks, for BF16 or F32 buffers. The sum runs in
+  // fp32 in rank order (0, 1, ...) and is rounded once, so every rank gets
+  // bit-identical results.
+  virtual void allreduce_sum(void* buf, int64_t count, DType dtype) = 0;
+  virtual void send(const void* buf, size_t bytes, int dst) = 0;
+  virtual void recv(void* buf, size_t bytes, int src) = 0;
+  // root's buf -> every rank's buf.
+  virtual void broadcast(void* buf, size_t bytes, int root, bool wait_forever = false) = 0;
+  // Every rank reaches this point (deadline scaled by `patience`).
+  virtual void barrier(double patience = 1.0) = 0;
+  // Ends the whole job after a failure (MPI_Abort); never returns.
+  [[noreturn]] virtual void abort(int code) = 0;
+
+  double timeout_seconds() const { return timeout_s_; }
+  void set_timeout_seconds(double s) { timeout_s_ = s; }
+
+  // Typed helpers.
+  void broadcast_i32(std::vector<int32_t>& v, int root, bool wait_forever = false);
+
+ protected:
+  double timeout_s_ = 60;
+};
+
+// Which transports this build has ("mpi" or nothing).
+bool mpi_available();
+// The process-wide communicator of an `mpirun` launch, created on first use
+// (MPI_Init). Throws with a clear message when MPI is not in this build.
+std::shared_ptr<Communicator> world(double timeout_seconds);
+// Whether world() was created (so main() must finalize it).
+bool world_started();
+// Ends the MPI session: MPI_Finalize when ok, MPI_Abort otherwise (so the
+// other ranks do not wait for this one). No-op without a world.
+void finalize(bool ok);
+// Ranks announced by the launcher's environment (OMPI_COMM_WORLD_SIZE, ...),
+// 1 when not launched by mpirun. Does not initialise MPI.
+int launcher_size();
+
+// Test hook (ZMLX_DIST_FAULT="RANK:kill|hang:STEP"): on rank RANK, at decode
+// step STEP, SIGKILL itself or stop answering. No-op when unset.
+void maybe_inject_fault(int rank, int step);
+
+}  // namespace zmlx::dist
