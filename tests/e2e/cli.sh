@@ -86,6 +86,23 @@ PY
 $PY -c "import json; j=json.load(open('$WORK/lfm_val.json')); assert j['fidelity_pass'] and j['max_abs_logit_diff']==0 and j['patched_modules']==6, j" || fail "lfm2_moe validate --json"
 pass "lfm2_moe: synth (8-bit router override), inspect, validate bit-identical"
 
+# ---- glm4_moe_lite (spec §2): synth determinism, inspect, validate, the seed's patch line
+"$ZMLX" synth --arch glm4_moe_lite --preset tiny --out "$WORK/glm" --seed 3 2>/dev/null
+"$ZMLX" synth --arch glm4_moe_lite --preset tiny --out "$WORK/glm2" --seed 3 2>/dev/null
+cmp -s "$WORK/glm/model.safetensors" "$WORK/glm2/model.safetensors" || fail "glm4_moe_lite synth is not deterministic"
+"$ZMLX" inspect "$WORK/glm" --json > "$WORK/glm_inspect.json"
+$PY - "$WORK/glm_inspect.json" "$WORK/glm/config.json" <<'PY' || fail "glm4_moe_lite synth/inspect"
+import json,sys; j=json.load(open(sys.argv[1])); c=json.load(open(sys.argv[2]))
+assert j["family"]=="glm4_moe_lite" and len(j["layers"])==4, j
+assert c["first_k_dense_replace"]==1 and c["routed_scaling_factor"]==1.8 and len(c["eos_token_id"])==3, c
+PY
+"$ZMLX" validate "$WORK/glm" --max-tokens 16 --runs 1 --json 2>/dev/null > "$WORK/glm_val.json"
+$PY -c "import json; j=json.load(open('$WORK/glm_val.json')); assert j['fidelity_pass'] and j['max_abs_logit_diff']==0 and j['patched_modules']==4, j" || fail "glm4_moe_lite validate --json"
+"$ZMLX" synth --arch glm4_moe_lite --preset tiny --set num_hidden_layers=47 --out "$WORK/glm47" 2>/dev/null
+EXO_ZMLX=1 "$ZMLX" generate "$WORK/glm47" --prompt hi -n 2 2>"$WORK/glm_patch.log" >/dev/null
+grep -q "Patched 47 modules in .*{'swiglu_mlp': 1, 'moe_mlp': 46}" "$WORK/glm_patch.log" || fail "glm4_moe_lite patch line: $(cat "$WORK/glm_patch.log")"
+pass "glm4_moe_lite: synth deterministic, inspect, validate bit-identical, Patched 47 modules {'swiglu_mlp': 1, 'moe_mlp': 46}"
+
 # ---- bad input: clear message, exit 1, no crash
 expect_error() {  # expect_error "needle" cmd...
   local needle="$1"; shift

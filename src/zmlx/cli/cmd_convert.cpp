@@ -60,8 +60,9 @@ ZMLX_COMMAND("convert", "Convert a Hugging Face checkpoint to the MLX layout (af
                                         ->check(CLI::IsMember({32, 64, 128}));
                app.add_option("--dtype", a->dtype, "bf16: write unquantized bf16 weights instead");
                app.add_option("--quant-router-bits", a->router_bits,
-                              "Quantize the MoE router (mlp.gate) with these bits; recorded as a per-module "
-                              "override in config.json")
+                              "Quantize the MoE router (mlp.gate / feed_forward.gate) with these bits; recorded as "
+                              "a per-module override in config.json (default: like the other weights; 8 for "
+                              "lfm2_moe, as mlx-lm; glm4_moe_lite's router always stays bf16)")
                    ->check(CLI::IsMember({2, 4, 8}));
                app.add_option("--max-shard-gb", a->shard_gb, "Largest safetensors shard, in GiB (default 5)");
                return [a, bits, group] { return run(*a, bits->count() > 0, group->count() > 0); };

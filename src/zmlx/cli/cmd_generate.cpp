@@ -10,6 +10,7 @@
 #include "zmlx/dist/comm.h"
 #include "zmlx/gen/generator.h"
 #include "zmlx/text/chat_template.h"
+#include "zmlx/text/prompt_prefix.h"
 
 namespace zmlx::cli {
 namespace {
@@ -39,7 +40,7 @@ int run(const GenerateArgs& a) {
     if (a.no_thinking) extra["enable_thinking"] = false;
     prompt = m.tokenizer->encode(text::apply_chat_template(*m.tokenizer, msgs, true, extra));
   } else {
-    prompt = m.tokenizer->encode(a.prompt);
+    prompt = m.tokenizer->encode(text::with_raw_prompt_prefix(m.model->config().model_type, a.prompt));
   }
   GenerateOptions opt;
   opt.max_tokens = a.max_tokens;

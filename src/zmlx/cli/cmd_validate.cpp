@@ -12,6 +12,7 @@
 #include "zmlx/core/error.h"
 #include "zmlx/dist/comm.h"
 #include "zmlx/gen/generator.h"
+#include "zmlx/text/prompt_prefix.h"
 
 namespace zmlx::cli {
 namespace {
@@ -46,9 +47,10 @@ int run(ValidateArgs& a) {
   patch::PatchOptions popt = patch_options(a.model);
   popt.enabled = true;
   LoadedModel m = load(base, true);
-  const std::vector<int32_t> prompt = m.tokenizer->encode(a.prompt);
+  const std::string& family = m.model->config().model_type;
+  const std::vector<int32_t> prompt = m.tokenizer->encode(text::with_raw_prompt_prefix(family, a.prompt));
   ZMLX_CHECK(!prompt.empty(), "validate: the prompt encodes to no tokens");
-  const std::vector<int32_t> warm = m.tokenizer->encode("Hello");
+  const std::vector<int32_t> warm = m.tokenizer->encode(text::with_raw_prompt_prefix(family, "Hello"));
 
   GenerateOptions opt;
   opt.max_tokens = a.max_tokens;

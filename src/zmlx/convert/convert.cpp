@@ -25,6 +25,8 @@ using json = nlohmann::json;
 const std::vector<Family>& families() {
   static const std::vector<Family> table = {
       {"qwen3_moe", "Qwen3MoeForCausalLM", &plan_qwen3_moe},
+      {"glm4_moe_lite", "Glm4MoeLiteForCausalLM", &plan_glm4_moe_lite},
+      {"lfm2_moe", "Lfm2MoeForCausalLM", &plan_lfm2_moe, /*router_bits=*/8},
   };
   return table;
 }
@@ -425,6 +427,7 @@ ConvertResult convert_as(const ConvertOptions& opt, const Family& given) {
   // Quantization choices, as mlx-lm's quantize_model: a quantizable module
   // whose last dimension divides the group size; the router override is
   // {"group_size": 64, "bits": N} like mlx-lm's quant_predicate for MoE models.
+  const int router_bits = opt.router_bits ? opt.router_bits : fam->router_bits;
   json quantization = nullptr;
   if (opt.quantize) {
     quantization = {{"group_size", opt.q.group_size}, {"bits", opt.q.bits}, {"mode", "affine"}};
@@ -432,7 +435,7 @@ ConvertResult convert_as(const ConvertOptions& opt, const Family& given) {
       if (j.out->role == Role::Keep) continue;
       quant::QuantParams q = opt.q;
       const std::string module = j.out->name.substr(0, j.out->name.size() - 7);
-      if (j.out->role == Role::Router && opt.router_bits) q = {opt.router_bits, 64};
+      if (j.out->role == Role::Router && router_bits) q = {router_bits, 64};
       const int64_t cols = j.out->shape.back();
       if (cols == 0 || cols % opt.q.group_size != 0 || cols % q.group_size != 0) {
         res.unquantized_linears.push_back(j.out->name);
@@ -441,7 +444,7 @@ ConvertResult convert_as(const ConvertOptions& opt, const Family& given) {
       j.quantized = true;
       j.q = q;
       ++res.quantized_modules;
-      if (j.out->role == Role::Router && opt.router_bits)
+      if (j.out->role == Role::Router && router_bits)
         quantization[module] = {{"group_size", q.group_size}, {"bits", q.bits}};
     }
   }
@@ -455,7 +458,7 @@ ConvertResult convert_as(const ConvertOptions& opt, const Family& given) {
   log_info("[convert] {} ({}): {} source tensors -> {} tensors, {}", res.family, fam->architecture,
            res.tensors_in, res.tensors_out,
            opt.quantize ? fmt::format("{}-bit affine, group size {}{}", opt.q.bits, opt.q.group_size,
-                                      opt.router_bits ? fmt::format(", router {}-bit", opt.router_bits) : "")
+                                      router_bits ? fmt::format(", router {}-bit", router_bits) : "")
                         : std::string("bf16"));
   for (auto& n : res.unquantized_linears)
     log_info("[convert] keeping '{}' in bf16: last dimension not divisible by group size {}", n, opt.q.group_size);

@@ -73,10 +73,15 @@ struct Family {
   std::string_view model_type;    // config.json "model_type"
   std::string_view architecture;  // for messages, e.g. "Qwen3MoeForCausalLM"
   PlanFn plan;
+  // Router bits when --quant-router-bits is not given (0: like every other
+  // Linear); e.g. 8 for lfm2_moe, whose mlx-lm quant_predicate does that.
+  int router_bits = 0;
 };
 
 // Plan functions, one per family file.
-Plan plan_qwen3_moe(const PlanInput& in);  // convert_qwen3_moe.cpp
+Plan plan_qwen3_moe(const PlanInput& in);      // convert_qwen3_moe.cpp
+Plan plan_glm4_moe_lite(const PlanInput& in);  // convert_glm4_moe_lite.cpp
+Plan plan_lfm2_moe(const PlanInput& in);       // convert_lfm2_moe.cpp
 
 // The family table (convert.cpp).
 const std::vector<Family>& families();
@@ -97,7 +102,7 @@ struct ConvertOptions {
   std::string output;   // must not exist, or be an empty directory
   bool quantize = true; // false: plain bf16 (--dtype bf16)
   quant::QuantParams q{4, 64};
-  int router_bits = 0;  // 0: the router is quantized like the rest; else {bits, group 64}
+  int router_bits = 0;  // 0: the family's default (Family::router_bits); else {bits, group 64}
   uint64_t max_shard_bytes = 5ull << 30;
   bool progress = true;  // bar on a terminal
 };

@@ -1,6 +1,27 @@
 #include "zmlx/models/blocks.h"
 
+#include "zmlx/core/error.h"
+
 namespace zmlx {
+
+// The GLM ops a backend may not have (yet): a clear error, never a crash.
+Tensor Backend::attention_pe(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
+                             int64_t, int64_t, float) {
+  fail("attention_pe (multi-latent attention) is not implemented on the {} backend", name());
+}
+Tensor Backend::multi_linear(const Tensor&, const Weight& w, bool) {
+  fail("{}: multi_linear (per-head matmuls) is not implemented on the {} backend", w.name, name());
+}
+Tensor Backend::slice_cols(const Tensor&, int64_t, int64_t, int64_t) {
+  fail("slice_cols is not implemented on the {} backend", name());
+}
+KvLayer Backend::new_latent_kv_layer(int64_t, int64_t, int64_t) {
+  fail("new_latent_kv_layer (multi-latent attention cache) is not implemented on the {} backend", name());
+}
+Routing Backend::route_sigmoid_grouped_topk(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, bool, float,
+                                            float) {
+  fail("route_sigmoid_grouped_topk (GLM router) is not implemented on the {} backend", name());
+}
 
 std::vector<Tensor> Backend::linear_multi(const Tensor& x, const std::vector<const Weight*>& w) {
   std::vector<Tensor> out;
@@ -41,6 +62,43 @@ Tensor GqaAttention::forward(Backend& be, const Tensor& x, KvLayer& cache, int64
   return be.linear(be.attention(q, cache, pos0, heads, kv_heads, head_dim, scale), o_proj);
 }
 
+Tensor MlaAttention::forward(Backend& be, const Tensor& x, KvLayer& cache, int64_t pos0) const {
+  const int64_t T = x.rows(), qd = nope_dim + rope_dim;
+  Tensor q, ckv;
+  if (q_a_proj.empty()) {
+    auto r = be.linear_multi(x, {&q_proj, &kv_a_proj_with_mqa});
+    q = std::move(r[0]);
+    ckv = std::move(r[1]);
+  } else {
+    auto r = be.linear_multi(x, {&q_a_proj, &kv_a_proj_with_mqa});
+    q = be.linear(be.rms_norm(r[0], q_a_layernorm, eps), q_b_proj);
+    ckv = std::move(r[1]);
+  }
+  // q [T, H*(dn+dr)]: RoPE on the last dr of every head, then split.
+  be.rope(q, heads, qd, nope_dim, rope_dim, pos0, rope_theta, /*traditional=*/true);
+  Tensor q_nope = be.slice_cols(q, qd, 0, nope_dim);
+  Tensor q_pe = be.slice_cols(q, qd, nope_dim, rope_dim);
+  // ckv [T, kv_lora + dr] = [latent | k_pe].
+  Tensor latent = be.rms_norm(be.slice_cols(ckv, kv_lora + rope_dim, 0, kv_lora), kv_a_layernorm, eps);
+  Tensor k_pe = be.slice_cols(ckv, kv_lora + rope_dim, kv_lora, rope_dim);
+  be.rope(k_pe, 1, rope_dim, 0, rope_dim, pos0, rope_theta, /*traditional=*/true);
+  be.kv_write(cache, latent, k_pe, pos0);
+  const int64_t S = pos0 + T;
+  Tensor lat_all = first_rows(cache.k, S), pe_all = first_rows(cache.v, S);
+  const bool absorbed = form == Form::Absorbed || (form == Form::Auto && T == 1);
+  Tensor o;
+  if (absorbed) {
+    Tensor q_lat = be.multi_linear(q_nope, embed_q, /*transpose=*/true);  // [T, H*kv_lora]
+    Tensor o_lat = be.attention_pe(q_lat, lat_all, lat_all, q_pe, pe_all, pos0, heads, 1, scale);
+    o = be.multi_linear(o_lat, unembed_out, /*transpose=*/true);          // [T, H*dv]
+  } else {
+    Tensor k_nope = be.multi_linear(lat_all, embed_q, /*transpose=*/false);  // [S, H*dn]
+    Tensor v = be.multi_linear(lat_all, unembed_out, /*transpose=*/true);    // [S, H*dv]
+    o = be.attention_pe(q_nope, k_nope, v, q_pe, pe_all, pos0, heads, heads, scale);
+  }
+  return be.linear(o, o_proj);
+}
+
 Tensor SwigluMlp::forward(Backend& be, const Tensor& x) {
   Tensor gate = be.linear(x, gate_proj);
   Tensor up = be.linear(x, up_proj);
@@ -49,6 +107,9 @@ Tensor SwigluMlp::forward(Backend& be, const Tensor& x) {
 
 Routing MoeBlock::route(Backend& be, const Tensor& x) const {
   Tensor logits = be.linear(x, router);
+  if (router_kind == RouterKind::SigmoidGroupedTopK)
+    return be.route_sigmoid_grouped_topk(logits, expert_bias, top_k, n_group, topk_group, norm_topk_prob, route_eps,
+                                         routed_scaling);
   if (router_kind == RouterKind::SigmoidBiasTopK)
     return be.route_sigmoid_topk(logits, expert_bias, top_k, norm_topk_prob, route_eps, routed_scaling);
   return be.route_softmax_topk(logits, top_k, norm_topk_prob);

@@ -21,6 +21,32 @@ struct GqaAttention {
   Tensor forward(Backend& be, const Tensor& x, KvLayer& cache, int64_t pos0) const;
 };
 
+// Multi-latent attention (GLM-4.7-Flash / mlx-lm glm4_moe_lite + mla.py,
+// spec §2.2). The cache holds, per token, only the normalised kv latent
+// (kv_lora_rank wide, as K of a one-head KvLayer) and the roped shared key
+// (qk_rope_head_dim wide, as V). Two forms of the same math:
+//   absorbed (decode, T == 1): q_lat = embed_q(q_nope); attention over the
+//     latent cache as keys and values; o = unembed_out(o_lat)
+//   expanded (prefill, T > 1): k_nope = latent @ embed_q, v = unembed_out(latent)
+//     for every cached row, then ordinary attention.
+// Both add the rotary term scale·q_pe·k_pe (traditional / interleaved RoPE).
+struct MlaAttention {
+  enum class Form { Auto, Absorbed, Expanded };  // Auto: MLX's choice (by T)
+  Weight q_proj;                        // q_lora_rank == 0: [H*(dn+dr), D]
+  Weight q_a_proj, q_b_proj;            // else [q_lora, D] and [H*(dn+dr), q_lora]
+  Tensor q_a_layernorm;                 // [q_lora]
+  Weight kv_a_proj_with_mqa;            // [kv_lora + dr, D]
+  Tensor kv_a_layernorm;                // [kv_lora]
+  Weight embed_q;                       // stacked per head [H, kv_lora, dn]
+  Weight unembed_out;                   // stacked per head [H, dv, kv_lora]
+  Weight o_proj;                        // [D, H*dv]
+  int64_t heads = 0, kv_lora = 0, nope_dim = 0, rope_dim = 0, v_dim = 0;
+  float scale = 1.f, rope_theta = 10000.f, eps = 1e-5f;
+  Form form = Form::Auto;
+
+  Tensor forward(Backend& be, const Tensor& x, KvLayer& cache, int64_t pos0) const;
+};
+
 class FeedForward {
  public:
   virtual ~FeedForward() = default;
@@ -41,6 +67,7 @@ class SwigluMlp : public FeedForward {
 enum class RouterKind {
   SoftmaxTopK,      // Qwen3-MoE: softmax, top-k, optional renormalisation
   SigmoidBiasTopK,  // LFM2: sigmoid, top-k of sigmoid + expert_bias, renorm (+eps), x scaling
+  SigmoidGroupedTopK,  // GLM: fp32 sigmoid, group-limited top-k of sigmoid + bias, renorm, x scaling (F32 scores)
 };
 
 class MoeBlock : public FeedForward {
@@ -50,9 +77,10 @@ class MoeBlock : public FeedForward {
   Weight gate_proj, up_proj, down_proj;   // stacked experts [E, I, D] / [E, D, I]
   int64_t top_k = 0;
   bool norm_topk_prob = true;
-  Tensor expert_bias;          // SigmoidBiasTopK: F32 [E], used for selection only
-  float route_eps = 1e-6f;     // SigmoidBiasTopK: added to the renormalisation denominator
-  float routed_scaling = 1.0f; // SigmoidBiasTopK: routed_scaling_factor
+  Tensor expert_bias;          // Sigmoid*: F32 [E], used for selection only
+  float route_eps = 1e-6f;     // Sigmoid*: added to the renormalisation denominator
+  float routed_scaling = 1.0f; // Sigmoid*: routed_scaling_factor
+  int64_t n_group = 1, topk_group = 1;  // SigmoidGroupedTopK: group-limited selection
   CombineMode combine = CombineMode::Bf16Products;
   std::unique_ptr<SwigluMlp> shared_expert;  // GLM; null otherwise
 

@@ -14,6 +14,7 @@ using Builder = std::function<std::unique_ptr<Model>(ModelConfig, std::shared_pt
 
 static const std::map<std::string, Builder>& builders() {
   static const std::map<std::string, Builder> m = {
+      {"glm4_moe_lite", build_glm4_moe_lite},
       {"lfm2_moe", build_lfm2_moe},
       {"qwen3", build_qwen3},
       {"qwen3_moe", build_qwen3_moe},

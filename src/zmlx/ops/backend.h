@@ -16,7 +16,10 @@
 
 namespace zmlx {
 
-// Per-layer attention cache: K and V as [kv_heads, capacity, head_dim] bf16.
+// Per-layer attention cache: K as [kv_heads, capacity, head_dim] and V as
+// [kv_heads, capacity, v_head_dim] bf16 (v_head_dim = head_dim except for the
+// one-head multi-latent caches of new_latent_kv_layer, whose k / v rows are
+// also token-major [capacity, dim] matrices; see first_rows() in tensor.h).
 struct KvLayer {
   Tensor k, v;
   int64_t capacity = 0;
@@ -73,7 +76,9 @@ class Backend {
 
   // Attention with a KV cache.
   virtual KvLayer new_kv_layer(int64_t kv_heads, int64_t head_dim, int64_t capacity) = 0;
-  // Writes k, v [T, kv_heads * head_dim] at positions pos0.. (grows capacity).
+  // Writes k [T, kv_heads * head_dim], v [T, kv_heads * v_head_dim] at
+  // positions pos0.. (grows capacity, keeping rows [0, pos0)). v_head_dim is
+  // c.v.dim(2): head_dim for new_kv_layer caches, v_dim for latent ones.
   virtual void kv_write(KvLayer& c, const Tensor& k, const Tensor& v, int64_t pos0) = 0;
   // Attention input preparation: per-head RMSNorm of q [T, heads·hd] and
   // k [T, kv_heads·hd] (weights qn, kn [hd]), RoPE over whole heads at
@@ -87,6 +92,44 @@ class Backend {
   virtual Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads,
                            int64_t kv_heads, int64_t head_dim, float scale) = 0;
 
+  // ---- GLM-4.7-Flash ops (multi-latent attention, grouped sigmoid router).
+  // The base versions throw "not implemented on this backend"; the CPU
+  // backend implements them (a backend that runs glm4_moe_lite overrides all
+  // five: attention_pe, multi_linear, slice_cols, new_latent_kv_layer,
+  // route_sigmoid_grouped_topk).
+  // Multi-latent attention core (GLM-4.7-Flash, spec §2.2): causal attention
+  // with an additive rotary score term, for both MLA forms.
+  //   q [T, heads*dk]; k [S, kv_heads*dk]; v [S, kv_heads*dv] (token-major,
+  //   only rows [0, pos0+T) are read, S may be larger); q_pe [T, heads*dr];
+  //   k_pe [S, dr] shared by every head. Query head h uses kv head
+  //   h / (heads / kv_heads); dk = q.cols()/heads, dv = v.cols()/kv_heads,
+  //   dr = q_pe.cols()/heads.
+  //   pe[h,t,j]  = bf16( Σ_d bf16(scale·q_pe[t,h,d]) · k_pe[j,d] )  (fp32 sum; MLX
+  //                materialises this bf16 score bias and passes it as the mask)
+  //   s[h,t,j]   = scale · (q[t,h] · k[j,kvh]) + pe[h,t,j]  (fp32), j <= pos0 + t
+  //   out[t,h]   = bf16( Σ_j softmax_j(s) · v[j,kvh] )  (softmax and sum in fp32)
+  // -> [T, heads*dv]. Absorbed (decode) form: k = v = latent cache, kv_heads 1;
+  // expanded (prefill) form: k = per-head k_nope, v = per-head values.
+  virtual Tensor attention_pe(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pe,
+                              const Tensor& k_pe, int64_t pos0, int64_t heads, int64_t kv_heads, float scale);
+  // Per-head matmuls over stacked matrices W logical [H, R, C] (MLX
+  // MultiLinear: GLM's embed_q / unembed_out). x is [T, H*Kin] (head h reads
+  // columns [h*Kin, (h+1)*Kin)) or [T, Kin] (one input shared by every head).
+  //   transpose = true:  out[t,h] = x[t,h] @ W[h]ᵀ   (Kin = C, N = R)
+  //   transpose = false: out[t,h] = x[t,h] @ W[h]    (Kin = R, N = C; fp32 sum
+  //                      over r in index order)
+  // Weights dequantised as fp32 scale·q + bias, fp32 accumulation, one bf16
+  // rounding -> [T, H*N].
+  virtual Tensor multi_linear(const Tensor& x, const Weight& w, bool transpose);
+  // Columns [offset, offset+width) of every consecutive group of `group`
+  // columns: x [T, n*group] -> [T, n*width] (splits a fused projection, e.g.
+  // MLA's per-head [nope | rope] query or the [latent | k_pe] kv projection).
+  virtual Tensor slice_cols(const Tensor& x, int64_t group, int64_t offset, int64_t width);
+  // A one-head cache for multi-latent attention: K rows k_dim wide (the
+  // latent), V rows v_dim wide (the roped shared key); k / v are
+  // [1, capacity, k_dim / v_dim], so first_rows() reads them token-major.
+  virtual KvLayer new_latent_kv_layer(int64_t k_dim, int64_t v_dim, int64_t capacity);
+
   // Router: softmax (fp32, stored bf16) over logits [T, E], top-k, optional
   // renormalisation (bf16), as Qwen3-MoE does.
   virtual Routing route_softmax_topk(const Tensor& logits, int64_t k, bool normalize) = 0;
@@ -96,6 +139,16 @@ class Backend {
   // w = bf16(w · scaling). Scores are bf16.
   virtual Routing route_sigmoid_topk(const Tensor& logits, const Tensor& bias, int64_t k, bool normalize,
                                      float eps, float scaling) = 0;
+
+  // Router, GLM-4.7-Flash / mlx-lm glm4_moe_lite (spec §2.2): s = sigmoid(fp32(z))
+  // kept in fp32; sel = s + bias (F32 [E], selection only). When n_group > 1
+  // the E experts form n_group consecutive groups scored by the sum of their
+  // two best sel values, and sel of every expert outside the best topk_group
+  // groups is set to 0 (as MLX does). inds = top-k of sel (descending, ties
+  // to the lower id); w = s[inds]; when normalize w = w / (Σw + eps); then
+  // w = w · scaling. Scores are F32 [T, k] (combine with F32Products).
+  virtual Routing route_sigmoid_grouped_topk(const Tensor& logits, const Tensor& bias, int64_t k, int64_t n_group,
+                                             int64_t topk_group, bool normalize, float eps, float scaling);
 
   // LFM2 ShortConv core (spec §3.2) on bcx = in_proj(x) [T, 3C] = [B | C | x]:
   // Bx = bf16(B·x); seq = concat(state, Bx) with state [L-1, C] the previous

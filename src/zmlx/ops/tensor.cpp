@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <new>
 
+#include "zmlx/core/error.h"
+
 namespace zmlx {
 
 std::string Tensor::shape_str() const { return fmt::format("[{}]", fmt::join(shape, ", ")); }
@@ -15,6 +17,13 @@ Tensor last_row(const Tensor& t) {
   Tensor r = t;
   r.shape = {1, t.cols()};
   r.data = static_cast<uint8_t*>(t.data) + size_t(t.rows() - 1) * size_t(t.cols()) * dtype_size(t.dtype);
+  return r;
+}
+
+Tensor first_rows(const Tensor& t, int64_t n) {
+  ZMLX_CHECK(n >= 0 && n <= t.rows(), "first_rows: {} rows of a tensor with {}", n, t.rows());
+  Tensor r = t;
+  r.shape = {n, t.cols()};
   return r;
 }
 

@@ -38,6 +38,10 @@ struct Tensor {
 // A [1, cols] view of the last row of a 2-D tensor (no copy).
 Tensor last_row(const Tensor& t);
 
+// A [n, cols] view of the first n rows of a tensor read as [rows, cols]
+// (no copy; e.g. the filled part of a one-head KV cache).
+Tensor first_rows(const Tensor& t, int64_t n);
+
 // Host allocation, 64-byte aligned (SIMD loads); contents uninitialised.
 Tensor host_tensor(DType dtype, std::vector<int64_t> shape);
 

@@ -12,6 +12,7 @@
 #include "zmlx/serve/api.h"
 #include "zmlx/serve/sse.h"
 #include "zmlx/text/chat_template.h"
+#include "zmlx/text/prompt_prefix.h"
 
 namespace zmlx::serve {
 
@@ -319,7 +320,9 @@ void Node::chat_completions(const HttpRequest& req, HttpConnection& conn) {
 void Node::completions(const HttpRequest& req, HttpConnection& conn) {
   CompletionRequest r = parse_completion_request(req.body);
   auto inst = require_model(instances_, r.model);
-  std::vector<int32_t> ids = r.prompt_ids ? *r.prompt_ids : inst->tokenizer()->encode(r.prompt);
+  std::vector<int32_t> ids =
+      r.prompt_ids ? *r.prompt_ids
+                   : inst->tokenizer()->encode(text::with_raw_prompt_prefix(inst->model().config().model_type, r.prompt));
   int64_t vocab = inst->model().config().vocab_size;
   for (int32_t t : ids)
     if (vocab > 0 && t >= vocab) bad_request("token id " + std::to_string(t) + " is outside the vocabulary", "prompt");

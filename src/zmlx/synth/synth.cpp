@@ -460,6 +460,106 @@ Plan lfm2_moe_plan(const json& c, int bits, int group, int router_bits) {
   return p;
 }
 
+// GLM-4.7-Flash (spec §2.1 shapes for `full`).
+json glm4_moe_lite_config(const std::string& preset) {
+  json c;
+  if (preset == "full") {  // zai-org/GLM-4.7-Flash
+    c = {{"hidden_size", 2048}, {"num_hidden_layers", 47}, {"num_attention_heads", 20}, {"num_key_value_heads", 20},
+         {"q_lora_rank", 768}, {"kv_lora_rank", 512}, {"qk_nope_head_dim", 192}, {"qk_rope_head_dim", 64},
+         {"v_head_dim", 256}, {"n_routed_experts", 64}, {"num_experts_per_tok", 4}, {"n_shared_experts", 1},
+         {"moe_intermediate_size", 1536}, {"intermediate_size", 10240}, {"first_k_dense_replace", 1},
+         {"vocab_size", 154880}, {"max_position_embeddings", 202752}};
+  } else if (preset == "tiny") {  // every dimension a multiple of 64 where it is quantised along
+    c = {{"hidden_size", 128}, {"num_hidden_layers", 4}, {"num_attention_heads", 4}, {"num_key_value_heads", 4},
+         {"q_lora_rank", 64}, {"kv_lora_rank", 64}, {"qk_nope_head_dim", 64}, {"qk_rope_head_dim", 32},
+         {"v_head_dim", 64}, {"n_routed_experts", 8}, {"num_experts_per_tok", 2}, {"n_shared_experts", 1},
+         {"moe_intermediate_size", 64}, {"intermediate_size", 256}, {"first_k_dense_replace", 1},
+         {"vocab_size", 2048}, {"max_position_embeddings", 4096}};
+  } else {
+    fail("synth: unknown preset '{}' (tiny, full)", preset);
+  }
+  c.update(json{{"architectures", {"Glm4MoeLiteForCausalLM"}}, {"model_type", "glm4_moe_lite"},
+                {"attention_bias", false}, {"attention_dropout", 0.0}, {"hidden_act", "silu"},
+                {"initializer_range", 0.02}, {"moe_layer_freq", 1}, {"n_group", 1}, {"topk_group", 1},
+                {"norm_topk_prob", true}, {"routed_scaling_factor", 1.8}, {"scoring_func", "sigmoid"},
+                {"topk_method", "noaux_tc"}, {"num_nextn_predict_layers", 1}, {"rms_norm_eps", 1e-5},
+                {"rope_scaling", nullptr}, {"rope_theta", 1000000.0}, {"rope_interleave", true},
+                {"tie_word_embeddings", false}, {"torch_dtype", "bfloat16"}, {"use_cache", true},
+                {"transformers_version", "5.0.0"}});
+  return c;
+}
+
+Plan glm4_moe_lite_plan(const json& c, int bits, int group) {
+  Plan p;
+  p.family = "glm4_moe_lite";
+  p.config = c;
+  auto I = [&](const char* k) { return c.at(k).get<int64_t>(); };
+  const int64_t D = I("hidden_size"), L = I("num_hidden_layers"), H = I("num_attention_heads"),
+                ql = c.at("q_lora_rank").is_null() ? 0 : I("q_lora_rank"), kvl = I("kv_lora_rank"),
+                dn = I("qk_nope_head_dim"), dr = I("qk_rope_head_dim"), dv = I("v_head_dim"),
+                E = I("n_routed_experts"), Im = I("moe_intermediate_size"), In = I("intermediate_size"),
+                V = I("vocab_size"), n_shared = c.value("n_shared_experts", int64_t(0)),
+                first_dense = c.contains("first_k_dense_replace") && !c["first_k_dense_replace"].is_null()
+                                  ? I("first_k_dense_replace") : 1,  // mlx-lm's default
+                freq = std::max<int64_t>(1, c.value("moe_layer_freq", int64_t(1)));
+  // transformers-5 style mlp_layer_types ("dense" / "sparse") wins when given.
+  const json lt = c.value("mlp_layer_types", json());
+  auto dense_layer = [&](int64_t l) {
+    if (lt.is_array() && l < int64_t(lt.size())) return lt[size_t(l)] == "dense";
+    return l < first_dense || l % freq != 0;
+  };
+  PlanBuilder pb{p, bits, group};
+  pb.embedding(V, D);
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string pre = "model.layers." + std::to_string(l), a = pre + ".self_attn";
+    pb.norm(pre + ".input_layernorm", D);
+    pb.norm(pre + ".post_attention_layernorm", D);
+    if (ql > 0) {
+      pb.input_proj(a + ".q_a_proj", ql, D);
+      pb.norm(a + ".q_a_layernorm", ql);
+      pb.input_proj(a + ".q_b_proj", H * (dn + dr), ql);
+    } else {
+      pb.input_proj(a + ".q_proj", H * (dn + dr), D);
+    }
+    pb.input_proj(a + ".kv_a_proj_with_mqa", kvl + dr, D);
+    pb.norm(a + ".kv_a_layernorm", kvl);
+    pb.input_proj(a + ".embed_q", kvl, dn, H);      // per head [kv_lora, nope]
+    pb.input_proj(a + ".unembed_out", dv, kvl, H);  // per head [v, kv_lora]
+    pb.output_proj(a + ".o_proj", D, H * dv);
+    if (dense_layer(l)) {
+      pb.swiglu_mlp(pre + ".mlp", In, D);
+      continue;
+    }
+    pb.moe(pre + ".mlp", E, Im, D, /*router_bits=*/0);  // the router stays bf16 (spec §2.3)
+    ModulePlan bias;
+    bias.path = pre + ".mlp.gate.e_score_correction_bias";
+    bias.kind = Kind::F32Vector;
+    bias.cols = E;
+    bias.std = 0.02f;
+    p.modules.push_back(bias);
+    if (n_shared > 0) pb.swiglu_mlp(pre + ".mlp.shared_experts", Im * n_shared, D);
+  }
+  // GLM's blocks write back more than Qwen's (routed experts × 1.8 plus a
+  // shared expert, a 10240-wide dense layer): halve every write-back so the
+  // current token's embedding still dominates after 47 layers and greedy
+  // decoding keeps a clear margin.
+  for (auto& m : p.modules)
+    if (m.path.ends_with(".o_proj") || m.path.ends_with(".down_proj")) m.std *= 0.5f;
+  pb.norm("model.norm", D);
+  ModulePlan head;
+  head.path = "lm_head";
+  head.kind = Kind::LmHeadFromEmbedding;
+  head.rows = V;
+  head.cols = D;
+  head.bits = bits == 0 ? 4 : bits;
+  head.group = group;
+  head.embed_path = "model.embed_tokens";
+  head.beta = 16.0f / float(D);
+  head.noise = 2.0f / std::sqrt(float(D));
+  p.modules.push_back(head);
+  return p;
+}
+
 json parse_set_value(const std::string& v) {
   try {
     return json::parse(v);
@@ -514,19 +614,22 @@ json qwen3_config(const std::string& preset) {
   return c;
 }
 
-std::vector<std::string> synth_archs() { return {"qwen3_moe", "qwen3", "lfm2_moe"}; }
+std::vector<std::string> synth_archs() { return {"qwen3_moe", "qwen3", "lfm2_moe", "glm4_moe_lite"}; }
 
 std::string synth_model(const SynthOptions& o) {
   ZMLX_CHECK(!o.out.empty(), "synth: --out DIR is required");
-  ZMLX_CHECK(o.arch == "qwen3_moe" || o.arch == "qwen3" || o.arch == "lfm2_moe",
-             "synth: unknown --arch '{}' (supported: qwen3_moe, qwen3, lfm2_moe)", o.arch);
+  ZMLX_CHECK(o.arch == "qwen3_moe" || o.arch == "qwen3" || o.arch == "lfm2_moe" || o.arch == "glm4_moe_lite",
+             "synth: unknown --arch '{}' (supported: qwen3_moe, qwen3, lfm2_moe, glm4_moe_lite)", o.arch);
   ZMLX_CHECK(o.bits == 0 || quant::supported({o.bits, o.group_size}),
              "synth: --bits {} --group-size {} unsupported (bits 2/4/8 or 0 for bf16; groups 32/64/128)", o.bits,
              o.group_size);
   ZMLX_CHECK(o.router_bits == 0 || quant::supported({o.router_bits, o.group_size}), "synth: --router-bits {} unsupported",
              o.router_bits);
-  const bool lfm2 = o.arch == "lfm2_moe";
-  json config = o.arch == "qwen3" ? qwen3_config(o.preset) : lfm2 ? lfm2_moe_config(o.preset) : qwen3_moe_config(o.preset);
+  const bool lfm2 = o.arch == "lfm2_moe", glm = o.arch == "glm4_moe_lite";
+  json config = o.arch == "qwen3" ? qwen3_config(o.preset)
+                : lfm2          ? lfm2_moe_config(o.preset)
+                : glm           ? glm4_moe_lite_config(o.preset)
+                                : qwen3_moe_config(o.preset);
   bool set_layer_types = false;
   for (auto& [k, v] : o.sets) {
     config[k] = parse_set_value(v);
@@ -538,8 +641,10 @@ std::string synth_model(const SynthOptions& o) {
   const int router_bits = lfm2 && o.bits != 0 && o.router_bits == 0 ? 8 : o.router_bits;
   ZMLX_CHECK(router_bits == 0 || quant::supported({router_bits, o.group_size}), "synth: router bits {} unsupported",
              router_bits);
+  ZMLX_CHECK(!glm || o.router_bits == 0, "synth: glm4_moe_lite's router is always bf16 (no --router-bits)");
   Plan plan = lfm2 ? lfm2_moe_plan(config, o.bits, o.group_size, router_bits)
-                   : qwen3_moe_plan(config, o.bits, o.group_size, o.router_bits);
+              : glm ? glm4_moe_lite_plan(config, o.bits, o.group_size)
+                    : qwen3_moe_plan(config, o.bits, o.group_size, o.router_bits);
   for (auto& m : plan.modules)
     if (m.kind != Kind::Norm && m.kind != Kind::F32Vector && m.bits != 0)
       ZMLX_CHECK(m.cols % m.group == 0, "synth: {} has {} input features, not a multiple of group size {}", m.path,
@@ -587,10 +692,18 @@ std::string synth_model(const SynthOptions& o) {
   json eos_list = json::array();
   if (eos) eos_list.push_back(*eos);
   if (eot && !lfm2) eos_list.push_back(*eot);
+  if (glm) {  // spec §2.4: no BOS; EOS {<|endoftext|>, <|user|>, <|observation|>}; pad <|endoftext|>
+    config.erase("bos_token_id");
+    eos_list = json::array();
+    for (const char* t : {"<|endoftext|>", "<|user|>", "<|observation|>"})
+      if (auto id = tok.token_id(t)) eos_list.push_back(*id);
+    config["eos_token_id"] = eos_list;
+    if (eot) config["pad_token_id"] = *eot;
+  }
   write_json(fs::path(o.out) / "config.json", config);
-  json gen = {{"bos_token_id", config.value("bos_token_id", 0)},
-              {"eos_token_id", eos_list},
+  json gen = {{"eos_token_id", eos_list},
               {"do_sample", true}, {"temperature", 0.6}, {"top_k", 20}, {"top_p", 0.95}};
+  if (config.contains("bos_token_id")) gen["bos_token_id"] = config["bos_token_id"];
   write_json(fs::path(o.out) / "generation_config.json", gen);
 
   Producer producer(plan, o.seed);

@@ -281,29 +281,40 @@ class CpuBackend final : public Backend {
   }
 
   KvLayer new_kv_layer(int64_t kv_heads, int64_t head_dim, int64_t capacity) override {
+    return kv_layer(kv_heads, head_dim, head_dim, capacity);
+  }
+
+  KvLayer new_latent_kv_layer(int64_t k_dim, int64_t v_dim, int64_t capacity) override {
+    return kv_layer(1, k_dim, v_dim, capacity);
+  }
+
+  KvLayer kv_layer(int64_t heads, int64_t k_dim, int64_t v_dim, int64_t capacity) {
     KvLayer c;
     c.capacity = capacity;
-    c.k = alloc(DType::BF16, {kv_heads, capacity, head_dim});
-    c.v = alloc(DType::BF16, {kv_heads, capacity, head_dim});
+    c.k = alloc(DType::BF16, {heads, capacity, k_dim});
+    c.v = alloc(DType::BF16, {heads, capacity, v_dim});
     return c;
   }
 
   void kv_write(KvLayer& c, const Tensor& k, const Tensor& v, int64_t pos0) override {
     OpTimer timer_("kv_write");
-    const int64_t H = c.k.dim(0), hd = c.k.dim(2), T = k.rows();
+    const int64_t H = c.k.dim(0), hd = c.k.dim(2), hv = c.v.dim(2), T = k.rows();
+    ZMLX_CHECK(k.cols() == H * hd && v.cols() == H * hv && v.rows() == T,
+               "kv_write: k [{}, {}] / v [{}, {}] do not fit a cache of {} heads x ({}, {})", k.rows(), k.cols(),
+               v.rows(), v.cols(), H, hd, hv);
     if (pos0 + T > c.capacity) {  // grow geometrically, keeping what is cached
       int64_t cap = std::max<int64_t>(c.capacity * 2, pos0 + T + 256);
-      KvLayer n = new_kv_layer(H, hd, cap);
+      KvLayer n = kv_layer(H, hd, hv, cap);
       for (int64_t h = 0; h < H; ++h) {
         std::memcpy(n.k.ptr<uint16_t>() + h * cap * hd, c.k.ptr<uint16_t>() + h * c.capacity * hd, size_t(pos0 * hd) * 2);
-        std::memcpy(n.v.ptr<uint16_t>() + h * cap * hd, c.v.ptr<uint16_t>() + h * c.capacity * hd, size_t(pos0 * hd) * 2);
+        std::memcpy(n.v.ptr<uint16_t>() + h * cap * hv, c.v.ptr<uint16_t>() + h * c.capacity * hv, size_t(pos0 * hv) * 2);
       }
       c = std::move(n);
     }
     for (int64_t t = 0; t < T; ++t)
       for (int64_t h = 0; h < H; ++h) {
         std::memcpy(c.k.ptr<uint16_t>() + (h * c.capacity + pos0 + t) * hd, k.ptr<uint16_t>() + (t * H + h) * hd, size_t(hd) * 2);
-        std::memcpy(c.v.ptr<uint16_t>() + (h * c.capacity + pos0 + t) * hd, v.ptr<uint16_t>() + (t * H + h) * hd, size_t(hd) * 2);
+        std::memcpy(c.v.ptr<uint16_t>() + (h * c.capacity + pos0 + t) * hv, v.ptr<uint16_t>() + (t * H + h) * hv, size_t(hv) * 2);
       }
   }
 
@@ -339,6 +350,131 @@ class CpuBackend final : public Backend {
           for (int64_t d = 0; d < hd; ++d) o[(t * heads + h) * hd + d] = f32_to_bf16_bits(acc[size_t(d)] * inv);
         }
     }
+    return out;
+  }
+
+  Tensor attention_pe(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pe, const Tensor& k_pe,
+                      int64_t pos0, int64_t heads, int64_t kv_heads, float scale) override {
+    OpTimer timer_("attention_pe");
+    for (const Tensor* t : {&q, &k, &v, &q_pe, &k_pe}) check_bf16_2d(*t, "attention_pe input");
+    const int64_t T = q.rows(), S = pos0 + T;
+    ZMLX_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && q.cols() % heads == 0 &&
+                   q_pe.cols() % heads == 0 && v.cols() % kv_heads == 0 && q_pe.rows() == T,
+               "attention_pe: {} heads / {} kv heads do not fit q [{}, {}], v [{}, {}], q_pe [{}, {}]", heads,
+               kv_heads, q.rows(), q.cols(), v.rows(), v.cols(), q_pe.rows(), q_pe.cols());
+    const int64_t dk = q.cols() / heads, dv = v.cols() / kv_heads, dr = q_pe.cols() / heads, group = heads / kv_heads;
+    ZMLX_CHECK(k.cols() == kv_heads * dk && k_pe.cols() == dr && k.rows() >= S && v.rows() >= S && k_pe.rows() >= S,
+               "attention_pe: k [{}, {}] / v [{}, {}] / k_pe [{}, {}] do not cover {} positions of {}x{} / {}",
+               k.rows(), k.cols(), v.rows(), v.cols(), k_pe.rows(), k_pe.cols(), S, kv_heads, dk, dr);
+    Tensor out = alloc(DType::BF16, {T, heads * dv});
+    const uint16_t *qp = q.ptr<uint16_t>(), *kp = k.ptr<uint16_t>(), *vp = v.ptr<uint16_t>(),
+                   *qr = q_pe.ptr<uint16_t>(), *kr = k_pe.ptr<uint16_t>();
+    uint16_t* o = out.ptr<uint16_t>();
+#pragma omp parallel
+    {
+      std::vector<float> sc(static_cast<size_t>(S)), acc(static_cast<size_t>(dv));
+      std::vector<uint16_t> qs(static_cast<size_t>(dr));
+#pragma omp for schedule(dynamic, 1) collapse(2)
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t kvh = h / group, visible = pos0 + t + 1;  // causal
+          const uint16_t* qh = qp + (t * heads + h) * dk;
+          for (int64_t d = 0; d < dr; ++d) qs[size_t(d)] = f32_to_bf16_bits(scale * bf16_to_f32(qr[(t * heads + h) * dr + d]));
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t j = 0; j < visible; ++j) {
+            const float pe = round_bf16(cpu::dot_bf16(qs.data(), kr + j * dr, dr));
+            const float s = scale * cpu::dot_bf16(qh, kp + j * kv_heads * dk + kvh * dk, dk) + pe;
+            sc[size_t(j)] = s;
+            mx = std::max(mx, s);
+          }
+          float sum = 0.f;
+          for (int64_t j = 0; j < visible; ++j) sum += (sc[size_t(j)] = std::exp(sc[size_t(j)] - mx));
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t j = 0; j < visible; ++j) cpu::axpy_bf16(sc[size_t(j)], vp + j * kv_heads * dv + kvh * dv, acc.data(), dv);
+          const float inv = 1.0f / sum;
+          for (int64_t d = 0; d < dv; ++d) o[(t * heads + h) * dv + d] = f32_to_bf16_bits(acc[size_t(d)] * inv);
+        }
+    }
+    return out;
+  }
+
+  Tensor multi_linear(const Tensor& x, const Weight& w, bool transpose) override {
+    OpTimer timer_("multi_linear");
+    check_bf16_2d(x, w.name.c_str());
+    const int64_t H = w.experts, T = x.rows(), Kin = transpose ? w.cols : w.rows, N = transpose ? w.rows : w.cols;
+    ZMLX_CHECK(H > 0, "{}: multi_linear needs stacked per-head matrices", w.name);
+    const bool shared = x.cols() == Kin;
+    ZMLX_CHECK(shared || x.cols() == H * Kin, "{}: input rows have {} values, expected {} or {}x{}", w.name, x.cols(),
+               Kin, H, Kin);
+    const int64_t ldx = x.cols(), xoff = shared ? 0 : Kin;
+    Tensor out = alloc(DType::BF16, {T, H * N});
+    uint16_t* o = out.ptr<uint16_t>();
+    const uint16_t* xp = x.ptr<uint16_t>();
+    if (transpose) {  // the mat-vec kernels of linear(), one matrix per head
+#pragma omp parallel
+      {
+        PreparedRows px;
+        std::vector<float> acc(static_cast<size_t>(T * kRowBlock));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t h = 0; h < H; ++h) {
+          const MatrixView m = cpu::matrix_view(w, h);
+          px.prepare(xp + h * xoff, T, Kin, ldx, cpu::layouts_needed(m));
+          for (int64_t r0 = 0; r0 < N; r0 += kRowBlock) {
+            const int64_t r1 = std::min(N, r0 + kRowBlock), nr = r1 - r0;
+            cpu::gemv_rows(m, r0, r1, px, 0, T, acc.data(), nr);
+            for (int64_t t = 0; t < T; ++t)
+              for (int64_t r = 0; r < nr; ++r) o[t * H * N + h * N + r0 + r] = f32_to_bf16_bits(acc[size_t(t * nr + r)]);
+          }
+        }
+      }
+      return out;
+    }
+    // x @ W[h]: dequantise W[h] (R x C) to fp32 once, then accumulate rows in order.
+#pragma omp parallel
+    {
+      std::vector<float> wf(static_cast<size_t>(Kin * N)), acc(static_cast<size_t>(N));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t r = 0; r < Kin; ++r) {
+          float* dst = wf.data() + r * N;
+          if (w.quantized) {
+            const int64_t row = h * Kin + r;
+            quant::dequantize_row(w.w.ptr<uint32_t>() + row * w.words_per_row(),
+                                  w.scales.ptr<uint16_t>() + row * w.groups_per_row(),
+                                  w.biases.ptr<uint16_t>() + row * w.groups_per_row(), N, w.q, dst);
+          } else {
+            const uint16_t* src = w.w.ptr<uint16_t>() + (h * Kin + r) * N;
+            for (int64_t c = 0; c < N; ++c) dst[c] = bf16_to_f32(src[c]);
+          }
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          std::fill(acc.begin(), acc.end(), 0.f);
+          const uint16_t* xr = xp + t * ldx + h * xoff;
+          for (int64_t r = 0; r < Kin; ++r) {
+            const float a = bf16_to_f32(xr[r]);
+            const float* wr = wf.data() + r * N;
+            for (int64_t c = 0; c < N; ++c) acc[size_t(c)] += a * wr[c];
+          }
+          for (int64_t c = 0; c < N; ++c) o[t * H * N + h * N + c] = f32_to_bf16_bits(acc[size_t(c)]);
+        }
+      }
+    }
+    return out;
+  }
+
+  Tensor slice_cols(const Tensor& x, int64_t group, int64_t offset, int64_t width) override {
+    OpTimer timer_("slice_cols");
+    ZMLX_CHECK(group > 0 && x.cols() % group == 0 && offset >= 0 && width > 0 && offset + width <= group,
+               "slice_cols: columns [{}, {}) of groups of {} in rows of {}", offset, offset + width, group, x.cols());
+    const int64_t T = x.rows(), n = x.cols() / group;
+    const size_t es = dtype_size(x.dtype);
+    Tensor out = alloc(x.dtype, {T, n * width});
+    const uint8_t* src = static_cast<const uint8_t*>(x.data);
+    uint8_t* dst = static_cast<uint8_t*>(out.data);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t g = 0; g < n; ++g)
+        std::memcpy(dst + size_t((t * n + g) * width) * es, src + size_t(t * x.cols() + g * group + offset) * es,
+                    size_t(width) * es);
     return out;
   }
 
@@ -411,6 +547,63 @@ class CpuBackend final : public Backend {
         if (normalize) w = round_bf16(w / denom);
         r.experts.ptr<int32_t>()[t * k + j] = e;
         r.scores.ptr<uint16_t>()[t * k + j] = f32_to_bf16_bits(w * scaling);
+      }
+    }
+    return r;
+  }
+
+  Routing route_sigmoid_grouped_topk(const Tensor& logits, const Tensor& bias, int64_t k, int64_t n_group,
+                                     int64_t topk_group, bool normalize, float eps, float scaling) override {
+    OpTimer timer_("route_sigmoid_grouped_topk");
+    check_bf16_2d(logits, "route_sigmoid_grouped_topk logits");
+    const int64_t T = logits.rows(), E = logits.cols();
+    ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
+    ZMLX_CHECK(bias.dtype == DType::F32 && bias.numel() == E, "router: e_score_correction_bias must be F32 [{}], got {} with {} values",
+               E, dtype_name(bias.dtype), bias.numel());
+    ZMLX_CHECK(n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group &&
+                   (n_group == 1 || E / n_group >= 2),
+               "router: n_group {} / topk_group {} do not fit {} experts", n_group, topk_group, E);
+    Routing r;
+    r.k = k;
+    r.experts = alloc(DType::I32, {T, k});
+    r.scores = alloc(DType::F32, {T, k});
+    const uint16_t* l = logits.ptr<uint16_t>();
+    const float* b = bias.ptr<float>();
+    const int64_t per = E / n_group;
+    std::vector<float> s(static_cast<size_t>(E)), sel(static_cast<size_t>(E)), gscore(static_cast<size_t>(n_group));
+    std::vector<int32_t> order(static_cast<size_t>(E)), gorder(static_cast<size_t>(n_group));
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t e = 0; e < E; ++e) {
+        s[size_t(e)] = 1.0f / (1.0f + std::exp(-bf16_to_f32(l[t * E + e])));
+        sel[size_t(e)] = s[size_t(e)] + b[e];
+        order[size_t(e)] = int32_t(e);
+      }
+      if (n_group > 1 && topk_group < n_group) {
+        for (int64_t g = 0; g < n_group; ++g) {  // group score: sum of its two best
+          float b1 = -std::numeric_limits<float>::infinity(), b2 = b1;
+          for (int64_t e = g * per; e < (g + 1) * per; ++e) {
+            const float v = sel[size_t(e)];
+            if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
+          }
+          gscore[size_t(g)] = b1 + b2;
+          gorder[size_t(g)] = int32_t(g);
+        }
+        std::stable_sort(gorder.begin(), gorder.end(),
+                         [&](int32_t x, int32_t y) { return gscore[size_t(x)] > gscore[size_t(y)]; });
+        for (int64_t i = topk_group; i < n_group; ++i)
+          for (int64_t e = gorder[size_t(i)] * per; e < (gorder[size_t(i)] + 1) * per; ++e) sel[size_t(e)] = 0.f;
+      }
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t x, int32_t y) {
+        return sel[size_t(x)] > sel[size_t(y)] || (sel[size_t(x)] == sel[size_t(y)] && x < y);
+      });
+      float total = 0.f;
+      for (int64_t j = 0; j < k; ++j) total += s[size_t(order[size_t(j)])];
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t e = order[size_t(j)];
+        float w = s[size_t(e)];
+        if (normalize) w = w / (total + eps);
+        r.experts.ptr<int32_t>()[t * k + j] = e;
+        r.scores.ptr<float>()[t * k + j] = w * scaling;
       }
     }
     return r;
