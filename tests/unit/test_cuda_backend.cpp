@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <tuple>
 
 #include "model_test_helpers.h"
 #include "test_helpers.h"
@@ -237,6 +238,52 @@ TEST(CudaOps, ArgmaxMatchesHostIncludingTies) {
   }
 }
 
+TEST(CudaOps, GlmOpsMatchCpu) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(18);
+  // Grouped sigmoid router, with and without group limiting.
+  for (auto [E, ng, tg] : {std::tuple<int64_t, int64_t, int64_t>{64, 1, 1}, {64, 8, 4}, {160, 8, 3}}) {
+    const int64_t T = 7, k = 4;
+    Tensor logits = test::bf16_tensor(test::random_bf16(rng, size_t(T * E), 2.f), {T, E});
+    Tensor bias = host_tensor(DType::F32, {E});
+    for (int64_t e = 0; e < E; ++e) bias.ptr<float>()[e] = 0.05f * float(e % 7);
+    Routing a = c->route_sigmoid_grouped_topk(logits, bias, k, ng, tg, true, 1e-20f, 1.8f);
+    Routing b = g->route_sigmoid_grouped_topk(g->from_host(logits), g->adopt(bias), k, ng, tg, true, 1e-20f, 1.8f);
+    EXPECT_EQ(host_floats(*c, a.experts), host_floats(*g, b.experts)) << "E " << E << " groups " << ng;
+    EXPECT_LT(rel_l2(host_floats(*g, b.scores), host_floats(*c, a.scores)), 1e-5);
+  }
+  // multi_linear both ways, per-head and shared inputs.
+  Weight w = test::random_qweight(rng, 3, 64, 96, 4, 32);
+  for (bool transpose : {true, false})
+    for (bool shared : {true, false}) {
+      const int64_t Kin = transpose ? 96 : 64, T = 5;
+      Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(T * (shared ? Kin : 3 * Kin))), {T, shared ? Kin : 3 * Kin});
+      const auto ref = host_floats(*c, c->multi_linear(x, w, transpose));
+      const auto got = host_floats(*g, g->multi_linear(g->from_host(x), g->adopt(w), transpose));
+      EXPECT_LT(rel_l2(got, ref), 5e-3) << "transpose " << transpose << " shared " << shared;
+    }
+  Tensor x = test::bf16_tensor(test::random_bf16(rng, 4 * 60), {4, 60});
+  EXPECT_EQ(host_floats(*c, c->slice_cols(x, 20, 5, 11)), host_floats(*g, g->slice_cols(g->from_host(x), 20, 5, 11)));
+  // attention_pe: absorbed-like (1 kv head, k = v) and expanded-like (per-head k, v), prefill and decode rows.
+  for (int64_t kvh : {1, 4}) {
+    const int64_t H = 4, dk = kvh == 1 ? 512 : 192, dv = kvh == 1 ? 512 : 256, dr = 64, S = 40;
+    Tensor k = test::bf16_tensor(test::random_bf16(rng, size_t(S * kvh * dk), 0.3f), {S, kvh * dk});
+    Tensor v = kvh == 1 ? k : test::bf16_tensor(test::random_bf16(rng, size_t(S * kvh * dv)), {S, kvh * dv});
+    Tensor kpe = test::bf16_tensor(test::random_bf16(rng, size_t(S * dr)), {S, dr});
+    Tensor gk = g->from_host(k), gv = kvh == 1 ? gk : g->from_host(v), gkpe = g->from_host(kpe);
+    for (auto [pos0, T] : {std::pair<int64_t, int64_t>{0, 33}, {39, 1}}) {
+      Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(T * H * dk), 0.3f), {T, H * dk});
+      Tensor qpe = test::bf16_tensor(test::random_bf16(rng, size_t(T * H * dr)), {T, H * dr});
+      const float scale = 0.07f;
+      const auto ref = host_floats(*c, c->attention_pe(q, k, v, qpe, kpe, pos0, H, kvh, scale));
+      const auto got = host_floats(*g, g->attention_pe(g->from_host(q), gk, gv, g->from_host(qpe), gkpe, pos0, H, kvh, scale));
+      EXPECT_LT(rel_l2(got, ref), 5e-3) << "kv heads " << kvh << " pos0 " << pos0;
+    }
+  }
+}
+
 TEST(CudaOps, RoutersAndShortConvMatchCpu) {
   REQUIRE_GPU();
   auto g = gpu();
@@ -330,6 +377,10 @@ TEST(CudaModels, Qwen3MoeGpuMatchesCpuAndFusedIsBitIdentical) {
 TEST(CudaModels, Lfm2MoeGpuMatchesCpuAndFusedIsBitIdentical) {
   REQUIRE_GPU();
   check_model("lfm2_moe", "lfm2_moe");
+}
+TEST(CudaModels, Glm4MoeLiteGpuMatchesCpuAndFusedIsBitIdentical) {
+  REQUIRE_GPU();
+  check_model("glm4_moe_lite", "glm4_moe_lite");
 }
 TEST(CudaModels, DenseQwen3GpuMatchesCpu) {
   REQUIRE_GPU();

@@ -132,6 +132,20 @@ kern::QMat qmat(const Weight& w) {
   return m;
 }
 
+// A weight for kernels that address single elements (no chunk alignment needed).
+kern::QMat qmat_any(const Weight& w) {
+  ZMLX_CHECK(w.w.device == Device::CUDA, "{}: weight is not on the GPU (load the model with the CUDA backend)", w.name);
+  kern::QMat m;
+  m.w = static_cast<const uint32_t*>(w.w.data);
+  m.rows = w.rows;
+  m.cols = w.cols;
+  m.bits = w.quantized ? w.q.bits : 16;
+  m.group = w.quantized ? w.q.group_size : 64;
+  m.scales = static_cast<const uint16_t*>(w.scales.data);
+  m.biases = static_cast<const uint16_t*>(w.biases.data);
+  return m;
+}
+
 const uint16_t* bf16p(const Tensor& t) { return static_cast<const uint16_t*>(t.data); }
 uint16_t* bf16p(Tensor& t) { return static_cast<uint16_t*>(t.data); }
 
@@ -422,22 +436,96 @@ class CudaBackend final : public Backend {
     return c;
   }
 
+  KvLayer new_latent_kv_layer(int64_t k_dim, int64_t v_dim, int64_t capacity) override {
+    KvLayer c;
+    c.capacity = capacity;
+    c.k = alloc(DType::BF16, {1, capacity, k_dim});
+    c.v = alloc(DType::BF16, {1, capacity, v_dim});
+    return c;
+  }
+
   void kv_write(KvLayer& c, const Tensor& k, const Tensor& v, int64_t pos0) override {
-    const int64_t H = c.k.dim(0), hd = c.k.dim(2), T = k.rows();
+    const int64_t H = c.k.dim(0), hd = c.k.dim(2), vd = c.v.dim(2), T = k.rows();
+    ZMLX_CHECK(k.numel() == T * H * hd && v.numel() == T * H * vd, "kv_write: k/v do not match the cache rows");
     if (pos0 + T > c.capacity) {
       ZMLX_CHECK(!capturing_, "KV cache growth inside a recorded decode step");
       const int64_t cap = std::max<int64_t>(c.capacity * 2, pos0 + T + 256);
-      KvLayer n = new_kv_layer(H, hd, cap);
-      const size_t row = size_t(hd) * 2;
-      cuda_check(cudaMemcpy2DAsync(n.k.data, size_t(cap) * row, c.k.data, size_t(c.capacity) * row,
-                                   size_t(pos0) * row, size_t(H), cudaMemcpyDeviceToDevice, stream_), "KV grow");
-      cuda_check(cudaMemcpy2DAsync(n.v.data, size_t(cap) * row, c.v.data, size_t(c.capacity) * row,
-                                   size_t(pos0) * row, size_t(H), cudaMemcpyDeviceToDevice, stream_), "KV grow");
+      KvLayer n;
+      n.capacity = cap;
+      n.k = alloc(DType::BF16, {H, cap, hd});
+      n.v = alloc(DType::BF16, {H, cap, vd});
+      const size_t kr = size_t(hd) * 2, vr = size_t(vd) * 2;
+      cuda_check(cudaMemcpy2DAsync(n.k.data, size_t(cap) * kr, c.k.data, size_t(c.capacity) * kr, size_t(pos0) * kr,
+                                   size_t(H), cudaMemcpyDeviceToDevice, stream_), "KV grow");
+      cuda_check(cudaMemcpy2DAsync(n.v.data, size_t(cap) * vr, c.v.data, size_t(c.capacity) * vr, size_t(pos0) * vr,
+                                   size_t(H), cudaMemcpyDeviceToDevice, stream_), "KV grow");
       c = std::move(n);
     }
     Prof p_(this, "kv_write");
-    kern::kv_write(bf16p(c.k), bf16p(c.v), c.capacity, int(H), int(hd), bf16p(k), bf16p(v), int(T), int(pos0), dpos(),
-                stream_);
+    kern::kv_write(bf16p(c.k), bf16p(c.v), c.capacity, int(H), int(hd), int(vd), bf16p(k), bf16p(v), int(T),
+                   int(pos0), dpos(), stream_);
+  }
+
+  Tensor attention_pe(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pe, const Tensor& k_pe,
+                      int64_t pos0, int64_t heads, int64_t kv_heads, float scale) override {
+    const int64_t T = q.rows();
+    ZMLX_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && q.cols() % heads == 0 &&
+                   q_pe.cols() % heads == 0 && v.cols() % kv_heads == 0 && q_pe.rows() == T,
+               "attention_pe: {} heads / {} kv heads do not fit q [{}, {}], v [{}, {}]", heads, kv_heads, q.rows(),
+               q.cols(), v.rows(), v.cols());
+    const int64_t dk = q.cols() / heads, dv = v.cols() / kv_heads, dr = q_pe.cols() / heads;
+    ZMLX_CHECK(k.cols() == kv_heads * dk && k_pe.cols() == dr, "attention_pe: k/k_pe widths do not match q");
+    // Decode: a fixed number of key splits (a recorded step serves every length).
+    const int splits = T == 1 ? 16 : 1;
+    Tensor scratch = alloc(DType::F32, {T * heads * splits * (dv + 2)});
+    Tensor out = alloc(DType::BF16, {T, heads * dv});
+    Prof p_(this, "attention_pe");
+    kern::attention_pe(bf16p(q), bf16p(k), bf16p(v), bf16p(q_pe), bf16p(k_pe), int(T), int(heads), int(kv_heads),
+                       int(dk), int(dv), int(dr), int(pos0), dpos(), scale, splits,
+                       static_cast<float*>(scratch.data), bf16p(out), stream_);
+    return out;
+  }
+
+  Tensor multi_linear(const Tensor& x, const Weight& w, bool transpose) override {
+    const int64_t H = w.experts, T = x.rows(), Kin = transpose ? w.cols : w.rows, N = transpose ? w.rows : w.cols;
+    ZMLX_CHECK(H > 0, "{}: multi_linear needs stacked per-head matrices", w.name);
+    const bool shared = x.cols() == Kin;
+    ZMLX_CHECK(shared || x.cols() == H * Kin, "{}: input rows have {} values, expected {} or {}x{}", w.name, x.cols(),
+               Kin, H, Kin);
+    Tensor out = alloc(DType::BF16, {T, H * N});
+    const kern::QMat m = transpose ? qmat(w) : qmat_any(w);
+    Prof p_(this, "multi_linear");
+    kern::multi_linear(bf16p(x), int(T), x.cols(), shared ? 0 : Kin, int(H), m, transpose, bf16p(out), stream_);
+    return out;
+  }
+
+  Tensor slice_cols(const Tensor& x, int64_t group, int64_t offset, int64_t width) override {
+    ZMLX_CHECK(x.dtype == DType::BF16 && group > 0 && x.cols() % group == 0 && offset >= 0 && width > 0 &&
+                   offset + width <= group,
+               "slice_cols: columns [{}, {}) of groups of {} in rows of {}", offset, offset + width, group, x.cols());
+    Tensor out = alloc(DType::BF16, {x.rows(), x.cols() / group * width});
+    Prof p_(this, "slice_cols");
+    kern::slice_cols(bf16p(x), x.rows(), x.cols(), group, offset, width, bf16p(out), stream_);
+    return out;
+  }
+
+  Routing route_sigmoid_grouped_topk(const Tensor& logits, const Tensor& bias, int64_t k, int64_t n_group,
+                                     int64_t topk_group, bool normalize, float eps, float scaling) override {
+    const int64_t T = logits.rows(), E = logits.cols();
+    ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
+    ZMLX_CHECK(bias.dtype == DType::F32 && bias.numel() == E, "router: e_score_correction_bias must be F32 [{}]", E);
+    ZMLX_CHECK(n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group &&
+                   (n_group == 1 || E / n_group >= 2),
+               "router: n_group {} / topk_group {} do not fit {} experts", n_group, topk_group, E);
+    Routing r;
+    r.k = k;
+    r.experts = alloc(DType::I32, {T, k});
+    r.scores = alloc(DType::F32, {T, k});
+    Prof p_(this, "route_grouped");
+    kern::route_sigmoid_grouped(bf16p(logits), static_cast<const float*>(bias.data), int(T), int(E), int(k),
+                                int(n_group), int(topk_group), normalize, eps, scaling,
+                                static_cast<int32_t*>(r.experts.data), static_cast<float*>(r.scores.data), stream_);
+    return r;
   }
 
   Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads, int64_t kv_heads, int64_t hd,

@@ -698,18 +698,19 @@ __global__ void swiglu_kernel(const uint16_t* g, const uint16_t* u, int64_t n, u
   if (i < n) out[i] = swiglu_bf(g[i], u[i]);
 }
 
-__global__ void kv_write_kernel(uint16_t* kc, uint16_t* vc, int64_t cap, int H, int hd, const uint16_t* k,
+__global__ void kv_write_kernel(uint16_t* kc, uint16_t* vc, int64_t cap, int H, int hd, int vd, const uint16_t* k,
                                 const uint16_t* v, int T, int pos0, const int* dpos) {
   pdl_begin();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= int64_t(T) * H * hd) return;
-  const int d = int(i % hd);
-  const int64_t th = i / hd;
+  const int wd = hd > vd ? hd : vd;
+  if (i >= int64_t(T) * H * wd) return;
+  const int d = int(i % wd);
+  const int64_t th = i / wd;
   const int t = int(th / H), h = int(th % H);
   const int64_t pos = (dpos ? *dpos : pos0) + t;
   if (pos >= cap) return;
-  kc[(h * cap + pos) * hd + d] = k[i];
-  vc[(h * cap + pos) * hd + d] = v[i];
+  if (d < hd) kc[(h * cap + pos) * hd + d] = k[th * hd + d];
+  if (d < vd) vc[(h * cap + pos) * vd + d] = v[th * vd + d];
 }
 
 // --------------------------------------------------------------- attention
@@ -950,6 +951,188 @@ __global__ void argmax_kernel(const uint16_t* x, int64_t V, int32_t* out) {
   }
 }
 
+// ------------------------------------------------------------- GLM (MLA)
+
+constexpr int kPeMaxPerLane = 16;  // dk, dv <= 512
+
+// attention_pe partials (Backend::attention_pe), same split/merge scheme as
+// attn_partial_kernel; scratch rows are (dv + 2) floats.
+__global__ void __launch_bounds__(kAttnWarps * 32) attn_pe_partial_kernel(
+    const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe, const uint16_t* k_pe, int heads,
+    int kvh, int dk, int dv, int dr, int pos0, const int* dpos, float scale, int splits, float* scratch) {
+  pdl_begin();
+  const int h = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int visible = (dpos ? *dpos : pos0) + t + 1;
+  const int chunk = (visible + splits - 1) / splits;
+  const int j0 = s * chunk, j1 = min(visible, j0 + chunk);
+  const int g = h / (heads / kvh);
+  float qv[kPeMaxPerLane], qs[2];
+  for (int i = 0; i < kPeMaxPerLane; ++i) qv[i] = lane + 32 * i < dk ? bf(q[(int64_t(t) * heads + h) * dk + lane + 32 * i]) : 0.f;
+  for (int i = 0; i < 2; ++i)
+    qs[i] = lane + 32 * i < dr ? rbf(scale * bf(q_pe[(int64_t(t) * heads + h) * dr + lane + 32 * i])) : 0.f;
+  float m = -FLT_MAX, l = 0.f, acc[kPeMaxPerLane];
+  for (int i = 0; i < kPeMaxPerLane; ++i) acc[i] = 0.f;
+  for (int j = j0 + warp; j < j1; j += kAttnWarps) {
+    const uint16_t* kr = k + (int64_t(j) * kvh + g) * dk;
+    const uint16_t* pr = k_pe + int64_t(j) * dr;
+    float pe = 0.f, sc = 0.f;
+    for (int i = 0; i < 2; ++i)
+      if (lane + 32 * i < dr) pe = fmaf(qs[i], bf(pr[lane + 32 * i]), pe);
+    for (int i = 0; i < kPeMaxPerLane; ++i)
+      if (lane + 32 * i < dk) sc = fmaf(qv[i], bf(kr[lane + 32 * i]), sc);
+    pe = rbf(warp_sum(pe));
+    sc = warp_sum(sc) * scale + pe;
+    const float mn = fmaxf(m, sc);
+    const float corr = expf(m - mn), p = expf(sc - mn);
+    l = l * corr + p;
+    const uint16_t* vr = v + (int64_t(j) * kvh + g) * dv;
+    for (int i = 0; i < kPeMaxPerLane; ++i)
+      if (lane + 32 * i < dv) acc[i] = fmaf(p, bf(vr[lane + 32 * i]), acc[i] * corr);
+    m = mn;
+  }
+  __shared__ float sm[kAttnWarps], sl[kAttnWarps];
+  __shared__ float sacc[kAttnWarps][32 * kPeMaxPerLane];
+  if (lane == 0) sm[warp] = m, sl[warp] = l;
+  for (int i = 0; i < kPeMaxPerLane; ++i) sacc[warp][lane + 32 * i] = acc[i];
+  __syncthreads();
+  float M = -FLT_MAX;
+  for (int w = 0; w < kAttnWarps; ++w)
+    if (sl[w] > 0.f) M = fmaxf(M, sm[w]);
+  float* out = scratch + ((int64_t(t) * heads + h) * splits + s) * (dv + 2);
+  for (int d = threadIdx.x; d < dv; d += blockDim.x) {
+    float a = 0.f;
+    for (int w = 0; w < kAttnWarps; ++w)
+      if (sl[w] > 0.f) a = fmaf(sacc[w][d], expf(sm[w] - M), a);
+    out[2 + d] = a;
+  }
+  if (threadIdx.x == 0) {
+    float L = 0.f;
+    for (int w = 0; w < kAttnWarps; ++w)
+      if (sl[w] > 0.f) L = fmaf(sl[w], expf(sm[w] - M), L);
+    out[0] = M, out[1] = L;
+  }
+}
+
+// multi_linear, transpose: out[t, h*N + r] = x[t, h] · W[h][r] (one warp per row).
+template <int BITS>
+__global__ void __launch_bounds__(256) multi_linear_t_kernel(const uint16_t* x, int64_t ldx, int64_t xoff, int H,
+                                                             QMat m, uint16_t* out) {
+  pdl_begin();
+  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  if (r >= m.rows) return;
+  const int64_t th = blockIdx.y, t = th / H, h = th % H;
+  float acc[1];
+  row_dot<BITS, 1>(m, h, r, x + t * ldx + h * xoff, 0, 1, acc);
+  if ((threadIdx.x & 31) == 0) out[(t * H + h) * m.rows + r] = to_bf(acc[0]);
+}
+template <int B>
+struct MultiLinearTL {
+  static void go(const uint16_t* x, int T, int64_t ldx, int64_t xoff, int H, const QMat& m, uint16_t* out,
+                 cudaStream_t s) {
+    launch(multi_linear_t_kernel<B>, dim3(unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(T * H)),
+           dim3(256), s, x, ldx, xoff, H, m, out);
+  }
+};
+
+// multi_linear, no transpose: out[t, h*C + c] = Σ_r x[t, h, r] · W[h][r][c]
+// (fp32 weights scale·q + bias, sum in r order; one thread per output).
+__global__ void multi_linear_n_kernel(const uint16_t* x, int64_t ldx, int64_t xoff, int T, int H, QMat m,
+                                      uint16_t* out) {
+  pdl_begin();
+  const int64_t R = m.rows, C = m.cols;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(T) * H * C) return;
+  const int64_t c = i % C, th = i / C, t = th / H, h = th % H;
+  const uint16_t* xr = x + t * ldx + h * xoff;
+  float acc = 0.f;
+  if (m.bits == 16) {
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(m.w) + (h * R) * C + c;
+    for (int64_t r = 0; r < R; ++r) acc += bf(xr[r]) * bf(w[r * C]);
+  } else {
+    const int per = 32 / m.bits;
+    const uint32_t mask = (1u << m.bits) - 1u;
+    const int64_t wpr = C * m.bits / 32, gpr = C / m.group;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t row = h * R + r;
+      const uint32_t q = (m.w[row * wpr + c / per] >> (m.bits * (c % per))) & mask;
+      const int64_t g = row * gpr + c / m.group;
+      const float wv = bf(m.scales[g]) * float(q) + bf(m.biases[g]);
+      acc += bf(xr[r]) * wv;
+    }
+  }
+  out[i] = to_bf(acc);
+}
+
+__global__ void slice_cols_kernel(const uint16_t* x, int64_t T, int64_t cols, int64_t group, int64_t offset,
+                                  int64_t width, uint16_t* out) {
+  pdl_begin();
+  const int64_t n = cols / group;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= T * n * width) return;
+  const int64_t w = i % width, tg = i / width, t = tg / n, g = tg % n;
+  out[i] = x[t * cols + g * group + offset + w];
+}
+
+constexpr int kGroupedMaxE = 256;
+
+// GLM router (Backend::route_sigmoid_grouped_topk), one thread per token,
+// step for step as the CPU reference.
+__global__ void route_grouped_kernel(const uint16_t* logits, const float* bias, int T, int E, int k, int n_group,
+                                     int topk_group, bool normalize, float eps, float scaling, int32_t* ex,
+                                     float* scores) {
+  pdl_begin();
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= T) return;
+  float s[kGroupedMaxE], sel[kGroupedMaxE];
+  for (int e = 0; e < E; ++e) {
+    s[e] = 1.0f / (1.0f + expf(-bf(logits[int64_t(t) * E + e])));
+    sel[e] = s[e] + bias[e];
+  }
+  if (n_group > 1 && topk_group < n_group) {
+    const int per = E / n_group;
+    float gs[64];
+    bool keep[64];
+    for (int g = 0; g < n_group; ++g) {
+      float b1 = -INFINITY, b2 = -INFINITY;
+      for (int e = g * per; e < (g + 1) * per; ++e) {
+        const float v = sel[e];
+        if (v > b1) b2 = b1, b1 = v;
+        else if (v > b2) b2 = v;
+      }
+      gs[g] = b1 + b2;
+      keep[g] = false;
+    }
+    for (int i = 0; i < topk_group; ++i) {  // best groups, ties to the lower index (a stable sort's order)
+      int best = -1;
+      for (int g = 0; g < n_group; ++g)
+        if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+      keep[best] = true;
+    }
+    for (int g = 0; g < n_group; ++g)
+      if (!keep[g])
+        for (int e = g * per; e < (g + 1) * per; ++e) sel[e] = 0.f;
+  }
+  int chosen[16];
+  float total = 0.f;
+  for (int j = 0; j < k; ++j) {
+    int best = -1;
+    for (int e = 0; e < E; ++e) {
+      bool used = false;
+      for (int i = 0; i < j; ++i) used = used || chosen[i] == e;
+      if (!used && (best < 0 || sel[e] > sel[best])) best = e;
+    }
+    chosen[j] = best;
+  }
+  for (int j = 0; j < k; ++j) total += s[chosen[j]];
+  for (int j = 0; j < k; ++j) {
+    float w = s[chosen[j]];
+    if (normalize) w = w / (total + eps);
+    ex[int64_t(t) * k + j] = chosen[j];
+    scores[int64_t(t) * k + j] = w * scaling;
+  }
+}
+
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
 }  // namespace
@@ -1062,10 +1245,10 @@ void swiglu(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* out, cuda
   check_launch("swiglu");
 }
 
-void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int head_dim, const uint16_t* k,
+void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int head_dim, int v_dim, const uint16_t* k,
               const uint16_t* v, int T, int pos0, const int* dpos, cudaStream_t s) {
-  launch(kv_write_kernel, dim3(blocks_for(int64_t(T) * kv_heads * head_dim, 256)), dim3(256), s, kc, vc, capacity, kv_heads,
-                                                                                    head_dim, k, v, T, pos0, dpos);
+  launch(kv_write_kernel, dim3(blocks_for(int64_t(T) * kv_heads * (head_dim > v_dim ? head_dim : v_dim), 256)), dim3(256),
+         s, kc, vc, capacity, kv_heads, head_dim, v_dim, k, v, T, pos0, dpos);
   check_launch("kv_write");
 }
 
@@ -1103,6 +1286,45 @@ void route_sigmoid(const uint16_t* logits, const float* bias, int T, int E, int 
 void argmax(const uint16_t* x, int64_t V, int32_t* out, cudaStream_t s) {
   launch(argmax_kernel, dim3(1), dim3(1024), s, x, V, out);
   check_launch("argmax");
+}
+
+void attention_pe(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe, const uint16_t* k_pe,
+                  int T, int heads, int kv_heads, int dk, int dv, int dr, int pos0, const int* dpos, float scale,
+                  int splits, float* scratch, uint16_t* out, cudaStream_t s) {
+  if (dk > 32 * kPeMaxPerLane || dv > 32 * kPeMaxPerLane || dr > 64)
+    throw std::runtime_error("CUDA attention_pe: head widths up to 512 (rotary up to 64)");
+  launch(attn_pe_partial_kernel, dim3(unsigned(heads), unsigned(splits), unsigned(T)), dim3(kAttnWarps * 32), s, q, k,
+         v, q_pe, k_pe, heads, kv_heads, dk, dv, dr, pos0, dpos, scale, splits, scratch);
+  check_launch("attention_pe");
+  launch(attn_merge_kernel, dim3(unsigned(heads), unsigned(T)), dim3(128), s, scratch, heads, dv, splits, out);
+  check_launch("attention_pe merge");
+}
+
+void multi_linear(const uint16_t* x, int T, int64_t ldx, int64_t xoff, int H, const QMat& w, bool transpose,
+                  uint16_t* out, cudaStream_t s) {
+  if (transpose) {
+    by_bits<MultiLinearTL>(w.bits, x, T, ldx, xoff, H, w, out, s);
+  } else {
+    launch(multi_linear_n_kernel, dim3(blocks_for(int64_t(T) * H * w.cols, 256)), dim3(256), s, x, ldx, xoff, T, H, w,
+           out);
+  }
+  check_launch("multi_linear");
+}
+
+void slice_cols(const uint16_t* x, int64_t T, int64_t cols, int64_t group, int64_t offset, int64_t width,
+                uint16_t* out, cudaStream_t s) {
+  launch(slice_cols_kernel, dim3(blocks_for(T * (cols / group) * width, 256)), dim3(256), s, x, T, cols, group, offset,
+         width, out);
+  check_launch("slice_cols");
+}
+
+void route_sigmoid_grouped(const uint16_t* logits, const float* bias, int T, int E, int k, int n_group, int topk_group,
+                           bool normalize, float eps, float scaling, int32_t* experts, float* scores, cudaStream_t s) {
+  if (E > kGroupedMaxE || k > 16 || n_group > 64)
+    throw std::runtime_error("CUDA grouped router: at most 256 experts, top-16, 64 groups");
+  launch(route_grouped_kernel, dim3(blocks_for(T, 64)), dim3(64), s, logits, bias, T, E, k, n_group, topk_group,
+         normalize, eps, scaling, experts, scores);
+  check_launch("route_sigmoid_grouped_topk");
 }
 
 void short_conv(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16_t* w, int L, uint16_t* out,

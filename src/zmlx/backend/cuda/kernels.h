@@ -72,7 +72,7 @@ void add(uint16_t* h, const uint16_t* x, int64_t n, cudaStream_t s);
 void swiglu(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* out, cudaStream_t s);
 
 // Cache layout [kv_heads, capacity, head_dim].
-void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int head_dim, const uint16_t* k,
+void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int head_dim, int v_dim, const uint16_t* k,
               const uint16_t* v, int T, int pos0, const int* dpos, cudaStream_t s);
 // Causal GQA attention, split over `splits` key ranges per (token, head)
 // (flash-decoding) and merged; scratch holds T·heads·splits·(head_dim + 2) floats.
@@ -84,6 +84,18 @@ void route_softmax(const uint16_t* logits, int T, int E, int k, bool normalize, 
                    cudaStream_t s);
 void route_sigmoid(const uint16_t* logits, const float* bias, int T, int E, int k, bool normalize, float eps,
                    float scaling, int32_t* experts, uint16_t* scores, cudaStream_t s);
+
+// GLM-4.7-Flash (multi-latent attention): see the Backend ops of the same names.
+void attention_pe(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe, const uint16_t* k_pe,
+                  int T, int heads, int kv_heads, int dk, int dv, int dr, int pos0, const int* dpos, float scale,
+                  int splits, float* scratch, uint16_t* out, cudaStream_t s);
+// x rows of ldx values; head h reads from column h·xoff (xoff 0: shared input).
+void multi_linear(const uint16_t* x, int T, int64_t ldx, int64_t xoff, int H, const QMat& w, bool transpose,
+                  uint16_t* out, cudaStream_t s);
+void slice_cols(const uint16_t* x, int64_t T, int64_t cols, int64_t group, int64_t offset, int64_t width,
+                uint16_t* out, cudaStream_t s);
+void route_sigmoid_grouped(const uint16_t* logits, const float* bias, int T, int E, int k, int n_group, int topk_group,
+                           bool normalize, float eps, float scaling, int32_t* experts, float* scores, cudaStream_t s);
 
 // argmax of x[V] (bf16), ties to the lower id, into *out.
 void argmax(const uint16_t* x, int64_t V, int32_t* out, cudaStream_t s);
