@@ -15,6 +15,20 @@
 
 namespace zmlx::test {
 
+// The synth_temp directories of this process, removed when it exits (a full
+// suite writes ~700 MB of them; left behind they filled the shared disk).
+struct SynthTempDirs {
+  std::vector<std::string> dirs;
+  ~SynthTempDirs() {
+    std::error_code ec;
+    for (auto& d : dirs) std::filesystem::remove_all(d, ec);
+  }
+};
+inline SynthTempDirs& synth_temp_dirs() {
+  static SynthTempDirs d;
+  return d;
+}
+
 // Writes a synthetic model of `arch` to a fresh per-process temp dir.
 inline std::string synth_temp(const std::string& arch, const std::string& name, uint64_t seed = 3,
                               std::vector<std::pair<std::string, std::string>> sets = {}, int bits = 4,
@@ -23,6 +37,8 @@ inline std::string synth_temp(const std::string& arch, const std::string& name, 
   o.arch = arch;
   o.out = (std::filesystem::temp_directory_path() / ("zmlx_test_" + name + "_" + std::to_string(::getpid()))).string();
   std::filesystem::remove_all(o.out);
+  auto& dirs = synth_temp_dirs().dirs;
+  if (std::find(dirs.begin(), dirs.end(), o.out) == dirs.end()) dirs.push_back(o.out);
   o.seed = seed;
   o.sets = std::move(sets);
   o.bits = bits;

@@ -416,6 +416,7 @@ std::string make_legacy(const std::string& src, const std::string& name, bool qu
   const fs::path out = fs::path(src).parent_path() / (fs::path(src).filename().string() + "_" + name);
   fs::remove_all(out);
   fs::create_directories(out);
+  test::synth_temp_dirs().dirs.push_back(out.string());  // removed at exit
   for (auto& e : fs::directory_iterator(src))
     if (e.path().extension() != ".safetensors" && e.path().filename() != "model.safetensors.index.json")
       fs::copy_file(e.path(), out / e.path().filename());
@@ -499,6 +500,7 @@ TEST(GlmModel, Bf16CorrectionBiasIsWidenedExactly) {
     const fs::path out = fs::path(src).parent_path() / (fs::path(src).filename().string() + "_" + name);
     fs::remove_all(out);
     fs::create_directories(out);
+    test::synth_temp_dirs().dirs.push_back(out.string());  // removed at exit
     fs::copy_file(fs::path(src) / "config.json", out / "config.json");
     std::vector<io::TensorSpec> specs;
     for (auto& n : ws.names())

@@ -37,8 +37,13 @@ Bars (both conversions, zmlx one pass vs hf_bf16_mlx): relative L2 of all logits
 argmax agreement >= 99% over all positions, --chunk 16 == one pass exactly, and the absorbed decode path
 (--chunk 1) within relative L2 1e-2 of one pass.
 
+--selftest: no torch needed; the checkpoint is written by NumPy in the transformers layout (kv_b_proj,
+per-expert experts, F32 correction bias, plus an MTP layer that convert must drop) and the NumPy forward
+with MLX rounding (np_bf16) is the reference.
+
 Usage (GPU machine, after tools/oracle/prepare_bin.sh):
   python3 tools/oracle/oracle_glm.py --zmlx build/zmlx --out /tmp/oracle_glm
+  python3 tools/oracle/oracle_glm.py --zmlx build/zmlx --out /tmp/oracle_glm --selftest   # anywhere with NumPy
 """
 from __future__ import annotations
 
@@ -59,7 +64,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from oracle import (aggregate, bf16_round, compare, f32_to_bf16_bits, load_mlx, mismatch_details,  # noqa: E402
-                    mlx_to_hf, run, safetensors_files, st_read, st_write, zmlx_logits)
+                    mlx_to_hf, run, safetensors_files, st_read, st_write, tie_stats, zmlx_logits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,6 +95,8 @@ def init_value(name: str, shape: tuple, normal, a):
         return a.embed_std * normal(shape)
     if "lm_head" in name:
         return a.lm_head_std * normal(shape)
+    if any(k in name for k in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")):
+        return a.attn_std * normal(shape)  # peaked attention, so RoPE / MLA defects show
     return a.init_std * normal(shape)
 
 
@@ -309,6 +316,54 @@ class HF:
 
 
 # ----------------------------------------------------------------------------------------------
+# self-test checkpoint (NumPy only, the transformers Glm4MoeLite layout + one MTP layer to be dropped)
+
+
+def write_numpy_checkpoint(a, hf_dir: str) -> tuple:
+    os.makedirs(hf_dir, exist_ok=True)
+    kw = hf_config_kwargs(a)
+    cfg = {"architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite", "dtype": "bfloat16", **kw}
+    json.dump(cfg, open(os.path.join(hf_dir, "config.json"), "w"), indent=2)
+    rng = np.random.default_rng(a.seed)
+    D, H, E, I, V = a.hidden, a.heads, a.experts, a.moe_inter, a.vocab
+    dn, dr, dv, L, ql = a.nope_dim, a.rope_dim, a.v_dim, a.kv_lora, a.q_lora
+    shapes = {"model.embed_tokens.weight": (V, D), "lm_head.weight": (V, D), "model.norm.weight": (D,)}
+    for l in range(a.layers + 1):  # layer a.layers: the multi-token-prediction layer (not in the model)
+        p = f"model.layers.{l}."
+        shapes.update({p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+                       p + "self_attn.q_a_proj.weight": (ql, D), p + "self_attn.q_a_layernorm.weight": (ql,),
+                       p + "self_attn.q_b_proj.weight": (H * (dn + dr), ql),
+                       p + "self_attn.kv_a_proj_with_mqa.weight": (L + dr, D), p + "self_attn.kv_a_layernorm.weight": (L,),
+                       p + "self_attn.kv_b_proj.weight": (H * (dn + dv), L), p + "self_attn.o_proj.weight": (D, H * dv)})
+        if l == 0:
+            shapes.update({p + "mlp.gate_proj.weight": (2 * D, D), p + "mlp.up_proj.weight": (2 * D, D),
+                           p + "mlp.down_proj.weight": (D, 2 * D)})
+            continue
+        shapes.update({p + "mlp.gate.weight": (E, D), p + "mlp.gate.e_score_correction_bias": (E,),
+                       p + "mlp.shared_experts.gate_proj.weight": (I, D), p + "mlp.shared_experts.up_proj.weight": (I, D),
+                       p + "mlp.shared_experts.down_proj.weight": (D, I)})
+        for e in range(E):
+            shapes.update({p + f"mlp.experts.{e}.gate_proj.weight": (I, D), p + f"mlp.experts.{e}.up_proj.weight": (I, D),
+                           p + f"mlp.experts.{e}.down_proj.weight": (D, I)})
+    shapes[f"model.layers.{a.layers}.eh_proj.weight"] = (D, 2 * D)
+    tensors, orig, in_model = {}, {}, {}
+    for name in sorted(shapes):
+        v = init_value(name, shapes[name], lambda s: rng.standard_normal(s), a).astype(np.float32)
+        if name.endswith("e_score_correction_bias"):
+            tensors[name] = ("F32", v)
+            val = v
+        else:
+            bits = f32_to_bf16_bits(v)
+            tensors[name] = ("BF16", bits)
+            val = bf16_round(v)
+        if not name.startswith(f"model.layers.{a.layers}."):
+            orig[name] = val
+            in_model[name] = list(shapes[name])
+    st_write(os.path.join(hf_dir, "model.safetensors"), tensors, {"format": "pt"})
+    return orig, in_model
+
+
+# ----------------------------------------------------------------------------------------------
 # deliberate defects (the oracle must see them)
 
 MUTATIONS = ("rope_theta_1e4", "e_score_bias_zero_layer_1", "kv_a_layernorm_ones_layer_0",
@@ -358,6 +413,8 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--work")
     ap.add_argument("--hf-cpu", action="store_true")
+    ap.add_argument("--selftest", action="store_true",
+                    help="no torch: NumPy checkpoint (transformers layout + an MTP layer), NumPy MLX-semantics reference")
     ap.add_argument("--seed", type=int, default=4321)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--seq", type=int, default=48)
@@ -375,7 +432,11 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--moe-inter", type=int, default=128)
     ap.add_argument("--rope-theta", type=float, default=1e6)
-    ap.add_argument("--init-std", type=float, default=0.05)
+    ap.add_argument("--init-std", type=float, default=0.02,
+                    help="matrix init; at 0.05 the random network is chaotic: bf16 rounding alone moves the "
+                         "logits by ~4.7%% (np_bf16 vs np_f64, selftest), at 0.02 by ~0.5%%")
+    ap.add_argument("--attn-std", type=float, default=0.05,
+                    help="init of q_a/q_b/kv_a/kv_b (the attention logits' scale)")
     ap.add_argument("--embed-std", type=float, default=0.3)
     ap.add_argument("--lm-head-std", type=float, default=0.1)
     ap.add_argument("--bias-std", type=float, default=0.05)
@@ -398,9 +459,14 @@ def main() -> int:
     try:
         results["env"]["zmlx"] = run([zmlx, "--version"], log).stdout.strip()
         results["env"]["zmlx_sha256"] = hashlib.sha256(open(zmlx, "rb").read()).hexdigest()
-        hf = HF(a, results)
         hf_dir = os.path.join(work, "hf")
-        orig, hf_shapes = hf.build_and_save(hf_dir)
+        if a.selftest:
+            hf = None
+            orig, hf_shapes = write_numpy_checkpoint(a, hf_dir)
+        else:
+            hf = HF(a, results)
+            orig, hf_shapes = hf.build_and_save(hf_dir)
+        results["mode"] = "selftest" if a.selftest else "transformers"
         dirs = {"bf16": os.path.join(work, "mlx_bf16"), "q4": os.path.join(work, "mlx_q4")}
         run([zmlx, "convert", hf_dir, dirs["bf16"], "--dtype", "bf16"], log)
         run([zmlx, "convert", hf_dir, dirs["q4"], "--bits", "4", "--group-size", "64"], log)
@@ -422,34 +488,36 @@ def main() -> int:
 
             refs = {"np_f64": [np_forward_glm(mlx, mlx_cfg, ids) for ids in prompts],
                     "np_bf16": [np_forward_glm(mlx, mlx_cfg, ids, bf16=True) for ids in prompts]}
-            m16, n16 = hf.load(hf_dir, hf.torch.bfloat16, mlx_aligned=True)
-            refs["hf_bf16_mlx"], ncalls = hf.logits(m16, hfw, hf.torch.bfloat16, prompts, router_bf16=True)
-            results["checks"][f"router_bf16_calls_{v}"] = ncalls
-            if ncalls == 0:
-                failures.append("the router-logit rounding patch never fired: the transformers router changed; "
-                                "the reference is not MLX-aligned")
-            del m16
-            m16, n16b = hf.load(hf_dir, hf.torch.bfloat16, mlx_aligned=False)
-            refs["hf_bf16_as_is"], _ = hf.logits(m16, hfw, hf.torch.bfloat16, prompts, router_bf16=False)
-            del m16
-            m32, n32 = hf.load(hf_dir, hf.torch.float32, mlx_aligned=True)
-            refs["hf_fp32_mlx"], _ = hf.logits(m32, hfw, hf.torch.float32, prompts, router_bf16=False)
-            del m32
-            results["checks"][f"hf_load_notes_{v}"] = n16 + n16b + n32
+            if hf is not None:
+                m16, n16 = hf.load(hf_dir, hf.torch.bfloat16, mlx_aligned=True)
+                refs["hf_bf16_mlx"], ncalls = hf.logits(m16, hfw, hf.torch.bfloat16, prompts, router_bf16=True)
+                results["checks"][f"router_bf16_calls_{v}"] = ncalls
+                if ncalls == 0:
+                    failures.append("the router-logit rounding patch never fired: the transformers router changed; "
+                                    "the reference is not MLX-aligned")
+                del m16
+                m16, n16b = hf.load(hf_dir, hf.torch.bfloat16, mlx_aligned=False)
+                refs["hf_bf16_as_is"], _ = hf.logits(m16, hfw, hf.torch.bfloat16, prompts, router_bf16=False)
+                del m16
+                m32, n32 = hf.load(hf_dir, hf.torch.float32, mlx_aligned=True)
+                refs["hf_fp32_mlx"], _ = hf.logits(m32, hfw, hf.torch.float32, prompts, router_bf16=False)
+                del m32
+                results["checks"][f"hf_load_notes_{v}"] = n16 + n16b + n32
 
             z = {"one_pass": [], "chunk": [], "chunk1": []}
             for i, ids in enumerate(prompts):
                 z["one_pass"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}.npy"), 0, log))
                 z["chunk"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}_c.npy"), a.chunk, log))
                 z["chunk1"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}_c1.npy"), 1, log))
-            main = "hf_bf16_mlx"
+            main = "hf_bf16_mlx" if hf is not None else "np_bf16"
             comp = {"reference": main, "per_prompt": [], "aggregate": {}, "argmax_mismatches": []}
             for i in range(len(prompts)):
                 row = {"prompt": i}
                 for rk, rv in refs.items():
                     row["zmlx_vs_" + rk] = compare(z["one_pass"][i], rv[i])
-                row["hf_bf16_as_is_vs_hf_bf16_mlx"] = compare(refs["hf_bf16_as_is"][i], refs[main][i])
-                row["hf_bf16_mlx_vs_hf_fp32_mlx"] = compare(refs[main][i], refs["hf_fp32_mlx"][i])
+                if hf is not None:
+                    row["hf_bf16_as_is_vs_hf_bf16_mlx"] = compare(refs["hf_bf16_as_is"][i], refs[main][i])
+                    row["hf_bf16_mlx_vs_hf_fp32_mlx"] = compare(refs[main][i], refs["hf_fp32_mlx"][i])
                 row["chunk_equals_one_pass"] = bool(np.array_equal(z["chunk"][i], z["one_pass"][i]))
                 row["chunk1_vs_one_pass"] = compare(z["chunk1"][i], z["one_pass"][i])
                 row["zmlx_chunk1_vs_" + main] = compare(z["chunk1"][i], refs[main][i])
@@ -466,7 +534,11 @@ def main() -> int:
             for rk, rv in refs.items():
                 comp["aggregate"]["zmlx_vs_" + rk] = aggregate(z["one_pass"], rv)
             comp["aggregate"]["zmlx_chunk1_vs_" + main] = aggregate(z["chunk1"], refs[main])
-            comp["aggregate"]["hf_bf16_as_is_vs_hf_bf16_mlx"] = aggregate(refs["hf_bf16_as_is"], refs[main])
+            comp["aggregate"]["zmlx_chunk1_vs_one_pass"] = aggregate(z["chunk1"], z["one_pass"])
+            comp["aggregate"]["np_bf16_vs_np_f64"] = aggregate(refs["np_bf16"], refs["np_f64"])
+            if hf is not None:
+                comp["aggregate"]["hf_bf16_as_is_vs_hf_bf16_mlx"] = aggregate(refs["hf_bf16_as_is"], refs[main])
+            comp["argmax_tie_stats_vs_" + main] = tie_stats(z["one_pass"], refs[main])
             agg = comp["aggregate"]["zmlx_vs_" + main]
             if not agg["argmax_agree"] >= a.argmax_bar:
                 failures.append(f"{v}: argmax agreement {agg['argmax_agree'] * 100:.2f}% < {a.argmax_bar * 100:g}%")
@@ -505,6 +577,9 @@ def main() -> int:
         print(f"\n== {v}")
         for k, m in comp["aggregate"].items():
             print(f"  {k:<40} rel L2 {m['rel_l2']:.3e}  argmax {m['argmax_agree'] * 100:6.2f}%")
+        for k in comp:
+            if k.startswith("argmax_tie_stats"):
+                print(f"  {k}: {json.dumps(comp[k])}")
     for k, c in results.get("sensitivity_bf16_prompt0", {}).items():
         print(f"  sensitivity {k}: " + (c["error"] if "error" in c else
                                         f"rel L2 {c['rel_l2']:.3e} -> {'detected' if c['detected'] else 'NOT detected'}"))
