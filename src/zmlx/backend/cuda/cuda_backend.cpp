@@ -637,9 +637,10 @@ class CudaBackend final : public Backend {
       tc::moe_down(bf16p(h), experts_of(r), int(T), int(k), m, bf16p(y), ws.data, stream_, int(down.experts));
       kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), D,
                         bf16p(out), stream_);
-    } else if (down.cols > 1024) {
-      // Long rows (LFM2's 1792): the one-launch form keeps only one expert's
-      // loads in flight; the two-launch form of the unfused path is faster.
+    } else if (down.cols > 2048 || (down.cols > 1024 && k > 4)) {
+      // Rows the short-row kernel cannot hold in registers: the generic
+      // one-launch form keeps one expert's loads in flight at a time, so the
+      // two-launch form of the unfused path is faster.
       Tensor y = alloc(DType::BF16, {T * k, D});
       kern::gather_linear(bf16p(h), true, experts_of(r), int(T), int(k), m, bf16p(y), stream_);
       kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), D,

@@ -305,40 +305,49 @@ __global__ void __launch_bounds__(256) gather_combine_kernel(const uint16_t* h, 
 
 constexpr int kShortK = 8;  // experts per token the short-row combine keeps in registers
 
-// gather_combine for rows of at most 1024 inputs (one chunk per lane): every
-// selected expert's chunk is loaded before any is used. Same arithmetic as
-// row_dot (a lane's only chunk, then the warp reduction).
-template <int BITS>
+// gather_combine for rows of at most CPL·1024 inputs (CPL chunks per lane):
+// every selected expert's chunks are loaded before any is used. Same
+// arithmetic as row_dot (a lane's chunks in order, then the warp reduction).
+template <int BITS, int CPL>
 __global__ void __launch_bounds__(256) gather_combine_short_kernel(const uint16_t* h, const int32_t* ex,
                                                                    const void* scores, bool f32, int mode, int k,
                                                                    QMat m, uint16_t* out) {
   pdl_begin();
+  constexpr int KMAX = kShortK / CPL;
   const int64_t d = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   if (d >= m.rows) return;
   const int lane = threadIdx.x & 31;
   const int64_t t = blockIdx.y, K = m.cols;
-  const bool active = lane < int(K / 32);
+  const int chunks = int(K / 32);
   const int64_t gpr = BITS == 16 ? 0 : K / m.group;
-  WChunk<BITS> w[kShortK];
-  float sc[kShortK], bi[kShortK];
+  WChunk<BITS> w[KMAX][CPL];
+  float sc[KMAX][CPL], bi[KMAX][CPL];
 #pragma unroll
-  for (int j = 0; j < kShortK; ++j) {
-    sc[j] = 1.f, bi[j] = 0.f;
-    if (j < k && active) {
-      const int64_t e = ex[t * k + j];
-      w[j] = load_w<BITS>(m.w + e * m.w_stride + d * (K * BITS / 32) + int64_t(lane) * BITS);
-      if constexpr (BITS != 16) {
-        const int64_t g = e * m.s_stride + d * gpr + (lane * 32) / m.group;
-        sc[j] = bf(__ldg(m.scales + g)), bi[j] = bf(__ldg(m.biases + g));
+  for (int j = 0; j < KMAX; ++j)
+#pragma unroll
+    for (int u = 0; u < CPL; ++u) {
+      const int c = lane + 32 * u;
+      sc[j][u] = 1.f, bi[j][u] = 0.f;
+      if (j < k && c < chunks) {
+        const int64_t e = ex[t * k + j];
+        w[j][u] = load_w<BITS>(m.w + e * m.w_stride + d * (K * BITS / 32) + int64_t(c) * BITS);
+        if constexpr (BITS != 16) {
+          const int64_t g = e * m.s_stride + d * gpr + (c * 32) / m.group;
+          sc[j][u] = bf(__ldg(m.scales + g)), bi[j][u] = bf(__ldg(m.biases + g));
+        }
       }
     }
-  }
   float acc = 0.f;
 #pragma unroll
-  for (int j = 0; j < kShortK; ++j) {
+  for (int j = 0; j < KMAX; ++j) {
     if (j >= k) break;
     const int64_t p = t * k + j;
-    float a = active ? chunk_dot<BITS>(w[j], load_x(h + p * K + int64_t(lane) * 32), sc[j], bi[j], 0.f) : 0.f;
+    float a = 0.f;
+#pragma unroll
+    for (int u = 0; u < CPL; ++u) {
+      const int c = lane + 32 * u;
+      if (c < chunks) a = chunk_dot<BITS>(w[j][u], load_x(h + p * K + int64_t(c) * 32), sc[j][u], bi[j][u], a);
+    }
     a = warp_sum(a);
     acc += combine_term(to_bf(a), scores, f32, mode, p);
   }
@@ -502,9 +511,11 @@ template <int B>
 struct GatherCombineL {
   static void go(const uint16_t* h, const int32_t* ex, const void* sc, bool f32, int mode, int T, int k, const QMat& m,
                  uint16_t* out, cudaStream_t s) {
+    const dim3 grid{unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(T)};
     if (m.cols <= 32 * 32 && k <= kShortK)
-      launch(gather_combine_short_kernel<B>, dim3(unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(T)),
-             dim3(256), s, h, ex, sc, f32, mode, k, m, out);
+      launch(gather_combine_short_kernel<B, 1>, grid, dim3(256), s, h, ex, sc, f32, mode, k, m, out);
+    else if (m.cols <= 2 * 32 * 32 && 2 * k <= kShortK)
+      launch(gather_combine_short_kernel<B, 2>, grid, dim3(256), s, h, ex, sc, f32, mode, k, m, out);
     else
       launch(gather_combine_kernel<B>, dim3(dim3(unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(T))), dim3(256), s, 
         h, ex, sc, f32, mode, k, m, out);
@@ -1133,6 +1144,41 @@ __global__ void route_grouped_kernel(const uint16_t* logits, const float* bias, 
   }
 }
 
+// The grouped router without group limiting (n_group == 1 or topk_group ==
+// n_group, as GLM-4.7-Flash ships): one warp per token, as route_sigmoid.
+__global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* bias, int T, int E, int k,
+                                          bool normalize, float eps, float scaling, int32_t* ex, float* scores) {
+  pdl_begin();
+  const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (t >= T) return;
+  const uint16_t* l = logits + int64_t(t) * E;
+  float sv[kRouteMaxPerLane], key[kRouteMaxPerLane];
+  for (int i = 0; i < kRouteMaxPerLane; ++i) {
+    const int e = lane + 32 * i;
+    sv[i] = e < E ? 1.0f / (1.0f + expf(-bf(l[e]))) : 0.f;
+    key[i] = e < E ? sv[i] + bias[e] : -INFINITY;
+  }
+  int sel[16];
+  warp_topk(key, E, k, sel);
+  float ws[16];
+  for (int j = 0; j < k; ++j) {
+    float mine = 0.f;
+    for (int i = 0; i < kRouteMaxPerLane; ++i)
+      if (lane + 32 * i == sel[j]) mine = sv[i];
+    ws[j] = __shfl_sync(0xffffffffu, mine, sel[j] & 31);
+  }
+  if (lane == 0) {
+    float total = 0.f;
+    for (int j = 0; j < k; ++j) total += ws[j];
+    for (int j = 0; j < k; ++j) {
+      float w = ws[j];
+      if (normalize) w = w / (total + eps);
+      ex[int64_t(t) * k + j] = sel[j];
+      scores[int64_t(t) * k + j] = w * scaling;
+    }
+  }
+}
+
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
 }  // namespace
@@ -1320,6 +1366,12 @@ void slice_cols(const uint16_t* x, int64_t T, int64_t cols, int64_t group, int64
 
 void route_sigmoid_grouped(const uint16_t* logits, const float* bias, int T, int E, int k, int n_group, int topk_group,
                            bool normalize, float eps, float scaling, int32_t* experts, float* scores, cudaStream_t s) {
+  if ((n_group == 1 || topk_group >= n_group) && E <= 32 * kRouteMaxPerLane && k <= 16) {
+    launch(route_grouped_warp_kernel, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T, E, k, normalize, eps,
+           scaling, experts, scores);
+    check_launch("route_sigmoid_grouped_topk");
+    return;
+  }
   if (E > kGroupedMaxE || k > 16 || n_group > 64)
     throw std::runtime_error("CUDA grouped router: at most 256 experts, top-16, 64 groups");
   launch(route_grouped_kernel, dim3(blocks_for(T, 64)), dim3(64), s, logits, bias, T, E, k, n_group, topk_group,
