@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "zmlx/backend/cuda/kernels.h"
 
@@ -611,6 +612,48 @@ __global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const
   for (int d = threadIdx.x; d < D; d += blockDim.x) out[r * D + d] = to_bf(bf(w[d]) * rbf(bf(hr[d]) * inv));
 }
 
+// add_rms_norm for rows of D = 8·blockDim.x: one 16-byte load of h, x and w
+// per thread.
+__global__ void add_rms_norm_vec_kernel(uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
+                                        uint16_t* out) {
+  pdl_begin();
+  __shared__ float part[32];
+  const int64_t r = blockIdx.x;
+  uint4* hr = reinterpret_cast<uint4*>(h + r * D) + threadIdx.x;
+  const uint4 hv = *hr, xv = __ldg(reinterpret_cast<const uint4*>(x + r * D) + threadIdx.x);
+  const uint32_t hw[4] = {hv.x, hv.y, hv.z, hv.w}, xw[4] = {xv.x, xv.y, xv.z, xv.w};
+  float v[8];
+  uint32_t o[4];
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint16_t a = to_bf(lo_bf(hw[i]) + lo_bf(xw[i])), b = to_bf(hi_bf(hw[i]) + hi_bf(xw[i]));
+    o[i] = uint32_t(a) | (uint32_t(b) << 16);
+    v[2 * i] = bf(a), v[2 * i + 1] = bf(b);
+    ss = fmaf(v[2 * i], v[2 * i], ss);
+    ss = fmaf(v[2 * i + 1], v[2 * i + 1], ss);
+  }
+  *hr = make_uint4(o[0], o[1], o[2], o[3]);
+  ss = warp_sum(ss);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float t = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
+    t = warp_sum(t);
+    if (threadIdx.x == 0) part[0] = t;
+  }
+  __syncthreads();
+  const float inv = 1.0f / sqrtf(part[0] / float(D) + eps);
+  const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w) + threadIdx.x);
+  const uint32_t ww[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint16_t a = to_bf(lo_bf(ww[i]) * rbf(v[2 * i] * inv)), b = to_bf(hi_bf(ww[i]) * rbf(v[2 * i + 1] * inv));
+    o[i] = uint32_t(a) | (uint32_t(b) << 16);
+  }
+  reinterpret_cast<uint4*>(out + r * D)[threadIdx.x] = make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 // Per head row (one warp): RMSNorm with the q or k norm weight, RoPE over
 // the whole head, then q to q_out and k, v into the cache at pos + t.
 template <int DPL>
@@ -826,13 +869,17 @@ __device__ __forceinline__ void warp_best(float v, int id, float& bv, int& bid) 
 }
 
 // Selects the top k of `key` (ties to the lower id); returns ids in order.
-__device__ void warp_topk(const float (&key)[kRouteMaxPerLane], int E, int k, int* sel) {
+// Selects the top k of `key` (descending, ties to the lower id); sel gets
+// the ids in order. (A parallel rank count measured slower on an H200.)
+template <int PL>
+__device__ void warp_topk(const float (&key)[PL], int E, int k, int* sel) {
   const int lane = threadIdx.x & 31;
   uint32_t taken = 0;
   for (int j = 0; j < k; ++j) {
     float v = -INFINITY;
     int id = INT_MAX;
-    for (int i = 0; i < kRouteMaxPerLane; ++i) {
+#pragma unroll
+    for (int i = 0; i < PL; ++i) {
       const int e = lane + 32 * i;
       if (e < E && !(taken >> i & 1u) && (key[i] > v || id == INT_MAX)) v = key[i], id = e;
     }
@@ -844,31 +891,36 @@ __device__ void warp_topk(const float (&key)[kRouteMaxPerLane], int E, int k, in
   }
 }
 
+template <int PL>
 __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k, bool normalize, int32_t* ex,
                                      uint16_t* scores) {
   pdl_begin();
   const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (t >= T) return;
   const uint16_t* l = logits + int64_t(t) * E;
-  float z[kRouteMaxPerLane], p[kRouteMaxPerLane];
+  float z[PL], p[PL];
   float mx = -INFINITY;
-  for (int i = 0; i < kRouteMaxPerLane; ++i) {
+  #pragma unroll
+  for (int i = 0; i < PL; ++i) {
     const int e = lane + 32 * i;
     z[i] = e < E ? bf(l[e]) : -INFINITY;
     mx = fmaxf(mx, z[i]);
   }
   mx = warp_max(mx);
   float sum = 0.f;
-  for (int i = 0; i < kRouteMaxPerLane; ++i) sum += (lane + 32 * i < E) ? expf(z[i] - mx) : 0.f;
+  #pragma unroll
+  for (int i = 0; i < PL; ++i) sum += (lane + 32 * i < E) ? expf(z[i] - mx) : 0.f;
   sum = warp_sum(sum);
-  for (int i = 0; i < kRouteMaxPerLane; ++i) p[i] = lane + 32 * i < E ? rbf(expf(z[i] - mx) / sum) : -INFINITY;
+  #pragma unroll
+  for (int i = 0; i < PL; ++i) p[i] = lane + 32 * i < E ? rbf(expf(z[i] - mx) / sum) : -INFINITY;
   int sel[16];
   warp_topk(p, E, k, sel);
   // p of each selected expert, fetched from its owner lane.
   float ps[16];
   for (int j = 0; j < k; ++j) {
     float mine = 0.f;
-    for (int i = 0; i < kRouteMaxPerLane; ++i)
+    #pragma unroll
+    for (int i = 0; i < PL; ++i)
       if (lane + 32 * i == sel[j]) mine = p[i];
     ps[j] = __shfl_sync(0xffffffffu, mine, sel[j] & 31);
   }
@@ -883,14 +935,16 @@ __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k
   }
 }
 
+template <int PL>
 __global__ void route_sigmoid_kernel(const uint16_t* logits, const float* bias, int T, int E, int k, bool normalize,
                                      float eps, float scaling, int32_t* ex, uint16_t* scores) {
   pdl_begin();
   const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (t >= T) return;
   const uint16_t* l = logits + int64_t(t) * E;
-  float sw[kRouteMaxPerLane], sel_key[kRouteMaxPerLane];
-  for (int i = 0; i < kRouteMaxPerLane; ++i) {
+  float sw[PL], sel_key[PL];
+  #pragma unroll
+  for (int i = 0; i < PL; ++i) {
     const int e = lane + 32 * i;
     sw[i] = e < E ? rbf(1.0f / (1.0f + expf(-bf(l[e])))) : 0.f;
     sel_key[i] = e < E ? sw[i] + bias[e] : -INFINITY;
@@ -900,7 +954,8 @@ __global__ void route_sigmoid_kernel(const uint16_t* logits, const float* bias, 
   float ws[16];
   for (int j = 0; j < k; ++j) {
     float mine = 0.f;
-    for (int i = 0; i < kRouteMaxPerLane; ++i)
+    #pragma unroll
+    for (int i = 0; i < PL; ++i)
       if (lane + 32 * i == sel[j]) mine = sw[i];
     ws[j] = __shfl_sync(0xffffffffu, mine, sel[j] & 31);
   }
@@ -1146,14 +1201,16 @@ __global__ void route_grouped_kernel(const uint16_t* logits, const float* bias, 
 
 // The grouped router without group limiting (n_group == 1 or topk_group ==
 // n_group, as GLM-4.7-Flash ships): one warp per token, as route_sigmoid.
+template <int PL>
 __global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* bias, int T, int E, int k,
                                           bool normalize, float eps, float scaling, int32_t* ex, float* scores) {
   pdl_begin();
   const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (t >= T) return;
   const uint16_t* l = logits + int64_t(t) * E;
-  float sv[kRouteMaxPerLane], key[kRouteMaxPerLane];
-  for (int i = 0; i < kRouteMaxPerLane; ++i) {
+  float sv[PL], key[PL];
+  #pragma unroll
+  for (int i = 0; i < PL; ++i) {
     const int e = lane + 32 * i;
     sv[i] = e < E ? 1.0f / (1.0f + expf(-bf(l[e]))) : 0.f;
     key[i] = e < E ? sv[i] + bias[e] : -INFINITY;
@@ -1163,7 +1220,8 @@ __global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* b
   float ws[16];
   for (int j = 0; j < k; ++j) {
     float mine = 0.f;
-    for (int i = 0; i < kRouteMaxPerLane; ++i)
+    #pragma unroll
+    for (int i = 0; i < PL; ++i)
       if (lane + 32 * i == sel[j]) mine = sv[i];
     ws[j] = __shfl_sync(0xffffffffu, mine, sel[j] & 31);
   }
@@ -1253,7 +1311,12 @@ void rms_norm(const uint16_t* x, int64_t rows, int64_t D, const uint16_t* w, flo
 
 void add_rms_norm(uint16_t* h, const uint16_t* x, int64_t rows, int64_t D, const uint16_t* w, float eps,
                   uint16_t* out, cudaStream_t s) {
-  launch(add_rms_norm_kernel, dim3(unsigned(rows)), dim3(256), s, h, x, int(D), w, eps, out);
+  const bool aligned = ((reinterpret_cast<uintptr_t>(h) | reinterpret_cast<uintptr_t>(x) |
+                         reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
+  if (aligned && D % 256 == 0 && D / 8 <= 1024)
+    launch(add_rms_norm_vec_kernel, dim3(unsigned(rows)), dim3(unsigned(D / 8)), s, h, x, int(D), w, eps, out);
+  else
+    launch(add_rms_norm_kernel, dim3(unsigned(rows)), dim3(256), s, h, x, int(D), w, eps, out);
   check_launch("add_rms_norm");
 }
 
@@ -1303,6 +1366,18 @@ void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, 
                cudaStream_t s) {
   const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
   switch (head_dim) {
+      case 32: launch_smem(attn_decode_kernel<1>, dgrid, block, smem, s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
+      case 64: launch_smem(attn_decode_kernel<2>, dgrid, block, smem, s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
+      case 128: launch_smem(attn_decode_kernel<4>, dgrid, block, smem, s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
+      case 256: launch_smem(attn_decode_kernel<8>, dgrid, block, smem, s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
+      default: throw std::runtime_error("CUDA attention: head_dim " + std::to_string(head_dim) + " (supported: 32, 64, 128, 256)");
+    }
+    check_launch("attention decode");
+    launch(attn_merge_kernel, dim3(unsigned(heads), 1u), dim3(128), s, scratch, heads, head_dim, splits, out);
+    check_launch("attention merge");
+    return;
+  }
+  switch (head_dim) {
     case 32: launch(attn_partial_kernel<1>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
     case 64: launch(attn_partial_kernel<2>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
     case 128: launch(attn_partial_kernel<4>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
@@ -1314,18 +1389,33 @@ void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, 
   check_launch("attention merge");
 }
 
+// Router kernels keep PL = ceil(E / 32) values per lane in registers.
+template <typename F>
+void by_per_lane(int E, F&& f) {
+  if (E <= 32) f(std::integral_constant<int, 1>{});
+  else if (E <= 64) f(std::integral_constant<int, 2>{});
+  else if (E <= 128) f(std::integral_constant<int, 4>{});
+  else if (E <= 256) f(std::integral_constant<int, 8>{});
+  else f(std::integral_constant<int, 16>{});
+}
+
 void route_softmax(const uint16_t* logits, int T, int E, int k, bool normalize, int32_t* experts, uint16_t* scores,
                    cudaStream_t s) {
   if (E > 32 * kRouteMaxPerLane || k > 16) throw std::runtime_error("CUDA router: at most 512 experts, top-16");
-  launch(route_softmax_kernel, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, T, E, k, normalize, experts, scores);
+  by_per_lane(E, [&](auto pl) {
+    launch(route_softmax_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, T, E, k,
+           normalize, experts, scores);
+  });
   check_launch("route_softmax_topk");
 }
 
 void route_sigmoid(const uint16_t* logits, const float* bias, int T, int E, int k, bool normalize, float eps,
                    float scaling, int32_t* experts, uint16_t* scores, cudaStream_t s) {
   if (E > 32 * kRouteMaxPerLane || k > 16) throw std::runtime_error("CUDA router: at most 512 experts, top-16");
-  launch(route_sigmoid_kernel, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T, E, k, normalize, eps, scaling, experts,
-                                                              scores);
+  by_per_lane(E, [&](auto pl) {
+    launch(route_sigmoid_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T, E, k,
+           normalize, eps, scaling, experts, scores);
+  });
   check_launch("route_sigmoid_topk");
 }
 
@@ -1367,8 +1457,10 @@ void slice_cols(const uint16_t* x, int64_t T, int64_t cols, int64_t group, int64
 void route_sigmoid_grouped(const uint16_t* logits, const float* bias, int T, int E, int k, int n_group, int topk_group,
                            bool normalize, float eps, float scaling, int32_t* experts, float* scores, cudaStream_t s) {
   if ((n_group == 1 || topk_group >= n_group) && E <= 32 * kRouteMaxPerLane && k <= 16) {
-    launch(route_grouped_warp_kernel, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T, E, k, normalize, eps,
-           scaling, experts, scores);
+    by_per_lane(E, [&](auto pl) {
+      launch(route_grouped_warp_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T,
+             E, k, normalize, eps, scaling, experts, scores);
+    });
     check_launch("route_sigmoid_grouped_topk");
     return;
   }
