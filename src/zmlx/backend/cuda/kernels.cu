@@ -1366,18 +1366,6 @@ void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, 
                cudaStream_t s) {
   const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
   switch (head_dim) {
-      case 32: launch_smem(attn_decode_kernel<1>, dgrid, block, smem, s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
-      case 64: launch_smem(attn_decode_kernel<2>, dgrid, block, smem, s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
-      case 128: launch_smem(attn_decode_kernel<4>, dgrid, block, smem, s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
-      case 256: launch_smem(attn_decode_kernel<8>, dgrid, block, smem, s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
-      default: throw std::runtime_error("CUDA attention: head_dim " + std::to_string(head_dim) + " (supported: 32, 64, 128, 256)");
-    }
-    check_launch("attention decode");
-    launch(attn_merge_kernel, dim3(unsigned(heads), 1u), dim3(128), s, scratch, heads, head_dim, splits, out);
-    check_launch("attention merge");
-    return;
-  }
-  switch (head_dim) {
     case 32: launch(attn_partial_kernel<1>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
     case 64: launch(attn_partial_kernel<2>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
     case 128: launch(attn_partial_kernel<4>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
