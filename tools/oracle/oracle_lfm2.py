@@ -318,8 +318,7 @@ class Lfm2(oracle_family.Family):
         for name, mod in model.named_modules():
             if "RMSNorm" in type(mod).__name__ and hasattr(mod, "variance_epsilon"):
                 if mod.variance_epsilon != eps:
-                    info["failures" if False else "notes"] = info.get("notes", []) + [
-                        f"{name}: variance_epsilon {mod.variance_epsilon} != norm_eps {eps}"]
+                    info.setdefault("notes", []).append(f"{name}: variance_epsilon {mod.variance_epsilon} != norm_eps {eps}")
                     if mlx_aligned:
                         mod.variance_epsilon = eps
                         info["norm_eps_fixed"] += 1
@@ -392,22 +391,16 @@ class Lfm2(oracle_family.Family):
                     raw[name] = (dt, arr)
                 elif kind == "q_layernorm_ones_layer_1" and name == "model.layers.1.self_attn.q_layernorm.weight":
                     raw[name] = (dt, f32_to_bf16_bits(np.ones(arr.shape, np.float32)))
-                elif kind == "swap_gate_up_dense_layer_0" and name.startswith("model.layers.0.feed_forward.") and \
-                        ("gate_proj." in name or "up_proj." in name):
-                    other = name.replace("gate_proj.", "UP.").replace("up_proj.", "gate_proj.").replace("UP.", "up_proj.")
-                    raw[name] = raw.get("__orig_" + other) or (dt, arr)
-                    raw["__orig_" + name] = (dt, arr)
                 else:
                     continue
                 changed = True
-            if kind == "swap_gate_up_dense_layer_0":
-                orig = {k[len("__orig_"):]: v for k, v in raw.items() if k.startswith("__orig_")}
-                for k in orig:
-                    other = k.replace("gate_proj.", "UP.").replace("up_proj.", "gate_proj.").replace("UP.", "up_proj.")
-                    raw[k] = orig[other]
-                for k in list(raw):
-                    if k.startswith("__orig_"):
-                        del raw[k]
+            if kind == "swap_gate_up_dense_layer_0":  # silu(up) * gate: the mlx-lm bug of 2026-01 (spec 0.3)
+                pre = "model.layers.0.feed_forward."
+                for suf in ("weight", "scales", "biases"):
+                    g, u = pre + "gate_proj." + suf, pre + "up_proj." + suf
+                    if g in raw and u in raw:
+                        raw[g], raw[u] = raw[u], raw[g]
+                        changed = True
             if changed:
                 st_write(fpath, raw, {"format": "mlx"})
                 hit = True
