@@ -19,6 +19,8 @@
 #include "zmlx/quant/affine.h"
 
 #include "test_helpers.h"
+#include "model_test_helpers.h"
+#include "zmlx/models/model.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -563,3 +565,75 @@ TEST(Convert, GenericTransposeAndF32Keep) {
     EXPECT_NE(std::string(e.what()).find("junk"), std::string::npos) << e.what();
   }
 }
+
+namespace zmlx {
+namespace {
+
+// Dense Qwen3 (Qwen3ForCausalLM): a small random transformers-layout
+// checkpoint. The bf16 conversion must keep every tensor bit for bit (the
+// source is bf16 already); the 4-bit one must load and stay close.
+TEST(Convert, DenseQwen3) {
+  test::TempDir d;
+  const int64_t D = 64, L = 2, H = 4, Hkv = 2, hd = 32, I = 128, V = 300;
+  const fs::path hf = d.path / "hf";
+  fs::create_directories(hf);
+  json cfg = {{"model_type", "qwen3"}, {"architectures", {"Qwen3ForCausalLM"}}, {"hidden_size", D},
+              {"num_hidden_layers", L}, {"num_attention_heads", H}, {"num_key_value_heads", Hkv},
+              {"head_dim", hd}, {"intermediate_size", I}, {"vocab_size", V}, {"rms_norm_eps", 1e-6},
+              {"rope_theta", 1000000.0}, {"tie_word_embeddings", true}, {"max_position_embeddings", 512},
+              {"torch_dtype", "bfloat16"}};
+  std::ofstream(hf / "config.json") << cfg.dump(2);
+  std::vector<io::TensorSpec> specs = {{"model.embed_tokens.weight", DType::BF16, {V, D}},
+                                       {"model.norm.weight", DType::BF16, {D}}};
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    for (auto [n, r, c] : std::vector<std::tuple<std::string, int64_t, int64_t>>{
+             {"self_attn.q_proj.weight", H * hd, D}, {"self_attn.k_proj.weight", Hkv * hd, D},
+             {"self_attn.v_proj.weight", Hkv * hd, D}, {"self_attn.o_proj.weight", D, H * hd},
+             {"mlp.gate_proj.weight", I, D}, {"mlp.up_proj.weight", I, D}, {"mlp.down_proj.weight", D, I}})
+      specs.push_back({p + n, DType::BF16, {r, c}});
+    for (const char* n : {"input_layernorm.weight", "post_attention_layernorm.weight"})
+      specs.push_back({p + n, DType::BF16, {D}});
+    for (const char* n : {"self_attn.q_norm.weight", "self_attn.k_norm.weight"})
+      specs.push_back({p + n, DType::BF16, {hd}});
+  }
+  std::mt19937 rng(5);
+  io::write_model_weights(hf.string(), specs, [&](const io::TensorSpec& t, uint8_t* dst) {
+    const bool norm = t.shape.size() == 1;
+    std::normal_distribution<float> nd(norm ? 1.f : 0.f, norm ? 0.1f : 0.08f);
+    auto* o = reinterpret_cast<uint16_t*>(dst);
+    for (size_t i = 0; i < t.nbytes() / 2; ++i) o[i] = f32_to_bf16_bits(nd(rng));
+  }, 1ull << 30, false, {});
+  auto cpu = make_cpu_backend();
+  std::vector<int32_t> ids = {5, 17, 299, 42, 7};
+  std::vector<float> ref;
+  for (bool quantize : {false, true}) {
+    convert::ConvertOptions o;
+    o.source = hf.string();
+    o.output = (d.path / (quantize ? "q4" : "bf16")).string();
+    o.quantize = quantize;
+    o.progress = false;
+    convert::convert(o);
+    auto m = load_model(o.output, *cpu);
+    EXPECT_EQ(m->family(), "qwen3");
+    const auto got = test::last_logits(*m, *cpu, ids, ids.size());
+    if (!quantize) {
+      WeightStore src = WeightStore::open_dir(hf.string()), out = WeightStore::open_dir(o.output);
+      for (auto& t : specs)
+        EXPECT_EQ(bytes_of(src.get(t.name)), bytes_of(out.get(t.name))) << t.name << " changed in bf16";
+      ref = got;
+      continue;
+    }
+    // 4-bit noise on a 2-layer random net moves logits by ~25 % (rel L2); a
+    // wrong layout (transposed, misnamed, unscaled) moves them by ~100 %.
+    double num = 0, den = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_TRUE(std::isfinite(got[i]));
+      num += double(got[i] - ref[i]) * (got[i] - ref[i]), den += double(ref[i]) * ref[i];
+    }
+    EXPECT_LT(std::sqrt(num / den), 0.5) << "4-bit conversion strays too far from bf16";
+  }
+}
+
+}  // namespace
+}  // namespace zmlx

@@ -7,12 +7,15 @@ The test model (defaults): vocab 1024, hidden 256, 6 layers with layer_types
 heads, head_dim 64, q/k layernorm), num_dense_layers 2 (layers 0-1 dense SwiGLU, intermediate 512), layers 2-5
 MoE: 16 experts, top-4, moe_intermediate 128, sigmoid router with a random expert_bias N(0, 0.05) (F32, used for
 selection only), norm_topk_prob, routed_scaling_factor 1.0, norm_eps 1e-5, rope_theta 1e6, tied embeddings.
-Init: matrices N(0, 0.02), conv in_proj N(0, 0.06), conv kernel N(0, 0.3), norms 1 + N(0, 0.1), embedding
-N(0, 0.01) and the final embedding_norm weight 10 x (1 + N(0, 0.1)). Why the small embedding: the head is tied,
-and with an embedding as large as the layers' outputs the final hidden state keeps the input token's own
-embedding, so the logits peak at the input token and the argmax bar is trivially met (measured: embedding
-N(0, 0.3) -> reference argmax == input token at ~100% of positions). With N(0, 0.01) the layers dominate the
-residual stream; the embedding_norm weight of ~10 brings the logits to a std of ~2.
+Init: matrices N(0, 0.02), conv in_proj N(0, 0.04), conv kernel N(0, 0.3), norms 1 + N(0, 0.1), embedding
+N(0, 0.3), and the final embedding_norm weight N(0, 1) (zero mean). Why the zero-mean final norm: the head is
+tied, and the final hidden state is mostly the input token's own embedding (as in oracle.py, the embedding
+carries about 2/3 of the residual stream so that bf16 noise stays low); with a final norm weight near 1 the
+logit of the input token itself is ~sqrt(hidden) times larger than the others and the argmax is the input
+token at ~100% of positions (measured), a trivial bar. With a zero-mean weight that self term averages out
+(reference argmax == input token at < 1% of positions, recorded in results.json), and the logits have a
+std of ~5. Making the layers dominate the residual stream instead (embedding N(0, 0.01)) makes the random
+network chaotic: bf16 rounding alone then moves the logits by 2-4% (np_bf16 vs np_f64), above the bar.
 
 Where transformers and MLX (mlx-lm lfm2_moe.py; zmlx follows MLX) differ, and what the reference does:
   - expert_bias: mlx-lm keeps it F32 (cast_predicate), and zmlx convert writes F32; transformers registers it as an
@@ -74,7 +77,7 @@ class Lfm2(oracle_family.Family):
     hf_config_class = "Lfm2MoeConfig"
     has_alignment = True
     mutations = ("rope_theta_1e4", "conv_taps_reversed_layer_0", "expert_bias_zero_layer_2",
-                 "swap_experts_0_1_layer_3", "q_layernorm_ones_layer_1", "swap_gate_up_dense_layer_0")
+                 "swap_experts_0_1_every_moe_layer", "q_layernorm_ones_layer_1", "swap_gate_up_dense_layer_0")
     defaults = {"seed": 3141}
 
     def add_args(self, ap):
@@ -94,10 +97,11 @@ class Lfm2(oracle_family.Family):
         ap.add_argument("--scaling", type=float, default=1.0, help="routed_scaling_factor")
         ap.add_argument("--rope-theta", type=float, default=1e6)
         ap.add_argument("--init-std", type=float, default=0.02)
-        ap.add_argument("--conv-in-std", type=float, default=0.06)
+        ap.add_argument("--conv-in-std", type=float, default=0.04)
         ap.add_argument("--conv-std", type=float, default=0.3)
-        ap.add_argument("--embed-std", type=float, default=0.01)
-        ap.add_argument("--final-norm", type=float, default=10.0, help="mean of the embedding_norm weight")
+        ap.add_argument("--embed-std", type=float, default=0.3)
+        ap.add_argument("--final-norm", type=float, default=0.0, help="mean of the embedding_norm weight")
+        ap.add_argument("--final-norm-std", type=float, default=1.0, help="std of the embedding_norm weight")
         ap.add_argument("--bias-std", type=float, default=0.05)
         ap.add_argument("--norm-jitter", type=float, default=0.1)
 
@@ -114,7 +118,7 @@ class Lfm2(oracle_family.Family):
         if name.endswith("expert_bias"):
             return a.bias_std * normal(shape)
         if name.endswith("embedding_norm.weight"):
-            return a.final_norm * (1.0 + a.norm_jitter * normal(shape))
+            return a.final_norm + a.final_norm_std * normal(shape)
         if len(shape) == 1:
             return 1.0 + a.norm_jitter * normal(shape)
         if "embed_tokens" in name or name == "lm_head.weight":
@@ -335,7 +339,7 @@ class Lfm2(oracle_family.Family):
                     key = name + ".expert_bias"
                     if key in sd_bias:
                         mod._buffers["expert_bias"] = torch.from_numpy(sd_bias[key]).float().to(mod.expert_bias.device)
-            info["router_logits_dtypes"] = self._hook_routers(hf, model, dtype)
+            info["router_hooks"] = self._hook_routers(hf, model, dtype)["hooks"]
         return info
 
     def _hook_routers(self, hf, model, dtype):
@@ -385,7 +389,7 @@ class Lfm2(oracle_family.Family):
                     raw[name] = (dt, np.ascontiguousarray(arr[:, ::-1, :]))
                 elif kind == "expert_bias_zero_layer_2" and name == "model.layers.2.feed_forward.expert_bias":
                     raw[name] = (dt, np.zeros_like(arr))
-                elif kind == "swap_experts_0_1_layer_3" and name.startswith("model.layers.3.feed_forward.switch_mlp."):
+                elif kind == "swap_experts_0_1_every_moe_layer" and ".feed_forward.switch_mlp." in name:
                     arr = arr.copy()
                     arr[[0, 1]] = arr[[1, 0]]
                     raw[name] = (dt, arr)

@@ -25,6 +25,7 @@ using json = nlohmann::json;
 const std::vector<Family>& families() {
   static const std::vector<Family> table = {
       {"qwen3_moe", "Qwen3MoeForCausalLM", &plan_qwen3_moe},
+      {"qwen3", "Qwen3ForCausalLM", &plan_qwen3},
       {"glm4_moe_lite", "Glm4MoeLiteForCausalLM", &plan_glm4_moe_lite},
       {"lfm2_moe", "Lfm2MoeForCausalLM", &plan_lfm2_moe, /*router_bits=*/8},
   };

@@ -80,6 +80,7 @@ struct Family {
 
 // Plan functions, one per family file.
 Plan plan_qwen3_moe(const PlanInput& in);      // convert_qwen3_moe.cpp
+Plan plan_qwen3(const PlanInput& in);          // convert_qwen3_moe.cpp (dense Qwen3)
 Plan plan_glm4_moe_lite(const PlanInput& in);  // convert_glm4_moe_lite.cpp
 Plan plan_lfm2_moe(const PlanInput& in);       // convert_lfm2_moe.cpp
 

@@ -189,4 +189,44 @@ Plan plan_qwen3_moe(const PlanInput& in) {
   return p;
 }
 
+// Dense Qwen3 (model_type "qwen3", Qwen3ForCausalLM): the same names with a
+// SwiGLU MLP in every layer; nothing is stacked, the tied head is dropped.
+Plan plan_qwen3(const PlanInput& in) {
+  const io::WeightStore& ws = in.weights;
+  const int64_t n_layers = config_int(in.config, "num_hidden_layers", -1);
+  ZMLX_CHECK(n_layers > 0, "[convert qwen3] config.json: 'num_hidden_layers' missing or not positive");
+  const bool tied = config_bool(in.config, "tie_word_embeddings", false);
+  static const std::set<std::string> kKeep = {
+      "input_layernorm.weight",  "post_attention_layernorm.weight", "self_attn.q_norm.weight",
+      "self_attn.k_norm.weight", "self_attn.q_proj.bias",           "self_attn.k_proj.bias",
+      "self_attn.v_proj.bias",   "self_attn.o_proj.bias"};
+  static const std::set<std::string> kLinear = {
+      "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+      "self_attn.o_proj.weight", "mlp.gate_proj.weight",    "mlp.up_proj.weight",
+      "mlp.down_proj.weight"};
+  Plan p;
+  for (const std::string& name : ws.names()) {
+    const io::TensorInfo& t = ws.get(name);
+    if (name == "model.embed_tokens.weight") {
+      p.tensors.push_back(same(t, Role::Linear));
+    } else if (name == "lm_head.weight") {
+      if (tied) p.ignored[name] = "tie_word_embeddings: the embedding is the output head";
+      else p.tensors.push_back(same(t, Role::Linear));
+    } else if (name == "model.norm.weight") {
+      p.tensors.push_back(same(t, Role::Keep));
+    } else if (name.ends_with("rotary_emb.inv_freq")) {
+      p.ignored[name] = "recomputed from rope_theta";
+    } else {
+      int64_t layer = 0;
+      std::string rest;
+      if (!split_layer_key(name, "model.layers.", &layer, &rest)) continue;  // reported as unknown
+      ZMLX_CHECK(layer < n_layers, "[convert qwen3] tensor '{}' belongs to layer {}, but config.json has "
+                 "num_hidden_layers = {}", name, layer, n_layers);
+      if (kKeep.count(rest)) p.tensors.push_back(same(t, Role::Keep));
+      else if (kLinear.count(rest)) p.tensors.push_back(same(t, Role::Linear));
+    }
+  }
+  return p;
+}
+
 }  // namespace zmlx::convert

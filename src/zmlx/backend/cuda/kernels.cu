@@ -203,38 +203,56 @@ __device__ __forceinline__ void row_dot(const QMat& m, int64_t e, int64_t r, con
 constexpr int kDecodeRows = 1;
 constexpr int kSwigluDecodeRows = 2;
 
+template <int BITS, int R, int NM>
+__device__ __forceinline__ void rows_dot_n(const QMat (&ms)[NM], int64_t e, int64_t r0, int nrows, const uint16_t* x,
+                                           float (&acc)[NM][R]) {
+  const int lane = threadIdx.x & 31;
+  const int64_t K = ms[0].cols;
+  const int chunks = int(K / 32);
+  const int64_t wpr = K * BITS / 32;
+  const int64_t gpr = BITS == 16 ? 0 : K / ms[0].group;
+#pragma unroll
+  for (int i = 0; i < NM; ++i)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[i][r] = 0.f;
+#pragma unroll 2
+  for (int c = lane; c < chunks; c += kWarp) {
+    WChunk<BITS> w[NM][R];
+    float sc[NM][R], bi[NM][R];
+#pragma unroll
+    for (int i = 0; i < NM; ++i)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        sc[i][r] = 1.f, bi[i][r] = 0.f;
+        if (r < nrows) {
+          w[i][r] = load_w<BITS>(ms[i].w + e * ms[i].w_stride + (r0 + r) * wpr + int64_t(c) * BITS);
+          if constexpr (BITS != 16) {
+            const int64_t g = e * ms[i].s_stride + (r0 + r) * gpr + (c * 32) / ms[i].group;
+            sc[i][r] = bf(__ldg(ms[i].scales + g)), bi[i][r] = bf(__ldg(ms[i].biases + g));
+          }
+        }
+      }
+    const XF xf = load_x(x + int64_t(c) * 32);
+#pragma unroll
+    for (int i = 0; i < NM; ++i)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (r < nrows) acc[i][r] = chunk_dot<BITS>(w[i][r], xf, sc[i][r], bi[i][r], acc[i][r]);
+  }
+#pragma unroll
+  for (int i = 0; i < NM; ++i)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[i][r] = warp_sum(acc[i][r]);
+}
+
 template <int BITS, int R>
 __device__ __forceinline__ void rows_dot(const QMat& m, int64_t e, int64_t r0, int nrows, const uint16_t* x,
                                          float (&acc)[R]) {
-  const int lane = threadIdx.x & 31;
-  const int64_t K = m.cols;
-  const int chunks = int(K / 32);
-  const int64_t wpr = K * BITS / 32;
-  const int64_t gpr = BITS == 16 ? 0 : K / m.group;
-  const uint32_t* wb = m.w + e * m.w_stride + r0 * wpr;
+  const QMat ms[1] = {m};
+  float a[1][R];
+  rows_dot_n<BITS, R, 1>(ms, e, r0, nrows, x, a);
 #pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
-  for (int c = lane; c < chunks; c += kWarp) {
-    WChunk<BITS> w[R];
-    float sc[R], bi[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      sc[r] = 1.f, bi[r] = 0.f;
-      if (r < nrows) {
-        w[r] = load_w<BITS>(wb + r * wpr + int64_t(c) * BITS);
-        if constexpr (BITS != 16) {
-          const int64_t g = e * m.s_stride + (r0 + r) * gpr + (c * 32) / m.group;
-          sc[r] = bf(__ldg(m.scales + g)), bi[r] = bf(__ldg(m.biases + g));
-        }
-      }
-    }
-    const XF xf = load_x(x + int64_t(c) * 32);
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-      if (r < nrows) acc[r] = chunk_dot<BITS>(w[r], xf, sc[r], bi[r], acc[r]);
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+  for (int r = 0; r < R; ++r) acc[r] = a[0][r];
 }
 
 __device__ __forceinline__ float combine_term(uint16_t y, const void* scores, bool f32, int mode, int64_t p) {
@@ -407,11 +425,11 @@ __global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_
   const int64_t r0 = decode_row0();
   if (r0 >= g.rows) return;
   const int n = int(kDecodeRows < (g.rows - r0) ? int64_t(kDecodeRows) : (g.rows - r0));
-  float ga[kDecodeRows], ua[kDecodeRows];
-  rows_dot<BITS, kDecodeRows>(g, 0, r0, n, x, ga);
-  rows_dot<BITS, kDecodeRows>(u, 0, r0, n, x, ua);
+  const QMat gu[2] = {g, u};
+  float a[2][kDecodeRows];
+  rows_dot_n<BITS, kDecodeRows, 2>(gu, 0, r0, n, x, a);
   if ((threadIdx.x & 31) == 0)
-    for (int r = 0; r < n; ++r) y[r0 + r] = swiglu_bf(to_bf(ga[r]), to_bf(ua[r]));
+    for (int r = 0; r < n; ++r) y[r0 + r] = swiglu_bf(to_bf(a[0][r]), to_bf(a[1][r]));
 }
 
 // One (token, slot) pair per blockIdx.y.
@@ -439,11 +457,11 @@ __global__ void __launch_bounds__(256) gather_swiglu_decode_kernel(const uint16_
   const int n = int(kSwigluDecodeRows < (g.rows - r0) ? int64_t(kSwigluDecodeRows) : (g.rows - r0));
   const int64_t p = blockIdx.y;
   const int32_t e = ex[p];
-  float ga[kSwigluDecodeRows], ua[kSwigluDecodeRows];
-  rows_dot<BITS, kSwigluDecodeRows>(g, e, r0, n, x + (p / k) * g.cols, ga);
-  rows_dot<BITS, kSwigluDecodeRows>(u, e, r0, n, x + (p / k) * u.cols, ua);
+  const QMat gu[2] = {g, u};
+  float a[2][kSwigluDecodeRows];
+  rows_dot_n<BITS, kSwigluDecodeRows, 2>(gu, e, r0, n, x + (p / k) * g.cols, a);
   if ((threadIdx.x & 31) == 0)
-    for (int r = 0; r < n; ++r) y[p * g.rows + r0 + r] = swiglu_bf(to_bf(ga[r]), to_bf(ua[r]));
+    for (int r = 0; r < n; ++r) y[p * g.rows + r0 + r] = swiglu_bf(to_bf(a[0][r]), to_bf(a[1][r]));
 }
 
 // Dispatch on the weight format; TT = tokens per pass.
