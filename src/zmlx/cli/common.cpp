@@ -81,7 +81,7 @@ LoadedModel load(const ModelArgs& a, bool need_tokenizer) {
   m.dir = io::resolve_model_path(a.model);
   auto t0 = std::chrono::steady_clock::now();
   dist::Placement place = make_placement(a);
-  m.backend = make_backend(a.backend);
+  m.backend = make_backend_for_ranks(a.backend, place.active());
   m.model = load_model(m.dir, *m.backend, place);
   m.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   patch::PatchOptions po = patch_options(a);

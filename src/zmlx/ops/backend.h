@@ -199,5 +199,8 @@ bool cuda_device_present();
 // "cpu", "cuda" or "auto" (CUDA when this build has it and a GPU is present).
 // An unavailable choice is an error that says why.
 std::unique_ptr<Backend> make_backend(const std::string& name);
+// The backend of one rank of a --parallel run (CPU: the multi-process
+// transport moves host buffers); make_backend when not distributed.
+std::unique_ptr<Backend> make_backend_for_ranks(const std::string& name, bool distributed);
 
 }  // namespace zmlx

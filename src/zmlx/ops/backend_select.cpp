@@ -18,4 +18,12 @@ std::unique_ptr<Backend> make_backend(const std::string& name) {
   fail("unknown backend '{}' (expected cpu, cuda or auto)", name);
 }
 
+std::unique_ptr<Backend> make_backend_for_ranks(const std::string& name, bool distributed) {
+  if (!distributed) return make_backend(name);
+  // The MPI transport moves host buffers; GPU ranks (NCCL) are not implemented.
+  ZMLX_CHECK(name != "cuda", "--backend cuda with --parallel: multi-process runs use CPU ranks for now (GPU ranks "
+             "over NCCL are not implemented); use --backend cpu or auto");
+  return make_cpu_backend();
+}
+
 }  // namespace zmlx

@@ -82,7 +82,7 @@ void GenJob::finish(GenerateResult r, std::string error) {
 Instance::Instance(std::string id, std::string model_id, std::string ref, std::string dir, const LoadOptions& opt)
     : id_(std::move(id)), model_id_(std::move(model_id)), ref_(std::move(ref)), dir_(std::move(dir)) {
   auto t0 = Clock::now();
-  backend_ = make_backend(opt.backend);
+  backend_ = make_backend_for_ranks(opt.backend, opt.parallel.active());
   model_ = load_model(dir_, *backend_, opt.parallel);
   load_seconds_ = std::chrono::duration<double>(Clock::now() - t0).count();
   patch::PatchOptions po = opt.patch;
