@@ -1,5 +1,7 @@
 #include "zmlx/gen/decode_step.h"
 
+#include "zmlx/core/error.h"
+
 namespace zmlx {
 namespace {
 
@@ -12,6 +14,9 @@ uint64_t mix(uint64_t h, uint64_t v) {
 
 Tensor decode_forward(Model& model, Backend& be, int32_t token, Cache& cache) {
   const int64_t pos = cache.pos;
+  // A replayed step runs no host checks: check the token here.
+  ZMLX_CHECK(token >= 0 && token < model.config().vocab_size, "token id {} is outside the vocabulary [0, {})", token,
+             model.config().vocab_size);
   uint64_t key = mix(0, model.uid());
   for (auto* slot : model.feed_forwards()) key = mix(key, reinterpret_cast<uintptr_t>(slot->get()));
   for (const KvLayer& kv : cache.kv) {
@@ -22,7 +27,12 @@ Tensor decode_forward(Model& model, Backend& be, int32_t token, Cache& cache) {
     key = mix(key, uint64_t(kv.capacity));
   }
   for (const Tensor& c : cache.conv) key = mix(key, reinterpret_cast<uintptr_t>(c.data));
-  Tensor out = be.decode_step(key, token, pos, [&] { return model.forward(be, {token}, cache); });
+  // The step resets the position itself, so a backend may run it again (e.g.
+  // eagerly after a failed recording).
+  Tensor out = be.decode_step(key, token, pos, [&] {
+    cache.pos = pos;
+    return model.forward(be, {token}, cache);
+  });
   cache.pos = pos + 1;  // a replayed step does not run the host code that advances it
   return out;
 }

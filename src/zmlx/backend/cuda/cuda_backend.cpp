@@ -55,6 +55,11 @@ class DevicePool {
       list.pop_back();
     } else {
       cudaError_t e = cudaMalloc(&p, size);
+      if (e != cudaSuccess) {  // give the cached free blocks back and try once more
+        cudaGetLastError();
+        trim_locked();
+        e = cudaMalloc(&p, size);
+      }
       if (e != cudaSuccess) {
         cudaGetLastError();
         size_t fr = 0, total = 0;
@@ -76,6 +81,13 @@ class DevicePool {
       return;
     }
     free_[size].push_back(p);
+  }
+
+  // Frees every cached block nobody holds (after synchronising the device,
+  // so no queued kernel still uses one).
+  void trim() {
+    std::lock_guard<std::mutex> lk(mu_);
+    trim_locked();
   }
 
   void set_capturing(bool on) {
@@ -100,6 +112,17 @@ class DevicePool {
     const size_t step = std::max<size_t>(4096, p2 / 8);
     return (bytes + step - 1) / step * step;
   }
+  void trim_locked() {
+    cudaDeviceSynchronize();
+    for (auto& [size, list] : free_) {
+      for (void* p : list) {
+        cudaFree(p);
+        sizes_.erase(p);
+      }
+      list.clear();
+    }
+  }
+
   std::mutex mu_;
   std::unordered_map<size_t, std::vector<void*>> free_;
   std::unordered_map<void*, size_t> sizes_;
@@ -203,8 +226,9 @@ class CudaBackend final : public Backend {
   friend struct Prof;
 
  public:
-  explicit CudaBackend(int device) : pool_(std::make_shared<DevicePool>()) {
+  explicit CudaBackend(int device) : pool_(std::make_shared<DevicePool>()), device_(device) {
     cuda_check(cudaSetDevice(device), "cudaSetDevice");
+    cuda_check(cudaEventCreateWithFlags(&step_done_, cudaEventDisableTiming), "cudaEventCreate");
     cudaDeviceProp p{};
     cuda_check(cudaGetDeviceProperties(&p, device), "cudaGetDeviceProperties");
     name_ = fmt::format("cuda ({}, sm_{}{})", p.name, p.major, p.minor);
@@ -221,6 +245,7 @@ class CudaBackend final : public Backend {
     for (auto& [k, v] : rope_tables_) cudaFree(v);
     cudaFree(d_step_);
     cudaFreeHost(h_step_);
+    cudaEventDestroy(step_done_);
     cudaStreamDestroy(stream_);
   }
 
@@ -259,34 +284,27 @@ class CudaBackend final : public Backend {
     return h;
   }
 
-  // Weights and constant tensors: uploaded once, shared when the checkpoint
-  // uses the same bytes twice (tied embeddings).
+  // Weights and constant tensors: uploaded once. (A tied output head is the
+  // already adopted embedding, so nothing is uploaded twice.)
   Tensor adopt(const Tensor& t) override {
     if (t.device == Device::CUDA || t.empty()) return t;
-    auto it = uploaded_.find(t.data);
-    if (it != uploaded_.end()) {
-      if (auto s = it->second.lock()) {
-        Tensor d = t;
-        d.device = Device::CUDA;
-        d.storage = s;
-        d.data = s.get();
-        return d;
-      }
-    }
     void* p = nullptr;
     if (cudaMalloc(&p, std::max<size_t>(t.nbytes(), 1)) != cudaSuccess) {
       cudaGetLastError();
-      size_t fr = 0, total = 0;
-      cudaMemGetInfo(&fr, &total);
-      fail("out of GPU memory uploading weights: {:.1f} MiB more needed, {:.1f} of {:.1f} MiB free",
-           t.nbytes() / 1048576.0, fr / 1048576.0, total / 1048576.0);
+      pool_->trim();
+      if (cudaMalloc(&p, std::max<size_t>(t.nbytes(), 1)) != cudaSuccess) {
+        cudaGetLastError();
+        size_t fr = 0, total = 0;
+        cudaMemGetInfo(&fr, &total);
+        fail("out of GPU memory uploading weights: {:.1f} MiB more needed, {:.1f} of {:.1f} MiB free",
+             t.nbytes() / 1048576.0, fr / 1048576.0, total / 1048576.0);
+      }
     }
     cuda_check(cudaMemcpy(p, t.data, t.nbytes(), cudaMemcpyHostToDevice), "weight upload");
     Tensor d = t;
     d.device = Device::CUDA;
     d.storage = std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
     d.data = p;
-    uploaded_[t.data] = d.storage;
     ++weights_epoch_;
     return d;
   }
@@ -305,6 +323,7 @@ class CudaBackend final : public Backend {
   // --------------------------------------------------------------- ops
 
   Tensor embed(const Weight& table, const std::vector<int32_t>& ids) override {
+    cudaSetDevice(device_);  // a forward may run on another thread than the one that made the backend
     const int64_t T = int64_t(ids.size()), D = table.cols;
     for (int32_t id : ids)
       ZMLX_CHECK(id >= 0 && id < table.rows, "token id {} is outside the vocabulary [0, {})", id, table.rows);
@@ -410,8 +429,9 @@ class CudaBackend final : public Backend {
     ZMLX_CHECK(q.cols() == heads * hd && k.cols() == kv_heads * hd && v.cols() == kv_heads * hd &&
                    qn.numel() == hd && kn.numel() == hd,
                "qk_norm_rope_cache: shapes do not match {} + {} heads of {}", heads, kv_heads, hd);
-    if (pos0 + T > cache.capacity || (hd != 32 && hd != 64 && hd != 128 && hd != 256))
+    if (hd != 32 && hd != 64 && hd != 128 && hd != 256)
       return Backend::qk_norm_rope_cache(q, k, v, qn, kn, eps, heads, kv_heads, hd, pos0, base, traditional, cache);
+    ensure_capacity(cache, pos0 + T, pos0);  // grow first, so the fused kernel always runs
     Tensor qo = alloc(DType::BF16, q.shape);
     Prof p_(this, "qk_norm_rope_kv");
     kern::qk_norm_rope_kv(bf16p(q), bf16p(k), bf16p(v), int(T), int(heads), int(kv_heads), int(hd), bf16p(qn),
@@ -447,20 +467,8 @@ class CudaBackend final : public Backend {
   void kv_write(KvLayer& c, const Tensor& k, const Tensor& v, int64_t pos0) override {
     const int64_t H = c.k.dim(0), hd = c.k.dim(2), vd = c.v.dim(2), T = k.rows();
     ZMLX_CHECK(k.numel() == T * H * hd && v.numel() == T * H * vd, "kv_write: k/v do not match the cache rows");
-    if (pos0 + T > c.capacity) {
-      ZMLX_CHECK(!capturing_, "KV cache growth inside a recorded decode step");
-      const int64_t cap = std::max<int64_t>(c.capacity * 2, pos0 + T + 256);
-      KvLayer n;
-      n.capacity = cap;
-      n.k = alloc(DType::BF16, {H, cap, hd});
-      n.v = alloc(DType::BF16, {H, cap, vd});
-      const size_t kr = size_t(hd) * 2, vr = size_t(vd) * 2;
-      cuda_check(cudaMemcpy2DAsync(n.k.data, size_t(cap) * kr, c.k.data, size_t(c.capacity) * kr, size_t(pos0) * kr,
-                                   size_t(H), cudaMemcpyDeviceToDevice, stream_), "KV grow");
-      cuda_check(cudaMemcpy2DAsync(n.v.data, size_t(cap) * vr, c.v.data, size_t(c.capacity) * vr, size_t(pos0) * vr,
-                                   size_t(H), cudaMemcpyDeviceToDevice, stream_), "KV grow");
-      c = std::move(n);
-    }
+    ZMLX_CHECK(v.rows() == T, "kv_write: {} key rows but {} value rows", T, v.rows());
+    ensure_capacity(c, pos0 + T, pos0);
     Prof p_(this, "kv_write");
     kern::kv_write(bf16p(c.k), bf16p(c.v), c.capacity, int(H), int(hd), int(vd), bf16p(k), bf16p(v), int(T),
                    int(pos0), dpos(), stream_);
@@ -475,6 +483,9 @@ class CudaBackend final : public Backend {
                q.cols(), v.rows(), v.cols());
     const int64_t dk = q.cols() / heads, dv = v.cols() / kv_heads, dr = q_pe.cols() / heads;
     ZMLX_CHECK(k.cols() == kv_heads * dk && k_pe.cols() == dr, "attention_pe: k/k_pe widths do not match q");
+    ZMLX_CHECK(k.rows() >= pos0 + T && v.rows() >= pos0 + T && k_pe.rows() >= pos0 + T && T <= 65535,
+               "attention_pe: k [{}] / v [{}] / k_pe [{}] rows do not cover {} positions (or over 65535 queries)",
+               k.rows(), v.rows(), k_pe.rows(), pos0 + T);
     // Decode: a fixed number of key splits (a recorded step serves every length).
     const int splits = T == 1 ? 16 : 1;
     Tensor scratch = alloc(DType::F32, {T * heads * splits * (dv + 2)});
@@ -531,6 +542,11 @@ class CudaBackend final : public Backend {
   Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads, int64_t kv_heads, int64_t hd,
                    float scale) override {
     const int64_t T = q.rows();
+    ZMLX_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && q.cols() == heads * hd && c.k.dim(0) == kv_heads &&
+                   c.k.dim(2) == hd && c.v.dim(2) == hd && pos0 + T <= c.capacity,
+               "attention: q [{}, {}] with {} heads / {} kv heads of {} does not fit the cache [{}, {}, {}] at {}+{}",
+               q.rows(), q.cols(), heads, kv_heads, hd, c.k.dim(0), c.capacity, c.k.dim(2), pos0, T);
+    ZMLX_CHECK(T <= 65535, "attention: {} query rows in one call (at most 65535; prefill in chunks)", T);
     // Decode splits the keys over blocks (flash-decoding); the split count
     // depends only on the cache capacity, so eager and replayed steps agree.
     const int splits = T == 1 ? int(std::clamp<int64_t>(c.capacity / 64, 1, 128)) : 1;
@@ -585,6 +601,7 @@ class CudaBackend final : public Backend {
     ZMLX_CHECK(x.cols() == w.cols, "{}: input has {} features, experts expect {}", w.name, x.cols(), w.cols);
     const bool per_slot = x.rows() == T * k;
     ZMLX_CHECK(per_slot || x.rows() == T, "{}: {} input rows for {} tokens x {} slots", w.name, x.rows(), T, k);
+    ZMLX_CHECK(T * k <= 65535, "{}: {} token-expert pairs in one call (at most 65535; prefill in chunks)", w.name, T * k);
     Tensor out = alloc(DType::BF16, {T, k, N});
     const kern::QMat m = qmat(w);
     Prof p_(this, "gather_linear");
@@ -600,6 +617,7 @@ class CudaBackend final : public Backend {
 
   Tensor moe_combine(const Tensor& y, const Routing& r, CombineMode mode) override {
     const int64_t T = r.experts.rows(), k = r.k, D = y.cols();
+    ZMLX_CHECK(y.rows() == T * k, "moe_combine: {} rows for {} tokens x {} slots", y.rows(), T, k);
     Tensor out = alloc(DType::BF16, {T, D});
     Prof p_(this, "moe_combine");
     kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), D,
@@ -678,12 +696,13 @@ class CudaBackend final : public Backend {
   // ------------------------------------------------------ recorded steps
 
   Tensor decode_step(uint64_t key, int32_t token, int64_t pos, const std::function<Tensor()>& step) override {
-    if (!graphs_enabled_) return step();
+    cudaSetDevice(device_);
     key ^= weights_epoch_ * 0x9e3779b97f4a7c15ull;
+    if (!graphs_enabled_ || failed_keys_.count(key)) return step();
     if (exec_ && key == graph_key_) {
-      h_step_[0] = token;
-      h_step_[1] = int32_t(pos);
+      set_step_inputs(token, pos);
       cuda_check(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch");
+      cuda_check(cudaEventRecord(step_done_, stream_), "cudaEventRecord");
       return graph_logits_;
     }
     if (key != warm_key_) {  // first step under this key: run eagerly so the pool holds the sizes it needs
@@ -691,38 +710,74 @@ class CudaBackend final : public Backend {
       return step();
     }
     drop_graph();
-    h_step_[0] = token;
-    h_step_[1] = int32_t(pos);
+    set_step_inputs(token, pos);
     cuda_check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
     pool_->set_capturing(true);
     capturing_ = true;
     Tensor logits;
-    cudaGraph_t graph = nullptr;
+    std::string why;
     try {
       cuda_check(cudaMemcpyAsync(d_step_, h_step_, 2 * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
                  "step input copy");
       logits = step();
-    } catch (...) {
-      capturing_ = false;
-      pool_->set_capturing(false);
-      cudaStreamEndCapture(stream_, &graph);
-      if (graph) cudaGraphDestroy(graph);
-      pool_->release_graph_blocks();
-      warm_key_ = 0;
-      throw;
+    } catch (const std::exception& e) {
+      why = e.what();
     }
     capturing_ = false;
     pool_->set_capturing(false);
-    cuda_check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
-    cuda_check(cudaGraphInstantiate(&exec_, graph, 0), "cudaGraphInstantiate");
-    cudaGraphDestroy(graph);
+    cudaGraph_t graph = nullptr;
+    cudaError_t ec = cudaStreamEndCapture(stream_, &graph);
+    if (why.empty() && ec == cudaSuccess) ec = cudaGraphInstantiate(&exec_, graph, 0);
+    if (graph) cudaGraphDestroy(graph);
+    if (!why.empty() || ec != cudaSuccess) {
+      // Recording failed: forget it and run this key's steps eagerly (the
+      // step recomputes everything; a real error will show up again there).
+      if (why.empty()) why = cudaGetErrorString(ec);
+      cudaGetLastError();
+      exec_ = nullptr;
+      logits = Tensor{};
+      pool_->release_graph_blocks();
+      failed_keys_.insert(key);
+      warm_key_ = 0;
+      log_info("[zmlx] CUDA graph recording of a decode step failed ({}); running decode steps eagerly", why);
+      return step();
+    }
     graph_key_ = key;
     graph_logits_ = logits;
     cuda_check(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch");
+    cuda_check(cudaEventRecord(step_done_, stream_), "cudaEventRecord");
     return logits;
   }
 
  private:
+  // Grows a cache layer to hold `needed` positions, keeping rows [0, keep).
+  void ensure_capacity(KvLayer& c, int64_t needed, int64_t keep) {
+    if (needed <= c.capacity) return;
+    ZMLX_CHECK(!capturing_, "KV cache growth inside a recorded decode step");
+    const int64_t H = c.k.dim(0), hd = c.k.dim(2), vd = c.v.dim(2);
+    const int64_t cap = std::max<int64_t>(c.capacity * 2, needed + 256);
+    KvLayer n;
+    n.capacity = cap;
+    n.k = alloc(DType::BF16, {H, cap, hd});
+    n.v = alloc(DType::BF16, {H, cap, vd});
+    const size_t kr = size_t(hd) * 2, vr = size_t(vd) * 2;
+    if (keep > 0) {
+      cuda_check(cudaMemcpy2DAsync(n.k.data, size_t(cap) * kr, c.k.data, size_t(c.capacity) * kr, size_t(keep) * kr,
+                                   size_t(H), cudaMemcpyDeviceToDevice, stream_), "KV grow");
+      cuda_check(cudaMemcpy2DAsync(n.v.data, size_t(cap) * vr, c.v.data, size_t(c.capacity) * vr, size_t(keep) * vr,
+                                   size_t(H), cudaMemcpyDeviceToDevice, stream_), "KV grow");
+    }
+    c = std::move(n);
+  }
+
+  // The pinned inputs of a recorded step are read by the graph's first node:
+  // wait for the previous launch to have consumed them before rewriting.
+  void set_step_inputs(int32_t token, int64_t pos) {
+    cuda_check(cudaEventSynchronize(step_done_), "cudaEventSynchronize");
+    h_step_[0] = token;
+    h_step_[1] = int32_t(pos);
+  }
+
   void drop_graph() {
     if (!exec_) return;
     cudaStreamSynchronize(stream_);
@@ -768,7 +823,6 @@ class CudaBackend final : public Backend {
   GpuProfile profile_;
   cudaStream_t stream_ = nullptr;
   std::shared_ptr<DevicePool> pool_;
-  std::unordered_map<const void*, std::weak_ptr<void>> uploaded_;
   uint64_t weights_epoch_ = 0;
   std::map<std::pair<float, int64_t>, float*> rope_tables_;
   // Recorded decode step: token and position live in pinned host memory and
@@ -776,6 +830,9 @@ class CudaBackend final : public Backend {
   int32_t* h_step_ = nullptr;
   int32_t* d_step_ = nullptr;
   bool graphs_enabled_ = true, capturing_ = false;
+  int device_ = 0;
+  cudaEvent_t step_done_ = nullptr;
+  std::unordered_set<uint64_t> failed_keys_;
   cudaGraphExec_t exec_ = nullptr;
   uint64_t graph_key_ = 0, warm_key_ = 0;
   Tensor graph_logits_;

@@ -1103,9 +1103,9 @@ template <int BITS>
 __global__ void __launch_bounds__(256) multi_linear_t_kernel(const uint16_t* x, int64_t ldx, int64_t xoff, int H,
                                                              QMat m, uint16_t* out) {
   pdl_begin();
-  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  const int64_t r = int64_t(blockIdx.y) * kRowsPerBlock + (threadIdx.x >> 5);
   if (r >= m.rows) return;
-  const int64_t th = blockIdx.y, t = th / H, h = th % H;
+  const int64_t th = blockIdx.x, t = th / H, h = th % H;  // T·H can pass grid.y's 65535
   float acc[1];
   row_dot<BITS, 1>(m, h, r, x + t * ldx + h * xoff, 0, 1, acc);
   if ((threadIdx.x & 31) == 0) out[(t * H + h) * m.rows + r] = to_bf(acc[0]);
@@ -1114,7 +1114,7 @@ template <int B>
 struct MultiLinearTL {
   static void go(const uint16_t* x, int T, int64_t ldx, int64_t xoff, int H, const QMat& m, uint16_t* out,
                  cudaStream_t s) {
-    launch(multi_linear_t_kernel<B>, dim3(unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(T * H)),
+    launch(multi_linear_t_kernel<B>, dim3(unsigned(T * H), unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock)),
            dim3(256), s, x, ldx, xoff, H, m, out);
   }
 };
