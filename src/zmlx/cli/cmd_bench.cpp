@@ -61,7 +61,8 @@ int run(const BenchArgs& a) {
                         {"decode_tps", {{"median", d.median}, {"min", d.min}, {"max", d.max}}},
                         {"bytes_per_token", per_token},
                         {"decode_gbps", d.median * double(per_token) / 1e9},
-                        {"peak_rss_bytes", uint64_t(rss)}};
+                        {"peak_rss_bytes", uint64_t(rss)},
+                        {"peak_device_bytes", m.backend->peak_device_bytes()}};
     std::printf("%s\n", j.dump(2).c_str());
   } else {
     std::printf("model    %s (%s) on %s\n", m.dir.c_str(), m.model->family().c_str(), m.backend->name().c_str());
@@ -69,7 +70,10 @@ int run(const BenchArgs& a) {
     std::printf("decode   %d tokens: %.2f tok/s median (min %.2f, max %.2f)\n", a.gen_tokens, d.median, d.min, d.max);
     std::printf("traffic  %s per token -> %.1f GB/s at the median decode rate\n", human_bytes(double(per_token)).c_str(),
                 d.median * double(per_token) / 1e9);
-    std::printf("memory   peak RSS %s\n", human_bytes(rss).c_str());
+    std::printf("memory   peak RSS %s", human_bytes(rss).c_str());
+    if (m.backend->peak_device_bytes() > 0)
+      std::printf(", GPU %s (weights + buffers)", human_bytes(double(m.backend->peak_device_bytes())).c_str());
+    std::printf("\n");
   }
   return 0;
 }

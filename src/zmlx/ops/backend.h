@@ -175,6 +175,10 @@ class Backend {
   // Dense SwiGLU MLP gate+up in one pass: swiglu(x@Wgᵀ, x@Wuᵀ) -> [T, I].
   virtual Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) = 0;
 
+  // Peak bytes this backend has held in device memory (weights + pool);
+  // 0 for host backends, whose memory shows in the process RSS.
+  virtual uint64_t peak_device_bytes() const { return 0; }
+
   // argmax of one row of bf16 logits [R, V], ties to the lower id (as the
   // greedy sampler); the default reads the row back to the host.
   virtual int32_t argmax_row(const Tensor& logits, int64_t row);

@@ -68,7 +68,9 @@ class DevicePool {
              fr / 1048576.0, total / 1048576.0);
       }
     }
+    if (!sizes_.count(p)) held_ += size;
     sizes_[p] = size;
+    peak_ = std::max(peak_, held_);
     if (capturing_) graph_blocks_.insert(p);
     return p;
   }
@@ -88,6 +90,11 @@ class DevicePool {
   void trim() {
     std::lock_guard<std::mutex> lk(mu_);
     trim_locked();
+  }
+
+  uint64_t peak_bytes() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return peak_;
   }
 
   void set_capturing(bool on) {
@@ -117,6 +124,7 @@ class DevicePool {
     for (auto& [size, list] : free_) {
       for (void* p : list) {
         cudaFree(p);
+        held_ -= sizes_.at(p);
         sizes_.erase(p);
       }
       list.clear();
@@ -124,6 +132,7 @@ class DevicePool {
   }
 
   std::mutex mu_;
+  uint64_t held_ = 0, peak_ = 0;  // bytes obtained from cudaMalloc (in use or cached)
   std::unordered_map<size_t, std::vector<void*>> free_;
   std::unordered_map<void*, size_t> sizes_;
   bool capturing_ = false;
@@ -306,8 +315,11 @@ class CudaBackend final : public Backend {
     d.storage = std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
     d.data = p;
     ++weights_epoch_;
+    weight_bytes_ += t.nbytes();
     return d;
   }
+
+  uint64_t peak_device_bytes() const override { return weight_bytes_ + pool_->peak_bytes(); }
 
   Weight adopt(const Weight& w) override {
     Weight d = w;
@@ -831,6 +843,7 @@ class CudaBackend final : public Backend {
   int32_t* d_step_ = nullptr;
   bool graphs_enabled_ = true, capturing_ = false;
   int device_ = 0;
+  uint64_t weight_bytes_ = 0;
   cudaEvent_t step_done_ = nullptr;
   std::unordered_set<uint64_t> failed_keys_;
   cudaGraphExec_t exec_ = nullptr;
