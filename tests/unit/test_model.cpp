@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "zmlx/core/error.h"
+#include "zmlx/gen/decode_step.h"
 #include "zmlx/gen/generator.h"
 #include "zmlx/models/model.h"
 #include "zmlx/synth/synth.h"
@@ -152,5 +153,35 @@ TEST(ModelConfigNames, AcceptsTransformers5NumLocalExperts) {
   auto m = load_model(d, *be);
   EXPECT_EQ(m->layer_kinds().size(), 4u);
 }
+}  // namespace
+}  // namespace zmlx
+
+namespace zmlx {
+namespace {
+
+// decode_forward (the recorded-step entry point) computes exactly what
+// forward does, advances the cache, and checks the token on the host (a
+// replayed step runs no host checks).
+TEST(DecodeStep, SameAsForwardAndChecksTheToken) {
+  auto be = make_cpu_backend();
+  auto m = load_model(test::synth_temp("qwen3_moe", "decode_step", 4), *be);
+  const std::vector<int32_t> ids = {3, 99, 250, 7};
+  Cache a = m->new_cache(*be), b = m->new_cache(*be);
+  m->forward(*be, ids, a);
+  m->forward(*be, ids, b);
+  int32_t next = 11;
+  for (int s = 0; s < 5; ++s) {
+    const auto x = logits_to_host(*be, m->forward(*be, {next}, a), 0);
+    const auto y = logits_to_host(*be, decode_forward(*m, *be, next, b), 0);
+    ASSERT_EQ(x, y) << "step " << s;
+    ASSERT_EQ(a.pos, b.pos);
+    next = argmax(x.data(), int64_t(x.size()));
+  }
+  const int64_t V = m->config().vocab_size;
+  EXPECT_THROW(decode_forward(*m, *be, int32_t(V), b), Error);
+  EXPECT_THROW(decode_forward(*m, *be, -1, b), Error);
+  EXPECT_EQ(a.pos, b.pos) << "a refused token must not advance the cache";
+}
+
 }  // namespace
 }  // namespace zmlx
