@@ -29,6 +29,25 @@ std::vector<Tensor> Backend::linear_multi(const Tensor& x, const std::vector<con
   return out;
 }
 
+Routing Backend::new_routing(const Tensor& logits, int64_t k, DType score_dtype, const Tensor* bias, int64_t n_group,
+                             int64_t topk_group) {
+  const int64_t T = logits.rows(), E = logits.cols();
+  ZMLX_CHECK(logits.dtype == DType::BF16, "router: logits must be bf16, got {}", dtype_name(logits.dtype));
+  ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
+  if (bias)
+    ZMLX_CHECK(bias->dtype == DType::F32 && bias->numel() == E,
+               "router: the expert (correction) bias must be F32 [{}], got {} with {} values", E,
+               dtype_name(bias->dtype), bias->numel());
+  ZMLX_CHECK(n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group &&
+                 (n_group == 1 || E / n_group >= 2),
+             "router: n_group {} / topk_group {} do not fit {} experts", n_group, topk_group, E);
+  Routing r;
+  r.k = k;
+  r.experts = alloc(DType::I32, {T, k});
+  r.scores = alloc(score_dtype, {T, k});
+  return r;
+}
+
 int32_t Backend::argmax_row(const Tensor& logits, int64_t row) {
   Tensor h = to_host(logits);
   const int64_t V = h.cols();

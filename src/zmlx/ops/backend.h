@@ -193,6 +193,13 @@ class Backend {
     (void)key, (void)token, (void)pos;
     return step();
   }
+
+ protected:
+  // For router implementations: checks the call (k of E experts; an F32 [E]
+  // bias when given; n_group / topk_group dividing E) and allocates the
+  // result, ids I32 [T, k] and scores [T, k] of `score_dtype`.
+  Routing new_routing(const Tensor& logits, int64_t k, DType score_dtype, const Tensor* bias = nullptr,
+                      int64_t n_group = 1, int64_t topk_group = 1);
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

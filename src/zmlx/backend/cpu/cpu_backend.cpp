@@ -481,11 +481,7 @@ class CpuBackend final : public Backend {
   Routing route_softmax_topk(const Tensor& logits, int64_t k, bool normalize) override {
     OpTimer timer_("route_softmax_topk");
     const int64_t T = logits.rows(), E = logits.cols();
-    ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
-    Routing r;
-    r.k = k;
-    r.experts = alloc(DType::I32, {T, k});
-    r.scores = alloc(DType::BF16, {T, k});
+    Routing r = new_routing(logits, k, DType::BF16);
     const uint16_t* l = logits.ptr<uint16_t>();
     std::vector<float> p(static_cast<size_t>(E));
     std::vector<int32_t> order(static_cast<size_t>(E));
@@ -515,15 +511,8 @@ class CpuBackend final : public Backend {
   Routing route_sigmoid_topk(const Tensor& logits, const Tensor& bias, int64_t k, bool normalize, float eps,
                              float scaling) override {
     OpTimer timer_("route_sigmoid_topk");
-    check_bf16_2d(logits, "route_sigmoid_topk logits");
     const int64_t T = logits.rows(), E = logits.cols();
-    ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
-    ZMLX_CHECK(bias.dtype == DType::F32 && bias.numel() == E, "router: expert bias must be F32 [{}], got {} with {} values",
-               E, dtype_name(bias.dtype), bias.numel());
-    Routing r;
-    r.k = k;
-    r.experts = alloc(DType::I32, {T, k});
-    r.scores = alloc(DType::BF16, {T, k});
+    Routing r = new_routing(logits, k, DType::BF16, &bias);
     const uint16_t* l = logits.ptr<uint16_t>();
     const float* b = bias.ptr<float>();
     std::vector<float> sw(static_cast<size_t>(E)), sel(static_cast<size_t>(E));
@@ -555,18 +544,8 @@ class CpuBackend final : public Backend {
   Routing route_sigmoid_grouped_topk(const Tensor& logits, const Tensor& bias, int64_t k, int64_t n_group,
                                      int64_t topk_group, bool normalize, float eps, float scaling) override {
     OpTimer timer_("route_sigmoid_grouped_topk");
-    check_bf16_2d(logits, "route_sigmoid_grouped_topk logits");
     const int64_t T = logits.rows(), E = logits.cols();
-    ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
-    ZMLX_CHECK(bias.dtype == DType::F32 && bias.numel() == E, "router: e_score_correction_bias must be F32 [{}], got {} with {} values",
-               E, dtype_name(bias.dtype), bias.numel());
-    ZMLX_CHECK(n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group &&
-                   (n_group == 1 || E / n_group >= 2),
-               "router: n_group {} / topk_group {} do not fit {} experts", n_group, topk_group, E);
-    Routing r;
-    r.k = k;
-    r.experts = alloc(DType::I32, {T, k});
-    r.scores = alloc(DType::F32, {T, k});
+    Routing r = new_routing(logits, k, DType::F32, &bias, n_group, topk_group);
     const uint16_t* l = logits.ptr<uint16_t>();
     const float* b = bias.ptr<float>();
     const int64_t per = E / n_group;

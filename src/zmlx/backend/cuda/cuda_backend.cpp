@@ -535,15 +535,7 @@ class CudaBackend final : public Backend {
   Routing route_sigmoid_grouped_topk(const Tensor& logits, const Tensor& bias, int64_t k, int64_t n_group,
                                      int64_t topk_group, bool normalize, float eps, float scaling) override {
     const int64_t T = logits.rows(), E = logits.cols();
-    ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
-    ZMLX_CHECK(bias.dtype == DType::F32 && bias.numel() == E, "router: e_score_correction_bias must be F32 [{}]", E);
-    ZMLX_CHECK(n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group &&
-                   (n_group == 1 || E / n_group >= 2),
-               "router: n_group {} / topk_group {} do not fit {} experts", n_group, topk_group, E);
-    Routing r;
-    r.k = k;
-    r.experts = alloc(DType::I32, {T, k});
-    r.scores = alloc(DType::F32, {T, k});
+    Routing r = new_routing(logits, k, DType::F32, &bias, n_group, topk_group);
     Prof p_(this, "route_grouped");
     kern::route_sigmoid_grouped(bf16p(logits), static_cast<const float*>(bias.data), int(T), int(E), int(k),
                                 int(n_group), int(topk_group), normalize, eps, scaling,
@@ -572,11 +564,7 @@ class CudaBackend final : public Backend {
 
   Routing route_softmax_topk(const Tensor& logits, int64_t k, bool normalize) override {
     const int64_t T = logits.rows(), E = logits.cols();
-    ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
-    Routing r;
-    r.k = k;
-    r.experts = alloc(DType::I32, {T, k});
-    r.scores = alloc(DType::BF16, {T, k});
+    Routing r = new_routing(logits, k, DType::BF16);
     Prof p_(this, "route_softmax");
     kern::route_softmax(bf16p(logits), int(T), int(E), int(k), normalize, static_cast<int32_t*>(r.experts.data),
                      bf16p(r.scores), stream_);
@@ -586,12 +574,7 @@ class CudaBackend final : public Backend {
   Routing route_sigmoid_topk(const Tensor& logits, const Tensor& bias, int64_t k, bool normalize, float eps,
                              float scaling) override {
     const int64_t T = logits.rows(), E = logits.cols();
-    ZMLX_CHECK(k >= 1 && k <= E, "router: top-{} of {} experts", k, E);
-    ZMLX_CHECK(bias.dtype == DType::F32 && bias.numel() == E, "router: expert bias must be F32 [{}]", E);
-    Routing r;
-    r.k = k;
-    r.experts = alloc(DType::I32, {T, k});
-    r.scores = alloc(DType::BF16, {T, k});
+    Routing r = new_routing(logits, k, DType::BF16, &bias);
     Prof p_(this, "route_sigmoid");
     kern::route_sigmoid(bf16p(logits), static_cast<const float*>(bias.data), int(T), int(E), int(k), normalize, eps,
                      scaling, static_cast<int32_t*>(r.experts.data), bf16p(r.scores), stream_);
