@@ -33,6 +33,48 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return t.shape_str();
 }
 
+// Per-layer tensors (key after "model.layers.N.") kept as they are, and the
+// Linears that get quantized: the same in the MoE and the dense family.
+const std::set<std::string> kKeep = {
+    "input_layernorm.weight",  "post_attention_layernorm.weight", "self_attn.q_norm.weight",
+    "self_attn.k_norm.weight", "self_attn.q_proj.bias",           "self_attn.k_proj.bias",
+    "self_attn.v_proj.bias",   "self_attn.o_proj.bias"};
+const std::set<std::string> kLinear = {
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "mlp.gate_proj.weight",    "mlp.up_proj.weight",
+    "mlp.down_proj.weight"};
+
+// The tensors both Qwen3 families share (embedding, head, final norm, RoPE
+// buffer, attention and dense-MLP tensors): planned here, returning true.
+// Anything else (experts, routers, unknown names) returns false; `layer` and
+// `rest` are set for per-layer keys.
+bool plan_shared(const io::TensorInfo& t, bool tied, int64_t n_layers, const char* family, Plan& p, int64_t* layer,
+                 std::string* rest) {
+  const std::string& name = t.name;
+  *layer = -1;
+  if (name == "model.embed_tokens.weight") {
+    p.tensors.push_back(same(t, Role::Linear));
+  } else if (name == "lm_head.weight") {
+    if (tied) p.ignored[name] = "tie_word_embeddings: the embedding is the output head";
+    else p.tensors.push_back(same(t, Role::Linear));
+  } else if (name == "model.norm.weight") {
+    p.tensors.push_back(same(t, Role::Keep));
+  } else if (name.ends_with("rotary_emb.inv_freq")) {
+    p.ignored[name] = "recomputed from rope_theta";
+  } else {
+    if (!split_layer_key(name, "model.layers.", layer, rest)) {
+      *layer = -1;
+      return false;  // reported as unknown
+    }
+    ZMLX_CHECK(*layer < n_layers, "[convert {}] tensor '{}' belongs to layer {}, but config.json has "
+               "num_hidden_layers = {}", family, name, *layer, n_layers);
+    if (kKeep.count(*rest)) p.tensors.push_back(same(t, Role::Keep));
+    else if (kLinear.count(*rest)) p.tensors.push_back(same(t, Role::Linear));
+    else return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 Plan plan_qwen3_moe(const PlanInput& in) {
@@ -55,44 +97,12 @@ Plan plan_qwen3_moe(const PlanInput& in) {
   std::map<int64_t, std::map<std::string, std::string>> fused;  // layer -> {gate_up_proj|down_proj -> name}
   std::set<int64_t> routers;
 
-  static const std::set<std::string> kKeep = {
-      "input_layernorm.weight",  "post_attention_layernorm.weight", "self_attn.q_norm.weight",
-      "self_attn.k_norm.weight", "self_attn.q_proj.bias",           "self_attn.k_proj.bias",
-      "self_attn.v_proj.bias",   "self_attn.o_proj.bias"};
-  static const std::set<std::string> kLinear = {
-      "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-      "self_attn.o_proj.weight", "mlp.gate_proj.weight",    "mlp.up_proj.weight",
-      "mlp.down_proj.weight"};
-
   for (const std::string& name : ws.names()) {
     const io::TensorInfo& t = ws.get(name);
-    if (name == "model.embed_tokens.weight") {
-      p.tensors.push_back(same(t, Role::Linear));
-      continue;
-    }
-    if (name == "lm_head.weight") {
-      if (tied) p.ignored[name] = "tie_word_embeddings: the embedding is the output head";
-      else p.tensors.push_back(same(t, Role::Linear));
-      continue;
-    }
-    if (name == "model.norm.weight") {
-      p.tensors.push_back(same(t, Role::Keep));
-      continue;
-    }
-    if (name.ends_with("rotary_emb.inv_freq")) {
-      p.ignored[name] = "recomputed from rope_theta";
-      continue;
-    }
     int64_t layer = 0;
     std::string rest;
-    if (!split_layer_key(name, "model.layers.", &layer, &rest)) continue;  // reported as unknown
-    ZMLX_CHECK(layer < n_layers, "[convert qwen3_moe] tensor '{}' belongs to layer {}, but config.json has "
-               "num_hidden_layers = {}", name, layer, n_layers);
-    if (kKeep.count(rest)) {
-      p.tensors.push_back(same(t, Role::Keep));
-    } else if (kLinear.count(rest)) {
-      p.tensors.push_back(same(t, Role::Linear));
-    } else if (rest == "mlp.gate.weight") {
+    if (plan_shared(t, tied, n_layers, "qwen3_moe", p, &layer, &rest) || layer < 0) continue;  // < 0: unknown
+    if (rest == "mlp.gate.weight") {
       ZMLX_CHECK(t.shape.size() == 2 && t.shape[0] == n_experts,
                  "[convert qwen3_moe] router '{}' in '{}': expected [{}, hidden], found {}", name, t.file,
                  n_experts, t.shape_str());
@@ -192,40 +202,14 @@ Plan plan_qwen3_moe(const PlanInput& in) {
 // Dense Qwen3 (model_type "qwen3", Qwen3ForCausalLM): the same names with a
 // SwiGLU MLP in every layer; nothing is stacked, the tied head is dropped.
 Plan plan_qwen3(const PlanInput& in) {
-  const io::WeightStore& ws = in.weights;
   const int64_t n_layers = config_int(in.config, "num_hidden_layers", -1);
   ZMLX_CHECK(n_layers > 0, "[convert qwen3] config.json: 'num_hidden_layers' missing or not positive");
   const bool tied = config_bool(in.config, "tie_word_embeddings", false);
-  static const std::set<std::string> kKeep = {
-      "input_layernorm.weight",  "post_attention_layernorm.weight", "self_attn.q_norm.weight",
-      "self_attn.k_norm.weight", "self_attn.q_proj.bias",           "self_attn.k_proj.bias",
-      "self_attn.v_proj.bias",   "self_attn.o_proj.bias"};
-  static const std::set<std::string> kLinear = {
-      "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-      "self_attn.o_proj.weight", "mlp.gate_proj.weight",    "mlp.up_proj.weight",
-      "mlp.down_proj.weight"};
   Plan p;
-  for (const std::string& name : ws.names()) {
-    const io::TensorInfo& t = ws.get(name);
-    if (name == "model.embed_tokens.weight") {
-      p.tensors.push_back(same(t, Role::Linear));
-    } else if (name == "lm_head.weight") {
-      if (tied) p.ignored[name] = "tie_word_embeddings: the embedding is the output head";
-      else p.tensors.push_back(same(t, Role::Linear));
-    } else if (name == "model.norm.weight") {
-      p.tensors.push_back(same(t, Role::Keep));
-    } else if (name.ends_with("rotary_emb.inv_freq")) {
-      p.ignored[name] = "recomputed from rope_theta";
-    } else {
-      int64_t layer = 0;
-      std::string rest;
-      if (!split_layer_key(name, "model.layers.", &layer, &rest)) continue;  // reported as unknown
-      ZMLX_CHECK(layer < n_layers, "[convert qwen3] tensor '{}' belongs to layer {}, but config.json has "
-                 "num_hidden_layers = {}", name, layer, n_layers);
-      if (kKeep.count(rest)) p.tensors.push_back(same(t, Role::Keep));
-      else if (kLinear.count(rest)) p.tensors.push_back(same(t, Role::Linear));
-    }
-  }
+  int64_t layer = 0;
+  std::string rest;
+  for (const std::string& name : in.weights.names())
+    plan_shared(in.weights.get(name), tied, n_layers, "qwen3", p, &layer, &rest);  // the rest: unknown
   return p;
 }
 
