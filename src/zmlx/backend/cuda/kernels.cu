@@ -580,9 +580,24 @@ __global__ void rms_norm_warp_kernel(const uint16_t* x, int64_t R, int D, const 
   for (int d = lane; d < D; d += 32) out[r * D + d] = to_bf(bf(w[d]) * rbf(bf(xr[d]) * inv));
 }
 
+// Sum of one float per thread over the block (blockDim.x a multiple of 32,
+// at most 1024), the same value returned to every thread.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float part[32];
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float t = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
+    t = warp_sum(t);
+    if (threadIdx.x == 0) part[0] = t;
+  }
+  __syncthreads();
+  return part[0];
+}
+
 __global__ void rms_norm_block_kernel(const uint16_t* x, int D, const uint16_t* w, float eps, uint16_t* out) {
   pdl_begin();
-  __shared__ float part[32];
   const int64_t r = blockIdx.x;
   const uint16_t* xr = x + r * D;
   float ss = 0.f;
@@ -590,16 +605,7 @@ __global__ void rms_norm_block_kernel(const uint16_t* x, int D, const uint16_t* 
     const float v = bf(xr[d]);
     ss = fmaf(v, v, ss);
   }
-  ss = warp_sum(ss);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float v = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
-    v = warp_sum(v);
-    if (threadIdx.x == 0) part[0] = v;
-  }
-  __syncthreads();
-  const float inv = 1.0f / sqrtf(part[0] / float(D) + eps);
+  const float inv = 1.0f / sqrtf(block_sum(ss) / float(D) + eps);
   for (int d = threadIdx.x; d < D; d += blockDim.x) out[r * D + d] = to_bf(bf(w[d]) * rbf(bf(xr[d]) * inv));
 }
 
@@ -607,7 +613,6 @@ __global__ void rms_norm_block_kernel(const uint16_t* x, int D, const uint16_t* 
 __global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
                                     uint16_t* out) {
   pdl_begin();
-  __shared__ float part[32];
   const int64_t r = blockIdx.x;
   uint16_t* hr = h + r * D;
   const uint16_t* xr = x + r * D;
@@ -617,16 +622,7 @@ __global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const
     hr[d] = v;
     ss = fmaf(bf(v), bf(v), ss);
   }
-  ss = warp_sum(ss);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float v = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
-    v = warp_sum(v);
-    if (threadIdx.x == 0) part[0] = v;
-  }
-  __syncthreads();
-  const float inv = 1.0f / sqrtf(part[0] / float(D) + eps);
+  const float inv = 1.0f / sqrtf(block_sum(ss) / float(D) + eps);
   for (int d = threadIdx.x; d < D; d += blockDim.x) out[r * D + d] = to_bf(bf(w[d]) * rbf(bf(hr[d]) * inv));
 }
 
@@ -635,7 +631,6 @@ __global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const
 __global__ void add_rms_norm_vec_kernel(uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
                                         uint16_t* out) {
   pdl_begin();
-  __shared__ float part[32];
   const int64_t r = blockIdx.x;
   uint4* hr = reinterpret_cast<uint4*>(h + r * D) + threadIdx.x;
   const uint4 hv = *hr, xv = __ldg(reinterpret_cast<const uint4*>(x + r * D) + threadIdx.x);
@@ -652,16 +647,7 @@ __global__ void add_rms_norm_vec_kernel(uint16_t* h, const uint16_t* x, int D, c
     ss = fmaf(v[2 * i + 1], v[2 * i + 1], ss);
   }
   *hr = make_uint4(o[0], o[1], o[2], o[3]);
-  ss = warp_sum(ss);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float t = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
-    t = warp_sum(t);
-    if (threadIdx.x == 0) part[0] = t;
-  }
-  __syncthreads();
-  const float inv = 1.0f / sqrtf(part[0] / float(D) + eps);
+  const float inv = 1.0f / sqrtf(block_sum(ss) / float(D) + eps);
   const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w) + threadIdx.x);
   const uint32_t ww[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
@@ -909,6 +895,18 @@ __device__ void warp_topk(const float (&key)[PL], int E, int k, int* sel) {
   }
 }
 
+// vals[i] of the lane that owns expert sel (lane sel % 32, slot sel / 32),
+// broadcast to the whole warp.
+template <int PL>
+__device__ __forceinline__ float owner_value(const float (&vals)[PL], int sel) {
+  const int lane = threadIdx.x & 31;
+  float mine = 0.f;
+#pragma unroll
+  for (int i = 0; i < PL; ++i)
+    if (lane + 32 * i == sel) mine = vals[i];
+  return __shfl_sync(0xffffffffu, mine, sel & 31);
+}
+
 template <int PL>
 __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k, bool normalize, int32_t* ex,
                                      uint16_t* scores) {
@@ -935,13 +933,7 @@ __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k
   warp_topk(p, E, k, sel);
   // p of each selected expert, fetched from its owner lane.
   float ps[16];
-  for (int j = 0; j < k; ++j) {
-    float mine = 0.f;
-    #pragma unroll
-    for (int i = 0; i < PL; ++i)
-      if (lane + 32 * i == sel[j]) mine = p[i];
-    ps[j] = __shfl_sync(0xffffffffu, mine, sel[j] & 31);
-  }
+  for (int j = 0; j < k; ++j) ps[j] = owner_value(p, sel[j]);
   if (lane == 0) {
     float total = 0.f;
     for (int j = 0; j < k; ++j) total += ps[j];
@@ -970,13 +962,7 @@ __global__ void route_sigmoid_kernel(const uint16_t* logits, const float* bias, 
   int sel[16];
   warp_topk(sel_key, E, k, sel);
   float ws[16];
-  for (int j = 0; j < k; ++j) {
-    float mine = 0.f;
-    #pragma unroll
-    for (int i = 0; i < PL; ++i)
-      if (lane + 32 * i == sel[j]) mine = sw[i];
-    ws[j] = __shfl_sync(0xffffffffu, mine, sel[j] & 31);
-  }
+  for (int j = 0; j < k; ++j) ws[j] = owner_value(sw, sel[j]);
   if (lane == 0) {
     float total = 0.f;
     for (int j = 0; j < k; ++j) total += ws[j];
@@ -1236,13 +1222,7 @@ __global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* b
   int sel[16];
   warp_topk(key, E, k, sel);
   float ws[16];
-  for (int j = 0; j < k; ++j) {
-    float mine = 0.f;
-    #pragma unroll
-    for (int i = 0; i < PL; ++i)
-      if (lane + 32 * i == sel[j]) mine = sv[i];
-    ws[j] = __shfl_sync(0xffffffffu, mine, sel[j] & 31);
-  }
+  for (int j = 0; j < k; ++j) ws[j] = owner_value(sv, sel[j]);
   if (lane == 0) {
     float total = 0.f;
     for (int j = 0; j < k; ++j) total += ws[j];
