@@ -63,11 +63,8 @@ Weight stacked_weight(const std::string& name, const std::vector<float>& v, int6
 // ([H, kv_lora, dn]); unembed_out = Wkv[:, dn:, :] ([H, dv, kv_lora]); both
 // re-quantised with kv_b_proj's bits / group size (values rounded to bf16 first,
 // as the dequantised bf16 array is).
-void split_kv_b_proj(const Weight& adopted, MlaAttention& a, Backend& be, const std::string& prefix) {
-  // Read on the host: a GPU backend has already uploaded the weight.
-  Weight kv_b = adopted;
-  kv_b.w = be.to_host(adopted.w);
-  if (kv_b.quantized) kv_b.scales = be.to_host(adopted.scales), kv_b.biases = be.to_host(adopted.biases);
+// kv_b is the checkpoint's host view (WeightLoader::linear_on_host).
+void split_kv_b_proj(const Weight& kv_b, MlaAttention& a, Backend& be, const std::string& prefix) {
   const int64_t H = a.heads, dn = a.nope_dim, dv = a.v_dim, L = a.kv_lora, per = dn + dv;
   std::vector<float> row(static_cast<size_t>(L)), eq(size_t(H * L * dn)), uo(size_t(H * dv * L));
   for (int64_t h = 0; h < H; ++h)
@@ -202,7 +199,7 @@ class Glm4MoeLite final : public Model {
       } else {
         ZMLX_CHECK(wl.has(a + ".kv_b_proj.weight"), "{}: {} has neither embed_q/unembed_out nor the legacy kv_b_proj",
                    store->dir(), a);
-        split_kv_b_proj(wl.linear(a + ".kv_b_proj", H_ * (dn + dv), kv_lora_), m, be, a);
+        split_kv_b_proj(wl.linear_on_host(a + ".kv_b_proj", H_ * (dn + dv), kv_lora_), m, be, a);
       }
       m.o_proj = wl.linear(a + ".o_proj", D_, H_ * dv);
 

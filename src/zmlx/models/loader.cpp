@@ -100,6 +100,15 @@ void WeightLoader::skip(const std::string& prefix) {
 
 Weight WeightLoader::linear(const std::string& path, int64_t rows, int64_t cols, int64_t experts,
                             int64_t active_experts, bool reads_one_row, Shard shard) {
+  return load_linear(path, rows, cols, experts, active_experts, reads_one_row, shard, /*adopt=*/true);
+}
+
+Weight WeightLoader::linear_on_host(const std::string& path, int64_t rows, int64_t cols) {
+  return load_linear(path, rows, cols, 0, 0, false, {}, /*adopt=*/false);
+}
+
+Weight WeightLoader::load_linear(const std::string& path, int64_t rows, int64_t cols, int64_t experts,
+                                 int64_t active_experts, bool reads_one_row, Shard shard, bool adopt) {
   const ModelConfig& cfg = model_.config();
   Weight w;
   w.name = path;
@@ -171,9 +180,8 @@ Weight WeightLoader::linear(const std::string& path, int64_t rows, int64_t cols,
     s.active_params = rows * cols * act;
   }
   model_.summaries_.push_back(s);
-  Weight adopted = be_.adopt(w);
   if (progress_) progress_->advance(s.bytes);
-  return adopted;
+  return adopt ? be_.adopt(w) : w;
 }
 
 std::vector<std::string> WeightLoader::unused() const {

@@ -31,6 +31,9 @@ class WeightLoader {
   // bytes-per-token figure.
   Weight linear(const std::string& path, int64_t rows, int64_t cols, int64_t experts = 0,
                 int64_t active_experts = 0, bool reads_one_row = false, Shard shard = {});
+  // The same checks and bookkeeping, but the weight stays the checkpoint's
+  // host view (for weights a family transforms at load, e.g. GLM's kv_b_proj).
+  Weight linear_on_host(const std::string& path, int64_t rows, int64_t cols);
   // A plain tensor (norm weights, biases) of the given dtype and shape.
   Tensor tensor(const std::string& name, DType dtype, const std::vector<int64_t>& shape);
   bool has(const std::string& name) const { return store_->has(name); }
@@ -60,6 +63,8 @@ class WeightLoader {
   std::vector<std::string> unused() const;
 
  private:
+  Weight load_linear(const std::string& path, int64_t rows, int64_t cols, int64_t experts, int64_t active_experts,
+                     bool reads_one_row, Shard shard, bool adopt);
   Tensor view(const io::TensorInfo& info);
   Model& model_;
   std::shared_ptr<io::WeightStore> store_;
