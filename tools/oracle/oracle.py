@@ -433,14 +433,15 @@ def check_loads(zmlx: str, model: str, ids: list, work: str, log: list) -> dict:
 MUTATIONS = ("rope_theta_1e4", "swap_experts_0_1_layer_1", "q_norm_ones_layer_0")
 
 
-def mutate_dir(src: str, dst: str, kind: str) -> None:
-    """A copy of a converted (bf16) directory with one deliberate defect, to show the oracle would see it."""
+def mutated_copy(src: str, dst: str, kind: str, edit_tensors) -> None:
+    """A copy of a converted directory with one deliberate defect, to show an oracle would see it.
+    "rope_theta_1e4" edits config.json; any other kind is applied by edit_tensors(kind, raw), called
+    once per safetensors file with raw = {name: (dtype, array)} and returning whether it changed raw."""
     shutil.copytree(src, dst)
     if kind == "rope_theta_1e4":
         cpath = os.path.join(dst, "config.json")
         c = json.load(open(cpath))
-        if "rope_theta" in c:
-            c["rope_theta"] = 1e4
+        c["rope_theta"] = 1e4
         if isinstance(c.get("rope_parameters"), dict):
             c["rope_parameters"]["rope_theta"] = 1e4
         json.dump(c, open(cpath, "w"), indent=4)
@@ -448,19 +449,55 @@ def mutate_dir(src: str, dst: str, kind: str) -> None:
     hit = False
     for f in safetensors_files(dst):
         raw = st_read(f)
-        changed = False
-        for name in list(raw):
-            dt, a = raw[name]
-            if kind == "swap_experts_0_1_layer_1" and name.startswith("model.layers.1.mlp.switch_mlp."):
-                a = a.copy()
-                a[[0, 1]] = a[[1, 0]]
-                raw[name], changed = (dt, a), True
-            elif kind == "q_norm_ones_layer_0" and name == "model.layers.0.self_attn.q_norm.weight":
-                raw[name], changed = (dt, f32_to_bf16_bits(np.ones(a.shape, np.float32))), True
-        if changed:
+        if edit_tensors(kind, raw):
             st_write(f, raw, {"format": "mlx"})
             hit = True
     assert hit, f"mutation {kind}: no tensor found"
+
+
+def set_ones(raw: dict, name: str) -> bool:
+    """Sets a (bf16) norm weight to 1, if this file has it."""
+    if name not in raw:
+        return False
+    dt, a = raw[name]
+    raw[name] = (dt, f32_to_bf16_bits(np.ones(a.shape, np.float32)))
+    return True
+
+
+def swap_experts_0_1(raw: dict, prefix: str) -> bool:
+    """Swaps experts 0 and 1 of every stacked tensor whose name starts with prefix (a name fragment
+    ending in "." also matches anywhere: ".feed_forward.switch_mlp." hits every layer)."""
+    changed = False
+    for name in [n for n in raw if n.startswith(prefix) or (prefix.startswith(".") and prefix in n)]:
+        dt, a = raw[name]
+        a = a.copy()
+        a[[0, 1]] = a[[1, 0]]
+        raw[name], changed = (dt, a), True
+    return changed
+
+
+def swap_gate_up(raw: dict, prefix: str) -> bool:
+    """gate_proj <-> up_proj under prefix (weight, scales, biases): silu(up) * gate, the mlx-lm bug of
+    2026-01 (spec 0.3)."""
+    changed = False
+    for suf in ("weight", "scales", "biases"):
+        g, u = prefix + "gate_proj." + suf, prefix + "up_proj." + suf
+        if g in raw and u in raw:
+            raw[g], raw[u] = raw[u], raw[g]
+            changed = True
+    return changed
+
+
+def _qwen3_moe_edit(kind: str, raw: dict) -> bool:
+    if kind == "swap_experts_0_1_layer_1":
+        return swap_experts_0_1(raw, "model.layers.1.mlp.switch_mlp.")
+    if kind == "q_norm_ones_layer_0":
+        return set_ones(raw, "model.layers.0.self_attn.q_norm.weight")
+    raise ValueError(kind)
+
+
+def mutate_dir(src: str, dst: str, kind: str) -> None:
+    mutated_copy(src, dst, kind, _qwen3_moe_edit)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,15 +28,43 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import bf16_round, f32_to_bf16_bits, safetensors_files, st_read, st_write  # noqa: E402
+from oracle import (bf16_round, f32_to_bf16_bits, mutated_copy, set_ones, st_write,  # noqa: E402
+                    swap_gate_up)
 import oracle_family  # noqa: E402
 
+
+
+def _dense_edit(kind: str, raw: dict, hd: int) -> bool:
+    if kind == "q_norm_ones_layer_0":
+        return set_ones(raw, "model.layers.0.self_attn.q_norm.weight")
+    if kind == "k_norm_ones_layer_1":
+        return set_ones(raw, "model.layers.1.self_attn.k_norm.weight")
+    if kind == "swap_gate_up_layer_0":
+        return swap_gate_up(raw, "model.layers.0.mlp.")
+    if kind == "rope_traditional":
+        # No config switch for the RoPE layout: rows of each q/k head (and the q/k norm weights)
+        # reordered [0, 2, 4, ..., 1, 3, 5, ...], so half-rotation of the permuted head equals interleaved
+        # rotation of the original (q.k is otherwise permutation invariant).
+        perm = np.concatenate([np.arange(0, hd, 2), np.arange(1, hd, 2)])
+        changed = False
+        for name in list(raw):
+            if not any(p in name for p in (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.q_norm.",
+                                           ".self_attn.k_norm.")):
+                continue
+            dt, arr = raw[name]
+            if name.endswith("_norm.weight"):
+                raw[name] = (dt, np.ascontiguousarray(arr[perm]))
+            else:
+                rows = arr.reshape(-1, hd, *arr.shape[1:])[:, perm]
+                raw[name] = (dt, np.ascontiguousarray(rows.reshape(arr.shape)))
+            changed = True
+        return changed
+    raise ValueError(kind)
 
 class Dense(oracle_family.Family):
     name = "qwen3"
@@ -187,52 +215,8 @@ class Dense(oracle_family.Family):
         return info
 
     def mutate(self, src, dst, kind):
-        shutil.copytree(src, dst)
-        if kind in ("rope_theta_1e4", "rope_traditional"):
-            cpath = os.path.join(dst, "config.json")
-            c = json.load(open(cpath))
-            if kind == "rope_theta_1e4":
-                c["rope_theta"] = 1e4
-                if isinstance(c.get("rope_parameters"), dict):
-                    c["rope_parameters"]["rope_theta"] = 1e4
-                json.dump(c, open(cpath, "w"), indent=2)
-                return
-            # no config switch for the RoPE layout: permute q/k so that half-rotation sees interleaved pairs,
-            # i.e. the logits of a model whose RoPE pairs (2i, 2i+1): the same as running traditional RoPE
-        hit = False
-        for fpath in safetensors_files(dst):
-            raw = st_read(fpath)
-            changed = False
-            for name in list(raw):
-                dt, arr = raw[name]
-                if kind == "q_norm_ones_layer_0" and name == "model.layers.0.self_attn.q_norm.weight":
-                    raw[name] = (dt, f32_to_bf16_bits(np.ones(arr.shape, np.float32)))
-                elif kind == "k_norm_ones_layer_1" and name == "model.layers.1.self_attn.k_norm.weight":
-                    raw[name] = (dt, f32_to_bf16_bits(np.ones(arr.shape, np.float32)))
-                elif kind == "rope_traditional" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name or
-                                                     ".self_attn.q_norm." in name or ".self_attn.k_norm." in name):
-                    # rows of each head reordered [0, 2, 4, ..., 1, 3, 5, ...]: half-rotation of the permuted
-                    # head == interleaved rotation of the original (q.k is permutation invariant otherwise)
-                    hd = json.load(open(os.path.join(dst, "config.json"))).get("head_dim")
-                    perm = np.concatenate([np.arange(0, hd, 2), np.arange(1, hd, 2)])
-                    if name.endswith("_norm.weight"):
-                        raw[name] = (dt, np.ascontiguousarray(arr[perm]))
-                    else:
-                        rows = arr.reshape(-1, hd, *arr.shape[1:])[:, perm]
-                        raw[name] = (dt, np.ascontiguousarray(rows.reshape(arr.shape)))
-                else:
-                    continue
-                changed = True
-            if kind == "swap_gate_up_layer_0":  # silu(up) * gate: the mlx-lm bug of 2026-01 (spec 0.3)
-                for suf in ("weight", "scales", "biases"):
-                    g, u = "model.layers.0.mlp.gate_proj." + suf, "model.layers.0.mlp.up_proj." + suf
-                    if g in raw and u in raw:
-                        raw[g], raw[u] = raw[u], raw[g]
-                        changed = True
-            if changed:
-                st_write(fpath, raw, {"format": "mlx"})
-                hit = True
-        assert hit, f"mutation {kind}: no tensor found"
+        hd = json.load(open(os.path.join(src, "config.json"))).get("head_dim")
+        mutated_copy(src, dst, kind, lambda k, raw: _dense_edit(k, raw, hd))
 
     def numpy_names(self, name, shape, cfg):
         """mlx-lm qwen3: names unchanged; lm_head dropped when tied; Linear/Embedding quantized, norms kept."""

@@ -64,7 +64,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from oracle import (aggregate, bf16_round, compare, f32_to_bf16_bits, load_mlx, mismatch_details,  # noqa: E402
-                    mlx_to_hf, run, safetensors_files, st_read, st_write, tie_stats, zmlx_logits)
+                    mlx_to_hf, mutated_copy, run, safetensors_files, set_ones, st_write,
+                    swap_experts_0_1, tie_stats, zmlx_logits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,38 +371,23 @@ MUTATIONS = ("rope_theta_1e4", "e_score_bias_zero_layer_1", "kv_a_layernorm_ones
              "swap_experts_0_1_layer_1")
 
 
+def _glm_edit(kind: str, raw: dict) -> bool:
+    if kind == "e_score_bias_zero_layer_1":
+        name = "model.layers.1.mlp.gate.e_score_correction_bias"
+        if name not in raw:
+            return False
+        dt, arr = raw[name]
+        raw[name] = (dt, np.zeros_like(arr))
+        return True
+    if kind == "kv_a_layernorm_ones_layer_0":
+        return set_ones(raw, "model.layers.0.self_attn.kv_a_layernorm.weight")
+    if kind == "swap_experts_0_1_layer_1":
+        return swap_experts_0_1(raw, "model.layers.1.mlp.switch_mlp.")
+    raise ValueError(kind)
+
+
 def mutate(src: str, dst: str, kind: str) -> None:
-    shutil.copytree(src, dst)
-    if kind == "rope_theta_1e4":
-        cpath = os.path.join(dst, "config.json")
-        c = json.load(open(cpath))
-        if "rope_theta" in c:
-            c["rope_theta"] = 1e4
-        if isinstance(c.get("rope_parameters"), dict):
-            c["rope_parameters"]["rope_theta"] = 1e4
-        json.dump(c, open(cpath, "w"), indent=4)
-        return
-    hit = False
-    for fpath in safetensors_files(dst):
-        raw = st_read(fpath)
-        changed = False
-        for name in list(raw):
-            dt, arr = raw[name]
-            if kind == "e_score_bias_zero_layer_1" and name == "model.layers.1.mlp.gate.e_score_correction_bias":
-                raw[name] = (dt, np.zeros_like(arr))
-            elif kind == "kv_a_layernorm_ones_layer_0" and name == "model.layers.0.self_attn.kv_a_layernorm.weight":
-                raw[name] = (dt, f32_to_bf16_bits(np.ones(arr.shape, np.float32)))
-            elif kind == "swap_experts_0_1_layer_1" and name.startswith("model.layers.1.mlp.switch_mlp."):
-                arr = arr.copy()
-                arr[[0, 1]] = arr[[1, 0]]
-                raw[name] = (dt, arr)
-            else:
-                continue
-            changed = True
-        if changed:
-            st_write(fpath, raw, {"format": "mlx"})
-            hit = True
-    assert hit, f"mutation {kind}: no tensor found"
+    mutated_copy(src, dst, kind, _glm_edit)
 
 
 # ----------------------------------------------------------------------------------------------

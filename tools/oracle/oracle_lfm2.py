@@ -44,13 +44,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import bf16_round, f32_to_bf16_bits, safetensors_files, st_read, st_write  # noqa: E402
+from oracle import (bf16_round, f32_to_bf16_bits, mutated_copy, set_ones, st_write,  # noqa: E402
+                    swap_experts_0_1, swap_gate_up)
 import oracle_family  # noqa: E402
 
 
@@ -370,48 +370,34 @@ class Lfm2(oracle_family.Family):
     # ------------------------------------------------------------------ deliberate defects
 
     def mutate(self, src, dst, kind):
-        shutil.copytree(src, dst)
-        if kind == "rope_theta_1e4":
-            cpath = os.path.join(dst, "config.json")
-            c = json.load(open(cpath))
-            c["rope_theta"] = 1e4
-            if isinstance(c.get("rope_parameters"), dict):
-                c["rope_parameters"]["rope_theta"] = 1e4
-            json.dump(c, open(cpath, "w"), indent=2)
-            return
-        hit = False
-        for fpath in safetensors_files(dst):
-            raw = st_read(fpath)
-            changed = False
-            for name in list(raw):
-                dt, arr = raw[name]
-                if kind == "conv_taps_reversed_layer_0" and name == "model.layers.0.conv.conv.weight":
-                    raw[name] = (dt, np.ascontiguousarray(arr[:, ::-1, :]))
-                elif kind == "expert_bias_zero_layer_2" and name == "model.layers.2.feed_forward.expert_bias":
-                    raw[name] = (dt, np.zeros_like(arr))
-                elif kind == "swap_experts_0_1_every_moe_layer" and ".feed_forward.switch_mlp." in name:
-                    arr = arr.copy()
-                    arr[[0, 1]] = arr[[1, 0]]
-                    raw[name] = (dt, arr)
-                elif kind == "q_layernorm_ones_layer_1" and name == "model.layers.1.self_attn.q_layernorm.weight":
-                    raw[name] = (dt, f32_to_bf16_bits(np.ones(arr.shape, np.float32)))
-                else:
-                    continue
-                changed = True
-            if kind == "swap_gate_up_dense_layer_0":  # silu(up) * gate: the mlx-lm bug of 2026-01 (spec 0.3)
-                pre = "model.layers.0.feed_forward."
-                for suf in ("weight", "scales", "biases"):
-                    g, u = pre + "gate_proj." + suf, pre + "up_proj." + suf
-                    if g in raw and u in raw:
-                        raw[g], raw[u] = raw[u], raw[g]
-                        changed = True
-            if changed:
-                st_write(fpath, raw, {"format": "mlx"})
-                hit = True
-        assert hit, f"mutation {kind}: no tensor found"
+        mutated_copy(src, dst, kind, _lfm2_edit)
 
     def numpy_names(self, name, shape, cfg):
         raise NotImplementedError("no NumPy converter for lfm2_moe (expert stacking): zmlx convert is required")
+
+
+def _lfm2_edit(kind: str, raw: dict) -> bool:
+    if kind == "conv_taps_reversed_layer_0":
+        name = "model.layers.0.conv.conv.weight"
+        if name not in raw:
+            return False
+        dt, arr = raw[name]
+        raw[name] = (dt, np.ascontiguousarray(arr[:, ::-1, :]))
+        return True
+    if kind == "expert_bias_zero_layer_2":
+        name = "model.layers.2.feed_forward.expert_bias"
+        if name not in raw:
+            return False
+        dt, arr = raw[name]
+        raw[name] = (dt, np.zeros_like(arr))
+        return True
+    if kind == "swap_experts_0_1_every_moe_layer":
+        return swap_experts_0_1(raw, ".feed_forward.switch_mlp.")
+    if kind == "q_layernorm_ones_layer_1":
+        return set_ones(raw, "model.layers.1.self_attn.q_layernorm.weight")
+    if kind == "swap_gate_up_dense_layer_0":  # silu(up) * gate: the mlx-lm bug of 2026-01 (spec 0.3)
+        return swap_gate_up(raw, "model.layers.0.feed_forward.")
+    raise ValueError(kind)
 
 
 class _Lfm2WithBias(Lfm2):
