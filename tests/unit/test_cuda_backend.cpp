@@ -12,6 +12,7 @@
 #include "model_test_helpers.h"
 #include "test_helpers.h"
 #include "zmlx/gen/decode_step.h"
+#include "zmlx/gen/generator.h"
 #include "zmlx/ops/backend.h"
 #include "zmlx/patch/patch.h"
 
@@ -225,7 +226,7 @@ TEST(CudaOps, ArgmaxMatchesHostIncludingTies) {
   REQUIRE_GPU();
   auto g = gpu();
   std::mt19937 rng(17);
-  for (int64_t V : {5, 1000, 151936}) {
+  for (int64_t V : {5, 1000, 1001, 151936}) {  // unaligned rows and ragged tails too
     auto v = test::random_bf16(rng, size_t(3 * V), 2.f);
     v[size_t(V + V / 3)] = v[size_t(V + V / 2)] = f32_to_bf16_bits(50.f);  // a tie in row 1: the lower id wins
     Tensor t = test::bf16_tensor(v, {3, V});
@@ -367,6 +368,19 @@ void check_model(const std::string& arch, const std::string& name) {
     ASSERT_TRUE(std::memcmp(a.data(), b.data(), a.size() * 4) == 0) << arch << ": replayed step " << s << " differs";
     ASSERT_EQ(e.pos, r.pos);
     next = argmax(a.data(), V);
+  }
+
+  // Chained greedy generation (device-side argmax feeding the next recorded
+  // step) vs eager steps with host argmax, past a KV cache growth (256).
+  GenerateOptions go;
+  go.max_tokens = 240;
+  const GenerateResult chained = generate(*mg, *g, nullptr, ids, go);
+  ASSERT_EQ(chained.token_ids.size(), size_t(go.max_tokens)) << arch;
+  Cache h = mg->new_cache(*g);
+  next = argmax(logits_to_host(*g, mg->forward(*g, ids, h), 0).data(), V);
+  for (int s = 0; s < go.max_tokens; ++s) {
+    ASSERT_EQ(chained.token_ids[size_t(s)], next) << arch << ": chained greedy token " << s << " differs";
+    if (s + 1 < go.max_tokens) next = argmax(logits_to_host(*g, mg->forward(*g, {next}, h), 0).data(), V);
   }
 }
 

@@ -181,6 +181,24 @@ TEST(DecodeStep, SameAsForwardAndChecksTheToken) {
   EXPECT_THROW(decode_forward(*m, *be, int32_t(V), b), Error);
   EXPECT_THROW(decode_forward(*m, *be, -1, b), Error);
   EXPECT_EQ(a.pos, b.pos) << "a refused token must not advance the cache";
+
+  // Chained greedy steps (the default, synchronous implementation): the
+  // device-side token of each step feeds the next one.
+  Cache c = m->new_cache(*be), d = m->new_cache(*be);
+  m->forward(*be, ids, c);
+  m->forward(*be, ids, d);
+  int32_t tok = 11;
+  decode_forward_chained(*m, *be, tok, c);
+  for (int s = 0; s < 5; ++s) {
+    const auto x = logits_to_host(*be, m->forward(*be, {tok}, d), 0);
+    tok = argmax(x.data(), int64_t(x.size()));
+    ASSERT_EQ(be->chained_token(c.pos - 1), tok) << "chained step " << s;
+    decode_forward_chained(*m, *be, -1, c);
+  }
+  EXPECT_THROW(be->chained_token(c.pos), Error) << "no step ran at this position yet";
+  Cache fresh = m->new_cache(*be);
+  m->forward(*be, ids, fresh);
+  EXPECT_THROW(decode_forward_chained(*m, *be, -1, fresh), Error) << "no chained step chose this position's token";
 }
 
 }  // namespace

@@ -182,8 +182,23 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
   std::string pending;  // decoded but not yet released (may start a stop string)
   auto t1 = Clock::now();
   bool cancelled = false, stop_string_hit = false;
+  // Greedy single-process decoding chains its steps on the device: step S_j
+  // consumes token t_j and chooses t_{j+1} on the device, and S_{j+1} is
+  // enqueued before the host reads t_{j+1}, so the device always has the next
+  // step queued while the host detokenizes and checks stop strings. Steps
+  // enqueued past a stop are waited for and dropped.
+  const SamplerOptions& so = sampler.options();
+  const bool chained = !P.active() && !opt.on_logits && so.temperature <= 0.f && so.repetition_penalty == 1.f;
+  const int64_t chain_pos0 = cache.pos;  // S_j runs at chain_pos0 + j
+  int enqueued = 0;                      // S_0 .. S_{enqueued-1} are on the device
   for (int step = 0;; ++step) {
-    if (std::find(opt.eos_ids.begin(), opt.eos_ids.end(), next) != opt.eos_ids.end()) {
+    const bool eos = std::find(opt.eos_ids.begin(), opt.eos_ids.end(), next) != opt.eos_ids.end();
+    const int j = int(res.token_ids.size());
+    // S_i is needed only if t_{i+1} may be emitted: i + 1 < max_tokens.
+    // Nothing past an EOS is needed.
+    for (const int want = std::min(j + 2, opt.max_tokens - 1); chained && !eos && enqueued < want; ++enqueued)
+      decode_forward_chained(model, be, enqueued == 0 ? next : -1, cache);
+    if (eos) {
       res.finish_reason = "stop";
       break;
     }
@@ -227,9 +242,15 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
     if (P.active()) dist::maybe_inject_fault(P.rank, step);
     // Recorded (graph) steps skip host code, so a distributed step, whose
     // sends and all-reduces run on the host, always runs eagerly.
+    if (chained) {
+      next = be.chained_token(chain_pos0 + j);
+      continue;
+    }
     logits = P.active() ? model.forward(be, {next}, cache) : decode_forward(model, be, next, cache);
     next = sample(logits);
   }
+  // Let dropped steps finish inside the timing.
+  if (chained && enqueued > int(res.token_ids.size())) be.chained_token(chain_pos0 + enqueued - 1);
   if (dec && !stop_string_hit && !cancelled) {
     std::string tail = pending + dec->flush();
     res.text += tail;

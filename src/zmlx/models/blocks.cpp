@@ -58,6 +58,20 @@ int32_t Backend::argmax_row(const Tensor& logits, int64_t row) {
   return best;
 }
 
+void Backend::decode_step_chained(uint64_t key, int32_t token, int64_t pos,
+                                  const std::function<Tensor(int32_t)>& step) {
+  if (token < 0) token = chained_token(pos - 1);
+  const Tensor logits = decode_step(key, token, pos, [&] { return step(token); });
+  chained_results_[pos & 3] = {pos, argmax_row(logits, 0)};
+}
+
+int32_t Backend::chained_token(int64_t pos) {
+  const ChainedResult& r = chained_results_[pos & 3];
+  ZMLX_CHECK(pos >= 0 && r.pos == pos, "chained_token({}): no chained step ran at that position (or it is older "
+             "than the last four)", pos);
+  return r.token;
+}
+
 Tensor Backend::add_rms_norm(Tensor& h, const Tensor& x, const Tensor& w, float eps) {
   add(h, x);
   return rms_norm(h, w, eps);

@@ -194,7 +194,29 @@ class Backend {
     return step();
   }
 
+  // Chained greedy decoding, so the device never waits for the host between
+  // steps: enqueues the step at position `pos` (as decode_step; key 0 means
+  // "do not record") followed by its argmax. Its input token is `token`, or,
+  // when `token` < 0, the token the previous chained step (at pos - 1) chose
+  // on the device. `step(t)` runs the model on {t}; a recording backend
+  // reads the token from the device instead, and may pass any valid id. May
+  // return before the step has run; chained_token(pos) waits for it and
+  // returns the token it chose. Default: synchronous, via decode_step and
+  // argmax_row.
+  virtual void decode_step_chained(uint64_t key, int32_t token, int64_t pos,
+                                   const std::function<Tensor(int32_t)>& step);
+  virtual int32_t chained_token(int64_t pos);
+
  protected:
+  // The default chained steps' results by position (pos & 3), so a caller
+  // may run two steps ahead of the tokens it has read (see
+  // decode_step_chained).
+  struct ChainedResult {
+    int64_t pos = -1;
+    int32_t token = -1;
+  };
+  ChainedResult chained_results_[4];
+
   // For router implementations: checks the call (k of E experts; an F32 [E]
   // bias when given; n_group / topk_group dividing E) and allocates the
   // result, ids I32 [T, k] and scores [T, k] of `score_dtype`.

@@ -7,6 +7,8 @@
 // graph until it is dropped, so nothing else can reuse them.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -211,6 +213,33 @@ struct GpuProfile {
   }
 };
 
+// ZMLX_PROFILE_STEPS=1: GPU time of each replayed decode step (graphs stay
+// on), printed at exit next to the wall time between replays, so a step's
+// host overhead shows as the difference.
+struct StepProfile {
+  bool on = std::getenv("ZMLX_PROFILE_STEPS") != nullptr;
+  std::vector<std::pair<cudaEvent_t, cudaEvent_t>> events;
+  std::vector<std::chrono::steady_clock::time_point> launches;
+  ~StepProfile() {
+    if (!on || events.size() < 2) return;
+    double gpu = 0;
+    for (auto& [a, b] : events) {
+      float t = 0;
+      cudaEventSynchronize(b);
+      cudaEventElapsedTime(&t, a, b);
+      gpu += t;
+    }
+    // The median gap between consecutive launches: the step rate while
+    // decoding, without the pauses between runs.
+    std::vector<double> gaps;
+    for (size_t i = 1; i < launches.size(); ++i)
+      gaps.push_back(std::chrono::duration<double, std::milli>(launches[i] - launches[i - 1]).count());
+    std::nth_element(gaps.begin(), gaps.begin() + gaps.size() / 2, gaps.end());
+    fmt::print(stderr, "[zmlx profile] {} replayed steps: GPU {:.3f} ms/step, median launch-to-launch {:.3f} ms\n",
+               events.size(), gpu / double(events.size()), gaps[gaps.size() / 2]);
+  }
+};
+
 struct Prof {
   GpuProfile* p;
   cudaStream_t s;
@@ -244,6 +273,9 @@ class CudaBackend final : public Backend {
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     cuda_check(cudaMallocHost(&h_step_, 4 * sizeof(int32_t)), "cudaMallocHost");
     cuda_check(cudaMalloc(&d_step_, 4 * sizeof(int32_t)), "cudaMalloc");
+    cuda_check(cudaHostAlloc(&h_ring_, kRing * sizeof(int32_t), cudaHostAllocMapped), "cudaHostAlloc");
+    cuda_check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&d_ring_), h_ring_, 0), "cudaHostGetDevicePointer");
+    for (auto& e : chain_done_) cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
     const char* g = std::getenv("ZMLX_CUDA_GRAPHS");
     graphs_enabled_ = !(g && std::string(g) == "0") && !profile_.on;
   }
@@ -254,6 +286,8 @@ class CudaBackend final : public Backend {
     for (auto& [k, v] : rope_tables_) cudaFree(v);
     cudaFree(d_step_);
     cudaFreeHost(h_step_);
+    cudaFreeHost(h_ring_);
+    for (auto& e : chain_done_) cudaEventDestroy(e);
     cudaEventDestroy(step_done_);
     cudaStreamDestroy(stream_);
   }
@@ -692,29 +726,101 @@ class CudaBackend final : public Backend {
 
   Tensor decode_step(uint64_t key, int32_t token, int64_t pos, const std::function<Tensor()>& step) override {
     cudaSetDevice(device_);
+    if (key == 0) return step();
     key ^= weights_epoch_ * 0x9e3779b97f4a7c15ull;
     if (!graphs_enabled_ || failed_keys_.count(key)) return step();
     if (exec_ && key == graph_key_) {
       set_step_inputs(token, pos);
-      cuda_check(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch");
-      cuda_check(cudaEventRecord(step_done_, stream_), "cudaEventRecord");
+      launch_graph();
       return graph_logits_;
     }
     if (key != warm_key_) {  // first step under this key: run eagerly so the pool holds the sizes it needs
       warm_key_ = key;
       return step();
     }
-    drop_graph();
     set_step_inputs(token, pos);
+    Tensor logits;
+    // The graph's first node copies the pinned token and position in.
+    if (record_and_launch(key, [&] {
+          cuda_check(cudaMemcpyAsync(d_step_, h_step_, 2 * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+                     "step input copy");
+          return step();
+        }, logits))
+      return logits;
+    return step();
+  }
+
+  void decode_step_chained(uint64_t key, int32_t token, int64_t pos,
+                           const std::function<Tensor(int32_t)>& step) override {
+    cudaSetDevice(device_);
+    if (key != 0) key ^= weights_epoch_ * 0x9e3779b97f4a7c15ull;
+    const bool usable = key != 0 && graphs_enabled_ && !failed_keys_.count(key);
+    const bool replay = usable && exec_ && key == graph_key_;
+    const bool record = usable && !replay && key == warm_key_;
+    if (token >= 0) {  // the first step of a chain: its inputs come from the host
+      set_step_inputs(token, pos);
+      cuda_check(cudaMemcpyAsync(d_step_, h_step_, 2 * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+                 "step input copy");
+    } else {
+      // d_step_ holds the previous chained step's token and pos (its argmax wrote them).
+      ZMLX_CHECK(chained_pos_ == pos - 1, "chained decode step at position {}: the last chained step was at {}", pos,
+                 chained_pos_);
+      if (!replay && !record) token = chained_token(pos - 1);  // an eager step embeds on the host's id
+    }
+    auto body = [&](int32_t t) {
+      Tensor logits = step(t);
+      ZMLX_CHECK(logits.device == Device::CUDA && logits.rows() >= 1, "chained step: expected device logits");
+      kern::argmax_chain(bf16p(logits), logits.cols(), d_step_, d_ring_, kRing, stream_);
+      return logits;
+    };
+    Tensor unused;
+    if (replay) {
+      launch_graph();
+    } else if (!(record && record_and_launch(key, [&] { return body(0); }, unused))) {
+      if (usable) warm_key_ = key;  // first step under this key (or a failed recording): eagerly
+      body(token);
+    }
+    cuda_check(cudaEventRecord(step_done_, stream_), "cudaEventRecord");
+    cuda_check(cudaEventRecord(chain_done_[pos & 3], stream_), "cudaEventRecord");
+    chained_pos_ = pos;
+  }
+
+  int32_t chained_token(int64_t pos) override {
+    ZMLX_CHECK(pos <= chained_pos_ && pos > chained_pos_ - kRing, "chained_token({}): the last chained step was at "
+               "position {}", pos, chained_pos_);
+    if (pos + 3 > chained_pos_) cuda_check(cudaEventSynchronize(chain_done_[pos & 3]), "cudaEventSynchronize");
+    else cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    return h_ring_[pos % kRing];
+  }
+
+ private:
+  void launch_graph() {
+    if (!step_profile_.on) {
+      cuda_check(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch");
+    } else {
+      cudaEvent_t a, b;
+      cudaEventCreate(&a);
+      cudaEventCreate(&b);
+      cudaEventRecord(a, stream_);
+      cuda_check(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch");
+      cudaEventRecord(b, stream_);
+      step_profile_.events.emplace_back(a, b);
+      step_profile_.launches.push_back(std::chrono::steady_clock::now());
+    }
+    cuda_check(cudaEventRecord(step_done_, stream_), "cudaEventRecord");
+  }
+
+  // Records `body` (the step's kernels) as the graph for `key` and launches
+  // it once. A failed recording is forgotten and the key remembered, so its
+  // steps run eagerly from then on: returns false, and nothing ran.
+  bool record_and_launch(uint64_t key, const std::function<Tensor()>& body, Tensor& out) {
+    drop_graph();
     cuda_check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
     pool_->set_capturing(true);
     capturing_ = true;
-    Tensor logits;
     std::string why;
     try {
-      cuda_check(cudaMemcpyAsync(d_step_, h_step_, 2 * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
-                 "step input copy");
-      logits = step();
+      out = body();
     } catch (const std::exception& e) {
       why = e.what();
     }
@@ -725,26 +831,23 @@ class CudaBackend final : public Backend {
     if (why.empty() && ec == cudaSuccess) ec = cudaGraphInstantiate(&exec_, graph, 0);
     if (graph) cudaGraphDestroy(graph);
     if (!why.empty() || ec != cudaSuccess) {
-      // Recording failed: forget it and run this key's steps eagerly (the
-      // step recomputes everything; a real error will show up again there).
+      // The step recomputes everything eagerly; a real error shows up there.
       if (why.empty()) why = cudaGetErrorString(ec);
       cudaGetLastError();
       exec_ = nullptr;
-      logits = Tensor{};
+      out = Tensor{};
       pool_->release_graph_blocks();
       failed_keys_.insert(key);
       warm_key_ = 0;
       log_info("[zmlx] CUDA graph recording of a decode step failed ({}); running decode steps eagerly", why);
-      return step();
+      return false;
     }
     graph_key_ = key;
-    graph_logits_ = logits;
-    cuda_check(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch");
-    cuda_check(cudaEventRecord(step_done_, stream_), "cudaEventRecord");
-    return logits;
+    graph_logits_ = out;
+    launch_graph();
+    return true;
   }
 
- private:
   // Grows a cache layer to hold `needed` positions, keeping rows [0, keep).
   void ensure_capacity(KvLayer& c, int64_t needed, int64_t keep) {
     if (needed <= c.capacity) return;
@@ -816,6 +919,7 @@ class CudaBackend final : public Backend {
 
   std::string name_;
   GpuProfile profile_;
+  StepProfile step_profile_;
   cudaStream_t stream_ = nullptr;
   std::shared_ptr<DevicePool> pool_;
   uint64_t weights_epoch_ = 0;
@@ -824,6 +928,13 @@ class CudaBackend final : public Backend {
   // are copied to the device by the graph's first node.
   int32_t* h_step_ = nullptr;
   int32_t* d_step_ = nullptr;
+  // Chained greedy steps: each step's argmax lands in d_step_ (the next
+  // step's input) and in a mapped pinned ring the host reads by position.
+  static constexpr int kRing = 64;
+  int32_t* h_ring_ = nullptr;
+  int32_t* d_ring_ = nullptr;
+  cudaEvent_t chain_done_[4] = {};
+  int64_t chained_pos_ = -1;
   bool graphs_enabled_ = true, capturing_ = false;
   int device_ = 0;
   uint64_t weight_bytes_ = 0;

@@ -998,17 +998,47 @@ __global__ void short_conv_kernel(const uint16_t* bcx, int T, int C, uint16_t* s
   for (int i = 0; i < L - 1; ++i) state[int64_t(i) * C + c] = win[i];
 }
 
-// argmax of one bf16 row (ties to the lower id), one block.
-__global__ void argmax_kernel(const uint16_t* x, int64_t V, int32_t* out) {
+// argmax of one bf16 row (ties to the lower id), one block. 16-byte loads,
+// four in flight per thread: a 152k vocabulary is ~5 round trips to memory
+// instead of ~150 dependent 2-byte loads. With `step` set (chained greedy
+// decoding) the id also becomes the next step's input: step[0] = id,
+// ring[step[1] % ring_len] = id, step[1] += 1.
+__device__ __forceinline__ void argmax_take(float v, int i, float& bv, int& bi) {
+  if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
+}
+
+__global__ void argmax_kernel(const uint16_t* x, int64_t V, int32_t* out, int32_t* step, int32_t* ring,
+                              int ring_len) {
   pdl_begin();
   __shared__ float sv[32];
   __shared__ int si[32];
   float bv = -INFINITY;
   int bi = INT_MAX;
-  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-    const float v = bf(x[i]);
-    if (v > bv || (v == bv && int(i) < bi)) bv = v, bi = int(i);
+  const bool vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+  const int64_t nvec = vec ? V / 8 : 0;
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  constexpr int kUnroll = 4;
+  for (int64_t base = 0; base < nvec; base += int64_t(blockDim.x) * kUnroll) {
+    uint4 q[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = base + u * int64_t(blockDim.x) + threadIdx.x;
+      q[u] = j < nvec ? __ldg(xv + j) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = base + u * int64_t(blockDim.x) + threadIdx.x;
+      if (j >= nvec) break;
+      const int i0 = int(j * 8);
+      const uint32_t w[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        argmax_take(lo_bf(w[j]), i0 + 2 * j, bv, bi);
+        argmax_take(hi_bf(w[j]), i0 + 2 * j + 1, bv, bi);
+      }
+    }
   }
+  for (int64_t i = nvec * 8 + threadIdx.x; i < V; i += blockDim.x) argmax_take(bf(x[i]), int(i), bv, bi);
   float ov;
   int oi;
   warp_best(bv, bi, ov, oi);
@@ -1017,7 +1047,15 @@ __global__ void argmax_kernel(const uint16_t* x, int64_t V, int32_t* out) {
   if (threadIdx.x < 32) {
     const int nw = blockDim.x / 32;
     warp_best(threadIdx.x < nw ? sv[threadIdx.x] : -INFINITY, threadIdx.x < nw ? si[threadIdx.x] : INT_MAX, ov, oi);
-    if (threadIdx.x == 0) *out = oi;
+    if (threadIdx.x == 0) {
+      if (out) *out = oi;
+      if (step) {
+        const int32_t p = step[1];
+        step[0] = oi;
+        ring[p % ring_len] = oi;
+        step[1] = p + 1;
+      }
+    }
   }
 }
 
@@ -1406,8 +1444,14 @@ void route_sigmoid(const uint16_t* logits, const float* bias, int T, int E, int 
 }
 
 void argmax(const uint16_t* x, int64_t V, int32_t* out, cudaStream_t s) {
-  launch(argmax_kernel, dim3(1), dim3(1024), s, x, V, out);
+  launch(argmax_kernel, dim3(1), dim3(1024), s, x, V, out, static_cast<int32_t*>(nullptr),
+         static_cast<int32_t*>(nullptr), 1);
   check_launch("argmax");
+}
+
+void argmax_chain(const uint16_t* x, int64_t V, int32_t* step, int32_t* ring, int ring_len, cudaStream_t s) {
+  launch(argmax_kernel, dim3(1), dim3(1024), s, x, V, static_cast<int32_t*>(nullptr), step, ring, ring_len);
+  check_launch("argmax_chain");
 }
 
 void attention_pe(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe, const uint16_t* k_pe,

@@ -99,6 +99,10 @@ void route_sigmoid_grouped(const uint16_t* logits, const float* bias, int T, int
 
 // argmax of x[V] (bf16), ties to the lower id, into *out.
 void argmax(const uint16_t* x, int64_t V, int32_t* out, cudaStream_t s);
+// argmax for chained greedy steps: the id becomes the next step's input
+// (step[0] = id, step[1] += 1) and lands in ring[old step[1] % ring_len]
+// (mapped host memory the host reads by position).
+void argmax_chain(const uint16_t* x, int64_t V, int32_t* step, int32_t* ring, int ring_len, cudaStream_t s);
 
 // LFM2 short conv (see Backend::short_conv); state [L-1, C] updated in place.
 void short_conv(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16_t* w, int L, uint16_t* out,
