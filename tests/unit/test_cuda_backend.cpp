@@ -177,6 +177,23 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
       pos += T;
     }
   }
+  // Decode from the first position on, for several head groupings (G = 1, 4,
+  // 8, 16) and head dims, including steps where most splits hold no key.
+  for (auto [H, Hkv, hd] : {std::tuple<int64_t, int64_t, int64_t>{4, 4, 64}, {32, 4, 128}, {16, 4, 256},
+                            {16, 1, 64}}) {
+    KvLayer ck = c->new_kv_layer(Hkv, hd, 256), gk = g->new_kv_layer(Hkv, hd, 256);
+    for (int64_t pos = 0; pos < 40; ++pos) {
+      Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(H * hd)), {1, H * hd});
+      Tensor k = test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd});
+      Tensor v = test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd});
+      c->kv_write(ck, k, v, pos);
+      g->kv_write(gk, g->from_host(k), g->from_host(v), pos);
+      const float scale = 1.f / std::sqrt(float(hd));
+      const auto ref = host_floats(*c, c->attention(q, ck, pos, H, Hkv, hd, scale));
+      const auto got = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
+      ASSERT_LT(rel_l2(got, ref), 5e-3) << "H " << H << " Hkv " << Hkv << " hd " << hd << " pos " << pos;
+    }
+  }
 }
 
 TEST(CudaOps, FusedResidualNormAndAttentionPrepMatchCpu) {

@@ -857,6 +857,150 @@ __global__ void attn_merge_kernel(const float* scratch, int heads, int hd, int s
   }
 }
 
+// Decode attention (one query row), grouped: a block takes one kv head and
+// one split of the keys for all G = heads / kv_heads query heads sharing it,
+// so each key/value row is read once per block instead of once per head.
+// Phase 1: a thread per key position computes the G scores (q from shared
+// memory), so the keys' loads are all in flight at once. Phase 2: per-head
+// max and sum over the tile. Phase 3: a thread per output dimension sums
+// p·V over the tile's positions. Tiles of blockDim.x positions repeat with
+// an online softmax. The last block of a kv head to finish (a counter per
+// kv head, reset by that block, so a recorded step can replay) merges the
+// splits and writes the G heads' outputs.
+constexpr int kDecAttnThreads = 128;
+constexpr int kDecAttnMaxGroup = 16;
+
+template <int HD>
+__global__ void __launch_bounds__(kDecAttnThreads) attn_decode_kernel(
+    const uint16_t* q, int heads, int kvh, const uint16_t* kc, const uint16_t* vc, int64_t cap, int pos0,
+    const int* dpos, float scale, int splits, float* scratch, unsigned* counters, uint16_t* out) {
+  pdl_begin();
+  constexpr int NT = kDecAttnThreads;
+  constexpr int DPT = (HD + NT - 1) / NT;  // output dims per thread in phase 3
+  const int kv = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
+  const int G = heads / kvh;
+  const int visible = (dpos ? *dpos : pos0) + 1;
+  const int chunk = (visible + splits - 1) / splits;
+  const int j0 = min(visible, s * chunk), j1 = min(visible, j0 + chunk);
+  __shared__ float sq[kDecAttnMaxGroup][HD];
+  __shared__ float sp[kDecAttnMaxGroup][NT];
+  __shared__ float sm[kDecAttnMaxGroup], sl[kDecAttnMaxGroup], scorr[kDecAttnMaxGroup];
+  __shared__ bool last;
+  for (int i = tid; i < G * HD; i += NT) sq[i / HD][i % HD] = bf(q[(int64_t(kv) * G + i / HD) * HD + i % HD]);
+  if (tid < G) sm[tid] = -FLT_MAX, sl[tid] = 0.f;
+  float acc[kDecAttnMaxGroup][DPT];
+#pragma unroll
+  for (int g = 0; g < kDecAttnMaxGroup; ++g)
+#pragma unroll
+    for (int d = 0; d < DPT; ++d) acc[g][d] = 0.f;
+  __syncthreads();
+  const uint16_t* K = kc + int64_t(kv) * cap * HD;
+  const uint16_t* V = vc + int64_t(kv) * cap * HD;
+  for (int t0 = j0; t0 < j1; t0 += NT) {
+    const int n = min(NT, j1 - t0);
+    // Phase 1: scores of position t0 + tid for every head of the group.
+    if (tid < n) {
+      float sc[kDecAttnMaxGroup];
+#pragma unroll
+      for (int g = 0; g < kDecAttnMaxGroup; ++g) sc[g] = 0.f;
+      const uint4* kr = reinterpret_cast<const uint4*>(K + int64_t(t0 + tid) * HD);
+#pragma unroll 4
+      for (int c = 0; c < HD / 8; ++c) {
+        const uint4 w = __ldg(kr + c);
+        const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float k0 = lo_bf(ws[i]), k1 = hi_bf(ws[i]);
+#pragma unroll
+          for (int g = 0; g < kDecAttnMaxGroup; ++g)
+            if (g < G) sc[g] = fmaf(sq[g][8 * c + 2 * i + 1], k1, fmaf(sq[g][8 * c + 2 * i], k0, sc[g]));
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < kDecAttnMaxGroup; ++g)
+        if (g < G) sp[g][tid] = sc[g] * scale;
+    }
+    __syncthreads();
+    // Phase 2: a warp per head (heads strided over warps): new max, rescale
+    // factor, probabilities and their sum.
+    for (int g = tid >> 5; g < G; g += NT / 32) {
+      const int lane = tid & 31;
+      float mx = -FLT_MAX;
+      for (int i = lane; i < n; i += 32) mx = fmaxf(mx, sp[g][i]);
+      mx = fmaxf(warp_max(mx), sm[g]);
+      float sum = 0.f;
+      for (int i = lane; i < n; i += 32) {
+        const float p = expf(sp[g][i] - mx);
+        sp[g][i] = p;
+        sum += p;
+      }
+      sum = warp_sum(sum);
+      __syncwarp();
+      if (lane == 0) {
+        const float corr = expf(sm[g] - mx);
+        scorr[g] = corr;
+        sl[g] = sl[g] * corr + sum;
+        sm[g] = mx;
+      }
+    }
+    __syncthreads();
+    // Phase 3: acc = acc·corr + Σ p·V over the tile.
+#pragma unroll
+    for (int d = 0; d < DPT; ++d) {
+      const int dim = tid + d * NT;
+      if (dim >= HD) break;
+#pragma unroll
+      for (int g = 0; g < kDecAttnMaxGroup; ++g)
+        if (g < G) acc[g][d] *= scorr[g];
+#pragma unroll 4
+      for (int i = 0; i < n; ++i) {
+        const float v = bf(V[int64_t(t0 + i) * HD + dim]);
+#pragma unroll
+        for (int g = 0; g < kDecAttnMaxGroup; ++g)
+          if (g < G) acc[g][d] = fmaf(sp[g][i], v, acc[g][d]);
+      }
+    }
+    __syncthreads();
+  }
+  // Partial result of this split: (m, l, acc[HD]) per head.
+#pragma unroll
+  for (int g = 0; g < kDecAttnMaxGroup; ++g) {
+    if (g >= G) break;
+    float* o = scratch + ((int64_t(kv) * G + g) * splits + s) * (HD + 2);
+    if (tid == 0) o[0] = sm[g], o[1] = sl[g];
+#pragma unroll
+    for (int d = 0; d < DPT; ++d)
+      if (tid + d * NT < HD) o[2 + tid + d * NT] = acc[g][d];
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const unsigned done = atomicAdd(counters + kv, 1u);
+    last = done == unsigned(splits - 1);
+    if (last) counters[kv] = 0;  // ready for the next step (or replay)
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // Merge the splits, as attn_merge_kernel does.
+  for (int g = 0; g < G; ++g) {
+    const volatile float* base = scratch + (int64_t(kv) * G + g) * splits * (HD + 2);
+    float M = -FLT_MAX;
+    for (int i = 0; i < splits; ++i)
+      if (base[i * (HD + 2) + 1] > 0.f) M = fmaxf(M, base[i * (HD + 2)]);
+    float L = 0.f;
+    for (int i = 0; i < splits; ++i)
+      if (base[i * (HD + 2) + 1] > 0.f) L = fmaf(base[i * (HD + 2) + 1], expf(base[i * (HD + 2)] - M), L);
+    const float inv = 1.0f / L;
+    for (int d = tid; d < HD; d += NT) {
+      float a = 0.f;
+      for (int i = 0; i < splits; ++i)
+        if (base[i * (HD + 2) + 1] > 0.f) a = fmaf(base[i * (HD + 2) + 2 + d], expf(base[i * (HD + 2)] - M), a);
+      out[(int64_t(kv) * G + g) * HD + d] = to_bf(a * inv);
+    }
+  }
+}
+
 // ------------------------------------------------------------------ routers
 
 constexpr int kRouteMaxPerLane = 16;  // E <= 512
@@ -1395,6 +1539,24 @@ void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int he
   launch(kv_write_kernel, dim3(blocks_for(int64_t(T) * kv_heads * (head_dim > v_dim ? head_dim : v_dim), 256)), dim3(256),
          s, kc, vc, capacity, kv_heads, head_dim, v_dim, k, v, T, pos0, dpos);
   check_launch("kv_write");
+}
+
+bool attention_decode_supported(int heads, int kv_heads, int head_dim) {
+  return (head_dim == 64 || head_dim == 128 || head_dim == 256) && heads % kv_heads == 0 &&
+         heads / kv_heads <= kDecAttnMaxGroup;
+}
+
+void attention_decode(const uint16_t* q, int heads, int kv_heads, int head_dim, const uint16_t* kc, const uint16_t* vc,
+                      int64_t capacity, int pos0, const int* dpos, float scale, int splits, float* scratch,
+                      unsigned* counters, uint16_t* out, cudaStream_t s) {
+  const dim3 grid{unsigned(kv_heads), unsigned(splits)};
+  switch (head_dim) {
+    case 64: launch(attn_decode_kernel<64>, grid, dim3(kDecAttnThreads), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch, counters, out); break;
+    case 128: launch(attn_decode_kernel<128>, grid, dim3(kDecAttnThreads), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch, counters, out); break;
+    case 256: launch(attn_decode_kernel<256>, grid, dim3(kDecAttnThreads), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch, counters, out); break;
+    default: throw std::runtime_error("CUDA decode attention: head_dim " + std::to_string(head_dim));
+  }
+  check_launch("attention (decode)");
 }
 
 void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, const uint16_t* kc, const uint16_t* vc,
