@@ -1,8 +1,12 @@
-// dist/placement: pipeline layer splits and --layers parsing.
+// dist/placement: pipeline layer splits and --layers parsing; device choice of ranks.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+
 #include "zmlx/core/error.h"
+#include "zmlx/dist/comm.h"
 #include "zmlx/dist/placement.h"
+#include "zmlx/ops/backend.h"
 
 using namespace zmlx;
 using Ranges = std::vector<std::pair<int64_t, int64_t>>;
@@ -46,4 +50,59 @@ TEST(DistPlacement, Describe) {
   EXPECT_EQ(p.describe(), "rank 1/2 tensor shard 2/2");
   EXPECT_EQ(p.tp_index(), 1);
   EXPECT_EQ(p.logits_rank(), 0);
+}
+
+TEST(DistPlacement, DescribeNamesTheDevice) {
+  dist::Placement p;
+  p.mode = dist::Mode::Tensor;
+  p.rank = 1;
+  p.size = 2;
+  p.devices = {"cuda:0 (GPU A)", "cuda:1 (GPU B)"};
+  EXPECT_EQ(p.describe(), "rank 1/2 tensor shard 2/2 on cuda:1 (GPU B)");
+}
+
+TEST(DistPlacement, LocalRankFromTheLauncher) {
+  const char* saved = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  const std::string keep = saved ? saved : "";
+  unsetenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  unsetenv("MPI_LOCALRANKID");
+  unsetenv("SLURM_LOCALID");
+  EXPECT_EQ(dist::local_rank(5), 5);  // no launcher variable: the world rank
+  setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1", 1);
+  EXPECT_EQ(dist::local_rank(5), 1);
+  if (saved) setenv("OMPI_COMM_WORLD_LOCAL_RANK", keep.c_str(), 1);
+  else unsetenv("OMPI_COMM_WORLD_LOCAL_RANK");
+}
+
+namespace {
+// One rank: broadcasts are no-ops, as MPI's with a single rank.
+class SoloComm final : public dist::Communicator {
+ public:
+  std::string kind() const override { return "solo"; }
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  const std::vector<std::string>& hosts() const override { return hosts_; }
+  void allreduce_sum(void*, int64_t, DType) override {}
+  void send(const void*, size_t, int) override {}
+  void recv(void*, size_t, int) override {}
+  void broadcast(void*, size_t, int, bool) override {}
+  void barrier(double) override {}
+  [[noreturn]] void abort(int code) override { std::exit(code); }
+
+ private:
+  std::vector<std::string> hosts_{"here"};
+};
+}  // namespace
+
+TEST(DistPlacement, CpuRanksGetTheCpuBackendAndListTheirDevice) {
+  dist::Placement p;
+  p.mode = dist::Mode::Pipeline;
+  p.comm = std::make_shared<SoloComm>();
+  EXPECT_EQ(p.comm->all_gather_string("cpu x"), std::vector<std::string>{"cpu x"});
+  auto be = make_backend_for_ranks("cpu", p);
+  EXPECT_EQ(be->device(), Device::CPU);
+  EXPECT_EQ(be->native_stream(), nullptr);
+  EXPECT_EQ(p.comm->kind(), "solo");  // CPU ranks keep the MPI-style transport
+  ASSERT_EQ(p.devices.size(), 1u);
+  EXPECT_EQ(p.devices[0], be->name());
 }

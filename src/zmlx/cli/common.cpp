@@ -81,8 +81,10 @@ LoadedModel load(const ModelArgs& a, bool need_tokenizer) {
   m.dir = io::resolve_model_path(a.model);
   auto t0 = std::chrono::steady_clock::now();
   dist::Placement place = make_placement(a);
-  m.backend = make_backend_for_ranks(a.backend, place.active());
+  m.backend = make_backend_for_ranks(a.backend, place);  // GPU ranks: place.comm becomes NCCL
   m.model = load_model(m.dir, *m.backend, place);
+  // One line per rank: where it runs and what it holds.
+  if (place.active()) std::fprintf(stderr, "[zmlx] %s\n", m.model->placement().describe().c_str());
   m.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   patch::PatchOptions po = patch_options(a);
   po.placement = m.model->placement().describe();

@@ -1,8 +1,7 @@
 // Communicator: the collective and point-to-point operations the parallel
-// model code needs, independent of the transport. MPI (CPU ranks, one or
-// several hosts) implements it today; a NCCL implementation for GPU ranks
-// plugs into the same interface (buffers then live on the device: see
-// accepts()).
+// model code needs, independent of the transport. MPI implements it for CPU
+// ranks (one or several hosts); NCCL for GPU ranks, where activation buffers
+// live on the device (see accepts()) and control messages still go over MPI.
 //
 // Every operation has a deadline (timeout_seconds()): a peer that died or
 // hangs makes the waiting rank throw dist::PeerError naming that rank, instead
@@ -35,7 +34,9 @@ class Communicator {
   virtual int size() const = 0;
   // Host name of every rank (index = rank), gathered at start.
   virtual const std::vector<std::string>& hosts() const = 0;
-  // Whether buffers may live on `d` (MPI: CPU only; NCCL: CUDA).
+  // Whether the buffers of allreduce_sum / send / recv may live on `d` (MPI:
+  // CPU only; NCCL: CUDA only). broadcast and barrier always take host memory:
+  // they carry control messages (tokens, requests, stop flags).
   virtual bool accepts(Device d) const { return d == Device::CPU; }
 
   // In place: buf = Σ over ranks, for BF16 or F32 buffers. The sum runs in
@@ -54,14 +55,16 @@ class Communicator {
   double timeout_seconds() const { return timeout_s_; }
   void set_timeout_seconds(double s) { timeout_s_ = s; }
 
-  // Typed helpers.
+  // Typed helpers (over broadcast, so host memory).
   void broadcast_i32(std::vector<int32_t>& v, int root, bool wait_forever = false);
+  // Every rank's `mine`, index = rank (e.g. each rank's device name).
+  std::vector<std::string> all_gather_string(const std::string& mine);
 
  protected:
   double timeout_s_ = 60;
 };
 
-// Which transports this build has ("mpi" or nothing).
+// Whether this build has MPI (multi-process runs at all).
 bool mpi_available();
 // The process-wide communicator of an `mpirun` launch, created on first use
 // (MPI_Init). Throws with a clear message when MPI is not in this build.
@@ -71,6 +74,20 @@ bool world_started();
 // Ends the MPI session: MPI_Finalize when ok, MPI_Abort otherwise (so the
 // other ranks do not wait for this one). No-op without a world.
 void finalize(bool ok);
+// GPU ranks (dist/nccl_comm.cpp): whether this build has NCCL.
+bool nccl_available();
+// A communicator for GPU ranks: allreduce_sum / send / recv take buffers on
+// CUDA device `device` and run through NCCL on `stream` (a cudaStream_t, the
+// backend's, so transfers are ordered with its kernels); broadcast, barrier
+// and abort go to `control` (MPI, host memory). The NCCL unique id is sent
+// from rank 0 over `control`. Collective: every rank calls it. Throws when
+// this build has no NCCL.
+std::shared_ptr<Communicator> make_nccl_comm(std::shared_ptr<Communicator> control, int device, void* stream);
+// This process's index among the ranks on its host, from the launcher's
+// environment (OMPI_COMM_WORLD_LOCAL_RANK, MPI_LOCALRANKID, SLURM_LOCALID);
+// `rank` when none is set. A GPU rank uses GPU local_rank % device count.
+int local_rank(int rank);
+
 // Ranks announced by the launcher's environment (OMPI_COMM_WORLD_SIZE, ...),
 // 1 when not launched by mpirun. Does not initialise MPI.
 int launcher_size();

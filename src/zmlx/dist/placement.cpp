@@ -25,10 +25,11 @@ const char* mode_name(Mode m) {
 
 std::string Placement::describe() const {
   if (!active()) return "single process";
+  const std::string on = size_t(rank) < devices.size() ? " on " + devices[size_t(rank)] : "";
   if (pipeline())
-    return fmt::format("rank {}/{} layers {}-{}", rank, size, stages.at(size_t(rank)).first,
-                       stages.at(size_t(rank)).second - 1);
-  return fmt::format("rank {}/{} tensor shard {}/{}", rank, size, rank + 1, size);
+    return fmt::format("rank {}/{} layers {}-{}{}", rank, size, stages.at(size_t(rank)).first,
+                       stages.at(size_t(rank)).second - 1, on);
+  return fmt::format("rank {}/{} tensor shard {}/{}{}", rank, size, rank + 1, size, on);
 }
 
 std::vector<std::pair<int64_t, int64_t>> split_layers_by_bytes(const std::vector<uint64_t>& bytes, int n) {
@@ -103,6 +104,23 @@ void Communicator::broadcast_i32(std::vector<int32_t>& v, int root, bool wait_fo
   broadcast(&n, sizeof n, root, wait_forever);
   v.resize(size_t(n));
   if (n > 0) broadcast(v.data(), size_t(n) * sizeof(int32_t), root);
+}
+
+std::vector<std::string> Communicator::all_gather_string(const std::string& mine) {
+  std::vector<std::string> all(static_cast<size_t>(size()));
+  for (int r = 0; r < size(); ++r) {
+    std::vector<int32_t> chars;
+    if (r == rank()) chars.assign(mine.begin(), mine.end());
+    broadcast_i32(chars, r);
+    all[size_t(r)].assign(chars.begin(), chars.end());
+  }
+  return all;
+}
+
+int local_rank(int rank) {
+  for (const char* k : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
+    if (const char* v = std::getenv(k)) return std::max(0, std::atoi(v));
+  return rank;
 }
 
 int launcher_size() {

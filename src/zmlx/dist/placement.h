@@ -25,6 +25,9 @@ struct Placement {
   // the --layers text when the split was given by hand ("" = by weight bytes).
   std::vector<std::pair<int64_t, int64_t>> stages;
   std::string layers_arg;
+  // Every rank's device (its backend's name, e.g. "cuda:1 (NVIDIA H100 ...)"),
+  // gathered when the backends are made (make_backend_for_ranks); empty before.
+  std::vector<std::string> devices;
 
   bool active() const { return mode != Mode::None; }
   bool pipeline() const { return mode == Mode::Pipeline; }
@@ -41,7 +44,8 @@ struct Placement {
   // Tensor parallel: this rank's shard index and the shard count (0 of 1 otherwise).
   int tp_index() const { return tensor() ? rank : 0; }
   int tp_count() const { return tensor() ? size : 1; }
-  // "rank 1/2 layers 24-47" | "rank 0/2 tensor shard 1/2" | "single process".
+  // "rank 1/2 layers 24-47" | "rank 0/2 tensor shard 1/2" | "single process",
+  // followed by " on DEVICE" once `devices` is known.
   std::string describe() const;
 };
 

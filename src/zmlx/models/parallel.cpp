@@ -1,12 +1,21 @@
 // The model side of multi-process runs: moving activations between pipeline
 // stages and the tensor-parallel all-reduce, through dist::Communicator.
-// Tensors on a device the communicator cannot take are staged through host
-// memory (the CPU backend's tensors are host memory already).
+// Buffers go to the communicator where they live when it accepts that device
+// (CPU ranks over MPI, GPU ranks over NCCL); otherwise (a GPU tensor and a
+// host-only transport) they are staged through host memory.
 #include "zmlx/core/error.h"
 #include "zmlx/dist/comm.h"
 #include "zmlx/models/model.h"
 
 namespace zmlx {
+
+namespace {
+// Staging through host memory needs a transport that takes host buffers.
+void check_host_transport(const dist::Placement& P) {
+  ZMLX_CHECK(P.comm->accepts(Device::CPU), "--parallel: the {} transport takes device buffers only, and this "
+             "rank's tensors are on another device", P.comm->kind());
+}
+}  // namespace
 
 bool Model::stage_input(Backend& be, const std::vector<int32_t>& ids, const Weight& embed, Tensor& h) {
   const dist::Placement& P = placement();
@@ -14,7 +23,14 @@ bool Model::stage_input(Backend& be, const std::vector<int32_t>& ids, const Weig
     h = be.embed(embed, ids);
     return false;
   }
-  Tensor host = host_tensor(DType::BF16, {int64_t(ids.size()), config_.hidden_size});
+  const std::vector<int64_t> shape = {int64_t(ids.size()), config_.hidden_size};
+  if (P.comm->accepts(be.device())) {
+    h = be.alloc(DType::BF16, shape);
+    P.comm->recv(h.data, h.nbytes(), P.rank - 1);
+    return true;
+  }
+  check_host_transport(P);
+  Tensor host = host_tensor(DType::BF16, shape);
   P.comm->recv(host.data, host.nbytes(), P.rank - 1);
   h = be.from_host(host);
   return true;
@@ -28,6 +44,7 @@ bool Model::stage_output(Backend& be, const Tensor& h) {
   if (P.comm->accepts(h.device)) {
     P.comm->send(h.data, h.nbytes(), P.rank + 1);
   } else {
+    check_host_transport(P);
     Tensor host = be.to_host(h);
     P.comm->send(host.data, host.nbytes(), P.rank + 1);
   }
@@ -41,6 +58,7 @@ void Model::tp_reduce(Backend& be, Tensor& t) {
     P.comm->allreduce_sum(t.data, t.numel(), t.dtype);
     return;
   }
+  check_host_transport(P);
   Tensor host = be.to_host(t);
   P.comm->allreduce_sum(host.data, host.numel(), host.dtype);
   t = be.from_host(host);

@@ -15,6 +15,9 @@
 #include "zmlx/ops/weight.h"
 
 namespace zmlx {
+namespace dist {
+struct Placement;
+}
 
 // Per-layer attention cache: K as [kv_heads, capacity, head_dim] and V as
 // [kv_heads, capacity, v_head_dim] bf16 (v_head_dim = head_dim except for the
@@ -175,6 +178,12 @@ class Backend {
   // Dense SwiGLU MLP gate+up in one pass: swiglu(x@Wgᵀ, x@Wuᵀ) -> [T, I].
   virtual Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) = 0;
 
+  // For a device transport (NCCL) that must order its transfers with this
+  // backend's kernels: the stream every op runs on (a cudaStream_t) and the
+  // GPU's index. nullptr / -1 on host backends.
+  virtual void* native_stream() const { return nullptr; }
+  virtual int device_index() const { return -1; }
+
   // Peak bytes this backend has held in device memory (weights + pool);
   // 0 for host backends, whose memory shows in the process RSS.
   virtual uint64_t peak_device_bytes() const { return 0; }
@@ -228,12 +237,17 @@ std::unique_ptr<Backend> make_cpu_backend();
 #ifdef ZMLX_HAVE_CUDA
 std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 bool cuda_device_present();
+int cuda_device_count();  // visible GPUs (0 when the driver is missing)
 #endif
 // "cpu", "cuda" or "auto" (CUDA when this build has it and a GPU is present).
 // An unavailable choice is an error that says why.
 std::unique_ptr<Backend> make_backend(const std::string& name);
-// The backend of one rank of a --parallel run (CPU: the multi-process
-// transport moves host buffers); make_backend when not distributed.
-std::unique_ptr<Backend> make_backend_for_ranks(const std::string& name, bool distributed);
+// The backend of one rank of `place` (make_backend when it is not active).
+// CPU ranks exchange host buffers over MPI. CUDA ranks run on GPU
+// local rank % device count, and place.comm becomes a NCCL communicator for
+// their activations (control messages stay on MPI). "auto" picks CUDA only
+// when every rank can (a GPU visible, NCCL in the build). Fills place.devices.
+// Collective under --parallel: every rank calls it.
+std::unique_ptr<Backend> make_backend_for_ranks(const std::string& name, dist::Placement& place);
 
 }  // namespace zmlx

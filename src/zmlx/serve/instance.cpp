@@ -82,13 +82,14 @@ void GenJob::finish(GenerateResult r, std::string error) {
 Instance::Instance(std::string id, std::string model_id, std::string ref, std::string dir, const LoadOptions& opt)
     : id_(std::move(id)), model_id_(std::move(model_id)), ref_(std::move(ref)), dir_(std::move(dir)) {
   auto t0 = Clock::now();
-  backend_ = make_backend_for_ranks(opt.backend, opt.parallel.active());
-  model_ = load_model(dir_, *backend_, opt.parallel);
+  dist::Placement place = opt.parallel;  // GPU ranks: its comm becomes NCCL, the model keeps that one
+  backend_ = make_backend_for_ranks(opt.backend, place);
+  model_ = load_model(dir_, *backend_, place);
   load_seconds_ = std::chrono::duration<double>(Clock::now() - t0).count();
   patch::PatchOptions po = opt.patch;
   po.placement = model_->placement().describe();
   report_ = patch::patch(*model_, po);
-  if (opt.parallel.active()) opt.parallel.comm->barrier(/*patience=*/20);  // every rank loaded
+  if (place.active()) place.comm->barrier(/*patience=*/20);  // every rank loaded
   ZMLX_CHECK(fs::exists(fs::path(dir_) / "tokenizer.json"), "{}: no tokenizer.json; the node needs one to serve text",
              dir_);
   tokenizer_ = text::Tokenizer::from_dir(dir_);

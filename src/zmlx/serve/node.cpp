@@ -362,7 +362,7 @@ void Node::completions(const HttpRequest& req, HttpConnection& conn) {
 json Node::state() const {
   json insts = json::array();
   for (auto& i : instances_.list()) insts.push_back(i->info());
-  // Multi-process node: every rank, its host, and its layers or shard.
+  // Multi-process node: every rank, its host and device, and its layers or shard.
   json par = {{"mode", dist::mode_name(opt_.load.parallel.mode)}, {"ranks", json::array()}};
   const auto list = instances_.list();
   if (opt_.load.parallel.active() && !list.empty()) {
@@ -370,7 +370,8 @@ json Node::state() const {
     par["transport"] = P.comm->kind();
     par["timeout_s"] = P.comm->timeout_seconds();
     for (int r = 0; r < P.size; ++r) {
-      json e = {{"rank", r}, {"host", P.comm->hosts().at(size_t(r))}, {"device", list[0]->backend_name()},
+      const std::string device = size_t(r) < P.devices.size() ? P.devices[size_t(r)] : list[0]->backend_name();
+      json e = {{"rank", r}, {"host", P.comm->hosts().at(size_t(r))}, {"device", device},
                 {"role", r == 0 ? "api" : "follower"}};
       if (P.pipeline())
         e["layers"] = {P.stages.at(size_t(r)).first, P.stages.at(size_t(r)).second - 1};

@@ -269,7 +269,7 @@ class CudaBackend final : public Backend {
     cuda_check(cudaEventCreateWithFlags(&step_done_, cudaEventDisableTiming), "cudaEventCreate");
     cudaDeviceProp p{};
     cuda_check(cudaGetDeviceProperties(&p, device), "cudaGetDeviceProperties");
-    name_ = fmt::format("cuda ({}, sm_{}{})", p.name, p.major, p.minor);
+    name_ = fmt::format("cuda:{} ({}, sm_{}{})", device, p.name, p.major, p.minor);
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     cuda_check(cudaMallocHost(&h_step_, 4 * sizeof(int32_t)), "cudaMallocHost");
     cuda_check(cudaMalloc(&d_step_, 4 * sizeof(int32_t)), "cudaMalloc");
@@ -297,6 +297,8 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return name_; }
   Device device() const override { return Device::CUDA; }
+  void* native_stream() const override { return stream_; }
+  int device_index() const override { return device_; }
 
   // ------------------------------------------------------------ memory
 
@@ -965,13 +967,15 @@ class CudaBackend final : public Backend {
 
 std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<CudaBackend>(device); }
 
-bool cuda_device_present() {
+int cuda_device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
     cudaGetLastError();
-    return false;
+    return 0;
   }
-  return n > 0;
+  return n;
 }
+
+bool cuda_device_present() { return cuda_device_count() > 0; }
 
 }  // namespace zmlx

@@ -1,0 +1,351 @@
+// The NCCL communicator of GPU ranks: activations (the tensor-parallel
+// all-reduce, the hidden state between pipeline stages) move GPU to GPU
+// through NCCL on the backend's stream, so they are ordered with its kernels
+// and never pass through host memory. Control messages (tokens, requests,
+// stop flags, barriers) stay on the MPI communicator this one wraps.
+//
+// Fail-fast: NCCL operations are asynchronous; a dead or hung peer leaves
+// the NCCL kernel spinning and this rank blocked in its next stream
+// synchronisation. So every operation gets an event recorded after it, and
+// a watchdog thread checks that the events complete: an operation still
+// pending `timeout` seconds after it became the oldest one (or an error NCCL
+// reports asynchronously, e.g. a broken connection) ends the whole job with a
+// message naming the peer, as the MPI communicator's deadlines do.
+//
+// libnccl is loaded when the first GPU-rank communicator is made (dlopen),
+// not linked: it is large, often lives outside the loader's path (e.g. in a
+// Python wheel), and a single-GPU or CPU run must not need it.
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "zmlx/dist/comm.h"
+
+#ifdef ZMLX_HAVE_NCCL
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#endif
+
+namespace zmlx::dist {
+
+#ifndef ZMLX_HAVE_NCCL
+
+bool nccl_available() { return false; }
+
+std::shared_ptr<Communicator> make_nccl_comm(std::shared_ptr<Communicator>, int, void*) {
+  fail("--backend cuda with --parallel: this zmlx was built without NCCL (CMake reports 'zmlx: NCCL ON' when it "
+       "finds nccl.h and libnccl next to the CUDA toolkit or under NCCL_ROOT), so GPU ranks cannot exchange "
+       "activations; use --backend cpu");
+}
+
+#else
+
+bool nccl_available() { return true; }
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// The NCCL entry points zmlx uses, resolved from libnccl.so.2 at first use.
+struct NcclApi {
+  decltype(&ncclGetUniqueId) GetUniqueId;
+  decltype(&ncclCommInitRankConfig) CommInitRankConfig;
+  decltype(&ncclCommGetAsyncError) CommGetAsyncError;
+  decltype(&ncclCommAbort) CommAbort;
+  decltype(&ncclCommDestroy) CommDestroy;
+  decltype(&ncclAllReduce) AllReduce;
+  decltype(&ncclSend) Send;
+  decltype(&ncclRecv) Recv;
+  decltype(&ncclGetErrorString) GetErrorString;
+  decltype(&ncclGetLastError) GetLastError;
+};
+
+// The loader's search path first (LD_LIBRARY_PATH, ldconfig), then the
+// library CMake found at build time.
+const NcclApi& nccl() {
+  static const NcclApi api = [] {
+    void* lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) lib = dlopen(ZMLX_NCCL_LIBRARY, RTLD_NOW | RTLD_LOCAL);
+    if (!lib)
+      fail("GPU ranks need NCCL, but libnccl.so.2 was not found ({}); add its directory to LD_LIBRARY_PATH "
+           "(the nvidia-nccl Python wheel keeps it in nvidia/nccl/lib), or use --backend cpu", dlerror());
+    auto resolve = [lib](auto& fn, const char* name) {
+      void* p = dlsym(lib, name);
+      ZMLX_CHECK(p != nullptr, "libnccl.so.2 has no {} (NCCL older than 2.14?)", name);
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(p);
+    };
+    NcclApi a{};
+    resolve(a.GetUniqueId, "ncclGetUniqueId");
+    resolve(a.CommInitRankConfig, "ncclCommInitRankConfig");
+    resolve(a.CommGetAsyncError, "ncclCommGetAsyncError");
+    resolve(a.CommAbort, "ncclCommAbort");
+    resolve(a.CommDestroy, "ncclCommDestroy");
+    resolve(a.AllReduce, "ncclAllReduce");
+    resolve(a.Send, "ncclSend");
+    resolve(a.Recv, "ncclRecv");
+    resolve(a.GetErrorString, "ncclGetErrorString");
+    resolve(a.GetLastError, "ncclGetLastError");
+    return a;
+  }();
+  return api;
+}
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+class NcclComm final : public Communicator {
+ public:
+  NcclComm(std::shared_ptr<Communicator> control, int device, cudaStream_t stream)
+      : control_(std::move(control)), device_(device), stream_(stream) {
+    timeout_s_ = control_->timeout_seconds();
+    (void)nccl();  // a missing libnccl fails here, on every rank alike, before any exchange
+    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    ncclUniqueId id{};
+    if (rank() == 0) check_nccl(nccl().GetUniqueId(&id), "ncclGetUniqueId");
+    control_->broadcast(&id, sizeof id, 0);
+    // Nonblocking: initialisation (and later calls) return at once and are
+    // polled here against a deadline, so a peer that never joins is reported
+    // instead of blocking in ncclCommInitRank forever.
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    ncclResult_t rc = nccl().CommInitRankConfig(&comm_, size(), id, rank(), &config);
+    if (rc != ncclSuccess && rc != ncclInProgress) {
+      const std::string why = nccl_error(rc);
+      if (comm_) nccl().CommAbort(comm_);
+      throw PeerError(fmt::format("rank {}: NCCL initialisation on GPU {} failed: {}", rank(), device_, why));
+    }
+    // Peers reach this point after their own CUDA start-up: allow more than one exchange.
+    try {
+      settle("NCCL initialisation: waiting for", /*patience=*/5);
+    } catch (...) {
+      nccl().CommAbort(comm_);
+      throw;
+    }
+    watchdog_ = std::thread([this] { watch(); });
+  }
+
+  ~NcclComm() override {
+    bool drained;
+    {
+      // Normally nothing is pending (the last step synchronised). On an error
+      // path the watchdog still guards these operations: wait for them or
+      // for it to end the job.
+      std::unique_lock<std::mutex> lk(mu_);
+      drained = idle_.wait_for(lk, std::chrono::duration<double>(timeout_s_ + 1), [&] { return pending_.empty(); });
+      stop_ = true;
+    }
+    wake_.notify_all();
+    if (watchdog_.joinable()) watchdog_.join();
+    cudaSetDevice(device_);
+    // Abort (which also stops kernels still running) unless every operation
+    // completed; then destroying frees local resources without waiting on peers.
+    if (drained) nccl().CommDestroy(comm_);
+    else nccl().CommAbort(comm_);
+    for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
+  }
+
+  std::string kind() const override { return "nccl"; }
+  int rank() const override { return control_->rank(); }
+  int size() const override { return control_->size(); }
+  const std::vector<std::string>& hosts() const override { return control_->hosts(); }
+  bool accepts(Device d) const override { return d == Device::CUDA; }
+
+  void allreduce_sum(void* buf, int64_t count, DType dtype) override {
+    ZMLX_CHECK(dtype == DType::BF16 || dtype == DType::F32, "allreduce_sum: only BF16 and F32 buffers are supported");
+    if (size() == 1) return;
+    // NCCL sums bf16 in fp32 and rounds each partial sum: with 2 ranks that
+    // is one rounding, as the MPI path; every rank receives the same bits.
+    begin_op();
+    check_nccl(nccl().AllReduce(buf, buf, size_t(count), dtype == DType::BF16 ? ncclBfloat16 : ncclFloat32, ncclSum,
+                             comm_, stream_),
+               "ncclAllReduce");
+    std::vector<int> peers;
+    for (int r = 0; r < size(); ++r)
+      if (r != rank()) peers.push_back(r);
+    end_op("all-reduce on the GPU: waiting for", peers);
+  }
+
+  void send(const void* buf, size_t bytes, int dst) override {
+    begin_op();
+    check_nccl(nccl().Send(buf, bytes, ncclUint8, dst, comm_, stream_), "ncclSend");
+    end_op("sending activations (GPU) to", {dst});
+  }
+
+  void recv(void* buf, size_t bytes, int src) override {
+    begin_op();
+    check_nccl(nccl().Recv(buf, bytes, ncclUint8, src, comm_, stream_), "ncclRecv");
+    end_op("waiting for activations (GPU) from", {src});
+  }
+
+  // Control messages: host memory, over MPI.
+  void broadcast(void* buf, size_t bytes, int root, bool wait_forever) override {
+    control_->broadcast(buf, bytes, root, wait_forever);
+  }
+  void barrier(double patience) override { control_->barrier(patience); }
+  [[noreturn]] void abort(int code) override {
+    control_->abort(code);
+    std::_Exit(code);  // not reached: control_'s abort ends the job
+  }
+
+ private:
+  struct Pending {
+    cudaEvent_t done;
+    Clock::time_point since;  // when it was enqueued, or when the one before it completed
+    std::string what;         // "waiting for activations (GPU) from rank 1 (host)"
+  };
+
+  // Operations run on the caller's thread (a node runs forwards on a worker
+  // thread): make the GPU current, and refuse inside a CUDA graph recording
+  // (the watchdog's events cannot observe a recorded operation).
+  void begin_op() {
+    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    check_cuda(cudaStreamIsCapturing(stream_, &capture), "cudaStreamIsCapturing");
+    ZMLX_CHECK(capture == cudaStreamCaptureStatusNone, "NCCL operation inside a recorded CUDA graph step");
+  }
+
+  // After a NCCL call was issued: let a nonblocking enqueue finish, then hand
+  // the operation's completion to the watchdog.
+  void end_op(const char* what, const std::vector<int>& peers) {
+    std::string who;
+    for (int p : peers) who += fmt::format("{}rank {} ({})", who.empty() ? "" : ", ", p, hosts().at(size_t(p)));
+    settle(what, 1.0);
+    cudaEvent_t e = take_event();
+    check_cuda(cudaEventRecord(e, stream_), "cudaEventRecord");
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      pending_.push_back({e, Clock::now(), fmt::format("{} {}", what, who)});
+    }
+    wake_.notify_one();
+  }
+
+  // Polls the communicator until it leaves ncclInProgress (a nonblocking
+  // call's background work: initialisation, first connections to a peer).
+  void settle(const char* what, double patience) {
+    const auto t0 = Clock::now();
+    for (;;) {
+      ncclResult_t state = ncclSuccess;
+      check_nccl(nccl().CommGetAsyncError(comm_, &state), "ncclCommGetAsyncError");
+      if (state == ncclSuccess) return;
+      if (state != ncclInProgress)
+        throw PeerError(fmt::format("rank {}: NCCL: {} the other ranks failed: {}", rank(), what, nccl_error(state)));
+      if (seconds_since(t0) > timeout_s_ * patience)
+        throw PeerError(fmt::format("rank {}: NCCL: {} the other ranks: no answer within {:g} s — a rank died or "
+                                    "hangs",
+                                    rank(), what, timeout_s_ * patience));
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+  }
+
+  // The watchdog thread: completes pending operations in order, ends the job
+  // when the oldest one is overdue or NCCL reports an asynchronous error.
+  void watch() {
+    cudaSetDevice(device_);
+    std::unique_lock<std::mutex> lk(mu_);
+    while (!stop_) {
+      if (pending_.empty()) {
+        wake_.wait(lk, [&] { return stop_ || !pending_.empty(); });
+        continue;
+      }
+      Pending& p = pending_.front();
+      const cudaEvent_t done = p.done;
+      lk.unlock();
+      const cudaError_t q = cudaEventQuery(done);
+      ncclResult_t state = ncclSuccess;
+      nccl().CommGetAsyncError(comm_, &state);
+      lk.lock();
+      if (q == cudaSuccess) {
+        free_events_.push_back(done);
+        pending_.pop_front();
+        // The next operation's deadline counts from now: it may legitimately
+        // have waited behind this one (a long prefill on a peer).
+        if (!pending_.empty()) pending_.front().since = std::max(pending_.front().since, Clock::now());
+        else idle_.notify_all();
+        continue;
+      }
+      if (q != cudaErrorNotReady)
+        die(fmt::format("rank {}: {}: the GPU reported {}", rank(), p.what, cudaGetErrorString(q)));
+      if (state != ncclSuccess && state != ncclInProgress)
+        die(fmt::format("rank {}: {}: NCCL failed: {}", rank(), p.what, nccl_error(state)));
+      const double waited = seconds_since(p.since);
+      if (waited > timeout_s_)
+        die(fmt::format("rank {}: {}: no answer within {:g} s — that rank died or hangs (raise --dist-timeout if "
+                        "a stage legitimately needs longer)",
+                        rank(), p.what, timeout_s_));
+      // Poll briskly while operations complete quickly (decode), gently when one waits long.
+      lk.unlock();
+      std::this_thread::sleep_for(std::chrono::microseconds(waited < 0.01 ? 20 : 1000));
+      lk.lock();
+    }
+  }
+
+  // Ends the job from the watchdog thread: the rank's main thread may be
+  // blocked in a stream synchronisation that only this can end. MPI_Abort
+  // terminates every rank (MPI runs with THREAD_MULTIPLE); the driver frees
+  // the GPU work of the ending processes.
+  [[noreturn]] void die(const std::string& msg) {
+    std::fprintf(stderr, "zmlx: error: %s\n", msg.c_str());
+    std::fflush(stderr);
+    std::fflush(stdout);
+    control_->abort(1);
+    std::_Exit(1);  // not reached: control_'s abort ends the job
+  }
+
+  cudaEvent_t take_event() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!free_events_.empty()) {
+        cudaEvent_t e = free_events_.back();
+        free_events_.pop_back();
+        return e;
+      }
+    }
+    cudaEvent_t e = nullptr;
+    check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    return e;
+  }
+
+  std::string nccl_error(ncclResult_t rc) const {
+    const char* detail = comm_ ? nccl().GetLastError(comm_) : nullptr;
+    return fmt::format("{}{}{}", nccl().GetErrorString(rc), detail && *detail ? " — " : "", detail ? detail : "");
+  }
+  void check_nccl(ncclResult_t rc, const char* what) const {
+    // ncclInProgress: a nonblocking call continues in the background (settle() waits for it).
+    if (rc == ncclSuccess || rc == ncclInProgress) return;
+    throw PeerError(fmt::format("rank {}: {} failed: {}", rank(), what, nccl_error(rc)));
+  }
+  void check_cuda(cudaError_t e, const char* what) const {
+    if (e != cudaSuccess) throw PeerError(fmt::format("rank {}: CUDA: {} failed: {}", rank(), what, cudaGetErrorString(e)));
+  }
+
+  std::shared_ptr<Communicator> control_;
+  int device_;
+  cudaStream_t stream_;
+  ncclComm_t comm_ = nullptr;
+  std::thread watchdog_;
+  std::mutex mu_;  // guards pending_, free_events_, stop_
+  std::condition_variable wake_, idle_;
+  std::deque<Pending> pending_;
+  std::vector<cudaEvent_t> free_events_;
+  bool stop_ = false;
+};
+
+}  // namespace
+
+std::shared_ptr<Communicator> make_nccl_comm(std::shared_ptr<Communicator> control, int device, void* stream) {
+  ZMLX_CHECK(stream != nullptr, "NCCL communicator: the backend has no CUDA stream");
+  return std::make_shared<NcclComm>(std::move(control), device, static_cast<cudaStream_t>(stream));
+}
+
+#endif
+
+}  // namespace zmlx::dist
