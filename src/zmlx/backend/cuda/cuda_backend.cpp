@@ -273,8 +273,6 @@ class CudaBackend final : public Backend {
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     cuda_check(cudaMallocHost(&h_step_, 4 * sizeof(int32_t)), "cudaMallocHost");
     cuda_check(cudaMalloc(&d_step_, 4 * sizeof(int32_t)), "cudaMalloc");
-    cuda_check(cudaMalloc(&d_attn_counters_, kAttnCounters * sizeof(unsigned)), "cudaMalloc");
-    cuda_check(cudaMemset(d_attn_counters_, 0, kAttnCounters * sizeof(unsigned)), "cudaMemset");
     cuda_check(cudaHostAlloc(&h_ring_, kRing * sizeof(int32_t), cudaHostAllocMapped), "cudaHostAlloc");
     cuda_check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&d_ring_), h_ring_, 0), "cudaHostGetDevicePointer");
     for (auto& e : chain_done_) cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
@@ -287,7 +285,6 @@ class CudaBackend final : public Backend {
     cudaStreamSynchronize(stream_);
     for (auto& [k, v] : rope_tables_) cudaFree(v);
     cudaFree(d_step_);
-    cudaFree(d_attn_counters_);
     cudaFreeHost(h_step_);
     cudaFreeHost(h_ring_);
     for (auto& e : chain_done_) cudaEventDestroy(e);
@@ -590,21 +587,12 @@ class CudaBackend final : public Backend {
                "attention: q [{}, {}] with {} heads / {} kv heads of {} does not fit the cache [{}, {}, {}] at {}+{}",
                q.rows(), q.cols(), heads, kv_heads, hd, c.k.dim(0), c.capacity, c.k.dim(2), pos0, T);
     ZMLX_CHECK(T <= 65535, "attention: {} query rows in one call (at most 65535; prefill in chunks)", T);
-    Tensor out = alloc(DType::BF16, {T, heads * hd});
-    Prof p_(this, "attention");
     // Decode splits the keys over blocks (flash-decoding); the split count
     // depends only on the cache capacity, so eager and replayed steps agree.
-    if (T == 1 && kern::attention_decode_supported(int(heads), int(kv_heads), int(hd)) &&
-        kv_heads <= kAttnCounters) {
-      const int splits = int(std::clamp<int64_t>(c.capacity / 32, 1, 256));
-      Tensor scratch = alloc(DType::F32, {heads * splits * (hd + 2)});
-      kern::attention_decode(bf16p(q), int(heads), int(kv_heads), int(hd), bf16p(c.k), bf16p(c.v), c.capacity,
-                             int(pos0), dpos(), scale, splits, static_cast<float*>(scratch.data), d_attn_counters_,
-                             bf16p(out), stream_);
-      return out;
-    }
     const int splits = T == 1 ? int(std::clamp<int64_t>(c.capacity / 64, 1, 128)) : 1;
     Tensor scratch = alloc(DType::F32, {T * heads * splits * (hd + 2)});
+    Tensor out = alloc(DType::BF16, {T, heads * hd});
+    Prof p_(this, "attention");
     kern::attention(bf16p(q), int(T), int(heads), int(kv_heads), int(hd), bf16p(c.k), bf16p(c.v), c.capacity, int(pos0),
                  dpos(), scale, splits, static_cast<float*>(scratch.data), bf16p(out), stream_);
     return out;
@@ -942,10 +930,6 @@ class CudaBackend final : public Backend {
   // are copied to the device by the graph's first node.
   int32_t* h_step_ = nullptr;
   int32_t* d_step_ = nullptr;
-  // Completion counters of the decode attention kernel (one per kv head; each
-  // launch leaves them zero again).
-  static constexpr int64_t kAttnCounters = 4096;
-  unsigned* d_attn_counters_ = nullptr;
   // Chained greedy steps: each step's argmax lands in d_step_ (the next
   // step's input) and in a mapped pinned ring the host reads by position.
   static constexpr int kRing = 64;

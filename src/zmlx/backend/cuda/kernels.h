@@ -76,15 +76,6 @@ void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int he
               const uint16_t* v, int T, int pos0, const int* dpos, cudaStream_t s);
 // Causal GQA attention, split over `splits` key ranges per (token, head)
 // (flash-decoding) and merged; scratch holds T·heads·splits·(head_dim + 2) floats.
-// Decode attention (one query row) for G = heads / kv_heads <= 16 and head
-// dims 64/128/256: one launch, blocks of (kv head, split) read each key and
-// value once for the whole group; the last block of a kv head merges the
-// splits. `counters` (kv_heads zeros, left zero again) and scratch
-// (heads · splits · (hd + 2) floats) are the caller's.
-bool attention_decode_supported(int heads, int kv_heads, int head_dim);
-void attention_decode(const uint16_t* q, int heads, int kv_heads, int head_dim, const uint16_t* kc, const uint16_t* vc,
-                      int64_t capacity, int pos0, const int* dpos, float scale, int splits, float* scratch,
-                      unsigned* counters, uint16_t* out, cudaStream_t s);
 void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, const uint16_t* kc,
                const uint16_t* vc, int64_t capacity, int pos0, const int* dpos, float scale, int splits,
                float* scratch, uint16_t* out, cudaStream_t s);
