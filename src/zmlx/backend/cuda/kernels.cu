@@ -620,14 +620,9 @@ __device__ __forceinline__ void mma_do_step(const MmaStep<NM>& st, const uint32_
   // slab Y (column 4+t); every other lane reads the zero words.
   const uint4* bx = reinterpret_cast<const uint4*>(g == t && cx < chunks ? xp + 16 * cx : zero);
   const uint4* by = reinterpret_cast<const uint4*>(g == t + 4 && cy < chunks ? xp + 16 * cy : zero);
-  // One accumulator per word: four independent chains of 4 MMAs instead of
-  // one of 16 (MMA latency matters when few warps are in flight), added in
-  // a fixed order.
-  float cw[NM][4][4];
+  float c[NM][4];
 #pragma unroll
-  for (int i = 0; i < NM; ++i)
-#pragma unroll
-    for (int ww = 0; ww < 4; ++ww) cw[i][ww][0] = cw[i][ww][1] = cw[i][ww][2] = cw[i][ww][3] = 0.f;
+  for (int i = 0; i < NM; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
 #pragma unroll
   for (int ww = 0; ww < 4; ++ww) {
     const uint4 xb = bx[ww], yb = by[ww];
@@ -637,15 +632,12 @@ __device__ __forceinline__ void mma_do_step(const MmaStep<NM>& st, const uint32_
                      w3 = u4_at(st.w[i][3], ww);
 #pragma unroll
       for (int s = 0; s < 4; ++s)
-        mma_16816(cw[i][ww], nib_pair(w0, s), nib_pair(w1, s), nib_pair(w2, s), nib_pair(w3, s), u4_at(xb, s),
+        mma_16816(c[i], nib_pair(w0, s), nib_pair(w1, s), nib_pair(w2, s), nib_pair(w3, s), u4_at(xb, s),
                   u4_at(yb, s));
     }
   }
-  float c[NM][4];
-#pragma unroll
-  for (int i = 0; i < NM; ++i)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) c[i][q] = (cw[i][0][q] + cw[i][1][q]) + (cw[i][2][q] + cw[i][3][q]);
+  // One accumulator chain of 16 MMAs: four independent chains (one per
+  // word) measured slower on an H100 (more registers), not faster.
   // c[i][j]: row g, column 2t+j; c[i][2+j]: row g+8. Column 2t+j is chunk
   // cs + j (of slab X for t < 2, of slab Y otherwise).
   const int cs = 4 * (t < 2 ? slab_x : slab_y) + 2 * (t & 1);
@@ -832,6 +824,15 @@ bool use_mma(const QMat& m) {
   return m.bits == 4 && m.cols % 32 == 0 && m.cols <= kMmaMaxK && m.group >= 32 && m.group % 32 == 0 &&
          m.cols % m.group == 0 && mma_wanted();
 }
+// Plain linears (linear, linear_multi, linear_swiglu) with fewer rows keep
+// the scalar kernels: an MoE router (128 x 2048) took 4.2 us on the MMA
+// path vs 2.5 us scalar on an H100 (too few warps). Per matrix, so
+// linear_multi still gives each matrix linear's bits (it launches both
+// paths when its matrices fall on both sides). The expert kernels do not
+// use it: gather, gather_swiglu and gather_combine must choose alike.
+constexpr int64_t kMmaMinRows = 256;
+bool use_mma_linear(const QMat& m) { return m.rows >= kMmaMinRows && use_mma(m); }
+
 // Warps per 16-row tile: about 4 slabs (2 steps) a warp, so short rows keep
 // one warp a tile and long ones get enough warps in flight.
 int mma_splits(int64_t K) {
@@ -887,7 +888,7 @@ void by_bits(int bits, A&&... a) {
 template <int B>
 struct LinearL {
   static void go(const uint16_t* x, int T, const QMat& m, uint16_t* y, cudaStream_t s) {
-    if (T == 1 && use_mma(m)) return mma_decode<1>(x, mma_job(&m, &y, 1), 1, s);
+    if (T == 1 && use_mma_linear(m)) return mma_decode<1>(x, mma_job(&m, &y, 1), 1, s);
     const unsigned gx = unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     if (T == 1)
       launch(linear_decode_kernel<B>, dim3(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock)),
@@ -899,7 +900,27 @@ struct LinearL {
 template <int B>
 struct LinearMultiL {
   static void go(const uint16_t* x, int T, const MultiQ& mq, cudaStream_t s) {
-    if (T == 1 && use_mma(mq.m[0])) return mma_decode<1>(x, mma_job(mq.m, mq.y, mq.n), 1, s);
+    if (T == 1 && use_mma(mq.m[0])) {
+      // Matrices with enough rows in one MMA launch, the others in one scalar launch.
+      QMat big[kMaxMulti];
+      uint16_t* ybig[kMaxMulti];
+      MultiQ small{};
+      int nb = 0;
+      small.n = 0;
+      small.first_block[0] = 0;
+      for (int i = 0; i < mq.n; ++i) {
+        if (use_mma_linear(mq.m[i])) {
+          big[nb] = mq.m[i], ybig[nb++] = mq.y[i];
+        } else {
+          const int j = small.n++;
+          small.m[j] = mq.m[i], small.y[j] = mq.y[i];
+          small.first_block[j + 1] = small.first_block[j] + (mq.m[i].rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock;
+        }
+      }
+      if (nb > 0) mma_decode<1>(x, mma_job(big, ybig, nb), 1, s);
+      if (small.n > 0) launch(linear_multi_decode_kernel<B>, dim3(unsigned(small.first_block[small.n])), dim3(256), s, x, small);
+      return;
+    }
     const unsigned gx = unsigned(mq.first_block[mq.n]);
     if (T == 1)
       launch(linear_multi_decode_kernel<B>, dim3(gx), dim3(256), s, x, mq);
@@ -910,7 +931,7 @@ struct LinearMultiL {
 template <int B>
 struct LinearSwigluL {
   static void go(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s) {
-    if (T == 1 && use_mma(g)) {
+    if (T == 1 && use_mma_linear(g)) {
       const QMat gu[2] = {g, u};
       MmaJob j = mma_job(gu, nullptr, 2);
       j.y[0] = y;
