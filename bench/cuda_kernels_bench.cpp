@@ -3,6 +3,8 @@
 // launched `reps` times inside one CUDA graph, so the figure is GPU time per
 // launch including the per-node cost a recorded decode step pays, without
 // host launch overhead. Random bits stand in for weights (speed only).
+// The quantized mat-vecs are timed twice: tensor-core path ("mma") and the
+// scalar kernels ("scalar", ZMLX_CUDA_MMA=0), on the same buffers.
 //   build/cuda_kernels_bench [reps]
 #include <cuda_runtime.h>
 
@@ -65,7 +67,7 @@ void time_it(cudaStream_t s, int reps, const char* name, double bytes, const std
   float ms = 0;
   cudaEventElapsedTime(&ms, a, b);
   const double us = 1000.0 * ms / reps;
-  std::printf("%-28s %8.2f us  %7.0f GB/s\n", name, us, bytes > 0 ? bytes / (us * 1e-6) / 1e9 : 0.0);
+  std::printf("%-38s %8.2f us  %7.0f GB/s\n", name, us, bytes > 0 ? bytes / (us * 1e-6) / 1e9 : 0.0);
   cudaGraphExecDestroy(ge);
   cudaGraphDestroy(g);
   if (cudaGetLastError() != cudaSuccess) std::printf("  (CUDA error)\n");
@@ -115,24 +117,32 @@ int main(int argc, char** argv) {
   std::printf("%s, %d launches per kernel in one graph\n", p.name, reps);
   const k::QMat qkv[3] = {q, kp, vp};
   uint16_t* const ys[3] = {yq, yk, yv};
+  // Both mat-vec paths: the kernels read ZMLX_CUDA_MMA when launched (captured).
+  auto both = [&](const char* name, double bytes, const std::function<void()>& fn) {
+    for (bool mma : {true, false}) {
+      setenv("ZMLX_CUDA_MMA", mma ? "1" : "0", 1);
+      time_it(s, reps, (std::string(name) + (mma ? " [mma]" : " [scalar]")).c_str(), bytes, fn);
+    }
+    unsetenv("ZMLX_CUDA_MMA");
+  };
   time_it(s, reps, "add_rms_norm [2048]", 0, [&] { k::add_rms_norm(h, x, 1, D, nw, 1e-6f, x, s); });
-  time_it(s, reps, "linear_multi q/k/v", bytes_of(q, 1) + 2 * bytes_of(kp, 1),
+  both("linear_multi q/k/v", bytes_of(q, 1) + 2 * bytes_of(kp, 1),
           [&] { k::linear_multi(x, 1, qkv, ys, 3, s); });
   time_it(s, reps, "qk_norm_rope_kv", 0, [&] {
     k::qk_norm_rope_kv(yq, yk, yv, 1, H, Hkv, hd, nw, nw, 1e-6f, freq, false, S, nullptr, yq, kc, vc, cap, s);
   });
   time_it(s, reps, "attention S=512 (split 16)", double(2 * Hkv * S * hd * 2),
           [&] { k::attention(yq, 1, H, Hkv, hd, kc, vc, cap, S - 1, nullptr, 0.088f, 16, scratch, att, s); });
-  time_it(s, reps, "linear o_proj", bytes_of(o, 1), [&] { k::linear(att, 1, o, x, s); });
-  time_it(s, reps, "linear router", bytes_of(router, 1), [&] { k::linear(x, 1, router, logits, s); });
+  both("linear o_proj", bytes_of(o, 1), [&] { k::linear(att, 1, o, x, s); });
+  both("linear router", bytes_of(router, 1), [&] { k::linear(x, 1, router, logits, s); });
   time_it(s, reps, "route_softmax", 0, [&] { k::route_softmax(logits, 1, E, kk, true, ex, sc, s); });
   cudaMemcpy(ex, hex.data(), kk * 4, cudaMemcpyHostToDevice);
-  time_it(s, reps, "gather_qmm_swiglu", bytes_of(gate, kk) + bytes_of(up, kk),
+  both("gather_qmm_swiglu", bytes_of(gate, kk) + bytes_of(up, kk),
           [&] { k::gather_swiglu(x, ex, 1, kk, gate, up, hmid, s); });
-  time_it(s, reps, "gather_qmm_combine", bytes_of(down, kk),
+  both("gather_qmm_combine", bytes_of(down, kk),
           [&] { k::gather_combine(hmid, ex, sc, false, k::kBf16Products, 1, kk, down, h, s); });
-  time_it(s, reps, "gather_qmm (down, unfused)", bytes_of(down, kk),
+  both("gather_qmm (down, unfused)", bytes_of(down, kk),
           [&] { k::gather_linear(hmid, true, ex, 1, kk, down, big, s); });
-  time_it(s, reps, "lm_head 151936", bytes_of(head, 1), [&] { k::linear(x, 1, head, big, s); });
+  both("lm_head 151936", bytes_of(head, 1), [&] { k::linear(x, 1, head, big, s); });
   return 0;
 }

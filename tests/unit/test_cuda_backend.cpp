@@ -16,6 +16,14 @@
 #include "zmlx/ops/backend.h"
 #include "zmlx/patch/patch.h"
 
+#ifdef ZMLX_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+
+#include "zmlx/backend/cuda/kernels.h"
+#endif
+
 namespace zmlx {
 namespace {
 
@@ -332,6 +340,182 @@ TEST(CudaOps, RoutersAndShortConvMatchCpu) {
     EXPECT_TRUE(std::memcmp(g->to_host(b).data, a.data, a.nbytes()) == 0) << "short conv T=" << T;
   }
 }
+
+#ifdef ZMLX_HAVE_CUDA
+namespace k = cuda::k;
+
+// The tensor-core decode mat-vecs (4-bit) against the scalar kernels
+// (ZMLX_CUDA_MMA=0, the plain reference) and the CPU backend, calling the
+// kernels directly so outputs can be poisoned (bf16 NaN) first: an element
+// never written fails. Awkward sizes: K with an odd number of 32-chunks and
+// not a multiple of 256 (partial slabs), rows not a multiple of 16, every
+// group size, K long enough for 2, 4 and 8 warps a tile.
+struct DevQ {
+  k::QMat m;
+  std::vector<void*> bufs;
+  ~DevQ() {
+    for (void* b : bufs) cudaFree(b);
+  }
+};
+void* dev_copy(const void* p, size_t n, std::vector<void*>& keep) {
+  void* d = nullptr;
+  EXPECT_EQ(cudaMalloc(&d, std::max<size_t>(n, 16)), cudaSuccess);
+  cudaMemcpy(d, p, n, cudaMemcpyHostToDevice);
+  keep.push_back(d);
+  return d;
+}
+void upload(const Weight& w, DevQ& q) {
+  q.m.rows = w.rows, q.m.cols = w.cols, q.m.bits = w.q.bits, q.m.group = w.q.group_size;
+  q.m.w_stride = w.rows * w.cols * w.q.bits / 32;
+  q.m.s_stride = w.rows * (w.cols / w.q.group_size);
+  q.m.w = static_cast<const uint32_t*>(dev_copy(w.w.data, w.w.nbytes(), q.bufs));
+  q.m.scales = static_cast<const uint16_t*>(dev_copy(w.scales.data, w.scales.nbytes(), q.bufs));
+  q.m.biases = static_cast<const uint16_t*>(dev_copy(w.biases.data, w.biases.nbytes(), q.bufs));
+}
+struct DevBuf {
+  void* p = nullptr;
+  size_t n = 0;
+  explicit DevBuf(size_t bytes) : n(bytes) {
+    cudaMalloc(&p, std::max<size_t>(n, 16));
+    cudaMemset(p, 0xff, n);  // 0xffff: a bf16 NaN
+  }
+  DevBuf(const void* host, size_t bytes) : n(bytes) {
+    cudaMalloc(&p, std::max<size_t>(n, 16));
+    cudaMemcpy(p, host, n, cudaMemcpyHostToDevice);
+  }
+  ~DevBuf() { cudaFree(p); }
+  uint16_t* u16() const { return static_cast<uint16_t*>(p); }
+  std::vector<float> floats() const {
+    std::vector<uint16_t> h(n / 2);
+    cudaDeviceSynchronize();
+    cudaMemcpy(h.data(), p, n, cudaMemcpyDeviceToHost);
+    std::vector<float> f(h.size());
+    for (size_t i = 0; i < h.size(); ++i) f[i] = bf16_to_f32(h[i]);
+    return f;
+  }
+};
+bool all_finite(const std::vector<float>& v) {
+  for (float f : v)
+    if (!std::isfinite(f)) return false;
+  return true;
+}
+// Runs f with the MMA path on (mma = true) or with the scalar kernels.
+template <typename F>
+void with_path(bool mma, F&& f) {
+  if (mma)
+    unsetenv("ZMLX_CUDA_MMA");
+  else
+    setenv("ZMLX_CUDA_MMA", "0", 1);
+  f();
+  cudaDeviceSynchronize();
+  unsetenv("ZMLX_CUDA_MMA");
+}
+
+TEST(CudaOps, MmaMatVecMatchesScalarAndCpu) {
+  REQUIRE_GPU();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(31);
+  struct S {
+    int64_t K, N;
+    int group;
+  };
+  // N >= 256: plain linears with fewer rows keep the scalar kernels.
+  for (S sz : {S{96, 261, 32}, S{160, 256, 32}, S{352, 300, 32}, S{320, 272, 64}, S{384, 333, 128},
+               S{1056, 259, 32}, S{2112, 289, 64}, S{4480, 263, 128}, S{8320, 257, 64}}) {
+    Weight w = test::random_qweight(rng, 0, sz.N, sz.K, 4, sz.group);
+    Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.K)), {1, sz.K});
+    DevQ q;
+    upload(w, q);
+    DevBuf dx(x.data, x.nbytes()), ym(size_t(sz.N) * 2), ys(size_t(sz.N) * 2);
+    with_path(true, [&] { k::linear(dx.u16(), 1, q.m, ym.u16(), nullptr); });
+    with_path(false, [&] { k::linear(dx.u16(), 1, q.m, ys.u16(), nullptr); });
+    const auto a = ym.floats(), b = ys.floats(), ref = host_floats(*c, c->linear(x, w));
+    ASSERT_TRUE(all_finite(a)) << "K " << sz.K << ": unwritten or non-finite output";
+    EXPECT_LT(rel_l2(a, b), 3e-3) << "MMA vs scalar, K " << sz.K << " N " << sz.N << " group " << sz.group;
+    EXPECT_LT(rel_l2(a, ref), 5e-3) << "MMA vs CPU, K " << sz.K;
+    // linear_multi gives each matrix linear's bits (w2 is small: scalar kernel in the same call).
+    Weight w2 = test::random_qweight(rng, 0, 5, sz.K, 4, sz.group);
+    DevQ q2;
+    upload(w2, q2);
+    DevBuf y2(10), y1(size_t(sz.N) * 2), y2s(10);
+    const k::QMat ms[2] = {q.m, q2.m};
+    uint16_t* const ys2[2] = {y1.u16(), y2.u16()};
+    with_path(true, [&] {
+      k::linear_multi(dx.u16(), 1, ms, ys2, 2, nullptr);
+      k::linear(dx.u16(), 1, q2.m, y2s.u16(), nullptr);
+    });
+    EXPECT_EQ(y1.floats(), a) << "linear_multi vs linear, K " << sz.K;
+    EXPECT_EQ(y2.floats(), y2s.floats()) << "linear_multi vs linear, K " << sz.K;
+    // Dense SwiGLU: fused == two linears + swiglu.
+    DevBuf ysw(size_t(sz.N) * 2), yu(size_t(sz.N) * 2), yref(size_t(sz.N) * 2);
+    with_path(true, [&] {
+      k::linear_swiglu(dx.u16(), 1, q.m, q.m, ysw.u16(), nullptr);
+      k::linear(dx.u16(), 1, q.m, yu.u16(), nullptr);
+      k::swiglu(ym.u16(), yu.u16(), sz.N, yref.u16(), nullptr);
+    });
+    EXPECT_EQ(ysw.floats(), yref.floats()) << "linear_swiglu, K " << sz.K;
+  }
+}
+
+TEST(CudaOps, MmaExpertKernelsMatchScalarAndCpuAndFusedIsBitIdentical) {
+  REQUIRE_GPU();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(32);
+  struct S {
+    int64_t D, I;
+    int group;
+  };
+  for (S sz : {S{480, 288, 32}, S{1088, 832, 64}, S{2176, 384, 128}})
+    for (int64_t T : {1, 2, 7, 15}) {
+      const int64_t E = 9, kk = 3, P = T * kk;
+      Weight gate = test::random_qweight(rng, E, sz.I, sz.D, 4, sz.group),
+             up = test::random_qweight(rng, E, sz.I, sz.D, 4, sz.group),
+             down = test::random_qweight(rng, E, sz.D, sz.I, 4, sz.group);
+      DevQ qg, qu, qd;
+      upload(gate, qg), upload(up, qu), upload(down, qd);
+      Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(T * sz.D)), {T, sz.D});
+      const Routing r = cpu_routing(*c, rng, T, E, kk);
+      const bool f32 = r.scores.dtype == DType::F32;
+      DevBuf dx(x.data, x.nbytes()), dex(r.experts.data, r.experts.nbytes()), dsc(r.scores.data, r.scores.nbytes());
+      const auto* ex = static_cast<const int32_t*>(dex.p);
+      const std::string what = "D " + std::to_string(sz.D) + " T " + std::to_string(T);
+      // gate/up + SwiGLU: fused vs unfused (MMA), MMA vs scalar, vs CPU.
+      DevBuf hf(size_t(P * sz.I) * 2), hs(size_t(P * sz.I) * 2), hg(size_t(P * sz.I) * 2), hu(size_t(P * sz.I) * 2),
+          hun(size_t(P * sz.I) * 2);
+      with_path(true, [&] {
+        k::gather_swiglu(dx.u16(), ex, int(T), int(kk), qg.m, qu.m, hf.u16(), nullptr);
+        k::gather_linear(dx.u16(), false, ex, int(T), int(kk), qg.m, hg.u16(), nullptr);
+        k::gather_linear(dx.u16(), false, ex, int(T), int(kk), qu.m, hu.u16(), nullptr);
+        k::swiglu(hg.u16(), hu.u16(), P * sz.I, hun.u16(), nullptr);
+      });
+      with_path(false, [&] { k::gather_swiglu(dx.u16(), ex, int(T), int(kk), qg.m, qu.m, hs.u16(), nullptr); });
+      const auto h = hf.floats();
+      ASSERT_TRUE(all_finite(h)) << what;
+      EXPECT_EQ(h, hun.floats()) << "gather_swiglu fused != unfused, " << what;
+      EXPECT_LT(rel_l2(h, hs.floats()), 3e-3) << what;
+      EXPECT_LT(rel_l2(hg.floats(), host_floats(*c, c->gather_qmm(x, gate, r))), 5e-3) << what;
+      EXPECT_LT(rel_l2(h, host_floats(*c, c->gather_qmm_swiglu(x, gate, up, r))), 1e-2) << what;
+      // down + combine, from the MMA h: fused vs gather + moe_combine, vs scalar, vs CPU.
+      Tensor hh = host_tensor(DType::BF16, {P, sz.I});
+      cudaMemcpy(hh.data, hf.p, hh.nbytes(), cudaMemcpyDeviceToHost);
+      for (k::Combine mode : {k::kBf16Products, k::kF32Products}) {
+        DevBuf of(size_t(T * sz.D) * 2), os(size_t(T * sz.D) * 2), yd(size_t(P * sz.D) * 2), ou(size_t(T * sz.D) * 2);
+        with_path(true, [&] {
+          k::gather_combine(hf.u16(), ex, dsc.p, f32, mode, int(T), int(kk), qd.m, of.u16(), nullptr);
+          k::gather_linear(hf.u16(), true, ex, int(T), int(kk), qd.m, yd.u16(), nullptr);
+          k::moe_combine(yd.u16(), dsc.p, f32, mode, int(T), int(kk), sz.D, ou.u16(), nullptr);
+        });
+        with_path(false, [&] { k::gather_combine(hf.u16(), ex, dsc.p, f32, mode, int(T), int(kk), qd.m, os.u16(), nullptr); });
+        const auto o = of.floats();
+        ASSERT_TRUE(all_finite(o)) << what;
+        EXPECT_EQ(o, ou.floats()) << "gather_combine fused != unfused, " << what;
+        EXPECT_LT(rel_l2(o, os.floats()), 3e-3) << what;
+        const CombineMode cm = mode == k::kBf16Products ? CombineMode::Bf16Products : CombineMode::F32Products;
+        EXPECT_LT(rel_l2(o, host_floats(*c, c->gather_qmm_combine(hh, down, r, cm))), 5e-3) << what;
+      }
+    }
+}
+#endif
 
 // Whole models: GPU vs CPU logits and greedy tokens; patched vs unpatched on
 // the GPU bit for bit; graph-replayed decode steps vs eager ones bit for bit.

@@ -53,11 +53,11 @@ bool pdl_enabled() {
 }
 
 template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Args... args) {
+void launch_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
-  cfg.dynamicSmemBytes = 0;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -65,6 +65,10 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Arg
   cfg.attrs = attr;
   cfg.numAttrs = pdl_enabled() ? 1 : 0;
   cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Args... args) {
+  launch_smem(kernel, grid, block, 0, s, args...);
 }
 
 void check_launch(const char* what) {
@@ -464,6 +468,411 @@ __global__ void __launch_bounds__(256) gather_swiglu_decode_kernel(const uint16_
     for (int r = 0; r < n; ++r) y[p * g.rows + r0 + r] = swiglu_bf(to_bf(a[0][r]), to_bf(a[1][r]));
 }
 
+// ---- tensor-core decode mat-vec (4-bit weights) ----
+//
+// Why: at one token the scalar path above spends ~4 instructions per weight
+// turning nibbles into floats (shift, and, fadd, ffma) and is bound by
+// instruction issue, not by DRAM. Here the multiply-adds run on the tensor
+// cores (mma.sync m16n8k16, bf16 in, fp32 accumulate) and a weight costs
+// about one instruction (a shift and a lop3 per bf16 pair, shared by two
+// weights, plus 1/8 of an MMA).
+//
+// Layout, without relayouting the weights: a warp owns a tile of 16 rows.
+// Lane (g = lane/4, t = lane%4) loads, with one 16-byte load per row, chunk
+// t (32 inputs) of a 128-input slab for rows g and g+8: the words the
+// scalar path would load too. A dot product does not care in which order
+// its k are summed, so the MMA's k-slots take whatever real k a lane holds,
+// as long as B holds x at the same k: nibble pair s of a word becomes the
+// bf16 pair (128 + q[s], 128 + q[s+4]) through (w >> 4s) & 0x000F000F |
+// 0x43004300 (exact: the bf16 ulp at 128 is 1), and the block stages x once
+// in shared memory in that same pair order (mma_stage_x).
+//
+// Groups: the four lanes of a quad feed one MMA row from four different
+// chunks, which may lie in different groups (group 32). So B is not x in
+// every column: column c < 4 holds x only in the k-slots of lane c (its
+// chunk of slab X) and column 4 + c only in those of lane c's chunk of a
+// second slab Y (the A registers a2/a3); the rest of B is zero. Every C
+// entry is then the sum over exactly one 32-input chunk of one row, inside
+// one group whatever the group size, and the lane holding it applies the
+// affine part in fp32:
+//   Σ w·x = scale·Σ(128+q)·x + (bias − 128·scale)·Σx      (Σx per chunk, staged)
+// Products bf16 x bf16 are exact; the tensor core accumulates in fp32, so
+// the result differs from the scalar path only by fp32 summation order.
+// The 128 offset costs ~4 bits of the fp32 mantissa per chunk (C is ~16x
+// the q·x part), far below the bf16 rounding of the output.
+//
+// Long rows are split over S = mma_splits(K) warps (slabs sp, sp+S, ...),
+// whose partial sums are added in split order through shared memory. S
+// depends on K alone and every kernel below computes a row with the same
+// mma_tile + mma_split_sum, so fused and unfused forms give the same bits.
+constexpr int kMmaWarps = 8;  // 256 threads a block
+constexpr int64_t kMmaMaxK = 16384;
+
+// One launch of the decode kernel: NM == 1: up to kMaxMulti matrices on one
+// input (linear, linear_multi, gather); NM == 2: gate m[0] and up m[1].
+struct MmaJob {
+  QMat m[kMaxMulti];
+  uint16_t* y[kMaxMulti];
+  int64_t first_block[kMaxMulti + 1];
+  int n;
+  const int32_t* ex;  // expert of pair blockIdx.y, or null (plain matrices)
+  int k;              // input row of pair p: per_slot ? p : p / k
+  int per_slot;
+  int splits;
+};
+
+// Shared words of one staged input row: K/2 pair words, 16 zero words (the B
+// operand of lanes that contribute nothing), then K/32 chunk sums (float);
+// rounded up to 16 bytes.
+__host__ __device__ __forceinline__ int64_t mma_stage_words(int64_t K) {
+  return (K / 2 + 16 + K / 32 + 3) & ~int64_t(3);
+}
+
+// Whole block: x[K] into st in nibble-pair order, word w (8 inputs) as
+// (x0,x4) (x1,x5) (x2,x6) (x3,x7), and Σx per chunk (load_x's in-order sum).
+__device__ __forceinline__ void mma_stage_x(const uint16_t* x, int64_t K, uint32_t* st) {
+  const int words = int(K / 8);
+  uint4* xp = reinterpret_cast<uint4*>(st);
+  for (int w = threadIdx.x; w < words; w += blockDim.x) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(x) + w);
+    xp[w] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410),
+                       __byte_perm(v.y, v.w, 0x7632));
+  }
+  if (threadIdx.x < 16) st[K / 2 + threadIdx.x] = 0u;
+  float* sx = reinterpret_cast<float*>(st + K / 2 + 16);
+  for (int c = threadIdx.x; c < int(K / 32); c += blockDim.x) sx[c] = load_x(x + int64_t(c) * 32).sum;
+}
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+
+// bf16 pair (128 + nibble s, 128 + nibble s+4) of a 4-bit word.
+__device__ __forceinline__ uint32_t nib_pair(uint32_t w, int s) {
+  return ((w >> (4 * s)) & 0x000F000Fu) | 0x43004300u;
+}
+__device__ __forceinline__ uint32_t u4_at(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// What a lane loads for one step (slabs X and Y) of NM matrices: words of
+// rows g, g+8 for its chunk of X, then of Y; and, for the two C columns it
+// will hold (chunks cs, cs+1), scale and bias − 128·scale of both rows.
+template <int NM>
+struct MmaStep {
+  uint4 w[NM][4];
+  float sc[NM][2][2], bc[NM][2][2];  // [matrix][row g / g+8][column]
+};
+
+template <int NM>
+__device__ __forceinline__ void mma_load_step(MmaStep<NM>& st, const QMat (&ms)[NM], int64_t e, int64_t ra, bool va,
+                                              bool vb, int slab_x, int slab_y, int chunks, int t) {
+  const int64_t K = ms[0].cols, wpr = K / 8, gpr = K / ms[0].group;
+  const int cpg = ms[0].group / 32;  // chunks per group
+  const int cx = 4 * slab_x + t, cy = 4 * slab_y + t;
+  const int cs = 4 * (t < 2 ? slab_x : slab_y) + 2 * (t & 1);
+  const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int i = 0; i < NM; ++i) {
+    const uint32_t* wa = ms[i].w + e * ms[i].w_stride + ra * wpr;
+    const uint32_t* wb = wa + 8 * wpr;
+    st.w[i][0] = va && cx < chunks ? __ldg(reinterpret_cast<const uint4*>(wa) + cx) : z;
+    st.w[i][1] = vb && cx < chunks ? __ldg(reinterpret_cast<const uint4*>(wb) + cx) : z;
+    st.w[i][2] = va && cy < chunks ? __ldg(reinterpret_cast<const uint4*>(wa) + cy) : z;
+    st.w[i][3] = vb && cy < chunks ? __ldg(reinterpret_cast<const uint4*>(wb) + cy) : z;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int c = cs + j;
+      // cs is even, so for groups of 64+ both columns share one group.
+      if (j == 1 && cpg > 1) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) st.sc[i][h][1] = st.sc[i][h][0], st.bc[i][h][1] = st.bc[i][h][0];
+        continue;
+      }
+      const int64_t gi = e * ms[i].s_stride + ra * gpr + c / cpg;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float s = 0.f, b = 0.f;
+        if ((h == 0 ? va : vb) && c < chunks) {
+          s = bf(__ldg(ms[i].scales + gi + h * 8 * gpr));
+          b = bf(__ldg(ms[i].biases + gi + h * 8 * gpr));
+        }
+        st.sc[i][h][j] = s;
+        st.bc[i][h][j] = fmaf(-128.f, s, b);
+      }
+    }
+  }
+}
+
+template <int NM>
+__device__ __forceinline__ void mma_do_step(const MmaStep<NM>& st, const uint32_t* xp, const float* sxs,
+                                            const uint32_t* zero, int slab_x, int slab_y, int chunks, int g, int t,
+                                            float (&acc)[NM][2]) {
+  const int cx = 4 * slab_x + t, cy = 4 * slab_y + t;
+  // B: only lane (t, t) supplies x for slab X (column t), lane (t+4, t) for
+  // slab Y (column 4+t); every other lane reads the zero words.
+  const uint4* bx = reinterpret_cast<const uint4*>(g == t && cx < chunks ? xp + 16 * cx : zero);
+  const uint4* by = reinterpret_cast<const uint4*>(g == t + 4 && cy < chunks ? xp + 16 * cy : zero);
+  float c[NM][4];
+#pragma unroll
+  for (int i = 0; i < NM; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
+#pragma unroll
+  for (int ww = 0; ww < 4; ++ww) {
+    const uint4 xb = bx[ww], yb = by[ww];
+#pragma unroll
+    for (int i = 0; i < NM; ++i) {
+      const uint32_t w0 = u4_at(st.w[i][0], ww), w1 = u4_at(st.w[i][1], ww), w2 = u4_at(st.w[i][2], ww),
+                     w3 = u4_at(st.w[i][3], ww);
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+        mma_16816(c[i], nib_pair(w0, s), nib_pair(w1, s), nib_pair(w2, s), nib_pair(w3, s), u4_at(xb, s),
+                  u4_at(yb, s));
+    }
+  }
+  // One accumulator chain of 16 MMAs: four independent chains (one per
+  // word) measured slower on an H100 (more registers), not faster.
+  // c[i][j]: row g, column 2t+j; c[i][2+j]: row g+8. Column 2t+j is chunk
+  // cs + j (of slab X for t < 2, of slab Y otherwise).
+  const int cs = 4 * (t < 2 ? slab_x : slab_y) + 2 * (t & 1);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (cs + j >= chunks) continue;
+    const float sx = sxs[cs + j];
+#pragma unroll
+    for (int i = 0; i < NM; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        acc[i][h] = fmaf(st.sc[i][h][j], c[i][2 * h + j], acc[i][h]);
+        acc[i][h] = fmaf(st.bc[i][h][j], sx, acc[i][h]);
+      }
+  }
+}
+
+// Rows r0+g and r0+g+8 (g = lane/4) of a tile: where this warp's loads go.
+struct MmaRows {
+  int64_t ra;
+  bool va, vb;
+  int chunks, slabs;
+};
+template <int NM>
+__device__ __forceinline__ MmaRows mma_rows(const QMat (&ms)[NM], int64_t r0) {
+  const int g = (threadIdx.x & 31) >> 2;
+  MmaRows r;
+  r.ra = r0 + g;
+  r.va = r.ra < ms[0].rows, r.vb = r.ra + 8 < ms[0].rows;
+  r.chunks = int(ms[0].cols / 32), r.slabs = (r.chunks + 3) / 4;
+  return r;
+}
+
+// The first step's loads of split sp. (Issuing them before the block
+// stages x measured no faster on an H100.)
+template <int NM>
+__device__ __forceinline__ void mma_first_step(MmaStep<NM>& cur, const QMat (&ms)[NM], int64_t e, const MmaRows& rw,
+                                               int sp, int S) {
+  if (sp < rw.slabs) mma_load_step<NM>(cur, ms, e, rw.ra, rw.va, rw.vb, sp, sp + S, rw.chunks, threadIdx.x & 3);
+}
+
+// This warp's share (split sp of S: slabs sp, sp+S, ...) of the tile's
+// rows against the staged input st, cur holding mma_first_step's loads;
+// the same value in the 4 lanes of a quad. The next step's loads are
+// issued before this step's MMAs.
+template <int NM>
+__device__ __forceinline__ void mma_tile(const QMat (&ms)[NM], int64_t e, const MmaRows& rw, MmaStep<NM>& cur,
+                                         const uint32_t* st, int sp, int S, float (&part)[NM][2]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int64_t K = ms[0].cols;
+  const uint32_t* zero = st + K / 2;
+  const float* sxs = reinterpret_cast<const float*>(st + K / 2 + 16);
+#pragma unroll
+  for (int i = 0; i < NM; ++i) part[i][0] = part[i][1] = 0.f;
+  for (int x0 = sp; x0 < rw.slabs; x0 += 2 * S) {
+    MmaStep<NM> nxt;
+    const int x1 = x0 + 2 * S;
+    if (x1 < rw.slabs) mma_load_step<NM>(nxt, ms, e, rw.ra, rw.va, rw.vb, x1, x1 + S, rw.chunks, t);
+    mma_do_step<NM>(cur, st, sxs, zero, x0, x0 + S, rw.chunks, g, t, part);
+    cur = nxt;
+  }
+#pragma unroll
+  for (int i = 0; i < NM; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      part[i][h] += __shfl_xor_sync(0xffffffffu, part[i][h], 1);
+      part[i][h] += __shfl_xor_sync(0xffffffffu, part[i][h], 2);
+    }
+}
+
+// Row value from the S split partials of warps w0.. (stride floats per warp), in split order.
+__device__ __forceinline__ float mma_split_sum(const float* red, int w0, int S, int stride, int off) {
+  float v = red[w0 * stride + off];
+  for (int s = 1; s < S; ++s) v += red[(w0 + s) * stride + off];
+  return v;
+}
+
+// Decode (one input row per pair blockIdx.y): a block holds kMmaWarps / S
+// tiles of 16 rows, S warps each.
+// Register caps: as many blocks an SM as fit without spilling (ptxas: ~112
+// registers for one matrix, ~164 for gate+up).
+template <int NM>
+__global__ void __launch_bounds__(256, NM == 1 ? 2 : 1) mma_decode_kernel(const uint16_t* x, MmaJob job) {
+  extern __shared__ __align__(16) uint32_t mma_smem[];
+  pdl_begin();
+  int i = 0;
+  if (NM == 1)
+    while (i + 1 < job.n && int64_t(blockIdx.x) >= job.first_block[i + 1]) ++i;
+  QMat ms[NM];
+#pragma unroll
+  for (int m = 0; m < NM; ++m) ms[m] = job.m[NM == 1 ? i : m];
+  const int64_t p = blockIdx.y;
+  const int64_t e = job.ex ? job.ex[p] : 0;
+  const int64_t xr = job.ex ? (job.per_slot ? p : p / job.k) : 0;
+  const int64_t K = ms[0].cols, rows = ms[0].rows;
+  float* red = reinterpret_cast<float*>(mma_smem + mma_stage_words(K));
+  const int S = job.splits, tpb = kMmaWarps / S, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t tile0 = (int64_t(blockIdx.x) - job.first_block[i]) * tpb;
+  const int64_t r0 = (tile0 + warp / S) * 16;
+  const MmaRows rw = mma_rows(ms, r0);
+  mma_stage_x(x + xr * K, K, mma_smem);
+  __syncthreads();
+  MmaStep<NM> cur;
+  if (r0 < rows) mma_first_step(cur, ms, e, rw, warp % S, S);
+  float part[NM][2];
+  if (r0 < rows) {
+    mma_tile<NM>(ms, e, rw, cur, mma_smem, warp % S, S, part);
+  } else {
+#pragma unroll
+    for (int m = 0; m < NM; ++m) part[m][0] = part[m][1] = 0.f;
+  }
+  if ((lane & 3) == 0)
+#pragma unroll
+    for (int m = 0; m < NM; ++m) {
+      red[(warp * NM + m) * 16 + (lane >> 2)] = part[m][0];
+      red[(warp * NM + m) * 16 + (lane >> 2) + 8] = part[m][1];
+    }
+  __syncthreads();
+  if (int(threadIdx.x) < 16 * tpb) {
+    const int tt = threadIdx.x >> 4, rr = threadIdx.x & 15;
+    const int64_t r = (tile0 + tt) * 16 + rr;
+    if (r < rows) {
+      float v[NM];
+#pragma unroll
+      for (int m = 0; m < NM; ++m) v[m] = mma_split_sum(red, tt * S, S, NM * 16, m * 16 + rr);
+      uint16_t* y = job.y[NM == 1 ? i : 0] + p * rows;
+      if constexpr (NM == 1)
+        y[r] = to_bf(v[0]);
+      else
+        y[r] = swiglu_bf(to_bf(v[0]), to_bf(v[1]));
+    }
+  }
+}
+
+// gather_combine: a block is one tile of 16 output rows of token blockIdx.y;
+// its warps take (expert slot, split) pairs, kMmaWarps / S slots a pass;
+// the slots' values are rounded to bf16 and combined in slot order, as
+// moe_combine does with gather_linear's output.
+__global__ void __launch_bounds__(256, 2) mma_combine_kernel(const uint16_t* h, const int32_t* ex, const void* scores,
+                                                          bool f32, int mode, int k, QMat m, int S, uint16_t* out) {
+  extern __shared__ __align__(16) uint32_t mma_smem[];
+  pdl_begin();
+  const int64_t t = blockIdx.y, K = m.cols, r0 = int64_t(blockIdx.x) * 16;
+  const int64_t sw = mma_stage_words(K);
+  const int per_pass = kMmaWarps / S, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* red = reinterpret_cast<float*>(mma_smem + per_pass * sw);
+  const QMat ms[1] = {m};
+  const MmaRows rw = mma_rows(ms, r0);
+  float acc = 0.f;
+  for (int j0 = 0; j0 < k; j0 += per_pass) {
+    const int nj = min(per_pass, k - j0);
+    const int jj = warp / S;
+    const int64_t e = jj < nj ? ex[t * k + j0 + jj] : 0;
+    for (int q = 0; q < nj; ++q) mma_stage_x(h + (t * k + j0 + q) * K, K, mma_smem + q * sw);
+    __syncthreads();
+    MmaStep<1> cur;
+    if (jj < nj) mma_first_step(cur, ms, e, rw, warp % S, S);
+    float part[1][2] = {{0.f, 0.f}};
+    if (jj < nj) mma_tile<1>(ms, e, rw, cur, mma_smem + jj * sw, warp % S, S, part);
+    if ((lane & 3) == 0) {
+      red[warp * 16 + (lane >> 2)] = part[0][0];
+      red[warp * 16 + (lane >> 2) + 8] = part[0][1];
+    }
+    __syncthreads();
+    if (threadIdx.x < 16)
+      for (int q = 0; q < nj; ++q)
+        acc += combine_term(to_bf(mma_split_sum(red, q * S, S, 16, threadIdx.x)), scores, f32, mode, t * k + j0 + q);
+    __syncthreads();  // the next pass restages the inputs
+  }
+  if (threadIdx.x < 16 && r0 + threadIdx.x < m.rows) out[t * m.rows + r0 + threadIdx.x] = to_bf(acc);
+}
+
+// ---- host side of the MMA path ----
+
+// ZMLX_CUDA_MMA=0 keeps the scalar kernels (the plain reference); read at
+// every launch so a test or bench can compare both paths in one process.
+bool mma_wanted() {
+  const char* e = std::getenv("ZMLX_CUDA_MMA");
+  return !(e && std::string(e) == "0");
+}
+// Whether the MMA path computes this matrix. A function of the format and K
+// only, so every kernel of one product (fused or not) makes the same choice.
+bool use_mma(const QMat& m) {
+  return m.bits == 4 && m.cols % 32 == 0 && m.cols <= kMmaMaxK && m.group >= 32 && m.group % 32 == 0 &&
+         m.cols % m.group == 0 && mma_wanted();
+}
+// Plain linears (linear, linear_multi, linear_swiglu) with fewer rows keep
+// the scalar kernels: an MoE router (128 x 2048) took 4.2 us on the MMA
+// path vs 2.5 us scalar on an H100 (too few warps). Per matrix, so
+// linear_multi still gives each matrix linear's bits (it launches both
+// paths when its matrices fall on both sides). The expert kernels do not
+// use it: gather, gather_swiglu and gather_combine must choose alike.
+constexpr int64_t kMmaMinRows = 256;
+bool use_mma_linear(const QMat& m) { return m.rows >= kMmaMinRows && use_mma(m); }
+
+// Warps per 16-row tile: about 4 slabs (2 steps) a warp, so short rows keep
+// one warp a tile and long ones get enough warps in flight.
+int mma_splits(int64_t K) {
+  const int64_t slabs = (K + 127) / 128;
+  int s = 1;
+  while (s < kMmaWarps && s * 2 * 4 <= slabs) s *= 2;
+  return s;
+}
+
+template <int NM>
+void mma_decode(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s) {
+  const int64_t K = job.m[0].cols;
+  job.splits = mma_splits(K);
+  const int64_t per_block = 16 * (kMmaWarps / job.splits);
+  const int nout = NM == 1 ? job.n : 1;
+  job.first_block[0] = 0;
+  for (int i = 0; i < nout; ++i)
+    job.first_block[i + 1] = job.first_block[i] + (job.m[i].rows + per_block - 1) / per_block;
+  const size_t smem = size_t(mma_stage_words(K) + kMmaWarps * NM * 16) * 4;
+  launch_smem(mma_decode_kernel<NM>, dim3(unsigned(job.first_block[nout]), pairs), dim3(256), smem, s, x, job);
+}
+
+MmaJob mma_job(const QMat* ms, uint16_t* const* ys, int n) {
+  MmaJob j{};
+  for (int i = 0; i < n; ++i) j.m[i] = ms[i], j.y[i] = ys ? ys[i] : nullptr;
+  j.n = n;
+  j.ex = nullptr;
+  j.k = 1;
+  j.per_slot = 0;
+  return j;
+}
+
+void mma_combine(const uint16_t* h, const int32_t* ex, const void* sc, bool f32, int mode, int T, int k, const QMat& m,
+                 uint16_t* out, cudaStream_t s) {
+  const int S = mma_splits(m.cols);
+  const size_t smem = size_t((kMmaWarps / S) * mma_stage_words(m.cols) + kMmaWarps * 16) * 4;
+  launch_smem(mma_combine_kernel, dim3(unsigned((m.rows + 15) / 16), unsigned(T)), dim3(256), smem, s, h, ex, sc, f32,
+              mode, k, m, S, out);
+}
+
 // Dispatch on the weight format; TT = tokens per pass.
 template <template <int> class Launch, typename... A>
 void by_bits(int bits, A&&... a) {
@@ -479,6 +888,7 @@ void by_bits(int bits, A&&... a) {
 template <int B>
 struct LinearL {
   static void go(const uint16_t* x, int T, const QMat& m, uint16_t* y, cudaStream_t s) {
+    if (T == 1 && use_mma_linear(m)) return mma_decode<1>(x, mma_job(&m, &y, 1), 1, s);
     const unsigned gx = unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     if (T == 1)
       launch(linear_decode_kernel<B>, dim3(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock)),
@@ -490,6 +900,27 @@ struct LinearL {
 template <int B>
 struct LinearMultiL {
   static void go(const uint16_t* x, int T, const MultiQ& mq, cudaStream_t s) {
+    if (T == 1 && use_mma(mq.m[0])) {
+      // Matrices with enough rows in one MMA launch, the others in one scalar launch.
+      QMat big[kMaxMulti];
+      uint16_t* ybig[kMaxMulti];
+      MultiQ small{};
+      int nb = 0;
+      small.n = 0;
+      small.first_block[0] = 0;
+      for (int i = 0; i < mq.n; ++i) {
+        if (use_mma_linear(mq.m[i])) {
+          big[nb] = mq.m[i], ybig[nb++] = mq.y[i];
+        } else {
+          const int j = small.n++;
+          small.m[j] = mq.m[i], small.y[j] = mq.y[i];
+          small.first_block[j + 1] = small.first_block[j] + (mq.m[i].rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock;
+        }
+      }
+      if (nb > 0) mma_decode<1>(x, mma_job(big, ybig, nb), 1, s);
+      if (small.n > 0) launch(linear_multi_decode_kernel<B>, dim3(unsigned(small.first_block[small.n])), dim3(256), s, x, small);
+      return;
+    }
     const unsigned gx = unsigned(mq.first_block[mq.n]);
     if (T == 1)
       launch(linear_multi_decode_kernel<B>, dim3(gx), dim3(256), s, x, mq);
@@ -500,6 +931,12 @@ struct LinearMultiL {
 template <int B>
 struct LinearSwigluL {
   static void go(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s) {
+    if (T == 1 && use_mma_linear(g)) {
+      const QMat gu[2] = {g, u};
+      MmaJob j = mma_job(gu, nullptr, 2);
+      j.y[0] = y;
+      return mma_decode<2>(x, j, 1, s);
+    }
     const unsigned gx = unsigned((g.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     if (T == 1)
       launch(linear_swiglu_decode_kernel<B>, dim3(unsigned((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock)),
@@ -512,6 +949,11 @@ template <int B>
 struct GatherL {
   static void go(const uint16_t* x, bool per_slot, const int32_t* ex, int P, int k, const QMat& m, uint16_t* y,
                  cudaStream_t s) {
+    if (use_mma(m)) {
+      MmaJob j = mma_job(&m, &y, 1);
+      j.ex = ex, j.k = k, j.per_slot = per_slot;
+      return mma_decode<1>(x, j, unsigned(P), s);
+    }
     launch(gather_linear_decode_kernel<B>,
            dim3(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock), unsigned(P)), dim3(256), s, x,
            per_slot, ex, k, m, y);
@@ -521,6 +963,13 @@ template <int B>
 struct GatherSwigluL {
   static void go(const uint16_t* x, const int32_t* ex, int P, int k, const QMat& g, const QMat& u, uint16_t* y,
                  cudaStream_t s) {
+    if (use_mma(g)) {
+      const QMat gu[2] = {g, u};
+      MmaJob j = mma_job(gu, nullptr, 2);
+      j.y[0] = y;
+      j.ex = ex, j.k = k, j.per_slot = 0;
+      return mma_decode<2>(x, j, unsigned(P), s);
+    }
     constexpr int per_block = kRowsPerBlock * kSwigluDecodeRows;
     launch(gather_swiglu_decode_kernel<B>, dim3(unsigned((g.rows + per_block - 1) / per_block), unsigned(P)), dim3(256), s, x, ex,
            k, g, u, y);
@@ -530,6 +979,7 @@ template <int B>
 struct GatherCombineL {
   static void go(const uint16_t* h, const int32_t* ex, const void* sc, bool f32, int mode, int T, int k, const QMat& m,
                  uint16_t* out, cudaStream_t s) {
+    if (use_mma(m)) return mma_combine(h, ex, sc, f32, mode, T, k, m, out, s);
     const dim3 grid{unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(T)};
     if (m.cols <= 32 * 32 && k <= kShortK)
       launch(gather_combine_short_kernel<B, 1>, grid, dim3(256), s, h, ex, sc, f32, mode, k, m, out);
