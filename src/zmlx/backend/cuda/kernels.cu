@@ -1110,6 +1110,65 @@ __global__ void add_rms_norm_vec_kernel(uint16_t* h, const uint16_t* x, int D, c
 
 // Per head row (one warp): RMSNorm with the q or k norm weight, RoPE over
 // the whole head, then q to q_out and k, v into the cache at pos + t.
+// DPL consecutive bf16 values as floats, and back, in one load/store
+// (2, 4, 8 or 16 bytes; the callers' offsets are multiples of that).
+template <int DPL>
+__device__ __forceinline__ void load_bf16s(const uint16_t* p, float (&v)[DPL]) {
+  if constexpr (DPL == 1) {
+    v[0] = bf(*p);
+  } else if constexpr (DPL == 2) {
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
+    v[0] = lo_bf(w), v[1] = hi_bf(w);
+  } else if constexpr (DPL == 4) {
+    const uint2 w = *reinterpret_cast<const uint2*>(p);
+    v[0] = lo_bf(w.x), v[1] = hi_bf(w.x), v[2] = lo_bf(w.y), v[3] = hi_bf(w.y);
+  } else {
+    static_assert(DPL % 8 == 0, "DPL");
+#pragma unroll
+    for (int i = 0; i < DPL / 8; ++i) {
+      const uint4 w = reinterpret_cast<const uint4*>(p)[i];
+      const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[8 * i + 2 * j] = lo_bf(ws[j]), v[8 * i + 2 * j + 1] = hi_bf(ws[j]);
+    }
+  }
+}
+template <int DPL>
+__device__ __forceinline__ void store_bf16s(uint16_t* p, const float (&v)[DPL]) {
+  uint16_t b[DPL];
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) b[i] = to_bf(v[i]);
+  if constexpr (DPL == 1) {
+    *p = b[0];
+  } else if constexpr (DPL == 2) {
+    *reinterpret_cast<uint32_t*>(p) = uint32_t(b[0]) | uint32_t(b[1]) << 16;
+  } else {
+#pragma unroll
+    for (int i = 0; i < DPL / 4; ++i)
+      reinterpret_cast<uint2*>(p)[i] = make_uint2(uint32_t(b[4 * i]) | uint32_t(b[4 * i + 1]) << 16,
+                                                  uint32_t(b[4 * i + 2]) | uint32_t(b[4 * i + 3]) << 16);
+  }
+}
+template <int DPL>
+__device__ __forceinline__ void copy_bf16s(uint16_t* dst, const uint16_t* src) {
+  if constexpr (DPL == 1) *dst = *src;
+  else if constexpr (DPL == 2) *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(src);
+  else
+#pragma unroll
+    for (int i = 0; i < DPL / 4; ++i) reinterpret_cast<uint2*>(dst)[i] = reinterpret_cast<const uint2*>(src)[i];
+}
+
+// sin and cos of a RoPE angle: Cody-Waite reduction by 2π (two constants,
+// fmaf) into [-π, π], then the fast hardware pair, accurate to ~4e-7 there
+// (the library sincosf costs ~10x the instructions and set this kernel's
+// latency).
+__device__ __forceinline__ void rope_sincos(float th, float& sn, float& c) {
+  const float k = rintf(th * 0.159154943f);
+  float r = fmaf(-k, 6.28318548f, th);  // 2π rounded to fp32 ...
+  r = fmaf(k, 1.74845553e-7f, r);       // ... and what that rounding dropped
+  __sincosf(r, &sn, &c);
+}
+
 template <int DPL>
 __global__ void qk_norm_rope_kv_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, int T, int H, int Hkv,
                                        const uint16_t* qn, const uint16_t* kn, float eps, const float* inv_freq,
@@ -1124,55 +1183,49 @@ __global__ void qk_norm_rope_kv_kernel(const uint16_t* q, const uint16_t* k, con
   const bool is_q = hh < H;
   const int head = is_q ? hh : hh - H;
   const uint16_t* src = is_q ? q + (int64_t(t) * H + head) * HD : k + (int64_t(t) * Hkv + head) * HD;
-  const uint16_t* nw = is_q ? qn : kn;
-  float x[DPL];
+  const int pos = (dpos ? *dpos : pos0) + t;
+  // Every load this warp needs is issued before the first use.
+  float x[DPL], w[DPL], fr[DPL];
+  load_bf16s<DPL>(src + lane * DPL, x);
+  load_bf16s<DPL>((is_q ? qn : kn) + lane * DPL, w);
+#pragma unroll
+  for (int d = 0; d < DPL; ++d)
+    fr[d] = !traditional ? inv_freq[(lane & 15) * DPL + d] : inv_freq[(lane * DPL + d) / 2];
   float ss = 0.f;
 #pragma unroll
-  for (int d = 0; d < DPL; ++d) {
-    x[d] = bf(src[lane * DPL + d]);
-    ss = fmaf(x[d], x[d], ss);
-  }
+  for (int d = 0; d < DPL; ++d) ss = fmaf(x[d], x[d], ss);
   ss = warp_sum(ss);
   const float inv = 1.0f / sqrtf(ss / float(HD) + eps);
 #pragma unroll
-  for (int d = 0; d < DPL; ++d) x[d] = bf(to_bf(bf(nw[lane * DPL + d]) * rbf(x[d] * inv)));
-  const int pos = (dpos ? *dpos : pos0) + t;
+  for (int d = 0; d < DPL; ++d) x[d] = bf(to_bf(w[d] * rbf(x[d] * inv)));
   float y[DPL];
   if (!traditional) {  // pairs (i, i + HD/2): lanes l and l ^ 16 hold them at the same offsets
 #pragma unroll
     for (int d = 0; d < DPL; ++d) {
       const float other = __shfl_xor_sync(0xffffffffu, x[d], 16);
-      const int i = (lane & 15) * DPL + d;
-      const float th = float(pos) * inv_freq[i];
-      const float c = cosf(th), sn = sinf(th);
+      float sn, c;
+      rope_sincos(float(pos) * fr[d], sn, c);
       y[d] = lane < 16 ? x[d] * c - other * sn : other * sn + x[d] * c;
     }
   } else if constexpr (DPL % 2 == 0) {  // pairs (2i, 2i+1) inside a lane
 #pragma unroll
     for (int d = 0; d < DPL; d += 2) {
-      const int i = (lane * DPL + d) / 2;
-      const float th = float(pos) * inv_freq[i];
-      const float c = cosf(th), sn = sinf(th);
+      float sn, c;
+      rope_sincos(float(pos) * fr[d], sn, c);
       y[d] = x[d] * c - x[d + 1] * sn;
       y[d + 1] = x[d] * sn + x[d + 1] * c;
     }
   } else {  // DPL == 1: pairs across lanes l, l ^ 1
     const float other = __shfl_xor_sync(0xffffffffu, x[0], 1);
-    const int i = lane / 2;
-    const float th = float(pos) * inv_freq[i];
-    const float c = cosf(th), sn = sinf(th);
+    float sn, c;
+    rope_sincos(float(pos) * fr[0], sn, c);
     y[0] = (lane & 1) == 0 ? x[0] * c - other * sn : other * sn + x[0] * c;
   }
   if (is_q) {
-#pragma unroll
-    for (int d = 0; d < DPL; ++d) q_out[(int64_t(t) * H + head) * HD + lane * DPL + d] = to_bf(y[d]);
+    store_bf16s<DPL>(q_out + (int64_t(t) * H + head) * HD + lane * DPL, y);
   } else if (pos < cap) {
-    const uint16_t* vs = v + (int64_t(t) * Hkv + head) * HD;
-#pragma unroll
-    for (int d = 0; d < DPL; ++d) {
-      kc[(head * cap + pos) * HD + lane * DPL + d] = to_bf(y[d]);
-      vc[(head * cap + pos) * HD + lane * DPL + d] = vs[lane * DPL + d];
-    }
+    store_bf16s<DPL>(kc + (head * cap + pos) * HD + lane * DPL, y);
+    copy_bf16s<DPL>(vc + (head * cap + pos) * HD + lane * DPL, v + (int64_t(t) * Hkv + head) * HD + lane * DPL);
   }
 }
 
@@ -1185,8 +1238,8 @@ __global__ void rope_kernel(uint16_t* x, int T, int heads, int hd, int off, int 
   const int64_t th = i / half;
   const int t = int(th / heads), h = int(th % heads);
   const int pos = (dpos ? *dpos : pos0) + t;
-  const float theta = float(pos) * inv_freq[f];
-  const float c = cosf(theta), s = sinf(theta);
+  float c, s;
+  rope_sincos(float(pos) * inv_freq[f], s, c);
   uint16_t* v = x + (int64_t(t) * heads + h) * hd + off;
   const int a = traditional ? 2 * f : f, b = traditional ? 2 * f + 1 : f + half;
   const float x0 = bf(v[a]), x1 = bf(v[b]);
@@ -1224,6 +1277,7 @@ __global__ void kv_write_kernel(uint16_t* kc, uint16_t* vc, int64_t cap, int H, 
 // --------------------------------------------------------------- attention
 
 constexpr int kAttnWarps = 4;
+constexpr int kAttnGroup = 4;  // key positions a warp handles per step
 
 // Partial softmax-attention of one (head, split, token): running max m, sum l
 // and unnormalised output acc over the split's keys.
@@ -1240,25 +1294,54 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
   const int chunk = (visible + splits - 1) / splits;
   const int j0 = s * chunk, j1 = min(visible, j0 + chunk);
   const int g = h / (heads / kvh);
-  const uint16_t* qh = q + (int64_t(t) * heads + h) * HD + lane * DPL;
   float qv[DPL];
-#pragma unroll
-  for (int d = 0; d < DPL; ++d) qv[d] = bf(qh[d]);
+  load_bf16s<DPL>(q + (int64_t(t) * heads + h) * HD + lane * DPL, qv);
   const uint16_t* K = kc + int64_t(g) * cap * HD + lane * DPL;
   const uint16_t* V = vc + int64_t(g) * cap * HD + lane * DPL;
   float m = -FLT_MAX, l = 0.f, acc[DPL];
 #pragma unroll
   for (int d = 0; d < DPL; ++d) acc[d] = 0.f;
-  for (int j = j0 + warp; j < j1; j += kAttnWarps) {
-    float sc = 0.f;
+  // kAttnGroup positions per step (this warp's j, j + kAttnWarps, ...): all
+  // their key and value loads are issued first and their warp reductions
+  // interleave, instead of one dependent chain per position.
+  for (int j = j0 + warp; j < j1; j += kAttnWarps * kAttnGroup) {
+    float kv[kAttnGroup][DPL], vv[kAttnGroup][DPL], sc[kAttnGroup];
 #pragma unroll
-    for (int d = 0; d < DPL; ++d) sc = fmaf(qv[d], bf(K[int64_t(j) * HD + d]), sc);
-    sc = warp_sum(sc) * scale;
-    const float mn = fmaxf(m, sc);
-    const float corr = expf(m - mn), p = expf(sc - mn);
-    l = l * corr + p;
+    for (int u = 0; u < kAttnGroup; ++u) {
+      const int ju = j + u * kAttnWarps;
+      if (ju < j1) {
+        load_bf16s<DPL>(K + int64_t(ju) * HD, kv[u]);
+        load_bf16s<DPL>(V + int64_t(ju) * HD, vv[u]);
+      }
+    }
 #pragma unroll
-    for (int d = 0; d < DPL; ++d) acc[d] = fmaf(p, bf(V[int64_t(j) * HD + d]), acc[d] * corr);
+    for (int u = 0; u < kAttnGroup; ++u) {
+      sc[u] = 0.f;
+#pragma unroll
+      for (int d = 0; d < DPL; ++d) sc[u] = fmaf(qv[d], kv[u][d], sc[u]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+      for (int u = 0; u < kAttnGroup; ++u) sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], o);
+    float mn = m;
+#pragma unroll
+    for (int u = 0; u < kAttnGroup; ++u) {
+      sc[u] = j + u * kAttnWarps < j1 ? sc[u] * scale : -INFINITY;
+      mn = fmaxf(mn, sc[u]);
+    }
+    const float corr = expf(m - mn);
+    l *= corr;
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) acc[d] *= corr;
+#pragma unroll
+    for (int u = 0; u < kAttnGroup; ++u) {
+      if (j + u * kAttnWarps >= j1) break;
+      const float p = expf(sc[u] - mn);
+      l += p;
+#pragma unroll
+      for (int d = 0; d < DPL; ++d) acc[d] = fmaf(p, vv[u][d], acc[d]);
+    }
     m = mn;
   }
   __shared__ float sm[kAttnWarps], sl[kAttnWarps], sacc[kAttnWarps][HD];
