@@ -3,7 +3,9 @@
 #   pipeline: token ids and logits bit-identical to one process;
 #   tensor:   greedy tokens identical, logits within relative L2 1e-2;
 #   a killed or hung rank makes the job fail fast, naming the rank;
-#   a config that does not divide is refused with a clear message.
+#   a config that does not divide is refused with a clear message;
+# for qwen3_moe, dense qwen3, glm4_moe_lite (generation and teacher-forced) and
+# lfm2_moe (teacher-forced).
 # Skips (exit 0) when mpirun is missing or zmlx was built without MPI.
 set -euo pipefail
 ZMLX="$(realpath "${1:-build/zmlx}")"
@@ -18,10 +20,12 @@ export OMP_NUM_THREADS=1
 if [[ $(id -u) == 0 ]]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
 MPIRUN=(mpirun --oversubscribe -np 2)
 
-# The three synthetic models: MoE (moe_intermediate_size 128 = 2 groups of 64,
-# so it splits in two), dense qwen3, and the stock tiny MoE (64 = one group: tensor refuses).
+# The synthetic models: MoE (moe_intermediate_size 128 = 2 groups of 64,
+# so it splits in two), dense qwen3, GLM-4.7-Flash (MLA, dense layer 0, shared
+# expert; experts 128 wide likewise), and the stock tiny MoE (64 = one group: tensor refuses).
 "$ZMLX" synth --arch qwen3_moe --preset tiny --out "$WORK/moe" --seed 3 --set moe_intermediate_size=128 2>/dev/null
 "$ZMLX" synth --arch qwen3_moe --preset tiny --out "$WORK/dense" --seed 4 --set model_type='"qwen3"' 2>/dev/null
+"$ZMLX" synth --arch glm4_moe_lite --preset tiny --out "$WORK/glm" --seed 4 --set moe_intermediate_size=128 2>/dev/null
 "$ZMLX" synth --arch qwen3_moe --preset tiny --out "$WORK/odd" --seed 5 2>/dev/null
 
 if "$ZMLX" generate "$WORK/moe" --ids 1,2,3 --max-tokens 1 --parallel pipeline 2>&1 | grep -q "built without MPI"; then
@@ -39,9 +43,27 @@ print(math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b))) / math.sqrt(sum(x * x f
 PY
 }
 tokens() { $PY -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["token_ids"])' "$1"; }
+# tf_rel_l2 A.npy B.npy -> relative L2 of two teacher-forced logit files; fails
+# when the argmax of any position differs
+tf_rel_l2() {
+  $PY - "$1" "$2" <<'PY'
+import array, math, sys
+def load(p):
+    b = open(p, "rb").read(); n = int.from_bytes(b[8:10], "little"); h = b[10:10 + n].decode()
+    a = array.array("f"); a.frombytes(b[10 + n:]); V = int(h.split("shape': (")[1].split(",")[1].split(")")[0])
+    return a, V
+(a, V), (b, _) = load(sys.argv[1]), load(sys.argv[2])
+assert len(a) == len(b) > 0
+rows = len(a) // V
+am = lambda x, r: max(range(V), key=lambda i: x[r * V + i])
+assert all(am(a, r) == am(b, r) for r in range(rows)), "argmax differs"
+print(math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b))) / math.sqrt(sum(x * x for x in a)))
+PY
+}
 
 PROMPT=5,17,300,42,7,99,1000,3
-for m in moe dense; do
+# glm: prompts run MLA's expanded form, decode steps its absorbed form.
+for m in moe dense glm; do
   "$ZMLX" generate "$WORK/$m" --ids $PROMPT --max-tokens 24 --json --dump-logits "$WORK/$m.single.bin" \
     > "$WORK/$m.single.json" 2>/dev/null
   "$ZMLX" logits "$WORK/$m" --ids $PROMPT,11,12,13 --out "$WORK/$m.single.npy" 2>/dev/null
@@ -76,22 +98,15 @@ IDS=$PROMPT,11,12,13,14,15,16
 "${MPIRUN[@]}" "$ZMLX" logits "$WORK/lfm2" --ids $IDS --out "$WORK/lfm2.pipe.npy" --parallel pipeline --patch 2>/dev/null
 cmp -s "$WORK/lfm2.single.npy" "$WORK/lfm2.pipe.npy" || fail "lfm2 pipeline: logits not bit-identical"
 "${MPIRUN[@]}" "$ZMLX" logits "$WORK/lfm2" --ids $IDS --out "$WORK/lfm2.tp.npy" --parallel tensor --patch 2>/dev/null
-r=$($PY - "$WORK/lfm2.single.npy" "$WORK/lfm2.tp.npy" <<'PY'
-import array, math, sys
-def load(p):
-    b = open(p, "rb").read(); n = int.from_bytes(b[8:10], "little"); h = b[10:10 + n].decode()
-    a = array.array("f"); a.frombytes(b[10 + n:]); V = int(h.split("shape': (")[1].split(",")[1].split(")")[0])
-    return a, V
-(a, V), (b, _) = load(sys.argv[1]), load(sys.argv[2])
-assert len(a) == len(b) > 0
-rows = len(a) // V
-am = lambda x, r: max(range(V), key=lambda i: x[r * V + i])
-assert all(am(a, r) == am(b, r) for r in range(rows)), "argmax differs"
-print(math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b))) / math.sqrt(sum(x * x for x in a)))
-PY
-) || fail "lfm2 tensor: argmax of some position differs"
+r=$(tf_rel_l2 "$WORK/lfm2.single.npy" "$WORK/lfm2.tp.npy") || fail "lfm2 tensor: argmax of some position differs"
 $PY -c "import sys; sys.exit(0 if float('$r') <= 1e-2 else 1)" || fail "lfm2 tensor: logits rel L2 $r > 1e-2"
 pass "lfm2_moe: pipeline logits bit-identical; tensor argmax identical at every position, rel L2 $r"
+
+# GLM teacher-forced under tensor parallel (the expanded MLA form over each rank's heads).
+"${MPIRUN[@]}" "$ZMLX" logits "$WORK/glm" --ids $PROMPT,11,12,13 --out "$WORK/glm.tp.npy" --parallel tensor --patch 2>/dev/null
+r=$(tf_rel_l2 "$WORK/glm.single.npy" "$WORK/glm.tp.npy") || fail "glm tensor: argmax of some position differs"
+$PY -c "import sys; sys.exit(0 if float('$r') <= 1e-2 else 1)" || fail "glm tensor: teacher-forced logits rel L2 $r > 1e-2"
+pass "glm4_moe_lite tensor: teacher-forced argmax identical at every position, rel L2 $r"
 
 # The node over 2 ranks: API on rank 0, rank 1 follows; /state lists both ranks.
 "${MPIRUN[@]}" "$ZMLX" serve "$WORK/moe" --parallel tensor --port 0 > "$WORK/serve.out" 2> "$WORK/serve.err" &
@@ -125,7 +140,13 @@ if "${MPIRUN[@]}" "$ZMLX" generate "$WORK/kv3" --ids 1,2,3 --max-tokens 2 --para
   fail "tensor parallel with 1 kv head on 2 ranks was accepted"
 fi
 grep -q "key/value heads do not both divide" "$WORK/kv3.out" || { cat "$WORK/kv3.out"; fail "no clear kv-head refusal"; }
-pass "non-dividing configs refused (expert group alignment, kv heads)"
+"$ZMLX" synth --arch glm4_moe_lite --preset tiny --out "$WORK/glm3" --seed 5 --set num_attention_heads=3 --set num_key_value_heads=3 \
+  --set moe_intermediate_size=128 2>/dev/null
+if "${MPIRUN[@]}" "$ZMLX" generate "$WORK/glm3" --ids 1,2,3 --max-tokens 2 --parallel tensor > "$WORK/glm3.out" 2>&1; then
+  fail "tensor parallel with 3 MLA heads on 2 ranks was accepted"
+fi
+grep -q "3 attention heads do not divide across 2 ranks" "$WORK/glm3.out" || { cat "$WORK/glm3.out"; fail "no clear MLA-head refusal"; }
+pass "non-dividing configs refused (expert group alignment, kv heads, MLA heads)"
 
 # A rank that dies, or hangs, mid-generation: the job ends non-zero within the timeout, naming rank 1.
 for fault in kill hang; do

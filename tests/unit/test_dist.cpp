@@ -1,12 +1,16 @@
-// dist/placement: pipeline layer splits and --layers parsing; device choice of ranks.
+// dist/placement: pipeline layer splits and --layers parsing; device choice of
+// ranks; glm4_moe_lite under pipeline / tensor parallel over in-process ranks.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdlib>
 
 #include "zmlx/core/error.h"
 #include "zmlx/dist/comm.h"
 #include "zmlx/dist/placement.h"
+#include "zmlx/gen/sampler.h"
 #include "zmlx/ops/backend.h"
+#include "thread_ranks_test_helpers.h"
 
 using namespace zmlx;
 using Ranges = std::vector<std::pair<int64_t, int64_t>>;
@@ -105,4 +109,151 @@ TEST(DistPlacement, CpuRanksGetTheCpuBackendAndListTheirDevice) {
   EXPECT_EQ(p.comm->kind(), "solo");  // CPU ranks keep the MPI-style transport
   ASSERT_EQ(p.devices.size(), 1u);
   EXPECT_EQ(p.devices[0], be->name());
+}
+
+// ---- glm4_moe_lite over two in-process ranks (thread_ranks_test_helpers.h)
+
+namespace {
+
+// The tiny GLM with moe_intermediate_size 128 (two quantization groups of 64,
+// so experts and the shared expert split in two), as tests/e2e/mpi.sh uses.
+std::string synth_glm_splittable(const std::string& name, std::vector<std::pair<std::string, std::string>> sets = {}) {
+  sets.push_back({"moe_intermediate_size", "128"});
+  return test::synth_temp("glm4_moe_lite", "dist_" + name, 4, std::move(sets));
+}
+
+std::vector<int32_t> prompt_ids(int64_t vocab) {
+  std::vector<int32_t> ids;
+  for (int32_t i = 0; i < 11; ++i) ids.push_back(int32_t((i * 7919 + 5) % vocab));
+  return ids;
+}
+
+double rel_l2(const std::vector<float>& got, const std::vector<float>& want) {
+  EXPECT_EQ(got.size(), want.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < std::min(got.size(), want.size()); ++i) {
+    num += double(got[i] - want[i]) * (got[i] - want[i]);
+    den += double(want[i]) * want[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+const WeightSummary* find_summary(const Model& m, const std::string& path) {
+  for (auto& s : m.weight_summaries())
+    if (s.path == path) return &s;
+  return nullptr;
+}
+
+dist::Placement placement(dist::Mode mode, int rank, int size, const std::string& layers = "") {
+  dist::Placement p;
+  p.mode = mode;
+  p.rank = rank;
+  p.size = size;
+  p.layers_arg = layers;
+  return p;  // no communicator: loading alone never talks to the other ranks
+}
+
+}  // namespace
+
+TEST(DistGlm, PipelineLogitsAreBitIdenticalToOneProcess) {
+  const std::string dir = synth_glm_splittable("glm_pipe");
+  auto be = make_cpu_backend();
+  auto ref = load_model(dir, *be);
+  const auto ids = prompt_ids(ref->config().vocab_size);
+  // Teacher-forced prompt (expanded MLA) then greedy steps (absorbed MLA).
+  const auto want = test::prefill_then_greedy_logits(*ref, *be, ids, 6);
+  for (const std::string layers : {"", "0-0,1-3"}) {
+    for (bool patched : {false, true}) {
+      const auto got = test::ranks_prefill_then_greedy_logits(dir, dist::Mode::Pipeline, 2, ids, 6, patched, layers);
+      EXPECT_TRUE(got == want) << "layers '" << layers << "' patched " << patched << ": rel L2 " << rel_l2(got, want);
+    }
+  }
+}
+
+TEST(DistGlm, PipelineStageLoadsOnlyItsLayers) {
+  const std::string dir = synth_glm_splittable("glm_stage");
+  auto be = make_cpu_backend();
+  auto first = load_model(dir, *be, placement(dist::Mode::Pipeline, 0, 2, "0-0,1-3"));
+  auto last = load_model(dir, *be, placement(dist::Mode::Pipeline, 1, 2, "0-0,1-3"));
+  EXPECT_EQ(first->layer_kinds(),
+            (std::vector<std::string>{"mla+swiglu_mlp", "(another rank)", "(another rank)", "(another rank)"}));
+  EXPECT_EQ(last->layer_kinds(), (std::vector<std::string>{"(another rank)", "mla+moe", "mla+moe", "mla+moe"}));
+  // The embedding only on the first stage, lm_head only on the last (untied).
+  EXPECT_TRUE(find_summary(*first, "model.embed_tokens") && !find_summary(*first, "lm_head"));
+  EXPECT_TRUE(!find_summary(*last, "model.embed_tokens") && find_summary(*last, "lm_head"));
+  EXPECT_FALSE(find_summary(*first, "model.layers.1.self_attn.o_proj"));
+  EXPECT_FALSE(find_summary(*last, "model.layers.0.self_attn.o_proj"));
+  // A latent cache only for the stage's own layers.
+  const Cache c = last->new_cache(*be);
+  ASSERT_EQ(c.kv.size(), 4u);
+  EXPECT_TRUE(c.kv[0].k.empty());
+  EXPECT_FALSE(c.kv[1].k.empty());
+}
+
+TEST(DistGlm, TensorShardHoldsHalfTheHeadsAndIntermediates) {
+  const std::string dir = synth_glm_splittable("glm_shard");
+  auto be = make_cpu_backend();
+  auto m = load_model(dir, *be, placement(dist::Mode::Tensor, 1, 2));
+  auto shape = [&](const std::string& path) {
+    const WeightSummary* s = find_summary(*m, path);
+    return s ? s->shape : std::vector<int64_t>{};
+  };
+  using S = std::vector<int64_t>;
+  const std::string a = "model.layers.1.self_attn";
+  // tiny: 4 heads of (64 nope + 32 rope), v 64, kv_lora 64, q_lora 64, hidden 128
+  EXPECT_EQ(shape(a + ".q_b_proj"), (S{2 * 96, 64}));
+  EXPECT_EQ(shape(a + ".embed_q"), (S{2, 64, 64}));
+  EXPECT_EQ(shape(a + ".unembed_out"), (S{2, 64, 64}));
+  EXPECT_EQ(shape(a + ".o_proj"), (S{128, 2 * 64}));
+  // Shared by every head: replicated.
+  EXPECT_EQ(shape(a + ".q_a_proj"), (S{64, 128}));
+  EXPECT_EQ(shape(a + ".kv_a_proj_with_mqa"), (S{64 + 32, 128}));
+  // Dense layer 0 (intermediate 256), experts and shared expert (128): halves.
+  EXPECT_EQ(shape("model.layers.0.mlp.gate_proj"), (S{128, 128}));
+  EXPECT_EQ(shape("model.layers.0.mlp.down_proj"), (S{128, 128}));
+  EXPECT_EQ(shape("model.layers.1.mlp.switch_mlp.up_proj"), (S{8, 64, 128}));
+  EXPECT_EQ(shape("model.layers.1.mlp.switch_mlp.down_proj"), (S{8, 128, 64}));
+  EXPECT_EQ(shape("model.layers.1.mlp.shared_experts.gate_proj"), (S{64, 128}));
+  // The router stays whole: every rank picks the same experts.
+  EXPECT_EQ(shape("model.layers.1.mlp.gate"), (S{8, 128}));
+}
+
+TEST(DistGlm, TensorParallelMatchesOneProcessWithinTolerance) {
+  const std::string dir = synth_glm_splittable("glm_tp");
+  auto be = make_cpu_backend();
+  auto ref = load_model(dir, *be);
+  const auto ids = prompt_ids(ref->config().vocab_size);
+  const auto want = test::prefill_then_greedy_logits(*ref, *be, ids, 6);
+  const int64_t V = ref->config().vocab_size;
+  for (bool patched : {false, true}) {
+    const auto got = test::ranks_prefill_then_greedy_logits(dir, dist::Mode::Tensor, 2, ids, 6, patched);
+    ASSERT_EQ(got.size(), want.size());
+    const double d = rel_l2(got, want);
+    RecordProperty(patched ? "rel_l2_tp2_patched" : "rel_l2_tp2", std::to_string(d));
+    EXPECT_LE(d, 1e-2) << "patched " << patched;
+    EXPECT_GT(d, 0.0);  // the shards really were summed in bf16, not the single-process path
+    for (size_t r = 0; r < want.size() / size_t(V); ++r)
+      EXPECT_EQ(argmax(got.data() + r * V, V), argmax(want.data() + r * V, V)) << "row " << r;
+  }
+}
+
+TEST(DistGlm, TensorParallelRefusesWhatDoesNotDivide) {
+  auto be = make_cpu_backend();
+  const std::string dir = synth_glm_splittable("glm_refuse");
+  try {
+    load_model(dir, *be, placement(dist::Mode::Tensor, 0, 3));
+    FAIL() << "3 ranks over 4 heads was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("4 attention heads do not divide across 3 ranks"), std::string::npos)
+        << e.what();
+  }
+  // Stock tiny experts (moe_intermediate_size 64 = one group of 64): a half
+  // would not start on a quantization group boundary.
+  const std::string odd = test::synth_temp("glm4_moe_lite", "dist_glm_odd", 4);
+  try {
+    load_model(odd, *be, placement(dist::Mode::Tensor, 0, 2));
+    FAIL() << "a 64-wide expert split in two was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("quantization group size"), std::string::npos) << e.what();
+  }
 }

@@ -16,6 +16,7 @@
 
 #include "model_test_helpers.h"
 #include "test_helpers.h"
+#include "thread_ranks_test_helpers.h"
 #include "zmlx/core/error.h"
 #include "zmlx/gen/generator.h"
 #include "zmlx/gen/sampler.h"
@@ -543,6 +544,22 @@ TEST(GlmModel, LegacyKvBProjCheckpointIsConvertedAtLoad) {
     EXPECT_LE(d, quantized ? 0.06 : 1e-2) << (quantized ? "4-bit" : "bf16");
     EXPECT_GT(rel_l2(got, want), 0.0);
   }
+}
+
+// Tensor parallel builds only its own heads from a legacy kv_b_proj (rank 1
+// takes rows of heads 2-3): two in-process ranks match the legacy checkpoint
+// in one process.
+TEST(GlmModel, LegacyKvBProjSplitsByHeadUnderTensorParallel) {
+  auto be = make_cpu_backend();
+  const std::string src = synth_glm("legacy_tp_src", {{"moe_intermediate_size", "128"}});
+  const std::string dir = make_legacy(src, "legacy_tp", /*quantized=*/true);
+  auto one = load_model(dir, *be);
+  const auto ids = ids_of(12, one->config().vocab_size);
+  const auto want = test::prefill_then_greedy_logits(*one, *be, ids, 3);
+  const auto got = test::ranks_prefill_then_greedy_logits(dir, dist::Mode::Tensor, 2, ids, 3);
+  const double d = rel_l2(got, want);
+  RecordProperty("rel_l2_legacy_tp2", std::to_string(d));
+  EXPECT_LE(d, 1e-2);
 }
 
 }  // namespace

@@ -16,6 +16,16 @@
 // The multi-token-prediction layer (model.layers.<num_hidden_layers>) of a
 // transformers checkpoint is not part of an MLX checkpoint (`zmlx convert`
 // drops it), so a leftover one is reported as an unused tensor.
+//
+// Multi-process (docs/multi-device.md): pipeline stages load only their layers
+// (embedding on the first stage, norm + lm_head on the last). Tensor parallel
+// splits MLA by whole heads (q_proj / q_b_proj rows, embed_q / unembed_out
+// heads, o_proj columns) and keeps the shared projections replicated: q_a_proj
+// and kv_a_proj_with_mqa (+ their norms) produce latents every head reads, so
+// each rank computes them itself and holds the whole latent cache — cheaper
+// than an all-gather per layer, and the latent cache is small by design. The
+// dense MLP, the experts and the shared expert split along their intermediate
+// dimension; the router is replicated so every rank picks the same experts.
 #include <cmath>
 #include <cstring>
 
@@ -63,13 +73,16 @@ Weight stacked_weight(const std::string& name, const std::vector<float>& v, int6
 // ([H, kv_lora, dn]); unembed_out = Wkv[:, dn:, :] ([H, dv, kv_lora]); both
 // re-quantised with kv_b_proj's bits / group size (values rounded to bf16 first,
 // as the dequantised bf16 array is).
-// kv_b is the checkpoint's host view (WeightLoader::linear_on_host).
-void split_kv_b_proj(const Weight& kv_b, MlaAttention& a, Backend& be, const std::string& prefix) {
+// kv_b is the checkpoint's host view (WeightLoader::linear_on_host). Only
+// heads [first_head, first_head + a.heads) are built: a tensor-parallel rank
+// holds just its own heads.
+void split_kv_b_proj(const Weight& kv_b, MlaAttention& a, int64_t first_head, Backend& be,
+                     const std::string& prefix) {
   const int64_t H = a.heads, dn = a.nope_dim, dv = a.v_dim, L = a.kv_lora, per = dn + dv;
   std::vector<float> row(static_cast<size_t>(L)), eq(size_t(H * L * dn)), uo(size_t(H * dv * L));
   for (int64_t h = 0; h < H; ++h)
     for (int64_t i = 0; i < per; ++i) {
-      const int64_t r = h * per + i;
+      const int64_t r = (first_head + h) * per + i;
       if (kv_b.quantized) {
         quant::dequantize_row(kv_b.w.ptr<uint32_t>() + r * kv_b.words_per_row(),
                               kv_b.scales.ptr<uint16_t>() + r * kv_b.groups_per_row(),
@@ -166,17 +179,37 @@ class Glm4MoeLite final : public Model {
     const float scaling = float(c.get_float("routed_scaling_factor", 1.0));
     const float scale = float(1.0 / std::sqrt(double(dn + dr)));
 
+    // Multi-process (dist/placement.h): pipeline loads only this rank's
+    // layers; tensor parallel loads 1/n of the heads and of every MLP/expert.
+    const dist::Placement& P = c.parallel;
+    const int tpi = P.tp_index(), tpn = P.tp_count();
+    ZMLX_CHECK(H_ % tpn == 0, "--parallel tensor: {}: {} attention heads do not divide across {} ranks", c.path, H_,
+               tpn);
+    const int64_t Hl = H_ / tpn;  // this rank's heads
+    const Shard head_rows{Shard::Rows, tpi, tpn}, head_cols{Shard::Cols, tpi, tpn}, head_stack{Shard::Stack, tpi, tpn};
+    parallel_supported_ = true;
+
     WeightLoader wl(*this, store, be);
-    embed_ = wl.linear("model.embed_tokens", c.vocab_size, D_, 0, 0, /*reads_one_row=*/true);
+    // The embedding serves the first stage, and the last one only as a tied
+    // output projection (GLM checkpoints have their own lm_head).
+    const bool tied_head = c.tie_word_embeddings && !wl.has("lm_head.weight");
+    if (P.first_stage() || (P.last_stage() && tied_head))
+      embed_ = wl.linear("model.embed_tokens", c.vocab_size, D_, 0, 0, /*reads_one_row=*/true);
+    else
+      wl.skip("model.embed_tokens.");
     layers_.resize(size_t(c.num_hidden_layers));
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       const std::string p = "model.layers." + std::to_string(l);
       const std::string a = p + ".self_attn";
+      if (!P.owns_layer(l)) {
+        wl.skip(p + ".");
+        continue;
+      }
       Layer& L = layers_[size_t(l)];
       L.input_layernorm = wl.tensor(p + ".input_layernorm.weight", DType::BF16, {D_});
       L.post_attention_layernorm = wl.tensor(p + ".post_attention_layernorm.weight", DType::BF16, {D_});
       MlaAttention& m = L.attn;
-      m.heads = H_;
+      m.heads = Hl;
       m.kv_lora = kv_lora_;
       m.nope_dim = dn;
       m.rope_dim = dr;
@@ -184,47 +217,56 @@ class Glm4MoeLite final : public Model {
       m.scale = scale;
       m.rope_theta = c.rope_theta;
       m.eps = c.rms_norm_eps;  // MLX uses rms_norm_eps for q_a / kv_a norms too (HF: 1e-6)
+      // q rows and o_proj columns are head-major, so a row/column shard is a
+      // range of whole heads; the q latent (q_a) and the kv latent are
+      // shared by all heads and stay replicated.
       if (q_lora > 0) {
         m.q_a_proj = wl.linear(a + ".q_a_proj", q_lora, D_);
         m.q_a_layernorm = wl.tensor(a + ".q_a_layernorm.weight", DType::BF16, {q_lora});
-        m.q_b_proj = wl.linear(a + ".q_b_proj", H_ * (dn + dr), q_lora);
+        m.q_b_proj = wl.linear(a + ".q_b_proj", H_ * (dn + dr), q_lora, 0, 0, false, head_rows);
       } else {
-        m.q_proj = wl.linear(a + ".q_proj", H_ * (dn + dr), D_);
+        m.q_proj = wl.linear(a + ".q_proj", H_ * (dn + dr), D_, 0, 0, false, head_rows);
       }
       m.kv_a_proj_with_mqa = wl.linear(a + ".kv_a_proj_with_mqa", kv_lora_ + dr, D_);
       m.kv_a_layernorm = wl.tensor(a + ".kv_a_layernorm.weight", DType::BF16, {kv_lora_});
       if (wl.has(a + ".embed_q.weight")) {
-        m.embed_q = wl.linear(a + ".embed_q", kv_lora_, dn, H_, H_);
-        m.unembed_out = wl.linear(a + ".unembed_out", dv, kv_lora_, H_, H_);
+        m.embed_q = wl.linear(a + ".embed_q", kv_lora_, dn, H_, Hl, false, head_stack);
+        m.unembed_out = wl.linear(a + ".unembed_out", dv, kv_lora_, H_, Hl, false, head_stack);
       } else {
         ZMLX_CHECK(wl.has(a + ".kv_b_proj.weight"), "{}: {} has neither embed_q/unembed_out nor the legacy kv_b_proj",
                    store->dir(), a);
-        split_kv_b_proj(wl.linear_on_host(a + ".kv_b_proj", H_ * (dn + dv), kv_lora_), m, be, a);
+        split_kv_b_proj(wl.linear_on_host(a + ".kv_b_proj", H_ * (dn + dv), kv_lora_), m, Hl * tpi, be, a);
       }
-      m.o_proj = wl.linear(a + ".o_proj", D_, H_ * dv);
+      m.o_proj = wl.linear(a + ".o_proj", D_, H_ * dv, 0, 0, false, head_cols);
 
       if (sparse[size_t(l)]) {
         auto moe = std::make_unique<MoeBlock>();
         moe->router_kind = RouterKind::SigmoidGroupedTopK;
         moe->router = wl.linear(p + ".mlp.gate", E, D_);  // bf16 in the MLX checkpoint
         moe->expert_bias = correction_bias(wl, store, be, p + ".mlp.gate.e_score_correction_bias", E);
-        wl.switch_experts(*moe, p + ".mlp", E, I, D_, k);
+        wl.switch_experts(*moe, p + ".mlp", E, I, D_, k, tpi, tpn);
         moe->norm_topk_prob = norm_topk && k > 1;  // mlx-lm renormalises only when top_k > 1
         moe->route_eps = 1e-20f;
         moe->routed_scaling = scaling;
         moe->n_group = n_group;
         moe->topk_group = topk_group;
         moe->combine = CombineMode::F32Products;
-        if (n_shared > 0) moe->shared_expert = wl.swiglu_mlp(p + ".mlp.shared_experts", I * n_shared, D_);
+        if (n_shared > 0)
+          moe->shared_expert = wl.swiglu_mlp(p + ".mlp.shared_experts", I * n_shared, D_, tpi, tpn);
         L.mlp = std::move(moe);
       } else {
-        L.mlp = wl.swiglu_mlp(p + ".mlp", c.get_int("intermediate_size"), D_);
+        L.mlp = wl.swiglu_mlp(p + ".mlp", c.get_int("intermediate_size"), D_, tpi, tpn);
       }
       L.mlp->path = p + ".mlp";
       ffn_slots_.push_back(&L.mlp);
     }
-    norm_ = wl.tensor("model.norm.weight", DType::BF16, {D_});
-    lm_head_ = wl.output_projection(embed_, c.vocab_size, D_, c.tie_word_embeddings);
+    if (P.last_stage()) {
+      norm_ = wl.tensor("model.norm.weight", DType::BF16, {D_});
+      lm_head_ = wl.output_projection(embed_, c.vocab_size, D_, c.tie_word_embeddings);
+    } else {
+      wl.skip("model.norm.");
+      wl.skip("lm_head.");
+    }
     wl.check_all_used();
   }
 
@@ -232,13 +274,16 @@ class Glm4MoeLite final : public Model {
 
   std::vector<std::string> layer_kinds() const override {
     std::vector<std::string> out;
-    for (auto& L : layers_) out.push_back("mla+" + L.mlp->kind());
+    for (auto& L : layers_) out.push_back(L.mlp ? "mla+" + L.mlp->kind() : "(another rank)");
     return out;
   }
 
   Cache new_cache(Backend& be) const override {
     Cache c;
-    for (size_t l = 0; l < layers_.size(); ++l) c.kv.push_back(be.new_latent_kv_layer(kv_lora_, rope_dim_, 256));
+    // Every tensor-parallel rank holds the whole latent cache (all its heads
+    // read it); a pipeline stage only its own layers'.
+    for (size_t l = 0; l < layers_.size(); ++l)
+      c.kv.push_back(layers_[l].mlp ? be.new_latent_kv_layer(kv_lora_, rope_dim_, 256) : KvLayer{});
     return c;
   }
 
@@ -252,13 +297,20 @@ class Glm4MoeLite final : public Model {
     ZMLX_CHECK(cache.kv.size() == layers_.size(), "forward: the cache was not made by this model");
     const float eps = config_.rms_norm_eps;
     const int64_t pos0 = cache.pos, T = int64_t(ids.size());
-    Tensor h = be.embed(embed_, ids);
-    for (size_t l = 0; l < layers_.size(); ++l) {
+    Tensor h;
+    stage_input(be, ids, embed_, h);  // pipeline: later stages receive h
+    const int64_t NL = int64_t(layers_.size());
+    for (size_t l = size_t(placement().layer_begin()); l < size_t(placement().layer_end(NL)); ++l) {
       Layer& L = layers_[l];
-      be.add(h, L.attn.forward(be, be.rms_norm(h, L.input_layernorm, eps), cache.kv[l], pos0));
-      be.add(h, L.mlp->forward(be, be.rms_norm(h, L.post_attention_layernorm, eps)));
+      Tensor a = L.attn.forward(be, be.rms_norm(h, L.input_layernorm, eps), cache.kv[l], pos0);
+      tp_reduce(be, a);  // tensor parallel: sum of the heads' shards
+      be.add(h, a);
+      Tensor f = L.mlp->forward(be, be.rms_norm(h, L.post_attention_layernorm, eps));
+      tp_reduce(be, f);  // sum of the intermediate-dimension shards
+      be.add(h, f);
     }
     cache.pos += T;
+    if (stage_output(be, h)) return Tensor{};  // pipeline: not the last stage
     if (!all_logits && T > 1) h = last_row(h);
     return be.linear(be.rms_norm(h, norm_, eps), lm_head_);
   }

@@ -61,9 +61,29 @@ static Tensor slice_matrices(const Tensor& t, int axis, int64_t lo, int64_t hi) 
   return out;
 }
 
+// Matrices [lo, hi) of a stacked [E, R, C] tensor: one contiguous block.
+static Tensor slice_stack(const Tensor& t, int64_t lo, int64_t hi) {
+  std::vector<int64_t> shape = t.shape;
+  const size_t per = t.nbytes() / size_t(shape[0]);
+  shape[0] = hi - lo;
+  Tensor out = host_tensor(t.dtype, shape);
+  std::memcpy(out.data, static_cast<const uint8_t*>(t.data) + size_t(lo) * per, size_t(hi - lo) * per);
+  return out;
+}
+
 static void shard_weight(Weight& w, const Shard& s) {
   const int n = s.count, i = s.index;
-  if (s.axis == Shard::Rows) {
+  if (s.axis == Shard::Stack) {
+    ZMLX_CHECK(w.experts > 0 && w.experts % n == 0,
+               "--parallel tensor: {} stacks {} matrices, which do not split into {} shards", w.name, w.experts, n);
+    const int64_t per = w.experts / n, lo = per * i, hi = lo + per;
+    w.w = slice_stack(w.w, lo, hi);
+    if (w.quantized) {
+      w.scales = slice_stack(w.scales, lo, hi);
+      w.biases = slice_stack(w.biases, lo, hi);
+    }
+    w.experts = per;
+  } else if (s.axis == Shard::Rows) {
     ZMLX_CHECK(w.rows % n == 0, "--parallel tensor: {} has {} output rows, which do not split into {} shards",
                w.name, w.rows, n);
     const int64_t per = w.rows / n, lo = per * i, hi = lo + per;
@@ -160,6 +180,7 @@ Weight WeightLoader::load_linear(const std::string& path, int64_t rows, int64_t 
     shard_weight(w, shard);
     rows = w.rows;
     cols = w.cols;
+    experts = w.experts;
   }
 
   WeightSummary s;

@@ -15,9 +15,11 @@ namespace zmlx {
 
 // Tensor parallel: which slice of a matrix this rank holds. Rows: output
 // features [i·R/n, (i+1)·R/n) of every expert; Cols: input features, whose
-// boundaries must fall on quantization groups.
+// boundaries must fall on quantization groups; Stack: whole matrices
+// [i·E/n, (i+1)·E/n) of a stacked [E, R, C] weight (GLM's per-head embed_q /
+// unembed_out, split by head).
 struct Shard {
-  enum Axis { None, Rows, Cols } axis = None;
+  enum Axis { None, Rows, Cols, Stack } axis = None;
   int index = 0, count = 1;
 };
 
