@@ -119,7 +119,9 @@ kill -INT $SERVE; wait $SERVE || true
 pass "serve --parallel tensor on 2 GPUs: /state names each rank's GPU; completions match one GPU"
 
 # A rank that hangs mid-generation: its peer's pending NCCL operation passes the
-# deadline, the watchdog ends the job, naming rank 1.
+# deadline and the watchdog ends the job (tensor), or its peer's wait for the
+# sampled token does and that rank aborts the job without tearing down NCCL
+# (pipeline: the one-token send completes into NCCL's buffer), naming rank 1.
 for mode in tensor pipeline; do
   start=$(date +%s)
   if ZMLX_DIST_FAULT=1:hang:3 timeout 120 "${MPIRUN[@]}" -x ZMLX_DIST_FAULT "$ZMLX" generate "$WORK/qwen3_moe" "${CUDA[@]}" \

@@ -4,6 +4,7 @@
 #include <sys/resource.h>
 
 #include <chrono>
+#include <exception>
 #include <filesystem>
 
 #include "zmlx/core/error.h"
@@ -71,6 +72,14 @@ patch::PatchOptions patch_options(const ModelArgs& a) {
     o.parallelism = a.parallel;
   }
   return o;
+}
+
+LoadedModel::~LoadedModel() {
+  if (std::uncaught_exceptions() == 0 || !model || !backend) return;
+  const dist::Placement& P = model->placement();
+  if (!P.active() || backend->device() != Device::CUDA) return;  // CPU ranks: nothing can block
+  (void)model.release();
+  (void)backend.release();
 }
 
 LoadedModel load(const ModelArgs& a, bool need_tokenizer) {

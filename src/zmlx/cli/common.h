@@ -30,6 +30,16 @@ struct ModelArgs {
 void add_model_args(CLI::App& app, ModelArgs& a, bool with_patch_flags = true);
 
 struct LoadedModel {
+  LoadedModel() = default;
+  LoadedModel(LoadedModel&&) = default;
+  LoadedModel& operator=(LoadedModel&&) = default;
+  // GPU ranks of a parallel run, destroyed by an error on its way to main()
+  // (which prints it and aborts the job): the model and backend are left to
+  // the exiting process instead of freed, since freeing GPU memory or
+  // synchronising the stream could wait forever for NCCL work that depends
+  // on a peer that died or hangs.
+  ~LoadedModel();
+
   std::string dir;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Model> model;

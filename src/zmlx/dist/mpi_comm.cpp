@@ -6,8 +6,10 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 #include "zmlx/dist/comm.h"
@@ -166,6 +168,16 @@ class MpiComm final : public Communicator {
   }
 
   [[noreturn]] void abort(int code) override {
+    // MPI_Abort asks the launcher to end every rank. Should it not return or
+    // end this process (a launcher that does not answer), a rank that exits
+    // non-zero without MPI_Finalize still makes mpirun end the job.
+    try {
+      std::thread([code] {
+        std::this_thread::sleep_for(std::chrono::seconds(10));
+        std::_Exit(code);
+      }).detach();
+    } catch (const std::system_error&) {
+    }
     MPI_Abort(MPI_COMM_WORLD, code);
     std::_Exit(code);
   }

@@ -12,6 +12,12 @@
 // reports asynchronously, e.g. a broken connection) ends the whole job with a
 // message naming the peer, as the MPI communicator's deadlines do.
 //
+// Teardown: ncclCommDestroy and ncclCommAbort wait for the other ranks on the
+// node to take part, so a peer that hangs (alive, not answering) would keep
+// a failing rank in them forever, its error never printed and the job never
+// aborted. Only an orderly end (no exception unwinding, nothing pending)
+// destroys the communicator; a failing rank abandons it (abandon()).
+//
 // libnccl is loaded when the first GPU-rank communicator is made (dlopen),
 // not linked: it is large, often lives outside the loader's path (e.g. in a
 // Python wheel), and a single-GPU or CPU run must not need it.
@@ -31,7 +37,9 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <exception>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #endif
@@ -120,37 +128,47 @@ class NcclComm final : public Communicator {
     ncclResult_t rc = nccl().CommInitRankConfig(&comm_, size(), id, rank(), &config);
     if (rc != ncclSuccess && rc != ncclInProgress) {
       const std::string why = nccl_error(rc);
-      if (comm_) nccl().CommAbort(comm_);
+      if (comm_) abandon();  // the peers may not answer: never wait for them here
       throw PeerError(fmt::format("rank {}: NCCL initialisation on GPU {} failed: {}", rank(), device_, why));
     }
     // Peers reach this point after their own CUDA start-up: allow more than one exchange.
     try {
       settle("NCCL initialisation: waiting for", /*patience=*/5);
     } catch (...) {
-      nccl().CommAbort(comm_);
+      abandon();  // a peer that does not answer would keep a waiting abort here forever
       throw;
     }
     watchdog_ = std::thread([this] { watch(); });
   }
 
   ~NcclComm() override {
+    // Destroyed while an exception unwinds the stack (a peer failed, or any
+    // other error on this rank): the job is being ended (main() aborts it
+    // after printing the error), so never wait here for a peer.
+    const bool failing = std::uncaught_exceptions() > 0;
     bool drained;
     {
-      // Normally nothing is pending (the last step synchronised). On an error
-      // path the watchdog still guards these operations: wait for them or
-      // for it to end the job.
+      // Normally nothing is pending (the last step synchronised). Otherwise
+      // the watchdog still guards these operations: wait for them or for it
+      // to end the job.
       std::unique_lock<std::mutex> lk(mu_);
-      drained = idle_.wait_for(lk, std::chrono::duration<double>(timeout_s_ + 1), [&] { return pending_.empty(); });
+      drained = failing ? pending_.empty()
+                        : idle_.wait_for(lk, std::chrono::duration<double>(timeout_s_ + 1),
+                                         [&] { return pending_.empty(); });
       stop_ = true;
     }
     wake_.notify_all();
     if (watchdog_.joinable()) watchdog_.join();
-    cudaSetDevice(device_);
-    // Abort (which also stops kernels still running) unless every operation
-    // completed; then destroying frees local resources without waiting on peers.
-    if (drained) nccl().CommDestroy(comm_);
-    else nccl().CommAbort(comm_);
-    for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
+    if (!failing && drained) {
+      // An orderly end, reached by every rank: ncclCommDestroy is an
+      // intra-node collective (it waits for the peers' NCCL connections to
+      // close), so it runs only here.
+      cudaSetDevice(device_);
+      nccl().CommDestroy(comm_);
+      for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
+      return;
+    }
+    abandon();
   }
 
   std::string kind() const override { return "nccl"; }
@@ -165,9 +183,12 @@ class NcclComm final : public Communicator {
     // NCCL sums bf16 in fp32 and rounds each partial sum: with 2 ranks that
     // is one rounding, as the MPI path; every rank receives the same bits.
     begin_op();
-    check_nccl(nccl().AllReduce(buf, buf, size_t(count), dtype == DType::BF16 ? ncclBfloat16 : ncclFloat32, ncclSum,
-                             comm_, stream_),
-               "ncclAllReduce");
+    {
+      std::lock_guard<std::mutex> api(api_mu_);
+      check_nccl(nccl().AllReduce(buf, buf, size_t(count), dtype == DType::BF16 ? ncclBfloat16 : ncclFloat32, ncclSum,
+                                  comm_, stream_),
+                 "ncclAllReduce");
+    }
     std::vector<int> peers;
     for (int r = 0; r < size(); ++r)
       if (r != rank()) peers.push_back(r);
@@ -176,13 +197,19 @@ class NcclComm final : public Communicator {
 
   void send(const void* buf, size_t bytes, int dst) override {
     begin_op();
-    check_nccl(nccl().Send(buf, bytes, ncclUint8, dst, comm_, stream_), "ncclSend");
+    {
+      std::lock_guard<std::mutex> api(api_mu_);
+      check_nccl(nccl().Send(buf, bytes, ncclUint8, dst, comm_, stream_), "ncclSend");
+    }
     end_op("sending activations (GPU) to", {dst});
   }
 
   void recv(void* buf, size_t bytes, int src) override {
     begin_op();
-    check_nccl(nccl().Recv(buf, bytes, ncclUint8, src, comm_, stream_), "ncclRecv");
+    {
+      std::lock_guard<std::mutex> api(api_mu_);
+      check_nccl(nccl().Recv(buf, bytes, ncclUint8, src, comm_, stream_), "ncclRecv");
+    }
     end_op("waiting for activations (GPU) from", {src});
   }
 
@@ -234,7 +261,10 @@ class NcclComm final : public Communicator {
     const auto t0 = Clock::now();
     for (;;) {
       ncclResult_t state = ncclSuccess;
-      check_nccl(nccl().CommGetAsyncError(comm_, &state), "ncclCommGetAsyncError");
+      {
+        std::lock_guard<std::mutex> api(api_mu_);
+        check_nccl(nccl().CommGetAsyncError(comm_, &state), "ncclCommGetAsyncError");
+      }
       if (state == ncclSuccess) return;
       if (state != ncclInProgress)
         throw PeerError(fmt::format("rank {}: NCCL: {} the other ranks failed: {}", rank(), what, nccl_error(state)));
@@ -260,8 +290,14 @@ class NcclComm final : public Communicator {
       const cudaEvent_t done = p.done;
       lk.unlock();
       const cudaError_t q = cudaEventQuery(done);
+      // NCCL calls on one communicator must not overlap (ncclCommGetAsyncError
+      // also completes the background job of a nonblocking call): skip this
+      // check while the main thread is in one; it is back within microseconds.
       ncclResult_t state = ncclSuccess;
-      nccl().CommGetAsyncError(comm_, &state);
+      {
+        std::unique_lock<std::mutex> api(api_mu_, std::try_to_lock);
+        if (api.owns_lock()) nccl().CommGetAsyncError(comm_, &state);
+      }
       lk.lock();
       if (q == cudaSuccess) {
         free_events_.push_back(done);
@@ -285,6 +321,30 @@ class NcclComm final : public Communicator {
       lk.unlock();
       std::this_thread::sleep_for(std::chrono::microseconds(waited < 0.01 ? 20 : 1000));
       lk.lock();
+    }
+  }
+
+  // The failure path's teardown. ncclCommDestroy and ncclCommAbort both wait
+  // until every peer on the node takes part (NCCL's proxy thread exits only
+  // when the peers' connections to it close): a peer that hangs, alive,
+  // keeps them waiting forever, and a rank blocked there never reports its
+  // error or aborts the job. So the abort runs on a thread of its own, which
+  // nobody joins: its first act raises NCCL's abort flag, which ends any NCCL
+  // kernel still running on this rank's stream (so later stream
+  // synchronisations return); then it may wait for the peer until the job
+  // is ended (MPI_Abort). The communicator's memory is left to the exiting
+  // process.
+  void abandon() {
+    ncclComm_t comm = comm_;
+    const int device = device_;
+    comm_ = nullptr;
+    try {
+      std::thread([comm, device] {
+        cudaSetDevice(device);
+        nccl().CommAbort(comm);
+      }).detach();
+    } catch (const std::system_error&) {
+      // No thread: leave the communicator as it is; the job is ended anyway.
     }
   }
 
@@ -332,7 +392,8 @@ class NcclComm final : public Communicator {
   cudaStream_t stream_;
   ncclComm_t comm_ = nullptr;
   std::thread watchdog_;
-  std::mutex mu_;  // guards pending_, free_events_, stop_
+  std::mutex mu_;      // guards pending_, free_events_, stop_
+  std::mutex api_mu_;  // serialises the NCCL calls of the main thread and the watchdog
   std::condition_variable wake_, idle_;
   std::deque<Pending> pending_;
   std::vector<cudaEvent_t> free_events_;
