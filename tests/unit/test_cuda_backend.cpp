@@ -310,6 +310,53 @@ TEST(CudaOps, GlmOpsMatchCpu) {
   }
 }
 
+// The MLA fast paths (mla.cu, and the stacked-GEMM multi_linear) at awkward
+// sizes: partial token / column / key tiles, pos0 > 0, GQA-style head
+// sharing, k == v and k != v decode, dense and quantized weights.
+TEST(CudaOps, MlaFastKernelsMatchCpu) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(29);
+  struct MlCase { int64_t H, R, C; int bits, group; };
+  for (const MlCase& mc : {MlCase{3, 80, 96, 4, 32}, MlCase{2, 512, 192, 4, 64}, MlCase{3, 64, 128, 8, 64},
+                           MlCase{2, 72, 64, 2, 32}, MlCase{3, 48, 96, 16, 0}}) {
+    Weight w = mc.bits == 16 ? test::random_dense_weight(rng, mc.H, mc.R, mc.C)
+                             : test::random_qweight(rng, mc.H, mc.R, mc.C, mc.bits, mc.group);
+    Weight gw = g->adopt(w);
+    for (bool transpose : {false, true})
+      for (bool shared : {true, false})
+        for (int64_t T : {17, 70, 130}) {
+          const int64_t Kin = transpose ? mc.C : mc.R, cols = shared ? Kin : mc.H * Kin;
+          Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(T * cols)), {T, cols});
+          const auto ref = host_floats(*c, c->multi_linear(x, w, transpose));
+          const auto got = host_floats(*g, g->multi_linear(g->from_host(x), gw, transpose));
+          EXPECT_LT(rel_l2(got, ref), 5e-3) << "H " << mc.H << " R " << mc.R << " C " << mc.C << " bits " << mc.bits
+                                            << " transpose " << transpose << " shared " << shared << " T " << T;
+        }
+  }
+  struct AtCase { int64_t H, kvh, dk, dv, dr, S; };
+  for (const AtCase& ac : {AtCase{3, 3, 48, 64, 16, 200}, AtCase{4, 2, 192, 256, 64, 300}, AtCase{2, 2, 64, 128, 32, 90},
+                           AtCase{2, 1, 512, 512, 64, 300}, AtCase{3, 3, 256, 256, 32, 150}}) {
+    const bool same = ac.kvh == 1;
+    Tensor k = test::bf16_tensor(test::random_bf16(rng, size_t(ac.S * ac.kvh * ac.dk), 0.3f), {ac.S, ac.kvh * ac.dk});
+    Tensor v = same ? k : test::bf16_tensor(test::random_bf16(rng, size_t(ac.S * ac.kvh * ac.dv)), {ac.S, ac.kvh * ac.dv});
+    Tensor kpe = test::bf16_tensor(test::random_bf16(rng, size_t(ac.S * ac.dr)), {ac.S, ac.dr});
+    Tensor gk = g->from_host(k), gv = same ? gk : g->from_host(v), gkpe = g->from_host(kpe);
+    for (auto [pos0, T] : {std::pair<int64_t, int64_t>{0, 70}, {37, 130}, {0, 2}, {ac.S - 1, 1}, {5, 1}, {ac.S - 65, 65}}) {
+      if (pos0 + T > ac.S) continue;
+      Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(T * ac.H * ac.dk), 0.3f), {T, ac.H * ac.dk});
+      Tensor qpe = test::bf16_tensor(test::random_bf16(rng, size_t(T * ac.H * ac.dr)), {T, ac.H * ac.dr});
+      const float scale = 1.0f / std::sqrt(float(ac.dk + ac.dr));
+      const auto ref = host_floats(*c, c->attention_pe(q, k, v, qpe, kpe, pos0, ac.H, ac.kvh, scale));
+      const auto got = host_floats(*g, g->attention_pe(g->from_host(q), gk, gv, g->from_host(qpe), gkpe, pos0, ac.H,
+                                                       ac.kvh, scale));
+      EXPECT_LT(rel_l2(got, ref), 5e-3) << "H " << ac.H << " kvh " << ac.kvh << " dk " << ac.dk << " dv " << ac.dv
+                                        << " dr " << ac.dr << " pos0 " << pos0 << " T " << T;
+    }
+  }
+}
+
 TEST(CudaOps, RoutersAndShortConvMatchCpu) {
   REQUIRE_GPU();
   auto g = gpu();

@@ -20,6 +20,7 @@
 
 #include "zmlx/backend/cuda/gemm.h"
 #include "zmlx/backend/cuda/kernels.h"
+#include "zmlx/backend/cuda/mla.h"
 #include "zmlx/core/error.h"
 #include "zmlx/core/log.h"
 #include "zmlx/ops/backend.h"
@@ -29,6 +30,17 @@ namespace {
 
 namespace kern = zmlx::cuda::k;
 namespace tc = zmlx::cuda::gemm;  // tensor-core GEMMs for many-token (prefill) calls
+namespace mla = zmlx::cuda::mla;  // faster multi-latent attention kernels (GLM)
+
+// ZMLX_CUDA_MLA=0 keeps GLM's attention_pe / multi_linear on the plain
+// reference kernels (A/B runs, bisecting a mismatch).
+bool mla_fast() {
+  static const bool on = [] {
+    const char* e = std::getenv("ZMLX_CUDA_MLA");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
 
 // Token counts from which the tensor-core GEMMs replace the mat-vec kernels
 // (the choice depends only on T and k, so patched and unpatched paths agree).
@@ -539,6 +551,16 @@ class CudaBackend final : public Backend {
     Tensor scratch = alloc(DType::F32, {T * heads * splits * (dv + 2)});
     Tensor out = alloc(DType::BF16, {T, heads * dv});
     Prof p_(this, "attention_pe");
+    if (mla_fast()) {
+      const bool done =
+          T > 1 ? mla::attention_prefill(bf16p(q), bf16p(k), bf16p(v), bf16p(q_pe), bf16p(k_pe), int(T), int(heads),
+                                         int(kv_heads), int(dk), int(dv), int(dr), int(pos0), dpos(), scale,
+                                         bf16p(out), stream_)
+                : mla::attention_decode(bf16p(q), bf16p(k), bf16p(v), bf16p(q_pe), bf16p(k_pe), int(T), int(heads),
+                                        int(kv_heads), int(dk), int(dv), int(dr), int(pos0), dpos(), scale, splits,
+                                        static_cast<float*>(scratch.data), bf16p(out), stream_);
+      if (done) return out;
+    }
     kern::attention_pe(bf16p(q), bf16p(k), bf16p(v), bf16p(q_pe), bf16p(k_pe), int(T), int(heads), int(kv_heads),
                        int(dk), int(dv), int(dr), int(pos0), dpos(), scale, splits,
                        static_cast<float*>(scratch.data), bf16p(out), stream_);
@@ -554,6 +576,20 @@ class CudaBackend final : public Backend {
     Tensor out = alloc(DType::BF16, {T, H * N});
     const kern::QMat m = transpose ? qmat(w) : qmat_any(w);
     Prof p_(this, "multi_linear");
+    if (mla_fast() && transpose && shared && T >= kGemmMinTokens) {
+      // The heads' matrices are stored back to back, so a shared input times
+      // every head is one [T, Kin] x [H·N, Kin]ᵀ GEMM with out[t, h·N + r].
+      kern::QMat all = m;
+      all.rows = H * N;
+      if (m.w_stride == N * Kin * m.bits / 32 && (m.bits == 16 || m.s_stride == N * (Kin / m.group)) &&
+          tc::gemm_supported(all)) {
+        tc::gemm_dense(bf16p(x), int(T), all, bf16p(out), stream_);
+        return out;
+      }
+    }
+    if (mla_fast() && !transpose &&
+        mla::multi_linear_n(bf16p(x), int(T), x.cols(), shared ? 0 : Kin, int(H), m, bf16p(out), stream_))
+      return out;
     kern::multi_linear(bf16p(x), int(T), x.cols(), shared ? 0 : Kin, int(H), m, transpose, bf16p(out), stream_);
     return out;
   }

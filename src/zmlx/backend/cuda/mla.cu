@@ -1,0 +1,617 @@
+// Multi-latent attention kernels (see mla.h for the contracts).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cmath>
+
+#include "zmlx/backend/cuda/mla.h"
+
+namespace zmlx::cuda::mla {
+namespace {
+
+__device__ __forceinline__ float bf(uint16_t u) { return __uint_as_float(uint32_t(u) << 16); }
+__device__ __forceinline__ uint16_t to_bf(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+__device__ __forceinline__ float rbf(float f) { return bf(to_bf(f)); }
+__device__ __forceinline__ float lo_bf(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float hi_bf(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ uint32_t pack_bf2(float lo, float hi) {
+  return uint32_t(to_bf(lo)) | (uint32_t(to_bf(hi)) << 16);
+}
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte async copy; valid = false fills the destination with zeros.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// Transposed: for a [k][n] tile (rows = k) this yields the B fragment of
+// mma m16n8k16 (col-major B) directly.
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Byte offset of 16-byte chunk c of row r in a swizzled tile with rows of
+// `row_bytes` (a multiple of 128): the low 3 bits of the chunk index are
+// XORed with r & 7, so the 8 rows an ldmatrix phase reads hit 8 different
+// bank groups.
+__device__ __forceinline__ uint32_t swz(int r, int c, int row_bytes) {
+  return uint32_t(r * row_bytes + ((c ^ (r & 7)) << 4));
+}
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// ------------------------------------------------------------ flash prefill
+
+constexpr int kFQ = 64;       // queries per block (4 warps x 16 rows)
+constexpr int kFK = 64;       // keys per tile
+constexpr int kFQKW = 256;    // smem row width (bf16) of the Q and K tiles: dk + dr <= 256
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int DV>
+constexpr int flash_smem() {
+  return kFQ * kFQKW * 2 + kFK * kFQKW * 2 + kFK * DV * 2;
+}
+
+// Block (query tile, head). Q tile rows = [q_nope (dk) | bf16(scale·q_pe) (dr)],
+// K tile rows = [k_nope (dk) | k_pe (dr)], V tile rows = v (DV).
+template <int DV>
+__global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                                                       const uint16_t* q_pe, const uint16_t* k_pe, int T, int heads,
+                                                       int kvh, int dk, int dr, int pos0, const int* dpos, float scale,
+                                                       uint16_t* out) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* sQ = smem;
+  uint8_t* sK = sQ + kFQ * kFQKW * 2;
+  uint8_t* sV = sK + kFK * kFQKW * 2;
+  constexpr int QKB = kFQKW * 2, VB = DV * 2;  // row bytes
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int q0 = blockIdx.x * kFQ, h = blockIdx.y, g = h / (heads / kvh);
+  const int p0 = dpos ? *dpos : pos0;
+  const int nq = min(kFQ, T - q0);
+  const int qc = dk / 8, rc = dr / 8, kc = qc + rc;  // 16-byte chunks per row
+
+  // ---- Q tile (plain loads: q_pe is scaled and rounded on the way).
+  for (int i = tid; i < kFQ * kc; i += 128) {
+    const int r = i / kc, c = i % kc;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (r < nq) {
+      const int64_t t = q0 + r;
+      if (c < qc) {
+        val = *reinterpret_cast<const uint4*>(q + (t * heads + h) * dk + c * 8);
+      } else {
+        const uint4 raw = *reinterpret_cast<const uint4*>(q_pe + (t * heads + h) * dr + (c - qc) * 8);
+        const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+        uint32_t o[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[j] = pack_bf2(scale * lo_bf(w[j]), scale * hi_bf(w[j]));
+        val = make_uint4(o[0], o[1], o[2], o[3]);
+      }
+    }
+    *reinterpret_cast<uint4*>(sQ + swz(r, c, QKB)) = val;
+  }
+
+  const int last_key = p0 + q0 + nq - 1;  // the tile's last query sees keys 0..last_key
+  const int ntiles = last_key / kFK + 1;
+  const int64_t ks = int64_t(kvh) * dk, vs = int64_t(kvh) * DV;
+
+  float o_acc[DV / 8][4];
+#pragma unroll
+  for (int n = 0; n < DV / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o_acc[n][e] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  const int qrow = warp * 16 + (lane >> 2);  // this thread's rows: qrow, qrow + 8
+  const int qpos[2] = {p0 + q0 + qrow, p0 + q0 + qrow + 8};
+
+  const uint32_t aQ = smem_addr(sQ), aK = smem_addr(sK), aV = smem_addr(sV);
+  for (int kt = 0; kt < ntiles; ++kt) {
+    const int j0 = kt * kFK;
+    // K then V tile, as two cp.async groups: QKᵀ starts once K is in.
+    for (int i = tid; i < kFK * kc; i += 128) {
+      const int r = i / kc, c = i % kc, j = j0 + r;
+      const bool ok = j <= last_key;
+      const uint16_t* src = c < qc ? k + (ok ? j * ks + g * dk + c * 8 : 0) : k_pe + (ok ? int64_t(j) * dr + (c - qc) * 8 : 0);
+      cp_async16(aK + swz(r, c, QKB), src, ok);
+    }
+    cp_async_commit();
+    for (int i = tid; i < kFK * (DV / 8); i += 128) {
+      const int r = i / (DV / 8), c = i % (DV / 8), j = j0 + r;
+      const bool ok = j <= last_key;
+      cp_async16(aV + swz(r, c, VB), v + (ok ? j * vs + g * DV + c * 8 : 0), ok);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    // ---- S = Q Kᵀ (nope part and rotary part kept apart: the reference
+    // rounds the rotary dot to bf16 before adding).
+    float s_n[kFK / 8][4], s_r[kFK / 8][4];
+#pragma unroll
+    for (int n = 0; n < kFK / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s_n[n][e] = 0.f, s_r[n][e] = 0.f;
+    const int arow = warp * 16 + (lane & 15);
+    for (int kk = 0; kk < qc / 2 + rc / 2; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, aQ + swz(arow, kk * 2 + (lane >> 4), QKB));
+      const bool rot = kk >= qc / 2;
+#pragma unroll
+      for (int p = 0; p < kFK / 16; ++p) {
+        uint32_t b[4];
+        ldsm_x4(b, aK + swz(p * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1), QKB));
+        if (rot) {
+          mma_bf16(s_r[2 * p], a, b[0], b[1]);
+          mma_bf16(s_r[2 * p + 1], a, b[2], b[3]);
+        } else {
+          mma_bf16(s_n[2 * p], a, b[0], b[1]);
+          mma_bf16(s_n[2 * p + 1], a, b[2], b[3]);
+        }
+      }
+    }
+
+    // ---- online softmax (rows qrow, qrow + 8; a quad of lanes shares a row)
+    float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+    for (int n = 0; n < kFK / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = j0 + n * 8 + (lane & 3) * 2 + (e & 1), hr = e >> 1;
+        const float sc = key <= qpos[hr] ? s_n[n][e] * scale + rbf(s_r[n][e]) : -INFINITY;
+        s_n[n][e] = sc;
+        mx[hr] = fmaxf(mx[hr], sc);
+      }
+    float corr[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
+      mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
+      // mx is finite: key 0 <= every query's position, and tile 0 comes first.
+      corr[hr] = exp2f((m_run[hr] - mx[hr]) * kLog2e);
+      m_run[hr] = mx[hr];
+      l_run[hr] *= corr[hr];
+    }
+#pragma unroll
+    for (int n = 0; n < DV / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o_acc[n][e] *= corr[e >> 1];
+    uint32_t pa[kFK / 16][4];  // P as the A operand of PV, bf16
+#pragma unroll
+    for (int n = 0; n < kFK / 8; ++n) {
+      float pr[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        pr[e] = exp2f((s_n[n][e] - mx[e >> 1]) * kLog2e);
+        l_run[e >> 1] += pr[e];
+      }
+      pa[n / 2][(n & 1) * 2] = pack_bf2(pr[0], pr[1]);
+      pa[n / 2][(n & 1) * 2 + 1] = pack_bf2(pr[2], pr[3]);
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();
+    // ---- O += P V
+#pragma unroll
+    for (int kk = 0; kk < kFK / 16; ++kk) {
+      const int vrow = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+      for (int p = 0; p < DV / 16; ++p) {
+        uint32_t b[4];
+        ldsm_x4_t(b, aV + swz(vrow, p * 2 + (lane >> 4), VB));
+        mma_bf16(o_acc[2 * p], pa[kk], b[0], b[1]);
+        mma_bf16(o_acc[2 * p + 1], pa[kk], b[2], b[3]);
+      }
+    }
+    __syncthreads();  // the next tile overwrites sK, sV
+  }
+
+  // ---- normalize and store
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    l_run[hr] += __shfl_xor_sync(0xffffffffu, l_run[hr], 1);
+    l_run[hr] += __shfl_xor_sync(0xffffffffu, l_run[hr], 2);
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = qrow + hr * 8;
+    if (r >= nq) continue;
+    const float inv = 1.0f / l_run[hr];
+    uint16_t* o = out + (int64_t(q0 + r) * heads + h) * DV + (lane & 3) * 2;
+#pragma unroll
+    for (int n = 0; n < DV / 8; ++n)
+      *reinterpret_cast<uint32_t*>(o + n * 8) = pack_bf2(o_acc[n][hr * 2] * inv, o_acc[n][hr * 2 + 1] * inv);
+  }
+}
+
+template <int DV>
+void launch_flash(dim3 grid, cudaStream_t s, const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                  const uint16_t* q_pe, const uint16_t* k_pe, int T, int heads, int kvh, int dk, int dr, int pos0,
+                  const int* dpos, float scale, uint16_t* out) {
+  constexpr int smem = flash_smem<DV>();
+  // Over 48 KiB of dynamic shared memory needs the opt-in (per device; a host-side call, cheap to repeat).
+  cudaFuncSetAttribute(flash_pe_kernel<DV>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  flash_pe_kernel<DV><<<grid, 128, smem, s>>>(q, k, v, q_pe, k_pe, T, heads, kvh, dk, dr, pos0, dpos, scale, out);
+}
+
+// ------------------------------------------------------------ decode partials
+
+constexpr int kDW = 4;  // warps per block
+constexpr int kDG = 4;  // keys per warp step
+
+template <int N>
+__device__ __forceinline__ void load8s(const uint16_t* p, uint32_t (&w)[N]) {
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + i);
+    w[4 * i] = u.x, w[4 * i + 1] = u.y, w[4 * i + 2] = u.z, w[4 * i + 3] = u.w;
+  }
+}
+
+// One (head, split, token): lane owns dims lane·PL..+PL of q·k and of the
+// output (PL = dk / 32, 8 or 16: one or two 16-byte loads), and RL = dr / 32
+// rotary dims. SAME: v == k, the value row is the key row already loaded.
+template <int PL, int RL, bool SAME>
+__global__ void __launch_bounds__(kDW * 32) pe_decode_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                                                             const uint16_t* q_pe, const uint16_t* k_pe, int heads,
+                                                             int kvh, int pos0, const int* dpos, float scale,
+                                                             int splits, float* scratch) {
+  constexpr int D = 32 * PL, DR = 32 * RL;
+  const int h = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int visible = (dpos ? *dpos : pos0) + t + 1;
+  const int chunk = (visible + splits - 1) / splits;
+  const int j0 = s * chunk, j1 = min(visible, j0 + chunk);
+  const int g = h / (heads / kvh);
+  float qv[PL], qs[RL];
+  {
+    uint32_t w[PL / 2];
+    load8s<PL / 2>(q + (int64_t(t) * heads + h) * D + lane * PL, w);
+#pragma unroll
+    for (int i = 0; i < PL / 2; ++i) qv[2 * i] = lo_bf(w[i]), qv[2 * i + 1] = hi_bf(w[i]);
+    const uint16_t* qp = q_pe + (int64_t(t) * heads + h) * DR + lane * RL;
+#pragma unroll
+    for (int i = 0; i < RL; ++i) qs[i] = rbf(scale * bf(qp[i]));
+  }
+  const int64_t ks = int64_t(kvh) * D;
+  const uint16_t* K = k + int64_t(g) * D + lane * PL;
+  const uint16_t* V = v + int64_t(g) * D + lane * PL;
+  const uint16_t* KP = k_pe + lane * RL;
+  float m = -FLT_MAX, l = 0.f, acc[PL];
+#pragma unroll
+  for (int d = 0; d < PL; ++d) acc[d] = 0.f;
+  for (int j = j0 + warp; j < j1; j += kDW * kDG) {
+    uint32_t kw[kDG][PL / 2];
+    uint32_t pw[kDG];
+#pragma unroll
+    for (int u = 0; u < kDG; ++u) {
+      const int ju = j + u * kDW;
+      if (ju < j1) {
+        load8s<PL / 2>(K + ju * ks, kw[u]);
+        if constexpr (RL == 2) pw[u] = __ldg(reinterpret_cast<const uint32_t*>(KP + int64_t(ju) * DR));
+        else pw[u] = __ldg(KP + int64_t(ju) * DR);
+      } else {
+#pragma unroll
+        for (int i = 0; i < PL / 2; ++i) kw[u][i] = 0u;
+        pw[u] = 0u;
+      }
+    }
+    float sc[kDG], pe[kDG];
+#pragma unroll
+    for (int u = 0; u < kDG; ++u) {
+      sc[u] = 0.f;
+#pragma unroll
+      for (int i = 0; i < PL / 2; ++i) {
+        sc[u] = fmaf(qv[2 * i], lo_bf(kw[u][i]), sc[u]);
+        sc[u] = fmaf(qv[2 * i + 1], hi_bf(kw[u][i]), sc[u]);
+      }
+      pe[u] = qs[0] * lo_bf(pw[u]);
+      if constexpr (RL == 2) pe[u] = fmaf(qs[1], hi_bf(pw[u]), pe[u]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+      for (int u = 0; u < kDG; ++u) {
+        sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], o);
+        pe[u] += __shfl_xor_sync(0xffffffffu, pe[u], o);
+      }
+    float mn = m;
+#pragma unroll
+    for (int u = 0; u < kDG; ++u) {
+      sc[u] = j + u * kDW < j1 ? sc[u] * scale + rbf(pe[u]) : -INFINITY;
+      mn = fmaxf(mn, sc[u]);
+    }
+    const float corr = expf(m - mn);
+    l *= corr;
+#pragma unroll
+    for (int d = 0; d < PL; ++d) acc[d] *= corr;
+#pragma unroll
+    for (int u = 0; u < kDG; ++u) {
+      const int ju = j + u * kDW;
+      if (ju >= j1) break;
+      const float p = expf(sc[u] - mn);
+      l += p;
+      uint32_t vw[PL / 2];
+      if constexpr (SAME) {
+#pragma unroll
+        for (int i = 0; i < PL / 2; ++i) vw[i] = kw[u][i];
+      } else {
+        load8s<PL / 2>(V + ju * ks, vw);
+      }
+#pragma unroll
+      for (int i = 0; i < PL / 2; ++i) {
+        acc[2 * i] = fmaf(p, lo_bf(vw[i]), acc[2 * i]);
+        acc[2 * i + 1] = fmaf(p, hi_bf(vw[i]), acc[2 * i + 1]);
+      }
+    }
+    m = mn;
+  }
+  __shared__ float sm[kDW], sl[kDW], sacc[kDW][D];
+  if (lane == 0) sm[warp] = m, sl[warp] = l;
+#pragma unroll
+  for (int d = 0; d < PL; ++d) sacc[warp][lane * PL + d] = acc[d];
+  __syncthreads();
+  float M = -FLT_MAX;
+  for (int w = 0; w < kDW; ++w)
+    if (sl[w] > 0.f) M = fmaxf(M, sm[w]);
+  float* o = scratch + ((int64_t(t) * heads + h) * splits + s) * (D + 2);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float a = 0.f;
+    for (int w = 0; w < kDW; ++w)
+      if (sl[w] > 0.f) a = fmaf(sacc[w][d], expf(sm[w] - M), a);
+    o[2 + d] = a;
+  }
+  if (threadIdx.x == 0) {
+    float L = 0.f;
+    for (int w = 0; w < kDW; ++w)
+      if (sl[w] > 0.f) L = fmaf(sl[w], expf(sm[w] - M), L);
+    o[0] = M, o[1] = L;
+  }
+}
+
+// Split partials (m, l, acc[D]) of one (token, head) -> its bf16 output row.
+__global__ void pe_merge_kernel(const float* scratch, int heads, int D, int splits, uint16_t* out) {
+  const int h = blockIdx.x, t = blockIdx.y;
+  const float* base = scratch + (int64_t(t) * heads + h) * splits * (D + 2);
+  float M = -FLT_MAX;
+  for (int s = 0; s < splits; ++s)
+    if (base[s * (D + 2) + 1] > 0.f) M = fmaxf(M, base[s * (D + 2)]);
+  float L = 0.f;
+  for (int s = 0; s < splits; ++s)
+    if (base[s * (D + 2) + 1] > 0.f) L = fmaf(base[s * (D + 2) + 1], expf(base[s * (D + 2)] - M), L);
+  const float inv = 1.0f / L;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float a = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const float* p = base + s * (D + 2);
+      if (p[1] > 0.f) a = fmaf(p[2 + d], expf(p[0] - M), a);
+    }
+    out[(int64_t(t) * heads + h) * D + d] = to_bf(a * inv);
+  }
+}
+
+// ------------------------------------------------------------ multi_linear (no transpose)
+
+constexpr int kMT = 64;  // tokens per block
+constexpr int kMC = 64;  // output columns per block
+constexpr int kMR = 64;  // reduction rows per step
+
+// Block (token tile, column tile, head); 4 warps as 2 (tokens) x 2 (columns),
+// each 32 x 32. Per step: the x tile [64 t][64 r] and the dequantized weight
+// tile [64 r][64 c] go to shared memory (double-buffered, the next step's
+// global loads in flight during this step's MMAs); B fragments come from
+// the [r][c] tile through ldmatrix.trans.
+template <int BITS>
+__global__ void __launch_bounds__(128) multi_linear_n_mma_kernel(const uint16_t* x, int64_t ldx, int64_t xoff, int T,
+                                                                 QMat m, uint16_t* out) {
+  __shared__ __align__(128) uint8_t sA[2][kMT * kMR * 2];
+  __shared__ __align__(128) uint8_t sB[2][kMR * kMC * 2];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+  const int t0 = blockIdx.x * kMT, c0 = blockIdx.y * kMC, h = blockIdx.z;
+  const int64_t R = m.rows, C = m.cols, H = gridDim.z;
+  const int nk = int((R + kMR - 1) / kMR);
+  const uint16_t* xh = x + h * xoff;
+
+  // x: 4 chunks per thread (rows tid/8 + 16i, chunk tid%8).
+  uint4 xa[4];
+  auto load_x = [&](int kt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = (tid >> 3) + 16 * i, c = tid & 7;
+      const int64_t t = t0 + r, rr = int64_t(kt) * kMR + c * 8;
+      xa[i] = t < T && rr < R ? *reinterpret_cast<const uint4*>(xh + t * ldx + rr) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  // W: row wr = tid/2 of the step, 32 columns (c0 + 32·(tid&1)): BITS words.
+  const int wr = tid >> 1, wh = tid & 1;
+  const int64_t col = c0 + 32 * wh;
+  const bool col_ok = col < C;
+  const int64_t wpr = C * BITS / 32, gpr = BITS == 16 ? 0 : C / m.group;
+  uint32_t ww[BITS];
+  uint16_t wsc = 0, wbi = 0;
+  auto load_w = [&](int kt) {
+    const int64_t r = int64_t(kt) * kMR + wr;
+    const bool ok = col_ok && r < R;
+    const int64_t row = h * R + r;
+    if (ok) {
+      const uint32_t* p = m.w + row * wpr + col * BITS / 32;
+      if constexpr (BITS == 2) {
+        const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+        ww[0] = u.x, ww[1] = u.y;
+      } else {
+#pragma unroll
+        for (int i = 0; i < BITS / 4; ++i) {
+          const uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + i);
+          ww[4 * i] = u.x, ww[4 * i + 1] = u.y, ww[4 * i + 2] = u.z, ww[4 * i + 3] = u.w;
+        }
+      }
+      if constexpr (BITS != 16) {
+        wsc = __ldg(m.scales + row * gpr + col / m.group);
+        wbi = __ldg(m.biases + row * gpr + col / m.group);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < BITS; ++i) ww[i] = 0u;
+      wsc = 0, wbi = 0;
+    }
+  };
+  auto store = [&](int buf) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = (tid >> 3) + 16 * i, c = tid & 7;
+      *reinterpret_cast<uint4*>(sA[buf] + swz(r, c, 128)) = xa[i];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t o[4];
+      if constexpr (BITS == 16) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) o[v] = ww[4 * j + v];
+      } else {
+        constexpr int per = 32 / BITS;
+        constexpr uint32_t mask = (1u << BITS) - 1u;
+        const float s = bf(wsc), b = bf(wbi);
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          float f[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int i = j * 8 + v * 2 + e;
+            const uint32_t qv = (ww[i / per] >> (BITS * (i % per))) & mask;
+            f[e] = __fmaf_rn(s, __uint_as_float(0x4B000000u | qv) - 8388608.0f, b);  // exact int -> float
+          }
+          o[v] = pack_bf2(f[0], f[1]);
+        }
+      }
+      *reinterpret_cast<uint4*>(sB[buf] + swz(wr, wh * 4 + j, 128)) = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+  };
+
+  float acc[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  load_x(0);
+  load_w(0);
+  store(0);
+  __syncthreads();
+  for (int kt = 0; kt < nk; ++kt) {
+    const int buf = kt & 1;
+    if (kt + 1 < nk) load_x(kt + 1), load_w(kt + 1);
+    const uint32_t a_base = smem_addr(sA[buf]), b_base = smem_addr(sB[buf]);
+#pragma unroll
+    for (int kk = 0; kk < kMR / 16; ++kk) {
+      uint32_t af[2][4], bfr[4][2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) ldsm_x4(af[i], a_base + swz(wm * 32 + i * 16 + (lane & 15), kk * 2 + (lane >> 4), 128));
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        uint32_t b[4];
+        ldsm_x4_t(b, b_base + swz(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, wn * 4 + p * 2 + (lane >> 4), 128));
+        bfr[2 * p][0] = b[0], bfr[2 * p][1] = b[1], bfr[2 * p + 1][0] = b[2], bfr[2 * p + 1][1] = b[3];
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_bf16(acc[i][j], af[i], bfr[j][0], bfr[j][1]);
+    }
+    if (kt + 1 < nk) store(buf ^ 1);
+    __syncthreads();
+  }
+
+  const int gr = lane >> 2, c2 = (lane & 3) * 2;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int64_t t = t0 + wm * 32 + i * 16 + gr + hh * 8;
+      if (t >= T) continue;
+      uint16_t* o = out + (t * H + h) * C;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t c = c0 + wn * 32 + j * 8 + c2;
+        if (c < C) *reinterpret_cast<uint32_t*>(o + c) = pack_bf2(acc[i][j][hh * 2], acc[i][j][hh * 2 + 1]);
+      }
+    }
+}
+
+}  // namespace
+
+bool attention_prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe,
+                       const uint16_t* k_pe, int T, int heads, int kv_heads, int dk, int dv, int dr, int pos0,
+                       const int* dpos, float scale, uint16_t* out, cudaStream_t s) {
+  if (T < 2 || dk % 16 != 0 || dr % 16 != 0 || dk + dr > kFQKW || dk < 16 || dr < 16) return false;
+  if (dv != 64 && dv != 128 && dv != 256) return false;
+  for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
+                        static_cast<const void*>(q_pe), static_cast<const void*>(k_pe), static_cast<const void*>(out)})
+    if (!aligned16(p)) return false;
+  const dim3 grid(unsigned((T + kFQ - 1) / kFQ), unsigned(heads));
+  switch (dv) {
+    case 64: launch_flash<64>(grid, s, q, k, v, q_pe, k_pe, T, heads, kv_heads, dk, dr, pos0, dpos, scale, out); break;
+    case 128: launch_flash<128>(grid, s, q, k, v, q_pe, k_pe, T, heads, kv_heads, dk, dr, pos0, dpos, scale, out); break;
+    default: launch_flash<256>(grid, s, q, k, v, q_pe, k_pe, T, heads, kv_heads, dk, dr, pos0, dpos, scale, out); break;
+  }
+  return true;
+}
+
+bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe,
+                      const uint16_t* k_pe, int T, int heads, int kv_heads, int dk, int dv, int dr, int pos0,
+                      const int* dpos, float scale, int splits, float* scratch, uint16_t* out, cudaStream_t s) {
+  if (dk != dv || (dk != 256 && dk != 512) || (dr != 32 && dr != 64)) return false;
+  if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(k_pe)) return false;
+  const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
+  const bool same = k == v;
+  auto go = [&](auto kern) {
+    kern<<<grid, kDW * 32, 0, s>>>(q, k, v, q_pe, k_pe, heads, kv_heads, pos0, dpos, scale, splits, scratch);
+  };
+  if (dk == 512) {
+    if (dr == 64) same ? go(pe_decode_kernel<16, 2, true>) : go(pe_decode_kernel<16, 2, false>);
+    else same ? go(pe_decode_kernel<16, 1, true>) : go(pe_decode_kernel<16, 1, false>);
+  } else {
+    if (dr == 64) same ? go(pe_decode_kernel<8, 2, true>) : go(pe_decode_kernel<8, 2, false>);
+    else same ? go(pe_decode_kernel<8, 1, true>) : go(pe_decode_kernel<8, 1, false>);
+  }
+  pe_merge_kernel<<<dim3(unsigned(heads), unsigned(T)), 128, 0, s>>>(scratch, heads, dv, splits, out);
+  return true;
+}
+
+bool multi_linear_n(const uint16_t* x, int T, int64_t ldx, int64_t xoff, int H, const QMat& m, uint16_t* out,
+                    cudaStream_t s) {
+  if (T < 16 || m.cols % 32 != 0 || m.rows % 8 != 0 || ldx % 8 != 0 || xoff % 8 != 0) return false;
+  if (!aligned16(x) || !aligned16(m.w) || !aligned16(out)) return false;
+  if (m.bits != 16 && (m.group < 32 || m.group % 32 != 0 || m.cols % m.group != 0 || !m.scales || !m.biases))
+    return false;
+  const dim3 grid(unsigned((T + kMT - 1) / kMT), unsigned((m.cols + kMC - 1) / kMC), unsigned(H));
+  if (grid.z > 65535) return false;
+  switch (m.bits) {
+    case 2: multi_linear_n_mma_kernel<2><<<grid, 128, 0, s>>>(x, ldx, xoff, T, m, out); break;
+    case 4: multi_linear_n_mma_kernel<4><<<grid, 128, 0, s>>>(x, ldx, xoff, T, m, out); break;
+    case 8: multi_linear_n_mma_kernel<8><<<grid, 128, 0, s>>>(x, ldx, xoff, T, m, out); break;
+    case 16: multi_linear_n_mma_kernel<16><<<grid, 128, 0, s>>>(x, ldx, xoff, T, m, out); break;
+    default: return false;
+  }
+  return true;
+}
+
+}  // namespace zmlx::cuda::mla

@@ -1,0 +1,43 @@
+// Faster kernels for multi-latent attention (GLM-4.7-Flash, glm4_moe_lite).
+//
+// Each function returns false (and enqueues nothing) when the shapes or
+// alignments are outside what it handles; the caller then uses the plain
+// kernels in kernels.cu, which stay the reference (ZMLX_CUDA_MLA=0 forces
+// them everywhere).
+//
+// - attention_prefill: flash-attention for T > 1 (expanded form): a block per
+//   (head, 64 queries), keys in tiles of 64 through shared memory, mma.sync
+//   bf16 -> fp32 for QKᵀ and PV, online softmax in registers. Scores are
+//   scale·(q·k) + bf16(q_pe'·k_pe) as in the reference; P is rounded to bf16
+//   for the PV product (the usual flash-attention approximation).
+// - attention_decode: the split partials for T = 1 (absorbed form, k = v =
+//   the latent cache): 16-byte loads, 4 keys per warp step with interleaved
+//   reductions, and the key row reused as the value row when k == v.
+// - multi_linear_n: out[t, h·C + c] = Σ_r x[t, h, r] · W[h][r][c] on tensor
+//   cores (W dequantized per tile to bf16(fma(scale, q, bias)), as gemm.cu).
+//
+// All enqueue on stream s without programmatic dependent launch.
+#pragma once
+#include <cstdint>
+
+#include "zmlx/backend/cuda/kernels.h"  // QMat
+
+namespace zmlx::cuda::mla {
+
+using QMat = zmlx::cuda::k::QMat;
+
+bool attention_prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe,
+                       const uint16_t* k_pe, int T, int heads, int kv_heads, int dk, int dv, int dr, int pos0,
+                       const int* dpos, float scale, uint16_t* out, cudaStream_t s);
+
+// scratch: T·heads·splits·(dv + 2) floats.
+bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe,
+                      const uint16_t* k_pe, int T, int heads, int kv_heads, int dk, int dv, int dr, int pos0,
+                      const int* dpos, float scale, int splits, float* scratch, uint16_t* out, cudaStream_t s);
+
+// x rows of ldx values, head h's input at column h·xoff (xoff = 0: shared);
+// W = m: H stacked [R = m.rows, C = m.cols] matrices, quantized along C.
+bool multi_linear_n(const uint16_t* x, int T, int64_t ldx, int64_t xoff, int H, const QMat& m, uint16_t* out,
+                    cudaStream_t s);
+
+}  // namespace zmlx::cuda::mla
