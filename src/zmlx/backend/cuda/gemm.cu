@@ -24,59 +24,19 @@
 #include <stdexcept>
 #include <string>
 
+#include "zmlx/backend/cuda/device_common.cuh"
 #include "zmlx/backend/cuda/gemm.h"
 
 namespace zmlx::cuda::gemm {
 namespace {
+
+using namespace zmlx::cuda::dev;
 
 constexpr int BM = 64, BN = 128, BK = 64, NT = 256, STAGES = 4;
 constexpr int kBucketThreads = 1024;
 constexpr int kDefaultExpertsHint = 128;
 
 // ------------------------------------------------------------------ helpers
-
-__device__ __forceinline__ float bf(uint16_t u) { return __uint_as_float(uint32_t(u) << 16); }
-__device__ __forceinline__ uint16_t to_bf(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
-__device__ __forceinline__ float rbf(float f) { return bf(to_bf(f)); }
-__device__ __forceinline__ uint32_t pack_bf2(float lo, float hi) {
-  return uint32_t(to_bf(lo)) | (uint32_t(to_bf(hi)) << 16);
-}
-
-// Same arithmetic as swiglu_bf in kernels.cu (both files use --fmad=false).
-__device__ __forceinline__ float swiglu_f(float g, float u) {
-  const float sig = rbf(1.0f / (1.0f + expf(-g)));
-  const float s = rbf(g * sig);
-  return s * u;
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; src_bytes = 0 fills the destination with zeros.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Byte offset of 16-byte chunk c of row r in a [rows][64 bf16] swizzled tile.
 __device__ __forceinline__ uint32_t swz(int r, int c) { return uint32_t(r * 128 + ((c ^ (r & 7)) << 4)); }

@@ -16,10 +16,13 @@
 #include <string>
 #include <type_traits>
 
+#include "zmlx/backend/cuda/device_common.cuh"
 #include "zmlx/backend/cuda/kernels.h"
 
 namespace zmlx::cuda::k {
 namespace {
+
+using namespace zmlx::cuda::dev;
 
 constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;  // one warp per row, 256 threads
@@ -76,30 +79,8 @@ void check_launch(const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA kernel ") + what + ": " + cudaGetErrorString(e));
 }
 
-__device__ __forceinline__ float bf(uint16_t u) { return __uint_as_float(uint32_t(u) << 16); }
-__device__ __forceinline__ uint16_t to_bf(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
-__device__ __forceinline__ float rbf(float f) { return bf(to_bf(f)); }
-__device__ __forceinline__ float lo_bf(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float hi_bf(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 // MLX silu(gate) * up with bf16 rounding after sigmoid, product and result.
-__device__ __forceinline__ uint16_t swiglu_bf(uint16_t gate, uint16_t up) {
-  const float g = bf(gate);
-  const float sig = rbf(1.0f / (1.0f + expf(-g)));
-  const float s = rbf(g * sig);
-  return to_bf(s * bf(up));
-}
+__device__ __forceinline__ uint16_t swiglu_bf(uint16_t gate, uint16_t up) { return to_bf(swiglu_f(bf(gate), bf(up))); }
 
 // 32 bf16 inputs of one chunk as floats, and their sum (fp32, in order):
 // the quantized dot product needs Σx once per chunk, whatever the row.
@@ -1349,45 +1330,14 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
 #pragma unroll
   for (int d = 0; d < DPL; ++d) sacc[warp][lane * DPL + d] = acc[d];
   __syncthreads();
-  float M = -FLT_MAX;
-  for (int w = 0; w < kAttnWarps; ++w)
-    if (sl[w] > 0.f) M = fmaxf(M, sm[w]);
-  float* out = scratch + ((int64_t(t) * heads + h) * splits + s) * (HD + 2);
-  for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-    float a = 0.f;
-    for (int w = 0; w < kAttnWarps; ++w)
-      if (sl[w] > 0.f) a = fmaf(sacc[w][d], expf(sm[w] - M), a);
-    out[2 + d] = a;
-  }
-  if (threadIdx.x == 0) {
-    float L = 0.f;
-    for (int w = 0; w < kAttnWarps; ++w)
-      if (sl[w] > 0.f) L = fmaf(sl[w], expf(sm[w] - M), L);
-    out[0] = M, out[1] = L;
-  }
+  store_split_partial(sm, sl, sacc, HD, scratch + ((int64_t(t) * heads + h) * splits + s) * (HD + 2));
 }
 
 __global__ void attn_merge_kernel(const float* scratch, int heads, int hd, int splits, uint16_t* out) {
   pdl_begin();
   const int h = blockIdx.x, t = blockIdx.y;
-  const float* base = scratch + (int64_t(t) * heads + h) * splits * (hd + 2);
-  float M = -FLT_MAX;
-  for (int s = 0; s < splits; ++s)
-    if (base[s * (hd + 2) + 1] > 0.f) M = fmaxf(M, base[s * (hd + 2)]);
-  float L = 0.f;
-  for (int s = 0; s < splits; ++s) {
-    const float* p = base + s * (hd + 2);
-    if (p[1] > 0.f) L = fmaf(p[1], expf(p[0] - M), L);
-  }
-  const float inv = 1.0f / L;
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    float a = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const float* p = base + s * (hd + 2);
-      if (p[1] > 0.f) a = fmaf(p[2 + d], expf(p[0] - M), a);
-    }
-    out[(int64_t(t) * heads + h) * hd + d] = to_bf(a * inv);
-  }
+  merge_split_partials(scratch + (int64_t(t) * heads + h) * splits * (hd + 2), hd, splits,
+                       out + (int64_t(t) * heads + h) * hd);
 }
 
 // ------------------------------------------------------------------ routers
@@ -1637,22 +1587,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_pe_partial_kernel(
   if (lane == 0) sm[warp] = m, sl[warp] = l;
   for (int i = 0; i < kPeMaxPerLane; ++i) sacc[warp][lane + 32 * i] = acc[i];
   __syncthreads();
-  float M = -FLT_MAX;
-  for (int w = 0; w < kAttnWarps; ++w)
-    if (sl[w] > 0.f) M = fmaxf(M, sm[w]);
-  float* out = scratch + ((int64_t(t) * heads + h) * splits + s) * (dv + 2);
-  for (int d = threadIdx.x; d < dv; d += blockDim.x) {
-    float a = 0.f;
-    for (int w = 0; w < kAttnWarps; ++w)
-      if (sl[w] > 0.f) a = fmaf(sacc[w][d], expf(sm[w] - M), a);
-    out[2 + d] = a;
-  }
-  if (threadIdx.x == 0) {
-    float L = 0.f;
-    for (int w = 0; w < kAttnWarps; ++w)
-      if (sl[w] > 0.f) L = fmaf(sl[w], expf(sm[w] - M), L);
-    out[0] = M, out[1] = L;
-  }
+  store_split_partial(sm, sl, sacc, dv, scratch + ((int64_t(t) * heads + h) * splits + s) * (dv + 2));
 }
 
 // multi_linear, transpose: out[t, h*N + r] = x[t, h] · W[h][r] (one warp per row).

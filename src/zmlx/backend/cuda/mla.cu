@@ -5,51 +5,14 @@
 #include <cfloat>
 #include <cmath>
 
+#include "zmlx/backend/cuda/device_common.cuh"
 #include "zmlx/backend/cuda/mla.h"
 
 namespace zmlx::cuda::mla {
 namespace {
 
-__device__ __forceinline__ float bf(uint16_t u) { return __uint_as_float(uint32_t(u) << 16); }
-__device__ __forceinline__ uint16_t to_bf(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
-__device__ __forceinline__ float rbf(float f) { return bf(to_bf(f)); }
-__device__ __forceinline__ float lo_bf(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float hi_bf(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
-__device__ __forceinline__ uint32_t pack_bf2(float lo, float hi) {
-  return uint32_t(to_bf(lo)) | (uint32_t(to_bf(hi)) << 16);
-}
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16-byte async copy; valid = false fills the destination with zeros.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-// Transposed: for a [k][n] tile (rows = k) this yields the B fragment of
-// mma m16n8k16 (col-major B) directly.
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+using namespace zmlx::cuda::dev;
+
 // Byte offset of 16-byte chunk c of row r in a swizzled tile with rows of
 // `row_bytes` (a multiple of 128): the low 3 bits of the chunk index are
 // XORed with r & 7, so the 8 rows an ldmatrix phase reads hit 8 different
@@ -152,12 +115,12 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, const 
     const int arow = warp * 16 + (lane & 15);
     for (int kk = 0; kk < qc / 2 + rc / 2; ++kk) {
       uint32_t a[4];
-      ldsm_x4(a, aQ + swz(arow, kk * 2 + (lane >> 4), QKB));
+      ldmatrix_x4(a, aQ + swz(arow, kk * 2 + (lane >> 4), QKB));
       const bool rot = kk >= qc / 2;
 #pragma unroll
       for (int p = 0; p < kFK / 16; ++p) {
         uint32_t b[4];
-        ldsm_x4(b, aK + swz(p * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1), QKB));
+        ldmatrix_x4(b, aK + swz(p * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1), QKB));
         if (rot) {
           mma_bf16(s_r[2 * p], a, b[0], b[1]);
           mma_bf16(s_r[2 * p + 1], a, b[2], b[3]);
@@ -215,7 +178,7 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, const 
 #pragma unroll
       for (int p = 0; p < DV / 16; ++p) {
         uint32_t b[4];
-        ldsm_x4_t(b, aV + swz(vrow, p * 2 + (lane >> 4), VB));
+        ldmatrix_x4_trans(b, aV + swz(vrow, p * 2 + (lane >> 4), VB));
         mma_bf16(o_acc[2 * p], pa[kk], b[0], b[1]);
         mma_bf16(o_acc[2 * p + 1], pa[kk], b[2], b[3]);
       }
@@ -368,43 +331,14 @@ __global__ void __launch_bounds__(kDW * 32) pe_decode_kernel(const uint16_t* q, 
 #pragma unroll
   for (int d = 0; d < PL; ++d) sacc[warp][lane * PL + d] = acc[d];
   __syncthreads();
-  float M = -FLT_MAX;
-  for (int w = 0; w < kDW; ++w)
-    if (sl[w] > 0.f) M = fmaxf(M, sm[w]);
-  float* o = scratch + ((int64_t(t) * heads + h) * splits + s) * (D + 2);
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float a = 0.f;
-    for (int w = 0; w < kDW; ++w)
-      if (sl[w] > 0.f) a = fmaf(sacc[w][d], expf(sm[w] - M), a);
-    o[2 + d] = a;
-  }
-  if (threadIdx.x == 0) {
-    float L = 0.f;
-    for (int w = 0; w < kDW; ++w)
-      if (sl[w] > 0.f) L = fmaf(sl[w], expf(sm[w] - M), L);
-    o[0] = M, o[1] = L;
-  }
+  store_split_partial(sm, sl, sacc, D, scratch + ((int64_t(t) * heads + h) * splits + s) * (D + 2));
 }
 
 // Split partials (m, l, acc[D]) of one (token, head) -> its bf16 output row.
 __global__ void pe_merge_kernel(const float* scratch, int heads, int D, int splits, uint16_t* out) {
   const int h = blockIdx.x, t = blockIdx.y;
-  const float* base = scratch + (int64_t(t) * heads + h) * splits * (D + 2);
-  float M = -FLT_MAX;
-  for (int s = 0; s < splits; ++s)
-    if (base[s * (D + 2) + 1] > 0.f) M = fmaxf(M, base[s * (D + 2)]);
-  float L = 0.f;
-  for (int s = 0; s < splits; ++s)
-    if (base[s * (D + 2) + 1] > 0.f) L = fmaf(base[s * (D + 2) + 1], expf(base[s * (D + 2)] - M), L);
-  const float inv = 1.0f / L;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float a = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const float* p = base + s * (D + 2);
-      if (p[1] > 0.f) a = fmaf(p[2 + d], expf(p[0] - M), a);
-    }
-    out[(int64_t(t) * heads + h) * D + d] = to_bf(a * inv);
-  }
+  merge_split_partials(scratch + (int64_t(t) * heads + h) * splits * (D + 2), D, splits,
+                       out + (int64_t(t) * heads + h) * D);
 }
 
 // ------------------------------------------------------------ multi_linear (no transpose)
@@ -524,11 +458,11 @@ __global__ void __launch_bounds__(128) multi_linear_n_mma_kernel(const uint16_t*
     for (int kk = 0; kk < kMR / 16; ++kk) {
       uint32_t af[2][4], bfr[4][2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) ldsm_x4(af[i], a_base + swz(wm * 32 + i * 16 + (lane & 15), kk * 2 + (lane >> 4), 128));
+      for (int i = 0; i < 2; ++i) ldmatrix_x4(af[i], a_base + swz(wm * 32 + i * 16 + (lane & 15), kk * 2 + (lane >> 4), 128));
 #pragma unroll
       for (int p = 0; p < 2; ++p) {
         uint32_t b[4];
-        ldsm_x4_t(b, b_base + swz(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, wn * 4 + p * 2 + (lane >> 4), 128));
+        ldmatrix_x4_trans(b, b_base + swz(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, wn * 4 + p * 2 + (lane >> 4), 128));
         bfr[2 * p][0] = b[0], bfr[2 * p][1] = b[1], bfr[2 * p + 1][0] = b[2], bfr[2 * p + 1][1] = b[3];
       }
 #pragma unroll

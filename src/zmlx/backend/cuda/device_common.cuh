@@ -1,0 +1,137 @@
+// Device helpers shared by the CUDA kernel files (kernels.cu, gemm.cu,
+// mla.cu): bf16 conversions, warp reductions, the tensor-core and async-copy
+// instructions, and the split-partial bookkeeping of flash-decoding style
+// attention. Header-only, every function inline; each .cu file pulls the
+// names into its own anonymous namespace with `using namespace
+// zmlx::cuda::dev;`. All files build with --fmad=false, so the helpers give
+// the same bits wherever they are used.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+
+namespace zmlx::cuda::dev {
+
+// ---------------------------------------------------------------- bf16
+
+__device__ __forceinline__ float bf(uint16_t u) { return __uint_as_float(uint32_t(u) << 16); }
+__device__ __forceinline__ uint16_t to_bf(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+// f rounded to bf16 and back: MLX's rounding points inside fp32 arithmetic.
+__device__ __forceinline__ float rbf(float f) { return bf(to_bf(f)); }
+// The low / high bf16 of a packed pair as floats.
+__device__ __forceinline__ float lo_bf(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float hi_bf(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ uint32_t pack_bf2(float lo, float hi) {
+  return uint32_t(to_bf(lo)) | (uint32_t(to_bf(hi)) << 16);
+}
+
+// MLX's silu(gate) * up with bf16 rounding after the sigmoid and the
+// product (the caller rounds the result).
+__device__ __forceinline__ float swiglu_f(float g, float u) {
+  const float sig = rbf(1.0f / (1.0f + expf(-g)));
+  const float s = rbf(g * sig);
+  return s * u;
+}
+
+// ---------------------------------------------------------- reductions
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// ------------------------------------------- tensor cores, async copies
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte async copy global -> shared; valid = false fills the destination with zeros.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// Transposed: for a [k][n] tile (rows = k) this yields the B fragment of
+// mma m16n8k16 (col-major B) directly.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// c += a·b for one m16n8k16 tile, bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ----------------------------------------- split attention partials
+// Decode attention splits one (token, head)'s keys over blocks; each block's
+// W warps keep an online-softmax state (running max m, sum l, unnormalised
+// output acc[D]). A split's partial is D + 2 floats: (M, L, acc[D]).
+
+// Combines the W warps' states (in shared memory, after a __syncthreads)
+// into the block's partial at `out`, of n <= D output dimensions (out holds
+// n + 2 floats); warps that saw no key have l = 0.
+template <int W, int D>
+__device__ __forceinline__ void store_split_partial(const float (&sm)[W], const float (&sl)[W],
+                                                    const float (&sacc)[W][D], int n, float* out) {
+  float M = -FLT_MAX;
+  for (int w = 0; w < W; ++w)
+    if (sl[w] > 0.f) M = fmaxf(M, sm[w]);
+  for (int d = threadIdx.x; d < n; d += blockDim.x) {
+    float a = 0.f;
+    for (int w = 0; w < W; ++w)
+      if (sl[w] > 0.f) a = fmaf(sacc[w][d], expf(sm[w] - M), a);
+    out[2 + d] = a;
+  }
+  if (threadIdx.x == 0) {
+    float L = 0.f;
+    for (int w = 0; w < W; ++w)
+      if (sl[w] > 0.f) L = fmaf(sl[w], expf(sm[w] - M), L);
+    out[0] = M, out[1] = L;
+  }
+}
+
+// The `splits` partials at `base` (one after another) -> the bf16 output
+// row out[D]; the block's threads share the dimensions.
+__device__ __forceinline__ void merge_split_partials(const float* base, int D, int splits, uint16_t* out) {
+  float M = -FLT_MAX;
+  for (int s = 0; s < splits; ++s)
+    if (base[s * (D + 2) + 1] > 0.f) M = fmaxf(M, base[s * (D + 2)]);
+  float L = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const float* p = base + s * (D + 2);
+    if (p[1] > 0.f) L = fmaf(p[1], expf(p[0] - M), L);
+  }
+  const float inv = 1.0f / L;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float a = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const float* p = base + s * (D + 2);
+      if (p[1] > 0.f) a = fmaf(p[2 + d], expf(p[0] - M), a);
+    }
+    out[d] = to_bf(a * inv);
+  }
+}
+
+}  // namespace zmlx::cuda::dev
