@@ -564,6 +564,30 @@ TEST(CudaOps, MmaExpertKernelsMatchScalarAndCpuAndFusedIsBitIdentical) {
 }
 #endif
 
+// Chained greedy steps whose recording fails (the step reads a tensor back,
+// which a recording refuses) fall back to eager steps fed with the previous
+// step's token; later steps under the same key stay eager.
+TEST(CudaOps, ChainedStepsSurviveAFailedRecording) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  const int64_t V = 50;
+  // A step's logits peak at (t + 1) % V: each chained token is the previous plus one.
+  auto step = [&](int32_t t) {
+    std::vector<uint16_t> l(size_t(V), f32_to_bf16_bits(0.f));
+    l[size_t((t + 1) % V)] = f32_to_bf16_bits(1.f);
+    Tensor d = g->from_host(test::bf16_tensor(l, {1, V}));
+    (void)g->to_host(d);  // refused inside a recording: the recording fails
+    return d;
+  };
+  const uint64_t key = 0x5eed;
+  g->decode_step_chained(key, 3, 10, step);  // first under the key: eager
+  g->decode_step_chained(key, -1, 11, step);  // recorded: fails, then eager on token 4
+  g->decode_step_chained(key, -1, 12, step);  // a failed key: eager
+  EXPECT_EQ(g->chained_token(10), 4);
+  EXPECT_EQ(g->chained_token(11), 5);
+  EXPECT_EQ(g->chained_token(12), 6);
+}
+
 // Whole models: GPU vs CPU logits and greedy tokens; patched vs unpatched on
 // the GPU bit for bit; graph-replayed decode steps vs eager ones bit for bit.
 void check_model(const std::string& arch, const std::string& name) {

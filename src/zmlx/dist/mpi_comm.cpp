@@ -58,6 +58,8 @@ class MpiComm final : public Communicator {
       ZMLX_CHECK(provided >= MPI_THREAD_SERIALIZED, "MPI: the library offers thread level {}, zmlx needs SERIALIZED",
                  provided);
     }
+    MPI_Query_thread(&thread_level_);
+    owner_ = std::this_thread::get_id();
     MPI_Comm_dup(MPI_COMM_WORLD, &comm_);
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_rank(comm_, &rank_);
@@ -171,6 +173,9 @@ class MpiComm final : public Communicator {
     // MPI_Abort asks the launcher to end every rank. Should it not return or
     // end this process (a launcher that does not answer), a rank that exits
     // non-zero without MPI_Finalize still makes mpirun end the job.
+    // Below THREAD_MULTIPLE, another thread (a GPU rank's watchdog) may not
+    // call MPI while this one might be inside it: exit at once instead.
+    if (thread_level_ < MPI_THREAD_MULTIPLE && std::this_thread::get_id() != owner_) std::_Exit(code);
     try {
       std::thread([code] {
         std::this_thread::sleep_for(std::chrono::seconds(10));
@@ -188,6 +193,8 @@ class MpiComm final : public Communicator {
   }
 
  private:
+  int thread_level_ = MPI_THREAD_SINGLE;  // what MPI_Init_thread granted
+  std::thread::id owner_;                 // the thread that set MPI up
   static int count(size_t bytes) {
     ZMLX_CHECK(bytes <= size_t(INT32_MAX), "MPI: a message of {} bytes is too large", bytes);
     return int(bytes);

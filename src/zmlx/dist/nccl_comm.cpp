@@ -15,8 +15,9 @@
 // Teardown: ncclCommDestroy and ncclCommAbort wait for the other ranks on the
 // node to take part, so a peer that hangs (alive, not answering) would keep
 // a failing rank in them forever, its error never printed and the job never
-// aborted. Only an orderly end (no exception unwinding, nothing pending)
-// destroys the communicator; a failing rank abandons it (abandon()).
+// aborted, and at an orderly end not every rank reaches them (a node's rank 0
+// leaves with _exit). So no rank destroys its communicator: an orderly end
+// leaves it to the exiting process, a failing rank abandons it (abandon()).
 //
 // libnccl is loaded when the first GPU-rank communicator is made (dlopen),
 // not linked: it is large, often lives outside the loader's path (e.g. in a
@@ -70,7 +71,6 @@ struct NcclApi {
   decltype(&ncclCommInitRankConfig) CommInitRankConfig;
   decltype(&ncclCommGetAsyncError) CommGetAsyncError;
   decltype(&ncclCommAbort) CommAbort;
-  decltype(&ncclCommDestroy) CommDestroy;
   decltype(&ncclAllReduce) AllReduce;
   decltype(&ncclSend) Send;
   decltype(&ncclRecv) Recv;
@@ -97,7 +97,6 @@ const NcclApi& nccl() {
     resolve(a.CommInitRankConfig, "ncclCommInitRankConfig");
     resolve(a.CommGetAsyncError, "ncclCommGetAsyncError");
     resolve(a.CommAbort, "ncclCommAbort");
-    resolve(a.CommDestroy, "ncclCommDestroy");
     resolve(a.AllReduce, "ncclAllReduce");
     resolve(a.Send, "ncclSend");
     resolve(a.Recv, "ncclRecv");
@@ -160,12 +159,15 @@ class NcclComm final : public Communicator {
     wake_.notify_all();
     if (watchdog_.joinable()) watchdog_.join();
     if (!failing && drained) {
-      // An orderly end, reached by every rank: ncclCommDestroy is an
-      // intra-node collective (it waits for the peers' NCCL connections to
-      // close), so it runs only here.
+      // An orderly end. ncclCommDestroy is an intra-node collective (it
+      // waits for the peers' NCCL connections to close), and not every rank
+      // reaches it: a node's rank 0 ends the job with MPI_Finalize and
+      // _exit without unwinding its model, while its followers unwind
+      // theirs. So no rank waits on it; the communicator's resources go with
+      // the process, which ends right after this.
       cudaSetDevice(device_);
-      nccl().CommDestroy(comm_);
       for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
+      comm_ = nullptr;
       return;
     }
     abandon();

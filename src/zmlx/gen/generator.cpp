@@ -244,6 +244,9 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
     // sends and all-reduces run on the host, always runs eagerly.
     if (chained) {
       next = be.chained_token(chain_pos0 + j);
+      // The device fed it on without a host check (NaN logits give no valid id).
+      ZMLX_CHECK(next >= 0 && next < model.config().vocab_size, "decode step {}: the greedy token {} is outside the "
+                 "vocabulary [0, {}) (non-finite logits?)", j, next, model.config().vocab_size);
       continue;
     }
     logits = P.active() ? model.forward(be, {next}, cache) : decode_forward(model, be, next, cache);

@@ -230,25 +230,42 @@ struct GpuProfile {
 // host overhead shows as the difference.
 struct StepProfile {
   bool on = std::getenv("ZMLX_PROFILE_STEPS") != nullptr;
-  std::vector<std::pair<cudaEvent_t, cudaEvent_t>> events;
+  std::vector<std::pair<cudaEvent_t, cudaEvent_t>> events;  // not yet folded into gpu_ms
   std::vector<std::chrono::steady_clock::time_point> launches;
-  ~StepProfile() {
-    if (!on || events.size() < 2) return;
-    double gpu = 0;
+  double gpu_ms = 0;
+  long steps = 0;
+  void add(cudaEvent_t a, cudaEvent_t b) {
+    events.emplace_back(a, b);
+    launches.push_back(std::chrono::steady_clock::now());
+    if (events.size() >= 64) fold();
+  }
+  // Adds the recorded steps' GPU times and frees their events (a server
+  // replays steps for as long as it runs).
+  void fold() {
     for (auto& [a, b] : events) {
       float t = 0;
       cudaEventSynchronize(b);
       cudaEventElapsedTime(&t, a, b);
-      gpu += t;
+      gpu_ms += t;
+      ++steps;
+      cudaEventDestroy(a);
+      cudaEventDestroy(b);
     }
-    // The median gap between consecutive launches: the step rate while
-    // decoding, without the pauses between runs.
+    events.clear();
+  }
+  // The median gap between consecutive launches: the step rate while
+  // decoding, without the pauses between runs. (Printed by the backend
+  // before it destroys its stream.)
+  void report() {
+    if (!on) return;
+    fold();
+    if (steps < 2 || launches.size() < 2) return;
     std::vector<double> gaps;
     for (size_t i = 1; i < launches.size(); ++i)
       gaps.push_back(std::chrono::duration<double, std::milli>(launches[i] - launches[i - 1]).count());
     std::nth_element(gaps.begin(), gaps.begin() + gaps.size() / 2, gaps.end());
     fmt::print(stderr, "[zmlx profile] {} replayed steps: GPU {:.3f} ms/step, median launch-to-launch {:.3f} ms\n",
-               events.size(), gpu / double(events.size()), gaps[gaps.size() / 2]);
+               steps, gpu_ms / double(steps), gaps[gaps.size() / 2]);
   }
 };
 
@@ -293,6 +310,7 @@ class CudaBackend final : public Backend {
   }
 
   ~CudaBackend() override {
+    step_profile_.report();
     drop_graph();
     cudaStreamSynchronize(stream_);
     for (auto& [k, v] : rope_tables_) cudaFree(v);
@@ -815,7 +833,10 @@ class CudaBackend final : public Backend {
     if (replay) {
       launch_graph();
     } else if (!(record && record_and_launch(key, [&] { return body(0); }, unused))) {
-      if (usable) warm_key_ = key;  // first step under this key (or a failed recording): eagerly
+      // First step under this key, or a failed recording (which ran
+      // nothing, so d_step_ still holds step pos - 1's result): eagerly.
+      if (usable) warm_key_ = key;
+      if (token < 0) token = chained_token(pos - 1);
       body(token);
     }
     cuda_check(cudaEventRecord(step_done_, stream_), "cudaEventRecord");
@@ -842,8 +863,7 @@ class CudaBackend final : public Backend {
       cudaEventRecord(a, stream_);
       cuda_check(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch");
       cudaEventRecord(b, stream_);
-      step_profile_.events.emplace_back(a, b);
-      step_profile_.launches.push_back(std::chrono::steady_clock::now());
+      step_profile_.add(a, b);
     }
     cuda_check(cudaEventRecord(step_done_, stream_), "cudaEventRecord");
   }
