@@ -66,6 +66,79 @@ bool split_layer_key(std::string_view name, std::string_view prefix, int64_t* la
   return true;
 }
 
+std::string shape_str(const std::vector<int64_t>& shape) {
+  io::TensorInfo t;
+  t.shape = shape;
+  return t.shape_str();
+}
+
+void plan_switch_experts(const io::WeightStore& ws, const ExpertTensors& experts, const ExpertLayout& L, Plan& p) {
+  const std::string tag = "[convert " + L.family + "]";
+  const int64_t E = L.experts;
+  auto dim = [](int64_t v) { return v < 0 ? std::string("?") : std::to_string(v); };
+  for (const auto& [layer, projs] : experts.per_expert) {
+    ZMLX_CHECK(!experts.fused.count(layer), "{} layer {} has both per-expert and fused expert tensors", tag, layer);
+    for (const std::string proj : {"gate_proj", "up_proj", "down_proj"}) {
+      auto pit = projs.find(proj);
+      for (int64_t e = 0; e < E; ++e)
+        ZMLX_CHECK(pit != projs.end() && pit->second.count(e), "{} missing tensor '{}' (layer {} needs all {} experts)",
+                   tag, L.source_name(layer, e, proj), layer, E);
+      const auto& by_expert = pit->second;
+      const bool down = proj == "down_proj";
+      const int64_t rows = down ? L.hidden : L.intermediate, cols = down ? L.intermediate : L.hidden;
+      const io::TensorInfo& t0 = ws.get(by_expert.at(0));
+      ZMLX_CHECK(t0.shape.size() == 2 && (rows < 0 || t0.shape[0] == rows) && (cols < 0 || t0.shape[1] == cols),
+                 "{} '{}': expected [{}, {}] (from config.json), found {}", tag, t0.name, dim(rows), dim(cols),
+                 t0.shape_str());
+      OutputTensor o{L.switch_name(layer, proj), {E, t0.shape[0], t0.shape[1]}, {}, Role::Linear};
+      for (int64_t e = 0; e < E; ++e) {
+        const io::TensorInfo& t = ws.get(by_expert.at(e));
+        ZMLX_CHECK(t.shape == t0.shape, "{} '{}' has shape {}, expert 0 has {}", tag, t.name, t.shape_str(),
+                   t0.shape_str());
+        o.pieces.push_back({t.name});
+      }
+      p.tensors.push_back(std::move(o));
+    }
+  }
+  for (const auto& [layer, parts] : experts.fused) {
+    auto gi = parts.find("gate_up_proj"), di = parts.find("down_proj");
+    ZMLX_CHECK(gi != parts.end() && di != parts.end(),
+               "{} layer {} has only one of the fused experts.gate_up_proj / experts.down_proj", tag, layer);
+    const io::TensorInfo& gu = ws.get(gi->second);
+    const io::TensorInfo& dn = ws.get(di->second);
+    ZMLX_CHECK(gu.shape.size() == 3 && gu.shape[0] == E && gu.shape[1] % 2 == 0 &&
+                   (L.intermediate < 0 || gu.shape[1] == 2 * L.intermediate) && (L.hidden < 0 || gu.shape[2] == L.hidden),
+               "{} '{}': expected [experts, 2 x moe_intermediate_size, hidden_size] = [{}, {}, {}], found {}", tag,
+               gu.name, E, L.intermediate < 0 ? "?" : std::to_string(2 * L.intermediate), dim(L.hidden),
+               gu.shape_str());
+    const int64_t I = gu.shape[1] / 2, D = gu.shape[2];
+    ZMLX_CHECK(dn.shape == std::vector<int64_t>({E, D, I}), "{} '{}': expected [{}, {}, {}], found {}", tag, dn.name,
+               E, D, I, dn.shape_str());
+    OutputTensor gate{L.switch_name(layer, "gate_proj"), {E, I, D}, {}, Role::Linear};
+    OutputTensor up{L.switch_name(layer, "up_proj"), {E, I, D}, {}, Role::Linear};
+    for (int64_t e = 0; e < E; ++e) {
+      gate.pieces.push_back({gu.name, e * 2 * I * D, I * D});
+      up.pieces.push_back({gu.name, e * 2 * I * D + I * D, I * D});
+    }
+    p.tensors.push_back(std::move(gate));
+    p.tensors.push_back(std::move(up));
+    p.tensors.push_back({L.switch_name(layer, "down_proj"), dn.shape, {{dn.name}}, Role::Linear});
+  }
+}
+
+void check_routers_match_experts(const std::set<int64_t>& routers, const ExpertTensors& experts,
+                                 const std::string& family, const std::string& router) {
+  for (int64_t layer : routers)
+    ZMLX_CHECK(experts.per_expert.count(layer) || experts.fused.count(layer),
+               "[convert {}] layer {} has a router ({}) but no expert tensors", family, layer, router);
+  auto check = [&](int64_t layer) {
+    ZMLX_CHECK(routers.count(layer), "[convert {}] layer {} has experts but no router ('model.layers.{}.{}')", family,
+               layer, layer, router);
+  };
+  for (const auto& [layer, _] : experts.per_expert) check(layer);
+  for (const auto& [layer, _] : experts.fused) check(layer);
+}
+
 // ---------------------------------------------------------------- reading sources
 
 namespace {
@@ -76,11 +149,6 @@ int64_t numel_of(const std::vector<int64_t>& shape) {
   return n;
 }
 
-std::string shape_str(const std::vector<int64_t>& shape) {
-  io::TensorInfo t;
-  t.shape = shape;
-  return t.shape_str();
-}
 
 struct ResolvedPiece {
   const io::TensorInfo* t;

@@ -15,8 +15,10 @@
 // reshapes without any per-family numeric code.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -95,6 +97,38 @@ int64_t config_int(const nlohmann::json& config, const char* key, int64_t fallba
 bool config_bool(const nlohmann::json& config, const char* key, bool fallback);
 // "model.layers.12.mlp.gate.weight" -> layer 12, rest "mlp.gate.weight". False if not a layer key.
 bool split_layer_key(std::string_view name, std::string_view prefix, int64_t* layer, std::string* rest);
+// "[2048, 768]"
+std::string shape_str(const std::vector<int64_t>& shape);
+
+// The expert tensors of a checkpoint's MoE layers, as a family's planner
+// collects them: one tensor per expert and projection, or transformers 5.x's
+// fused per-layer tensors.
+struct ExpertTensors {
+  // layer -> projection (gate_proj / up_proj / down_proj) -> expert -> source tensor
+  std::map<int64_t, std::map<std::string, std::map<int64_t, std::string>>> per_expert;
+  // layer -> {gate_up_proj, down_proj} -> source tensor ([E, 2I, D] and [E, D, I])
+  std::map<int64_t, std::map<std::string, std::string>> fused;
+};
+struct ExpertLayout {
+  std::string family;         // for messages: "[convert FAMILY] ..."
+  int64_t experts = 0;        // E
+  int64_t intermediate = -1;  // I (moe_intermediate_size); -1: taken from the tensors
+  int64_t hidden = -1;        // D (hidden_size); likewise
+  // The MLX name of a layer's stacked projection, e.g. "model.layers.3.mlp.switch_mlp.up_proj.weight".
+  std::function<std::string(int64_t layer, const std::string& proj)> switch_name;
+  // The source name of one expert's projection, for "missing" errors.
+  std::function<std::string(int64_t layer, int64_t expert, const std::string& proj)> source_name;
+};
+// Appends MLX's stacked [E, out, in] switch_mlp tensors of every MoE layer:
+// per-expert tensors stacked in expert order, a fused gate_up split into gate
+// and up, a fused down as it is. Every layer needs all E experts, one form
+// only, and the configured shapes; errors name the tensor and the expectation.
+void plan_switch_experts(const io::WeightStore& ws, const ExpertTensors& experts, const ExpertLayout& layout,
+                         Plan& p);
+// Every layer with a router has expert tensors, and every layer with expert
+// tensors has a router (`router` names it for messages, e.g. "mlp.gate.weight").
+void check_routers_match_experts(const std::set<int64_t>& routers, const ExpertTensors& experts,
+                                 const std::string& family, const std::string& router);
 
 // ---- running a conversion ----
 

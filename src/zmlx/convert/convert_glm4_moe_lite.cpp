@@ -51,8 +51,7 @@ Plan plan_glm4_moe_lite(const PlanInput& in) {
       "mlp.shared_experts.up_proj.weight", "mlp.shared_experts.down_proj.weight"};
 
   Plan p;
-  std::map<int64_t, std::map<std::string, std::map<int64_t, std::string>>> per_expert;  // layer/proj/expert
-  std::map<int64_t, std::map<std::string, std::string>> fused;
+  ExpertTensors experts;
   std::set<int64_t> routers, biases;
   for (const std::string& name : ws.names()) {
     const io::TensorInfo& t = ws.get(name);
@@ -106,7 +105,7 @@ Plan plan_glm4_moe_lite(const PlanInput& in) {
       p.tensors.push_back(std::move(o));
       biases.insert(layer);
     } else if (rest == "mlp.experts.gate_up_proj" || rest == "mlp.experts.down_proj") {
-      fused[layer][rest.substr(12)] = name;
+      experts.fused[layer][rest.substr(12)] = name;
     } else if (rest.starts_with("mlp.experts.")) {
       int64_t e = 0;
       std::string proj;
@@ -114,62 +113,28 @@ Plan plan_glm4_moe_lite(const PlanInput& in) {
         proj = proj.substr(0, proj.size() - 7);
         if (proj == "gate_proj" || proj == "up_proj" || proj == "down_proj") {
           ZMLX_CHECK(e < E, "[convert glm4_moe_lite] '{}' is expert {}, but config.json has {} experts", name, e, E);
-          per_expert[layer][proj][e] = name;
+          experts.per_expert[layer][proj][e] = name;
         }
       }
     }
   }
 
-  auto switch_name = [](int64_t layer, const char* proj) {
+  ExpertLayout layout;
+  layout.family = "glm4_moe_lite";
+  layout.experts = E;
+  layout.intermediate = I;
+  layout.hidden = D;
+  layout.switch_name = [](int64_t layer, const std::string& proj) {
     return fmt::format("model.layers.{}.mlp.switch_mlp.{}.weight", layer, proj);
   };
-  for (auto& [layer, projs] : per_expert) {
-    ZMLX_CHECK(!fused.count(layer), "[convert glm4_moe_lite] layer {} has both per-expert and fused experts", layer);
-    for (const char* proj : {"gate_proj", "up_proj", "down_proj"}) {
-      const bool down = std::string(proj) == "down_proj";
-      const std::vector<int64_t> want = down ? std::vector<int64_t>{D, I} : std::vector<int64_t>{I, D};
-      OutputTensor o{switch_name(layer, proj), {E, want[0], want[1]}, {}, Role::Linear};
-      for (int64_t e = 0; e < E; ++e) {
-        auto pit = projs.find(proj);
-        ZMLX_CHECK(pit != projs.end() && pit->second.count(e),
-                   "[convert glm4_moe_lite] missing 'model.layers.{}.mlp.experts.{}.{}.weight' (layer {} needs all {} "
-                   "experts)", layer, e, proj, layer, E);
-        const io::TensorInfo& t = ws.get(pit->second.at(e));
-        ZMLX_CHECK(t.shape == want, "[convert glm4_moe_lite] '{}': expected [{}, {}], found {}", t.name, want[0],
-                   want[1], t.shape_str());
-        o.pieces.push_back({t.name});
-      }
-      p.tensors.push_back(std::move(o));
-    }
-  }
-  for (auto& [layer, parts] : fused) {
-    ZMLX_CHECK(parts.count("gate_up_proj") && parts.count("down_proj"),
-               "[convert glm4_moe_lite] layer {} has only one of mlp.experts.gate_up_proj / down_proj", layer);
-    const io::TensorInfo& gu = ws.get(parts["gate_up_proj"]);
-    const io::TensorInfo& dw = ws.get(parts["down_proj"]);
-    ZMLX_CHECK(gu.shape == std::vector<int64_t>({E, 2 * I, D}) && dw.shape == std::vector<int64_t>({E, D, I}),
-               "[convert glm4_moe_lite] layer {}: fused experts {} / {}, expected [{}, {}, {}] / [{}, {}, {}]", layer,
-               gu.shape_str(), dw.shape_str(), E, 2 * I, D, E, D, I);
-    OutputTensor gate{switch_name(layer, "gate_proj"), {E, I, D}, {}, Role::Linear};
-    OutputTensor up{switch_name(layer, "up_proj"), {E, I, D}, {}, Role::Linear};
-    for (int64_t e = 0; e < E; ++e) {
-      gate.pieces.push_back({gu.name, e * 2 * I * D, I * D});
-      up.pieces.push_back({gu.name, e * 2 * I * D + I * D, I * D});
-    }
-    p.tensors.push_back(std::move(gate));
-    p.tensors.push_back(std::move(up));
-    p.tensors.push_back({switch_name(layer, "down_proj"), dw.shape, {{dw.name}}, Role::Linear});
-  }
-  for (int64_t layer : routers) {
-    ZMLX_CHECK(per_expert.count(layer) || fused.count(layer),
-               "[convert glm4_moe_lite] layer {} has a router but no expert tensors", layer);
+  layout.source_name = [](int64_t layer, int64_t e, const std::string& proj) {
+    return fmt::format("model.layers.{}.mlp.experts.{}.{}.weight", layer, e, proj);
+  };
+  plan_switch_experts(ws, experts, layout, p);
+  check_routers_match_experts(routers, experts, "glm4_moe_lite", "mlp.gate.weight");
+  for (int64_t layer : routers)
     ZMLX_CHECK(biases.count(layer), "[convert glm4_moe_lite] layer {} has a router but no "
                "'mlp.gate.e_score_correction_bias'", layer);
-  }
-  for (auto& [layer, _] : per_expert)
-    ZMLX_CHECK(routers.count(layer), "[convert glm4_moe_lite] layer {} has experts but no router", layer);
-  for (auto& [layer, _] : fused)
-    ZMLX_CHECK(routers.count(layer), "[convert glm4_moe_lite] layer {} has experts but no router", layer);
   return p;
 }
 

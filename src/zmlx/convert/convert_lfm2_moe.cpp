@@ -50,8 +50,7 @@ Plan plan_lfm2_moe(const PlanInput& in) {
                                                 "self_attn.v_proj.weight", "self_attn.out_proj.weight",
                                                 "conv.in_proj.weight", "conv.out_proj.weight"};
   Plan p;
-  std::map<int64_t, std::map<std::string, std::map<int64_t, std::string>>> per_expert;  // layer/proj/expert
-  std::map<int64_t, std::map<std::string, std::string>> fused;
+  ExpertTensors experts;
   std::set<int64_t> routers;
   for (const std::string& name : ws.names()) {
     const io::TensorInfo& t = ws.get(name);
@@ -96,7 +95,7 @@ Plan plan_lfm2_moe(const PlanInput& in) {
       o.keep_dtype = DType::F32;
       p.tensors.push_back(std::move(o));
     } else if (rest == "feed_forward.experts.gate_up_proj" || rest == "feed_forward.experts.down_proj") {
-      fused[layer][rest.substr(21)] = name;
+      experts.fused[layer][rest.substr(21)] = name;
     } else if (rest.starts_with("feed_forward.experts.")) {
       int64_t e = 0;
       std::string proj;
@@ -104,9 +103,9 @@ Plan plan_lfm2_moe(const PlanInput& in) {
         auto it = kProjNames().find(proj.substr(0, proj.size() - 7));
         if (it != kProjNames().end()) {
           ZMLX_CHECK(e < E, "[convert lfm2_moe] '{}' is expert {}, but config.json has {} experts", name, e, E);
-          ZMLX_CHECK(!per_expert[layer][it->second].count(e), "[convert lfm2_moe] layer {} expert {} has {} twice "
-                     "(w1/w2/w3 and gate/up/down names mixed)", layer, e, it->second);
-          per_expert[layer][it->second][e] = name;
+          ZMLX_CHECK(!experts.per_expert[layer][it->second].count(e), "[convert lfm2_moe] layer {} expert {} has {} "
+                     "twice (w1/w2/w3 and gate/up/down names mixed)", layer, e, it->second);
+          experts.per_expert[layer][it->second][e] = name;
         }
       }
     } else if (rest.starts_with("feed_forward.") && rest.ends_with(".weight")) {
@@ -116,51 +115,20 @@ Plan plan_lfm2_moe(const PlanInput& in) {
     }
   }
 
-  auto switch_name = [](int64_t layer, const std::string& proj) {
+  ExpertLayout layout;
+  layout.family = "lfm2_moe";
+  layout.experts = E;
+  layout.intermediate = I;
+  layout.hidden = D;
+  layout.switch_name = [](int64_t layer, const std::string& proj) {
     return fmt::format("model.layers.{}.feed_forward.switch_mlp.{}.weight", layer, proj);
   };
-  for (auto& [layer, projs] : per_expert) {
-    ZMLX_CHECK(!fused.count(layer), "[convert lfm2_moe] layer {} has both per-expert and fused experts", layer);
-    for (const std::string proj : {"gate_proj", "up_proj", "down_proj"}) {
-      const std::vector<int64_t> want = proj == "down_proj" ? std::vector<int64_t>{D, I} : std::vector<int64_t>{I, D};
-      OutputTensor o{switch_name(layer, proj), {E, want[0], want[1]}, {}, Role::Linear};
-      for (int64_t e = 0; e < E; ++e) {
-        auto pit = projs.find(proj);
-        ZMLX_CHECK(pit != projs.end() && pit->second.count(e),
-                   "[convert lfm2_moe] layer {} expert {}: no {} (w1 = gate, w3 = up, w2 = down)", layer, e, proj);
-        const io::TensorInfo& t = ws.get(pit->second.at(e));
-        ZMLX_CHECK(t.shape == want, "[convert lfm2_moe] '{}': expected [{}, {}], found {}", t.name, want[0], want[1],
-                   t.shape_str());
-        o.pieces.push_back({t.name});
-      }
-      p.tensors.push_back(std::move(o));
-    }
-  }
-  for (auto& [layer, parts] : fused) {
-    ZMLX_CHECK(parts.count("gate_up_proj") && parts.count("down_proj"),
-               "[convert lfm2_moe] layer {} has only one of experts.gate_up_proj / experts.down_proj", layer);
-    const io::TensorInfo& gu = ws.get(parts["gate_up_proj"]);
-    const io::TensorInfo& dw = ws.get(parts["down_proj"]);
-    ZMLX_CHECK(gu.shape == std::vector<int64_t>({E, 2 * I, D}) && dw.shape == std::vector<int64_t>({E, D, I}),
-               "[convert lfm2_moe] layer {}: fused experts {} / {}, expected [{}, {}, {}] / [{}, {}, {}]", layer,
-               gu.shape_str(), dw.shape_str(), E, 2 * I, D, E, D, I);
-    OutputTensor gate{switch_name(layer, "gate_proj"), {E, I, D}, {}, Role::Linear};
-    OutputTensor up{switch_name(layer, "up_proj"), {E, I, D}, {}, Role::Linear};
-    for (int64_t e = 0; e < E; ++e) {
-      gate.pieces.push_back({gu.name, e * 2 * I * D, I * D});
-      up.pieces.push_back({gu.name, e * 2 * I * D + I * D, I * D});
-    }
-    p.tensors.push_back(std::move(gate));
-    p.tensors.push_back(std::move(up));
-    p.tensors.push_back({switch_name(layer, "down_proj"), dw.shape, {{dw.name}}, Role::Linear});
-  }
-  for (int64_t layer : routers)
-    ZMLX_CHECK(per_expert.count(layer) || fused.count(layer), "[convert lfm2_moe] layer {} has a router but no experts",
-               layer);
-  for (auto& [layer, _] : per_expert)
-    ZMLX_CHECK(routers.count(layer), "[convert lfm2_moe] layer {} has experts but no router", layer);
-  for (auto& [layer, _] : fused)
-    ZMLX_CHECK(routers.count(layer), "[convert lfm2_moe] layer {} has experts but no router", layer);
+  layout.source_name = [](int64_t layer, int64_t e, const std::string& proj) {  // w1 = gate, w3 = up, w2 = down
+    const char* w = proj == "gate_proj" ? "w1" : proj == "up_proj" ? "w3" : "w2";
+    return fmt::format("model.layers.{}.feed_forward.experts.{}.{}.weight", layer, e, w);
+  };
+  plan_switch_experts(ws, experts, layout, p);
+  check_routers_match_experts(routers, experts, "lfm2_moe", "feed_forward.gate.weight");
   return p;
 }
 

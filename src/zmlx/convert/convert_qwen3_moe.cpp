@@ -23,15 +23,7 @@ namespace zmlx::convert {
 
 namespace {
 
-constexpr const char* kProjs[] = {"gate_proj", "up_proj", "down_proj"};
-
 OutputTensor same(const io::TensorInfo& t, Role role) { return {t.name, t.shape, {{t.name}}, role}; }
-
-std::string shape_str(const std::vector<int64_t>& s) {
-  io::TensorInfo t;
-  t.shape = s;
-  return t.shape_str();
-}
 
 // Per-layer tensors (key after "model.layers.N.") kept as they are, and the
 // Linears that get quantized: the same in the MoE and the dense family.
@@ -92,9 +84,7 @@ Plan plan_qwen3_moe(const PlanInput& in) {
   const bool tied = config_bool(cfg, "tie_word_embeddings", false);
 
   Plan p;
-  // layer -> proj -> expert -> source name
-  std::map<int64_t, std::map<std::string, std::map<int64_t, std::string>>> per_expert;
-  std::map<int64_t, std::map<std::string, std::string>> fused;  // layer -> {gate_up_proj|down_proj -> name}
+  ExpertTensors experts;
   std::set<int64_t> routers;
 
   for (const std::string& name : ws.names()) {
@@ -109,7 +99,7 @@ Plan plan_qwen3_moe(const PlanInput& in) {
       p.tensors.push_back(same(t, Role::Router));
       routers.insert(layer);
     } else if (rest == "mlp.experts.gate_up_proj" || rest == "mlp.experts.down_proj") {
-      fused[layer][rest.substr(12)] = name;
+      experts.fused[layer][rest.substr(12)] = name;
     } else if (rest.starts_with("mlp.experts.")) {
       int64_t e = 0;
       std::string proj;
@@ -118,84 +108,25 @@ Plan plan_qwen3_moe(const PlanInput& in) {
         if (proj == "gate_proj" || proj == "up_proj" || proj == "down_proj") {
           ZMLX_CHECK(e < n_experts, "[convert qwen3_moe] tensor '{}' is expert {}, but config.json has {} "
                      "experts", name, e, n_experts);
-          per_expert[layer][proj][e] = name;
+          experts.per_expert[layer][proj][e] = name;
         }
       }
     }
   }
 
-  auto switch_name = [](int64_t layer, const char* proj) {
+  ExpertLayout layout;
+  layout.family = "qwen3_moe";
+  layout.experts = n_experts;
+  layout.intermediate = inter;
+  layout.hidden = hidden;
+  layout.switch_name = [](int64_t layer, const std::string& proj) {
     return fmt::format("model.layers.{}.mlp.switch_mlp.{}.weight", layer, proj);
   };
-  auto check_dims = [&](const std::string& name, const std::vector<int64_t>& found, int64_t rows, int64_t cols) {
-    bool ok = found.size() == 2 && (rows < 0 || found[0] == rows) && (cols < 0 || found[1] == cols);
-    ZMLX_CHECK(ok, "[convert qwen3_moe] '{}': expected [{}, {}] (from config.json), found {}", name,
-               rows < 0 ? "?" : std::to_string(rows), cols < 0 ? "?" : std::to_string(cols), shape_str(found));
+  layout.source_name = [](int64_t layer, int64_t e, const std::string& proj) {
+    return fmt::format("model.layers.{}.mlp.experts.{}.{}.weight", layer, e, proj);
   };
-
-  // Per-expert tensors -> stacked [E, out, in].
-  for (auto& [layer, projs] : per_expert) {
-    ZMLX_CHECK(!fused.count(layer), "[convert qwen3_moe] layer {} has both per-expert and fused expert tensors",
-               layer);
-    for (const char* proj : kProjs) {
-      auto pit = projs.find(proj);
-      for (int64_t e = 0; e < n_experts; ++e) {
-        ZMLX_CHECK(pit != projs.end() && pit->second.count(e),
-                   "[convert qwen3_moe] missing tensor 'model.layers.{}.mlp.experts.{}.{}.weight' (layer {} "
-                   "needs all {} experts)", layer, e, proj, layer, n_experts);
-      }
-      const auto& by_e = pit->second;
-      const std::vector<int64_t> shape0 = ws.get(by_e.at(0)).shape;
-      const bool down = std::string(proj) == "down_proj";
-      check_dims(by_e.at(0), shape0, down ? hidden : inter, down ? inter : hidden);
-      OutputTensor o{switch_name(layer, proj), {n_experts, shape0[0], shape0[1]}, {}, Role::Linear};
-      for (int64_t e = 0; e < n_experts; ++e) {
-        const io::TensorInfo& t = ws.get(by_e.at(e));
-        ZMLX_CHECK(t.shape == shape0, "[convert qwen3_moe] '{}' has shape {}, expert 0 has {}", t.name,
-                   t.shape_str(), shape_str(shape0));
-        o.pieces.push_back({t.name});
-      }
-      p.tensors.push_back(std::move(o));
-    }
-  }
-
-  // Fused tensors -> split gate/up, down as is.
-  for (auto& [layer, parts] : fused) {
-    ZMLX_CHECK(parts.count("gate_up_proj") && parts.count("down_proj"),
-               "[convert qwen3_moe] layer {} has only one of mlp.experts.gate_up_proj / mlp.experts.down_proj",
-               layer);
-    const io::TensorInfo& gu = ws.get(parts["gate_up_proj"]);
-    const io::TensorInfo& dn = ws.get(parts["down_proj"]);
-    ZMLX_CHECK(gu.shape.size() == 3 && gu.shape[0] == n_experts && gu.shape[1] % 2 == 0 &&
-                   (inter < 0 || gu.shape[1] == 2 * inter) && (hidden < 0 || gu.shape[2] == hidden),
-               "[convert qwen3_moe] '{}': expected [{}, 2*moe_intermediate_size, hidden_size] = [{}, {}, {}], "
-               "found {}", gu.name, n_experts, n_experts, inter < 0 ? "?" : std::to_string(2 * inter),
-               hidden < 0 ? "?" : std::to_string(hidden), gu.shape_str());
-    const int64_t I = gu.shape[1] / 2, D = gu.shape[2];
-    ZMLX_CHECK(dn.shape == std::vector<int64_t>({n_experts, D, I}),
-               "[convert qwen3_moe] '{}': expected [{}, {}, {}], found {}", dn.name, n_experts, D, I,
-               dn.shape_str());
-    OutputTensor gate{switch_name(layer, "gate_proj"), {n_experts, I, D}, {}, Role::Linear};
-    OutputTensor up{switch_name(layer, "up_proj"), {n_experts, I, D}, {}, Role::Linear};
-    for (int64_t e = 0; e < n_experts; ++e) {
-      gate.pieces.push_back({gu.name, e * 2 * I * D, I * D});
-      up.pieces.push_back({gu.name, e * 2 * I * D + I * D, I * D});
-    }
-    p.tensors.push_back(std::move(gate));
-    p.tensors.push_back(std::move(up));
-    p.tensors.push_back({switch_name(layer, "down_proj"), dn.shape, {{dn.name}}, Role::Linear});
-  }
-
-  // Every MoE layer has a router and experts, and vice versa.
-  for (int64_t layer : routers)
-    ZMLX_CHECK(per_expert.count(layer) || fused.count(layer),
-               "[convert qwen3_moe] layer {} has a router (mlp.gate.weight) but no expert tensors", layer);
-  for (auto& [layer, _] : per_expert)
-    ZMLX_CHECK(routers.count(layer), "[convert qwen3_moe] layer {} has experts but no 'model.layers.{}.mlp.gate.weight'",
-               layer, layer);
-  for (auto& [layer, _] : fused)
-    ZMLX_CHECK(routers.count(layer), "[convert qwen3_moe] layer {} has experts but no 'model.layers.{}.mlp.gate.weight'",
-               layer, layer);
+  plan_switch_experts(ws, experts, layout, p);
+  check_routers_match_experts(routers, experts, "qwen3_moe", "mlp.gate.weight");
   return p;
 }
 
