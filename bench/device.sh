@@ -2,7 +2,8 @@
 # Runs on the GPU machine (see bench/device_bundle.sh): the GPU unit tests,
 # then for each family's `full` synth model (real shapes, random weights):
 # prefill/decode throughput patched and unpatched, and `zmlx validate`.
-# Everything lands in $OUT (results.md + raw logs).
+# $OUT gets results.md and raw.tgz (every raw log and JSON): a device run
+# brings back at most 8 files, so the raw files are packed into one.
 #   STAGES="tests qwen3 lfm2 glm" (default: all)   RUNS=3   GEN=128   PROMPT=512
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +13,10 @@ OUT=${OUT:-/tmp/zmlx-device-out}
 WORK=${WORK:-/tmp/zmlx-models}
 STAGES=${STAGES:-tests qwen3 lfm2 glm}
 RUNS=${RUNS:-3}; GEN=${GEN:-128}; PROMPT=${PROMPT:-512}
+RAW=$(mktemp -d)
 mkdir -p "$OUT" "$WORK"
 R="$OUT/results.md"
+trap 'tar czf "$OUT/raw.tgz" -C "$RAW" . && rm -rf "$RAW"' EXIT
 log() { echo "$*" | tee -a "$R"; }
 
 log "# zmlx device run $(date -u +%FT%TZ)"
@@ -24,24 +27,24 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if has tests; then
   log "## GPU unit tests"
-  timeout 300 "$BIN/zmlx_tests" --gtest_filter='Cuda*' >"$OUT/tests.txt" 2>&1
-  log "exit $? — $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/tests.txt" | tr '\n' ' ')"
-  grep -E 'FAILED|Failure|error' "$OUT/tests.txt" | head -20 | tee -a "$R"
+  timeout 300 "$BIN/zmlx_tests" --gtest_filter='Cuda*' >"$RAW/tests.txt" 2>&1
+  log "exit $? — $(grep -E '^\[  (PASSED|FAILED) ' "$RAW/tests.txt" | tr '\n' ' ')"
+  grep -E 'FAILED|Failure|error' "$RAW/tests.txt" | head -20 | tee -a "$R"
 fi
 
 bench_family() {  # arch name
   local arch=$1 dir="$WORK/$1-full"
   log "## $arch full synth"
-  [[ -f "$dir/config.json" ]] || timeout 300 "$BIN/zmlx" synth --arch "$arch" --preset full --out "$dir" >"$OUT/synth-$arch.txt" 2>&1
-  "$BIN/zmlx" inspect "$dir" --json >"$OUT/inspect-$arch.json" 2>&1
+  [[ -f "$dir/config.json" ]] || timeout 300 "$BIN/zmlx" synth --arch "$arch" --preset full --out "$dir" >"$RAW/synth-$arch.txt" 2>&1
+  "$BIN/zmlx" inspect "$dir" --json >"$RAW/inspect-$arch.json" 2>&1
   for mode in patch no-patch; do
     timeout 400 "$BIN/zmlx" bench "$dir" --backend cuda --$mode --prompt-tokens "$PROMPT" --gen-tokens "$GEN" \
-      --runs "$RUNS" --json >"$OUT/bench-$arch-$mode.json" 2>"$OUT/bench-$arch-$mode.log"
-    log "bench $arch --$mode (exit $?): $(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('prefill %.0f tok/s, decode %.1f tok/s (min %.1f max %.1f), %.2f GB/token, %.0f GB/s' % (j['prefill_tps']['median'], j['decode_tps']['median'], j['decode_tps']['min'], j['decode_tps']['max'], j['bytes_per_token']/1e9, j['decode_gbps']))" "$OUT/bench-$arch-$mode.json" 2>&1 | tail -1)"
+      --runs "$RUNS" --json >"$RAW/bench-$arch-$mode.json" 2>"$RAW/bench-$arch-$mode.log"
+    log "bench $arch --$mode (exit $?): $(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('prefill %.0f tok/s, decode %.1f tok/s (min %.1f max %.1f), %.2f GB/token, %.0f GB/s' % (j['prefill_tps']['median'], j['decode_tps']['median'], j['decode_tps']['min'], j['decode_tps']['max'], j['bytes_per_token']/1e9, j['decode_gbps']))" "$RAW/bench-$arch-$mode.json" 2>&1 | tail -1)"
   done
-  timeout 300 "$BIN/zmlx" validate "$dir" --backend cuda --max-tokens 64 --runs 3 >"$OUT/validate-$arch.txt" 2>&1
+  timeout 300 "$BIN/zmlx" validate "$dir" --backend cuda --max-tokens 64 --runs 3 >"$RAW/validate-$arch.txt" 2>&1
   log "validate $arch (exit $?):"
-  tail -12 "$OUT/validate-$arch.txt" | tee -a "$R"
+  tail -12 "$RAW/validate-$arch.txt" | tee -a "$R"
   [[ "${KEEP_MODELS:-0}" == 1 ]] || rm -rf "$dir"
 }
 has qwen3 && bench_family qwen3_moe
