@@ -72,25 +72,53 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return t.shape_str();
 }
 
+bool collect_expert_tensor(const std::string& name, int64_t layer, const std::string& rest, const ExpertLayout& L,
+                           ExpertTensors& experts) {
+  const std::string pre = L.module + ".experts.";
+  if (!rest.starts_with(pre)) return false;
+  const std::string tail = rest.substr(pre.size());
+  if (tail == "gate_up_proj" || tail == "down_proj") {
+    experts.fused[layer][tail] = name;
+    return true;
+  }
+  int64_t e = 0;
+  std::string proj;
+  if (!split_layer_key(rest, pre, &e, &proj) || !proj.ends_with(".weight")) return false;
+  proj.resize(proj.size() - 7);
+  if (auto it = L.aliases.find(proj); it != L.aliases.end()) proj = it->second;
+  if (proj != "gate_proj" && proj != "up_proj" && proj != "down_proj") return false;
+  ZMLX_CHECK(e < L.experts, "[convert {}] tensor '{}' is expert {}, but config.json has {} experts", L.family, name, e,
+             L.experts);
+  auto& slot = experts.per_expert[layer][proj];
+  ZMLX_CHECK(!slot.count(e), "[convert {}] layer {} expert {} has {} twice ('{}' and '{}')", L.family, layer, e, proj,
+             slot[e], name);
+  slot[e] = name;
+  return true;
+}
+
 void plan_switch_experts(const io::WeightStore& ws, const ExpertTensors& experts, const ExpertLayout& L, Plan& p) {
   const std::string tag = "[convert " + L.family + "]";
   const int64_t E = L.experts;
+  auto switch_name = [&](int64_t layer, const char* proj) {
+    return fmt::format("model.layers.{}.{}.switch_mlp.{}.weight", layer, L.module, proj);
+  };
   auto dim = [](int64_t v) { return v < 0 ? std::string("?") : std::to_string(v); };
   for (const auto& [layer, projs] : experts.per_expert) {
     ZMLX_CHECK(!experts.fused.count(layer), "{} layer {} has both per-expert and fused expert tensors", tag, layer);
-    for (const std::string proj : {"gate_proj", "up_proj", "down_proj"}) {
+    for (const char* proj : {"gate_proj", "up_proj", "down_proj"}) {
       auto pit = projs.find(proj);
       for (int64_t e = 0; e < E; ++e)
-        ZMLX_CHECK(pit != projs.end() && pit->second.count(e), "{} missing tensor '{}' (layer {} needs all {} experts)",
-                   tag, L.source_name(layer, e, proj), layer, E);
+        ZMLX_CHECK(pit != projs.end() && pit->second.count(e),
+                   "{} missing tensor 'model.layers.{}.{}.experts.{}.{}.weight' (layer {} needs all {} experts)", tag,
+                   layer, L.module, e, proj, layer, E);
       const auto& by_expert = pit->second;
-      const bool down = proj == "down_proj";
+      const bool down = std::string_view(proj) == "down_proj";
       const int64_t rows = down ? L.hidden : L.intermediate, cols = down ? L.intermediate : L.hidden;
       const io::TensorInfo& t0 = ws.get(by_expert.at(0));
       ZMLX_CHECK(t0.shape.size() == 2 && (rows < 0 || t0.shape[0] == rows) && (cols < 0 || t0.shape[1] == cols),
                  "{} '{}': expected [{}, {}] (from config.json), found {}", tag, t0.name, dim(rows), dim(cols),
                  t0.shape_str());
-      OutputTensor o{L.switch_name(layer, proj), {E, t0.shape[0], t0.shape[1]}, {}, Role::Linear};
+      OutputTensor o{switch_name(layer, proj), {E, t0.shape[0], t0.shape[1]}, {}, Role::Linear};
       for (int64_t e = 0; e < E; ++e) {
         const io::TensorInfo& t = ws.get(by_expert.at(e));
         ZMLX_CHECK(t.shape == t0.shape, "{} '{}' has shape {}, expert 0 has {}", tag, t.name, t.shape_str(),
@@ -114,20 +142,21 @@ void plan_switch_experts(const io::WeightStore& ws, const ExpertTensors& experts
     const int64_t I = gu.shape[1] / 2, D = gu.shape[2];
     ZMLX_CHECK(dn.shape == std::vector<int64_t>({E, D, I}), "{} '{}': expected [{}, {}, {}], found {}", tag, dn.name,
                E, D, I, dn.shape_str());
-    OutputTensor gate{L.switch_name(layer, "gate_proj"), {E, I, D}, {}, Role::Linear};
-    OutputTensor up{L.switch_name(layer, "up_proj"), {E, I, D}, {}, Role::Linear};
+    OutputTensor gate{switch_name(layer, "gate_proj"), {E, I, D}, {}, Role::Linear};
+    OutputTensor up{switch_name(layer, "up_proj"), {E, I, D}, {}, Role::Linear};
     for (int64_t e = 0; e < E; ++e) {
       gate.pieces.push_back({gu.name, e * 2 * I * D, I * D});
       up.pieces.push_back({gu.name, e * 2 * I * D + I * D, I * D});
     }
     p.tensors.push_back(std::move(gate));
     p.tensors.push_back(std::move(up));
-    p.tensors.push_back({L.switch_name(layer, "down_proj"), dn.shape, {{dn.name}}, Role::Linear});
+    p.tensors.push_back({switch_name(layer, "down_proj"), dn.shape, {{dn.name}}, Role::Linear});
   }
 }
 
 void check_routers_match_experts(const std::set<int64_t>& routers, const ExpertTensors& experts,
-                                 const std::string& family, const std::string& router) {
+                                 const ExpertLayout& layout, const std::string& router) {
+  const std::string& family = layout.family;
   for (int64_t layer : routers)
     ZMLX_CHECK(experts.per_expert.count(layer) || experts.fused.count(layer),
                "[convert {}] layer {} has a router ({}) but no expert tensors", family, layer, router);

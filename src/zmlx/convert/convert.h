@@ -15,7 +15,6 @@
 // reshapes without any per-family numeric code.
 #pragma once
 #include <cstdint>
-#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -111,14 +110,19 @@ struct ExpertTensors {
 };
 struct ExpertLayout {
   std::string family;         // for messages: "[convert FAMILY] ..."
+  std::string module;         // "mlp" or "feed_forward": sources model.layers.N.<module>.experts...,
+                              // outputs model.layers.N.<module>.switch_mlp.<proj>.weight
   int64_t experts = 0;        // E
   int64_t intermediate = -1;  // I (moe_intermediate_size); -1: taken from the tensors
   int64_t hidden = -1;        // D (hidden_size); likewise
-  // The MLX name of a layer's stacked projection, e.g. "model.layers.3.mlp.switch_mlp.up_proj.weight".
-  std::function<std::string(int64_t layer, const std::string& proj)> switch_name;
-  // The source name of one expert's projection, for "missing" errors.
-  std::function<std::string(int64_t layer, int64_t expert, const std::string& proj)> source_name;
+  // Checkpoint names of a projection besides gate_proj / up_proj / down_proj
+  // (LFM2: w1, w3, w2); both spellings are accepted, not mixed.
+  std::map<std::string, std::string> aliases;
 };
+// If `rest` (the key after "model.layers.<layer>.") is an expert tensor of
+// this layout, records it and returns true.
+bool collect_expert_tensor(const std::string& name, int64_t layer, const std::string& rest, const ExpertLayout& layout,
+                           ExpertTensors& experts);
 // Appends MLX's stacked [E, out, in] switch_mlp tensors of every MoE layer:
 // per-expert tensors stacked in expert order, a fused gate_up split into gate
 // and up, a fused down as it is. Every layer needs all E experts, one form
@@ -128,7 +132,7 @@ void plan_switch_experts(const io::WeightStore& ws, const ExpertTensors& experts
 // Every layer with a router has expert tensors, and every layer with expert
 // tensors has a router (`router` names it for messages, e.g. "mlp.gate.weight").
 void check_routers_match_experts(const std::set<int64_t>& routers, const ExpertTensors& experts,
-                                 const std::string& family, const std::string& router);
+                                 const ExpertLayout& layout, const std::string& router);
 
 // ---- running a conversion ----
 

@@ -51,6 +51,12 @@ Plan plan_glm4_moe_lite(const PlanInput& in) {
       "mlp.shared_experts.up_proj.weight", "mlp.shared_experts.down_proj.weight"};
 
   Plan p;
+  ExpertLayout layout;
+  layout.family = "glm4_moe_lite";
+  layout.module = "mlp";
+  layout.experts = E;
+  layout.intermediate = I;
+  layout.hidden = D;
   ExpertTensors experts;
   std::set<int64_t> routers, biases;
   for (const std::string& name : ws.names()) {
@@ -104,34 +110,13 @@ Plan plan_glm4_moe_lite(const PlanInput& in) {
       o.keep_dtype = DType::F32;
       p.tensors.push_back(std::move(o));
       biases.insert(layer);
-    } else if (rest == "mlp.experts.gate_up_proj" || rest == "mlp.experts.down_proj") {
-      experts.fused[layer][rest.substr(12)] = name;
-    } else if (rest.starts_with("mlp.experts.")) {
-      int64_t e = 0;
-      std::string proj;
-      if (split_layer_key(rest, "mlp.experts.", &e, &proj) && proj.ends_with(".weight")) {
-        proj = proj.substr(0, proj.size() - 7);
-        if (proj == "gate_proj" || proj == "up_proj" || proj == "down_proj") {
-          ZMLX_CHECK(e < E, "[convert glm4_moe_lite] '{}' is expert {}, but config.json has {} experts", name, e, E);
-          experts.per_expert[layer][proj][e] = name;
-        }
-      }
+    } else {
+      collect_expert_tensor(name, layer, rest, layout, experts);
     }
   }
 
-  ExpertLayout layout;
-  layout.family = "glm4_moe_lite";
-  layout.experts = E;
-  layout.intermediate = I;
-  layout.hidden = D;
-  layout.switch_name = [](int64_t layer, const std::string& proj) {
-    return fmt::format("model.layers.{}.mlp.switch_mlp.{}.weight", layer, proj);
-  };
-  layout.source_name = [](int64_t layer, int64_t e, const std::string& proj) {
-    return fmt::format("model.layers.{}.mlp.experts.{}.{}.weight", layer, e, proj);
-  };
   plan_switch_experts(ws, experts, layout, p);
-  check_routers_match_experts(routers, experts, "glm4_moe_lite", "mlp.gate.weight");
+  check_routers_match_experts(routers, experts, layout, "mlp.gate.weight");
   for (int64_t layer : routers)
     ZMLX_CHECK(biases.count(layer), "[convert glm4_moe_lite] layer {} has a router but no "
                "'mlp.gate.e_score_correction_bias'", layer);

@@ -50,6 +50,13 @@ Plan plan_lfm2_moe(const PlanInput& in) {
                                                 "self_attn.v_proj.weight", "self_attn.out_proj.weight",
                                                 "conv.in_proj.weight", "conv.out_proj.weight"};
   Plan p;
+  ExpertLayout layout;
+  layout.family = "lfm2_moe";
+  layout.module = "feed_forward";
+  layout.experts = E;
+  layout.intermediate = I;
+  layout.hidden = D;
+  layout.aliases = kProjNames();  // w1/w3/w2 = gate/up/down
   ExpertTensors experts;
   std::set<int64_t> routers;
   for (const std::string& name : ws.names()) {
@@ -94,20 +101,8 @@ Plan plan_lfm2_moe(const PlanInput& in) {
       OutputTensor o = same(t, Role::Keep);
       o.keep_dtype = DType::F32;
       p.tensors.push_back(std::move(o));
-    } else if (rest == "feed_forward.experts.gate_up_proj" || rest == "feed_forward.experts.down_proj") {
-      experts.fused[layer][rest.substr(21)] = name;
-    } else if (rest.starts_with("feed_forward.experts.")) {
-      int64_t e = 0;
-      std::string proj;
-      if (split_layer_key(rest, "feed_forward.experts.", &e, &proj) && proj.ends_with(".weight")) {
-        auto it = kProjNames().find(proj.substr(0, proj.size() - 7));
-        if (it != kProjNames().end()) {
-          ZMLX_CHECK(e < E, "[convert lfm2_moe] '{}' is expert {}, but config.json has {} experts", name, e, E);
-          ZMLX_CHECK(!experts.per_expert[layer][it->second].count(e), "[convert lfm2_moe] layer {} expert {} has {} "
-                     "twice (w1/w2/w3 and gate/up/down names mixed)", layer, e, it->second);
-          experts.per_expert[layer][it->second][e] = name;
-        }
-      }
+    } else if (collect_expert_tensor(name, layer, rest, layout, experts)) {
+      // an expert's projection (stacked below)
     } else if (rest.starts_with("feed_forward.") && rest.ends_with(".weight")) {
       auto it = kProjNames().find(rest.substr(13, rest.size() - 13 - 7));
       if (it != kProjNames().end())  // dense layer: w1/w3/w2 -> gate/up/down
@@ -115,20 +110,8 @@ Plan plan_lfm2_moe(const PlanInput& in) {
     }
   }
 
-  ExpertLayout layout;
-  layout.family = "lfm2_moe";
-  layout.experts = E;
-  layout.intermediate = I;
-  layout.hidden = D;
-  layout.switch_name = [](int64_t layer, const std::string& proj) {
-    return fmt::format("model.layers.{}.feed_forward.switch_mlp.{}.weight", layer, proj);
-  };
-  layout.source_name = [](int64_t layer, int64_t e, const std::string& proj) {  // w1 = gate, w3 = up, w2 = down
-    const char* w = proj == "gate_proj" ? "w1" : proj == "up_proj" ? "w3" : "w2";
-    return fmt::format("model.layers.{}.feed_forward.experts.{}.{}.weight", layer, e, w);
-  };
   plan_switch_experts(ws, experts, layout, p);
-  check_routers_match_experts(routers, experts, "lfm2_moe", "feed_forward.gate.weight");
+  check_routers_match_experts(routers, experts, layout, "feed_forward.gate.weight");
   return p;
 }
 

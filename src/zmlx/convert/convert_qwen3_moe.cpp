@@ -84,6 +84,12 @@ Plan plan_qwen3_moe(const PlanInput& in) {
   const bool tied = config_bool(cfg, "tie_word_embeddings", false);
 
   Plan p;
+  ExpertLayout layout;
+  layout.family = "qwen3_moe";
+  layout.module = "mlp";
+  layout.experts = n_experts;
+  layout.intermediate = inter;
+  layout.hidden = hidden;
   ExpertTensors experts;
   std::set<int64_t> routers;
 
@@ -98,35 +104,13 @@ Plan plan_qwen3_moe(const PlanInput& in) {
                  n_experts, t.shape_str());
       p.tensors.push_back(same(t, Role::Router));
       routers.insert(layer);
-    } else if (rest == "mlp.experts.gate_up_proj" || rest == "mlp.experts.down_proj") {
-      experts.fused[layer][rest.substr(12)] = name;
-    } else if (rest.starts_with("mlp.experts.")) {
-      int64_t e = 0;
-      std::string proj;
-      if (split_layer_key(rest, "mlp.experts.", &e, &proj) && proj.ends_with(".weight")) {
-        proj = proj.substr(0, proj.size() - 7);
-        if (proj == "gate_proj" || proj == "up_proj" || proj == "down_proj") {
-          ZMLX_CHECK(e < n_experts, "[convert qwen3_moe] tensor '{}' is expert {}, but config.json has {} "
-                     "experts", name, e, n_experts);
-          experts.per_expert[layer][proj][e] = name;
-        }
-      }
+    } else {
+      collect_expert_tensor(name, layer, rest, layout, experts);
     }
   }
 
-  ExpertLayout layout;
-  layout.family = "qwen3_moe";
-  layout.experts = n_experts;
-  layout.intermediate = inter;
-  layout.hidden = hidden;
-  layout.switch_name = [](int64_t layer, const std::string& proj) {
-    return fmt::format("model.layers.{}.mlp.switch_mlp.{}.weight", layer, proj);
-  };
-  layout.source_name = [](int64_t layer, int64_t e, const std::string& proj) {
-    return fmt::format("model.layers.{}.mlp.experts.{}.{}.weight", layer, e, proj);
-  };
   plan_switch_experts(ws, experts, layout, p);
-  check_routers_match_experts(routers, experts, "qwen3_moe", "mlp.gate.weight");
+  check_routers_match_experts(routers, experts, layout, "mlp.gate.weight");
   return p;
 }
 
