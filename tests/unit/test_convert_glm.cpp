@@ -14,6 +14,7 @@
 #include <random>
 
 #include "model_test_helpers.h"
+#include "fake_checkpoint.h"
 #include "test_helpers.h"
 #include "zmlx/convert/convert.h"
 #include "zmlx/core/dtype.h"
@@ -29,23 +30,7 @@ using nlohmann::json;
 constexpr int64_t kLayers = 3, kE = 4, kD = 128, kH = 2, kQl = 64, kL = 64, kDn = 64, kDr = 32, kDv = 64, kI = 64,
                   kIn = 128, kV = 256;
 
-struct FakeGlm {
-  std::map<std::string, std::vector<int64_t>> shapes;
-  std::map<std::string, std::vector<float>> values;  // bf16-representable (stored as BF16) or F32
-  std::map<std::string, DType> dtypes;
-
-  void add(const std::string& n, std::vector<int64_t> s, std::mt19937& rng, float sd = 0.05f, float off = 0.f,
-           DType dt = DType::BF16) {
-    int64_t c = 1;
-    for (auto d : s) c *= d;
-    std::normal_distribution<float> nd(off, sd);
-    std::vector<float> v(static_cast<size_t>(c));
-    for (auto& x : v) x = dt == DType::BF16 ? round_bf16(nd(rng)) : nd(rng);
-    shapes[n] = std::move(s);
-    values[n] = std::move(v);
-    dtypes[n] = dt;
-  }
-
+struct FakeGlm : test::FakeCheckpoint {
   static FakeGlm make(uint32_t seed = 9) {
     FakeGlm m;
     std::mt19937 rng(seed);
@@ -105,16 +90,16 @@ struct FakeGlm {
 
   // fused: experts as transformers 5 keeps them in memory (gate_up_proj [E, 2I, D], down_proj [E, D, I]).
   void write(const fs::path& dir, bool fused) const {
-    std::map<std::string, std::vector<float>> out;
-    std::map<std::string, std::vector<int64_t>> out_shapes;
-    std::map<std::string, DType> out_dt;
-    for (auto& [n, v] : values) {
-      if (fused && n.find(".mlp.experts.") != std::string::npos) continue;
-      out[n] = v;
-      out_shapes[n] = shapes.at(n);
-      out_dt[n] = dtypes.at(n);
-    }
-    if (fused)
+    if (!fused) {
+      write_tensors(dir, 300000);
+    } else {
+      FakeCheckpoint out;
+      for (auto& [n, v] : values) {
+        if (n.find(".mlp.experts.") != std::string::npos) continue;
+        out.values[n] = v;
+        out.shapes[n] = shapes.at(n);
+        out.dtypes[n] = dtypes.at(n);
+      }
       for (int64_t l = 1; l <= kLayers; ++l) {
         const std::string p = "model.layers." + std::to_string(l) + ".mlp.experts.";
         std::vector<float> gu, dn;
@@ -127,21 +112,14 @@ struct FakeGlm {
           auto& d = values.at(x + "down_proj.weight");
           dn.insert(dn.end(), d.begin(), d.end());
         }
-        out[p + "gate_up_proj"] = gu;
-        out_shapes[p + "gate_up_proj"] = {kE, 2 * kI, kD};
-        out[p + "down_proj"] = dn;
-        out_shapes[p + "down_proj"] = {kE, kD, kI};
-        out_dt[p + "gate_up_proj"] = out_dt[p + "down_proj"] = DType::BF16;
+        out.values[p + "gate_up_proj"] = gu;
+        out.shapes[p + "gate_up_proj"] = {kE, 2 * kI, kD};
+        out.values[p + "down_proj"] = dn;
+        out.shapes[p + "down_proj"] = {kE, kD, kI};
+        out.dtypes[p + "gate_up_proj"] = out.dtypes[p + "down_proj"] = DType::BF16;
       }
-    std::vector<io::TensorSpec> specs;
-    for (auto& [n, s] : out_shapes) specs.push_back({n, out_dt.at(n), s});
-    io::write_model_weights(dir.string(), specs, [&](const io::TensorSpec& s, uint8_t* dst) {
-      const auto& v = out.at(s.name);
-      for (size_t i = 0; i < v.size(); ++i) {
-        if (s.dtype == DType::F32) std::memcpy(dst + 4 * i, &v[i], 4);
-        else reinterpret_cast<uint16_t*>(dst)[i] = f32_to_bf16_bits(v[i]);
-      }
-    }, 300000, false, {{"format", "pt"}});
+      out.write_tensors(dir, 300000);
+    }
     std::ofstream(dir / "config.json") << config().dump(2);
   }
 };

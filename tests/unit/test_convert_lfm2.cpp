@@ -13,6 +13,7 @@
 #include <random>
 
 #include "model_test_helpers.h"
+#include "fake_checkpoint.h"
 #include "test_helpers.h"
 #include "zmlx/convert/convert.h"
 #include "zmlx/core/dtype.h"
@@ -28,23 +29,7 @@ using nlohmann::json;
 constexpr int64_t kLayers = 4, kE = 4, kD = 128, kI = 64, kIn = 128, kH = 4, kKv = 2, kHd = 32, kV = 256, kLc = 3;
 const std::vector<std::string> kTypes = {"conv", "conv", "full_attention", "conv"};
 
-struct FakeLfm2 {
-  std::map<std::string, std::vector<int64_t>> shapes;
-  std::map<std::string, std::vector<float>> values;
-  std::map<std::string, DType> dtypes;
-
-  void add(const std::string& n, std::vector<int64_t> s, std::mt19937& rng, float sd = 0.05f, float off = 0.f,
-           DType dt = DType::BF16) {
-    int64_t c = 1;
-    for (auto d : s) c *= d;
-    std::normal_distribution<float> nd(off, sd);
-    std::vector<float> v(static_cast<size_t>(c));
-    for (auto& x : v) x = dt == DType::BF16 ? round_bf16(nd(rng)) : nd(rng);
-    shapes[n] = std::move(s);
-    values[n] = std::move(v);
-    dtypes[n] = dt;
-  }
-
+struct FakeLfm2 : test::FakeCheckpoint {
   static FakeLfm2 make(bool fused_names_gate_up = false) {
     FakeLfm2 m;
     std::mt19937 rng(17);
@@ -88,15 +73,7 @@ struct FakeLfm2 {
   }
 
   void write(const fs::path& dir) const {
-    std::vector<io::TensorSpec> specs;
-    for (auto& [n, s] : shapes) specs.push_back({n, dtypes.at(n), s});
-    io::write_model_weights(dir.string(), specs, [&](const io::TensorSpec& s, uint8_t* dst) {
-      const auto& v = values.at(s.name);
-      for (size_t i = 0; i < v.size(); ++i) {
-        if (s.dtype == DType::F32) std::memcpy(dst + 4 * i, &v[i], 4);
-        else reinterpret_cast<uint16_t*>(dst)[i] = f32_to_bf16_bits(v[i]);
-      }
-    }, 400000, false, {{"format", "pt"}});
+    write_tensors(dir, 400000);
     json c = {{"architectures", {"Lfm2MoeForCausalLM"}}, {"model_type", "lfm2_moe"}, {"hidden_size", kD},
               {"num_hidden_layers", kLayers}, {"num_attention_heads", kH}, {"num_key_value_heads", kKv},
               {"num_experts", kE}, {"num_experts_per_tok", 2}, {"moe_intermediate_size", kI},
