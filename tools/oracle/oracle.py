@@ -84,6 +84,20 @@ def st_header(path: str) -> dict:
         return json.loads(f.read(n))
 
 
+def saved_dtypes(d: str) -> dict:
+    """tensor name -> stored dtype, over every safetensors file of checkpoint folder d."""
+    return {k: v["dtype"] for f in safetensors_files(d) for k, v in st_header(f).items() if k != "__metadata__"}
+
+
+def hf_from_pretrained(Model, hf_dir: str, dtype, device):
+    """Model.from_pretrained in eval mode on device, eager attention; `dtype=` (transformers 5) or `torch_dtype=`."""
+    try:
+        m = Model.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager")
+    except TypeError:
+        m = Model.from_pretrained(hf_dir, torch_dtype=dtype, attn_implementation="eager")
+    return m.to(device).eval()
+
+
 def st_read(path: str) -> dict:
     """name -> (dtype string, raw numpy array with the stored bits)."""
     with open(path, "rb") as f:
@@ -602,11 +616,7 @@ class HF:
 
     def load(self, hf_dir: str, dtype):
         torch = self.torch
-        try:
-            m = self.Model.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager")
-        except TypeError:
-            m = self.Model.from_pretrained(hf_dir, torch_dtype=dtype, attn_implementation="eager")
-        m = m.to(self.device).eval()
+        m = hf_from_pretrained(self.Model, hf_dir, dtype, self.device)
         notes = []
         if self.args.hf_experts != "default":
             try:

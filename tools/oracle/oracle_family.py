@@ -53,8 +53,9 @@ import traceback
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import (aggregate, bf16_bits_to_f32, bf16_round, compare, f32_to_bf16_bits, load_mlx,  # noqa: E402
-                    mismatch_details, run, safetensors_files, st_read, st_write, tie_stats, zmlx_logits)
+from oracle import (aggregate, bf16_bits_to_f32, bf16_round, compare, f32_to_bf16_bits,  # noqa: E402
+                    hf_from_pretrained, load_mlx, mismatch_details, run, safetensors_files, saved_dtypes, st_read,
+                    st_write, tie_stats, zmlx_logits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,13 +201,7 @@ class HF:
         sd = model.state_dict()
         orig = {k: v.float().cpu().numpy() for k, v in sd.items()}
         shapes = {k: list(v.shape) for k, v in sd.items()}
-        saved = {}
-        for fpath in safetensors_files(hf_dir):
-            with open(fpath, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                for k, v in json.loads(fh.read(n)).items():
-                    if k != "__metadata__":
-                        saved[k] = v["dtype"]
+        saved = saved_dtypes(hf_dir)
         self.results["hf_checkpoint"] = {
             "files": sorted(os.listdir(hf_dir)), "config": json.load(open(os.path.join(hf_dir, "config.json"))),
             "saved_tensors": len(saved), "saved_dtypes": sorted(set(saved.values())),
@@ -217,12 +212,7 @@ class HF:
         return orig, shapes
 
     def load(self, hf_dir: str, dtype):
-        torch = self.torch
-        try:
-            m = self.Model.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager")
-        except TypeError:
-            m = self.Model.from_pretrained(hf_dir, torch_dtype=dtype, attn_implementation="eager")
-        m = m.to(self.device).eval()
+        m = hf_from_pretrained(self.Model, hf_dir, dtype, self.device)
         with contextlib.suppress(Exception):
             if hasattr(m, "set_experts_implementation"):
                 m.set_experts_implementation("eager")

@@ -63,9 +63,9 @@ import traceback
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import (aggregate, bf16_round, compare, f32_to_bf16_bits, load_mlx, mismatch_details,  # noqa: E402
-                    mlx_to_hf, mutated_copy, run, safetensors_files, set_ones, st_write,
-                    swap_experts_0_1, tie_stats, zmlx_logits)
+from oracle import (aggregate, bf16_round, compare, f32_to_bf16_bits, hf_from_pretrained,  # noqa: E402
+                    load_mlx, mismatch_details, mlx_to_hf, mutated_copy, run, saved_dtypes,
+                    set_ones, st_write, swap_experts_0_1, tie_stats, zmlx_logits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,13 +243,7 @@ class HF:
         sd = model.state_dict()
         orig = {k: v.float().cpu().numpy() for k, v in sd.items()}
         shapes = {k: list(v.shape) for k, v in sd.items()}
-        saved = {}
-        for fpath in safetensors_files(hf_dir):
-            with open(fpath, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                for k, v in json.loads(fh.read(n)).items():
-                    if k != "__metadata__":
-                        saved[k] = v["dtype"]
+        saved = saved_dtypes(hf_dir)
         self.results["hf_checkpoint"] = {
             "files": sorted(os.listdir(hf_dir)), "config": json.load(open(os.path.join(hf_dir, "config.json"))),
             "saved_tensors": len(saved), "saved_dtypes": sorted(set(saved.values())),
@@ -259,11 +253,7 @@ class HF:
 
     def load(self, hf_dir: str, dtype, mlx_aligned: bool):
         torch = self.torch
-        try:
-            m = self.Model.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager")
-        except TypeError:
-            m = self.Model.from_pretrained(hf_dir, torch_dtype=dtype, attn_implementation="eager")
-        m = m.to(self.device).eval()
+        m = hf_from_pretrained(self.Model, hf_dir, dtype, self.device)
         with contextlib.suppress(Exception):
             if hasattr(m, "set_experts_implementation"):
                 m.set_experts_implementation("eager")
