@@ -443,7 +443,7 @@ def main(fam: Family) -> int:
                                 f"over {agg['positions']} positions (vs {main})")
             results["comparisons"][v] = comp
             for k, arrs in list(refs.items()) + [("zmlx", z["one"])]:
-                npz[f"{v}_{k}"] = np.stack(arrs[:4]).astype(np.float32)
+                npz[f"{v}_{k}"] = np.stack(arrs[:min(4, n)]).astype(np.float32)
             if long_prompt is not None:
                 npz[f"{v}_long_{main}"] = refs[main][n].astype(np.float32)
                 npz[f"{v}_long_zmlx"] = z["one"][n].astype(np.float32)
