@@ -37,11 +37,9 @@ uint64_t step_key(Model& model, const Cache& cache) {
 Tensor decode_forward(Model& model, Backend& be, int32_t token, Cache& cache) {
   const int64_t pos = cache.pos;
   check_token(model, token);
-  const uint64_t key = step_key(model, cache);
-  if (key == 0) return model.forward(be, {token}, cache);
   // The step resets the position itself, so a backend may run it again (e.g.
-  // eagerly after a failed recording).
-  Tensor out = be.decode_step(key, token, pos, [&] {
+  // eagerly after a failed recording). Key 0: not to be recorded.
+  Tensor out = be.decode_step(step_key(model, cache), token, pos, [&] {
     cache.pos = pos;
     return model.forward(be, {token}, cache);
   });

@@ -196,16 +196,16 @@ class Backend {
   // returns its logits. A backend may record the step once (CUDA graph) and
   // replay the recording for later steps with the same `key` — the caller's
   // promise that the model, its modules and the cache buffers are unchanged
-  // (see gen/decode_step.h). The logits of a replay stay valid until the
-  // next step. Default: run eagerly.
+  // (see gen/decode_step.h); key 0 means "run eagerly, do not record". The
+  // logits of a replay stay valid until the next step. Default: run eagerly.
   virtual Tensor decode_step(uint64_t key, int32_t token, int64_t pos, const std::function<Tensor()>& step) {
     (void)key, (void)token, (void)pos;
     return step();
   }
 
   // Chained greedy decoding, so the device never waits for the host between
-  // steps: enqueues the step at position `pos` (as decode_step; key 0 means
-  // "do not record") followed by its argmax. Its input token is `token`, or,
+  // steps: enqueues the step at position `pos` (as decode_step, key 0 too)
+  // followed by its argmax. Its input token is `token`, or,
   // when `token` < 0, the token the previous chained step (at pos - 1) chose
   // on the device. `step(t)` runs the model on {t}; a recording backend
   // reads the token from the device instead, and may pass any valid id. May
