@@ -3,7 +3,8 @@
 
 What it does (default mode, needs torch + transformers, a GPU if there is one):
   1. builds a small random-init Qwen3MoeForCausalLM (fixed seed; re-initialised: matrices N(0, 0.02),
-     embedding N(0, 0.3), lm_head N(0, 0.1) so the logits are not flat (std ~1.6), norm weights 1 + N(0, 0.1)),
+     embedding N(0, 0.3), lm_head N(0, 0.1) so the logits are not flat, with half its rows scaled by
+     exp(|z|) (HEAD_ROW_SPREAD: so that the argmax is not a near-tie), norm weights 1 + N(0, 0.1)),
      casts it to bf16 and save_pretrained()s it (safetensors);
   2. converts it with the zmlx binary twice: --dtype bf16 and --bits 4 --group-size 64;
   3. reads the converted MLX safetensors back (U32 LSB-first packed weights, bf16 scales/biases,
@@ -28,7 +29,9 @@ Bars (both the bf16 and the 4-bit conversion, zmlx one pass against transformers
     checks still run, and the bar fails).
 
 --selftest: no torch needed; the checkpoint is written by NumPy in the Hugging Face per-expert layout and
-the float64 NumPy forward is the reference. Used to develop the tool on a machine without a GPU.
+the NumPy forward with bf16 rounding at MLX's points (np_bf16) is the reference, as in the other oracles'
+self-tests (before 2026-11-26 12:00 it was the float64 one, np_f64, which counts bf16 rounding itself as error).
+Used to develop the tool on a machine without a GPU.
 
 Usage:
   python3 tools/oracle/oracle.py --zmlx build/zmlx --out /tmp/oracle_out
@@ -366,8 +369,9 @@ def mismatch_details(z: np.ndarray, ref: np.ndarray, others: dict, prompt: int) 
 
 def tie_stats(zs: list, refs: list) -> dict:
     """How many positions are argmax near-ties at bf16 resolution (the logits of both sides are bf16 values):
-    exact ties and top-2 gaps of at most 2 bf16 ulps of the top logit, in the reference and in zmlx; and the
-    argmax agreement on the positions that are not near-ties in the reference (informational, not a bar)."""
+    exact ties and top-2 gaps of at most 2 bf16 ulps of the top logit, in the reference and in zmlx; how varied
+    the reference's argmax is (distinct token ids, share of the most common one); and the argmax agreement on
+    the positions that are not near-ties in the reference (informational, not a bar)."""
     z = np.concatenate(zs).astype(np.float64)
     r = np.concatenate(refs).astype(np.float64)
 
@@ -381,11 +385,24 @@ def tie_stats(zs: list, refs: list) -> dict:
     gz, _ = gaps(z)
     clear = gr > 2 * ur
     agree = z.argmax(-1) == r.argmax(-1)
+    am = r.argmax(-1)
     return {"positions": int(r.shape[0]), "ref_exact_ties": int((gr == 0).sum()),
-            "ref_gap_le_2ulp": int((~clear).sum()), "zmlx_exact_ties": int((gz == 0).sum()),
+            "ref_gap_le_2ulp": int((~clear).sum()), "ref_near_tie_fraction": float((~clear).mean()),
+            "ref_argmax_distinct_ids": int(np.unique(am).size),
+            "ref_argmax_most_common_share": float(np.bincount(am).max() / am.size),
+            "zmlx_exact_ties": int((gz == 0).sum()),
             "mismatches_at_ref_near_ties": int((~agree & ~clear).sum()),
             "mismatches_elsewhere": int((~agree & clear).sum()),
             "argmax_agree_excluding_ref_near_ties": float(agree[clear].mean()) if clear.any() else None}
+
+
+def layers_zeroed_rel_l2(forward, W: dict, ids: list, ref: np.ndarray) -> float:
+    """How much the attention / conv / MoE / MLP layers contribute to the logits: the float64 forward with every
+    output projection (o_proj, out_proj, down_proj) zeroed, against the intact one (rel L2). Informational: a test
+    model whose logits the layers hardly move would check little beyond the embedding and the head."""
+    W0 = {k: (np.zeros_like(v) if any(t in k for t in ("o_proj.", "out_proj.", "down_proj.")) else v)
+          for k, v in W.items()}
+    return compare(forward(W0, ids), ref)["rel_l2"]
 
 
 def aggregate(zs: list, refs: list) -> dict:
@@ -398,24 +415,183 @@ def aggregate(zs: list, refs: list) -> dict:
 # zmlx
 
 
-def run(cmd: list, log: list, check=True) -> subprocess.CompletedProcess:
+# Limits of every command run(): a call still running after RUN_LIMITS["slow"] seconds is reported (with a
+# snapshot of its threads, see proc_snapshot) and one still running after RUN_LIMITS["timeout"] seconds is
+# killed and raises, so that a hung or very slow zmlx shows up in the log with the command that hung instead of
+# an oracle stopped from outside with nothing printed. Set from --zmlx-timeout / --zmlx-slow (set_run_limits).
+RUN_LIMITS = {"slow": 20.0, "timeout": 180.0}
+# OpenMP threads of every zmlx command (OMP_NUM_THREADS in its environment; None: inherited). The test models
+# are tiny, so more threads buy nothing, while an OpenMP team as large as the machine is very sensitive to any
+# other load on it: on the 2-core dev machine a 0.15 s `zmlx logits` took 1.4-2 s next to two CPU-bound
+# processes and up to 15 s during a C++ build. zmlx's CPU logits are bit-identical for 1, 3, 4 and 16 threads
+# (checked on the LFM2 test model, bf16 and 4-bit, one pass / --chunk 128 / --chunk 1).
+ZMLX_THREADS = {"n": None}
+
+
+def set_run_limits(slow: float | None = None, timeout: float | None = None, threads: int | None = None) -> None:
+    if slow is not None:
+        RUN_LIMITS["slow"] = float(slow)
+    if timeout is not None:
+        RUN_LIMITS["timeout"] = float(timeout)
+    if threads is not None:
+        ZMLX_THREADS["n"] = (min(4, os.cpu_count() or 1) if threads < 0 else threads) or None
+
+
+def _short(cmd: list) -> str:
+    c = " ".join(cmd)
+    return c if len(c) < 400 else c[:300] + " ... " + c[-90:]
+
+
+def proc_snapshot(pid: int) -> dict:
+    """What a running process is doing, from /proc (no gdb/strace on the GPU machine): its state, thread
+    count, CPU seconds, RSS, allowed CPUs, and per thread state / CPU ticks / wait channel. Spinning
+    threads show as R with growing ticks; a thread blocked in a futex or a read shows as S with its wchan."""
+    snap: dict = {"pid": pid}
+    try:
+        st = dict(l.split(":", 1) for l in open(f"/proc/{pid}/status") if ":" in l)
+        for k in ("State", "Threads", "VmRSS", "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches",
+                  "Cpus_allowed_list"):
+            if k in st:
+                snap[k] = st[k].strip()
+        tasks = []
+        for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int)[:64]:
+            with contextlib.suppress(OSError):
+                f = open(f"/proc/{pid}/task/{tid}/stat").read()
+                rest = f[f.rindex(")") + 2:].split()
+                wchan = ""
+                with contextlib.suppress(OSError):
+                    wchan = open(f"/proc/{pid}/task/{tid}/wchan").read().strip()
+                tasks.append(f"{tid}:{rest[0]}:{int(rest[11]) + int(rest[12])}t:{wchan or '-'}")
+        snap["tasks"] = tasks
+    except OSError as e:
+        snap["error"] = str(e)
+    return snap
+
+
+def runtime_env() -> dict:
+    """Facts that decide how fast the zmlx CPU runs can be: CPUs seen and allowed, load, thread-related
+    environment variables, and the threads of this Python process (torch / OpenBLAS pools that might spin)."""
+    env = {"cpu_count": os.cpu_count(), "loadavg": None,
+           "vars": {k: v for k, v in os.environ.items()
+                    if re.match(r"^(OMP_|GOMP_|KMP_|MKL_|OPENBLAS_|LD_LIBRARY_PATH$|CUDA_VISIBLE|PYTORCH_)", k)}}
+    with contextlib.suppress(Exception):
+        env["affinity"] = len(os.sched_getaffinity(0))
+    with contextlib.suppress(Exception):
+        env["loadavg"] = open("/proc/loadavg").read().split()[:3]
+    with contextlib.suppress(Exception):
+        states = [open(f"/proc/self/task/{t}/stat").read().rsplit(")", 1)[1].split()[0]
+                  for t in os.listdir("/proc/self/task")]
+        env["python_threads"] = {"n": len(states), "running": states.count("R")}
+    if "torch" in sys.modules:
+        with contextlib.suppress(Exception):
+            env["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return env
+
+
+def run(cmd: list, log: list, check=True, timeout: float | None = None, threads: int | None = None
+        ) -> subprocess.CompletedProcess:
+    """Runs cmd (stdin from /dev/null, output captured) under RUN_LIMITS (or `timeout`), with OMP_NUM_THREADS
+    = threads (or ZMLX_THREADS) in its environment; see above."""
     t0 = time.time()
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log.append({"cmd": " ".join(cmd) if len(" ".join(cmd)) < 400 else " ".join(cmd)[:400] + " ...",
-                "rc": p.returncode, "s": round(time.time() - t0, 3),
-                "stdout": p.stdout[-2000:], "stderr": p.stderr[-2000:]})
+    limit = RUN_LIMITS["timeout"] if timeout is None else timeout
+    slow = RUN_LIMITS["slow"]
+    entry = {"cmd": _short(cmd)}
+    env = None
+    nt = threads if threads is not None else ZMLX_THREADS["n"]
+    if nt:
+        env = dict(os.environ, OMP_NUM_THREADS=str(nt))
+        entry["omp_threads"] = nt
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                         env=env)
+    try:
+        try:
+            out, err = p.communicate(timeout=slow if slow and (not limit or slow < limit) else limit or None)
+        except subprocess.TimeoutExpired:
+            if not (slow and (not limit or slow < limit)):
+                raise
+            snap = proc_snapshot(p.pid)
+            entry["slow_snapshot"] = {"after_s": round(time.time() - t0, 1), "zmlx": snap, "env": runtime_env()}
+            print(f"[run] still running after {time.time() - t0:.0f} s: {_short(cmd)[:200]}\n      {json.dumps(snap)[:900]}"
+                  f"\n      parent: {json.dumps(entry['slow_snapshot']['env'])[:400]}", flush=True)
+            out, err = p.communicate(timeout=(limit - (time.time() - t0)) if limit else None)
+    except subprocess.TimeoutExpired:
+        snap = proc_snapshot(p.pid)
+        p.kill()
+        out, err = p.communicate()
+        entry.update(rc="timeout", s=round(time.time() - t0, 3), stdout=(out or "")[-2000:],
+                     stderr=(err or "")[-2000:], timeout_snapshot=snap)
+        log.append(entry)
+        print(f"[run] KILLED after {time.time() - t0:.0f} s (limit {limit:g} s): {_short(cmd)[:200]}\n"
+              f"      {json.dumps(snap)[:1500]}", flush=True)
+        raise RuntimeError(f"command still running after {limit:g} s, killed: {_short(cmd)[:300]}; "
+                           f"threads: {json.dumps(snap)[:600]}")
+    cp = subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    entry.update(rc=p.returncode, s=round(time.time() - t0, 3), stdout=out[-2000:], stderr=err[-2000:])
+    log.append(entry)
     if check and p.returncode != 0:
-        raise RuntimeError(f"command failed ({p.returncode}): {' '.join(cmd)[:300]}\n{p.stdout[-2000:]}\n"
-                           f"{p.stderr[-3000:]}")
-    return p
+        raise RuntimeError(f"command failed ({p.returncode}): {' '.join(cmd)[:300]}\n{out[-2000:]}\n"
+                           f"{err[-3000:]}")
+    return cp
 
 
-def zmlx_logits(zmlx: str, model: str, ids: list, out_npy: str, chunk: int, log: list, backend="cpu"):
+def zmlx_time_summary(log: list) -> dict:
+    """Seconds spent in zmlx commands, by kind (convert, logits one pass / chunked / --chunk 1)."""
+    out: dict = {}
+    for e in log:
+        c = e["cmd"].split()
+        kind = c[1] if len(c) > 1 else "?"
+        if "probe_t" in e["cmd"]:
+            kind = "thread probe"
+        elif kind == "logits":
+            kind += " --chunk 1" if c[-2:] == ["--chunk", "1"] else (" chunked" if "--chunk" in c else " one pass")
+        s = e.get("s", 0.0)
+        k = out.setdefault(kind, {"n": 0, "s": 0.0, "max_s": 0.0})
+        k["n"] += 1
+        k["s"] = round(k["s"] + s, 2)
+        k["max_s"] = max(k["max_s"], s)
+    return out
+
+
+def thread_probe(zmlx: str, model: str, ids: list, work: str, log: list) -> dict:
+    """Times one `zmlx logits --chunk 1` (every token a decode step: the most OpenMP fork/joins per second of
+    work) with OMP_NUM_THREADS = all CPUs, 4 and 1, where the zmlx runs will happen (after the references, so
+    whatever transformers / torch / NumPy left running in this process is there too). Informational: it shows
+    whether the zmlx team size matters on this machine; each probe is cut off after 30 s."""
+    out = {}
+    for nt in sorted({os.cpu_count() or 1, 4, 1}, reverse=True):
+        t = time.time()
+        try:
+            zmlx_logits(zmlx, model, ids, os.path.join(work, f"probe_t{nt}.npy"), 1, log, threads=nt, timeout=30)
+            out[str(nt)] = round(time.time() - t, 3)
+        except Exception as e:  # noqa: BLE001
+            out[str(nt)] = f"{type(e).__name__} after {time.time() - t:.0f} s"
+    return out
+
+
+def add_run_limit_args(ap) -> None:
+    ap.add_argument("--zmlx-threads", type=int, default=-1,
+                    help="OMP_NUM_THREADS of the zmlx commands: -1 = min(4, CPUs) (default), 0 = inherit")
+    ap.add_argument("--zmlx-slow", type=float, default=RUN_LIMITS["slow"],
+                    help="report (with a thread snapshot) a zmlx command still running after this many seconds")
+    ap.add_argument("--zmlx-timeout", type=float, default=RUN_LIMITS["timeout"],
+                    help="kill a zmlx command still running after this many seconds (the oracle then fails "
+                         "with the command and its threads' state; 0 = no limit)")
+
+
+def progress(tag: str, v: str, i: int, n: int, t1: float, t0: float, log: list) -> None:
+    """One line per prompt during the zmlx runs: a log cut off by a time limit shows how far it came."""
+    last = [e.get("s", 0.0) for e in log[-3:]]
+    print(f"[{tag}] {v}: zmlx prompt {i + 1}/{n} done in {time.time() - t1:.2f}s (one pass / chunked / chunk 1: "
+          f"{' / '.join(f'{x:.2f}' for x in last)}; {time.time() - t0:.1f}s total)", flush=True)
+
+
+def zmlx_logits(zmlx: str, model: str, ids: list, out_npy: str, chunk: int, log: list, backend="cpu",
+                threads: int | None = None, timeout: float | None = None):
     cmd = [zmlx, "logits", model, "--ids", ",".join(str(i) for i in ids), "--out", out_npy,
            "--backend", backend]
     if chunk:
         cmd += ["--chunk", str(chunk)]
-    run(cmd, log)
+    run(cmd, log, threads=threads, timeout=timeout)
     a = np.load(out_npy)
     assert a.shape == (len(ids), a.shape[1]) and a.dtype == np.float32, (a.shape, a.dtype)
     return a
@@ -528,6 +704,43 @@ def model_config(args) -> dict:
                 initializer_range=args.init_std)
 
 
+# The output head of the four oracles' random models (docs/conformance.md, "The output head of the test
+# models"). With plain Gaussian rows the logits at a position are i.i.d. Gaussian over the vocabulary, and at
+# 10-18 % of positions the top two are within 2 bf16 steps of each other, where any change of rounding order
+# (transformers bf16 against its own fp32 too) flips the argmax. The rows of the head (the untied lm_head, or the
+# embedding where the head is tied to it) therefore get norms with a heavy upper tail: a random half of the
+# rows keeps the base norm, the other half is scaled by exp(spread * z), z > 0 half-normal. The top logit then
+# usually comes from a row well above the rest (near-ties 3-5 %), and no row is smaller than before, so a tied
+# embedding never leaves a token's residual stream to the random layers alone (scaled down, they make the
+# network chaotic: with two-sided log-normal norms bf16 noise reached 1.4e-2 on the LFM2 model).
+HEAD_ROW_SPREAD = 1.0
+
+
+def head_row_scale(rows: int, spread: float, seed: int) -> np.ndarray:
+    """[rows, 1] factors exp(spread * max(z, 0)), z ~ N(0, 1) from a generator of their own (seeded from the
+    model seed, so every other weight keeps the value it has without them)."""
+    z = np.random.default_rng([int(seed), 0x4EAD]).standard_normal((rows, 1))
+    return np.exp(spread * np.maximum(z, 0.0))
+
+
+def scale_head_rows(v, spread: float, seed: int):
+    """v (NumPy array or torch tensor, [V, D]) with its rows scaled by head_row_scale."""
+    if not spread:
+        return v
+    f = head_row_scale(int(v.shape[0]), spread, seed)
+    if isinstance(v, np.ndarray):
+        return v * f
+    import torch
+    return v * torch.from_numpy(f).to(v.dtype)
+
+
+def add_head_arg(ap) -> None:
+    ap.add_argument("--head-row-spread", type=float, default=HEAD_ROW_SPREAD,
+                    help="spread of the output head's row norms (untied lm_head, or the tied embedding): half "
+                         "the rows scaled by exp(spread * |z|); 0 = plain Gaussian rows (the init before "
+                         "2026-11-26 12:00)")
+
+
 def init_value(name: str, shape: tuple, rng_normal, args):
     """Weights of the random model: norms 1 + jitter (so a '1 + w' or an ignored norm weight shows), the
     embedding N(0, embed_std), lm_head N(0, lm_head_std) (logits not flat: std ~ lm_head_std * sqrt(hidden)),
@@ -538,9 +751,8 @@ def init_value(name: str, shape: tuple, rng_normal, args):
         return 1.0 + args.norm_jitter * rng_normal(shape)
     if "embed_tokens" in name:
         return args.embed_std * rng_normal(shape)
-    if "lm_head" in name:  # rows of log-normal norm: a few tokens stand out, as in a trained model
-        return args.lm_head_std * rng_normal(shape) * (2.718281828459045 ** (args.lm_head_row_spread *
-                                                                            rng_normal((shape[0], 1))))
+    if "lm_head" in name:  # rows with heavy-tailed norms (HEAD_ROW_SPREAD)
+        return scale_head_rows(args.lm_head_std * rng_normal(shape), args.head_row_spread, args.seed)
     return args.init_std * rng_normal(shape)
 
 
@@ -748,11 +960,13 @@ def main() -> int:
     ap.add_argument("--init-std", type=float, default=0.02, help="std of the attention/router/expert matrices")
     ap.add_argument("--embed-std", type=float, default=0.3)
     ap.add_argument("--lm-head-std", type=float, default=0.1)
-    ap.add_argument("--lm-head-row-spread", type=float, default=0.0, help="sigma of log row norm of lm_head")
+    add_head_arg(ap)
     ap.add_argument("--norm-jitter", type=float, default=0.1)
     ap.add_argument("--rel-l2-bar", type=float, default=1e-2)
     ap.add_argument("--argmax-bar", type=float, default=0.99)
+    add_run_limit_args(ap)
     args = ap.parse_args()
+    set_run_limits(args.zmlx_slow, args.zmlx_timeout, args.zmlx_threads)
     if args.chunk < 2:
         ap.error("--chunk must be >= 2 (chunks of 1 token are always run, as the decode path)")
 
@@ -771,7 +985,7 @@ def main() -> int:
                 "cpus": os.cpu_count(), "zmlx": ""},
         "model_config": model_config(args) | {"rope_theta": args.rope_theta, "embed_std": args.embed_std,
                                               "lm_head_std": args.lm_head_std,
-                                              "lm_head_row_spread": args.lm_head_row_spread,
+                                              "head_row_spread": args.head_row_spread,
                                               "norm_jitter": args.norm_jitter, "seed": args.seed},
         "bars": {"rel_l2_max_per_prompt": args.rel_l2_bar, "argmax_agree_min_over_all_positions":
                  args.argmax_bar, "chunked_equals_one_pass": "exact"},
@@ -781,15 +995,19 @@ def main() -> int:
     npz, main_refs = {}, {}
     try:
         results["env"]["zmlx"] = run([zmlx, "--version"], log).stdout.strip()
+        results["env"]["zmlx_omp_threads"] = ZMLX_THREADS["n"] or "inherited"
         import hashlib
         results["env"]["zmlx_sha256"] = hashlib.sha256(open(zmlx, "rb").read()).hexdigest()
         hf_dir = os.path.join(work, "hf")
         hf = None
+        results["env"]["runtime_start"] = runtime_env()
+        print(f"[oracle] start: {json.dumps(results['env']['runtime_start'])}", flush=True)
         if args.selftest:
             orig, hf_shapes = write_numpy_checkpoint(args, hf_dir)
         else:
             hf = HF(args, work, results)
             orig, hf_shapes = hf.build_and_save(hf_dir)
+            results["env"]["runtime_after_torch"] = runtime_env()
         print(f"[oracle] checkpoint written to {hf_dir} ({len(hf_shapes)} tensors in memory)", flush=True)
 
         dirs = {"bf16": os.path.join(work, "mlx_bf16"), "q4": os.path.join(work, "mlx_q4")}
@@ -840,6 +1058,9 @@ def main() -> int:
             refs = {}
             refs["np_f64"] = [np_forward(mlx, mlx_cfg, ids) for ids in prompts]
             refs["np_bf16"] = [np_forward(mlx, mlx_cfg, ids, bf16=True) for ids in prompts]
+            if v == "bf16":
+                results["checks"]["layers_zeroed_rel_l2_prompt0"] = layers_zeroed_rel_l2(
+                    lambda W, ids: np_forward(W, mlx_cfg, ids), mlx, prompts[0], refs["np_f64"][0])
             if hf is not None:
                 m16, n16 = hf.load(hf_dir, hf.torch.bfloat16)
                 refs["hf_bf16"], _ = hf.logits(m16, hfw, hf.torch.bfloat16, prompts)
@@ -856,13 +1077,21 @@ def main() -> int:
                 for note in n16 + n32:
                     if note.startswith("MISMATCH"):
                         failures.append(f"transformers model: {note}")
-            main_ref = "hf_bf16" if hf is not None else "np_f64"
+            main_ref = "hf_bf16" if hf is not None else "np_bf16"
+            print(f"[oracle] {v}: references done ({time.time() - t_start:.1f}s); zmlx runs with OMP_NUM_THREADS "
+                  f"{ZMLX_THREADS['n'] or 'inherited'}, env {json.dumps(runtime_env())}", flush=True)
+            if v == "bf16":
+                results["env"]["zmlx_thread_probe_s"] = thread_probe(zmlx, d, prompts[0], work, log)
+                print(f"[oracle] thread probe (zmlx logits --chunk 1, seconds by OMP_NUM_THREADS): "
+                      f"{results['env']['zmlx_thread_probe_s']}", flush=True)
             z = {"one_pass": [], f"chunk{args.chunk}": [], "chunk1": []}
             for i, ids in enumerate(prompts):
+                t1 = time.time()
                 z["one_pass"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}.npy"), 0, log))
                 z[f"chunk{args.chunk}"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}_c.npy"),
                                                            args.chunk, log))
                 z["chunk1"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}_c1.npy"), 1, log))
+                progress("oracle", v, i, len(prompts), t1, t_start, log)
             comp = {"reference": main_ref, "per_prompt": [], "aggregate": {}, "argmax_mismatches": []}
             for i in range(len(prompts)):
                 row = {"prompt": i}
@@ -897,6 +1126,7 @@ def main() -> int:
                 comp["aggregate"]["hf_bf16_router_bf16_vs_hf_bf16"] = aggregate(refs["hf_bf16_router_bf16"],
                                                                                 refs["hf_bf16"])
             comp["aggregate"]["zmlx_chunk1_vs_" + main_ref] = aggregate(z["chunk1"], refs[main_ref])
+            comp["aggregate"]["np_bf16_vs_np_f64"] = aggregate(refs["np_bf16"], refs["np_f64"])
             comp["argmax_tie_stats_vs_" + main_ref] = tie_stats(z["one_pass"], refs[main_ref])
             if "hf_fp32" in refs:
                 comp["argmax_tie_stats_hf_bf16_vs_hf_fp32"] = tie_stats(refs["hf_bf16"], refs["hf_fp32"])
@@ -930,8 +1160,14 @@ def main() -> int:
                 c = compare(zm, main_refs["bf16"][0])
                 c["detected"] = bool(c["rel_l2"] > args.rel_l2_bar or c["argmax_agree"] < args.argmax_bar)
                 sens[kind] = c
+                if not c["detected"]:
+                    failures.append(f"oracle sensitivity: deliberate defect '{kind}' NOT detected "
+                                    f"(rel L2 {c['rel_l2']:.2e}, argmax {c['argmax_agree'] * 100:.1f}%)")
+                print(f"[oracle] sensitivity {kind}: rel L2 {c['rel_l2']:.3e} ({time.time() - t_start:.1f}s)",
+                      flush=True)
             except Exception as e:  # noqa: BLE001
                 sens[kind] = {"error": f"{type(e).__name__}: {e}"}
+                failures.append(f"oracle sensitivity: mutation '{kind}' could not run: {e}")
         results["sensitivity_bf16_prompt0"] = sens
     except Exception as e:  # noqa: BLE001
         failures.append(f"error: {type(e).__name__}: {e}")
@@ -941,6 +1177,7 @@ def main() -> int:
     results["failures"] = failures
     results["passed"] = not failures
     results["seconds"] = round(time.time() - t_start, 1)
+    results["zmlx_seconds"] = zmlx_time_summary(log)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     if npz:
@@ -995,7 +1232,7 @@ def print_table(results: dict, args) -> None:
             print(f"sensitivity (deliberately broken bf16 copy, prompt 0) {k}: rel L2 {c['rel_l2']:.3e}, "
                   f"argmax {c['argmax_agree'] * 100:.1f}% -> {'detected' if c['detected'] else 'NOT detected'}")
     for k, c in results.get("checks", {}).items():
-        if k.startswith("weights_") or k.startswith("loads"):
+        if k.startswith("weights_") or k.startswith("loads") or k.startswith("layers_"):
             print(f"check {k}: {json.dumps(c)[:400]}")
     if results["failures"]:
         print("\nFAIL:")
@@ -1003,6 +1240,7 @@ def print_table(results: dict, args) -> None:
             print("  -", f)
     else:
         print("\nPASS: every bar met")
+    print(f"zmlx time by command: {json.dumps(results.get('zmlx_seconds'))}")
     print(f"({results['seconds']}s; results in {os.path.join(args.out, 'results.json')})")
 
 

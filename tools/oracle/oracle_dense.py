@@ -8,7 +8,9 @@ embeddings (as Qwen3-0.6B/1.7B/4B; --untied gives a separate lm_head as Qwen3-8B
 is the path oracle.py already covers for qwen3_moe). Init as oracle.py: matrices N(0, 0.02), embedding
 N(0, 0.3), norms 1 + N(0, 0.1); with the tied head the final norm weight is N(0, 1) (zero mean), for the
 reason given in oracle_lfm2.py (otherwise the logits peak at the input token itself and the argmax bar is
-trivial); with --untied, lm_head N(0, 0.1) and the final norm 1 + N(0, 0.1) as in oracle.py.
+trivial); with --untied, lm_head N(0, 0.1) and the final norm 1 + N(0, 0.1) as in oracle.py. The head's rows (the
+embedding's when tied, else lm_head's) have heavy-tailed norms: half of them scaled by exp(|z|) (oracle.py,
+HEAD_ROW_SPREAD), so that the reference's argmax is rarely a bf16 near-tie.
 
 transformers and MLX (mlx-lm qwen3.py) compute the same network; no adjustment of the reference is needed
 (hf_bf16_mlx is transformers as shipped; the RMSNorm eps of every module is checked against rms_norm_eps).
@@ -33,8 +35,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import (bf16_round, f32_to_bf16_bits, mutated_copy, set_ones, st_write,  # noqa: E402
-                    swap_gate_up)
+from oracle import (add_head_arg, bf16_round, f32_to_bf16_bits, mutated_copy, scale_head_rows,  # noqa: E402
+                    set_ones, st_write, swap_gate_up)
 import oracle_family  # noqa: E402
 
 
@@ -89,6 +91,7 @@ class Dense(oracle_family.Family):
         ap.add_argument("--init-std", type=float, default=0.02)
         ap.add_argument("--embed-std", type=float, default=0.3)
         ap.add_argument("--lm-head-std", type=float, default=0.1)
+        add_head_arg(ap)
         ap.add_argument("--final-norm", type=float, default=None,
                         help="mean of model.norm.weight (default 0 when tied, 1 when untied)")
         ap.add_argument("--final-norm-std", type=float, default=None, help="std (default 1 tied, 0.1 untied)")
@@ -109,10 +112,13 @@ class Dense(oracle_family.Family):
             return mean + std * normal(shape)
         if len(shape) == 1:
             return 1.0 + a.norm_jitter * normal(shape)
+        # the head's rows get heavy-tailed norms (oracle.py): the lm_head's when untied, else the embedding's
         if "embed_tokens" in name:
-            return a.embed_std * normal(shape)
+            v = a.embed_std * normal(shape)
+            return v if a.untied else scale_head_rows(v, a.head_row_spread, a.seed)
         if name == "lm_head.weight":
-            return (a.lm_head_std if a.untied else a.embed_std) * normal(shape)
+            return scale_head_rows((a.lm_head_std if a.untied else a.embed_std) * normal(shape), a.head_row_spread,
+                                   a.seed)
         return a.init_std * normal(shape)
 
     def write_numpy_checkpoint(self, a, hf_dir):

@@ -53,9 +53,10 @@ import traceback
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import (aggregate, bf16_bits_to_f32, bf16_round, compare, f32_to_bf16_bits,  # noqa: E402
-                    hf_from_pretrained, load_mlx, mismatch_details, run, safetensors_files, saved_dtypes, st_read,
-                    st_write, tie_stats, zmlx_logits)
+from oracle import (ZMLX_THREADS, add_run_limit_args, aggregate, bf16_bits_to_f32, bf16_round,  # noqa: E402
+                    compare, f32_to_bf16_bits, hf_from_pretrained, layers_zeroed_rel_l2, load_mlx, mismatch_details,
+                    progress, run, runtime_env, safetensors_files, saved_dtypes, set_run_limits, st_read, st_write,
+                    thread_probe, tie_stats, zmlx_logits, zmlx_time_summary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,6 +264,7 @@ def common_args(ap, d: dict):
     ap.add_argument("--long-chunk", type=int, default=128)
     ap.add_argument("--rel-l2-bar", type=float, default=1e-2)
     ap.add_argument("--argmax-bar", type=float, default=0.99)
+    add_run_limit_args(ap)
 
 
 def main(fam: Family) -> int:
@@ -271,6 +273,7 @@ def main(fam: Family) -> int:
     common_args(ap, fam.defaults)
     fam.add_args(ap)
     a = ap.parse_args()
+    set_run_limits(a.zmlx_slow, a.zmlx_timeout, a.zmlx_threads)
     if a.chunk < 2 or a.long_chunk < 2:
         ap.error("--chunk / --long-chunk must be >= 2 (chunks of 1 token are always run, as the decode path)")
 
@@ -295,14 +298,18 @@ def main(fam: Family) -> int:
     summary_lines = []
     try:
         results["env"]["zmlx"] = run([zmlx, "--version"], log).stdout.strip()
+        results["env"]["zmlx_omp_threads"] = ZMLX_THREADS["n"] or "inherited"
         results["env"]["zmlx_sha256"] = hashlib.sha256(open(zmlx, "rb").read()).hexdigest()
         hf_dir = os.path.join(work, "hf")
         hf = None
+        results["env"]["runtime_start"] = runtime_env()
+        print(f"[{fam.tag}] start: {json.dumps(results['env']['runtime_start'])}", flush=True)
         if a.selftest:
             orig, hf_shapes = fam.write_numpy_checkpoint(a, hf_dir)
         else:
             hf = HF(fam, a, results)
             orig, hf_shapes = hf.build_and_save(hf_dir)
+            results["env"]["runtime_after_torch"] = runtime_env()
         print(f"[{fam.tag}] checkpoint written ({len(hf_shapes)} tensors in the transformers model, "
               f"{time.time() - t0:.1f}s)", flush=True)
 
@@ -372,11 +379,17 @@ def main(fam: Family) -> int:
 
             refs = {"np_f64": [fam.np_forward(mlx, mlx_cfg, ids, False) for ids in allp],
                     "np_bf16": [fam.np_forward(mlx, mlx_cfg, ids, True) for ids in allp]}
+            if v == "bf16":
+                results["checks"]["layers_zeroed_rel_l2_prompt0"] = layers_zeroed_rel_l2(
+                    lambda W, ids: fam.np_forward(W, mlx_cfg, ids, False), mlx, prompts[0], refs["np_f64"][0])
+            print(f"[{fam.tag}] {v}: NumPy references done ({time.time() - t0:.1f}s)", flush=True)
             if hf is not None:
                 tb = hf.torch.bfloat16
                 refs["hf_bf16_mlx"], i1 = hf.logits(hf_dir, hfw, tb, allp, mlx_aligned=True)
+                print(f"[{fam.tag}] {v}: hf_bf16_mlx done ({time.time() - t0:.1f}s)", flush=True)
                 if fam.has_alignment:
                     refs["hf_bf16_as_is"], i2 = hf.logits(hf_dir, hfw, tb, allp, mlx_aligned=False)
+                    print(f"[{fam.tag}] {v}: hf_bf16_as_is done ({time.time() - t0:.1f}s)", flush=True)
                 else:
                     i2 = None
                 refs["hf_fp32_mlx"], i3 = hf.logits(hf_dir, hfw, hf.torch.float32, allp, mlx_aligned=True)
@@ -384,14 +397,21 @@ def main(fam: Family) -> int:
                 for note in (i1.get("failures") or []):
                     failures.append(f"{v}: transformers alignment: {note}")
             main = "hf_bf16_mlx" if hf is not None else "np_bf16"
-            print(f"[{fam.tag}] {v}: references done ({time.time() - t0:.1f}s)", flush=True)
+            print(f"[{fam.tag}] {v}: references done ({time.time() - t0:.1f}s); zmlx runs with OMP_NUM_THREADS "
+                  f"{ZMLX_THREADS['n'] or 'inherited'}, env {json.dumps(runtime_env())}", flush=True)
+            if v == "bf16":
+                results["env"]["zmlx_thread_probe_s"] = thread_probe(zmlx, d, allp[-1], work, log)
+                print(f"[{fam.tag}] thread probe (zmlx logits --chunk 1 of {len(allp[-1])} tokens, seconds by "
+                      f"OMP_NUM_THREADS): {results['env']['zmlx_thread_probe_s']}", flush=True)
 
             z = {"one": [], "chunk": [], "chunk1": []}
             for i, ids in enumerate(allp):
+                t1 = time.time()
                 c = a.long_chunk if long_prompt is not None and i == len(prompts) else a.chunk
                 z["one"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}.npy"), 0, log))
                 z["chunk"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}_c.npy"), c, log))
                 z["chunk1"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}_c1.npy"), 1, log))
+                progress(fam.tag, v, i, len(allp), t1, t0, log)
             n = len(prompts)
             comp = {"reference": main, "per_prompt": [], "aggregate": {}, "long_prompt": None, "argmax_mismatches": []}
             for i in range(len(allp)):
@@ -472,6 +492,7 @@ def main(fam: Family) -> int:
                 c = compare(zm, main_bf16[0])
                 c["detected"] = bool(c["rel_l2"] > a.rel_l2_bar or c["argmax_agree"] < a.argmax_bar)
                 sens[kind] = c
+                print(f"[{fam.tag}] sensitivity {kind}: rel L2 {c['rel_l2']:.3e} ({time.time() - t0:.1f}s)", flush=True)
                 if not c["detected"]:
                     failures.append(f"oracle sensitivity: deliberate defect '{kind}' NOT detected "
                                     f"(rel L2 {c['rel_l2']:.2e}, argmax {c['argmax_agree'] * 100:.1f}%)")
@@ -486,6 +507,7 @@ def main(fam: Family) -> int:
 
     results["failures"], results["passed"] = failures, not failures
     results["seconds"] = round(time.time() - t0, 1)
+    results["zmlx_seconds"] = zmlx_time_summary(log)
     with open(os.path.join(a.out, "results.json"), "w") as fh:
         json.dump(results, fh, indent=1)
     if npz:
@@ -527,6 +549,9 @@ def report(results: dict, a, summary_lines: list) -> str:
         out.append(f"sensitivity {k}: " + (c["error"] if "error" in c else
                                           f"rel L2 {c['rel_l2']:.3e}, argmax {c['argmax_agree'] * 100:.1f}% -> "
                                           f"{'detected' if c['detected'] else 'NOT detected'}"))
+    if "layers_zeroed_rel_l2_prompt0" in results["checks"]:
+        out.append(f"layers (out_proj / down_proj zeroed) move the float64 logits of prompt 0 by rel L2 "
+                   f"{results['checks']['layers_zeroed_rel_l2_prompt0']:.3f}")
     for k in ("weights_bf16", "weights_q4", "hf_bf16", "hf_q4"):
         if k in results["checks"]:
             out.append(f"check {k}: {json.dumps(results['checks'][k])[:600]}")
@@ -537,5 +562,6 @@ def report(results: dict, a, summary_lines: list) -> str:
         out += [f"  - {f}" for f in results["failures"]]
     else:
         out.append("PASS: every bar met")
+    out.append(f"zmlx time by command: {json.dumps(results.get('zmlx_seconds'))}")
     out.append(f"({results['seconds']}s; results in {os.path.join(a.out, 'results.json')})")
     return "\n".join(out)

@@ -63,9 +63,11 @@ import traceback
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import (aggregate, bf16_round, compare, f32_to_bf16_bits, hf_from_pretrained,  # noqa: E402
-                    load_mlx, mismatch_details, mlx_to_hf, mutated_copy, run, saved_dtypes,
-                    set_ones, st_write, swap_experts_0_1, tie_stats, zmlx_logits)
+from oracle import (ZMLX_THREADS, add_head_arg, add_run_limit_args, aggregate, bf16_round,  # noqa: E402
+                    compare, f32_to_bf16_bits, hf_from_pretrained, layers_zeroed_rel_l2, load_mlx, mismatch_details,
+                    mlx_to_hf, mutated_copy, progress, run, runtime_env, saved_dtypes, scale_head_rows, set_ones,
+                    set_run_limits, st_write, swap_experts_0_1, thread_probe, tie_stats, zmlx_logits,
+                    zmlx_time_summary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,8 +96,8 @@ def init_value(name: str, shape: tuple, normal, a):
         return 1.0 + a.norm_jitter * normal(shape)
     if "embed_tokens" in name:
         return a.embed_std * normal(shape)
-    if "lm_head" in name:
-        return a.lm_head_std * normal(shape)
+    if "lm_head" in name:  # rows with heavy-tailed norms (oracle.HEAD_ROW_SPREAD)
+        return scale_head_rows(a.lm_head_std * normal(shape), a.head_row_spread, a.seed)
     if any(k in name for k in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")):
         return a.attn_std * normal(shape)  # peaked attention, so RoPE / MLA defects show
     return a.init_std * normal(shape)
@@ -415,11 +417,14 @@ def main() -> int:
                     help="init of q_a/q_b/kv_a/kv_b (the attention logits' scale)")
     ap.add_argument("--embed-std", type=float, default=0.3)
     ap.add_argument("--lm-head-std", type=float, default=0.1)
+    add_head_arg(ap)
     ap.add_argument("--bias-std", type=float, default=0.05)
     ap.add_argument("--norm-jitter", type=float, default=0.1)
     ap.add_argument("--rel-l2-bar", type=float, default=1e-2)
     ap.add_argument("--argmax-bar", type=float, default=0.99)
+    add_run_limit_args(ap)
     a = ap.parse_args()
+    set_run_limits(a.zmlx_slow, a.zmlx_timeout, a.zmlx_threads)
 
     os.makedirs(a.out, exist_ok=True)
     work = a.work or tempfile.mkdtemp(prefix="zmlx_oracle_glm_")
@@ -434,14 +439,18 @@ def main() -> int:
     failures, t0, npz = [], time.time(), {}
     try:
         results["env"]["zmlx"] = run([zmlx, "--version"], log).stdout.strip()
+        results["env"]["zmlx_omp_threads"] = ZMLX_THREADS["n"] or "inherited"
         results["env"]["zmlx_sha256"] = hashlib.sha256(open(zmlx, "rb").read()).hexdigest()
         hf_dir = os.path.join(work, "hf")
+        results["env"]["runtime_start"] = runtime_env()
+        print(f"[oracle_glm] start: {json.dumps(results['env']['runtime_start'])}", flush=True)
         if a.selftest:
             hf = None
             orig, hf_shapes = write_numpy_checkpoint(a, hf_dir)
         else:
             hf = HF(a, results)
             orig, hf_shapes = hf.build_and_save(hf_dir)
+            results["env"]["runtime_after_torch"] = runtime_env()
         results["mode"] = "selftest" if a.selftest else "transformers"
         dirs = {"bf16": os.path.join(work, "mlx_bf16"), "q4": os.path.join(work, "mlx_q4")}
         run([zmlx, "convert", hf_dir, dirs["bf16"], "--dtype", "bf16"], log)
@@ -464,6 +473,9 @@ def main() -> int:
 
             refs = {"np_f64": [np_forward_glm(mlx, mlx_cfg, ids) for ids in prompts],
                     "np_bf16": [np_forward_glm(mlx, mlx_cfg, ids, bf16=True) for ids in prompts]}
+            if v == "bf16":
+                results["checks"]["layers_zeroed_rel_l2_prompt0"] = layers_zeroed_rel_l2(
+                    lambda W, ids: np_forward_glm(W, mlx_cfg, ids), mlx, prompts[0], refs["np_f64"][0])
             if hf is not None:
                 m16, n16 = hf.load(hf_dir, hf.torch.bfloat16, mlx_aligned=True)
                 refs["hf_bf16_mlx"], ncalls = hf.logits(m16, hfw, hf.torch.bfloat16, prompts, router_bf16=True)
@@ -480,11 +492,19 @@ def main() -> int:
                 del m32
                 results["checks"][f"hf_load_notes_{v}"] = n16 + n16b + n32
 
+            print(f"[oracle_glm] {v}: references done ({time.time() - t0:.1f}s); zmlx runs with OMP_NUM_THREADS "
+                  f"{ZMLX_THREADS['n'] or 'inherited'}, env {json.dumps(runtime_env())}", flush=True)
+            if v == "bf16":
+                results["env"]["zmlx_thread_probe_s"] = thread_probe(zmlx, d, prompts[0], work, log)
+                print(f"[oracle_glm] thread probe (zmlx logits --chunk 1, seconds by OMP_NUM_THREADS): "
+                      f"{results['env']['zmlx_thread_probe_s']}", flush=True)
             z = {"one_pass": [], "chunk": [], "chunk1": []}
             for i, ids in enumerate(prompts):
+                t1 = time.time()
                 z["one_pass"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}.npy"), 0, log))
                 z["chunk"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}_c.npy"), a.chunk, log))
                 z["chunk1"].append(zmlx_logits(zmlx, d, ids, os.path.join(work, f"z_{v}_{i}_c1.npy"), 1, log))
+                progress("oracle_glm", v, i, len(prompts), t1, t0, log)
             main = "hf_bf16_mlx" if hf is not None else "np_bf16"
             comp = {"reference": main, "per_prompt": [], "aggregate": {}, "argmax_mismatches": []}
             for i in range(len(prompts)):
@@ -535,8 +555,14 @@ def main() -> int:
                 c = compare(zm, main_bf16[0])
                 c["detected"] = bool(c["rel_l2"] > a.rel_l2_bar or c["argmax_agree"] < a.argmax_bar)
                 sens[kind] = c
+                print(f"[oracle_glm] sensitivity {kind}: rel L2 {c['rel_l2']:.3e} ({time.time() - t0:.1f}s)",
+                      flush=True)
+                if not c["detected"]:
+                    failures.append(f"oracle sensitivity: deliberate defect '{kind}' NOT detected "
+                                    f"(rel L2 {c['rel_l2']:.2e}, argmax {c['argmax_agree'] * 100:.1f}%)")
             except Exception as e:  # noqa: BLE001
                 sens[kind] = {"error": f"{type(e).__name__}: {e}"}
+                failures.append(f"oracle sensitivity: mutation '{kind}' could not run: {e}")
         results["sensitivity_bf16_prompt0"] = sens
     except Exception as e:  # noqa: BLE001
         failures.append(f"error: {type(e).__name__}: {e}")
@@ -545,6 +571,7 @@ def main() -> int:
 
     results["failures"], results["passed"] = failures, not failures
     results["seconds"] = round(time.time() - t0, 1)
+    results["zmlx_seconds"] = zmlx_time_summary(log)
     with open(os.path.join(a.out, "results.json"), "w") as fh:
         json.dump(results, fh, indent=1)
     if npz:
@@ -559,7 +586,10 @@ def main() -> int:
     for k, c in results.get("sensitivity_bf16_prompt0", {}).items():
         print(f"  sensitivity {k}: " + (c["error"] if "error" in c else
                                         f"rel L2 {c['rel_l2']:.3e} -> {'detected' if c['detected'] else 'NOT detected'}"))
+    print(f"  layers (o_proj / down_proj zeroed) move the float64 logits of prompt 0 by rel L2 "
+          f"{results['checks'].get('layers_zeroed_rel_l2_prompt0', float('nan')):.3f}")
     print("\nFAIL:\n  - " + "\n  - ".join(failures) if failures else "\nPASS: every bar met")
+    print(f"zmlx time by command: {json.dumps(results.get('zmlx_seconds'))} ({results['seconds']}s)")
     if not a.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if not failures else 1

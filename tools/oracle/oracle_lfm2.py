@@ -8,7 +8,9 @@ heads, head_dim 64, q/k layernorm), num_dense_layers 2 (layers 0-1 dense SwiGLU,
 MoE: 16 experts, top-4, moe_intermediate 128, sigmoid router with a random expert_bias N(0, 0.05) (F32, used for
 selection only), norm_topk_prob, routed_scaling_factor 1.0, norm_eps 1e-5, rope_theta 1e6, tied embeddings.
 Init: matrices N(0, 0.02), conv in_proj N(0, 0.04), conv kernel N(0, 0.3), norms 1 + N(0, 0.1), embedding
-N(0, 0.3), and the final embedding_norm weight N(0, 1) (zero mean). Why the zero-mean final norm: the head is
+N(0, 0.3) with half its rows scaled by exp(|z|) (the tied head's rows get heavy-tailed norms, oracle.py
+HEAD_ROW_SPREAD, so that the reference's argmax is rarely a bf16 near-tie), and the final embedding_norm weight
+N(0, 1) (zero mean). Why the zero-mean final norm: the head is
 tied, and the final hidden state is mostly the input token's own embedding (as in oracle.py, the embedding
 carries about 2/3 of the residual stream so that bf16 noise stays low); with a final norm weight near 1 the
 logit of the input token itself is ~sqrt(hidden) times larger than the others and the argmax is the input
@@ -49,8 +51,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle import (bf16_round, f32_to_bf16_bits, mutated_copy, set_ones, st_write,  # noqa: E402
-                    swap_experts_0_1, swap_gate_up)
+from oracle import (add_head_arg, bf16_round, f32_to_bf16_bits, mutated_copy, scale_head_rows,  # noqa: E402
+                    set_ones, st_write, swap_experts_0_1, swap_gate_up)
 import oracle_family  # noqa: E402
 
 
@@ -100,6 +102,7 @@ class Lfm2(oracle_family.Family):
         ap.add_argument("--conv-in-std", type=float, default=0.04)
         ap.add_argument("--conv-std", type=float, default=0.3)
         ap.add_argument("--embed-std", type=float, default=0.3)
+        add_head_arg(ap)
         ap.add_argument("--final-norm", type=float, default=0.0, help="mean of the embedding_norm weight")
         ap.add_argument("--final-norm-std", type=float, default=1.0, help="std of the embedding_norm weight")
         ap.add_argument("--bias-std", type=float, default=0.05)
@@ -121,8 +124,8 @@ class Lfm2(oracle_family.Family):
             return a.final_norm + a.final_norm_std * normal(shape)
         if len(shape) == 1:
             return 1.0 + a.norm_jitter * normal(shape)
-        if "embed_tokens" in name or name == "lm_head.weight":
-            return a.embed_std * normal(shape)
+        if "embed_tokens" in name or name == "lm_head.weight":  # tied head: heavy-tailed row norms (oracle.py)
+            return scale_head_rows(a.embed_std * normal(shape), a.head_row_spread, a.seed)
         if name.endswith("conv.conv.weight"):
             return a.conv_std * normal(shape)
         if name.endswith("conv.in_proj.weight"):

@@ -13,8 +13,10 @@
 # themselves print as they go (PYTHONUNBUFFERED), so a timed-out log still shows how far it came.
 # The four limits add up to 30 min: where one command may run at most 10 min (the device `run`), split the
 # work over calls with ONLY (e.g. ONLY="qwen3_moe glm", then ONLY=lfm2, then ONLY=dense, each with its own $OUT)
-# and lower the limits so that they fit. The limits are guesses: the LFM2 and dense transformers runs have
-# not yet finished within one call.
+# and lower the limits so that they fit.
+# While the oracles run, a monitor writes the load and the busiest processes every 15 s to monitor.txt (MONITOR=0
+# turns it off): with the oracles' own progress lines and thread snapshots of slow zmlx calls (--zmlx-slow), a
+# run cut off by a time limit shows where it stopped and what the machine was doing.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 # A device run brings back at most 8 files from $OUT: with $OUT set, the results are gathered in a
@@ -28,6 +30,12 @@ if [[ -z $zmlx ]]; then
 fi
 [[ -x $zmlx ]] || { echo "no zmlx binary at $zmlx (bash tools/oracle/prepare_bin.sh)" >&2; exit 2; }
 [[ -d tools/oracle/bin/lib ]] && export LD_LIBRARY_PATH=$PWD/tools/oracle/bin/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# Libraries the binary links that this machine lacks (OpenMPI's, libcudart, ...): prepare_bin.sh keeps copies in
+# bin/fallback, used only when ldd reports one missing.
+fallback=$(dirname "$zmlx")/fallback
+if ldd "$zmlx" 2>/dev/null | grep -q "not found" && [[ -d $fallback ]]; then
+  export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$(cd "$fallback" && pwd)
+fi
 export PYTHONUNBUFFERED=1
 prompts=${PROMPTS:-16}
 only=${ONLY:-qwen3_moe glm lfm2 dense}
@@ -37,9 +45,22 @@ only=${ONLY:-qwen3_moe glm lfm2 dense}
   git log -1 --format='commit %H %s' 2>/dev/null
   $py -c 'import sys, numpy; print("python", sys.version.split()[0], "numpy", numpy.__version__)'
   $py -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))' 2>&1
-  nproc
+  echo "nproc $(nproc); loadavg $(cat /proc/loadavg)"
+  env | grep -E '^(OMP_|GOMP_|KMP_|MKL_|OPENBLAS_)' || echo "no OMP_/GOMP_/KMP_/MKL_/OPENBLAS_ variables"
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  ldd "$zmlx" | grep -E "not found|mpi|cudart|gomp" || true
 } > "$root/env.txt"
 cat "$root/env.txt"
+
+monitor_pid=
+if [[ ${MONITOR:-1} != 0 ]]; then
+  ( while :; do
+      echo "== $(date -u +%T) load $(cut -d' ' -f1-4 /proc/loadavg)"
+      ps -eo pid,ppid,nlwp,pcpu,stat,etimes,comm --sort=-pcpu 2>/dev/null | head -8
+      sleep 15
+    done ) > "$root/monitor.txt" 2>&1 &
+  monitor_pid=$!
+fi
 
 declare -A script=([qwen3_moe]=oracle.py [glm]=oracle_glm.py [lfm2]=oracle_lfm2.py [dense]=oracle_dense.py)
 declare -A limit=([qwen3_moe]=${T_QWEN:-420} [glm]=${T_GLM:-420} [lfm2]=${T_LFM2:-540} [dense]=${T_DENSE:-420})
@@ -51,7 +72,7 @@ for fam in $only; do
   t0=$(date +%s)
   # shellcheck disable=SC2086
   timeout -k 20 "${limit[$fam]}" $py "tools/oracle/${script[$fam]}" --zmlx "$zmlx" --out "$root/$fam" \
-    --prompts "$prompts" ${EXTRA:-} > "$root/$fam.log" 2>&1
+    --prompts "$prompts" ${EXTRA:-} > "$root/$fam.log" 2>&1 < /dev/null
   rc=$?
   secs=$(( $(date +%s) - t0 ))
   case $rc in
@@ -64,6 +85,7 @@ for fam in $only; do
   tail -n 25 "$root/$fam.log"
   (( rc > worst )) && worst=$rc
 done
+[[ -n $monitor_pid ]] && kill "$monitor_pid" 2>/dev/null
 if [[ -n ${OUT:-} ]]; then
   mkdir -p "$OUT"
   tar czf "$OUT/oracle-results.tgz" -C "$root" .
