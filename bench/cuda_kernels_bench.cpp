@@ -5,7 +5,9 @@
 // host launch overhead. Random bits stand in for weights (speed only).
 // The quantized mat-vecs are timed twice: tensor-core path ("mma") and the
 // scalar kernels ("scalar", ZMLX_CUDA_MMA=0), on the same buffers.
-//   build/cuda_kernels_bench [reps]
+// With TP > 1, the shapes of one tensor-parallel rank of TP: 1/TP of the
+// heads and of every expert's intermediate dimension (router and lm_head whole).
+//   build/cuda_kernels_bench [reps] [TP]
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -77,6 +79,11 @@ void time_it(cudaStream_t s, int reps, const char* name, double bytes, const std
 
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 200;
+  const int tp = argc > 2 ? std::atoi(argv[2]) : 1;
+  if (tp < 1 || 32 % tp != 0 || 4 % tp != 0 || 768 % (64 * tp) != 0) {
+    std::fprintf(stderr, "cuda_kernels_bench: TP must divide the heads (32/4) and 768/64 expert groups\n");
+    return 1;
+  }
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
     std::fprintf(stderr, "cuda_kernels_bench: no GPU\n");
@@ -85,7 +92,7 @@ int main(int argc, char** argv) {
   std::mt19937 rng(7);
   cudaStream_t s;
   cudaStreamCreate(&s);
-  const int64_t D = 2048, H = 32, Hkv = 4, hd = 128, E = 128, kk = 8, I = 768, S = 512, cap = 1024;
+  const int64_t D = 2048, H = 32 / tp, Hkv = 4 / tp, hd = 128, E = 128, kk = 8, I = 768 / tp, S = 512, cap = 1024;
   k::QMat q = qmat(0, H * hd, D, rng), kp = qmat(0, Hkv * hd, D, rng), vp = qmat(0, Hkv * hd, D, rng),
           o = qmat(0, D, H * hd, rng), router = qmat(0, E, D, rng), gate = qmat(E, I, D, rng),
           up = qmat(E, I, D, rng), down = qmat(E, D, I, rng), head = qmat(0, 151936, D, rng);
@@ -114,7 +121,7 @@ int main(int argc, char** argv) {
 
   cudaDeviceProp p{};
   cudaGetDeviceProperties(&p, 0);
-  std::printf("%s, %d launches per kernel in one graph\n", p.name, reps);
+  std::printf("%s, %d launches per kernel in one graph, shapes of tensor-parallel rank 1/%d\n", p.name, reps, tp);
   const k::QMat qkv[3] = {q, kp, vp};
   uint16_t* const ys[3] = {yq, yk, yv};
   // Both mat-vec paths: the kernels read ZMLX_CUDA_MMA when launched (captured).
@@ -144,5 +151,15 @@ int main(int argc, char** argv) {
   both("gather_qmm (down, unfused)", bytes_of(down, kk),
           [&] { k::gather_linear(hmid, true, ex, 1, kk, down, big, s); });
   both("lm_head 151936", bytes_of(head, 1), [&] { k::linear(x, 1, head, big, s); });
+  // Where the tensor-core path starts to pay for plain linears (use_mma_linear).
+  std::printf("plain linear sweep (rows x K):\n");
+  for (int64_t K : {1024, 2048, 4096}) {
+    auto* xin = static_cast<uint16_t*>(dev_random(size_t(K) * 2, rng, true));
+    for (int64_t rows : {512, 1024, 2048, 4096, 8192, 16384}) {
+      const k::QMat m = qmat(0, rows, K, rng);
+      const std::string name = "linear " + std::to_string(rows) + " x " + std::to_string(K);
+      both(name.c_str(), bytes_of(m, 1), [&] { k::linear(xin, 1, m, big, s); });
+    }
+  }
   return 0;
 }

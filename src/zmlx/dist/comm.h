@@ -52,6 +52,14 @@ class Communicator {
   // Ends the whole job after a failure (MPI_Abort); never returns.
   [[noreturn]] virtual void abort(int code) = 0;
 
+  // Device transports (NCCL) may be used while the backend records a CUDA
+  // graph: the recorded operations then run on each replay, where no
+  // per-operation deadline sees them. After launching such a recording, the
+  // caller hands the work now queued on the transport's stream to the
+  // deadline as one operation, described by `what` (the peers are appended).
+  // No-op for host transports, whose operations never run inside a recording.
+  virtual void watch_device_work(const std::string& what) { (void)what; }
+
   double timeout_seconds() const { return timeout_s_; }
   void set_timeout_seconds(double s) { timeout_s_ = s; }
 

@@ -184,35 +184,37 @@ class NcclComm final : public Communicator {
     if (size() == 1) return;
     // NCCL sums bf16 in fp32 and rounds each partial sum: with 2 ranks that
     // is one rounding, as the MPI path; every rank receives the same bits.
-    begin_op();
+    const bool recording = begin_op();
     {
       std::lock_guard<std::mutex> api(api_mu_);
       check_nccl(nccl().AllReduce(buf, buf, size_t(count), dtype == DType::BF16 ? ncclBfloat16 : ncclFloat32, ncclSum,
                                   comm_, stream_),
                  "ncclAllReduce");
     }
-    std::vector<int> peers;
-    for (int r = 0; r < size(); ++r)
-      if (r != rank()) peers.push_back(r);
-    end_op("all-reduce on the GPU: waiting for", peers);
+    end_op("all-reduce on the GPU: waiting for", others(), recording);
   }
 
   void send(const void* buf, size_t bytes, int dst) override {
-    begin_op();
+    const bool recording = begin_op();
     {
       std::lock_guard<std::mutex> api(api_mu_);
       check_nccl(nccl().Send(buf, bytes, ncclUint8, dst, comm_, stream_), "ncclSend");
     }
-    end_op("sending activations (GPU) to", {dst});
+    end_op("sending activations (GPU) to", {dst}, recording);
   }
 
   void recv(void* buf, size_t bytes, int src) override {
-    begin_op();
+    const bool recording = begin_op();
     {
       std::lock_guard<std::mutex> api(api_mu_);
       check_nccl(nccl().Recv(buf, bytes, ncclUint8, src, comm_, stream_), "ncclRecv");
     }
-    end_op("waiting for activations (GPU) from", {src});
+    end_op("waiting for activations (GPU) from", {src}, recording);
+  }
+
+  void watch_device_work(const std::string& what) override {
+    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    watch_stream(fmt::format("{}: waiting for {}", what, who(others())));
   }
 
   // Control messages: host memory, over MPI.
@@ -233,26 +235,46 @@ class NcclComm final : public Communicator {
   };
 
   // Operations run on the caller's thread (a node runs forwards on a worker
-  // thread): make the GPU current, and refuse inside a CUDA graph recording
-  // (the watchdog's events cannot observe a recorded operation).
-  void begin_op() {
+  // thread): make the GPU current. Returns whether the stream is recording a
+  // CUDA graph (the operation then runs at each replay of the recording, and
+  // the caller guards those with watch_device_work()).
+  bool begin_op() {
     check_cuda(cudaSetDevice(device_), "cudaSetDevice");
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     check_cuda(cudaStreamIsCapturing(stream_, &capture), "cudaStreamIsCapturing");
-    ZMLX_CHECK(capture == cudaStreamCaptureStatusNone, "NCCL operation inside a recorded CUDA graph step");
+    ZMLX_CHECK(capture != cudaStreamCaptureStatusInvalidated, "NCCL operation on an invalidated CUDA graph recording");
+    return capture == cudaStreamCaptureStatusActive;
   }
 
   // After a NCCL call was issued: let a nonblocking enqueue finish, then hand
-  // the operation's completion to the watchdog.
-  void end_op(const char* what, const std::vector<int>& peers) {
-    std::string who;
-    for (int p : peers) who += fmt::format("{}rank {} ({})", who.empty() ? "" : ", ", p, hosts().at(size_t(p)));
+  // the operation's completion to the watchdog (not while recording: the
+  // recorded operation has not run, and its replays are guarded as a whole).
+  void end_op(const char* what, const std::vector<int>& peers, bool recording) {
     settle(what, 1.0);
+    if (!recording) watch_stream(fmt::format("{} {}", what, who(peers)));
+  }
+
+  std::vector<int> others() const {
+    std::vector<int> peers;
+    for (int r = 0; r < size(); ++r)
+      if (r != rank()) peers.push_back(r);
+    return peers;
+  }
+
+  // "rank 1 (host-a), rank 2 (host-b)"
+  std::string who(const std::vector<int>& peers) const {
+    std::string s;
+    for (int p : peers) s += fmt::format("{}rank {} ({})", s.empty() ? "" : ", ", p, hosts().at(size_t(p)));
+    return s;
+  }
+
+  // The work queued on the stream so far becomes the newest pending operation.
+  void watch_stream(std::string what) {
     cudaEvent_t e = take_event();
     check_cuda(cudaEventRecord(e, stream_), "cudaEventRecord");
     {
       std::lock_guard<std::mutex> lk(mu_);
-      pending_.push_back({e, Clock::now(), fmt::format("{} {}", what, who)});
+      pending_.push_back({e, Clock::now(), std::move(what)});
     }
     wake_.notify_one();
   }

@@ -134,6 +134,21 @@ void end_followers(Model& model) {
 
 namespace {
 
+// One decode step of any run. Single process: decode_forward (a backend may
+// replay a recording of the step). A parallel run whose transport takes
+// device buffers (NCCL between GPU ranks) records its steps too, all-reduces
+// and pipeline transfers included, and hands each launched step to the
+// transport's deadline. With a host transport the step runs eagerly: its
+// transfers pass through host code, which a replay would skip.
+Tensor run_decode_step(Model& model, Backend& be, int32_t token, Cache& cache, int step) {
+  const dist::Placement& P = model.placement();
+  if (!P.active()) return decode_forward(model, be, token, cache);
+  if (!P.comm->accepts(be.device())) return model.forward(be, {token}, cache);
+  Tensor logits = decode_forward(model, be, token, cache);
+  P.comm->watch_device_work(fmt::format("decode step {}", step));
+  return logits;
+}
+
 GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* tok,
                               const std::vector<int32_t>& prompt_ids, const GenerateOptions& opt,
                               const TextCallback& on_text) {
@@ -182,13 +197,17 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
   std::string pending;  // decoded but not yet released (may start a stop string)
   auto t1 = Clock::now();
   bool cancelled = false, stop_string_hit = false;
-  // Greedy single-process decoding chains its steps on the device: step S_j
-  // consumes token t_j and chooses t_{j+1} on the device, and S_{j+1} is
-  // enqueued before the host reads t_{j+1}, so the device always has the next
-  // step queued while the host detokenizes and checks stop strings. Steps
-  // enqueued past a stop are waited for and dropped.
+  // Greedy decoding chains its steps on the device: step S_j consumes token
+  // t_j and chooses t_{j+1} on the device, and S_{j+1} is enqueued before the
+  // host reads t_{j+1}, so the device always has the next step queued while
+  // the host detokenizes and checks stop strings. Steps enqueued past a stop
+  // are waited for and dropped. Tensor-parallel GPU ranks chain too: the
+  // all-reduces leave every rank with the same bits, so each rank's argmax
+  // picks the same token, and rank 0's token (broadcast as the host reads
+  // it) checks that they did.
   const SamplerOptions& so = sampler.options();
-  const bool chained = !P.active() && !opt.on_logits && so.temperature <= 0.f && so.repetition_penalty == 1.f;
+  const bool greedy = !opt.on_logits && so.temperature <= 0.f && so.repetition_penalty == 1.f;
+  const bool chained = greedy && (!P.active() || (P.tensor() && P.comm->accepts(be.device())));
   const int64_t chain_pos0 = cache.pos;  // S_j runs at chain_pos0 + j
   int enqueued = 0;                      // S_0 .. S_{enqueued-1} are on the device
   for (int step = 0;; ++step) {
@@ -196,8 +215,10 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
     const int j = int(res.token_ids.size());
     // S_i is needed only if t_{i+1} may be emitted: i + 1 < max_tokens.
     // Nothing past an EOS is needed.
-    for (const int want = std::min(j + 2, opt.max_tokens - 1); chained && !eos && enqueued < want; ++enqueued)
+    for (const int want = std::min(j + 2, opt.max_tokens - 1); chained && !eos && enqueued < want; ++enqueued) {
       decode_forward_chained(model, be, enqueued == 0 ? next : -1, cache);
+      if (P.active()) P.comm->watch_device_work(fmt::format("decode step {}", enqueued));
+    }
     if (eos) {
       res.finish_reason = "stop";
       break;
@@ -240,16 +261,20 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
     }
     if (int(res.token_ids.size()) >= opt.max_tokens) break;
     if (P.active()) dist::maybe_inject_fault(P.rank, step);
-    // Recorded (graph) steps skip host code, so a distributed step, whose
-    // sends and all-reduces run on the host, always runs eagerly.
     if (chained) {
       next = be.chained_token(chain_pos0 + j);
       // The device fed it on without a host check (NaN logits give no valid id).
       ZMLX_CHECK(next >= 0 && next < model.config().vocab_size, "decode step {}: the greedy token {} is outside the "
                  "vocabulary [0, {}) (non-finite logits?)", j, next, model.config().vocab_size);
+      if (P.active()) {
+        int32_t lead = next;
+        P.comm->broadcast(&lead, sizeof lead, 0);
+        ZMLX_CHECK(lead == next, "decode step {}: tensor-parallel ranks disagree on the greedy token (rank 0 chose {}, "
+                   "rank {} chose {}): their logits differ", j, lead, P.rank, next);
+      }
       continue;
     }
-    logits = P.active() ? model.forward(be, {next}, cache) : decode_forward(model, be, next, cache);
+    logits = run_decode_step(model, be, next, cache, step);
     next = sample(logits);
   }
   // Let dropped steps finish inside the timing.

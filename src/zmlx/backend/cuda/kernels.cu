@@ -240,10 +240,15 @@ __device__ __forceinline__ void rows_dot(const QMat& m, int64_t e, int64_t r0, i
   for (int r = 0; r < R; ++r) acc[r] = a[0][r];
 }
 
+__device__ __forceinline__ float combine_score(const void* scores, bool f32, int64_t p) {
+  return f32 ? static_cast<const float*>(scores)[p] : bf(static_cast<const uint16_t*>(scores)[p]);
+}
+// score: combine_score's value (a bf16 score for kBf16Products).
+__device__ __forceinline__ float combine_product(uint16_t y, float score, int mode) {
+  return mode == kBf16Products ? rbf(bf(y) * score) : bf(y) * score;
+}
 __device__ __forceinline__ float combine_term(uint16_t y, const void* scores, bool f32, int mode, int64_t p) {
-  if (mode == kBf16Products) return rbf(bf(y) * bf(static_cast<const uint16_t*>(scores)[p]));
-  const float s = f32 ? static_cast<const float*>(scores)[p] : bf(static_cast<const uint16_t*>(scores)[p]);
-  return bf(y) * s;
+  return combine_product(y, combine_score(scores, f32 && mode != kBf16Products, p), mode);
 }
 
 // ------------------------------------------------------------------ linear
@@ -509,19 +514,30 @@ __host__ __device__ __forceinline__ int64_t mma_stage_words(int64_t K) {
   return (K / 2 + 16 + K / 32 + 3) & ~int64_t(3);
 }
 
-// Whole block: x[K] into st in nibble-pair order, word w (8 inputs) as
-// (x0,x4) (x1,x5) (x2,x6) (x3,x7), and Σx per chunk (load_x's in-order sum).
-__device__ __forceinline__ void mma_stage_x(const uint16_t* x, int64_t K, uint32_t* st) {
-  const int words = int(K / 8);
-  uint4* xp = reinterpret_cast<uint4*>(st);
-  for (int w = threadIdx.x; w < words; w += blockDim.x) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(x) + w);
-    xp[w] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410),
-                       __byte_perm(v.y, v.w, 0x7632));
+// Whole block: n consecutive input rows x[n][K] into n staged rows st,
+// st + sw, ... (sw = mma_stage_words(K)): each in nibble-pair order, word w
+// (8 inputs) as (x0,x4) (x1,x5) (x2,x6) (x3,x7), then Σx per chunk (load_x's
+// in-order sum). The rows go in one pass over (row, word) pairs, so their
+// loads are in flight together (row after row, gather_combine's 8 rows took
+// ~3 us of load latency on an H100).
+__device__ __forceinline__ void mma_stage_rows(const uint16_t* x, int n, int64_t K, uint32_t* st, int64_t sw) {
+  const int words = int(K / 8), chunks = int(K / 32);
+#pragma unroll 4
+  for (int i = threadIdx.x; i < n * words; i += blockDim.x) {
+    const int q = i / words, w = i - q * words;
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + q * K) + w);
+    reinterpret_cast<uint4*>(st + q * sw)[w] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                                                          __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
   }
-  if (threadIdx.x < 16) st[K / 2 + threadIdx.x] = 0u;
-  float* sx = reinterpret_cast<float*>(st + K / 2 + 16);
-  for (int c = threadIdx.x; c < int(K / 32); c += blockDim.x) sx[c] = load_x(x + int64_t(c) * 32).sum;
+  for (int i = threadIdx.x; i < n * 16; i += blockDim.x) st[(i >> 4) * sw + K / 2 + (i & 15)] = 0u;
+#pragma unroll 2
+  for (int i = threadIdx.x; i < n * chunks; i += blockDim.x) {
+    const int q = i / chunks, c = i - q * chunks;
+    reinterpret_cast<float*>(st + q * sw + K / 2 + 16)[c] = load_x(x + q * K + int64_t(c) * 32).sum;
+  }
+}
+__device__ __forceinline__ void mma_stage_x(const uint16_t* x, int64_t K, uint32_t* st) {
+  mma_stage_rows(x, 1, K, st, 0);
 }
 
 __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -765,6 +781,10 @@ __global__ void __launch_bounds__(256, 2) mma_combine_kernel(const uint16_t* h, 
   const int64_t sw = mma_stage_words(K);
   const int per_pass = kMmaWarps / S, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float* red = reinterpret_cast<float*>(mma_smem + per_pass * sw);
+  // The token's scores, read now rather than one dependent load per slot
+  // at the end (the first pass's __syncthreads publishes them).
+  float* sc = red + kMmaWarps * 16;
+  if (int(threadIdx.x) < k) sc[threadIdx.x] = combine_score(scores, f32 && mode != kBf16Products, t * k + threadIdx.x);
   const QMat ms[1] = {m};
   const MmaRows rw = mma_rows(ms, r0);
   float acc = 0.f;
@@ -772,7 +792,7 @@ __global__ void __launch_bounds__(256, 2) mma_combine_kernel(const uint16_t* h, 
     const int nj = min(per_pass, k - j0);
     const int jj = warp / S;
     const int64_t e = jj < nj ? ex[t * k + j0 + jj] : 0;
-    for (int q = 0; q < nj; ++q) mma_stage_x(h + (t * k + j0 + q) * K, K, mma_smem + q * sw);
+    mma_stage_rows(h + (t * k + j0) * K, nj, K, mma_smem, sw);
     __syncthreads();
     MmaStep<1> cur;
     if (jj < nj) mma_first_step(cur, ms, e, rw, warp % S, S);
@@ -785,7 +805,7 @@ __global__ void __launch_bounds__(256, 2) mma_combine_kernel(const uint16_t* h, 
     __syncthreads();
     if (threadIdx.x < 16)
       for (int q = 0; q < nj; ++q)
-        acc += combine_term(to_bf(mma_split_sum(red, q * S, S, 16, threadIdx.x)), scores, f32, mode, t * k + j0 + q);
+        acc += combine_product(to_bf(mma_split_sum(red, q * S, S, 16, threadIdx.x)), sc[j0 + q], mode);
     __syncthreads();  // the next pass restages the inputs
   }
   if (threadIdx.x < 16 && r0 + threadIdx.x < m.rows) out[t * m.rows + r0 + threadIdx.x] = to_bf(acc);
@@ -793,26 +813,36 @@ __global__ void __launch_bounds__(256, 2) mma_combine_kernel(const uint16_t* h, 
 
 // ---- host side of the MMA path ----
 
-// ZMLX_CUDA_MMA=0 keeps the scalar kernels (the plain reference); read at
-// every launch so a test or bench can compare both paths in one process.
-bool mma_wanted() {
+// ZMLX_CUDA_MMA=0 keeps the scalar kernels (the plain reference); =all
+// sends every plain linear the format allows to the MMA path, whatever its
+// size (tests). Read at every launch so a test or bench can compare the
+// paths in one process.
+enum class MmaMode { Off, Auto, All };
+MmaMode mma_mode() {
   const char* e = std::getenv("ZMLX_CUDA_MMA");
-  return !(e && std::string(e) == "0");
+  if (e && std::string(e) == "0") return MmaMode::Off;
+  if (e && std::string(e) == "all") return MmaMode::All;
+  return MmaMode::Auto;
 }
 // Whether the MMA path computes this matrix. A function of the format and K
 // only, so every kernel of one product (fused or not) makes the same choice.
 bool use_mma(const QMat& m) {
   return m.bits == 4 && m.cols % 32 == 0 && m.cols <= kMmaMaxK && m.group >= 32 && m.group % 32 == 0 &&
-         m.cols % m.group == 0 && mma_wanted();
+         m.cols % m.group == 0 && mma_mode() != MmaMode::Off;
 }
-// Plain linears (linear, linear_multi, linear_swiglu) with fewer rows keep
-// the scalar kernels: an MoE router (128 x 2048) took 4.2 us on the MMA
-// path vs 2.5 us scalar on an H100 (too few warps). Per matrix, so
+// Plain linears (linear, linear_multi, linear_swiglu) up to 2^23 weights
+// keep the scalar kernels: below that the MMA path's fixed cost (~4.1 us on
+// an H100, whatever the size) loses to the scalar kernels, above it the
+// MMA path's bandwidth wins (bench/cuda_kernels_bench's sweep, 2026-11-26:
+// 2048 x 2048 3.3 us scalar vs 4.3 MMA; 4096 x 2048 4.6 vs 4.6; 8192 x 2048
+// 8.2 vs 5.9; lm_head 151936 x 2048 133 vs 102). Per matrix, so
 // linear_multi still gives each matrix linear's bits (it launches both
 // paths when its matrices fall on both sides). The expert kernels do not
 // use it: gather, gather_swiglu and gather_combine must choose alike.
-constexpr int64_t kMmaMinRows = 256;
-bool use_mma_linear(const QMat& m) { return m.rows >= kMmaMinRows && use_mma(m); }
+constexpr int64_t kMmaMinWeights = int64_t(1) << 23;
+bool use_mma_linear(const QMat& m) {
+  return use_mma(m) && (m.rows * m.cols > kMmaMinWeights || mma_mode() == MmaMode::All);
+}
 
 // Warps per 16-row tile: about 4 slabs (2 steps) a warp, so short rows keep
 // one warp a tile and long ones get enough warps in flight.
@@ -849,7 +879,7 @@ MmaJob mma_job(const QMat* ms, uint16_t* const* ys, int n) {
 void mma_combine(const uint16_t* h, const int32_t* ex, const void* sc, bool f32, int mode, int T, int k, const QMat& m,
                  uint16_t* out, cudaStream_t s) {
   const int S = mma_splits(m.cols);
-  const size_t smem = size_t((kMmaWarps / S) * mma_stage_words(m.cols) + kMmaWarps * 16) * 4;
+  const size_t smem = size_t((kMmaWarps / S) * mma_stage_words(m.cols) + kMmaWarps * 16 + k) * 4;
   launch_smem(mma_combine_kernel, dim3(unsigned((m.rows + 15) / 16), unsigned(T)), dim3(256), smem, s, h, ex, sc, f32,
               mode, k, m, S, out);
 }
@@ -1355,27 +1385,10 @@ __device__ __forceinline__ void warp_best(float v, int id, float& bv, int& bid) 
   }
 }
 
-// Selects the top k of `key` (ties to the lower id); returns ids in order.
-// Selects the top k of `key` (descending, ties to the lower id); sel gets
-// the ids in order. (A parallel rank count measured slower on an H200.)
-template <int PL>
-__device__ void warp_topk(const float (&key)[PL], int E, int k, int* sel) {
-  const int lane = threadIdx.x & 31;
-  uint32_t taken = 0;
-  for (int j = 0; j < k; ++j) {
-    float v = -INFINITY;
-    int id = INT_MAX;
-#pragma unroll
-    for (int i = 0; i < PL; ++i) {
-      const int e = lane + 32 * i;
-      if (e < E && !(taken >> i & 1u) && (key[i] > v || id == INT_MAX)) v = key[i], id = e;
-    }
-    float bv;
-    int bid;
-    warp_best(v, id, bv, bid);
-    if ((bid & 31) == lane) taken |= 1u << (bid >> 5);
-    sel[j] = bid;
-  }
+// Floats as unsigned ints in the same order (for the warp's integer max).
+__device__ __forceinline__ uint32_t ordered_bits(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
 // vals[i] of the lane that owns expert sel (lane sel % 32, slot sel / 32),
@@ -1388,6 +1401,40 @@ __device__ __forceinline__ float owner_value(const float (&vals)[PL], int sel) {
   for (int i = 0; i < PL; ++i)
     if (lane + 32 * i == sel) mine = vals[i];
   return __shfl_sync(0xffffffffu, mine, sel & 31);
+}
+
+// The routers' selection, one warp per token (lane L holds experts L, L+32,
+// ...): the top k of `key` in descending order, ties to the lower id. Pick j
+// ends in lane j (its id and its entry of `vals`), and every lane gets the
+// fp32 sum of the picked vals in pick order (the renormalisation sum). Each
+// pick is two warp-wide integer reductions (max key, then the lowest id
+// holding it) instead of a shuffle tree per pick.
+template <int PL>
+__device__ void warp_topk_picks(const float (&key)[PL], const float (&vals)[PL], int E, int k, int& my_id,
+                                float& my_val, float& total) {
+  const int lane = threadIdx.x & 31;
+  uint32_t ok[PL];
+#pragma unroll
+  for (int i = 0; i < PL; ++i) ok[i] = ordered_bits(key[i]);
+  uint32_t taken = 0;
+  total = 0.f;
+  my_id = 0, my_val = 0.f;
+  for (int j = 0; j < k; ++j) {
+    // This lane's best untaken expert (ids ascend with i: strict > keeps the lower id).
+    uint32_t best = 0;
+    int id = INT_MAX;
+#pragma unroll
+    for (int i = 0; i < PL; ++i) {
+      const int e = lane + 32 * i;
+      if (e < E && !(taken >> i & 1u) && (id == INT_MAX || ok[i] > best)) best = ok[i], id = e;
+    }
+    const uint32_t top = __reduce_max_sync(0xffffffffu, id == INT_MAX ? 0u : best);
+    const int pick = int(__reduce_min_sync(0xffffffffu, (id != INT_MAX && best == top) ? uint32_t(id) : 0xffffffffu));
+    if ((pick & 31) == lane) taken |= 1u << (pick >> 5);
+    const float v = owner_value(vals, pick);
+    total += v;
+    if (lane == j) my_id = pick, my_val = v;
+  }
 }
 
 template <int PL>
@@ -1412,19 +1459,13 @@ __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k
   sum = warp_sum(sum);
   #pragma unroll
   for (int i = 0; i < PL; ++i) p[i] = lane + 32 * i < E ? rbf(expf(z[i] - mx) / sum) : -INFINITY;
-  int sel[16];
-  warp_topk(p, E, k, sel);
-  // p of each selected expert, fetched from its owner lane.
-  float ps[16];
-  for (int j = 0; j < k; ++j) ps[j] = owner_value(p, sel[j]);
-  if (lane == 0) {
-    float total = 0.f;
-    for (int j = 0; j < k; ++j) total += ps[j];
+  int id;
+  float w, total;
+  warp_topk_picks(p, p, E, k, id, w, total);
+  if (lane < k) {
     const float denom = rbf(total);
-    for (int j = 0; j < k; ++j) {
-      ex[int64_t(t) * k + j] = sel[j];
-      scores[int64_t(t) * k + j] = to_bf(normalize ? ps[j] / denom : ps[j]);
-    }
+    ex[int64_t(t) * k + lane] = id;
+    scores[int64_t(t) * k + lane] = to_bf(normalize ? w / denom : w);
   }
 }
 
@@ -1442,20 +1483,14 @@ __global__ void route_sigmoid_kernel(const uint16_t* logits, const float* bias, 
     sw[i] = e < E ? rbf(1.0f / (1.0f + expf(-bf(l[e])))) : 0.f;
     sel_key[i] = e < E ? sw[i] + bias[e] : -INFINITY;
   }
-  int sel[16];
-  warp_topk(sel_key, E, k, sel);
-  float ws[16];
-  for (int j = 0; j < k; ++j) ws[j] = owner_value(sw, sel[j]);
-  if (lane == 0) {
-    float total = 0.f;
-    for (int j = 0; j < k; ++j) total += ws[j];
+  int id;
+  float w, total;
+  warp_topk_picks(sel_key, sw, E, k, id, w, total);
+  if (lane < k) {
     const float denom = rbf(rbf(total) + eps);
-    for (int j = 0; j < k; ++j) {
-      float w = ws[j];
-      if (normalize) w = rbf(w / denom);
-      ex[int64_t(t) * k + j] = sel[j];
-      scores[int64_t(t) * k + j] = to_bf(w * scaling);
-    }
+    if (normalize) w = rbf(w / denom);
+    ex[int64_t(t) * k + lane] = id;
+    scores[int64_t(t) * k + lane] = to_bf(w * scaling);
   }
 }
 
@@ -1725,19 +1760,13 @@ __global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* b
     sv[i] = e < E ? 1.0f / (1.0f + expf(-bf(l[e]))) : 0.f;
     key[i] = e < E ? sv[i] + bias[e] : -INFINITY;
   }
-  int sel[16];
-  warp_topk(key, E, k, sel);
-  float ws[16];
-  for (int j = 0; j < k; ++j) ws[j] = owner_value(sv, sel[j]);
-  if (lane == 0) {
-    float total = 0.f;
-    for (int j = 0; j < k; ++j) total += ws[j];
-    for (int j = 0; j < k; ++j) {
-      float w = ws[j];
-      if (normalize) w = w / (total + eps);
-      ex[int64_t(t) * k + j] = sel[j];
-      scores[int64_t(t) * k + j] = w * scaling;
-    }
+  int id;
+  float w, total;
+  warp_topk_picks(key, sv, E, k, id, w, total);
+  if (lane < k) {
+    if (normalize) w = w / (total + eps);
+    ex[int64_t(t) * k + lane] = id;
+    scores[int64_t(t) * k + lane] = w * scaling;
   }
 }
 
