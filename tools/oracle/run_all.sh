@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the four oracles in full mode (transformers reference; needs torch + transformers, a GPU if there is
 # one) one after another, each under its own time limit, and collects everything in one folder:
-#   ./oracle-results-<UTC time>/ (or, with $OUT set, $OUT/oracle-results.tgz of it): <family>/{results.json,
-#   logits.npz,summary.txt}, <family>.log (stdout + stderr), status.txt (exit status and seconds per oracle), env.txt.
+#   ./oracle-results-<UTC time>/ (or, with $OUT set, $OUT/oracle-results.tgz of it, without the logits.npz files
+#   unless KEEP_LOGITS=1): <family>/{results.json,logits.npz,summary.txt}, <family>.log (stdout + stderr),
+#   status.txt (exit status and seconds per oracle), env.txt, monitor.txt.
 # One oracle failing, or running out of time, does not stop the others.
 #
 # Prepare on the dev machine:  bash scripts/build.sh zmlx && bash tools/oracle/prepare_bin.sh
@@ -88,7 +89,10 @@ done
 [[ -n $monitor_pid ]] && kill "$monitor_pid" 2>/dev/null
 if [[ -n ${OUT:-} ]]; then
   mkdir -p "$OUT"
-  tar czf "$OUT/oracle-results.tgz" -C "$root" .
+  # logits.npz (several MB per oracle) stays out unless KEEP_LOGITS=1: a device run brings back files of at most
+  # 16 MiB, and a tgz with all four archives is larger (it was left behind once).
+  if [[ ${KEEP_LOGITS:-0} == 1 ]]; then tar czf "$OUT/oracle-results.tgz" -C "$root" .
+  else tar czf "$OUT/oracle-results.tgz" --exclude=logits.npz -C "$root" .; fi
   cp "$root/status.txt" "$OUT/status.txt"
   echo "results in $OUT/oracle-results.tgz"
 else
