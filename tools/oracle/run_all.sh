@@ -14,7 +14,8 @@
 # themselves print as they go (PYTHONUNBUFFERED), so a timed-out log still shows how far it came.
 # The four limits add up to 30 min: where one command may run at most 10 min (the device `run`), split the
 # work over calls with ONLY (e.g. ONLY="qwen3_moe glm", then ONLY=lfm2, then ONLY=dense, each with its own $OUT)
-# and lower the limits so that they fit.
+# and lower the limits so that they fit. Measured on an H100 (2026-11-26): 18-31 s per oracle, so
+# T_QWEN=75 T_GLM=70 T_LFM2=75 T_DENSE=65 fits one call with room to spare.
 # While the oracles run, a monitor writes the load and the busiest processes every 15 s to monitor.txt (MONITOR=0
 # turns it off): with the oracles' own progress lines and thread snapshots of slow zmlx calls (--zmlx-slow), a
 # run cut off by a time limit shows where it stopped and what the machine was doing.
