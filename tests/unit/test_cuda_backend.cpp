@@ -456,6 +456,55 @@ void with_path(bool mma, F&& f) {
   unsetenv("ZMLX_CUDA_MMA");
 }
 
+// The fused MLA preparation (one kernel) against the GPU's own composition of
+// rope, slice_cols, rms_norm, rope and kv_write (the Backend default): every
+// output and cache row bit for bit, outputs and cache poisoned with NaN first;
+// and against the CPU. Awkward shapes: odd head counts, a latent that is not a
+// multiple of 32, a position that makes the cache grow.
+TEST(CudaOps, FusedMlaPreparationMatchesComposition) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(41);
+  struct Case { int64_t H, nope, rope, lora, T, pos0; };
+  for (const Case& k : {Case{3, 24, 16, 72, 5, 0}, Case{20, 192, 64, 512, 1, 200}, Case{5, 64, 32, 100, 7, 250},
+                        Case{2, 8, 4, 40, 1, 0}, Case{20, 192, 64, 512, 3, 17}}) {
+    const int64_t qd = k.nope + k.rope;
+    Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(k.T * k.H * qd)), {k.T, k.H * qd});
+    Tensor ckv = test::bf16_tensor(test::random_bf16(rng, size_t(k.T * (k.lora + k.rope))), {k.T, k.lora + k.rope});
+    Tensor w = test::bf16_tensor(test::random_bf16(rng, size_t(k.lora)), {k.lora});
+    Tensor gw = g->adopt(w);
+    KvLayer fused = g->new_latent_kv_layer(k.lora, k.rope, 256), plain = g->new_latent_kv_layer(k.lora, k.rope, 256);
+    KvLayer cpu = c->new_latent_kv_layer(k.lora, k.rope, 256);
+    for (KvLayer* kv : {&fused, &plain}) {
+      cudaMemset(kv->k.data, 0xff, kv->k.nbytes());
+      cudaMemset(kv->v.data, 0xff, kv->v.nbytes());
+    }
+    auto [fn, fp] = g->mla_rope_split_cache(g->from_host(q), g->from_host(ckv), gw, 1e-5f, k.H, k.nope, k.rope, k.pos0,
+                                            1e4f, fused);
+    auto [pn, pp] = g->Backend::mla_rope_split_cache(g->from_host(q), g->from_host(ckv), gw, 1e-5f, k.H, k.nope, k.rope,
+                                                     k.pos0, 1e4f, plain);
+    auto [cn, cp] = c->mla_rope_split_cache(q, ckv, w, 1e-5f, k.H, k.nope, k.rope, k.pos0, 1e4f, cpu);
+    const std::string at = "H " + std::to_string(k.H) + " lora " + std::to_string(k.lora) + " T " +
+                           std::to_string(k.T) + " pos0 " + std::to_string(k.pos0);
+    EXPECT_EQ(host_floats(*g, fn), host_floats(*g, pn)) << "q_nope, " << at;
+    EXPECT_EQ(host_floats(*g, fp), host_floats(*g, pp)) << "q_pe, " << at;
+    EXPECT_EQ(fused.capacity, plain.capacity) << at;
+    const auto fk = host_floats(*g, first_rows(fused.k, k.pos0 + k.T)), pk = host_floats(*g, first_rows(plain.k, k.pos0 + k.T));
+    const auto fv = host_floats(*g, first_rows(fused.v, k.pos0 + k.T)), pv = host_floats(*g, first_rows(plain.v, k.pos0 + k.T));
+    // Rows before pos0 were never written (NaN in both); compare the written rows.
+    const size_t k0 = size_t(k.pos0 * k.lora), v0 = size_t(k.pos0 * k.rope);
+    EXPECT_EQ(std::vector<float>(fk.begin() + k0, fk.end()), std::vector<float>(pk.begin() + k0, pk.end())) << at;
+    EXPECT_EQ(std::vector<float>(fv.begin() + v0, fv.end()), std::vector<float>(pv.begin() + v0, pv.end())) << at;
+    EXPECT_TRUE(all_finite(std::vector<float>(fk.begin() + k0, fk.end()))) << "latent rows unwritten, " << at;
+    EXPECT_LT(rel_l2(host_floats(*g, fp), host_floats(*c, cp)), 5e-3) << "q_pe vs CPU, " << at;
+    EXPECT_EQ(host_floats(*g, fn), host_floats(*c, cn)) << "q_nope vs CPU (a copy), " << at;
+    const auto ck = host_floats(*c, first_rows(cpu.k, k.pos0 + k.T));
+    EXPECT_LT(rel_l2(std::vector<float>(fk.begin() + k0, fk.end()), std::vector<float>(ck.begin() + k0, ck.end())), 5e-3)
+        << "latent vs CPU, " << at;
+  }
+}
+
 TEST(CudaOps, MmaMatVecMatchesScalarAndCpu) {
   REQUIRE_GPU();
   auto c = make_cpu_backend();

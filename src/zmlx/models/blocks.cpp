@@ -88,6 +88,21 @@ Tensor Backend::qk_norm_rope_cache(const Tensor& q, const Tensor& k, const Tenso
   return qo;
 }
 
+std::pair<Tensor, Tensor> Backend::mla_rope_split_cache(const Tensor& q, const Tensor& ckv, const Tensor& kv_norm,
+                                                        float eps, int64_t heads, int64_t nope_dim, int64_t rope_dim,
+                                                        int64_t pos0, float base, KvLayer& cache) {
+  const int64_t qd = nope_dim + rope_dim, kv_lora = ckv.cols() - rope_dim;
+  Tensor qr = q;  // roped in place, as the model did before this op existed
+  rope(qr, heads, qd, nope_dim, rope_dim, pos0, base, /*traditional=*/true);
+  Tensor q_nope = slice_cols(qr, qd, 0, nope_dim);
+  Tensor q_pe = slice_cols(qr, qd, nope_dim, rope_dim);
+  Tensor latent = rms_norm(slice_cols(ckv, kv_lora + rope_dim, 0, kv_lora), kv_norm, eps);
+  Tensor k_pe = slice_cols(ckv, kv_lora + rope_dim, kv_lora, rope_dim);
+  rope(k_pe, 1, rope_dim, 0, rope_dim, pos0, base, /*traditional=*/true);
+  kv_write(cache, latent, k_pe, pos0);
+  return {std::move(q_nope), std::move(q_pe)};
+}
+
 Tensor GqaAttention::forward(Backend& be, const Tensor& x, KvLayer& cache, int64_t pos0) const {
   auto qkv = be.linear_multi(x, {&q_proj, &k_proj, &v_proj});
   Tensor q = be.qk_norm_rope_cache(qkv[0], qkv[1], qkv[2], q_norm, k_norm, eps, heads, kv_heads, head_dim, pos0,
@@ -96,7 +111,7 @@ Tensor GqaAttention::forward(Backend& be, const Tensor& x, KvLayer& cache, int64
 }
 
 Tensor MlaAttention::forward(Backend& be, const Tensor& x, KvLayer& cache, int64_t pos0) const {
-  const int64_t T = x.rows(), qd = nope_dim + rope_dim;
+  const int64_t T = x.rows();
   Tensor q, ckv;
   if (q_a_proj.empty()) {
     auto r = be.linear_multi(x, {&q_proj, &kv_a_proj_with_mqa});
@@ -107,15 +122,10 @@ Tensor MlaAttention::forward(Backend& be, const Tensor& x, KvLayer& cache, int64
     q = be.linear(be.rms_norm(r[0], q_a_layernorm, eps), q_b_proj);
     ckv = std::move(r[1]);
   }
-  // q [T, H*(dn+dr)]: RoPE on the last dr of every head, then split.
-  be.rope(q, heads, qd, nope_dim, rope_dim, pos0, rope_theta, /*traditional=*/true);
-  Tensor q_nope = be.slice_cols(q, qd, 0, nope_dim);
-  Tensor q_pe = be.slice_cols(q, qd, nope_dim, rope_dim);
-  // ckv [T, kv_lora + dr] = [latent | k_pe].
-  Tensor latent = be.rms_norm(be.slice_cols(ckv, kv_lora + rope_dim, 0, kv_lora), kv_a_layernorm, eps);
-  Tensor k_pe = be.slice_cols(ckv, kv_lora + rope_dim, kv_lora, rope_dim);
-  be.rope(k_pe, 1, rope_dim, 0, rope_dim, pos0, rope_theta, /*traditional=*/true);
-  be.kv_write(cache, latent, k_pe, pos0);
+  // q [T, H*(dn+dr)]: RoPE on the last dr of every head, split; ckv [T,
+  // kv_lora + dr] = [latent | k_pe]: normalised / roped into the cache.
+  auto [q_nope, q_pe] = be.mla_rope_split_cache(q, ckv, kv_a_layernorm, eps, heads, nope_dim, rope_dim, pos0,
+                                                rope_theta, cache);
   const int64_t S = pos0 + T;
   Tensor lat_all = first_rows(cache.k, S), pe_all = first_rows(cache.v, S);
   const bool absorbed = form == Form::Absorbed || (form == Form::Auto && T == 1);

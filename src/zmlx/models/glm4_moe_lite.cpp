@@ -300,15 +300,16 @@ class Glm4MoeLite final : public Model {
     Tensor h;
     stage_input(be, ids, embed_, h);  // pipeline: later stages receive h
     const int64_t NL = int64_t(layers_.size());
+    Tensor f;  // the previous layer's MLP output, added to h together with the next norm
     for (size_t l = size_t(placement().layer_begin()); l < size_t(placement().layer_end(NL)); ++l) {
       Layer& L = layers_[l];
-      Tensor a = L.attn.forward(be, be.rms_norm(h, L.input_layernorm, eps), cache.kv[l], pos0);
+      Tensor x = f.empty() ? be.rms_norm(h, L.input_layernorm, eps) : be.add_rms_norm(h, f, L.input_layernorm, eps);
+      Tensor a = L.attn.forward(be, x, cache.kv[l], pos0);
       tp_reduce(be, a);  // tensor parallel: sum of the heads' shards
-      be.add(h, a);
-      Tensor f = L.mlp->forward(be, be.rms_norm(h, L.post_attention_layernorm, eps));
+      f = L.mlp->forward(be, be.add_rms_norm(h, a, L.post_attention_layernorm, eps));
       tp_reduce(be, f);  // sum of the intermediate-dimension shards
-      be.add(h, f);
     }
+    if (!f.empty()) be.add(h, f);
     cache.pos += T;
     if (stage_output(be, h)) return Tensor{};  // pipeline: not the last stage
     if (!all_logits && T > 1) h = last_row(h);

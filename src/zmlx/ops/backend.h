@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "zmlx/ops/tensor.h"
@@ -115,6 +116,16 @@ class Backend {
   // expanded (prefill) form: k = per-head k_nope, v = per-head values.
   virtual Tensor attention_pe(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pe,
                               const Tensor& k_pe, int64_t pos0, int64_t heads, int64_t kv_heads, float scale);
+  // MLA input preparation, between the projections and attention_pe:
+  // traditional RoPE on the last rope_dim columns of every head of
+  // q [T, heads*(nope_dim+rope_dim)], split into q_nope [T, heads*nope_dim] and
+  // q_pe [T, heads*rope_dim]; then ckv [T, kv_lora+rope_dim] = [latent | k_pe]:
+  // the latent RMS-normalised with kv_norm, k_pe roped (traditional), both
+  // written to the latent cache at positions pos0... Returns {q_nope, q_pe}.
+  // Same results as rope, slice_cols, rms_norm, rope and kv_write in that order.
+  virtual std::pair<Tensor, Tensor> mla_rope_split_cache(const Tensor& q, const Tensor& ckv, const Tensor& kv_norm,
+                                                         float eps, int64_t heads, int64_t nope_dim, int64_t rope_dim,
+                                                         int64_t pos0, float base, KvLayer& cache);
   // Per-head matmuls over stacked matrices W logical [H, R, C] (MLX
   // MultiLinear: GLM's embed_q / unembed_out). x is [T, H*Kin] (head h reads
   // columns [h*Kin, (h+1)*Kin)) or [T, Kin] (one input shared by every head).

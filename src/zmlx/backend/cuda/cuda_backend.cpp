@@ -612,6 +612,24 @@ class CudaBackend final : public Backend {
     return out;
   }
 
+  std::pair<Tensor, Tensor> mla_rope_split_cache(const Tensor& q, const Tensor& ckv, const Tensor& kv_norm, float eps,
+                                                 int64_t heads, int64_t nope_dim, int64_t rope_dim, int64_t pos0,
+                                                 float base, KvLayer& cache) override {
+    const int64_t T = q.rows(), kv_lora = ckv.cols() - rope_dim;
+    ZMLX_CHECK(q.dtype == DType::BF16 && ckv.dtype == DType::BF16 && q.cols() == heads * (nope_dim + rope_dim) &&
+                   ckv.rows() == T && kv_lora > 0 && kv_norm.numel() == kv_lora && rope_dim % 2 == 0 &&
+                   cache.k.dim(0) == 1 && cache.k.dim(2) == kv_lora && cache.v.dim(2) == rope_dim,
+               "mla_rope_split_cache: q {} / ckv {} do not match {} heads of {} + {} and a latent cache of {} + {}",
+               q.shape_str(), ckv.shape_str(), heads, nope_dim, rope_dim, cache.k.dim(2), cache.v.dim(2));
+    ensure_capacity(cache, pos0 + T, pos0);
+    Tensor q_nope = alloc(DType::BF16, {T, heads * nope_dim}), q_pe = alloc(DType::BF16, {T, heads * rope_dim});
+    Prof p_(this, "mla_rope_split_cache");
+    kern::mla_rope_split_cache(bf16p(q), bf16p(ckv), int(T), int(heads), int(nope_dim), int(rope_dim), int(kv_lora),
+                               bf16p(kv_norm), eps, rope_table(base, rope_dim), int(pos0), dpos(), bf16p(q_nope),
+                               bf16p(q_pe), bf16p(cache.k), bf16p(cache.v), cache.capacity, stream_);
+    return {std::move(q_nope), std::move(q_pe)};
+  }
+
   Tensor slice_cols(const Tensor& x, int64_t group, int64_t offset, int64_t width) override {
     ZMLX_CHECK(x.dtype == DType::BF16 && group > 0 && x.cols() % group == 0 && offset >= 0 && width > 0 &&
                    offset + width <= group,

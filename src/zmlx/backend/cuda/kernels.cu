@@ -1240,6 +1240,18 @@ __global__ void qk_norm_rope_kv_kernel(const uint16_t* q, const uint16_t* k, con
   }
 }
 
+// One RoPE rotation of the bf16 pair (x0, x1) by the angle pos·inv_freq,
+// rounded to bf16: the plain rope kernel and the fused MLA kernel share it,
+// so both give the same bits.
+__device__ __forceinline__ void rope_pair(uint16_t x0b, uint16_t x1b, int pos, float inv_freq, uint16_t& y0,
+                                          uint16_t& y1) {
+  float c, s;
+  rope_sincos(float(pos) * inv_freq, s, c);
+  const float x0 = bf(x0b), x1 = bf(x1b);
+  y0 = to_bf(x0 * c - x1 * s);
+  y1 = to_bf(x0 * s + x1 * c);
+}
+
 __global__ void rope_kernel(uint16_t* x, int T, int heads, int hd, int off, int half, int pos0, const int* dpos,
                             const float* inv_freq, bool traditional) {
   pdl_begin();
@@ -1249,13 +1261,54 @@ __global__ void rope_kernel(uint16_t* x, int T, int heads, int hd, int off, int 
   const int64_t th = i / half;
   const int t = int(th / heads), h = int(th % heads);
   const int pos = (dpos ? *dpos : pos0) + t;
-  float c, s;
-  rope_sincos(float(pos) * inv_freq[f], s, c);
   uint16_t* v = x + (int64_t(t) * heads + h) * hd + off;
   const int a = traditional ? 2 * f : f, b = traditional ? 2 * f + 1 : f + half;
-  const float x0 = bf(v[a]), x1 = bf(v[b]);
-  v[a] = to_bf(x0 * c - x1 * s);
-  v[b] = to_bf(x0 * s + x1 * c);
+  rope_pair(v[a], v[b], pos, inv_freq[f], v[a], v[b]);
+}
+
+// mla_rope_split_cache: blocks [0, qblocks) take one (token, head, column)
+// of q each thread (columns < nope copied, then one traditional RoPE pair);
+// the blocks after them one token per warp: the latent's RMSNorm exactly as
+// rms_norm_warp_kernel, and the key's RoPE pairs, both into the cache.
+__global__ void mla_rope_split_cache_kernel(const uint16_t* q, const uint16_t* ckv, int T, int heads, int nope,
+                                            int rope, int kv_lora, const uint16_t* kv_norm, float eps,
+                                            const float* inv_freq, int pos0, const int* dpos, uint16_t* q_nope,
+                                            uint16_t* q_pe, uint16_t* kc, uint16_t* vc, int64_t cap,
+                                            unsigned qblocks) {
+  pdl_begin();
+  const int half = rope / 2, qd = nope + rope, per_head = nope + half;
+  if (blockIdx.x < qblocks) {
+    const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= int64_t(T) * heads * per_head) return;
+    const int j = int(i % per_head);
+    const int64_t th = i / per_head;  // t * heads + h
+    const uint16_t* src = q + th * qd;
+    if (j < nope) {
+      q_nope[th * nope + j] = src[j];
+    } else {
+      const int f = j - nope, t = int(th / heads);
+      uint16_t* dst = q_pe + th * rope + 2 * f;
+      rope_pair(src[nope + 2 * f], src[nope + 2 * f + 1], (dpos ? *dpos : pos0) + t, inv_freq[f], dst[0], dst[1]);
+    }
+    return;
+  }
+  const int t = int(blockIdx.x - qblocks) * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (t >= T) return;
+  const int64_t pos = (dpos ? *dpos : pos0) + t;
+  if (pos >= cap) return;
+  const int row = kv_lora + rope;
+  const uint16_t* xr = ckv + int64_t(t) * row;
+  float ss = 0.f;
+  for (int d = lane; d < kv_lora; d += 32) {
+    const float v = bf(xr[d]);
+    ss = fmaf(v, v, ss);
+  }
+  ss = warp_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / float(kv_lora) + eps);
+  for (int d = lane; d < kv_lora; d += 32) kc[pos * kv_lora + d] = to_bf(bf(kv_norm[d]) * rbf(bf(xr[d]) * inv));
+  for (int f = lane; f < half; f += 32)
+    rope_pair(xr[kv_lora + 2 * f], xr[kv_lora + 2 * f + 1], int(pos), inv_freq[f], vc[pos * rope + 2 * f],
+              vc[pos * rope + 2 * f + 1]);
 }
 
 __global__ void add_kernel(uint16_t* h, const uint16_t* x, int64_t n) {
@@ -1875,6 +1928,15 @@ void rope(uint16_t* x, int T, int heads, int head_dim, int rot_offset, int rot_d
   launch(rope_kernel, dim3(blocks_for(int64_t(T) * heads * half, 256)), dim3(256), s, x, T, heads, head_dim, rot_offset, half, pos0,
                                                                          dpos, inv_freq, traditional);
   check_launch("rope");
+}
+
+void mla_rope_split_cache(const uint16_t* q, const uint16_t* ckv, int T, int heads, int nope, int rope, int kv_lora,
+                          const uint16_t* kv_norm, float eps, const float* inv_freq, int pos0, const int* dpos,
+                          uint16_t* q_nope, uint16_t* q_pe, uint16_t* kc, uint16_t* vc, int64_t cap, cudaStream_t s) {
+  const unsigned qblocks = blocks_for(int64_t(T) * heads * (nope + rope / 2), 256);
+  launch(mla_rope_split_cache_kernel, dim3(qblocks + unsigned((T + 7) / 8)), dim3(256), s, q, ckv, T, heads, nope, rope,
+         kv_lora, kv_norm, eps, inv_freq, pos0, dpos, q_nope, q_pe, kc, vc, cap, qblocks);
+  check_launch("mla_rope_split_cache");
 }
 
 void add(uint16_t* h, const uint16_t* x, int64_t n, cudaStream_t s) {

@@ -68,6 +68,13 @@ bool qk_norm_rope_kv(const uint16_t* q, const uint16_t* k, const uint16_t* v, in
                      cudaStream_t s);
 void rope(uint16_t* x, int T, int heads, int head_dim, int rot_offset, int rot_dims, int pos0, const int* dpos,
           const float* inv_freq, bool traditional, cudaStream_t s);
+// Backend::mla_rope_split_cache in one launch (traditional RoPE): q
+// [T, heads·(nope+rope)] -> q_nope [T, heads·nope], q_pe [T, heads·rope] (roped);
+// ckv [T, kv_lora+rope] -> rms_norm(latent) into kc and the roped key into vc
+// (one-head latent cache, rows of kv_lora / rope) at positions pos0...
+void mla_rope_split_cache(const uint16_t* q, const uint16_t* ckv, int T, int heads, int nope, int rope, int kv_lora,
+                          const uint16_t* kv_norm, float eps, const float* inv_freq, int pos0, const int* dpos,
+                          uint16_t* q_nope, uint16_t* q_pe, uint16_t* kc, uint16_t* vc, int64_t cap, cudaStream_t s);
 void add(uint16_t* h, const uint16_t* x, int64_t n, cudaStream_t s);
 void swiglu(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* out, cudaStream_t s);
 
