@@ -1024,21 +1024,70 @@ __global__ void embed_kernel(QMat m, const int32_t* ids, int T, uint16_t* out) {
   out[i] = to_bf(bf(m.scales[g]) * float(q) + bf(m.biases[g]));
 }
 
+constexpr int kNormMaxChunks = 4;  // 16-byte chunks a lane holds in warp_rms_norm_row: D <= 1024
+
+// One row's RMSNorm by one warp: out[d] = bf16(w[d] · bf16(x[d] · inv)),
+// inv = 1 / sqrt(mean(x²) + eps). Rows of a multiple of 256 values (16-byte
+// aligned) load 16 bytes a lane, every load of the row issued before the sum:
+// the strided loop of 2-byte loads the other rows take waits out its loads
+// one by one (~9 us for a 768-value row on an H100, GLM's q_a norm). Every
+// caller (rms_norm, the fused MLA kernel) goes through here, so a row gets
+// the same bits from each.
+__device__ __forceinline__ void warp_rms_norm_row(const uint16_t* x, const uint16_t* w, int D, float eps,
+                                                  uint16_t* out) {
+  const int lane = threadIdx.x & 31;
+  const bool vec = D % 256 == 0 && D <= 256 * kNormMaxChunks &&
+                   ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) &
+                    15) == 0;
+  if (vec) {
+    const int n = D / 256;
+    uint4 xv[kNormMaxChunks];
+#pragma unroll
+    for (int i = 0; i < kNormMaxChunks; ++i)
+      if (i < n) xv[i] = __ldg(reinterpret_cast<const uint4*>(x) + i * 32 + lane);
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < kNormMaxChunks; ++i)
+      if (i < n) {
+        const uint32_t u[4] = {xv[i].x, xv[i].y, xv[i].z, xv[i].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          ss = fmaf(lo_bf(u[j]), lo_bf(u[j]), ss);
+          ss = fmaf(hi_bf(u[j]), hi_bf(u[j]), ss);
+        }
+      }
+    ss = warp_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / float(D) + eps);
+#pragma unroll
+    for (int i = 0; i < kNormMaxChunks; ++i)
+      if (i < n) {
+        const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w) + i * 32 + lane);
+        const uint32_t u[4] = {xv[i].x, xv[i].y, xv[i].z, xv[i].w}, g[4] = {wv.x, wv.y, wv.z, wv.w};
+        uint32_t o[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          o[j] = uint32_t(to_bf(lo_bf(g[j]) * rbf(lo_bf(u[j]) * inv))) |
+                 (uint32_t(to_bf(hi_bf(g[j]) * rbf(hi_bf(u[j]) * inv))) << 16);
+        reinterpret_cast<uint4*>(out)[i * 32 + lane] = make_uint4(o[0], o[1], o[2], o[3]);
+      }
+    return;
+  }
+  float ss = 0.f;
+  for (int d = lane; d < D; d += 32) {
+    const float v = bf(x[d]);
+    ss = fmaf(v, v, ss);
+  }
+  ss = warp_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / float(D) + eps);
+  for (int d = lane; d < D; d += 32) out[d] = to_bf(bf(w[d]) * rbf(bf(x[d]) * inv));
+}
+
 // One warp per row (D <= 1024) or one block per row.
 __global__ void rms_norm_warp_kernel(const uint16_t* x, int64_t R, int D, const uint16_t* w, float eps, uint16_t* out) {
   pdl_begin();
   const int64_t r = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
   if (r >= R) return;
-  const int lane = threadIdx.x & 31;
-  const uint16_t* xr = x + r * D;
-  float ss = 0.f;
-  for (int d = lane; d < D; d += 32) {
-    const float v = bf(xr[d]);
-    ss = fmaf(v, v, ss);
-  }
-  ss = warp_sum(ss);
-  const float inv = 1.0f / sqrtf(ss / float(D) + eps);
-  for (int d = lane; d < D; d += 32) out[r * D + d] = to_bf(bf(w[d]) * rbf(bf(xr[d]) * inv));
+  warp_rms_norm_row(x + r * D, w, D, eps, out + r * D);
 }
 
 // Sum of one float per thread over the block (blockDim.x a multiple of 32,
@@ -1268,8 +1317,8 @@ __global__ void rope_kernel(uint16_t* x, int T, int heads, int hd, int off, int 
 
 // mla_rope_split_cache: blocks [0, qblocks) take one (token, head, column)
 // of q each thread (columns < nope copied, then one traditional RoPE pair);
-// the blocks after them one token per warp: the latent's RMSNorm exactly as
-// rms_norm_warp_kernel, and the key's RoPE pairs, both into the cache.
+// the blocks after them one token per warp: the latent's RMSNorm as
+// rms_norm_warp_kernel computes it, and the key's RoPE pairs, both into the cache.
 __global__ void mla_rope_split_cache_kernel(const uint16_t* q, const uint16_t* ckv, int T, int heads, int nope,
                                             int rope, int kv_lora, const uint16_t* kv_norm, float eps,
                                             const float* inv_freq, int pos0, const int* dpos, uint16_t* q_nope,
@@ -1298,14 +1347,7 @@ __global__ void mla_rope_split_cache_kernel(const uint16_t* q, const uint16_t* c
   if (pos >= cap) return;
   const int row = kv_lora + rope;
   const uint16_t* xr = ckv + int64_t(t) * row;
-  float ss = 0.f;
-  for (int d = lane; d < kv_lora; d += 32) {
-    const float v = bf(xr[d]);
-    ss = fmaf(v, v, ss);
-  }
-  ss = warp_sum(ss);
-  const float inv = 1.0f / sqrtf(ss / float(kv_lora) + eps);
-  for (int d = lane; d < kv_lora; d += 32) kc[pos * kv_lora + d] = to_bf(bf(kv_norm[d]) * rbf(bf(xr[d]) * inv));
+  warp_rms_norm_row(xr, kv_norm, kv_lora, eps, kc + pos * kv_lora);
   for (int f = lane; f < half; f += 32)
     rope_pair(xr[kv_lora + 2 * f], xr[kv_lora + 2 * f + 1], int(pos), inv_freq[f], vc[pos * rope + 2 * f],
               vc[pos * rope + 2 * f + 1]);
