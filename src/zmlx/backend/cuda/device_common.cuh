@@ -1,7 +1,7 @@
 // Device helpers shared by the CUDA kernel files (kernels.cu, gemm.cu,
 // mla.cu): bf16 conversions, warp reductions, the tensor-core and async-copy
-// instructions, and the split-partial bookkeeping of flash-decoding style
-// attention. Header-only, every function inline; each .cu file pulls the
+// instructions, the split-partial bookkeeping of flash-decoding style
+// attention, and the kernel launch with programmatic dependent launch. Header-only, every function inline; each .cu file pulls the
 // names into its own anonymous namespace with `using namespace
 // zmlx::cuda::dev;`. All files build with --fmad=false, so the helpers give
 // the same bits wherever they are used.
@@ -11,6 +11,8 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 namespace zmlx::cuda::dev {
 
@@ -112,26 +114,89 @@ __device__ __forceinline__ void store_split_partial(const float (&sm)[W], const 
   }
 }
 
+constexpr int kMaxMergeSplits = 128;  // the most key splits a decode attention uses
+
 // The `splits` partials at `base` (one after another) -> the bf16 output
-// row out[D]; the block's threads share the dimensions.
+// row out[D]; the block's threads share the dimensions (every thread of the
+// block calls this). Each split's weight exp(m - M) is computed once, in
+// shared memory, and a thread's partials are loaded 8 splits at a time: a
+// loop that re-read m and l per split and dimension waited out one load
+// after another. Same arithmetic, in the same order, as before.
 __device__ __forceinline__ void merge_split_partials(const float* base, int D, int splits, uint16_t* out) {
-  float M = -FLT_MAX;
-  for (int s = 0; s < splits; ++s)
-    if (base[s * (D + 2) + 1] > 0.f) M = fmaxf(M, base[s * (D + 2)]);
-  float L = 0.f;
-  for (int s = 0; s < splits; ++s) {
-    const float* p = base + s * (D + 2);
-    if (p[1] > 0.f) L = fmaf(p[1], expf(p[0] - M), L);
+  __shared__ float s_m[kMaxMergeSplits], s_w[kMaxMergeSplits];
+  __shared__ float s_inv;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    s_m[s] = base[s * (D + 2)];
+    s_w[s] = base[s * (D + 2) + 1];  // l, for now
   }
-  const float inv = 1.0f / L;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float M = -FLT_MAX;
+    for (int s = 0; s < splits; ++s)
+      if (s_w[s] > 0.f) M = fmaxf(M, s_m[s]);
+    float L = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const float w = s_w[s] > 0.f ? expf(s_m[s] - M) : 0.f;  // 0: the split saw no key
+      if (s_w[s] > 0.f) L = fmaf(s_w[s], w, L);
+      s_w[s] = w;
+    }
+    s_inv = 1.0f / L;
+  }
+  __syncthreads();
+  const float inv = s_inv;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float a = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const float* p = base + s * (D + 2);
-      if (p[1] > 0.f) a = fmaf(p[2 + d], expf(p[0] - M), a);
+    for (int s0 = 0; s0 < splits; s0 += 8) {
+      float v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = s0 + i < splits ? base[(s0 + i) * (D + 2) + 2 + d] : 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (s0 + i < splits && s_w[s0 + i] > 0.f) a = fmaf(v[i], s_w[s0 + i], a);
     }
     out[d] = to_bf(a * inv);
   }
+}
+
+// ---------------------------------------------------------------- launch
+
+// Programmatic dependent launch (Hopper): every kernel waits for its
+// predecessor's results before touching memory, then lets its successor
+// start launching, so launch latency overlaps the previous kernel's tail.
+// Without the launch attribute the two instructions are no-ops. Launch with
+// launch() / launch_smem(); ZMLX_CUDA_PDL=0 launches without the attribute.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+inline bool pdl_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("ZMLX_CUDA_PDL");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
+template <typename... KArgs, typename... Args>
+void launch_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Args... args) {
+  launch_smem(kernel, grid, block, 0, s, args...);
 }
 
 }  // namespace zmlx::cuda::dev

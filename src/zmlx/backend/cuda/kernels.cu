@@ -36,44 +36,6 @@ struct MultiQ {
   int n;
 };
 
-// Programmatic dependent launch (Hopper): every kernel waits for its
-// predecessor's results before touching memory, then lets its successor
-// start launching, so launch latency overlaps the previous kernel's tail.
-// Without the launch attribute the two instructions are no-ops.
-__device__ __forceinline__ void pdl_begin() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-
-bool pdl_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("ZMLX_CUDA_PDL");
-    return !(e && std::string(e) == "0");
-  }();
-  return on;
-}
-
-template <typename... KArgs, typename... Args>
-void launch_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args... args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
-  cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
-}
-template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Args... args) {
-  launch_smem(kernel, grid, block, 0, s, args...);
-}
-
 void check_launch(const char* what) {
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA kernel ") + what + ": " + cudaGetErrorString(e));

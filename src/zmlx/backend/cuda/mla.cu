@@ -236,6 +236,7 @@ __global__ void __launch_bounds__(kDW * 32) pe_decode_kernel(const uint16_t* q, 
                                                              const uint16_t* q_pe, const uint16_t* k_pe, int heads,
                                                              int kvh, int pos0, const int* dpos, float scale,
                                                              int splits, float* scratch) {
+  pdl_begin();
   constexpr int D = 32 * PL, DR = 32 * RL;
   const int h = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -336,6 +337,7 @@ __global__ void __launch_bounds__(kDW * 32) pe_decode_kernel(const uint16_t* q, 
 
 // Split partials (m, l, acc[D]) of one (token, head) -> its bf16 output row.
 __global__ void pe_merge_kernel(const float* scratch, int heads, int D, int splits, uint16_t* out) {
+  pdl_begin();
   const int h = blockIdx.x, t = blockIdx.y;
   merge_split_partials(scratch + (int64_t(t) * heads + h) * splits * (D + 2), D, splits,
                        out + (int64_t(t) * heads + h) * D);
@@ -517,7 +519,7 @@ bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, c
   const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
   const bool same = k == v;
   auto go = [&](auto kern) {
-    kern<<<grid, kDW * 32, 0, s>>>(q, k, v, q_pe, k_pe, heads, kv_heads, pos0, dpos, scale, splits, scratch);
+    launch(kern, grid, dim3(kDW * 32), s, q, k, v, q_pe, k_pe, heads, kv_heads, pos0, dpos, scale, splits, scratch);
   };
   if (dk == 512) {
     if (dr == 64) same ? go(pe_decode_kernel<16, 2, true>) : go(pe_decode_kernel<16, 2, false>);
@@ -526,7 +528,7 @@ bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, c
     if (dr == 64) same ? go(pe_decode_kernel<8, 2, true>) : go(pe_decode_kernel<8, 2, false>);
     else same ? go(pe_decode_kernel<8, 1, true>) : go(pe_decode_kernel<8, 1, false>);
   }
-  pe_merge_kernel<<<dim3(unsigned(heads), unsigned(T)), 128, 0, s>>>(scratch, heads, dv, splits, out);
+  launch(pe_merge_kernel, dim3(unsigned(heads), unsigned(T)), dim3(128), s, scratch, heads, dv, splits, out);
   return true;
 }
 

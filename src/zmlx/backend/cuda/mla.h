@@ -16,7 +16,8 @@
 // - multi_linear_n: out[t, h·C + c] = Σ_r x[t, h, r] · W[h][r][c] on tensor
 //   cores (W dequantized per tile to bf16(fma(scale, q, bias)), as gemm.cu).
 //
-// All enqueue on stream s without programmatic dependent launch.
+// The decode kernels enqueue with programmatic dependent launch (as kernels.cu's),
+// the prefill ones without.
 #pragma once
 #include <cstdint>
 
