@@ -116,6 +116,21 @@ def parse_args() -> argparse.Namespace:
 #   "bias"   F32, 0.01 N(0,1)
 #   "f32"    F32 matrix, N(0,1)/sqrt(ne[0])
 
+def dense_ffn(b: str, E: int, FF: int) -> list[tuple[str, tuple[int, ...], str]]:
+    """A dense SwiGLU MLP's three matrices (layer prefix b)."""
+    return [(b + "ffn_gate.weight", (E, FF), "q"), (b + "ffn_up.weight", (E, FF), "q"),
+            (b + "ffn_down.weight", (FF, E), "q")]
+
+
+def routed_experts(b: str, E: int, FFE: int, NE: int, bias: bool) -> list[tuple[str, tuple[int, ...], str]]:
+    """Router (F32, + the selection bias when the arch has one) and the stacked experts."""
+    t = [(b + "ffn_gate_inp.weight", (E, NE), "router")]
+    if bias:
+        t.append((b + "exp_probs_b.bias", (NE,), "bias"))
+    return t + [(b + "ffn_gate_exps.weight", (E, FFE, NE), "q"), (b + "ffn_up_exps.weight", (E, FFE, NE), "q"),
+                (b + "ffn_down_exps.weight", (FFE, E, NE), "q")]
+
+
 def tensors_qwen3moe(h: dict) -> list[tuple[str, tuple[int, ...], str]]:
     E, H, HKV, D = h["n_embd"], h["n_head"], h["n_head_kv"], h["head_dim"]
     NE, FF, V = h["n_expert"], h["n_ff_exp"], h["vocab"]
@@ -131,11 +146,8 @@ def tensors_qwen3moe(h: dict) -> list[tuple[str, tuple[int, ...], str]]:
             (b + "attn_k_norm.weight", (D,), "norm"),
             (b + "attn_output.weight", (H * D, E), "q"),
             (b + "ffn_norm.weight", (E,), "norm"),
-            (b + "ffn_gate_inp.weight", (E, NE), "router"),
-            (b + "ffn_gate_exps.weight", (E, FF, NE), "q"),
-            (b + "ffn_up_exps.weight", (E, FF, NE), "q"),
-            (b + "ffn_down_exps.weight", (FF, E, NE), "q"),
         ]
+        t += routed_experts(b, E, FF, NE, bias=False)
     t.append(("output_norm.weight", (E,), "norm"))
     t.append(("output.weight", (E, V), "out"))
     return t
@@ -162,18 +174,9 @@ def tensors_glm4moelite(h: dict) -> list[tuple[str, tuple[int, ...], str]]:
             (b + "ffn_norm.weight", (E,), "norm"),
         ]
         if i < h["n_dense_lead"]:
-            t += [
-                (b + "ffn_gate.weight", (E, FF), "q"),
-                (b + "ffn_up.weight", (E, FF), "q"),
-                (b + "ffn_down.weight", (FF, E), "q"),
-            ]
+            t += dense_ffn(b, E, FF)
         else:
-            t += [
-                (b + "ffn_gate_inp.weight", (E, NE), "router"),
-                (b + "exp_probs_b.bias", (NE,), "bias"),
-                (b + "ffn_gate_exps.weight", (E, FFE, NE), "q"),
-                (b + "ffn_up_exps.weight", (E, FFE, NE), "q"),
-                (b + "ffn_down_exps.weight", (FFE, E, NE), "q"),
+            t += routed_experts(b, E, FFE, NE, bias=True) + [
                 (b + "ffn_gate_shexp.weight", (E, FFE * NSH), "q"),
                 (b + "ffn_up_shexp.weight", (E, FFE * NSH), "q"),
                 (b + "ffn_down_shexp.weight", (FFE * NSH, E), "q"),
@@ -208,19 +211,9 @@ def tensors_lfm2moe(h: dict) -> list[tuple[str, tuple[int, ...], str]]:
             ]
         t.append((b + "ffn_norm.weight", (E,), "norm"))
         if i < h["n_dense_lead"]:
-            t += [
-                (b + "ffn_gate.weight", (E, FF), "q"),
-                (b + "ffn_up.weight", (E, FF), "q"),
-                (b + "ffn_down.weight", (FF, E), "q"),
-            ]
+            t += dense_ffn(b, E, FF)
         else:
-            t += [
-                (b + "ffn_gate_inp.weight", (E, NE), "router"),
-                (b + "exp_probs_b.bias", (NE,), "bias"),
-                (b + "ffn_gate_exps.weight", (E, FFE, NE), "q"),
-                (b + "ffn_up_exps.weight", (E, FFE, NE), "q"),
-                (b + "ffn_down_exps.weight", (FFE, E, NE), "q"),
-            ]
+            t += routed_experts(b, E, FFE, NE, bias=True)
     t.append(("token_embd_norm.weight", (E,), "norm"))   # LFM2's final norm (llama.cpp's name)
     return t
 
