@@ -568,6 +568,18 @@ def thread_probe(zmlx: str, model: str, ids: list, work: str, log: list) -> dict
     return out
 
 
+
+def announce_zmlx_runs(tag: str, v: str, seconds: float, zmlx: str, model: str, probe_ids: list, work: str,
+                       log: list, results: dict) -> None:
+    """Prints that conversion v's references are done and how zmlx will run; for the first conversion also
+    times the thread probe (thread_probe) and records it in results["env"]."""
+    print(f"[{tag}] {v}: references done ({seconds:.1f}s); zmlx runs with OMP_NUM_THREADS "
+          f"{ZMLX_THREADS['n'] or 'inherited'}, env {json.dumps(runtime_env())}", flush=True)
+    if v == "bf16":
+        results["env"]["zmlx_thread_probe_s"] = thread_probe(zmlx, model, probe_ids, work, log)
+        print(f"[{tag}] thread probe (zmlx logits --chunk 1 of {len(probe_ids)} tokens, seconds by "
+              f"OMP_NUM_THREADS): {results['env']['zmlx_thread_probe_s']}", flush=True)
+
 def add_run_limit_args(ap) -> None:
     ap.add_argument("--zmlx-threads", type=int, default=-1,
                     help="OMP_NUM_THREADS of the zmlx commands: -1 = min(4, CPUs) (default), 0 = inherit")
@@ -1078,12 +1090,7 @@ def main() -> int:
                     if note.startswith("MISMATCH"):
                         failures.append(f"transformers model: {note}")
             main_ref = "hf_bf16" if hf is not None else "np_bf16"
-            print(f"[oracle] {v}: references done ({time.time() - t_start:.1f}s); zmlx runs with OMP_NUM_THREADS "
-                  f"{ZMLX_THREADS['n'] or 'inherited'}, env {json.dumps(runtime_env())}", flush=True)
-            if v == "bf16":
-                results["env"]["zmlx_thread_probe_s"] = thread_probe(zmlx, d, prompts[0], work, log)
-                print(f"[oracle] thread probe (zmlx logits --chunk 1, seconds by OMP_NUM_THREADS): "
-                      f"{results['env']['zmlx_thread_probe_s']}", flush=True)
+            announce_zmlx_runs("oracle", v, time.time() - t_start, zmlx, d, prompts[0], work, log, results)
             z = {"one_pass": [], f"chunk{args.chunk}": [], "chunk1": []}
             for i, ids in enumerate(prompts):
                 t1 = time.time()

@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from oracle import (ZMLX_THREADS, add_run_limit_args, aggregate, bf16_bits_to_f32, bf16_round,  # noqa: E402
                     compare, f32_to_bf16_bits, hf_from_pretrained, layers_zeroed_rel_l2, load_mlx, mismatch_details,
                     progress, run, runtime_env, safetensors_files, saved_dtypes, set_run_limits, st_read, st_write,
-                    thread_probe, tie_stats, zmlx_logits, zmlx_time_summary)
+                    announce_zmlx_runs, tie_stats, zmlx_logits, zmlx_time_summary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,12 +397,7 @@ def main(fam: Family) -> int:
                 for note in (i1.get("failures") or []):
                     failures.append(f"{v}: transformers alignment: {note}")
             main = "hf_bf16_mlx" if hf is not None else "np_bf16"
-            print(f"[{fam.tag}] {v}: references done ({time.time() - t0:.1f}s); zmlx runs with OMP_NUM_THREADS "
-                  f"{ZMLX_THREADS['n'] or 'inherited'}, env {json.dumps(runtime_env())}", flush=True)
-            if v == "bf16":
-                results["env"]["zmlx_thread_probe_s"] = thread_probe(zmlx, d, allp[-1], work, log)
-                print(f"[{fam.tag}] thread probe (zmlx logits --chunk 1 of {len(allp[-1])} tokens, seconds by "
-                      f"OMP_NUM_THREADS): {results['env']['zmlx_thread_probe_s']}", flush=True)
+            announce_zmlx_runs(fam.tag, v, time.time() - t0, zmlx, d, allp[-1], work, log, results)
 
             z = {"one": [], "chunk": [], "chunk1": []}
             for i, ids in enumerate(allp):

@@ -66,7 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from oracle import (ZMLX_THREADS, add_head_arg, add_run_limit_args, aggregate, bf16_round,  # noqa: E402
                     compare, f32_to_bf16_bits, hf_from_pretrained, layers_zeroed_rel_l2, load_mlx, mismatch_details,
                     mlx_to_hf, mutated_copy, progress, run, runtime_env, saved_dtypes, scale_head_rows, set_ones,
-                    set_run_limits, st_write, swap_experts_0_1, thread_probe, tie_stats, zmlx_logits,
+                    set_run_limits, st_write, swap_experts_0_1, announce_zmlx_runs, tie_stats, zmlx_logits,
                     zmlx_time_summary)
 
 
@@ -492,12 +492,7 @@ def main() -> int:
                 del m32
                 results["checks"][f"hf_load_notes_{v}"] = n16 + n16b + n32
 
-            print(f"[oracle_glm] {v}: references done ({time.time() - t0:.1f}s); zmlx runs with OMP_NUM_THREADS "
-                  f"{ZMLX_THREADS['n'] or 'inherited'}, env {json.dumps(runtime_env())}", flush=True)
-            if v == "bf16":
-                results["env"]["zmlx_thread_probe_s"] = thread_probe(zmlx, d, prompts[0], work, log)
-                print(f"[oracle_glm] thread probe (zmlx logits --chunk 1, seconds by OMP_NUM_THREADS): "
-                      f"{results['env']['zmlx_thread_probe_s']}", flush=True)
+            announce_zmlx_runs("oracle_glm", v, time.time() - t0, zmlx, d, prompts[0], work, log, results)
             z = {"one_pass": [], "chunk": [], "chunk1": []}
             for i, ids in enumerate(prompts):
                 t1 = time.time()
