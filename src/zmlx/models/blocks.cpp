@@ -92,10 +92,11 @@ std::pair<Tensor, Tensor> Backend::mla_rope_split_cache(const Tensor& q, const T
                                                         float eps, int64_t heads, int64_t nope_dim, int64_t rope_dim,
                                                         int64_t pos0, float base, KvLayer& cache) {
   const int64_t qd = nope_dim + rope_dim, kv_lora = ckv.cols() - rope_dim;
-  Tensor qr = q;  // roped in place, as the model did before this op existed
-  rope(qr, heads, qd, nope_dim, rope_dim, pos0, base, /*traditional=*/true);
-  Tensor q_nope = slice_cols(qr, qd, 0, nope_dim);
-  Tensor q_pe = slice_cols(qr, qd, nope_dim, rope_dim);
+  // Split first, then rope the copy (q stays as it was): the same pairs at the
+  // same positions as roping the last rope_dim columns of every head in place.
+  Tensor q_nope = slice_cols(q, qd, 0, nope_dim);
+  Tensor q_pe = slice_cols(q, qd, nope_dim, rope_dim);
+  rope(q_pe, heads, rope_dim, 0, rope_dim, pos0, base, /*traditional=*/true);
   Tensor latent = rms_norm(slice_cols(ckv, kv_lora + rope_dim, 0, kv_lora), kv_norm, eps);
   Tensor k_pe = slice_cols(ckv, kv_lora + rope_dim, kv_lora, rope_dim);
   rope(k_pe, 1, rope_dim, 0, rope_dim, pos0, base, /*traditional=*/true);

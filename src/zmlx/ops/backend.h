@@ -122,7 +122,8 @@ class Backend {
   // q_pe [T, heads*rope_dim]; then ckv [T, kv_lora+rope_dim] = [latent | k_pe]:
   // the latent RMS-normalised with kv_norm, k_pe roped (traditional), both
   // written to the latent cache at positions pos0... Returns {q_nope, q_pe}.
-  // Same results as rope, slice_cols, rms_norm, rope and kv_write in that order.
+  // q is not modified. Same results as rope, slice_cols, rms_norm, rope and
+  // kv_write in that order.
   virtual std::pair<Tensor, Tensor> mla_rope_split_cache(const Tensor& q, const Tensor& ckv, const Tensor& kv_norm,
                                                          float eps, int64_t heads, int64_t nope_dim, int64_t rope_dim,
                                                          int64_t pos0, float base, KvLayer& cache);
