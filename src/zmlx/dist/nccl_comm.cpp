@@ -10,7 +10,10 @@
 // a watchdog thread checks that the events complete: an operation still
 // pending `timeout` seconds after it became the oldest one (or an error NCCL
 // reports asynchronously, e.g. a broken connection) ends the whole job with a
-// message naming the peer, as the MPI communicator's deadlines do.
+// message naming the peer, as the MPI communicator's deadlines do. An
+// operation issued while the backend records a CUDA graph (a decode step)
+// runs at every replay instead: the caller then hands each launched replay
+// to the watchdog as one operation (watch_device_work).
 //
 // Teardown: ncclCommDestroy and ncclCommAbort wait for the other ranks on the
 // node to take part, so a peer that hangs (alive, not answering) would keep
