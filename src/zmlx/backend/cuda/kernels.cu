@@ -788,10 +788,11 @@ MmaMode mma_mode() {
 }
 // Whether the MMA path computes this matrix. A function of the format and K
 // only, so every kernel of one product (fused or not) makes the same choice.
-bool use_mma(const QMat& m) {
+bool mma_format(const QMat& m) {
   return m.bits == 4 && m.cols % 32 == 0 && m.cols <= kMmaMaxK && m.group >= 32 && m.group % 32 == 0 &&
-         m.cols % m.group == 0 && mma_mode() != MmaMode::Off;
+         m.cols % m.group == 0;
 }
+bool use_mma(const QMat& m) { return mma_format(m) && mma_mode() != MmaMode::Off; }
 // Plain linears (linear, linear_multi, linear_swiglu) up to 2^23 weights
 // keep the scalar kernels: below that the MMA path's fixed cost (~4.1 us on
 // an H100, whatever the size) loses to the scalar kernels, above it the
@@ -803,7 +804,8 @@ bool use_mma(const QMat& m) {
 // use it: gather, gather_swiglu and gather_combine must choose alike.
 constexpr int64_t kMmaMinWeights = int64_t(1) << 23;
 bool use_mma_linear(const QMat& m) {
-  return use_mma(m) && (m.rows * m.cols > kMmaMinWeights || mma_mode() == MmaMode::All);
+  const MmaMode mode = mma_mode();
+  return mode != MmaMode::Off && mma_format(m) && (mode == MmaMode::All || m.rows * m.cols > kMmaMinWeights);
 }
 
 // Warps per 16-row tile: about 4 slabs (2 steps) a warp, so short rows keep
@@ -1972,7 +1974,11 @@ void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, 
     default: throw std::runtime_error("CUDA attention: head_dim " + std::to_string(head_dim) + " (supported: 32, 64, 128, 256)");
   }
   check_launch("attention");
-  launch(attn_merge_kernel, dim3(dim3(unsigned(heads), unsigned(T))), dim3(128), s, scratch, heads, head_dim, splits, out);
+  merge_attention_splits(scratch, T, heads, head_dim, splits, out, s);
+}
+
+void merge_attention_splits(const float* scratch, int T, int heads, int D, int splits, uint16_t* out, cudaStream_t s) {
+  launch(attn_merge_kernel, dim3(unsigned(heads), unsigned(T)), dim3(128), s, scratch, heads, D, splits, out);
   check_launch("attention merge");
 }
 
@@ -2025,8 +2031,7 @@ void attention_pe(const uint16_t* q, const uint16_t* k, const uint16_t* v, const
   launch(attn_pe_partial_kernel, dim3(unsigned(heads), unsigned(splits), unsigned(T)), dim3(kAttnWarps * 32), s, q, k,
          v, q_pe, k_pe, heads, kv_heads, dk, dv, dr, pos0, dpos, scale, splits, scratch);
   check_launch("attention_pe");
-  launch(attn_merge_kernel, dim3(unsigned(heads), unsigned(T)), dim3(128), s, scratch, heads, dv, splits, out);
-  check_launch("attention_pe merge");
+  merge_attention_splits(scratch, T, heads, dv, splits, out, s);
 }
 
 void multi_linear(const uint16_t* x, int T, int64_t ldx, int64_t xoff, int H, const QMat& w, bool transpose,

@@ -81,6 +81,10 @@ void swiglu(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* out, cuda
 // Cache layout [kv_heads, capacity, head_dim].
 void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int head_dim, int v_dim, const uint16_t* k,
               const uint16_t* v, int T, int pos0, const int* dpos, cudaStream_t s);
+// The flash-decoding merge: the `splits` partials (m, l, acc[D]) of every
+// (token, head) in scratch -> out [T, heads·D] bf16. attention, attention_pe
+// and mla.cu's decode kernels write partials in this layout.
+void merge_attention_splits(const float* scratch, int T, int heads, int D, int splits, uint16_t* out, cudaStream_t s);
 // Causal GQA attention, split over `splits` key ranges per (token, head)
 // (flash-decoding) and merged; scratch holds T·heads·splits·(head_dim + 2) floats.
 void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, const uint16_t* kc,

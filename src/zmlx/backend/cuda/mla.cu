@@ -335,14 +335,6 @@ __global__ void __launch_bounds__(kDW * 32) pe_decode_kernel(const uint16_t* q, 
   store_split_partial(sm, sl, sacc, D, scratch + ((int64_t(t) * heads + h) * splits + s) * (D + 2));
 }
 
-// Split partials (m, l, acc[D]) of one (token, head) -> its bf16 output row.
-__global__ void pe_merge_kernel(const float* scratch, int heads, int D, int splits, uint16_t* out) {
-  pdl_begin();
-  const int h = blockIdx.x, t = blockIdx.y;
-  merge_split_partials(scratch + (int64_t(t) * heads + h) * splits * (D + 2), D, splits,
-                       out + (int64_t(t) * heads + h) * D);
-}
-
 // ------------------------------------------------------------ multi_linear (no transpose)
 
 constexpr int kMT = 64;  // tokens per block
@@ -528,7 +520,7 @@ bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, c
     if (dr == 64) same ? go(pe_decode_kernel<8, 2, true>) : go(pe_decode_kernel<8, 2, false>);
     else same ? go(pe_decode_kernel<8, 1, true>) : go(pe_decode_kernel<8, 1, false>);
   }
-  launch(pe_merge_kernel, dim3(unsigned(heads), unsigned(T)), dim3(128), s, scratch, heads, dv, splits, out);
+  cuda::k::merge_attention_splits(scratch, T, heads, dv, splits, out, s);  // the partials are in its layout
   return true;
 }
 
