@@ -169,14 +169,20 @@ int main(int argc, char** argv) {
   const Shape shapes[] = {{"dense q_proj 2048->4096", 4096, 2048},
                           {"dense k_proj 2048->512", 512, 2048},
                           {"dense o_proj 4096->2048", 2048, 4096},
-                          {"dense moe-sized 2048->768", 768, 2048}};
+                          {"dense moe-sized 2048->768", 768, 2048},
+                          {"dense router 2048->128", 128, 2048}};
   uint16_t *ax, *ay;
   CK(cudaMalloc(&ax, size_t(T) * 4096 * 2));
   CK(cudaMalloc(&ay, size_t(T) * 4096 * 2));
   fill_bf16<<<1024, 256>>>(ax, size_t(T) * 4096, 9, -1.f, 2.f);
   for (const Shape& s : shapes) {
     DevQ w(1, s.N, s.K, bits, group, 44);
-    const double us = time_us([&] { g::gemm_dense(ax, T, w.m, ay, nullptr); }, reps);
+    // Small tile grids split K (gemm.h); the split sums' workspace is timed too.
+    float* split_ws = nullptr;
+    const size_t split_bytes = g::gemm_dense_workspace_bytes(T, w.m, false);
+    if (split_bytes) CK(cudaMalloc(&split_ws, split_bytes));
+    const double us = time_us([&] { g::gemm_dense(ax, T, w.m, ay, nullptr, split_ws); }, reps);
+    cudaFree(split_ws);
     report(s.name, us, 2.0 * T * s.N * s.K, w.bytes_per_expert() + 2.0 * T * s.K + 2.0 * T * s.N);
   }
   {

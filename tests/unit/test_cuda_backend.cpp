@@ -167,12 +167,15 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
   auto g = gpu();
   auto c = make_cpu_backend();
   std::mt19937 rng(14);
-  for (int64_t hd : {64, 128}) {
-    const int64_t H = 8, Hkv = 2, P = 700;
+  for (auto [H, Hkv, hd] : {std::tuple<int64_t, int64_t, int64_t>{8, 2, 64}, {8, 2, 128}, {32, 4, 128}, {4, 4, 256}}) {
     KvLayer ck = c->new_kv_layer(Hkv, hd, 256), gk = g->new_kv_layer(Hkv, hd, 256);
-    // Prefill 700 tokens in two chunks (the cache grows), then decode 3 steps.
+    // Prefill 700 tokens in four chunks (the cache grows; chunk lengths that
+    // are not multiples of the flash kernel's 64-query tiles, and chunks
+    // after the first see earlier keys), then decode 3 steps. Prefill chunks
+    // go through the flash kernel and, with ZMLX_CUDA_FLASH=0, through the
+    // plain split kernels: both must match the CPU.
     int64_t pos = 0;
-    for (int64_t T : {int64_t(300), P - 300, int64_t(1), int64_t(1), int64_t(1)}) {
+    for (int64_t T : {int64_t(65), int64_t(235), int64_t(17), int64_t(383), int64_t(1), int64_t(1), int64_t(1)}) {
       Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(T * H * hd)), {T, H * hd});
       Tensor k = test::bf16_tensor(test::random_bf16(rng, size_t(T * Hkv * hd)), {T, Hkv * hd});
       Tensor v = test::bf16_tensor(test::random_bf16(rng, size_t(T * Hkv * hd)), {T, Hkv * hd});
@@ -181,7 +184,14 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
       const float scale = 1.f / std::sqrt(float(hd));
       const auto ref = host_floats(*c, c->attention(q, ck, pos, H, Hkv, hd, scale));
       const auto got = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
-      EXPECT_LT(rel_l2(got, ref), 5e-3) << "hd " << hd << " pos " << pos << " T " << T;
+      EXPECT_LT(rel_l2(got, ref), 5e-3) << "H " << H << " hd " << hd << " pos " << pos << " T " << T;
+      if (T > 1) {
+        setenv("ZMLX_CUDA_FLASH", "0", 1);
+        const auto plain = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
+        unsetenv("ZMLX_CUDA_FLASH");
+        EXPECT_LT(rel_l2(plain, ref), 5e-3) << "plain kernels, H " << H << " hd " << hd << " pos " << pos;
+        EXPECT_GT(rel_l2(plain, got), 0.0) << "the flash path was not taken (same bits as the plain kernels)";
+      }
       pos += T;
     }
   }

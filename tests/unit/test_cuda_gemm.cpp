@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "zmlx/backend/cuda/gemm.h"
+#include "zmlx/backend/cuda/kernels.h"  // k::swiglu (the unfused composition)
 
 namespace {
 
@@ -256,7 +257,8 @@ void run_dense(const DenseCase& c, unsigned seed) {
   DevW dw(hw);
   ASSERT_TRUE(g::gemm_supported(dw.m));
   Dev<uint16_t> dx(x), dy(size_t(c.T) * c.N, kPoison);
-  g::gemm_dense(dx.p, c.T, dw.m, dy.p, nullptr);
+  Dev<float> ws(g::gemm_dense_workspace_bytes(c.T, dw.m, false) / 4, 0.f);
+  g::gemm_dense(dx.p, c.T, dw.m, dy.p, nullptr, ws.p);
   CK(cudaDeviceSynchronize());
   char name[160];
   std::snprintf(name, sizeof name, "gemm_dense T=%d K=%lld N=%lld bits=%d group=%d %s", c.T, (long long)c.K,
@@ -284,8 +286,9 @@ TEST(CudaGemm, DenseSwiglu) {
     int bits, group;
     bool exact;
   };
-  const Case cases[] = {{1, 64, 48, 4, 64, true}, {33, 512, 200, 4, 64, true}, {300, 2048, 768, 8, 64, false},
-                        {70, 256, 96, 16, 64, false}};
+  // {300, 2048, 768} and {33, 2048, 1024} split K (4 ranges), the others not.
+  const Case cases[] = {{1, 64, 48, 4, 64, true},      {33, 512, 200, 4, 64, true}, {300, 2048, 768, 8, 64, false},
+                        {70, 256, 96, 16, 64, false},  {33, 2048, 1024, 4, 128, false}};
   unsigned seed = 50;
   for (const Case& c : cases) {
     std::mt19937 rng(seed++);
@@ -306,13 +309,41 @@ TEST(CudaGemm, DenseSwiglu) {
       }
     DevW dg(hg), du(hu);
     Dev<uint16_t> dx(x), dy(size_t(c.T) * c.I, kPoison);
-    g::gemm_dense_swiglu(dx.p, c.T, dg.m, du.m, dy.p, nullptr);
+    Dev<float> ws(g::gemm_dense_workspace_bytes(c.T, dg.m, true) / 4, 0.f);
+    g::gemm_dense_swiglu(dx.p, c.T, dg.m, du.m, dy.p, nullptr, ws.p);
     CK(cudaDeviceSynchronize());
+    // The unfused composition (gate GEMM, up GEMM, swiglu kernel) gives the
+    // same bits, split K or not.
+    {
+      Dev<uint16_t> gy(size_t(c.T) * c.I, kPoison), uy(size_t(c.T) * c.I, kPoison), sy(size_t(c.T) * c.I, kPoison);
+      Dev<float> w1(g::gemm_dense_workspace_bytes(c.T, dg.m, false) / 4, 0.f);
+      g::gemm_dense(dx.p, c.T, dg.m, gy.p, nullptr, w1.p);
+      g::gemm_dense(dx.p, c.T, du.m, uy.p, nullptr, w1.p);
+      zmlx::cuda::k::swiglu(gy.p, uy.p, int64_t(c.T) * c.I, sy.p, nullptr);
+      CK(cudaDeviceSynchronize());
+      EXPECT_TRUE(sy.get() == dy.get()) << "fused and unfused dense SwiGLU differ, T " << c.T << " K " << c.K
+                                        << " I " << c.I << " (split workspace " << ws.n << " floats)";
+    }
     char name[160];
     std::snprintf(name, sizeof name, "gemm_dense_swiglu T=%d K=%lld I=%lld bits=%d group=%d %s", c.T,
                   (long long)c.K, (long long)c.I, c.bits, c.group, c.exact ? "exact" : "general");
     expect_close(name, dy.get(), ref, nullptr, c.T, c.I, 5e-3, false);
   }
+}
+
+TEST(CudaGemm, SplitKOnlyForSmallGrids) {
+  g::QMat m;
+  m.bits = 4, m.group = 64;
+  auto bytes = [&](int T, int64_t N, int64_t K) {
+    m.rows = N, m.cols = K;
+    return g::gemm_dense_workspace_bytes(T, m, false);
+  };
+  EXPECT_EQ(bytes(512, 4096, 2048), 0u) << "256 tiles fill the GPU: no split";
+  EXPECT_EQ(bytes(512, 512, 2048), size_t(4) * 512 * 512 * 4) << "32 tiles, 32 K-steps: 4 ranges of 8";
+  EXPECT_EQ(bytes(512, 2048, 4096), size_t(2) * 512 * 2048 * 4) << "128 tiles: 2 ranges";
+  EXPECT_EQ(bytes(33, 2048, 512), 0u) << "8 K-steps cannot split";
+  m.rows = 768, m.cols = 2048;
+  EXPECT_EQ(g::gemm_dense_workspace_bytes(300, m, true), 2 * g::gemm_dense_workspace_bytes(300, m, false));
 }
 
 TEST(CudaGemm, Supported) {

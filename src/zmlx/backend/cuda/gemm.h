@@ -40,11 +40,21 @@ constexpr int kMaxExperts = 1024;
 // checkpoints whose cols is a multiple of 64).
 bool gemm_supported(const QMat& w);
 
+// Dense GEMMs whose (tokens x rows) tile grid is small split K over blocks
+// (fp32 partial sums, added in split order by a second kernel): they need
+// this many bytes of device workspace (0: no split). The split depends on
+// T and w's shape only, so gemm_dense_swiglu and the two gemm_dense of the
+// same MLP split alike (swiglu: pass true; same bits either way).
+size_t gemm_dense_workspace_bytes(int T, const QMat& w, bool swiglu);
+
 // y[T, N] = bf16(x[T, K] · Wᵀ), N = w.rows, K = w.cols. Uses expert 0 of w.
-void gemm_dense(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s);
+// workspace: gemm_dense_workspace_bytes(T, w, false) bytes (may be null when 0).
+void gemm_dense(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s, float* workspace = nullptr);
 
 // y[T, I] = swiglu(bf16(x · Gᵀ), bf16(x · Uᵀ)) (dense MLP; swiglu as below).
-void gemm_dense_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s);
+// workspace: gemm_dense_workspace_bytes(T, g, true) bytes.
+void gemm_dense_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s,
+                       float* workspace = nullptr);
 
 // Bytes of device workspace moe_gate_up_swiglu / moe_down need for T tokens
 // with k slots each (E = number of experts, <= kMaxExperts; only checked).

@@ -674,12 +674,18 @@ __device__ __forceinline__ float mma_split_sum(const float* red, int w0, int S, 
   return v;
 }
 
-// Decode (one input row per pair blockIdx.y): a block holds kMmaWarps / S
-// tiles of 16 rows, S warps each.
+// Decode (one input row per pair blockIdx.y): a block of WARPS warps holds
+// WARPS / S tiles of 16 rows, S warps each.
 // Register caps: as many blocks an SM as fit without spilling (ptxas: ~112
-// registers for one matrix, ~164 for gate+up).
-template <int NM>
-__global__ void __launch_bounds__(256, NM == 1 ? 2 : 1) mma_decode_kernel(const uint16_t* x, MmaJob job) {
+// registers for one matrix, ~164 for gate+up). Gate+up therefore runs 8
+// warps an SM at most; in blocks of 8 warps that is one block an SM, and
+// the 192 blocks of Qwen3's 8 experts took 1.45 waves of 132 SMs. Blocks of
+// 4 warps (S <= 4) fit 3 an SM (12 warps, 170 registers each at most), so
+// the same work is one wave. The warps per block change which block computes
+// a row, not how: the bits are the same.
+template <int NM, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? 3 : 1))
+    mma_decode_kernel(const uint16_t* x, MmaJob job) {
   extern __shared__ __align__(16) uint32_t mma_smem[];
   pdl_begin();
   int i = 0;
@@ -693,7 +699,7 @@ __global__ void __launch_bounds__(256, NM == 1 ? 2 : 1) mma_decode_kernel(const 
   const int64_t xr = job.ex ? (job.per_slot ? p : p / job.k) : 0;
   const int64_t K = ms[0].cols, rows = ms[0].rows;
   float* red = reinterpret_cast<float*>(mma_smem + mma_stage_words(K));
-  const int S = job.splits, tpb = kMmaWarps / S, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int S = job.splits, tpb = WARPS / S, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t tile0 = (int64_t(blockIdx.x) - job.first_block[i]) * tpb;
   const int64_t r0 = (tile0 + warp / S) * 16;
   const MmaRows rw = mma_rows(ms, r0);
@@ -817,17 +823,34 @@ int mma_splits(int64_t K) {
   return s;
 }
 
-template <int NM>
-void mma_decode(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s) {
+// ZMLX_CUDA_MMA_WARPS=8 keeps gate+up in blocks of 8 warps (A/B runs).
+bool small_swiglu_blocks() {
+  static const bool on = [] {
+    const char* e = std::getenv("ZMLX_CUDA_MMA_WARPS");
+    return !(e && std::string(e) == "8");
+  }();
+  return on;
+}
+
+template <int NM, int WARPS>
+void mma_decode_w(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s) {
   const int64_t K = job.m[0].cols;
-  job.splits = mma_splits(K);
-  const int64_t per_block = 16 * (kMmaWarps / job.splits);
+  const int64_t per_block = 16 * (WARPS / job.splits);
   const int nout = NM == 1 ? job.n : 1;
   job.first_block[0] = 0;
   for (int i = 0; i < nout; ++i)
     job.first_block[i + 1] = job.first_block[i] + (job.m[i].rows + per_block - 1) / per_block;
-  const size_t smem = size_t(mma_stage_words(K) + kMmaWarps * NM * 16) * 4;
-  launch_smem(mma_decode_kernel<NM>, dim3(unsigned(job.first_block[nout]), pairs), dim3(256), smem, s, x, job);
+  const size_t smem = size_t(mma_stage_words(K) + WARPS * NM * 16) * 4;
+  launch_smem(mma_decode_kernel<NM, WARPS>, dim3(unsigned(job.first_block[nout]), pairs), dim3(WARPS * 32), smem, s, x,
+              job);
+}
+
+template <int NM>
+void mma_decode(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s) {
+  job.splits = mma_splits(job.m[0].cols);
+  if constexpr (NM == 2)
+    if (job.splits <= 4 && small_swiglu_blocks()) return mma_decode_w<NM, 4>(x, job, pairs, s);
+  mma_decode_w<NM, kMmaWarps>(x, job, pairs, s);
 }
 
 MmaJob mma_job(const QMat* ms, uint16_t* const* ys, int n) {

@@ -36,11 +36,19 @@ constexpr int flash_smem() {
 
 // Block (query tile, head). Q tile rows = [q_nope (dk) | bf16(scale·q_pe) (dr)],
 // K tile rows = [k_nope (dk) | k_pe (dr)], V tile rows = v (DV).
+//
+// Where key j of kv group g lives: k + j·k_row + g·k_group (v likewise), so
+// the same kernel reads MLA's expanded [T][kv heads][dk] keys and the GQA
+// cache's [kv heads][capacity][hd] rows. dr = 0: no rotary part (GQA).
+struct KvRows {
+  const uint16_t* k;
+  const uint16_t* v;
+  int64_t k_row, k_group, v_row, v_group;
+};
 template <int DV>
-__global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v,
-                                                       const uint16_t* q_pe, const uint16_t* k_pe, int T, int heads,
-                                                       int kvh, int dk, int dr, int pos0, const int* dpos, float scale,
-                                                       uint16_t* out) {
+__global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows kv, const uint16_t* q_pe,
+                                                       const uint16_t* k_pe, int T, int heads, int kvh, int dk, int dr,
+                                                       int pos0, const int* dpos, float scale, uint16_t* out) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* sQ = smem;
   uint8_t* sK = sQ + kFQ * kFQKW * 2;
@@ -74,7 +82,6 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, const 
 
   const int last_key = p0 + q0 + nq - 1;  // the tile's last query sees keys 0..last_key
   const int ntiles = last_key / kFK + 1;
-  const int64_t ks = int64_t(kvh) * dk, vs = int64_t(kvh) * DV;
 
   float o_acc[DV / 8][4];
 #pragma unroll
@@ -92,14 +99,15 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, const 
     for (int i = tid; i < kFK * kc; i += 128) {
       const int r = i / kc, c = i % kc, j = j0 + r;
       const bool ok = j <= last_key;
-      const uint16_t* src = c < qc ? k + (ok ? j * ks + g * dk + c * 8 : 0) : k_pe + (ok ? int64_t(j) * dr + (c - qc) * 8 : 0);
+      const uint16_t* src = c < qc ? kv.k + (ok ? j * kv.k_row + g * kv.k_group + c * 8 : 0)
+                                   : k_pe + (ok ? int64_t(j) * dr + (c - qc) * 8 : 0);
       cp_async16(aK + swz(r, c, QKB), src, ok);
     }
     cp_async_commit();
     for (int i = tid; i < kFK * (DV / 8); i += 128) {
       const int r = i / (DV / 8), c = i % (DV / 8), j = j0 + r;
       const bool ok = j <= last_key;
-      cp_async16(aV + swz(r, c, VB), v + (ok ? j * vs + g * DV + c * 8 : 0), ok);
+      cp_async16(aV + swz(r, c, VB), kv.v + (ok ? j * kv.v_row + g * kv.v_group + c * 8 : 0), ok);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -205,13 +213,24 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, const 
 }
 
 template <int DV>
-void launch_flash(dim3 grid, cudaStream_t s, const uint16_t* q, const uint16_t* k, const uint16_t* v,
-                  const uint16_t* q_pe, const uint16_t* k_pe, int T, int heads, int kvh, int dk, int dr, int pos0,
-                  const int* dpos, float scale, uint16_t* out) {
+void launch_flash(dim3 grid, cudaStream_t s, const uint16_t* q, const KvRows& kv, const uint16_t* q_pe,
+                  const uint16_t* k_pe, int T, int heads, int kvh, int dk, int dr, int pos0, const int* dpos,
+                  float scale, uint16_t* out) {
   constexpr int smem = flash_smem<DV>();
   // Over 48 KiB of dynamic shared memory needs the opt-in (per device; a host-side call, cheap to repeat).
   cudaFuncSetAttribute(flash_pe_kernel<DV>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  flash_pe_kernel<DV><<<grid, 128, smem, s>>>(q, k, v, q_pe, k_pe, T, heads, kvh, dk, dr, pos0, dpos, scale, out);
+  flash_pe_kernel<DV><<<grid, 128, smem, s>>>(q, kv, q_pe, k_pe, T, heads, kvh, dk, dr, pos0, dpos, scale, out);
+}
+
+// Launches flash_pe_kernel for dv in {64, 128, 256}.
+void launch_flash_dv(int dv, dim3 grid, cudaStream_t s, const uint16_t* q, const KvRows& kv, const uint16_t* q_pe,
+                     const uint16_t* k_pe, int T, int heads, int kvh, int dk, int dr, int pos0, const int* dpos,
+                     float scale, uint16_t* out) {
+  switch (dv) {
+    case 64: launch_flash<64>(grid, s, q, kv, q_pe, k_pe, T, heads, kvh, dk, dr, pos0, dpos, scale, out); break;
+    case 128: launch_flash<128>(grid, s, q, kv, q_pe, k_pe, T, heads, kvh, dk, dr, pos0, dpos, scale, out); break;
+    default: launch_flash<256>(grid, s, q, kv, q_pe, k_pe, T, heads, kvh, dk, dr, pos0, dpos, scale, out); break;
+  }
 }
 
 // ------------------------------------------------------------ decode partials
@@ -495,11 +514,21 @@ bool attention_prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, 
                         static_cast<const void*>(q_pe), static_cast<const void*>(k_pe), static_cast<const void*>(out)})
     if (!aligned16(p)) return false;
   const dim3 grid(unsigned((T + kFQ - 1) / kFQ), unsigned(heads));
-  switch (dv) {
-    case 64: launch_flash<64>(grid, s, q, k, v, q_pe, k_pe, T, heads, kv_heads, dk, dr, pos0, dpos, scale, out); break;
-    case 128: launch_flash<128>(grid, s, q, k, v, q_pe, k_pe, T, heads, kv_heads, dk, dr, pos0, dpos, scale, out); break;
-    default: launch_flash<256>(grid, s, q, k, v, q_pe, k_pe, T, heads, kv_heads, dk, dr, pos0, dpos, scale, out); break;
-  }
+  const KvRows kv{k, v, int64_t(kv_heads) * dk, dk, int64_t(kv_heads) * dv, dv};
+  launch_flash_dv(dv, grid, s, q, kv, q_pe, k_pe, T, heads, kv_heads, dk, dr, pos0, dpos, scale, out);
+  return true;
+}
+
+bool attention_prefill_cache(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, int64_t capacity, int T,
+                             int heads, int kv_heads, int hd, int pos0, const int* dpos, float scale, uint16_t* out,
+                             cudaStream_t s) {
+  if (T < 2 || (hd != 64 && hd != 128 && hd != 256)) return false;
+  for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(kc), static_cast<const void*>(vc),
+                        static_cast<const void*>(out)})
+    if (!aligned16(p)) return false;
+  const dim3 grid(unsigned((T + kFQ - 1) / kFQ), unsigned(heads));
+  const KvRows kv{kc, vc, hd, capacity * hd, hd, capacity * hd};
+  launch_flash_dv(hd, grid, s, q, kv, nullptr, nullptr, T, heads, kv_heads, hd, 0, pos0, dpos, scale, out);
   return true;
 }
 

@@ -1,4 +1,5 @@
-// Faster kernels for multi-latent attention (GLM-4.7-Flash, glm4_moe_lite).
+// Faster kernels for multi-latent attention (GLM-4.7-Flash, glm4_moe_lite),
+// and the flash-attention prefill they share with plain GQA attention.
 //
 // Each function returns false (and enqueues nothing) when the shapes or
 // alignments are outside what it handles; the caller then uses the plain
@@ -10,6 +11,9 @@
 //   bf16 -> fp32 for QKᵀ and PV, online softmax in registers. Scores are
 //   scale·(q·k) + bf16(q_pe'·k_pe) as in the reference; P is rounded to bf16
 //   for the PV product (the usual flash-attention approximation).
+// - attention_prefill_cache: the same kernel for plain GQA prefill (dr = 0),
+//   keys and values read from the KV cache ([kv heads][capacity][hd]);
+//   Qwen3 and LFM2 prefill go through it.
 // - attention_decode: the split partials for T = 1 (absorbed form, k = v =
 //   the latent cache): 16-byte loads, 4 keys per warp step with interleaved
 //   reductions, and the key row reused as the value row when k == v.
@@ -30,6 +34,12 @@ using QMat = zmlx::cuda::k::QMat;
 bool attention_prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe,
                        const uint16_t* k_pe, int T, int heads, int kv_heads, int dk, int dv, int dr, int pos0,
                        const int* dpos, float scale, uint16_t* out, cudaStream_t s);
+
+// q [T, heads·hd]; cache rows [kv_heads][capacity][hd], positions 0..pos0+T-1
+// written; hd in {64, 128, 256}, T >= 2.
+bool attention_prefill_cache(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, int64_t capacity, int T,
+                             int heads, int kv_heads, int hd, int pos0, const int* dpos, float scale, uint16_t* out,
+                             cudaStream_t s);
 
 // scratch: T·heads·splits·(dv + 2) floats.
 bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe,
