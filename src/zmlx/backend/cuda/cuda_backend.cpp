@@ -665,6 +665,7 @@ class CudaBackend final : public Backend {
                                      int64_t topk_group, bool normalize, float eps, float scaling) override {
     const int64_t T = logits.rows(), E = logits.cols();
     Routing r = new_routing(logits, k, DType::F32, &bias, n_group, topk_group);
+    routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet
     Prof p_(this, "route_grouped");
     kern::route_sigmoid_grouped(bf16p(logits), static_cast<const float*>(bias.data), int(T), int(E), int(k),
                                 int(n_group), int(topk_group), normalize, eps, scaling,
@@ -694,13 +695,14 @@ class CudaBackend final : public Backend {
       return out;
     Tensor scratch = alloc(DType::F32, {T * heads * splits * (hd + 2)});
     kern::attention(bf16p(q), int(T), int(heads), int(kv_heads), int(hd), bf16p(c.k), bf16p(c.v), c.capacity, int(pos0),
-                 dpos(), scale, splits, static_cast<float*>(scratch.data), bf16p(out), stream_);
+                    dpos(), scale, splits, static_cast<float*>(scratch.data), bf16p(out), stream_);
     return out;
   }
 
   Routing route_softmax_topk(const Tensor& logits, int64_t k, bool normalize) override {
     const int64_t T = logits.rows(), E = logits.cols();
     Routing r = new_routing(logits, k, DType::BF16);
+    routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet
     Prof p_(this, "route_softmax");
     kern::route_softmax(bf16p(logits), int(T), int(E), int(k), normalize, static_cast<int32_t*>(r.experts.data),
                      bf16p(r.scores), stream_);
@@ -711,6 +713,7 @@ class CudaBackend final : public Backend {
                              float scaling) override {
     const int64_t T = logits.rows(), E = logits.cols();
     Routing r = new_routing(logits, k, DType::BF16, &bias);
+    routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet
     Prof p_(this, "route_sigmoid");
     kern::route_sigmoid(bf16p(logits), static_cast<const float*>(bias.data), int(T), int(E), int(k), normalize, eps,
                      scaling, static_cast<int32_t*>(r.experts.data), bf16p(r.scores), stream_);
@@ -770,6 +773,7 @@ class CudaBackend final : public Backend {
     } else {
       kern::gather_swiglu(bf16p(x), experts_of(r), int(T), int(k), g, u, bf16p(out), stream_);
     }
+    routing_consumed_ = r.experts.data;
     return out;
   }
 
@@ -796,7 +800,7 @@ class CudaBackend final : public Backend {
                         bf16p(out), stream_);
     } else {
       kern::gather_combine(bf16p(h), experts_of(r), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode),
-                           int(T), int(k), m, bf16p(out), stream_);
+                           int(T), int(k), m, bf16p(out), stream_, routing_consumed_ == r.experts.data);
     }
     return out;
   }
@@ -1033,6 +1037,11 @@ class CudaBackend final : public Backend {
   // are copied to the device by the graph's first node.
   int32_t* h_step_ = nullptr;
   int32_t* d_step_ = nullptr;
+  // The experts tensor of the last routing an expert kernel has read (null
+  // after a route op makes a new one). A routing some enqueued kernel has
+  // read was complete before that kernel ran, so later kernels may read it
+  // before their programmatic-launch wait (gather_combine does).
+  const void* routing_consumed_ = nullptr;
   // Chained greedy steps: each step's argmax lands in d_step_ (the next
   // step's input) and in a mapped pinned ring the host reads by position.
   static constexpr int kRing = 64;

@@ -741,10 +741,14 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? 3 : 1)
 // its warps take (expert slot, split) pairs, kMmaWarps / S slots a pass;
 // the slots' values are rounded to bf16 and combined in slot order, as
 // moe_combine does with gather_linear's output.
+// early: the routing (ex, scores) was complete before the previous kernel
+// ran (kernels.h, gather_combine), so the scores, the first pass's experts
+// and their first weight loads are issued before the programmatic-launch
+// wait; only h comes from the previous kernel.
 __global__ void __launch_bounds__(256, 2) mma_combine_kernel(const uint16_t* h, const int32_t* ex, const void* scores,
-                                                          bool f32, int mode, int k, QMat m, int S, uint16_t* out) {
+                                                          bool f32, int mode, int k, QMat m, int S, uint16_t* out,
+                                                          bool early) {
   extern __shared__ __align__(16) uint32_t mma_smem[];
-  pdl_begin();
   const int64_t t = blockIdx.y, K = m.cols, r0 = int64_t(blockIdx.x) * 16;
   const int64_t sw = mma_stage_words(K);
   const int per_pass = kMmaWarps / S, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -752,18 +756,30 @@ __global__ void __launch_bounds__(256, 2) mma_combine_kernel(const uint16_t* h, 
   // The token's scores, read now rather than one dependent load per slot
   // at the end (the first pass's __syncthreads publishes them).
   float* sc = red + kMmaWarps * 16;
-  if (int(threadIdx.x) < k) sc[threadIdx.x] = combine_score(scores, f32 && mode != kBf16Products, t * k + threadIdx.x);
   const QMat ms[1] = {m};
   const MmaRows rw = mma_rows(ms, r0);
+  const int jj = warp / S, nj0 = min(per_pass, k);
+  int64_t e0 = 0;
+  MmaStep<1> first;
+  auto prologue = [&] {
+    if (int(threadIdx.x) < k) sc[threadIdx.x] = combine_score(scores, f32 && mode != kBf16Products, t * k + threadIdx.x);
+    if (jj < nj0) {
+      e0 = ex[t * k + jj];
+      mma_first_step(first, ms, e0, rw, warp % S, S);
+    }
+  };
+  if (early) prologue();
+  pdl_begin();
+  if (!early) prologue();
   float acc = 0.f;
   for (int j0 = 0; j0 < k; j0 += per_pass) {
     const int nj = min(per_pass, k - j0);
-    const int jj = warp / S;
-    const int64_t e = jj < nj ? ex[t * k + j0 + jj] : 0;
+    const int64_t e = j0 == 0 ? e0 : jj < nj ? ex[t * k + j0 + jj] : 0;
     mma_stage_rows(h + (t * k + j0) * K, nj, K, mma_smem, sw);
     __syncthreads();
     MmaStep<1> cur;
-    if (jj < nj) mma_first_step(cur, ms, e, rw, warp % S, S);
+    if (j0 == 0) cur = first;
+    else if (jj < nj) mma_first_step(cur, ms, e, rw, warp % S, S);
     float part[1][2] = {{0.f, 0.f}};
     if (jj < nj) mma_tile<1>(ms, e, rw, cur, mma_smem + jj * sw, warp % S, S, part);
     if ((lane & 3) == 0) {
@@ -863,12 +879,22 @@ MmaJob mma_job(const QMat* ms, uint16_t* const* ys, int n) {
   return j;
 }
 
+// ZMLX_CUDA_EARLY_ROUTING=0: gather_combine reads its routing after the
+// programmatic-launch wait whatever the caller says (A/B runs).
+bool early_routing() {
+  static const bool on = [] {
+    const char* e = std::getenv("ZMLX_CUDA_EARLY_ROUTING");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
 void mma_combine(const uint16_t* h, const int32_t* ex, const void* sc, bool f32, int mode, int T, int k, const QMat& m,
-                 uint16_t* out, cudaStream_t s) {
+                 uint16_t* out, cudaStream_t s, bool routing_ready) {
   const int S = mma_splits(m.cols);
   const size_t smem = size_t((kMmaWarps / S) * mma_stage_words(m.cols) + kMmaWarps * 16 + k) * 4;
   launch_smem(mma_combine_kernel, dim3(unsigned((m.rows + 15) / 16), unsigned(T)), dim3(256), smem, s, h, ex, sc, f32,
-              mode, k, m, S, out);
+              mode, k, m, S, out, routing_ready && early_routing());
 }
 
 // Dispatch on the weight format; TT = tokens per pass.
@@ -976,8 +1002,8 @@ struct GatherSwigluL {
 template <int B>
 struct GatherCombineL {
   static void go(const uint16_t* h, const int32_t* ex, const void* sc, bool f32, int mode, int T, int k, const QMat& m,
-                 uint16_t* out, cudaStream_t s) {
-    if (use_mma(m)) return mma_combine(h, ex, sc, f32, mode, T, k, m, out, s);
+                 uint16_t* out, cudaStream_t s, bool routing_ready) {
+    if (use_mma(m)) return mma_combine(h, ex, sc, f32, mode, T, k, m, out, s, routing_ready);
     const dim3 grid{unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(T)};
     if (m.cols <= 32 * 32 && k <= kShortK)
       launch(gather_combine_short_kernel<B, 1>, grid, dim3(256), s, h, ex, sc, f32, mode, k, m, out);
@@ -1904,8 +1930,8 @@ void gather_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, cons
 }
 
 void gather_combine(const uint16_t* h, const int32_t* experts, const void* scores, bool scores_f32, Combine mode,
-                    int T, int k, const QMat& down, uint16_t* out, cudaStream_t s) {
-  by_bits<GatherCombineL>(down.bits, h, experts, scores, scores_f32, int(mode), T, k, down, out, s);
+                    int T, int k, const QMat& down, uint16_t* out, cudaStream_t s, bool routing_ready) {
+  by_bits<GatherCombineL>(down.bits, h, experts, scores, scores_f32, int(mode), T, k, down, out, s, routing_ready);
   check_launch("gather_qmm_combine");
 }
 
@@ -1989,11 +2015,15 @@ void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, 
                int64_t capacity, int pos0, const int* dpos, float scale, int splits, float* scratch, uint16_t* out,
                cudaStream_t s) {
   const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
+  auto go = [&](auto kern) {
+    launch(kern, grid, dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits,
+           scratch);
+  };
   switch (head_dim) {
-    case 32: launch(attn_partial_kernel<1>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
-    case 64: launch(attn_partial_kernel<2>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
-    case 128: launch(attn_partial_kernel<4>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
-    case 256: launch(attn_partial_kernel<8>, dim3(grid), dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, scratch); break;
+    case 32: go(attn_partial_kernel<1>); break;
+    case 64: go(attn_partial_kernel<2>); break;
+    case 128: go(attn_partial_kernel<4>); break;
+    case 256: go(attn_partial_kernel<8>); break;
     default: throw std::runtime_error("CUDA attention: head_dim " + std::to_string(head_dim) + " (supported: 32, 64, 128, 256)");
   }
   check_launch("attention");

@@ -49,8 +49,12 @@ void gather_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int
 void gather_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u,
                    uint16_t* y, cudaStream_t s);
 // out[t, d] = Σ_j term(bf16(h[t, j] · down[e_tj][d]), score[t, j]) in slot order.
+// routing_ready: experts and scores were complete before the kernel just
+// enqueued ran (e.g. it, or an earlier kernel, read them): the tensor-core
+// form then reads them, and its first weights, before its programmatic-launch
+// wait, overlapping the previous kernel.
 void gather_combine(const uint16_t* h, const int32_t* experts, const void* scores, bool scores_f32, Combine mode,
-                    int T, int k, const QMat& down, uint16_t* out, cudaStream_t s);
+                    int T, int k, const QMat& down, uint16_t* out, cudaStream_t s, bool routing_ready = false);
 // out[t, d] = Σ_j term(y[t, j, d], score[t, j]) in slot order.
 void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,
                  uint16_t* out, cudaStream_t s);
