@@ -344,31 +344,83 @@ __device__ __forceinline__ int64_t decode_row0() {
   return (int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5)) * R;
 }
 
+// A plain (non-expert) row's weights are constant, so a decode kernel can
+// issue a lane's weight loads before the programmatic-launch wait, while
+// the previous kernel (which writes x) still runs, and wait only for x.
+// kPreChunks chunks a lane (K <= 32·32·kPreChunks: 4096 inputs) are held in
+// registers; the sum is row_dot's, in the same order (c = lane, lane + 32,
+// ...), so the bits are the same. Longer rows take rows_dot after the wait.
+constexpr int kPreChunks = 4;
 template <int BITS>
-__global__ void __launch_bounds__(256) linear_decode_kernel(const uint16_t* x, QMat m, uint16_t* y) {
+struct RowPreload {
+  WChunk<BITS> w[kPreChunks];
+  float sc[kPreChunks], bi[kPreChunks];
+};
+template <int BITS>
+__device__ __forceinline__ bool row_preloadable(const QMat& m) {
+  return m.cols / 32 <= 32 * kPreChunks;
+}
+template <int BITS>
+__device__ __forceinline__ void row_preload(const QMat& m, int64_t r, RowPreload<BITS>& p) {
+  const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
+  const uint32_t* wr = m.w + r * (m.cols * BITS / 32);
+  const int64_t gpr = BITS == 16 ? 0 : m.cols / m.group;
+#pragma unroll
+  for (int i = 0; i < kPreChunks; ++i) {
+    const int c = lane + 32 * i;
+    p.sc[i] = 1.f, p.bi[i] = 0.f;
+    if (c < chunks) {
+      p.w[i] = load_w<BITS>(wr + int64_t(c) * BITS);
+      if constexpr (BITS != 16) {
+        const int64_t g = r * gpr + (c * 32) / m.group;
+        p.sc[i] = bf(__ldg(m.scales + g)), p.bi[i] = bf(__ldg(m.biases + g));
+      }
+    }
+  }
+}
+template <int BITS>
+__device__ __forceinline__ float row_dot_preloaded(const QMat& m, const RowPreload<BITS>& p, const uint16_t* x) {
+  const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPreChunks; ++i) {
+    const int c = lane + 32 * i;
+    if (c < chunks) acc = chunk_dot<BITS>(p.w[i], load_x(x + int64_t(c) * 32), p.sc[i], p.bi[i], acc);
+  }
+  return warp_sum(acc);
+}
+
+// One row of m (row r, valid or not) into y[r]: preloaded when the row is
+// short enough. Every thread of the block calls it (pdl_begin inside).
+template <int BITS>
+__device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint16_t* x, uint16_t* y, bool pre) {
+  static_assert(kDecodeRows == 1, "decode_row computes one row a warp");
+  if (pre && r < m.rows && row_preloadable<BITS>(m)) {
+    RowPreload<BITS> p;
+    row_preload<BITS>(m, r, p);
+    pdl_begin();
+    const float acc = row_dot_preloaded<BITS>(m, p, x);
+    if ((threadIdx.x & 31) == 0) y[r] = to_bf(acc);
+    return;
+  }
   pdl_begin();
-  const int64_t r0 = decode_row0();
-  if (r0 >= m.rows) return;
-  const int n = int(kDecodeRows < (m.rows - r0) ? int64_t(kDecodeRows) : (m.rows - r0));
-  float acc[kDecodeRows];
-  rows_dot<BITS, kDecodeRows>(m, 0, r0, n, x, acc);
-  if ((threadIdx.x & 31) == 0)
-    for (int r = 0; r < n; ++r) y[r0 + r] = to_bf(acc[r]);
+  if (r >= m.rows) return;
+  float acc[1];
+  rows_dot<BITS, 1>(m, 0, r, 1, x, acc);
+  if ((threadIdx.x & 31) == 0) y[r] = to_bf(acc[0]);
 }
 
 template <int BITS>
-__global__ void __launch_bounds__(256) linear_multi_decode_kernel(const uint16_t* x, MultiQ mq) {
-  pdl_begin();
+__global__ void __launch_bounds__(256) linear_decode_kernel(const uint16_t* x, QMat m, uint16_t* y, bool pre) {
+  decode_row<BITS>(m, decode_row0(), x, y, pre);
+}
+
+template <int BITS>
+__global__ void __launch_bounds__(256) linear_multi_decode_kernel(const uint16_t* x, MultiQ mq, bool pre) {
   int i = 0;
   while (i + 1 < mq.n && int64_t(blockIdx.x) >= mq.first_block[i + 1]) ++i;
-  const QMat& m = mq.m[i];
   const int64_t r0 = ((int64_t(blockIdx.x) - mq.first_block[i]) * kRowsPerBlock + (threadIdx.x >> 5)) * kDecodeRows;
-  if (r0 >= m.rows) return;
-  const int n = int(kDecodeRows < (m.rows - r0) ? int64_t(kDecodeRows) : (m.rows - r0));
-  float acc[kDecodeRows];
-  rows_dot<BITS, kDecodeRows>(m, 0, r0, n, x, acc);
-  if ((threadIdx.x & 31) == 0)
-    for (int r = 0; r < n; ++r) mq.y[i][r0 + r] = to_bf(acc[r]);
+  decode_row<BITS>(mq.m[i], r0, x, mq.y[i], pre);
 }
 
 template <int BITS>
@@ -467,6 +519,7 @@ struct MmaJob {
   int k;              // input row of pair p: per_slot ? p : p / k
   int per_slot;
   int splits;
+  bool preload;  // plain matrices: first weight loads before the PDL wait
 };
 
 // Shared words of one staged input row: K/2 pair words, 16 zero words (the B
@@ -687,7 +740,6 @@ template <int NM, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? 3 : 1))
     mma_decode_kernel(const uint16_t* x, MmaJob job) {
   extern __shared__ __align__(16) uint32_t mma_smem[];
-  pdl_begin();
   int i = 0;
   if (NM == 1)
     while (i + 1 < job.n && int64_t(blockIdx.x) >= job.first_block[i + 1]) ++i;
@@ -695,7 +747,6 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? 3 : 1)
 #pragma unroll
   for (int m = 0; m < NM; ++m) ms[m] = job.m[NM == 1 ? i : m];
   const int64_t p = blockIdx.y;
-  const int64_t e = job.ex ? job.ex[p] : 0;
   const int64_t xr = job.ex ? (job.per_slot ? p : p / job.k) : 0;
   const int64_t K = ms[0].cols, rows = ms[0].rows;
   float* red = reinterpret_cast<float*>(mma_smem + mma_stage_words(K));
@@ -703,10 +754,16 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? 3 : 1)
   const int64_t tile0 = (int64_t(blockIdx.x) - job.first_block[i]) * tpb;
   const int64_t r0 = (tile0 + warp / S) * 16;
   const MmaRows rw = mma_rows(ms, r0);
+  // Plain matrices (no expert ids, which the previous kernel may write):
+  // the first weight loads go out before the programmatic-launch wait.
+  MmaStep<NM> cur;
+  const bool early = !job.ex && job.preload;
+  if (early && r0 < rows) mma_first_step(cur, ms, 0, rw, warp % S, S);
+  pdl_begin();
+  const int64_t e = job.ex ? job.ex[p] : 0;
   mma_stage_x(x + xr * K, K, mma_smem);
   __syncthreads();
-  MmaStep<NM> cur;
-  if (r0 < rows) mma_first_step(cur, ms, e, rw, warp % S, S);
+  if (!early && r0 < rows) mma_first_step(cur, ms, e, rw, warp % S, S);
   float part[NM][2];
   if (r0 < rows) {
     mma_tile<NM>(ms, e, rw, cur, mma_smem, warp % S, S, part);
@@ -839,6 +896,16 @@ int mma_splits(int64_t K) {
   return s;
 }
 
+// ZMLX_CUDA_PRELOAD=0: plain decode mat-vecs issue their weight loads after
+// the programmatic-launch wait, as before (A/B runs; same bits either way).
+bool preload_weights() {
+  static const bool on = [] {
+    const char* e = std::getenv("ZMLX_CUDA_PRELOAD");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
 // ZMLX_CUDA_MMA_WARPS=8 keeps gate+up in blocks of 8 warps (A/B runs).
 bool small_swiglu_blocks() {
   static const bool on = [] {
@@ -864,6 +931,7 @@ void mma_decode_w(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s)
 template <int NM>
 void mma_decode(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s) {
   job.splits = mma_splits(job.m[0].cols);
+  job.preload = preload_weights();
   if constexpr (NM == 2)
     if (job.splits <= 4 && small_swiglu_blocks()) return mma_decode_w<NM, 4>(x, job, pairs, s);
   mma_decode_w<NM, kMmaWarps>(x, job, pairs, s);
@@ -916,7 +984,7 @@ struct LinearL {
     const unsigned gx = unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     if (T == 1)
       launch(linear_decode_kernel<B>, dim3(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock)),
-             dim3(256), s, x, m, y);
+             dim3(256), s, x, m, y, preload_weights());
     else
       launch(linear_kernel<B, kTokTile>, dim3(dim3(gx, unsigned((T + kTokTile - 1) / kTokTile))), dim3(256), s, x, T, m, y);
   }
@@ -942,12 +1010,14 @@ struct LinearMultiL {
         }
       }
       if (nb > 0) mma_decode<1>(x, mma_job(big, ybig, nb), 1, s);
-      if (small.n > 0) launch(linear_multi_decode_kernel<B>, dim3(unsigned(small.first_block[small.n])), dim3(256), s, x, small);
+      if (small.n > 0)
+        launch(linear_multi_decode_kernel<B>, dim3(unsigned(small.first_block[small.n])), dim3(256), s, x, small,
+               preload_weights());
       return;
     }
     const unsigned gx = unsigned(mq.first_block[mq.n]);
     if (T == 1)
-      launch(linear_multi_decode_kernel<B>, dim3(gx), dim3(256), s, x, mq);
+      launch(linear_multi_decode_kernel<B>, dim3(gx), dim3(256), s, x, mq, preload_weights());
     else
       launch(linear_multi_kernel<B, kTokTile>, dim3(gx, unsigned((T + kTokTile - 1) / kTokTile)), dim3(256), s, x, T, mq);
   }
