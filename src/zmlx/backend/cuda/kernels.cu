@@ -761,9 +761,12 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? 3 : 1)
   if (early && r0 < rows) mma_first_step(cur, ms, 0, rw, warp % S, S);
   pdl_begin();
   const int64_t e = job.ex ? job.ex[p] : 0;
+  // Expert rows: the first loads go out as soon as the expert id is known,
+  // before x is staged (job.preload; after the staging otherwise).
+  if (!early && job.preload && r0 < rows) mma_first_step(cur, ms, e, rw, warp % S, S);
   mma_stage_x(x + xr * K, K, mma_smem);
   __syncthreads();
-  if (!early && r0 < rows) mma_first_step(cur, ms, e, rw, warp % S, S);
+  if (!early && !job.preload && r0 < rows) mma_first_step(cur, ms, e, rw, warp % S, S);
   float part[NM][2];
   if (r0 < rows) {
     mma_tile<NM>(ms, e, rw, cur, mma_smem, warp % S, S, part);
@@ -896,8 +899,10 @@ int mma_splits(int64_t K) {
   return s;
 }
 
-// ZMLX_CUDA_PRELOAD=0: plain decode mat-vecs issue their weight loads after
-// the programmatic-launch wait, as before (A/B runs; same bits either way).
+// ZMLX_CUDA_PRELOAD=0: decode kernels issue the loads that do not depend on
+// the previous kernel (plain weights, keys of earlier steps; an expert's
+// first weights ahead of staging x) after the programmatic-launch wait, as
+// before (A/B runs; the same bits either way).
 bool preload_weights() {
   static const bool on = [] {
     const char* e = std::getenv("ZMLX_CUDA_PRELOAD");
@@ -1474,34 +1479,53 @@ template <int DPL>
 __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uint16_t* q, int heads, int kvh,
                                                                       const uint16_t* kc, const uint16_t* vc,
                                                                       int64_t cap, int pos0, const int* dpos,
-                                                                      float scale, int splits, float* scratch) {
-  pdl_begin();
+                                                                      float scale, int splits, float* scratch,
+                                                                      bool preload) {
   constexpr int HD = 32 * DPL;
   const int h = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int visible = (dpos ? *dpos : pos0) + t + 1;
+  // The position comes from the host or from the recorded step's first
+  // node (a copy), never from the previous kernel, so it is read before the
+  // programmatic-launch wait.
+  const int p0 = dpos ? *dpos : pos0;
+  const int visible = p0 + t + 1;
   const int chunk = (visible + splits - 1) / splits;
   const int j0 = s * chunk, j1 = min(visible, j0 + chunk);
   const int g = h / (heads / kvh);
-  float qv[DPL];
-  load_bf16s<DPL>(q + (int64_t(t) * heads + h) * HD + lane * DPL, qv);
   const uint16_t* K = kc + int64_t(g) * cap * HD + lane * DPL;
   const uint16_t* V = vc + int64_t(g) * cap * HD + lane * DPL;
-  float m = -FLT_MAX, l = 0.f, acc[DPL];
-#pragma unroll
-  for (int d = 0; d < DPL; ++d) acc[d] = 0.f;
   // kAttnGroup positions per step (this warp's j, j + kAttnWarps, ...): all
   // their key and value loads are issued first and their warp reductions
-  // interleave, instead of one dependent chain per position.
-  for (int j = j0 + warp; j < j1; j += kAttnWarps * kAttnGroup) {
-    float kv[kAttnGroup][DPL], vv[kAttnGroup][DPL], sc[kAttnGroup];
+  // interleave, instead of one dependent chain per position. The first
+  // step's keys before p0 were written by earlier steps, not by the previous
+  // kernel (which writes positions p0..), so with `preload` they are loaded
+  // before the wait.
+  const int jfirst = j0 + warp;
+  float kv[kAttnGroup][DPL], vv[kAttnGroup][DPL];
+  auto load_step = [&](int j, bool old_keys) {
 #pragma unroll
     for (int u = 0; u < kAttnGroup; ++u) {
       const int ju = j + u * kAttnWarps;
-      if (ju < j1) {
+      if (ju < j1 && (ju < p0) == old_keys) {
         load_bf16s<DPL>(K + int64_t(ju) * HD, kv[u]);
         load_bf16s<DPL>(V + int64_t(ju) * HD, vv[u]);
       }
+    }
+  };
+  if (preload) load_step(jfirst, true);
+  pdl_begin();
+  if (!preload) load_step(jfirst, true);
+  load_step(jfirst, false);
+  float qv[DPL];
+  load_bf16s<DPL>(q + (int64_t(t) * heads + h) * HD + lane * DPL, qv);
+  float m = -FLT_MAX, l = 0.f, acc[DPL];
+#pragma unroll
+  for (int d = 0; d < DPL; ++d) acc[d] = 0.f;
+  for (int j = jfirst; j < j1; j += kAttnWarps * kAttnGroup) {
+    float sc[kAttnGroup];
+    if (j != jfirst) {
+      load_step(j, true);
+      load_step(j, false);
     }
 #pragma unroll
     for (int u = 0; u < kAttnGroup; ++u) {
@@ -2087,7 +2111,7 @@ void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, 
   const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
   auto go = [&](auto kern) {
     launch(kern, grid, dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits,
-           scratch);
+           scratch, preload_weights());
   };
   switch (head_dim) {
     case 32: go(attn_partial_kernel<1>); break;
