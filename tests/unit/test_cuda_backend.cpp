@@ -4,6 +4,7 @@
 // Skipped where no GPU is visible (CI); bench/device.sh runs them on one.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -254,6 +255,51 @@ TEST(CudaOps, FusedResidualNormAndAttentionPrepMatchCpu) {
             EXPECT_EQ(vc[i], vg[i]);
           }
       EXPECT_LT(rel_l2(kgw, kcw), 5e-3) << "k hd " << hd << " trad " << trad;
+    }
+}
+
+// One-token steps through norm_rope_attention: the CUDA backend's fused
+// kernel (norm, RoPE, cache write and attention partials in one launch)
+// against the two-op path (ZMLX_CUDA_FUSED_ATTN=0): identical outputs and
+// caches, step after step, while the cache grows; both close to the CPU.
+TEST(CudaOps, FusedDecodeAttentionIsBitIdenticalToTwoOps) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(21);
+  for (auto [H, Hkv, hd] : {std::tuple<int64_t, int64_t, int64_t>{8, 2, 64}, {32, 4, 128}, {4, 4, 256}})
+    for (bool trad : {false, true}) {
+      Tensor qn = test::bf16_tensor(test::random_bf16(rng, size_t(hd)), {hd});
+      Tensor kn = test::bf16_tensor(test::random_bf16(rng, size_t(hd)), {hd});
+      KvLayer cc = c->new_kv_layer(Hkv, hd, 64), fused = g->new_kv_layer(Hkv, hd, 64),
+              plain = g->new_kv_layer(Hkv, hd, 64);
+      const float scale = 1.f / std::sqrt(float(hd));
+      for (int64_t pos = 0; pos < 70; ++pos) {  // crosses the first capacity (64)
+        Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(H * hd)), {1, H * hd});
+        Tensor k = test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd});
+        Tensor v = test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd});
+        Tensor gq = g->from_host(q), gk = g->from_host(k), gv = g->from_host(v), gqn = g->adopt(qn), gkn = g->adopt(kn);
+        const auto ref = host_floats(*c, c->norm_rope_attention(q, k, v, qn, kn, 1e-6f, H, Hkv, hd, pos, 1e6f, trad,
+                                                                cc, scale));
+        const auto got = host_floats(*g, g->norm_rope_attention(gq, gk, gv, gqn, gkn, 1e-6f, H, Hkv, hd, pos, 1e6f,
+                                                                trad, fused, scale));
+        setenv("ZMLX_CUDA_FUSED_ATTN", "0", 1);
+        const auto two = host_floats(*g, g->norm_rope_attention(gq, gk, gv, gqn, gkn, 1e-6f, H, Hkv, hd, pos, 1e6f,
+                                                                trad, plain, scale));
+        unsetenv("ZMLX_CUDA_FUSED_ATTN");
+        ASSERT_TRUE(got == two) << "H " << H << " hd " << hd << " trad " << trad << " pos " << pos;
+        ASSERT_LT(rel_l2(got, ref), 1e-2) << "H " << H << " hd " << hd << " trad " << trad << " pos " << pos;
+      }
+      // The written rows (positions 0..69 of every kv head; the rest of the
+      // capacity was never written) are identical.
+      ASSERT_EQ(fused.capacity, plain.capacity);
+      const auto fk = host_floats(*g, fused.k), pk = host_floats(*g, plain.k);
+      const auto fv = host_floats(*g, fused.v), pv = host_floats(*g, plain.v);
+      for (int64_t hh = 0; hh < Hkv; ++hh) {
+        const size_t a = size_t(hh * fused.capacity * hd), n = size_t(70 * hd);
+        EXPECT_TRUE(std::equal(fk.begin() + a, fk.begin() + a + n, pk.begin() + a)) << "keys, kv head " << hh;
+        EXPECT_TRUE(std::equal(fv.begin() + a, fv.begin() + a + n, pv.begin() + a)) << "values, kv head " << hh;
+      }
     }
 }
 

@@ -104,11 +104,18 @@ std::pair<Tensor, Tensor> Backend::mla_rope_split_cache(const Tensor& q, const T
   return {std::move(q_nope), std::move(q_pe)};
 }
 
+Tensor Backend::norm_rope_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qn,
+                                    const Tensor& kn, float eps, int64_t heads, int64_t kv_heads, int64_t hd,
+                                    int64_t pos0, float base, bool traditional, KvLayer& cache, float scale) {
+  Tensor qo = qk_norm_rope_cache(q, k, v, qn, kn, eps, heads, kv_heads, hd, pos0, base, traditional, cache);
+  return attention(qo, cache, pos0, heads, kv_heads, hd, scale);
+}
+
 Tensor GqaAttention::forward(Backend& be, const Tensor& x, KvLayer& cache, int64_t pos0) const {
   auto qkv = be.linear_multi(x, {&q_proj, &k_proj, &v_proj});
-  Tensor q = be.qk_norm_rope_cache(qkv[0], qkv[1], qkv[2], q_norm, k_norm, eps, heads, kv_heads, head_dim, pos0,
-                                   rope_theta, /*traditional=*/false, cache);
-  return be.linear(be.attention(q, cache, pos0, heads, kv_heads, head_dim, scale), o_proj);
+  Tensor a = be.norm_rope_attention(qkv[0], qkv[1], qkv[2], q_norm, k_norm, eps, heads, kv_heads, head_dim, pos0,
+                                    rope_theta, /*traditional=*/false, cache, scale);
+  return be.linear(a, o_proj);
 }
 
 Tensor MlaAttention::forward(Backend& be, const Tensor& x, KvLayer& cache, int64_t pos0) const {

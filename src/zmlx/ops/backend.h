@@ -91,6 +91,12 @@ class Backend {
   virtual Tensor qk_norm_rope_cache(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qn,
                                     const Tensor& kn, float eps, int64_t heads, int64_t kv_heads, int64_t hd,
                                     int64_t pos0, float base, bool traditional, KvLayer& cache);
+  // qk_norm_rope_cache then attention, the middle of a GQA attention block:
+  // a backend may fuse them (the CUDA backend does for one-token steps).
+  // Same results as the two calls.
+  virtual Tensor norm_rope_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qn,
+                                     const Tensor& kn, float eps, int64_t heads, int64_t kv_heads, int64_t hd,
+                                     int64_t pos0, float base, bool traditional, KvLayer& cache, float scale);
   // Causal GQA attention of q [T, heads * head_dim] at positions pos0.. over
   // cache positions [0, pos0 + T): softmax in fp32, output bf16.
   virtual Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads,

@@ -538,6 +538,35 @@ class CudaBackend final : public Backend {
     return qo;
   }
 
+  // One-token steps: q/k norm, RoPE, the cache write and the attention
+  // partials in one kernel (kern::attention_decode_prep), bit-identical to
+  // qk_norm_rope_cache + attention. ZMLX_CUDA_FUSED_ATTN=0 keeps the two
+  // (read at every call, so a test can compare both in one process).
+  Tensor norm_rope_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qn, const Tensor& kn,
+                             float eps, int64_t heads, int64_t kv_heads, int64_t hd, int64_t pos0, float base,
+                             bool traditional, KvLayer& cache, float scale) override {
+    const char* e = std::getenv("ZMLX_CUDA_FUSED_ATTN");
+    const bool fused = !(e && std::string(e) == "0");
+    if (!fused || q.rows() != 1 || (hd != 64 && hd != 128 && hd != 256) || heads % kv_heads != 0 ||
+        cache.k.dim(0) != kv_heads || cache.k.dim(2) != hd || cache.v.dim(2) != hd)
+      return Backend::norm_rope_attention(q, k, v, qn, kn, eps, heads, kv_heads, hd, pos0, base, traditional, cache,
+                                          scale);
+    ZMLX_CHECK(q.cols() == heads * hd && k.cols() == kv_heads * hd && v.cols() == kv_heads * hd &&
+                   qn.numel() == hd && kn.numel() == hd,
+               "norm_rope_attention: shapes do not match {} + {} heads of {}", heads, kv_heads, hd);
+    ensure_capacity(cache, pos0 + 1, pos0);
+    // The split count of attention(): a function of the capacity only.
+    const int splits = int(std::clamp<int64_t>(cache.capacity / 64, 1, 128));
+    Tensor scratch = alloc(DType::F32, {heads * splits * (hd + 2)});
+    Tensor out = alloc(DType::BF16, {1, heads * hd});
+    Prof p_(this, "attention");
+    kern::attention_decode_prep(bf16p(q), bf16p(k), bf16p(v), int(heads), int(kv_heads), int(hd), bf16p(qn),
+                                bf16p(kn), eps, rope_table(base, hd), traditional, bf16p(cache.k), bf16p(cache.v),
+                                cache.capacity, int(pos0), dpos(), scale, splits, static_cast<float*>(scratch.data),
+                                bf16p(out), stream_);
+    return out;
+  }
+
   Tensor swiglu(const Tensor& gate, const Tensor& up) override {
     ZMLX_CHECK(gate.numel() == up.numel(), "swiglu: gate {} vs up {} elements", gate.numel(), up.numel());
     Tensor out = alloc(DType::BF16, gate.shape);

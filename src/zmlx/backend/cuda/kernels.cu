@@ -1317,25 +1317,20 @@ __device__ __forceinline__ void rope_sincos(float th, float& sn, float& c) {
   __sincosf(r, &sn, &c);
 }
 
+// One head row (HD = 32·DPL values at src, lane holding DPL of them) ->
+// RMSNorm with weights nw -> RoPE at position pos; y: the lane's values
+// before their bf16 rounding. Whole warp. qk_norm_rope_kv_kernel and the
+// fused decode attention (attn_partial_kernel<DPL, true>) both go through
+// here, so a row gets the same bits from either.
 template <int DPL>
-__global__ void qk_norm_rope_kv_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, int T, int H, int Hkv,
-                                       const uint16_t* qn, const uint16_t* kn, float eps, const float* inv_freq,
-                                       bool traditional, int pos0, const int* dpos, uint16_t* q_out, uint16_t* kc,
-                                       uint16_t* vc, int64_t cap) {
-  pdl_begin();
+__device__ __forceinline__ void norm_rope_row(const uint16_t* src, const uint16_t* nw, float eps,
+                                              const float* inv_freq, bool traditional, int pos, float (&y)[DPL]) {
   constexpr int HD = 32 * DPL;
-  const int64_t wid = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
-  if (wid >= int64_t(T) * (H + Hkv)) return;
   const int lane = threadIdx.x & 31;
-  const int t = int(wid / (H + Hkv)), hh = int(wid % (H + Hkv));
-  const bool is_q = hh < H;
-  const int head = is_q ? hh : hh - H;
-  const uint16_t* src = is_q ? q + (int64_t(t) * H + head) * HD : k + (int64_t(t) * Hkv + head) * HD;
-  const int pos = (dpos ? *dpos : pos0) + t;
   // Every load this warp needs is issued before the first use.
   float x[DPL], w[DPL], fr[DPL];
   load_bf16s<DPL>(src + lane * DPL, x);
-  load_bf16s<DPL>((is_q ? qn : kn) + lane * DPL, w);
+  load_bf16s<DPL>(nw + lane * DPL, w);
 #pragma unroll
   for (int d = 0; d < DPL; ++d)
     fr[d] = !traditional ? inv_freq[(lane & 15) * DPL + d] : inv_freq[(lane * DPL + d) / 2];
@@ -1346,7 +1341,6 @@ __global__ void qk_norm_rope_kv_kernel(const uint16_t* q, const uint16_t* k, con
   const float inv = 1.0f / sqrtf(ss / float(HD) + eps);
 #pragma unroll
   for (int d = 0; d < DPL; ++d) x[d] = bf(to_bf(w[d] * rbf(x[d] * inv)));
-  float y[DPL];
   if (!traditional) {  // pairs (i, i + HD/2): lanes l and l ^ 16 hold them at the same offsets
 #pragma unroll
     for (int d = 0; d < DPL; ++d) {
@@ -1369,6 +1363,25 @@ __global__ void qk_norm_rope_kv_kernel(const uint16_t* q, const uint16_t* k, con
     rope_sincos(float(pos) * fr[0], sn, c);
     y[0] = (lane & 1) == 0 ? x[0] * c - other * sn : other * sn + x[0] * c;
   }
+}
+
+template <int DPL>
+__global__ void qk_norm_rope_kv_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, int T, int H, int Hkv,
+                                       const uint16_t* qn, const uint16_t* kn, float eps, const float* inv_freq,
+                                       bool traditional, int pos0, const int* dpos, uint16_t* q_out, uint16_t* kc,
+                                       uint16_t* vc, int64_t cap) {
+  pdl_begin();
+  constexpr int HD = 32 * DPL;
+  const int64_t wid = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (wid >= int64_t(T) * (H + Hkv)) return;
+  const int lane = threadIdx.x & 31;
+  const int t = int(wid / (H + Hkv)), hh = int(wid % (H + Hkv));
+  const bool is_q = hh < H;
+  const int head = is_q ? hh : hh - H;
+  const uint16_t* src = is_q ? q + (int64_t(t) * H + head) * HD : k + (int64_t(t) * Hkv + head) * HD;
+  const int pos = (dpos ? *dpos : pos0) + t;
+  float y[DPL];
+  norm_rope_row<DPL>(src, is_q ? qn : kn, eps, inv_freq, traditional, pos, y);
   if (is_q) {
     store_bf16s<DPL>(q_out + (int64_t(t) * H + head) * HD + lane * DPL, y);
   } else if (pos < cap) {
@@ -1475,12 +1488,26 @@ constexpr int kAttnGroup = 4;  // key positions a warp handles per step
 
 // Partial softmax-attention of one (head, split, token): running max m, sum l
 // and unnormalised output acc over the split's keys.
-template <int DPL>
+// The fused decode form (PREP, one token): q and k arrive raw from the q/k/v
+// projection and are normalized and roped here (norm_rope_row, as
+// qk_norm_rope_kv_kernel does), instead of by a kernel of their own; the
+// split holding the new position uses the new key and value from registers,
+// and the first head of each kv group writes them to the cache.
+struct AttnPrep {
+  const uint16_t *k, *v;    // this token's raw k, v rows [kv heads · hd]
+  const uint16_t *qn, *kn;  // per-head RMSNorm weights [hd]
+  float eps;
+  const float* inv_freq;
+  bool traditional;
+  uint16_t *kc, *vc;        // the cache, written at the new position
+};
+
+template <int DPL, bool PREP>
 __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uint16_t* q, int heads, int kvh,
                                                                       const uint16_t* kc, const uint16_t* vc,
                                                                       int64_t cap, int pos0, const int* dpos,
                                                                       float scale, int splits, float* scratch,
-                                                                      bool preload) {
+                                                                      bool preload, AttnPrep prep) {
   constexpr int HD = 32 * DPL;
   const int h = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1507,6 +1534,18 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
     for (int u = 0; u < kAttnGroup; ++u) {
       const int ju = j + u * kAttnWarps;
       if (ju < j1 && (ju < p0) == old_keys) {
+        if (PREP && !old_keys) {  // ju == p0: this step's key, made here
+          float y[DPL];
+          norm_rope_row<DPL>(prep.k + int64_t(g) * HD, prep.kn, prep.eps, prep.inv_freq, prep.traditional, ju, y);
+#pragma unroll
+          for (int d = 0; d < DPL; ++d) kv[u][d] = bf(to_bf(y[d]));
+          load_bf16s<DPL>(prep.v + int64_t(g) * HD + lane * DPL, vv[u]);
+          if (h % (heads / kvh) == 0 && ju < cap) {
+            store_bf16s<DPL>(prep.kc + (int64_t(g) * cap + ju) * HD + lane * DPL, y);
+            copy_bf16s<DPL>(prep.vc + (int64_t(g) * cap + ju) * HD + lane * DPL, prep.v + int64_t(g) * HD + lane * DPL);
+          }
+          continue;
+        }
         load_bf16s<DPL>(K + int64_t(ju) * HD, kv[u]);
         load_bf16s<DPL>(V + int64_t(ju) * HD, vv[u]);
       }
@@ -1517,7 +1556,14 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
   if (!preload) load_step(jfirst, true);
   load_step(jfirst, false);
   float qv[DPL];
-  load_bf16s<DPL>(q + (int64_t(t) * heads + h) * HD + lane * DPL, qv);
+  if constexpr (PREP) {
+    float y[DPL];
+    norm_rope_row<DPL>(q + int64_t(h) * HD, prep.qn, prep.eps, prep.inv_freq, prep.traditional, p0, y);
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) qv[d] = bf(to_bf(y[d]));
+  } else {
+    load_bf16s<DPL>(q + (int64_t(t) * heads + h) * HD + lane * DPL, qv);
+  }
   float m = -FLT_MAX, l = 0.f, acc[DPL];
 #pragma unroll
   for (int d = 0; d < DPL; ++d) acc[d] = 0.f;
@@ -2111,17 +2157,37 @@ void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, 
   const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
   auto go = [&](auto kern) {
     launch(kern, grid, dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits,
-           scratch, preload_weights());
+           scratch, preload_weights(), AttnPrep{});
   };
   switch (head_dim) {
-    case 32: go(attn_partial_kernel<1>); break;
-    case 64: go(attn_partial_kernel<2>); break;
-    case 128: go(attn_partial_kernel<4>); break;
-    case 256: go(attn_partial_kernel<8>); break;
+    case 32: go(attn_partial_kernel<1, false>); break;
+    case 64: go(attn_partial_kernel<2, false>); break;
+    case 128: go(attn_partial_kernel<4, false>); break;
+    case 256: go(attn_partial_kernel<8, false>); break;
     default: throw std::runtime_error("CUDA attention: head_dim " + std::to_string(head_dim) + " (supported: 32, 64, 128, 256)");
   }
   check_launch("attention");
   merge_attention_splits(scratch, T, heads, head_dim, splits, out, s);
+}
+
+void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t* v, int heads, int kv_heads,
+                           int head_dim, const uint16_t* qn, const uint16_t* kn, float eps, const float* inv_freq,
+                           bool traditional, uint16_t* kc, uint16_t* vc, int64_t capacity, int pos0, const int* dpos,
+                           float scale, int splits, float* scratch, uint16_t* out, cudaStream_t s) {
+  const dim3 grid{unsigned(heads), unsigned(splits), 1u};
+  const AttnPrep prep{k, v, qn, kn, eps, inv_freq, traditional, kc, vc};
+  auto go = [&](auto kern) {
+    launch(kern, grid, dim3(kAttnWarps * 32), s, q, heads, kv_heads, static_cast<const uint16_t*>(kc),
+           static_cast<const uint16_t*>(vc), capacity, pos0, dpos, scale, splits, scratch, preload_weights(), prep);
+  };
+  switch (head_dim) {
+    case 64: go(attn_partial_kernel<2, true>); break;
+    case 128: go(attn_partial_kernel<4, true>); break;
+    case 256: go(attn_partial_kernel<8, true>); break;
+    default: throw std::runtime_error("CUDA attention_decode_prep: head_dim " + std::to_string(head_dim));
+  }
+  check_launch("attention (fused preparation)");
+  merge_attention_splits(scratch, 1, heads, head_dim, splits, out, s);
 }
 
 void merge_attention_splits(const float* scratch, int T, int heads, int D, int splits, uint16_t* out, cudaStream_t s) {

@@ -95,6 +95,14 @@ void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, 
                const uint16_t* vc, int64_t capacity, int pos0, const int* dpos, float scale, int splits,
                float* scratch, uint16_t* out, cudaStream_t s);
 
+// One decode step (T = 1) of qk_norm_rope_kv + attention in one kernel (+
+// the merge): q, k, v raw from the projection; the new key and value go to
+// the cache as qk_norm_rope_kv writes them; head_dim in {64, 128, 256}.
+void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t* v, int heads, int kv_heads,
+                           int head_dim, const uint16_t* qn, const uint16_t* kn, float eps, const float* inv_freq,
+                           bool traditional, uint16_t* kc, uint16_t* vc, int64_t capacity, int pos0, const int* dpos,
+                           float scale, int splits, float* scratch, uint16_t* out, cudaStream_t s);
+
 void route_softmax(const uint16_t* logits, int T, int E, int k, bool normalize, int32_t* experts, uint16_t* scores,
                    cudaStream_t s);
 void route_sigmoid(const uint16_t* logits, const float* bias, int T, int E, int k, bool normalize, float eps,
