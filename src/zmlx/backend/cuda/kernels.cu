@@ -797,25 +797,27 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? 3 : 1)
   }
 }
 
-// gather_combine: a block is one tile of 16 output rows of token blockIdx.y;
-// its warps take (expert slot, split) pairs, kMmaWarps / S slots a pass;
+// gather_combine: a block of WARPS warps is one tile of 16 output rows of
+// token blockIdx.y; its warps take (expert slot, split) pairs, WARPS / S
+// slots a pass (all k slots in one pass when k·S <= 16);
 // the slots' values are rounded to bf16 and combined in slot order, as
 // moe_combine does with gather_linear's output.
 // early: the routing (ex, scores) was complete before the previous kernel
 // ran (kernels.h, gather_combine), so the scores, the first pass's experts
 // and their first weight loads are issued before the programmatic-launch
 // wait; only h comes from the previous kernel.
-__global__ void __launch_bounds__(256, 2) mma_combine_kernel(const uint16_t* h, const int32_t* ex, const void* scores,
-                                                          bool f32, int mode, int k, QMat m, int S, uint16_t* out,
-                                                          bool early) {
+template <int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
+    mma_combine_kernel(const uint16_t* h, const int32_t* ex, const void* scores, bool f32, int mode, int k, QMat m,
+                       int S, uint16_t* out, bool early) {
   extern __shared__ __align__(16) uint32_t mma_smem[];
   const int64_t t = blockIdx.y, K = m.cols, r0 = int64_t(blockIdx.x) * 16;
   const int64_t sw = mma_stage_words(K);
-  const int per_pass = kMmaWarps / S, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int per_pass = WARPS / S, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float* red = reinterpret_cast<float*>(mma_smem + per_pass * sw);
   // The token's scores, read now rather than one dependent load per slot
   // at the end (the first pass's __syncthreads publishes them).
-  float* sc = red + kMmaWarps * 16;
+  float* sc = red + WARPS * 16;
   const QMat ms[1] = {m};
   const MmaRows rw = mma_rows(ms, r0);
   const int jj = warp / S, nj0 = min(per_pass, k);
@@ -890,12 +892,30 @@ bool use_mma_linear(const QMat& m) {
   return mode != MmaMode::Off && mma_format(m) && (mode == MmaMode::All || m.rows * m.cols > kMmaMinWeights);
 }
 
-// Warps per 16-row tile: about 4 slabs (2 steps) a warp, so short rows keep
-// one warp a tile and long ones get enough warps in flight.
+// ZMLX_CUDA_WIDE_COMBINE=0: the earlier split rule (4 to 8 slabs a warp)
+// and 8-warp gather_combine blocks (A/B runs). Read once: the split count
+// decides the bits, and every kernel of a process must agree.
+bool wide_combine() {
+  static const bool on = [] {
+    const char* e = std::getenv("ZMLX_CUDA_WIDE_COMBINE");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
+// Warps per 16-row tile: at most 4 slabs (2 steps) a warp, so short rows
+// keep one warp a tile and long ones get enough warps in flight. A function
+// of K alone (every kernel of one product splits alike). The bound was 8
+// slabs until gather_combine, whose 128 blocks leave most of an H100's warp
+// slots empty, measured faster with 16 warps of 3 slabs for Qwen3's 768-wide
+// down projection (ncu: 7 cycles a warp between instructions, 1.1 IPC).
 int mma_splits(int64_t K) {
   const int64_t slabs = (K + 127) / 128;
   int s = 1;
-  while (s < kMmaWarps && s * 2 * 4 <= slabs) s *= 2;
+  if (wide_combine())
+    while (s < kMmaWarps && (slabs + s - 1) / s > 4) s *= 2;
+  else
+    while (s < kMmaWarps && s * 2 * 4 <= slabs) s *= 2;
   return s;
 }
 
@@ -965,9 +985,14 @@ bool early_routing() {
 void mma_combine(const uint16_t* h, const int32_t* ex, const void* sc, bool f32, int mode, int T, int k, const QMat& m,
                  uint16_t* out, cudaStream_t s, bool routing_ready) {
   const int S = mma_splits(m.cols);
-  const size_t smem = size_t((kMmaWarps / S) * mma_stage_words(m.cols) + kMmaWarps * 16 + k) * 4;
-  launch_smem(mma_combine_kernel, dim3(unsigned((m.rows + 15) / 16), unsigned(T)), dim3(256), smem, s, h, ex, sc, f32,
-              mode, k, m, S, out, routing_ready && early_routing());
+  // 16 warps when one pass over the k slots needs more than 8 (k·S > 8).
+  auto go = [&](auto kernel, int warps) {
+    const size_t smem = size_t((warps / S) * mma_stage_words(m.cols) + warps * 16 + k) * 4;
+    launch_smem(kernel, dim3(unsigned((m.rows + 15) / 16), unsigned(T)), dim3(warps * 32), smem, s, h, ex, sc, f32,
+                mode, k, m, S, out, routing_ready && early_routing());
+  };
+  if (wide_combine() && k * S > kMmaWarps) go(mma_combine_kernel<16>, 16);
+  else go(mma_combine_kernel<kMmaWarps>, kMmaWarps);
 }
 
 // Dispatch on the weight format; TT = tokens per pass.
