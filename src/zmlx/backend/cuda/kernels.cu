@@ -360,10 +360,11 @@ template <int BITS>
 __device__ __forceinline__ bool row_preloadable(const QMat& m) {
   return m.cols / 32 <= 32 * kPreChunks;
 }
+// Row r of matrix e of m (stacked matrices: experts or heads).
 template <int BITS>
-__device__ __forceinline__ void row_preload(const QMat& m, int64_t r, RowPreload<BITS>& p) {
+__device__ __forceinline__ void row_preload(const QMat& m, int64_t r, RowPreload<BITS>& p, int64_t e = 0) {
   const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
-  const uint32_t* wr = m.w + r * (m.cols * BITS / 32);
+  const uint32_t* wr = m.w + e * m.w_stride + r * (m.cols * BITS / 32);
   const int64_t gpr = BITS == 16 ? 0 : m.cols / m.group;
 #pragma unroll
   for (int i = 0; i < kPreChunks; ++i) {
@@ -372,7 +373,7 @@ __device__ __forceinline__ void row_preload(const QMat& m, int64_t r, RowPreload
     if (c < chunks) {
       p.w[i] = load_w<BITS>(wr + int64_t(c) * BITS);
       if constexpr (BITS != 16) {
-        const int64_t g = r * gpr + (c * 32) / m.group;
+        const int64_t g = e * m.s_stride + r * gpr + (c * 32) / m.group;
         p.sc[i] = bf(__ldg(m.scales + g)), p.bi[i] = bf(__ldg(m.biases + g));
       }
     }
@@ -424,7 +425,18 @@ __global__ void __launch_bounds__(256) linear_multi_decode_kernel(const uint16_t
 }
 
 template <int BITS>
-__global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_t* x, QMat g, QMat u, uint16_t* y) {
+__global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_t* x, QMat g, QMat u, uint16_t* y,
+                                                                   bool pre) {
+  if (pre && row_preloadable<BITS>(g)) {  // decode_row's preloading, for the gate and up rows
+    const int64_t r = decode_row0();
+    RowPreload<BITS> pg, pu;
+    if (r < g.rows) row_preload<BITS>(g, r, pg), row_preload<BITS>(u, r, pu);
+    pdl_begin();
+    if (r >= g.rows) return;
+    const float ag = row_dot_preloaded<BITS>(g, pg, x), au = row_dot_preloaded<BITS>(u, pu, x);
+    if ((threadIdx.x & 31) == 0) y[r] = swiglu_bf(to_bf(ag), to_bf(au));
+    return;
+  }
   pdl_begin();
   const int64_t r0 = decode_row0();
   if (r0 >= g.rows) return;
@@ -1064,7 +1076,7 @@ struct LinearSwigluL {
     const unsigned gx = unsigned((g.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     if (T == 1)
       launch(linear_swiglu_decode_kernel<B>, dim3(unsigned((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock)),
-             dim3(256), s, x, g, u, y);
+             dim3(256), s, x, g, u, y, preload_weights());
     else
       launch(linear_swiglu_kernel<B, kTokTile>, dim3(dim3(gx, unsigned((T + kTokTile - 1) / kTokTile))), dim3(256), s, x, T, g, u, y);
   }
@@ -1901,11 +1913,20 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_pe_partial_kernel(
 // multi_linear, transpose: out[t, h*N + r] = x[t, h] · W[h][r] (one warp per row).
 template <int BITS>
 __global__ void __launch_bounds__(256) multi_linear_t_kernel(const uint16_t* x, int64_t ldx, int64_t xoff, int H,
-                                                             QMat m, uint16_t* out) {
-  pdl_begin();
+                                                             QMat m, uint16_t* out, bool pre) {
   const int64_t r = int64_t(blockIdx.y) * kRowsPerBlock + (threadIdx.x >> 5);
-  if (r >= m.rows) return;
   const int64_t th = blockIdx.x, t = th / H, h = th % H;  // T·H can pass grid.y's 65535
+  if (pre && row_preloadable<BITS>(m)) {  // head h's weights are constant: loads before the wait
+    RowPreload<BITS> p;
+    if (r < m.rows) row_preload<BITS>(m, r, p, h);
+    pdl_begin();
+    if (r >= m.rows) return;
+    const float acc = row_dot_preloaded<BITS>(m, p, x + t * ldx + h * xoff);
+    if ((threadIdx.x & 31) == 0) out[(t * H + h) * m.rows + r] = to_bf(acc);
+    return;
+  }
+  pdl_begin();
+  if (r >= m.rows) return;
   float acc[1];
   row_dot<BITS, 1>(m, h, r, x + t * ldx + h * xoff, 0, 1, acc);
   if ((threadIdx.x & 31) == 0) out[(t * H + h) * m.rows + r] = to_bf(acc[0]);
@@ -1915,7 +1936,7 @@ struct MultiLinearTL {
   static void go(const uint16_t* x, int T, int64_t ldx, int64_t xoff, int H, const QMat& m, uint16_t* out,
                  cudaStream_t s) {
     launch(multi_linear_t_kernel<B>, dim3(unsigned(T * H), unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock)),
-           dim3(256), s, x, ldx, xoff, H, m, out);
+           dim3(256), s, x, ldx, xoff, H, m, out, preload_weights());
   }
 };
 
