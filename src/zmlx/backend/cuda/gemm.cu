@@ -6,8 +6,9 @@
 //
 // Pipeline (STAGES deep, cp.async): per K-step a stage holds the activation
 // tile (bf16, 64 x 64) and the raw weight tile (packed words, or bf16 for
-// dense weights). Before the K-step's MMAs the packed tile is dequantized
-// once into a bf16 tile (bf16(fma(scale, q, bias))); dense weights are used
+// dense weights). The packed tile is dequantized once into a bf16 tile
+// (bf16(fma(scale, q, bias))), double-buffered: K-step kt + 1 is dequantized
+// while K-step kt's MMAs run, one barrier a K-step; dense weights are used
 // from the stage directly. Shared tiles of 64 bf16 per row (128 bytes = 8
 // chunks of 16 bytes) store chunk c of row r at c ^ (r & 7), so ldmatrix,
 // cp.async and the dequant stores are free of bank conflicts.
@@ -55,6 +56,7 @@ struct Params {
   int64_t K, N;           // N = rows of w0 = output width
   uint16_t* out;          // [rows, N], row = token (dense) or pair (MoE)
   int splits;             // dense split-K: K ranges along blockIdx.z (1: none)
+  bool dbuf;              // quantized weights: double-buffered dequantized tile (else one, two barriers a K-step)
   float* partial;         // splits > 1: [splits][M][N] fp32 sums ([..][2N] gate | up for SwiGLU)
 };
 
@@ -65,7 +67,7 @@ struct Cfg {
   static constexpr int CPR = BK * BITS / 8 / 16;                    // 16-byte chunks per weight row
   static constexpr int W_CHUNKS = BN * CPR;                         // per stage
   static constexpr int W_PER_THREAD = (W_CHUNKS + NT - 1) / NT;     // 1, 1, 2, 4
-  static constexpr int B_TILE = BITS == 16 ? 0 : BN * BK * 2;       // dequantized tile
+  static constexpr int B_TILE = BITS == 16 ? 0 : 2 * BN * BK * 2;   // dequantized tiles (double-buffered)
   static constexpr int SMEM = STAGES * (A_STAGE + W_STAGE) + B_TILE;
 };
 
@@ -181,14 +183,13 @@ __global__ void __launch_bounds__(NT, 2) gemm_kernel(Params p) {
       bi = __ldg(b_src + gi);
     }
 
-    for (int kt = 0; kt < nk; ++kt) {
-      cp_async_wait<STAGES - 2>();
-      __syncthreads();
-      const int st = kt % STAGES;
-      const uint8_t* btile = sW + st * C::W_STAGE;
+    // Dequantize K-step kt's weight stage (raw words in sW) into the bf16
+    // tile dst: this thread's 32 values of row dr, as 4 swizzled chunks; then
+    // fetch the scale and bias of K-step kt + 1.
+    auto dequant = [&](int kt, uint8_t* dst) {
       if constexpr (BITS != 16) {
-        // Dequantize 32 values of row dr into 4 swizzled chunks of sB.
-        const uint32_t* src = reinterpret_cast<const uint32_t*>(sW + st * C::W_STAGE + dr * C::CPR * 16) + dh * BITS;
+        const uint32_t* src =
+            reinterpret_cast<const uint32_t*>(sW + (kt % STAGES) * C::W_STAGE + dr * C::CPR * 16) + dh * BITS;
         uint32_t wv[BITS];
         if constexpr (BITS == 2) {
           const uint2 q = *reinterpret_cast<const uint2*>(src);
@@ -219,7 +220,7 @@ __global__ void __launch_bounds__(NT, 2) gemm_kernel(Params p) {
             }
             o[v] = pack_bf2(f[0], f[1]);
           }
-          *reinterpret_cast<uint4*>(sB + swz(dr, dh * 4 + j)) = make_uint4(o[0], o[1], o[2], o[3]);
+          *reinterpret_cast<uint4*>(dst + swz(dr, dh * 4 + j)) = make_uint4(o[0], o[1], o[2], o[3]);
         }
         // Scale and bias of the next K-step (latency hidden behind the MMAs).
         if (s_src && kt + 1 < nk) {
@@ -227,11 +228,47 @@ __global__ void __launch_bounds__(NT, 2) gemm_kernel(Params p) {
           sc = __ldg(s_src + gi);
           bi = __ldg(b_src + gi);
         }
-        btile = sB;
-        __syncthreads();
       }
+    };
 
-      {
+    // Quantized weights: the dequantized tile is double-buffered, so K-step
+    // kt + 1 is dequantized while K-step kt's MMAs run, with one barrier a
+    // K-step (two before: one after the raw stage landed, one after the
+    // dequantization). Same values, same MMA order: the same bits.
+    if (BITS != 16 && p.dbuf) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();
+      dequant(0, sB);
+    }
+
+    for (int kt = 0; kt < nk; ++kt) {
+      const int st = kt % STAGES;
+      const uint8_t* btile;
+      if (BITS != 16 && !p.dbuf) {  // one tile buffer: dequantize K-step kt, then its MMAs
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        dequant(kt, sB);
+        __syncthreads();
+        const int kn = kt + STAGES - 1;
+        if (kn < nk) load_stage(kn % STAGES, kn);
+        cp_async_commit();
+        btile = sB;
+      } else if (BITS != 16) {
+        // Raw stage kt + 1 has landed; every thread has finished K-step kt - 1
+        // (whose tile buffer is dequantized into next) and sees tile kt.
+        cp_async_wait<STAGES - 3>();
+        __syncthreads();
+        {
+          const int kn = kt + STAGES - 1;  // into the raw stage of K-step kt - 1, dequantized before
+          if (kn < nk) load_stage(kn % STAGES, kn);
+          cp_async_commit();
+        }
+        if (kt + 1 < nk) dequant(kt + 1, sB + ((kt + 1) & 1) * (C::B_TILE / 2));
+        btile = sB + (kt & 1) * (C::B_TILE / 2);
+      } else {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        btile = sW + st * C::W_STAGE;
         const int kn = kt + STAGES - 1;
         if (kn < nk) load_stage(kn % STAGES, kn);
         cp_async_commit();
@@ -483,6 +520,16 @@ __global__ void split_sum_kernel(const float* part, int S, int64_t M, int64_t N,
 constexpr int64_t kSplitTargetBlocks = 256;  // about two blocks per SM (132 SMs on an H100)
 constexpr int kSplitMinSteps = 8;
 constexpr int kMaxSplits = 8;
+// ZMLX_GEMM_DBUF=0: one dequantized tile buffer and two barriers a K-step,
+// as before the double buffering (A/B runs; the same bits either way).
+bool dbuf_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("ZMLX_GEMM_DBUF");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
 // ZMLX_GEMM_SPLIT=0 turns splitting off (A/B runs); read once per process,
 // so every GEMM of a run decides alike.
 bool split_enabled() {
@@ -570,6 +617,7 @@ void dense(const char* what, bool swiglu, const uint16_t* x, int T, const QMat& 
   p.a = x, p.a_div = 1, p.M = T, p.w0 = g, p.w1 = u, p.K = g.cols, p.N = g.rows, p.out = y;
   p.splits = dense_splits(T, g.rows, g.cols);
   p.partial = workspace;
+  p.dbuf = dbuf_enabled();
   if (p.splits > 1 && !workspace)
     throw std::runtime_error(std::string("zmlx ") + what + ": this shape splits K and needs a workspace of " +
                              std::to_string(gemm_dense_workspace_bytes(T, g, swiglu)) + " bytes");
@@ -620,7 +668,7 @@ void moe_gate_up_swiglu(const uint16_t* x, const int32_t* experts, int T, int k,
   check("moe bucketing");
   Params p{};
   p.a = x, p.a_div = k, p.perm = w.perm, p.tiles = w.tiles, p.ntiles = w.ntiles;
-  p.w0 = g, p.w1 = u, p.K = g.cols, p.N = g.rows, p.out = out, p.splits = 1;
+  p.w0 = g, p.w1 = u, p.K = g.cols, p.N = g.rows, p.out = out, p.splits = 1, p.dbuf = dbuf_enabled();
   const dim3 grid(unsigned((g.rows + 63) / 64), moe_grid_y(P, num_experts));
   launch_bits<true>(g.bits, p, grid, s);
   check("moe_gate_up_swiglu");
@@ -635,7 +683,7 @@ void moe_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T,
   check("moe bucketing");
   Params p{};
   p.a = x, p.a_div = per_slot ? 1 : k, p.perm = w.perm, p.tiles = w.tiles, p.ntiles = w.ntiles;
-  p.w0 = d, p.w1 = d, p.K = d.cols, p.N = d.rows, p.out = y, p.splits = 1;
+  p.w0 = d, p.w1 = d, p.K = d.cols, p.N = d.rows, p.out = y, p.splits = 1, p.dbuf = dbuf_enabled();
   const dim3 grid(unsigned((d.rows + BN - 1) / BN), moe_grid_y(P, num_experts));
   launch_bits<false>(d.bits, p, grid, s);
   check("moe_linear");
