@@ -18,6 +18,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "zmlx/backend/cuda/env_switch.h"
 #include "zmlx/backend/cuda/gemm.h"
 #include "zmlx/backend/cuda/kernels.h"
 #include "zmlx/backend/cuda/mla.h"
@@ -35,10 +36,7 @@ namespace mla = zmlx::cuda::mla;  // faster multi-latent attention kernels (GLM)
 // ZMLX_CUDA_MLA=0 keeps GLM's attention_pe / multi_linear on the plain
 // reference kernels (A/B runs, bisecting a mismatch).
 bool mla_fast() {
-  static const bool on = [] {
-    const char* e = std::getenv("ZMLX_CUDA_MLA");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = zmlx::cuda::env_on("ZMLX_CUDA_MLA");
   return on;
 }
 
@@ -46,8 +44,7 @@ bool mla_fast() {
 // (the reference the flash kernel is tested against). Read at every call,
 // so a test can compare both paths in one process.
 bool flash_prefill() {
-  const char* e = std::getenv("ZMLX_CUDA_FLASH");
-  return !(e && std::string(e) == "0");
+  return zmlx::cuda::env_on("ZMLX_CUDA_FLASH");
 }
 
 // Token counts from which the tensor-core GEMMs replace the mat-vec kernels
@@ -313,8 +310,7 @@ class CudaBackend final : public Backend {
     cuda_check(cudaHostAlloc(&h_ring_, kRing * sizeof(int32_t), cudaHostAllocMapped), "cudaHostAlloc");
     cuda_check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&d_ring_), h_ring_, 0), "cudaHostGetDevicePointer");
     for (auto& e : chain_done_) cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
-    const char* g = std::getenv("ZMLX_CUDA_GRAPHS");
-    graphs_enabled_ = !(g && std::string(g) == "0") && !profile_.on;
+    graphs_enabled_ = zmlx::cuda::env_on("ZMLX_CUDA_GRAPHS") && !profile_.on;
   }
 
   ~CudaBackend() override {
@@ -545,8 +541,7 @@ class CudaBackend final : public Backend {
   Tensor norm_rope_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qn, const Tensor& kn,
                              float eps, int64_t heads, int64_t kv_heads, int64_t hd, int64_t pos0, float base,
                              bool traditional, KvLayer& cache, float scale) override {
-    const char* e = std::getenv("ZMLX_CUDA_FUSED_ATTN");
-    const bool fused = !(e && std::string(e) == "0");
+    const bool fused = zmlx::cuda::env_on("ZMLX_CUDA_FUSED_ATTN");
     if (!fused || q.rows() != 1 || (hd != 64 && hd != 128 && hd != 256) || heads % kv_heads != 0 ||
         cache.k.dim(0) != kv_heads || cache.k.dim(2) != hd || cache.v.dim(2) != hd)
       return Backend::norm_rope_attention(q, k, v, qn, kn, eps, heads, kv_heads, hd, pos0, base, traditional, cache,

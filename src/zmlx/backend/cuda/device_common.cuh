@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <string>
 
+#include "zmlx/backend/cuda/env_switch.h"
+
 namespace zmlx::cuda::dev {
 
 // ---------------------------------------------------------------- bf16
@@ -173,10 +175,7 @@ __device__ __forceinline__ void pdl_begin() {
 }
 
 inline bool pdl_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("ZMLX_CUDA_PDL");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = env_on("ZMLX_CUDA_PDL");
   return on;
 }
 

@@ -27,6 +27,7 @@
 #include <string>
 
 #include "zmlx/backend/cuda/device_common.cuh"
+#include "zmlx/backend/cuda/env_switch.h"
 #include "zmlx/backend/cuda/gemm.h"
 
 namespace zmlx::cuda::gemm {
@@ -523,20 +524,14 @@ constexpr int kMaxSplits = 8;
 // ZMLX_GEMM_DBUF=0: one dequantized tile buffer and two barriers a K-step,
 // as before the double buffering (A/B runs; the same bits either way).
 bool dbuf_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("ZMLX_GEMM_DBUF");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = env_on("ZMLX_GEMM_DBUF");
   return on;
 }
 
 // ZMLX_GEMM_SPLIT=0 turns splitting off (A/B runs); read once per process,
 // so every GEMM of a run decides alike.
 bool split_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("ZMLX_GEMM_SPLIT");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = env_on("ZMLX_GEMM_SPLIT");
   return on;
 }
 int dense_splits(int64_t T, int64_t N, int64_t K) {

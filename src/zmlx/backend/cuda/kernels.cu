@@ -877,9 +877,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
 // paths in one process.
 enum class MmaMode { Off, Auto, All };
 MmaMode mma_mode() {
-  const char* e = std::getenv("ZMLX_CUDA_MMA");
-  if (e && std::string(e) == "0") return MmaMode::Off;
-  if (e && std::string(e) == "all") return MmaMode::All;
+  if (env_is("ZMLX_CUDA_MMA", "0")) return MmaMode::Off;
+  if (env_is("ZMLX_CUDA_MMA", "all")) return MmaMode::All;
   return MmaMode::Auto;
 }
 // Whether the MMA path computes this matrix. A function of the format and K
@@ -908,10 +907,7 @@ bool use_mma_linear(const QMat& m) {
 // and 8-warp gather_combine blocks (A/B runs). Read once: the split count
 // decides the bits, and every kernel of a process must agree.
 bool wide_combine() {
-  static const bool on = [] {
-    const char* e = std::getenv("ZMLX_CUDA_WIDE_COMBINE");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = env_on("ZMLX_CUDA_WIDE_COMBINE");
   return on;
 }
 
@@ -936,19 +932,13 @@ int mma_splits(int64_t K) {
 // first weights ahead of staging x) after the programmatic-launch wait, as
 // before (A/B runs; the same bits either way).
 bool preload_weights() {
-  static const bool on = [] {
-    const char* e = std::getenv("ZMLX_CUDA_PRELOAD");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = env_on("ZMLX_CUDA_PRELOAD");
   return on;
 }
 
 // ZMLX_CUDA_MMA_WARPS=8 keeps gate+up in blocks of 8 warps (A/B runs).
 bool small_swiglu_blocks() {
-  static const bool on = [] {
-    const char* e = std::getenv("ZMLX_CUDA_MMA_WARPS");
-    return !(e && std::string(e) == "8");
-  }();
+  static const bool on = !env_is("ZMLX_CUDA_MMA_WARPS", "8");
   return on;
 }
 
@@ -987,10 +977,7 @@ MmaJob mma_job(const QMat* ms, uint16_t* const* ys, int n) {
 // ZMLX_CUDA_EARLY_ROUTING=0: gather_combine reads its routing after the
 // programmatic-launch wait whatever the caller says (A/B runs).
 bool early_routing() {
-  static const bool on = [] {
-    const char* e = std::getenv("ZMLX_CUDA_EARLY_ROUTING");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = env_on("ZMLX_CUDA_EARLY_ROUTING");
   return on;
 }
 
