@@ -51,12 +51,7 @@ Plan plan_glm4_moe_lite(const PlanInput& in) {
       "mlp.shared_experts.up_proj.weight", "mlp.shared_experts.down_proj.weight"};
 
   Plan p;
-  ExpertLayout layout;
-  layout.family = "glm4_moe_lite";
-  layout.module = "mlp";
-  layout.experts = E;
-  layout.intermediate = I;
-  layout.hidden = D;
+  const ExpertLayout layout{.family = "glm4_moe_lite", .module = "mlp", .experts = E, .intermediate = I, .hidden = D};
   ExpertTensors experts;
   std::set<int64_t> routers, biases;
   for (const std::string& name : ws.names()) {

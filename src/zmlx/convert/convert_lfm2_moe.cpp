@@ -50,13 +50,12 @@ Plan plan_lfm2_moe(const PlanInput& in) {
                                                 "self_attn.v_proj.weight", "self_attn.out_proj.weight",
                                                 "conv.in_proj.weight", "conv.out_proj.weight"};
   Plan p;
-  ExpertLayout layout;
-  layout.family = "lfm2_moe";
-  layout.module = "feed_forward";
-  layout.experts = E;
-  layout.intermediate = I;
-  layout.hidden = D;
-  layout.aliases = kProjNames();  // w1/w3/w2 = gate/up/down
+  const ExpertLayout layout{.family = "lfm2_moe",
+                            .module = "feed_forward",
+                            .experts = E,
+                            .intermediate = I,
+                            .hidden = D,
+                            .aliases = kProjNames()};  // w1/w3/w2 = gate/up/down
   ExpertTensors experts;
   std::set<int64_t> routers;
   for (const std::string& name : ws.names()) {

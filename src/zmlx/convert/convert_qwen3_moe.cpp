@@ -84,12 +84,8 @@ Plan plan_qwen3_moe(const PlanInput& in) {
   const bool tied = config_bool(cfg, "tie_word_embeddings", false);
 
   Plan p;
-  ExpertLayout layout;
-  layout.family = "qwen3_moe";
-  layout.module = "mlp";
-  layout.experts = n_experts;
-  layout.intermediate = inter;
-  layout.hidden = hidden;
+  const ExpertLayout layout{
+      .family = "qwen3_moe", .module = "mlp", .experts = n_experts, .intermediate = inter, .hidden = hidden};
   ExpertTensors experts;
   std::set<int64_t> routers;
 
