@@ -433,24 +433,30 @@ class CudaBackend final : public Backend {
     return out;
   }
 
-  // Split-K workspace of a prefill GEMM (no tensor when the shape does not split).
+  // The tensor-core GEMMs of a prefill, with the split-K workspace a small
+  // tile grid needs (gemm.h; none when the shape does not split).
+  void gemm_dense(const uint16_t* x, int64_t T, const kern::QMat& m, uint16_t* y) {
+    Tensor ws = gemm_workspace(T, m, false);
+    tc::gemm_dense(x, int(T), m, y, stream_, static_cast<float*>(ws.data));
+  }
+  void gemm_dense_swiglu(const uint16_t* x, int64_t T, const kern::QMat& g, const kern::QMat& u, uint16_t* y) {
+    Tensor ws = gemm_workspace(T, g, true);
+    tc::gemm_dense_swiglu(x, int(T), g, u, y, stream_, static_cast<float*>(ws.data));
+  }
   Tensor gemm_workspace(int64_t T, const kern::QMat& m, bool swiglu) {
     const size_t n = tc::gemm_dense_workspace_bytes(int(T), m, swiglu);
     return n ? alloc(DType::F32, {int64_t(n / 4)}) : Tensor{};
   }
-  static float* f32p(Tensor& t) { return static_cast<float*>(t.data); }
 
   Tensor linear(const Tensor& x, const Weight& w) override {
     check_input(x, w);
     Tensor y = alloc(DType::BF16, {x.rows(), w.rows});
     const kern::QMat m = qmat(w);
     Prof p_(this, "linear");
-    if (x.rows() >= kGemmMinTokens && tc::gemm_supported(m)) {
-      Tensor ws = gemm_workspace(x.rows(), m, false);
-      tc::gemm_dense(bf16p(x), int(x.rows()), m, bf16p(y), stream_, f32p(ws));
-    } else {
+    if (x.rows() >= kGemmMinTokens && tc::gemm_supported(m))
+      gemm_dense(bf16p(x), x.rows(), m, bf16p(y));
+    else
       kern::linear(bf16p(x), int(x.rows()), m, bf16p(y), stream_);
-    }
     return y;
   }
 
@@ -470,10 +476,7 @@ class CudaBackend final : public Backend {
     bool gemm = x.rows() >= kGemmMinTokens;
     for (auto& m : ms) gemm = gemm && tc::gemm_supported(m);
     if (gemm) {
-      for (size_t i = 0; i < ms.size(); ++i) {
-        Tensor ws = gemm_workspace(x.rows(), ms[i], false);
-        tc::gemm_dense(bf16p(x), int(x.rows()), ms[i], ys[i], stream_, f32p(ws));
-      }
+      for (size_t i = 0; i < ms.size(); ++i) gemm_dense(bf16p(x), x.rows(), ms[i], ys[i]);
     } else if (same) {
       kern::linear_multi(bf16p(x), int(x.rows()), ms.data(), ys.data(), int(ms.size()), stream_);
     } else {
@@ -550,8 +553,7 @@ class CudaBackend final : public Backend {
                    qn.numel() == hd && kn.numel() == hd,
                "norm_rope_attention: shapes do not match {} + {} heads of {}", heads, kv_heads, hd);
     ensure_capacity(cache, pos0 + 1, pos0);
-    // The split count of attention(): a function of the capacity only.
-    const int splits = int(std::clamp<int64_t>(cache.capacity / 64, 1, 128));
+    const int splits = decode_splits(cache);
     Tensor scratch = alloc(DType::F32, {heads * splits * (hd + 2)});
     Tensor out = alloc(DType::BF16, {1, heads * hd});
     Prof p_(this, "attention");
@@ -645,8 +647,7 @@ class CudaBackend final : public Backend {
       all.rows = H * N;
       if (m.w_stride == N * Kin * m.bits / 32 && (m.bits == 16 || m.s_stride == N * (Kin / m.group)) &&
           tc::gemm_supported(all)) {
-        Tensor ws = gemm_workspace(T, all, false);
-        tc::gemm_dense(bf16p(x), int(T), all, bf16p(out), stream_, f32p(ws));
+        gemm_dense(bf16p(x), T, all, bf16p(out));
         return out;
       }
     }
@@ -697,6 +698,10 @@ class CudaBackend final : public Backend {
     return r;
   }
 
+  // Decode attention splits the keys over blocks (flash-decoding); the split
+  // count depends only on the cache capacity, so eager and replayed steps agree.
+  static int decode_splits(const KvLayer& c) { return int(std::clamp<int64_t>(c.capacity / 64, 1, 128)); }
+
   Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads, int64_t kv_heads, int64_t hd,
                    float scale) override {
     const int64_t T = q.rows();
@@ -705,9 +710,7 @@ class CudaBackend final : public Backend {
                "attention: q [{}, {}] with {} heads / {} kv heads of {} does not fit the cache [{}, {}, {}] at {}+{}",
                q.rows(), q.cols(), heads, kv_heads, hd, c.k.dim(0), c.capacity, c.k.dim(2), pos0, T);
     ZMLX_CHECK(T <= 65535, "attention: {} query rows in one call (at most 65535; prefill in chunks)", T);
-    // Decode splits the keys over blocks (flash-decoding); the split count
-    // depends only on the cache capacity, so eager and replayed steps agree.
-    const int splits = T == 1 ? int(std::clamp<int64_t>(c.capacity / 64, 1, 128)) : 1;
+    const int splits = T == 1 ? decode_splits(c) : 1;
     Tensor out = alloc(DType::BF16, {T, heads * hd});
     Prof p_(this, "attention");
     // Prefill: flash attention on tensor cores (a block per 64 queries and
@@ -835,10 +838,9 @@ class CudaBackend final : public Backend {
     Tensor out = alloc(DType::BF16, {x.rows(), gate.rows});
     const kern::QMat g = qmat(gate), u = qmat(up);
     Prof p_(this, "linear_swiglu");
-    if (x.rows() >= kGemmMinTokens && tc::gemm_supported(g) && tc::gemm_supported(u)) {
-      Tensor ws = gemm_workspace(x.rows(), g, true);
-      tc::gemm_dense_swiglu(bf16p(x), int(x.rows()), g, u, bf16p(out), stream_, f32p(ws));
-    } else
+    if (x.rows() >= kGemmMinTokens && tc::gemm_supported(g) && tc::gemm_supported(u))
+      gemm_dense_swiglu(bf16p(x), x.rows(), g, u, bf16p(out));
+    else
       kern::linear_swiglu(bf16p(x), int(x.rows()), g, u, bf16p(out), stream_);
     return out;
   }

@@ -773,12 +773,11 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? 3 : 1)
   if (early && r0 < rows) mma_first_step(cur, ms, 0, rw, warp % S, S);
   pdl_begin();
   const int64_t e = job.ex ? job.ex[p] : 0;
-  // Expert rows: the first loads go out as soon as the expert id is known,
-  // before x is staged (job.preload; after the staging otherwise).
-  if (!early && job.preload && r0 < rows) mma_first_step(cur, ms, e, rw, warp % S, S);
+  // Otherwise the first loads go out as soon as the expert id is known,
+  // before x is staged.
+  if (!early && r0 < rows) mma_first_step(cur, ms, e, rw, warp % S, S);
   mma_stage_x(x + xr * K, K, mma_smem);
   __syncthreads();
-  if (!early && !job.preload && r0 < rows) mma_first_step(cur, ms, e, rw, warp % S, S);
   float part[NM][2];
   if (r0 < rows) {
     mma_tile<NM>(ms, e, rw, cur, mma_smem, warp % S, S, part);
@@ -852,8 +851,10 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     mma_stage_rows(h + (t * k + j0) * K, nj, K, mma_smem, sw);
     __syncthreads();
     MmaStep<1> cur;
-    if (j0 == 0) cur = first;
-    else if (jj < nj) mma_first_step(cur, ms, e, rw, warp % S, S);
+    if (jj < nj) {
+      if (j0 == 0) cur = first;  // loaded by the prologue
+      else mma_first_step(cur, ms, e, rw, warp % S, S);
+    }
     float part[1][2] = {{0.f, 0.f}};
     if (jj < nj) mma_tile<1>(ms, e, rw, cur, mma_smem + jj * sw, warp % S, S, part);
     if ((lane & 3) == 0) {
@@ -928,9 +929,8 @@ int mma_splits(int64_t K) {
 }
 
 // ZMLX_CUDA_PRELOAD=0: decode kernels issue the loads that do not depend on
-// the previous kernel (plain weights, keys of earlier steps; an expert's
-// first weights ahead of staging x) after the programmatic-launch wait, as
-// before (A/B runs; the same bits either way).
+// the previous kernel (plain weights, keys of earlier steps) after the
+// programmatic-launch wait, as before (A/B runs; the same bits either way).
 bool preload_weights() {
   static const bool on = env_on("ZMLX_CUDA_PRELOAD");
   return on;
@@ -2184,43 +2184,48 @@ void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int he
   check_launch("kv_write");
 }
 
-void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, const uint16_t* kc, const uint16_t* vc,
-               int64_t capacity, int pos0, const int* dpos, float scale, int splits, float* scratch, uint16_t* out,
-               cudaStream_t s) {
+// The split partials of T tokens (attn_partial_kernel<DPL, PREP> for
+// head_dim = 32·DPL; the fused preparation needs DPL >= 2), then the merge.
+template <bool PREP>
+void attention_splits(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, const uint16_t* kc,
+                      const uint16_t* vc, int64_t capacity, int pos0, const int* dpos, float scale, int splits,
+                      float* scratch, uint16_t* out, const AttnPrep& prep, cudaStream_t s) {
   const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
   auto go = [&](auto kern) {
     launch(kern, grid, dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits,
-           scratch, preload_weights(), AttnPrep{});
+           scratch, preload_weights(), prep);
   };
   switch (head_dim) {
-    case 32: go(attn_partial_kernel<1, false>); break;
-    case 64: go(attn_partial_kernel<2, false>); break;
-    case 128: go(attn_partial_kernel<4, false>); break;
-    case 256: go(attn_partial_kernel<8, false>); break;
-    default: throw std::runtime_error("CUDA attention: head_dim " + std::to_string(head_dim) + " (supported: 32, 64, 128, 256)");
+    case 64: go(attn_partial_kernel<2, PREP>); break;
+    case 128: go(attn_partial_kernel<4, PREP>); break;
+    case 256: go(attn_partial_kernel<8, PREP>); break;
+    case 32:
+      if constexpr (!PREP) {
+        go(attn_partial_kernel<1, false>);
+        break;
+      }
+      [[fallthrough]];
+    default:
+      throw std::runtime_error("CUDA attention: head_dim " + std::to_string(head_dim) + " (supported: " +
+                               (PREP ? "64, 128, 256)" : "32, 64, 128, 256)"));
   }
   check_launch("attention");
   merge_attention_splits(scratch, T, heads, head_dim, splits, out, s);
+}
+
+void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, const uint16_t* kc, const uint16_t* vc,
+               int64_t capacity, int pos0, const int* dpos, float scale, int splits, float* scratch, uint16_t* out,
+               cudaStream_t s) {
+  attention_splits<false>(q, T, heads, kv_heads, head_dim, kc, vc, capacity, pos0, dpos, scale, splits, scratch, out,
+                          AttnPrep{}, s);
 }
 
 void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t* v, int heads, int kv_heads,
                            int head_dim, const uint16_t* qn, const uint16_t* kn, float eps, const float* inv_freq,
                            bool traditional, uint16_t* kc, uint16_t* vc, int64_t capacity, int pos0, const int* dpos,
                            float scale, int splits, float* scratch, uint16_t* out, cudaStream_t s) {
-  const dim3 grid{unsigned(heads), unsigned(splits), 1u};
-  const AttnPrep prep{k, v, qn, kn, eps, inv_freq, traditional, kc, vc};
-  auto go = [&](auto kern) {
-    launch(kern, grid, dim3(kAttnWarps * 32), s, q, heads, kv_heads, static_cast<const uint16_t*>(kc),
-           static_cast<const uint16_t*>(vc), capacity, pos0, dpos, scale, splits, scratch, preload_weights(), prep);
-  };
-  switch (head_dim) {
-    case 64: go(attn_partial_kernel<2, true>); break;
-    case 128: go(attn_partial_kernel<4, true>); break;
-    case 256: go(attn_partial_kernel<8, true>); break;
-    default: throw std::runtime_error("CUDA attention_decode_prep: head_dim " + std::to_string(head_dim));
-  }
-  check_launch("attention (fused preparation)");
-  merge_attention_splits(scratch, 1, heads, head_dim, splits, out, s);
+  attention_splits<true>(q, 1, heads, kv_heads, head_dim, kc, vc, capacity, pos0, dpos, scale, splits, scratch, out,
+                         AttnPrep{k, v, qn, kn, eps, inv_freq, traditional, kc, vc}, s);
 }
 
 void merge_attention_splits(const float* scratch, int T, int heads, int D, int splits, uint16_t* out, cudaStream_t s) {
