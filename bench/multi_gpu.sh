@@ -25,13 +25,16 @@ R="$OUT/results.md"
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 if (( gpus < 2 )); then echo "skip: $gpus GPU(s) visible, this benchmark needs 2" | tee "$R"; exit 0; fi
 command -v mpirun >/dev/null || { echo "skip: no mpirun" | tee "$R"; exit 0; }
-if ! ldconfig -p | grep -q 'libnccl\.so\.2'; then  # the nvidia-nccl Python wheel's copy
-  nccl_lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
-  [[ -n "$nccl_lib" ]] && export LD_LIBRARY_PATH="$nccl_lib:$LD_LIBRARY_PATH"
-fi
+# libnccl: the nvidia-nccl Python wheel's when there is one (PyTorch's, usually
+# newer than the system package), else the system's. The tensor-parallel
+# decode all-reduce runs on NCCL's device API only where the library loaded
+# is the version zmlx was compiled against (it says so otherwise).
+nccl_lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
+[[ -n "$nccl_lib" && -f "$nccl_lib/libnccl.so.2" ]] && export LD_LIBRARY_PATH="$nccl_lib:$LD_LIBRARY_PATH"
+export ZMLX_NCCL_DEVICE_ALLREDUCE=${ZMLX_NCCL_DEVICE_ALLREDUCE:-1}  # 0: ncclAllReduce (A/B runs)
 export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off on shared machines
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-MPIRUN=(mpirun --allow-run-as-root --oversubscribe -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE)
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x ZMLX_NCCL_DEVICE_ALLREDUCE)
 
 [[ -f "$R" ]] || {
   echo "# zmlx multi-GPU bench $(date -u +%FT%TZ)"

@@ -22,16 +22,18 @@ PY=python3
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 if (( gpus < 2 )); then echo "skip: $gpus GPU(s) visible, this test needs 2"; exit 0; fi
 if ! command -v mpirun >/dev/null; then echo "skip: no mpirun"; exit 0; fi
-# libnccl: the system's, else the one of the nvidia-nccl Python wheel.
-if ! ldconfig -p | grep -q 'libnccl\.so\.2'; then
-  nccl_lib=$($PY -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
-  [[ -n "$nccl_lib" ]] && export LD_LIBRARY_PATH="$nccl_lib:$LD_LIBRARY_PATH"
-fi
+# libnccl: the nvidia-nccl Python wheel's when there is one (PyTorch's, usually
+# newer than the system package), else the system's. The tensor-parallel
+# decode all-reduce runs on NCCL's device API only where the library loaded
+# is the version zmlx was compiled against (it says so otherwise).
+nccl_lib=$($PY -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
+[[ -n "$nccl_lib" && -f "$nccl_lib/libnccl.so.2" ]] && export LD_LIBRARY_PATH="$nccl_lib:$LD_LIBRARY_PATH"
 # NVLink multicast stays off on shared machines (it can take the host's GPUs down).
+export ZMLX_NCCL_DEVICE_ALLREDUCE=${ZMLX_NCCL_DEVICE_ALLREDUCE:-1}  # 0: ncclAllReduce (A/B runs)
 export NCCL_NVLS_ENABLE=0
 export OMP_NUM_THREADS=1
 if [[ $(id -u) == 0 ]]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
-MPIRUN=(mpirun --allow-run-as-root --oversubscribe -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x OMP_NUM_THREADS)
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x ZMLX_NCCL_DEVICE_ALLREDUCE -x OMP_NUM_THREADS)
 
 tokens() { $PY -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["token_ids"])' "$1"; }
 # rel_l2 A B: relative L2 distance of two raw float32 files

@@ -31,6 +31,9 @@
 #include <cstdlib>
 
 #include "zmlx/dist/comm.h"
+#ifdef ZMLX_HAVE_NCCL
+#include "zmlx/dist/nccl_lsa_allreduce.h"
+#endif
 
 #ifdef ZMLX_HAVE_NCCL
 #include <cuda_runtime.h>
@@ -42,6 +45,7 @@
 #include <condition_variable>
 #include <deque>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <system_error>
 #include <thread>
@@ -79,6 +83,11 @@ struct NcclApi {
   decltype(&ncclRecv) Recv;
   decltype(&ncclGetErrorString) GetErrorString;
   decltype(&ncclGetLastError) GetLastError;
+  // Optional (null where the library lacks them): the device all-reduce.
+  decltype(&ncclGetVersion) GetVersion;
+  void* MemAlloc;
+  void* CommWindowRegister;
+  void* DevCommCreate;
 };
 
 // The loader's search path first (LD_LIBRARY_PATH, ldconfig), then the
@@ -105,6 +114,10 @@ const NcclApi& nccl() {
     resolve(a.Recv, "ncclRecv");
     resolve(a.GetErrorString, "ncclGetErrorString");
     resolve(a.GetLastError, "ncclGetLastError");
+    a.GetVersion = reinterpret_cast<decltype(&ncclGetVersion)>(dlsym(lib, "ncclGetVersion"));
+    a.MemAlloc = dlsym(lib, "ncclMemAlloc");
+    a.CommWindowRegister = dlsym(lib, "ncclCommWindowRegister");
+    a.DevCommCreate = dlsym(lib, "ncclDevCommCreate");
     return a;
   }();
   return api;
@@ -140,6 +153,7 @@ class NcclComm final : public Communicator {
       abandon();  // a peer that does not answer would keep a waiting abort here forever
       throw;
     }
+    start_device_allreduce();
     watchdog_ = std::thread([this] { watch(); });
   }
 
@@ -188,6 +202,16 @@ class NcclComm final : public Communicator {
     // NCCL sums bf16 in fp32 and rounds each partial sum: with 2 ranks that
     // is one rounding, as the MPI path; every rank receives the same bits.
     const bool recording = begin_op();
+    if (dtype == DType::BF16 && lsa_ && lsa_->fits(count)) {
+      // Same bits as ncclAllReduce for two ranks (nccl_lsa_allreduce.h).
+      try {
+        lsa_->run(static_cast<uint16_t*>(buf), count, stream_);
+      } catch (const std::exception& e) {
+        throw PeerError(fmt::format("rank {}: {}", rank(), e.what()));
+      }
+      if (!recording) watch_stream(fmt::format("all-reduce on the GPU (device API): waiting for {}", who(others())));
+      return;
+    }
     {
       std::lock_guard<std::mutex> api(api_mu_);
       check_nccl(nccl().AllReduce(buf, buf, size_t(count), dtype == DType::BF16 ? ncclBfloat16 : ncclFloat32, ncclSum,
@@ -269,6 +293,48 @@ class NcclComm final : public Communicator {
     std::string s;
     for (int p : peers) s += fmt::format("{}rank {} ({})", s.empty() ? "" : ", ", p, hosts().at(size_t(p)));
     return s;
+  }
+
+  // Small bf16 all-reduces (decode) through our kernel on NCCL's device API
+  // (nccl_lsa_allreduce.h), where the library loaded is the exact version
+  // of the headers that kernel was compiled with and NCCL sets it up; else
+  // ncclAllReduce, with one line saying why. ZMLX_NCCL_DEVICE_ALLREDUCE=0
+  // keeps ncclAllReduce (A/B runs). Every rank decides alike: the checks
+  // depend on the library and the node, and the set-up calls are collective.
+  void start_device_allreduce() {
+    const char* off = std::getenv("ZMLX_NCCL_DEVICE_ALLREDUCE");
+    if (size() == 1 || (off && std::string(off) == "0")) return;
+#ifndef ZMLX_HAVE_NCCL_DEVICE
+    if (rank() == 0)
+      std::fprintf(stderr, "[zmlx] NCCL device all-reduce off: built against NCCL headers without the device API "
+                           "(2.28+); using ncclAllReduce\n");
+#else
+    const NcclApi& a = nccl();
+    int version = 0;
+    if (a.GetVersion) a.GetVersion(&version);
+    std::string why;
+    if (!a.MemAlloc || !a.CommWindowRegister || !a.DevCommCreate)
+      why = "this libnccl has no device API (NCCL 2.28 or newer has)";
+    else if (version != NCCL_VERSION_CODE)
+      why = fmt::format("libnccl is version {}, zmlx was compiled against {} (the device API's structs must match; "
+                        "put a libnccl.so.2 of that version first on LD_LIBRARY_PATH)",
+                        version, NCCL_VERSION_CODE);
+    if (why.empty()) {
+      try {
+        LsaAllReduce::Api api{a.MemAlloc, a.CommWindowRegister, a.DevCommCreate};
+        lsa_ = LsaAllReduce::create(comm_, api, kDeviceAllReduceBytes, [this](int rc, const char* what) {
+          check_nccl(ncclResult_t(rc), what);
+          settle(what, 1.0);
+        });
+      } catch (const PeerError&) {
+        throw;
+      } catch (const std::exception& e) {
+        why = e.what();
+      }
+    }
+    if (!why.empty() && rank() == 0)
+      std::fprintf(stderr, "[zmlx] NCCL device all-reduce off: %s; using ncclAllReduce\n", why.c_str());
+#endif
   }
 
   // The work queued on the stream so far becomes the newest pending operation.
@@ -418,6 +484,10 @@ class NcclComm final : public Communicator {
   int device_;
   cudaStream_t stream_;
   ncclComm_t comm_ = nullptr;
+  // All-reduces of up to this many bytes (a decode step's [1, hidden] bf16,
+  // hidden up to 32768) go through lsa_ when it is set up.
+  static constexpr size_t kDeviceAllReduceBytes = 64 << 10;
+  std::unique_ptr<LsaAllReduce> lsa_;
   std::thread watchdog_;
   std::mutex mu_;      // guards pending_, free_events_, stop_
   std::mutex api_mu_;  // serialises the NCCL calls of the main thread and the watchdog
