@@ -32,9 +32,10 @@ command -v mpirun >/dev/null || { echo "skip: no mpirun" | tee "$R"; exit 0; }
 nccl_lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
 [[ -n "$nccl_lib" && -f "$nccl_lib/libnccl.so.2" ]] && export LD_LIBRARY_PATH="$nccl_lib:$LD_LIBRARY_PATH"
 export ZMLX_NCCL_DEVICE_ALLREDUCE=${ZMLX_NCCL_DEVICE_ALLREDUCE:-1}  # 0: ncclAllReduce (A/B runs)
+export ZMLX_TP_FUSED_NORM=${ZMLX_TP_FUSED_NORM:-1}  # 0: all-reduce and add+RMSNorm apart (A/B runs)
 export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off on shared machines
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-MPIRUN=(mpirun --allow-run-as-root --oversubscribe -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x ZMLX_NCCL_DEVICE_ALLREDUCE)
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x ZMLX_NCCL_DEVICE_ALLREDUCE -x ZMLX_TP_FUSED_NORM)
 
 [[ -f "$R" ]] || {
   echo "# zmlx multi-GPU bench $(date -u +%FT%TZ)"

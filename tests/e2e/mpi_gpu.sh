@@ -30,10 +30,11 @@ nccl_lib=$($PY -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl._
 [[ -n "$nccl_lib" && -f "$nccl_lib/libnccl.so.2" ]] && export LD_LIBRARY_PATH="$nccl_lib:$LD_LIBRARY_PATH"
 # NVLink multicast stays off on shared machines (it can take the host's GPUs down).
 export ZMLX_NCCL_DEVICE_ALLREDUCE=${ZMLX_NCCL_DEVICE_ALLREDUCE:-1}  # 0: ncclAllReduce (A/B runs)
+export ZMLX_TP_FUSED_NORM=${ZMLX_TP_FUSED_NORM:-1}  # 0: all-reduce and add+RMSNorm apart (A/B runs)
 export NCCL_NVLS_ENABLE=0
 export OMP_NUM_THREADS=1
 if [[ $(id -u) == 0 ]]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
-MPIRUN=(mpirun --allow-run-as-root --oversubscribe -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x ZMLX_NCCL_DEVICE_ALLREDUCE -x OMP_NUM_THREADS)
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe -np 2 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x ZMLX_NCCL_DEVICE_ALLREDUCE -x ZMLX_TP_FUSED_NORM -x OMP_NUM_THREADS)
 
 tokens() { $PY -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["token_ids"])' "$1"; }
 # rel_l2 A B: relative L2 distance of two raw float32 files

@@ -43,6 +43,15 @@ class Communicator {
   // fp32 in rank order (0, 1, ...) and is rounded once, so every rank gets
   // bit-identical results.
   virtual void allreduce_sum(void* buf, int64_t count, DType dtype) = 0;
+  // The end of a tensor-parallel block as one operation, where the transport
+  // offers it: for one row of D bf16 values (device buffers), x = Σ over
+  // ranks (as allreduce_sum), h = bf16(h + x), out = rms_norm(h)·w (eps) —
+  // the same bits as allreduce_sum followed by the backend's add_rms_norm.
+  // Returns false, having done nothing, where it is not offered.
+  virtual bool allreduce_add_rms_norm(void* x, void* h, const void* w, int64_t D, float eps, void* out) {
+    (void)x, (void)h, (void)w, (void)D, (void)eps, (void)out;
+    return false;
+  }
   virtual void send(const void* buf, size_t bytes, int dst) = 0;
   virtual void recv(void* buf, size_t bytes, int src) = 0;
   // root's buf -> every rank's buf.

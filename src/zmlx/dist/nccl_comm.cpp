@@ -221,6 +221,19 @@ class NcclComm final : public Communicator {
     end_op("all-reduce on the GPU: waiting for", others(), recording);
   }
 
+  bool allreduce_add_rms_norm(void* x, void* h, const void* w, int64_t D, float eps, void* out) override {
+    if (size() == 1 || !lsa_ || !fused_norm_ || !lsa_->fits_add_rms_norm(D, x, h, w, out)) return false;
+    const bool recording = begin_op();
+    try {
+      lsa_->run_add_rms_norm(static_cast<uint16_t*>(x), static_cast<uint16_t*>(h), static_cast<const uint16_t*>(w), D,
+                             eps, static_cast<uint16_t*>(out), stream_);
+    } catch (const std::exception& e) {
+      throw PeerError(fmt::format("rank {}: {}", rank(), e.what()));
+    }
+    if (!recording) watch_stream(fmt::format("all-reduce on the GPU (device API): waiting for {}", who(others())));
+    return true;
+  }
+
   void send(const void* buf, size_t bytes, int dst) override {
     const bool recording = begin_op();
     {
@@ -488,6 +501,11 @@ class NcclComm final : public Communicator {
   // hidden up to 32768) go through lsa_ when it is set up.
   static constexpr size_t kDeviceAllReduceBytes = 64 << 10;
   std::unique_ptr<LsaAllReduce> lsa_;
+  // ZMLX_TP_FUSED_NORM=0: allreduce_add_rms_norm declines (A/B runs; same bits).
+  bool fused_norm_ = [] {
+    const char* v = std::getenv("ZMLX_TP_FUSED_NORM");
+    return !(v && std::string(v) == "0");
+  }();
   std::thread watchdog_;
   std::mutex mu_;      // guards pending_, free_events_, stop_
   std::mutex api_mu_;  // serialises the NCCL calls of the main thread and the watchdog

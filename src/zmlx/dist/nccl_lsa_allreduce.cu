@@ -15,43 +15,106 @@ constexpr int kThreads = 256;
 
 __device__ __forceinline__ float lo_bf(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float hi_bf(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ float bf_round(float f) {
+  return __uint_as_float(uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(f))) << 16);
+}
 __device__ __forceinline__ uint32_t pack_bf2(float lo, float hi) {
   const uint32_t l = __bfloat16_as_ushort(__float2bfloat16_rn(lo)), h = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
   return l | (h << 16);
 }
 
-// One block: count is a multiple of 8 (16-byte vectors), at most half / 2.
-__global__ void __launch_bounds__(kThreads) lsa_allreduce_kernel(ncclDevComm dc, ncclWindow_t win, size_t half,
-                                                                 uint16_t* buf, int count) {
+// Rank r's slot of the current barrier epoch holds its partial; after the
+// barrier, vector i summed over the ranks in rank order (fp32, one rounding).
+__device__ __forceinline__ uint4 rank_sum(ncclWindow_t win, size_t off, int ranks, int i) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int r = 0; r < ranks; ++r) {
+    const uint4 v = reinterpret_cast<const uint4*>(ncclGetLsaPointer(win, off, r))[i];
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      acc[2 * j] += lo_bf(w[j]);
+      acc[2 * j + 1] += hi_bf(w[j]);
+    }
+  }
+  return make_uint4(pack_bf2(acc[0], acc[1]), pack_bf2(acc[2], acc[3]), pack_bf2(acc[4], acc[5]),
+                    pack_bf2(acc[6], acc[7]));
+}
+
+__device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
-  // Programmatic dependent launch: buf is the previous kernel's output.
+  // Programmatic dependent launch: the buffers are the previous kernel's output.
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
+}
+
+// One block: count is a multiple of 8 (16-byte vectors), at most half / 2.
+__global__ void __launch_bounds__(kThreads) lsa_allreduce_kernel(ncclDevComm dc, ncclWindow_t win, size_t half,
+                                                                 uint16_t* buf, int count) {
+  pdl_wait();
   ncclLsaBarrierSession<ncclCoopCta> bar(ncclCoopCta(), dc, ncclTeamTagLsa(), 0);
   const size_t off = (bar.epoch & 1u) ? half : 0;
   uint4* mine = reinterpret_cast<uint4*>(ncclGetLocalPointer(win, off));
-  const uint4* src = reinterpret_cast<const uint4*>(buf);
+  uint4* v = reinterpret_cast<uint4*>(buf);
   const int nvec = count / 8;
-  for (int i = threadIdx.x; i < nvec; i += kThreads) mine[i] = src[i];
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) mine[i] = v[i];
   // Release our slot's stores, acquire the peers'.
   bar.sync(ncclCoopCta(), cuda::memory_order_acq_rel);
-  const int ranks = dc.lsaSize;
-  uint4* dst = reinterpret_cast<uint4*>(buf);
-  for (int i = threadIdx.x; i < nvec; i += kThreads) {
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int r = 0; r < ranks; ++r) {
-      const uint4 v = reinterpret_cast<const uint4*>(ncclGetLsaPointer(win, off, r))[i];
-      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) v[i] = rank_sum(win, off, dc.lsaSize, i);
+}
+
+// The block's sum of one float per thread (blockDim.x a multiple of 32), in
+// the order of the CUDA backend's block_sum, so the norm below gives its bits.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float part[32];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        acc[2 * j] += lo_bf(w[j]);
-        acc[2 * j + 1] += hi_bf(w[j]);
-      }
-    }
-    dst[i] = make_uint4(pack_bf2(acc[0], acc[1]), pack_bf2(acc[2], acc[3]), pack_bf2(acc[4], acc[5]),
-                        pack_bf2(acc[6], acc[7]));
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float t = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    if (threadIdx.x == 0) part[0] = t;
   }
+  __syncthreads();
+  return part[0];
+}
+
+// One row of D = 8·blockDim.x values: x = Σ ranks x; h = bf16(h + x);
+// out = rms_norm(h)·w — the arithmetic of the backend's add_rms_norm for
+// such rows (add_rms_norm_vec_kernel), so the result has its bits.
+__global__ void lsa_allreduce_add_rms_norm_kernel(ncclDevComm dc, ncclWindow_t win, size_t half, uint16_t* x,
+                                                  uint16_t* h, const uint16_t* w, float eps, uint16_t* out) {
+  pdl_wait();
+  ncclLsaBarrierSession<ncclCoopCta> bar(ncclCoopCta(), dc, ncclTeamTagLsa(), 0);
+  const size_t off = (bar.epoch & 1u) ? half : 0;
+  const int i = threadIdx.x, D = 8 * blockDim.x;
+  reinterpret_cast<uint4*>(ncclGetLocalPointer(win, off))[i] = reinterpret_cast<const uint4*>(x)[i];
+  const uint4 wv = reinterpret_cast<const uint4*>(w)[i];
+  const uint4 hv = reinterpret_cast<const uint4*>(h)[i];
+  bar.sync(ncclCoopCta(), cuda::memory_order_acq_rel);
+  const uint4 xv = rank_sum(win, off, dc.lsaSize, i);
+  reinterpret_cast<uint4*>(x)[i] = xv;
+  const uint32_t hw[4] = {hv.x, hv.y, hv.z, hv.w}, xw[4] = {xv.x, xv.y, xv.z, xv.w};
+  float v[8];
+  uint32_t o[4];
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float a = bf_round(lo_bf(hw[j]) + lo_bf(xw[j])), b = bf_round(hi_bf(hw[j]) + hi_bf(xw[j]));
+    o[j] = pack_bf2(a, b);
+    v[2 * j] = a, v[2 * j + 1] = b;
+    ss = fmaf(a, a, ss);
+    ss = fmaf(b, b, ss);
+  }
+  reinterpret_cast<uint4*>(h)[i] = make_uint4(o[0], o[1], o[2], o[3]);
+  const float inv = 1.0f / sqrtf(block_sum(ss) / float(D) + eps);
+  const uint32_t ww[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    o[j] = pack_bf2(lo_bf(ww[j]) * bf_round(v[2 * j] * inv), hi_bf(ww[j]) * bf_round(v[2 * j + 1] * inv));
+  reinterpret_cast<uint4*>(out)[i] = make_uint4(o[0], o[1], o[2], o[3]);
 }
 
 }  // namespace
@@ -96,19 +159,37 @@ bool LsaAllReduce::fits(int64_t count) const {
   return count > 0 && count % 8 == 0 && size_t(count) * 2 <= impl_->half;
 }
 
-void LsaAllReduce::run(uint16_t* buf, int64_t count, cudaStream_t s) {
+namespace {
+template <typename... KArgs, typename... Args>
+void launch_pdl(void (*kernel)(KArgs...), unsigned threads, cudaStream_t s, Args... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(1);
-  cfg.blockDim = dim3(kThreads);
+  cfg.blockDim = dim3(threads);
   cfg.stream = s;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  const cudaError_t e =
-      cudaLaunchKernelEx(&cfg, lsa_allreduce_kernel, impl_->dc, impl_->win, impl_->half, buf, int(count));
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
   if (e != cudaSuccess) throw std::runtime_error(std::string("device all-reduce launch: ") + cudaGetErrorString(e));
+}
+}  // namespace
+
+void LsaAllReduce::run(uint16_t* buf, int64_t count, cudaStream_t s) {
+  launch_pdl(lsa_allreduce_kernel, kThreads, s, impl_->dc, impl_->win, impl_->half, buf, int(count));
+}
+
+bool LsaAllReduce::fits_add_rms_norm(int64_t D, const void* x, const void* h, const void* w, const void* out) const {
+  const bool aligned = ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(h) |
+                         reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
+  return aligned && D % 256 == 0 && D / 8 <= 1024 && fits(D);
+}
+
+void LsaAllReduce::run_add_rms_norm(uint16_t* x, uint16_t* h, const uint16_t* w, int64_t D, float eps, uint16_t* out,
+                                    cudaStream_t s) {
+  launch_pdl(lsa_allreduce_add_rms_norm_kernel, unsigned(D / 8), s, impl_->dc, impl_->win, impl_->half, x, h, w, eps,
+             out);
 }
 
 }  // namespace zmlx::dist

@@ -52,6 +52,13 @@ class LsaAllReduce {
   bool fits(int64_t count) const;
   // buf[count] (bf16, device) = Σ over ranks, in place, on stream s.
   void run(uint16_t* buf, int64_t count, cudaStream_t s);
+  // One row of D bf16 values: x = Σ over ranks, h = bf16(h + x), out =
+  // rms_norm(h)·w, in one kernel, with the bits of the CUDA backend's
+  // add_rms_norm after the all-reduce. Where fits_add_rms_norm says so
+  // (D a multiple of 256, at most 8192; 16-byte aligned buffers).
+  bool fits_add_rms_norm(int64_t D, const void* x, const void* h, const void* w, const void* out) const;
+  void run_add_rms_norm(uint16_t* x, uint16_t* h, const uint16_t* w, int64_t D, float eps, uint16_t* out,
+                        cudaStream_t s);
 
   struct Impl;
 

@@ -178,19 +178,23 @@ class Lfm2Moe final : public Model {
     Tensor f;  // the previous layer's MLP output, added to h together with the next norm
     for (size_t l = size_t(placement().layer_begin()); l < size_t(placement().layer_end(NL)); ++l) {
       Layer& L = layers_[l];
-      Tensor x = f.empty() ? be.rms_norm(h, L.operator_norm, eps) : be.add_rms_norm(h, f, L.operator_norm, eps);
-      Tensor a;
+      // Tensor parallel: f (and attention's a) are summed over the ranks'
+      // shards together with the residual add and the next norm.
+      Tensor x = f.empty() ? be.rms_norm(h, L.operator_norm, eps) : tp_reduce_add_rms_norm(be, h, f, L.operator_norm, eps);
+      Tensor xf;
       if (L.attention) {
-        a = L.attn.forward(be, x, cache.kv[l], pos0);
-        tp_reduce(be, a);  // tensor parallel: sum of the heads' shards
+        Tensor a = L.attn.forward(be, x, cache.kv[l], pos0);
+        xf = tp_reduce_add_rms_norm(be, h, a, L.ffn_norm, eps);
       } else {  // replicated under tensor parallel: every rank computes the whole conv
         Tensor y = be.short_conv(be.linear(x, L.in_proj), cache.conv[l], L.conv_w);
-        a = be.linear(y, L.conv_out_proj);
+        xf = be.add_rms_norm(h, be.linear(y, L.conv_out_proj), L.ffn_norm, eps);
       }
-      f = L.mlp->forward(be, be.add_rms_norm(h, a, L.ffn_norm, eps));
-      tp_reduce(be, f);
+      f = L.mlp->forward(be, xf);
     }
-    if (!f.empty()) be.add(h, f);
+    if (!f.empty()) {
+      tp_reduce(be, f);
+      be.add(h, f);
+    }
     cache.pos += T;
     if (stage_output(be, h)) return Tensor{};  // pipeline: not the last stage
     if (!all_logits && T > 1) h = last_row(h);

@@ -65,6 +65,11 @@ class Model {
   bool stage_output(Backend& be, const Tensor& h);
   // tensor parallel: t = Σ over ranks (the one all-reduce per block).
   void tp_reduce(Backend& be, Tensor& t);
+  // h = bf16(h + x) and rms_norm(h)·w (Backend::add_rms_norm), x first summed
+  // over the tensor-parallel ranks: one GPU kernel for a decode row where the
+  // transport offers it (Communicator::allreduce_add_rms_norm), else
+  // tp_reduce + add_rms_norm. Same bits either way.
+  Tensor tp_reduce_add_rms_norm(Backend& be, Tensor& h, Tensor& x, const Tensor& w, float eps);
   // Set by a family that honours config_.parallel; load_model refuses otherwise.
   bool parallel_supported_ = false;
 

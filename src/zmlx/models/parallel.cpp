@@ -64,4 +64,15 @@ void Model::tp_reduce(Backend& be, Tensor& t) {
   t = be.from_host(host);
 }
 
+Tensor Model::tp_reduce_add_rms_norm(Backend& be, Tensor& h, Tensor& x, const Tensor& w, float eps) {
+  const dist::Placement& P = placement();
+  if (P.tensor() && P.size > 1 && x.rows() == 1 && x.dtype == DType::BF16 && h.dtype == DType::BF16 &&
+      w.dtype == DType::BF16 && x.device == w.device && P.comm->accepts(x.device)) {
+    Tensor out = be.alloc(DType::BF16, {1, x.cols()});
+    if (P.comm->allreduce_add_rms_norm(x.data, h.data, w.data, x.cols(), eps, out.data)) return out;
+  }
+  tp_reduce(be, x);
+  return be.add_rms_norm(h, x, w, eps);
+}
+
 }  // namespace zmlx
