@@ -96,6 +96,25 @@ for fam in qwen3_moe lfm2_moe glm4_moe_lite; do
   pass "$fam tensor (2 GPUs, fused): greedy tokens identical, logits rel L2 $r"
 done
 
+# The decode all-reduce on NCCL's device API, alone and fused with the next
+# add + RMSNorm (rows of a multiple of 256: hidden 256 here), gives the bits of
+# ncclAllReduce + add_rms_norm.
+M="$WORK/qwen3_moe_h256"
+"$ZMLX" synth --arch qwen3_moe --preset tiny --out "$M" --seed 5 --set hidden_size=256 --set moe_intermediate_size=128 2>/dev/null
+for v in "1 1 fused" "1 0 device" "0 0 nccl"; do
+  set -- $v
+  ZMLX_NCCL_DEVICE_ALLREDUCE=$1 ZMLX_TP_FUSED_NORM=$2 "${MPIRUN[@]}" "$ZMLX" generate "$M" "${CUDA[@]}" --ids $PROMPT \
+    --max-tokens 24 --json --parallel tensor --patch --dump-logits "$WORK/ar.$3.bin" > "$WORK/ar.$3.json" 2> "$WORK/ar.$3.err" \
+    || { cat "$WORK/ar.$3.err"; fail "tensor ($3 all-reduce)"; }
+done
+if off=$(grep -m1 -o "NCCL device all-reduce off: .*" "$WORK/ar.fused.err"); then
+  skip "device all-reduce: $off"
+else
+  cmp -s "$WORK/ar.fused.bin" "$WORK/ar.nccl.bin" || fail "tensor: fused device all-reduce + add + RMSNorm logits differ from ncclAllReduce + add_rms_norm"
+  cmp -s "$WORK/ar.device.bin" "$WORK/ar.nccl.bin" || fail "tensor: device all-reduce logits differ from ncclAllReduce"
+  pass "tensor: device all-reduce (alone and fused with add + RMSNorm) bit-identical to ncclAllReduce, 24 tokens"
+fi
+
 # The node over 2 GPU ranks: /state names each rank's GPU; completions match one GPU.
 "${MPIRUN[@]}" "$ZMLX" serve "$WORK/qwen3_moe" "${CUDA[@]}" --parallel tensor --port 0 > "$WORK/serve.out" 2> "$WORK/serve.err" &
 SERVE=$!

@@ -301,6 +301,29 @@ TEST(CudaOps, FusedDecodeAttentionIsBitIdenticalToTwoOps) {
         EXPECT_TRUE(std::equal(fv.begin() + a, fv.begin() + a + n, pv.begin() + a)) << "values, kv head " << hh;
       }
     }
+  // Both paths give the same bits by design, so the comparison above cannot
+  // tell whether the fused kernel ran at all. Its op name in the GPU profile
+  // (ZMLX_PROFILE=1, printed when the backend goes) can: present for the
+  // fused step, absent with ZMLX_CUDA_FUSED_ATTN=0.
+  for (bool fused_on : {true, false}) {
+    setenv("ZMLX_PROFILE", "1", 1);
+    if (!fused_on) setenv("ZMLX_CUDA_FUSED_ATTN", "0", 1);
+    testing::internal::CaptureStderr();
+    {
+      auto p = gpu();
+      const int64_t H = 8, Hkv = 2, hd = 128;
+      KvLayer kv = p->new_kv_layer(Hkv, hd, 64);
+      Tensor q = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(H * hd)), {1, H * hd}));
+      Tensor k = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd}));
+      Tensor v = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd}));
+      Tensor n = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(hd)), {hd}));
+      host_floats(*p, p->norm_rope_attention(q, k, v, n, n, 1e-6f, H, Hkv, hd, 0, 1e6f, false, kv, 0.125f));
+    }
+    const std::string profile = testing::internal::GetCapturedStderr();
+    unsetenv("ZMLX_PROFILE");
+    unsetenv("ZMLX_CUDA_FUSED_ATTN");
+    EXPECT_EQ(profile.find("norm_rope_attention") != std::string::npos, fused_on) << profile;
+  }
 }
 
 TEST(CudaOps, ArgmaxMatchesHostIncludingTies) {

@@ -556,7 +556,7 @@ class CudaBackend final : public Backend {
     const int splits = decode_splits(cache);
     Tensor scratch = alloc(DType::F32, {heads * splits * (hd + 2)});
     Tensor out = alloc(DType::BF16, {1, heads * hd});
-    Prof p_(this, "attention");
+    Prof p_(this, "norm_rope_attention");  // the name tests look for (the fused kernel ran)
     kern::attention_decode_prep(bf16p(q), bf16p(k), bf16p(v), int(heads), int(kv_heads), int(hd), bf16p(qn),
                                 bf16p(kn), eps, rope_table(base, hd), traditional, bf16p(cache.k), bf16p(cache.v),
                                 cache.capacity, int(pos0), dpos(), scale, splits, static_cast<float*>(scratch.data),
