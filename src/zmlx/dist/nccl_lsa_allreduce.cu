@@ -170,7 +170,13 @@ void launch_pdl(void (*kernel)(KArgs...), unsigned threads, cudaStream_t s, Args
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  static const bool hopper = [] {  // programmatic dependent launch: sm_90 and newer
+    int dev = 0, major = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    return major >= 9;
+  }();
+  cfg.numAttrs = hopper ? 1 : 0;
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
   if (e != cudaSuccess) throw std::runtime_error(std::string("device all-reduce launch: ") + cudaGetErrorString(e));
 }

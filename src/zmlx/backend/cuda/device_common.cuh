@@ -175,7 +175,13 @@ __device__ __forceinline__ void pdl_begin() {
 }
 
 inline bool pdl_enabled() {
-  static const bool on = env_on("ZMLX_CUDA_PDL");
+  // Hopper and newer only (the attribute means nothing to an sm_80 GPU).
+  static const bool on = [] {
+    int dev = 0, major = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    return major >= 9 && env_on("ZMLX_CUDA_PDL");
+  }();
   return on;
 }
 
