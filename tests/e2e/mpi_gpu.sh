@@ -109,6 +109,8 @@ for v in "1 1 fused" "1 0 device" "0 0 nccl"; do
 done
 if off=$(grep -m1 -o "NCCL device all-reduce off: .*" "$WORK/ar.fused.err"); then
   skip "device all-reduce: $off"
+elif ! grep -q "NCCL device all-reduce on" "$WORK/ar.fused.err"; then
+  cat "$WORK/ar.fused.err"; fail "tensor: rank 0 said neither 'device all-reduce on' nor 'off'"
 else
   cmp -s "$WORK/ar.fused.bin" "$WORK/ar.nccl.bin" || fail "tensor: fused device all-reduce + add + RMSNorm logits differ from ncclAllReduce + add_rms_norm"
   cmp -s "$WORK/ar.device.bin" "$WORK/ar.nccl.bin" || fail "tensor: device all-reduce logits differ from ncclAllReduce"

@@ -345,7 +345,11 @@ class NcclComm final : public Communicator {
         why = e.what();
       }
     }
-    if (!why.empty() && rank() == 0)
+    if (rank() != 0) return;
+    if (why.empty())
+      std::fprintf(stderr, "[zmlx] NCCL device all-reduce on (NCCL %d, %d ranks over NVLink): decode rows skip "
+                           "ncclAllReduce\n", version, size());
+    else
       std::fprintf(stderr, "[zmlx] NCCL device all-reduce off: %s; using ncclAllReduce\n", why.c_str());
 #endif
   }
