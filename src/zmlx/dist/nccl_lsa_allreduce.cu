@@ -8,20 +8,14 @@
 #include <stdexcept>
 #include <string>
 
+#include "zmlx/backend/cuda/device_common.cuh"
+
 namespace zmlx::dist {
 namespace {
 
-constexpr int kThreads = 256;
+using namespace zmlx::cuda::dev;
 
-__device__ __forceinline__ float lo_bf(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float hi_bf(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
-__device__ __forceinline__ float bf_round(float f) {
-  return __uint_as_float(uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(f))) << 16);
-}
-__device__ __forceinline__ uint32_t pack_bf2(float lo, float hi) {
-  const uint32_t l = __bfloat16_as_ushort(__float2bfloat16_rn(lo)), h = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
-  return l | (h << 16);
-}
+constexpr int kThreads = 256;
 
 // Rank r's slot of the current barrier epoch holds its partial; after the
 // barrier, vector i summed over the ranks in rank order (fp32, one rounding).
@@ -40,18 +34,10 @@ __device__ __forceinline__ uint4 rank_sum(ncclWindow_t win, size_t off, int rank
                     pack_bf2(acc[6], acc[7]));
 }
 
-__device__ __forceinline__ void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
-  // Programmatic dependent launch: the buffers are the previous kernel's output.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-
 // One block: count is a multiple of 8 (16-byte vectors), at most half / 2.
 __global__ void __launch_bounds__(kThreads) lsa_allreduce_kernel(ncclDevComm dc, ncclWindow_t win, size_t half,
                                                                  uint16_t* buf, int count) {
-  pdl_wait();
+  pdl_begin();  // buf / x are the previous kernel's output
   ncclLsaBarrierSession<ncclCoopCta> bar(ncclCoopCta(), dc, ncclTeamTagLsa(), 0);
   const size_t off = (bar.epoch & 1u) ? half : 0;
   uint4* mine = reinterpret_cast<uint4*>(ncclGetLocalPointer(win, off));
@@ -63,30 +49,12 @@ __global__ void __launch_bounds__(kThreads) lsa_allreduce_kernel(ncclDevComm dc,
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) v[i] = rank_sum(win, off, dc.lsaSize, i);
 }
 
-// The block's sum of one float per thread (blockDim.x a multiple of 32), in
-// the order of the CUDA backend's block_sum, so the norm below gives its bits.
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float part[32];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float t = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    if (threadIdx.x == 0) part[0] = t;
-  }
-  __syncthreads();
-  return part[0];
-}
-
 // One row of D = 8·blockDim.x values: x = Σ ranks x; h = bf16(h + x);
-// out = rms_norm(h)·w — the arithmetic of the backend's add_rms_norm for
-// such rows (add_rms_norm_vec_kernel), so the result has its bits.
+// out = rms_norm(h)·w through add_rms_norm_row8, the function the backend's
+// add_rms_norm runs for such rows, so the result has its bits.
 __global__ void lsa_allreduce_add_rms_norm_kernel(ncclDevComm dc, ncclWindow_t win, size_t half, uint16_t* x,
                                                   uint16_t* h, const uint16_t* w, float eps, uint16_t* out) {
-  pdl_wait();
+  pdl_begin();  // buf / x are the previous kernel's output
   ncclLsaBarrierSession<ncclCoopCta> bar(ncclCoopCta(), dc, ncclTeamTagLsa(), 0);
   const size_t off = (bar.epoch & 1u) ? half : 0;
   const int i = threadIdx.x, D = 8 * blockDim.x;
@@ -96,25 +64,10 @@ __global__ void lsa_allreduce_add_rms_norm_kernel(ncclDevComm dc, ncclWindow_t w
   bar.sync(ncclCoopCta(), cuda::memory_order_acq_rel);
   const uint4 xv = rank_sum(win, off, dc.lsaSize, i);
   reinterpret_cast<uint4*>(x)[i] = xv;
-  const uint32_t hw[4] = {hv.x, hv.y, hv.z, hv.w}, xw[4] = {xv.x, xv.y, xv.z, xv.w};
-  float v[8];
-  uint32_t o[4];
-  float ss = 0.f;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float a = bf_round(lo_bf(hw[j]) + lo_bf(xw[j])), b = bf_round(hi_bf(hw[j]) + hi_bf(xw[j]));
-    o[j] = pack_bf2(a, b);
-    v[2 * j] = a, v[2 * j + 1] = b;
-    ss = fmaf(a, a, ss);
-    ss = fmaf(b, b, ss);
-  }
-  reinterpret_cast<uint4*>(h)[i] = make_uint4(o[0], o[1], o[2], o[3]);
-  const float inv = 1.0f / sqrtf(block_sum(ss) / float(D) + eps);
-  const uint32_t ww[4] = {wv.x, wv.y, wv.z, wv.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-    o[j] = pack_bf2(lo_bf(ww[j]) * bf_round(v[2 * j] * inv), hi_bf(ww[j]) * bf_round(v[2 * j + 1] * inv));
-  reinterpret_cast<uint4*>(out)[i] = make_uint4(o[0], o[1], o[2], o[3]);
+  uint4 hn, on;
+  add_rms_norm_row8(hv, xv, wv, D, eps, hn, on);
+  reinterpret_cast<uint4*>(h)[i] = hn;
+  reinterpret_cast<uint4*>(out)[i] = on;
 }
 
 }  // namespace
@@ -160,30 +113,15 @@ bool LsaAllReduce::fits(int64_t count) const {
 }
 
 namespace {
-template <typename... KArgs, typename... Args>
-void launch_pdl(void (*kernel)(KArgs...), unsigned threads, cudaStream_t s, Args... args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(1);
-  cfg.blockDim = dim3(threads);
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  static const bool hopper = [] {  // programmatic dependent launch: sm_90 and newer
-    int dev = 0, major = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    return major >= 9;
-  }();
-  cfg.numAttrs = hopper ? 1 : 0;
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
-  if (e != cudaSuccess) throw std::runtime_error(std::string("device all-reduce launch: ") + cudaGetErrorString(e));
+void check(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + " launch: " + cudaGetErrorString(e));
 }
 }  // namespace
 
 void LsaAllReduce::run(uint16_t* buf, int64_t count, cudaStream_t s) {
-  launch_pdl(lsa_allreduce_kernel, kThreads, s, impl_->dc, impl_->win, impl_->half, buf, int(count));
+  launch(lsa_allreduce_kernel, dim3(1), dim3(kThreads), s, impl_->dc, impl_->win, impl_->half, buf, int(count));
+  check("device all-reduce");
 }
 
 bool LsaAllReduce::fits_add_rms_norm(int64_t D, const void* x, const void* h, const void* w, const void* out) const {
@@ -194,8 +132,9 @@ bool LsaAllReduce::fits_add_rms_norm(int64_t D, const void* x, const void* h, co
 
 void LsaAllReduce::run_add_rms_norm(uint16_t* x, uint16_t* h, const uint16_t* w, int64_t D, float eps, uint16_t* out,
                                     cudaStream_t s) {
-  launch_pdl(lsa_allreduce_add_rms_norm_kernel, unsigned(D / 8), s, impl_->dc, impl_->win, impl_->half, x, h, w, eps,
-             out);
+  launch(lsa_allreduce_add_rms_norm_kernel, dim3(1), dim3(unsigned(D / 8)), s, impl_->dc, impl_->win, impl_->half, x, h,
+         w, eps, out);
+  check("device all-reduce + add + RMSNorm");
 }
 
 }  // namespace zmlx::dist

@@ -160,6 +160,51 @@ __device__ __forceinline__ void merge_split_partials(const float* base, int D, i
   }
 }
 
+// Sum of one float per thread over the block (blockDim.x a multiple of 32,
+// at most 1024), the same value returned to every thread.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float part[32];
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float t = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
+    t = warp_sum(t);
+    if (threadIdx.x == 0) part[0] = t;
+  }
+  __syncthreads();
+  return part[0];
+}
+
+// add_rms_norm of one row of D = 8·blockDim.x values, 8 (one 16-byte
+// vector) a thread: hn = bf16(h + x), out = bf16(w · bf16(hn · inv)), inv =
+// 1/sqrt(mean(hn²) + eps). Every thread of the block calls it (block_sum).
+// The CUDA backend's add_rms_norm and the tensor-parallel all-reduce kernel
+// that folds it in (dist/nccl_lsa_allreduce.cu) both use it: one set of bits.
+__device__ __forceinline__ void add_rms_norm_row8(uint4 hv, uint4 xv, uint4 wv, int D, float eps, uint4& hn,
+                                                  uint4& out) {
+  const uint32_t hw[4] = {hv.x, hv.y, hv.z, hv.w}, xw[4] = {xv.x, xv.y, xv.z, xv.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
+  float v[8];
+  uint32_t o[4];
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint16_t a = to_bf(lo_bf(hw[i]) + lo_bf(xw[i])), b = to_bf(hi_bf(hw[i]) + hi_bf(xw[i]));
+    o[i] = uint32_t(a) | (uint32_t(b) << 16);
+    v[2 * i] = bf(a), v[2 * i + 1] = bf(b);
+    ss = fmaf(v[2 * i], v[2 * i], ss);
+    ss = fmaf(v[2 * i + 1], v[2 * i + 1], ss);
+  }
+  hn = make_uint4(o[0], o[1], o[2], o[3]);
+  const float inv = 1.0f / sqrtf(block_sum(ss) / float(D) + eps);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint16_t a = to_bf(lo_bf(ww[i]) * rbf(v[2 * i] * inv)), b = to_bf(hi_bf(ww[i]) * rbf(v[2 * i + 1] * inv));
+    o[i] = uint32_t(a) | (uint32_t(b) << 16);
+  }
+  out = make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 // ---------------------------------------------------------------- launch
 
 // Programmatic dependent launch (Hopper): every kernel waits for its

@@ -1202,22 +1202,6 @@ __global__ void rms_norm_warp_kernel(const uint16_t* x, int64_t R, int D, const 
   warp_rms_norm_row(x + r * D, w, D, eps, out + r * D);
 }
 
-// Sum of one float per thread over the block (blockDim.x a multiple of 32,
-// at most 1024), the same value returned to every thread.
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float part[32];
-  v = warp_sum(v);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float t = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
-    t = warp_sum(t);
-    if (threadIdx.x == 0) part[0] = t;
-  }
-  __syncthreads();
-  return part[0];
-}
-
 __global__ void rms_norm_block_kernel(const uint16_t* x, int D, const uint16_t* w, float eps, uint16_t* out) {
   pdl_begin();
   const int64_t r = blockIdx.x;
@@ -1249,35 +1233,18 @@ __global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const
 }
 
 // add_rms_norm for rows of D = 8·blockDim.x: one 16-byte load of h, x and w
-// per thread.
+// per thread (add_rms_norm_row8).
 __global__ void add_rms_norm_vec_kernel(uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
                                         uint16_t* out) {
   pdl_begin();
   const int64_t r = blockIdx.x;
   uint4* hr = reinterpret_cast<uint4*>(h + r * D) + threadIdx.x;
   const uint4 hv = *hr, xv = __ldg(reinterpret_cast<const uint4*>(x + r * D) + threadIdx.x);
-  const uint32_t hw[4] = {hv.x, hv.y, hv.z, hv.w}, xw[4] = {xv.x, xv.y, xv.z, xv.w};
-  float v[8];
-  uint32_t o[4];
-  float ss = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint16_t a = to_bf(lo_bf(hw[i]) + lo_bf(xw[i])), b = to_bf(hi_bf(hw[i]) + hi_bf(xw[i]));
-    o[i] = uint32_t(a) | (uint32_t(b) << 16);
-    v[2 * i] = bf(a), v[2 * i + 1] = bf(b);
-    ss = fmaf(v[2 * i], v[2 * i], ss);
-    ss = fmaf(v[2 * i + 1], v[2 * i + 1], ss);
-  }
-  *hr = make_uint4(o[0], o[1], o[2], o[3]);
-  const float inv = 1.0f / sqrtf(block_sum(ss) / float(D) + eps);
   const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w) + threadIdx.x);
-  const uint32_t ww[4] = {wv.x, wv.y, wv.z, wv.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint16_t a = to_bf(lo_bf(ww[i]) * rbf(v[2 * i] * inv)), b = to_bf(hi_bf(ww[i]) * rbf(v[2 * i + 1] * inv));
-    o[i] = uint32_t(a) | (uint32_t(b) << 16);
-  }
-  reinterpret_cast<uint4*>(out + r * D)[threadIdx.x] = make_uint4(o[0], o[1], o[2], o[3]);
+  uint4 hn, on;
+  add_rms_norm_row8(hv, xv, wv, D, eps, hn, on);
+  *hr = hn;
+  reinterpret_cast<uint4*>(out + r * D)[threadIdx.x] = on;
 }
 
 // Per head row (one warp): RMSNorm with the q or k norm weight, RoPE over
