@@ -5,7 +5,13 @@
 #   run(command="bash bench/device.sh", carry=["build-device"])
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/build.sh zmlx zmlx_tests gpu_bandwidth cuda_kernels_bench gemm_bench >/dev/null
+log=$(mktemp)
+if ! bash scripts/build.sh zmlx zmlx_tests gpu_bandwidth cuda_kernels_bench gemm_bench >"$log" 2>&1; then
+  grep -E 'error|FAILED' "$log" | head -20; tail -5 "$log"; rm -f "$log"
+  echo "device_bundle: the build failed; build-device/ was not updated" >&2
+  exit 1
+fi
+rm -f "$log"
 rm -rf build-device
 mkdir -p build-device/lib
 cp build/zmlx build/zmlx_tests build/gpu_bandwidth build/cuda_kernels_bench build/gemm_bench build-device/

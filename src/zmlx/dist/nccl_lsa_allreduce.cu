@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) lsa_allreduce_kernel(ncclDevComm dc,
   const int nvec = count / 8;
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) mine[i] = v[i];
   // Release our slot's stores, acquire the peers'.
-  bar.sync(ncclCoopCta(), cuda::memory_order_acq_rel);
+  bar.sync(ncclCoopCta(), ::cuda::memory_order_acq_rel);
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) v[i] = rank_sum(win, off, dc.lsaSize, i);
 }
 
@@ -61,7 +61,7 @@ __global__ void lsa_allreduce_add_rms_norm_kernel(ncclDevComm dc, ncclWindow_t w
   reinterpret_cast<uint4*>(ncclGetLocalPointer(win, off))[i] = reinterpret_cast<const uint4*>(x)[i];
   const uint4 wv = reinterpret_cast<const uint4*>(w)[i];
   const uint4 hv = reinterpret_cast<const uint4*>(h)[i];
-  bar.sync(ncclCoopCta(), cuda::memory_order_acq_rel);
+  bar.sync(ncclCoopCta(), ::cuda::memory_order_acq_rel);
   const uint4 xv = rank_sum(win, off, dc.lsaSize, i);
   reinterpret_cast<uint4*>(x)[i] = xv;
   uint4 hn, on;
