@@ -39,9 +39,11 @@ class Communicator {
   // they carry control messages (tokens, requests, stop flags).
   virtual bool accepts(Device d) const { return d == Device::CPU; }
 
-  // In place: buf = Σ over ranks, for BF16 or F32 buffers. The sum runs in
-  // fp32 in rank order (0, 1, ...) and is rounded once, so every rank gets
-  // bit-identical results.
+  // In place: buf = Σ over ranks, for BF16 or F32 buffers; every rank gets
+  // bit-identical results. MPI and NCCL's device-API kernel (decode rows)
+  // sum in fp32 in rank order (0, 1, ...) and round once; ncclAllReduce
+  // (larger buffers, or where the device API is off) does too for two
+  // ranks, while with more its ring rounds each partial sum.
   virtual void allreduce_sum(void* buf, int64_t count, DType dtype) = 0;
   // The end of a tensor-parallel block as one operation, where the transport
   // offers it: for one row of D bf16 values (device buffers), x = Σ over

@@ -202,7 +202,7 @@ class NcclComm final : public Communicator {
     // NCCL sums bf16 in fp32 and rounds each partial sum: with 2 ranks that
     // is one rounding, as the MPI path; every rank receives the same bits.
     const bool recording = begin_op();
-    if (dtype == DType::BF16 && lsa_ && lsa_->fits(count)) {
+    if (dtype == DType::BF16 && lsa_ && lsa_->fits(count, buf)) {
       // Same bits as ncclAllReduce for two ranks (nccl_lsa_allreduce.h).
       try {
         lsa_->run(static_cast<uint16_t*>(buf), count, stream_);

@@ -108,8 +108,8 @@ std::unique_ptr<LsaAllReduce> LsaAllReduce::create(ncclComm_t comm, const Api& a
   return std::unique_ptr<LsaAllReduce>(new LsaAllReduce(std::move(impl)));
 }
 
-bool LsaAllReduce::fits(int64_t count) const {
-  return count > 0 && count % 8 == 0 && size_t(count) * 2 <= impl_->half;
+bool LsaAllReduce::fits(int64_t count, const void* buf) const {
+  return count > 0 && count % 8 == 0 && size_t(count) * 2 <= impl_->half && reinterpret_cast<uintptr_t>(buf) % 16 == 0;
 }
 
 namespace {
@@ -127,7 +127,7 @@ void LsaAllReduce::run(uint16_t* buf, int64_t count, cudaStream_t s) {
 bool LsaAllReduce::fits_add_rms_norm(int64_t D, const void* x, const void* h, const void* w, const void* out) const {
   const bool aligned = ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(h) |
                          reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
-  return aligned && D % 256 == 0 && D / 8 <= 1024 && fits(D);
+  return aligned && D % 256 == 0 && D / 8 <= 1024 && fits(D, x);
 }
 
 void LsaAllReduce::run_add_rms_norm(uint16_t* x, uint16_t* h, const uint16_t* w, int64_t D, float eps, uint16_t* out,

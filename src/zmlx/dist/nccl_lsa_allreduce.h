@@ -48,8 +48,8 @@ class LsaAllReduce {
                                               const std::function<void(int, const char*)>& settle);
   ~LsaAllReduce();
 
-  // Whether run() takes `count` bf16 values.
-  bool fits(int64_t count) const;
+  // Whether run() takes `count` bf16 values at buf (16-byte vectors).
+  bool fits(int64_t count, const void* buf) const;
   // buf[count] (bf16, device) = Σ over ranks, in place, on stream s.
   void run(uint16_t* buf, int64_t count, cudaStream_t s);
   // One row of D bf16 values: x = Σ over ranks, h = bf16(h + x), out =
