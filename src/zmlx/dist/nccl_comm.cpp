@@ -32,6 +32,7 @@
 
 #include "zmlx/dist/comm.h"
 #ifdef ZMLX_HAVE_NCCL
+#include "zmlx/backend/cuda/env_switch.h"
 #include "zmlx/dist/nccl_lsa_allreduce.h"
 #endif
 
@@ -204,12 +205,7 @@ class NcclComm final : public Communicator {
     const bool recording = begin_op();
     if (dtype == DType::BF16 && lsa_ && lsa_->fits(count, buf)) {
       // Same bits as ncclAllReduce for two ranks (nccl_lsa_allreduce.h).
-      try {
-        lsa_->run(static_cast<uint16_t*>(buf), count, stream_);
-      } catch (const std::exception& e) {
-        throw PeerError(fmt::format("rank {}: {}", rank(), e.what()));
-      }
-      if (!recording) watch_stream(fmt::format("all-reduce on the GPU (device API): waiting for {}", who(others())));
+      device_op(recording, [&] { lsa_->run(static_cast<uint16_t*>(buf), count, stream_); });
       return;
     }
     {
@@ -222,15 +218,11 @@ class NcclComm final : public Communicator {
   }
 
   bool allreduce_add_rms_norm(void* x, void* h, const void* w, int64_t D, float eps, void* out) override {
-    if (size() == 1 || !lsa_ || !fused_norm_ || !lsa_->fits_add_rms_norm(D, x, h, w, out)) return false;
-    const bool recording = begin_op();
-    try {
+    if (!lsa_ || !fused_norm_ || !lsa_->fits_add_rms_norm(D, x, h, w, out)) return false;  // lsa_: 2+ ranks
+    device_op(begin_op(), [&] {
       lsa_->run_add_rms_norm(static_cast<uint16_t*>(x), static_cast<uint16_t*>(h), static_cast<const uint16_t*>(w), D,
                              eps, static_cast<uint16_t*>(out), stream_);
-    } catch (const std::exception& e) {
-      throw PeerError(fmt::format("rank {}: {}", rank(), e.what()));
-    }
-    if (!recording) watch_stream(fmt::format("all-reduce on the GPU (device API): waiting for {}", who(others())));
+    });
     return true;
   }
 
@@ -308,6 +300,19 @@ class NcclComm final : public Communicator {
     return s;
   }
 
+  // Enqueues one of lsa_'s kernels (launch) and, outside a recording, hands
+  // it to the watchdog like an NCCL operation (a peer that never reaches its
+  // barrier leaves it spinning).
+  template <typename F>
+  void device_op(bool recording, const F& launch) {
+    try {
+      launch();
+    } catch (const std::exception& e) {
+      throw PeerError(fmt::format("rank {}: {}", rank(), e.what()));
+    }
+    if (!recording) watch_stream(fmt::format("all-reduce on the GPU (device API): waiting for {}", who(others())));
+  }
+
   // Small bf16 all-reduces (decode) through our kernel on NCCL's device API
   // (nccl_lsa_allreduce.h), where the library loaded is the exact version
   // of the headers that kernel was compiled with and NCCL sets it up; else
@@ -315,8 +320,7 @@ class NcclComm final : public Communicator {
   // keeps ncclAllReduce (A/B runs). Every rank decides alike: the checks
   // depend on the library and the node, and the set-up calls are collective.
   void start_device_allreduce() {
-    const char* off = std::getenv("ZMLX_NCCL_DEVICE_ALLREDUCE");
-    if (size() == 1 || (off && std::string(off) == "0")) return;
+    if (size() == 1 || !zmlx::cuda::env_on("ZMLX_NCCL_DEVICE_ALLREDUCE")) return;
 #ifndef ZMLX_HAVE_NCCL_DEVICE
     if (rank() == 0)
       std::fprintf(stderr, "[zmlx] NCCL device all-reduce off: built against NCCL headers without the device API "
@@ -506,10 +510,7 @@ class NcclComm final : public Communicator {
   static constexpr size_t kDeviceAllReduceBytes = 64 << 10;
   std::unique_ptr<LsaAllReduce> lsa_;
   // ZMLX_TP_FUSED_NORM=0: allreduce_add_rms_norm declines (A/B runs; same bits).
-  bool fused_norm_ = [] {
-    const char* v = std::getenv("ZMLX_TP_FUSED_NORM");
-    return !(v && std::string(v) == "0");
-  }();
+  bool fused_norm_ = zmlx::cuda::env_on("ZMLX_TP_FUSED_NORM");
   std::thread watchdog_;
   std::mutex mu_;      // guards pending_, free_events_, stop_
   std::mutex api_mu_;  // serialises the NCCL calls of the main thread and the watchdog

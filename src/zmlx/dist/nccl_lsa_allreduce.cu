@@ -37,7 +37,7 @@ __device__ __forceinline__ uint4 rank_sum(ncclWindow_t win, size_t off, int rank
 // One block: count is a multiple of 8 (16-byte vectors), at most half / 2.
 __global__ void __launch_bounds__(kThreads) lsa_allreduce_kernel(ncclDevComm dc, ncclWindow_t win, size_t half,
                                                                  uint16_t* buf, int count) {
-  pdl_begin();  // buf / x are the previous kernel's output
+  pdl_begin();  // buf is the previous kernel's output
   ncclLsaBarrierSession<ncclCoopCta> bar(ncclCoopCta(), dc, ncclTeamTagLsa(), 0);
   const size_t off = (bar.epoch & 1u) ? half : 0;
   uint4* mine = reinterpret_cast<uint4*>(ncclGetLocalPointer(win, off));
@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) lsa_allreduce_kernel(ncclDevComm dc,
 // add_rms_norm runs for such rows, so the result has its bits.
 __global__ void lsa_allreduce_add_rms_norm_kernel(ncclDevComm dc, ncclWindow_t win, size_t half, uint16_t* x,
                                                   uint16_t* h, const uint16_t* w, float eps, uint16_t* out) {
-  pdl_begin();  // buf / x are the previous kernel's output
+  pdl_begin();  // x is the previous kernel's output
   ncclLsaBarrierSession<ncclCoopCta> bar(ncclCoopCta(), dc, ncclTeamTagLsa(), 0);
   const size_t off = (bar.epoch & 1u) ? half : 0;
   const int i = threadIdx.x, D = 8 * blockDim.x;
@@ -73,7 +73,6 @@ __global__ void lsa_allreduce_add_rms_norm_kernel(ncclDevComm dc, ncclWindow_t w
 }  // namespace
 
 struct LsaAllReduce::Impl {
-  Api api{};
   void* mem = nullptr;
   size_t half = 0;  // bytes of one slot
   ncclWindow_t win = nullptr;
@@ -90,7 +89,6 @@ LsaAllReduce::~LsaAllReduce() = default;
 std::unique_ptr<LsaAllReduce> LsaAllReduce::create(ncclComm_t comm, const Api& api, size_t max_bytes,
                                                    const std::function<void(int, const char*)>& settle) {
   auto impl = std::make_unique<Impl>();
-  impl->api = api;
   impl->half = (max_bytes + 255) / 256 * 256;
   auto mem_alloc = reinterpret_cast<decltype(&ncclMemAlloc)>(api.MemAlloc);
   auto win_register = reinterpret_cast<decltype(&ncclCommWindowRegister)>(api.CommWindowRegister);

@@ -180,7 +180,7 @@ class Lfm2Moe final : public Model {
       Layer& L = layers_[l];
       // Tensor parallel: f (and attention's a) are summed over the ranks'
       // shards together with the residual add and the next norm.
-      Tensor x = f.empty() ? be.rms_norm(h, L.operator_norm, eps) : tp_reduce_add_rms_norm(be, h, f, L.operator_norm, eps);
+      Tensor x = tp_reduce_add_rms_norm(be, h, f, L.operator_norm, eps);
       Tensor xf;
       if (L.attention) {
         Tensor a = L.attn.forward(be, x, cache.kv[l], pos0);
@@ -191,10 +191,7 @@ class Lfm2Moe final : public Model {
       }
       f = L.mlp->forward(be, xf);
     }
-    if (!f.empty()) {
-      tp_reduce(be, f);
-      be.add(h, f);
-    }
+    tp_reduce_add(be, h, f);
     cache.pos += T;
     if (stage_output(be, h)) return Tensor{};  // pipeline: not the last stage
     if (!all_logits && T > 1) h = last_row(h);

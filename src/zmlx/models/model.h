@@ -65,11 +65,16 @@ class Model {
   bool stage_output(Backend& be, const Tensor& h);
   // tensor parallel: t = Σ over ranks (the one all-reduce per block).
   void tp_reduce(Backend& be, Tensor& t);
-  // h = bf16(h + x) and rms_norm(h)·w (Backend::add_rms_norm), x first summed
-  // over the tensor-parallel ranks: one GPU kernel for a decode row where the
+  // The residual stream between blocks. h = bf16(h + x) and rms_norm(h)·w
+  // (Backend::add_rms_norm), x (a block's output) first summed over the
+  // tensor-parallel ranks: one GPU kernel for a decode row where the
   // transport offers it (Communicator::allreduce_add_rms_norm), else
-  // tp_reduce + add_rms_norm. Same bits either way.
+  // tp_reduce + add_rms_norm; same bits either way. x empty (before a
+  // stage's first block): rms_norm(h)·w.
   Tensor tp_reduce_add_rms_norm(Backend& be, Tensor& h, Tensor& x, const Tensor& w, float eps);
+  // After a stage's last block: h = bf16(h + x), x summed over the ranks
+  // first (nothing when x is empty).
+  void tp_reduce_add(Backend& be, Tensor& h, Tensor& x);
   // Set by a family that honours config_.parallel; load_model refuses otherwise.
   bool parallel_supported_ = false;
 

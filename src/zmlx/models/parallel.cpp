@@ -65,6 +65,7 @@ void Model::tp_reduce(Backend& be, Tensor& t) {
 }
 
 Tensor Model::tp_reduce_add_rms_norm(Backend& be, Tensor& h, Tensor& x, const Tensor& w, float eps) {
+  if (x.empty()) return be.rms_norm(h, w, eps);
   const dist::Placement& P = placement();
   if (P.tensor() && P.size > 1 && x.rows() == 1 && x.dtype == DType::BF16 && h.dtype == DType::BF16 &&
       w.dtype == DType::BF16 && x.device == w.device && P.comm->accepts(x.device)) {
@@ -73,6 +74,12 @@ Tensor Model::tp_reduce_add_rms_norm(Backend& be, Tensor& h, Tensor& x, const Te
   }
   tp_reduce(be, x);
   return be.add_rms_norm(h, x, w, eps);
+}
+
+void Model::tp_reduce_add(Backend& be, Tensor& h, Tensor& x) {
+  if (x.empty()) return;
+  tp_reduce(be, x);
+  be.add(h, x);
 }
 
 }  // namespace zmlx

@@ -113,16 +113,13 @@ class Qwen3Moe final : public Model {
     Tensor f;  // the previous layer's MLP output, added to h together with the next norm
     for (size_t l = size_t(placement().layer_begin()); l < size_t(placement().layer_end(NL)); ++l) {
       Layer& L = layers_[l];
-      Tensor x = f.empty() ? be.rms_norm(h, L.input_layernorm, eps) : tp_reduce_add_rms_norm(be, h, f, L.input_layernorm, eps);
+      Tensor x = tp_reduce_add_rms_norm(be, h, f, L.input_layernorm, eps);
       Tensor a = L.attn.forward(be, x, cache.kv[l], pos0);
       // tensor parallel: a and f are summed over the ranks' shards (heads,
       // intermediate dimension) together with the residual add and the next norm.
       f = L.mlp->forward(be, tp_reduce_add_rms_norm(be, h, a, L.post_attention_layernorm, eps));
     }
-    if (!f.empty()) {
-      tp_reduce(be, f);
-      be.add(h, f);
-    }
+    tp_reduce_add(be, h, f);
     cache.pos += T;
     if (stage_output(be, h)) return Tensor{};  // pipeline: not the last stage
     if (!all_logits && T > 1) h = last_row(h);
