@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -324,6 +325,63 @@ TEST(CudaOps, FusedDecodeAttentionIsBitIdenticalToTwoOps) {
     unsetenv("ZMLX_CUDA_FUSED_ATTN");
     EXPECT_EQ(profile.find("norm_rope_attention") != std::string::npos, fused_on) << profile;
   }
+}
+
+// The flash-decoding merge holds up to 16 splits in registers; the
+// shared-memory form (ZMLX_CUDA_MERGE_REGS=0, and every count above 16) is
+// its reference: the same bits, on random partials that include splits
+// that saw no key (l = 0) and weights that underflow to 0; both close to the
+// merge worked out on the host.
+TEST(CudaOps, AttentionMergeInRegistersIsBitIdenticalToSharedMemoryForm) {
+  REQUIRE_GPU();
+  std::mt19937 rng(33);
+  std::uniform_real_distribution<float> val(-2.f, 2.f), logit(-30.f, 8.f);
+  for (int D : {64, 128, 512})
+    for (int splits : {1, 2, 5, 12, 16, 17, 40}) {
+      const int T = 2, heads = 3;
+      std::vector<float> part(size_t(T * heads * splits * (D + 2)));
+      for (size_t i = 0; i < part.size(); i += size_t(D + 2)) {
+        // Split 0 of every (token, head) saw a key, as in a real step.
+        const bool empty = (i / size_t(D + 2)) % size_t(splits) != 0 && rng() % 4 == 0;
+        part[i] = empty ? -FLT_MAX : (rng() % 8 == 0 ? logit(rng) - 120.f : logit(rng));  // m (some exp(m - M) == 0)
+        part[i + 1] = empty ? 0.f : 0.5f + float(rng() % 100);                             // l
+        for (int d = 0; d < D; ++d) part[i + 2 + size_t(d)] = empty ? 0.f : val(rng);
+      }
+      float* dpart = nullptr;
+      uint16_t* dout = nullptr;
+      ASSERT_EQ(cudaMalloc(&dpart, part.size() * 4), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&dout, size_t(T * heads * D) * 2), cudaSuccess);
+      cudaMemcpy(dpart, part.data(), part.size() * 4, cudaMemcpyHostToDevice);
+      std::vector<uint16_t> regs(size_t(T * heads * D)), shared(regs.size());
+      cuda::k::merge_attention_splits(dpart, T, heads, D, splits, dout, nullptr);
+      cudaMemcpy(regs.data(), dout, regs.size() * 2, cudaMemcpyDeviceToHost);
+      setenv("ZMLX_CUDA_MERGE_REGS", "0", 1);
+      cuda::k::merge_attention_splits(dpart, T, heads, D, splits, dout, nullptr);
+      unsetenv("ZMLX_CUDA_MERGE_REGS");
+      cudaMemcpy(shared.data(), dout, shared.size() * 2, cudaMemcpyDeviceToHost);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      cudaFree(dpart);
+      cudaFree(dout);
+      ASSERT_TRUE(regs == shared) << "D " << D << " splits " << splits;
+      std::vector<float> got(regs.size()), ref(regs.size());
+      for (int th = 0; th < T * heads; ++th) {
+        const float* base = part.data() + size_t(th) * size_t(splits) * size_t(D + 2);
+        double M = -1e300, L = 0;
+        for (int s = 0; s < splits; ++s)
+          if (base[s * (D + 2) + 1] > 0.f) M = std::max(M, double(base[s * (D + 2)]));
+        for (int s = 0; s < splits; ++s)
+          if (base[s * (D + 2) + 1] > 0.f) L += base[s * (D + 2) + 1] * std::exp(base[s * (D + 2)] - M);
+        for (int d = 0; d < D; ++d) {
+          double a = 0;
+          for (int s = 0; s < splits; ++s)
+            if (base[s * (D + 2) + 1] > 0.f) a += base[s * (D + 2) + 2 + d] * std::exp(base[s * (D + 2)] - M);
+          ref[size_t(th * D + d)] = float(a / L);
+          uint32_t u = uint32_t(regs[size_t(th * D + d)]) << 16;
+          std::memcpy(&got[size_t(th * D + d)], &u, 4);
+        }
+      }
+      EXPECT_LT(rel_l2(got, ref), 1e-2) << "D " << D << " splits " << splits;
+    }
 }
 
 TEST(CudaOps, ArgmaxMatchesHostIncludingTies) {

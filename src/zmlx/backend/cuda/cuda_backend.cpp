@@ -14,12 +14,14 @@
 #include <cstring>
 #include <tuple>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>
 
 #include "zmlx/backend/cuda/env_switch.h"
 #include "zmlx/backend/cuda/gemm.h"
+#include "zmlx/backend/cuda/kernel_trace.h"
 #include "zmlx/backend/cuda/kernels.h"
 #include "zmlx/backend/cuda/mla.h"
 #include "zmlx/core/error.h"
@@ -274,6 +276,45 @@ struct StepProfile {
   }
 };
 
+// ZMLX_KERNEL_TRACE_STEP=N in a -DZMLX_KERNEL_TRACE=ON build: the kernel
+// timeline of the N-th replayed decode step, printed to stderr
+// (kernel_trace.h says what the columns mean).
+struct KernelTrace {
+  long step = [] {
+    const char* v = std::getenv("ZMLX_KERNEL_TRACE_STEP");
+    return v ? std::atol(v) : 0L;
+  }();
+  bool armed_for(long replay) const { return step > 0 && replay == step; }
+  void replay(cudaGraphExec_t exec, cudaStream_t s, cudaEvent_t done) {
+#ifdef ZMLX_KERNEL_TRACE
+    using zmlx::cuda::dev::KernelTraceBuf;
+    KernelTraceBuf* buf = nullptr;
+    cuda_check(cudaMalloc(&buf, sizeof(KernelTraceBuf)), "cudaMalloc (kernel trace)");
+    cuda_check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    cudaMemset(buf, 0, sizeof(unsigned long long));
+    kern::kernel_trace_arm(buf);
+    cuda_check(cudaGraphLaunch(exec, s), "cudaGraphLaunch");
+    cuda_check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    kern::kernel_trace_arm(nullptr);
+    auto host = std::make_unique<KernelTraceBuf>();
+    cudaMemcpy(host.get(), buf, sizeof(KernelTraceBuf), cudaMemcpyDeviceToHost);
+    cudaFree(buf);
+    const auto n = std::min(host->n, KernelTraceBuf::kMax);
+    const auto t0 = n ? host->rec[0].go_ns : 0;
+    fmt::print(stderr, "[zmlx trace] step {}: {} kernels (i start_ns go_ns grid_x grid_y block)\n", step, n);
+    for (unsigned long long i = 0; i < n; ++i) {
+      const auto& r = host->rec[i];
+      fmt::print(stderr, "[zmlx trace] {} {} {} {} {} {}\n", i, int64_t(r.start_ns - t0), int64_t(r.go_ns - t0), r.grid_x,
+                 r.grid_y, r.block);
+    }
+#else
+    log_info("[zmlx] ZMLX_KERNEL_TRACE_STEP: this build records no kernel trace (cmake -DZMLX_KERNEL_TRACE=ON)");
+    cuda_check(cudaGraphLaunch(exec, s), "cudaGraphLaunch");
+#endif
+    cuda_check(cudaEventRecord(done, s), "cudaEventRecord");
+  }
+};
+
 struct Prof {
   GpuProfile* p;
   cudaStream_t s;
@@ -281,6 +322,7 @@ struct Prof {
   cudaEvent_t a = nullptr;
   template <typename B>
   Prof(B* be, const char* n) : p(be->profile_.on ? &be->profile_ : nullptr), s(be->stream_), name(n) {
+    ++be->op_seq_;
     if (!p) return;
     cudaEventCreate(&a);
     cudaEventRecord(a, s);
@@ -453,6 +495,7 @@ class CudaBackend final : public Backend {
     Tensor y = alloc(DType::BF16, {x.rows(), w.rows});
     const kern::QMat m = qmat(w);
     Prof p_(this, "linear");
+    last_linear_input_ = x.data, last_linear_op_ = op_seq_;
     if (x.rows() >= kGemmMinTokens && tc::gemm_supported(m))
       gemm_dense(bf16p(x), x.rows(), m, bf16p(y));
     else
@@ -692,6 +735,7 @@ class CudaBackend final : public Backend {
     Routing r = new_routing(logits, k, DType::F32, &bias, n_group, topk_group);
     routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet
     Prof p_(this, "route_grouped");
+    route_op_ = op_seq_;
     kern::route_sigmoid_grouped(bf16p(logits), static_cast<const float*>(bias.data), int(T), int(E), int(k),
                                 int(n_group), int(topk_group), normalize, eps, scaling,
                                 static_cast<int32_t*>(r.experts.data), static_cast<float*>(r.scores.data), stream_);
@@ -731,6 +775,7 @@ class CudaBackend final : public Backend {
     Routing r = new_routing(logits, k, DType::BF16);
     routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet
     Prof p_(this, "route_softmax");
+    route_op_ = op_seq_;
     kern::route_softmax(bf16p(logits), int(T), int(E), int(k), normalize, static_cast<int32_t*>(r.experts.data),
                      bf16p(r.scores), stream_);
     return r;
@@ -742,6 +787,7 @@ class CudaBackend final : public Backend {
     Routing r = new_routing(logits, k, DType::BF16, &bias);
     routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet
     Prof p_(this, "route_sigmoid");
+    route_op_ = op_seq_;
     kern::route_sigmoid(bf16p(logits), static_cast<const float*>(bias.data), int(T), int(E), int(k), normalize, eps,
                      scaling, static_cast<int32_t*>(r.experts.data), bf16p(r.scores), stream_);
     return r;
@@ -793,12 +839,16 @@ class CudaBackend final : public Backend {
     Tensor out = alloc(DType::BF16, {T, k, I});
     const kern::QMat g = qmat(gate), u = qmat(up);
     Prof p_(this, "gather_swiglu");
+    // The MoE block's input as the router read it, routed by the op just
+    // before: complete one kernel before the one enqueued last, so the
+    // kernel may stage it before its programmatic-launch wait.
+    const bool x_ready = x.data == last_linear_input_ && route_op_ == last_linear_op_ + 1 && op_seq_ == route_op_ + 1;
     if (T * k >= kGemmMinPairs && tc::gemm_supported(g) && tc::gemm_supported(u)) {
       Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(gate.experts)))});
       tc::moe_gate_up_swiglu(bf16p(x), experts_of(r), int(T), int(k), g, u, bf16p(out), ws.data, stream_,
                              int(gate.experts));
     } else {
-      kern::gather_swiglu(bf16p(x), experts_of(r), int(T), int(k), g, u, bf16p(out), stream_);
+      kern::gather_swiglu(bf16p(x), experts_of(r), int(T), int(k), g, u, bf16p(out), stream_, x_ready);
     }
     routing_consumed_ = r.experts.data;
     return out;
@@ -931,6 +981,7 @@ class CudaBackend final : public Backend {
 
  private:
   void launch_graph() {
+    if (kernel_trace_.armed_for(++replays_)) return kernel_trace_.replay(exec_, stream_, step_done_);
     if (!step_profile_.on) {
       cuda_check(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch");
     } else {
@@ -1055,6 +1106,8 @@ class CudaBackend final : public Backend {
   std::string name_;
   GpuProfile profile_;
   StepProfile step_profile_;
+  KernelTrace kernel_trace_;
+  long replays_ = 0;
   cudaStream_t stream_ = nullptr;
   std::shared_ptr<DevicePool> pool_;
   uint64_t weights_epoch_ = 0;
@@ -1068,6 +1121,11 @@ class CudaBackend final : public Backend {
   // read was complete before that kernel ran, so later kernels may read it
   // before their programmatic-launch wait (gather_combine does).
   const void* routing_consumed_ = nullptr;
+  // Ops enqueued so far (every op's Prof counts it), the input and number of
+  // the last plain linear, and the number of the last routing op: together
+  // they tell gather_qmm_swiglu that its x is the router's input.
+  uint64_t op_seq_ = 0, last_linear_op_ = 0, route_op_ = 0;
+  const void* last_linear_input_ = nullptr;
   // Chained greedy steps: each step's argmax lands in d_step_ (the next
   // step's input) and in a mapped pinned ring the host reads by position.
   static constexpr int kRing = 64;

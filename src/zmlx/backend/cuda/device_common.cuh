@@ -15,6 +15,7 @@
 #include <string>
 
 #include "zmlx/backend/cuda/env_switch.h"
+#include "zmlx/backend/cuda/kernel_trace.h"
 
 namespace zmlx::cuda::dev {
 
@@ -117,14 +118,52 @@ __device__ __forceinline__ void store_split_partial(const float (&sm)[W], const 
 }
 
 constexpr int kMaxMergeSplits = 128;  // the most key splits a decode attention uses
+constexpr int kRegMergeSplits = 16;   // up to this many, the merge holds every split in registers
 
 // The `splits` partials at `base` (one after another) -> the bf16 output
 // row out[D]; the block's threads share the dimensions (every thread of the
-// block calls this). Each split's weight exp(m - M) is computed once, in
-// shared memory, and a thread's partials are loaded 8 splits at a time: a
-// loop that re-read m and l per split and dimension waited out one load
-// after another. Same arithmetic, in the same order, as before.
-__device__ __forceinline__ void merge_split_partials(const float* base, int D, int splits, uint16_t* out) {
+// block calls this). Split s weighs exp(m_s - M) (M the largest m of the
+// splits that saw a key), L = Σ l_s·w_s in split order, out = Σ v_s·w_s / L.
+// Up to kRegMergeSplits splits, every thread loads all m, l and its values at
+// once and works out the weights itself: one round trip to L2 and no barrier
+// on the critical path (the merge took ~4 us a layer in a Qwen3 decode step
+// with a barrier, one thread's exp loop and a second round of loads).
+// in_registers = false keeps the shared-memory form for those too (the
+// reference the register form is tested against; the same bits).
+__device__ __forceinline__ void merge_split_partials(const float* base, int D, int splits, uint16_t* out,
+                                                     bool in_registers = true) {
+  if (in_registers && splits <= kRegMergeSplits) {
+    float m[kRegMergeSplits], l[kRegMergeSplits], v[kRegMergeSplits];
+    int d = threadIdx.x;
+#pragma unroll
+    for (int s = 0; s < kRegMergeSplits; ++s) {
+      m[s] = s < splits ? base[s * (D + 2)] : 0.f;
+      l[s] = s < splits ? base[s * (D + 2) + 1] : 0.f;
+      v[s] = s < splits && d < D ? base[s * (D + 2) + 2 + d] : 0.f;
+    }
+    float M = -FLT_MAX;
+#pragma unroll
+    for (int s = 0; s < kRegMergeSplits; ++s)
+      if (s < splits && l[s] > 0.f) M = fmaxf(M, m[s]);
+    float L = 0.f;
+#pragma unroll
+    for (int s = 0; s < kRegMergeSplits; ++s) {
+      m[s] = s < splits && l[s] > 0.f ? expf(m[s] - M) : 0.f;  // now the weight; 0: the split saw no key
+      if (s < splits && l[s] > 0.f) L = fmaf(l[s], m[s], L);
+    }
+    const float inv = 1.0f / L;
+    for (; d < D; d += blockDim.x) {
+      if (d != int(threadIdx.x))
+#pragma unroll
+        for (int s = 0; s < kRegMergeSplits; ++s) v[s] = s < splits ? base[s * (D + 2) + 2 + d] : 0.f;
+      float a = 0.f;
+#pragma unroll
+      for (int s = 0; s < kRegMergeSplits; ++s)
+        if (s < splits && m[s] > 0.f) a = fmaf(v[s], m[s], a);
+      out[d] = to_bf(a * inv);
+    }
+    return;
+  }
   __shared__ float s_m[kMaxMergeSplits], s_w[kMaxMergeSplits];
   __shared__ float s_inv;
   for (int s = threadIdx.x; s < splits; s += blockDim.x) {
@@ -212,11 +251,60 @@ __device__ __forceinline__ void add_rms_norm_row8(uint4 hv, uint4 xv, uint4 wv, 
 // start launching, so launch latency overlaps the previous kernel's tail.
 // Without the launch attribute the two instructions are no-ops. Launch with
 // launch() / launch_smem(); ZMLX_CUDA_PDL=0 launches without the attribute.
-__device__ __forceinline__ void pdl_begin() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;");
+#ifdef ZMLX_KERNEL_TRACE
+// Kernel timeline of one replayed decode step (a diagnostic build,
+// -DZMLX_KERNEL_TRACE=ON; see kernel_trace.h): block (0,0,0) of every kernel
+// appends when it started and when its programmatic-launch wait released.
+// One pointer per .cu file (no relocatable device code), each armed by its
+// file's kernel_trace_arm_*().
+static __device__ KernelTraceBuf* g_kernel_trace;
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 #endif
+
+//
+// trigger_first (short kernels: add + RMSNorm, the attention merge, the
+// routers' top-k): the successor may launch before this kernel's wait, so its
+// launch latency (1.5-2.5 us, seen in kernel traces) and its preloads overlap
+// this kernel instead of following it. What a successor reads before its own
+// wait must then be complete three kernels back, not two: the early-input
+// flags (gather_combine's routing, gather_swiglu's x) hold that, since
+// neither follows such a kernel directly with data of the one before it.
+__device__ __forceinline__ void pdl_begin(bool trigger_first = false) {
+#ifdef ZMLX_KERNEL_TRACE
+  const unsigned long long t_start = global_ns();
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (trigger_first) asm volatile("griddepcontrol.launch_dependents;");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#ifdef ZMLX_KERNEL_TRACE
+  if (threadIdx.x == 0 && threadIdx.y == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
+    KernelTraceBuf* tr = *const_cast<KernelTraceBuf* volatile*>(&g_kernel_trace);
+    if (tr) {
+      const unsigned long long t_go = global_ns();
+      const unsigned long long i = atomicAdd(&tr->n, 1ull);
+      if (i < KernelTraceBuf::kMax) {
+        KernelTraceRec& r = tr->rec[i];
+        r.start_ns = t_start, r.go_ns = t_go;
+        r.grid_x = gridDim.x, r.grid_y = gridDim.y, r.block = blockDim.x * blockDim.y;
+      }
+    }
+  }
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (!trigger_first) asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+// ZMLX_CUDA_EARLY_TRIGGER=0: the short kernels trigger after their wait like
+// the others (A/B runs; the same bits either way).
+inline bool early_trigger() {
+  static const bool on = env_on("ZMLX_CUDA_EARLY_TRIGGER");
+  return on;
 }
 
 inline bool pdl_enabled() {

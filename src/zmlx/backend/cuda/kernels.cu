@@ -18,6 +18,7 @@
 
 #include "zmlx/backend/cuda/device_common.cuh"
 #include "zmlx/backend/cuda/kernels.h"
+#include "zmlx/backend/cuda/mla.h"
 
 namespace zmlx::cuda::k {
 namespace {
@@ -532,6 +533,7 @@ struct MmaJob {
   int per_slot;
   int splits;
   bool preload;  // plain matrices: first weight loads before the PDL wait
+  bool x_early;  // x was complete before the previous kernel ran: staged before the PDL wait
 };
 
 // Shared words of one staged input row: K/2 pair words, 16 zero words (the B
@@ -771,13 +773,22 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? 3 : 1)
   MmaStep<NM> cur;
   const bool early = !job.ex && job.preload;
   if (early && r0 < rows) mma_first_step(cur, ms, 0, rw, warp % S, S);
+  // An input written two kernels back (the MoE block's normed x, behind the
+  // router and the top-k) is staged while the previous kernel runs, so after
+  // the wait only the expert id stands between this kernel and its loads.
+  if (job.x_early) {
+    mma_stage_x(x + xr * K, K, mma_smem);
+    __syncthreads();
+  }
   pdl_begin();
   const int64_t e = job.ex ? job.ex[p] : 0;
   // Otherwise the first loads go out as soon as the expert id is known,
   // before x is staged.
   if (!early && r0 < rows) mma_first_step(cur, ms, e, rw, warp % S, S);
-  mma_stage_x(x + xr * K, K, mma_smem);
-  __syncthreads();
+  if (!job.x_early) {
+    mma_stage_x(x + xr * K, K, mma_smem);
+    __syncthreads();
+  }
   float part[NM][2];
   if (r0 < rows) {
     mma_tile<NM>(ms, e, rw, cur, mma_smem, warp % S, S, part);
@@ -964,6 +975,13 @@ void mma_decode(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s) {
   mma_decode_w<NM, kMmaWarps>(x, job, pairs, s);
 }
 
+// ZMLX_CUDA_EARLY_X=0: gate+up stages its input after the programmatic-launch
+// wait whatever the caller says (A/B runs; the same bits either way).
+bool early_x() {
+  static const bool on = env_on("ZMLX_CUDA_EARLY_X");
+  return on;
+}
+
 MmaJob mma_job(const QMat* ms, uint16_t* const* ys, int n) {
   MmaJob j{};
   for (int i = 0; i < n; ++i) j.m[i] = ms[i], j.y[i] = ys ? ys[i] : nullptr;
@@ -1085,12 +1103,13 @@ struct GatherL {
 template <int B>
 struct GatherSwigluL {
   static void go(const uint16_t* x, const int32_t* ex, int P, int k, const QMat& g, const QMat& u, uint16_t* y,
-                 cudaStream_t s) {
+                 cudaStream_t s, bool x_ready) {
     if (use_mma(g)) {
       const QMat gu[2] = {g, u};
       MmaJob j = mma_job(gu, nullptr, 2);
       j.y[0] = y;
       j.ex = ex, j.k = k, j.per_slot = 0;
+      j.x_early = x_ready && early_x();
       return mma_decode<2>(x, j, unsigned(P), s);
     }
     constexpr int per_block = kRowsPerBlock * kSwigluDecodeRows;
@@ -1217,8 +1236,8 @@ __global__ void rms_norm_block_kernel(const uint16_t* x, int D, const uint16_t* 
 
 // h = bf16(h + x) in place, then out = rms_norm(h) (block per row).
 __global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
-                                    uint16_t* out) {
-  pdl_begin();
+                                    uint16_t* out, bool trigger_first) {
+  pdl_begin(trigger_first);
   const int64_t r = blockIdx.x;
   uint16_t* hr = h + r * D;
   const uint16_t* xr = x + r * D;
@@ -1235,8 +1254,8 @@ __global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const
 // add_rms_norm for rows of D = 8·blockDim.x: one 16-byte load of h, x and w
 // per thread (add_rms_norm_row8).
 __global__ void add_rms_norm_vec_kernel(uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
-                                        uint16_t* out) {
-  pdl_begin();
+                                        uint16_t* out, bool trigger_first) {
+  pdl_begin(trigger_first);
   const int64_t r = blockIdx.x;
   uint4* hr = reinterpret_cast<uint4*>(h + r * D) + threadIdx.x;
   const uint4 hv = *hr, xv = __ldg(reinterpret_cast<const uint4*>(x + r * D) + threadIdx.x);
@@ -1602,11 +1621,12 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
   store_split_partial(sm, sl, sacc, HD, scratch + ((int64_t(t) * heads + h) * splits + s) * (HD + 2));
 }
 
-__global__ void attn_merge_kernel(const float* scratch, int heads, int hd, int splits, uint16_t* out) {
-  pdl_begin();
+__global__ void attn_merge_kernel(const float* scratch, int heads, int hd, int splits, uint16_t* out, bool trigger_first,
+                                  bool in_registers) {
+  pdl_begin(trigger_first);
   const int h = blockIdx.x, t = blockIdx.y;
   merge_split_partials(scratch + (int64_t(t) * heads + h) * splits * (hd + 2), hd, splits,
-                       out + (int64_t(t) * heads + h) * hd);
+                       out + (int64_t(t) * heads + h) * hd, in_registers);
 }
 
 // ------------------------------------------------------------------ routers
@@ -1678,8 +1698,8 @@ __device__ void warp_topk_picks(const float (&key)[PL], const float (&vals)[PL],
 
 template <int PL>
 __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k, bool normalize, int32_t* ex,
-                                     uint16_t* scores) {
-  pdl_begin();
+                                     uint16_t* scores, bool trigger_first) {
+  pdl_begin(trigger_first);
   const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (t >= T) return;
   const uint16_t* l = logits + int64_t(t) * E;
@@ -1710,8 +1730,8 @@ __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k
 
 template <int PL>
 __global__ void route_sigmoid_kernel(const uint16_t* logits, const float* bias, int T, int E, int k, bool normalize,
-                                     float eps, float scaling, int32_t* ex, uint16_t* scores) {
-  pdl_begin();
+                                     float eps, float scaling, int32_t* ex, uint16_t* scores, bool trigger_first) {
+  pdl_begin(trigger_first);
   const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (t >= T) return;
   const uint16_t* l = logits + int64_t(t) * E;
@@ -1939,8 +1959,8 @@ constexpr int kGroupedMaxE = 256;
 // step for step as the CPU reference.
 __global__ void route_grouped_kernel(const uint16_t* logits, const float* bias, int T, int E, int k, int n_group,
                                      int topk_group, bool normalize, float eps, float scaling, int32_t* ex,
-                                     float* scores) {
-  pdl_begin();
+                                     float* scores, bool trigger_first) {
+  pdl_begin(trigger_first);
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= T) return;
   float s[kGroupedMaxE], sel[kGroupedMaxE];
@@ -1996,8 +2016,8 @@ __global__ void route_grouped_kernel(const uint16_t* logits, const float* bias, 
 // n_group, as GLM-4.7-Flash ships): one warp per token, as route_sigmoid.
 template <int PL>
 __global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* bias, int T, int E, int k,
-                                          bool normalize, float eps, float scaling, int32_t* ex, float* scores) {
-  pdl_begin();
+                                          bool normalize, float eps, float scaling, int32_t* ex, float* scores, bool trigger_first) {
+  pdl_begin(trigger_first);
   const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (t >= T) return;
   const uint16_t* l = logits + int64_t(t) * E;
@@ -2063,9 +2083,9 @@ void gather_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int
 }
 
 void gather_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u, uint16_t* y,
-                   cudaStream_t s) {
+                   cudaStream_t s, bool x_ready) {
   if (g.bits != u.bits) throw std::runtime_error("gather_qmm_swiglu: gate and up differ in format");
-  by_bits<GatherSwigluL>(g.bits, x, experts, T * k, k, g, u, y, s);
+  by_bits<GatherSwigluL>(g.bits, x, experts, T * k, k, g, u, y, s, x_ready);
   check_launch("gather_qmm_swiglu");
 }
 
@@ -2095,9 +2115,9 @@ void add_rms_norm(uint16_t* h, const uint16_t* x, int64_t rows, int64_t D, const
   const bool aligned = ((reinterpret_cast<uintptr_t>(h) | reinterpret_cast<uintptr_t>(x) |
                          reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
   if (aligned && D % 256 == 0 && D / 8 <= 1024)
-    launch(add_rms_norm_vec_kernel, dim3(unsigned(rows)), dim3(unsigned(D / 8)), s, h, x, int(D), w, eps, out);
+    launch(add_rms_norm_vec_kernel, dim3(unsigned(rows)), dim3(unsigned(D / 8)), s, h, x, int(D), w, eps, out, early_trigger());
   else
-    launch(add_rms_norm_kernel, dim3(unsigned(rows)), dim3(256), s, h, x, int(D), w, eps, out);
+    launch(add_rms_norm_kernel, dim3(unsigned(rows)), dim3(256), s, h, x, int(D), w, eps, out, early_trigger());
   check_launch("add_rms_norm");
 }
 
@@ -2196,7 +2216,10 @@ void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t*
 }
 
 void merge_attention_splits(const float* scratch, int T, int heads, int D, int splits, uint16_t* out, cudaStream_t s) {
-  launch(attn_merge_kernel, dim3(unsigned(heads), unsigned(T)), dim3(128), s, scratch, heads, D, splits, out);
+  // ZMLX_CUDA_MERGE_REGS=0: the shared-memory form at every split count
+  // (tests compare the two; read at every launch).
+  launch(attn_merge_kernel, dim3(unsigned(heads), unsigned(T)), dim3(128), s, scratch, heads, D, splits, out,
+         early_trigger(), !env_is("ZMLX_CUDA_MERGE_REGS", "0"));
   check_launch("attention merge");
 }
 
@@ -2215,7 +2238,7 @@ void route_softmax(const uint16_t* logits, int T, int E, int k, bool normalize, 
   if (E > 32 * kRouteMaxPerLane || k > 16) throw std::runtime_error("CUDA router: at most 512 experts, top-16");
   by_per_lane(E, [&](auto pl) {
     launch(route_softmax_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, T, E, k,
-           normalize, experts, scores);
+           normalize, experts, scores, early_trigger());
   });
   check_launch("route_softmax_topk");
 }
@@ -2225,7 +2248,7 @@ void route_sigmoid(const uint16_t* logits, const float* bias, int T, int E, int 
   if (E > 32 * kRouteMaxPerLane || k > 16) throw std::runtime_error("CUDA router: at most 512 experts, top-16");
   by_per_lane(E, [&](auto pl) {
     launch(route_sigmoid_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T, E, k,
-           normalize, eps, scaling, experts, scores);
+           normalize, eps, scaling, experts, scores, early_trigger());
   });
   check_launch("route_sigmoid_topk");
 }
@@ -2275,7 +2298,7 @@ void route_sigmoid_grouped(const uint16_t* logits, const float* bias, int T, int
   if ((n_group == 1 || topk_group >= n_group) && E <= 32 * kRouteMaxPerLane && k <= 16) {
     by_per_lane(E, [&](auto pl) {
       launch(route_grouped_warp_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T,
-             E, k, normalize, eps, scaling, experts, scores);
+             E, k, normalize, eps, scaling, experts, scores, early_trigger());
     });
     check_launch("route_sigmoid_grouped_topk");
     return;
@@ -2283,7 +2306,7 @@ void route_sigmoid_grouped(const uint16_t* logits, const float* bias, int T, int
   if (E > kGroupedMaxE || k > 16 || n_group > 64)
     throw std::runtime_error("CUDA grouped router: at most 256 experts, top-16, 64 groups");
   launch(route_grouped_kernel, dim3(blocks_for(T, 64)), dim3(64), s, logits, bias, T, E, k, n_group, topk_group,
-         normalize, eps, scaling, experts, scores);
+         normalize, eps, scaling, experts, scores, early_trigger());
   check_launch("route_sigmoid_grouped_topk");
 }
 
@@ -2292,6 +2315,17 @@ void short_conv(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16
   if (L > kConvMaxL) throw std::runtime_error("CUDA short_conv: kernel length " + std::to_string(L) + " > 8");
   launch(short_conv_kernel, dim3(blocks_for(C, 128)), dim3(128), s, bcx, T, C, state, w, L, out);
   check_launch("short_conv");
+}
+
+
+void kernel_trace_arm(void* device_buf) {
+  mla::kernel_trace_arm(device_buf);
+#ifdef ZMLX_KERNEL_TRACE
+  auto* p = static_cast<dev::KernelTraceBuf*>(device_buf);
+  cudaMemcpyToSymbol(dev::g_kernel_trace, &p, sizeof p);
+#else
+  (void)device_buf;
+#endif
 }
 
 }  // namespace zmlx::cuda::k

@@ -46,8 +46,11 @@ void linear_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint1
 // matrix. Input row of pair p: x[p] when per_slot, else x[p / k].
 void gather_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T, int k, const QMat& w,
                    uint16_t* y, cudaStream_t s);
+// x_ready: x was complete before the kernel just enqueued ran (the MoE
+// block's input, which the router read): the tensor-core form then stages it
+// before its programmatic-launch wait.
 void gather_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u,
-                   uint16_t* y, cudaStream_t s);
+                   uint16_t* y, cudaStream_t s, bool x_ready = false);
 // out[t, d] = Σ_j term(bf16(h[t, j] · down[e_tj][d]), score[t, j]) in slot order.
 // routing_ready: experts and scores were complete before the kernel just
 // enqueued ran (e.g. it, or an earlier kernel, read them): the tensor-core
@@ -130,5 +133,9 @@ void argmax_chain(const uint16_t* x, int64_t V, int32_t* step, int32_t* ring, in
 // LFM2 short conv (see Backend::short_conv); state [L-1, C] updated in place.
 void short_conv(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16_t* w, int L, uint16_t* out,
                 cudaStream_t s);
+
+// Points this file's kernels (and mla.cu's) at a device KernelTraceBuf, or
+// nullptr to stop (kernel_trace.h; only a -DZMLX_KERNEL_TRACE=ON build records).
+void kernel_trace_arm(void* device_buf);
 
 }  // namespace zmlx::cuda::k

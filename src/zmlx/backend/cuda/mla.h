@@ -51,4 +51,7 @@ bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, c
 bool multi_linear_n(const uint16_t* x, int T, int64_t ldx, int64_t xoff, int H, const QMat& m, uint16_t* out,
                     cudaStream_t s);
 
+// mla.cu's half of k::kernel_trace_arm.
+void kernel_trace_arm(void* device_buf);
+
 }  // namespace zmlx::cuda::mla
