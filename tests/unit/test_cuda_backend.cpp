@@ -447,6 +447,35 @@ TEST(CudaOps, GlmOpsMatchCpu) {
   }
 }
 
+// multi_linear (transposed) gives rows of at most 16 chunks (512 inputs) 8 or
+// 16 lanes each instead of a warp (GLM's absorbed heads: 192 and 512): the
+// same values as a warp a row (ZMLX_CUDA_SHORT_ROWS=0), and close to the CPU;
+// for rows of every length around the switch points, row counts that leave
+// a warp partly empty, decode and a few tokens, shared and per-head inputs.
+TEST(CudaOps, MultiLinearShortRowsAreBitIdenticalToAWarpARow) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(41);
+  for (int64_t K : {32, 192, 256, 288, 512, 544, 1024})
+    for (int64_t rows : {13, 512}) {
+      const int64_t H = 3;
+      Weight w = test::random_qweight(rng, H, rows, K, 4, 32);
+      Weight gw = g->adopt(w);
+      for (int64_t T : {1, 3})
+        for (bool shared : {true, false}) {
+          Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(T * (shared ? K : H * K))), {T, shared ? K : H * K});
+          Tensor gx = g->from_host(x);
+          const auto got = host_floats(*g, g->multi_linear(gx, gw, true));
+          setenv("ZMLX_CUDA_SHORT_ROWS", "0", 1);
+          const auto warp_a_row = host_floats(*g, g->multi_linear(gx, gw, true));
+          unsetenv("ZMLX_CUDA_SHORT_ROWS");
+          EXPECT_TRUE(got == warp_a_row) << "K " << K << " rows " << rows << " T " << T << " shared " << shared;
+          EXPECT_LT(rel_l2(got, host_floats(*c, c->multi_linear(x, w, true))), 5e-3) << "K " << K << " rows " << rows;
+        }
+    }
+}
+
 // The MLA fast paths (mla.cu, and the stacked-GEMM multi_linear) at awkward
 // sizes: partial token / column / key tiles, pos0 > 0, GQA-style head
 // sharing, k == v and k != v decode, dense and quantized weights.

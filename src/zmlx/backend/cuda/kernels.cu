@@ -364,8 +364,10 @@ __device__ __forceinline__ bool row_preloadable(const QMat& m) {
 }
 // Row r of matrix e of m (stacked matrices: experts or heads).
 template <int BITS>
-__device__ __forceinline__ void row_preload(const QMat& m, int64_t r, RowPreload<BITS>& p, int64_t e = 0) {
-  const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
+__device__ __forceinline__ void row_preload(const QMat& m, int64_t r, RowPreload<BITS>& p, int64_t e = 0,
+                                            int lane = -1) {
+  if (lane < 0) lane = threadIdx.x & 31;
+  const int chunks = int(m.cols / 32);
   const uint32_t* wr = m.w + e * m.w_stride + r * (m.cols * BITS / 32);
   const int64_t gpr = BITS == 16 ? 0 : m.cols / m.group;
 #pragma unroll
@@ -955,6 +957,10 @@ bool preload_weights() {
   static const bool on = env_on("ZMLX_CUDA_PRELOAD");
   return on;
 }
+
+// ZMLX_CUDA_SHORT_ROWS=0: multi_linear_t gives short rows a whole warp each,
+// as before (A/B runs and the test; the same values). Read at every launch.
+bool short_multi_linear() { return env_on("ZMLX_CUDA_SHORT_ROWS"); }
 
 // ZMLX_CUDA_MMA_WARPS=8 keeps gate+up in blocks of 8 warps (A/B runs).
 bool small_swiglu_blocks() {
@@ -1914,10 +1920,46 @@ __global__ void __launch_bounds__(256) multi_linear_t_kernel(const uint16_t* x, 
   row_dot<BITS, 1>(m, h, r, x + t * ldx + h * xoff, 0, 1, acc);
   if ((threadIdx.x & 31) == 0) out[(t * H + h) * m.rows + r] = to_bf(acc[0]);
 }
+// multi_linear_t for rows of at most LPR chunks (LPR = 8 or 16 lanes a row,
+// 32 / LPR rows a warp): GLM's absorbed heads have rows of 192 and 512
+// inputs (6 and 16 chunks), which left 26 or 16 lanes of a warp idle and
+// took two waves of blocks. A lane holds the chunk it holds in
+// multi_linear_t_kernel (chunk = its lane in the row's group) and the sum is
+// the same butterfly without its first steps, which there only add the idle
+// lanes' zeros: the same values.
+template <int BITS, int LPR>
+__global__ void __launch_bounds__(256) multi_linear_t_short_kernel(const uint16_t* x, int64_t ldx, int64_t xoff,
+                                                                   int H, QMat m, uint16_t* out, bool pre) {
+  constexpr int RPW = 32 / LPR;
+  const int lane = threadIdx.x & 31, sl = lane % LPR;
+  const int64_t r = (int64_t(blockIdx.y) * kRowsPerBlock + (threadIdx.x >> 5)) * RPW + lane / LPR;
+  const int64_t th = blockIdx.x, t = th / H, h = th % H;
+  const bool has = r < m.rows && sl < int(m.cols / 32);
+  RowPreload<BITS> p;
+  if (pre && has) row_preload<BITS>(m, r, p, h, sl);
+  pdl_begin();
+  if (!pre && has) row_preload<BITS>(m, r, p, h, sl);
+  float acc = has ? chunk_dot<BITS>(p.w[0], load_x(x + t * ldx + h * xoff + int64_t(sl) * 32), p.sc[0], p.bi[0], 0.f)
+                  : 0.f;
+#pragma unroll
+  for (int o = LPR / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (sl == 0 && r < m.rows) out[(t * H + h) * m.rows + r] = to_bf(acc);
+}
+
 template <int B>
 struct MultiLinearTL {
   static void go(const uint16_t* x, int T, int64_t ldx, int64_t xoff, int H, const QMat& m, uint16_t* out,
                  cudaStream_t s) {
+    const int64_t chunks = m.cols / 32;
+    auto short_rows = [&](auto kernel, int lpr) {
+      const int64_t per_block = kRowsPerBlock * (32 / lpr);
+      launch(kernel, dim3(unsigned(T * H), unsigned((m.rows + per_block - 1) / per_block)), dim3(256), s, x, ldx,
+             xoff, H, m, out, preload_weights());
+    };
+    if (B != 16 && m.cols % 32 == 0 && short_multi_linear()) {
+      if (chunks <= 8) return short_rows(multi_linear_t_short_kernel<B, 8>, 8);
+      if (chunks <= 16) return short_rows(multi_linear_t_short_kernel<B, 16>, 16);
+    }
     launch(multi_linear_t_kernel<B>, dim3(unsigned(T * H), unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock)),
            dim3(256), s, x, ldx, xoff, H, m, out, preload_weights());
   }
