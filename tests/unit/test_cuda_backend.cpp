@@ -93,6 +93,17 @@ TEST(CudaOps, LinearMatchesCpuForEveryFormatAndTokenCount) {
       const auto got = host_floats(*g, g->linear(g->from_host(x), g->adopt(w)));
       EXPECT_LT(rel_l2(got, ref), 5e-3) << "bits " << f.bits << " T " << T;
     }
+  // Decode rows around the preload limits: 4096 inputs (4 chunks a lane),
+  // 4097-8192 (the long-row kernel, 8), beyond (loaded after the wait).
+  for (F f : {F{4, 64}, F{8, 32}})
+    for (int64_t K : {4096, 5120, 8192, 8448}) {
+      const int64_t N = 21;
+      Weight w = test::random_qweight(rng, 0, N, K, f.bits, f.group);
+      Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(K)), {1, K});
+      const auto ref = host_floats(*c, c->linear(x, w));
+      const auto got = host_floats(*g, g->linear(g->from_host(x), g->adopt(w)));
+      EXPECT_LT(rel_l2(got, ref), 5e-3) << "bits " << f.bits << " K " << K;
+    }
 }
 
 TEST(CudaOps, FusedExpertKernelsAreBitIdenticalToUnfusedAndCloseToCpu) {

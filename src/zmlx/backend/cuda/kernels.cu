@@ -352,26 +352,28 @@ __device__ __forceinline__ int64_t decode_row0() {
 // kPreChunks chunks a lane (K <= 32·32·kPreChunks: 4096 inputs) are held in
 // registers; the sum is row_dot's, in the same order (c = lane, lane + 32,
 // ...), so the bits are the same. Longer rows take rows_dot after the wait.
-constexpr int kPreChunks = 4;
-template <int BITS>
+// Plain linears with longer rows (up to 8192 inputs: GLM's o_proj, 5120)
+// take linear_decode_kernel<B, kPreChunksLong>, which holds twice as many.
+constexpr int kPreChunks = 4, kPreChunksLong = 8;
+template <int BITS, int PRE = kPreChunks>
 struct RowPreload {
-  WChunk<BITS> w[kPreChunks];
-  float sc[kPreChunks], bi[kPreChunks];
+  WChunk<BITS> w[PRE];
+  float sc[PRE], bi[PRE];
 };
-template <int BITS>
+template <int BITS, int PRE = kPreChunks>
 __device__ __forceinline__ bool row_preloadable(const QMat& m) {
-  return m.cols / 32 <= 32 * kPreChunks;
+  return m.cols / 32 <= 32 * PRE;
 }
 // Row r of matrix e of m (stacked matrices: experts or heads).
-template <int BITS>
-__device__ __forceinline__ void row_preload(const QMat& m, int64_t r, RowPreload<BITS>& p, int64_t e = 0,
+template <int BITS, int PRE = kPreChunks>
+__device__ __forceinline__ void row_preload(const QMat& m, int64_t r, RowPreload<BITS, PRE>& p, int64_t e = 0,
                                             int lane = -1) {
   if (lane < 0) lane = threadIdx.x & 31;
   const int chunks = int(m.cols / 32);
   const uint32_t* wr = m.w + e * m.w_stride + r * (m.cols * BITS / 32);
   const int64_t gpr = BITS == 16 ? 0 : m.cols / m.group;
 #pragma unroll
-  for (int i = 0; i < kPreChunks; ++i) {
+  for (int i = 0; i < PRE; ++i) {
     const int c = lane + 32 * i;
     p.sc[i] = 1.f, p.bi[i] = 0.f;
     if (c < chunks) {
@@ -383,12 +385,12 @@ __device__ __forceinline__ void row_preload(const QMat& m, int64_t r, RowPreload
     }
   }
 }
-template <int BITS>
-__device__ __forceinline__ float row_dot_preloaded(const QMat& m, const RowPreload<BITS>& p, const uint16_t* x) {
+template <int BITS, int PRE = kPreChunks>
+__device__ __forceinline__ float row_dot_preloaded(const QMat& m, const RowPreload<BITS, PRE>& p, const uint16_t* x) {
   const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
   float acc = 0.f;
 #pragma unroll
-  for (int i = 0; i < kPreChunks; ++i) {
+  for (int i = 0; i < PRE; ++i) {
     const int c = lane + 32 * i;
     if (c < chunks) acc = chunk_dot<BITS>(p.w[i], load_x(x + int64_t(c) * 32), p.sc[i], p.bi[i], acc);
   }
@@ -397,14 +399,14 @@ __device__ __forceinline__ float row_dot_preloaded(const QMat& m, const RowPrelo
 
 // One row of m (row r, valid or not) into y[r]: preloaded when the row is
 // short enough. Every thread of the block calls it (pdl_begin inside).
-template <int BITS>
+template <int BITS, int PRE = kPreChunks>
 __device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint16_t* x, uint16_t* y, bool pre) {
   static_assert(kDecodeRows == 1, "decode_row computes one row a warp");
-  if (pre && r < m.rows && row_preloadable<BITS>(m)) {
-    RowPreload<BITS> p;
-    row_preload<BITS>(m, r, p);
+  if (pre && r < m.rows && row_preloadable<BITS, PRE>(m)) {
+    RowPreload<BITS, PRE> p;
+    row_preload<BITS, PRE>(m, r, p);
     pdl_begin();
-    const float acc = row_dot_preloaded<BITS>(m, p, x);
+    const float acc = row_dot_preloaded<BITS, PRE>(m, p, x);
     if ((threadIdx.x & 31) == 0) y[r] = to_bf(acc);
     return;
   }
@@ -415,9 +417,9 @@ __device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint1
   if ((threadIdx.x & 31) == 0) y[r] = to_bf(acc[0]);
 }
 
-template <int BITS>
+template <int BITS, int PRE = kPreChunks>
 __global__ void __launch_bounds__(256) linear_decode_kernel(const uint16_t* x, QMat m, uint16_t* y, bool pre) {
-  decode_row<BITS>(m, decode_row0(), x, y, pre);
+  decode_row<BITS, PRE>(m, decode_row0(), x, y, pre);
 }
 
 template <int BITS>
@@ -958,6 +960,13 @@ bool preload_weights() {
   return on;
 }
 
+// ZMLX_CUDA_LONG_PRELOAD=0: plain linears with rows of 4097-8192 inputs load
+// their weights after the wait, as before (A/B runs; the same bits).
+bool long_row_preload() {
+  static const bool on = env_on("ZMLX_CUDA_LONG_PRELOAD");
+  return on;
+}
+
 // ZMLX_CUDA_SHORT_ROWS=0: multi_linear_t gives short rows a whole warp each,
 // as before (A/B runs and the test; the same values). Read at every launch.
 bool short_multi_linear() { return env_on("ZMLX_CUDA_SHORT_ROWS"); }
@@ -1044,9 +1053,12 @@ struct LinearL {
   static void go(const uint16_t* x, int T, const QMat& m, uint16_t* y, cudaStream_t s) {
     if (T == 1 && use_mma_linear(m)) return mma_decode<1>(x, mma_job(&m, &y, 1), 1, s);
     const unsigned gx = unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
-    if (T == 1)
-      launch(linear_decode_kernel<B>, dim3(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock)),
-             dim3(256), s, x, m, y, preload_weights());
+    const dim3 decode_grid(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));
+    const int64_t chunks = m.cols / 32;
+    if (T == 1 && chunks > 32 * kPreChunks && chunks <= 32 * kPreChunksLong && long_row_preload())
+      launch(linear_decode_kernel<B, kPreChunksLong>, decode_grid, dim3(256), s, x, m, y, preload_weights());
+    else if (T == 1)
+      launch(linear_decode_kernel<B>, decode_grid, dim3(256), s, x, m, y, preload_weights());
     else
       launch(linear_kernel<B, kTokTile>, dim3(dim3(gx, unsigned((T + kTokTile - 1) / kTokTile))), dim3(256), s, x, T, m, y);
   }
