@@ -266,8 +266,8 @@ __device__ __forceinline__ unsigned long long global_ns() {
 #endif
 
 //
-// trigger_first (short kernels: add + RMSNorm, the attention merge, the
-// routers' top-k): the successor may launch before this kernel's wait, so its
+// trigger_first (short kernels: RMSNorm, add + RMSNorm, add, the attention
+// merge, the routers' top-k; kernels.cu's trigger_first()): the successor may launch before this kernel's wait, so its
 // launch latency (1.5-2.5 us, seen in kernel traces) and its preloads overlap
 // this kernel instead of following it. What a successor reads before its own
 // wait must then be complete three kernels back, not two: the early-input

@@ -960,6 +960,13 @@ bool preload_weights() {
   return on;
 }
 
+// The short kernels (norms, adds, the attention merge, the top-k routers)
+// let their successor launch before their own wait (pdl_begin's
+// trigger_first) when their grid is small: a many-block grid (prefill rows)
+// would have the successor's blocks take SM slots its own blocks still need.
+constexpr int64_t kTriggerFirstMaxBlocks = 132;
+bool trigger_first(int64_t blocks) { return blocks <= kTriggerFirstMaxBlocks && early_trigger(); }
+
 // ZMLX_CUDA_LONG_PRELOAD=0: plain linears with rows of 4097-8192 inputs load
 // their weights after the wait, as before (A/B runs; the same bits).
 bool long_row_preload() {
@@ -1241,15 +1248,17 @@ __device__ __forceinline__ void warp_rms_norm_row(const uint16_t* x, const uint1
 }
 
 // One warp per row (D <= 1024) or one block per row.
-__global__ void rms_norm_warp_kernel(const uint16_t* x, int64_t R, int D, const uint16_t* w, float eps, uint16_t* out) {
-  pdl_begin();
+__global__ void rms_norm_warp_kernel(const uint16_t* x, int64_t R, int D, const uint16_t* w, float eps, uint16_t* out,
+                                     bool trigger_first) {
+  pdl_begin(trigger_first);
   const int64_t r = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
   if (r >= R) return;
   warp_rms_norm_row(x + r * D, w, D, eps, out + r * D);
 }
 
-__global__ void rms_norm_block_kernel(const uint16_t* x, int D, const uint16_t* w, float eps, uint16_t* out) {
-  pdl_begin();
+__global__ void rms_norm_block_kernel(const uint16_t* x, int D, const uint16_t* w, float eps, uint16_t* out,
+                                      bool trigger_first) {
+  pdl_begin(trigger_first);
   const int64_t r = blockIdx.x;
   const uint16_t* xr = x + r * D;
   float ss = 0.f;
@@ -1491,8 +1500,8 @@ __global__ void mla_rope_split_cache_kernel(const uint16_t* q, const uint16_t* c
               vc[pos * rope + 2 * f + 1]);
 }
 
-__global__ void add_kernel(uint16_t* h, const uint16_t* x, int64_t n) {
-  pdl_begin();
+__global__ void add_kernel(uint16_t* h, const uint16_t* x, int64_t n, bool trigger_first) {
+  pdl_begin(trigger_first);
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) h[i] = to_bf(bf(h[i]) + bf(x[i]));
 }
@@ -2167,9 +2176,10 @@ void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine
 void rms_norm(const uint16_t* x, int64_t rows, int64_t D, const uint16_t* w, float eps, uint16_t* out,
               cudaStream_t s) {
   if (D <= 1024)
-    launch(rms_norm_warp_kernel, dim3(unsigned((rows + 7) / 8)), dim3(256), s, x, rows, int(D), w, eps, out);
+    launch(rms_norm_warp_kernel, dim3(unsigned((rows + 7) / 8)), dim3(256), s, x, rows, int(D), w, eps, out,
+           trigger_first((rows + 7) / 8));
   else
-    launch(rms_norm_block_kernel, dim3(unsigned(rows)), dim3(256), s, x, int(D), w, eps, out);
+    launch(rms_norm_block_kernel, dim3(unsigned(rows)), dim3(256), s, x, int(D), w, eps, out, trigger_first(rows));
   check_launch("rms_norm");
 }
 
@@ -2178,9 +2188,10 @@ void add_rms_norm(uint16_t* h, const uint16_t* x, int64_t rows, int64_t D, const
   const bool aligned = ((reinterpret_cast<uintptr_t>(h) | reinterpret_cast<uintptr_t>(x) |
                          reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
   if (aligned && D % 256 == 0 && D / 8 <= 1024)
-    launch(add_rms_norm_vec_kernel, dim3(unsigned(rows)), dim3(unsigned(D / 8)), s, h, x, int(D), w, eps, out, early_trigger());
+    launch(add_rms_norm_vec_kernel, dim3(unsigned(rows)), dim3(unsigned(D / 8)), s, h, x, int(D), w, eps, out,
+           trigger_first(rows));
   else
-    launch(add_rms_norm_kernel, dim3(unsigned(rows)), dim3(256), s, h, x, int(D), w, eps, out, early_trigger());
+    launch(add_rms_norm_kernel, dim3(unsigned(rows)), dim3(256), s, h, x, int(D), w, eps, out, trigger_first(rows));
   check_launch("add_rms_norm");
 }
 
@@ -2218,7 +2229,7 @@ void mla_rope_split_cache(const uint16_t* q, const uint16_t* ckv, int T, int hea
 }
 
 void add(uint16_t* h, const uint16_t* x, int64_t n, cudaStream_t s) {
-  launch(add_kernel, dim3(blocks_for(n, 256)), dim3(256), s, h, x, n);
+  launch(add_kernel, dim3(blocks_for(n, 256)), dim3(256), s, h, x, n, trigger_first(blocks_for(n, 256)));
   check_launch("add");
 }
 
@@ -2285,7 +2296,7 @@ void merge_attention_splits(const float* scratch, int T, int heads, int D, int s
   // them one round trip after another (GLM's 512-wide latent rows: four).
   const unsigned threads = unsigned(std::min(1024, std::max(32, (D + 31) / 32 * 32)));
   launch(attn_merge_kernel, dim3(unsigned(heads), unsigned(T)), dim3(threads), s, scratch, heads, D, splits, out,
-         early_trigger(), !env_is("ZMLX_CUDA_MERGE_REGS", "0"));
+         trigger_first(int64_t(heads) * T), !env_is("ZMLX_CUDA_MERGE_REGS", "0"));
   check_launch("attention merge");
 }
 
@@ -2304,7 +2315,7 @@ void route_softmax(const uint16_t* logits, int T, int E, int k, bool normalize, 
   if (E > 32 * kRouteMaxPerLane || k > 16) throw std::runtime_error("CUDA router: at most 512 experts, top-16");
   by_per_lane(E, [&](auto pl) {
     launch(route_softmax_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, T, E, k,
-           normalize, experts, scores, early_trigger());
+           normalize, experts, scores, trigger_first((T + 3) / 4));
   });
   check_launch("route_softmax_topk");
 }
@@ -2314,7 +2325,7 @@ void route_sigmoid(const uint16_t* logits, const float* bias, int T, int E, int 
   if (E > 32 * kRouteMaxPerLane || k > 16) throw std::runtime_error("CUDA router: at most 512 experts, top-16");
   by_per_lane(E, [&](auto pl) {
     launch(route_sigmoid_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T, E, k,
-           normalize, eps, scaling, experts, scores, early_trigger());
+           normalize, eps, scaling, experts, scores, trigger_first((T + 3) / 4));
   });
   check_launch("route_sigmoid_topk");
 }
@@ -2364,7 +2375,7 @@ void route_sigmoid_grouped(const uint16_t* logits, const float* bias, int T, int
   if ((n_group == 1 || topk_group >= n_group) && E <= 32 * kRouteMaxPerLane && k <= 16) {
     by_per_lane(E, [&](auto pl) {
       launch(route_grouped_warp_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T,
-             E, k, normalize, eps, scaling, experts, scores, early_trigger());
+             E, k, normalize, eps, scaling, experts, scores, trigger_first((T + 3) / 4));
     });
     check_launch("route_sigmoid_grouped_topk");
     return;
@@ -2372,7 +2383,7 @@ void route_sigmoid_grouped(const uint16_t* logits, const float* bias, int T, int
   if (E > kGroupedMaxE || k > 16 || n_group > 64)
     throw std::runtime_error("CUDA grouped router: at most 256 experts, top-16, 64 groups");
   launch(route_grouped_kernel, dim3(blocks_for(T, 64)), dim3(64), s, logits, bias, T, E, k, n_group, topk_group,
-         normalize, eps, scaling, experts, scores, early_trigger());
+         normalize, eps, scaling, experts, scores, trigger_first((T + 3) / 4));
   check_launch("route_sigmoid_grouped_topk");
 }
 
