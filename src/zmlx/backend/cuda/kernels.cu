@@ -952,6 +952,26 @@ int mma_splits(int64_t K) {
   return s;
 }
 
+// Expert mat-vecs whose slots share the token's input (gate and up, fused or
+// not; never down, whose splits must match gather_combine's): fewer splits
+// when the tiles x splits would not fit one wave of the gate+up kernel (4-warp
+// blocks, 3 an SM). LFM2's 4 experts of 1792 rows (448 tiles) took two waves
+// at 4 splits. A function of the shape and the GPU, so the fused kernel and
+// the unfused gathers split alike (the same bits); ZMLX_CUDA_ONE_WAVE=0 keeps
+// mma_splits (A/B runs).
+int gate_up_splits(int S, int64_t tiles) {
+  static const int64_t capacity = [] {
+    int dev = 0, sms = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    return int64_t(sms) * 3 * 4;  // warps of one wave: 3 blocks of 4 an SM
+  }();
+  static const bool on = env_on("ZMLX_CUDA_ONE_WAVE");
+  if (!on) return S;
+  while (S > 1 && tiles * S > capacity) S /= 2;
+  return S;
+}
+
 // ZMLX_CUDA_PRELOAD=0: decode kernels issue the loads that do not depend on
 // the previous kernel (plain weights, keys of earlier steps) after the
 // programmatic-launch wait, as before (A/B runs; the same bits either way).
@@ -1000,6 +1020,7 @@ void mma_decode_w(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s)
 template <int NM>
 void mma_decode(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s) {
   job.splits = mma_splits(job.m[0].cols);
+  if (job.ex && !job.per_slot) job.splits = gate_up_splits(job.splits, (job.m[0].rows + 15) / 16 * int64_t(pairs));
   job.preload = preload_weights();
   if constexpr (NM == 2)
     if (job.splits <= 4 && small_swiglu_blocks()) return mma_decode_w<NM, 4>(x, job, pairs, s);
