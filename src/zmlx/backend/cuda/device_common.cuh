@@ -145,11 +145,11 @@ __device__ __forceinline__ void merge_split_partials(const float* base, int D, i
 #pragma unroll
     for (int s = 0; s < kRegMergeSplits; ++s)
       if (s < splits && l[s] > 0.f) M = fmaxf(M, m[s]);
-    float L = 0.f;
+    float w[kRegMergeSplits], L = 0.f;
 #pragma unroll
     for (int s = 0; s < kRegMergeSplits; ++s) {
-      m[s] = s < splits && l[s] > 0.f ? expf(m[s] - M) : 0.f;  // now the weight; 0: the split saw no key
-      if (s < splits && l[s] > 0.f) L = fmaf(l[s], m[s], L);
+      w[s] = s < splits && l[s] > 0.f ? expf(m[s] - M) : 0.f;  // 0: the split saw no key
+      if (s < splits && l[s] > 0.f) L = fmaf(l[s], w[s], L);
     }
     const float inv = 1.0f / L;
     for (; d < D; d += blockDim.x) {
@@ -159,7 +159,7 @@ __device__ __forceinline__ void merge_split_partials(const float* base, int D, i
       float a = 0.f;
 #pragma unroll
       for (int s = 0; s < kRegMergeSplits; ++s)
-        if (s < splits && m[s] > 0.f) a = fmaf(v[s], m[s], a);
+        if (s < splits && w[s] > 0.f) a = fmaf(v[s], w[s], a);
       out[d] = to_bf(a * inv);
     }
     return;
@@ -251,28 +251,38 @@ __device__ __forceinline__ void add_rms_norm_row8(uint4 hv, uint4 xv, uint4 wv, 
 // start launching, so launch latency overlaps the previous kernel's tail.
 // Without the launch attribute the two instructions are no-ops. Launch with
 // launch() / launch_smem(); ZMLX_CUDA_PDL=0 launches without the attribute.
+//
+// trigger_first (short kernels, launched with launch_short: RMSNorm, add +
+// RMSNorm, add, the attention merge, the routers' top-k): the successor may
+// launch before this kernel's wait, so its launch latency (1.5-2.5 us, seen
+// in kernel traces) and its preloads overlap this kernel instead of
+// following it. What a successor reads before its own wait must then be
+// complete three kernels back, not two: the early-input flags
+// (gather_combine's routing, gather_swiglu's x) hold that, since neither
+// follows such a kernel directly with data of the one before it.
+//
+// A -DZMLX_KERNEL_TRACE=ON build also records, for block (0,0,0) of every
+// kernel, when it started and when its wait released (kernel_trace.h), into
+// the buffer arm_kernel_trace gave this .cu file.
 #ifdef ZMLX_KERNEL_TRACE
-// Kernel timeline of one replayed decode step (a diagnostic build,
-// -DZMLX_KERNEL_TRACE=ON; see kernel_trace.h): block (0,0,0) of every kernel
-// appends when it started and when its programmatic-launch wait released.
-// One pointer per .cu file (no relocatable device code), each armed by its
-// file's kernel_trace_arm_*().
-static __device__ KernelTraceBuf* g_kernel_trace;
+static __device__ KernelTraceBuf* g_kernel_trace;  // one per .cu file (no relocatable device code)
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
 #endif
+// Points this .cu file's kernels at a device KernelTraceBuf (nullptr: off);
+// nothing without ZMLX_KERNEL_TRACE. static: each file sets its own pointer.
+static inline void arm_kernel_trace(void* device_buf) {
+#ifdef ZMLX_KERNEL_TRACE
+  auto* p = static_cast<KernelTraceBuf*>(device_buf);
+  cudaMemcpyToSymbol(g_kernel_trace, &p, sizeof p);
+#else
+  (void)device_buf;
+#endif
+}
 
-//
-// trigger_first (short kernels: RMSNorm, add + RMSNorm, add, the attention
-// merge, the routers' top-k; kernels.cu's trigger_first()): the successor may launch before this kernel's wait, so its
-// launch latency (1.5-2.5 us, seen in kernel traces) and its preloads overlap
-// this kernel instead of following it. What a successor reads before its own
-// wait must then be complete three kernels back, not two: the early-input
-// flags (gather_combine's routing, gather_swiglu's x) hold that, since
-// neither follows such a kernel directly with data of the one before it.
 __device__ __forceinline__ void pdl_begin(bool trigger_first = false) {
 #ifdef ZMLX_KERNEL_TRACE
   const unsigned long long t_start = global_ns();
@@ -335,6 +345,16 @@ void launch_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, c
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Args... args) {
   launch_smem(kernel, grid, block, 0, s, args...);
+}
+
+// A short kernel, whose last parameter is pdl_begin's trigger_first: on when
+// the grid is one wave at most (a prefill-sized grid would have its
+// successor's blocks take SM slots its own blocks still need).
+constexpr int64_t kTriggerFirstMaxBlocks = 132;
+template <typename... KArgs, typename... Args>
+void launch_short(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Args... args) {
+  const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
+  launch(kernel, grid, block, s, args..., blocks <= kTriggerFirstMaxBlocks && early_trigger());
 }
 
 }  // namespace zmlx::cuda::dev

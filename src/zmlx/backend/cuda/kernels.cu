@@ -524,6 +524,7 @@ __global__ void __launch_bounds__(256) gather_swiglu_decode_kernel(const uint16_
 // depends on K alone and every kernel below computes a row with the same
 // mma_tile + mma_split_sum, so fused and unfused forms give the same bits.
 constexpr int kMmaWarps = 8;  // 256 threads a block
+constexpr int kSmallSwigluBlocksPerSm = 3;  // gate+up's 4-warp blocks an SM (its register cap)
 constexpr int64_t kMmaMaxK = 16384;
 
 // One launch of the decode kernel: NM == 1: up to kMaxMulti matrices on one
@@ -756,7 +757,7 @@ __device__ __forceinline__ float mma_split_sum(const float* red, int w0, int S, 
 // the same work is one wave. The warps per block change which block computes
 // a row, not how: the bits are the same.
 template <int NM, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? 3 : 1))
+__global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmallSwigluBlocksPerSm : 1))
     mma_decode_kernel(const uint16_t* x, MmaJob job) {
   extern __shared__ __align__(16) uint32_t mma_smem[];
   int i = 0;
@@ -964,7 +965,7 @@ int gate_up_splits(int S, int64_t tiles) {
     int dev = 0, sms = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    return int64_t(sms) * 3 * 4;  // warps of one wave: 3 blocks of 4 an SM
+    return int64_t(sms) * kSmallSwigluBlocksPerSm * 4;  // warps of one wave of 4-warp blocks
   }();
   static const bool on = env_on("ZMLX_CUDA_ONE_WAVE");
   if (!on) return S;
@@ -979,13 +980,6 @@ bool preload_weights() {
   static const bool on = env_on("ZMLX_CUDA_PRELOAD");
   return on;
 }
-
-// The short kernels (norms, adds, the attention merge, the top-k routers)
-// let their successor launch before their own wait (pdl_begin's
-// trigger_first) when their grid is small: a many-block grid (prefill rows)
-// would have the successor's blocks take SM slots its own blocks still need.
-constexpr int64_t kTriggerFirstMaxBlocks = 132;
-bool trigger_first(int64_t blocks) { return blocks <= kTriggerFirstMaxBlocks && early_trigger(); }
 
 // ZMLX_CUDA_LONG_PRELOAD=0: plain linears with rows of 4097-8192 inputs load
 // their weights after the wait, as before (A/B runs; the same bits).
@@ -1678,8 +1672,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
   store_split_partial(sm, sl, sacc, HD, scratch + ((int64_t(t) * heads + h) * splits + s) * (HD + 2));
 }
 
-__global__ void attn_merge_kernel(const float* scratch, int heads, int hd, int splits, uint16_t* out, bool trigger_first,
-                                  bool in_registers) {
+__global__ void attn_merge_kernel(const float* scratch, int heads, int hd, int splits, uint16_t* out, bool in_registers,
+                                  bool trigger_first) {
   pdl_begin(trigger_first);
   const int h = blockIdx.x, t = blockIdx.y;
   merge_split_partials(scratch + (int64_t(t) * heads + h) * splits * (hd + 2), hd, splits,
@@ -2197,10 +2191,9 @@ void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine
 void rms_norm(const uint16_t* x, int64_t rows, int64_t D, const uint16_t* w, float eps, uint16_t* out,
               cudaStream_t s) {
   if (D <= 1024)
-    launch(rms_norm_warp_kernel, dim3(unsigned((rows + 7) / 8)), dim3(256), s, x, rows, int(D), w, eps, out,
-           trigger_first((rows + 7) / 8));
+    launch_short(rms_norm_warp_kernel, dim3(unsigned((rows + 7) / 8)), dim3(256), s, x, rows, int(D), w, eps, out);
   else
-    launch(rms_norm_block_kernel, dim3(unsigned(rows)), dim3(256), s, x, int(D), w, eps, out, trigger_first(rows));
+    launch_short(rms_norm_block_kernel, dim3(unsigned(rows)), dim3(256), s, x, int(D), w, eps, out);
   check_launch("rms_norm");
 }
 
@@ -2209,10 +2202,9 @@ void add_rms_norm(uint16_t* h, const uint16_t* x, int64_t rows, int64_t D, const
   const bool aligned = ((reinterpret_cast<uintptr_t>(h) | reinterpret_cast<uintptr_t>(x) |
                          reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
   if (aligned && D % 256 == 0 && D / 8 <= 1024)
-    launch(add_rms_norm_vec_kernel, dim3(unsigned(rows)), dim3(unsigned(D / 8)), s, h, x, int(D), w, eps, out,
-           trigger_first(rows));
+    launch_short(add_rms_norm_vec_kernel, dim3(unsigned(rows)), dim3(unsigned(D / 8)), s, h, x, int(D), w, eps, out);
   else
-    launch(add_rms_norm_kernel, dim3(unsigned(rows)), dim3(256), s, h, x, int(D), w, eps, out, trigger_first(rows));
+    launch_short(add_rms_norm_kernel, dim3(unsigned(rows)), dim3(256), s, h, x, int(D), w, eps, out);
   check_launch("add_rms_norm");
 }
 
@@ -2250,7 +2242,7 @@ void mla_rope_split_cache(const uint16_t* q, const uint16_t* ckv, int T, int hea
 }
 
 void add(uint16_t* h, const uint16_t* x, int64_t n, cudaStream_t s) {
-  launch(add_kernel, dim3(blocks_for(n, 256)), dim3(256), s, h, x, n, trigger_first(blocks_for(n, 256)));
+  launch_short(add_kernel, dim3(blocks_for(n, 256)), dim3(256), s, h, x, n);
   check_launch("add");
 }
 
@@ -2311,13 +2303,13 @@ void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t*
 }
 
 void merge_attention_splits(const float* scratch, int T, int heads, int D, int splits, uint16_t* out, cudaStream_t s) {
+  // A thread a dimension (up to 1024): a thread holding several loaded them
+  // one round trip after another (GLM's 512-wide latent rows: four).
   // ZMLX_CUDA_MERGE_REGS=0: the shared-memory form at every split count
-  // (tests compare the two; read at every launch).
-  // A thread a dimension (up to 1024): a thread holding several loaded
-  // them one round trip after another (GLM's 512-wide latent rows: four).
+  // (the test compares the two; read at every launch).
   const unsigned threads = unsigned(std::min(1024, std::max(32, (D + 31) / 32 * 32)));
-  launch(attn_merge_kernel, dim3(unsigned(heads), unsigned(T)), dim3(threads), s, scratch, heads, D, splits, out,
-         trigger_first(int64_t(heads) * T), !env_is("ZMLX_CUDA_MERGE_REGS", "0"));
+  launch_short(attn_merge_kernel, dim3(unsigned(heads), unsigned(T)), dim3(threads), s, scratch, heads, D, splits, out,
+               !env_is("ZMLX_CUDA_MERGE_REGS", "0"));
   check_launch("attention merge");
 }
 
@@ -2335,8 +2327,8 @@ void route_softmax(const uint16_t* logits, int T, int E, int k, bool normalize, 
                    cudaStream_t s) {
   if (E > 32 * kRouteMaxPerLane || k > 16) throw std::runtime_error("CUDA router: at most 512 experts, top-16");
   by_per_lane(E, [&](auto pl) {
-    launch(route_softmax_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, T, E, k,
-           normalize, experts, scores, trigger_first((T + 3) / 4));
+    launch_short(route_softmax_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, T, E, k,
+           normalize, experts, scores);
   });
   check_launch("route_softmax_topk");
 }
@@ -2345,8 +2337,8 @@ void route_sigmoid(const uint16_t* logits, const float* bias, int T, int E, int 
                    float scaling, int32_t* experts, uint16_t* scores, cudaStream_t s) {
   if (E > 32 * kRouteMaxPerLane || k > 16) throw std::runtime_error("CUDA router: at most 512 experts, top-16");
   by_per_lane(E, [&](auto pl) {
-    launch(route_sigmoid_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T, E, k,
-           normalize, eps, scaling, experts, scores, trigger_first((T + 3) / 4));
+    launch_short(route_sigmoid_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T, E, k,
+           normalize, eps, scaling, experts, scores);
   });
   check_launch("route_sigmoid_topk");
 }
@@ -2395,16 +2387,16 @@ void route_sigmoid_grouped(const uint16_t* logits, const float* bias, int T, int
                            bool normalize, float eps, float scaling, int32_t* experts, float* scores, cudaStream_t s) {
   if ((n_group == 1 || topk_group >= n_group) && E <= 32 * kRouteMaxPerLane && k <= 16) {
     by_per_lane(E, [&](auto pl) {
-      launch(route_grouped_warp_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T,
-             E, k, normalize, eps, scaling, experts, scores, trigger_first((T + 3) / 4));
+      launch_short(route_grouped_warp_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, bias, T,
+             E, k, normalize, eps, scaling, experts, scores);
     });
     check_launch("route_sigmoid_grouped_topk");
     return;
   }
   if (E > kGroupedMaxE || k > 16 || n_group > 64)
     throw std::runtime_error("CUDA grouped router: at most 256 experts, top-16, 64 groups");
-  launch(route_grouped_kernel, dim3(blocks_for(T, 64)), dim3(64), s, logits, bias, T, E, k, n_group, topk_group,
-         normalize, eps, scaling, experts, scores, trigger_first((T + 3) / 4));
+  launch_short(route_grouped_kernel, dim3(blocks_for(T, 64)), dim3(64), s, logits, bias, T, E, k, n_group, topk_group,
+         normalize, eps, scaling, experts, scores);
   check_launch("route_sigmoid_grouped_topk");
 }
 
@@ -2415,15 +2407,9 @@ void short_conv(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16
   check_launch("short_conv");
 }
 
-
 void kernel_trace_arm(void* device_buf) {
+  dev::arm_kernel_trace(device_buf);
   mla::kernel_trace_arm(device_buf);
-#ifdef ZMLX_KERNEL_TRACE
-  auto* p = static_cast<dev::KernelTraceBuf*>(device_buf);
-  cudaMemcpyToSymbol(dev::g_kernel_trace, &p, sizeof p);
-#else
-  (void)device_buf;
-#endif
 }
 
 }  // namespace zmlx::cuda::k

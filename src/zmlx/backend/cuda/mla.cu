@@ -571,14 +571,6 @@ bool multi_linear_n(const uint16_t* x, int T, int64_t ldx, int64_t xoff, int H, 
   return true;
 }
 
-
-void kernel_trace_arm(void* device_buf) {
-#ifdef ZMLX_KERNEL_TRACE
-  auto* p = static_cast<dev::KernelTraceBuf*>(device_buf);
-  cudaMemcpyToSymbol(dev::g_kernel_trace, &p, sizeof p);
-#else
-  (void)device_buf;
-#endif
-}
+void kernel_trace_arm(void* device_buf) { dev::arm_kernel_trace(device_buf); }
 
 }  // namespace zmlx::cuda::mla
