@@ -92,12 +92,30 @@ __device__ __forceinline__ WChunk<BITS> load_w(const uint32_t* p) {
 // acc += Σ_i w_i·x_i over one chunk. Quantized: w_i = scale·q_i + bias, so
 // the sum is scale·Σq·x + bias·Σx (fp32, fixed order). q becomes a float
 // through the exponent trick (2^23 + q, exact) instead of a slow I2F.
+// 4-bit: two weights at a time, as the MMA path does: nibbles s and s+4 of
+// a word become the bf16 pair (128 + q_s, 128 + q_s+4) through one shift and
+// one lop3 (exact: the bf16 ulp at 128 is 1), each half a float through one
+// more op; Σ(128+q)·x·scale + (bias − 128·scale)·Σx. Three instructions a
+// weight instead of four (the scalar decode mat-vecs are bound by
+// instruction issue once their weights are preloaded).
 template <int BITS>
 __device__ __forceinline__ float chunk_dot(const WChunk<BITS>& w, const XF& x, float scale, float bias, float acc) {
   if constexpr (BITS == 16) {
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc = fmaf((i & 1) ? hi_bf(w.v[i >> 1]) : lo_bf(w.v[i >> 1]), x.v[i], acc);
     return acc;
+  } else if constexpr (BITS == 4) {
+    float qx = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const uint32_t p = ((w.v[j] >> (4 * s)) & 0x000F000Fu) | 0x43004300u;
+        qx = fmaf(lo_bf(p), x.v[8 * j + s], qx);
+        qx = fmaf(hi_bf(p), x.v[8 * j + s + 4], qx);
+      }
+    acc = fmaf(scale, qx, acc);
+    return fmaf(fmaf(-128.f, scale, bias), x.sum, acc);
   } else {
     constexpr uint32_t mask = (1u << BITS) - 1u;
     constexpr int per = 32 / BITS;
