@@ -89,13 +89,18 @@ __device__ __forceinline__ WChunk<BITS> load_w(const uint32_t* p) {
   return c;
 }
 
+// The bf16 pair (128 + nibble s, 128 + nibble s+4) of a 4-bit word, exact
+// (the bf16 ulp at 128 is 1): chunk_dot and the MMA path decode with it.
+__device__ __forceinline__ uint32_t nib_pair(uint32_t w, int s) {
+  return ((w >> (4 * s)) & 0x000F000Fu) | 0x43004300u;
+}
+
 // acc += Σ_i w_i·x_i over one chunk. Quantized: w_i = scale·q_i + bias, so
 // the sum is scale·Σq·x + bias·Σx (fp32, fixed order). q becomes a float
 // through the exponent trick (2^23 + q, exact) instead of a slow I2F.
-// 4-bit: two weights at a time, as the MMA path does: nibbles s and s+4 of
-// a word become the bf16 pair (128 + q_s, 128 + q_s+4) through one shift and
-// one lop3 (exact: the bf16 ulp at 128 is 1), each half a float through one
-// more op; Σ(128+q)·x·scale + (bias − 128·scale)·Σx. Three instructions a
+// 4-bit: two weights at a time, as the MMA path does: nib_pair (one shift,
+// one lop3), each half a float through one more op;
+// Σ(128+q)·x·scale + (bias − 128·scale)·Σx. Three instructions a
 // weight instead of four (the scalar decode mat-vecs are bound by
 // instruction issue once their weights are preloaded).
 template <int BITS>
@@ -110,7 +115,7 @@ __device__ __forceinline__ float chunk_dot(const WChunk<BITS>& w, const XF& x, f
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
-        const uint32_t p = ((w.v[j] >> (4 * s)) & 0x000F000Fu) | 0x43004300u;
+        const uint32_t p = nib_pair(w.v[j], s);
         qx = fmaf(lo_bf(p), x.v[8 * j + s], qx);
         qx = fmaf(hi_bf(p), x.v[8 * j + s + 4], qx);
       }
@@ -604,10 +609,6 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a
 #endif
 }
 
-// bf16 pair (128 + nibble s, 128 + nibble s+4) of a 4-bit word.
-__device__ __forceinline__ uint32_t nib_pair(uint32_t w, int s) {
-  return ((w >> (4 * s)) & 0x000F000Fu) | 0x43004300u;
-}
 __device__ __forceinline__ uint32_t u4_at(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
