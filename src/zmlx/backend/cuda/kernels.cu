@@ -13,9 +13,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "zmlx/backend/cuda/device_common.cuh"
 #include "zmlx/backend/cuda/kernels.h"
@@ -91,8 +94,13 @@ __device__ __forceinline__ WChunk<BITS> load_w(const uint32_t* p) {
 
 // The bf16 pair (128 + nibble s, 128 + nibble s+4) of a 4-bit word, exact
 // (the bf16 ulp at 128 is 1): chunk_dot and the MMA path decode with it.
+// One lop3 for the mask and the exponent: written as two C++ operations the
+// compiler emitted two (a SASS lop3 holds one immediate), so the exponent
+// goes in as a register operand. (a & b) | c is lop3 table 0xEA.
 __device__ __forceinline__ uint32_t nib_pair(uint32_t w, int s) {
-  return ((w >> (4 * s)) & 0x000F000Fu) | 0x43004300u;
+  uint32_t r;
+  asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(r) : "r"(w >> (4 * s)), "r"(0x43004300u));
+  return r;
 }
 
 // acc += Σ_i w_i·x_i over one chunk. Quantized: w_i = scale·q_i + bias, so
@@ -565,12 +573,19 @@ struct MmaJob {
   bool x_early;  // x was complete before the previous kernel ran: staged before the PDL wait
 };
 
-// Shared words of one staged input row: K/2 pair words, 16 zero words (the B
-// operand of lanes that contribute nothing), then K/32 chunk sums (float);
-// rounded up to 16 bytes.
+// Shared words of one staged input row, laid out so that a lane's two B
+// registers of an MMA (b0, b1) come from one 16-byte load already as the
+// aligned register pair the MMA reads (packing them from two loads took ~90
+// register moves a step). For chunk c, word w (0..3) and pair s (0..3):
+//   P: [c·32 + w·8 + 2s] = pair (w, s), [.. + 1] = 0   (b0 = x: slab X lanes)
+//   Q: [K + c·32 + w·8 + 2s] = 0, [.. + 1] = pair     (b1 = x: slab Y lanes)
+// then 32 zero words (lanes that contribute nothing), then K/32 chunk sums
+// (float); rounded up to 16 bytes.
 __host__ __device__ __forceinline__ int64_t mma_stage_words(int64_t K) {
-  return (K / 2 + 16 + K / 32 + 3) & ~int64_t(3);
+  return (2 * K + 32 + K / 32 + 3) & ~int64_t(3);
 }
+__device__ __forceinline__ int64_t mma_stage_zero(int64_t K) { return 2 * K; }
+__device__ __forceinline__ int64_t mma_stage_sums(int64_t K) { return 2 * K + 32; }
 
 // Whole block: n consecutive input rows x[n][K] into n staged rows st,
 // st + sw, ... (sw = mma_stage_words(K)): each in nibble-pair order, word w
@@ -584,14 +599,18 @@ __device__ __forceinline__ void mma_stage_rows(const uint16_t* x, int n, int64_t
   for (int i = threadIdx.x; i < n * words; i += blockDim.x) {
     const int q = i / words, w = i - q * words;
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + q * K) + w);
-    reinterpret_cast<uint4*>(st + q * sw)[w] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
-                                                          __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
+    const uint32_t p0 = __byte_perm(v.x, v.z, 0x5410), p1 = __byte_perm(v.x, v.z, 0x7632),
+                   p2 = __byte_perm(v.y, v.w, 0x5410), p3 = __byte_perm(v.y, v.w, 0x7632);
+    uint4* P = reinterpret_cast<uint4*>(st + q * sw) + 2 * w;  // word w of chunk w/4 is at 8w
+    uint4* Q = reinterpret_cast<uint4*>(st + q * sw + K) + 2 * w;
+    P[0] = make_uint4(p0, 0u, p1, 0u), P[1] = make_uint4(p2, 0u, p3, 0u);
+    Q[0] = make_uint4(0u, p0, 0u, p1), Q[1] = make_uint4(0u, p2, 0u, p3);
   }
-  for (int i = threadIdx.x; i < n * 16; i += blockDim.x) st[(i >> 4) * sw + K / 2 + (i & 15)] = 0u;
+  for (int i = threadIdx.x; i < n * 32; i += blockDim.x) st[(i >> 5) * sw + mma_stage_zero(K) + (i & 31)] = 0u;
 #pragma unroll 2
   for (int i = threadIdx.x; i < n * chunks; i += blockDim.x) {
     const int q = i / chunks, c = i - q * chunks;
-    reinterpret_cast<float*>(st + q * sw + K / 2 + 16)[c] = load_x(x + q * K + int64_t(c) * 32).sum;
+    reinterpret_cast<float*>(st + q * sw + mma_stage_sums(K))[c] = load_x(x + q * K + int64_t(c) * 32).sum;
   }
 }
 __device__ __forceinline__ void mma_stage_x(const uint16_t* x, int64_t K, uint32_t* st) {
@@ -663,28 +682,32 @@ __device__ __forceinline__ void mma_load_step(MmaStep<NM>& st, const QMat (&ms)[
 }
 
 template <int NM>
-__device__ __forceinline__ void mma_do_step(const MmaStep<NM>& st, const uint32_t* xp, const float* sxs,
-                                            const uint32_t* zero, int slab_x, int slab_y, int chunks, int g, int t,
-                                            float (&acc)[NM][2]) {
+__device__ __forceinline__ void mma_do_step(const MmaStep<NM>& st, const uint32_t* stage, int64_t K, int slab_x,
+                                            int slab_y, int chunks, int g, int t, float (&acc)[NM][2]) {
   const int cx = 4 * slab_x + t, cy = 4 * slab_y + t;
-  // B: only lane (t, t) supplies x for slab X (column t), lane (t+4, t) for
-  // slab Y (column 4+t); every other lane reads the zero words.
-  const uint4* bx = reinterpret_cast<const uint4*>(g == t && cx < chunks ? xp + 16 * cx : zero);
-  const uint4* by = reinterpret_cast<const uint4*>(g == t + 4 && cy < chunks ? xp + 16 * cy : zero);
+  const float* sxs = reinterpret_cast<const float*>(stage + mma_stage_sums(K));
+  // B: only lane (t, t) supplies x for slab X (column t: b0, from P), lane
+  // (t+4, t) for slab Y (column 4+t: b1, from Q); every other lane reads the
+  // zero words.
+  const uint4* b = reinterpret_cast<const uint4*>(g == t && cx < chunks         ? stage + 32 * cx
+                                                  : g == t + 4 && cy < chunks ? stage + K + 32 * cy
+                                                                              : stage + mma_stage_zero(K));
   float c[NM][4];
 #pragma unroll
   for (int i = 0; i < NM; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
 #pragma unroll
   for (int ww = 0; ww < 4; ++ww) {
-    const uint4 xb = bx[ww], yb = by[ww];
+    const uint4 b01 = b[2 * ww], b23 = b[2 * ww + 1];  // (b0, b1) of pairs s = 0, 1 | 2, 3
 #pragma unroll
     for (int i = 0; i < NM; ++i) {
       const uint32_t w0 = u4_at(st.w[i][0], ww), w1 = u4_at(st.w[i][1], ww), w2 = u4_at(st.w[i][2], ww),
                      w3 = u4_at(st.w[i][3], ww);
 #pragma unroll
-      for (int s = 0; s < 4; ++s)
-        mma_16816(c[i], nib_pair(w0, s), nib_pair(w1, s), nib_pair(w2, s), nib_pair(w3, s), u4_at(xb, s),
-                  u4_at(yb, s));
+      for (int s = 0; s < 4; ++s) {
+        const uint4& bb = s < 2 ? b01 : b23;
+        mma_16816(c[i], nib_pair(w0, s), nib_pair(w1, s), nib_pair(w2, s), nib_pair(w3, s),
+                  (s & 1) ? bb.z : bb.x, (s & 1) ? bb.w : bb.y);
+      }
     }
   }
   // One accumulator chain of 16 MMAs: four independent chains (one per
@@ -739,15 +762,13 @@ __device__ __forceinline__ void mma_tile(const QMat (&ms)[NM], int64_t e, const 
                                          const uint32_t* st, int sp, int S, float (&part)[NM][2]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t K = ms[0].cols;
-  const uint32_t* zero = st + K / 2;
-  const float* sxs = reinterpret_cast<const float*>(st + K / 2 + 16);
 #pragma unroll
   for (int i = 0; i < NM; ++i) part[i][0] = part[i][1] = 0.f;
   for (int x0 = sp; x0 < rw.slabs; x0 += 2 * S) {
     MmaStep<NM> nxt;
     const int x1 = x0 + 2 * S;
     if (x1 < rw.slabs) mma_load_step<NM>(nxt, ms, e, rw.ra, rw.va, rw.vb, x1, x1 + S, rw.chunks, t);
-    mma_do_step<NM>(cur, st, sxs, zero, x0, x0 + S, rw.chunks, g, t, part);
+    mma_do_step<NM>(cur, st, K, x0, x0 + S, rw.chunks, g, t, part);
     cur = nxt;
   }
 #pragma unroll
@@ -1017,6 +1038,20 @@ bool small_swiglu_blocks() {
   return on;
 }
 
+// A kernel launched with more than the default 48 KB of dynamic shared memory
+// (the MMA kernels' staged inputs: 8 bytes an input) opts in first, once.
+void allow_dynamic_smem(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::vector<std::pair<const void*, size_t>> allowed;
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto& [k, b] : allowed)
+    if (k == kernel && b >= bytes) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) != cudaSuccess)
+    throw std::runtime_error("CUDA: a kernel needs " + std::to_string(bytes) + " bytes of shared memory");
+  allowed.emplace_back(kernel, bytes);
+}
+
 template <int NM, int WARPS>
 void mma_decode_w(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s) {
   const int64_t K = job.m[0].cols;
@@ -1026,6 +1061,7 @@ void mma_decode_w(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s)
   for (int i = 0; i < nout; ++i)
     job.first_block[i + 1] = job.first_block[i] + (job.m[i].rows + per_block - 1) / per_block;
   const size_t smem = size_t(mma_stage_words(K) + WARPS * NM * 16) * 4;
+  allow_dynamic_smem(reinterpret_cast<const void*>(mma_decode_kernel<NM, WARPS>), smem);
   launch_smem(mma_decode_kernel<NM, WARPS>, dim3(unsigned(job.first_block[nout]), pairs), dim3(WARPS * 32), smem, s, x,
               job);
 }
@@ -1070,6 +1106,7 @@ void mma_combine(const uint16_t* h, const int32_t* ex, const void* sc, bool f32,
   // 16 warps when one pass over the k slots needs more than 8 (k·S > 8).
   auto go = [&](auto kernel, int warps) {
     const size_t smem = size_t((warps / S) * mma_stage_words(m.cols) + warps * 16 + k) * 4;
+    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
     launch_smem(kernel, dim3(unsigned((m.rows + 15) / 16), unsigned(T)), dim3(warps * 32), smem, s, h, ex, sc, f32,
                 mode, k, m, S, out, routing_ready && early_routing());
   };
