@@ -594,10 +594,13 @@ __device__ __forceinline__ int64_t mma_stage_sums(int64_t K) { return 2 * K + 32
 // loads are in flight together (row after row, gather_combine's 8 rows took
 // ~3 us of load latency on an H100).
 __device__ __forceinline__ void mma_stage_rows(const uint16_t* x, int n, int64_t K, uint32_t* st, int64_t sw) {
-  const int words = int(K / 8), chunks = int(K / 32);
+  const int words = int(K >> 3), chunks = int(K >> 5);
+  // i / words and i / chunks as a multiply-high by a reciprocal worked out
+  // once: exact while i · divisor < 2^32 (here i < 2^15, divisors < 2^12).
+  const uint32_t rw = 0xFFFFFFFFu / uint32_t(words) + 1u, rc = 0xFFFFFFFFu / uint32_t(chunks) + 1u;
 #pragma unroll 4
   for (int i = threadIdx.x; i < n * words; i += blockDim.x) {
-    const int q = i / words, w = i - q * words;
+    const int q = int(__umulhi(uint32_t(i), rw)), w = i - q * words;
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + q * K) + w);
     const uint32_t p0 = __byte_perm(v.x, v.z, 0x5410), p1 = __byte_perm(v.x, v.z, 0x7632),
                    p2 = __byte_perm(v.y, v.w, 0x5410), p3 = __byte_perm(v.y, v.w, 0x7632);
@@ -609,7 +612,7 @@ __device__ __forceinline__ void mma_stage_rows(const uint16_t* x, int n, int64_t
   for (int i = threadIdx.x; i < n * 32; i += blockDim.x) st[(i >> 5) * sw + mma_stage_zero(K) + (i & 31)] = 0u;
 #pragma unroll 2
   for (int i = threadIdx.x; i < n * chunks; i += blockDim.x) {
-    const int q = i / chunks, c = i - q * chunks;
+    const int q = int(__umulhi(uint32_t(i), rc)), c = i - q * chunks;
     reinterpret_cast<float*>(st + q * sw + mma_stage_sums(K))[c] = load_x(x + q * K + int64_t(c) * 32).sum;
   }
 }
@@ -641,17 +644,47 @@ struct MmaStep {
   float sc[NM][2][2], bc[NM][2][2];  // [matrix][row g / g+8][column]
 };
 
+// Rows r0+g and r0+g+8 (g = lane/4) of a tile: where this warp's loads go.
+// Everything but the expert is known before the programmatic-launch wait, so
+// the offsets are worked out there (mma_rows) and the loads after the wait
+// cost an add each; group sizes are powers of two (mma_format), so no
+// integer division is left on that path (each had been ~20 dependent
+// instructions between the wait and the first weight load).
+struct MmaRows {
+  int64_t ra;
+  bool va, vb;
+  int chunks, slabs;
+  int cshift;           // log2(chunks per group)
+  int64_t gpr;          // groups per row
+  int64_t woff, goff;   // row ra's first weight word and first group, within a matrix
+};
 template <int NM>
-__device__ __forceinline__ void mma_load_step(MmaStep<NM>& st, const QMat (&ms)[NM], int64_t e, int64_t ra, bool va,
-                                              bool vb, int slab_x, int slab_y, int chunks, int t) {
-  const int64_t K = ms[0].cols, wpr = K / 8, gpr = K / ms[0].group;
-  const int cpg = ms[0].group / 32;  // chunks per group
+__device__ __forceinline__ MmaRows mma_rows(const QMat (&ms)[NM], int64_t r0) {
+  const int g = (threadIdx.x & 31) >> 2;
+  MmaRows r;
+  r.ra = r0 + g;
+  r.va = r.ra < ms[0].rows, r.vb = r.ra + 8 < ms[0].rows;
+  r.chunks = int(ms[0].cols >> 5), r.slabs = (r.chunks + 3) >> 2;
+  const int gshift = __ffs(ms[0].group) - 1;
+  r.cshift = gshift - 5;
+  r.gpr = ms[0].cols >> gshift;
+  r.woff = r.ra * (ms[0].cols >> 3);
+  r.goff = r.ra * r.gpr;
+  return r;
+}
+
+template <int NM>
+__device__ __forceinline__ void mma_load_step(MmaStep<NM>& st, const QMat (&ms)[NM], int64_t e, const MmaRows& rw,
+                                              int slab_x, int slab_y, int t) {
+  const bool va = rw.va, vb = rw.vb;
+  const int chunks = rw.chunks;
+  const int64_t wpr = ms[0].cols >> 3, gpr = rw.gpr;
   const int cx = 4 * slab_x + t, cy = 4 * slab_y + t;
   const int cs = 4 * (t < 2 ? slab_x : slab_y) + 2 * (t & 1);
   const uint4 z = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
   for (int i = 0; i < NM; ++i) {
-    const uint32_t* wa = ms[i].w + e * ms[i].w_stride + ra * wpr;
+    const uint32_t* wa = ms[i].w + e * ms[i].w_stride + rw.woff;
     const uint32_t* wb = wa + 8 * wpr;
     st.w[i][0] = va && cx < chunks ? __ldg(reinterpret_cast<const uint4*>(wa) + cx) : z;
     st.w[i][1] = vb && cx < chunks ? __ldg(reinterpret_cast<const uint4*>(wb) + cx) : z;
@@ -661,12 +694,12 @@ __device__ __forceinline__ void mma_load_step(MmaStep<NM>& st, const QMat (&ms)[
     for (int j = 0; j < 2; ++j) {
       const int c = cs + j;
       // cs is even, so for groups of 64+ both columns share one group.
-      if (j == 1 && cpg > 1) {
+      if (j == 1 && rw.cshift > 0) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) st.sc[i][h][1] = st.sc[i][h][0], st.bc[i][h][1] = st.bc[i][h][0];
         continue;
       }
-      const int64_t gi = e * ms[i].s_stride + ra * gpr + c / cpg;
+      const int64_t gi = e * ms[i].s_stride + rw.goff + (c >> rw.cshift);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float s = 0.f, b = 0.f;
@@ -729,28 +762,12 @@ __device__ __forceinline__ void mma_do_step(const MmaStep<NM>& st, const uint32_
   }
 }
 
-// Rows r0+g and r0+g+8 (g = lane/4) of a tile: where this warp's loads go.
-struct MmaRows {
-  int64_t ra;
-  bool va, vb;
-  int chunks, slabs;
-};
-template <int NM>
-__device__ __forceinline__ MmaRows mma_rows(const QMat (&ms)[NM], int64_t r0) {
-  const int g = (threadIdx.x & 31) >> 2;
-  MmaRows r;
-  r.ra = r0 + g;
-  r.va = r.ra < ms[0].rows, r.vb = r.ra + 8 < ms[0].rows;
-  r.chunks = int(ms[0].cols / 32), r.slabs = (r.chunks + 3) / 4;
-  return r;
-}
-
 // The first step's loads of split sp. The decode kernels issue them before
 // staging x (plain weights even before the programmatic-launch wait).
 template <int NM>
 __device__ __forceinline__ void mma_first_step(MmaStep<NM>& cur, const QMat (&ms)[NM], int64_t e, const MmaRows& rw,
                                                int sp, int S) {
-  if (sp < rw.slabs) mma_load_step<NM>(cur, ms, e, rw.ra, rw.va, rw.vb, sp, sp + S, rw.chunks, threadIdx.x & 3);
+  if (sp < rw.slabs) mma_load_step<NM>(cur, ms, e, rw, sp, sp + S, threadIdx.x & 3);
 }
 
 // This warp's share (split sp of S: slabs sp, sp+S, ...) of the tile's
@@ -767,7 +784,7 @@ __device__ __forceinline__ void mma_tile(const QMat (&ms)[NM], int64_t e, const 
   for (int x0 = sp; x0 < rw.slabs; x0 += 2 * S) {
     MmaStep<NM> nxt;
     const int x1 = x0 + 2 * S;
-    if (x1 < rw.slabs) mma_load_step<NM>(nxt, ms, e, rw.ra, rw.va, rw.vb, x1, x1 + S, rw.chunks, t);
+    if (x1 < rw.slabs) mma_load_step<NM>(nxt, ms, e, rw, x1, x1 + S, t);
     mma_do_step<NM>(cur, st, K, x0, x0 + S, rw.chunks, g, t, part);
     cur = nxt;
   }
@@ -810,15 +827,17 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
   const int64_t xr = job.ex ? (job.per_slot ? p : p / job.k) : 0;
   const int64_t K = ms[0].cols, rows = ms[0].rows;
   float* red = reinterpret_cast<float*>(mma_smem + mma_stage_words(K));
-  const int S = job.splits, tpb = WARPS / S, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // S is a power of two: shifts, not divisions (mma_rows).
+  const int S = job.splits, sh = __ffs(S) - 1, tpb = WARPS >> sh, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int sp = warp & (S - 1);
   const int64_t tile0 = (int64_t(blockIdx.x) - job.first_block[i]) * tpb;
-  const int64_t r0 = (tile0 + warp / S) * 16;
+  const int64_t r0 = (tile0 + (warp >> sh)) * 16;
   const MmaRows rw = mma_rows(ms, r0);
   // Plain matrices (no expert ids, which the previous kernel may write):
   // the first weight loads go out before the programmatic-launch wait.
   MmaStep<NM> cur;
   const bool early = !job.ex && job.preload;
-  if (early && r0 < rows) mma_first_step(cur, ms, 0, rw, warp % S, S);
+  if (early && r0 < rows) mma_first_step(cur, ms, 0, rw, sp, S);
   // An input written two kernels back (the MoE block's normed x, behind the
   // router and the top-k) is staged while the previous kernel runs, so after
   // the wait only the expert id stands between this kernel and its loads.
@@ -830,14 +849,14 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
   const int64_t e = job.ex ? job.ex[p] : 0;
   // Otherwise the first loads go out as soon as the expert id is known,
   // before x is staged.
-  if (!early && r0 < rows) mma_first_step(cur, ms, e, rw, warp % S, S);
+  if (!early && r0 < rows) mma_first_step(cur, ms, e, rw, sp, S);
   if (!job.x_early) {
     mma_stage_x(x + xr * K, K, mma_smem);
     __syncthreads();
   }
   float part[NM][2];
   if (r0 < rows) {
-    mma_tile<NM>(ms, e, rw, cur, mma_smem, warp % S, S, part);
+    mma_tile<NM>(ms, e, rw, cur, mma_smem, sp, S, part);
   } else {
 #pragma unroll
     for (int m = 0; m < NM; ++m) part[m][0] = part[m][1] = 0.f;
@@ -881,21 +900,22 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
   extern __shared__ __align__(16) uint32_t mma_smem[];
   const int64_t t = blockIdx.y, K = m.cols, r0 = int64_t(blockIdx.x) * 16;
   const int64_t sw = mma_stage_words(K);
-  const int per_pass = WARPS / S, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int sh = __ffs(S) - 1, per_pass = WARPS >> sh, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int sp = warp & (S - 1);  // S is a power of two
   float* red = reinterpret_cast<float*>(mma_smem + per_pass * sw);
   // The token's scores, read now rather than one dependent load per slot
   // at the end (the first pass's __syncthreads publishes them).
   float* sc = red + WARPS * 16;
   const QMat ms[1] = {m};
   const MmaRows rw = mma_rows(ms, r0);
-  const int jj = warp / S, nj0 = min(per_pass, k);
+  const int jj = warp >> sh, nj0 = min(per_pass, k);
   int64_t e0 = 0;
   MmaStep<1> first;
   auto prologue = [&] {
     if (int(threadIdx.x) < k) sc[threadIdx.x] = combine_score(scores, f32 && mode != kBf16Products, t * k + threadIdx.x);
     if (jj < nj0) {
       e0 = ex[t * k + jj];
-      mma_first_step(first, ms, e0, rw, warp % S, S);
+      mma_first_step(first, ms, e0, rw, sp, S);
     }
   };
   if (early) prologue();
@@ -910,10 +930,10 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     MmaStep<1> cur;
     if (jj < nj) {
       if (j0 == 0) cur = first;  // loaded by the prologue
-      else mma_first_step(cur, ms, e, rw, warp % S, S);
+      else mma_first_step(cur, ms, e, rw, sp, S);
     }
     float part[1][2] = {{0.f, 0.f}};
-    if (jj < nj) mma_tile<1>(ms, e, rw, cur, mma_smem + jj * sw, warp % S, S, part);
+    if (jj < nj) mma_tile<1>(ms, e, rw, cur, mma_smem + jj * sw, sp, S, part);
     if ((lane & 3) == 0) {
       red[warp * 16 + (lane >> 2)] = part[0][0];
       red[warp * 16 + (lane >> 2) + 8] = part[0][1];
@@ -942,7 +962,7 @@ MmaMode mma_mode() {
 // Whether the MMA path computes this matrix. A function of the format and K
 // only, so every kernel of one product (fused or not) makes the same choice.
 bool mma_format(const QMat& m) {
-  return m.bits == 4 && m.cols % 32 == 0 && m.cols <= kMmaMaxK && m.group >= 32 && m.group % 32 == 0 &&
+  return m.bits == 4 && m.cols % 32 == 0 && m.cols <= kMmaMaxK && m.group >= 32 && (m.group & (m.group - 1)) == 0 &&
          m.cols % m.group == 0;
 }
 bool use_mma(const QMat& m) { return mma_format(m) && mma_mode() != MmaMode::Off; }
