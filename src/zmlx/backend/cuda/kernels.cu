@@ -773,20 +773,33 @@ __device__ __forceinline__ void mma_first_step(MmaStep<NM>& cur, const QMat (&ms
 // This warp's share (split sp of S: slabs sp, sp+S, ...) of the tile's
 // rows against the staged input st, cur holding mma_first_step's loads;
 // the same value in the 4 lanes of a quad. The next step's loads are
-// issued before this step's MMAs.
-template <int NM>
+// issued before this step's MMAs. TURNS: two steps an iteration, the two
+// buffers taking turns (a `cur = nxt` copy at the end of each step was ~48
+// register moves, ncu); gather_combine, at its 128-register cap, keeps the
+// copy (taking turns spilled there).
+template <int NM, bool TURNS = true>
 __device__ __forceinline__ void mma_tile(const QMat (&ms)[NM], int64_t e, const MmaRows& rw, MmaStep<NM>& cur,
                                          const uint32_t* st, int sp, int S, float (&part)[NM][2]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t K = ms[0].cols;
 #pragma unroll
   for (int i = 0; i < NM; ++i) part[i][0] = part[i][1] = 0.f;
-  for (int x0 = sp; x0 < rw.slabs; x0 += 2 * S) {
-    MmaStep<NM> nxt;
-    const int x1 = x0 + 2 * S;
+  MmaStep<NM> nxt;
+  if (!TURNS) {
+    for (int x0 = sp; x0 < rw.slabs; x0 += 2 * S) {
+      const int x1 = x0 + 2 * S;
+      if (x1 < rw.slabs) mma_load_step<NM>(nxt, ms, e, rw, x1, x1 + S, t);
+      mma_do_step<NM>(cur, st, K, x0, x0 + S, rw.chunks, g, t, part);
+      cur = nxt;
+    }
+  } else
+  for (int x0 = sp; x0 < rw.slabs; x0 += 4 * S) {
+    const int x1 = x0 + 2 * S, x2 = x1 + 2 * S;
     if (x1 < rw.slabs) mma_load_step<NM>(nxt, ms, e, rw, x1, x1 + S, t);
     mma_do_step<NM>(cur, st, K, x0, x0 + S, rw.chunks, g, t, part);
-    cur = nxt;
+    if (x1 >= rw.slabs) break;
+    if (x2 < rw.slabs) mma_load_step<NM>(cur, ms, e, rw, x2, x2 + S, t);
+    mma_do_step<NM>(nxt, st, K, x1, x1 + S, rw.chunks, g, t, part);
   }
 #pragma unroll
   for (int i = 0; i < NM; ++i)
@@ -933,7 +946,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
       else mma_first_step(cur, ms, e, rw, sp, S);
     }
     float part[1][2] = {{0.f, 0.f}};
-    if (jj < nj) mma_tile<1>(ms, e, rw, cur, mma_smem + jj * sw, sp, S, part);
+    if (jj < nj) mma_tile<1, false>(ms, e, rw, cur, mma_smem + jj * sw, sp, S, part);
     if ((lane & 3) == 0) {
       red[warp * 16 + (lane >> 2)] = part[0][0];
       red[warp * 16 + (lane >> 2) + 8] = part[0][1];
