@@ -1073,16 +1073,24 @@ bool small_swiglu_blocks() {
 
 // A kernel launched with more than the default 48 KB of dynamic shared memory
 // (the MMA kernels' staged inputs: 8 bytes an input) opts in first, once.
+// Per device (a process may drive several).
 void allow_dynamic_smem(const void* kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  struct Allowed {
+    int dev;
+    const void* kernel;
+    size_t bytes;
+  };
   static std::mutex mu;
-  static std::vector<std::pair<const void*, size_t>> allowed;
+  static std::vector<Allowed> allowed;
   std::lock_guard<std::mutex> lock(mu);
-  for (auto& [k, b] : allowed)
-    if (k == kernel && b >= bytes) return;
+  for (const Allowed& a : allowed)
+    if (a.dev == dev && a.kernel == kernel && a.bytes >= bytes) return;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) != cudaSuccess)
     throw std::runtime_error("CUDA: a kernel needs " + std::to_string(bytes) + " bytes of shared memory");
-  allowed.emplace_back(kernel, bytes);
+  allowed.push_back({dev, kernel, bytes});
 }
 
 template <int NM, int WARPS>
