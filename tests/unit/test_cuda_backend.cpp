@@ -364,9 +364,13 @@ TEST(CudaOps, AttentionMergeInRegistersIsBitIdenticalToSharedMemoryForm) {
       ASSERT_EQ(cudaMalloc(&dout, size_t(T * heads * D) * 2), cudaSuccess);
       cudaMemcpy(dpart, part.data(), part.size() * 4, cudaMemcpyHostToDevice);
       std::vector<uint16_t> regs(size_t(T * heads * D)), shared(regs.size());
+      // Up to 16 splits the register form is the one that runs; with the
+      // switch off, never (so the comparison below is between the two forms).
+      EXPECT_EQ(cuda::k::merge_in_registers(splits), splits <= 16) << "splits " << splits;
       cuda::k::merge_attention_splits(dpart, T, heads, D, splits, dout, nullptr);
       cudaMemcpy(regs.data(), dout, regs.size() * 2, cudaMemcpyDeviceToHost);
       setenv("ZMLX_CUDA_MERGE_REGS", "0", 1);
+      EXPECT_FALSE(cuda::k::merge_in_registers(splits));
       cuda::k::merge_attention_splits(dpart, T, heads, D, splits, dout, nullptr);
       unsetenv("ZMLX_CUDA_MERGE_REGS");
       cudaMemcpy(shared.data(), dout, shared.size() * 2, cudaMemcpyDeviceToHost);
@@ -477,8 +481,16 @@ TEST(CudaOps, MultiLinearShortRowsAreBitIdenticalToAWarpARow) {
         for (bool shared : {true, false}) {
           Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(T * (shared ? K : H * K))), {T, shared ? K : H * K});
           Tensor gx = g->from_host(x);
+          // Rows of up to 512 inputs take the short-row form (T < 16: the
+          // decode kernel), and with the switch off a warp a row.
+#ifdef ZMLX_HAVE_CUDA
+          EXPECT_EQ(cuda::k::multi_linear_short_rows(4, K), K <= 512) << "K " << K;
+#endif
           const auto got = host_floats(*g, g->multi_linear(gx, gw, true));
           setenv("ZMLX_CUDA_SHORT_ROWS", "0", 1);
+#ifdef ZMLX_HAVE_CUDA
+          EXPECT_FALSE(cuda::k::multi_linear_short_rows(4, K));
+#endif
           const auto warp_a_row = host_floats(*g, g->multi_linear(gx, gw, true));
           unsetenv("ZMLX_CUDA_SHORT_ROWS");
           EXPECT_TRUE(got == warp_a_row) << "K " << K << " rows " << rows << " T " << T << " shared " << shared;

@@ -2089,9 +2089,9 @@ struct MultiLinearTL {
       launch(kernel, dim3(unsigned(T * H), unsigned((m.rows + per_block - 1) / per_block)), dim3(256), s, x, ldx,
              xoff, H, m, out, preload_weights());
     };
-    if (B != 16 && m.cols % 32 == 0 && short_multi_linear()) {
+    if (multi_linear_short_rows(B, m.cols)) {
       if (chunks <= 8) return short_rows(multi_linear_t_short_kernel<B, 8>, 8);
-      if (chunks <= 16) return short_rows(multi_linear_t_short_kernel<B, 16>, 16);
+      return short_rows(multi_linear_t_short_kernel<B, 16>, 16);
     }
     launch(multi_linear_t_kernel<B>, dim3(unsigned(T * H), unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock)),
            dim3(256), s, x, ldx, xoff, H, m, out, preload_weights());
@@ -2399,6 +2399,12 @@ void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t*
                          AttnPrep{k, v, qn, kn, eps, inv_freq, traditional, kc, vc}, s);
 }
 
+bool merge_in_registers(int splits) { return splits <= kRegMergeSplits && !env_is("ZMLX_CUDA_MERGE_REGS", "0"); }
+
+bool multi_linear_short_rows(int bits, int64_t cols) {
+  return bits != 16 && cols % 32 == 0 && cols / 32 <= 16 && short_multi_linear();
+}
+
 void merge_attention_splits(const float* scratch, int T, int heads, int D, int splits, uint16_t* out, cudaStream_t s) {
   // A thread a dimension (up to 1024): a thread holding several loaded them
   // one round trip after another (GLM's 512-wide latent rows: four).
@@ -2406,7 +2412,7 @@ void merge_attention_splits(const float* scratch, int T, int heads, int D, int s
   // (the test compares the two; read at every launch).
   const unsigned threads = unsigned(std::min(1024, std::max(32, (D + 31) / 32 * 32)));
   launch_short(attn_merge_kernel, dim3(unsigned(heads), unsigned(T)), dim3(threads), s, scratch, heads, D, splits, out,
-               !env_is("ZMLX_CUDA_MERGE_REGS", "0"));
+               merge_in_registers(splits));
   check_launch("attention merge");
 }
 

@@ -92,6 +92,13 @@ void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int he
 // (token, head) in scratch -> out [T, heads·D] bf16. attention, attention_pe
 // and mla.cu's decode kernels write partials in this layout.
 void merge_attention_splits(const float* scratch, int T, int heads, int D, int splits, uint16_t* out, cudaStream_t s);
+// Which of two same-bits forms a call takes, so the tests that compare the
+// forms can check that the faster one is the one they ran: the merge holds
+// every split in registers (ZMLX_CUDA_MERGE_REGS=0: never), and the
+// transposed multi_linear at < 16 tokens gives each row fewer than 32 lanes
+// (ZMLX_CUDA_SHORT_ROWS=0: never). Both read their switch at every call.
+bool merge_in_registers(int splits);
+bool multi_linear_short_rows(int bits, int64_t cols);
 // Causal GQA attention, split over `splits` key ranges per (token, head)
 // (flash-decoding) and merged; scratch holds T·heads·splits·(head_dim + 2) floats.
 void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, const uint16_t* kc,
