@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cfloat>
 #include <cstdint>
 #include <cstdlib>
@@ -347,14 +348,29 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Arg
   launch_smem(kernel, grid, block, 0, s, args...);
 }
 
+// The current device's SM count (cached per device; a process may drive several).
+inline int64_t sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> counts[kMaxDevices] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= kMaxDevices) return 132;
+  int n = counts[dev].load(std::memory_order_relaxed);
+  if (n == 0) {
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    if (n <= 0) n = 132;
+    counts[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
 // A short kernel, whose last parameter is pdl_begin's trigger_first: on when
-// the grid is one wave at most (a prefill-sized grid would have its
-// successor's blocks take SM slots its own blocks still need).
-constexpr int64_t kTriggerFirstMaxBlocks = 132;
+// the grid is one wave at most, a block an SM (a prefill-sized grid would
+// have its successor's blocks take SM slots its own blocks still need).
 template <typename... KArgs, typename... Args>
 void launch_short(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Args... args) {
   const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
-  launch(kernel, grid, block, s, args..., blocks <= kTriggerFirstMaxBlocks && early_trigger());
+  launch(kernel, grid, block, s, args..., blocks <= sm_count() && early_trigger());
 }
 
 }  // namespace zmlx::cuda::dev
