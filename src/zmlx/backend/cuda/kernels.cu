@@ -785,21 +785,22 @@ __device__ __forceinline__ void mma_tile(const QMat (&ms)[NM], int64_t e, const 
 #pragma unroll
   for (int i = 0; i < NM; ++i) part[i][0] = part[i][1] = 0.f;
   MmaStep<NM> nxt;
-  if (!TURNS) {
+  if constexpr (TURNS) {
+    for (int x0 = sp; x0 < rw.slabs; x0 += 4 * S) {
+      const int x1 = x0 + 2 * S, x2 = x1 + 2 * S;
+      if (x1 < rw.slabs) mma_load_step<NM>(nxt, ms, e, rw, x1, x1 + S, t);
+      mma_do_step<NM>(cur, st, K, x0, x0 + S, rw.chunks, g, t, part);
+      if (x1 >= rw.slabs) break;
+      if (x2 < rw.slabs) mma_load_step<NM>(cur, ms, e, rw, x2, x2 + S, t);
+      mma_do_step<NM>(nxt, st, K, x1, x1 + S, rw.chunks, g, t, part);
+    }
+  } else {
     for (int x0 = sp; x0 < rw.slabs; x0 += 2 * S) {
       const int x1 = x0 + 2 * S;
       if (x1 < rw.slabs) mma_load_step<NM>(nxt, ms, e, rw, x1, x1 + S, t);
       mma_do_step<NM>(cur, st, K, x0, x0 + S, rw.chunks, g, t, part);
       cur = nxt;
     }
-  } else
-  for (int x0 = sp; x0 < rw.slabs; x0 += 4 * S) {
-    const int x1 = x0 + 2 * S, x2 = x1 + 2 * S;
-    if (x1 < rw.slabs) mma_load_step<NM>(nxt, ms, e, rw, x1, x1 + S, t);
-    mma_do_step<NM>(cur, st, K, x0, x0 + S, rw.chunks, g, t, part);
-    if (x1 >= rw.slabs) break;
-    if (x2 < rw.slabs) mma_load_step<NM>(cur, ms, e, rw, x2, x2 + S, t);
-    mma_do_step<NM>(nxt, st, K, x1, x1 + S, rw.chunks, g, t, part);
   }
 #pragma unroll
   for (int i = 0; i < NM; ++i)
@@ -1034,14 +1035,9 @@ int mma_splits(int64_t K) {
 // the unfused gathers split alike (the same bits); ZMLX_CUDA_ONE_WAVE=0 keeps
 // mma_splits (A/B runs).
 int gate_up_splits(int S, int64_t tiles) {
-  static const int64_t capacity = [] {
-    int dev = 0, sms = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    return int64_t(sms) * kSmallSwigluBlocksPerSm * 4;  // warps of one wave of 4-warp blocks
-  }();
   static const bool on = env_on("ZMLX_CUDA_ONE_WAVE");
   if (!on) return S;
+  const int64_t capacity = sm_count() * kSmallSwigluBlocksPerSm * 4;  // warps of one wave of 4-warp blocks
   while (S > 1 && tiles * S > capacity) S /= 2;
   return S;
 }
