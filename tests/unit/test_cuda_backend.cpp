@@ -791,9 +791,18 @@ TEST(CudaOps, MmaExpertKernelsMatchScalarAndCpuAndFusedIsBitIdentical) {
           k::moe_combine(yd.u16(), dsc.p, f32, mode, int(T), int(kk), sz.D, ou.u16(), nullptr);
         });
         with_path(false, [&] { k::gather_combine(hf.u16(), ex, dsc.p, f32, mode, int(T), int(kk), qd.m, os.u16(), nullptr); });
+        // With the routing complete early, groups of 64+ take the form that
+        // loads both weight steps before the wait: the same bits.
+        DevBuf oe(size_t(T * sz.D) * 2);
+        with_path(true, [&] {
+          EXPECT_EQ(k::combine_two_steps(qd.m, int(kk), true), sz.group >= 64) << what;
+          EXPECT_FALSE(k::combine_two_steps(qd.m, int(kk), false)) << what;
+          k::gather_combine(hf.u16(), ex, dsc.p, f32, mode, int(T), int(kk), qd.m, oe.u16(), nullptr, true);
+        });
         const auto o = of.floats();
         ASSERT_TRUE(all_finite(o)) << what;
         EXPECT_EQ(o, ou.floats()) << "gather_combine fused != unfused, " << what;
+        EXPECT_EQ(oe.floats(), o) << "gather_combine with early routing, " << what;
         EXPECT_LT(rel_l2(o, os.floats()), 3e-3) << what;
         const CombineMode cm = mode == k::kBf16Products ? CombineMode::Bf16Products : CombineMode::F32Products;
         EXPECT_LT(rel_l2(o, host_floats(*c, c->gather_qmm_combine(hh, down, r, cm))), 5e-3) << what;

@@ -673,7 +673,10 @@ __device__ __forceinline__ MmaRows mma_rows(const QMat (&ms)[NM], int64_t r0) {
   return r;
 }
 
-template <int NM>
+// GW (groups of 64 or more, known at compile time): both C columns of a
+// lane share one group, so only column 0's scale and bias are held (fewer
+// registers; gather_combine needs them to hold two steps).
+template <int NM, bool GW = false>
 __device__ __forceinline__ void mma_load_step(MmaStep<NM>& st, const QMat (&ms)[NM], int64_t e, const MmaRows& rw,
                                               int slab_x, int slab_y, int t) {
   const bool va = rw.va, vb = rw.vb;
@@ -694,7 +697,8 @@ __device__ __forceinline__ void mma_load_step(MmaStep<NM>& st, const QMat (&ms)[
     for (int j = 0; j < 2; ++j) {
       const int c = cs + j;
       // cs is even, so for groups of 64+ both columns share one group.
-      if (j == 1 && rw.cshift > 0) {
+      if (j == 1 && (GW || rw.cshift > 0)) {
+        if (GW) continue;
 #pragma unroll
         for (int h = 0; h < 2; ++h) st.sc[i][h][1] = st.sc[i][h][0], st.bc[i][h][1] = st.bc[i][h][0];
         continue;
@@ -714,7 +718,7 @@ __device__ __forceinline__ void mma_load_step(MmaStep<NM>& st, const QMat (&ms)[
   }
 }
 
-template <int NM>
+template <int NM, bool GW = false>
 __device__ __forceinline__ void mma_do_step(const MmaStep<NM>& st, const uint32_t* stage, int64_t K, int slab_x,
                                             int slab_y, int chunks, int g, int t, float (&acc)[NM][2]) {
   const int cx = 4 * slab_x + t, cy = 4 * slab_y + t;
@@ -756,18 +760,18 @@ __device__ __forceinline__ void mma_do_step(const MmaStep<NM>& st, const uint32_
     for (int i = 0; i < NM; ++i)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        acc[i][h] = fmaf(st.sc[i][h][j], c[i][2 * h + j], acc[i][h]);
-        acc[i][h] = fmaf(st.bc[i][h][j], sx, acc[i][h]);
+        acc[i][h] = fmaf(st.sc[i][h][GW ? 0 : j], c[i][2 * h + j], acc[i][h]);
+        acc[i][h] = fmaf(st.bc[i][h][GW ? 0 : j], sx, acc[i][h]);
       }
   }
 }
 
 // The first step's loads of split sp. The decode kernels issue them before
 // staging x (plain weights even before the programmatic-launch wait).
-template <int NM>
+template <int NM, bool GW = false>
 __device__ __forceinline__ void mma_first_step(MmaStep<NM>& cur, const QMat (&ms)[NM], int64_t e, const MmaRows& rw,
                                                int sp, int S) {
-  if (sp < rw.slabs) mma_load_step<NM>(cur, ms, e, rw, sp, sp + S, threadIdx.x & 3);
+  if (sp < rw.slabs) mma_load_step<NM, GW>(cur, ms, e, rw, sp, sp + S, threadIdx.x & 3);
 }
 
 // This warp's share (split sp of S: slabs sp, sp+S, ...) of the tile's
@@ -907,7 +911,10 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
 // ran (kernels.h, gather_combine), so the scores, the first pass's experts
 // and their first weight loads are issued before the programmatic-launch
 // wait; only h comes from the previous kernel.
-template <int WARPS>
+// TWO (groups of 64+, every warp at most two steps, one pass, early
+// routing): both steps' loads go out before the wait, so no weight load is
+// left after it (the second step's had been, a DRAM round trip a layer).
+template <int WARPS, bool TWO = false>
 __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     mma_combine_kernel(const uint16_t* h, const int32_t* ex, const void* scores, bool f32, int mode, int k, QMat m,
                        int S, uint16_t* out, bool early) {
@@ -925,6 +932,42 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
   const int jj = warp >> sh, nj0 = min(per_pass, k);
   int64_t e0 = 0;
   MmaStep<1> first;
+  if constexpr (TWO) {
+    MmaStep<1> second;
+    const int lane_t = lane & 3, x1 = sp + 2 * S;
+    if (int(threadIdx.x) < k) sc[threadIdx.x] = combine_score(scores, f32 && mode != kBf16Products, t * k + threadIdx.x);
+    if (jj < k) {
+      e0 = ex[t * k + jj];
+      mma_first_step<1, true>(first, ms, e0, rw, sp, S);
+      if (x1 < rw.slabs) mma_load_step<1, true>(second, ms, e0, rw, x1, x1 + S, lane_t);
+    }
+    pdl_begin();
+    mma_stage_rows(h + t * k * K, k, K, mma_smem, sw);
+    __syncthreads();
+    float part[1][2] = {{0.f, 0.f}};
+    if (jj < k && sp < rw.slabs) {
+      const uint32_t* st = mma_smem + jj * sw;
+      mma_do_step<1, true>(first, st, K, sp, sp + S, rw.chunks, lane >> 2, lane_t, part);
+      if (x1 < rw.slabs) mma_do_step<1, true>(second, st, K, x1, x1 + S, rw.chunks, lane >> 2, lane_t, part);
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        part[0][hh] += __shfl_xor_sync(0xffffffffu, part[0][hh], 1);
+        part[0][hh] += __shfl_xor_sync(0xffffffffu, part[0][hh], 2);
+      }
+    }
+    if ((lane & 3) == 0) {
+      red[warp * 16 + (lane >> 2)] = part[0][0];
+      red[warp * 16 + (lane >> 2) + 8] = part[0][1];
+    }
+    __syncthreads();
+    float acc = 0.f;
+    if (threadIdx.x < 16) {
+      for (int q = 0; q < k; ++q)
+        acc += combine_product(to_bf(mma_split_sum(red, q * S, S, 16, threadIdx.x)), sc[q], mode);
+      if (r0 + threadIdx.x < m.rows) out[t * m.rows + r0 + threadIdx.x] = to_bf(acc);
+    }
+    return;
+  }
   auto prologue = [&] {
     if (int(threadIdx.x) < k) sc[threadIdx.x] = combine_score(scores, f32 && mode != kBf16Products, t * k + threadIdx.x);
     if (jj < nj0) {
@@ -1137,6 +1180,20 @@ bool early_routing() {
   return on;
 }
 
+// ZMLX_CUDA_TWO_STEP_COMBINE=0: gather_combine issues its second step's
+// loads after the wait, as before (A/B runs; the same bits).
+bool two_step_combine() {
+  static const bool on = env_on("ZMLX_CUDA_TWO_STEP_COMBINE");
+  return on;
+}
+bool two_step_form(const QMat& down, int k, bool routing_ready) {
+  const int S = mma_splits(down.cols);
+  const int64_t slabs = (down.cols + 127) / 128;
+  const int warps = wide_combine() && k * S > kMmaWarps ? 16 : kMmaWarps;
+  return use_mma(down) && routing_ready && early_routing() && down.group >= 64 && slabs <= 4 * S && k * S <= warps &&
+         two_step_combine();
+}
+
 void mma_combine(const uint16_t* h, const int32_t* ex, const void* sc, bool f32, int mode, int T, int k, const QMat& m,
                  uint16_t* out, cudaStream_t s, bool routing_ready) {
   const int S = mma_splits(m.cols);
@@ -1147,8 +1204,14 @@ void mma_combine(const uint16_t* h, const int32_t* ex, const void* sc, bool f32,
     launch_smem(kernel, dim3(unsigned((m.rows + 15) / 16), unsigned(T)), dim3(warps * 32), smem, s, h, ex, sc, f32,
                 mode, k, m, S, out, routing_ready && early_routing());
   };
-  if (wide_combine() && k * S > kMmaWarps) go(mma_combine_kernel<16>, 16);
-  else go(mma_combine_kernel<kMmaWarps>, kMmaWarps);
+  const bool two = two_step_form(m, k, routing_ready);
+  if (wide_combine() && k * S > kMmaWarps) {
+    if (two) go(mma_combine_kernel<16, true>, 16);
+    else go(mma_combine_kernel<16>, 16);
+  } else {
+    if (two) go(mma_combine_kernel<kMmaWarps, true>, kMmaWarps);
+    else go(mma_combine_kernel<kMmaWarps>, kMmaWarps);
+  }
 }
 
 // Dispatch on the weight format; TT = tokens per pass.
@@ -2396,6 +2459,8 @@ void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t*
 }
 
 bool merge_in_registers(int splits) { return splits <= kRegMergeSplits && !env_is("ZMLX_CUDA_MERGE_REGS", "0"); }
+
+bool combine_two_steps(const QMat& down, int k, bool routing_ready) { return two_step_form(down, k, routing_ready); }
 
 bool multi_linear_short_rows(int bits, int64_t cols) {
   return bits != 16 && cols % 32 == 0 && cols / 32 <= 16 && short_multi_linear();

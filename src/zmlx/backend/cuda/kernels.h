@@ -99,6 +99,12 @@ void merge_attention_splits(const float* scratch, int T, int heads, int D, int s
 // (ZMLX_CUDA_SHORT_ROWS=0: never). Both read their switch at every call.
 bool merge_in_registers(int splits);
 bool multi_linear_short_rows(int bits, int64_t cols);
+// Whether gather_combine with this down projection, k slots and routing
+// issues both weight steps of every warp before its programmatic-launch
+// wait (groups of 64+, at most two steps a warp, one pass; the routing
+// complete before the previous kernel; ZMLX_CUDA_TWO_STEP_COMBINE=0: never).
+// The same bits as the general form.
+bool combine_two_steps(const QMat& down, int k, bool routing_ready);
 // Causal GQA attention, split over `splits` key ranges per (token, head)
 // (flash-decoding) and merged; scratch holds T·heads·splits·(head_dim + 2) floats.
 void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, const uint16_t* kc,
