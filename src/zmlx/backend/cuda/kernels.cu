@@ -698,9 +698,10 @@ __device__ __forceinline__ void mma_load_step(MmaStep<NM>& st, const QMat (&ms)[
       const int c = cs + j;
       // cs is even, so for groups of 64+ both columns share one group.
       if (j == 1 && (GW || rw.cshift > 0)) {
-        if (GW) continue;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) st.sc[i][h][1] = st.sc[i][h][0], st.bc[i][h][1] = st.bc[i][h][0];
+        if constexpr (!GW) {
+          st.sc[i][0][1] = st.sc[i][0][0], st.bc[i][0][1] = st.bc[i][0][0];
+          st.sc[i][1][1] = st.sc[i][1][0], st.bc[i][1][1] = st.bc[i][1][0];
+        }
         continue;
       }
       const int64_t gi = e * ms[i].s_stride + rw.goff + (c >> rw.cshift);
