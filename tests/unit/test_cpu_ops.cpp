@@ -151,6 +151,33 @@ INSTANTIATE_TEST_SUITE_P(DecodeAndPrefill, FusedMoe,
                                            std::make_tuple(int64_t(7), 4, 64), std::make_tuple(int64_t(13), 4, 128),
                                            std::make_tuple(int64_t(5), 8, 64), std::make_tuple(int64_t(3), 2, 64)));
 
+// The bf16-product combine reads bf16 scores; a routing with fp32 scores
+// (the sigmoid routers') paired with it is refused with a clear error by both
+// combine ops, instead of the scores being misread, and works with the
+// fp32-product combine.
+TEST(FusedMoe, Bf16ProductCombineRefusesFp32Scores) {
+  MoeFixture fx(3, 4, 64);
+  auto be = make_cpu_backend();
+  Routing r = fx.r;
+  Tensor f32 = host_tensor(DType::F32, r.scores.shape);
+  for (int64_t i = 0; i < r.scores.numel(); ++i) f32.ptr<float>()[i] = bf16_to_f32(r.scores.ptr<uint16_t>()[i]);
+  r.scores = f32;
+  Tensor h = be->gather_qmm_swiglu(fx.x, fx.gate, fx.up, r);
+  Tensor y = be->gather_qmm(h, fx.down, r);
+  for (int op = 0; op < 2; ++op) {
+    try {
+      if (op == 0) be->moe_combine(y, r, CombineMode::Bf16Products);
+      else be->gather_qmm_combine(h, fx.down, r, CombineMode::Bf16Products);
+      ADD_FAILURE() << "op " << op << " accepted fp32 scores with bf16 products";
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("needs bf16 routing scores, got F32"), std::string::npos) << e.what();
+    }
+  }
+  // The fp32-product combine takes them, and its two forms agree.
+  EXPECT_TRUE(same_bits(be->moe_combine(y, r, CombineMode::F32Products),
+                        be->gather_qmm_combine(h, fx.down, r, CombineMode::F32Products)));
+}
+
 TEST(FusedSwiglu, LinearSwigluIsBitIdentical) {
   std::mt19937 rng(6);
   auto be = make_cpu_backend();

@@ -42,6 +42,12 @@ enum class CombineMode {
   F32Products,   // GLM: fp32 products and sum, rounded once
 };
 
+// Bf16Products multiplies y by the bf16 score, so it needs a router whose
+// scores are bf16 (every backend reads them so); fp32 scores go with
+// F32Products. The combine ops call this first, so a family pairing them
+// wrongly gets this error instead of scores misread.
+void check_combine_scores(const Routing& r, CombineMode mode, const char* op);
+
 class Backend {
  public:
   virtual ~Backend() = default;

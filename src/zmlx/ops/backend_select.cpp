@@ -7,6 +7,13 @@
 
 namespace zmlx {
 
+void check_combine_scores(const Routing& r, CombineMode mode, const char* op) {
+  ZMLX_CHECK(mode != CombineMode::Bf16Products || r.scores.dtype == DType::BF16,
+             "{}: the bf16-product combine needs bf16 routing scores, got {} (fp32 scores go with the fp32-product "
+             "combine)",
+             op, dtype_name(r.scores.dtype));
+}
+
 std::unique_ptr<Backend> make_backend(const std::string& name) {
   if (name == "cpu") return make_cpu_backend();
 #ifdef ZMLX_HAVE_CUDA

@@ -641,6 +641,7 @@ class CpuBackend final : public Backend {
 
   Tensor moe_combine(const Tensor& y, const Routing& r, CombineMode mode) override {
     OpTimer timer_("moe_combine");
+    check_combine_scores(r, mode, "moe_combine");
     const int64_t T = r.experts.rows(), k = r.k, D = y.cols();
     Tensor out = alloc(DType::BF16, {T, D});
     const uint16_t* yp = y.ptr<uint16_t>();
@@ -705,6 +706,7 @@ class CpuBackend final : public Backend {
 
   Tensor gather_qmm_combine(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode) override {
     OpTimer timer_("gather_qmm_combine");
+    check_combine_scores(r, mode, "gather_qmm_combine");
     const int64_t T = r.experts.rows(), k = r.k, I = h.cols(), D = down.rows;
     ZMLX_CHECK(h.rows() == T * k && I == down.cols, "{}: gather_qmm_combine shape mismatch", down.name);
     Tensor out = alloc(DType::BF16, {T, D});

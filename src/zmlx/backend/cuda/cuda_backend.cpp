@@ -823,6 +823,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor moe_combine(const Tensor& y, const Routing& r, CombineMode mode) override {
+    check_combine_scores(r, mode, "moe_combine");
     const int64_t T = r.experts.rows(), k = r.k, D = y.cols();
     ZMLX_CHECK(y.rows() == T * k, "moe_combine: {} rows for {} tokens x {} slots", y.rows(), T, k);
     Tensor out = alloc(DType::BF16, {T, D});
@@ -855,6 +856,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor gather_qmm_combine(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode) override {
+    check_combine_scores(r, mode, "gather_qmm_combine");
     const int64_t T = r.experts.rows(), k = r.k, D = down.rows;
     ZMLX_CHECK(h.rows() == T * k && h.cols() == down.cols, "{}: gather_qmm_combine shape mismatch", down.name);
     Tensor out = alloc(DType::BF16, {T, D});
