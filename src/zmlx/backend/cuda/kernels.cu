@@ -651,25 +651,24 @@ struct MmaStep {
 // integer division is left on that path (each had been ~20 dependent
 // instructions between the wait and the first weight load).
 struct MmaRows {
-  int64_t ra;
   bool va, vb;
   int chunks, slabs;
   int cshift;           // log2(chunks per group)
   int64_t gpr;          // groups per row
-  int64_t woff, goff;   // row ra's first weight word and first group, within a matrix
+  int64_t woff, goff;   // row r0+g's first weight word and first group, within a matrix
 };
 template <int NM>
 __device__ __forceinline__ MmaRows mma_rows(const QMat (&ms)[NM], int64_t r0) {
   const int g = (threadIdx.x & 31) >> 2;
+  const int64_t ra = r0 + g;
   MmaRows r;
-  r.ra = r0 + g;
-  r.va = r.ra < ms[0].rows, r.vb = r.ra + 8 < ms[0].rows;
+  r.va = ra < ms[0].rows, r.vb = ra + 8 < ms[0].rows;
   r.chunks = int(ms[0].cols >> 5), r.slabs = (r.chunks + 3) >> 2;
   const int gshift = __ffs(ms[0].group) - 1;
   r.cshift = gshift - 5;
   r.gpr = ms[0].cols >> gshift;
-  r.woff = r.ra * (ms[0].cols >> 3);
-  r.goff = r.ra * r.gpr;
+  r.woff = ra * (ms[0].cols >> 3);
+  r.goff = ra * r.gpr;
   return r;
 }
 
@@ -775,6 +774,19 @@ __device__ __forceinline__ void mma_first_step(MmaStep<NM>& cur, const QMat (&ms
   if (sp < rw.slabs) mma_load_step<NM, GW>(cur, ms, e, rw, sp, sp + S, threadIdx.x & 3);
 }
 
+// A row's partial is spread over the 4 lanes of a quad (one C column each):
+// the sum, in every lane of the quad.
+template <int NM>
+__device__ __forceinline__ void mma_quad_sum(float (&part)[NM][2]) {
+#pragma unroll
+  for (int i = 0; i < NM; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      part[i][h] += __shfl_xor_sync(0xffffffffu, part[i][h], 1);
+      part[i][h] += __shfl_xor_sync(0xffffffffu, part[i][h], 2);
+    }
+}
+
 // This warp's share (split sp of S: slabs sp, sp+S, ...) of the tile's
 // rows against the staged input st, cur holding mma_first_step's loads;
 // the same value in the 4 lanes of a quad. The next step's loads are
@@ -807,13 +819,7 @@ __device__ __forceinline__ void mma_tile(const QMat (&ms)[NM], int64_t e, const 
       cur = nxt;
     }
   }
-#pragma unroll
-  for (int i = 0; i < NM; ++i)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      part[i][h] += __shfl_xor_sync(0xffffffffu, part[i][h], 1);
-      part[i][h] += __shfl_xor_sync(0xffffffffu, part[i][h], 2);
-    }
+  mma_quad_sum(part);
 }
 
 // Row value from the S split partials of warps w0.. (stride floats per warp), in split order.
@@ -912,9 +918,10 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
 // ran (kernels.h, gather_combine), so the scores, the first pass's experts
 // and their first weight loads are issued before the programmatic-launch
 // wait; only h comes from the previous kernel.
-// TWO (groups of 64+, every warp at most two steps, one pass, early
-// routing): both steps' loads go out before the wait, so no weight load is
-// left after it (the second step's had been, a DRAM round trip a layer).
+// TWO (combine_two_steps: groups of 64+, every warp at most two steps, one
+// pass, early routing): both steps' loads go out before the wait, so no
+// weight load is left after it (the second step's had been, a DRAM round
+// trip a layer); the same sums in the same order.
 template <int WARPS, bool TWO = false>
 __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     mma_combine_kernel(const uint16_t* h, const int32_t* ex, const void* scores, bool f32, int mode, int k, QMat m,
@@ -932,50 +939,18 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
   const MmaRows rw = mma_rows(ms, r0);
   const int jj = warp >> sh, nj0 = min(per_pass, k);
   int64_t e0 = 0;
-  MmaStep<1> first;
-  if constexpr (TWO) {
-    MmaStep<1> second;
-    const int lane_t = lane & 3, x1 = sp + 2 * S;
-    if (int(threadIdx.x) < k) sc[threadIdx.x] = combine_score(scores, f32 && mode != kBf16Products, t * k + threadIdx.x);
-    if (jj < k) {
-      e0 = ex[t * k + jj];
-      mma_first_step<1, true>(first, ms, e0, rw, sp, S);
-      if (x1 < rw.slabs) mma_load_step<1, true>(second, ms, e0, rw, x1, x1 + S, lane_t);
-    }
-    pdl_begin();
-    mma_stage_rows(h + t * k * K, k, K, mma_smem, sw);
-    __syncthreads();
-    float part[1][2] = {{0.f, 0.f}};
-    if (jj < k && sp < rw.slabs) {
-      const uint32_t* st = mma_smem + jj * sw;
-      mma_do_step<1, true>(first, st, K, sp, sp + S, rw.chunks, lane >> 2, lane_t, part);
-      if (x1 < rw.slabs) mma_do_step<1, true>(second, st, K, x1, x1 + S, rw.chunks, lane >> 2, lane_t, part);
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        part[0][hh] += __shfl_xor_sync(0xffffffffu, part[0][hh], 1);
-        part[0][hh] += __shfl_xor_sync(0xffffffffu, part[0][hh], 2);
-      }
-    }
-    if ((lane & 3) == 0) {
-      red[warp * 16 + (lane >> 2)] = part[0][0];
-      red[warp * 16 + (lane >> 2) + 8] = part[0][1];
-    }
-    __syncthreads();
-    float acc = 0.f;
-    if (threadIdx.x < 16) {
-      for (int q = 0; q < k; ++q)
-        acc += combine_product(to_bf(mma_split_sum(red, q * S, S, 16, threadIdx.x)), sc[q], mode);
-      if (r0 + threadIdx.x < m.rows) out[t * m.rows + r0 + threadIdx.x] = to_bf(acc);
-    }
-    return;
-  }
+  // TWO: the second step (slabs x1, x1 + S) is loaded with the first.
+  const int x1 = sp + 2 * S;
+  MmaStep<1> first, second;
   auto prologue = [&] {
     if (int(threadIdx.x) < k) sc[threadIdx.x] = combine_score(scores, f32 && mode != kBf16Products, t * k + threadIdx.x);
     if (jj < nj0) {
       e0 = ex[t * k + jj];
-      mma_first_step(first, ms, e0, rw, sp, S);
+      mma_first_step<1, TWO>(first, ms, e0, rw, sp, S);
+      if (TWO && x1 < rw.slabs) mma_load_step<1, TWO>(second, ms, e0, rw, x1, x1 + S, lane & 3);
     }
   };
+  early = early || TWO;  // TWO is launched with the routing early only
   if (early) prologue();
   pdl_begin();
   if (!early) prologue();
@@ -985,13 +960,20 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     const int64_t e = j0 == 0 ? e0 : jj < nj ? ex[t * k + j0 + jj] : 0;
     mma_stage_rows(h + (t * k + j0) * K, nj, K, mma_smem, sw);
     __syncthreads();
-    MmaStep<1> cur;
-    if (jj < nj) {
+    float part[1][2] = {{0.f, 0.f}};
+    if constexpr (TWO) {  // one pass, at most two steps a warp, both loaded
+      if (jj < nj && sp < rw.slabs) {
+        const uint32_t* st = mma_smem + jj * sw;
+        mma_do_step<1, true>(first, st, K, sp, sp + S, rw.chunks, lane >> 2, lane & 3, part);
+        if (x1 < rw.slabs) mma_do_step<1, true>(second, st, K, x1, x1 + S, rw.chunks, lane >> 2, lane & 3, part);
+      }
+      mma_quad_sum(part);
+    } else if (jj < nj) {
+      MmaStep<1> cur;
       if (j0 == 0) cur = first;  // loaded by the prologue
       else mma_first_step(cur, ms, e, rw, sp, S);
+      mma_tile<1, false>(ms, e, rw, cur, mma_smem + jj * sw, sp, S, part);
     }
-    float part[1][2] = {{0.f, 0.f}};
-    if (jj < nj) mma_tile<1, false>(ms, e, rw, cur, mma_smem + jj * sw, sp, S, part);
     if ((lane & 3) == 0) {
       red[warp * 16 + (lane >> 2)] = part[0][0];
       red[warp * 16 + (lane >> 2) + 8] = part[0][1];
@@ -1000,6 +982,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     if (threadIdx.x < 16)
       for (int q = 0; q < nj; ++q)
         acc += combine_product(to_bf(mma_split_sum(red, q * S, S, 16, threadIdx.x)), sc[j0 + q], mode);
+    if (TWO) break;  // one pass: nothing to restage
     __syncthreads();  // the next pass restages the inputs
   }
   if (threadIdx.x < 16 && r0 + threadIdx.x < m.rows) out[t * m.rows + r0 + threadIdx.x] = to_bf(acc);
@@ -1187,32 +1170,22 @@ bool two_step_combine() {
   static const bool on = env_on("ZMLX_CUDA_TWO_STEP_COMBINE");
   return on;
 }
-bool two_step_form(const QMat& down, int k, bool routing_ready) {
-  const int S = mma_splits(down.cols);
-  const int64_t slabs = (down.cols + 127) / 128;
-  const int warps = wide_combine() && k * S > kMmaWarps ? 16 : kMmaWarps;
-  return use_mma(down) && routing_ready && early_routing() && down.group >= 64 && slabs <= 4 * S && k * S <= warps &&
-         two_step_combine();
-}
+// gather_combine's block: 16 warps when one pass over the k slots needs
+// more than 8 (k·S > 8).
+int combine_warps(int k, int S) { return wide_combine() && k * S > kMmaWarps ? 16 : kMmaWarps; }
 
 void mma_combine(const uint16_t* h, const int32_t* ex, const void* sc, bool f32, int mode, int T, int k, const QMat& m,
                  uint16_t* out, cudaStream_t s, bool routing_ready) {
-  const int S = mma_splits(m.cols);
-  // 16 warps when one pass over the k slots needs more than 8 (k·S > 8).
-  auto go = [&](auto kernel, int warps) {
+  const int S = mma_splits(m.cols), warps = combine_warps(k, S);
+  auto go = [&](auto kernel) {
     const size_t smem = size_t((warps / S) * mma_stage_words(m.cols) + warps * 16 + k) * 4;
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
     launch_smem(kernel, dim3(unsigned((m.rows + 15) / 16), unsigned(T)), dim3(warps * 32), smem, s, h, ex, sc, f32,
                 mode, k, m, S, out, routing_ready && early_routing());
   };
-  const bool two = two_step_form(m, k, routing_ready);
-  if (wide_combine() && k * S > kMmaWarps) {
-    if (two) go(mma_combine_kernel<16, true>, 16);
-    else go(mma_combine_kernel<16>, 16);
-  } else {
-    if (two) go(mma_combine_kernel<kMmaWarps, true>, kMmaWarps);
-    else go(mma_combine_kernel<kMmaWarps>, kMmaWarps);
-  }
+  const bool two = combine_two_steps(m, k, routing_ready);
+  if (warps == 16) two ? go(mma_combine_kernel<16, true>) : go(mma_combine_kernel<16>);
+  else two ? go(mma_combine_kernel<kMmaWarps, true>) : go(mma_combine_kernel<kMmaWarps>);
 }
 
 // Dispatch on the weight format; TT = tokens per pass.
@@ -2461,7 +2434,12 @@ void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t*
 
 bool merge_in_registers(int splits) { return splits <= kRegMergeSplits && !env_is("ZMLX_CUDA_MERGE_REGS", "0"); }
 
-bool combine_two_steps(const QMat& down, int k, bool routing_ready) { return two_step_form(down, k, routing_ready); }
+bool combine_two_steps(const QMat& down, int k, bool routing_ready) {
+  const int S = mma_splits(down.cols);
+  const int64_t slabs = (down.cols + 127) / 128;
+  return use_mma(down) && routing_ready && early_routing() && down.group >= 64 && slabs <= 4 * S &&
+         k * S <= combine_warps(k, S) && two_step_combine();
+}
 
 bool multi_linear_short_rows(int bits, int64_t cols) {
   return bits != 16 && cols % 32 == 0 && cols / 32 <= 16 && short_multi_linear();
