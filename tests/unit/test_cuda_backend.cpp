@@ -809,6 +809,69 @@ TEST(CudaOps, MmaExpertKernelsMatchScalarAndCpuAndFusedIsBitIdentical) {
       }
     }
 }
+
+// GLM's fused MoE block folds its shared expert into the routed launches:
+// the router + shared gate+up launch against linear and linear_swiglu, and
+// gather_combine_shared against gather_combine, linear and add, bit for bit
+// (outputs poisoned first), with the routing early and not. The shapes take
+// both combine blocks (16 warps: k·S > 8; 8 warps, two shared rows a warp),
+// groups of 32 and 64 (the general and the two-step form), and bf16, 8-bit
+// and 4-bit routers.
+TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
+  REQUIRE_GPU();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(52);
+  struct S {
+    int64_t D, I, E, k;
+    int group, router_bits;
+  };
+  for (S sz : {S{2048, 1536, 8, 4, 64, 16}, S{1088, 384, 9, 3, 64, 8}, S{480, 1152, 7, 3, 32, 4}}) {
+    const std::string what = "D " + std::to_string(sz.D) + " I " + std::to_string(sz.I);
+    const Weight router = sz.router_bits == 16 ? test::random_dense_weight(rng, 0, sz.E, sz.D)
+                                               : test::random_qweight(rng, 0, sz.E, sz.D, sz.router_bits, 32);
+    DevQ qr;
+    if (sz.router_bits == 16) {
+      qr.m.rows = sz.E, qr.m.cols = sz.D, qr.m.bits = 16;
+      qr.m.w = static_cast<const uint32_t*>(dev_copy(router.w.data, router.w.nbytes(), qr.bufs));
+    } else {
+      upload(router, qr);
+    }
+    Weight sg = test::random_qweight(rng, 0, sz.I, sz.D, 4, sz.group), su = test::random_qweight(rng, 0, sz.I, sz.D, 4, sz.group),
+           sd = test::random_qweight(rng, 0, sz.D, sz.I, 4, sz.group), down = test::random_qweight(rng, sz.E, sz.D, sz.I, 4, sz.group);
+    DevQ qg, qu, qs, qd;
+    upload(sg, qg), upload(su, qu), upload(sd, qs), upload(down, qd);
+    Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.D)), {1, sz.D});
+    Tensor h = test::bf16_tensor(test::random_bf16(rng, size_t(sz.k * sz.I)), {sz.k, sz.I});
+    const Routing r = cpu_routing(*c, rng, 1, sz.E, sz.k);
+    DevBuf dx(x.data, x.nbytes()), dh(h.data, h.nbytes()), dex(r.experts.data, r.experts.nbytes()),
+        dsc(r.scores.data, r.scores.nbytes());
+    const auto* ex = static_cast<const int32_t*>(dex.p);
+
+    DevBuf yf(size_t(sz.E) * 2), hf(size_t(sz.I) * 2), yr(size_t(sz.E) * 2), hr(size_t(sz.I) * 2);
+    EXPECT_TRUE(k::linear_and_swiglu(dx.u16(), qr.m, yf.u16(), qg.m, qu.m, hf.u16(), nullptr)) << what;
+    k::linear(dx.u16(), 1, qr.m, yr.u16(), nullptr);
+    k::linear_swiglu(dx.u16(), 1, qg.m, qu.m, hr.u16(), nullptr);
+    ASSERT_TRUE(all_finite(yf.floats()) && all_finite(hf.floats())) << what;
+    EXPECT_EQ(yf.floats(), yr.floats()) << "router logits, " << what;
+    EXPECT_EQ(hf.floats(), hr.floats()) << "shared gate+up, " << what;
+    EXPECT_LT(rel_l2(hf.floats(), host_floats(*c, c->linear_swiglu(x, sg, su))), 5e-3) << what;
+
+    for (k::Combine mode : {k::kBf16Products, k::kF32Products})
+      for (bool early : {false, true}) {
+        DevBuf of(size_t(sz.D) * 2), ou(size_t(sz.D) * 2), ys(size_t(sz.D) * 2);
+        const k::SharedDown shd{qs.m, hr.u16()};
+        EXPECT_TRUE(k::gather_combine_shared(dh.u16(), ex, dsc.p, false, mode, int(sz.k), qd.m, shd, of.u16(), nullptr,
+                                             early))
+            << what;
+        k::gather_combine(dh.u16(), ex, dsc.p, false, mode, 1, int(sz.k), qd.m, ou.u16(), nullptr, early);
+        k::linear(hr.u16(), 1, qs.m, ys.u16(), nullptr);
+        k::add(ou.u16(), ys.u16(), sz.D, nullptr);
+        const auto o = of.floats();
+        ASSERT_TRUE(all_finite(o)) << what;
+        EXPECT_EQ(o, ou.floats()) << "combine + shared expert, " << what << (early ? ", early" : "");
+      }
+  }
+}
 #endif
 
 // Chained greedy steps whose recording fails (the step reads a tensor back,

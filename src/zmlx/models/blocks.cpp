@@ -29,6 +29,19 @@ std::vector<Tensor> Backend::linear_multi(const Tensor& x, const std::vector<con
   return out;
 }
 
+std::pair<Tensor, Tensor> Backend::linear_and_swiglu(const Tensor& x, const Weight& w, const Weight& gate,
+                                                     const Weight& up) {
+  Tensor y = linear(x, w);
+  return {std::move(y), linear_swiglu(x, gate, up)};
+}
+
+Tensor Backend::gather_qmm_combine_shared(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode,
+                                          const Tensor& shared_h, const Weight& shared_down) {
+  Tensor out = gather_qmm_combine(h, down, r, mode);
+  add(out, linear(shared_h, shared_down));
+  return out;
+}
+
 Routing Backend::new_routing(const Tensor& logits, int64_t k, DType score_dtype, const Tensor* bias, int64_t n_group,
                              int64_t topk_group) {
   const int64_t T = logits.rows(), E = logits.cols();
@@ -156,8 +169,9 @@ Tensor SwigluMlp::forward(Backend& be, const Tensor& x) {
   return be.linear(be.swiglu(gate, up), down_proj);
 }
 
-Routing MoeBlock::route(Backend& be, const Tensor& x) const {
-  Tensor logits = be.linear(x, router);
+Routing MoeBlock::route(Backend& be, const Tensor& x) const { return route_logits(be, be.linear(x, router)); }
+
+Routing MoeBlock::route_logits(Backend& be, const Tensor& logits) const {
   if (router_kind == RouterKind::SigmoidGroupedTopK)
     return be.route_sigmoid_grouped_topk(logits, expert_bias, top_k, n_group, topk_group, norm_topk_prob, route_eps,
                                          routed_scaling);

@@ -87,6 +87,8 @@ class MoeBlock : public FeedForward {
   Tensor forward(Backend& be, const Tensor& x) override;
   std::string kind() const override { return "moe"; }
   Routing route(Backend& be, const Tensor& x) const;
+  // The routing from the router's logits (route = route_logits of linear(x, router)).
+  Routing route_logits(Backend& be, const Tensor& logits) const;
 
  protected:
   // The expert computation for routed tokens -> [T, D]. The unfused form

@@ -201,6 +201,17 @@ class Backend {
                                     CombineMode mode) = 0;
   // Dense SwiGLU MLP gate+up in one pass: swiglu(x@Wgᵀ, x@Wuᵀ) -> [T, I].
   virtual Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) = 0;
+  // A MoE block with a shared expert (GLM), whose fused form folds the
+  // shared expert into the routed kernels. {linear(x, w), linear_swiglu(x,
+  // gate, up)}: the router's logits and the shared expert's gate+up from one
+  // input, each with its own op's bits; a backend may launch them as one.
+  virtual std::pair<Tensor, Tensor> linear_and_swiglu(const Tensor& x, const Weight& w, const Weight& gate,
+                                                      const Weight& up);
+  // gather_qmm_combine(h, down, r, mode), then add(out, linear(shared_h,
+  // shared_down)): the routed experts' output plus the shared expert's, with
+  // those ops' bits; a backend may launch it as one.
+  virtual Tensor gather_qmm_combine_shared(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode,
+                                           const Tensor& shared_h, const Weight& shared_down);
 
   // For a device transport (NCCL) that must order its transfers with this
   // backend's kernels: the stream every op runs on (a cudaStream_t) and the

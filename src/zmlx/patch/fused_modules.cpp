@@ -6,14 +6,20 @@ FusedMoe::FusedMoe(std::unique_ptr<MoeBlock> inner) : inner_(std::move(inner)) {
 
 Tensor FusedMoe::forward(Backend& be, const Tensor& x) {
   const MoeBlock& m = *inner_;
-  const Routing r = m.route(be, x);
-  Tensor h = be.gather_qmm_swiglu(x, m.gate_proj, m.up_proj, r);
-  Tensor out = be.gather_qmm_combine(h, m.down_proj, r, m.combine);
-  if (m.shared_expert) {
-    const SwigluMlp& s = *m.shared_expert;
-    be.add(out, be.linear(be.linear_swiglu(x, s.gate_proj, s.up_proj), s.down_proj));
+  if (!m.shared_expert) {
+    const Routing r = m.route(be, x);
+    Tensor h = be.gather_qmm_swiglu(x, m.gate_proj, m.up_proj, r);
+    return be.gather_qmm_combine(h, m.down_proj, r, m.combine);
   }
-  return out;
+  // The shared expert rides with the routed path: its gate+up with the
+  // router (same input), its down projection and the add with the combine.
+  // The unpatched block computes it after the routed experts; the values do
+  // not depend on the order, and each op keeps its unfused bits.
+  const SwigluMlp& s = *m.shared_expert;
+  auto [logits, shared_h] = be.linear_and_swiglu(x, m.router, s.gate_proj, s.up_proj);
+  const Routing r = m.route_logits(be, logits);
+  Tensor h = be.gather_qmm_swiglu(x, m.gate_proj, m.up_proj, r);
+  return be.gather_qmm_combine_shared(h, m.down_proj, r, m.combine, shared_h, s.down_proj);
 }
 
 FusedSwiglu::FusedSwiglu(std::unique_ptr<SwigluMlp> inner) : inner_(std::move(inner)) { path = inner_->path; }

@@ -855,6 +855,12 @@ class CudaBackend final : public Backend {
     return out;
   }
 
+  // gather_qmm_combine's one-launch kernel (gather_combine) covers these
+  // shapes: not a prefill GEMM, rows short enough for it.
+  static bool combine_in_one_launch(int64_t T, int64_t k, const Weight& down, const kern::QMat& m) {
+    return !(T * k >= kGemmMinPairs && tc::gemm_supported(m)) && !(down.cols > 2048 || (down.cols > 1024 && k > 4));
+  }
+
   Tensor gather_qmm_combine(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode) override {
     check_combine_scores(r, mode, "gather_qmm_combine");
     const int64_t T = r.experts.rows(), k = r.k, D = down.rows;
@@ -882,6 +888,52 @@ class CudaBackend final : public Backend {
                            int(T), int(k), m, bf16p(out), stream_, routing_consumed_ == r.experts.data);
     }
     return out;
+  }
+
+  // One token, the kernels' conditions met: the shared expert's down
+  // projection and the add inside gather_combine (kern::gather_combine_shared).
+  Tensor gather_qmm_combine_shared(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode,
+                                   const Tensor& shared_h, const Weight& shared_down) override {
+    const int64_t T = r.experts.rows(), k = r.k;
+    const kern::QMat m = qmat(down);
+    if (T == 1 && combine_in_one_launch(T, k, down, m)) {
+      check_combine_scores(r, mode, "gather_qmm_combine");
+      ZMLX_CHECK(h.rows() == T * k && h.cols() == down.cols, "{}: gather_qmm_combine shape mismatch", down.name);
+      check_input(shared_h, shared_down);
+      ZMLX_CHECK(shared_down.rows == down.rows, "{}: {} rows, the routed experts' down projection has {}",
+                 shared_down.name, shared_down.rows, down.rows);
+      Tensor out = alloc(DType::BF16, {T, down.rows});
+      Prof p_(this, "gather_combine");
+      const kern::SharedDown sd{qmat(shared_down), bf16p(shared_h)};
+      if (kern::gather_combine_shared(bf16p(h), experts_of(r), r.scores.data, r.scores.dtype == DType::F32,
+                                      combine_of(mode), int(k), m, sd, bf16p(out), stream_,
+                                      routing_consumed_ == r.experts.data))
+        return out;
+    }
+    return Backend::gather_qmm_combine_shared(h, down, r, mode, shared_h, shared_down);
+  }
+
+  // One token: the router and the shared expert's gate+up in one launch
+  // (kern::linear_and_swiglu) when both take the scalar decode kernels.
+  std::pair<Tensor, Tensor> linear_and_swiglu(const Tensor& x, const Weight& w, const Weight& gate,
+                                              const Weight& up) override {
+    if (x.rows() == 1) {
+      check_input(x, w);
+      ZMLX_CHECK(x.cols() == gate.cols && x.cols() == up.cols && up.rows == gate.rows,
+                 "{}: linear_swiglu shape mismatch", gate.name);
+      Tensor y = alloc(DType::BF16, {1, w.rows}), yh = alloc(DType::BF16, {1, gate.rows});
+      Prof p_(this, "linear");
+      if (kern::linear_and_swiglu(bf16p(x), qmat(w), bf16p(y), qmat(gate), qmat(up), bf16p(yh), stream_)) {
+        // The router's input, as linear() notes it (gather_qmm_swiglu's x_ready).
+        last_linear_input_ = x.data, last_linear_op_ = op_seq_;
+        return {std::move(y), std::move(yh)};
+      }
+    }
+    // Apart, gate+up first, so the router's linear stays the op just before
+    // the routing (x_ready) as in the unfused block.
+    Tensor yh = linear_swiglu(x, gate, up);
+    Tensor y = linear(x, w);
+    return {std::move(y), std::move(yh)};
   }
 
   Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) override {

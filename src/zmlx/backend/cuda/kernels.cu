@@ -55,12 +55,15 @@ struct XF {
   float v[32];
   float sum;
 };
+// NC: x in global memory, read through the non-coherent path; otherwise a
+// plain load (x staged in shared memory).
+template <bool NC = true>
 __device__ __forceinline__ XF load_x(const uint16_t* x) {
   XF c;
   const uint4* p = reinterpret_cast<const uint4*>(x);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint4 q = __ldg(p + i);
+    const uint4 q = NC ? __ldg(p + i) : p[i];
     const uint32_t w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) c.v[8 * i + 2 * j] = lo_bf(w[j]), c.v[8 * i + 2 * j + 1] = hi_bf(w[j]);
@@ -373,8 +376,8 @@ __global__ void moe_combine_kernel(const uint16_t* y, const void* scores, bool f
 constexpr int kRowsPerDecodeBlock = kRowsPerBlock * kDecodeRows;
 
 template <int R = kDecodeRows>
-__device__ __forceinline__ int64_t decode_row0() {
-  return (int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5)) * R;
+__device__ __forceinline__ int64_t decode_row0(int64_t block = blockIdx.x) {
+  return (block * kRowsPerBlock + (threadIdx.x >> 5)) * R;
 }
 
 // A plain (non-expert) row's weights are constant, so a decode kernel can
@@ -416,14 +419,14 @@ __device__ __forceinline__ void row_preload(const QMat& m, int64_t r, RowPreload
     }
   }
 }
-template <int BITS, int PRE = kPreChunks>
+template <int BITS, int PRE = kPreChunks, bool NC = true>
 __device__ __forceinline__ float row_dot_preloaded(const QMat& m, const RowPreload<BITS, PRE>& p, const uint16_t* x) {
   const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
   float acc = 0.f;
 #pragma unroll
   for (int i = 0; i < PRE; ++i) {
     const int c = lane + 32 * i;
-    if (c < chunks) acc = chunk_dot<BITS>(p.w[i], load_x(x + int64_t(c) * 32), p.sc[i], p.bi[i], acc);
+    if (c < chunks) acc = chunk_dot<BITS>(p.w[i], load_x<NC>(x + int64_t(c) * 32), p.sc[i], p.bi[i], acc);
   }
   return warp_sum(acc);
 }
@@ -461,11 +464,13 @@ __global__ void __launch_bounds__(256) linear_multi_decode_kernel(const uint16_t
   decode_row<BITS>(mq.m[i], r0, x, mq.y[i], pre);
 }
 
+// Gate and up row r (valid or not) into y[r] = swiglu(bf16(g·x), bf16(u·x)),
+// preloaded as decode_row does. Every thread of the block calls it.
 template <int BITS>
-__global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_t* x, QMat g, QMat u, uint16_t* y,
-                                                                   bool pre) {
-  if (pre && row_preloadable<BITS>(g)) {  // decode_row's preloading, for the gate and up rows
-    const int64_t r = decode_row0();
+__device__ __forceinline__ void swiglu_decode_row(const QMat& g, const QMat& u, int64_t r, const uint16_t* x,
+                                                  uint16_t* y, bool pre) {
+  static_assert(kDecodeRows == 1, "swiglu_decode_row computes one row a warp");
+  if (pre && row_preloadable<BITS>(g)) {
     RowPreload<BITS> pg, pu;
     if (r < g.rows) row_preload<BITS>(g, r, pg), row_preload<BITS>(u, r, pu);
     pdl_begin();
@@ -475,14 +480,29 @@ __global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_
     return;
   }
   pdl_begin();
-  const int64_t r0 = decode_row0();
-  if (r0 >= g.rows) return;
-  const int n = int(kDecodeRows < (g.rows - r0) ? int64_t(kDecodeRows) : (g.rows - r0));
+  if (r >= g.rows) return;
   const QMat gu[2] = {g, u};
-  float a[2][kDecodeRows];
-  rows_dot_n<BITS, kDecodeRows, 2>(gu, 0, r0, n, x, a);
-  if ((threadIdx.x & 31) == 0)
-    for (int r = 0; r < n; ++r) y[r0 + r] = swiglu_bf(to_bf(a[0][r]), to_bf(a[1][r]));
+  float a[2][1];
+  rows_dot_n<BITS, 1, 2>(gu, 0, r, 1, x, a);
+  if ((threadIdx.x & 31) == 0) y[r] = swiglu_bf(to_bf(a[0][0]), to_bf(a[1][0]));
+}
+
+template <int BITS>
+__global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_t* x, QMat g, QMat u, uint16_t* y,
+                                                                   bool pre) {
+  swiglu_decode_row<BITS>(g, u, decode_row0(), x, y, pre);
+}
+
+// A MoE block's router and its shared expert's gate+up, which read the same
+// x, in one launch (one token): blocks [0, wb) compute w's rows as
+// linear_decode_kernel does, the rest the gate+up rows as
+// linear_swiglu_decode_kernel does, so both outputs have those kernels' bits
+// and the router's successor (the top-k) waits on one kernel, not two.
+template <int WB, int SB>
+__global__ void __launch_bounds__(256) linear_and_swiglu_decode_kernel(const uint16_t* x, QMat w, uint16_t* y, int wb,
+                                                                       QMat g, QMat u, uint16_t* yh, bool pre) {
+  if (int(blockIdx.x) < wb) return decode_row<WB>(w, decode_row0(), x, y, pre);
+  swiglu_decode_row<SB>(g, u, decode_row0(int64_t(blockIdx.x) - wb), x, yh, pre);
 }
 
 // One (token, slot) pair per blockIdx.y.
@@ -922,10 +942,25 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
 // pass, early routing): both steps' loads go out before the wait, so no
 // weight load is left after it (the second step's had been, a DRAM round
 // trip a layer); the same sums in the same order.
-template <int WARPS, bool TWO = false>
+// SH (one token; shd.m 4-bit with rows of at most 2048 inputs): the MoE
+// block's shared expert's down projection rides along. Warp w computes rows
+// r0 + w (and r0 + w + 8 in 8-warp blocks) of shd.m · shd.h as
+// linear_decode_kernel does; their weights are loaded before the wait with
+// the routed ones (TWO), shd.h is staged with h, and the rows are computed after
+// the routed steps, so they add no round trip of their own. The output is
+// bf16(bf16(combine) + that row), as add() adds the two: the bits of
+// gather_combine, linear and add.
+constexpr int kSharedPre = 2;  // chunks a lane: rows of up to 2048 inputs
+// Shared memory words of the kernel: per_pass staged rows of sw words, the
+// warps' partials (16 floats each), the k scores, the 16 shared rows, then
+// (SH) shd.h at a 16-byte boundary.
+__host__ __device__ __forceinline__ int64_t combine_shared_x_word(int per_pass, int64_t sw, int warps, int k) {
+  return (per_pass * sw + warps * 16 + k + 16 + 3) & ~int64_t(3);
+}
+template <int WARPS, bool TWO = false, bool SH = false>
 __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     mma_combine_kernel(const uint16_t* h, const int32_t* ex, const void* scores, bool f32, int mode, int k, QMat m,
-                       int S, uint16_t* out, bool early) {
+                       int S, uint16_t* out, bool early, SharedDown shd) {
   extern __shared__ __align__(16) uint32_t mma_smem[];
   const int64_t t = blockIdx.y, K = m.cols, r0 = int64_t(blockIdx.x) * 16;
   const int64_t sw = mma_stage_words(K);
@@ -951,6 +986,15 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     }
   };
   early = early || TWO;  // TWO is launched with the routing early only
+  constexpr int SR = SH ? 16 / WARPS : 1;  // shared rows a warp
+  RowPreload<4, kSharedPre> shp[SR];
+  float* shy = sc + k;  // the tile's shared rows, bf16 values
+  uint16_t* shx = reinterpret_cast<uint16_t*>(mma_smem + combine_shared_x_word(per_pass, sw, WARPS, k));
+  // (The general form, at its register cap, loads them after its steps, a row at a time.)
+  if constexpr (SH && TWO)
+#pragma unroll
+    for (int i = 0; i < SR; ++i)
+      if (r0 + warp + i * WARPS < shd.m.rows) row_preload<4, kSharedPre>(shd.m, r0 + warp + i * WARPS, shp[i]);
   if (early) prologue();
   pdl_begin();
   if (!early) prologue();
@@ -959,6 +1003,9 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     const int nj = min(per_pass, k - j0);
     const int64_t e = j0 == 0 ? e0 : jj < nj ? ex[t * k + j0 + jj] : 0;
     mma_stage_rows(h + (t * k + j0) * K, nj, K, mma_smem, sw);
+    if (SH && j0 == 0)
+      for (int i = threadIdx.x; i < shd.m.cols / 8; i += blockDim.x)
+        reinterpret_cast<uint4*>(shx)[i] = __ldg(reinterpret_cast<const uint4*>(shd.h) + i);
     __syncthreads();
     float part[1][2] = {{0.f, 0.f}};
     if constexpr (TWO) {  // one pass, at most two steps a warp, both loaded
@@ -974,6 +1021,26 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
       else mma_first_step(cur, ms, e, rw, sp, S);
       mma_tile<1, false>(ms, e, rw, cur, mma_smem + jj * sw, sp, S, part);
     }
+    if constexpr (SH) {
+      auto shared_row = [&](int i, const RowPreload<4, kSharedPre>& p) {
+        const float v = row_dot_preloaded<4, kSharedPre, false>(shd.m, p, shx);
+        if (lane == 0) shy[warp + i * WARPS] = bf(to_bf(v));
+      };
+      if (j0 == 0) {
+        if constexpr (TWO) {
+#pragma unroll
+          for (int i = 0; i < SR; ++i)
+            if (r0 + warp + i * WARPS < shd.m.rows) shared_row(i, shp[i]);
+        } else {
+#pragma unroll 1
+          for (int i = 0; i < SR; ++i)
+            if (r0 + warp + i * WARPS < shd.m.rows) {
+              row_preload<4, kSharedPre>(shd.m, r0 + warp + i * WARPS, shp[0]);
+              shared_row(i, shp[0]);
+            }
+        }
+      }
+    }
     if ((lane & 3) == 0) {
       red[warp * 16 + (lane >> 2)] = part[0][0];
       red[warp * 16 + (lane >> 2) + 8] = part[0][1];
@@ -985,7 +1052,11 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     if (TWO) break;  // one pass: nothing to restage
     __syncthreads();  // the next pass restages the inputs
   }
-  if (threadIdx.x < 16 && r0 + threadIdx.x < m.rows) out[t * m.rows + r0 + threadIdx.x] = to_bf(acc);
+  if (threadIdx.x < 16 && r0 + threadIdx.x < m.rows) {
+    uint16_t o = to_bf(acc);
+    if constexpr (SH) o = to_bf(bf(o) + shy[threadIdx.x]);
+    out[t * m.rows + r0 + threadIdx.x] = o;
+  }
 }
 
 // ---- host side of the MMA path ----
@@ -1174,18 +1245,26 @@ bool two_step_combine() {
 // more than 8 (k·S > 8).
 int combine_warps(int k, int S) { return wide_combine() && k * S > kMmaWarps ? 16 : kMmaWarps; }
 
+// shd.m.w set: the shared-expert form (SH; T = 1, checked by the caller).
 void mma_combine(const uint16_t* h, const int32_t* ex, const void* sc, bool f32, int mode, int T, int k, const QMat& m,
-                 uint16_t* out, cudaStream_t s, bool routing_ready) {
+                 uint16_t* out, cudaStream_t s, bool routing_ready, const SharedDown& shd = {}) {
   const int S = mma_splits(m.cols), warps = combine_warps(k, S);
   auto go = [&](auto kernel) {
-    const size_t smem = size_t((warps / S) * mma_stage_words(m.cols) + warps * 16 + k) * 4;
+    const size_t smem =
+        size_t(combine_shared_x_word(warps / S, mma_stage_words(m.cols), warps, k) + (shd.m.w ? shd.m.cols / 2 : 0)) *
+        4;
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
     launch_smem(kernel, dim3(unsigned((m.rows + 15) / 16), unsigned(T)), dim3(warps * 32), smem, s, h, ex, sc, f32,
-                mode, k, m, S, out, routing_ready && early_routing());
+                mode, k, m, S, out, routing_ready && early_routing(), shd);
   };
   const bool two = combine_two_steps(m, k, routing_ready);
-  if (warps == 16) two ? go(mma_combine_kernel<16, true>) : go(mma_combine_kernel<16>);
-  else two ? go(mma_combine_kernel<kMmaWarps, true>) : go(mma_combine_kernel<kMmaWarps>);
+  if (shd.m.w) {
+    if (warps == 16) two ? go(mma_combine_kernel<16, true, true>) : go(mma_combine_kernel<16, false, true>);
+    else two ? go(mma_combine_kernel<kMmaWarps, true, true>) : go(mma_combine_kernel<kMmaWarps, false, true>);
+  } else {
+    if (warps == 16) two ? go(mma_combine_kernel<16, true>) : go(mma_combine_kernel<16>);
+    else two ? go(mma_combine_kernel<kMmaWarps, true>) : go(mma_combine_kernel<kMmaWarps>);
+  }
 }
 
 // Dispatch on the weight format; TT = tokens per pass.
@@ -2310,6 +2389,65 @@ void gather_combine(const uint16_t* h, const int32_t* experts, const void* score
                     int T, int k, const QMat& down, uint16_t* out, cudaStream_t s, bool routing_ready) {
   by_bits<GatherCombineL>(down.bits, h, experts, scores, scores_f32, int(mode), T, k, down, out, s, routing_ready);
   check_launch("gather_qmm_combine");
+}
+
+namespace {
+// ZMLX_CUDA_SHARED_EXPERT_FUSION=0: the shared expert's gate+up and down
+// stay kernels of their own (A/B runs; the same bits).
+// =router / =combine: only that launch (A/B runs).
+bool shared_expert_fusion(const char* part) {
+  static const bool off = env_is("ZMLX_CUDA_SHARED_EXPERT_FUSION", "0");
+  static const bool router = env_is("ZMLX_CUDA_SHARED_EXPERT_FUSION", "router");
+  static const bool combine = env_is("ZMLX_CUDA_SHARED_EXPERT_FUSION", "combine");
+  if (off) return false;
+  if (router || combine) return part[0] == 'r' ? router : combine;
+  return true;
+}
+
+// Whether linear(x, m) of one token takes linear_decode_kernel<B> (scalar,
+// rows preloaded up to 32·kPreChunks chunks a row): the form the fused
+// launches below reproduce.
+bool scalar_preloaded_decode(const QMat& m, int max_chunks) {
+  return !use_mma_linear(m) && m.cols % 32 == 0 && m.cols / 32 <= max_chunks;
+}
+}  // namespace
+
+bool gather_combine_shared(const uint16_t* h, const int32_t* experts, const void* scores, bool scores_f32,
+                           Combine mode, int k, const QMat& down, const SharedDown& shared, uint16_t* out,
+                           cudaStream_t s, bool routing_ready) {
+  const QMat& sd = shared.m;
+  if (!shared_expert_fusion("combine") || !use_mma(down) || sd.bits != 4 || sd.rows != down.rows ||
+      !scalar_preloaded_decode(sd, 32 * kSharedPre))
+    return false;
+  mma_combine(h, experts, scores, scores_f32, int(mode), 1, k, down, out, s, routing_ready, shared);
+  check_launch("gather_qmm_combine (+ shared expert)");
+  return true;
+}
+
+namespace {
+template <int WB>
+void launch_linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u,
+                              uint16_t* yh, cudaStream_t s) {
+  const int wb = int((w.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
+  const int gb = int((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
+  launch(linear_and_swiglu_decode_kernel<WB, 4>, dim3(unsigned(wb + gb)), dim3(256), s, x, w, y, wb, g, u, yh,
+         preload_weights());
+}
+}  // namespace
+
+bool linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u, uint16_t* yh,
+                       cudaStream_t s) {
+  if (!shared_expert_fusion("router") || g.bits != 4 || u.bits != 4 || !scalar_preloaded_decode(w, 32 * kPreChunks) ||
+      !scalar_preloaded_decode(g, 32 * kPreChunks))
+    return false;
+  switch (w.bits) {
+    case 4: launch_linear_and_swiglu<4>(x, w, y, g, u, yh, s); break;
+    case 8: launch_linear_and_swiglu<8>(x, w, y, g, u, yh, s); break;
+    case 16: launch_linear_and_swiglu<16>(x, w, y, g, u, yh, s); break;
+    default: return false;
+  }
+  check_launch("linear + linear_swiglu");
+  return true;
 }
 
 void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,
