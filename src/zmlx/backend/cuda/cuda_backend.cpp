@@ -855,10 +855,16 @@ class CudaBackend final : public Backend {
     return out;
   }
 
-  // gather_qmm_combine's one-launch kernel (gather_combine) covers these
-  // shapes: not a prefill GEMM, rows short enough for it.
-  static bool combine_in_one_launch(int64_t T, int64_t k, const Weight& down, const kern::QMat& m) {
-    return !(T * k >= kGemmMinPairs && tc::gemm_supported(m)) && !(down.cols > 2048 || (down.cols > 1024 && k > 4));
+  // How gather_qmm_combine runs: the expert GEMM (prefill-sized), two
+  // launches (rows the short-row kernel cannot hold in registers: the
+  // generic one-launch form keeps one expert's loads in flight at a time, so
+  // the two-launch form of the unfused path is faster), or one launch
+  // (gather_combine).
+  static bool combine_by_gemm(int64_t T, int64_t k, const kern::QMat& m) {
+    return T * k >= kGemmMinPairs && tc::gemm_supported(m);
+  }
+  static bool combine_in_two_launches(int64_t k, const Weight& down) {
+    return down.cols > 2048 || (down.cols > 1024 && k > 4);
   }
 
   Tensor gather_qmm_combine(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode) override {
@@ -868,17 +874,14 @@ class CudaBackend final : public Backend {
     Tensor out = alloc(DType::BF16, {T, D});
     const kern::QMat m = qmat(down);
     Prof p_(this, "gather_combine");
-    if (T * k >= kGemmMinPairs && tc::gemm_supported(m)) {
+    if (combine_by_gemm(T, k, m)) {
       // Expert GEMM into y [T·k, D], then the same combine kernel the unfused path uses.
       Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(down.experts)))});
       Tensor y = alloc(DType::BF16, {T * k, D});
       tc::moe_down(bf16p(h), experts_of(r), int(T), int(k), m, bf16p(y), ws.data, stream_, int(down.experts));
       kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), D,
                         bf16p(out), stream_);
-    } else if (down.cols > 2048 || (down.cols > 1024 && k > 4)) {
-      // Rows the short-row kernel cannot hold in registers: the generic
-      // one-launch form keeps one expert's loads in flight at a time, so the
-      // two-launch form of the unfused path is faster.
+    } else if (combine_in_two_launches(k, down)) {
       Tensor y = alloc(DType::BF16, {T * k, D});
       kern::gather_linear(bf16p(h), true, experts_of(r), int(T), int(k), m, bf16p(y), stream_);
       kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), D,
@@ -896,7 +899,7 @@ class CudaBackend final : public Backend {
                                    const Tensor& shared_h, const Weight& shared_down) override {
     const int64_t T = r.experts.rows(), k = r.k;
     const kern::QMat m = qmat(down);
-    if (T == 1 && combine_in_one_launch(T, k, down, m)) {
+    if (T == 1 && !combine_by_gemm(T, k, m) && !combine_in_two_launches(k, down)) {
       check_combine_scores(r, mode, "gather_qmm_combine");
       ZMLX_CHECK(h.rows() == T * k && h.cols() == down.cols, "{}: gather_qmm_combine shape mismatch", down.name);
       check_input(shared_h, shared_down);
