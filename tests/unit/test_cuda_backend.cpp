@@ -860,6 +860,8 @@ TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
       for (bool early : {false, true}) {
         DevBuf of(size_t(sz.D) * 2), ou(size_t(sz.D) * 2), ys(size_t(sz.D) * 2);
         const k::SharedDown shd{qs.m, hr.u16()};
+        // The two-step form (groups of 64+, routing early) is one of those compared.
+        EXPECT_EQ(k::combine_two_steps(qd.m, int(sz.k), early), early && sz.group >= 64) << what;
         EXPECT_TRUE(k::gather_combine_shared(dh.u16(), ex, dsc.p, false, mode, int(sz.k), qd.m, shd, of.u16(), nullptr,
                                              early))
             << what;

@@ -29,10 +29,13 @@ std::vector<Tensor> Backend::linear_multi(const Tensor& x, const std::vector<con
   return out;
 }
 
+// Gate+up first, so the router's linear stays the op just before the
+// routing, as in the unfused block (the CUDA backend stages the experts'
+// input early on that pattern).
 std::pair<Tensor, Tensor> Backend::linear_and_swiglu(const Tensor& x, const Weight& w, const Weight& gate,
                                                      const Weight& up) {
-  Tensor y = linear(x, w);
-  return {std::move(y), linear_swiglu(x, gate, up)};
+  Tensor h = linear_swiglu(x, gate, up);
+  return {linear(x, w), std::move(h)};
 }
 
 Tensor Backend::gather_qmm_combine_shared(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode,

@@ -932,11 +932,7 @@ class CudaBackend final : public Backend {
         return {std::move(y), std::move(yh)};
       }
     }
-    // Apart, gate+up first, so the router's linear stays the op just before
-    // the routing (x_ready) as in the unfused block.
-    Tensor yh = linear_swiglu(x, gate, up);
-    Tensor y = linear(x, w);
-    return {std::move(y), std::move(yh)};
+    return Backend::linear_and_swiglu(x, w, gate, up);
   }
 
   Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) override {

@@ -986,11 +986,13 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     }
   };
   early = early || TWO;  // TWO is launched with the routing early only
-  constexpr int SR = SH ? 16 / WARPS : 1;  // shared rows a warp
-  RowPreload<4, kSharedPre> shp[SR];
+  // SH: this warp's shared rows r0 + warp + i·WARPS, i < SR. The two-step
+  // form loads their weights here; the general form, at its register cap,
+  // loads each just before computing it.
+  constexpr int SR = SH ? 16 / WARPS : 1;
+  RowPreload<4, kSharedPre> shp[TWO ? SR : 1];
   float* shy = sc + k;  // the tile's shared rows, bf16 values
   uint16_t* shx = reinterpret_cast<uint16_t*>(mma_smem + combine_shared_x_word(per_pass, sw, WARPS, k));
-  // (The general form, at its register cap, loads them after its steps, a row at a time.)
   if constexpr (SH && TWO)
 #pragma unroll
     for (int i = 0; i < SR; ++i)
@@ -1021,26 +1023,16 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
       else mma_first_step(cur, ms, e, rw, sp, S);
       mma_tile<1, false>(ms, e, rw, cur, mma_smem + jj * sw, sp, S, part);
     }
-    if constexpr (SH) {
-      auto shared_row = [&](int i, const RowPreload<4, kSharedPre>& p) {
+    if (SH && j0 == 0)
+#pragma unroll
+      for (int i = 0; i < SR; ++i) {
+        const int64_t r = r0 + warp + i * WARPS;
+        if (r >= shd.m.rows) continue;
+        RowPreload<4, kSharedPre>& p = shp[TWO ? i : 0];
+        if constexpr (!TWO) row_preload<4, kSharedPre>(shd.m, r, p);
         const float v = row_dot_preloaded<4, kSharedPre, false>(shd.m, p, shx);
         if (lane == 0) shy[warp + i * WARPS] = bf(to_bf(v));
-      };
-      if (j0 == 0) {
-        if constexpr (TWO) {
-#pragma unroll
-          for (int i = 0; i < SR; ++i)
-            if (r0 + warp + i * WARPS < shd.m.rows) shared_row(i, shp[i]);
-        } else {
-#pragma unroll 1
-          for (int i = 0; i < SR; ++i)
-            if (r0 + warp + i * WARPS < shd.m.rows) {
-              row_preload<4, kSharedPre>(shd.m, r0 + warp + i * WARPS, shp[0]);
-              shared_row(i, shp[0]);
-            }
-        }
       }
-    }
     if ((lane & 3) == 0) {
       red[warp * 16 + (lane >> 2)] = part[0][0];
       red[warp * 16 + (lane >> 2) + 8] = part[0][1];
@@ -2392,16 +2384,16 @@ void gather_combine(const uint16_t* h, const int32_t* experts, const void* score
 }
 
 namespace {
-// ZMLX_CUDA_SHARED_EXPERT_FUSION=0: the shared expert's gate+up and down
-// stay kernels of their own (A/B runs; the same bits).
-// =router / =combine: only that launch (A/B runs).
-bool shared_expert_fusion(const char* part) {
-  static const bool off = env_is("ZMLX_CUDA_SHARED_EXPERT_FUSION", "0");
-  static const bool router = env_is("ZMLX_CUDA_SHARED_EXPERT_FUSION", "router");
-  static const bool combine = env_is("ZMLX_CUDA_SHARED_EXPERT_FUSION", "combine");
-  if (off) return false;
-  if (router || combine) return part[0] == 'r' ? router : combine;
-  return true;
+// Which of the two shared-expert launches are on. ZMLX_CUDA_SHARED_EXPERT_FUSION=0:
+// neither (the shared expert's gate+up and down stay kernels of their own);
+// =router / =combine: that one only (A/B runs; the same bits either way).
+enum class SharedFusion { Both, Router, Combine, Off };
+SharedFusion shared_fusion() {
+  static const SharedFusion f = env_is("ZMLX_CUDA_SHARED_EXPERT_FUSION", "0")        ? SharedFusion::Off
+                                : env_is("ZMLX_CUDA_SHARED_EXPERT_FUSION", "router")  ? SharedFusion::Router
+                                : env_is("ZMLX_CUDA_SHARED_EXPERT_FUSION", "combine") ? SharedFusion::Combine
+                                                                                       : SharedFusion::Both;
+  return f;
 }
 
 // Whether linear(x, m) of one token takes linear_decode_kernel<B> (scalar,
@@ -2416,7 +2408,8 @@ bool gather_combine_shared(const uint16_t* h, const int32_t* experts, const void
                            Combine mode, int k, const QMat& down, const SharedDown& shared, uint16_t* out,
                            cudaStream_t s, bool routing_ready) {
   const QMat& sd = shared.m;
-  if (!shared_expert_fusion("combine") || !use_mma(down) || sd.bits != 4 || sd.rows != down.rows ||
+  const SharedFusion f = shared_fusion();
+  if ((f != SharedFusion::Both && f != SharedFusion::Combine) || !use_mma(down) || sd.bits != 4 || sd.rows != down.rows ||
       !scalar_preloaded_decode(sd, 32 * kSharedPre))
     return false;
   mma_combine(h, experts, scores, scores_f32, int(mode), 1, k, down, out, s, routing_ready, shared);
@@ -2437,7 +2430,8 @@ void launch_linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, con
 
 bool linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u, uint16_t* yh,
                        cudaStream_t s) {
-  if (!shared_expert_fusion("router") || g.bits != 4 || u.bits != 4 || !scalar_preloaded_decode(w, 32 * kPreChunks) ||
+  const SharedFusion f = shared_fusion();
+  if ((f != SharedFusion::Both && f != SharedFusion::Router) || g.bits != 4 || u.bits != 4 || !scalar_preloaded_decode(w, 32 * kPreChunks) ||
       !scalar_preloaded_decode(g, 32 * kPreChunks))
     return false;
   switch (w.bits) {
