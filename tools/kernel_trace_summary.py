@@ -10,6 +10,10 @@ position in a layer, the mean of:
           the step (its work after its wait, plus the next one's release);
   waited  release(this kernel) - start(this kernel): how long its first block
           sat at the programmatic-launch wait (how early it was launched).
+Then, for models whose layers differ (LFM2's conv and attention layers, a
+dense first layer), where one period cannot describe the step, the whole
+step by launch shape: how many kernels of each shape and their total dur
+(kernels of one shape may be different kernels; the grid usually tells).
 
   zmlx-trace bench MODEL ... 2> trace.log; tools/kernel_trace_summary.py trace.log
 """
@@ -34,7 +38,9 @@ def main(path):
                   if all(shape[i + j] == shape[i + j + period] for j in range(period))), None)
     print(f"{n} kernels, step {(recs[-1][2] - recs[0][2]) / 1000:.1f} us (first to last release); layer period {period}")
     if start is None:
-        sys.exit("no repeating layer found")
+        print("no repeating layer found")
+        by_shape(recs, shape)
+        return
     layers = (n - start) // period
     total = 0.0
     for j in range(period):
@@ -49,6 +55,21 @@ def main(path):
         print(f"  pos {j:2d}  grid {g[0]:5d} x {g[1]:<3d} block {g[2]:4d}  dur {d / 1000:6.2f} us"
               f"  waited {statistics.mean(waits) / 1000:6.2f} us")
     print(f"per layer {total / 1000:.2f} us (mean over {layers - 1} layers)")
+    by_shape(recs, shape)
+
+
+def by_shape(recs, shape):
+    """The step's dur summed by launch shape, largest first."""
+    total, count = {}, {}
+    for i in range(len(recs) - 1):
+        d = recs[i + 1][2] - recs[i][2]
+        total[shape[i]] = total.get(shape[i], 0) + d
+        count[shape[i]] = count.get(shape[i], 0) + 1
+    step = sum(total.values())
+    print(f"by launch shape ({len(recs) - 1} kernels, {step / 1000:.1f} us; the last kernel has no dur):")
+    for g in sorted(total, key=lambda g: -total[g]):
+        print(f"  grid {g[0]:5d} x {g[1]:<3d} block {g[2]:4d}  {count[g]:4d} kernels  dur {total[g] / 1000:8.2f} us"
+              f"  ({100 * total[g] / step:4.1f} %, {total[g] / count[g] / 1000:5.2f} us each)")
 
 
 if __name__ == "__main__":
