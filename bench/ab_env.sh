@@ -3,13 +3,15 @@
 # variants of the new one, in one call, alternating; then, per variant, the
 # logits of 48 greedy steps compared with `cmp` (patched against --no-patch,
 # and against the base binary). Lines go to $OUT/r.txt.
-#   run(carry=["build-device"]): build-device/zmlx (new), build-device/zmlx-base (old)
+#   run(carry=["build-device"]): build-device/zmlx (new), build-device/zmlx-base (old); any
+#   build-device/NAME.xz is unpacked to NAME first (xz -1 keeps three binaries under the carry limit)
 #   VARIANTS="name=ENV=VALUE ..."   ARCHS="qwen3_moe lfm2_moe glm4_moe_lite"   TESTS=1 (the GPU unit tests first)
 # Example: VARIANTS="new=ZMLX_X=1 off=ZMLX_CUDA_TWO_STEP_COMBINE=0" bash bench/ab_env.sh
 set -u
 cd "$(dirname "$0")/.."
 B=${BIN:-build-device}
 export LD_LIBRARY_PATH="$PWD/$B/lib"
+for f in "$B"/*.xz; do [[ -e $f ]] && xz -d -k -f "$f"; done
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 OUT=${OUT:-/tmp/zmlx-ab}
