@@ -19,6 +19,9 @@ for isa in portable avx2; do
   ZMLX_CPU_ISA=$isa build/zmlx_tests --gtest_brief=1 --gtest_filter='FusedMoe*:FusedSwiglu*:Patch*:Model*:CpuOps*:DecodeAndPrefill*'
 done
 
+echo "== tools"
+python3 tests/tools/test_kernel_trace_summary.py
+
 echo "== CLI end to end"
 bash tests/e2e/cli.sh build/zmlx
 

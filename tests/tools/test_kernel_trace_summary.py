@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""tools/kernel_trace_summary.py on synthetic traces whose answers are known.
+
+Record fields: index, start ns, release ns, grid x, grid y, block. Each
+kernel's dur is the next kernel's release minus its own.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "kernel_trace_summary.py")
+
+
+def waited(i):
+    """A start this many ns before the release, different kernel to kernel."""
+    return 300 + 170 * (i % 5)
+
+
+def run(records):
+    with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
+        f.write("noise before the trace\n")
+        for i, (start, release, gx, gy, block) in enumerate(records):
+            f.write(f"[zmlx trace] {i} {start} {release} {gx} {gy} {block}\n")
+        path = f.name
+    try:
+        out = subprocess.run([sys.executable, TOOL, path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    return out
+
+
+def check(cond, what, out):
+    if not cond:
+        sys.exit(f"FAIL: {what}\n--- output ---\n{out}")
+
+
+# Six identical layers of three kernels (1, 2 and 4 us), then an lm_head.
+layer = [((1, 1, 256), 1000), ((640, 1, 256), 2000), ((48, 8, 128), 4000)]
+recs, t = [], 0
+for _ in range(6):
+    for (gx, gy, block), d in layer:
+        recs.append((t - waited(len(recs)), t, gx, gy, block))
+        t += d
+recs.append((t - 500, t, 4748, 1, 256))
+recs.append((t + 90000 - 500, t + 90000, 1, 1, 1024))  # argmax: the last kernel, no dur
+out = run(recs)
+check("layer period 3" in out, "the period of a uniform model", out)
+check("per layer 7.00 us" in out, "the per-layer sum", out)
+check("grid    48 x 8   block  128     6 kernels  dur    24.00 us" in out, "the gate+up shape total", out)
+check("grid  4748 x 1   block  256     1 kernels  dur    90.00 us" in out, "the lm_head total", out)
+check("by launch shape (19 kernels, 132.0 us" in out, "the step total", out)
+
+# Layers that differ (a conv layer, then an attention layer, irregularly):
+# no period tiles them, and the shape totals still add up.
+kinds = {"conv": [((7, 1, 128), 1500)], "attn": [((32, 12, 128), 6000), ((32, 1, 128), 2500)]}
+recs, t = [], 0
+for k in ["conv", "attn", "conv", "conv", "attn", "attn", "conv", "attn", "conv", "conv", "conv", "attn"]:
+    for (gx, gy, block), d in kinds[k]:
+        recs.append((t - waited(len(recs)), t, gx, gy, block))
+        t += d
+recs.append((t, t + 1, 1, 1, 1024))
+out = run(recs)
+check("grid    32 x 12  block  128     5 kernels  dur    30.00 us" in out, "attention totals without a period", out)
+check("grid     7 x 1   block  128     7 kernels  dur    10.50 us" in out, "conv totals without a period", out)
+print("kernel_trace_summary: ok")
