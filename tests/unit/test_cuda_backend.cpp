@@ -848,7 +848,8 @@ TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
     const auto* ex = static_cast<const int32_t*>(dex.p);
 
     DevBuf yf(size_t(sz.E) * 2), hf(size_t(sz.I) * 2), yr(size_t(sz.E) * 2), hr(size_t(sz.I) * 2);
-    EXPECT_TRUE(k::linear_and_swiglu(dx.u16(), qr.m, yf.u16(), qg.m, qu.m, hf.u16(), nullptr)) << what;
+    ASSERT_TRUE(k::linear_and_swiglu_fits(qr.m, qg.m, qu.m)) << what;
+    k::linear_and_swiglu(dx.u16(), qr.m, yf.u16(), qg.m, qu.m, hf.u16(), nullptr);
     k::linear(dx.u16(), 1, qr.m, yr.u16(), nullptr);
     k::linear_swiglu(dx.u16(), 1, qg.m, qu.m, hr.u16(), nullptr);
     ASSERT_TRUE(all_finite(yf.floats()) && all_finite(hf.floats())) << what;
@@ -862,9 +863,8 @@ TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
         const k::SharedDown shd{qs.m, hr.u16()};
         // The two-step form (groups of 64+, routing early) is one of those compared.
         EXPECT_EQ(k::combine_two_steps(qd.m, int(sz.k), early), early && sz.group >= 64) << what;
-        EXPECT_TRUE(k::gather_combine_shared(dh.u16(), ex, dsc.p, false, mode, int(sz.k), qd.m, shd, of.u16(), nullptr,
-                                             early))
-            << what;
+        ASSERT_TRUE(k::gather_combine_shared_fits(qd.m, qs.m)) << what;
+        k::gather_combine_shared(dh.u16(), ex, dsc.p, false, mode, int(sz.k), qd.m, shd, of.u16(), nullptr, early);
         k::gather_combine(dh.u16(), ex, dsc.p, false, mode, 1, int(sz.k), qd.m, ou.u16(), nullptr, early);
         k::linear(hr.u16(), 1, qs.m, ys.u16(), nullptr);
         k::add(ou.u16(), ys.u16(), sz.D, nullptr);

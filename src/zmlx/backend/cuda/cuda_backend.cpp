@@ -897,21 +897,21 @@ class CudaBackend final : public Backend {
   // projection and the add inside gather_combine (kern::gather_combine_shared).
   Tensor gather_qmm_combine_shared(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode,
                                    const Tensor& shared_h, const Weight& shared_down) override {
+    ZMLX_CHECK(shared_down.rows == down.rows, "{}: {} rows, the routed experts' down projection has {}",
+               shared_down.name, shared_down.rows, down.rows);
     const int64_t T = r.experts.rows(), k = r.k;
-    const kern::QMat m = qmat(down);
-    if (T == 1 && !combine_by_gemm(T, k, m) && !combine_in_two_launches(k, down)) {
+    const kern::QMat m = qmat(down), ms = qmat(shared_down);
+    if (T == 1 && !combine_by_gemm(T, k, m) && !combine_in_two_launches(k, down) &&
+        kern::gather_combine_shared_fits(m, ms)) {
       check_combine_scores(r, mode, "gather_qmm_combine");
       ZMLX_CHECK(h.rows() == T * k && h.cols() == down.cols, "{}: gather_qmm_combine shape mismatch", down.name);
       check_input(shared_h, shared_down);
-      ZMLX_CHECK(shared_down.rows == down.rows, "{}: {} rows, the routed experts' down projection has {}",
-                 shared_down.name, shared_down.rows, down.rows);
       Tensor out = alloc(DType::BF16, {T, down.rows});
       Prof p_(this, "gather_combine");
-      const kern::SharedDown sd{qmat(shared_down), bf16p(shared_h)};
-      if (kern::gather_combine_shared(bf16p(h), experts_of(r), r.scores.data, r.scores.dtype == DType::F32,
-                                      combine_of(mode), int(k), m, sd, bf16p(out), stream_,
-                                      routing_consumed_ == r.experts.data))
-        return out;
+      kern::gather_combine_shared(bf16p(h), experts_of(r), r.scores.data, r.scores.dtype == DType::F32,
+                                  combine_of(mode), int(k), m, kern::SharedDown{ms, bf16p(shared_h)}, bf16p(out),
+                                  stream_, routing_consumed_ == r.experts.data);
+      return out;
     }
     return Backend::gather_qmm_combine_shared(h, down, r, mode, shared_h, shared_down);
   }
@@ -920,17 +920,17 @@ class CudaBackend final : public Backend {
   // (kern::linear_and_swiglu) when both take the scalar decode kernels.
   std::pair<Tensor, Tensor> linear_and_swiglu(const Tensor& x, const Weight& w, const Weight& gate,
                                               const Weight& up) override {
-    if (x.rows() == 1) {
+    const kern::QMat mw = qmat(w), mg = qmat(gate), mu = qmat(up);
+    if (x.rows() == 1 && kern::linear_and_swiglu_fits(mw, mg, mu)) {
       check_input(x, w);
       ZMLX_CHECK(x.cols() == gate.cols && x.cols() == up.cols && up.rows == gate.rows,
                  "{}: linear_swiglu shape mismatch", gate.name);
       Tensor y = alloc(DType::BF16, {1, w.rows}), yh = alloc(DType::BF16, {1, gate.rows});
       Prof p_(this, "linear");
-      if (kern::linear_and_swiglu(bf16p(x), qmat(w), bf16p(y), qmat(gate), qmat(up), bf16p(yh), stream_)) {
-        // The router's input, as linear() notes it (gather_qmm_swiglu's x_ready).
-        last_linear_input_ = x.data, last_linear_op_ = op_seq_;
-        return {std::move(y), std::move(yh)};
-      }
+      kern::linear_and_swiglu(bf16p(x), mw, bf16p(y), mg, mu, bf16p(yh), stream_);
+      // The router's input, as linear() notes it (gather_qmm_swiglu's x_ready).
+      last_linear_input_ = x.data, last_linear_op_ = op_seq_;
+      return {std::move(y), std::move(yh)};
     }
     return Backend::linear_and_swiglu(x, w, gate, up);
   }

@@ -2404,17 +2404,19 @@ bool scalar_preloaded_decode(const QMat& m, int max_chunks) {
 }
 }  // namespace
 
-bool gather_combine_shared(const uint16_t* h, const int32_t* experts, const void* scores, bool scores_f32,
+bool gather_combine_shared_fits(const QMat& down, const QMat& sd) {
+  const SharedFusion f = shared_fusion();
+  return (f == SharedFusion::Both || f == SharedFusion::Combine) && use_mma(down) && sd.bits == 4 &&
+         sd.rows == down.rows && scalar_preloaded_decode(sd, 32 * kSharedPre);
+}
+
+void gather_combine_shared(const uint16_t* h, const int32_t* experts, const void* scores, bool scores_f32,
                            Combine mode, int k, const QMat& down, const SharedDown& shared, uint16_t* out,
                            cudaStream_t s, bool routing_ready) {
-  const QMat& sd = shared.m;
-  const SharedFusion f = shared_fusion();
-  if ((f != SharedFusion::Both && f != SharedFusion::Combine) || !use_mma(down) || sd.bits != 4 || sd.rows != down.rows ||
-      !scalar_preloaded_decode(sd, 32 * kSharedPre))
-    return false;
+  if (!gather_combine_shared_fits(down, shared.m))
+    throw std::runtime_error("gather_combine_shared: shapes or formats it does not take");
   mma_combine(h, experts, scores, scores_f32, int(mode), 1, k, down, out, s, routing_ready, shared);
   check_launch("gather_qmm_combine (+ shared expert)");
-  return true;
 }
 
 namespace {
@@ -2428,20 +2430,22 @@ void launch_linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, con
 }
 }  // namespace
 
-bool linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u, uint16_t* yh,
-                       cudaStream_t s) {
+bool linear_and_swiglu_fits(const QMat& w, const QMat& g, const QMat& u) {
   const SharedFusion f = shared_fusion();
-  if ((f != SharedFusion::Both && f != SharedFusion::Router) || g.bits != 4 || u.bits != 4 || !scalar_preloaded_decode(w, 32 * kPreChunks) ||
-      !scalar_preloaded_decode(g, 32 * kPreChunks))
-    return false;
+  return (f == SharedFusion::Both || f == SharedFusion::Router) && g.bits == 4 && u.bits == 4 &&
+         (w.bits == 4 || w.bits == 8 || w.bits == 16) && scalar_preloaded_decode(w, 32 * kPreChunks) &&
+         scalar_preloaded_decode(g, 32 * kPreChunks);
+}
+
+void linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u, uint16_t* yh,
+                       cudaStream_t s) {
+  if (!linear_and_swiglu_fits(w, g, u)) throw std::runtime_error("linear_and_swiglu: formats it does not take");
   switch (w.bits) {
     case 4: launch_linear_and_swiglu<4>(x, w, y, g, u, yh, s); break;
     case 8: launch_linear_and_swiglu<8>(x, w, y, g, u, yh, s); break;
-    case 16: launch_linear_and_swiglu<16>(x, w, y, g, u, yh, s); break;
-    default: return false;
+    default: launch_linear_and_swiglu<16>(x, w, y, g, u, yh, s); break;
   }
   check_launch("linear + linear_swiglu");
-  return true;
 }
 
 void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,

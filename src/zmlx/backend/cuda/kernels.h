@@ -66,17 +66,19 @@ void gather_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, cons
 void gather_combine(const uint16_t* h, const int32_t* experts, const void* scores, bool scores_f32, Combine mode,
                     int T, int k, const QMat& down, uint16_t* out, cudaStream_t s, bool routing_ready = false);
 // One token: gather_combine, then out += bf16(shared.h · shared.mᵀ) as add()
-// adds it, in one launch; the bits of gather_combine, linear and add. False
-// (nothing launched) when this form does not cover the shapes (the caller
-// launches the three ops); ZMLX_CUDA_SHARED_EXPERT_FUSION=0: never.
-bool gather_combine_shared(const uint16_t* h, const int32_t* experts, const void* scores, bool scores_f32,
+// adds it, in one launch; the bits of gather_combine, linear and add. Only
+// where gather_combine_shared_fits() says so (otherwise the caller launches
+// the three ops; ZMLX_CUDA_SHARED_EXPERT_FUSION=0: never).
+bool gather_combine_shared_fits(const QMat& down, const QMat& shared_down);
+void gather_combine_shared(const uint16_t* h, const int32_t* experts, const void* scores, bool scores_f32,
                            Combine mode, int k, const QMat& down, const SharedDown& shared, uint16_t* out,
                            cudaStream_t s, bool routing_ready);
 // One token: linear(x, w) -> y and linear_swiglu(x, g, u) -> yh in one
 // launch (a MoE block's router and its shared expert's gate+up), each with
-// the bits of its own op. False (nothing launched) when either would not
-// take the scalar decode kernel; ZMLX_CUDA_SHARED_EXPERT_FUSION=0: never.
-bool linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u, uint16_t* yh,
+// the bits of its own op. Only where linear_and_swiglu_fits() says so: both
+// take the scalar decode kernels (ZMLX_CUDA_SHARED_EXPERT_FUSION=0: never).
+bool linear_and_swiglu_fits(const QMat& w, const QMat& g, const QMat& u);
+void linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u, uint16_t* yh,
                        cudaStream_t s);
 // out[t, d] = Σ_j term(y[t, j, d], score[t, j]) in slot order.
 void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,
