@@ -7,8 +7,15 @@
 // scalar kernels ("scalar", ZMLX_CUDA_MMA=0), on the same buffers.
 // With TP > 1, the shapes of one tensor-parallel rank of TP: 1/TP of the
 // heads and of every expert's intermediate dimension (router and lm_head whole).
-//   build/cuda_kernels_bench [reps] [TP]
+// With DRAM = 1 the mat-vecs read their weights from memory, as a decode
+// step does, not from L2: launch i reads copy i of the weights (enough
+// copies that they fill 4× the L2) and the expert kernels pick a different
+// eight experts each launch (16 disjoint sets of 128).
+//   build/cuda_kernels_bench [reps] [TP] [DRAM]
 #include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
 
 #include <cstdio>
 #include <cstdlib>
@@ -23,15 +30,31 @@ namespace k = zmlx::cuda::k;
 
 namespace {
 
+// Device memory filled with random bits (bf16_small: bf16 values in
+// [1, 2), for scales and activations). The bits come from one host block
+// of each kind, drawn once and copied over and over: the DRAM mode needs
+// gigabytes of weights, and their values do not matter for speed.
 void* dev_random(size_t bytes, std::mt19937& rng, bool bf16_small = false) {
-  std::vector<uint16_t> h((bytes + 1) / 2);
-  for (auto& v : h) v = bf16_small ? uint16_t(0x3c00 + (rng() & 0xff)) : uint16_t(rng());
+  static std::vector<uint16_t> block[2];
+  constexpr size_t kBlock = size_t(1) << 22;  // uint16 values, 8 MiB
+  std::vector<uint16_t>& b = block[bf16_small ? 1 : 0];
+  if (b.empty()) {
+    b.resize(kBlock);
+    for (auto& v : b) v = bf16_small ? uint16_t(0x3c00 + (rng() & 0xff)) : uint16_t(rng());
+  }
   void* d = nullptr;
-  if (cudaMalloc(&d, h.size() * 2) != cudaSuccess) {
+  const size_t n = (bytes + 1) / 2;
+  if (cudaMalloc(&d, n * 2) != cudaSuccess) {
     std::fprintf(stderr, "cudaMalloc failed\n");
     std::exit(1);
   }
-  cudaMemcpy(d, h.data(), h.size() * 2, cudaMemcpyHostToDevice);
+  // Start each buffer at a random place in the block, so that buffers differ.
+  for (size_t done = 0, at = rng() % kBlock; done < n;) {
+    const size_t take = std::min(n - done, kBlock - at);
+    cudaMemcpy(static_cast<uint16_t*>(d) + done, b.data() + at, take * 2, cudaMemcpyHostToDevice);
+    done += take;
+    at = 0;
+  }
   return d;
 }
 
@@ -51,11 +74,23 @@ double bytes_of(const k::QMat& m, int64_t active) {
   return double(active) * double(m.rows) * double(m.cols) * (4.0 / 8.0 + 4.0 / 64.0);
 }
 
-void time_it(cudaStream_t s, int reps, const char* name, double bytes, const std::function<void()>& launch) {
+// Copies of m (same shape, fresh weights) so that `copies` of them exceed
+// the L2 `l2_fill` times over; m itself is copy 0.
+std::vector<k::QMat> dram_copies(const k::QMat& m, int64_t experts, size_t l2_bytes, bool dram, std::mt19937& rng) {
+  std::vector<k::QMat> out{m};
+  if (!dram) return out;
+  const int64_t E = experts > 0 ? experts : 1;
+  const double bytes = double(E) * double(m.rows) * double(m.cols) * (4.0 / 8.0 + 4.0 / 64.0);
+  const int copies = int(std::min(256.0, std::ceil(4.0 * double(l2_bytes) / bytes)));
+  for (int i = 1; i < copies; ++i) out.push_back(qmat(experts, m.rows, m.cols, rng));
+  return out;
+}
+
+void time_it(cudaStream_t s, int reps, const char* name, double bytes, const std::function<void(int)>& launch) {
   cudaGraph_t g;
   cudaGraphExec_t ge;
   cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed);
-  for (int i = 0; i < reps; ++i) launch();
+  for (int i = 0; i < reps; ++i) launch(i);
   cudaStreamEndCapture(s, &g);
   cudaGraphInstantiate(&ge, g, 0);
   cudaGraphLaunch(ge, s);  // warm-up
@@ -80,6 +115,7 @@ void time_it(cudaStream_t s, int reps, const char* name, double bytes, const std
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 200;
   const int tp = argc > 2 ? std::atoi(argv[2]) : 1;
+  const bool dram = argc > 3 && std::atoi(argv[3]) != 0;
   if (tp < 1 || 32 % tp != 0 || 4 % tp != 0 || 768 % (64 * tp) != 0) {
     std::fprintf(stderr, "cuda_kernels_bench: TP must divide the heads (32/4) and 768/64 expert groups\n");
     return 1;
@@ -118,39 +154,57 @@ int main(int argc, char** argv) {
   for (int j = 0; j < kk; ++j) hex.push_back(int32_t(j * 13 % E));
   cudaMemcpy(ex, hex.data(), kk * 4, cudaMemcpyHostToDevice);
   cudaMemcpy(sc, nw, kk * 2, cudaMemcpyDeviceToDevice);
+  // DRAM mode: 16 disjoint sets of kk experts, set i % 16 for launch i.
+  constexpr int kSets = 16;
+  int32_t* ex_sets = nullptr;
+  cudaMalloc(&ex_sets, kSets * kk * 4);
+  {
+    std::vector<int32_t> all(E);
+    for (int64_t e = 0; e < E; ++e) all[e] = int32_t(e);
+    std::shuffle(all.begin(), all.end(), rng);
+    all.resize(kSets * kk);
+    cudaMemcpy(ex_sets, all.data(), all.size() * 4, cudaMemcpyHostToDevice);
+  }
+  auto ex_of = [&](int i) { return dram ? ex_sets + (i % kSets) * kk : ex; };
 
   cudaDeviceProp p{};
   cudaGetDeviceProperties(&p, 0);
-  std::printf("%s, %d launches per kernel in one graph, shapes of tensor-parallel rank 1/%d\n", p.name, reps, tp);
-  const k::QMat qkv[3] = {q, kp, vp};
+  const size_t l2 = size_t(p.l2CacheSize);
+  const auto qs = dram_copies(q, 0, l2, dram, rng), ks = dram_copies(kp, 0, l2, dram, rng),
+             vs = dram_copies(vp, 0, l2, dram, rng), os = dram_copies(o, 0, l2, dram, rng),
+             rs = dram_copies(router, 0, l2, dram, rng);
+  std::printf("%s, %d launches per kernel in one graph, shapes of tensor-parallel rank 1/%d, weights from %s\n",
+              p.name, reps, tp, dram ? "DRAM (a fresh copy or expert set each launch)" : "the same buffers (L2)");
   uint16_t* const ys[3] = {yq, yk, yv};
   // Both mat-vec paths: the kernels read ZMLX_CUDA_MMA when launched (captured).
-  auto both = [&](const char* name, double bytes, const std::function<void()>& fn) {
+  auto both = [&](const char* name, double bytes, const std::function<void(int)>& fn) {
     for (bool mma : {true, false}) {
       setenv("ZMLX_CUDA_MMA", mma ? "1" : "0", 1);
       time_it(s, reps, (std::string(name) + (mma ? " [mma]" : " [scalar]")).c_str(), bytes, fn);
     }
     unsetenv("ZMLX_CUDA_MMA");
   };
-  time_it(s, reps, "add_rms_norm [2048]", 0, [&] { k::add_rms_norm(h, x, 1, D, nw, 1e-6f, x, s); });
-  both("linear_multi q/k/v", bytes_of(q, 1) + 2 * bytes_of(kp, 1),
-          [&] { k::linear_multi(x, 1, qkv, ys, 3, s); });
-  time_it(s, reps, "qk_norm_rope_kv", 0, [&] {
+  time_it(s, reps, "add_rms_norm [2048]", 0, [&](int) { k::add_rms_norm(h, x, 1, D, nw, 1e-6f, x, s); });
+  both("linear_multi q/k/v", bytes_of(q, 1) + 2 * bytes_of(kp, 1), [&](int i) {
+    const k::QMat qkv[3] = {qs[i % qs.size()], ks[i % ks.size()], vs[i % vs.size()]};
+    k::linear_multi(x, 1, qkv, ys, 3, s);
+  });
+  time_it(s, reps, "qk_norm_rope_kv", 0, [&](int) {
     k::qk_norm_rope_kv(yq, yk, yv, 1, H, Hkv, hd, nw, nw, 1e-6f, freq, false, S, nullptr, yq, kc, vc, cap, s);
   });
   time_it(s, reps, "attention S=512 (split 16)", double(2 * Hkv * S * hd * 2),
-          [&] { k::attention(yq, 1, H, Hkv, hd, kc, vc, cap, S - 1, nullptr, 0.088f, 16, scratch, att, s); });
-  both("linear o_proj", bytes_of(o, 1), [&] { k::linear(att, 1, o, x, s); });
-  both("linear router", bytes_of(router, 1), [&] { k::linear(x, 1, router, logits, s); });
-  time_it(s, reps, "route_softmax", 0, [&] { k::route_softmax(logits, 1, E, kk, true, ex, sc, s); });
+          [&](int) { k::attention(yq, 1, H, Hkv, hd, kc, vc, cap, S - 1, nullptr, 0.088f, 16, scratch, att, s); });
+  both("linear o_proj", bytes_of(o, 1), [&](int i) { k::linear(att, 1, os[i % os.size()], x, s); });
+  both("linear router", bytes_of(router, 1), [&](int i) { k::linear(x, 1, rs[i % rs.size()], logits, s); });
+  time_it(s, reps, "route_softmax", 0, [&](int) { k::route_softmax(logits, 1, E, kk, true, ex, sc, s); });
   cudaMemcpy(ex, hex.data(), kk * 4, cudaMemcpyHostToDevice);
   both("gather_qmm_swiglu", bytes_of(gate, kk) + bytes_of(up, kk),
-          [&] { k::gather_swiglu(x, ex, 1, kk, gate, up, hmid, s); });
+          [&](int i) { k::gather_swiglu(x, ex_of(i), 1, kk, gate, up, hmid, s); });
   both("gather_qmm_combine", bytes_of(down, kk),
-          [&] { k::gather_combine(hmid, ex, sc, false, k::kBf16Products, 1, kk, down, h, s); });
+          [&](int i) { k::gather_combine(hmid, ex_of(i), sc, false, k::kBf16Products, 1, kk, down, h, s); });
   both("gather_qmm (down, unfused)", bytes_of(down, kk),
-          [&] { k::gather_linear(hmid, true, ex, 1, kk, down, big, s); });
-  both("lm_head 151936", bytes_of(head, 1), [&] { k::linear(x, 1, head, big, s); });
+          [&](int i) { k::gather_linear(hmid, true, ex_of(i), 1, kk, down, big, s); });
+  both("lm_head 151936", bytes_of(head, 1), [&](int) { k::linear(x, 1, head, big, s); });
   // Where the tensor-core path starts to pay for plain linears (use_mma_linear).
   std::printf("plain linear sweep (rows x K):\n");
   for (int64_t K : {1024, 2048, 4096}) {
@@ -158,7 +212,8 @@ int main(int argc, char** argv) {
     for (int64_t rows : {512, 1024, 2048, 4096, 8192, 16384}) {
       const k::QMat m = qmat(0, rows, K, rng);
       const std::string name = "linear " + std::to_string(rows) + " x " + std::to_string(K);
-      both(name.c_str(), bytes_of(m, 1), [&] { k::linear(xin, 1, m, big, s); });
+      const auto ms = dram_copies(m, 0, l2, dram, rng);
+      both(name.c_str(), bytes_of(m, 1), [&](int i) { k::linear(xin, 1, ms[i % ms.size()], big, s); });
     }
   }
   return 0;

@@ -742,6 +742,91 @@ TEST(CudaOps, MmaMatVecMatchesScalarAndCpu) {
   }
 }
 
+// The scalar decode mat-vecs with x staged once a block in shared memory
+// (the default) against the same kernels reading x from global memory
+// (ZMLX_CUDA_STAGE_X=0): bit for bit, outputs poisoned first, and against
+// the CPU. Awkward sizes: an odd number of 32-chunks (partial lanes), rows
+// that leave warps of the last block idle (they still meet the block's
+// barrier), the longest rows each preload form holds (4096, 8192), every
+// weight format the decode kernels take; linear_multi with matrices of
+// different sizes in one launch, linear_swiglu, linear_and_swiglu.
+// Poisoned outputs: an element the staged form forgets to write fails.
+TEST(CudaOps, ScalarDecodeStagedInputIsBitIdentical) {
+  REQUIRE_GPU();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(53);
+  auto both = [](auto&& f) {  // f() with x staged, then with the switch off
+    setenv("ZMLX_CUDA_MMA", "0", 1);
+    f();
+    setenv("ZMLX_CUDA_STAGE_X", "0", 1);
+    f();
+    unsetenv("ZMLX_CUDA_STAGE_X");
+    unsetenv("ZMLX_CUDA_MMA");
+    cudaDeviceSynchronize();
+  };
+  struct S {
+    int64_t K, N;
+    int bits, group;
+  };
+  // Launches of fewer than 16 blocks (128 rows) never stage x (the 13-row case checks that path too).
+  EXPECT_TRUE(k::stage_x(16));
+  EXPECT_FALSE(k::stage_x(15));
+  for (S sz : {S{96, 13, 4, 32}, S{96, 130, 4, 32}, S{2048, 300, 4, 64}, S{2080, 133, 8, 32}, S{4096, 261, 4, 128},
+               S{5120, 170, 4, 64}, S{8192, 129, 8, 64}, S{1024, 145, 2, 64}, S{544, 190, 16, 64}}) {
+    auto make = [&](int64_t rows) {
+      return sz.bits == 16 ? test::random_dense_weight(rng, 0, rows, sz.K)
+                           : test::random_qweight(rng, 0, rows, sz.K, sz.bits, sz.group);
+    };
+    Weight w = make(sz.N), w2 = make(5);
+    Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.K)), {1, sz.K});
+    DevQ q, q2;
+    for (auto [src, dst] : {std::pair<const Weight*, DevQ*>{&w, &q}, {&w2, &q2}}) {
+      if (src->quantized) {
+        upload(*src, *dst);
+      } else {  // dense bf16: the words are the data, no scales
+        dst->m.rows = src->rows, dst->m.cols = src->cols, dst->m.bits = 16, dst->m.group = 32;
+        dst->m.w_stride = src->rows * src->cols / 2;
+        dst->m.w = static_cast<const uint32_t*>(dev_copy(src->w.data, src->w.nbytes(), dst->bufs));
+      }
+    }
+    const std::string at = "K " + std::to_string(sz.K) + " N " + std::to_string(sz.N) + " bits " + std::to_string(sz.bits);
+    DevBuf dx(x.data, x.nbytes());
+    DevBuf a(size_t(sz.N) * 2), b(size_t(sz.N) * 2), ma(size_t(sz.N) * 2), mb(size_t(sz.N) * 2), m2a(10), m2b(10);
+    bool first = true;
+    both([&] {
+      k::linear(dx.u16(), 1, q.m, (first ? a : b).u16(), nullptr);
+      const k::QMat ms[2] = {q.m, q2.m};
+      uint16_t* const ys[2] = {(first ? ma : mb).u16(), (first ? m2a : m2b).u16()};
+      k::linear_multi(dx.u16(), 1, ms, ys, 2, nullptr);
+      first = false;
+    });
+    const auto staged = a.floats();
+    ASSERT_TRUE(all_finite(staged)) << at << ": unwritten or non-finite output";
+    EXPECT_EQ(staged, b.floats()) << "linear, " << at;
+    EXPECT_EQ(ma.floats(), staged) << "linear_multi vs linear, " << at;
+    EXPECT_EQ(ma.floats(), mb.floats()) << "linear_multi, " << at;
+    EXPECT_EQ(m2a.floats(), m2b.floats()) << "linear_multi (second matrix), " << at;
+    EXPECT_LT(rel_l2(staged, host_floats(*c, c->linear(x, w))), 5e-3) << "vs CPU, " << at;
+    if (sz.K > 4096) continue;  // the SwiGLU forms preload rows of up to 4096 inputs
+    DevBuf sa(size_t(sz.N) * 2), sb(size_t(sz.N) * 2), ra(10), rb(10), ha(size_t(sz.N) * 2), hb(size_t(sz.N) * 2);
+    first = true;
+    both([&] {
+      k::linear_swiglu(dx.u16(), 1, q.m, q.m, (first ? sa : sb).u16(), nullptr);
+      if (k::linear_and_swiglu_fits(q2.m, q.m, q.m))
+        k::linear_and_swiglu(dx.u16(), q2.m, (first ? ra : rb).u16(), q.m, q.m, (first ? ha : hb).u16(), nullptr);
+      first = false;
+    });
+    ASSERT_TRUE(all_finite(sa.floats())) << "linear_swiglu, " << at;
+    EXPECT_EQ(sa.floats(), sb.floats()) << "linear_swiglu, " << at;
+    if (k::linear_and_swiglu_fits(q2.m, q.m, q.m)) {
+      ASSERT_TRUE(all_finite(ha.floats())) << "linear_and_swiglu, " << at;
+      EXPECT_EQ(ra.floats(), rb.floats()) << "linear_and_swiglu (linear), " << at;
+      EXPECT_EQ(ha.floats(), hb.floats()) << "linear_and_swiglu (swiglu), " << at;
+      EXPECT_EQ(ha.floats(), sa.floats()) << "linear_and_swiglu vs linear_swiglu, " << at;
+    }
+  }
+}
+
 TEST(CudaOps, MmaExpertKernelsMatchScalarAndCpuAndFusedIsBitIdentical) {
   REQUIRE_GPU();
   auto c = make_cpu_backend();

@@ -431,16 +431,84 @@ __device__ __forceinline__ float row_dot_preloaded(const QMat& m, const RowPrelo
   return warp_sum(acc);
 }
 
-// One row of m (row r, valid or not) into y[r]: preloaded when the row is
-// short enough. Every thread of the block calls it (pdl_begin inside).
+// x staged once a block in shared memory (kPreloadStagedX): after the
+// wait the block copies x there in 16-byte pieces (8 inputs), and every
+// warp reads its lanes' chunks from it instead of from global memory. A
+// lane's chunk c is 64 contiguous bytes, so read straight from global
+// memory each of the four 16-byte loads of a warp touches 16 lines (lanes
+// 64 bytes apart): 4x the L1 wavefronts of a contiguous load, and each of
+// the block's warps makes them. In shared memory the pieces of chunk c are
+// rotated by c/2 (slot 4c + (j + c/2) mod 4), so the eight lanes of each
+// phase of a 16-byte load fall on eight different 4-bank groups. The values
+// and their order are load_x's, so the bits are the same.
+__device__ __forceinline__ int staged_x_slot(int piece) {
+  const int c = piece >> 2, j = piece & 3;
+  return (c << 2) | ((j + (c >> 1)) & 3);
+}
+// One shared buffer a kernel for every caller of the same PRE (decode_row
+// and swiglu_decode_row in one launch share it): x of up to 32·32·PRE inputs.
+template <int PRE>
+__device__ __forceinline__ uint4* staged_x_buffer() {
+  __shared__ uint4 buf[32 * PRE * 4];
+  return buf;
+}
+// Whole block, after the programmatic-launch wait; K <= 32·32·PRE.
+template <int PRE>
+__device__ __forceinline__ const uint4* stage_x_block(const uint16_t* x, int64_t K) {
+  uint4* xs = staged_x_buffer<PRE>();
+  const uint4* src = reinterpret_cast<const uint4*>(x);
+  for (int p = threadIdx.x; p < int(K >> 3); p += blockDim.x) xs[staged_x_slot(p)] = __ldg(src + p);
+  __syncthreads();
+  return xs;
+}
+__device__ __forceinline__ XF load_x_staged(const uint4* xs, int c) {
+  XF out;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint4 q = xs[(c << 2) | ((i + (c >> 1)) & 3)];
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out.v[8 * i + 2 * j] = lo_bf(w[j]), out.v[8 * i + 2 * j + 1] = hi_bf(w[j]);
+  }
+  out.sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) out.sum += out.v[i];
+  return out;
+}
 template <int BITS, int PRE = kPreChunks>
+__device__ __forceinline__ float row_dot_preloaded_staged(const QMat& m, const RowPreload<BITS, PRE>& p,
+                                                          const uint4* xs) {
+  const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < PRE; ++i) {
+    const int c = lane + 32 * i;
+    if (c < chunks) acc = chunk_dot<BITS>(p.w[i], load_x_staged(xs, c), p.sc[i], p.bi[i], acc);
+  }
+  return warp_sum(acc);
+}
+
+// One row of m (row r, valid or not) into y[r]: preloaded when the row is
+// short enough, x then staged as above when SX. Every thread of the block
+// calls it (pdl_begin inside). SX is a template parameter, not a flag: one
+// kernel holding both forms took more registers (ptxas).
+template <int BITS, int PRE = kPreChunks, bool SX = false>
 __device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint16_t* x, uint16_t* y, bool pre) {
   static_assert(kDecodeRows == 1, "decode_row computes one row a warp");
-  if (pre && r < m.rows && row_preloadable<BITS, PRE>(m)) {
+  if (pre && row_preloadable<BITS, PRE>(m)) {  // the same for the whole block
+    const bool valid = r < m.rows;
     RowPreload<BITS, PRE> p;
-    row_preload<BITS, PRE>(m, r, p);
+    if (valid) row_preload<BITS, PRE>(m, r, p);
     pdl_begin();
-    const float acc = row_dot_preloaded<BITS, PRE>(m, p, x);
+    float acc;
+    if constexpr (SX) {
+      const uint4* xs = stage_x_block<PRE>(x, m.cols);
+      if (!valid) return;
+      acc = row_dot_preloaded_staged<BITS, PRE>(m, p, xs);
+    } else {
+      if (!valid) return;
+      acc = row_dot_preloaded<BITS, PRE>(m, p, x);
+    }
     if ((threadIdx.x & 31) == 0) y[r] = to_bf(acc);
     return;
   }
@@ -451,31 +519,39 @@ __device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint1
   if ((threadIdx.x & 31) == 0) y[r] = to_bf(acc[0]);
 }
 
-template <int BITS, int PRE = kPreChunks>
+template <int BITS, int PRE, bool SX>
 __global__ void __launch_bounds__(256) linear_decode_kernel(const uint16_t* x, QMat m, uint16_t* y, bool pre) {
-  decode_row<BITS, PRE>(m, decode_row0(), x, y, pre);
+  decode_row<BITS, PRE, SX>(m, decode_row0(), x, y, pre);
 }
 
-template <int BITS>
+template <int BITS, bool SX>
 __global__ void __launch_bounds__(256) linear_multi_decode_kernel(const uint16_t* x, MultiQ mq, bool pre) {
   int i = 0;
   while (i + 1 < mq.n && int64_t(blockIdx.x) >= mq.first_block[i + 1]) ++i;
   const int64_t r0 = ((int64_t(blockIdx.x) - mq.first_block[i]) * kRowsPerBlock + (threadIdx.x >> 5)) * kDecodeRows;
-  decode_row<BITS>(mq.m[i], r0, x, mq.y[i], pre);
+  decode_row<BITS, kPreChunks, SX>(mq.m[i], r0, x, mq.y[i], pre);
 }
 
 // Gate and up row r (valid or not) into y[r] = swiglu(bf16(g·x), bf16(u·x)),
 // preloaded as decode_row does. Every thread of the block calls it.
-template <int BITS>
+template <int BITS, bool SX>
 __device__ __forceinline__ void swiglu_decode_row(const QMat& g, const QMat& u, int64_t r, const uint16_t* x,
                                                   uint16_t* y, bool pre) {
   static_assert(kDecodeRows == 1, "swiglu_decode_row computes one row a warp");
   if (pre && row_preloadable<BITS>(g)) {
+    const bool valid = r < g.rows;
     RowPreload<BITS> pg, pu;
-    if (r < g.rows) row_preload<BITS>(g, r, pg), row_preload<BITS>(u, r, pu);
+    if (valid) row_preload<BITS>(g, r, pg), row_preload<BITS>(u, r, pu);
     pdl_begin();
-    if (r >= g.rows) return;
-    const float ag = row_dot_preloaded<BITS>(g, pg, x), au = row_dot_preloaded<BITS>(u, pu, x);
+    float ag, au;
+    if constexpr (SX) {
+      const uint4* xs = stage_x_block<kPreChunks>(x, g.cols);
+      if (!valid) return;
+      ag = row_dot_preloaded_staged<BITS>(g, pg, xs), au = row_dot_preloaded_staged<BITS>(u, pu, xs);
+    } else {
+      if (!valid) return;
+      ag = row_dot_preloaded<BITS>(g, pg, x), au = row_dot_preloaded<BITS>(u, pu, x);
+    }
     if ((threadIdx.x & 31) == 0) y[r] = swiglu_bf(to_bf(ag), to_bf(au));
     return;
   }
@@ -487,10 +563,10 @@ __device__ __forceinline__ void swiglu_decode_row(const QMat& g, const QMat& u, 
   if ((threadIdx.x & 31) == 0) y[r] = swiglu_bf(to_bf(a[0][0]), to_bf(a[1][0]));
 }
 
-template <int BITS>
+template <int BITS, bool SX>
 __global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_t* x, QMat g, QMat u, uint16_t* y,
                                                                    bool pre) {
-  swiglu_decode_row<BITS>(g, u, decode_row0(), x, y, pre);
+  swiglu_decode_row<BITS, SX>(g, u, decode_row0(), x, y, pre);
 }
 
 // A MoE block's router and its shared expert's gate+up, which read the same
@@ -498,11 +574,11 @@ __global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_
 // linear_decode_kernel does, the rest the gate+up rows as
 // linear_swiglu_decode_kernel does, so both outputs have those kernels' bits
 // and the router's successor (the top-k) waits on one kernel, not two.
-template <int WB, int SB>
+template <int WB, int SB, bool SX>
 __global__ void __launch_bounds__(256) linear_and_swiglu_decode_kernel(const uint16_t* x, QMat w, uint16_t* y, int wb,
                                                                        QMat g, QMat u, uint16_t* yh, bool pre) {
-  if (int(blockIdx.x) < wb) return decode_row<WB>(w, decode_row0(), x, y, pre);
-  swiglu_decode_row<SB>(g, u, decode_row0(int64_t(blockIdx.x) - wb), x, yh, pre);
+  if (int(blockIdx.x) < wb) return decode_row<WB, kPreChunks, SX>(w, decode_row0(), x, y, pre);
+  swiglu_decode_row<SB, SX>(g, u, decode_row0(int64_t(blockIdx.x) - wb), x, yh, pre);
 }
 
 // One (token, slot) pair per blockIdx.y.
@@ -1139,6 +1215,16 @@ bool preload_weights() {
   static const bool on = env_on("ZMLX_CUDA_PRELOAD");
   return on;
 }
+// The plain scalar decode mat-vecs (decode_row) of at least
+// kStageXMinBlocks blocks stage x once a block in shared memory
+// (stage_input; kernels.h's stage_x), unless ZMLX_CUDA_STAGE_X=0 (A/B runs
+// and the GPU test; read per launch; the same bits). Trace of a Qwen3 step
+// (H100, 2026-11-27): o_proj (256 blocks) 4.95 -> 3.99 us, q/k/v (640)
+// 3.95 -> 3.62, the router (16) 2.16 -> 2.01; but LFM2's router (4 blocks)
+// 1.93 -> 2.33: with a block or less an SM there is no L1 traffic to save,
+// and the barrier only adds latency.
+constexpr unsigned kStageXMinBlocks = 16;
+bool stage_input(unsigned blocks) { return blocks >= kStageXMinBlocks && env_on("ZMLX_CUDA_STAGE_X"); }
 
 // ZMLX_CUDA_LONG_PRELOAD=0: plain linears with rows of 4097-8192 inputs load
 // their weights after the wait, as before (A/B runs; the same bits).
@@ -1272,17 +1358,26 @@ void by_bits(int bits, A&&... a) {
 }
 
 template <int B>
+void launch_linear_multi_decode(dim3 grid, const uint16_t* x, const MultiQ& mq, cudaStream_t s) {
+  if (stage_input(grid.x)) launch(linear_multi_decode_kernel<B, true>, grid, dim3(256), s, x, mq, preload_weights());
+  else launch(linear_multi_decode_kernel<B, false>, grid, dim3(256), s, x, mq, preload_weights());
+}
+
+template <int B>
 struct LinearL {
   static void go(const uint16_t* x, int T, const QMat& m, uint16_t* y, cudaStream_t s) {
     if (T == 1 && use_mma_linear(m)) return mma_decode<1>(x, mma_job(&m, &y, 1), 1, s);
     const unsigned gx = unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     const dim3 decode_grid(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));
     const int64_t chunks = m.cols / 32;
-    if (T == 1 && chunks > 32 * kPreChunks && chunks <= 32 * kPreChunksLong && long_row_preload())
-      launch(linear_decode_kernel<B, kPreChunksLong>, decode_grid, dim3(256), s, x, m, y, preload_weights());
-    else if (T == 1)
-      launch(linear_decode_kernel<B>, decode_grid, dim3(256), s, x, m, y, preload_weights());
-    else
+    const bool pre = preload_weights(), sx = stage_input(decode_grid.x);
+    if (T == 1 && chunks > 32 * kPreChunks && chunks <= 32 * kPreChunksLong && long_row_preload()) {
+      if (sx) launch(linear_decode_kernel<B, kPreChunksLong, true>, decode_grid, dim3(256), s, x, m, y, pre);
+      else launch(linear_decode_kernel<B, kPreChunksLong, false>, decode_grid, dim3(256), s, x, m, y, pre);
+    } else if (T == 1) {
+      if (sx) launch(linear_decode_kernel<B, kPreChunks, true>, decode_grid, dim3(256), s, x, m, y, pre);
+      else launch(linear_decode_kernel<B, kPreChunks, false>, decode_grid, dim3(256), s, x, m, y, pre);
+    } else
       launch(linear_kernel<B, kTokTile>, dim3(dim3(gx, unsigned((T + kTokTile - 1) / kTokTile))), dim3(256), s, x, T, m, y);
   }
 };
@@ -1308,13 +1403,12 @@ struct LinearMultiL {
       }
       if (nb > 0) mma_decode<1>(x, mma_job(big, ybig, nb), 1, s);
       if (small.n > 0)
-        launch(linear_multi_decode_kernel<B>, dim3(unsigned(small.first_block[small.n])), dim3(256), s, x, small,
-               preload_weights());
+        launch_linear_multi_decode<B>(dim3(unsigned(small.first_block[small.n])), x, small, s);
       return;
     }
     const unsigned gx = unsigned(mq.first_block[mq.n]);
     if (T == 1)
-      launch(linear_multi_decode_kernel<B>, dim3(gx), dim3(256), s, x, mq, preload_weights());
+      launch_linear_multi_decode<B>(dim3(gx), x, mq, s);
     else
       launch(linear_multi_kernel<B, kTokTile>, dim3(gx, unsigned((T + kTokTile - 1) / kTokTile)), dim3(256), s, x, T, mq);
   }
@@ -1329,9 +1423,11 @@ struct LinearSwigluL {
       return mma_decode<2>(x, j, 1, s);
     }
     const unsigned gx = unsigned((g.rows + kRowsPerBlock - 1) / kRowsPerBlock);
-    if (T == 1)
-      launch(linear_swiglu_decode_kernel<B>, dim3(unsigned((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock)),
-             dim3(256), s, x, g, u, y, preload_weights());
+    const dim3 decode_grid(unsigned((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));
+    if (T == 1 && stage_input(decode_grid.x))
+      launch(linear_swiglu_decode_kernel<B, true>, decode_grid, dim3(256), s, x, g, u, y, preload_weights());
+    else if (T == 1)
+      launch(linear_swiglu_decode_kernel<B, false>, decode_grid, dim3(256), s, x, g, u, y, preload_weights());
     else
       launch(linear_swiglu_kernel<B, kTokTile>, dim3(dim3(gx, unsigned((T + kTokTile - 1) / kTokTile))), dim3(256), s, x, T, g, u, y);
   }
@@ -2425,8 +2521,12 @@ void launch_linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, con
                               uint16_t* yh, cudaStream_t s) {
   const int wb = int((w.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
   const int gb = int((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
-  launch(linear_and_swiglu_decode_kernel<WB, 4>, dim3(unsigned(wb + gb)), dim3(256), s, x, w, y, wb, g, u, yh,
-         preload_weights());
+  if (stage_input(unsigned(wb + gb)))
+    launch(linear_and_swiglu_decode_kernel<WB, 4, true>, dim3(unsigned(wb + gb)), dim3(256), s, x, w, y, wb, g, u, yh,
+           preload_weights());
+  else
+    launch(linear_and_swiglu_decode_kernel<WB, 4, false>, dim3(unsigned(wb + gb)), dim3(256), s, x, w, y, wb, g, u, yh,
+           preload_weights());
 }
 }  // namespace
 
@@ -2568,6 +2668,7 @@ void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t*
                          AttnPrep{k, v, qn, kn, eps, inv_freq, traditional, kc, vc}, s);
 }
 
+bool stage_x(unsigned blocks) { return stage_input(blocks); }
 bool merge_in_registers(int splits) { return splits <= kRegMergeSplits && !env_is("ZMLX_CUDA_MERGE_REGS", "0"); }
 
 bool combine_two_steps(const QMat& down, int k, bool routing_ready) {

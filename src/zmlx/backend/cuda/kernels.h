@@ -44,6 +44,10 @@ void embed(const QMat& table, const int32_t* ids, int T, uint16_t* out, cudaStre
 
 // y[T, N] = bf16(x[T, K] · Wᵀ)
 void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s);
+// Whether a scalar decode mat-vec launch of `blocks` blocks stages its input
+// once a block in shared memory (kernels.cu, stage_x_block); the bits are the
+// same either way.
+bool stage_x(unsigned blocks);
 // ys[i][T, N_i] = bf16(x · W_iᵀ) for up to 4 matrices of one format, one launch.
 void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys, int n, cudaStream_t s);
 // y[T, N] = swiglu(bf16(x·Gᵀ), bf16(x·Uᵀ))
