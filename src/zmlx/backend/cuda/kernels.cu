@@ -2260,9 +2260,14 @@ __global__ void __launch_bounds__(256) multi_linear_t_kernel(const uint16_t* x, 
 // multi_linear_t_kernel (chunk = its lane in the row's group) and the sum is
 // the same butterfly without its first steps, which there only add the idle
 // lanes' zeros: the same values.
+// trigger_first (one token): the successor launches before this kernel's
+// wait, so GLM's o_proj, behind the absorbed value heads, is resident and
+// loading its weights while the attention merge runs (it had been launched
+// too late to preload: 0.3 us before its wait released).
 template <int BITS, int LPR>
 __global__ void __launch_bounds__(256) multi_linear_t_short_kernel(const uint16_t* x, int64_t ldx, int64_t xoff,
-                                                                   int H, QMat m, uint16_t* out, bool pre) {
+                                                                   int H, QMat m, uint16_t* out, bool pre,
+                                                                   bool trigger_first) {
   constexpr int RPW = 32 / LPR;
   const int lane = threadIdx.x & 31, sl = lane % LPR;
   const int64_t r = (int64_t(blockIdx.y) * kRowsPerBlock + (threadIdx.x >> 5)) * RPW + lane / LPR;
@@ -2270,7 +2275,7 @@ __global__ void __launch_bounds__(256) multi_linear_t_short_kernel(const uint16_
   const bool has = r < m.rows && sl < int(m.cols / 32);
   RowPreload<BITS> p;
   if (pre && has) row_preload<BITS>(m, r, p, h, sl);
-  pdl_begin();
+  pdl_begin(trigger_first);
   if (!pre && has) row_preload<BITS>(m, r, p, h, sl);
   float acc = has ? chunk_dot<BITS>(p.w[0], load_x(x + t * ldx + h * xoff + int64_t(sl) * 32), p.sc[0], p.bi[0], 0.f)
                   : 0.f;
@@ -2286,8 +2291,10 @@ struct MultiLinearTL {
     const int64_t chunks = m.cols / 32;
     auto short_rows = [&](auto kernel, int lpr) {
       const int64_t per_block = kRowsPerBlock * (32 / lpr);
+      // ZMLX_CUDA_EARLY_SHORT_T=0: the successor launches after the wait (A/B runs; the same bits).
+      const bool early = T == 1 && early_trigger() && env_on("ZMLX_CUDA_EARLY_SHORT_T");
       launch(kernel, dim3(unsigned(T * H), unsigned((m.rows + per_block - 1) / per_block)), dim3(256), s, x, ldx,
-             xoff, H, m, out, preload_weights());
+             xoff, H, m, out, preload_weights(), early);
     };
     if (multi_linear_short_rows(B, m.cols)) {
       if (chunks <= 8) return short_rows(multi_linear_t_short_kernel<B, 8>, 8);
