@@ -63,7 +63,10 @@ pass "logits: prefill and step-by-step decode bit-identical"
 grep -q "FIDELITY: 24/24 tokens identical  \[PASS\]" "$WORK/val.txt" || fail "validate report: $(cat "$WORK/val.txt")"
 grep -q "(bit-identical)" "$WORK/val.txt" || fail "validate logits not bit-identical"
 grep -q "Patched 4 modules in .*{'moe_mlp': 4}" "$WORK/val.txt" || fail "patch log line shape"
-pass "validate: 24/24 tokens, logits bit-identical, seed log lines"
+# One untimed fidelity pass per config, then the timed runs (which copy no logits).
+[[ $(grep -c "fidelity pass: 24 tokens" "$WORK/val.txt") == 2 && $(grep -c " run [12]/2 \.\.\." "$WORK/val.txt") == 4 ]] ||
+  fail "validate runs: $(cat "$WORK/val.txt")"
+pass "validate: 24/24 tokens, logits bit-identical, seed log lines, fidelity pass untimed"
 "$ZMLX" validate "$WORK/m" --max-tokens 8 --runs 1 --json 2>/dev/null > "$WORK/val.json"
 $PY -c "import json; j=json.load(open('$WORK/val.json')); assert j['fidelity_pass'] and j['max_abs_logit_diff']==0 and j['patched_modules']==4, j" || fail "validate --json"
 pass "validate --json"
