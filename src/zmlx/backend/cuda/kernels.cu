@@ -57,20 +57,24 @@ struct XF {
 };
 // NC: x in global memory, read through the non-coherent path; otherwise a
 // plain load (x staged in shared memory).
+// Inputs 8i..8i+7 of a chunk from its 16-byte piece i; then the sum.
+__device__ __forceinline__ void xf_piece(XF& c, int i, const uint4& q) {
+  const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) c.v[8 * i + 2 * j] = lo_bf(w[j]), c.v[8 * i + 2 * j + 1] = hi_bf(w[j]);
+}
+__device__ __forceinline__ void xf_sum(XF& c) {
+  c.sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) c.sum += c.v[i];
+}
 template <bool NC = true>
 __device__ __forceinline__ XF load_x(const uint16_t* x) {
   XF c;
   const uint4* p = reinterpret_cast<const uint4*>(x);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint4 q = NC ? __ldg(p + i) : p[i];
-    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) c.v[8 * i + 2 * j] = lo_bf(w[j]), c.v[8 * i + 2 * j + 1] = hi_bf(w[j]);
-  }
-  c.sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) c.sum += c.v[i];
+  for (int i = 0; i < 4; ++i) xf_piece(c, i, NC ? __ldg(p + i) : p[i]);
+  xf_sum(c);
   return c;
 }
 
@@ -464,15 +468,8 @@ __device__ __forceinline__ const uint4* stage_x_block(const uint16_t* x, int64_t
 __device__ __forceinline__ XF load_x_staged(const uint4* xs, int c) {
   XF out;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint4 q = xs[(c << 2) | ((i + (c >> 1)) & 3)];
-    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) out.v[8 * i + 2 * j] = lo_bf(w[j]), out.v[8 * i + 2 * j + 1] = hi_bf(w[j]);
-  }
-  out.sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) out.sum += out.v[i];
+  for (int i = 0; i < 4; ++i) xf_piece(out, i, xs[(c << 2) | ((i + (c >> 1)) & 3)]);
+  xf_sum(out);
   return out;
 }
 template <int BITS, int PRE = kPreChunks>
