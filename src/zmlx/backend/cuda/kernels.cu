@@ -55,8 +55,6 @@ struct XF {
   float v[32];
   float sum;
 };
-// NC: x in global memory, read through the non-coherent path; otherwise a
-// plain load (x staged in shared memory).
 // Inputs 8i..8i+7 of a chunk from its 16-byte piece i; then the sum.
 __device__ __forceinline__ void xf_piece(XF& c, int i, const uint4& q) {
   const uint32_t w[4] = {q.x, q.y, q.z, q.w};
@@ -68,6 +66,8 @@ __device__ __forceinline__ void xf_sum(XF& c) {
 #pragma unroll
   for (int i = 0; i < 32; ++i) c.sum += c.v[i];
 }
+// NC: x in global memory, read through the non-coherent path; otherwise a
+// plain load (x staged in shared memory).
 template <bool NC = true>
 __device__ __forceinline__ XF load_x(const uint16_t* x) {
   XF c;
@@ -435,7 +435,7 @@ __device__ __forceinline__ float row_dot_preloaded(const QMat& m, const RowPrelo
   return warp_sum(acc);
 }
 
-// x staged once a block in shared memory (kPreloadStagedX): after the
+// x staged once a block in shared memory (decode_row's SX): after the
 // wait the block copies x there in 16-byte pieces (8 inputs), and every
 // warp reads its lanes' chunks from it instead of from global memory. A
 // lane's chunk c is 64 contiguous bytes, so read straight from global
@@ -465,6 +465,7 @@ __device__ __forceinline__ const uint4* stage_x_block(const uint16_t* x, int64_t
   __syncthreads();
   return xs;
 }
+// Chunk c of a staged x: pieces staged_x_slot(4c + i), i = 0..3, as load_x reads them.
 __device__ __forceinline__ XF load_x_staged(const uint4* xs, int c) {
   XF out;
 #pragma unroll
