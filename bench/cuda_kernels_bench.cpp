@@ -8,9 +8,12 @@
 // With TP > 1, the shapes of one tensor-parallel rank of TP: 1/TP of the
 // heads and of every expert's intermediate dimension (router and lm_head whole).
 // With DRAM = 1 the mat-vecs read their weights from memory, as a decode
-// step does, not from L2: launch i reads copy i of the weights (enough
-// copies that they fill 4× the L2) and the expert kernels pick a different
-// eight experts each launch (16 disjoint sets of 128).
+// step does, not from L2: launch i reads copy i of the weights (up to 256
+// copies, enough to fill 4× the L2 where a matrix is big enough) and the
+// expert kernels pick a different eight experts each launch (16 disjoint
+// sets of 128). A matrix whose copies used (one a launch, `reps` at most)
+// still fit twice in the L2 — the router, the smallest sweep entries — is
+// marked "[L2-sized]": its figure is not a DRAM one.
 //   build/cuda_kernels_bench [reps] [TP] [DRAM]
 #include <cuda_runtime.h>
 
@@ -177,10 +180,13 @@ int main(int argc, char** argv) {
               p.name, reps, tp, dram ? "DRAM (a fresh copy or expert set each launch)" : "the same buffers (L2)");
   uint16_t* const ys[3] = {yq, yk, yv};
   // Both mat-vec paths: the kernels read ZMLX_CUDA_MMA when launched (captured).
-  auto both = [&](const char* name, double bytes, const std::function<void(int)>& fn) {
+  // copies: how many weight copies the launches cycle through (DRAM mode).
+  auto both = [&](const char* name, double bytes, const std::function<void(int)>& fn, size_t copies = 0) {
+    const bool l2_sized = dram && copies > 0 && double(std::min<size_t>(copies, size_t(reps))) * bytes < 2.0 * double(l2);
     for (bool mma : {true, false}) {
       setenv("ZMLX_CUDA_MMA", mma ? "1" : "0", 1);
-      time_it(s, reps, (std::string(name) + (mma ? " [mma]" : " [scalar]")).c_str(), bytes, fn);
+      time_it(s, reps, (std::string(name) + (mma ? " [mma]" : " [scalar]") + (l2_sized ? " [L2-sized]" : "")).c_str(),
+              bytes, fn);
     }
     unsetenv("ZMLX_CUDA_MMA");
   };
@@ -188,14 +194,14 @@ int main(int argc, char** argv) {
   both("linear_multi q/k/v", bytes_of(q, 1) + 2 * bytes_of(kp, 1), [&](int i) {
     const k::QMat qkv[3] = {qs[i % qs.size()], ks[i % ks.size()], vs[i % vs.size()]};
     k::linear_multi(x, 1, qkv, ys, 3, s);
-  });
+  }, std::min({qs.size(), ks.size(), vs.size()}));
   time_it(s, reps, "qk_norm_rope_kv", 0, [&](int) {
     k::qk_norm_rope_kv(yq, yk, yv, 1, H, Hkv, hd, nw, nw, 1e-6f, freq, false, S, nullptr, yq, kc, vc, cap, s);
   });
   time_it(s, reps, "attention S=512 (split 16)", double(2 * Hkv * S * hd * 2),
           [&](int) { k::attention(yq, 1, H, Hkv, hd, kc, vc, cap, S - 1, nullptr, 0.088f, 16, scratch, att, s); });
-  both("linear o_proj", bytes_of(o, 1), [&](int i) { k::linear(att, 1, os[i % os.size()], x, s); });
-  both("linear router", bytes_of(router, 1), [&](int i) { k::linear(x, 1, rs[i % rs.size()], logits, s); });
+  both("linear o_proj", bytes_of(o, 1), [&](int i) { k::linear(att, 1, os[i % os.size()], x, s); }, os.size());
+  both("linear router", bytes_of(router, 1), [&](int i) { k::linear(x, 1, rs[i % rs.size()], logits, s); }, rs.size());
   time_it(s, reps, "route_softmax", 0, [&](int) { k::route_softmax(logits, 1, E, kk, true, ex, sc, s); });
   cudaMemcpy(ex, hex.data(), kk * 4, cudaMemcpyHostToDevice);
   both("gather_qmm_swiglu", bytes_of(gate, kk) + bytes_of(up, kk),
@@ -213,7 +219,7 @@ int main(int argc, char** argv) {
       const k::QMat m = qmat(0, rows, K, rng);
       const std::string name = "linear " + std::to_string(rows) + " x " + std::to_string(K);
       const auto ms = dram_copies(m, 0, l2, dram, rng);
-      both(name.c_str(), bytes_of(m, 1), [&](int i) { k::linear(xin, 1, ms[i % ms.size()], big, s); });
+      both(name.c_str(), bytes_of(m, 1), [&](int i) { k::linear(xin, 1, ms[i % ms.size()], big, s); }, ms.size());
     }
   }
   return 0;

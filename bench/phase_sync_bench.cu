@@ -9,8 +9,9 @@
 // meet at a software grid barrier between phases, with the next phase's
 // first weights already loaded before the barrier.
 //
-// This program runs the same synthetic step both ways and reports µs per
-// phase boundary. The step models one decoder layer of Qwen3-30B-A3B, 48
+// This program runs the same synthetic step both ways and reports, per
+// phase, the µs above the floor (all rows in one phase): the launch or the
+// barrier, and each phase's ramp-up and tail. The step models one decoder layer of Qwen3-30B-A3B, 48
 // times: ten phases, of which seven stream 4-bit weight rows (1,024 bytes a
 // row, a dot product with the previous phase's output) and three are
 // one-block reductions (the norms, the attention merge, the top-k). Each
@@ -179,8 +180,10 @@ __global__ void __launch_bounds__(kThreads) chain_reduce(Phase p, int pdl) {
 
 // ----------------------------------------------------------- persistent
 
-// All blocks are resident (the grid is sized from the occupancy), so a
-// spin on a monotonic counter cannot deadlock. `target` is the counter's
+// All blocks are resident (the grid is sized from the occupancy, on a GPU
+// this process has to itself — under MPS or beside other work a plain
+// launch does not promise that, a cooperative launch would), so a spin on a
+// monotonic counter cannot deadlock. `target` is the counter's
 // value once every block has arrived at this barrier.
 // kRelaxed: poll with relaxed loads and fence once after, instead of an
 // acquire load every poll.
@@ -280,6 +283,10 @@ int main(int argc, char** argv) {
   // rows, each slot reading one of `experts` experts.
   int layer_rows[] = {0, 5120, 1024, 0, 4096, 0, 128, 0, 12288, 6144};
   int slot_rows[] = {0, 0, 0, 0, 0, 0, 0, 0, 1536, 768};
+  if (only_rows > 16384) {
+    std::fprintf(stderr, "phase_sync_bench: only_rows %d is over 16,384 (the activation buffers)\n", only_rows);
+    return 1;
+  }
   if (only_rows > 0)
     for (int i = 0; i < 10; ++i) layer_rows[i] = only_rows, slot_rows[i] = 0;
   size_t rows_total = 0, rows_stored = 0;
@@ -296,7 +303,10 @@ int main(int argc, char** argv) {
   CK(cudaGetLastError());
   // Two activation buffers, ping-ponged; the largest phase writes 12,288.
   float* act[2];
-  for (float*& a : act) CK(cudaMalloc(&a, 16384 * sizeof(float)));
+  for (float*& a : act) {  // zeroed: a phase of fewer than 2,048 rows leaves the rest as it was
+    CK(cudaMalloc(&a, 16384 * sizeof(float)));
+    CK(cudaMemset(a, 0, 16384 * sizeof(float)));
+  }
   std::vector<float> x0(16384);
   for (int i = 0; i < 16384; ++i) x0[i] = float((i * 37) % 17) / 17.0f - 0.5f;
 
@@ -417,7 +427,7 @@ int main(int argc, char** argv) {
                 double(wbytes) / (total / reps / 1e3) / 1e9);
     const double floor_us = 1e3 * total / reps;
     for (const Result& r : results)
-      std::printf("%-12s  %6.2f us a boundary above the floor (%d boundaries)\n", r.name,
+      std::printf("%-12s  %6.2f us a phase above the floor (%d phases; launch or barrier, ramp and tail)\n", r.name,
                   (r.us - floor_us) / nphases, nphases);
     CK(cudaFree(big));
   }
