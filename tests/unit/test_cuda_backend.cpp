@@ -602,11 +602,17 @@ void* dev_copy(const void* p, size_t n, std::vector<void*>& keep) {
   keep.push_back(d);
   return d;
 }
+// A quantized weight, or a dense bf16 one (bits 16: the words are the data, no scales).
 void upload(const Weight& w, DevQ& q) {
-  q.m.rows = w.rows, q.m.cols = w.cols, q.m.bits = w.q.bits, q.m.group = w.q.group_size;
+  q.m.rows = w.rows, q.m.cols = w.cols;
+  q.m.w = static_cast<const uint32_t*>(dev_copy(w.w.data, w.w.nbytes(), q.bufs));
+  if (!w.quantized) {
+    q.m.bits = 16, q.m.w_stride = w.rows * w.cols / 2;  // as the backend's qmat()
+    return;
+  }
+  q.m.bits = w.q.bits, q.m.group = w.q.group_size;
   q.m.w_stride = w.rows * w.cols * w.q.bits / 32;
   q.m.s_stride = w.rows * (w.cols / w.q.group_size);
-  q.m.w = static_cast<const uint32_t*>(dev_copy(w.w.data, w.w.nbytes(), q.bufs));
   q.m.scales = static_cast<const uint16_t*>(dev_copy(w.scales.data, w.scales.nbytes(), q.bufs));
   q.m.biases = static_cast<const uint16_t*>(dev_copy(w.biases.data, w.biases.nbytes(), q.bufs));
 }
@@ -780,15 +786,8 @@ TEST(CudaOps, ScalarDecodeStagedInputIsBitIdentical) {
     Weight w = make(sz.N), w2 = make(5);
     Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.K)), {1, sz.K});
     DevQ q, q2;
-    for (auto [src, dst] : {std::pair<const Weight*, DevQ*>{&w, &q}, {&w2, &q2}}) {
-      if (src->quantized) {
-        upload(*src, *dst);
-      } else {  // dense bf16: the words are the data, no scales
-        dst->m.rows = src->rows, dst->m.cols = src->cols, dst->m.bits = 16, dst->m.group = 32;
-        dst->m.w_stride = src->rows * src->cols / 2;
-        dst->m.w = static_cast<const uint32_t*>(dev_copy(src->w.data, src->w.nbytes(), dst->bufs));
-      }
-    }
+    upload(w, q);
+    upload(w2, q2);
     const std::string at = "K " + std::to_string(sz.K) + " N " + std::to_string(sz.N) + " bits " + std::to_string(sz.bits);
     DevBuf dx(x.data, x.nbytes());
     DevBuf a(size_t(sz.N) * 2), b(size_t(sz.N) * 2), ma(size_t(sz.N) * 2), mb(size_t(sz.N) * 2), m2a(10), m2b(10);
@@ -915,12 +914,7 @@ TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
     const Weight router = sz.router_bits == 16 ? test::random_dense_weight(rng, 0, sz.E, sz.D)
                                                : test::random_qweight(rng, 0, sz.E, sz.D, sz.router_bits, 32);
     DevQ qr;
-    if (sz.router_bits == 16) {
-      qr.m.rows = sz.E, qr.m.cols = sz.D, qr.m.bits = 16;
-      qr.m.w = static_cast<const uint32_t*>(dev_copy(router.w.data, router.w.nbytes(), qr.bufs));
-    } else {
-      upload(router, qr);
-    }
+    upload(router, qr);
     Weight sg = test::random_qweight(rng, 0, sz.I, sz.D, 4, sz.group), su = test::random_qweight(rng, 0, sz.I, sz.D, 4, sz.group),
            sd = test::random_qweight(rng, 0, sz.D, sz.I, 4, sz.group), down = test::random_qweight(rng, sz.E, sz.D, sz.I, 4, sz.group);
     DevQ qg, qu, qs, qd;

@@ -423,16 +423,23 @@ __device__ __forceinline__ void row_preload(const QMat& m, int64_t r, RowPreload
     }
   }
 }
-template <int BITS, int PRE = kPreChunks, bool NC = true>
-__device__ __forceinline__ float row_dot_preloaded(const QMat& m, const RowPreload<BITS, PRE>& p, const uint16_t* x) {
+// The row's value from this lane's preloaded chunks, chunk c's inputs from
+// x_chunk(c) (an XF); the same value in every lane.
+template <int BITS, int PRE, typename XChunk>
+__device__ __forceinline__ float row_dot_preloaded_from(const QMat& m, const RowPreload<BITS, PRE>& p,
+                                                        XChunk&& x_chunk) {
   const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
   float acc = 0.f;
 #pragma unroll
   for (int i = 0; i < PRE; ++i) {
     const int c = lane + 32 * i;
-    if (c < chunks) acc = chunk_dot<BITS>(p.w[i], load_x<NC>(x + int64_t(c) * 32), p.sc[i], p.bi[i], acc);
+    if (c < chunks) acc = chunk_dot<BITS>(p.w[i], x_chunk(c), p.sc[i], p.bi[i], acc);
   }
   return warp_sum(acc);
+}
+template <int BITS, int PRE = kPreChunks, bool NC = true>
+__device__ __forceinline__ float row_dot_preloaded(const QMat& m, const RowPreload<BITS, PRE>& p, const uint16_t* x) {
+  return row_dot_preloaded_from<BITS, PRE>(m, p, [&](int c) { return load_x<NC>(x + int64_t(c) * 32); });
 }
 
 // x staged once a block in shared memory (decode_row's SX): after the
@@ -476,14 +483,7 @@ __device__ __forceinline__ XF load_x_staged(const uint4* xs, int c) {
 template <int BITS, int PRE = kPreChunks>
 __device__ __forceinline__ float row_dot_preloaded_staged(const QMat& m, const RowPreload<BITS, PRE>& p,
                                                           const uint4* xs) {
-  const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
-  float acc = 0.f;
-#pragma unroll
-  for (int i = 0; i < PRE; ++i) {
-    const int c = lane + 32 * i;
-    if (c < chunks) acc = chunk_dot<BITS>(p.w[i], load_x_staged(xs, c), p.sc[i], p.bi[i], acc);
-  }
-  return warp_sum(acc);
+  return row_dot_preloaded_from<BITS, PRE>(m, p, [&](int c) { return load_x_staged(xs, c); });
 }
 
 // One row of m (row r, valid or not) into y[r]: preloaded when the row is
@@ -498,15 +498,9 @@ __device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint1
     RowPreload<BITS, PRE> p;
     if (valid) row_preload<BITS, PRE>(m, r, p);
     pdl_begin();
-    float acc;
-    if constexpr (SX) {
-      const uint4* xs = stage_x_block<PRE>(x, m.cols);
-      if (!valid) return;
-      acc = row_dot_preloaded_staged<BITS, PRE>(m, p, xs);
-    } else {
-      if (!valid) return;
-      acc = row_dot_preloaded<BITS, PRE>(m, p, x);
-    }
+    const uint4* xs = SX ? stage_x_block<PRE>(x, m.cols) : nullptr;  // whole block, before any warp leaves
+    if (!valid) return;
+    const float acc = SX ? row_dot_preloaded_staged<BITS, PRE>(m, p, xs) : row_dot_preloaded<BITS, PRE>(m, p, x);
     if ((threadIdx.x & 31) == 0) y[r] = to_bf(acc);
     return;
   }
@@ -541,15 +535,10 @@ __device__ __forceinline__ void swiglu_decode_row(const QMat& g, const QMat& u, 
     RowPreload<BITS> pg, pu;
     if (valid) row_preload<BITS>(g, r, pg), row_preload<BITS>(u, r, pu);
     pdl_begin();
-    float ag, au;
-    if constexpr (SX) {
-      const uint4* xs = stage_x_block<kPreChunks>(x, g.cols);
-      if (!valid) return;
-      ag = row_dot_preloaded_staged<BITS>(g, pg, xs), au = row_dot_preloaded_staged<BITS>(u, pu, xs);
-    } else {
-      if (!valid) return;
-      ag = row_dot_preloaded<BITS>(g, pg, x), au = row_dot_preloaded<BITS>(u, pu, x);
-    }
+    const uint4* xs = SX ? stage_x_block<kPreChunks>(x, g.cols) : nullptr;  // whole block, before any warp leaves
+    if (!valid) return;
+    const float ag = SX ? row_dot_preloaded_staged<BITS>(g, pg, xs) : row_dot_preloaded<BITS>(g, pg, x);
+    const float au = SX ? row_dot_preloaded_staged<BITS>(u, pu, xs) : row_dot_preloaded<BITS>(u, pu, x);
     if ((threadIdx.x & 31) == 0) y[r] = swiglu_bf(to_bf(ag), to_bf(au));
     return;
   }
@@ -1215,14 +1204,20 @@ bool preload_weights() {
 }
 // The plain scalar decode mat-vecs (decode_row) of at least
 // kStageXMinBlocks blocks stage x once a block in shared memory
-// (stage_input; kernels.h's stage_x), unless ZMLX_CUDA_STAGE_X=0 (A/B runs
+// (stage_x, kernels.h), unless ZMLX_CUDA_STAGE_X=0 (A/B runs
 // and the GPU test; read per launch; the same bits). Trace of a Qwen3 step
 // (H100, 2026-11-27): o_proj (256 blocks) 4.95 -> 3.99 us, q/k/v (640)
 // 3.95 -> 3.62, the router (16) 2.16 -> 2.01; but LFM2's router (4 blocks)
 // 1.93 -> 2.33: with a block or less an SM there is no L1 traffic to save,
 // and the barrier only adds latency.
 constexpr unsigned kStageXMinBlocks = 16;
-bool stage_input(unsigned blocks) { return blocks >= kStageXMinBlocks && env_on("ZMLX_CUDA_STAGE_X"); }
+// f(std::true_type{}) where a launch of `blocks` blocks stages x, else
+// f(std::false_type{}): f launches the kernel instantiated with that SX.
+template <typename F>
+void with_staged_x(unsigned blocks, F&& f) {
+  if (stage_x(blocks)) f(std::true_type{});
+  else f(std::false_type{});
+}
 
 // ZMLX_CUDA_LONG_PRELOAD=0: plain linears with rows of 4097-8192 inputs load
 // their weights after the wait, as before (A/B runs; the same bits).
@@ -1357,8 +1352,9 @@ void by_bits(int bits, A&&... a) {
 
 template <int B>
 void launch_linear_multi_decode(dim3 grid, const uint16_t* x, const MultiQ& mq, cudaStream_t s) {
-  if (stage_input(grid.x)) launch(linear_multi_decode_kernel<B, true>, grid, dim3(256), s, x, mq, preload_weights());
-  else launch(linear_multi_decode_kernel<B, false>, grid, dim3(256), s, x, mq, preload_weights());
+  with_staged_x(grid.x, [&](auto sx) {
+    launch(linear_multi_decode_kernel<B, decltype(sx)::value>, grid, dim3(256), s, x, mq, preload_weights());
+  });
 }
 
 template <int B>
@@ -1368,14 +1364,17 @@ struct LinearL {
     const unsigned gx = unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     const dim3 decode_grid(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));
     const int64_t chunks = m.cols / 32;
-    const bool pre = preload_weights(), sx = stage_input(decode_grid.x);
-    if (T == 1 && chunks > 32 * kPreChunks && chunks <= 32 * kPreChunksLong && long_row_preload()) {
-      if (sx) launch(linear_decode_kernel<B, kPreChunksLong, true>, decode_grid, dim3(256), s, x, m, y, pre);
-      else launch(linear_decode_kernel<B, kPreChunksLong, false>, decode_grid, dim3(256), s, x, m, y, pre);
-    } else if (T == 1) {
-      if (sx) launch(linear_decode_kernel<B, kPreChunks, true>, decode_grid, dim3(256), s, x, m, y, pre);
-      else launch(linear_decode_kernel<B, kPreChunks, false>, decode_grid, dim3(256), s, x, m, y, pre);
-    } else
+    if (T == 1 && chunks > 32 * kPreChunks && chunks <= 32 * kPreChunksLong && long_row_preload())
+      with_staged_x(decode_grid.x, [&](auto sx) {
+        launch(linear_decode_kernel<B, kPreChunksLong, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
+               preload_weights());
+      });
+    else if (T == 1)
+      with_staged_x(decode_grid.x, [&](auto sx) {
+        launch(linear_decode_kernel<B, kPreChunks, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
+               preload_weights());
+      });
+    else
       launch(linear_kernel<B, kTokTile>, dim3(dim3(gx, unsigned((T + kTokTile - 1) / kTokTile))), dim3(256), s, x, T, m, y);
   }
 };
@@ -1422,10 +1421,11 @@ struct LinearSwigluL {
     }
     const unsigned gx = unsigned((g.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     const dim3 decode_grid(unsigned((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));
-    if (T == 1 && stage_input(decode_grid.x))
-      launch(linear_swiglu_decode_kernel<B, true>, decode_grid, dim3(256), s, x, g, u, y, preload_weights());
-    else if (T == 1)
-      launch(linear_swiglu_decode_kernel<B, false>, decode_grid, dim3(256), s, x, g, u, y, preload_weights());
+    if (T == 1)
+      with_staged_x(decode_grid.x, [&](auto sx) {
+        launch(linear_swiglu_decode_kernel<B, decltype(sx)::value>, decode_grid, dim3(256), s, x, g, u, y,
+               preload_weights());
+      });
     else
       launch(linear_swiglu_kernel<B, kTokTile>, dim3(dim3(gx, unsigned((T + kTokTile - 1) / kTokTile))), dim3(256), s, x, T, g, u, y);
   }
@@ -2290,7 +2290,8 @@ struct MultiLinearTL {
     auto short_rows = [&](auto kernel, int lpr) {
       const int64_t per_block = kRowsPerBlock * (32 / lpr);
       // ZMLX_CUDA_EARLY_SHORT_T=0: the successor launches after the wait (A/B runs; the same bits).
-      const bool early = T == 1 && early_trigger() && env_on("ZMLX_CUDA_EARLY_SHORT_T");
+      static const bool early_short = env_on("ZMLX_CUDA_EARLY_SHORT_T");
+      const bool early = T == 1 && early_trigger() && early_short;
       launch(kernel, dim3(unsigned(T * H), unsigned((m.rows + per_block - 1) / per_block)), dim3(256), s, x, ldx,
              xoff, H, m, out, preload_weights(), early);
     };
@@ -2526,12 +2527,10 @@ void launch_linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, con
                               uint16_t* yh, cudaStream_t s) {
   const int wb = int((w.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
   const int gb = int((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
-  if (stage_input(unsigned(wb + gb)))
-    launch(linear_and_swiglu_decode_kernel<WB, 4, true>, dim3(unsigned(wb + gb)), dim3(256), s, x, w, y, wb, g, u, yh,
-           preload_weights());
-  else
-    launch(linear_and_swiglu_decode_kernel<WB, 4, false>, dim3(unsigned(wb + gb)), dim3(256), s, x, w, y, wb, g, u, yh,
-           preload_weights());
+  with_staged_x(unsigned(wb + gb), [&](auto sx) {
+    launch(linear_and_swiglu_decode_kernel<WB, 4, decltype(sx)::value>, dim3(unsigned(wb + gb)), dim3(256), s, x, w, y,
+           wb, g, u, yh, preload_weights());
+  });
 }
 }  // namespace
 
@@ -2673,7 +2672,7 @@ void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t*
                          AttnPrep{k, v, qn, kn, eps, inv_freq, traditional, kc, vc}, s);
 }
 
-bool stage_x(unsigned blocks) { return stage_input(blocks); }
+bool stage_x(unsigned blocks) { return blocks >= kStageXMinBlocks && env_on("ZMLX_CUDA_STAGE_X"); }
 bool merge_in_registers(int splits) { return splits <= kRegMergeSplits && !env_is("ZMLX_CUDA_MERGE_REGS", "0"); }
 
 bool combine_two_steps(const QMat& down, int k, bool routing_ready) {
