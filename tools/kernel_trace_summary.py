@@ -9,7 +9,14 @@ position in a layer, the mean of:
   dur     release(next kernel) - release(this kernel): what the kernel adds to
           the step (its work after its wait, plus the next one's release);
   waited  release(this kernel) - start(this kernel): how long its first block
-          sat at the programmatic-launch wait (how early it was launched).
+          sat at the programmatic-launch wait (how early it was launched);
+  late    of its blocks, how many started after that release (they could not
+          become resident earlier: the kernels before it held the SMs' registers,
+          shared memory or threads), so loaded nothing before the wait;
+  last    when its last block started, after the release;
+  end     when its last block ended, after the release (kernels with a
+          ZMLX_TRACE_BLOCK_END guard): dur - end is the boundary to the next
+          kernel (its blocks' exit, the memory flush, the next one's release).
 Then, for models whose layers differ (LFM2's conv and attention layers, a
 dense first layer), where one period cannot describe the step, the whole
 step by launch shape: how many kernels of each shape and their total dur
@@ -25,9 +32,11 @@ import sys
 def main(path):
     recs = []
     for line in open(path):
-        m = re.match(r"\[zmlx trace\] (\d+) (-?\d+) (-?\d+) (\d+) (\d+) (\d+)$", line.strip())
+        m = re.match(r"\[zmlx trace\] (\d+) (-?\d+) (-?\d+) (\d+) (\d+) (\d+)((?: -?\d+){3,4})?$", line.strip())
         if m:
-            recs.append(tuple(int(x) for x in m.groups()))
+            extra = tuple(int(x) for x in m.group(7).split()) if m.group(7) else ()
+            extra = extra + (0,) * (4 - len(extra))
+            recs.append(tuple(int(x) for x in m.groups()[:6]) + extra)
     if len(recs) < 4:
         sys.exit(f"{path}: fewer than 4 [zmlx trace] lines (a -DZMLX_KERNEL_TRACE=ON build, ZMLX_KERNEL_TRACE_STEP=N?)")
     n = len(recs)
@@ -44,16 +53,23 @@ def main(path):
     layers = (n - start) // period
     total = 0.0
     for j in range(period):
-        durs, waits = [], []
+        durs, waits, blocks, late, last, end = [], [], [], [], [], []
         for layer in range(layers - 1):
             i = start + layer * period + j
             durs.append(recs[i + 1][2] - recs[i][2])
             waits.append(recs[i][2] - recs[i][1])
+            blocks.append(recs[i][6])
+            late.append(recs[i][7])
+            last.append(recs[i][8])
+            end.append(recs[i][9])
         d = statistics.mean(durs)
         total += d
         g = shape[start + j]
         print(f"  pos {j:2d}  grid {g[0]:5d} x {g[1]:<3d} block {g[2]:4d}  dur {d / 1000:6.2f} us"
-              f"  waited {statistics.mean(waits) / 1000:6.2f} us")
+              f"  waited {statistics.mean(waits) / 1000:6.2f} us"
+              + (f"  late {statistics.mean(late):6.1f} of {statistics.mean(blocks):5.0f}"
+                 f"  last {statistics.mean(last) / 1000:6.2f} us" if any(blocks) else "")
+              + (f"  end {statistics.mean(end) / 1000:6.2f} us" if all(end) else ""))
     print(f"per layer {total / 1000:.2f} us (mean over {layers - 1} layers)")
     by_shape(recs, shape)
 

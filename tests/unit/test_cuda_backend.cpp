@@ -774,9 +774,13 @@ TEST(CudaOps, ScalarDecodeStagedInputIsBitIdentical) {
     int64_t K, N;
     int bits, group;
   };
-  // Launches of fewer than 16 blocks (128 rows) never stage x (the 13-row case checks that path too).
+  // Every launch stages x by default (one block too: the 13-row case); the
+  // A/B threshold switch moves that.
+  EXPECT_TRUE(k::stage_x(1));
+  setenv("ZMLX_CUDA_STAGE_X_MIN_BLOCKS", "16", 1);
   EXPECT_TRUE(k::stage_x(16));
   EXPECT_FALSE(k::stage_x(15));
+  unsetenv("ZMLX_CUDA_STAGE_X_MIN_BLOCKS");
   for (S sz : {S{96, 13, 4, 32}, S{96, 130, 4, 32}, S{2048, 300, 4, 64}, S{2080, 133, 8, 32}, S{4096, 261, 4, 128},
                S{5120, 170, 4, 64}, S{8192, 129, 8, 64}, S{1024, 145, 2, 64}, S{544, 190, 16, 64}}) {
     auto make = [&](int64_t rows) {
@@ -898,7 +902,9 @@ TEST(CudaOps, MmaExpertKernelsMatchScalarAndCpuAndFusedIsBitIdentical) {
 // the router + shared gate+up launch against linear and linear_swiglu, and
 // gather_combine_shared against gather_combine, linear and add, bit for bit
 // (outputs poisoned first), with the routing early and not. The shapes take
-// both combine blocks (16 warps: k·S > 8; 8 warps, two shared rows a warp),
+// both combine blocks (16 warps: k·S > 8, whose two-step form runs capped at
+// 88 registers and, with ZMLX_CUDA_COMBINE_REG_CAP=0, not; 8 warps, two
+// shared rows a warp),
 // groups of 32 and 64 (the general and the two-step form), and bf16, 8-bit
 // and 4-bit routers.
 TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
@@ -937,19 +943,23 @@ TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
     EXPECT_LT(rel_l2(hf.floats(), host_floats(*c, c->linear_swiglu(x, sg, su))), 5e-3) << what;
 
     for (k::Combine mode : {k::kBf16Products, k::kF32Products})
-      for (bool early : {false, true}) {
+      for (int form : {0, 1, 2}) {  // routing late; early; early with the 16-warp form's register cap off
+        const bool early = form > 0;
         DevBuf of(size_t(sz.D) * 2), ou(size_t(sz.D) * 2), ys(size_t(sz.D) * 2);
         const k::SharedDown shd{qs.m, hr.u16()};
         // The two-step form (groups of 64+, routing early) is one of those compared.
         EXPECT_EQ(k::combine_two_steps(qd.m, int(sz.k), early), early && sz.group >= 64) << what;
         ASSERT_TRUE(k::gather_combine_shared_fits(qd.m, qs.m)) << what;
+        if (form == 2) setenv("ZMLX_CUDA_COMBINE_REG_CAP", "0", 1);
         k::gather_combine_shared(dh.u16(), ex, dsc.p, false, mode, int(sz.k), qd.m, shd, of.u16(), nullptr, early);
+        unsetenv("ZMLX_CUDA_COMBINE_REG_CAP");
         k::gather_combine(dh.u16(), ex, dsc.p, false, mode, 1, int(sz.k), qd.m, ou.u16(), nullptr, early);
         k::linear(hr.u16(), 1, qs.m, ys.u16(), nullptr);
         k::add(ou.u16(), ys.u16(), sz.D, nullptr);
         const auto o = of.floats();
         ASSERT_TRUE(all_finite(o)) << what;
-        EXPECT_EQ(o, ou.floats()) << "combine + shared expert, " << what << (early ? ", early" : "");
+        EXPECT_EQ(o, ou.floats()) << "combine + shared expert, " << what << (early ? ", early" : "")
+                                  << (form == 2 ? ", uncapped" : "");
       }
   }
 }

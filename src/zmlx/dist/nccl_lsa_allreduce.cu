@@ -37,6 +37,7 @@ __device__ __forceinline__ uint4 rank_sum(ncclWindow_t win, size_t off, int rank
 // One block: count is a multiple of 8 (16-byte vectors), at most half / 2.
 __global__ void __launch_bounds__(kThreads) lsa_allreduce_kernel(ncclDevComm dc, ncclWindow_t win, size_t half,
                                                                  uint16_t* buf, int count) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();  // buf is the previous kernel's output
   ncclLsaBarrierSession<ncclCoopCta> bar(ncclCoopCta(), dc, ncclTeamTagLsa(), 0);
   const size_t off = (bar.epoch & 1u) ? half : 0;
@@ -54,6 +55,7 @@ __global__ void __launch_bounds__(kThreads) lsa_allreduce_kernel(ncclDevComm dc,
 // add_rms_norm runs for such rows, so the result has its bits.
 __global__ void lsa_allreduce_add_rms_norm_kernel(ncclDevComm dc, ncclWindow_t win, size_t half, uint16_t* x,
                                                   uint16_t* h, const uint16_t* w, float eps, uint16_t* out) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();  // x is the previous kernel's output
   ncclLsaBarrierSession<ncclCoopCta> bar(ncclCoopCta(), dc, ncclTeamTagLsa(), 0);
   const size_t off = (bar.epoch & 1u) ? half : 0;

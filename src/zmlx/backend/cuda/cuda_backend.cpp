@@ -18,6 +18,7 @@
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>
+#include <vector>
 
 #include "zmlx/backend/cuda/env_switch.h"
 #include "zmlx/backend/cuda/gemm.h"
@@ -291,7 +292,7 @@ struct KernelTrace {
     KernelTraceBuf* buf = nullptr;
     cuda_check(cudaMalloc(&buf, sizeof(KernelTraceBuf)), "cudaMalloc (kernel trace)");
     cuda_check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
-    cudaMemset(buf, 0, sizeof(unsigned long long));
+    cudaMemset(buf, 0, 2 * sizeof(unsigned long long));  // n, nb
     kern::kernel_trace_arm(buf);
     cuda_check(cudaGraphLaunch(exec, s), "cudaGraphLaunch");
     cuda_check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
@@ -300,12 +301,44 @@ struct KernelTrace {
     cudaMemcpy(host.get(), buf, sizeof(KernelTraceBuf), cudaMemcpyDeviceToHost);
     cudaFree(buf);
     const auto n = std::min(host->n, KernelTraceBuf::kMax);
+    const auto nb = std::min(host->nb, KernelTraceBuf::kMaxBlocks);
+    // Blocks write their records as they leave: kernel order is release order.
+    std::sort(host->rec, host->rec + n, [](const auto& a, const auto& b) { return a.go_ns < b.go_ns; });
     const auto t0 = n ? host->rec[0].go_ns : 0;
-    fmt::print(stderr, "[zmlx trace] step {}: {} kernels (i start_ns go_ns grid_x grid_y block)\n", step, n);
+    // Each block to its kernel: the same grid, the latest block-0 release at
+    // most 1 us after the block's own (blocks of one kernel release within
+    // a few hundred ns of each other; kernels of one shape are 5+ us apart).
+    struct BlockStats {
+      unsigned blocks = 0, late = 0, ended = 0;
+      int64_t last_start = INT64_MIN, last_end = INT64_MIN;
+    };
+    std::vector<BlockStats> bs(n);
+    for (unsigned long long b = 0; b < nb; ++b) {
+      const auto& r = host->blk[b];
+      long best = -1;
+      for (unsigned long long i = 0; i < n; ++i) {
+        const auto& k = host->rec[i];
+        if (k.grid_x == r.grid_x && k.grid_y == r.grid_y && k.go_ns <= r.go_ns + 1000 &&
+            (best < 0 || k.go_ns > host->rec[best].go_ns))
+          best = long(i);
+      }
+      if (best < 0) continue;
+      auto& st = bs[best];
+      const int64_t rel = int64_t(r.start_ns) - int64_t(host->rec[best].go_ns);
+      ++st.blocks;
+      st.late += rel > 0;
+      st.last_start = std::max(st.last_start, rel);
+      if (r.end_ns) ++st.ended, st.last_end = std::max(st.last_end, int64_t(r.end_ns) - int64_t(host->rec[best].go_ns));
+    }
+    fmt::print(stderr,
+               "[zmlx trace] step {}: {} kernels, {} blocks (i start_ns go_ns grid_x grid_y block blocks "
+               "late_blocks last_block_start_after_go_ns last_block_end_after_go_ns (0: not recorded))\n",
+               step, n, nb);
     for (unsigned long long i = 0; i < n; ++i) {
       const auto& r = host->rec[i];
-      fmt::print(stderr, "[zmlx trace] {} {} {} {} {} {}\n", i, int64_t(r.start_ns - t0), int64_t(r.go_ns - t0), r.grid_x,
-                 r.grid_y, r.block);
+      fmt::print(stderr, "[zmlx trace] {} {} {} {} {} {} {} {} {} {}\n", i, int64_t(r.start_ns - t0),
+                 int64_t(r.go_ns - t0), r.grid_x, r.grid_y, r.block, bs[i].blocks, bs[i].late,
+                 bs[i].blocks ? bs[i].last_start : 0, bs[i].ended ? bs[i].last_end : 0);
     }
 #else
     log_info("[zmlx] ZMLX_KERNEL_TRACE_STEP: this build records no kernel trace (cmake -DZMLX_KERNEL_TRACE=ON)");

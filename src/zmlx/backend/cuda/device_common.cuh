@@ -267,11 +267,47 @@ __device__ __forceinline__ void add_rms_norm_row8(uint4 hv, uint4 xv, uint4 wv, 
 // the buffer arm_kernel_trace gave this .cu file.
 #ifdef ZMLX_KERNEL_TRACE
 static __device__ KernelTraceBuf* g_kernel_trace;  // one per .cu file (no relocatable device code)
+// This block's start and release, kept by thread 0 in pdl_begin until the
+// block leaves (the first pdl_begin of a block counts).
+static __shared__ unsigned long long g_trace_start_ns, g_trace_go_ns;
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
+// Declared first in every kernel that calls pdl_begin (ZMLX_TRACE_BLOCK_END):
+// on every way out of the kernel, thread 0 writes its block's record
+// (start, release, end) and, for block (0,0,0), the kernel's. Writing them
+// at the end keeps the atomics off the block's path after its release
+// (they had stretched one-block kernels by ~0.7 us a record).
+struct TraceBlockEnd {
+  __device__ TraceBlockEnd() {
+    if (threadIdx.x == 0 && threadIdx.y == 0) g_trace_go_ns = 0;
+  }
+  __device__ ~TraceBlockEnd() {
+    if (threadIdx.x != 0 || threadIdx.y != 0) return;
+    const unsigned long long t_end = global_ns(), t_start = g_trace_start_ns, t_go = g_trace_go_ns;
+    KernelTraceBuf* tr = *const_cast<KernelTraceBuf* volatile*>(&g_kernel_trace);
+    if (!tr || t_go == 0) return;
+    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
+      const unsigned long long i = atomicAdd(&tr->n, 1ull);
+      if (i < KernelTraceBuf::kMax) {
+        KernelTraceRec& r = tr->rec[i];
+        r.start_ns = t_start, r.go_ns = t_go;
+        r.grid_x = gridDim.x, r.grid_y = gridDim.y, r.block = blockDim.x * blockDim.y;
+      }
+    }
+    const unsigned long long b = atomicAdd(&tr->nb, 1ull);
+    if (b < KernelTraceBuf::kMaxBlocks) {
+      KernelBlockRec& r = tr->blk[b];
+      r.start_ns = t_start, r.go_ns = t_go, r.end_ns = t_end;
+      r.grid_x = gridDim.x, r.grid_y = gridDim.y;
+    }
+  }
+};
+#define ZMLX_TRACE_BLOCK_END() ::zmlx::cuda::dev::TraceBlockEnd zmlx_trace_block_end_
+#else
+#define ZMLX_TRACE_BLOCK_END() static_cast<void>(0)
 #endif
 // Points this .cu file's kernels at a device KernelTraceBuf (nullptr: off);
 // nothing without ZMLX_KERNEL_TRACE. static: each file sets its own pointer.
@@ -293,18 +329,7 @@ __device__ __forceinline__ void pdl_begin(bool trigger_first = false) {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 #ifdef ZMLX_KERNEL_TRACE
-  if (threadIdx.x == 0 && threadIdx.y == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
-    KernelTraceBuf* tr = *const_cast<KernelTraceBuf* volatile*>(&g_kernel_trace);
-    if (tr) {
-      const unsigned long long t_go = global_ns();
-      const unsigned long long i = atomicAdd(&tr->n, 1ull);
-      if (i < KernelTraceBuf::kMax) {
-        KernelTraceRec& r = tr->rec[i];
-        r.start_ns = t_start, r.go_ns = t_go;
-        r.grid_x = gridDim.x, r.grid_y = gridDim.y, r.block = blockDim.x * blockDim.y;
-      }
-    }
-  }
+  if (threadIdx.x == 0 && threadIdx.y == 0 && g_trace_go_ns == 0) g_trace_start_ns = t_start, g_trace_go_ns = global_ns();
 #endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (!trigger_first) asm volatile("griddepcontrol.launch_dependents;");

@@ -257,6 +257,7 @@ __device__ __forceinline__ float combine_term(uint16_t y, const void* scores, bo
 
 template <int BITS, int TT>
 __global__ void __launch_bounds__(256) linear_kernel(const uint16_t* x, int T, QMat m, uint16_t* y) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   if (r >= m.rows) return;
@@ -271,6 +272,7 @@ __global__ void __launch_bounds__(256) linear_kernel(const uint16_t* x, int T, Q
 // block b belongs to the matrix whose block range holds it.
 template <int BITS, int TT>
 __global__ void __launch_bounds__(256) linear_multi_kernel(const uint16_t* x, int T, MultiQ mq) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   int i = 0;
   while (i + 1 < mq.n && int64_t(blockIdx.x) >= mq.first_block[i + 1]) ++i;
@@ -286,6 +288,7 @@ __global__ void __launch_bounds__(256) linear_multi_kernel(const uint16_t* x, in
 
 template <int BITS, int TT>
 __global__ void __launch_bounds__(256) linear_swiglu_kernel(const uint16_t* x, int T, QMat g, QMat u, uint16_t* y) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   if (r >= g.rows) return;
@@ -300,6 +303,7 @@ __global__ void __launch_bounds__(256) linear_swiglu_kernel(const uint16_t* x, i
 template <int BITS>
 __global__ void __launch_bounds__(256) gather_combine_kernel(const uint16_t* h, const int32_t* ex, const void* scores,
                                                              bool f32, int mode, int k, QMat m, uint16_t* out) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int64_t d = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   if (d >= m.rows) return;
@@ -323,6 +327,7 @@ template <int BITS, int CPL>
 __global__ void __launch_bounds__(256) gather_combine_short_kernel(const uint16_t* h, const int32_t* ex,
                                                                    const void* scores, bool f32, int mode, int k,
                                                                    QMat m, uint16_t* out) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   constexpr int KMAX = kShortK / CPL;
   const int64_t d = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
@@ -367,6 +372,7 @@ __global__ void __launch_bounds__(256) gather_combine_short_kernel(const uint16_
 
 __global__ void moe_combine_kernel(const uint16_t* y, const void* scores, bool f32, int mode, int T, int k, int64_t D,
                                    uint16_t* out) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= int64_t(T) * D) return;
@@ -513,11 +519,13 @@ __device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint1
 
 template <int BITS, int PRE, bool SX>
 __global__ void __launch_bounds__(256) linear_decode_kernel(const uint16_t* x, QMat m, uint16_t* y, bool pre) {
+  ZMLX_TRACE_BLOCK_END();
   decode_row<BITS, PRE, SX>(m, decode_row0(), x, y, pre);
 }
 
 template <int BITS, bool SX>
 __global__ void __launch_bounds__(256) linear_multi_decode_kernel(const uint16_t* x, MultiQ mq, bool pre) {
+  ZMLX_TRACE_BLOCK_END();
   int i = 0;
   while (i + 1 < mq.n && int64_t(blockIdx.x) >= mq.first_block[i + 1]) ++i;
   const int64_t r0 = ((int64_t(blockIdx.x) - mq.first_block[i]) * kRowsPerBlock + (threadIdx.x >> 5)) * kDecodeRows;
@@ -553,6 +561,7 @@ __device__ __forceinline__ void swiglu_decode_row(const QMat& g, const QMat& u, 
 template <int BITS, bool SX>
 __global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_t* x, QMat g, QMat u, uint16_t* y,
                                                                    bool pre) {
+  ZMLX_TRACE_BLOCK_END();
   swiglu_decode_row<BITS, SX>(g, u, decode_row0(), x, y, pre);
 }
 
@@ -564,6 +573,7 @@ __global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_
 template <int WB, int SB, bool SX>
 __global__ void __launch_bounds__(256) linear_and_swiglu_decode_kernel(const uint16_t* x, QMat w, uint16_t* y, int wb,
                                                                        QMat g, QMat u, uint16_t* yh, bool pre) {
+  ZMLX_TRACE_BLOCK_END();
   if (int(blockIdx.x) < wb) return decode_row<WB, kPreChunks, SX>(w, decode_row0(), x, y, pre);
   swiglu_decode_row<SB, SX>(g, u, decode_row0(int64_t(blockIdx.x) - wb), x, yh, pre);
 }
@@ -572,6 +582,7 @@ __global__ void __launch_bounds__(256) linear_and_swiglu_decode_kernel(const uin
 template <int BITS>
 __global__ void __launch_bounds__(256) gather_linear_decode_kernel(const uint16_t* x, bool per_slot, const int32_t* ex,
                                                                    int k, QMat m, uint16_t* y) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int64_t r0 = decode_row0();
   if (r0 >= m.rows) return;
@@ -587,6 +598,7 @@ __global__ void __launch_bounds__(256) gather_linear_decode_kernel(const uint16_
 template <int BITS>
 __global__ void __launch_bounds__(256) gather_swiglu_decode_kernel(const uint16_t* x, const int32_t* ex, int k, QMat g,
                                                                    QMat u, uint16_t* y) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int64_t r0 = decode_row0<kSwigluDecodeRows>();
   if (r0 >= g.rows) return;
@@ -924,6 +936,7 @@ __device__ __forceinline__ float mma_split_sum(const float* red, int w0, int S, 
 template <int NM, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmallSwigluBlocksPerSm : 1))
     mma_decode_kernel(const uint16_t* x, MmaJob job) {
+  ZMLX_TRACE_BLOCK_END();
   extern __shared__ __align__(16) uint32_t mma_smem[];
   int i = 0;
   if (NM == 1)
@@ -1020,10 +1033,10 @@ constexpr int kSharedPre = 2;  // chunks a lane: rows of up to 2048 inputs
 __host__ __device__ __forceinline__ int64_t combine_shared_x_word(int per_pass, int64_t sw, int warps, int k) {
   return (per_pass * sw + warps * 16 + k + 16 + 3) & ~int64_t(3);
 }
-template <int WARPS, bool TWO = false, bool SH = false>
-__global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
-    mma_combine_kernel(const uint16_t* h, const int32_t* ex, const void* scores, bool f32, int mode, int k, QMat m,
-                       int S, uint16_t* out, bool early, SharedDown shd) {
+template <int WARPS, bool TWO, bool SH>
+__device__ __forceinline__ void mma_combine_body(const uint16_t* h, const int32_t* ex, const void* scores, bool f32,
+                                                 int mode, int k, QMat m, int S, uint16_t* out, bool early,
+                                                 SharedDown shd) {
   extern __shared__ __align__(16) uint32_t mma_smem[];
   const int64_t t = blockIdx.y, K = m.cols, r0 = int64_t(blockIdx.x) * 16;
   const int64_t sw = mma_stage_words(K);
@@ -1112,6 +1125,28 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     if constexpr (SH) o = to_bf(bf(o) + shy[threadIdx.x]);
     out[t * m.rows + r0 + threadIdx.x] = o;
   }
+}
+template <int WARPS, bool TWO = false, bool SH = false>
+__global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
+    mma_combine_kernel(const uint16_t* h, const int32_t* ex, const void* scores, bool f32, int mode, int k, QMat m,
+                       int S, uint16_t* out, bool early, SharedDown shd) {
+  ZMLX_TRACE_BLOCK_END();
+  mma_combine_body<WARPS, TWO, SH>(h, ex, scores, f32, mode, k, m, S, out, early, shd);
+}
+// The 16-warp two-step shared-expert form (GLM) at 88 registers a thread,
+// no spills (ptxas). Uncapped it takes 116, and 512 threads of 116 need an
+// SM's whole register file: in the trace of a GLM step (H100, 2026-11-27),
+// 117 of its 128 blocks became resident only after gate+up had left their
+// SM entirely, after its wait, so their weight loads, meant to overlap
+// gate+up, came after it. At 88 a block fits beside one of gate+up's three
+// 4-warp blocks (3 x 20,480 + 45,056 > 65,536 > 20,480 + 45,056): 104 late,
+// the kernel 9.61 -> 9.15 us, decode +1.1 % (kernel_trace.h's late column).
+// The same body, so the same bits. ZMLX_CUDA_COMBINE_REG_CAP=0: uncapped.
+__global__ void __maxnreg__(88)
+    mma_combine_shared_capped_kernel(const uint16_t* h, const int32_t* ex, const void* scores, bool f32, int mode, int k,
+                                 QMat m, int S, uint16_t* out, bool early, SharedDown shd) {
+  ZMLX_TRACE_BLOCK_END();
+  mma_combine_body<16, true, true>(h, ex, scores, f32, mode, k, m, S, out, early, shd);
 }
 
 // ---- host side of the MMA path ----
@@ -1207,10 +1242,12 @@ bool preload_weights() {
 // (stage_x, kernels.h), unless ZMLX_CUDA_STAGE_X=0 (A/B runs
 // and the GPU test; read per launch; the same bits). Trace of a Qwen3 step
 // (H100, 2026-11-27): o_proj (256 blocks) 4.95 -> 3.99 us, q/k/v (640)
-// 3.95 -> 3.62, the router (16) 2.16 -> 2.01; but LFM2's router (4 blocks)
-// 1.93 -> 2.33: with a block or less an SM there is no L1 traffic to save,
-// and the barrier only adds latency.
-constexpr unsigned kStageXMinBlocks = 16;
+// 3.95 -> 3.62, the router (16) 2.16 -> 2.01. LFM2's router (4 blocks) got
+// slower alone (1.93 -> 2.33 us), so launches under 16 blocks first kept
+// the old form; but decode A/Bs of the threshold (two H100 calls, 07:55 and
+// 08:01 UTC) had every launch staged faster on the whole step: Qwen3 +1.3 %,
+// LFM2 +1.3-1.6 %, GLM flat. ZMLX_CUDA_STAGE_X_MIN_BLOCKS=N moves it.
+constexpr unsigned kStageXMinBlocks = 1;
 // f(std::true_type{}) where a launch of `blocks` blocks stages x, else
 // f(std::false_type{}): f launches the kernel instantiated with that SX.
 template <typename F>
@@ -1330,7 +1367,8 @@ void mma_combine(const uint16_t* h, const int32_t* ex, const void* sc, bool f32,
   };
   const bool two = combine_two_steps(m, k, routing_ready);
   if (shd.m.w) {
-    if (warps == 16) two ? go(mma_combine_kernel<16, true, true>) : go(mma_combine_kernel<16, false, true>);
+    if (warps == 16 && two && env_on("ZMLX_CUDA_COMBINE_REG_CAP")) go(mma_combine_shared_capped_kernel);
+    else if (warps == 16) two ? go(mma_combine_kernel<16, true, true>) : go(mma_combine_kernel<16, false, true>);
     else two ? go(mma_combine_kernel<kMmaWarps, true, true>) : go(mma_combine_kernel<kMmaWarps, false, true>);
   } else {
     if (warps == 16) two ? go(mma_combine_kernel<16, true>) : go(mma_combine_kernel<16>);
@@ -1480,6 +1518,7 @@ struct GatherCombineL {
 // ------------------------------------------------------------ elementwise
 
 __global__ void embed_kernel(QMat m, const int32_t* ids, int T, uint16_t* out) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t D = m.cols;
@@ -1560,6 +1599,7 @@ __device__ __forceinline__ void warp_rms_norm_row(const uint16_t* x, const uint1
 // One warp per row (D <= 1024) or one block per row.
 __global__ void rms_norm_warp_kernel(const uint16_t* x, int64_t R, int D, const uint16_t* w, float eps, uint16_t* out,
                                      bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
   const int64_t r = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
   if (r >= R) return;
@@ -1568,6 +1608,7 @@ __global__ void rms_norm_warp_kernel(const uint16_t* x, int64_t R, int D, const 
 
 __global__ void rms_norm_block_kernel(const uint16_t* x, int D, const uint16_t* w, float eps, uint16_t* out,
                                       bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
   const int64_t r = blockIdx.x;
   const uint16_t* xr = x + r * D;
@@ -1583,6 +1624,7 @@ __global__ void rms_norm_block_kernel(const uint16_t* x, int D, const uint16_t* 
 // h = bf16(h + x) in place, then out = rms_norm(h) (block per row).
 __global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
                                     uint16_t* out, bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
   const int64_t r = blockIdx.x;
   uint16_t* hr = h + r * D;
@@ -1601,6 +1643,7 @@ __global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const
 // per thread (add_rms_norm_row8).
 __global__ void add_rms_norm_vec_kernel(uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
                                         uint16_t* out, bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
   const int64_t r = blockIdx.x;
   uint4* hr = reinterpret_cast<uint4*>(h + r * D) + threadIdx.x;
@@ -1726,6 +1769,7 @@ __global__ void qk_norm_rope_kv_kernel(const uint16_t* q, const uint16_t* k, con
                                        const uint16_t* qn, const uint16_t* kn, float eps, const float* inv_freq,
                                        bool traditional, int pos0, const int* dpos, uint16_t* q_out, uint16_t* kc,
                                        uint16_t* vc, int64_t cap) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   constexpr int HD = 32 * DPL;
   const int64_t wid = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
@@ -1760,6 +1804,7 @@ __device__ __forceinline__ void rope_pair(uint16_t x0b, uint16_t x1b, int pos, f
 
 __global__ void rope_kernel(uint16_t* x, int T, int heads, int hd, int off, int half, int pos0, const int* dpos,
                             const float* inv_freq, bool traditional) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= int64_t(T) * heads * half) return;
@@ -1781,6 +1826,7 @@ __global__ void mla_rope_split_cache_kernel(const uint16_t* q, const uint16_t* c
                                             const float* inv_freq, int pos0, const int* dpos, uint16_t* q_nope,
                                             uint16_t* q_pe, uint16_t* kc, uint16_t* vc, int64_t cap,
                                             unsigned qblocks) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int half = rope / 2, qd = nope + rope, per_head = nope + half;
   if (blockIdx.x < qblocks) {
@@ -1811,12 +1857,14 @@ __global__ void mla_rope_split_cache_kernel(const uint16_t* q, const uint16_t* c
 }
 
 __global__ void add_kernel(uint16_t* h, const uint16_t* x, int64_t n, bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) h[i] = to_bf(bf(h[i]) + bf(x[i]));
 }
 
 __global__ void swiglu_kernel(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* out) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) out[i] = swiglu_bf(g[i], u[i]);
@@ -1824,6 +1872,7 @@ __global__ void swiglu_kernel(const uint16_t* g, const uint16_t* u, int64_t n, u
 
 __global__ void kv_write_kernel(uint16_t* kc, uint16_t* vc, int64_t cap, int H, int hd, int vd, const uint16_t* k,
                                 const uint16_t* v, int T, int pos0, const int* dpos) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int wd = hd > vd ? hd : vd;
@@ -1864,6 +1913,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
                                                                       int64_t cap, int pos0, const int* dpos,
                                                                       float scale, int splits, float* scratch,
                                                                       bool preload, AttnPrep prep) {
+  ZMLX_TRACE_BLOCK_END();
   constexpr int HD = 32 * DPL;
   const int h = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1969,6 +2019,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
 
 __global__ void attn_merge_kernel(const float* scratch, int heads, int hd, int splits, uint16_t* out, bool in_registers,
                                   bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
   const int h = blockIdx.x, t = blockIdx.y;
   merge_split_partials(scratch + (int64_t(t) * heads + h) * splits * (hd + 2), hd, splits,
@@ -2045,6 +2096,7 @@ __device__ void warp_topk_picks(const float (&key)[PL], const float (&vals)[PL],
 template <int PL>
 __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k, bool normalize, int32_t* ex,
                                      uint16_t* scores, bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
   const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (t >= T) return;
@@ -2077,6 +2129,7 @@ __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k
 template <int PL>
 __global__ void route_sigmoid_kernel(const uint16_t* logits, const float* bias, int T, int E, int k, bool normalize,
                                      float eps, float scaling, int32_t* ex, uint16_t* scores, bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
   const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (t >= T) return;
@@ -2105,6 +2158,7 @@ constexpr int kConvMaxL = 8;
 
 __global__ void short_conv_kernel(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16_t* w, int L,
                                   uint16_t* out) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
@@ -2127,11 +2181,15 @@ __global__ void short_conv_kernel(const uint16_t* bcx, int T, int C, uint16_t* s
 // decoding) the id also becomes the next step's input: step[0] = id,
 // ring[step[1] % ring_len] = id, step[1] += 1.
 __device__ __forceinline__ void argmax_take(float v, int i, float& bv, int& bi) {
+  ZMLX_TRACE_BLOCK_END();
   if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
 }
 
-__global__ void argmax_kernel(const uint16_t* x, int64_t V, int32_t* out, int32_t* step, int32_t* ring,
-                              int ring_len) {
+// 1,024 threads: the bound keeps ptxas at 64 registers or fewer (the trace
+// build's per-block record had taken it past that: a failed launch).
+__global__ void __launch_bounds__(1024) argmax_kernel(const uint16_t* x, int64_t V, int32_t* out, int32_t* step,
+                                                      int32_t* ring, int ring_len) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   __shared__ float sv[32];
   __shared__ int si[32];
@@ -2191,6 +2249,7 @@ constexpr int kPeMaxPerLane = 16;  // dk, dv <= 512
 __global__ void __launch_bounds__(kAttnWarps * 32) attn_pe_partial_kernel(
     const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe, const uint16_t* k_pe, int heads,
     int kvh, int dk, int dv, int dr, int pos0, const int* dpos, float scale, int splits, float* scratch) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int h = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -2234,6 +2293,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_pe_partial_kernel(
 template <int BITS>
 __global__ void __launch_bounds__(256) multi_linear_t_kernel(const uint16_t* x, int64_t ldx, int64_t xoff, int H,
                                                              QMat m, uint16_t* out, bool pre) {
+  ZMLX_TRACE_BLOCK_END();
   const int64_t r = int64_t(blockIdx.y) * kRowsPerBlock + (threadIdx.x >> 5);
   const int64_t th = blockIdx.x, t = th / H, h = th % H;  // T·H can pass grid.y's 65535
   if (pre && row_preloadable<BITS>(m)) {  // head h's weights are constant: loads before the wait
@@ -2266,6 +2326,7 @@ template <int BITS, int LPR>
 __global__ void __launch_bounds__(256) multi_linear_t_short_kernel(const uint16_t* x, int64_t ldx, int64_t xoff,
                                                                    int H, QMat m, uint16_t* out, bool pre,
                                                                    bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
   constexpr int RPW = 32 / LPR;
   const int lane = threadIdx.x & 31, sl = lane % LPR;
   const int64_t r = (int64_t(blockIdx.y) * kRowsPerBlock + (threadIdx.x >> 5)) * RPW + lane / LPR;
@@ -2308,6 +2369,7 @@ struct MultiLinearTL {
 // (fp32 weights scale·q + bias, sum in r order; one thread per output).
 __global__ void multi_linear_n_kernel(const uint16_t* x, int64_t ldx, int64_t xoff, int T, int H, QMat m,
                                       uint16_t* out) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int64_t R = m.rows, C = m.cols;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -2335,6 +2397,7 @@ __global__ void multi_linear_n_kernel(const uint16_t* x, int64_t ldx, int64_t xo
 
 __global__ void slice_cols_kernel(const uint16_t* x, int64_t T, int64_t cols, int64_t group, int64_t offset,
                                   int64_t width, uint16_t* out) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int64_t n = cols / group;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -2350,6 +2413,7 @@ constexpr int kGroupedMaxE = 256;
 __global__ void route_grouped_kernel(const uint16_t* logits, const float* bias, int T, int E, int k, int n_group,
                                      int topk_group, bool normalize, float eps, float scaling, int32_t* ex,
                                      float* scores, bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= T) return;
@@ -2407,6 +2471,7 @@ __global__ void route_grouped_kernel(const uint16_t* logits, const float* bias, 
 template <int PL>
 __global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* bias, int T, int E, int k,
                                           bool normalize, float eps, float scaling, int32_t* ex, float* scores, bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
   const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (t >= T) return;
@@ -2672,7 +2737,12 @@ void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t*
                          AttnPrep{k, v, qn, kn, eps, inv_freq, traditional, kc, vc}, s);
 }
 
-bool stage_x(unsigned blocks) { return blocks >= kStageXMinBlocks && env_on("ZMLX_CUDA_STAGE_X"); }
+bool stage_x(unsigned blocks) {
+  // ZMLX_CUDA_STAGE_X_MIN_BLOCKS=N moves the threshold (A/B runs; the same bits).
+  const char* min_env = std::getenv("ZMLX_CUDA_STAGE_X_MIN_BLOCKS");
+  const unsigned min_blocks = min_env ? unsigned(std::strtoul(min_env, nullptr, 10)) : kStageXMinBlocks;
+  return blocks >= min_blocks && env_on("ZMLX_CUDA_STAGE_X");
+}
 bool merge_in_registers(int splits) { return splits <= kRegMergeSplits && !env_is("ZMLX_CUDA_MERGE_REGS", "0"); }
 
 bool combine_two_steps(const QMat& down, int k, bool routing_ready) {
