@@ -548,6 +548,41 @@ TEST(CudaOps, MlaFastKernelsMatchCpu) {
   }
 }
 
+// The softmax router's top-k with key and id packed into one word
+// (warp_topk_packed) against the general picks (ZMLX_CUDA_PACKED_TOPK=0),
+// bit for bit: experts and scores, one token and a batch, logits from few
+// distinct values so that equal probabilities are common (the lower id must
+// win), and wide ones so that some probabilities underflow to zero.
+TEST(CudaOps, RouterPackedTopKIsBitIdentical) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  std::mt19937 rng(71);
+  auto bytes = [&](const Tensor& t) {
+    Tensor h = g->to_host(t);
+    return std::vector<uint8_t>(static_cast<const uint8_t*>(h.data), static_cast<const uint8_t*>(h.data) + h.nbytes());
+  };
+  for (int64_t E : {8, 32, 33, 64, 100, 128, 257, 512})
+    for (int64_t k : {1, 4, 8, 16})
+      for (int64_t T : {1, 6})
+        for (float spread : {0.5f, 40.f}) {
+          if (k > E) continue;
+          std::vector<uint16_t> lv(size_t(T * E));
+          std::uniform_int_distribution<int> level(0, 5);
+          for (auto& v : lv) v = f32_to_bf16_bits(spread * (float(level(rng)) - 2.5f));
+          const Tensor logits = g->from_host(test::bf16_tensor(lv, {T, E}));
+          for (bool normalize : {true, false}) {
+            const Routing a = g->route_softmax_topk(logits, k, normalize);
+            setenv("ZMLX_CUDA_PACKED_TOPK", "0", 1);
+            const Routing b = g->route_softmax_topk(logits, k, normalize);
+            unsetenv("ZMLX_CUDA_PACKED_TOPK");
+            const std::string what = "E=" + std::to_string(E) + " k=" + std::to_string(k) + " T=" + std::to_string(T) +
+                                     " spread " + std::to_string(spread) + (normalize ? " normalized" : "");
+            EXPECT_EQ(bytes(a.experts), bytes(b.experts)) << what;
+            EXPECT_EQ(bytes(a.scores), bytes(b.scores)) << what;
+          }
+        }
+}
+
 TEST(CudaOps, RoutersAndShortConvMatchCpu) {
   REQUIRE_GPU();
   auto g = gpu();

@@ -2093,9 +2093,45 @@ __device__ void warp_topk_picks(const float (&key)[PL], const float (&vals)[PL],
   }
 }
 
+// warp_topk_picks for keys that are their own values and exact bf16 values
+// (the softmax router's rounded probabilities): the top 16 bits of a key's
+// ordered_bits order it exactly (its low 16 are all equal within a sign), so
+// key and id pack into one word, (ordered key) << 16 | (0xFFFF - id), and
+// one warp-wide max per pick finds the largest key and, among equal keys,
+// the lowest id; the value comes back from the word. warp_topk_picks takes
+// two reductions and a shuffle a pick (Qwen3: 8 dependent picks). The same
+// picks, order and pick-order sum, so the same bits (GPU test
+// RouterPackedTopKIsBitIdentical; ZMLX_CUDA_PACKED_TOPK=0: warp_topk_picks).
+template <int PL>
+__device__ void warp_topk_packed(const float (&key)[PL], int E, int k, int& my_id, float& my_val, float& total) {
+  const int lane = threadIdx.x & 31;
+  uint32_t pk[PL];
+#pragma unroll
+  for (int i = 0; i < PL; ++i) {
+    const int e = lane + 32 * i;
+    pk[i] = e < E ? (ordered_bits(key[i]) & 0xFFFF0000u) | uint32_t(0xFFFF - e) : 0u;
+  }
+  total = 0.f;
+  my_id = 0, my_val = 0.f;
+  for (int j = 0; j < k; ++j) {
+    uint32_t best = 0;
+#pragma unroll
+    for (int i = 0; i < PL; ++i) best = max(best, pk[i]);
+    const uint32_t top = __reduce_max_sync(0xffffffffu, best);
+    const int pick = 0xFFFF - int(top & 0xFFFFu);
+#pragma unroll
+    for (int i = 0; i < PL; ++i)
+      if (pk[i] == top) pk[i] = 0u;  // ids are unique: only the pick's own word
+    const uint32_t ob = top & 0x80000000u ? (top & 0xFFFF0000u) : (top | 0x0000FFFFu);
+    const float v = __uint_as_float(ob & 0x80000000u ? ob ^ 0x80000000u : ~ob);
+    total += v;
+    if (lane == j) my_id = pick, my_val = v;
+  }
+}
+
 template <int PL>
 __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k, bool normalize, int32_t* ex,
-                                     uint16_t* scores, bool trigger_first) {
+                                     uint16_t* scores, bool packed, bool trigger_first) {
   ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
   const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
@@ -2118,7 +2154,10 @@ __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k
   for (int i = 0; i < PL; ++i) p[i] = lane + 32 * i < E ? rbf(expf(z[i] - mx) / sum) : -INFINITY;
   int id;
   float w, total;
-  warp_topk_picks(p, p, E, k, id, w, total);
+  if (packed)
+    warp_topk_packed(p, E, k, id, w, total);
+  else
+    warp_topk_picks(p, p, E, k, id, w, total);
   if (lane < k) {
     const float denom = rbf(total);
     ex[int64_t(t) * k + lane] = id;
@@ -2782,7 +2821,7 @@ void route_softmax(const uint16_t* logits, int T, int E, int k, bool normalize, 
   if (E > 32 * kRouteMaxPerLane || k > 16) throw std::runtime_error("CUDA router: at most 512 experts, top-16");
   by_per_lane(E, [&](auto pl) {
     launch_short(route_softmax_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, T, E, k,
-           normalize, experts, scores);
+           normalize, experts, scores, k <= E && env_on("ZMLX_CUDA_PACKED_TOPK"));
   });
   check_launch("route_softmax_topk");
 }
