@@ -16,7 +16,10 @@ position in a layer, the mean of:
   last    when its last block started, after the release;
   end     when its last block ended, after the release (kernels with a
           ZMLX_TRACE_BLOCK_END guard): dur - end is the boundary to the next
-          kernel (its blocks' exit, the memory flush, the next one's release).
+          kernel (its blocks' exit, the memory flush, the next one's release);
+  ends    with ZMLX_KERNEL_TRACE_BLOCKS=1 (a line per block): when the last
+          block that started before the release ended, and when the last late
+          one did (what the late blocks cost the kernel).
 Then, for models whose layers differ (LFM2's conv and attention layers, a
 dense first layer), where one period cannot describe the step, the whole
 step by launch shape: how many kernels of each shape and their total dur
@@ -31,7 +34,14 @@ import sys
 
 def main(path):
     recs = []
+    block_ends = {}  # kernel index -> [(start, end)] of its blocks (ns from the step's first release)
     for line in open(path):
+        b = re.match(r"\[zmlx trace block\] (-?\d+) (-?\d+) (-?\d+) (-?\d+) (\d+) (\d+)$", line.strip())
+        if b:
+            k, start, _go, end = (int(x) for x in b.groups()[:4])
+            if k >= 0 and end:
+                block_ends.setdefault(k, []).append((start, end))
+            continue
         m = re.match(r"\[zmlx trace\] (\d+) (-?\d+) (-?\d+) (\d+) (\d+) (\d+)((?: -?\d+){3,4})?$", line.strip())
         if m:
             extra = tuple(int(x) for x in m.group(7).split()) if m.group(7) else ()
@@ -50,10 +60,19 @@ def main(path):
         print("no repeating layer found")
         by_shape(recs, shape)
         return
+    # Per kernel: the last end among blocks that started before its release, and among those after.
+    ends = {}
+    for k, v in block_ends.items():
+        if k >= n:
+            continue
+        go = recs[k][2]
+        early = [e for (st, e) in v if st <= go]
+        late = [e for (st, e) in v if st > go]
+        ends[k] = (max(early) - go if early else None, max(late) - go if late else None)
     layers = (n - start) // period
     total = 0.0
     for j in range(period):
-        durs, waits, blocks, late, last, end = [], [], [], [], [], []
+        durs, waits, blocks, late, last, end, e_early, e_late = [], [], [], [], [], [], [], []
         for layer in range(layers - 1):
             i = start + layer * period + j
             durs.append(recs[i + 1][2] - recs[i][2])
@@ -62,6 +81,11 @@ def main(path):
             late.append(recs[i][7])
             last.append(recs[i][8])
             end.append(recs[i][9])
+            if i in ends:
+                if ends[i][0] is not None:
+                    e_early.append(ends[i][0])
+                if ends[i][1] is not None:
+                    e_late.append(ends[i][1])
         d = statistics.mean(durs)
         total += d
         g = shape[start + j]
@@ -69,7 +93,9 @@ def main(path):
               f"  waited {statistics.mean(waits) / 1000:6.2f} us"
               + (f"  late {statistics.mean(late):6.1f} of {statistics.mean(blocks):5.0f}"
                  f"  last {statistics.mean(last) / 1000:6.2f} us" if any(blocks) else "")
-              + (f"  end {statistics.mean(end) / 1000:6.2f} us" if all(end) else ""))
+              + (f"  end {statistics.mean(end) / 1000:6.2f} us" if all(end) else "")
+              + (f"  ends early/late {statistics.mean(e_early) / 1000:5.2f} / "
+                 + (f"{statistics.mean(e_late) / 1000:5.2f} us" if e_late else "  -  ") if e_early else ""))
     print(f"per layer {total / 1000:.2f} us (mean over {layers - 1} layers)")
     by_shape(recs, shape)
 

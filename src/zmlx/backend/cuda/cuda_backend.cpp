@@ -313,6 +313,7 @@ struct KernelTrace {
       int64_t last_start = INT64_MIN, last_end = INT64_MIN;
     };
     std::vector<BlockStats> bs(n);
+    std::vector<long> owner(nb, -1);  // each block's kernel
     for (unsigned long long b = 0; b < nb; ++b) {
       const auto& r = host->blk[b];
       long best = -1;
@@ -322,6 +323,7 @@ struct KernelTrace {
             (best < 0 || k.go_ns > host->rec[best].go_ns))
           best = long(i);
       }
+      owner[b] = best;
       if (best < 0) continue;
       auto& st = bs[best];
       const int64_t rel = int64_t(r.start_ns) - int64_t(host->rec[best].go_ns);
@@ -340,6 +342,15 @@ struct KernelTrace {
                  int64_t(r.go_ns - t0), r.grid_x, r.grid_y, r.block, bs[i].blocks, bs[i].late,
                  bs[i].blocks ? bs[i].last_start : 0, bs[i].ended ? bs[i].last_end : 0);
     }
+    // ZMLX_KERNEL_TRACE_BLOCKS=1: every block's own line too (its kernel's
+    // index, start, release and end in ns from the step's first release),
+    // for questions like "when did the late blocks finish".
+    if (const char* v = std::getenv("ZMLX_KERNEL_TRACE_BLOCKS"); v && std::strcmp(v, "1") == 0)
+      for (unsigned long long b = 0; b < nb; ++b) {
+        const auto& r = host->blk[b];
+        fmt::print(stderr, "[zmlx trace block] {} {} {} {} {} {}\n", owner[b], int64_t(r.start_ns - t0),
+                   int64_t(r.go_ns - t0), r.end_ns ? int64_t(r.end_ns - t0) : 0, r.grid_x, r.grid_y);
+      }
 #else
     log_info("[zmlx] ZMLX_KERNEL_TRACE_STEP: this build records no kernel trace (cmake -DZMLX_KERNEL_TRACE=ON)");
     cuda_check(cudaGraphLaunch(exec, s), "cudaGraphLaunch");
