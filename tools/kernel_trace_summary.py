@@ -14,9 +14,9 @@ position in a layer, the mean of:
           become resident earlier: the kernels before it held the SMs' registers,
           shared memory or threads), so loaded nothing before the wait;
   last    when its last block started, after the release;
-  end     when its last block ended, after the release (kernels with a
-          ZMLX_TRACE_BLOCK_END guard): dur - end is the boundary to the next
-          kernel (its blocks' exit, the memory flush, the next one's release);
+  end     when its last block ended, after the release: dur - end is the
+          boundary to the next kernel (its blocks' exit, the memory flush,
+          the next one's release);
   ends    with ZMLX_KERNEL_TRACE_BLOCKS=1 (a line per block): when the last
           block that started before the release ended, and when the last late
           one did (what the late blocks cost the kernel).
@@ -39,7 +39,7 @@ def main(path):
         b = re.match(r"\[zmlx trace block\] (-?\d+) (-?\d+) (-?\d+) (-?\d+) (\d+) (\d+)$", line.strip())
         if b:
             k, start, _go, end = (int(x) for x in b.groups()[:4])
-            if k >= 0 and end:
+            if k >= 0:
                 block_ends.setdefault(k, []).append((start, end))
             continue
         m = re.match(r"\[zmlx trace\] (\d+) (-?\d+) (-?\d+) (\d+) (\d+) (\d+)((?: -?\d+){3,4})?$", line.strip())

@@ -809,13 +809,8 @@ TEST(CudaOps, ScalarDecodeStagedInputIsBitIdentical) {
     int64_t K, N;
     int bits, group;
   };
-  // Every launch stages x by default (one block too: the 13-row case); the
-  // A/B threshold switch moves that.
-  EXPECT_TRUE(k::stage_x(1));
-  setenv("ZMLX_CUDA_STAGE_X_MIN_BLOCKS", "16", 1);
-  EXPECT_TRUE(k::stage_x(16));
-  EXPECT_FALSE(k::stage_x(15));
-  unsetenv("ZMLX_CUDA_STAGE_X_MIN_BLOCKS");
+  // Every launch stages x by default (one block too: the 13-row case).
+  EXPECT_TRUE(k::stage_x());
   for (S sz : {S{96, 13, 4, 32}, S{96, 130, 4, 32}, S{2048, 300, 4, 64}, S{2080, 133, 8, 32}, S{4096, 261, 4, 128},
                S{5120, 170, 4, 64}, S{8192, 129, 8, 64}, S{1024, 145, 2, 64}, S{544, 190, 16, 64}}) {
     auto make = [&](int64_t rows) {
@@ -986,6 +981,8 @@ TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
         EXPECT_EQ(k::combine_two_steps(qd.m, int(sz.k), early), early && sz.group >= 64) << what;
         ASSERT_TRUE(k::gather_combine_shared_fits(qd.m, qs.m)) << what;
         if (form == 2) setenv("ZMLX_CUDA_COMBINE_REG_CAP", "0", 1);
+        // The first shape (k 4 of 4 splits, groups of 64) is the capped form's.
+        EXPECT_EQ(k::combine_shared_capped(qd.m, int(sz.k), early), form == 1 && sz.I == 1536) << what;
         k::gather_combine_shared(dh.u16(), ex, dsc.p, false, mode, int(sz.k), qd.m, shd, of.u16(), nullptr, early);
         unsetenv("ZMLX_CUDA_COMBINE_REG_CAP");
         k::gather_combine(dh.u16(), ex, dsc.p, false, mode, 1, int(sz.k), qd.m, ou.u16(), nullptr, early);

@@ -309,7 +309,7 @@ struct KernelTrace {
     // most 1 us after the block's own (blocks of one kernel release within
     // a few hundred ns of each other; kernels of one shape are 5+ us apart).
     struct BlockStats {
-      unsigned blocks = 0, late = 0, ended = 0;
+      unsigned blocks = 0, late = 0;
       int64_t last_start = INT64_MIN, last_end = INT64_MIN;
     };
     std::vector<BlockStats> bs(n);
@@ -330,17 +330,17 @@ struct KernelTrace {
       ++st.blocks;
       st.late += rel > 0;
       st.last_start = std::max(st.last_start, rel);
-      if (r.end_ns) ++st.ended, st.last_end = std::max(st.last_end, int64_t(r.end_ns) - int64_t(host->rec[best].go_ns));
+      st.last_end = std::max(st.last_end, int64_t(r.end_ns) - int64_t(host->rec[best].go_ns));
     }
     fmt::print(stderr,
                "[zmlx trace] step {}: {} kernels, {} blocks (i start_ns go_ns grid_x grid_y block blocks "
-               "late_blocks last_block_start_after_go_ns last_block_end_after_go_ns (0: not recorded))\n",
+               "late_blocks last_block_start_after_go_ns last_block_end_after_go_ns)\n",
                step, n, nb);
     for (unsigned long long i = 0; i < n; ++i) {
       const auto& r = host->rec[i];
       fmt::print(stderr, "[zmlx trace] {} {} {} {} {} {} {} {} {} {}\n", i, int64_t(r.start_ns - t0),
                  int64_t(r.go_ns - t0), r.grid_x, r.grid_y, r.block, bs[i].blocks, bs[i].late,
-                 bs[i].blocks ? bs[i].last_start : 0, bs[i].ended ? bs[i].last_end : 0);
+                 bs[i].blocks ? bs[i].last_start : 0, bs[i].blocks ? bs[i].last_end : 0);
     }
     // ZMLX_KERNEL_TRACE_BLOCKS=1: every block's own line too (its kernel's
     // index, start, release and end in ns from the step's first release),
@@ -349,7 +349,7 @@ struct KernelTrace {
       for (unsigned long long b = 0; b < nb; ++b) {
         const auto& r = host->blk[b];
         fmt::print(stderr, "[zmlx trace block] {} {} {} {} {} {}\n", owner[b], int64_t(r.start_ns - t0),
-                   int64_t(r.go_ns - t0), r.end_ns ? int64_t(r.end_ns - t0) : 0, r.grid_x, r.grid_y);
+                   int64_t(r.go_ns - t0), int64_t(r.end_ns - t0), r.grid_x, r.grid_y);
       }
 #else
     log_info("[zmlx] ZMLX_KERNEL_TRACE_STEP: this build records no kernel trace (cmake -DZMLX_KERNEL_TRACE=ON)");

@@ -262,9 +262,10 @@ __device__ __forceinline__ void add_rms_norm_row8(uint4 hv, uint4 xv, uint4 wv, 
 // (gather_combine's routing, gather_swiglu's x) hold that, since neither
 // follows such a kernel directly with data of the one before it.
 //
-// A -DZMLX_KERNEL_TRACE=ON build also records, for block (0,0,0) of every
-// kernel, when it started and when its wait released (kernel_trace.h), into
-// the buffer arm_kernel_trace gave this .cu file.
+// A -DZMLX_KERNEL_TRACE=ON build also keeps, for every block, when it
+// reached the wait and when the wait released; the kernel's
+// ZMLX_TRACE_BLOCK_END guard writes them, with the block's end, into the
+// buffer arm_kernel_trace gave this .cu file (kernel_trace.h).
 #ifdef ZMLX_KERNEL_TRACE
 static __device__ KernelTraceBuf* g_kernel_trace;  // one per .cu file (no relocatable device code)
 // This block's start and release, kept by thread 0 in pdl_begin until the

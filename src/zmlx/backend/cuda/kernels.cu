@@ -1143,8 +1143,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
 // the kernel 9.61 -> 9.15 us, decode +1.1 % (kernel_trace.h's late column).
 // The same body, so the same bits. ZMLX_CUDA_COMBINE_REG_CAP=0: uncapped.
 __global__ void __maxnreg__(88)
-    mma_combine_shared_capped_kernel(const uint16_t* h, const int32_t* ex, const void* scores, bool f32, int mode, int k,
-                                 QMat m, int S, uint16_t* out, bool early, SharedDown shd) {
+    mma_combine_shared_capped_kernel(const uint16_t* h, const int32_t* ex, const void* scores, bool f32, int mode,
+                                     int k, QMat m, int S, uint16_t* out, bool early, SharedDown shd) {
   ZMLX_TRACE_BLOCK_END();
   mma_combine_body<16, true, true>(h, ex, scores, f32, mode, k, m, S, out, early, shd);
 }
@@ -1237,22 +1237,20 @@ bool preload_weights() {
   static const bool on = env_on("ZMLX_CUDA_PRELOAD");
   return on;
 }
-// The plain scalar decode mat-vecs (decode_row) of at least
-// kStageXMinBlocks blocks stage x once a block in shared memory
-// (stage_x, kernels.h), unless ZMLX_CUDA_STAGE_X=0 (A/B runs
+// The plain scalar decode mat-vecs (decode_row) stage x once a block in
+// shared memory (stage_x, kernels.h), unless ZMLX_CUDA_STAGE_X=0 (A/B runs
 // and the GPU test; read per launch; the same bits). Trace of a Qwen3 step
 // (H100, 2026-11-27): o_proj (256 blocks) 4.95 -> 3.99 us, q/k/v (640)
 // 3.95 -> 3.62, the router (16) 2.16 -> 2.01. LFM2's router (4 blocks) got
 // slower alone (1.93 -> 2.33 us), so launches under 16 blocks first kept
-// the old form; but decode A/Bs of the threshold (two H100 calls, 07:55 and
-// 08:01 UTC) had every launch staged faster on the whole step: Qwen3 +1.3 %,
-// LFM2 +1.3-1.6 %, GLM flat. ZMLX_CUDA_STAGE_X_MIN_BLOCKS=N moves it.
-constexpr unsigned kStageXMinBlocks = 1;
-// f(std::true_type{}) where a launch of `blocks` blocks stages x, else
-// f(std::false_type{}): f launches the kernel instantiated with that SX.
+// the old form; but decode A/Bs of that threshold (two H100 calls, 07:55
+// and 08:01 UTC) had every launch staged faster on the whole step: Qwen3
+// +1.3 %, LFM2 +1.3-1.6 %, GLM flat. So every launch stages.
+// f(std::true_type{}) where a launch stages x, else f(std::false_type{}):
+// f launches the kernel instantiated with that SX.
 template <typename F>
-void with_staged_x(unsigned blocks, F&& f) {
-  if (stage_x(blocks)) f(std::true_type{});
+void with_staged_x(F&& f) {
+  if (stage_x()) f(std::true_type{});
   else f(std::false_type{});
 }
 
@@ -1367,7 +1365,7 @@ void mma_combine(const uint16_t* h, const int32_t* ex, const void* sc, bool f32,
   };
   const bool two = combine_two_steps(m, k, routing_ready);
   if (shd.m.w) {
-    if (warps == 16 && two && env_on("ZMLX_CUDA_COMBINE_REG_CAP")) go(mma_combine_shared_capped_kernel);
+    if (combine_shared_capped(m, k, routing_ready)) go(mma_combine_shared_capped_kernel);
     else if (warps == 16) two ? go(mma_combine_kernel<16, true, true>) : go(mma_combine_kernel<16, false, true>);
     else two ? go(mma_combine_kernel<kMmaWarps, true, true>) : go(mma_combine_kernel<kMmaWarps, false, true>);
   } else {
@@ -1390,7 +1388,7 @@ void by_bits(int bits, A&&... a) {
 
 template <int B>
 void launch_linear_multi_decode(dim3 grid, const uint16_t* x, const MultiQ& mq, cudaStream_t s) {
-  with_staged_x(grid.x, [&](auto sx) {
+  with_staged_x([&](auto sx) {
     launch(linear_multi_decode_kernel<B, decltype(sx)::value>, grid, dim3(256), s, x, mq, preload_weights());
   });
 }
@@ -1403,12 +1401,12 @@ struct LinearL {
     const dim3 decode_grid(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));
     const int64_t chunks = m.cols / 32;
     if (T == 1 && chunks > 32 * kPreChunks && chunks <= 32 * kPreChunksLong && long_row_preload())
-      with_staged_x(decode_grid.x, [&](auto sx) {
+      with_staged_x([&](auto sx) {
         launch(linear_decode_kernel<B, kPreChunksLong, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
                preload_weights());
       });
     else if (T == 1)
-      with_staged_x(decode_grid.x, [&](auto sx) {
+      with_staged_x([&](auto sx) {
         launch(linear_decode_kernel<B, kPreChunks, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
                preload_weights());
       });
@@ -1460,7 +1458,7 @@ struct LinearSwigluL {
     const unsigned gx = unsigned((g.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     const dim3 decode_grid(unsigned((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));
     if (T == 1)
-      with_staged_x(decode_grid.x, [&](auto sx) {
+      with_staged_x([&](auto sx) {
         launch(linear_swiglu_decode_kernel<B, decltype(sx)::value>, decode_grid, dim3(256), s, x, g, u, y,
                preload_weights());
       });
@@ -2631,7 +2629,7 @@ void launch_linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, con
                               uint16_t* yh, cudaStream_t s) {
   const int wb = int((w.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
   const int gb = int((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
-  with_staged_x(unsigned(wb + gb), [&](auto sx) {
+  with_staged_x([&](auto sx) {
     launch(linear_and_swiglu_decode_kernel<WB, 4, decltype(sx)::value>, dim3(unsigned(wb + gb)), dim3(256), s, x, w, y,
            wb, g, u, yh, preload_weights());
   });
@@ -2776,12 +2774,7 @@ void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t*
                          AttnPrep{k, v, qn, kn, eps, inv_freq, traditional, kc, vc}, s);
 }
 
-bool stage_x(unsigned blocks) {
-  // ZMLX_CUDA_STAGE_X_MIN_BLOCKS=N moves the threshold (A/B runs; the same bits).
-  const char* min_env = std::getenv("ZMLX_CUDA_STAGE_X_MIN_BLOCKS");
-  const unsigned min_blocks = min_env ? unsigned(std::strtoul(min_env, nullptr, 10)) : kStageXMinBlocks;
-  return blocks >= min_blocks && env_on("ZMLX_CUDA_STAGE_X");
-}
+bool stage_x() { return env_on("ZMLX_CUDA_STAGE_X"); }
 bool merge_in_registers(int splits) { return splits <= kRegMergeSplits && !env_is("ZMLX_CUDA_MERGE_REGS", "0"); }
 
 bool combine_two_steps(const QMat& down, int k, bool routing_ready) {
@@ -2789,6 +2782,11 @@ bool combine_two_steps(const QMat& down, int k, bool routing_ready) {
   const int64_t slabs = (down.cols + 127) / 128;
   return use_mma(down) && routing_ready && early_routing() && down.group >= 64 && slabs <= 4 * S &&
          k * S <= combine_warps(k, S) && two_step_combine();
+}
+
+bool combine_shared_capped(const QMat& down, int k, bool routing_ready) {
+  return combine_two_steps(down, k, routing_ready) && combine_warps(k, mma_splits(down.cols)) == 16 &&
+         env_on("ZMLX_CUDA_COMBINE_REG_CAP");
 }
 
 bool multi_linear_short_rows(int bits, int64_t cols) {

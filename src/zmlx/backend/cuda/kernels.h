@@ -44,10 +44,10 @@ void embed(const QMat& table, const int32_t* ids, int T, uint16_t* out, cudaStre
 
 // y[T, N] = bf16(x[T, K] · Wᵀ)
 void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s);
-// Whether a scalar decode mat-vec launch of `blocks` blocks stages its input
-// once a block in shared memory (kernels.cu, stage_x_block); the bits are the
-// same either way.
-bool stage_x(unsigned blocks);
+// Whether the scalar decode mat-vecs stage their input once a block in shared
+// memory (kernels.cu, stage_x_block; ZMLX_CUDA_STAGE_X=0: never); the bits
+// are the same either way.
+bool stage_x();
 // ys[i][T, N_i] = bf16(x · W_iᵀ) for up to 4 matrices of one format, one launch.
 void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys, int n, cudaStream_t s);
 // y[T, N] = swiglu(bf16(x·Gᵀ), bf16(x·Uᵀ))
@@ -131,6 +131,10 @@ bool multi_linear_short_rows(int bits, int64_t cols);
 // complete before the previous kernel; ZMLX_CUDA_TWO_STEP_COMBINE=0: never).
 // The same bits as the general form.
 bool combine_two_steps(const QMat& down, int k, bool routing_ready);
+// Whether gather_combine_shared takes the 16-warp two-step form capped at 88
+// registers (so a block fits beside a gate+up block; ZMLX_CUDA_COMBINE_REG_CAP=0:
+// never). The same bits as the uncapped form.
+bool combine_shared_capped(const QMat& down, int k, bool routing_ready);
 // Causal GQA attention, split over `splits` key ranges per (token, head)
 // (flash-decoding) and merged; scratch holds T·heads·splits·(head_dim + 2) floats.
 void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, const uint16_t* kc,
