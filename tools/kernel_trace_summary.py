@@ -19,7 +19,12 @@ position in a layer, the mean of:
           the next one's release);
   ends    with ZMLX_KERNEL_TRACE_BLOCKS=1 (a line per block): when the last
           block that started before the release ended, and when the last late
-          one did (what the late blocks cost the kernel).
+          one did (what the late blocks cost the kernel);
+  phases  with ZMLX_KERNEL_TRACE_BLOCKS=1, for kernels with ZMLX_TRACE_MARK
+          points: the median over the kernel's blocks of when the block's last
+          warp passed marks 0, 3, 1, 2 (that order: the kernels use 3 for a
+          point between 0 and 1) and when the block ended, each after the
+          block's own release (the kernel's comments say what each mark ends).
 Then, for models whose layers differ (LFM2's conv and attention layers, a
 dense first layer), where one period cannot describe the step, the whole
 step by launch shape: how many kernels of each shape and their total dur
@@ -35,12 +40,19 @@ import sys
 def main(path):
     recs = []
     block_ends = {}  # kernel index -> [(start, end)] of its blocks (ns from the step's first release)
+    block_phases = {}  # kernel index -> [(mark 0, 3, 1, 2, end)] of its blocks, ns after the block's release
     for line in open(path):
-        b = re.match(r"\[zmlx trace block\] (-?\d+) (-?\d+) (-?\d+) (-?\d+) (\d+) (\d+)$", line.strip())
+        b = re.match(r"\[zmlx trace block\] (-?\d+) (-?\d+) (-?\d+) (-?\d+) (\d+) (\d+)((?: -?\d+){4})?$",
+                     line.strip())
         if b:
-            k, start, _go, end = (int(x) for x in b.groups()[:4])
+            k, start, go, end = (int(x) for x in b.groups()[:4])
             if k >= 0:
                 block_ends.setdefault(k, []).append((start, end))
+                if b.group(7):
+                    marks = [int(x) for x in b.group(7).split()]
+                    if any(v >= 0 for v in marks):
+                        block_phases.setdefault(k, []).append(
+                            tuple(marks[i] - go if marks[i] >= 0 else None for i in (0, 3, 1, 2)) + (end - go,))
             continue
         m = re.match(r"\[zmlx trace\] (\d+) (-?\d+) (-?\d+) (\d+) (\d+) (\d+)((?: -?\d+){3,4})?$", line.strip())
         if m:
@@ -73,8 +85,13 @@ def main(path):
     total = 0.0
     for j in range(period):
         durs, waits, blocks, late, last, end, e_early, e_late = [], [], [], [], [], [], [], []
+        phases = [[] for _ in range(5)]
         for layer in range(layers - 1):
             i = start + layer * period + j
+            for ph in block_phases.get(i, ()):
+                for q in range(5):
+                    if ph[q] is not None:
+                        phases[q].append(ph[q])
             durs.append(recs[i + 1][2] - recs[i][2])
             waits.append(recs[i][2] - recs[i][1])
             blocks.append(recs[i][6])
@@ -95,7 +112,10 @@ def main(path):
                  f"  last {statistics.mean(last) / 1000:6.2f} us" if any(blocks) else "")
               + (f"  end {statistics.mean(end) / 1000:6.2f} us" if all(end) else "")
               + (f"  ends early/late {statistics.mean(e_early) / 1000:5.2f} / "
-                 + (f"{statistics.mean(e_late) / 1000:5.2f} us" if e_late else "  -  ") if e_early else ""))
+                 + (f"{statistics.mean(e_late) / 1000:5.2f} us" if e_late else "  -  ") if e_early else "")
+              + ("  phases " + " ".join(f"{n} {statistics.median(v) / 1000:5.2f}" if v else f"{n}   -  "
+                                         for n, v in zip(("m0", "m3", "m1", "m2", "end"), phases))
+                 if any(phases[:4]) else ""))
     print(f"per layer {total / 1000:.2f} us (mean over {layers - 1} layers)")
     by_shape(recs, shape)
 

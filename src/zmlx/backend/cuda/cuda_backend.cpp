@@ -289,6 +289,7 @@ struct KernelTrace {
   void replay(cudaGraphExec_t exec, cudaStream_t s, cudaEvent_t done) {
 #ifdef ZMLX_KERNEL_TRACE
     using zmlx::cuda::dev::KernelTraceBuf;
+    static_assert(zmlx::cuda::dev::kTraceMarks == 4, "the block lines print four marks");
     KernelTraceBuf* buf = nullptr;
     cuda_check(cudaMalloc(&buf, sizeof(KernelTraceBuf)), "cudaMalloc (kernel trace)");
     cuda_check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
@@ -343,13 +344,16 @@ struct KernelTrace {
                  bs[i].blocks ? bs[i].last_start : 0, bs[i].blocks ? bs[i].last_end : 0);
     }
     // ZMLX_KERNEL_TRACE_BLOCKS=1: every block's own line too (its kernel's
-    // index, start, release and end in ns from the step's first release),
-    // for questions like "when did the late blocks finish".
+    // index, start, release and end in ns from the step's first release,
+    // its grid, then its phase marks, -1 where none), for questions like
+    // "when did the late blocks finish" or "which phase takes the time".
     if (const char* v = std::getenv("ZMLX_KERNEL_TRACE_BLOCKS"); v && std::strcmp(v, "1") == 0)
       for (unsigned long long b = 0; b < nb; ++b) {
         const auto& r = host->blk[b];
-        fmt::print(stderr, "[zmlx trace block] {} {} {} {} {} {}\n", owner[b], int64_t(r.start_ns - t0),
-                   int64_t(r.go_ns - t0), int64_t(r.end_ns - t0), r.grid_x, r.grid_y);
+        auto mark = [&](int i) { return r.mark_ns[i] ? int64_t(r.mark_ns[i] - t0) : int64_t(-1); };
+        fmt::print(stderr, "[zmlx trace block] {} {} {} {} {} {} {} {} {} {}\n", owner[b], int64_t(r.start_ns - t0),
+                   int64_t(r.go_ns - t0), int64_t(r.end_ns - t0), r.grid_x, r.grid_y, mark(0), mark(1), mark(2),
+                   mark(3));
       }
 #else
     log_info("[zmlx] ZMLX_KERNEL_TRACE_STEP: this build records no kernel trace (cmake -DZMLX_KERNEL_TRACE=ON)");

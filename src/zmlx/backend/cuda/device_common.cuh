@@ -271,6 +271,7 @@ static __device__ KernelTraceBuf* g_kernel_trace;  // one per .cu file (no reloc
 // This block's start and release, kept by thread 0 in pdl_begin until the
 // block leaves (the first pdl_begin of a block counts).
 static __shared__ unsigned long long g_trace_start_ns, g_trace_go_ns;
+static __shared__ unsigned long long g_trace_mark_ns[kTraceMarks];
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -282,8 +283,14 @@ __device__ __forceinline__ unsigned long long global_ns() {
 // at the end keeps the atomics off the block's path after its release
 // (they had stretched one-block kernels by ~0.7 us a record).
 struct TraceBlockEnd {
+  // The marks are cleared here, in warp 0 at the kernel's start; the
+  // other warps reach their first mark after the programmatic-launch wait,
+  // long after (a diagnostic build: no barrier added for it).
   __device__ TraceBlockEnd() {
-    if (threadIdx.x == 0 && threadIdx.y == 0) g_trace_go_ns = 0;
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+      g_trace_go_ns = 0;
+      for (int i = 0; i < kTraceMarks; ++i) g_trace_mark_ns[i] = 0;
+    }
   }
   __device__ ~TraceBlockEnd() {
     if (threadIdx.x != 0 || threadIdx.y != 0) return;
@@ -302,13 +309,20 @@ struct TraceBlockEnd {
     if (b < KernelTraceBuf::kMaxBlocks) {
       KernelBlockRec& r = tr->blk[b];
       r.start_ns = t_start, r.go_ns = t_go, r.end_ns = t_end;
+      for (int i = 0; i < kTraceMarks; ++i) r.mark_ns[i] = g_trace_mark_ns[i];
       r.grid_x = gridDim.x, r.grid_y = gridDim.y;
     }
   }
 };
 #define ZMLX_TRACE_BLOCK_END() ::zmlx::cuda::dev::TraceBlockEnd zmlx_trace_block_end_
+// Phase mark i: lane 0 of every warp that passes it (the block's last one wins).
+__device__ __forceinline__ void trace_mark(int i) {
+  if ((threadIdx.x & 31) == 0) atomicMax(&g_trace_mark_ns[i], global_ns());
+}
+#define ZMLX_TRACE_MARK(i) ::zmlx::cuda::dev::trace_mark(i)
 #else
 #define ZMLX_TRACE_BLOCK_END() static_cast<void>(0)
+#define ZMLX_TRACE_MARK(i) static_cast<void>(0)
 #endif
 // Points this .cu file's kernels at a device KernelTraceBuf (nullptr: off);
 // nothing without ZMLX_KERNEL_TRACE. static: each file sets its own pointer.

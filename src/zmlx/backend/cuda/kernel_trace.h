@@ -15,6 +15,9 @@
 // registers, shared memory and threads. The host attributes each block to
 // its kernel by launch shape and release time and prints how many started
 // after the release ("late") and when the last block ended.
+// Inside a kernel, ZMLX_TRACE_MARK(i) (i < kTraceMarks) records when the
+// block's last warp passed that point, so the time after the release splits
+// into phases (which phase a mark ends is said where the kernel places it).
 // Normal builds compile none of it.
 #pragma once
 #include <cstdint>
@@ -25,8 +28,12 @@ struct KernelTraceRec {
   unsigned long long start_ns, go_ns;
   unsigned grid_x, grid_y, block, pad;
 };
+// Phase marks (ZMLX_TRACE_MARK(i), device_common.cuh): when the block's
+// last warp passed mark i, 0 where no warp did.
+constexpr int kTraceMarks = 4;
 struct KernelBlockRec {
   unsigned long long start_ns, go_ns, end_ns;
+  unsigned long long mark_ns[kTraceMarks];
   unsigned grid_x, grid_y;
 };
 struct KernelTraceBuf {

@@ -505,8 +505,10 @@ __device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint1
     if (valid) row_preload<BITS, PRE>(m, r, p);
     pdl_begin();
     const uint4* xs = SX ? stage_x_block<PRE>(x, m.cols) : nullptr;  // whole block, before any warp leaves
+    ZMLX_TRACE_MARK(0);  // trace: x staged
     if (!valid) return;
     const float acc = SX ? row_dot_preloaded_staged<BITS, PRE>(m, p, xs) : row_dot_preloaded<BITS, PRE>(m, p, x);
+    ZMLX_TRACE_MARK(1);  // trace: the row's sum
     if ((threadIdx.x & 31) == 0) y[r] = to_bf(acc);
     return;
   }
@@ -544,9 +546,11 @@ __device__ __forceinline__ void swiglu_decode_row(const QMat& g, const QMat& u, 
     if (valid) row_preload<BITS>(g, r, pg), row_preload<BITS>(u, r, pu);
     pdl_begin();
     const uint4* xs = SX ? stage_x_block<kPreChunks>(x, g.cols) : nullptr;  // whole block, before any warp leaves
+    ZMLX_TRACE_MARK(0);  // trace: x staged
     if (!valid) return;
     const float ag = SX ? row_dot_preloaded_staged<BITS>(g, pg, xs) : row_dot_preloaded<BITS>(g, pg, x);
     const float au = SX ? row_dot_preloaded_staged<BITS>(u, pu, xs) : row_dot_preloaded<BITS>(u, pu, x);
+    ZMLX_TRACE_MARK(1);  // trace: the rows' sums
     if ((threadIdx.x & 31) == 0) y[r] = swiglu_bf(to_bf(ag), to_bf(au));
     return;
   }
@@ -732,11 +736,18 @@ __device__ __forceinline__ uint32_t u4_at(const uint4& v, int i) {
 
 // What a lane loads for one step (slabs X and Y) of NM matrices: words of
 // rows g, g+8 for its chunk of X, then of Y; and, for the two C columns it
-// will hold (chunks cs, cs+1), scale and bias − 128·scale of both rows.
+// will hold (chunks cs, cs+1), the raw bf16 scale and bias of both rows.
+// They stay raw until mma_do_step uses them: an instruction that reads a
+// loaded register waits for the load, and in-order issue holds every later
+// instruction of the warp behind it. Working out bias − 128·scale where
+// they were loaded made each step's loads three round trips in a row (the
+// SASS of gate+up, 2026-11-27: a batch of loads, a stall on the scales'
+// FFMA, the next column's loads, another stall), and the next step's loads,
+// issued before this step's MMAs, held those MMAs back by as much.
 template <int NM>
 struct MmaStep {
   uint4 w[NM][4];
-  float sc[NM][2][2], bc[NM][2][2];  // [matrix][row g / g+8][column]
+  uint32_t sc[NM][2][2], bi[NM][2][2];  // [matrix][row g / g+8][column], bf16 bits
 };
 
 // Rows r0+g and r0+g+8 (g = lane/4) of a tile: where this warp's loads go.
@@ -790,24 +801,19 @@ __device__ __forceinline__ void mma_load_step(MmaStep<NM>& st, const QMat (&ms)[
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int c = cs + j;
-      // cs is even, so for groups of 64+ both columns share one group.
-      if (j == 1 && (GW || rw.cshift > 0)) {
-        if constexpr (!GW) {
-          st.sc[i][0][1] = st.sc[i][0][0], st.bc[i][0][1] = st.bc[i][0][0];
-          st.sc[i][1][1] = st.sc[i][1][0], st.bc[i][1][1] = st.bc[i][1][0];
-        }
-        continue;
-      }
+      // cs is even, so for groups of 64+ both columns share one group:
+      // column 1 is not loaded and mma_do_step reads column 0's.
+      if (j == 1 && (GW || rw.cshift > 0)) continue;
       const int64_t gi = e * ms[i].s_stride + rw.goff + (c >> rw.cshift);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float s = 0.f, b = 0.f;
+        uint32_t sv = 0u, bv = 0u;  // bf16 zeros: the terms of a missing row or chunk are 0
         if ((h == 0 ? va : vb) && c < chunks) {
-          s = bf(__ldg(ms[i].scales + gi + h * 8 * gpr));
-          b = bf(__ldg(ms[i].biases + gi + h * 8 * gpr));
+          sv = __ldg(ms[i].scales + gi + h * 8 * gpr);
+          bv = __ldg(ms[i].biases + gi + h * 8 * gpr);
         }
-        st.sc[i][h][j] = s;
-        st.bc[i][h][j] = fmaf(-128.f, s, b);
+        st.sc[i][h][j] = sv;
+        st.bi[i][h][j] = bv;
       }
     }
   }
@@ -815,7 +821,9 @@ __device__ __forceinline__ void mma_load_step(MmaStep<NM>& st, const QMat (&ms)[
 
 template <int NM, bool GW = false>
 __device__ __forceinline__ void mma_do_step(const MmaStep<NM>& st, const uint32_t* stage, int64_t K, int slab_x,
-                                            int slab_y, int chunks, int g, int t, float (&acc)[NM][2]) {
+                                            int slab_y, const MmaRows& rw, int g, int t, float (&acc)[NM][2]) {
+  const int chunks = rw.chunks;
+  const bool one_group = GW || rw.cshift > 0;  // both columns in column 0's group (mma_load_step)
   const int cx = 4 * slab_x + t, cy = 4 * slab_y + t;
   const float* sxs = reinterpret_cast<const float*>(stage + mma_stage_sums(K));
   // B: only lane (t, t) supplies x for slab X (column t: b0, from P), lane
@@ -855,8 +863,10 @@ __device__ __forceinline__ void mma_do_step(const MmaStep<NM>& st, const uint32_
     for (int i = 0; i < NM; ++i)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        acc[i][h] = fmaf(st.sc[i][h][GW ? 0 : j], c[i][2 * h + j], acc[i][h]);
-        acc[i][h] = fmaf(st.bc[i][h][GW ? 0 : j], sx, acc[i][h]);
+        const float sc = lo_bf(j == 0 || one_group ? st.sc[i][h][0] : st.sc[i][h][j]);
+        const float bi = lo_bf(j == 0 || one_group ? st.bi[i][h][0] : st.bi[i][h][j]);
+        acc[i][h] = fmaf(sc, c[i][2 * h + j], acc[i][h]);
+        acc[i][h] = fmaf(fmaf(-128.f, sc, bi), sx, acc[i][h]);
       }
   }
 }
@@ -901,16 +911,17 @@ __device__ __forceinline__ void mma_tile(const QMat (&ms)[NM], int64_t e, const 
     for (int x0 = sp; x0 < rw.slabs; x0 += 4 * S) {
       const int x1 = x0 + 2 * S, x2 = x1 + 2 * S;
       if (x1 < rw.slabs) mma_load_step<NM>(nxt, ms, e, rw, x1, x1 + S, t);
-      mma_do_step<NM>(cur, st, K, x0, x0 + S, rw.chunks, g, t, part);
+      mma_do_step<NM>(cur, st, K, x0, x0 + S, rw, g, t, part);
+      if (x0 == sp) ZMLX_TRACE_MARK(3);  // trace: the first step's weights arrived and were used
       if (x1 >= rw.slabs) break;
       if (x2 < rw.slabs) mma_load_step<NM>(cur, ms, e, rw, x2, x2 + S, t);
-      mma_do_step<NM>(nxt, st, K, x1, x1 + S, rw.chunks, g, t, part);
+      mma_do_step<NM>(nxt, st, K, x1, x1 + S, rw, g, t, part);
     }
   } else {
     for (int x0 = sp; x0 < rw.slabs; x0 += 2 * S) {
       const int x1 = x0 + 2 * S;
       if (x1 < rw.slabs) mma_load_step<NM>(nxt, ms, e, rw, x1, x1 + S, t);
-      mma_do_step<NM>(cur, st, K, x0, x0 + S, rw.chunks, g, t, part);
+      mma_do_step<NM>(cur, st, K, x0, x0 + S, rw, g, t, part);
       cur = nxt;
     }
   }
@@ -975,6 +986,7 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
     mma_stage_x(x + xr * K, K, mma_smem);
     __syncthreads();
   }
+  ZMLX_TRACE_MARK(0);  // trace: the expert id read, x staged, the first loads issued
   float part[NM][2];
   if (r0 < rows) {
     mma_tile<NM>(ms, e, rw, cur, mma_smem, sp, S, part);
@@ -982,6 +994,7 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
 #pragma unroll
     for (int m = 0; m < NM; ++m) part[m][0] = part[m][1] = 0.f;
   }
+  ZMLX_TRACE_MARK(1);  // trace: every step done (mark 3: the first)
   if ((lane & 3) == 0)
 #pragma unroll
     for (int m = 0; m < NM; ++m) {
@@ -989,6 +1002,7 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
       red[(warp * NM + m) * 16 + (lane >> 2) + 8] = part[m][1];
     }
   __syncthreads();
+  ZMLX_TRACE_MARK(2);  // trace: the partials published
   if (int(threadIdx.x) < 16 * tpb) {
     const int tt = threadIdx.x >> 4, rr = threadIdx.x & 15;
     const int64_t r = (tile0 + tt) * 16 + rr;
@@ -1036,7 +1050,7 @@ __host__ __device__ __forceinline__ int64_t combine_shared_x_word(int per_pass, 
 template <int WARPS, bool TWO, bool SH>
 __device__ __forceinline__ void mma_combine_body(const uint16_t* h, const int32_t* ex, const void* scores, bool f32,
                                                  int mode, int k, QMat m, int S, uint16_t* out, bool early,
-                                                 SharedDown shd) {
+                                                 bool par_sum, SharedDown shd) {
   extern __shared__ __align__(16) uint32_t mma_smem[];
   const int64_t t = blockIdx.y, K = m.cols, r0 = int64_t(blockIdx.x) * 16;
   const int64_t sw = mma_stage_words(K);
@@ -1085,12 +1099,14 @@ __device__ __forceinline__ void mma_combine_body(const uint16_t* h, const int32_
       for (int i = threadIdx.x; i < shd.m.cols / 8; i += blockDim.x)
         reinterpret_cast<uint4*>(shx)[i] = __ldg(reinterpret_cast<const uint4*>(shd.h) + i);
     __syncthreads();
+    ZMLX_TRACE_MARK(0);  // trace: h staged (the last pass's)
     float part[1][2] = {{0.f, 0.f}};
     if constexpr (TWO) {  // one pass, at most two steps a warp, both loaded
       if (jj < nj && sp < rw.slabs) {
         const uint32_t* st = mma_smem + jj * sw;
-        mma_do_step<1, true>(first, st, K, sp, sp + S, rw.chunks, lane >> 2, lane & 3, part);
-        if (x1 < rw.slabs) mma_do_step<1, true>(second, st, K, x1, x1 + S, rw.chunks, lane >> 2, lane & 3, part);
+        mma_do_step<1, true>(first, st, K, sp, sp + S, rw, lane >> 2, lane & 3, part);
+        ZMLX_TRACE_MARK(3);  // trace: the first step done
+        if (x1 < rw.slabs) mma_do_step<1, true>(second, st, K, x1, x1 + S, rw, lane >> 2, lane & 3, part);
       }
       mma_quad_sum(part);
     } else if (jj < nj) {
@@ -1109,14 +1125,33 @@ __device__ __forceinline__ void mma_combine_body(const uint16_t* h, const int32_
         const float v = row_dot_preloaded<4, kSharedPre, false>(shd.m, p, shx);
         if (lane == 0) shy[warp + i * WARPS] = bf(to_bf(v));
       }
+    ZMLX_TRACE_MARK(1);  // trace: every step (and the shared rows) done
     if ((lane & 3) == 0) {
       red[warp * 16 + (lane >> 2)] = part[0][0];
       red[warp * 16 + (lane >> 2) + 8] = part[0][1];
     }
     __syncthreads();
-    if (threadIdx.x < 16)
+    ZMLX_TRACE_MARK(2);  // trace: the partials published
+    if (par_sum) {
+      // Each (slot, row) product by a thread of its own, into the staged
+      // rows' space (every warp is past its MMAs), then each row's sum in
+      // slot order: the same terms, order and bits as the loop below, whose
+      // 16 threads had worked out nj products each, one after another
+      // (1.4 us from the partials to the block's end in a Qwen3 trace).
+      float* prod = reinterpret_cast<float*>(mma_smem);
+      if (int(threadIdx.x) < 16 * nj) {
+        const int q = threadIdx.x >> 4, r = threadIdx.x & 15;
+        prod[threadIdx.x] = combine_product(to_bf(mma_split_sum(red, q * S, S, 16, r)), sc[j0 + q], mode);
+      }
+      __syncthreads();
+      if (threadIdx.x < 16)
+#pragma unroll
+        for (int q = 0; q < 16; ++q)
+          if (q < nj) acc += prod[q * 16 + threadIdx.x];
+    } else if (threadIdx.x < 16) {
       for (int q = 0; q < nj; ++q)
         acc += combine_product(to_bf(mma_split_sum(red, q * S, S, 16, threadIdx.x)), sc[j0 + q], mode);
+    }
     if (TWO) break;  // one pass: nothing to restage
     __syncthreads();  // the next pass restages the inputs
   }
@@ -1129,9 +1164,9 @@ __device__ __forceinline__ void mma_combine_body(const uint16_t* h, const int32_
 template <int WARPS, bool TWO = false, bool SH = false>
 __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
     mma_combine_kernel(const uint16_t* h, const int32_t* ex, const void* scores, bool f32, int mode, int k, QMat m,
-                       int S, uint16_t* out, bool early, SharedDown shd) {
+                       int S, uint16_t* out, bool early, bool par_sum, SharedDown shd) {
   ZMLX_TRACE_BLOCK_END();
-  mma_combine_body<WARPS, TWO, SH>(h, ex, scores, f32, mode, k, m, S, out, early, shd);
+  mma_combine_body<WARPS, TWO, SH>(h, ex, scores, f32, mode, k, m, S, out, early, par_sum, shd);
 }
 // The 16-warp two-step shared-expert form (GLM) at 88 registers a thread,
 // no spills (ptxas). Uncapped it takes 116, and 512 threads of 116 need an
@@ -1144,9 +1179,10 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 2 : 1)
 // The same body, so the same bits. ZMLX_CUDA_COMBINE_REG_CAP=0: uncapped.
 __global__ void __maxnreg__(88)
     mma_combine_shared_capped_kernel(const uint16_t* h, const int32_t* ex, const void* scores, bool f32, int mode,
-                                     int k, QMat m, int S, uint16_t* out, bool early, SharedDown shd) {
+                                     int k, QMat m, int S, uint16_t* out, bool early, bool par_sum,
+                                     SharedDown shd) {
   ZMLX_TRACE_BLOCK_END();
-  mma_combine_body<16, true, true>(h, ex, scores, f32, mode, k, m, S, out, early, shd);
+  mma_combine_body<16, true, true>(h, ex, scores, f32, mode, k, m, S, out, early, par_sum, shd);
 }
 
 // ---- host side of the MMA path ----
@@ -1361,7 +1397,7 @@ void mma_combine(const uint16_t* h, const int32_t* ex, const void* sc, bool f32,
         4;
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
     launch_smem(kernel, dim3(unsigned((m.rows + 15) / 16), unsigned(T)), dim3(warps * 32), smem, s, h, ex, sc, f32,
-                mode, k, m, S, out, routing_ready && early_routing(), shd);
+                mode, k, m, S, out, routing_ready && early_routing(), !env_is("ZMLX_CUDA_COMBINE_PAR_SUM", "0"), shd);
   };
   const bool two = combine_two_steps(m, k, routing_ready);
   if (shd.m.w) {
@@ -1968,6 +2004,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
   } else {
     load_bf16s<DPL>(q + (int64_t(t) * heads + h) * HD + lane * DPL, qv);
   }
+  ZMLX_TRACE_MARK(0);  // trace: q (and the new key) normed and roped
   float m = -FLT_MAX, l = 0.f, acc[DPL];
 #pragma unroll
   for (int d = 0; d < DPL; ++d) acc[d] = 0.f;
@@ -2006,12 +2043,15 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
       for (int d = 0; d < DPL; ++d) acc[d] = fmaf(p, vv[u][d], acc[d]);
     }
     m = mn;
+    if (j == jfirst) ZMLX_TRACE_MARK(3);  // trace: the first (preloaded) step done
   }
+  ZMLX_TRACE_MARK(1);  // trace: every step done
   __shared__ float sm[kAttnWarps], sl[kAttnWarps], sacc[kAttnWarps][HD];
   if (lane == 0) sm[warp] = m, sl[warp] = l;
 #pragma unroll
   for (int d = 0; d < DPL; ++d) sacc[warp][lane * DPL + d] = acc[d];
   __syncthreads();
+  ZMLX_TRACE_MARK(2);  // trace: the warps' partials published
   store_split_partial(sm, sl, sacc, HD, scratch + ((int64_t(t) * heads + h) * splits + s) * (HD + 2));
 }
 
@@ -2150,12 +2190,14 @@ __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k
   sum = warp_sum(sum);
   #pragma unroll
   for (int i = 0; i < PL; ++i) p[i] = lane + 32 * i < E ? rbf(expf(z[i] - mx) / sum) : -INFINITY;
+  ZMLX_TRACE_MARK(0);  // trace: the probabilities
   int id;
   float w, total;
   if (packed)
     warp_topk_packed(p, E, k, id, w, total);
   else
     warp_topk_picks(p, p, E, k, id, w, total);
+  ZMLX_TRACE_MARK(1);  // trace: the picks
   if (lane < k) {
     const float denom = rbf(total);
     ex[int64_t(t) * k + lane] = id;
