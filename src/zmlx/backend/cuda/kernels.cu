@@ -399,11 +399,23 @@ __device__ __forceinline__ int64_t decode_row0(int64_t block = blockIdx.x) {
 // Plain linears with longer rows (up to 8192 inputs: GLM's o_proj, 5120)
 // take linear_decode_kernel<B, kPreChunksLong>, which holds twice as many.
 constexpr int kPreChunks = 4, kPreChunksLong = 8;
+// Scales and biases stay raw bf16 bits until the dot product uses them
+// (row_scale / row_bias), as in MmaStep: converting them where they are
+// loaded would make the warp wait there for each chunk's load before
+// issuing the next chunk's.
 template <int BITS, int PRE = kPreChunks>
 struct RowPreload {
   WChunk<BITS> w[PRE];
-  float sc[PRE], bi[PRE];
+  uint32_t sc[PRE], bi[PRE];  // bf16 bits (dense rows: scale 1, bias 0)
 };
+template <int BITS, int PRE>
+__device__ __forceinline__ float row_scale(const RowPreload<BITS, PRE>& p, int i) {
+  return lo_bf(p.sc[i]);
+}
+template <int BITS, int PRE>
+__device__ __forceinline__ float row_bias(const RowPreload<BITS, PRE>& p, int i) {
+  return lo_bf(p.bi[i]);
+}
 template <int BITS, int PRE = kPreChunks>
 __device__ __forceinline__ bool row_preloadable(const QMat& m) {
   return m.cols / 32 <= 32 * PRE;
@@ -419,12 +431,12 @@ __device__ __forceinline__ void row_preload(const QMat& m, int64_t r, RowPreload
 #pragma unroll
   for (int i = 0; i < PRE; ++i) {
     const int c = lane + 32 * i;
-    p.sc[i] = 1.f, p.bi[i] = 0.f;
+    p.sc[i] = 0x3F80u, p.bi[i] = 0u;  // bf16 1 and 0
     if (c < chunks) {
       p.w[i] = load_w<BITS>(wr + int64_t(c) * BITS);
       if constexpr (BITS != 16) {
         const int64_t g = e * m.s_stride + r * gpr + (c * 32) / m.group;
-        p.sc[i] = bf(__ldg(m.scales + g)), p.bi[i] = bf(__ldg(m.biases + g));
+        p.sc[i] = __ldg(m.scales + g), p.bi[i] = __ldg(m.biases + g);
       }
     }
   }
@@ -439,7 +451,7 @@ __device__ __forceinline__ float row_dot_preloaded_from(const QMat& m, const Row
 #pragma unroll
   for (int i = 0; i < PRE; ++i) {
     const int c = lane + 32 * i;
-    if (c < chunks) acc = chunk_dot<BITS>(p.w[i], x_chunk(c), p.sc[i], p.bi[i], acc);
+    if (c < chunks) acc = chunk_dot<BITS>(p.w[i], x_chunk(c), row_scale(p, i), row_bias(p, i), acc);
   }
   return warp_sum(acc);
 }
@@ -2415,7 +2427,8 @@ __global__ void __launch_bounds__(256) multi_linear_t_short_kernel(const uint16_
   if (pre && has) row_preload<BITS>(m, r, p, h, sl);
   pdl_begin(trigger_first);
   if (!pre && has) row_preload<BITS>(m, r, p, h, sl);
-  float acc = has ? chunk_dot<BITS>(p.w[0], load_x(x + t * ldx + h * xoff + int64_t(sl) * 32), p.sc[0], p.bi[0], 0.f)
+  float acc = has ? chunk_dot<BITS>(p.w[0], load_x(x + t * ldx + h * xoff + int64_t(sl) * 32), row_scale(p, 0),
+                                   row_bias(p, 0), 0.f)
                   : 0.f;
 #pragma unroll
   for (int o = LPR / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
