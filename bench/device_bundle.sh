@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)
-if ! bash scripts/build.sh zmlx zmlx_tests gpu_bandwidth cuda_kernels_bench gemm_bench phase_sync_bench >"$log" 2>&1; then
+if ! bash scripts/build.sh zmlx zmlx_tests gpu_bandwidth cuda_kernels_bench gemm_bench phase_sync_bench weight_layout_bench >"$log" 2>&1; then
   grep -E 'error|FAILED' "$log" | head -20; tail -5 "$log"; rm -f "$log"
   echo "device_bundle: the build failed; build-device/ was not updated" >&2
   exit 1
@@ -14,7 +14,7 @@ fi
 rm -f "$log"
 rm -rf build-device
 mkdir -p build-device/lib
-cp build/zmlx build/zmlx_tests build/gpu_bandwidth build/cuda_kernels_bench build/gemm_bench build/phase_sync_bench build-device/
+cp build/zmlx build/zmlx_tests build/gpu_bandwidth build/cuda_kernels_bench build/gemm_bench build/phase_sync_bench build/weight_layout_bench build-device/
 for lib in libfmt libpcre2-8 libgomp libgtest; do
   path=$(ldd build/zmlx_tests | awk -v l="$lib" 'index($1, l ".so") == 1 {print $3}')
   [[ -n "$path" ]] && cp -L "$path" build-device/lib/
