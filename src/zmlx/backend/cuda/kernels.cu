@@ -1389,6 +1389,10 @@ bool early_routing() {
   return on;
 }
 
+// ZMLX_CUDA_COMBINE_PAR_SUM=0: the combine's 16 threads work out their rows'
+// slot products one after another (A/B runs; the same bits; read per launch).
+bool combine_par_sum() { return !env_is("ZMLX_CUDA_COMBINE_PAR_SUM", "0"); }
+
 // ZMLX_CUDA_TWO_STEP_COMBINE=0: gather_combine issues its second step's
 // loads after the wait, as before (A/B runs; the same bits).
 bool two_step_combine() {
@@ -1409,7 +1413,7 @@ void mma_combine(const uint16_t* h, const int32_t* ex, const void* sc, bool f32,
         4;
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
     launch_smem(kernel, dim3(unsigned((m.rows + 15) / 16), unsigned(T)), dim3(warps * 32), smem, s, h, ex, sc, f32,
-                mode, k, m, S, out, routing_ready && early_routing(), !env_is("ZMLX_CUDA_COMBINE_PAR_SUM", "0"), shd);
+                mode, k, m, S, out, routing_ready && early_routing(), combine_par_sum(), shd);
   };
   const bool two = combine_two_steps(m, k, routing_ready);
   if (shd.m.w) {
@@ -2272,7 +2276,6 @@ __global__ void short_conv_kernel(const uint16_t* bcx, int T, int C, uint16_t* s
 // decoding) the id also becomes the next step's input: step[0] = id,
 // ring[step[1] % ring_len] = id, step[1] += 1.
 __device__ __forceinline__ void argmax_take(float v, int i, float& bv, int& bi) {
-  ZMLX_TRACE_BLOCK_END();
   if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
 }
 

@@ -49,7 +49,6 @@ template <int DV>
 __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows kv, const uint16_t* q_pe,
                                                        const uint16_t* k_pe, int T, int heads, int kvh, int dk, int dr,
                                                        int pos0, const int* dpos, float scale, uint16_t* out) {
-  ZMLX_TRACE_BLOCK_END();
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* sQ = smem;
   uint8_t* sK = sQ + kFQ * kFQKW * 2;
@@ -370,7 +369,6 @@ constexpr int kMR = 64;  // reduction rows per step
 template <int BITS>
 __global__ void __launch_bounds__(128) multi_linear_n_mma_kernel(const uint16_t* x, int64_t ldx, int64_t xoff, int T,
                                                                  QMat m, uint16_t* out) {
-  ZMLX_TRACE_BLOCK_END();
   __shared__ __align__(128) uint8_t sA[2][kMT * kMR * 2];
   __shared__ __align__(128) uint8_t sB[2][kMR * kMC * 2];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
