@@ -860,6 +860,140 @@ TEST(CudaOps, ScalarDecodeStagedInputIsBitIdentical) {
   }
 }
 
+// A deferred add + norm (kern::AddNorm) folded into the scalar decode
+// mat-vecs — linear, linear_multi, linear_swiglu, linear_and_swiglu — against
+// add_rms_norm's own kernel followed by the same launch: the new residual,
+// the normalized x and every output bit for bit. x, the new residual and the
+// outputs start as NaN, so a launch that read x instead of computing it, or
+// a block that skipped the residual, fails. Also the forms that cannot fold
+// (x not staged; the tensor-core mat-vec) run it first, with the same bits.
+TEST(CudaOps, FoldedAddNormIsBitIdenticalToItsKernel) {
+  REQUIRE_GPU();
+  std::mt19937 rng(57);
+  const int64_t D = 2048;
+  ASSERT_TRUE(k::add_norm_fusable(D));
+  EXPECT_FALSE(k::add_norm_fusable(1024));
+  // Every launch below is small enough to fold (8 rows a block; at most 40 blocks).
+  ASSERT_GE(k::fold_max_blocks(), 40);
+  const float eps = 1e-6f;
+  Tensor h = test::bf16_tensor(test::random_bf16(rng, size_t(D)), {1, D});
+  Tensor dxh = test::bf16_tensor(test::random_bf16(rng, size_t(D)), {1, D});
+  Tensor wn = test::bf16_tensor(test::random_bf16(rng, size_t(D)), {D});
+  DevBuf dh(h.data, h.nbytes()), ddx(dxh.data, dxh.nbytes()), dw(wn.data, wn.nbytes());
+  // The reference: the residual add and norm as a kernel of their own, in place.
+  DevBuf rh(h.data, h.nbytes()), rx(size_t(D) * 2);
+  k::add_rms_norm(rh.u16(), ddx.u16(), 1, D, dw.u16(), eps, rx.u16(), nullptr);
+  const auto ref_h = rh.floats(), ref_x = rx.floats();
+  ASSERT_TRUE(all_finite(ref_x));
+
+  for (int bits : {4, 8}) {
+    const Weight w = test::random_qweight(rng, 0, 300, D, bits, 64), w2 = test::random_qweight(rng, 0, 13, D, bits, 64);
+    const Weight g = test::random_qweight(rng, 0, 200, D, 4, 64), u = test::random_qweight(rng, 0, 200, D, 4, 64);
+    DevQ q, q2, qg, qu;
+    upload(w, q), upload(w2, q2), upload(g, qg), upload(u, qu);
+    // Each consumer once from the reference x, once folding the add + norm.
+    struct Out {
+      DevBuf y{600}, ym{600}, ym2{26}, ys{400}, yr{26}, yh{400};
+    };
+    auto run = [&](const uint16_t* x, const k::AddNorm* an, Out& o) {
+      // A fresh AddNorm for each launch: each one computes x and the residual anew.
+      auto a = [&] { return an ? *an : k::AddNorm{}; };
+      k::linear(x, 1, q.m, o.y.u16(), nullptr, a());
+      const k::QMat ms[2] = {q.m, q2.m};
+      uint16_t* const ys[2] = {o.ym.u16(), o.ym2.u16()};
+      k::linear_multi(x, 1, ms, ys, 2, nullptr, a());
+      k::linear_swiglu(x, 1, qg.m, qu.m, o.ys.u16(), nullptr, a());
+      if (k::linear_and_swiglu_fits(q2.m, qg.m, qu.m))  // the scalar kernels only (not form 2)
+        k::linear_and_swiglu(x, q2.m, o.yr.u16(), qg.m, qu.m, o.yh.u16(), nullptr, a());
+      cudaDeviceSynchronize();
+    };
+    Out ref;
+    setenv("ZMLX_CUDA_MMA", "0", 1);
+    run(rx.u16(), nullptr, ref);
+    for (int form : {0, 1, 2}) {  // folded; x not staged (run first); tensor-core mat-vecs (run first)
+      if (form == 1) setenv("ZMLX_CUDA_STAGE_X", "0", 1);
+      if (form == 2) setenv("ZMLX_CUDA_MMA", "all", 1);
+      const std::string at = "bits " + std::to_string(bits) + " form " + std::to_string(form);
+      DevBuf nh(size_t(D) * 2), nx(size_t(D) * 2);  // NaN until written
+      const k::AddNorm an{dh.u16(), ddx.u16(), dw.u16(), eps, D, nh.u16(), nx.u16()};
+      Out o;
+      run(nx.u16(), &an, o);
+      unsetenv("ZMLX_CUDA_STAGE_X");
+      setenv("ZMLX_CUDA_MMA", "0", 1);
+      EXPECT_EQ(nh.floats(), ref_h) << "new residual, " << at;
+      EXPECT_EQ(nx.floats(), ref_x) << "normalized x, " << at;
+      if (form == 2) {  // another kernel: compare with itself from the reference x
+        Out o2;
+        setenv("ZMLX_CUDA_MMA", "all", 1);
+        run(rx.u16(), nullptr, o2);
+        setenv("ZMLX_CUDA_MMA", "0", 1);
+        EXPECT_EQ(o.y.floats(), o2.y.floats()) << "linear, " << at;
+        EXPECT_EQ(o.ys.floats(), o2.ys.floats()) << "linear_swiglu, " << at;
+        continue;
+      }
+      ASSERT_TRUE(all_finite(o.y.floats()) && all_finite(o.ym.floats()) && all_finite(o.yh.floats())) << at;
+      EXPECT_EQ(o.y.floats(), ref.y.floats()) << "linear, " << at;
+      EXPECT_EQ(o.ym.floats(), ref.ym.floats()) << "linear_multi, " << at;
+      EXPECT_EQ(o.ym2.floats(), ref.ym2.floats()) << "linear_multi (second matrix), " << at;
+      EXPECT_EQ(o.ys.floats(), ref.ys.floats()) << "linear_swiglu, " << at;
+      EXPECT_EQ(o.yr.floats(), ref.yr.floats()) << "linear_and_swiglu (linear), " << at;
+      EXPECT_EQ(o.yh.floats(), ref.yh.floats()) << "linear_and_swiglu (swiglu), " << at;
+    }
+    unsetenv("ZMLX_CUDA_MMA");
+  }
+  // The original residual is read only.
+  EXPECT_EQ(dh.floats(), DevBuf(h.data, h.nbytes()).floats());
+}
+
+// The backend defers one token's add_rms_norm to the next op (h replaced by
+// the sum's new tensor): a mat-vec folds it in, any other op and to_host run
+// it first. Against a backend that never defers (ZMLX_CUDA_FOLD_NORM=0):
+// the same bits for h, x and the mat-vec's output, in both orders, and the
+// old h untouched.
+TEST(CudaOps, DeferredAddNormMatchesTheEagerBackend) {
+  REQUIRE_GPU();
+  std::mt19937 rng(58);
+  const int64_t D = 2048;
+  Tensor h = test::bf16_tensor(test::random_bf16(rng, size_t(D)), {1, D});
+  Tensor dx = test::bf16_tensor(test::random_bf16(rng, size_t(D)), {1, D});
+  Tensor wn = test::bf16_tensor(test::random_bf16(rng, size_t(D)), {D});
+  const Weight w = test::random_qweight(rng, 0, 96, D, 4, 64);
+  auto trial = [&](bool fold, int order) {
+    if (!fold) setenv("ZMLX_CUDA_FOLD_NORM", "0", 1);
+    auto g = gpu();
+    unsetenv("ZMLX_CUDA_FOLD_NORM");
+    Tensor gh = g->from_host(h);
+    const Tensor old = gh;
+    const Weight gw = g->adopt(w);
+    Tensor x = g->add_rms_norm(gh, g->from_host(dx), g->adopt(wn), 1e-6f);
+    std::vector<Tensor> got;
+    if (order == 0) {  // the mat-vec first (folds it), then the residual
+      got.push_back(g->to_host(g->linear(x, gw)));
+      got.push_back(g->to_host(gh));
+    } else {  // another op first (runs it), then the mat-vec
+      got.push_back(g->to_host(g->rms_norm(gh, g->adopt(wn), 1e-6f)));
+      got.push_back(g->to_host(g->linear(x, gw)));
+    }
+    got.push_back(g->to_host(x));
+    got.push_back(g->to_host(gh));
+    got.push_back(g->to_host(old));
+    EXPECT_EQ(fold, gh.data != old.data) << "h replaced only when deferred";
+    return got;
+  };
+  for (int order : {0, 1}) {
+    const auto a = trial(true, order), b = trial(false, order);
+    for (size_t i = 0; i < a.size(); ++i) {
+      const bool same_bytes = a[i].nbytes() == b[i].nbytes() && std::memcmp(a[i].data, b[i].data, a[i].nbytes()) == 0;
+      // The eager backend adds in place: its "old" h is the new one.
+      if (i + 1 == a.size()) {
+        EXPECT_TRUE(std::memcmp(a[i].data, h.data, h.nbytes()) == 0) << "old h written, order " << order;
+        continue;
+      }
+      EXPECT_TRUE(same_bytes) << "output " << i << ", order " << order;
+    }
+  }
+}
+
 TEST(CudaOps, MmaExpertKernelsMatchScalarAndCpuAndFusedIsBitIdentical) {
   REQUIRE_GPU();
   auto c = make_cpu_backend();

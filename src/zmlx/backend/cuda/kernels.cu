@@ -482,11 +482,29 @@ __device__ __forceinline__ uint4* staged_x_buffer() {
   return buf;
 }
 // Whole block, after the programmatic-launch wait; K <= 32·32·PRE.
-template <int PRE>
-__device__ __forceinline__ const uint4* stage_x_block(const uint16_t* x, int64_t K) {
+// an.h set (a deferred add + norm whose out is x; K = 8·blockDim.x, checked
+// by the host): each thread computes its 8-value piece of x as
+// add_rms_norm_vec_kernel does — add_rms_norm_row8 over a block of the same
+// size, so the same sum of squares and the same bits — and stages that
+// instead of reading x; block (0, 0) also writes the new residual and x for
+// the kernels after this one.
+template <int PRE, bool FOLD>
+__device__ __forceinline__ const uint4* stage_x_block(const uint16_t* x, int64_t K, const AddNorm& an) {
   uint4* xs = staged_x_buffer<PRE>();
-  const uint4* src = reinterpret_cast<const uint4*>(x);
-  for (int p = threadIdx.x; p < int(K >> 3); p += blockDim.x) xs[staged_x_slot(p)] = __ldg(src + p);
+  if constexpr (FOLD) {
+    const int p = threadIdx.x;
+    uint4 hn, on;
+    add_rms_norm_row8_lean(reinterpret_cast<const uint4*>(an.h) + p, reinterpret_cast<const uint4*>(an.dx) + p,
+                           reinterpret_cast<const uint4*>(an.w) + p, int(K), an.eps, hn, on);
+    xs[staged_x_slot(p)] = on;
+    if (blockIdx.x == 0 && blockIdx.y == 0) {
+      reinterpret_cast<uint4*>(an.h_out)[p] = hn;
+      reinterpret_cast<uint4*>(an.out)[p] = on;
+    }
+  } else {
+    const uint4* src = reinterpret_cast<const uint4*>(x);
+    for (int p = threadIdx.x; p < int(K >> 3); p += blockDim.x) xs[staged_x_slot(p)] = __ldg(src + p);
+  }
   __syncthreads();
   return xs;
 }
@@ -505,18 +523,21 @@ __device__ __forceinline__ float row_dot_preloaded_staged(const QMat& m, const R
 }
 
 // One row of m (row r, valid or not) into y[r]: preloaded when the row is
-// short enough, x then staged as above when SX. Every thread of the block
-// calls it (pdl_begin inside). SX is a template parameter, not a flag: one
-// kernel holding both forms took more registers (ptxas).
-template <int BITS, int PRE = kPreChunks, bool SX = false>
-__device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint16_t* x, uint16_t* y, bool pre) {
+// short enough, x then staged as above when SX, and computed from a
+// deferred add + norm when FOLD (an; SX too). Every thread of the block
+// calls it (pdl_begin inside). SX and FOLD are template parameters, not
+// flags: one kernel holding both forms took more registers (ptxas), which
+// cost the early-launched blocks of Qwen3's q/k/v a wave.
+template <int BITS, int PRE = kPreChunks, bool SX = false, bool FOLD = false>
+__device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint16_t* x, uint16_t* y, bool pre,
+                                           const AddNorm& an) {
   static_assert(kDecodeRows == 1, "decode_row computes one row a warp");
   if (pre && row_preloadable<BITS, PRE>(m)) {  // the same for the whole block
     const bool valid = r < m.rows;
     RowPreload<BITS, PRE> p;
     if (valid) row_preload<BITS, PRE>(m, r, p);
     pdl_begin();
-    const uint4* xs = SX ? stage_x_block<PRE>(x, m.cols) : nullptr;  // whole block, before any warp leaves
+    const uint4* xs = SX ? stage_x_block<PRE, FOLD>(x, m.cols, an) : nullptr;  // whole block, before any warp leaves
     ZMLX_TRACE_MARK(0);  // trace: x staged
     if (!valid) return;
     const float acc = SX ? row_dot_preloaded_staged<BITS, PRE>(m, p, xs) : row_dot_preloaded<BITS, PRE>(m, p, x);
@@ -531,33 +552,37 @@ __device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint1
   if ((threadIdx.x & 31) == 0) y[r] = to_bf(acc[0]);
 }
 
-template <int BITS, int PRE, bool SX>
-__global__ void __launch_bounds__(256) linear_decode_kernel(const uint16_t* x, QMat m, uint16_t* y, bool pre) {
+template <int BITS, int PRE, bool SX, bool FOLD>
+__global__ void __launch_bounds__(256) linear_decode_kernel(const uint16_t* x, QMat m, uint16_t* y, bool pre,
+                                                            AddNorm an) {
   ZMLX_TRACE_BLOCK_END();
-  decode_row<BITS, PRE, SX>(m, decode_row0(), x, y, pre);
+  decode_row<BITS, PRE, SX, FOLD>(m, decode_row0(), x, y, pre, an);
 }
 
-template <int BITS, bool SX>
-__global__ void __launch_bounds__(256) linear_multi_decode_kernel(const uint16_t* x, MultiQ mq, bool pre) {
+// FOLD: held to 48 registers, as the other forms take, so that 5 blocks fit
+// an SM (Qwen3's q/k/v: 640 blocks in one wave; 64 registers otherwise).
+template <int BITS, bool SX, bool FOLD>
+__global__ void __launch_bounds__(256, FOLD ? 5 : 1) linear_multi_decode_kernel(const uint16_t* x, MultiQ mq, bool pre,
+                                                                  AddNorm an) {
   ZMLX_TRACE_BLOCK_END();
   int i = 0;
   while (i + 1 < mq.n && int64_t(blockIdx.x) >= mq.first_block[i + 1]) ++i;
   const int64_t r0 = ((int64_t(blockIdx.x) - mq.first_block[i]) * kRowsPerBlock + (threadIdx.x >> 5)) * kDecodeRows;
-  decode_row<BITS, kPreChunks, SX>(mq.m[i], r0, x, mq.y[i], pre);
+  decode_row<BITS, kPreChunks, SX, FOLD>(mq.m[i], r0, x, mq.y[i], pre, an);
 }
 
 // Gate and up row r (valid or not) into y[r] = swiglu(bf16(g·x), bf16(u·x)),
 // preloaded as decode_row does. Every thread of the block calls it.
-template <int BITS, bool SX>
+template <int BITS, bool SX, bool FOLD>
 __device__ __forceinline__ void swiglu_decode_row(const QMat& g, const QMat& u, int64_t r, const uint16_t* x,
-                                                  uint16_t* y, bool pre) {
+                                                  uint16_t* y, bool pre, const AddNorm& an) {
   static_assert(kDecodeRows == 1, "swiglu_decode_row computes one row a warp");
   if (pre && row_preloadable<BITS>(g)) {
     const bool valid = r < g.rows;
     RowPreload<BITS> pg, pu;
     if (valid) row_preload<BITS>(g, r, pg), row_preload<BITS>(u, r, pu);
     pdl_begin();
-    const uint4* xs = SX ? stage_x_block<kPreChunks>(x, g.cols) : nullptr;  // whole block, before any warp leaves
+    const uint4* xs = SX ? stage_x_block<kPreChunks, FOLD>(x, g.cols, an) : nullptr;  // whole block, before any warp leaves
     ZMLX_TRACE_MARK(0);  // trace: x staged
     if (!valid) return;
     const float ag = SX ? row_dot_preloaded_staged<BITS>(g, pg, xs) : row_dot_preloaded<BITS>(g, pg, x);
@@ -574,11 +599,11 @@ __device__ __forceinline__ void swiglu_decode_row(const QMat& g, const QMat& u, 
   if ((threadIdx.x & 31) == 0) y[r] = swiglu_bf(to_bf(a[0][0]), to_bf(a[1][0]));
 }
 
-template <int BITS, bool SX>
+template <int BITS, bool SX, bool FOLD>
 __global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_t* x, QMat g, QMat u, uint16_t* y,
-                                                                   bool pre) {
+                                                                   bool pre, AddNorm an) {
   ZMLX_TRACE_BLOCK_END();
-  swiglu_decode_row<BITS, SX>(g, u, decode_row0(), x, y, pre);
+  swiglu_decode_row<BITS, SX, FOLD>(g, u, decode_row0(), x, y, pre, an);
 }
 
 // A MoE block's router and its shared expert's gate+up, which read the same
@@ -586,12 +611,13 @@ __global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_
 // linear_decode_kernel does, the rest the gate+up rows as
 // linear_swiglu_decode_kernel does, so both outputs have those kernels' bits
 // and the router's successor (the top-k) waits on one kernel, not two.
-template <int WB, int SB, bool SX>
+template <int WB, int SB, bool SX, bool FOLD>
 __global__ void __launch_bounds__(256) linear_and_swiglu_decode_kernel(const uint16_t* x, QMat w, uint16_t* y, int wb,
-                                                                       QMat g, QMat u, uint16_t* yh, bool pre) {
+                                                                       QMat g, QMat u, uint16_t* yh, bool pre,
+                                                                       AddNorm an) {
   ZMLX_TRACE_BLOCK_END();
-  if (int(blockIdx.x) < wb) return decode_row<WB, kPreChunks, SX>(w, decode_row0(), x, y, pre);
-  swiglu_decode_row<SB, SX>(g, u, decode_row0(int64_t(blockIdx.x) - wb), x, yh, pre);
+  if (int(blockIdx.x) < wb) return decode_row<WB, kPreChunks, SX, FOLD>(w, decode_row0(), x, y, pre, an);
+  swiglu_decode_row<SB, SX, FOLD>(g, u, decode_row0(int64_t(blockIdx.x) - wb), x, yh, pre, an);
 }
 
 // One (token, slot) pair per blockIdx.y.
@@ -1294,12 +1320,14 @@ bool preload_weights() {
 // the old form; but decode A/Bs of that threshold (two H100 calls, 07:55
 // and 08:01 UTC) had every launch staged faster on the whole step: Qwen3
 // +1.3 %, LFM2 +1.3-1.6 %, GLM flat. So every launch stages.
-// f(std::true_type{}) where a launch stages x, else f(std::false_type{}):
-// f launches the kernel instantiated with that SX.
+// f(SX, FOLD) as std::true_type / std::false_type: f launches the kernel
+// instantiated with whether it stages x and whether it folds a deferred
+// add + norm (fold.h set: fold_add_norm saw x staged).
 template <typename F>
-void with_staged_x(F&& f) {
-  if (stage_x()) f(std::true_type{});
-  else f(std::false_type{});
+void with_x_form(const AddNorm& fold, F&& f) {
+  if (fold.h) f(std::true_type{}, std::true_type{});
+  else if (stage_x()) f(std::true_type{}, std::false_type{});
+  else f(std::false_type{}, std::false_type{});
 }
 
 // ZMLX_CUDA_LONG_PRELOAD=0: plain linears with rows of 4097-8192 inputs load
@@ -1438,37 +1466,59 @@ void by_bits(int bits, A&&... a) {
   }
 }
 
+// A deferred add + norm (an.h set) before a launch of the scalar decode
+// kernels with rows of K inputs: returned to be done inside the launch when
+// it stages x and preloads its rows (decode_row's staged form), else run as
+// a kernel of its own first and {} returned.
+AddNorm fold_add_norm(const AddNorm& an, int64_t K, cudaStream_t s, int64_t blocks) {
+  if (!an.h) return {};
+  if (an.D == K && add_norm_fusable(K) && stage_x() && preload_weights() && blocks <= fold_max_blocks()) return an;
+  add_rms_norm_apart(an, s);
+  return {};
+}
+// The same before any other launch: the add + norm first, on its own.
+void run_add_norm(const AddNorm& an, cudaStream_t s) {
+  if (an.h) add_rms_norm_apart(an, s);
+}
+
 template <int B>
-void launch_linear_multi_decode(dim3 grid, const uint16_t* x, const MultiQ& mq, cudaStream_t s) {
-  with_staged_x([&](auto sx) {
-    launch(linear_multi_decode_kernel<B, decltype(sx)::value>, grid, dim3(256), s, x, mq, preload_weights());
+void launch_linear_multi_decode(dim3 grid, const uint16_t* x, const MultiQ& mq, cudaStream_t s,
+                                const AddNorm& an = {}) {
+  const AddNorm fold = fold_add_norm(an, mq.m[0].cols, s, int64_t(grid.x));
+  with_x_form(fold, [&](auto sx, auto fd) {
+    launch(linear_multi_decode_kernel<B, decltype(sx)::value, decltype(fd)::value>, grid, dim3(256), s, x, mq,
+           preload_weights(), fold);
   });
 }
 
 template <int B>
 struct LinearL {
-  static void go(const uint16_t* x, int T, const QMat& m, uint16_t* y, cudaStream_t s) {
-    if (T == 1 && use_mma_linear(m)) return mma_decode<1>(x, mma_job(&m, &y, 1), 1, s);
+  static void go(const uint16_t* x, int T, const QMat& m, uint16_t* y, cudaStream_t s, const AddNorm& an) {
+    if (T == 1 && use_mma_linear(m)) return run_add_norm(an, s), mma_decode<1>(x, mma_job(&m, &y, 1), 1, s);
     const unsigned gx = unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     const dim3 decode_grid(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));
     const int64_t chunks = m.cols / 32;
-    if (T == 1 && chunks > 32 * kPreChunks && chunks <= 32 * kPreChunksLong && long_row_preload())
-      with_staged_x([&](auto sx) {
-        launch(linear_decode_kernel<B, kPreChunksLong, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
-               preload_weights());
+    if (T == 1 && chunks > 32 * kPreChunks && chunks <= 32 * kPreChunksLong && long_row_preload()) {
+      const AddNorm fold = fold_add_norm(an, m.cols, s, decode_grid.x);
+      with_x_form(fold, [&](auto sx, auto fd) {
+        launch(linear_decode_kernel<B, kPreChunksLong, decltype(sx)::value, decltype(fd)::value>, decode_grid,
+               dim3(256), s, x, m, y, preload_weights(), fold);
       });
-    else if (T == 1)
-      with_staged_x([&](auto sx) {
-        launch(linear_decode_kernel<B, kPreChunks, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
-               preload_weights());
+    } else if (T == 1) {
+      const AddNorm fold = fold_add_norm(an, m.cols, s, decode_grid.x);
+      with_x_form(fold, [&](auto sx, auto fd) {
+        launch(linear_decode_kernel<B, kPreChunks, decltype(sx)::value, decltype(fd)::value>, decode_grid, dim3(256),
+               s, x, m, y, preload_weights(), fold);
       });
-    else
+    } else {
+      run_add_norm(an, s);
       launch(linear_kernel<B, kTokTile>, dim3(dim3(gx, unsigned((T + kTokTile - 1) / kTokTile))), dim3(256), s, x, T, m, y);
+    }
   }
 };
 template <int B>
 struct LinearMultiL {
-  static void go(const uint16_t* x, int T, const MultiQ& mq, cudaStream_t s) {
+  static void go(const uint16_t* x, int T, const MultiQ& mq, cudaStream_t s, const AddNorm& an) {
     if (T == 1 && use_mma(mq.m[0])) {
       // Matrices with enough rows in one MMA launch, the others in one scalar launch.
       QMat big[kMaxMulti];
@@ -1486,36 +1536,43 @@ struct LinearMultiL {
           small.first_block[j + 1] = small.first_block[j] + (mq.m[i].rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock;
         }
       }
-      if (nb > 0) mma_decode<1>(x, mma_job(big, ybig, nb), 1, s);
+      if (nb > 0) run_add_norm(an, s), mma_decode<1>(x, mma_job(big, ybig, nb), 1, s);
       if (small.n > 0)
-        launch_linear_multi_decode<B>(dim3(unsigned(small.first_block[small.n])), x, small, s);
+        launch_linear_multi_decode<B>(dim3(unsigned(small.first_block[small.n])), x, small, s,
+                                      nb > 0 ? AddNorm{} : an);
       return;
     }
     const unsigned gx = unsigned(mq.first_block[mq.n]);
-    if (T == 1)
-      launch_linear_multi_decode<B>(dim3(gx), x, mq, s);
-    else
+    if (T == 1) {
+      launch_linear_multi_decode<B>(dim3(gx), x, mq, s, an);
+    } else {
+      run_add_norm(an, s);
       launch(linear_multi_kernel<B, kTokTile>, dim3(gx, unsigned((T + kTokTile - 1) / kTokTile)), dim3(256), s, x, T, mq);
+    }
   }
 };
 template <int B>
 struct LinearSwigluL {
-  static void go(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s) {
+  static void go(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s,
+                 const AddNorm& an) {
     if (T == 1 && use_mma_linear(g)) {
       const QMat gu[2] = {g, u};
       MmaJob j = mma_job(gu, nullptr, 2);
       j.y[0] = y;
-      return mma_decode<2>(x, j, 1, s);
+      return run_add_norm(an, s), mma_decode<2>(x, j, 1, s);
     }
     const unsigned gx = unsigned((g.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     const dim3 decode_grid(unsigned((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));
-    if (T == 1)
-      with_staged_x([&](auto sx) {
-        launch(linear_swiglu_decode_kernel<B, decltype(sx)::value>, decode_grid, dim3(256), s, x, g, u, y,
-               preload_weights());
+    if (T == 1) {
+      const AddNorm fold = fold_add_norm(an, g.cols, s, decode_grid.x);
+      with_x_form(fold, [&](auto sx, auto fd) {
+        launch(linear_swiglu_decode_kernel<B, decltype(sx)::value, decltype(fd)::value>, decode_grid, dim3(256), s, x,
+               g, u, y, preload_weights(), fold);
       });
-    else
+    } else {
+      run_add_norm(an, s);
       launch(linear_swiglu_kernel<B, kTokTile>, dim3(dim3(gx, unsigned((T + kTokTile - 1) / kTokTile))), dim3(256), s, x, T, g, u, y);
+    }
   }
 };
 template <int B>
@@ -1691,17 +1748,19 @@ __global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const
 
 // add_rms_norm for rows of D = 8·blockDim.x: one 16-byte load of h, x and w
 // per thread (add_rms_norm_row8).
-__global__ void add_rms_norm_vec_kernel(uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
-                                        uint16_t* out, bool trigger_first) {
+// h_out may be h (in place) or another buffer (a deferred add + norm run on
+// its own: AddNorm).
+__global__ void add_rms_norm_vec_kernel(const uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
+                                        uint16_t* h_out, uint16_t* out, bool trigger_first) {
   ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
   const int64_t r = blockIdx.x;
-  uint4* hr = reinterpret_cast<uint4*>(h + r * D) + threadIdx.x;
-  const uint4 hv = *hr, xv = __ldg(reinterpret_cast<const uint4*>(x + r * D) + threadIdx.x);
+  const uint4 hv = reinterpret_cast<const uint4*>(h + r * D)[threadIdx.x];
+  const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + r * D) + threadIdx.x);
   const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w) + threadIdx.x);
   uint4 hn, on;
   add_rms_norm_row8(hv, xv, wv, D, eps, hn, on);
-  *hr = hn;
+  reinterpret_cast<uint4*>(h_out + r * D)[threadIdx.x] = hn;
   reinterpret_cast<uint4*>(out + r * D)[threadIdx.x] = on;
 }
 
@@ -2599,12 +2658,13 @@ void embed(const QMat& table, const int32_t* ids, int T, uint16_t* out, cudaStre
   check_launch("embed");
 }
 
-void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s) {
-  by_bits<LinearL>(w.bits, x, T, w, y, s);
+void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s, const AddNorm& an) {
+  by_bits<LinearL>(w.bits, x, T, w, y, s, an);
   check_launch("linear");
 }
 
-void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys, int n, cudaStream_t s) {
+void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys, int n, cudaStream_t s,
+                  const AddNorm& an) {
   if (n > kMaxMulti) throw std::runtime_error("linear_multi: at most 4 matrices");
   MultiQ mq;
   mq.n = n;
@@ -2616,13 +2676,14 @@ void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys,
     const int64_t per_block = T == 1 ? kRowsPerDecodeBlock : kRowsPerBlock;
     mq.first_block[i + 1] = mq.first_block[i] + (ms[i].rows + per_block - 1) / per_block;
   }
-  by_bits<LinearMultiL>(ms[0].bits, x, T, mq, s);
+  by_bits<LinearMultiL>(ms[0].bits, x, T, mq, s, an);
   check_launch("linear_multi");
 }
 
-void linear_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s) {
+void linear_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s,
+                   const AddNorm& an) {
   if (g.bits != u.bits) throw std::runtime_error("linear_swiglu: gate and up differ in format");
-  by_bits<LinearSwigluL>(g.bits, x, T, g, u, y, s);
+  by_bits<LinearSwigluL>(g.bits, x, T, g, u, y, s, an);
   check_launch("linear_swiglu");
 }
 
@@ -2684,12 +2745,13 @@ void gather_combine_shared(const uint16_t* h, const int32_t* experts, const void
 namespace {
 template <int WB>
 void launch_linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u,
-                              uint16_t* yh, cudaStream_t s) {
+                              uint16_t* yh, cudaStream_t s, const AddNorm& an) {
   const int wb = int((w.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
   const int gb = int((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
-  with_staged_x([&](auto sx) {
-    launch(linear_and_swiglu_decode_kernel<WB, 4, decltype(sx)::value>, dim3(unsigned(wb + gb)), dim3(256), s, x, w, y,
-           wb, g, u, yh, preload_weights());
+  const AddNorm fold = fold_add_norm(an, w.cols, s, wb + gb);
+  with_x_form(fold, [&](auto sx, auto fd) {
+    launch(linear_and_swiglu_decode_kernel<WB, 4, decltype(sx)::value, decltype(fd)::value>, dim3(unsigned(wb + gb)),
+           dim3(256), s, x, w, y, wb, g, u, yh, preload_weights(), fold);
   });
 }
 }  // namespace
@@ -2702,12 +2764,12 @@ bool linear_and_swiglu_fits(const QMat& w, const QMat& g, const QMat& u) {
 }
 
 void linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u, uint16_t* yh,
-                       cudaStream_t s) {
+                       cudaStream_t s, const AddNorm& an) {
   if (!linear_and_swiglu_fits(w, g, u)) throw std::runtime_error("linear_and_swiglu: formats it does not take");
   switch (w.bits) {
-    case 4: launch_linear_and_swiglu<4>(x, w, y, g, u, yh, s); break;
-    case 8: launch_linear_and_swiglu<8>(x, w, y, g, u, yh, s); break;
-    default: launch_linear_and_swiglu<16>(x, w, y, g, u, yh, s); break;
+    case 4: launch_linear_and_swiglu<4>(x, w, y, g, u, yh, s, an); break;
+    case 8: launch_linear_and_swiglu<8>(x, w, y, g, u, yh, s, an); break;
+    default: launch_linear_and_swiglu<16>(x, w, y, g, u, yh, s, an); break;
   }
   check_launch("linear + linear_swiglu");
 }
@@ -2732,9 +2794,33 @@ void add_rms_norm(uint16_t* h, const uint16_t* x, int64_t rows, int64_t D, const
   const bool aligned = ((reinterpret_cast<uintptr_t>(h) | reinterpret_cast<uintptr_t>(x) |
                          reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
   if (aligned && D % 256 == 0 && D / 8 <= 1024)
-    launch_short(add_rms_norm_vec_kernel, dim3(unsigned(rows)), dim3(unsigned(D / 8)), s, h, x, int(D), w, eps, out);
+    launch_short(add_rms_norm_vec_kernel, dim3(unsigned(rows)), dim3(unsigned(D / 8)), s, h, x, int(D), w, eps, h, out);
   else
     launch_short(add_rms_norm_kernel, dim3(unsigned(rows)), dim3(256), s, h, x, int(D), w, eps, out);
+  check_launch("add_rms_norm");
+}
+
+bool add_norm_fusable(int64_t D) { return D == 8 * 256; }
+
+// Only a grid of at most one block an SM folds the add + norm (the routers:
+// Qwen3's 16 blocks, LFM2's 4). Folding every consumer was measured (H100,
+// 2026-11-27 11:38-11:52 UTC): Qwen3 +1-2 %, but LFM2 1-2 % slower and GLM
+// flat — a large grid launched early (Qwen3's 640-block q/k/v) then starts
+// most of its blocks only after its wait (392 of 640 in the trace, against
+// 245), its weights loaded late. ZMLX_CUDA_FOLD_MAX_BLOCKS=<n> overrides
+// (A/B runs).
+int fold_max_blocks() {
+  static const int n = [] {
+    const char* v = std::getenv("ZMLX_CUDA_FOLD_MAX_BLOCKS");
+    return v && *v ? std::atoi(v) : sm_count();
+  }();
+  return n;
+}
+
+void add_rms_norm_apart(const AddNorm& an, cudaStream_t s) {
+  if (!add_norm_fusable(an.D)) throw std::runtime_error("add_rms_norm_apart: rows of " + std::to_string(an.D));
+  launch_short(add_rms_norm_vec_kernel, dim3(1), dim3(unsigned(an.D / 8)), s, an.h, an.dx, int(an.D), an.w, an.eps,
+               an.h_out, an.out);
   check_launch("add_rms_norm");
 }
 
