@@ -860,6 +860,42 @@ TEST(CudaOps, ScalarDecodeStagedInputIsBitIdentical) {
   }
 }
 
+// The streamed mat-vec (lm_head-sized: rows through shared memory by bulk
+// copies) against the scalar decode kernel (ZMLX_CUDA_MMA=0 and
+// ZMLX_CUDA_STREAM_LINEAR=0), bit for bit, and the CPU: row counts that
+// leave a partial last group, every group size, rows of 512-2048 inputs;
+// the output starts as NaN, so an unwritten row fails.
+TEST(CudaOps, StreamedMatVecIsBitIdenticalToScalar) {
+  REQUIRE_GPU();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(59);
+  struct S {
+    int64_t K, N;
+    int group;
+  };
+  for (S sz : {S{2048, k::kStreamMinRows + 37, 64}, S{2048, k::kStreamMinRows + 16 * 133, 128},
+               S{1024, k::kStreamMinRows + 5, 32}, S{512, k::kStreamMinRows + 250, 64}}) {
+    const std::string at = "K " + std::to_string(sz.K) + " N " + std::to_string(sz.N) + " group " + std::to_string(sz.group);
+    const Weight w = test::random_qweight(rng, 0, sz.N, sz.K, 4, sz.group);
+    Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.K)), {1, sz.K});
+    DevQ q;
+    upload(w, q);
+    ASSERT_TRUE(k::stream_linear_fits(q.m)) << at;
+    DevBuf dx(x.data, x.nbytes()), ys(size_t(sz.N) * 2), yr(size_t(sz.N) * 2);
+    k::linear(dx.u16(), 1, q.m, ys.u16(), nullptr);
+    setenv("ZMLX_CUDA_MMA", "0", 1);
+    setenv("ZMLX_CUDA_STREAM_LINEAR", "0", 1);
+    EXPECT_FALSE(k::stream_linear_fits(q.m));
+    k::linear(dx.u16(), 1, q.m, yr.u16(), nullptr);
+    unsetenv("ZMLX_CUDA_STREAM_LINEAR");
+    unsetenv("ZMLX_CUDA_MMA");
+    const auto a = ys.floats();
+    ASSERT_TRUE(all_finite(a)) << at << ": unwritten or non-finite output";
+    EXPECT_EQ(a, yr.floats()) << "stream vs scalar, " << at;
+    EXPECT_LT(rel_l2(a, host_floats(*c, c->linear(x, w))), 5e-3) << "vs CPU, " << at;
+  }
+}
+
 // A deferred add + norm (kern::AddNorm) folded into the scalar decode
 // mat-vecs — linear, linear_multi, linear_swiglu, linear_and_swiglu — against
 // add_rms_norm's own kernel followed by the same launch: the new residual,

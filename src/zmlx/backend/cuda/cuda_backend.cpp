@@ -548,7 +548,9 @@ class CudaBackend final : public Backend {
     const kern::QMat m = qmat(w);
     const DeferredNorm dn = take_deferred(x);
     Prof p_(this, "linear");
-    last_linear_input_ = x.data, last_linear_op_ = op_seq_;
+    // x written by this very launch (a folded add + norm) is complete only
+    // two kernels before gate+up, not three: not an early input then.
+    last_linear_input_ = dn.an.h ? nullptr : x.data, last_linear_op_ = op_seq_;
     if (x.rows() >= kGemmMinTokens && tc::gemm_supported(m))
       gemm_dense(bf16p(x), x.rows(), m, bf16p(y));
     else
@@ -1008,7 +1010,7 @@ class CudaBackend final : public Backend {
       Prof p_(this, "linear");
       kern::linear_and_swiglu(bf16p(x), mw, bf16p(y), mg, mu, bf16p(yh), stream_, dn.an);
       // The router's input, as linear() notes it (gather_qmm_swiglu's x_ready).
-      last_linear_input_ = x.data, last_linear_op_ = op_seq_;
+      last_linear_input_ = dn.an.h ? nullptr : x.data, last_linear_op_ = op_seq_;
       return {std::move(y), std::move(yh)};
     }
     return Backend::linear_and_swiglu(x, w, gate, up);

@@ -620,6 +620,148 @@ __global__ void __launch_bounds__(256) linear_and_swiglu_decode_kernel(const uin
   swiglu_decode_row<SB, SX, FOLD>(g, u, decode_row0(int64_t(blockIdx.x) - wb), x, yh, pre, an);
 }
 
+// ---- streamed mat-vec (one token, lm_head-sized matrices) ----
+// The output head reads 100-180 MB a token; the MMA kernel reached ~2.0
+// TB/s on it and the scalar one ~1.6 (cuda_kernels_bench, H100): their
+// warps issue all of a row's loads, wait, compute, and only then load
+// again, so an SM has too few bytes in flight. Here a resident grid (a
+// block an SM) streams groups of kStreamRows consecutive rows (weights,
+// scales and biases: three contiguous ranges) into a ring of shared-memory
+// stages with bulk copies (TMA, mbarrier-completed), kStreamStages groups
+// ahead, while its warps compute: warp w takes row w of each group. Each
+// row is summed exactly as decode_row sums it — lane chunks c = lane,
+// lane + 32, chunk_dot, warp_sum — so the bits are linear_decode_kernel's;
+// x's chunks are converted once a warp, not once a row.
+constexpr int kStreamRows = 16;  // warps a block, rows a stage
+constexpr int kStreamStages = 10;
+constexpr int kStreamPre = 2;  // chunks a lane: K <= 2048
+
+// Bulk copies and transaction-count mbarriers are sm_90 instructions; the
+// sm_80 build compiles the kernel empty and never launches it
+// (stream_linear_fits asks for compute capability 9).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define ZMLX_NO_BULK_COPY 1
+#endif
+#ifndef ZMLX_NO_BULK_COPY
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return uint32_t(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+}
+// bytes (a multiple of 16, 16-byte aligned both ends) from global src to
+// shared dst, counted against bar's transaction bytes.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+
+// One group's bytes: weights, then scales, then biases of kStreamRows rows.
+struct StreamShape {
+  uint32_t w_row, s_row, stage;  // bytes a row (weights; scales = biases), a stage
+};
+__device__ __forceinline__ StreamShape stream_shape(const QMat& m) {
+  StreamShape sh;
+  sh.w_row = uint32_t(m.cols / 2);                   // 4-bit
+  sh.s_row = uint32_t(m.cols / m.group) * 2;         // bf16
+  sh.stage = kStreamRows * (sh.w_row + 2 * sh.s_row);
+  return sh;
+}
+__device__ __forceinline__ void stream_issue(const QMat& m, const StreamShape& sh, int64_t group, uint8_t* stage,
+                                             uint64_t* full) {
+  const int64_t r0 = group * kStreamRows;
+  const uint32_t rows = uint32_t(m.rows - r0 < kStreamRows ? m.rows - r0 : kStreamRows);
+  mbar_expect_tx(full, rows * (sh.w_row + 2 * sh.s_row));
+  const int64_t gpr = m.cols / m.group;
+  bulk_copy(stage, reinterpret_cast<const uint8_t*>(m.w) + r0 * sh.w_row, rows * sh.w_row, full);
+  bulk_copy(stage + kStreamRows * sh.w_row, m.scales + r0 * gpr, rows * sh.s_row, full);
+  bulk_copy(stage + kStreamRows * (sh.w_row + sh.s_row), m.biases + r0 * gpr, rows * sh.s_row, full);
+}
+#endif  // ZMLX_NO_BULK_COPY
+
+__global__ void __launch_bounds__(kStreamRows * 32, 1) linear_stream_kernel(const uint16_t* x, QMat m, uint16_t* y) {
+#ifndef ZMLX_NO_BULK_COPY
+  ZMLX_TRACE_BLOCK_END();
+  extern __shared__ __align__(128) uint8_t stream_smem[];
+  __shared__ __align__(8) uint64_t full[kStreamStages], empty[kStreamStages];
+  const StreamShape sh = stream_shape(m);
+  const int64_t groups = (m.rows + kStreamRows - 1) / kStreamRows;
+  const int warp = int(threadIdx.x >> 5), lane = int(threadIdx.x & 31);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStreamStages; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], kStreamRows);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    // The weights do not depend on the previous kernel: the first stages
+    // are requested before the programmatic-launch wait.
+    for (int i = 0; i < kStreamStages; ++i) {
+      const int64_t g = blockIdx.x + int64_t(i) * gridDim.x;
+      if (g < groups) stream_issue(m, sh, g, stream_smem + size_t(i) * sh.stage, &full[i]);
+    }
+  }
+  __syncthreads();
+  pdl_begin();
+  const uint4* xs = stage_x_block<kStreamPre, false>(x, m.cols, AddNorm{});
+  const int chunks = int(m.cols / 32);
+  XF xc[kStreamPre];
+#pragma unroll
+  for (int i = 0; i < kStreamPre; ++i)
+    if (lane + 32 * i < chunks) xc[i] = load_x_staged(xs, lane + 32 * i);
+  const int gpr = int(m.cols / m.group);
+  for (int64_t it = 0;; ++it) {
+    const int64_t g = blockIdx.x + it * gridDim.x;
+    if (g >= groups) break;
+    const int st = int(it % kStreamStages);
+    const uint32_t parity = uint32_t(it / kStreamStages) & 1u;
+    mbar_wait(&full[st], parity);
+    const uint8_t* stage = stream_smem + size_t(st) * sh.stage;
+    const int64_t r = g * kStreamRows + warp;
+    if (r < m.rows) {
+      const uint4* wr = reinterpret_cast<const uint4*>(stage + size_t(warp) * sh.w_row);
+      const uint16_t* sc = reinterpret_cast<const uint16_t*>(stage + kStreamRows * sh.w_row) + warp * gpr;
+      const uint16_t* bi = reinterpret_cast<const uint16_t*>(stage + kStreamRows * (sh.w_row + sh.s_row)) + warp * gpr;
+      float acc = 0.f;
+#pragma unroll
+      for (int i = 0; i < kStreamPre; ++i) {
+        const int c = lane + 32 * i;
+        if (c < chunks) {
+          const uint4 q = wr[c];
+          const WChunk<4> w{{q.x, q.y, q.z, q.w}};
+          const int gi = (c * 32) / m.group;
+          acc = chunk_dot<4>(w, xc[i], bf(sc[gi]), bf(bi[gi]), acc);
+        }
+      }
+      acc = warp_sum(acc);
+      if (lane == 0) y[r] = to_bf(acc);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[st]);
+    if (threadIdx.x == 0) {
+      const int64_t gn = g + int64_t(kStreamStages) * gridDim.x;
+      if (gn < groups) {
+        mbar_wait(&empty[st], parity);  // every warp is done with the stage
+        stream_issue(m, sh, gn, stream_smem + size_t(st) * sh.stage, &full[st]);
+      }
+    }
+  }
+#endif
+}
+
 // One (token, slot) pair per blockIdx.y.
 template <int BITS>
 __global__ void __launch_bounds__(256) gather_linear_decode_kernel(const uint16_t* x, bool per_slot, const int32_t* ex,
@@ -1491,9 +1633,42 @@ void launch_linear_multi_decode(dim3 grid, const uint16_t* x, const MultiQ& mq, 
   });
 }
 
+// ZMLX_CUDA_STREAM_LINEAR=0: lm_head-sized mat-vecs take the MMA kernel,
+// as before (A/B runs and the test; other bits: the stream kernel has the
+// scalar one's). Read at every launch.
+bool stream_linear_on() { return env_on("ZMLX_CUDA_STREAM_LINEAR"); }
+size_t stream_smem_bytes(const QMat& m) {
+  return size_t(kStreamStages) * kStreamRows * (m.cols / 2 + 2 * (m.cols / m.group) * 2);
+}
+}  // namespace
+
+bool stream_linear_fits(const QMat& m) {
+  static const bool sm90 = [] {
+    int dev = 0, major = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    return major >= 9;
+  }();
+  const bool aligned = ((reinterpret_cast<uintptr_t>(m.w) | reinterpret_cast<uintptr_t>(m.scales) |
+                         reinterpret_cast<uintptr_t>(m.biases)) & 15) == 0;
+  return sm90 && stream_linear_on() && m.bits == 4 && aligned && m.cols % 32 == 0 && m.cols <= 32 * 32 * kStreamPre &&
+         m.cols % m.group == 0 && (m.cols / m.group) % 8 == 0 && m.rows >= kStreamMinRows &&
+         stream_smem_bytes(m) <= 200 * 1024;
+}
+
+namespace {
+void linear_stream(const uint16_t* x, const QMat& m, uint16_t* y, cudaStream_t s) {
+  const size_t smem = stream_smem_bytes(m);
+  allow_dynamic_smem(reinterpret_cast<const void*>(linear_stream_kernel), smem);
+  const int64_t groups = (m.rows + kStreamRows - 1) / kStreamRows;
+  launch_smem(linear_stream_kernel, dim3(unsigned(std::min<int64_t>(sm_count(), groups))), dim3(kStreamRows * 32),
+              smem, s, x, m, y);
+}
+
 template <int B>
 struct LinearL {
   static void go(const uint16_t* x, int T, const QMat& m, uint16_t* y, cudaStream_t s, const AddNorm& an) {
+    if (T == 1 && stream_linear_fits(m)) return run_add_norm(an, s), linear_stream(x, m, y, s);
     if (T == 1 && use_mma_linear(m)) return run_add_norm(an, s), mma_decode<1>(x, mma_job(&m, &y, 1), 1, s);
     const unsigned gx = unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     const dim3 decode_grid(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));

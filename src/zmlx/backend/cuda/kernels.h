@@ -70,6 +70,11 @@ void add_rms_norm_apart(const AddNorm& an, cudaStream_t s);
 // y[T, N] = bf16(x[T, K] · Wᵀ)
 // an: a deferred add + norm whose out is x (T = 1), done first.
 void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s, const AddNorm& an = {});
+// Whether linear() of one token streams m through shared memory (the output
+// head: 4-bit, at least kStreamMinRows rows of at most 2048 inputs; the
+// scalar decode kernel's bits; ZMLX_CUDA_STREAM_LINEAR=0: never).
+constexpr int64_t kStreamMinRows = 16384;
+bool stream_linear_fits(const QMat& m);
 // Whether the scalar decode mat-vecs stage their input once a block in shared
 // memory (kernels.cu, stage_x_block; ZMLX_CUDA_STAGE_X=0: never); the bits
 // are the same either way.
