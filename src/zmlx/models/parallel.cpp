@@ -24,7 +24,6 @@ bool Model::stage_input(Backend& be, const std::vector<int32_t>& ids, const Weig
     return false;
   }
   const std::vector<int64_t> shape = {int64_t(ids.size()), config_.hidden_size};
-  be.flush_deferred();  // the transport works outside the backend's ops
   if (P.comm->accepts(be.device())) {
     h = be.alloc(DType::BF16, shape);
     P.comm->recv(h.data, h.nbytes(), P.rank - 1);
@@ -42,7 +41,6 @@ bool Model::stage_output(Backend& be, const Tensor& h) {
   if (P.last_stage()) return false;
   ZMLX_CHECK(h.dtype == DType::BF16 && h.cols() == config_.hidden_size, "pipeline: unexpected activation {}",
              h.shape_str());
-  be.flush_deferred();
   if (P.comm->accepts(h.device)) {
     P.comm->send(h.data, h.nbytes(), P.rank + 1);
   } else {
@@ -56,7 +54,6 @@ bool Model::stage_output(Backend& be, const Tensor& h) {
 void Model::tp_reduce(Backend& be, Tensor& t) {
   const dist::Placement& P = placement();
   if (!P.tensor() || P.size == 1) return;
-  be.flush_deferred();
   if (P.comm->accepts(t.device)) {
     P.comm->allreduce_sum(t.data, t.numel(), t.dtype);
     return;
@@ -73,7 +70,6 @@ Tensor Model::tp_reduce_add_rms_norm(Backend& be, Tensor& h, Tensor& x, const Te
   if (P.tensor() && P.size > 1 && x.rows() == 1 && x.dtype == DType::BF16 && h.dtype == DType::BF16 &&
       w.dtype == DType::BF16 && x.device == w.device && P.comm->accepts(x.device)) {
     Tensor out = be.alloc(DType::BF16, {1, x.cols()});
-    be.flush_deferred();
     if (P.comm->allreduce_add_rms_norm(x.data, h.data, w.data, x.cols(), eps, out.data)) return out;
   }
   tp_reduce(be, x);

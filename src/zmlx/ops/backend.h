@@ -79,15 +79,8 @@ class Backend {
                     int64_t rot_dims, int64_t pos0, float base, bool traditional) = 0;
   virtual void add(Tensor& h, const Tensor& x) = 0;  // h = bf16(h + x)
   // The residual step of every block: add(h, x), then rms_norm(h, w, eps).
-  // Same results as those two ops; one pass on backends that fuse it. A
-  // backend may replace h by a new tensor holding the sum instead of
-  // writing h's buffer (the CUDA backend defers the work to the next op):
-  // keep no other reference to h across the call.
+  // Same results as those two ops; one pass on backends that fuse it.
   virtual Tensor add_rms_norm(Tensor& h, const Tensor& x, const Tensor& w, float eps);
-  // Enqueues work the backend deferred (the CUDA backend's add + norm, left
-  // for the next op to fold in). Ops and to_host do this themselves; call it
-  // before anything outside the backend (a transport) touches its tensors.
-  virtual void flush_deferred() {}
   // silu(gate) * up with MLX's bf16 rounding after sigmoid, product and result.
   virtual Tensor swiglu(const Tensor& gate, const Tensor& up) = 0;
 

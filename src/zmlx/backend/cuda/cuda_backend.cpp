@@ -368,11 +368,8 @@ struct Prof {
   cudaStream_t s;
   const char* name;
   cudaEvent_t a = nullptr;
-  // Every op constructs one before it enqueues anything, so this is also
-  // where a deferred add + norm that the op does not fold in is run.
   template <typename B>
   Prof(B* be, const char* n) : p(be->profile_.on ? &be->profile_ : nullptr), s(be->stream_), name(n) {
-    be->flush_deferred();
     ++be->op_seq_;
     if (!p) return;
     cudaEventCreate(&a);
@@ -448,7 +445,6 @@ class CudaBackend final : public Backend {
 
   Tensor to_host(const Tensor& t) override {
     if (t.device == Device::CPU) return t;
-    flush_deferred();
     ZMLX_CHECK(!capturing_, "to_host inside a recorded decode step");
     Tensor h = host_tensor(t.dtype, t.shape);
     cuda_check(cudaMemcpyAsync(h.data, t.data, t.nbytes(), cudaMemcpyDeviceToHost, stream_), "download");
@@ -546,15 +542,12 @@ class CudaBackend final : public Backend {
     check_input(x, w);
     Tensor y = alloc(DType::BF16, {x.rows(), w.rows});
     const kern::QMat m = qmat(w);
-    const DeferredNorm dn = take_deferred(x);
     Prof p_(this, "linear");
-    // x written by this very launch (a folded add + norm) is complete only
-    // two kernels before gate+up, not three: not an early input then.
-    last_linear_input_ = dn.an.h ? nullptr : x.data, last_linear_op_ = op_seq_;
+    last_linear_input_ = x.data, last_linear_op_ = op_seq_;
     if (x.rows() >= kGemmMinTokens && tc::gemm_supported(m))
       gemm_dense(bf16p(x), x.rows(), m, bf16p(y));
     else
-      kern::linear(bf16p(x), int(x.rows()), m, bf16p(y), stream_, dn.an);
+      kern::linear(bf16p(x), int(x.rows()), m, bf16p(y), stream_);
     return y;
   }
 
@@ -570,14 +563,13 @@ class CudaBackend final : public Backend {
       out.push_back(alloc(DType::BF16, {x.rows(), w->rows}));
       ys.push_back(bf16p(out.back()));
     }
+    Prof p_(this, "linear");
     bool gemm = x.rows() >= kGemmMinTokens;
     for (auto& m : ms) gemm = gemm && tc::gemm_supported(m);
-    const DeferredNorm dn = same && !gemm ? take_deferred(x) : DeferredNorm{};
-    Prof p_(this, "linear");
     if (gemm) {
       for (size_t i = 0; i < ms.size(); ++i) gemm_dense(bf16p(x), x.rows(), ms[i], ys[i]);
     } else if (same) {
-      kern::linear_multi(bf16p(x), int(x.rows()), ms.data(), ys.data(), int(ms.size()), stream_, dn.an);
+      kern::linear_multi(bf16p(x), int(x.rows()), ms.data(), ys.data(), int(ms.size()), stream_);
     } else {
       for (size_t i = 0; i < ms.size(); ++i) kern::linear(bf16p(x), int(x.rows()), ms[i], ys[i], stream_);
     }
@@ -608,38 +600,14 @@ class CudaBackend final : public Backend {
     kern::add(bf16p(h), bf16p(x), h.numel(), stream_);
   }
 
-  // One token's add + norm (rows of 2048) is deferred: h is replaced by a
-  // new tensor that the next op writes, and the next op, when it is a
-  // scalar decode mat-vec reading the returned x in a grid of at most a
-  // block an SM (the routers), computes the sum and the norm in each of its
-  // blocks instead of waiting for a kernel of its own (kern::AddNorm): one
-  // kernel boundary fewer a layer. Any other op runs it first as its own
-  // kernel (in kern, or flush_deferred from Prof). The same bits either way.
-  // ZMLX_CUDA_FOLD_NORM=0: never deferred (A/B runs).
   Tensor add_rms_norm(Tensor& h, const Tensor& x, const Tensor& w, float eps) override {
     const int64_t D = w.numel();
     ZMLX_CHECK(h.numel() == x.numel() && h.numel() % D == 0, "add_rms_norm: {} + {} elements in rows of {}",
                h.numel(), x.numel(), D);
     Tensor out = alloc(DType::BF16, h.shape);
     Prof p_(this, "add_rms_norm");
-    if (fold_norms_ && h.numel() == D && kern::add_norm_fusable(D) && h.dtype == DType::BF16 &&
-        x.dtype == DType::BF16 && w.dtype == DType::BF16 && aligned16({h.data, x.data, w.data, out.data})) {
-      DeferredNorm d;
-      d.h = h, d.dx = x, d.w = w, d.out = out, d.h_new = alloc(DType::BF16, h.shape);
-      d.an = kern::AddNorm{bf16p(h), bf16p(x), bf16p(w), eps, D, bf16p(d.h_new), bf16p(out)};
-      h = d.h_new;
-      deferred_ = std::move(d);
-      return out;
-    }
     kern::add_rms_norm(bf16p(h), bf16p(x), h.numel() / D, D, bf16p(w), eps, bf16p(out), stream_);
     return out;
-  }
-
-  void flush_deferred() override {
-    if (!deferred_.an.h) return;
-    const DeferredNorm d = std::move(deferred_);
-    deferred_ = DeferredNorm{};
-    kern::add_rms_norm_apart(d.an, stream_);
   }
 
   Tensor qk_norm_rope_cache(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qn, const Tensor& kn,
@@ -1006,11 +974,10 @@ class CudaBackend final : public Backend {
       ZMLX_CHECK(x.cols() == gate.cols && x.cols() == up.cols && up.rows == gate.rows,
                  "{}: linear_swiglu shape mismatch", gate.name);
       Tensor y = alloc(DType::BF16, {1, w.rows}), yh = alloc(DType::BF16, {1, gate.rows});
-      const DeferredNorm dn = take_deferred(x);
       Prof p_(this, "linear");
-      kern::linear_and_swiglu(bf16p(x), mw, bf16p(y), mg, mu, bf16p(yh), stream_, dn.an);
+      kern::linear_and_swiglu(bf16p(x), mw, bf16p(y), mg, mu, bf16p(yh), stream_);
       // The router's input, as linear() notes it (gather_qmm_swiglu's x_ready).
-      last_linear_input_ = dn.an.h ? nullptr : x.data, last_linear_op_ = op_seq_;
+      last_linear_input_ = x.data, last_linear_op_ = op_seq_;
       return {std::move(y), std::move(yh)};
     }
     return Backend::linear_and_swiglu(x, w, gate, up);
@@ -1021,18 +988,16 @@ class CudaBackend final : public Backend {
                gate.name);
     Tensor out = alloc(DType::BF16, {x.rows(), gate.rows});
     const kern::QMat g = qmat(gate), u = qmat(up);
-    const DeferredNorm dn = take_deferred(x);
     Prof p_(this, "linear_swiglu");
     if (x.rows() >= kGemmMinTokens && tc::gemm_supported(g) && tc::gemm_supported(u))
       gemm_dense_swiglu(bf16p(x), x.rows(), g, u, bf16p(out));
     else
-      kern::linear_swiglu(bf16p(x), int(x.rows()), g, u, bf16p(out), stream_, dn.an);
+      kern::linear_swiglu(bf16p(x), int(x.rows()), g, u, bf16p(out), stream_);
     return out;
   }
 
   int32_t argmax_row(const Tensor& logits, int64_t row) override {
     if (logits.device != Device::CUDA) return Backend::argmax_row(logits, row);
-    flush_deferred();
     const int64_t V = logits.cols();
     kern::argmax(bf16p(logits) + row * V, V, d_step_ + 2, stream_);
     cuda_check(cudaMemcpyAsync(h_step_ + 2, d_step_ + 2, 4, cudaMemcpyDeviceToHost, stream_), "argmax download");
@@ -1088,7 +1053,6 @@ class CudaBackend final : public Backend {
     }
     auto body = [&](int32_t t) {
       Tensor logits = step(t);
-      flush_deferred();
       ZMLX_CHECK(logits.device == Device::CUDA && logits.rows() >= 1, "chained step: expected device logits");
       kern::argmax_chain(bf16p(logits), logits.cols(), d_step_, d_ring_, kRing, stream_);
       return logits;
@@ -1144,9 +1108,7 @@ class CudaBackend final : public Backend {
     std::string why;
     try {
       out = body();
-      flush_deferred();  // nothing left unrecorded
     } catch (const std::exception& e) {
-      deferred_ = DeferredNorm{};  // the step runs again eagerly from its start
       why = e.what();
     }
     capturing_ = false;
@@ -1265,31 +1227,6 @@ class CudaBackend final : public Backend {
   // they tell gather_qmm_swiglu that its x is the router's input.
   uint64_t op_seq_ = 0, last_linear_op_ = 0, route_op_ = 0;
   const void* last_linear_input_ = nullptr;
-  // The deferred add + norm (add_rms_norm), if any: its tensors are held
-  // here, then by the op that folds it in, until its kernel is enqueued, so
-  // the pool cannot hand their buffers to that op's outputs.
-  struct DeferredNorm {
-    Tensor h, dx, w, h_new, out;
-    kern::AddNorm an;  // an.h null: none
-  };
-  DeferredNorm deferred_;
-  const bool fold_norms_ = zmlx::cuda::env_on("ZMLX_CUDA_FOLD_NORM");
-  // For a mat-vec reading x: the deferred add + norm when x is its output
-  // (the op folds it in, or kern runs it first), else none (flushed first).
-  DeferredNorm take_deferred(const Tensor& x) {
-    if (!deferred_.an.h || deferred_.out.data != x.data || x.rows() != 1) {
-      flush_deferred();
-      return {};
-    }
-    DeferredNorm d = std::move(deferred_);
-    deferred_ = DeferredNorm{};
-    return d;
-  }
-  static bool aligned16(std::initializer_list<const void*> ps) {
-    for (const void* p : ps)
-      if (reinterpret_cast<uintptr_t>(p) & 15) return false;
-    return true;
-  }
   // Chained greedy steps: each step's argmax lands in d_step_ (the next
   // step's input) and in a mapped pinned ring the host reads by position.
   static constexpr int kRing = 64;

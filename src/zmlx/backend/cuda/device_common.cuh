@@ -245,37 +245,6 @@ __device__ __forceinline__ void add_rms_norm_row8(uint4 hv, uint4 xv, uint4 wv, 
   out = make_uint4(o[0], o[1], o[2], o[3]);
 }
 
-// add_rms_norm_row8 from pointers, for a caller with registers held (the
-// scalar mat-vecs' preloaded rows): the same operations in the same order,
-// but the norm weight is loaded only once the sum is formed, and the sum is
-// kept as its bf16 words, so fewer values are live at once.
-__device__ __forceinline__ void add_rms_norm_row8_lean(const uint4* h, const uint4* x, const uint4* w, int D,
-                                                       float eps, uint4& hn, uint4& out) {
-  uint32_t o[4];
-  float ss = 0.f;
-  {
-    const uint4 hv = __ldg(h), xv = __ldg(x);
-    const uint32_t hw[4] = {hv.x, hv.y, hv.z, hv.w}, xw[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint16_t a = to_bf(lo_bf(hw[i]) + lo_bf(xw[i])), b = to_bf(hi_bf(hw[i]) + hi_bf(xw[i]));
-      o[i] = uint32_t(a) | (uint32_t(b) << 16);
-      ss = fmaf(bf(a), bf(a), ss);
-      ss = fmaf(bf(b), bf(b), ss);
-    }
-  }
-  hn = make_uint4(o[0], o[1], o[2], o[3]);
-  const uint4 wv = __ldg(w);
-  const float inv = 1.0f / sqrtf(block_sum(ss) / float(D) + eps);
-  const uint32_t ww[4] = {wv.x, wv.y, wv.z, wv.w}, sw[4] = {hn.x, hn.y, hn.z, hn.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint16_t a = to_bf(lo_bf(ww[i]) * rbf(lo_bf(sw[i]) * inv)), b = to_bf(hi_bf(ww[i]) * rbf(hi_bf(sw[i]) * inv));
-    o[i] = uint32_t(a) | (uint32_t(b) << 16);
-  }
-  out = make_uint4(o[0], o[1], o[2], o[3]);
-}
-
 // ---------------------------------------------------------------- launch
 
 // Programmatic dependent launch (Hopper): every kernel waits for its

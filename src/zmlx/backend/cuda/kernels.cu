@@ -482,29 +482,11 @@ __device__ __forceinline__ uint4* staged_x_buffer() {
   return buf;
 }
 // Whole block, after the programmatic-launch wait; K <= 32·32·PRE.
-// an.h set (a deferred add + norm whose out is x; K = 8·blockDim.x, checked
-// by the host): each thread computes its 8-value piece of x as
-// add_rms_norm_vec_kernel does — add_rms_norm_row8 over a block of the same
-// size, so the same sum of squares and the same bits — and stages that
-// instead of reading x; block (0, 0) also writes the new residual and x for
-// the kernels after this one.
-template <int PRE, bool FOLD>
-__device__ __forceinline__ const uint4* stage_x_block(const uint16_t* x, int64_t K, const AddNorm& an) {
+template <int PRE>
+__device__ __forceinline__ const uint4* stage_x_block(const uint16_t* x, int64_t K) {
   uint4* xs = staged_x_buffer<PRE>();
-  if constexpr (FOLD) {
-    const int p = threadIdx.x;
-    uint4 hn, on;
-    add_rms_norm_row8_lean(reinterpret_cast<const uint4*>(an.h) + p, reinterpret_cast<const uint4*>(an.dx) + p,
-                           reinterpret_cast<const uint4*>(an.w) + p, int(K), an.eps, hn, on);
-    xs[staged_x_slot(p)] = on;
-    if (blockIdx.x == 0 && blockIdx.y == 0) {
-      reinterpret_cast<uint4*>(an.h_out)[p] = hn;
-      reinterpret_cast<uint4*>(an.out)[p] = on;
-    }
-  } else {
-    const uint4* src = reinterpret_cast<const uint4*>(x);
-    for (int p = threadIdx.x; p < int(K >> 3); p += blockDim.x) xs[staged_x_slot(p)] = __ldg(src + p);
-  }
+  const uint4* src = reinterpret_cast<const uint4*>(x);
+  for (int p = threadIdx.x; p < int(K >> 3); p += blockDim.x) xs[staged_x_slot(p)] = __ldg(src + p);
   __syncthreads();
   return xs;
 }
@@ -523,21 +505,18 @@ __device__ __forceinline__ float row_dot_preloaded_staged(const QMat& m, const R
 }
 
 // One row of m (row r, valid or not) into y[r]: preloaded when the row is
-// short enough, x then staged as above when SX, and computed from a
-// deferred add + norm when FOLD (an; SX too). Every thread of the block
-// calls it (pdl_begin inside). SX and FOLD are template parameters, not
-// flags: one kernel holding both forms took more registers (ptxas), which
-// cost the early-launched blocks of Qwen3's q/k/v a wave.
-template <int BITS, int PRE = kPreChunks, bool SX = false, bool FOLD = false>
-__device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint16_t* x, uint16_t* y, bool pre,
-                                           const AddNorm& an) {
+// short enough, x then staged as above when SX. Every thread of the block
+// calls it (pdl_begin inside). SX is a template parameter, not a flag: one
+// kernel holding both forms took more registers (ptxas).
+template <int BITS, int PRE = kPreChunks, bool SX = false>
+__device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint16_t* x, uint16_t* y, bool pre) {
   static_assert(kDecodeRows == 1, "decode_row computes one row a warp");
   if (pre && row_preloadable<BITS, PRE>(m)) {  // the same for the whole block
     const bool valid = r < m.rows;
     RowPreload<BITS, PRE> p;
     if (valid) row_preload<BITS, PRE>(m, r, p);
     pdl_begin();
-    const uint4* xs = SX ? stage_x_block<PRE, FOLD>(x, m.cols, an) : nullptr;  // whole block, before any warp leaves
+    const uint4* xs = SX ? stage_x_block<PRE>(x, m.cols) : nullptr;  // whole block, before any warp leaves
     ZMLX_TRACE_MARK(0);  // trace: x staged
     if (!valid) return;
     const float acc = SX ? row_dot_preloaded_staged<BITS, PRE>(m, p, xs) : row_dot_preloaded<BITS, PRE>(m, p, x);
@@ -552,37 +531,33 @@ __device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint1
   if ((threadIdx.x & 31) == 0) y[r] = to_bf(acc[0]);
 }
 
-template <int BITS, int PRE, bool SX, bool FOLD>
-__global__ void __launch_bounds__(256) linear_decode_kernel(const uint16_t* x, QMat m, uint16_t* y, bool pre,
-                                                            AddNorm an) {
+template <int BITS, int PRE, bool SX>
+__global__ void __launch_bounds__(256) linear_decode_kernel(const uint16_t* x, QMat m, uint16_t* y, bool pre) {
   ZMLX_TRACE_BLOCK_END();
-  decode_row<BITS, PRE, SX, FOLD>(m, decode_row0(), x, y, pre, an);
+  decode_row<BITS, PRE, SX>(m, decode_row0(), x, y, pre);
 }
 
-// FOLD: held to 48 registers, as the other forms take, so that 5 blocks fit
-// an SM (Qwen3's q/k/v: 640 blocks in one wave; 64 registers otherwise).
-template <int BITS, bool SX, bool FOLD>
-__global__ void __launch_bounds__(256, FOLD ? 5 : 1) linear_multi_decode_kernel(const uint16_t* x, MultiQ mq, bool pre,
-                                                                  AddNorm an) {
+template <int BITS, bool SX>
+__global__ void __launch_bounds__(256) linear_multi_decode_kernel(const uint16_t* x, MultiQ mq, bool pre) {
   ZMLX_TRACE_BLOCK_END();
   int i = 0;
   while (i + 1 < mq.n && int64_t(blockIdx.x) >= mq.first_block[i + 1]) ++i;
   const int64_t r0 = ((int64_t(blockIdx.x) - mq.first_block[i]) * kRowsPerBlock + (threadIdx.x >> 5)) * kDecodeRows;
-  decode_row<BITS, kPreChunks, SX, FOLD>(mq.m[i], r0, x, mq.y[i], pre, an);
+  decode_row<BITS, kPreChunks, SX>(mq.m[i], r0, x, mq.y[i], pre);
 }
 
 // Gate and up row r (valid or not) into y[r] = swiglu(bf16(g·x), bf16(u·x)),
 // preloaded as decode_row does. Every thread of the block calls it.
-template <int BITS, bool SX, bool FOLD>
+template <int BITS, bool SX>
 __device__ __forceinline__ void swiglu_decode_row(const QMat& g, const QMat& u, int64_t r, const uint16_t* x,
-                                                  uint16_t* y, bool pre, const AddNorm& an) {
+                                                  uint16_t* y, bool pre) {
   static_assert(kDecodeRows == 1, "swiglu_decode_row computes one row a warp");
   if (pre && row_preloadable<BITS>(g)) {
     const bool valid = r < g.rows;
     RowPreload<BITS> pg, pu;
     if (valid) row_preload<BITS>(g, r, pg), row_preload<BITS>(u, r, pu);
     pdl_begin();
-    const uint4* xs = SX ? stage_x_block<kPreChunks, FOLD>(x, g.cols, an) : nullptr;  // whole block, before any warp leaves
+    const uint4* xs = SX ? stage_x_block<kPreChunks>(x, g.cols) : nullptr;  // whole block, before any warp leaves
     ZMLX_TRACE_MARK(0);  // trace: x staged
     if (!valid) return;
     const float ag = SX ? row_dot_preloaded_staged<BITS>(g, pg, xs) : row_dot_preloaded<BITS>(g, pg, x);
@@ -599,11 +574,11 @@ __device__ __forceinline__ void swiglu_decode_row(const QMat& g, const QMat& u, 
   if ((threadIdx.x & 31) == 0) y[r] = swiglu_bf(to_bf(a[0][0]), to_bf(a[1][0]));
 }
 
-template <int BITS, bool SX, bool FOLD>
+template <int BITS, bool SX>
 __global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_t* x, QMat g, QMat u, uint16_t* y,
-                                                                   bool pre, AddNorm an) {
+                                                                   bool pre) {
   ZMLX_TRACE_BLOCK_END();
-  swiglu_decode_row<BITS, SX, FOLD>(g, u, decode_row0(), x, y, pre, an);
+  swiglu_decode_row<BITS, SX>(g, u, decode_row0(), x, y, pre);
 }
 
 // A MoE block's router and its shared expert's gate+up, which read the same
@@ -611,155 +586,12 @@ __global__ void __launch_bounds__(256) linear_swiglu_decode_kernel(const uint16_
 // linear_decode_kernel does, the rest the gate+up rows as
 // linear_swiglu_decode_kernel does, so both outputs have those kernels' bits
 // and the router's successor (the top-k) waits on one kernel, not two.
-template <int WB, int SB, bool SX, bool FOLD>
+template <int WB, int SB, bool SX>
 __global__ void __launch_bounds__(256) linear_and_swiglu_decode_kernel(const uint16_t* x, QMat w, uint16_t* y, int wb,
-                                                                       QMat g, QMat u, uint16_t* yh, bool pre,
-                                                                       AddNorm an) {
+                                                                       QMat g, QMat u, uint16_t* yh, bool pre) {
   ZMLX_TRACE_BLOCK_END();
-  if (int(blockIdx.x) < wb) return decode_row<WB, kPreChunks, SX, FOLD>(w, decode_row0(), x, y, pre, an);
-  swiglu_decode_row<SB, SX, FOLD>(g, u, decode_row0(int64_t(blockIdx.x) - wb), x, yh, pre, an);
-}
-
-// ---- streamed mat-vec (one token, lm_head-sized matrices) ----
-// The output head reads 100-180 MB a token; the MMA kernel reached ~2.0
-// TB/s on it and the scalar one ~1.6 (cuda_kernels_bench, H100): their
-// warps issue all of a row's loads, wait, compute, and only then load
-// again, so an SM has too few bytes in flight. Here a resident grid (a
-// block an SM) streams groups of kStreamRows consecutive rows (weights,
-// scales and biases: three contiguous ranges) into a ring of shared-memory
-// stages with bulk copies (TMA, mbarrier-completed), kStreamStages groups
-// ahead, while its warps compute: warp w takes row w of each group. Each
-// row is summed exactly as decode_row sums it — lane chunks c = lane,
-// lane + 32, chunk_dot, warp_sum — so the bits are linear_decode_kernel's;
-// x's chunks are converted once a warp, not once a row.
-constexpr int kStreamRows = 16;  // warps a block, rows a stage
-constexpr int kStreamStages = 10;
-constexpr int kStreamPre = 2;  // chunks a lane: K <= 2048
-
-// Bulk copies and transaction-count mbarriers are sm_90 instructions; the
-// sm_80 build compiles the kernel empty and never launches it
-// (stream_linear_fits asks for compute capability 9).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define ZMLX_NO_BULK_COPY 1
-#endif
-#ifndef ZMLX_NO_BULK_COPY
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return uint32_t(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done)
-    asm volatile(
-        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-}
-// bytes (a multiple of 16, 16-byte aligned both ends) from global src to
-// shared dst, counted against bar's transaction bytes.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
-}
-
-// One group's bytes: weights, then scales, then biases of kStreamRows rows.
-struct StreamShape {
-  uint32_t w_row, s_row, stage;  // bytes a row (weights; scales = biases), a stage
-};
-__device__ __forceinline__ StreamShape stream_shape(const QMat& m) {
-  StreamShape sh;
-  sh.w_row = uint32_t(m.cols / 2);                   // 4-bit
-  sh.s_row = uint32_t(m.cols / m.group) * 2;         // bf16
-  sh.stage = kStreamRows * (sh.w_row + 2 * sh.s_row);
-  return sh;
-}
-__device__ __forceinline__ void stream_issue(const QMat& m, const StreamShape& sh, int64_t group, uint8_t* stage,
-                                             uint64_t* full) {
-  const int64_t r0 = group * kStreamRows;
-  const uint32_t rows = uint32_t(m.rows - r0 < kStreamRows ? m.rows - r0 : kStreamRows);
-  mbar_expect_tx(full, rows * (sh.w_row + 2 * sh.s_row));
-  const int64_t gpr = m.cols / m.group;
-  bulk_copy(stage, reinterpret_cast<const uint8_t*>(m.w) + r0 * sh.w_row, rows * sh.w_row, full);
-  bulk_copy(stage + kStreamRows * sh.w_row, m.scales + r0 * gpr, rows * sh.s_row, full);
-  bulk_copy(stage + kStreamRows * (sh.w_row + sh.s_row), m.biases + r0 * gpr, rows * sh.s_row, full);
-}
-#endif  // ZMLX_NO_BULK_COPY
-
-__global__ void __launch_bounds__(kStreamRows * 32, 1) linear_stream_kernel(const uint16_t* x, QMat m, uint16_t* y) {
-#ifndef ZMLX_NO_BULK_COPY
-  ZMLX_TRACE_BLOCK_END();
-  extern __shared__ __align__(128) uint8_t stream_smem[];
-  __shared__ __align__(8) uint64_t full[kStreamStages], empty[kStreamStages];
-  const StreamShape sh = stream_shape(m);
-  const int64_t groups = (m.rows + kStreamRows - 1) / kStreamRows;
-  const int warp = int(threadIdx.x >> 5), lane = int(threadIdx.x & 31);
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kStreamStages; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], kStreamRows);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    // The weights do not depend on the previous kernel: the first stages
-    // are requested before the programmatic-launch wait.
-    for (int i = 0; i < kStreamStages; ++i) {
-      const int64_t g = blockIdx.x + int64_t(i) * gridDim.x;
-      if (g < groups) stream_issue(m, sh, g, stream_smem + size_t(i) * sh.stage, &full[i]);
-    }
-  }
-  __syncthreads();
-  pdl_begin();
-  const uint4* xs = stage_x_block<kStreamPre, false>(x, m.cols, AddNorm{});
-  const int chunks = int(m.cols / 32);
-  XF xc[kStreamPre];
-#pragma unroll
-  for (int i = 0; i < kStreamPre; ++i)
-    if (lane + 32 * i < chunks) xc[i] = load_x_staged(xs, lane + 32 * i);
-  const int gpr = int(m.cols / m.group);
-  for (int64_t it = 0;; ++it) {
-    const int64_t g = blockIdx.x + it * gridDim.x;
-    if (g >= groups) break;
-    const int st = int(it % kStreamStages);
-    const uint32_t parity = uint32_t(it / kStreamStages) & 1u;
-    mbar_wait(&full[st], parity);
-    const uint8_t* stage = stream_smem + size_t(st) * sh.stage;
-    const int64_t r = g * kStreamRows + warp;
-    if (r < m.rows) {
-      const uint4* wr = reinterpret_cast<const uint4*>(stage + size_t(warp) * sh.w_row);
-      const uint16_t* sc = reinterpret_cast<const uint16_t*>(stage + kStreamRows * sh.w_row) + warp * gpr;
-      const uint16_t* bi = reinterpret_cast<const uint16_t*>(stage + kStreamRows * (sh.w_row + sh.s_row)) + warp * gpr;
-      float acc = 0.f;
-#pragma unroll
-      for (int i = 0; i < kStreamPre; ++i) {
-        const int c = lane + 32 * i;
-        if (c < chunks) {
-          const uint4 q = wr[c];
-          const WChunk<4> w{{q.x, q.y, q.z, q.w}};
-          const int gi = (c * 32) / m.group;
-          acc = chunk_dot<4>(w, xc[i], bf(sc[gi]), bf(bi[gi]), acc);
-        }
-      }
-      acc = warp_sum(acc);
-      if (lane == 0) y[r] = to_bf(acc);
-    }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[st]);
-    if (threadIdx.x == 0) {
-      const int64_t gn = g + int64_t(kStreamStages) * gridDim.x;
-      if (gn < groups) {
-        mbar_wait(&empty[st], parity);  // every warp is done with the stage
-        stream_issue(m, sh, gn, stream_smem + size_t(st) * sh.stage, &full[st]);
-      }
-    }
-  }
-#endif
+  if (int(blockIdx.x) < wb) return decode_row<WB, kPreChunks, SX>(w, decode_row0(), x, y, pre);
+  swiglu_decode_row<SB, SX>(g, u, decode_row0(int64_t(blockIdx.x) - wb), x, yh, pre);
 }
 
 // One (token, slot) pair per blockIdx.y.
@@ -1462,14 +1294,12 @@ bool preload_weights() {
 // the old form; but decode A/Bs of that threshold (two H100 calls, 07:55
 // and 08:01 UTC) had every launch staged faster on the whole step: Qwen3
 // +1.3 %, LFM2 +1.3-1.6 %, GLM flat. So every launch stages.
-// f(SX, FOLD) as std::true_type / std::false_type: f launches the kernel
-// instantiated with whether it stages x and whether it folds a deferred
-// add + norm (fold.h set: fold_add_norm saw x staged).
+// f(std::true_type{}) where a launch stages x, else f(std::false_type{}):
+// f launches the kernel instantiated with that SX.
 template <typename F>
-void with_x_form(const AddNorm& fold, F&& f) {
-  if (fold.h) f(std::true_type{}, std::true_type{});
-  else if (stage_x()) f(std::true_type{}, std::false_type{});
-  else f(std::false_type{}, std::false_type{});
+void with_staged_x(F&& f) {
+  if (stage_x()) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 // ZMLX_CUDA_LONG_PRELOAD=0: plain linears with rows of 4097-8192 inputs load
@@ -1608,92 +1438,37 @@ void by_bits(int bits, A&&... a) {
   }
 }
 
-// A deferred add + norm (an.h set) before a launch of the scalar decode
-// kernels with rows of K inputs: returned to be done inside the launch when
-// it stages x and preloads its rows (decode_row's staged form), else run as
-// a kernel of its own first and {} returned.
-AddNorm fold_add_norm(const AddNorm& an, int64_t K, cudaStream_t s, int64_t blocks) {
-  if (!an.h) return {};
-  if (an.D == K && add_norm_fusable(K) && stage_x() && preload_weights() && blocks <= fold_max_blocks()) return an;
-  add_rms_norm_apart(an, s);
-  return {};
-}
-// The same before any other launch: the add + norm first, on its own.
-void run_add_norm(const AddNorm& an, cudaStream_t s) {
-  if (an.h) add_rms_norm_apart(an, s);
-}
-
 template <int B>
-void launch_linear_multi_decode(dim3 grid, const uint16_t* x, const MultiQ& mq, cudaStream_t s,
-                                const AddNorm& an = {}) {
-  const AddNorm fold = fold_add_norm(an, mq.m[0].cols, s, int64_t(grid.x));
-  with_x_form(fold, [&](auto sx, auto fd) {
-    launch(linear_multi_decode_kernel<B, decltype(sx)::value, decltype(fd)::value>, grid, dim3(256), s, x, mq,
-           preload_weights(), fold);
+void launch_linear_multi_decode(dim3 grid, const uint16_t* x, const MultiQ& mq, cudaStream_t s) {
+  with_staged_x([&](auto sx) {
+    launch(linear_multi_decode_kernel<B, decltype(sx)::value>, grid, dim3(256), s, x, mq, preload_weights());
   });
-}
-
-// ZMLX_CUDA_STREAM_LINEAR=0: lm_head-sized mat-vecs take the MMA kernel,
-// as before (A/B runs and the test; other bits: the stream kernel has the
-// scalar one's). Read at every launch.
-bool stream_linear_on() { return env_on("ZMLX_CUDA_STREAM_LINEAR"); }
-size_t stream_smem_bytes(const QMat& m) {
-  return size_t(kStreamStages) * kStreamRows * (m.cols / 2 + 2 * (m.cols / m.group) * 2);
-}
-}  // namespace
-
-bool stream_linear_fits(const QMat& m) {
-  static const bool sm90 = [] {
-    int dev = 0, major = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    return major >= 9;
-  }();
-  const bool aligned = ((reinterpret_cast<uintptr_t>(m.w) | reinterpret_cast<uintptr_t>(m.scales) |
-                         reinterpret_cast<uintptr_t>(m.biases)) & 15) == 0;
-  return sm90 && stream_linear_on() && m.bits == 4 && aligned && m.cols % 32 == 0 && m.cols <= 32 * 32 * kStreamPre &&
-         m.cols % m.group == 0 && (m.cols / m.group) % 8 == 0 && m.rows >= kStreamMinRows &&
-         stream_smem_bytes(m) <= 200 * 1024;
-}
-
-namespace {
-void linear_stream(const uint16_t* x, const QMat& m, uint16_t* y, cudaStream_t s) {
-  const size_t smem = stream_smem_bytes(m);
-  allow_dynamic_smem(reinterpret_cast<const void*>(linear_stream_kernel), smem);
-  const int64_t groups = (m.rows + kStreamRows - 1) / kStreamRows;
-  launch_smem(linear_stream_kernel, dim3(unsigned(std::min<int64_t>(sm_count(), groups))), dim3(kStreamRows * 32),
-              smem, s, x, m, y);
 }
 
 template <int B>
 struct LinearL {
-  static void go(const uint16_t* x, int T, const QMat& m, uint16_t* y, cudaStream_t s, const AddNorm& an) {
-    if (T == 1 && stream_linear_fits(m)) return run_add_norm(an, s), linear_stream(x, m, y, s);
-    if (T == 1 && use_mma_linear(m)) return run_add_norm(an, s), mma_decode<1>(x, mma_job(&m, &y, 1), 1, s);
+  static void go(const uint16_t* x, int T, const QMat& m, uint16_t* y, cudaStream_t s) {
+    if (T == 1 && use_mma_linear(m)) return mma_decode<1>(x, mma_job(&m, &y, 1), 1, s);
     const unsigned gx = unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     const dim3 decode_grid(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));
     const int64_t chunks = m.cols / 32;
-    if (T == 1 && chunks > 32 * kPreChunks && chunks <= 32 * kPreChunksLong && long_row_preload()) {
-      const AddNorm fold = fold_add_norm(an, m.cols, s, decode_grid.x);
-      with_x_form(fold, [&](auto sx, auto fd) {
-        launch(linear_decode_kernel<B, kPreChunksLong, decltype(sx)::value, decltype(fd)::value>, decode_grid,
-               dim3(256), s, x, m, y, preload_weights(), fold);
+    if (T == 1 && chunks > 32 * kPreChunks && chunks <= 32 * kPreChunksLong && long_row_preload())
+      with_staged_x([&](auto sx) {
+        launch(linear_decode_kernel<B, kPreChunksLong, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
+               preload_weights());
       });
-    } else if (T == 1) {
-      const AddNorm fold = fold_add_norm(an, m.cols, s, decode_grid.x);
-      with_x_form(fold, [&](auto sx, auto fd) {
-        launch(linear_decode_kernel<B, kPreChunks, decltype(sx)::value, decltype(fd)::value>, decode_grid, dim3(256),
-               s, x, m, y, preload_weights(), fold);
+    else if (T == 1)
+      with_staged_x([&](auto sx) {
+        launch(linear_decode_kernel<B, kPreChunks, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
+               preload_weights());
       });
-    } else {
-      run_add_norm(an, s);
+    else
       launch(linear_kernel<B, kTokTile>, dim3(dim3(gx, unsigned((T + kTokTile - 1) / kTokTile))), dim3(256), s, x, T, m, y);
-    }
   }
 };
 template <int B>
 struct LinearMultiL {
-  static void go(const uint16_t* x, int T, const MultiQ& mq, cudaStream_t s, const AddNorm& an) {
+  static void go(const uint16_t* x, int T, const MultiQ& mq, cudaStream_t s) {
     if (T == 1 && use_mma(mq.m[0])) {
       // Matrices with enough rows in one MMA launch, the others in one scalar launch.
       QMat big[kMaxMulti];
@@ -1711,43 +1486,36 @@ struct LinearMultiL {
           small.first_block[j + 1] = small.first_block[j] + (mq.m[i].rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock;
         }
       }
-      if (nb > 0) run_add_norm(an, s), mma_decode<1>(x, mma_job(big, ybig, nb), 1, s);
+      if (nb > 0) mma_decode<1>(x, mma_job(big, ybig, nb), 1, s);
       if (small.n > 0)
-        launch_linear_multi_decode<B>(dim3(unsigned(small.first_block[small.n])), x, small, s,
-                                      nb > 0 ? AddNorm{} : an);
+        launch_linear_multi_decode<B>(dim3(unsigned(small.first_block[small.n])), x, small, s);
       return;
     }
     const unsigned gx = unsigned(mq.first_block[mq.n]);
-    if (T == 1) {
-      launch_linear_multi_decode<B>(dim3(gx), x, mq, s, an);
-    } else {
-      run_add_norm(an, s);
+    if (T == 1)
+      launch_linear_multi_decode<B>(dim3(gx), x, mq, s);
+    else
       launch(linear_multi_kernel<B, kTokTile>, dim3(gx, unsigned((T + kTokTile - 1) / kTokTile)), dim3(256), s, x, T, mq);
-    }
   }
 };
 template <int B>
 struct LinearSwigluL {
-  static void go(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s,
-                 const AddNorm& an) {
+  static void go(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s) {
     if (T == 1 && use_mma_linear(g)) {
       const QMat gu[2] = {g, u};
       MmaJob j = mma_job(gu, nullptr, 2);
       j.y[0] = y;
-      return run_add_norm(an, s), mma_decode<2>(x, j, 1, s);
+      return mma_decode<2>(x, j, 1, s);
     }
     const unsigned gx = unsigned((g.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     const dim3 decode_grid(unsigned((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));
-    if (T == 1) {
-      const AddNorm fold = fold_add_norm(an, g.cols, s, decode_grid.x);
-      with_x_form(fold, [&](auto sx, auto fd) {
-        launch(linear_swiglu_decode_kernel<B, decltype(sx)::value, decltype(fd)::value>, decode_grid, dim3(256), s, x,
-               g, u, y, preload_weights(), fold);
+    if (T == 1)
+      with_staged_x([&](auto sx) {
+        launch(linear_swiglu_decode_kernel<B, decltype(sx)::value>, decode_grid, dim3(256), s, x, g, u, y,
+               preload_weights());
       });
-    } else {
-      run_add_norm(an, s);
+    else
       launch(linear_swiglu_kernel<B, kTokTile>, dim3(dim3(gx, unsigned((T + kTokTile - 1) / kTokTile))), dim3(256), s, x, T, g, u, y);
-    }
   }
 };
 template <int B>
@@ -1923,19 +1691,17 @@ __global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const
 
 // add_rms_norm for rows of D = 8·blockDim.x: one 16-byte load of h, x and w
 // per thread (add_rms_norm_row8).
-// h_out may be h (in place) or another buffer (a deferred add + norm run on
-// its own: AddNorm).
-__global__ void add_rms_norm_vec_kernel(const uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
-                                        uint16_t* h_out, uint16_t* out, bool trigger_first) {
+__global__ void add_rms_norm_vec_kernel(uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
+                                        uint16_t* out, bool trigger_first) {
   ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
   const int64_t r = blockIdx.x;
-  const uint4 hv = reinterpret_cast<const uint4*>(h + r * D)[threadIdx.x];
-  const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + r * D) + threadIdx.x);
+  uint4* hr = reinterpret_cast<uint4*>(h + r * D) + threadIdx.x;
+  const uint4 hv = *hr, xv = __ldg(reinterpret_cast<const uint4*>(x + r * D) + threadIdx.x);
   const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w) + threadIdx.x);
   uint4 hn, on;
   add_rms_norm_row8(hv, xv, wv, D, eps, hn, on);
-  reinterpret_cast<uint4*>(h_out + r * D)[threadIdx.x] = hn;
+  *hr = hn;
   reinterpret_cast<uint4*>(out + r * D)[threadIdx.x] = on;
 }
 
@@ -2833,13 +2599,12 @@ void embed(const QMat& table, const int32_t* ids, int T, uint16_t* out, cudaStre
   check_launch("embed");
 }
 
-void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s, const AddNorm& an) {
-  by_bits<LinearL>(w.bits, x, T, w, y, s, an);
+void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s) {
+  by_bits<LinearL>(w.bits, x, T, w, y, s);
   check_launch("linear");
 }
 
-void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys, int n, cudaStream_t s,
-                  const AddNorm& an) {
+void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys, int n, cudaStream_t s) {
   if (n > kMaxMulti) throw std::runtime_error("linear_multi: at most 4 matrices");
   MultiQ mq;
   mq.n = n;
@@ -2851,14 +2616,13 @@ void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys,
     const int64_t per_block = T == 1 ? kRowsPerDecodeBlock : kRowsPerBlock;
     mq.first_block[i + 1] = mq.first_block[i] + (ms[i].rows + per_block - 1) / per_block;
   }
-  by_bits<LinearMultiL>(ms[0].bits, x, T, mq, s, an);
+  by_bits<LinearMultiL>(ms[0].bits, x, T, mq, s);
   check_launch("linear_multi");
 }
 
-void linear_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s,
-                   const AddNorm& an) {
+void linear_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s) {
   if (g.bits != u.bits) throw std::runtime_error("linear_swiglu: gate and up differ in format");
-  by_bits<LinearSwigluL>(g.bits, x, T, g, u, y, s, an);
+  by_bits<LinearSwigluL>(g.bits, x, T, g, u, y, s);
   check_launch("linear_swiglu");
 }
 
@@ -2920,13 +2684,12 @@ void gather_combine_shared(const uint16_t* h, const int32_t* experts, const void
 namespace {
 template <int WB>
 void launch_linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u,
-                              uint16_t* yh, cudaStream_t s, const AddNorm& an) {
+                              uint16_t* yh, cudaStream_t s) {
   const int wb = int((w.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
   const int gb = int((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
-  const AddNorm fold = fold_add_norm(an, w.cols, s, wb + gb);
-  with_x_form(fold, [&](auto sx, auto fd) {
-    launch(linear_and_swiglu_decode_kernel<WB, 4, decltype(sx)::value, decltype(fd)::value>, dim3(unsigned(wb + gb)),
-           dim3(256), s, x, w, y, wb, g, u, yh, preload_weights(), fold);
+  with_staged_x([&](auto sx) {
+    launch(linear_and_swiglu_decode_kernel<WB, 4, decltype(sx)::value>, dim3(unsigned(wb + gb)), dim3(256), s, x, w, y,
+           wb, g, u, yh, preload_weights());
   });
 }
 }  // namespace
@@ -2939,12 +2702,12 @@ bool linear_and_swiglu_fits(const QMat& w, const QMat& g, const QMat& u) {
 }
 
 void linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u, uint16_t* yh,
-                       cudaStream_t s, const AddNorm& an) {
+                       cudaStream_t s) {
   if (!linear_and_swiglu_fits(w, g, u)) throw std::runtime_error("linear_and_swiglu: formats it does not take");
   switch (w.bits) {
-    case 4: launch_linear_and_swiglu<4>(x, w, y, g, u, yh, s, an); break;
-    case 8: launch_linear_and_swiglu<8>(x, w, y, g, u, yh, s, an); break;
-    default: launch_linear_and_swiglu<16>(x, w, y, g, u, yh, s, an); break;
+    case 4: launch_linear_and_swiglu<4>(x, w, y, g, u, yh, s); break;
+    case 8: launch_linear_and_swiglu<8>(x, w, y, g, u, yh, s); break;
+    default: launch_linear_and_swiglu<16>(x, w, y, g, u, yh, s); break;
   }
   check_launch("linear + linear_swiglu");
 }
@@ -2969,33 +2732,9 @@ void add_rms_norm(uint16_t* h, const uint16_t* x, int64_t rows, int64_t D, const
   const bool aligned = ((reinterpret_cast<uintptr_t>(h) | reinterpret_cast<uintptr_t>(x) |
                          reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
   if (aligned && D % 256 == 0 && D / 8 <= 1024)
-    launch_short(add_rms_norm_vec_kernel, dim3(unsigned(rows)), dim3(unsigned(D / 8)), s, h, x, int(D), w, eps, h, out);
+    launch_short(add_rms_norm_vec_kernel, dim3(unsigned(rows)), dim3(unsigned(D / 8)), s, h, x, int(D), w, eps, out);
   else
     launch_short(add_rms_norm_kernel, dim3(unsigned(rows)), dim3(256), s, h, x, int(D), w, eps, out);
-  check_launch("add_rms_norm");
-}
-
-bool add_norm_fusable(int64_t D) { return D == 8 * 256; }
-
-// Only a grid of at most one block an SM folds the add + norm (the routers:
-// Qwen3's 16 blocks, LFM2's 4). Folding every consumer was measured (H100,
-// 2026-11-27 11:38-11:52 UTC): Qwen3 +1-2 %, but LFM2 1-2 % slower and GLM
-// flat — a large grid launched early (Qwen3's 640-block q/k/v) then starts
-// most of its blocks only after its wait (392 of 640 in the trace, against
-// 245), its weights loaded late. ZMLX_CUDA_FOLD_MAX_BLOCKS=<n> overrides
-// (A/B runs).
-int fold_max_blocks() {
-  static const int n = [] {
-    const char* v = std::getenv("ZMLX_CUDA_FOLD_MAX_BLOCKS");
-    return v && *v ? std::atoi(v) : sm_count();
-  }();
-  return n;
-}
-
-void add_rms_norm_apart(const AddNorm& an, cudaStream_t s) {
-  if (!add_norm_fusable(an.D)) throw std::runtime_error("add_rms_norm_apart: rows of " + std::to_string(an.D));
-  launch_short(add_rms_norm_vec_kernel, dim3(1), dim3(unsigned(an.D / 8)), s, an.h, an.dx, int(an.D), an.w, an.eps,
-               an.h_out, an.out);
   check_launch("add_rms_norm");
 }
 

@@ -42,49 +42,16 @@ enum Combine : int { kBf16Products = 0, kF32Products = 1 };
 
 void embed(const QMat& table, const int32_t* ids, int T, uint16_t* out, cudaStream_t s);
 
-// A residual add and RMSNorm of one token left for the next mat-vec to do
-// (the CUDA backend's deferred add_rms_norm): h_out = bf16(h + dx), out =
-// rms_norm(h_out)·w, with add_rms_norm's bits. A consumer that reads
-// x == out and takes the scalar decode kernels with x staged, in a grid of
-// at most fold_max_blocks() blocks, does it in every block before staging
-// x (one block writes h_out and out), so the norm's own launch and its
-// kernel boundary go; any other consumer runs add_rms_norm_apart first. h == nullptr: none. h and h_out are distinct
-// buffers (the other blocks still read h while one writes h_out).
-struct AddNorm {
-  const uint16_t* h = nullptr;
-  const uint16_t* dx = nullptr;
-  const uint16_t* w = nullptr;
-  float eps = 0.f;
-  int64_t D = 0;
-  uint16_t* h_out = nullptr;
-  uint16_t* out = nullptr;
-};
-// Whether a row of D inputs can take the fused form (D = 8 · 256: a thread
-// of a 256-thread block an 8-value piece, as add_rms_norm's vector kernel).
-bool add_norm_fusable(int64_t D);
-// The largest grid (blocks) that folds it; larger ones run it first.
-int fold_max_blocks();
-// The deferred add + norm as a kernel of its own (an.h set).
-void add_rms_norm_apart(const AddNorm& an, cudaStream_t s);
-
 // y[T, N] = bf16(x[T, K] · Wᵀ)
-// an: a deferred add + norm whose out is x (T = 1), done first.
-void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s, const AddNorm& an = {});
-// Whether linear() of one token streams m through shared memory (the output
-// head: 4-bit, at least kStreamMinRows rows of at most 2048 inputs; the
-// scalar decode kernel's bits; ZMLX_CUDA_STREAM_LINEAR=0: never).
-constexpr int64_t kStreamMinRows = 16384;
-bool stream_linear_fits(const QMat& m);
+void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s);
 // Whether the scalar decode mat-vecs stage their input once a block in shared
 // memory (kernels.cu, stage_x_block; ZMLX_CUDA_STAGE_X=0: never); the bits
 // are the same either way.
 bool stage_x();
 // ys[i][T, N_i] = bf16(x · W_iᵀ) for up to 4 matrices of one format, one launch.
-void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys, int n, cudaStream_t s,
-                  const AddNorm& an = {});
+void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys, int n, cudaStream_t s);
 // y[T, N] = swiglu(bf16(x·Gᵀ), bf16(x·Uᵀ))
-void linear_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s,
-                   const AddNorm& an = {});
+void linear_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s);
 
 // Expert matmuls for P = T·k (token, slot) pairs; experts[p] picks the
 // matrix. Input row of pair p: x[p] when per_slot, else x[p / k].
@@ -116,7 +83,7 @@ void gather_combine_shared(const uint16_t* h, const int32_t* experts, const void
 // take the scalar decode kernels (ZMLX_CUDA_SHARED_EXPERT_FUSION=0: never).
 bool linear_and_swiglu_fits(const QMat& w, const QMat& g, const QMat& u);
 void linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u, uint16_t* yh,
-                       cudaStream_t s, const AddNorm& an = {});
+                       cudaStream_t s);
 // out[t, d] = Σ_j term(y[t, j, d], score[t, j]) in slot order.
 void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,
                  uint16_t* out, cudaStream_t s);
