@@ -25,9 +25,13 @@ position in a layer, the mean of:
           warp passed marks 0, 3, 1, 2 (that order: the kernels use 3 for a
           point between 0 and 1) and when the block ended, each after the
           block's own release (the kernel's comments say what each mark ends).
-Then, for models whose layers differ (LFM2's conv and attention layers, a
-dense first layer), where one period cannot describe the step, the whole
-step by launch shape: how many kernels of each shape and their total dur
+For models whose layers differ (LFM2's conv and attention layers), where one
+period cannot describe the step, the step is instead cut into layers at a
+launch shape that starts every layer (or every second occurrence of one: the
+norm kernels come twice a layer), and the same table is printed for each kind
+of layer that occurs at least three times (a kind seen once, such as a dense
+first layer, is left out). Last, the
+whole step by launch shape: how many kernels of each shape and their total dur
 (kernels of one shape may be different kernels; the grid usually tells).
 
   zmlx-trace bench MODEL ... 2> trace.log; tools/kernel_trace_summary.py trace.log
@@ -68,10 +72,6 @@ def main(path):
     start = next((i for i in range(n - 2 * period)
                   if all(shape[i + j] == shape[i + j + period] for j in range(period))), None)
     print(f"{n} kernels, step {(recs[-1][2] - recs[0][2]) / 1000:.1f} us (first to last release); layer period {period}")
-    if start is None:
-        print("no repeating layer found")
-        by_shape(recs, shape)
-        return
     # Per kernel: the last end among blocks that started before its release, and among those after.
     ends = {}
     for k, v in block_ends.items():
@@ -81,13 +81,65 @@ def main(path):
         early = [e for (st, e) in v if st <= go]
         late = [e for (st, e) in v if st > go]
         ends[k] = (max(early) - go if early else None, max(late) - go if late else None)
-    layers = (n - start) // period
+    kinds = layer_kinds(shape)
+    if kinds and len(kinds[1]) > 1:  # layers differ: a table for each kind, not the period's
+        cut, groups = kinds
+        print(f"layer kinds (cut before every {'' if cut[1] == 1 else 'second '}grid {cut[0][0]} x {cut[0][1]} "
+              f"block {cut[0][2]}):")
+        for sig, starts in groups:
+            print(f"kind: {len(starts)} layers of {len(sig)} kernels")
+            table(recs, shape, [i for i in starts if i + len(sig) < n], len(sig), block_phases, ends)
+    elif start is None:
+        print("no repeating layer found")
+    else:
+        layers = (n - start) // period
+        table(recs, shape, [start + layer * period for layer in range(layers - 1)], period, block_phases, ends)
+    by_shape(recs, shape)
+
+
+def layer_kinds(shape):
+    """Cuts the step into layers before every k-th occurrence (k = 1, 2) of one
+    launch shape and groups the layers by their sequence of shapes, keeping
+    the sequences seen at least 3 times. Of the cuts whose kept layers cover
+    at least 90 % of the most any cut covers, the one with the fewest kinds,
+    then the earliest first cut (the step opens with a layer's first kernel,
+    so that cut falls on layer starts), then the fewest cuts. Returns
+    ((shape, k), [(sequence, [first kernel index of each layer])]), most
+    frequent first, or None."""
+    where = {}
+    for i, g in enumerate(shape):
+        where.setdefault(g, []).append(i)
+    cands = []
+    for g, occ in where.items():
+        for k in (1, 2):
+            for off in range(k):
+                cuts = occ[off::k]
+                if len(cuts) < 4:
+                    continue
+                groups = {}
+                for a, b in zip(cuts, cuts[1:]):
+                    groups.setdefault(tuple(shape[a:b]), []).append(a)
+                kept = sorted(((sig, st) for sig, st in groups.items() if len(st) >= 3), key=lambda x: -len(x[1]))
+                if kept:
+                    cands.append((sum(len(sig) * len(st) for sig, st in kept), len(kept), cuts[0], len(cuts), (g, k),
+                                  kept))
+    if not cands:
+        return None
+    most = max(c[0] for c in cands)
+    best = min((c for c in cands if c[0] >= 0.9 * most), key=lambda c: (c[1], c[2], c[3]))
+    return best[4], best[5]
+
+
+def table(recs, shape, starts, period, block_phases, ends):
+    """The per-position table over the layers starting at `starts`, each `period` kernels long."""
+    if not starts:
+        return
     total = 0.0
     for j in range(period):
         durs, waits, blocks, late, last, end, e_early, e_late = [], [], [], [], [], [], [], []
         phases = [[] for _ in range(5)]
-        for layer in range(layers - 1):
-            i = start + layer * period + j
+        for s0 in starts:
+            i = s0 + j
             for ph in block_phases.get(i, ()):
                 for q in range(5):
                     if ph[q] is not None:
@@ -105,7 +157,7 @@ def main(path):
                     e_late.append(ends[i][1])
         d = statistics.mean(durs)
         total += d
-        g = shape[start + j]
+        g = shape[starts[0] + j]
         print(f"  pos {j:2d}  grid {g[0]:5d} x {g[1]:<3d} block {g[2]:4d}  dur {d / 1000:6.2f} us"
               f"  waited {statistics.mean(waits) / 1000:6.2f} us"
               + (f"  late {statistics.mean(late):6.1f} of {statistics.mean(blocks):5.0f}"
@@ -116,8 +168,7 @@ def main(path):
               + ("  phases " + " ".join(f"{n} {statistics.median(v) / 1000:5.2f}" if v else f"{n}   -  "
                                          for n, v in zip(("m0", "m3", "m1", "m2", "end"), phases))
                  if any(phases[:4]) else ""))
-    print(f"per layer {total / 1000:.2f} us (mean over {layers - 1} layers)")
-    by_shape(recs, shape)
+    print(f"per layer {total / 1000:.2f} us (mean over {len(starts)} layers)")
 
 
 def by_shape(recs, shape):

@@ -63,4 +63,32 @@ recs.append((t, t + 1, 1, 1, 1024))
 out = run(recs)
 check("grid    32 x 12  block  128     5 kernels  dur    30.00 us" in out, "attention totals without a period", out)
 check("grid     7 x 1   block  128     7 kernels  dur    10.50 us" in out, "conv totals without a period", out)
+
+# LFM2-like: a dense first layer, then conv and attention layers in an
+# irregular order, each opening with a norm and sharing the MoE half (which
+# opens with the second norm); then the final norm, lm_head and argmax. The
+# step is cut before every second norm: two kinds of layer.
+NORM = ((1, 1, 256), 1000)
+MOE = [NORM, ((4, 1, 256), 2000), ((1, 1, 128), 2000), ((56, 4, 128), 11000), ((128, 1, 512), 7000)]
+kinds = {
+    "dense": [NORM, ((384, 1, 256), 3000), ((16, 1, 256), 2000), ((256, 1, 256), 3000), NORM,
+              ((448, 1, 256), 5000), ((96, 1, 256), 3000)],
+    "conv": [NORM, ((384, 1, 256), 3000), ((16, 1, 256), 2000), ((256, 1, 256), 3000)] + MOE,
+    "attn": [NORM, ((320, 1, 256), 4000), ((32, 12, 128), 6000), ((32, 1, 64), 2500), ((256, 1, 256), 3500)] + MOE,
+}
+order = ["dense", "conv", "conv", "attn", "conv", "conv", "conv", "attn", "conv", "attn", "conv", "attn", "conv"]
+recs, t = [], 0
+for k in order + ["final"]:
+    for (gx, gy, block), d in kinds.get(k, [NORM, ((4096, 1, 256), 50000), ((1, 1, 1024), 1)]):
+        recs.append((t - waited(len(recs)), t, gx, gy, block))
+        t += d
+out = run(recs)
+check("layer kinds (cut before every second grid 1 x 1 block 256)" in out, "the cut: every second norm", out)
+check(f"kind: {order.count('conv')} layers of 9 kernels" in out, "the conv layers", out)
+check(f"kind: {order.count('attn')} layers of 10 kernels" in out, "the attention layers", out)
+check("per layer 32.00 us (mean over 8 layers)" in out, "a conv layer's sum", out)
+check("per layer 40.00 us (mean over 4 layers)" in out, "an attention layer's sum", out)
+# A uniform model prints no kinds (one kind: the period's table says it all).
+out = run([(i * 1000 - 200, i * 1000, *([(1, 1, 256), (640, 1, 256), (48, 8, 128)][i % 3])) for i in range(30)])
+check("layer period 3" in out and "layer kinds" not in out, "no kinds for a uniform model", out)
 print("kernel_trace_summary: ok")
