@@ -30,9 +30,9 @@ period cannot describe the step, the step is instead cut into layers at a
 launch shape that starts every layer (or every second occurrence of one: the
 norm kernels come twice a layer), and the same table is printed for each kind
 of layer that occurs at least three times (a kind seen once, such as a dense
-first layer, is left out). Last, the
-whole step by launch shape: how many kernels of each shape and their total dur
-(kernels of one shape may be different kernels; the grid usually tells).
+first layer, is left out). Last, the whole step by launch shape: how many
+kernels of each shape and their total dur (kernels of one shape may be
+different kernels; the grid usually tells).
 
   zmlx-trace bench MODEL ... 2> trace.log; tools/kernel_trace_summary.py trace.log
 """
