@@ -30,15 +30,7 @@
 #include <random>
 #include <vector>
 
-#define CK(x)                                                                                 \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "weight_layout_bench: %s at %s:%d: %s\n", #x, __FILE__, __LINE__, \
-                   cudaGetErrorString(e_));                                                   \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
+#include "cuda_check.h"
 
 namespace {
 
