@@ -928,6 +928,97 @@ TEST(CudaOps, MmaExpertKernelsMatchScalarAndCpuAndFusedIsBitIdentical) {
     }
 }
 
+// The expert down projection by tiles of 16 inputs (kernels.h). Kernels:
+// gate+up computing its tiles' down partials itself, then one sum + combine
+// launch, against gate+up storing h, the standalone partials kernel, the
+// sums and moe_combine, bit for bit (outputs poisoned first); the sums
+// against the CPU's gather_qmm. Backend: after prepare_expert_down,
+// gather_qmm_swiglu_combine against the unfused ops and against the two
+// fused ops it replaces, bit for bit. Shapes: one and several tiles a
+// gate+up block, tiles past the last, groups of 32, 64 and 128, k of 2 to 8.
+TEST(CudaOps, DownTilesInsideGateUpAreBitIdenticalToUnfused) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(77);
+  auto raw = [](const DevBuf& b) {
+    std::vector<uint8_t> h(b.n);
+    cudaDeviceSynchronize();
+    cudaMemcpy(h.data(), b.p, b.n, cudaMemcpyDeviceToHost);
+    return h;
+  };
+  struct S {
+    int64_t D, I;
+    int group;
+    int64_t E, kk;
+  };
+  for (S sz : {S{512, 768, 64, 16, 8}, S{1024, 1792, 64, 8, 4}, S{384, 224, 32, 5, 3}, S{256, 384, 128, 9, 2}})
+    for (int64_t T : {1, 3}) {
+      const int64_t P = T * sz.kk, nt = sz.I / 16;
+      const std::string what = "D " + std::to_string(sz.D) + " I " + std::to_string(sz.I) + " T " + std::to_string(T);
+      Weight gate = test::random_qweight(rng, sz.E, sz.I, sz.D, 4, sz.group),
+             up = test::random_qweight(rng, sz.E, sz.I, sz.D, 4, sz.group),
+             down = test::random_qweight(rng, sz.E, sz.D, sz.I, 4, sz.group);
+      DevQ qg, qu, qd;
+      upload(gate, qg), upload(up, qu), upload(down, qd);
+      DevBuf tw(down.w.nbytes()), ts(down.scales.nbytes()), tb(down.biases.nbytes());
+      k::QMat mt = qd.m;
+      ASSERT_TRUE(k::down_tiles_format(mt)) << what;
+      k::repack_down_tiles(qd.m, sz.E, static_cast<uint32_t*>(tw.p), ts.u16(), tb.u16(), nullptr);
+      mt.tiles = static_cast<const uint32_t*>(tw.p), mt.tile_scales = ts.u16(), mt.tile_biases = tb.u16();
+      Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(T * sz.D)), {T, sz.D});
+      const Routing r = cpu_routing(*c, rng, T, sz.E, sz.kk);
+      const bool f32 = r.scores.dtype == DType::F32;
+      DevBuf dx(x.data, x.nbytes()), dex(r.experts.data, r.experts.nbytes()), dsc(r.scores.data, r.scores.nbytes());
+      const auto* ex = static_cast<const int32_t*>(dex.p);
+      const size_t parts_bytes = size_t(P * nt * sz.D) * 4;
+      DevBuf pf(parts_bytes), pu(parts_bytes), h(size_t(P * sz.I) * 2), y(size_t(P * sz.D) * 2);
+      with_path(true, [&] {
+        ASSERT_TRUE(k::gather_swiglu_down_tiles(dx.u16(), ex, int(T), int(sz.kk), qg.m, qu.m, mt,
+                                                static_cast<float*>(pf.p), nullptr))
+            << what;
+        k::gather_swiglu(dx.u16(), ex, int(T), int(sz.kk), qg.m, qu.m, h.u16(), nullptr);
+        k::down_tile_partials(h.u16(), ex, int(P), mt, static_cast<float*>(pu.p), nullptr);
+        k::down_tile_sums(static_cast<const float*>(pu.p), int(P), mt, y.u16(), nullptr);
+      });
+      EXPECT_TRUE(raw(pf) == raw(pu)) << "tile partials: inside gate+up != standalone, " << what;
+      const auto yv = y.floats();
+      ASSERT_TRUE(all_finite(yv)) << what;
+      Tensor hh = host_tensor(DType::BF16, {P, sz.I});
+      cudaMemcpy(hh.data, h.p, hh.nbytes(), cudaMemcpyDeviceToHost);
+      EXPECT_LT(rel_l2(yv, host_floats(*c, c->gather_qmm(hh, down, r))), 5e-3) << "tile sums vs CPU, " << what;
+      for (k::Combine mode : {k::kBf16Products, k::kF32Products}) {
+        DevBuf of(size_t(T * sz.D) * 2), ou(size_t(T * sz.D) * 2);
+        k::down_tile_sums_combine(static_cast<const float*>(pf.p), dsc.p, f32, mode, int(T), int(sz.kk), mt,
+                                  of.u16(), nullptr);
+        k::moe_combine(y.u16(), dsc.p, f32, mode, int(T), int(sz.kk), sz.D, ou.u16(), nullptr);
+        const auto o = of.floats();
+        ASSERT_TRUE(all_finite(o)) << what;
+        EXPECT_EQ(o, ou.floats()) << "sums + combine in one launch != sums, moe_combine, " << what;
+        const CombineMode cm = mode == k::kBf16Products ? CombineMode::Bf16Products : CombineMode::F32Products;
+        EXPECT_LT(rel_l2(o, host_floats(*c, c->gather_qmm_combine(hh, down, r, cm))), 5e-3) << what;
+      }
+
+      // The backend: the copy made at prepare_expert_down, then every path by tiles.
+      Weight ggate = g->adopt(gate), gup = g->adopt(up), gdown = g->adopt(down);
+      g->prepare_expert_down(gdown);
+      ASSERT_FALSE(gdown.tiles.empty()) << "prepare_expert_down made no tile copy, " << what;
+      Tensor gx = g->from_host(x);
+      const Routing gr = to_gpu(*g, r);
+      for (CombineMode mode : {CombineMode::Bf16Products, CombineMode::F32Products}) {
+        Tensor fused = g->gather_qmm_swiglu_combine(gx, ggate, gup, gdown, gr, mode);
+        Tensor hs = g->swiglu(g->gather_qmm(gx, ggate, gr), g->gather_qmm(gx, gup, gr));
+        Tensor unfused = g->moe_combine(g->gather_qmm(hs, gdown, gr), gr, mode);
+        Tensor two_ops = g->gather_qmm_combine(g->gather_qmm_swiglu(gx, ggate, gup, gr), gdown, gr, mode);
+        EXPECT_TRUE(same_bits(*g, fused, unfused)) << "gather_qmm_swiglu_combine != unfused ops, " << what;
+        EXPECT_TRUE(same_bits(*g, fused, two_ops)) << "gather_qmm_swiglu_combine != the two fused ops, " << what;
+        const auto hc = c->gather_qmm_swiglu(x, gate, up, r);
+        EXPECT_LT(rel_l2(host_floats(*g, fused), host_floats(*c, c->gather_qmm_combine(hc, down, r, mode))), 1e-2)
+            << what;
+      }
+    }
+}
+
 // GLM's fused MoE block folds its shared expert into the routed launches:
 // the router + shared gate+up launch against linear and linear_swiglu, and
 // gather_combine_shared against gather_combine, linear and add, bit for bit
