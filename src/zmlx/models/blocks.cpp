@@ -38,11 +38,6 @@ std::pair<Tensor, Tensor> Backend::linear_and_swiglu(const Tensor& x, const Weig
   return {linear(x, w), std::move(h)};
 }
 
-Tensor Backend::gather_qmm_swiglu_combine(const Tensor& x, const Weight& gate, const Weight& up, const Weight& down,
-                                          const Routing& r, CombineMode mode) {
-  return gather_qmm_combine(gather_qmm_swiglu(x, gate, up, r), down, r, mode);
-}
-
 Tensor Backend::gather_qmm_combine_shared(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode,
                                           const Tensor& shared_h, const Weight& shared_down) {
   Tensor out = gather_qmm_combine(h, down, r, mode);

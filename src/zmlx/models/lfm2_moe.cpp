@@ -127,7 +127,6 @@ class Lfm2Moe final : public Model {
         moe->route_eps = 1e-6f;
         moe->routed_scaling = scaling;
         moe->combine = CombineMode::Bf16Products;
-        wl.prepare_experts(*moe);
         L.mlp = std::move(moe);
       } else {
         L.mlp = wl.swiglu_mlp(p + ".feed_forward", c.get_int("intermediate_size"), D_, tpi, tpn);

@@ -237,10 +237,6 @@ void WeightLoader::switch_experts(MoeBlock& moe, const std::string& prefix, int6
   moe.top_k = k;
 }
 
-void WeightLoader::prepare_experts(MoeBlock& moe) {
-  if (!moe.shared_expert) be_.prepare_expert_down(moe.down_proj);
-}
-
 GqaAttention WeightLoader::gqa_attention(const std::string& prefix, const char* o_name, const char* q_norm_name,
                                          const char* k_norm_name, int64_t heads, int64_t kv_heads,
                                          int64_t head_dim, int64_t dim, int tp_index, int tp_count) {

@@ -47,10 +47,6 @@ class WeightLoader {
   std::unique_ptr<SwigluMlp> swiglu_mlp(const std::string& prefix, int64_t inter, int64_t dim, int tp_index = 0,
                                         int tp_count = 1);
   // switch_mlp.{gate,up,down}_proj under `prefix` into `moe` (k of E active).
-  // After a MoE block is complete: the backend's own copy of its expert
-  // down projection (Backend::prepare_expert_down), for blocks without a
-  // shared expert (whose fused path has no use for it yet).
-  void prepare_experts(MoeBlock& moe);
   void switch_experts(MoeBlock& moe, const std::string& prefix, int64_t experts, int64_t inter, int64_t dim,
                       int64_t k, int tp_index = 0, int tp_count = 1);
   // q/k/v/o projections and q/k norms of a GQA block (names differ per family).

@@ -75,7 +75,6 @@ class Qwen3Moe final : public Model {
         wl.switch_experts(*moe, p + ".mlp", E, I, D_, k, tpi, tpn);
         moe->norm_topk_prob = norm_topk;
         moe->combine = CombineMode::Bf16Products;
-        wl.prepare_experts(*moe);
         L.mlp = std::move(moe);
       } else {
         L.mlp = wl.swiglu_mlp(p + ".mlp", c.get_int("intermediate_size"), D_, tpi, tpn);

@@ -57,11 +57,6 @@ class Backend {
   // Makes a checkpoint tensor/weight usable by this backend (CPU: no-op view
   // of the mmap; CUDA: uploads once).
   virtual Weight adopt(const Weight& w) { return w; }
-  // After loading: `w` (adopted) is a MoE block's stacked expert down
-  // projection, every product of which goes through gather_qmm /
-  // gather_qmm_combine(_shared) / gather_qmm_swiglu_combine. A backend may
-  // add a copy in a layout of its own (Weight::tiles); nothing by default.
-  virtual void prepare_expert_down(Weight& w) { (void)w; }
   virtual Tensor adopt(const Tensor& t) { return t; }
 
   virtual Tensor alloc(DType dtype, std::vector<int64_t> shape) = 0;
@@ -204,11 +199,6 @@ class Backend {
   // down projection of h [T, k, I] + weighted combine in one pass -> [T, D].
   virtual Tensor gather_qmm_combine(const Tensor& h, const Weight& down, const Routing& r,
                                     CombineMode mode) = 0;
-  // The routed experts of a MoE block end to end: gather_qmm_combine(
-  // gather_qmm_swiglu(x, gate, up, r), down, r, mode), with those ops' bits;
-  // a backend may run it as fewer passes (CUDA: down inside gate+up's).
-  virtual Tensor gather_qmm_swiglu_combine(const Tensor& x, const Weight& gate, const Weight& up,
-                                           const Weight& down, const Routing& r, CombineMode mode);
   // Dense SwiGLU MLP gate+up in one pass: swiglu(x@Wgᵀ, x@Wuᵀ) -> [T, I].
   virtual Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) = 0;
   // A MoE block with a shared expert (GLM), whose fused form folds the

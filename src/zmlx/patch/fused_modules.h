@@ -14,11 +14,9 @@ class PatchedModule : public FeedForward {
   virtual std::string pattern() const = 0;
 };
 
-// moe_mlp: router -> gather_qmm_swiglu_combine (gate+up+SwiGLU for every
-// selected expert, then the down projection and the weighted combine; on
-// CUDA at decode the down projection runs inside gate+up's kernel). With a
-// shared expert: the router and the shared gate+up in one pass
-// (linear_and_swiglu), gather_qmm_swiglu, then gather_qmm_combine_shared.
+// moe_mlp: router -> gather_qmm_swiglu (gate+up+SwiGLU for every selected
+// expert in one pass) -> gather_qmm_combine (down projection + weighted
+// combine in one pass) + the shared expert through linear_swiglu.
 class FusedMoe final : public PatchedModule {
  public:
   explicit FusedMoe(std::unique_ptr<MoeBlock> inner);

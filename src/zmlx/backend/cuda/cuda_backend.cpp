@@ -178,11 +178,6 @@ kern::QMat qmat(const Weight& w) {
     m.biases = static_cast<const uint16_t*>(w.biases.data);
     m.w_stride = w.rows * w.cols * w.q.bits / 32;
     m.s_stride = w.rows * (w.cols / w.q.group_size);
-    if (!w.tiles.empty() && w.tiles.device == Device::CUDA) {  // prepare_expert_down's copy
-      m.tiles = static_cast<const uint32_t*>(w.tiles.data);
-      m.tile_scales = static_cast<const uint16_t*>(w.tile_scales.data);
-      m.tile_biases = static_cast<const uint16_t*>(w.tile_biases.data);
-    }
   } else {
     ZMLX_CHECK(w.w.dtype == DType::BF16, "{}: dense weights must be bf16 on CUDA, got {}", w.name, dtype_name(w.w.dtype));
     m.bits = 16;
@@ -207,8 +202,6 @@ kern::QMat qmat_any(const Weight& w) {
 
 const uint16_t* bf16p(const Tensor& t) { return static_cast<const uint16_t*>(t.data); }
 uint16_t* bf16p(Tensor& t) { return static_cast<uint16_t*>(t.data); }
-const float* f32p(const Tensor& t) { return static_cast<const float*>(t.data); }
-float* f32p(Tensor& t) { return static_cast<float*>(t.data); }
 
 class CudaBackend;
 
@@ -484,31 +477,6 @@ class CudaBackend final : public Backend {
     ++weights_epoch_;
     weight_bytes_ += t.nbytes();
     return d;
-  }
-
-  // A weight-like allocation of its own (counted with the weights), contents unset.
-  Tensor adopt_empty(DType dtype, std::vector<int64_t> shape) {
-    Tensor t;
-    t.dtype = dtype;
-    t.shape = std::move(shape);
-    t.device = Device::CUDA;
-    void* p = nullptr;
-    if (cudaMalloc(&p, std::max<size_t>(t.nbytes(), 1)) != cudaSuccess) {
-      cudaGetLastError();
-      pool_->trim();
-      size_t fr = 0, total = 0;
-      cudaMemGetInfo(&fr, &total);
-      if (cudaMalloc(&p, std::max<size_t>(t.nbytes(), 1)) != cudaSuccess) {
-        cudaGetLastError();
-        fail("out of GPU memory for the experts' down tiles: {:.1f} MiB more needed, {:.1f} of {:.1f} MiB free "
-             "(ZMLX_CUDA_DOWN_TILES=0 skips them)",
-             t.nbytes() / 1048576.0, fr / 1048576.0, total / 1048576.0);
-      }
-    }
-    t.storage = std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
-    t.data = p;
-    weight_bytes_ += t.nbytes();
-    return t;
   }
 
   uint64_t peak_device_bytes() const override { return weight_bytes_ + pool_->peak_bytes(); }
@@ -896,34 +864,10 @@ class CudaBackend final : public Backend {
       Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(w.experts)))});
       tc::moe_linear(bf16p(x), per_slot, experts_of(r), int(T), int(k), m, bf16p(out), ws.data, stream_,
                      int(w.experts));
-    } else if (per_slot && m.tiles) {  // a down projection with its tile copy: by tiles
-      Tensor parts = tile_parts(T * k, w);
-      kern::down_tile_partials(bf16p(x), experts_of(r), int(T * k), m, f32p(parts), stream_);
-      kern::down_tile_sums(f32p(parts), int(T * k), m, bf16p(out), stream_);
     } else {
       kern::gather_linear(bf16p(x), per_slot, experts_of(r), int(T), int(k), m, bf16p(out), stream_);
     }
     return out;
-  }
-
-  // The fp32 partials of the tile form (kernels.h: down_tile_partials) for
-  // P pairs of `down`.
-  Tensor tile_parts(int64_t P, const Weight& down) {
-    return alloc(DType::F32, {P, down.cols / 16, down.rows});
-  }
-  // The tile form's sum and combine: one launch up to 32 slots, else the sums
-  // and moe_combine (the same bits).
-  void tile_sums_combine(const Tensor& parts, const Routing& r, CombineMode mode, const kern::QMat& m, Tensor& out) {
-    const int64_t T = r.experts.rows(), k = r.k;
-    if (k <= 32) {
-      kern::down_tile_sums_combine(f32p(parts), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T),
-                                   int(k), m, bf16p(out), stream_);
-      return;
-    }
-    Tensor y = alloc(DType::BF16, {T * k, m.rows});
-    kern::down_tile_sums(f32p(parts), int(T * k), m, bf16p(y), stream_);
-    kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), m.rows,
-                      bf16p(out), stream_);
   }
 
   Tensor moe_combine(const Tensor& y, const Routing& r, CombineMode mode) override {
@@ -985,10 +929,6 @@ class CudaBackend final : public Backend {
       tc::moe_down(bf16p(h), experts_of(r), int(T), int(k), m, bf16p(y), ws.data, stream_, int(down.experts));
       kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), D,
                         bf16p(out), stream_);
-    } else if (m.tiles) {
-      Tensor parts = tile_parts(T * k, down);
-      kern::down_tile_partials(bf16p(h), experts_of(r), int(T * k), m, f32p(parts), stream_);
-      tile_sums_combine(parts, r, mode, m, out);
     } else if (combine_in_two_launches(k, down)) {
       Tensor y = alloc(DType::BF16, {T * k, D});
       kern::gather_linear(bf16p(h), true, experts_of(r), int(T), int(k), m, bf16p(y), stream_);
@@ -1001,53 +941,6 @@ class CudaBackend final : public Backend {
     return out;
   }
 
-  // The whole routed expert path of a MoE block without a shared expert.
-  // Decode-sized, with down's tile copy: gate+up's blocks compute the down
-  // projection's tile partials themselves (kern::gather_swiglu_down_tiles),
-  // then one kernel sums and combines; otherwise the two fused ops.
-  Tensor gather_qmm_swiglu_combine(const Tensor& x, const Weight& gate, const Weight& up, const Weight& down,
-                                   const Routing& r, CombineMode mode) override {
-    const int64_t T = r.experts.rows(), k = r.k;
-    const kern::QMat g = qmat(gate), u = qmat(up), md = qmat(down);
-    if (!md.tiles || T * k >= kGemmMinPairs || T * k > 65535)
-      return Backend::gather_qmm_swiglu_combine(x, gate, up, down, r, mode);
-    check_combine_scores(r, mode, "gather_qmm_combine");
-    ZMLX_CHECK(x.rows() == T && x.cols() == gate.cols && x.cols() == up.cols && up.rows == gate.rows,
-               "{}: gather_qmm_swiglu shape mismatch", gate.name);
-    ZMLX_CHECK(down.cols == gate.rows, "{}: {} inputs, the experts' gate+up make {}", down.name, down.cols, gate.rows);
-    // As gather_qmm_swiglu: the router's input, routed by the op just before.
-    const bool x_ready = x.data == last_linear_input_ && route_op_ == last_linear_op_ + 1 && op_seq_ == route_op_ + 1;
-    Tensor parts = tile_parts(T * k, down);
-    {
-      Prof p_(this, "gather_swiglu");
-      if (!kern::gather_swiglu_down_tiles(bf16p(x), experts_of(r), int(T), int(k), g, u, md, f32p(parts), stream_,
-                                          x_ready))
-        return Backend::gather_qmm_swiglu_combine(x, gate, up, down, r, mode);
-    }
-    routing_consumed_ = r.experts.data;
-    Tensor out = alloc(DType::BF16, {T, down.rows});
-    Prof p_(this, "gather_combine");
-    tile_sums_combine(parts, r, mode, md, out);
-    return out;
-  }
-
-  // The tile-major copy of a MoE block's expert down projection
-  // (kern::repack_down_tiles): from then on every decode-sized product of
-  // it sums by tiles, fused or not. ZMLX_CUDA_DOWN_TILES=0: no copy (the
-  // MMA forms; A/B runs).
-  void prepare_expert_down(Weight& w) override {
-    if (!zmlx::cuda::env_on("ZMLX_CUDA_DOWN_TILES") || w.experts <= 0 || !w.quantized ||
-        w.w.device != Device::CUDA)
-      return;
-    const kern::QMat m = qmat(w);
-    if (!kern::down_tiles_format(m)) return;
-    Tensor t = adopt_empty(DType::U32, w.w.shape), ts = adopt_empty(DType::BF16, w.scales.shape),
-           tb = adopt_empty(DType::BF16, w.biases.shape);
-    kern::repack_down_tiles(m, w.experts, static_cast<uint32_t*>(t.data), bf16p(ts), bf16p(tb), stream_);
-    cuda_check(cudaStreamSynchronize(stream_), "repack_down_tiles");
-    w.tiles = std::move(t), w.tile_scales = std::move(ts), w.tile_biases = std::move(tb);
-  }
-
   // One token, the kernels' conditions met: the shared expert's down
   // projection and the add inside gather_combine (kern::gather_combine_shared).
   Tensor gather_qmm_combine_shared(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode,
@@ -1056,7 +949,7 @@ class CudaBackend final : public Backend {
                shared_down.name, shared_down.rows, down.rows);
     const int64_t T = r.experts.rows(), k = r.k;
     const kern::QMat m = qmat(down), ms = qmat(shared_down);
-    if (T == 1 && !m.tiles && !combine_by_gemm(T, k, m) && !combine_in_two_launches(k, down) &&
+    if (T == 1 && !combine_by_gemm(T, k, m) && !combine_in_two_launches(k, down) &&
         kern::gather_combine_shared_fits(m, ms)) {
       check_combine_scores(r, mode, "gather_qmm_combine");
       ZMLX_CHECK(h.rows() == T * k && h.cols() == down.cols, "{}: gather_qmm_combine shape mismatch", down.name);

@@ -669,100 +669,6 @@ constexpr int kMmaWarps = 8;  // 256 threads a block
 constexpr int kSmallSwigluBlocksPerSm = 3;  // gate+up's 4-warp blocks an SM (its register cap)
 constexpr int64_t kMmaMaxK = 16384;
 
-// ---- expert down projections by tiles of 16 inputs (kernels.h) ----
-// The functions that fix the bits: every tile-form kernel (the gate+up
-// kernel's down phase, down_tile_partials_kernel, the two sum kernels) calls
-// them, so fused and unfused agree.
-constexpr int kTileIn = 16;
-
-// One row's partial over one tile: codes c (c.x: inputs 0-7, c.y: 8-15, 4
-// bits each, low first), the row's scale s and bias b for the tile's group,
-// h the tile's 16 inputs, hsum their sum (tile_h_sum).
-// A 4-bit code as a float: 2^23 + q built from its bits, minus 2^23, exact
-// (an integer-to-float conversion runs at 1/8 of the FMA rate).
-__device__ __forceinline__ float nibble_f(uint32_t w, int i) {
-  return __uint_as_float(((w >> (4 * i)) & 15u) | 0x4B000000u) - 8388608.f;
-}
-__device__ __forceinline__ float down_tile_partial(uint2 c, float s, float b, const float (&h)[kTileIn], float hsum) {
-  float d0 = 0.f, d1 = 0.f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    d0 = fmaf(nibble_f(c.x, i), h[i], d0);
-    d1 = fmaf(nibble_f(c.y, i), h[8 + i], d1);
-  }
-  return fmaf(s, d0 + d1, b * hsum);
-}
-__device__ __forceinline__ float tile_h_sum(const float (&h)[kTileIn]) {
-  float v = 0.f;
-#pragma unroll
-  for (int i = 0; i < kTileIn; ++i) v += h[i];
-  return v;
-}
-
-// Rows threadIdx.x, + blockDim.x, ... of tile tl of expert e against h:
-// out[r] for every row r of m. The weights are read once (L2 only), 16 rows
-// a thread at a time, every load of a batch issued before its stores (a
-// store between them would keep the next row's load from going out first).
-constexpr int kTileRowBatch = 16;
-__device__ __forceinline__ void down_tile_rows(const QMat& m, int64_t e, int64_t tl, const float (&h)[kTileIn],
-                                               float* out) {
-  const float hsum = tile_h_sum(h);
-  const int64_t D = m.rows, nt = m.cols / kTileIn, G = m.cols / m.group, g = tl * kTileIn / m.group;
-  const uint2* w = reinterpret_cast<const uint2*>(m.tiles) + (e * nt + tl) * D;
-  const uint16_t* sc = m.tile_scales + (e * G + g) * D;
-  const uint16_t* bi = m.tile_biases + (e * G + g) * D;
-  const int64_t step = blockDim.x;
-  for (int64_t r0 = threadIdx.x; r0 < D; r0 += kTileRowBatch * step) {
-    uint2 c[kTileRowBatch];
-    uint16_t s[kTileRowBatch], b[kTileRowBatch];
-#pragma unroll
-    for (int u = 0; u < kTileRowBatch; ++u) {
-      const int64_t r = r0 + u * step;
-      if (r < D) c[u] = __ldcg(w + r), s[u] = __ldcg(sc + r), b[u] = __ldcg(bi + r);
-    }
-#pragma unroll
-    for (int u = 0; u < kTileRowBatch; ++u) {
-      const int64_t r = r0 + u * step;
-      if (r < D) out[r] = down_tile_partial(c[u], bf(s[u]), bf(b[u]), h, hsum);
-    }
-  }
-}
-
-// One (pair, row)'s sum over its nt tiles' partials (parts of that pair,
-// [nt, D]), by the 4 lanes of a quad: lane q sums the tiles tl ≡ q (mod 4) in
-// tile order, then every lane gets (c0 + c1) + (c2 + c3) (an fp32 add is
-// commutative, so the lanes agree bit for bit). Called by whole quads.
-__device__ __forceinline__ float tile_sum_quad(const float* parts, int64_t nt, int64_t D, int64_t r) {
-  const int q = threadIdx.x & 3;
-  float c = 0.f;
-  if (r < D) {
-#pragma unroll 8
-    for (int64_t tl = q; tl < nt; tl += 4) c += __ldcg(parts + tl * D + r);
-  }
-  const float a = c + __shfl_xor_sync(0xffffffffu, c, 1);
-  return a + __shfl_xor_sync(0xffffffffu, a, 2);
-}
-
-// Asks L2 to fetch bytes at p (16-byte aligned, a multiple of 16) without
-// waiting or holding registers (sm_90 bulk prefetch; nothing before).
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#else
-  (void)p, (void)bytes;
-#endif
-}
-// The tile copy's weights, scales and biases of tiles tl0 .. tl0+n-1 of expert e.
-__device__ __forceinline__ void prefetch_down_tiles(const QMat& m, int64_t e, int64_t tl0, int64_t n) {
-  const int64_t D = m.rows, nt = m.cols / kTileIn, G = m.cols / m.group;
-  n = min(n, nt - tl0);
-  if (n <= 0) return;
-  prefetch_l2_bulk(reinterpret_cast<const uint2*>(m.tiles) + (e * nt + tl0) * D, uint32_t(n * D * 8));
-  const int64_t g0 = tl0 * kTileIn / m.group, g1 = ((tl0 + n) * kTileIn - 1) / m.group;
-  prefetch_l2_bulk(m.tile_scales + (e * G + g0) * D, uint32_t((g1 - g0 + 1) * D * 2));
-  prefetch_l2_bulk(m.tile_biases + (e * G + g0) * D, uint32_t((g1 - g0 + 1) * D * 2));
-}
-
 // One launch of the decode kernel: NM == 1: up to kMaxMulti matrices on one
 // input (linear, linear_multi, gather); NM == 2: gate m[0] and up m[1].
 struct MmaJob {
@@ -776,11 +682,6 @@ struct MmaJob {
   int splits;
   bool preload;  // plain matrices: first weight loads before the PDL wait
   bool x_early;  // x was complete before the previous kernel ran: staged before the PDL wait
-  // NM == 2, parts set: h is not stored; each block computes its tiles'
-  // partials against `down` (which has tiles) into parts [P, I/16, down.rows].
-  float* parts;
-  QMat down;
-  bool prefetch_down;  // the block's down tiles are prefetched into L2 once its expert is known
 };
 
 // Shared words of one staged input row, laid out so that a lane's two B
@@ -1093,8 +994,6 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
   // Otherwise the first loads go out as soon as the expert id is known,
   // before x is staged.
   if (!early && r0 < rows) mma_first_step(cur, ms, e, rw, sp, S);
-  // The down phase's weights (below) stream into L2 beside gate+up's.
-  if (NM == 2 && job.parts && job.prefetch_down && threadIdx.x == 0) prefetch_down_tiles(job.down, e, tile0, tpb);
   if (!job.x_early) {
     mma_stage_x(x + xr * K, K, mma_smem);
     __syncthreads();
@@ -1124,88 +1023,11 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
 #pragma unroll
       for (int m = 0; m < NM; ++m) v[m] = mma_split_sum(red, tt * S, S, NM * 16, m * 16 + rr);
       uint16_t* y = job.y[NM == 1 ? i : 0] + p * rows;
-      if constexpr (NM == 1) {
+      if constexpr (NM == 1)
         y[r] = to_bf(v[0]);
-      } else {
-        const uint16_t hv = swiglu_bf(to_bf(v[0]), to_bf(v[1]));
-        // The down phase's h goes where x was staged: every warp is past
-        // its MMAs (the barrier above).
-        if (job.parts) reinterpret_cast<float*>(mma_smem)[threadIdx.x] = bf(hv);
-        else y[r] = hv;
-      }
+      else
+        y[r] = swiglu_bf(to_bf(v[0]), to_bf(v[1]));
     }
-  }
-  if constexpr (NM == 2) {
-    if (!job.parts) return;
-    // The down phase: this block's tiles of h against the matching 16
-    // columns of its expert's down matrix (down_tile_rows), one partial a
-    // row, for the sum kernel that follows.
-    __syncthreads();
-    const int64_t nt = job.down.cols / kTileIn;
-    for (int tt = 0; tt < tpb; ++tt) {
-      const int64_t tl = tile0 + tt;
-      if (tl >= nt) break;
-      float h[kTileIn];
-#pragma unroll
-      for (int q = 0; q < kTileIn; ++q) h[q] = reinterpret_cast<const float*>(mma_smem)[tt * kTileIn + q];
-      down_tile_rows(job.down, e, tl, h, job.parts + (p * nt + tl) * job.down.rows);
-    }
-  }
-}
-
-// The tile form's standalone kernels (kernels.h). Block (tl, p): tile tl of
-// pair p's h against its expert's down matrix, every row.
-__global__ void __launch_bounds__(256) down_tile_partials_kernel(const uint16_t* h, const int32_t* ex, QMat m,
-                                                                 float* parts) {
-  ZMLX_TRACE_BLOCK_END();
-  pdl_begin();
-  const int64_t p = blockIdx.y, tl = blockIdx.x, nt = m.cols / kTileIn;
-  const int64_t e = ex[p];
-  float hv[kTileIn];
-#pragma unroll
-  for (int q = 0; q < kTileIn; ++q) hv[q] = bf(h[p * m.cols + tl * kTileIn + q]);
-  down_tile_rows(m, e, tl, hv, parts + (p * nt + tl) * m.rows);
-}
-// A quad of threads a (pair, row).
-__global__ void down_tile_sums_kernel(const float* parts, int64_t P, int64_t nt, int64_t D, uint16_t* y) {
-  ZMLX_TRACE_BLOCK_END();
-  pdl_begin();
-  const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 2;
-  const int64_t p = min(i / D, P - 1), r = i < P * D ? i % D : D;  // past the end: a quad that loads nothing
-  const float v = tile_sum_quad(parts + p * nt * D, nt, D, r);
-  if ((threadIdx.x & 3) == 0 && i < P * D) y[i] = to_bf(v);
-}
-// Block (row tile, token): kTileSumRows rows; thread (x, y): row x / 4's
-// quad of slot y sums its pair's tiles; then thread x < kTileSumRows of
-// slot 0 combines row x's k values in slot order, as moe_combine_kernel does.
-constexpr int kTileSumRows = 8;
-__global__ void down_tile_sums_combine_kernel(const float* parts, const void* scores, bool f32, int mode, int k,
-                                              int64_t nt, int64_t D, uint16_t* out) {
-  ZMLX_TRACE_BLOCK_END();
-  pdl_begin();
-  extern __shared__ uint16_t tile_ys[];  // [k][kTileSumRows]
-  const int64_t t = blockIdx.y, r = int64_t(blockIdx.x) * kTileSumRows + (threadIdx.x >> 2);
-  const int j = threadIdx.y;
-  const float v = tile_sum_quad(parts + (t * k + j) * nt * D, nt, D, r);
-  if ((threadIdx.x & 3) == 0) tile_ys[j * kTileSumRows + (threadIdx.x >> 2)] = to_bf(v);
-  __syncthreads();
-  const int64_t ro = int64_t(blockIdx.x) * kTileSumRows + threadIdx.x;
-  if (j != 0 || threadIdx.x >= kTileSumRows || ro >= D) return;
-  float acc = 0.f;
-  for (int q = 0; q < k; ++q) acc += combine_term(tile_ys[q * kTileSumRows + threadIdx.x], scores, f32, mode, t * k + q);
-  out[t * D + ro] = to_bf(acc);
-}
-__global__ void repack_down_tiles_kernel(QMat m, int64_t E, uint2* tiles, uint16_t* ts, uint16_t* tb) {
-  const int64_t nt = m.cols / kTileIn, D = m.rows, G = m.cols / m.group, wpr = m.cols / 8;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= E * D * nt) return;
-  const int64_t tl = i % nt, r = (i / nt) % D, e = i / (nt * D);
-  const uint32_t* w = m.w + e * m.w_stride + r * wpr + 2 * tl;
-  tiles[(e * nt + tl) * D + r] = make_uint2(w[0], w[1]);
-  if ((tl * kTileIn) % m.group == 0) {
-    const int64_t g = tl * kTileIn / m.group;
-    ts[(e * G + g) * D + r] = m.scales[e * m.s_stride + r * G + g];
-    tb[(e * G + g) * D + r] = m.biases[e * m.s_stride + r * G + g];
   }
 }
 
@@ -2888,68 +2710,6 @@ void linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat
     default: launch_linear_and_swiglu<16>(x, w, y, g, u, yh, s); break;
   }
   check_launch("linear + linear_swiglu");
-}
-
-bool down_tiles_format(const QMat& m) {
-  return m.bits == 4 && m.cols % kTileIn == 0 && m.group % kTileIn == 0 && m.rows % 8 == 0;
-}
-
-void repack_down_tiles(const QMat& m, int64_t experts, uint32_t* tiles, uint16_t* tile_scales, uint16_t* tile_biases,
-                       cudaStream_t s) {
-  if (!down_tiles_format(m)) throw std::runtime_error("repack_down_tiles: a format the tile form does not take");
-  const int64_t n = experts * m.rows * (m.cols / kTileIn);
-  // A plain launch: no programmatic-launch wait in this one-off kernel.
-  repack_down_tiles_kernel<<<blocks_for(n, 256), 256, 0, s>>>(m, experts, reinterpret_cast<uint2*>(tiles),
-                                                              tile_scales, tile_biases);
-  check_launch("repack_down_tiles");
-}
-
-namespace {
-void require_tiles(const QMat& m, const char* what) {
-  if (!m.tiles || !down_tiles_format(m)) throw std::runtime_error(std::string(what) + ": the matrix has no tile copy");
-}
-// ZMLX_CUDA_DOWN_PREFETCH=0: gate+up's blocks do not prefetch their down
-// tiles into L2 (A/B runs; the same bits).
-bool down_prefetch() {
-  static const bool on = env_on("ZMLX_CUDA_DOWN_PREFETCH");
-  return on;
-}
-}  // namespace
-
-void down_tile_partials(const uint16_t* h, const int32_t* ex, int P, const QMat& m, float* parts, cudaStream_t s) {
-  require_tiles(m, "down_tile_partials");
-  launch(down_tile_partials_kernel, dim3(unsigned(m.cols / kTileIn), unsigned(P)), dim3(256), s, h, ex, m, parts);
-  check_launch("down_tile_partials");
-}
-
-void down_tile_sums(const float* parts, int P, const QMat& m, uint16_t* y, cudaStream_t s) {
-  require_tiles(m, "down_tile_sums");
-  launch(down_tile_sums_kernel, dim3(blocks_for(int64_t(P) * m.rows * 4, 256)), dim3(256), s, parts, int64_t(P),
-         m.cols / kTileIn, m.rows, y);
-  check_launch("down_tile_sums");
-}
-
-void down_tile_sums_combine(const float* parts, const void* scores, bool scores_f32, Combine mode, int T, int k,
-                            const QMat& m, uint16_t* out, cudaStream_t s) {
-  require_tiles(m, "down_tile_sums_combine");
-  if (k < 1 || k * kTileSumRows * 4 > 1024) throw std::runtime_error("down_tile_sums_combine: more than 32 slots");
-  launch_smem(down_tile_sums_combine_kernel, dim3(unsigned((m.rows + kTileSumRows - 1) / kTileSumRows), unsigned(T)),
-              dim3(kTileSumRows * 4, unsigned(k)), size_t(k) * kTileSumRows * 2, s, parts, scores, scores_f32,
-              int(mode), k, m.cols / kTileIn, m.rows, out);
-  check_launch("down_tile_sums_combine");
-}
-
-bool gather_swiglu_down_tiles(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u,
-                              const QMat& down, float* parts, cudaStream_t s, bool x_ready) {
-  if (!down.tiles || !down_tiles_format(down) || g.bits != u.bits || !use_mma(g) || down.cols != g.rows) return false;
-  const QMat gu[2] = {g, u};
-  MmaJob j = mma_job(gu, nullptr, 2);
-  j.ex = experts, j.k = k, j.per_slot = 0;
-  j.x_early = x_ready && early_x();
-  j.parts = parts, j.down = down, j.prefetch_down = down_prefetch();
-  mma_decode<2>(x, j, unsigned(T * k), s);
-  check_launch("gather_qmm_swiglu (+ down tiles)");
-  return true;
 }
 
 void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,

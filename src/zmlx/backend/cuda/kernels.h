@@ -28,14 +28,6 @@ struct QMat {
   int group = 64;
   // Per-expert strides, in uint32 words (w) and in groups (scales/biases).
   int64_t w_stride = 0, s_stride = 0;
-  // A 4-bit expert down projection may also sit in a tile-major copy
-  // (repack_down_tiles; null: none): word pairs [E, cols/16, rows] (the 16
-  // inputs of tile tl of row r), scales and biases [E, cols/group, rows].
-  // Where it exists, every decode-sized down projection of the matrix sums
-  // by tiles (down_tile_partials): fused and unfused alike.
-  const uint32_t* tiles = nullptr;
-  const uint16_t* tile_scales = nullptr;
-  const uint16_t* tile_biases = nullptr;
 };
 
 // A MoE block's shared expert's down projection m applied to h (its
@@ -92,35 +84,6 @@ void gather_combine_shared(const uint16_t* h, const int32_t* experts, const void
 bool linear_and_swiglu_fits(const QMat& w, const QMat& g, const QMat& u);
 void linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u, uint16_t* yh,
                        cudaStream_t s);
-// ---- expert down projections by tiles of 16 inputs ----
-// For a 4-bit expert down projection m (cols = the intermediate size I) with
-// its tile-major copy, a decode-sized product y[p] = h[p] · W[e_p]ᵀ is
-//   y[p, r] = bf16(tile_sum over tl of partial(p, tl, r)),
-//   partial(p, tl, r) = s·Σ_i q_i·h_i + b·Σ_i h_i over the tile's 16 inputs,
-// in a fixed order. A gate+up block that has made the 16 values of h a tile
-// needs computes that tile's partials itself (gather_swiglu_down_tiles), so
-// the down weights are read while gate+up runs, by blocks already resident,
-// and only a small sum kernel follows. Every kernel below calls the same
-// device functions: the same bits, fused or not.
-// Whether m's format takes the tile form (4-bit, groups and inputs in 16s).
-bool down_tiles_format(const QMat& m);
-// Fills the tile-major copy of m's E experts (buffers of m's sizes).
-void repack_down_tiles(const QMat& m, int64_t experts, uint32_t* tiles, uint16_t* tile_scales, uint16_t* tile_biases,
-                       cudaStream_t s);
-// parts[p, tl, r] (fp32, P·(I/16)·rows) from h [P, I], pair p's expert ex[p].
-void down_tile_partials(const uint16_t* h, const int32_t* ex, int P, const QMat& m, float* parts, cudaStream_t s);
-// y[p, r] = bf16(tile_sum) -> [P, rows]: with down_tile_partials, gather_linear's tile form.
-void down_tile_sums(const float* parts, int P, const QMat& m, uint16_t* y, cudaStream_t s);
-// out[t, r] = Σ_j term(bf16(tile_sum of pair t·k+j), score[t, j]) in slot
-// order: down_tile_sums followed by moe_combine, in one launch.
-void down_tile_sums_combine(const float* parts, const void* scores, bool scores_f32, Combine mode, int T, int k,
-                            const QMat& m, uint16_t* out, cudaStream_t s);
-// gather_swiglu's tensor-core form that, instead of storing h, computes each
-// of its tiles' partials against down (which has tiles); false (nothing
-// launched) where gather_swiglu would not take the tensor-core form.
-bool gather_swiglu_down_tiles(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u,
-                              const QMat& down, float* parts, cudaStream_t s, bool x_ready = false);
-
 // out[t, d] = Σ_j term(y[t, j, d], score[t, j]) in slot order.
 void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,
                  uint16_t* out, cudaStream_t s);
