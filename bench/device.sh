@@ -32,6 +32,17 @@ if has tests; then
   grep -E 'FAILED|Failure|error' "$RAW/tests.txt" | head -20 | tee -a "$R"
 fi
 
+# The sm_80 build's GPU tests (SM80=1 bash bench/device_bundle.sh), when
+# bundled: its PTX is compiled for this card at load, and PDL is off as on
+# an A100 (the kernels of that build have no programmatic-launch wait).
+if has tests && [[ -x "$BIN/zmlx_tests80" ]]; then
+  log "## GPU unit tests, the sm_80 build (PTX compiled at load, ZMLX_CUDA_PDL=0)"
+  ZMLX_CUDA_PDL=0 CUDA_CACHE_MAXSIZE=4294967296 timeout 420 "$BIN/zmlx_tests80" --gtest_filter='Cuda*' \
+    >"$RAW/tests80.txt" 2>&1
+  log "exit $? — $(grep -E '^\[  (PASSED|FAILED) ' "$RAW/tests80.txt" | tr '\n' ' ')"
+  grep -E 'FAILED|Failure|error' "$RAW/tests80.txt" | head -20 | tee -a "$R"
+fi
+
 bench_family() {  # arch name
   local arch=$1 dir="$WORK/$1-full"
   log "## $arch full synth"

@@ -7,8 +7,10 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <random>
+#include <string>
 #include <tuple>
 
 #include "model_test_helpers.h"
@@ -1000,6 +1002,24 @@ TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
 // Chained greedy steps whose recording fails (the step reads a tensor back,
 // which a recording refuses) fall back to eager steps fed with the previous
 // step's token; later steps under the same key stay eager.
+// Programmatic dependent launch only where the kernels can wait for it: a
+// Hopper card and kernels built for sm_90 (an sm_80-only build runs there
+// from its PTX, with no griddepcontrol.wait), unless ZMLX_CUDA_PDL=0.
+TEST(CudaOps, ProgrammaticLaunchOnlyForKernelsBuiltForIt) {
+  REQUIRE_GPU();
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  const int ptx = k::kernels_ptx_version();
+  ASSERT_GE(ptx, 80) << "the kernels' PTX target";
+  const char* env = std::getenv("ZMLX_CUDA_PDL");
+  const bool off = env != nullptr && std::string(env) == "0";
+  EXPECT_EQ(k::programmatic_launch_on(), major >= 9 && ptx >= 90 && !off)
+      << "compute capability " << major << ".x, kernels from PTX " << ptx;
+  std::printf("[ info ] compute capability %d.x, kernels built from PTX %d, programmatic launch %s\n", major, ptx,
+              k::programmatic_launch_on() ? "on" : "off");
+}
+
 TEST(CudaOps, ChainedStepsSurviveAFailedRecording) {
   REQUIRE_GPU();
   auto g = gpu();

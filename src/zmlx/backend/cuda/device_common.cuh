@@ -358,13 +358,22 @@ inline bool early_trigger() {
   return on;
 }
 
-inline bool pdl_enabled() {
-  // Hopper and newer only (the attribute means nothing to an sm_80 GPU).
-  static const bool on = [] {
+// Whether launches carry the programmatic-launch attribute: a Hopper (or
+// newer) GPU, ZMLX_CUDA_PDL not "0", and kernels built for it. A binary
+// built for sm_80 alone (-DZMLX_CUDA_ARCHS=80) runs on a Hopper card from its
+// PTX, and those kernels have no griddepcontrol.wait (pdl_begin is empty
+// below sm_90), and the wait is what makes a predecessor's writes visible. `kernel`: any kernel of this binary (all share the targets).
+inline bool pdl_enabled(const void* kernel) {
+  static const bool on = [kernel] {
     int dev = 0, major = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    return major >= 9 && env_on("ZMLX_CUDA_PDL");
+    cudaFuncAttributes a{};
+    if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return major >= 9 && a.ptxVersion >= 90 && env_on("ZMLX_CUDA_PDL");
   }();
   return on;
 }
@@ -380,7 +389,7 @@ void launch_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, c
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  cfg.numAttrs = pdl_enabled(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
   cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
 }
 template <typename... KArgs, typename... Args>

@@ -2956,6 +2956,16 @@ void short_conv(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16
   check_launch("short_conv");
 }
 
+bool programmatic_launch_on() { return pdl_enabled(reinterpret_cast<const void*>(add_kernel)); }
+int kernels_ptx_version() {
+  cudaFuncAttributes a{};
+  if (cudaFuncGetAttributes(&a, reinterpret_cast<const void*>(add_kernel)) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return a.ptxVersion;
+}
+
 void kernel_trace_arm(void* device_buf) {
   dev::arm_kernel_trace(device_buf);
   mla::kernel_trace_arm(device_buf);

@@ -177,6 +177,13 @@ void argmax_chain(const uint16_t* x, int64_t V, int32_t* step, int32_t* ring, in
 void short_conv(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16_t* w, int L, uint16_t* out,
                 cudaStream_t s);
 
+// Whether this process's launches use programmatic dependent launch
+// (device_common.cuh, pdl_enabled), and the PTX target its kernels were
+// built from (80 for an sm_80-only build, 90 for sm_90a), for the test that
+// an sm_80 build on a Hopper card launches without it.
+bool programmatic_launch_on();
+int kernels_ptx_version();
+
 // Points this file's kernels (and mla.cu's) at a device KernelTraceBuf, or
 // nullptr to stop (kernel_trace.h; only a -DZMLX_KERNEL_TRACE=ON build records).
 void kernel_trace_arm(void* device_buf);
