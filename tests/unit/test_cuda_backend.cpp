@@ -999,9 +999,6 @@ TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
 }
 #endif
 
-// Chained greedy steps whose recording fails (the step reads a tensor back,
-// which a recording refuses) fall back to eager steps fed with the previous
-// step's token; later steps under the same key stay eager.
 // Programmatic dependent launch only where the kernels can wait for it: a
 // Hopper card and kernels built for sm_90 (an sm_80-only build runs there
 // from its PTX, with no griddepcontrol.wait), unless ZMLX_CUDA_PDL=0.
@@ -1020,6 +1017,9 @@ TEST(CudaOps, ProgrammaticLaunchOnlyForKernelsBuiltForIt) {
               k::programmatic_launch_on() ? "on" : "off");
 }
 
+// Chained greedy steps whose recording fails (the step reads a tensor back,
+// which a recording refuses) fall back to eager steps fed with the previous
+// step's token; later steps under the same key stay eager.
 TEST(CudaOps, ChainedStepsSurviveAFailedRecording) {
   REQUIRE_GPU();
   auto g = gpu();

@@ -362,7 +362,9 @@ inline bool early_trigger() {
 // newer) GPU, ZMLX_CUDA_PDL not "0", and kernels built for it. A binary
 // built for sm_80 alone (-DZMLX_CUDA_ARCHS=80) runs on a Hopper card from its
 // PTX, and those kernels have no griddepcontrol.wait (pdl_begin is empty
-// below sm_90), and the wait is what makes a predecessor's writes visible. `kernel`: any kernel of this binary (all share the targets).
+// below sm_90): nothing would then make a predecessor's writes visible to a
+// kernel launched early. `kernel`: any kernel of this binary (all are built
+// for the same targets).
 inline bool pdl_enabled(const void* kernel) {
   static const bool on = [kernel] {
     int dev = 0, major = 0;
