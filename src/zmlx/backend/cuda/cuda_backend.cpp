@@ -394,6 +394,16 @@ class CudaBackend final : public Backend {
     cudaDeviceProp p{};
     cuda_check(cudaGetDeviceProperties(&p, device), "cudaGetDeviceProperties");
     name_ = fmt::format("cuda:{} ({}, sm_{}{})", device, p.name, p.major, p.minor);
+    // A build for sm_80 alone runs on a Hopper (or newer) card from its PTX,
+    // without programmatic dependent launch (device_common.cuh, pdl_enabled):
+    // decode is ~20 % slower there (docs/performance.md). Said once, and in the name.
+    const int ptx = kern::kernels_ptx_version();
+    if (p.major >= 9 && ptx > 0 && ptx < 90) {
+      name_ = fmt::format("cuda:{} ({}, sm_{}{}, kernels built for sm_{})", device, p.name, p.major, p.minor, ptx);
+      log_info("[zmlx] warning: the CUDA kernels were built for sm_{} only: on this sm_{}{} GPU they run without "
+               "programmatic dependent launch, decode ~20 % slower (build with -DZMLX_CUDA_ARCHS=\"80;90a\")",
+               ptx, p.major, p.minor);
+    }
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     cuda_check(cudaMallocHost(&h_step_, 4 * sizeof(int32_t)), "cudaMallocHost");
     cuda_check(cudaMalloc(&d_step_, 4 * sizeof(int32_t)), "cudaMalloc");
