@@ -25,6 +25,7 @@
 
 #include <cstdlib>
 
+#include "zmlx/backend/cuda/env_switch.h"
 #include "zmlx/backend/cuda/kernels.h"
 #endif
 
@@ -1009,8 +1010,7 @@ TEST(CudaOps, ProgrammaticLaunchOnlyForKernelsBuiltForIt) {
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   const int ptx = k::kernels_ptx_version();
   ASSERT_GE(ptx, 80) << "the kernels' PTX target";
-  const char* env = std::getenv("ZMLX_CUDA_PDL");
-  const bool off = env != nullptr && std::string(env) == "0";
+  const bool off = zmlx::cuda::env_is("ZMLX_CUDA_PDL", "0");
   EXPECT_EQ(k::programmatic_launch_on(), major >= 9 && ptx >= 90 && !off)
       << "compute capability " << major << ".x, kernels from PTX " << ptx;
   std::printf("[ info ] compute capability %d.x, kernels built from PTX %d, programmatic launch %s\n", major, ptx,

@@ -365,17 +365,22 @@ inline bool early_trigger() {
 // below sm_90): nothing would then make a predecessor's writes visible to a
 // kernel launched early. `kernel`: any kernel of this binary (all are built
 // for the same targets).
+// The PTX target a kernel of this binary was built from (80, 90, ...; 0 if
+// the runtime cannot say).
+inline int kernel_ptx_version(const void* kernel) {
+  cudaFuncAttributes a{};
+  if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return a.ptxVersion;
+}
 inline bool pdl_enabled(const void* kernel) {
   static const bool on = [kernel] {
     int dev = 0, major = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaFuncAttributes a{};
-    if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
-    return major >= 9 && a.ptxVersion >= 90 && env_on("ZMLX_CUDA_PDL");
+    return major >= 9 && kernel_ptx_version(kernel) >= 90 && env_on("ZMLX_CUDA_PDL");
   }();
   return on;
 }

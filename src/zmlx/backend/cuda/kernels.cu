@@ -1390,8 +1390,12 @@ bool early_routing() {
 }
 
 // ZMLX_CUDA_COMBINE_PAR_SUM=0: the combine's 16 threads work out their rows'
-// slot products one after another (A/B runs; the same bits; read per launch).
-bool combine_par_sum() { return !env_is("ZMLX_CUDA_COMBINE_PAR_SUM", "0"); }
+// slot products one after another (A/B runs; the same bits). Read once, as
+// the other A/B switches: no test switches it within a process.
+bool combine_par_sum() {
+  static const bool on = env_on("ZMLX_CUDA_COMBINE_PAR_SUM");
+  return on;
+}
 
 // ZMLX_CUDA_TWO_STEP_COMBINE=0: gather_combine issues its second step's
 // loads after the wait, as before (A/B runs; the same bits).
@@ -2957,14 +2961,7 @@ void short_conv(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16
 }
 
 bool programmatic_launch_on() { return pdl_enabled(reinterpret_cast<const void*>(add_kernel)); }
-int kernels_ptx_version() {
-  cudaFuncAttributes a{};
-  if (cudaFuncGetAttributes(&a, reinterpret_cast<const void*>(add_kernel)) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return a.ptxVersion;
-}
+int kernels_ptx_version() { return kernel_ptx_version(reinterpret_cast<const void*>(add_kernel)); }
 
 void kernel_trace_arm(void* device_buf) {
   dev::arm_kernel_trace(device_buf);
