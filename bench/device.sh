@@ -25,22 +25,19 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=c
 
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
+gpu_tests() {  # title, binary, raw file name
+  log "## $1"
+  CUDA_CACHE_MAXSIZE=4294967296 timeout 420 "$BIN/$2" --gtest_filter='Cuda*' >"$RAW/$3" 2>&1
+  log "exit $? — $(grep -E '^\[  (PASSED|FAILED) ' "$RAW/$3" | tr '\n' ' ')"
+  grep -E 'FAILED|Failure|error' "$RAW/$3" | head -20 | tee -a "$R"
+}
 if has tests; then
-  log "## GPU unit tests"
-  timeout 300 "$BIN/zmlx_tests" --gtest_filter='Cuda*' >"$RAW/tests.txt" 2>&1
-  log "exit $? — $(grep -E '^\[  (PASSED|FAILED) ' "$RAW/tests.txt" | tr '\n' ' ')"
-  grep -E 'FAILED|Failure|error' "$RAW/tests.txt" | head -20 | tee -a "$R"
-fi
-
-# The sm_80 build's GPU tests (SM80=1 bash bench/device_bundle.sh), when
-# bundled: its PTX is compiled for this card at load, and PDL is off as on
-# an A100 (the kernels of that build have no programmatic-launch wait).
-if has tests && [[ -x "$BIN/zmlx_tests80" ]]; then
-  log "## GPU unit tests, the sm_80 build (PTX compiled at load, ZMLX_CUDA_PDL=0)"
-  ZMLX_CUDA_PDL=0 CUDA_CACHE_MAXSIZE=4294967296 timeout 420 "$BIN/zmlx_tests80" --gtest_filter='Cuda*' \
-    >"$RAW/tests80.txt" 2>&1
-  log "exit $? — $(grep -E '^\[  (PASSED|FAILED) ' "$RAW/tests80.txt" | tr '\n' ' ')"
-  grep -E 'FAILED|Failure|error' "$RAW/tests80.txt" | head -20 | tee -a "$R"
+  gpu_tests "GPU unit tests" zmlx_tests tests.txt
+  # The sm_80 build's (SM80=1 bash bench/device_bundle.sh), when bundled: its
+  # PTX is compiled for this card at load (the cache size holds it), and it
+  # runs without PDL on its own, as on an A100 (pdl_enabled).
+  [[ -x "$BIN/zmlx_tests80" ]] && gpu_tests "GPU unit tests, the sm_80 build (PTX compiled at load, no PDL)" \
+    zmlx_tests80 tests80.txt
 fi
 
 bench_family() {  # arch name
