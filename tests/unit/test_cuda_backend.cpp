@@ -998,6 +998,50 @@ TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
       }
   }
 }
+
+// LFM2's conv block at one token in one launch (in_proj + short conv)
+// against its two ops, bit for bit, over several steps (the state carries
+// from one to the next): the real shape (the MMA path by size, 4 splits a
+// tile) and small ones sent to the MMA path (ZMLX_CUDA_MMA=all) for 1, 2
+// and 4 splits, a partial last slab, groups of 32 to 128, L of 3 and 4.
+// Outputs start as NaN, so an element never written fails; the CPU's
+// composition checks the values (another summation order: close, not equal).
+TEST(CudaOps, FusedConvBlockIsBitIdenticalToItsOps) {
+  REQUIRE_GPU();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(61);
+  struct S {
+    int64_t C, K;
+    int group, L;
+    bool all;
+  };
+  for (S sz : {S{2048, 2048, 64, 3, false}, S{96, 640, 32, 3, true}, S{48, 256, 128, 4, true},
+               S{160, 1088, 32, 3, true}}) {
+    const std::string what = "C " + std::to_string(sz.C) + " K " + std::to_string(sz.K);
+    if (sz.all) setenv("ZMLX_CUDA_MMA", "all", 1);
+    const Weight in = test::random_qweight(rng, 0, 3 * sz.C, sz.K, 4, sz.group);
+    DevQ q;
+    upload(in, q);
+    Tensor w = test::bf16_tensor(test::random_bf16(rng, size_t(sz.C * sz.L)), {sz.C, sz.L});
+    Tensor cs = test::bf16_tensor(test::random_bf16(rng, size_t((sz.L - 1) * sz.C)), {sz.L - 1, sz.C});
+    DevBuf dw(w.data, w.nbytes()), sf(cs.data, cs.nbytes()), su(cs.data, cs.nbytes());
+    ASSERT_TRUE(k::linear_short_conv_fits(q.m, sz.C, sz.L)) << what;
+    for (int step = 0; step < 3; ++step) {
+      Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.K)), {1, sz.K});
+      DevBuf dx(x.data, x.nbytes()), of(size_t(sz.C) * 2), ou(size_t(sz.C) * 2), bcx(size_t(3 * sz.C) * 2);
+      k::linear_short_conv(dx.u16(), q.m, sf.u16(), dw.u16(), sz.L, of.u16(), nullptr);
+      k::linear(dx.u16(), 1, q.m, bcx.u16(), nullptr);
+      k::short_conv(bcx.u16(), 1, int(sz.C), su.u16(), dw.u16(), sz.L, ou.u16(), nullptr);
+      const auto o = of.floats();
+      ASSERT_TRUE(all_finite(o)) << what << ", step " << step;
+      EXPECT_EQ(o, ou.floats()) << "conv output, " << what << ", step " << step;
+      EXPECT_EQ(sf.floats(), su.floats()) << "conv state, " << what << ", step " << step;
+      const Tensor ref = c->short_conv(c->linear(x, in), cs, w);
+      EXPECT_LT(rel_l2(o, host_floats(*c, ref)), 2e-2) << what << ", step " << step;
+    }
+    unsetenv("ZMLX_CUDA_MMA");
+  }
+}
 #endif
 
 // Programmatic dependent launch only where the kernels can wait for it: a

@@ -38,6 +38,10 @@ std::pair<Tensor, Tensor> Backend::linear_and_swiglu(const Tensor& x, const Weig
   return {linear(x, w), std::move(h)};
 }
 
+Tensor Backend::linear_short_conv(const Tensor& x, const Weight& in_proj, Tensor& state, const Tensor& w) {
+  return short_conv(linear(x, in_proj), state, w);
+}
+
 Tensor Backend::gather_qmm_combine_shared(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode,
                                           const Tensor& shared_h, const Weight& shared_down) {
   Tensor out = gather_qmm_combine(h, down, r, mode);

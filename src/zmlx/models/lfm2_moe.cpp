@@ -186,7 +186,7 @@ class Lfm2Moe final : public Model {
         Tensor a = L.attn.forward(be, x, cache.kv[l], pos0);
         xf = tp_reduce_add_rms_norm(be, h, a, L.ffn_norm, eps);
       } else {  // replicated under tensor parallel: every rank computes the whole conv
-        Tensor y = be.short_conv(be.linear(x, L.in_proj), cache.conv[l], L.conv_w);
+        Tensor y = be.linear_short_conv(x, L.in_proj, cache.conv[l], L.conv_w);
         xf = be.add_rms_norm(h, be.linear(y, L.conv_out_proj), L.ffn_norm, eps);
       }
       f = L.mlp->forward(be, xf);

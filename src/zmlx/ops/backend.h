@@ -184,6 +184,9 @@ class Backend {
   // returns bf16(C · conv) [T, C] and updates state in place to the last L-1
   // rows of seq.
   virtual Tensor short_conv(const Tensor& bcx, Tensor& state, const Tensor& w) = 0;
+  // short_conv(linear(x, in_proj), state, w): LFM2's conv block up to its
+  // out_proj, with those ops' bits; a backend may launch it as one.
+  virtual Tensor linear_short_conv(const Tensor& x, const Weight& in_proj, Tensor& state, const Tensor& w);
 
   // Unfused expert matmuls: out[t, j] = x[t] (or x[t, j] when x has T·k
   // rows) @ W[experts[t, j]]ᵀ -> [T, k, N] bf16.

@@ -861,6 +861,23 @@ class CudaBackend final : public Backend {
     return out;
   }
 
+  // One token: in_proj and the short conv in one launch where the kernels
+  // allow it (kern::linear_short_conv_fits), with linear + short_conv's bits.
+  Tensor linear_short_conv(const Tensor& x, const Weight& in_proj, Tensor& state, const Tensor& w) override {
+    const kern::QMat m = qmat(in_proj);
+    const int64_t C = in_proj.rows / 3, L = w.shape.size() >= 2 ? w.dim(1) : 0;
+    if (x.rows() == 1 && in_proj.rows % 3 == 0 && kern::linear_short_conv_fits(m, C, int(L))) {
+      check_input(x, in_proj);
+      ZMLX_CHECK(w.dim(0) == C && state.numel() == (L - 1) * C, "short_conv: weight/state do not fit {} channels", C);
+      Tensor out = alloc(DType::BF16, {1, C});
+      Prof p_(this, "linear_short_conv");
+      last_linear_input_ = x.data, last_linear_op_ = op_seq_;
+      kern::linear_short_conv(bf16p(x), m, bf16p(state), bf16p(w), int(L), bf16p(out), stream_);
+      return out;
+    }
+    return Backend::linear_short_conv(x, in_proj, state, w);
+  }
+
   Tensor gather_qmm(const Tensor& x, const Weight& w, const Routing& r) override {
     const int64_t T = r.experts.rows(), k = r.k, N = w.rows;
     ZMLX_CHECK(x.cols() == w.cols, "{}: input has {} features, experts expect {}", w.name, x.cols(), w.cols);

@@ -335,7 +335,9 @@ static inline void arm_kernel_trace(void* device_buf) {
 #endif
 }
 
-__device__ __forceinline__ void pdl_begin(bool trigger_first = false) {
+// trigger = false: the kernel lets its successor launch later itself
+// (pdl_trigger), e.g. once most of its work is done.
+__device__ __forceinline__ void pdl_begin(bool trigger_first = false, bool trigger = true) {
 #ifdef ZMLX_KERNEL_TRACE
   const unsigned long long t_start = global_ns();
 #endif
@@ -347,7 +349,12 @@ __device__ __forceinline__ void pdl_begin(bool trigger_first = false) {
   if (threadIdx.x == 0 && threadIdx.y == 0 && g_trace_go_ns == 0) g_trace_start_ns = t_start, g_trace_go_ns = global_ns();
 #endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (!trigger_first) asm volatile("griddepcontrol.launch_dependents;");
+  if (!trigger_first && trigger) asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
 #endif
 }
 

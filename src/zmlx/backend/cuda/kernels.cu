@@ -2255,23 +2255,120 @@ __global__ void route_sigmoid_kernel(const uint16_t* logits, const float* bias, 
 
 constexpr int kConvMaxL = 8;
 
+// One channel's step of the short conv (Backend::short_conv), for one token
+// of [B | C | x] values b, cv, xv: win holds the channel's last L-1 Bx values,
+// oldest first, and wc its L weights; returns bf16(C · conv) and shifts Bx
+// into win. The loops run over kConvMaxL with guards, so win and wc stay in
+// registers (an index of L - 1 would put them in local memory); the terms
+// are added in k order as the composition's. Every short-conv kernel calls
+// it, so they share its bits.
+__device__ __forceinline__ uint16_t conv_channel_step(uint16_t (&win)[kConvMaxL], const uint16_t (&wc)[kConvMaxL],
+                                                      int L, uint16_t b, uint16_t cv, uint16_t xv) {
+  const uint16_t bx = to_bf(bf(b) * bf(xv));
+#pragma unroll
+  for (int i = 0; i < kConvMaxL; ++i)
+    if (i == L - 1) win[i] = bx;
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < kConvMaxL; ++i)
+    if (i < L) acc += bf(win[i]) * bf(wc[i]);
+#pragma unroll
+  for (int i = 0; i + 1 < kConvMaxL; ++i)
+    if (i + 1 < L) win[i] = win[i + 1];
+  return to_bf(bf(cv) * rbf(acc));
+}
+// Channel c's window (the last L-1 Bx values from state [L-1, C]) and weights (w [C, L]).
+__device__ __forceinline__ void conv_channel_load(const uint16_t* state, const uint16_t* w, int64_t C, int L,
+                                                  int64_t c, uint16_t (&win)[kConvMaxL], uint16_t (&wc)[kConvMaxL]) {
+#pragma unroll
+  for (int i = 0; i < kConvMaxL; ++i) {
+    win[i] = i + 1 < L ? state[int64_t(i) * C + c] : uint16_t(0);
+    wc[i] = i < L ? w[c * L + i] : uint16_t(0);
+  }
+}
+__device__ __forceinline__ void conv_channel_store(uint16_t* state, int64_t C, int L, int64_t c,
+                                                   const uint16_t (&win)[kConvMaxL]) {
+#pragma unroll
+  for (int i = 0; i + 1 < kConvMaxL; ++i)
+    if (i + 1 < L) state[int64_t(i) * C + c] = win[i];
+}
+
 __global__ void short_conv_kernel(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16_t* w, int L,
                                   uint16_t* out) {
   ZMLX_TRACE_BLOCK_END();
   pdl_begin();
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  uint16_t win[kConvMaxL];  // the last L-1 Bx values, oldest first
-  for (int i = 0; i < L - 1; ++i) win[i] = state[int64_t(i) * C + c];
+  uint16_t win[kConvMaxL], wc[kConvMaxL];
+  conv_channel_load(state, w, C, L, c, win, wc);
   for (int t = 0; t < T; ++t) {
     const uint16_t* row = bcx + int64_t(t) * 3 * C;
-    win[L - 1] = to_bf(bf(row[c]) * bf(row[2 * C + c]));
-    float acc = 0.f;
-    for (int i = 0; i < L; ++i) acc += bf(win[i]) * bf(w[int64_t(c) * L + i]);
-    out[int64_t(t) * C + c] = to_bf(bf(row[C + c]) * rbf(acc));
-    for (int i = 0; i + 1 < L; ++i) win[i] = win[i + 1];
+    out[int64_t(t) * C + c] = conv_channel_step(win, wc, L, row[c], row[C + c], row[2 * C + c]);
   }
-  for (int i = 0; i < L - 1; ++i) state[int64_t(i) * C + c] = win[i];
+  conv_channel_store(state, C, L, c, win);
+}
+
+// LFM2's conv block at one token: in_proj (rows [B | C | x], 3C of them,
+// 4-bit, the MMA path) and the short conv in one launch. Why: the short conv
+// was a kernel of its own (16 blocks of a few hundred operations) between
+// in_proj and out_proj, ~4 us of a ~43 us conv layer in a trace of an LFM2
+// step (H100, 2026-11-27), most of it the kernel boundary and its ramp.
+// Block b computes the three 16-row tiles holding B, C and x of channels
+// 16b..16b+15 (tiles b, C/16 + b and 2C/16 + b), S warps a tile, exactly as
+// mma_decode_kernel computes a tile (mma_tile, mma_split_sum in split order,
+// bf16 rounding: linear's bits), then 16 threads run those channels' conv
+// step (conv_channel_step: short_conv's bits). Each channel's state belongs
+// to one block, so the in-place update races with nothing; the state and
+// the conv weights are read before the programmatic-launch wait (the state
+// was last written by this layer's previous step).
+// Residency (LFM2, H100, 2026-11-27 A/Bs): uncapped the kernel took 109
+// registers, and out_proj's blocks (48 registers x 256 threads) fit only one
+// beside each of its 12-warp blocks; at 104 two fit. 96 (a small spill) was
+// no better. out_proj is let launch only once this kernel's MMA steps are
+// done (late_trigger): launched at the wait, all its blocks were resident
+// ~5 us early, yet ~12 of 256 ended 1.2-1.8 us after the median (perhaps
+// stacked on the 4 SMs these 128 blocks leave free; the trace has no SM
+// ids), and decode was 1-2 % slower than with the late trigger. The same
+// bits either way.
+template <int S>
+__global__ void __maxnreg__(104)
+    mma_conv_decode_kernel(const uint16_t* x, QMat m, uint16_t* state, const uint16_t* w, int L, uint16_t* out,
+                           bool preload, bool late_trigger) {
+  ZMLX_TRACE_BLOCK_END();
+  extern __shared__ __align__(16) uint32_t mma_smem[];
+  __shared__ uint16_t bcx[48];  // the block's B, C and x values, bf16
+  const int64_t K = m.cols, C = m.rows / 3;
+  float* red = reinterpret_cast<float*>(mma_smem + mma_stage_words(K));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sp = warp % S, part_of = warp / S;
+  const int64_t r0 = (part_of * (C / 16) + blockIdx.x) * 16;
+  const QMat ms[1] = {m};
+  const MmaRows rw = mma_rows(ms, r0);
+  MmaStep<1> cur;
+  if (preload) mma_first_step(cur, ms, 0, rw, sp, S);
+  const int64_t c = int64_t(blockIdx.x) * 16 + threadIdx.x;
+  uint16_t win[kConvMaxL], wc[kConvMaxL];
+  if (threadIdx.x < 16) conv_channel_load(state, w, C, L, c, win, wc);
+  pdl_begin(false, !late_trigger);
+  if (!preload) mma_first_step(cur, ms, 0, rw, sp, S);
+  mma_stage_x(x, K, mma_smem);
+  __syncthreads();
+  float part[1][2];
+  mma_tile<1>(ms, 0, rw, cur, mma_smem, sp, S, part);
+  if (late_trigger) pdl_trigger();
+  if ((lane & 3) == 0) {
+    red[warp * 16 + (lane >> 2)] = part[0][0];
+    red[warp * 16 + (lane >> 2) + 8] = part[0][1];
+  }
+  __syncthreads();
+  if (threadIdx.x < 48) {
+    const int q = threadIdx.x >> 4, rr = threadIdx.x & 15;
+    bcx[threadIdx.x] = to_bf(mma_split_sum(red, q * S, S, 16, rr));
+  }
+  __syncthreads();
+  if (threadIdx.x < 16) {
+    out[c] = conv_channel_step(win, wc, L, bcx[threadIdx.x], bcx[16 + threadIdx.x], bcx[32 + threadIdx.x]);
+    conv_channel_store(state, C, L, c, win);
+  }
 }
 
 // argmax of one bf16 row (ties to the lower id), one block. 16-byte loads,
@@ -2958,6 +3055,39 @@ void short_conv(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16
   if (L > kConvMaxL) throw std::runtime_error("CUDA short_conv: kernel length " + std::to_string(L) + " > 8");
   launch(short_conv_kernel, dim3(blocks_for(C, 128)), dim3(128), s, bcx, T, C, state, w, L, out);
   check_launch("short_conv");
+}
+
+// ZMLX_CUDA_CONV_LATE_TRIGGER=0: the fused conv block lets out_proj launch
+// right after its own wait (A/B runs; the same bits).
+bool conv_late_trigger() {
+  static const bool on = env_on("ZMLX_CUDA_CONV_LATE_TRIGGER");
+  return on;
+}
+
+// ZMLX_CUDA_FUSED_CONV=0: in_proj and the short conv as two launches (A/B
+// runs; the same bits). Read at every call, as use_mma_linear's mode is.
+bool linear_short_conv_fits(const QMat& m, int64_t C, int L) {
+  return env_on("ZMLX_CUDA_FUSED_CONV") && use_mma_linear(m) && m.rows == 3 * C && C % 16 == 0 &&
+         C / 16 <= 65535 && L >= 2 && L <= kConvMaxL && mma_splits(m.cols) <= 4;
+}
+
+void linear_short_conv(const uint16_t* x, const QMat& m, uint16_t* state, const uint16_t* w, int L, uint16_t* out,
+                       cudaStream_t s) {
+  const int S = mma_splits(m.cols);
+  const int64_t C = m.rows / 3;
+  auto go = [&](auto kernel, int warps) {
+    const size_t smem = size_t(mma_stage_words(m.cols) + warps * 16) * 4;
+    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+    launch_smem(kernel, dim3(unsigned(C / 16)), dim3(warps * 32), smem, s, x, m, state, w, L, out,
+                preload_weights(), conv_late_trigger());
+  };
+  switch (S) {
+    case 1: go(mma_conv_decode_kernel<1>, 3); break;
+    case 2: go(mma_conv_decode_kernel<2>, 6); break;
+    case 4: go(mma_conv_decode_kernel<4>, 12); break;
+    default: throw std::runtime_error("CUDA linear_short_conv: " + std::to_string(S) + " splits a tile (at most 4)");
+  }
+  check_launch("linear_short_conv");
 }
 
 bool programmatic_launch_on() { return pdl_enabled(reinterpret_cast<const void*>(add_kernel)); }

@@ -176,6 +176,14 @@ void argmax_chain(const uint16_t* x, int64_t V, int32_t* step, int32_t* ring, in
 // LFM2 short conv (see Backend::short_conv); state [L-1, C] updated in place.
 void short_conv(const uint16_t* bcx, int T, int C, uint16_t* state, const uint16_t* w, int L, uint16_t* out,
                 cudaStream_t s);
+// Backend::linear_short_conv at one token: linear(x, m) (m: [B | C | x]
+// rows, 3C of them) then short_conv, in one launch with those ops' bits.
+// Only where linear_short_conv_fits() says so: m takes the MMA decode path
+// with at most 4 splits a tile, C % 16 == 0, 2 <= L <= 8 (and
+// ZMLX_CUDA_FUSED_CONV is not 0).
+bool linear_short_conv_fits(const QMat& m, int64_t C, int L);
+void linear_short_conv(const uint16_t* x, const QMat& m, uint16_t* state, const uint16_t* w, int L, uint16_t* out,
+                       cudaStream_t s);
 
 // Whether this process's launches use programmatic dependent launch
 // (device_common.cuh, pdl_enabled), and the PTX target its kernels were
