@@ -2326,7 +2326,7 @@ __global__ void short_conv_kernel(const uint16_t* bcx, int T, int C, uint16_t* s
 // beside each of its 12-warp blocks; at 104 two fit. 96 (a small spill) was
 // no better. out_proj is let launch only once this kernel's MMA steps are
 // done (late_trigger): launched at the wait, all its blocks were resident
-// ~5 us early, yet ~12 of 256 ended 1.2-1.8 us after the median (perhaps
+// ~5 us early, yet ~12 of 256 ended 0.8-1.8 us after the median (perhaps
 // stacked on the 4 SMs these 128 blocks leave free; the trace has no SM
 // ids), and decode was 1-2 % slower than with the late trigger. The same
 // bits either way.
