@@ -740,6 +740,62 @@ TEST(CudaOps, FusedMlaPreparationMatchesComposition) {
   }
 }
 
+// GLM's q_b projection and the MLA split in one launch (one token) against
+// the two ops on the GPU, bit for bit (q_nope, q_pe and the cache rows), at
+// GLM's shape and smaller ones (odd head counts, a last block of rows that
+// ends mid-head, 8-bit and dense weights), with the position from the host
+// and from device memory; and against the CPU's composition.
+TEST(CudaOps, FusedMlaQbSplitIsBitIdenticalToItsOps) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(67);
+  struct Case { int64_t H, nope, rope, lora, K; int bits, group; int64_t pos0; };
+  for (const Case& cs : {Case{20, 192, 64, 512, 768, 4, 64, 200}, Case{3, 10, 6, 96, 256, 4, 32, 0},
+                        Case{5, 24, 8, 40, 384, 8, 64, 31}, Case{2, 12, 4, 256, 128, 16, 0, 7}}) {
+    const int64_t qd = cs.nope + cs.rope;
+    const Weight qb = cs.bits == 16 ? test::random_dense_weight(rng, 0, cs.H * qd, cs.K)
+                                   : test::random_qweight(rng, 0, cs.H * qd, cs.K, cs.bits, cs.group);
+    const Weight gqb = g->adopt(qb);
+    Tensor w = test::bf16_tensor(test::random_bf16(rng, size_t(cs.lora)), {cs.lora});
+    Tensor gw = g->adopt(w);
+    KvLayer fused = g->new_latent_kv_layer(cs.lora, cs.rope, 256), plain = g->new_latent_kv_layer(cs.lora, cs.rope, 256);
+    KvLayer cpu = c->new_latent_kv_layer(cs.lora, cs.rope, 256);
+    for (KvLayer* kv : {&fused, &plain}) {
+      cudaMemset(kv->k.data, 0xff, kv->k.nbytes());
+      cudaMemset(kv->v.data, 0xff, kv->v.nbytes());
+    }
+    const std::string at = "H " + std::to_string(cs.H) + " nope " + std::to_string(cs.nope) + " bits " +
+                           std::to_string(cs.bits);
+    DevQ dq;
+    upload(qb, dq);
+    ASSERT_TRUE(k::linear_mla_split_fits(dq.m, int(cs.H), int(cs.nope), int(cs.rope))) << at;
+    for (int64_t pos = cs.pos0; pos < cs.pos0 + 3; ++pos) {
+      Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(cs.K)), {1, cs.K});
+      Tensor ckv = test::bf16_tensor(test::random_bf16(rng, size_t(cs.lora + cs.rope)), {1, cs.lora + cs.rope});
+      Tensor gx = g->from_host(x), gckv = g->from_host(ckv);
+      auto [fn, fp] = g->linear_mla_rope_split_cache(gx, gqb, gckv, gw, 1e-5f, cs.H, cs.nope, cs.rope, pos, 1e4f, fused);
+      auto [pn, pp] = g->Backend::linear_mla_rope_split_cache(gx, gqb, gckv, gw, 1e-5f, cs.H, cs.nope, cs.rope, pos, 1e4f,
+                                                              plain);
+      auto [cn, cp] = c->linear_mla_rope_split_cache(x, qb, ckv, w, 1e-5f, cs.H, cs.nope, cs.rope, pos, 1e4f, cpu);
+      const std::string here = at + " pos " + std::to_string(pos);
+      const auto f_n = host_floats(*g, fn), f_p = host_floats(*g, fp);
+      ASSERT_TRUE(all_finite(f_n) && all_finite(f_p)) << here;
+      EXPECT_EQ(f_n, host_floats(*g, pn)) << "q_nope, " << here;
+      EXPECT_EQ(f_p, host_floats(*g, pp)) << "q_pe, " << here;
+      const auto fk = host_floats(*g, first_rows(fused.k, pos + 1)), pk = host_floats(*g, first_rows(plain.k, pos + 1));
+      const auto fv = host_floats(*g, first_rows(fused.v, pos + 1)), pv = host_floats(*g, first_rows(plain.v, pos + 1));
+      const size_t k0 = size_t(pos * cs.lora), v0 = size_t(pos * cs.rope);
+      const std::vector<float> fk_row(fk.begin() + k0, fk.end()), fv_row(fv.begin() + v0, fv.end());
+      ASSERT_TRUE(all_finite(fk_row) && all_finite(fv_row)) << "cache rows unwritten, " << here;
+      EXPECT_EQ(fk_row, std::vector<float>(pk.begin() + k0, pk.end())) << "latent row, " << here;
+      EXPECT_EQ(fv_row, std::vector<float>(pv.begin() + v0, pv.end())) << "rope key row, " << here;
+      EXPECT_LT(rel_l2(f_n, host_floats(*c, cn)), 1e-2) << "q_nope vs CPU, " << here;
+      EXPECT_LT(rel_l2(f_p, host_floats(*c, cp)), 1e-2) << "q_pe vs CPU, " << here;
+    }
+  }
+}
+
 TEST(CudaOps, MmaMatVecMatchesScalarAndCpu) {
   REQUIRE_GPU();
   auto c = make_cpu_backend();

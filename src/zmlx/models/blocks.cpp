@@ -1,5 +1,7 @@
 #include "zmlx/models/blocks.h"
 
+#include <tuple>
+
 #include "zmlx/core/error.h"
 
 namespace zmlx {
@@ -36,6 +38,13 @@ std::pair<Tensor, Tensor> Backend::linear_and_swiglu(const Tensor& x, const Weig
                                                      const Weight& up) {
   Tensor h = linear_swiglu(x, gate, up);
   return {linear(x, w), std::move(h)};
+}
+
+std::pair<Tensor, Tensor> Backend::linear_mla_rope_split_cache(const Tensor& x, const Weight& q_b, const Tensor& ckv,
+                                                                const Tensor& kv_norm, float eps, int64_t heads,
+                                                                int64_t nope_dim, int64_t rope_dim, int64_t pos0,
+                                                                float base, KvLayer& cache) {
+  return mla_rope_split_cache(linear(x, q_b), ckv, kv_norm, eps, heads, nope_dim, rope_dim, pos0, base, cache);
 }
 
 Tensor Backend::linear_short_conv(const Tensor& x, const Weight& in_proj, Tensor& state, const Tensor& w) {
@@ -140,20 +149,19 @@ Tensor GqaAttention::forward(Backend& be, const Tensor& x, KvLayer& cache, int64
 
 Tensor MlaAttention::forward(Backend& be, const Tensor& x, KvLayer& cache, int64_t pos0) const {
   const int64_t T = x.rows();
-  Tensor q, ckv;
-  if (q_a_proj.empty()) {
-    auto r = be.linear_multi(x, {&q_proj, &kv_a_proj_with_mqa});
-    q = std::move(r[0]);
-    ckv = std::move(r[1]);
-  } else {
-    auto r = be.linear_multi(x, {&q_a_proj, &kv_a_proj_with_mqa});
-    q = be.linear(be.rms_norm(r[0], q_a_layernorm, eps), q_b_proj);
-    ckv = std::move(r[1]);
-  }
   // q [T, H*(dn+dr)]: RoPE on the last dr of every head, split; ckv [T,
   // kv_lora + dr] = [latent | k_pe]: normalised / roped into the cache.
-  auto [q_nope, q_pe] = be.mla_rope_split_cache(q, ckv, kv_a_layernorm, eps, heads, nope_dim, rope_dim, pos0,
-                                                rope_theta, cache);
+  Tensor q_nope, q_pe;
+  if (q_a_proj.empty()) {
+    auto r = be.linear_multi(x, {&q_proj, &kv_a_proj_with_mqa});
+    std::tie(q_nope, q_pe) = be.mla_rope_split_cache(r[0], r[1], kv_a_layernorm, eps, heads, nope_dim, rope_dim, pos0,
+                                                     rope_theta, cache);
+  } else {
+    auto r = be.linear_multi(x, {&q_a_proj, &kv_a_proj_with_mqa});
+    std::tie(q_nope, q_pe) = be.linear_mla_rope_split_cache(be.rms_norm(r[0], q_a_layernorm, eps), q_b_proj, r[1],
+                                                            kv_a_layernorm, eps, heads, nope_dim, rope_dim, pos0,
+                                                            rope_theta, cache);
+  }
   const int64_t S = pos0 + T;
   Tensor lat_all = first_rows(cache.k, S), pe_all = first_rows(cache.v, S);
   const bool absorbed = form == Form::Absorbed || (form == Form::Auto && T == 1);

@@ -139,6 +139,12 @@ class Backend {
   virtual std::pair<Tensor, Tensor> mla_rope_split_cache(const Tensor& q, const Tensor& ckv, const Tensor& kv_norm,
                                                          float eps, int64_t heads, int64_t nope_dim, int64_t rope_dim,
                                                          int64_t pos0, float base, KvLayer& cache);
+  // mla_rope_split_cache(linear(x, q_b), ckv, ...): the q_b projection and
+  // the preparation, with those ops' bits; a backend may launch it as one.
+  virtual std::pair<Tensor, Tensor> linear_mla_rope_split_cache(const Tensor& x, const Weight& q_b, const Tensor& ckv,
+                                                                const Tensor& kv_norm, float eps, int64_t heads,
+                                                                int64_t nope_dim, int64_t rope_dim, int64_t pos0,
+                                                                float base, KvLayer& cache);
   // Per-head matmuls over stacked matrices W logical [H, R, C] (MLX
   // MultiLinear: GLM's embed_q / unembed_out). x is [T, H*Kin] (head h reads
   // columns [h*Kin, (h+1)*Kin)) or [T, Kin] (one input shared by every head).

@@ -759,15 +759,48 @@ class CudaBackend final : public Backend {
     return out;
   }
 
+  // mla_rope_split_cache's inputs (q: T rows of q_cols) against each other and the cache.
+  static void check_mla_split(int64_t T, int64_t q_cols, const Tensor& ckv, const Tensor& kv_norm, int64_t heads,
+                              int64_t nope_dim, int64_t rope_dim, const KvLayer& cache) {
+    const int64_t kv_lora = ckv.cols() - rope_dim;
+    ZMLX_CHECK(ckv.dtype == DType::BF16 && q_cols == heads * (nope_dim + rope_dim) && ckv.rows() == T && kv_lora > 0 &&
+                   kv_norm.numel() == kv_lora && rope_dim % 2 == 0 && cache.k.dim(0) == 1 &&
+                   cache.k.dim(2) == kv_lora && cache.v.dim(2) == rope_dim,
+               "mla_rope_split_cache: q [{}, {}] / ckv {} do not match {} heads of {} + {} and a latent cache of {} + {}",
+               T, q_cols, ckv.shape_str(), heads, nope_dim, rope_dim, cache.k.dim(2), cache.v.dim(2));
+  }
+
+  // One token: q_b and the MLA split in one launch where the kernels allow
+  // it (kern::linear_mla_split_fits), with linear + mla_rope_split_cache's bits.
+  std::pair<Tensor, Tensor> linear_mla_rope_split_cache(const Tensor& x, const Weight& q_b, const Tensor& ckv,
+                                                        const Tensor& kv_norm, float eps, int64_t heads,
+                                                        int64_t nope_dim, int64_t rope_dim, int64_t pos0, float base,
+                                                        KvLayer& cache) override {
+    const kern::QMat m = qmat(q_b);
+    if (x.rows() == 1 && kern::linear_mla_split_fits(m, int(heads), int(nope_dim), int(rope_dim))) {
+      check_input(x, q_b);
+      check_mla_split(1, q_b.rows, ckv, kv_norm, heads, nope_dim, rope_dim, cache);
+      const int64_t kv_lora = ckv.cols() - rope_dim;
+      ensure_capacity(cache, pos0 + 1, pos0);
+      Tensor q_nope = alloc(DType::BF16, {1, heads * nope_dim}), q_pe = alloc(DType::BF16, {1, heads * rope_dim});
+      Prof p_(this, "linear_mla_rope_split_cache");
+      last_linear_input_ = x.data, last_linear_op_ = op_seq_;
+      kern::linear_mla_rope_split_cache(bf16p(x), m, bf16p(ckv), int(nope_dim), int(rope_dim), int(kv_lora),
+                                        bf16p(kv_norm), eps, rope_table(base, rope_dim), int(pos0), dpos(),
+                                        bf16p(q_nope), bf16p(q_pe), bf16p(cache.k), bf16p(cache.v), cache.capacity,
+                                        stream_);
+      return {std::move(q_nope), std::move(q_pe)};
+    }
+    return Backend::linear_mla_rope_split_cache(x, q_b, ckv, kv_norm, eps, heads, nope_dim, rope_dim, pos0, base,
+                                                cache);
+  }
+
   std::pair<Tensor, Tensor> mla_rope_split_cache(const Tensor& q, const Tensor& ckv, const Tensor& kv_norm, float eps,
                                                  int64_t heads, int64_t nope_dim, int64_t rope_dim, int64_t pos0,
                                                  float base, KvLayer& cache) override {
     const int64_t T = q.rows(), kv_lora = ckv.cols() - rope_dim;
-    ZMLX_CHECK(q.dtype == DType::BF16 && ckv.dtype == DType::BF16 && q.cols() == heads * (nope_dim + rope_dim) &&
-                   ckv.rows() == T && kv_lora > 0 && kv_norm.numel() == kv_lora && rope_dim % 2 == 0 &&
-                   cache.k.dim(0) == 1 && cache.k.dim(2) == kv_lora && cache.v.dim(2) == rope_dim,
-               "mla_rope_split_cache: q {} / ckv {} do not match {} heads of {} + {} and a latent cache of {} + {}",
-               q.shape_str(), ckv.shape_str(), heads, nope_dim, rope_dim, cache.k.dim(2), cache.v.dim(2));
+    ZMLX_CHECK(q.dtype == DType::BF16, "mla_rope_split_cache: q is {}, expected bf16", dtype_name(q.dtype));
+    check_mla_split(T, q.cols(), ckv, kv_norm, heads, nope_dim, rope_dim, cache);
     ensure_capacity(cache, pos0 + T, pos0);
     Tensor q_nope = alloc(DType::BF16, {T, heads * nope_dim}), q_pe = alloc(DType::BF16, {T, heads * rope_dim});
     Prof p_(this, "mla_rope_split_cache");

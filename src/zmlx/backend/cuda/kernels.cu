@@ -508,8 +508,9 @@ __device__ __forceinline__ float row_dot_preloaded_staged(const QMat& m, const R
 // short enough, x then staged as above when SX. Every thread of the block
 // calls it (pdl_begin inside). SX is a template parameter, not a flag: one
 // kernel holding both forms took more registers (ptxas).
-template <int BITS, int PRE = kPreChunks, bool SX = false>
-__device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint16_t* x, uint16_t* y, bool pre) {
+// store(r, value) takes the row's bf16 value in lane 0 (decode_row: y[r]).
+template <int BITS, int PRE = kPreChunks, bool SX = false, typename Store>
+__device__ __forceinline__ void decode_row_to(const QMat& m, int64_t r, const uint16_t* x, bool pre, Store&& store) {
   static_assert(kDecodeRows == 1, "decode_row computes one row a warp");
   if (pre && row_preloadable<BITS, PRE>(m)) {  // the same for the whole block
     const bool valid = r < m.rows;
@@ -521,14 +522,18 @@ __device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint1
     if (!valid) return;
     const float acc = SX ? row_dot_preloaded_staged<BITS, PRE>(m, p, xs) : row_dot_preloaded<BITS, PRE>(m, p, x);
     ZMLX_TRACE_MARK(1);  // trace: the row's sum
-    if ((threadIdx.x & 31) == 0) y[r] = to_bf(acc);
+    if ((threadIdx.x & 31) == 0) store(r, to_bf(acc));
     return;
   }
   pdl_begin();
   if (r >= m.rows) return;
   float acc[1];
   rows_dot<BITS, 1>(m, 0, r, 1, x, acc);
-  if ((threadIdx.x & 31) == 0) y[r] = to_bf(acc[0]);
+  if ((threadIdx.x & 31) == 0) store(r, to_bf(acc[0]));
+}
+template <int BITS, int PRE = kPreChunks, bool SX = false>
+__device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint16_t* x, uint16_t* y, bool pre) {
+  decode_row_to<BITS, PRE, SX>(m, r, x, pre, [y](int64_t i, uint16_t v) { y[i] = v; });
 }
 
 template <int BITS, int PRE, bool SX>
@@ -1871,10 +1876,22 @@ __global__ void rope_kernel(uint16_t* x, int T, int heads, int hd, int off, int 
   rope_pair(v[a], v[b], pos, inv_freq[f], v[a], v[b]);
 }
 
+// One token's row of ckv ([latent | k_pe]) into the cache rows at pos, by
+// one warp: the latent's RMSNorm as rms_norm_warp_kernel computes it, and
+// the key's traditional RoPE pairs.
+__device__ __forceinline__ void mla_cache_row(const uint16_t* xr, int kv_lora, int rope, const uint16_t* kv_norm,
+                                              float eps, const float* inv_freq, int64_t pos, uint16_t* kc,
+                                              uint16_t* vc) {
+  const int lane = threadIdx.x & 31;
+  warp_rms_norm_row(xr, kv_norm, kv_lora, eps, kc + pos * kv_lora);
+  for (int f = lane; f < rope / 2; f += 32)
+    rope_pair(xr[kv_lora + 2 * f], xr[kv_lora + 2 * f + 1], int(pos), inv_freq[f], vc[pos * rope + 2 * f],
+              vc[pos * rope + 2 * f + 1]);
+}
+
 // mla_rope_split_cache: blocks [0, qblocks) take one (token, head, column)
 // of q each thread (columns < nope copied, then one traditional RoPE pair);
-// the blocks after them one token per warp: the latent's RMSNorm as
-// rms_norm_warp_kernel computes it, and the key's RoPE pairs, both into the cache.
+// the blocks after them one token per warp (mla_cache_row).
 __global__ void mla_rope_split_cache_kernel(const uint16_t* q, const uint16_t* ckv, int T, int heads, int nope,
                                             int rope, int kv_lora, const uint16_t* kv_norm, float eps,
                                             const float* inv_freq, int pos0, const int* dpos, uint16_t* q_nope,
@@ -1898,16 +1915,53 @@ __global__ void mla_rope_split_cache_kernel(const uint16_t* q, const uint16_t* c
     }
     return;
   }
-  const int t = int(blockIdx.x - qblocks) * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  const int t = int(blockIdx.x - qblocks) * 8 + (threadIdx.x >> 5);
   if (t >= T) return;
   const int64_t pos = (dpos ? *dpos : pos0) + t;
   if (pos >= cap) return;
-  const int row = kv_lora + rope;
-  const uint16_t* xr = ckv + int64_t(t) * row;
-  warp_rms_norm_row(xr, kv_norm, kv_lora, eps, kc + pos * kv_lora);
-  for (int f = lane; f < half; f += 32)
-    rope_pair(xr[kv_lora + 2 * f], xr[kv_lora + 2 * f + 1], int(pos), inv_freq[f], vc[pos * rope + 2 * f],
-              vc[pos * rope + 2 * f + 1]);
+  mla_cache_row(ckv + int64_t(t) * (kv_lora + rope), kv_lora, rope, kv_norm, eps, inv_freq, pos, kc, vc);
+}
+
+// GLM's q_b projection and mla_rope_split_cache in one launch (one token).
+// Why: the split was a kernel of its own between q_b and the absorbed query,
+// ~2.8 us of a ~65 us GLM layer in a trace (H100, 2026-11-27), most of it
+// the kernel boundary. Blocks [0, qblocks) compute 8 rows of q each as
+// linear_decode_kernel does (decode_row_to: linear's bits), keep them in
+// shared memory, then split them as mla_rope_split_cache_kernel does
+// (copied, or one rope_pair for each even offset into the rope part: the
+// pair's two rows are in the same block, as rows and per-head offsets are
+// even); block qblocks writes the token's cache rows (mla_cache_row) from
+// ckv, which the kernel two launches back wrote.
+template <int BITS, bool SX>
+__global__ void __launch_bounds__(256)
+    linear_mla_split_decode_kernel(const uint16_t* x, QMat m, const uint16_t* ckv, int nope, int rope, int kv_lora,
+                                   const uint16_t* kv_norm, float eps, const float* inv_freq, int pos0,
+                                   const int* dpos, uint16_t* q_nope, uint16_t* q_pe, uint16_t* kc, uint16_t* vc,
+                                   int64_t cap, unsigned qblocks) {
+  ZMLX_TRACE_BLOCK_END();
+  if (blockIdx.x >= qblocks) {
+    pdl_begin();
+    const int64_t pos = (dpos ? *dpos : pos0);
+    if (threadIdx.x < 32 && pos < cap) mla_cache_row(ckv, kv_lora, rope, kv_norm, eps, inv_freq, pos, kc, vc);
+    return;
+  }
+  __shared__ uint16_t rows[kRowsPerBlock];
+  const int64_t r0 = int64_t(blockIdx.x) * kRowsPerBlock;
+  decode_row_to<BITS, kPreChunks, SX>(m, decode_row0(), x, true,
+                                      [&](int64_t r, uint16_t v) { rows[r - r0] = v; });
+  __syncthreads();
+  const int i = threadIdx.x;
+  const int64_t r = r0 + i;
+  if (i >= kRowsPerBlock || r >= m.rows) return;
+  const int qd = nope + rope, j = int(r % qd);
+  const int64_t h = r / qd;
+  if (j < nope) {
+    q_nope[h * nope + j] = rows[i];
+  } else if (((j - nope) & 1) == 0) {
+    const int f = (j - nope) >> 1;
+    uint16_t* dst = q_pe + h * rope + 2 * f;
+    rope_pair(rows[i], rows[i + 1], dpos ? *dpos : pos0, inv_freq[f], dst[0], dst[1]);
+  }
 }
 
 __global__ void add_kernel(uint16_t* h, const uint16_t* x, int64_t n, bool trigger_first) {
@@ -2861,6 +2915,36 @@ void rope(uint16_t* x, int T, int heads, int head_dim, int rot_offset, int rot_d
   launch(rope_kernel, dim3(blocks_for(int64_t(T) * heads * half, 256)), dim3(256), s, x, T, heads, head_dim, rot_offset, half, pos0,
                                                                          dpos, inv_freq, traditional);
   check_launch("rope");
+}
+
+// ZMLX_CUDA_FUSED_MLA_SPLIT=0: q_b and the split as two launches (A/B runs;
+// the same bits). Read at every call.
+bool linear_mla_split_fits(const QMat& m, int heads, int nope, int rope) {
+  return env_on("ZMLX_CUDA_FUSED_MLA_SPLIT") && !use_mma_linear(m) && m.cols / 32 <= 32 * kPreChunks &&
+         preload_weights() && m.rows == int64_t(heads) * (nope + rope) && nope % 2 == 0 && rope % 2 == 0 &&
+         kRowsPerBlock % 2 == 0;
+}
+
+template <int B>
+struct LinearMlaSplitL {
+  static void go(const uint16_t* x, const QMat& m, const uint16_t* ckv, int nope, int rope, int kv_lora,
+                 const uint16_t* kv_norm, float eps, const float* inv_freq, int pos0, const int* dpos,
+                 uint16_t* q_nope, uint16_t* q_pe, uint16_t* kc, uint16_t* vc, int64_t cap, cudaStream_t s) {
+    const unsigned qblocks = unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
+    with_staged_x([&](auto sx) {
+      launch(linear_mla_split_decode_kernel<B, decltype(sx)::value>, dim3(qblocks + 1), dim3(256), s, x, m, ckv, nope,
+             rope, kv_lora, kv_norm, eps, inv_freq, pos0, dpos, q_nope, q_pe, kc, vc, cap, qblocks);
+    });
+  }
+};
+
+void linear_mla_rope_split_cache(const uint16_t* x, const QMat& m, const uint16_t* ckv, int nope, int rope,
+                                 int kv_lora, const uint16_t* kv_norm, float eps, const float* inv_freq, int pos0,
+                                 const int* dpos, uint16_t* q_nope, uint16_t* q_pe, uint16_t* kc, uint16_t* vc,
+                                 int64_t cap, cudaStream_t s) {
+  by_bits<LinearMlaSplitL>(m.bits, x, m, ckv, nope, rope, kv_lora, kv_norm, eps, inv_freq, pos0, dpos, q_nope, q_pe,
+                           kc, vc, cap, s);
+  check_launch("linear_mla_rope_split_cache");
 }
 
 void mla_rope_split_cache(const uint16_t* q, const uint16_t* ckv, int T, int heads, int nope, int rope, int kv_lora,

@@ -108,6 +108,16 @@ void rope(uint16_t* x, int T, int heads, int head_dim, int rot_offset, int rot_d
 void mla_rope_split_cache(const uint16_t* q, const uint16_t* ckv, int T, int heads, int nope, int rope, int kv_lora,
                           const uint16_t* kv_norm, float eps, const float* inv_freq, int pos0, const int* dpos,
                           uint16_t* q_nope, uint16_t* q_pe, uint16_t* kc, uint16_t* vc, int64_t cap, cudaStream_t s);
+// Backend::linear_mla_rope_split_cache at one token: linear(x, m) (m: the
+// q_b projection, heads·(nope + rope) rows) then mla_rope_split_cache on it
+// and ckv's row, in one launch with those ops' bits. Only where
+// linear_mla_split_fits() says so: m takes the scalar decode kernel with its
+// rows preloaded, nope and rope even (and ZMLX_CUDA_FUSED_MLA_SPLIT is not 0).
+bool linear_mla_split_fits(const QMat& m, int heads, int nope, int rope);
+void linear_mla_rope_split_cache(const uint16_t* x, const QMat& m, const uint16_t* ckv, int nope, int rope,
+                                 int kv_lora, const uint16_t* kv_norm, float eps, const float* inv_freq, int pos0,
+                                 const int* dpos, uint16_t* q_nope, uint16_t* q_pe, uint16_t* kc, uint16_t* vc,
+                                 int64_t cap, cudaStream_t s);
 void add(uint16_t* h, const uint16_t* x, int64_t n, cudaStream_t s);
 void swiglu(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* out, cudaStream_t s);
 
