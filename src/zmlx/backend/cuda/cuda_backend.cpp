@@ -770,6 +770,13 @@ class CudaBackend final : public Backend {
                T, q_cols, ckv.shape_str(), heads, nope_dim, rope_dim, cache.k.dim(2), cache.v.dim(2));
   }
 
+  // The cache grown to hold rows pos0 .. pos0 + T - 1, and {q_nope, q_pe} for T tokens.
+  std::pair<Tensor, Tensor> mla_split_outputs(int64_t T, int64_t heads, int64_t nope_dim, int64_t rope_dim,
+                                              int64_t pos0, KvLayer& cache) {
+    ensure_capacity(cache, pos0 + T, pos0);
+    return {alloc(DType::BF16, {T, heads * nope_dim}), alloc(DType::BF16, {T, heads * rope_dim})};
+  }
+
   // One token: q_b and the MLA split in one launch where the kernels allow
   // it (kern::linear_mla_split_fits), with linear + mla_rope_split_cache's bits.
   std::pair<Tensor, Tensor> linear_mla_rope_split_cache(const Tensor& x, const Weight& q_b, const Tensor& ckv,
@@ -781,10 +788,8 @@ class CudaBackend final : public Backend {
       check_input(x, q_b);
       check_mla_split(1, q_b.rows, ckv, kv_norm, heads, nope_dim, rope_dim, cache);
       const int64_t kv_lora = ckv.cols() - rope_dim;
-      ensure_capacity(cache, pos0 + 1, pos0);
-      Tensor q_nope = alloc(DType::BF16, {1, heads * nope_dim}), q_pe = alloc(DType::BF16, {1, heads * rope_dim});
+      auto [q_nope, q_pe] = mla_split_outputs(1, heads, nope_dim, rope_dim, pos0, cache);
       Prof p_(this, "linear_mla_rope_split_cache");
-      last_linear_input_ = x.data, last_linear_op_ = op_seq_;
       kern::linear_mla_rope_split_cache(bf16p(x), m, bf16p(ckv), int(nope_dim), int(rope_dim), int(kv_lora),
                                         bf16p(kv_norm), eps, rope_table(base, rope_dim), int(pos0), dpos(),
                                         bf16p(q_nope), bf16p(q_pe), bf16p(cache.k), bf16p(cache.v), cache.capacity,
@@ -801,8 +806,7 @@ class CudaBackend final : public Backend {
     const int64_t T = q.rows(), kv_lora = ckv.cols() - rope_dim;
     ZMLX_CHECK(q.dtype == DType::BF16, "mla_rope_split_cache: q is {}, expected bf16", dtype_name(q.dtype));
     check_mla_split(T, q.cols(), ckv, kv_norm, heads, nope_dim, rope_dim, cache);
-    ensure_capacity(cache, pos0 + T, pos0);
-    Tensor q_nope = alloc(DType::BF16, {T, heads * nope_dim}), q_pe = alloc(DType::BF16, {T, heads * rope_dim});
+    auto [q_nope, q_pe] = mla_split_outputs(T, heads, nope_dim, rope_dim, pos0, cache);
     Prof p_(this, "mla_rope_split_cache");
     kern::mla_rope_split_cache(bf16p(q), bf16p(ckv), int(T), int(heads), int(nope_dim), int(rope_dim), int(kv_lora),
                                bf16p(kv_norm), eps, rope_table(base, rope_dim), int(pos0), dpos(), bf16p(q_nope),
@@ -887,11 +891,15 @@ class CudaBackend final : public Backend {
   Tensor short_conv(const Tensor& bcx, Tensor& state, const Tensor& w) override {
     ZMLX_CHECK(bcx.cols() % 3 == 0, "short_conv: input rows have {} values, expected 3 x channels", bcx.cols());
     const int64_t T = bcx.rows(), C = bcx.cols() / 3, L = w.dim(1);
-    ZMLX_CHECK(w.dim(0) == C && state.numel() == (L - 1) * C, "short_conv: weight/state do not fit {} channels", C);
+    check_short_conv(C, L, state, w);
     Tensor out = alloc(DType::BF16, {T, C});
     Prof p_(this, "short_conv");
     kern::short_conv(bf16p(bcx), int(T), int(C), bf16p(state), bf16p(w), int(L), bf16p(out), stream_);
     return out;
+  }
+
+  static void check_short_conv(int64_t C, int64_t L, const Tensor& state, const Tensor& w) {
+    ZMLX_CHECK(w.dim(0) == C && state.numel() == (L - 1) * C, "short_conv: weight/state do not fit {} channels", C);
   }
 
   // One token: in_proj and the short conv in one launch where the kernels
@@ -899,12 +907,11 @@ class CudaBackend final : public Backend {
   Tensor linear_short_conv(const Tensor& x, const Weight& in_proj, Tensor& state, const Tensor& w) override {
     const kern::QMat m = qmat(in_proj);
     const int64_t C = in_proj.rows / 3, L = w.shape.size() >= 2 ? w.dim(1) : 0;
-    if (x.rows() == 1 && in_proj.rows % 3 == 0 && kern::linear_short_conv_fits(m, C, int(L))) {
+    if (x.rows() == 1 && kern::linear_short_conv_fits(m, C, int(L))) {
       check_input(x, in_proj);
-      ZMLX_CHECK(w.dim(0) == C && state.numel() == (L - 1) * C, "short_conv: weight/state do not fit {} channels", C);
+      check_short_conv(C, L, state, w);
       Tensor out = alloc(DType::BF16, {1, C});
       Prof p_(this, "linear_short_conv");
-      last_linear_input_ = x.data, last_linear_op_ = op_seq_;
       kern::linear_short_conv(bf16p(x), m, bf16p(state), bf16p(w), int(L), bf16p(out), stream_);
       return out;
     }

@@ -335,8 +335,8 @@ static inline void arm_kernel_trace(void* device_buf) {
 #endif
 }
 
-// trigger = false: the kernel lets its successor launch later itself
-// (pdl_trigger), e.g. once most of its work is done.
+// trigger = false (with trigger_first false): the kernel lets its successor
+// launch later itself, with pdl_trigger(), e.g. once most of its work is done.
 __device__ __forceinline__ void pdl_begin(bool trigger_first = false, bool trigger = true) {
 #ifdef ZMLX_KERNEL_TRACE
   const unsigned long long t_start = global_ns();
@@ -365,13 +365,6 @@ inline bool early_trigger() {
   return on;
 }
 
-// Whether launches carry the programmatic-launch attribute: a Hopper (or
-// newer) GPU, ZMLX_CUDA_PDL not "0", and kernels built for it. A binary
-// built for sm_80 alone (-DZMLX_CUDA_ARCHS=80) runs on a Hopper card from its
-// PTX, and those kernels have no griddepcontrol.wait (pdl_begin is empty
-// below sm_90): nothing would then make a predecessor's writes visible to a
-// kernel launched early. `kernel`: any kernel of this binary (all are built
-// for the same targets).
 // The PTX target a kernel of this binary was built from (80, 90, ...; 0 if
 // the runtime cannot say).
 inline int kernel_ptx_version(const void* kernel) {
@@ -382,6 +375,13 @@ inline int kernel_ptx_version(const void* kernel) {
   }
   return a.ptxVersion;
 }
+// Whether launches carry the programmatic-launch attribute: a Hopper (or
+// newer) GPU, ZMLX_CUDA_PDL not "0", and kernels built for it. A binary
+// built for sm_80 alone (-DZMLX_CUDA_ARCHS=80) runs on a Hopper card from its
+// PTX, and those kernels have no griddepcontrol.wait (pdl_begin is empty
+// below sm_90): nothing would then make a predecessor's writes visible to a
+// kernel launched early. `kernel`: any kernel of this binary (all are built
+// for the same targets).
 inline bool pdl_enabled(const void* kernel) {
   static const bool on = [kernel] {
     int dev = 0, major = 0;

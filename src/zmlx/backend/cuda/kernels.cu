@@ -951,6 +951,19 @@ __device__ __forceinline__ float mma_split_sum(const float* red, int w0, int S, 
   for (int s = 1; s < S; ++s) v += red[(w0 + s) * stride + off];
   return v;
 }
+// This warp's partials of its tile's 16 rows (mma_tile's part, the same in a
+// quad's 4 lanes) into the block's space for mma_split_sum: matrix m's row
+// g at red[(warp·NM + m)·16 + g], row g + 8 eight floats on.
+template <int NM>
+__device__ __forceinline__ void mma_publish_partials(float* red, const float (&part)[NM][2]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if ((lane & 3) == 0)
+#pragma unroll
+    for (int m = 0; m < NM; ++m) {
+      red[(warp * NM + m) * 16 + (lane >> 2)] = part[m][0];
+      red[(warp * NM + m) * 16 + (lane >> 2) + 8] = part[m][1];
+    }
+}
 
 // Decode (one input row per pair blockIdx.y): a block of WARPS warps holds
 // WARPS / S tiles of 16 rows, S warps each.
@@ -977,7 +990,7 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
   const int64_t K = ms[0].cols, rows = ms[0].rows;
   float* red = reinterpret_cast<float*>(mma_smem + mma_stage_words(K));
   // S is a power of two: shifts, not divisions (mma_rows).
-  const int S = job.splits, sh = __ffs(S) - 1, tpb = WARPS >> sh, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int S = job.splits, sh = __ffs(S) - 1, tpb = WARPS >> sh, warp = threadIdx.x >> 5;
   const int sp = warp & (S - 1);
   const int64_t tile0 = (int64_t(blockIdx.x) - job.first_block[i]) * tpb;
   const int64_t r0 = (tile0 + (warp >> sh)) * 16;
@@ -1012,12 +1025,7 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
     for (int m = 0; m < NM; ++m) part[m][0] = part[m][1] = 0.f;
   }
   ZMLX_TRACE_MARK(1);  // trace: every step done (mark 3: the first)
-  if ((lane & 3) == 0)
-#pragma unroll
-    for (int m = 0; m < NM; ++m) {
-      red[(warp * NM + m) * 16 + (lane >> 2)] = part[m][0];
-      red[(warp * NM + m) * 16 + (lane >> 2) + 8] = part[m][1];
-    }
+  mma_publish_partials<NM>(red, part);
   __syncthreads();
   ZMLX_TRACE_MARK(2);  // trace: the partials published
   if (int(threadIdx.x) < 16 * tpb) {
@@ -1143,10 +1151,7 @@ __device__ __forceinline__ void mma_combine_body(const uint16_t* h, const int32_
         if (lane == 0) shy[warp + i * WARPS] = bf(to_bf(v));
       }
     ZMLX_TRACE_MARK(1);  // trace: every step (and the shared rows) done
-    if ((lane & 3) == 0) {
-      red[warp * 16 + (lane >> 2)] = part[0][0];
-      red[warp * 16 + (lane >> 2) + 8] = part[0][1];
-    }
+    mma_publish_partials<1>(red, part);
     __syncthreads();
     ZMLX_TRACE_MARK(2);  // trace: the partials published
     if (par_sum) {
@@ -1945,6 +1950,7 @@ __global__ void __launch_bounds__(256)
     if (threadIdx.x < 32 && pos < cap) mla_cache_row(ckv, kv_lora, rope, kv_norm, eps, inv_freq, pos, kc, vc);
     return;
   }
+  static_assert(kRowsPerBlock % 2 == 0, "a rope pair's two rows must share a block");
   __shared__ uint16_t rows[kRowsPerBlock];
   const int64_t r0 = int64_t(blockIdx.x) * kRowsPerBlock;
   decode_row_to<BITS, kPreChunks, SX>(m, decode_row0(), x, true,
@@ -2312,10 +2318,8 @@ constexpr int kConvMaxL = 8;
 // One channel's step of the short conv (Backend::short_conv), for one token
 // of [B | C | x] values b, cv, xv: win holds the channel's last L-1 Bx values,
 // oldest first, and wc its L weights; returns bf16(C · conv) and shifts Bx
-// into win. The loops run over kConvMaxL with guards, so win and wc stay in
-// registers (an index of L - 1 would put them in local memory); the terms
-// are added in k order as the composition's. Every short-conv kernel calls
-// it, so they share its bits.
+// into win. The terms are added in k order, as the composition's. Every
+// short-conv kernel calls it, so they share its bits.
 __device__ __forceinline__ uint16_t conv_channel_step(uint16_t (&win)[kConvMaxL], const uint16_t (&wc)[kConvMaxL],
                                                       int L, uint16_t b, uint16_t cv, uint16_t xv) {
   const uint16_t bx = to_bf(bf(b) * bf(xv));
@@ -2365,8 +2369,8 @@ __global__ void short_conv_kernel(const uint16_t* bcx, int T, int C, uint16_t* s
 // LFM2's conv block at one token: in_proj (rows [B | C | x], 3C of them,
 // 4-bit, the MMA path) and the short conv in one launch. Why: the short conv
 // was a kernel of its own (16 blocks of a few hundred operations) between
-// in_proj and out_proj, ~4 us of a ~43 us conv layer in a trace of an LFM2
-// step (H100, 2026-11-27), most of it the kernel boundary and its ramp.
+// in_proj and out_proj, 3-4 us of a 42-43 us conv layer in two traces of an
+// LFM2 step (H100, 2026-11-27), most of it the kernel boundary and its ramp.
 // Block b computes the three 16-row tiles holding B, C and x of channels
 // 16b..16b+15 (tiles b, C/16 + b and 2C/16 + b), S warps a tile, exactly as
 // mma_decode_kernel computes a tile (mma_tile, mma_split_sum in split order,
@@ -2393,7 +2397,7 @@ __global__ void __maxnreg__(104)
   __shared__ uint16_t bcx[48];  // the block's B, C and x values, bf16
   const int64_t K = m.cols, C = m.rows / 3;
   float* red = reinterpret_cast<float*>(mma_smem + mma_stage_words(K));
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sp = warp % S, part_of = warp / S;
+  const int warp = threadIdx.x >> 5, sp = warp % S, part_of = warp / S;
   const int64_t r0 = (part_of * (C / 16) + blockIdx.x) * 16;
   const QMat ms[1] = {m};
   const MmaRows rw = mma_rows(ms, r0);
@@ -2409,10 +2413,7 @@ __global__ void __maxnreg__(104)
   float part[1][2];
   mma_tile<1>(ms, 0, rw, cur, mma_smem, sp, S, part);
   if (late_trigger) pdl_trigger();
-  if ((lane & 3) == 0) {
-    red[warp * 16 + (lane >> 2)] = part[0][0];
-    red[warp * 16 + (lane >> 2) + 8] = part[0][1];
-  }
+  mma_publish_partials<1>(red, part);
   __syncthreads();
   if (threadIdx.x < 48) {
     const int q = threadIdx.x >> 4, rr = threadIdx.x & 15;
@@ -2918,11 +2919,11 @@ void rope(uint16_t* x, int T, int heads, int head_dim, int rot_offset, int rot_d
 }
 
 // ZMLX_CUDA_FUSED_MLA_SPLIT=0: q_b and the split as two launches (A/B runs;
-// the same bits). Read at every call.
+// the same bits). Read once, as the other A/B switches.
 bool linear_mla_split_fits(const QMat& m, int heads, int nope, int rope) {
-  return env_on("ZMLX_CUDA_FUSED_MLA_SPLIT") && !use_mma_linear(m) && m.cols / 32 <= 32 * kPreChunks &&
-         preload_weights() && m.rows == int64_t(heads) * (nope + rope) && nope % 2 == 0 && rope % 2 == 0 &&
-         kRowsPerBlock % 2 == 0;
+  static const bool on = env_on("ZMLX_CUDA_FUSED_MLA_SPLIT");
+  return on && !use_mma_linear(m) && m.cols / 32 <= 32 * kPreChunks && preload_weights() &&
+         m.rows == int64_t(heads) * (nope + rope) && nope % 2 == 0 && rope % 2 == 0;
 }
 
 template <int B>
@@ -3149,26 +3150,26 @@ bool conv_late_trigger() {
 }
 
 // ZMLX_CUDA_FUSED_CONV=0: in_proj and the short conv as two launches (A/B
-// runs; the same bits). Read at every call, as use_mma_linear's mode is.
+// runs; the same bits). Read once, as the other A/B switches.
 bool linear_short_conv_fits(const QMat& m, int64_t C, int L) {
-  return env_on("ZMLX_CUDA_FUSED_CONV") && use_mma_linear(m) && m.rows == 3 * C && C % 16 == 0 &&
-         C / 16 <= 65535 && L >= 2 && L <= kConvMaxL && mma_splits(m.cols) <= 4;
+  static const bool on = env_on("ZMLX_CUDA_FUSED_CONV");
+  return on && use_mma_linear(m) && m.rows == 3 * C && C % 16 == 0 && L >= 2 && L <= kConvMaxL &&
+         mma_splits(m.cols) <= 4;
 }
 
 void linear_short_conv(const uint16_t* x, const QMat& m, uint16_t* state, const uint16_t* w, int L, uint16_t* out,
                        cudaStream_t s) {
-  const int S = mma_splits(m.cols);
-  const int64_t C = m.rows / 3;
-  auto go = [&](auto kernel, int warps) {
+  const int S = mma_splits(m.cols), warps = 3 * S;  // S warps for each of the B, C and x tiles
+  auto go = [&](auto kernel) {
     const size_t smem = size_t(mma_stage_words(m.cols) + warps * 16) * 4;
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
-    launch_smem(kernel, dim3(unsigned(C / 16)), dim3(warps * 32), smem, s, x, m, state, w, L, out,
+    launch_smem(kernel, dim3(unsigned(m.rows / 48)), dim3(warps * 32), smem, s, x, m, state, w, L, out,
                 preload_weights(), conv_late_trigger());
   };
   switch (S) {
-    case 1: go(mma_conv_decode_kernel<1>, 3); break;
-    case 2: go(mma_conv_decode_kernel<2>, 6); break;
-    case 4: go(mma_conv_decode_kernel<4>, 12); break;
+    case 1: go(mma_conv_decode_kernel<1>); break;
+    case 2: go(mma_conv_decode_kernel<2>); break;
+    case 4: go(mma_conv_decode_kernel<4>); break;
     default: throw std::runtime_error("CUDA linear_short_conv: " + std::to_string(S) + " splits a tile (at most 4)");
   }
   check_launch("linear_short_conv");
