@@ -691,6 +691,20 @@ void with_path(bool mma, F&& f) {
   unsetenv("ZMLX_CUDA_MMA");
 }
 
+// A latent (MLA) cache layer on the GPU with every value NaN, so that a row
+// never written shows.
+KvLayer poisoned_latent_layer(Backend& g, int64_t lora, int64_t rope) {
+  KvLayer kv = g.new_latent_kv_layer(lora, rope, 256);
+  cudaMemset(kv.k.data, 0xff, kv.k.nbytes());
+  cudaMemset(kv.v.data, 0xff, kv.v.nbytes());
+  return kv;
+}
+// Rows [from, to) of a cache tensor [1, capacity, width], as floats.
+std::vector<float> cache_rows(Backend& be, const Tensor& c, int64_t from, int64_t to) {
+  const auto all = host_floats(be, first_rows(c, to));
+  return std::vector<float>(all.begin() + from * c.dim(2), all.end());
+}
+
 // The fused MLA preparation (one kernel) against the GPU's own composition of
 // rope, slice_cols, rms_norm, rope and kv_write (the Backend default): every
 // output and cache row bit for bit, outputs and cache poisoned with NaN first;
@@ -709,12 +723,8 @@ TEST(CudaOps, FusedMlaPreparationMatchesComposition) {
     Tensor ckv = test::bf16_tensor(test::random_bf16(rng, size_t(k.T * (k.lora + k.rope))), {k.T, k.lora + k.rope});
     Tensor w = test::bf16_tensor(test::random_bf16(rng, size_t(k.lora)), {k.lora});
     Tensor gw = g->adopt(w);
-    KvLayer fused = g->new_latent_kv_layer(k.lora, k.rope, 256), plain = g->new_latent_kv_layer(k.lora, k.rope, 256);
+    KvLayer fused = poisoned_latent_layer(*g, k.lora, k.rope), plain = poisoned_latent_layer(*g, k.lora, k.rope);
     KvLayer cpu = c->new_latent_kv_layer(k.lora, k.rope, 256);
-    for (KvLayer* kv : {&fused, &plain}) {
-      cudaMemset(kv->k.data, 0xff, kv->k.nbytes());
-      cudaMemset(kv->v.data, 0xff, kv->v.nbytes());
-    }
     auto [fn, fp] = g->mla_rope_split_cache(g->from_host(q), g->from_host(ckv), gw, 1e-5f, k.H, k.nope, k.rope, k.pos0,
                                             1e4f, fused);
     auto [pn, pp] = g->Backend::mla_rope_split_cache(g->from_host(q), g->from_host(ckv), gw, 1e-5f, k.H, k.nope, k.rope,
@@ -725,26 +735,25 @@ TEST(CudaOps, FusedMlaPreparationMatchesComposition) {
     EXPECT_EQ(host_floats(*g, fn), host_floats(*g, pn)) << "q_nope, " << at;
     EXPECT_EQ(host_floats(*g, fp), host_floats(*g, pp)) << "q_pe, " << at;
     EXPECT_EQ(fused.capacity, plain.capacity) << at;
-    const auto fk = host_floats(*g, first_rows(fused.k, k.pos0 + k.T)), pk = host_floats(*g, first_rows(plain.k, k.pos0 + k.T));
-    const auto fv = host_floats(*g, first_rows(fused.v, k.pos0 + k.T)), pv = host_floats(*g, first_rows(plain.v, k.pos0 + k.T));
     // Rows before pos0 were never written (NaN in both); compare the written rows.
-    const size_t k0 = size_t(k.pos0 * k.lora), v0 = size_t(k.pos0 * k.rope);
-    EXPECT_EQ(std::vector<float>(fk.begin() + k0, fk.end()), std::vector<float>(pk.begin() + k0, pk.end())) << at;
-    EXPECT_EQ(std::vector<float>(fv.begin() + v0, fv.end()), std::vector<float>(pv.begin() + v0, pv.end())) << at;
-    EXPECT_TRUE(all_finite(std::vector<float>(fk.begin() + k0, fk.end()))) << "latent rows unwritten, " << at;
+    const int64_t end = k.pos0 + k.T;
+    const auto fk = cache_rows(*g, fused.k, k.pos0, end);
+    EXPECT_EQ(fk, cache_rows(*g, plain.k, k.pos0, end)) << at;
+    EXPECT_EQ(cache_rows(*g, fused.v, k.pos0, end), cache_rows(*g, plain.v, k.pos0, end)) << at;
+    EXPECT_TRUE(all_finite(fk)) << "latent rows unwritten, " << at;
     EXPECT_LT(rel_l2(host_floats(*g, fp), host_floats(*c, cp)), 5e-3) << "q_pe vs CPU, " << at;
     EXPECT_EQ(host_floats(*g, fn), host_floats(*c, cn)) << "q_nope vs CPU (a copy), " << at;
-    const auto ck = host_floats(*c, first_rows(cpu.k, k.pos0 + k.T));
-    EXPECT_LT(rel_l2(std::vector<float>(fk.begin() + k0, fk.end()), std::vector<float>(ck.begin() + k0, ck.end())), 5e-3)
-        << "latent vs CPU, " << at;
+    EXPECT_LT(rel_l2(fk, cache_rows(*c, cpu.k, k.pos0, end)), 5e-3) << "latent vs CPU, " << at;
   }
 }
 
 // GLM's q_b projection and the MLA split in one launch (one token) against
 // the two ops on the GPU, bit for bit (q_nope, q_pe and the cache rows), at
-// GLM's shape and smaller ones (odd head counts, a last block of rows that
-// ends mid-head, 8-bit and dense weights), with the position from the host
-// and from device memory; and against the CPU's composition.
+// GLM's shape and smaller ones (odd head counts, 8-bit and dense weights,
+// heads of 10 rows so that blocks of 8 rows cut heads and the last block is
+// partial), three positions each; and against the CPU's composition. (The
+// position comes from the host here; recorded steps read it from device
+// memory, which the GLM model tests replay.)
 TEST(CudaOps, FusedMlaQbSplitIsBitIdenticalToItsOps) {
   REQUIRE_GPU();
   auto g = gpu();
@@ -752,19 +761,16 @@ TEST(CudaOps, FusedMlaQbSplitIsBitIdenticalToItsOps) {
   std::mt19937 rng(67);
   struct Case { int64_t H, nope, rope, lora, K; int bits, group; int64_t pos0; };
   for (const Case& cs : {Case{20, 192, 64, 512, 768, 4, 64, 200}, Case{3, 10, 6, 96, 256, 4, 32, 0},
-                        Case{5, 24, 8, 40, 384, 8, 64, 31}, Case{2, 12, 4, 256, 128, 16, 0, 7}}) {
+                         Case{5, 24, 8, 40, 384, 8, 64, 31}, Case{2, 12, 4, 256, 128, 16, 0, 7},
+                         Case{3, 6, 4, 64, 256, 4, 64, 5}}) {
     const int64_t qd = cs.nope + cs.rope;
     const Weight qb = cs.bits == 16 ? test::random_dense_weight(rng, 0, cs.H * qd, cs.K)
                                    : test::random_qweight(rng, 0, cs.H * qd, cs.K, cs.bits, cs.group);
     const Weight gqb = g->adopt(qb);
     Tensor w = test::bf16_tensor(test::random_bf16(rng, size_t(cs.lora)), {cs.lora});
     Tensor gw = g->adopt(w);
-    KvLayer fused = g->new_latent_kv_layer(cs.lora, cs.rope, 256), plain = g->new_latent_kv_layer(cs.lora, cs.rope, 256);
+    KvLayer fused = poisoned_latent_layer(*g, cs.lora, cs.rope), plain = poisoned_latent_layer(*g, cs.lora, cs.rope);
     KvLayer cpu = c->new_latent_kv_layer(cs.lora, cs.rope, 256);
-    for (KvLayer* kv : {&fused, &plain}) {
-      cudaMemset(kv->k.data, 0xff, kv->k.nbytes());
-      cudaMemset(kv->v.data, 0xff, kv->v.nbytes());
-    }
     const std::string at = "H " + std::to_string(cs.H) + " nope " + std::to_string(cs.nope) + " bits " +
                            std::to_string(cs.bits);
     DevQ dq;
@@ -783,13 +789,10 @@ TEST(CudaOps, FusedMlaQbSplitIsBitIdenticalToItsOps) {
       ASSERT_TRUE(all_finite(f_n) && all_finite(f_p)) << here;
       EXPECT_EQ(f_n, host_floats(*g, pn)) << "q_nope, " << here;
       EXPECT_EQ(f_p, host_floats(*g, pp)) << "q_pe, " << here;
-      const auto fk = host_floats(*g, first_rows(fused.k, pos + 1)), pk = host_floats(*g, first_rows(plain.k, pos + 1));
-      const auto fv = host_floats(*g, first_rows(fused.v, pos + 1)), pv = host_floats(*g, first_rows(plain.v, pos + 1));
-      const size_t k0 = size_t(pos * cs.lora), v0 = size_t(pos * cs.rope);
-      const std::vector<float> fk_row(fk.begin() + k0, fk.end()), fv_row(fv.begin() + v0, fv.end());
-      ASSERT_TRUE(all_finite(fk_row) && all_finite(fv_row)) << "cache rows unwritten, " << here;
-      EXPECT_EQ(fk_row, std::vector<float>(pk.begin() + k0, pk.end())) << "latent row, " << here;
-      EXPECT_EQ(fv_row, std::vector<float>(pv.begin() + v0, pv.end())) << "rope key row, " << here;
+      const auto fk = cache_rows(*g, fused.k, pos, pos + 1), fv = cache_rows(*g, fused.v, pos, pos + 1);
+      ASSERT_TRUE(all_finite(fk) && all_finite(fv)) << "cache rows unwritten, " << here;
+      EXPECT_EQ(fk, cache_rows(*g, plain.k, pos, pos + 1)) << "latent row, " << here;
+      EXPECT_EQ(fv, cache_rows(*g, plain.v, pos, pos + 1)) << "rope key row, " << here;
       EXPECT_LT(rel_l2(f_n, host_floats(*c, cn)), 1e-2) << "q_nope vs CPU, " << here;
       EXPECT_LT(rel_l2(f_p, host_floats(*c, cp)), 1e-2) << "q_pe vs CPU, " << here;
     }
@@ -1074,28 +1077,30 @@ TEST(CudaOps, FusedConvBlockIsBitIdenticalToItsOps) {
   for (S sz : {S{2048, 2048, 64, 3, false}, S{96, 640, 32, 3, true}, S{48, 256, 128, 4, true},
                S{160, 1088, 32, 3, true}}) {
     const std::string what = "C " + std::to_string(sz.C) + " K " + std::to_string(sz.K);
-    if (sz.all) setenv("ZMLX_CUDA_MMA", "all", 1);
-    const Weight in = test::random_qweight(rng, 0, 3 * sz.C, sz.K, 4, sz.group);
-    DevQ q;
-    upload(in, q);
-    Tensor w = test::bf16_tensor(test::random_bf16(rng, size_t(sz.C * sz.L)), {sz.C, sz.L});
-    Tensor cs = test::bf16_tensor(test::random_bf16(rng, size_t((sz.L - 1) * sz.C)), {sz.L - 1, sz.C});
-    DevBuf dw(w.data, w.nbytes()), sf(cs.data, cs.nbytes()), su(cs.data, cs.nbytes());
-    ASSERT_TRUE(k::linear_short_conv_fits(q.m, sz.C, sz.L)) << what;
-    for (int step = 0; step < 3; ++step) {
-      Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.K)), {1, sz.K});
-      DevBuf dx(x.data, x.nbytes()), of(size_t(sz.C) * 2), ou(size_t(sz.C) * 2), bcx(size_t(3 * sz.C) * 2);
-      k::linear_short_conv(dx.u16(), q.m, sf.u16(), dw.u16(), sz.L, of.u16(), nullptr);
-      k::linear(dx.u16(), 1, q.m, bcx.u16(), nullptr);
-      k::short_conv(bcx.u16(), 1, int(sz.C), su.u16(), dw.u16(), sz.L, ou.u16(), nullptr);
-      const auto o = of.floats();
-      ASSERT_TRUE(all_finite(o)) << what << ", step " << step;
-      EXPECT_EQ(o, ou.floats()) << "conv output, " << what << ", step " << step;
-      EXPECT_EQ(sf.floats(), su.floats()) << "conv state, " << what << ", step " << step;
-      const Tensor ref = c->short_conv(c->linear(x, in), cs, w);
-      EXPECT_LT(rel_l2(o, host_floats(*c, ref)), 2e-2) << what << ", step " << step;
-    }
-    unsetenv("ZMLX_CUDA_MMA");
+    auto run = [&] {
+      const Weight in = test::random_qweight(rng, 0, 3 * sz.C, sz.K, 4, sz.group);
+      DevQ q;
+      upload(in, q);
+      Tensor w = test::bf16_tensor(test::random_bf16(rng, size_t(sz.C * sz.L)), {sz.C, sz.L});
+      Tensor cs = test::bf16_tensor(test::random_bf16(rng, size_t((sz.L - 1) * sz.C)), {sz.L - 1, sz.C});
+      DevBuf dw(w.data, w.nbytes()), sf(cs.data, cs.nbytes()), su(cs.data, cs.nbytes());
+      ASSERT_TRUE(k::linear_short_conv_fits(q.m, sz.C, sz.L)) << what;
+      for (int step = 0; step < 3; ++step) {
+        Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.K)), {1, sz.K});
+        DevBuf dx(x.data, x.nbytes()), of(size_t(sz.C) * 2), ou(size_t(sz.C) * 2), bcx(size_t(3 * sz.C) * 2);
+        k::linear_short_conv(dx.u16(), q.m, sf.u16(), dw.u16(), sz.L, of.u16(), nullptr);
+        k::linear(dx.u16(), 1, q.m, bcx.u16(), nullptr);
+        k::short_conv(bcx.u16(), 1, int(sz.C), su.u16(), dw.u16(), sz.L, ou.u16(), nullptr);
+        const auto o = of.floats();
+        ASSERT_TRUE(all_finite(o)) << what << ", step " << step;
+        EXPECT_EQ(o, ou.floats()) << "conv output, " << what << ", step " << step;
+        EXPECT_EQ(sf.floats(), su.floats()) << "conv state, " << what << ", step " << step;
+        const Tensor ref = c->short_conv(c->linear(x, in), cs, w);
+        EXPECT_LT(rel_l2(o, host_floats(*c, ref)), 2e-2) << what << ", step " << step;
+      }
+    };
+    if (sz.all) with_path(true, run);  // small shapes: the MMA path whatever the size
+    else run();
   }
 }
 #endif
