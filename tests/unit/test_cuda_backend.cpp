@@ -990,63 +990,6 @@ TEST(CudaOps, MmaExpertKernelsMatchScalarAndCpuAndFusedIsBitIdentical) {
     }
 }
 
-// A token's routed experts in one launch (gate+up, each block's share of the
-// down projection once its slot's h is complete, the combine by each tile's
-// last block) against gather_swiglu + gather_combine and against the unfused
-// gather_linear + moe_combine, bit for bit, outputs poisoned first; three
-// calls in a row (its counters must come back to zero) on Qwen3's shape (8
-// of 16 experts, two rounds of down tiles), a partial second round and an
-// odd k, and one round with groups of 128.
-TEST(CudaOps, FusedExpertsLaunchIsBitIdenticalToItsOps) {
-  REQUIRE_GPU();
-  auto c = make_cpu_backend();
-  std::mt19937 rng(61);
-  struct S {
-    int64_t D, I, E, k;
-    int group;
-  };
-  DevBuf sync(size_t(k::kMoeSyncInts) * 4);
-  cudaMemset(sync.p, 0, sync.n);
-  for (S sz : {S{2048, 768, 16, 8, 64}, S{1088, 448, 9, 3, 64}, S{1024, 512, 9, 4, 128}}) {
-    const std::string what = "D " + std::to_string(sz.D) + " I " + std::to_string(sz.I) + " k " + std::to_string(sz.k);
-    Weight gate = test::random_qweight(rng, sz.E, sz.I, sz.D, 4, sz.group),
-           up = test::random_qweight(rng, sz.E, sz.I, sz.D, 4, sz.group),
-           down = test::random_qweight(rng, sz.E, sz.D, sz.I, 4, sz.group);
-    DevQ qg, qu, qd;
-    upload(gate, qg), upload(up, qu), upload(down, qd);
-    ASSERT_TRUE(k::moe_experts_fits(qg.m, qu.m, qd.m, int(sz.k))) << what;
-    Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.D)), {1, sz.D});
-    const Routing r = cpu_routing(*c, rng, 1, sz.E, sz.k);
-    const bool f32 = r.scores.dtype == DType::F32;
-    DevBuf dx(x.data, x.nbytes()), dex(r.experts.data, r.experts.nbytes()), dsc(r.scores.data, r.scores.nbytes());
-    const auto* ex = static_cast<const int32_t*>(dex.p);
-    const size_t hb = size_t(sz.k * sz.I) * 2, yb = size_t(sz.k * sz.D) * 2, ob = size_t(sz.D) * 2;
-    DevBuf h2(hb), yu(yb);
-    k::gather_swiglu(dx.u16(), ex, 1, int(sz.k), qg.m, qu.m, h2.u16(), nullptr);
-    k::gather_linear(h2.u16(), true, ex, 1, int(sz.k), qd.m, yu.u16(), nullptr);
-    for (k::Combine mode : {k::kBf16Products, k::kF32Products}) {
-      DevBuf o2(ob), ou(ob);
-      k::gather_combine(h2.u16(), ex, dsc.p, f32, mode, 1, int(sz.k), qd.m, o2.u16(), nullptr);
-      k::moe_combine(yu.u16(), dsc.p, f32, mode, 1, int(sz.k), sz.D, ou.u16(), nullptr);
-      const auto ref = o2.floats();
-      ASSERT_TRUE(all_finite(ref)) << what;
-      ASSERT_EQ(ref, ou.floats()) << "the two-launch and unfused forms differ, " << what;
-      for (int call = 0; call < 3; ++call) {
-        DevBuf h(hb), y(yb), o(ob);
-        k::moe_experts(dx.u16(), ex, dsc.p, f32, mode, int(sz.k), qg.m, qu.m, qd.m, h.u16(), y.u16(), o.u16(),
-                       static_cast<int*>(sync.p), nullptr);
-        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
-        EXPECT_EQ(h.floats(), h2.floats()) << "h, " << what << ", call " << call;
-        EXPECT_EQ(y.floats(), yu.floats()) << "the slots' down values, " << what << ", call " << call;
-        EXPECT_EQ(o.floats(), ref) << "combined output, " << what << ", call " << call;
-        std::vector<int> cnt(size_t(k::kMoeSyncInts));
-        cudaMemcpy(cnt.data(), sync.p, sync.n, cudaMemcpyDeviceToHost);
-        EXPECT_EQ(std::count(cnt.begin(), cnt.end(), 0), k::kMoeSyncInts) << "counters left set, " << what;
-      }
-    }
-  }
-}
-
 // GLM's fused MoE block folds its shared expert into the routed launches:
 // the router + shared gate+up launch against linear and linear_swiglu, and
 // gather_combine_shared against gather_combine, linear and add, bit for bit

@@ -51,11 +51,6 @@ Tensor Backend::linear_short_conv(const Tensor& x, const Weight& in_proj, Tensor
   return short_conv(linear(x, in_proj), state, w);
 }
 
-Tensor Backend::moe_experts(const Tensor& x, const Weight& gate, const Weight& up, const Weight& down,
-                            const Routing& r, CombineMode mode) {
-  return gather_qmm_combine(gather_qmm_swiglu(x, gate, up, r), down, r, mode);
-}
-
 Tensor Backend::gather_qmm_combine_shared(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode,
                                           const Tensor& shared_h, const Weight& shared_down) {
   Tensor out = gather_qmm_combine(h, down, r, mode);

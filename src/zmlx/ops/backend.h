@@ -208,11 +208,6 @@ class Backend {
   // down projection of h [T, k, I] + weighted combine in one pass -> [T, D].
   virtual Tensor gather_qmm_combine(const Tensor& h, const Weight& down, const Routing& r,
                                     CombineMode mode) = 0;
-  // A MoE block's routed experts: gather_qmm_combine(gather_qmm_swiglu(x,
-  // gate, up, r), down, r, mode), with those ops' bits; a backend may run
-  // it as one launch.
-  virtual Tensor moe_experts(const Tensor& x, const Weight& gate, const Weight& up, const Weight& down,
-                             const Routing& r, CombineMode mode);
   // Dense SwiGLU MLP gate+up in one pass: swiglu(x@Wgᵀ, x@Wuᵀ) -> [T, I].
   virtual Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) = 0;
   // A MoE block with a shared expert (GLM), whose fused form folds the

@@ -8,7 +8,8 @@ Tensor FusedMoe::forward(Backend& be, const Tensor& x) {
   const MoeBlock& m = *inner_;
   if (!m.shared_expert) {
     const Routing r = m.route(be, x);
-    return be.moe_experts(x, m.gate_proj, m.up_proj, m.down_proj, r, m.combine);
+    Tensor h = be.gather_qmm_swiglu(x, m.gate_proj, m.up_proj, r);
+    return be.gather_qmm_combine(h, m.down_proj, r, m.combine);
   }
   // The shared expert rides with the routed path: its gate+up with the
   // router (same input), its down projection and the add with the combine.

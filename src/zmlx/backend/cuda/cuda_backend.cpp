@@ -407,8 +407,6 @@ class CudaBackend final : public Backend {
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     cuda_check(cudaMallocHost(&h_step_, 4 * sizeof(int32_t)), "cudaMallocHost");
     cuda_check(cudaMalloc(&d_step_, 4 * sizeof(int32_t)), "cudaMalloc");
-    cuda_check(cudaMalloc(&moe_sync_, kern::kMoeSyncInts * sizeof(int)), "cudaMalloc");
-    cuda_check(cudaMemset(moe_sync_, 0, kern::kMoeSyncInts * sizeof(int)), "cudaMemset");
     cuda_check(cudaHostAlloc(&h_ring_, kRing * sizeof(int32_t), cudaHostAllocMapped), "cudaHostAlloc");
     cuda_check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&d_ring_), h_ring_, 0), "cudaHostGetDevicePointer");
     for (auto& e : chain_done_) cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
@@ -421,7 +419,6 @@ class CudaBackend final : public Backend {
     cudaStreamSynchronize(stream_);
     for (auto& [k, v] : rope_tables_) cudaFree(v);
     cudaFree(d_step_);
-    cudaFree(moe_sync_);
     cudaFreeHost(h_step_);
     cudaFreeHost(h_ring_);
     for (auto& e : chain_done_) cudaEventDestroy(e);
@@ -973,28 +970,6 @@ class CudaBackend final : public Backend {
     return out;
   }
 
-  // One token, the kernel's conditions met: gate+up, the down projection and
-  // the combine in one launch (kern::moe_experts), with the bits of the two
-  // ops it replaces; otherwise those two ops.
-  Tensor moe_experts(const Tensor& x, const Weight& gate, const Weight& up, const Weight& down, const Routing& r,
-                     CombineMode mode) override {
-    const int64_t T = r.experts.rows(), k = r.k, I = gate.rows, D = down.rows;
-    const kern::QMat g = qmat(gate), u = qmat(up), d = qmat(down);
-    if (T != 1 || x.rows() != 1 || !kern::moe_experts_fits(g, u, d, int(k)))
-      return Backend::moe_experts(x, gate, up, down, r, mode);
-    check_combine_scores(r, mode, "moe_experts");
-    ZMLX_CHECK(x.cols() == gate.cols && up.cols == gate.cols && up.rows == I && down.cols == I,
-               "{}: moe_experts shape mismatch", gate.name);
-    Tensor h = alloc(DType::BF16, {k, I}), y = alloc(DType::BF16, {k, D}), out = alloc(DType::BF16, {1, D});
-    Prof p_(this, "moe_experts");
-    // x staged before the wait when it is the router's input (gather_qmm_swiglu's rule).
-    const bool x_ready = x.data == last_linear_input_ && route_op_ == last_linear_op_ + 1 && op_seq_ == route_op_ + 1;
-    kern::moe_experts(bf16p(x), experts_of(r), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(k), g,
-                      u, d, bf16p(h), bf16p(y), bf16p(out), moe_sync_, stream_, x_ready);
-    routing_consumed_ = r.experts.data;
-    return out;
-  }
-
   // How gather_qmm_combine runs: the expert GEMM (prefill-sized), two
   // launches (rows the short-row kernel cannot hold in registers: the
   // generic one-launch form keeps one expert's loads in flight at a time, so
@@ -1318,7 +1293,6 @@ class CudaBackend final : public Backend {
   // the last plain linear, and the number of the last routing op: together
   // they tell gather_qmm_swiglu that its x is the router's input.
   uint64_t op_seq_ = 0, last_linear_op_ = 0, route_op_ = 0;
-  int* moe_sync_ = nullptr;  // moe_experts' counters (kern::kMoeSyncInts, left zeroed by every launch)
   const void* last_linear_input_ = nullptr;
   // Chained greedy steps: each step's argmax lands in d_step_ (the next
   // step's input) and in a mapped pinned ring the host reads by position.

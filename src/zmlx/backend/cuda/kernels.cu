@@ -709,10 +709,6 @@ __device__ __forceinline__ int64_t mma_stage_sums(int64_t K) { return 2 * K + 32
 // in-order sum). The rows go in one pass over (row, word) pairs, so their
 // loads are in flight together (row after row, gather_combine's 8 rows took
 // ~3 us of load latency on an H100).
-// CG: x was written by other blocks of the running kernel (moe_experts'
-// h), so it is read from L2 (ld.global.cg), not through the non-coherent
-// path; the same values and sums either way.
-template <bool CG = false>
 __device__ __forceinline__ void mma_stage_rows(const uint16_t* x, int n, int64_t K, uint32_t* st, int64_t sw) {
   const int words = int(K >> 3), chunks = int(K >> 5);
   // i / words and i / chunks as a multiply-high by a reciprocal worked out
@@ -721,8 +717,7 @@ __device__ __forceinline__ void mma_stage_rows(const uint16_t* x, int n, int64_t
 #pragma unroll 4
   for (int i = threadIdx.x; i < n * words; i += blockDim.x) {
     const int q = int(__umulhi(uint32_t(i), rw)), w = i - q * words;
-    const uint4* src = reinterpret_cast<const uint4*>(x + q * K) + w;
-    const uint4 v = CG ? __ldcg(src) : __ldg(src);
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + q * K) + w);
     const uint32_t p0 = __byte_perm(v.x, v.z, 0x5410), p1 = __byte_perm(v.x, v.z, 0x7632),
                    p2 = __byte_perm(v.y, v.w, 0x5410), p3 = __byte_perm(v.y, v.w, 0x7632);
     uint4* P = reinterpret_cast<uint4*>(st + q * sw) + 2 * w;  // word w of chunk w/4 is at 8w
@@ -734,18 +729,7 @@ __device__ __forceinline__ void mma_stage_rows(const uint16_t* x, int n, int64_t
 #pragma unroll 2
   for (int i = threadIdx.x; i < n * chunks; i += blockDim.x) {
     const int q = int(__umulhi(uint32_t(i), rc)), c = i - q * chunks;
-    const uint16_t* xc = x + q * K + int64_t(c) * 32;
-    float sum;
-    if constexpr (CG) {
-      XF f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) xf_piece(f, j, __ldcg(reinterpret_cast<const uint4*>(xc) + j));
-      xf_sum(f);
-      sum = f.sum;
-    } else {
-      sum = load_x(xc).sum;
-    }
-    reinterpret_cast<float*>(st + q * sw + mma_stage_sums(K))[c] = sum;
+    reinterpret_cast<float*>(st + q * sw + mma_stage_sums(K))[c] = load_x(x + q * K + int64_t(c) * 32).sum;
   }
 }
 __device__ __forceinline__ void mma_stage_x(const uint16_t* x, int64_t K, uint32_t* st) {
@@ -991,7 +975,9 @@ __device__ __forceinline__ void mma_publish_partials(float* red, const float (&p
 // the same work is one wave. The warps per block change which block computes
 // a row, not how: the bits are the same.
 template <int NM, int WARPS>
-__device__ __forceinline__ void mma_decode_body(const uint16_t* x, const MmaJob& job) {
+__global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmallSwigluBlocksPerSm : 1))
+    mma_decode_kernel(const uint16_t* x, MmaJob job) {
+  ZMLX_TRACE_BLOCK_END();
   extern __shared__ __align__(16) uint32_t mma_smem[];
   int i = 0;
   if (NM == 1)
@@ -1056,12 +1042,6 @@ __device__ __forceinline__ void mma_decode_body(const uint16_t* x, const MmaJob&
         y[r] = swiglu_bf(to_bf(v[0]), to_bf(v[1]));
     }
   }
-}
-template <int NM, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmallSwigluBlocksPerSm : 1))
-    mma_decode_kernel(const uint16_t* x, MmaJob job) {
-  ZMLX_TRACE_BLOCK_END();
-  mma_decode_body<NM, WARPS>(x, job);
 }
 
 // gather_combine: a block of WARPS warps is one tile of 16 output rows of
@@ -1225,139 +1205,6 @@ __global__ void __maxnreg__(88)
                                      SharedDown shd) {
   ZMLX_TRACE_BLOCK_END();
   mma_combine_body<16, true, true>(h, ex, scores, f32, mode, k, m, S, out, early, par_sum, shd);
-}
-
-// ---- a token's routed experts in one launch (moe_experts) ----
-//
-// As two kernels (gather_swiglu, then gather_combine) the down projection's
-// blocks cannot be resident while gate+up's fill the SMs' registers, so its
-// weights start loading only as gate+up's blocks leave, once every gate+up
-// load has been served, and a kernel boundary sits between the two (the
-// Qwen3 trace: HBM busy until gate+up's steps end, then idle while its tail,
-// the boundary and the combine's staging pass). Here each gate+up block
-// (mma_decode_body<2, 4>: its tile of h, gather_swiglu's bits) goes on to its
-// share of its own slot's down projection: it issues those weights' loads as
-// soon as its gate+up rows are done, announces its rows on the slot's counter,
-// waits until every block of the slot has (h complete), stages h (from L2)
-// and computes its down tiles with mma_do_step in gather_linear's order (its
-// bits); a tile's 16 values go to y [k, D], and the last of the k blocks to
-// finish a tile (a counter a tile) combines the tile's k values in slot order
-// (moe_combine's bits). Blocks wait for others of their slot, so the host
-// launches it only when the whole grid is resident at once
-// (moe_experts_fits). The counters are left at zero: a slot's counter counts
-// bps announcements, then bps departures after staging, and the last
-// departure resets it; a tile's counter is reset by its last arriver.
-constexpr int64_t kMoeTileCounters = kMoeSyncInts - 16;
-struct MoeDown {
-  QMat m;         // down projection [E, D, I], groups of 64+
-  uint16_t* y;    // [k, D]: each slot's down values (bf16, as gather_linear's)
-  uint16_t* out;  // [D]
-  const void* scores;
-  int f32, mode;
-  int S;       // down splits (mma_splits(I)), at most 4, two steps a warp at most
-  int bps;     // blocks a slot
-  int rounds;  // down tiles a warp, 1 or 2
-  int* slot_cnt;
-  int* tile_cnt;
-};
-// The arrive / wait pattern of CUTLASS's GenericBarrier: the block's writes,
-// then __syncthreads, then one thread's release add; the waiter's acquire
-// loads, then __syncthreads, then the block's reads. No separate fence: a
-// fence would also wait for the thread's loads in flight.
-__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void red_release_gpu(int* p, int v) {
-  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ int atom_add_acq_rel_gpu(int* p, int v) {
-  int old;
-  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-}
-// Shared words of the down part: staged h, two rounds of the 4 warps' partials, 16 scores, 8 flags.
-__host__ __device__ __forceinline__ int64_t moe_down_smem_words(int64_t I) { return mma_stage_words(I) + 128 + 16 + 8; }
-
-__global__ void __launch_bounds__(128, kSmallSwigluBlocksPerSm)
-    moe_experts_decode_kernel(const uint16_t* x, MmaJob job, MoeDown dn) {
-  ZMLX_TRACE_BLOCK_END();
-  extern __shared__ __align__(16) uint32_t mma_smem[];
-  mma_decode_body<2, 4>(x, job);  // this block's rows of h (past the programmatic-launch wait)
-  const int p = blockIdx.y, bx = blockIdx.x, k = job.k;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int64_t D = dn.m.rows, I = dn.m.cols;
-  const int S = dn.S, sh = __ffs(S) - 1, tpb = 4 >> sh, sp = warp & (S - 1), tw = warp >> sh;
-  // Announce this block's rows of h before issuing any down load: a fence
-  // waits for the thread's loads in flight too, and those would be queued
-  // behind the whole layer's expert weights in DRAM.
-  __syncthreads();  // the block's rows of h are stored (and its staged x no longer read)
-  if (threadIdx.x == 0) red_release_gpu(dn.slot_cnt + p, 1);
-  const QMat ms[1] = {dn.m};
-  const int64_t e = job.ex[p];
-  // This warp's down tiles (one a round) and both steps of their weights, now.
-  MmaRows rw[2];
-  MmaStep<1> st[2][2];
-  bool has[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t tile = (int64_t(r) * dn.bps + bx) * tpb + tw;
-    has[r] = r < dn.rounds && tile * 16 < D;
-    rw[r] = mma_rows(ms, tile * 16);
-    if (has[r]) {
-      mma_first_step<1, true>(st[r][0], ms, e, rw[r], sp, S);
-      if (sp + 2 * S < rw[r].slabs) mma_load_step<1, true>(st[r][1], ms, e, rw[r], sp + 2 * S, sp + 3 * S, t);
-    }
-  }
-  float* red = reinterpret_cast<float*>(mma_smem + mma_stage_words(I));  // [round][warp][16]
-  float* sc = red + 128;
-  int* last = reinterpret_cast<int*>(sc + 16);  // [round][tile of the block]
-  if (int(threadIdx.x) < k) sc[threadIdx.x] = combine_score(dn.scores, dn.f32 && dn.mode != kBf16Products, threadIdx.x);
-  if (threadIdx.x == 0)
-    while (ld_acquire_gpu(dn.slot_cnt + p) < dn.bps) {
-    }
-  __syncthreads();
-  ZMLX_TRACE_MARK(3);  // trace: h complete
-  mma_stage_rows<true>(job.y[0] + int64_t(p) * I, 1, I, mma_smem, 0);
-  __syncthreads();
-  // Both rounds' tiles, then one pass of stores, announcements and combines.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float part[1][2] = {{0.f, 0.f}};
-    if (has[r] && sp < rw[r].slabs) {
-      mma_do_step<1, true>(st[r][0], mma_smem, I, sp, sp + S, rw[r], g, t, part);
-      if (sp + 2 * S < rw[r].slabs) mma_do_step<1, true>(st[r][1], mma_smem, I, sp + 2 * S, sp + 3 * S, rw[r], g, t, part);
-    }
-    mma_quad_sum(part);
-    mma_publish_partials<1>(red + r * 64, part);
-  }
-  ZMLX_TRACE_MARK(1);  // trace: every down tile computed
-  __syncthreads();
-  const int nt = tpb * dn.rounds;  // the block's tiles, round-major
-  const int tt = threadIdx.x >> 4, rr = threadIdx.x & 15;
-  const int64_t row = ((int64_t(tt / tpb) * dn.bps + bx) * tpb + tt % tpb) * 16 + rr;
-  if (tt < nt && row < D) dn.y[int64_t(p) * D + row] = to_bf(mma_split_sum(red + (tt / tpb) * 64, (tt % tpb) * S, S, 16, rr));
-  __syncthreads();
-  if (int(threadIdx.x) < nt) {
-    const int64_t tile = (int64_t(threadIdx.x / tpb) * dn.bps + bx) * tpb + threadIdx.x % tpb;
-    int is_last = 0;
-    if (tile * 16 < D) {
-      is_last = atom_add_acq_rel_gpu(dn.tile_cnt + tile, 1) == k - 1;
-      if (is_last) dn.tile_cnt[tile] = 0;  // every arrival is in: nothing else touches it in this launch
-    }
-    last[threadIdx.x] = is_last;
-  }
-  __syncthreads();
-  ZMLX_TRACE_MARK(2);  // trace: the tiles announced
-  if (tt < nt && row < D && last[tt]) {
-    float acc = 0.f;
-    for (int q = 0; q < k; ++q) acc += combine_product(__ldcg(dn.y + int64_t(q) * D + row), sc[q], dn.mode);
-    dn.out[row] = to_bf(acc);
-  }
-  // Departure from the slot's counter (h was staged long ago): the last of
-  // the 2·bps resets it. Here, off the block's path to its outputs.
-  if (threadIdx.x == 0 && atomicAdd(dn.slot_cnt + p, 1) == 2 * dn.bps - 1) dn.slot_cnt[p] = 0;
 }
 
 // ---- host side of the MMA path ----
@@ -3179,66 +3026,6 @@ bool combine_two_steps(const QMat& down, int k, bool routing_ready) {
   const int64_t slabs = (down.cols + 127) / 128;
   return use_mma(down) && routing_ready && early_routing() && down.group >= 64 && slabs <= 4 * S &&
          k * S <= combine_warps(k, S) && two_step_combine();
-}
-
-namespace {
-// The launch moe_experts would make, or why it would not (fits = false).
-struct MoeExpertsPlan {
-  bool fits = false;
-  int gu_splits = 0, bps = 0, down_splits = 0, rounds = 0;
-  size_t smem = 0;
-};
-MoeExpertsPlan moe_experts_plan(const QMat& g, const QMat& u, const QMat& down, int k) {
-  MoeExpertsPlan pl;
-  static const bool on = env_on("ZMLX_CUDA_FUSED_EXPERTS");
-  if (!on || k < 1 || k > 16 || !use_mma(g) || !use_mma(u) || !use_mma(down) || g.cols != u.cols ||
-      g.rows != u.rows || g.group != u.group || down.cols != g.rows || down.group < 64 || !small_swiglu_blocks())
-    return pl;
-  const int64_t I = g.rows, D = down.rows, tiles_gu = (I + 15) / 16, tiles_d = (D + 15) / 16;
-  // gate+up splits exactly as gather_swiglu's launch (mma_decode) takes them
-  pl.gu_splits = gate_up_splits(mma_splits(g.cols), tiles_gu * k);
-  if (pl.gu_splits > 4) return pl;
-  const int64_t tpb_gu = 4 / pl.gu_splits;
-  pl.bps = int((tiles_gu + tpb_gu - 1) / tpb_gu);
-  pl.down_splits = mma_splits(down.cols);  // gather_linear's, so gather_linear's bits
-  if (pl.down_splits > 4 || (down.cols + 127) / 128 > 4 * pl.down_splits) return pl;
-  const int64_t per_round = int64_t(pl.bps) * (4 / pl.down_splits);
-  pl.rounds = int((tiles_d + per_round - 1) / per_round);
-  if (pl.rounds > 2 || tiles_d > kMoeTileCounters) return pl;
-  pl.smem = size_t(std::max(mma_stage_words(g.cols) + 4 * 2 * 16, moe_down_smem_words(down.cols))) * 4;
-  // Every block resident at once: a block waits for the others of its slot.
-  allow_dynamic_smem(reinterpret_cast<const void*>(moe_experts_decode_kernel), pl.smem);
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, moe_experts_decode_kernel, 128, pl.smem) != cudaSuccess)
-    return pl;
-  pl.fits = int64_t(pl.bps) * k <= int64_t(per_sm) * sm_count();
-  return pl;
-}
-}  // namespace
-
-bool moe_experts_fits(const QMat& g, const QMat& u, const QMat& down, int k) {
-  return moe_experts_plan(g, u, down, k).fits;
-}
-
-void moe_experts(const uint16_t* x, const int32_t* experts, const void* scores, bool scores_f32, Combine mode, int k,
-                 const QMat& g, const QMat& u, const QMat& down, uint16_t* h, uint16_t* y, uint16_t* out, int* sync,
-                 cudaStream_t s, bool x_ready) {
-  const MoeExpertsPlan pl = moe_experts_plan(g, u, down, k);
-  if (!pl.fits) throw std::runtime_error("moe_experts: shapes, formats or a grid it does not take");
-  const QMat gu[2] = {g, u};
-  MmaJob j = mma_job(gu, nullptr, 2);
-  j.y[0] = h;
-  j.ex = experts, j.k = k, j.per_slot = 0;
-  j.x_early = x_ready && early_x();
-  j.splits = pl.gu_splits;
-  j.preload = preload_weights();
-  j.first_block[0] = 0, j.first_block[1] = pl.bps;
-  MoeDown dn;
-  dn.m = down, dn.y = y, dn.out = out, dn.scores = scores, dn.f32 = scores_f32, dn.mode = int(mode);
-  dn.S = pl.down_splits, dn.bps = pl.bps, dn.rounds = pl.rounds;
-  dn.slot_cnt = sync, dn.tile_cnt = sync + 16;
-  launch_smem(moe_experts_decode_kernel, dim3(unsigned(pl.bps), unsigned(k)), dim3(128), pl.smem, s, x, j, dn);
-  check_launch("moe_experts");
 }
 
 bool combine_shared_capped(const QMat& down, int k, bool routing_ready) {

@@ -135,18 +135,6 @@ void merge_attention_splits(const float* scratch, int T, int heads, int D, int s
 // (ZMLX_CUDA_SHORT_ROWS=0: never). Both read their switch at every call.
 bool merge_in_registers(int splits);
 bool multi_linear_short_rows(int bits, int64_t cols);
-// One token's routed experts in one launch: out = gather_combine(
-// gather_swiglu(x, g, u), down) with the bits of gather_swiglu, gather_linear
-// (per slot) and moe_combine; h [k, I] and y [k, D] are its scratch (h:
-// gather_swiglu's output, y: the slots' down values), sync kMoeSyncInts
-// zeroed ints that it leaves zeroed (its counters). Only where
-// moe_experts_fits() says so: 4-bit MMA formats, down groups of 64+, k <= 16,
-// and a grid that is resident all at once (ZMLX_CUDA_FUSED_EXPERTS=0: never).
-constexpr int kMoeSyncInts = 16 + 4096;
-bool moe_experts_fits(const QMat& g, const QMat& u, const QMat& down, int k);
-void moe_experts(const uint16_t* x, const int32_t* experts, const void* scores, bool scores_f32, Combine mode, int k,
-                 const QMat& g, const QMat& u, const QMat& down, uint16_t* h, uint16_t* y, uint16_t* out, int* sync,
-                 cudaStream_t s, bool x_ready = false);
 // Whether gather_combine with this down projection, k slots and routing
 // issues both weight steps of every warp before its programmatic-launch
 // wait (groups of 64+, at most two steps a warp, one pass; the routing
