@@ -1608,17 +1608,34 @@ constexpr int kNormMaxChunks = 4;  // 16-byte chunks a lane holds in warp_rms_no
 // inv = 1 / sqrt(mean(x²) + eps). Rows of a multiple of 256 values (16-byte
 // aligned) load 16 bytes a lane, every load of the row issued before the sum:
 // the strided loop of 2-byte loads the other rows take waits out its loads
-// one by one (~9 us for a 768-value row on an H100, GLM's q_a norm). Every
-// caller (rms_norm, the fused MLA kernel) goes through here, so a row gets
-// the same bits from each.
+// one by one (~9 us for a 768-value row on an H100, GLM's q_a norm). The
+// weights' loads go out with x's, or before the programmatic-launch wait
+// (NormW, rms_norm_warp_kernel): loaded after the sum, as they were, they
+// added a round trip to the row. Every caller (rms_norm, the fused MLA
+// kernel) goes through here, so a row gets the same bits from each.
+struct NormW {
+  uint4 v[kNormMaxChunks];
+};
+__device__ __forceinline__ bool warp_norm_vec(const uint16_t* x, const uint16_t* w, int D, const uint16_t* out) {
+  return D % 256 == 0 && D <= 256 * kNormMaxChunks &&
+         ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
+}
+// The weights' chunks a lane of warp_rms_norm_row's vector form uses.
+__device__ __forceinline__ void load_norm_w(const uint16_t* w, int D, NormW& wv) {
+  const int lane = threadIdx.x & 31, n = D / 256;
+#pragma unroll
+  for (int i = 0; i < kNormMaxChunks; ++i)
+    if (i < n) wv.v[i] = __ldg(reinterpret_cast<const uint4*>(w) + i * 32 + lane);
+}
+// pre: w's chunks, loaded by load_norm_w (vector form only); null: loaded here.
 __device__ __forceinline__ void warp_rms_norm_row(const uint16_t* x, const uint16_t* w, int D, float eps,
-                                                  uint16_t* out) {
+                                                  uint16_t* out, const NormW* pre = nullptr) {
   const int lane = threadIdx.x & 31;
-  const bool vec = D % 256 == 0 && D <= 256 * kNormMaxChunks &&
-                   ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) &
-                    15) == 0;
-  if (vec) {
+  if (warp_norm_vec(x, w, D, out)) {
     const int n = D / 256;
+    NormW wl;
+    if (!pre) load_norm_w(w, D, wl);
+    const NormW& wv = pre ? *pre : wl;
     uint4 xv[kNormMaxChunks];
 #pragma unroll
     for (int i = 0; i < kNormMaxChunks; ++i)
@@ -1639,8 +1656,8 @@ __device__ __forceinline__ void warp_rms_norm_row(const uint16_t* x, const uint1
 #pragma unroll
     for (int i = 0; i < kNormMaxChunks; ++i)
       if (i < n) {
-        const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w) + i * 32 + lane);
-        const uint32_t u[4] = {xv[i].x, xv[i].y, xv[i].z, xv[i].w}, g[4] = {wv.x, wv.y, wv.z, wv.w};
+        const uint32_t u[4] = {xv[i].x, xv[i].y, xv[i].z, xv[i].w},
+                       g[4] = {wv.v[i].x, wv.v[i].y, wv.v[i].z, wv.v[i].w};
         uint32_t o[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j)
@@ -1664,10 +1681,14 @@ __device__ __forceinline__ void warp_rms_norm_row(const uint16_t* x, const uint1
 __global__ void rms_norm_warp_kernel(const uint16_t* x, int64_t R, int D, const uint16_t* w, float eps, uint16_t* out,
                                      bool trigger_first) {
   ZMLX_TRACE_BLOCK_END();
-  pdl_begin(trigger_first);
   const int64_t r = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  // The weights are constant: loaded before the wait (the vector form).
+  NormW wv;
+  const bool pre = r < R && warp_norm_vec(x + r * D, w, D, out + r * D);
+  if (pre) load_norm_w(w, D, wv);
+  pdl_begin(trigger_first);
   if (r >= R) return;
-  warp_rms_norm_row(x + r * D, w, D, eps, out + r * D);
+  warp_rms_norm_row(x + r * D, w, D, eps, out + r * D, pre ? &wv : nullptr);
 }
 
 __global__ void rms_norm_block_kernel(const uint16_t* x, int D, const uint16_t* w, float eps, uint16_t* out,
