@@ -24,7 +24,13 @@ position in a layer, the mean of:
           points: the median over the kernel's blocks of when the block's last
           warp passed marks 0, 3, 1, 2 (that order: the kernels use 3 for a
           point between 0 and 1) and when the block ended, each after the
-          block's own release (the kernel's comments say what each mark ends).
+          block's own release (the kernel's comments say what each mark ends);
+  SMs     with block lines from a build that records each block's SM: how
+          many SMs the kernel's blocks ran on and the most any one SM ran.
+          An early-launched grid fills the SMs that have room when it is
+          launched, up to its occupancy, so a kernel of 256 blocks can run 4
+          a SM on 70 SMs while the others get none; the SMs with the most
+          blocks then set its end.
 For models whose layers differ (LFM2's conv and attention layers), where one
 period cannot describe the step, the step is instead cut into layers at a
 launch shape that starts every layer (or every second occurrence of one: the
@@ -45,13 +51,18 @@ def main(path):
     recs = []
     block_ends = {}  # kernel index -> [(start, end)] of its blocks (ns from the step's first release)
     block_phases = {}  # kernel index -> [(mark 0, 3, 1, 2, end)] of its blocks, ns after the block's release
+    block_sms = {}  # kernel index -> {SM: blocks that ran there}
     for line in open(path):
-        b = re.match(r"\[zmlx trace block\] (-?\d+) (-?\d+) (-?\d+) (-?\d+) (\d+) (\d+)((?: -?\d+){4})?$",
+        # ... grid_x grid_y, then (newer builds) 4 phase marks, then (newer still) the SM
+        b = re.match(r"\[zmlx trace block\] (-?\d+) (-?\d+) (-?\d+) (-?\d+) (\d+) (\d+)((?: -?\d+){4})?(?: (\d+))?$",
                      line.strip())
         if b:
             k, start, go, end = (int(x) for x in b.groups()[:4])
             if k >= 0:
                 block_ends.setdefault(k, []).append((start, end))
+                if b.group(8) is not None:
+                    sms = block_sms.setdefault(k, {})
+                    sms[int(b.group(8))] = sms.get(int(b.group(8)), 0) + 1
                 if b.group(7):
                     marks = [int(x) for x in b.group(7).split()]
                     if any(v >= 0 for v in marks):
@@ -88,12 +99,13 @@ def main(path):
               f"block {cut[0][2]}):")
         for sig, starts in groups:
             print(f"kind: {len(starts)} layers of {len(sig)} kernels")
-            table(recs, shape, [i for i in starts if i + len(sig) < n], len(sig), block_phases, ends)
+            table(recs, shape, [i for i in starts if i + len(sig) < n], len(sig), block_phases, ends, block_sms)
     elif start is None:
         print("no repeating layer found")
     else:
         layers = (n - start) // period
-        table(recs, shape, [start + layer * period for layer in range(layers - 1)], period, block_phases, ends)
+        table(recs, shape, [start + layer * period for layer in range(layers - 1)], period, block_phases, ends,
+              block_sms)
     by_shape(recs, shape)
 
 
@@ -130,13 +142,13 @@ def layer_kinds(shape):
     return best[4], best[5]
 
 
-def table(recs, shape, starts, period, block_phases, ends):
+def table(recs, shape, starts, period, block_phases, ends, block_sms):
     """The per-position table over the layers starting at `starts`, each `period` kernels long."""
     if not starts:
         return
     total = 0.0
     for j in range(period):
-        durs, waits, blocks, late, last, end, e_early, e_late = [], [], [], [], [], [], [], []
+        durs, waits, blocks, late, last, end, e_early, e_late, sms_used, sm_most = [], [], [], [], [], [], [], [], [], []
         phases = [[] for _ in range(5)]
         for s0 in starts:
             i = s0 + j
@@ -150,6 +162,9 @@ def table(recs, shape, starts, period, block_phases, ends):
             late.append(recs[i][7])
             last.append(recs[i][8])
             end.append(recs[i][9])
+            if i in block_sms:
+                sms_used.append(len(block_sms[i]))
+                sm_most.append(max(block_sms[i].values()))
             if i in ends:
                 if ends[i][0] is not None:
                     e_early.append(ends[i][0])
@@ -167,7 +182,8 @@ def table(recs, shape, starts, period, block_phases, ends):
                  + (f"{statistics.mean(e_late) / 1000:5.2f} us" if e_late else "  -  ") if e_early else "")
               + ("  phases " + " ".join(f"{n} {statistics.median(v) / 1000:5.2f}" if v else f"{n}   -  "
                                          for n, v in zip(("m0", "m3", "m1", "m2", "end"), phases))
-                 if any(phases[:4]) else ""))
+                 if any(phases[:4]) else "")
+              + (f"  SMs {statistics.mean(sms_used):5.1f}, up to {max(sm_most)} a SM" if sms_used else ""))
     print(f"per layer {total / 1000:.2f} us (mean over {len(starts)} layers)")
 
 

@@ -91,4 +91,38 @@ check("per layer 40.00 us (mean over 4 layers)" in out, "an attention layer's su
 # A uniform model prints no kinds (one kind: the period's table says it all).
 out = run([(i * 1000 - 200, i * 1000, *([(1, 1, 256), (640, 1, 256), (48, 8, 128)][i % 3])) for i in range(30)])
 check("layer period 3" in out and "layer kinds" not in out, "no kinds for a uniform model", out)
+
+# Block lines (ZMLX_KERNEL_TRACE_BLOCKS=1): the 640-block kernel of each of
+# six uniform layers has one block resident before its release and one that
+# started after it, with phase marks; lines in the older form (no marks, or
+# no SM) still parse.
+recs, blines, t = [], [], 0
+for layer_i in range(6):
+    for (gx, gy, block), d in layer:
+        i = len(recs)
+        recs.append((t - waited(i), t, gx, gy, block))
+        if gx == 640:
+            m = lambda off: [t + 200 + off, t + 1000 + off, t + 1200 + off, t + 600 + off]  # marks 0, 1, 2, 3
+            blines.append(f"[zmlx trace block] {i} {t - 500} {t} {t + 1500} 640 1 {' '.join(map(str, m(0)))} 3")
+            tail = "" if layer_i == 0 else " " + " ".join(map(str, m(100))) + ("" if layer_i == 1 else " 7")
+            blines.append(f"[zmlx trace block] {i} {t + 100} {t + 100} {t + 1800} 640 1{tail}")
+        t += d
+recs.append((t - 500, t, 4748, 1, 256))
+recs.append((t + 90000 - 500, t + 90000, 1, 1, 1024))
+with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
+    for i, (start, release, gx, gy, block) in enumerate(recs):
+        f.write(f"[zmlx trace] {i} {start} {release} {gx} {gy} {block}\n")
+    f.write("\n".join(blines) + "\n")
+    path = f.name
+try:
+    out = subprocess.run([sys.executable, TOOL, path], capture_output=True, text=True, check=True).stdout
+finally:
+    os.unlink(path)
+row = next((l for l in out.splitlines() if "grid   640 x 1" in l and "pos" in l), "")
+check("ends early/late  1.50 /  1.80 us" in row, "the early and late blocks' ends", out)
+# Marks count from each block's own release; the medians are over the blocks with marks (6 early, 5 late).
+check("phases m0  0.20 m3  0.60 m1  1.00 m2  1.20 end  1.50" in row, "the phase medians", out)
+# SMs: one (SM 3) in the layers whose late block has no SM field, two (3 and 7) in the others; the mean
+# over the 5 layers the table covers (the first 5 of 6: 1, 1, 2, 2, 2) and the most blocks on one SM.
+check("SMs   1.6, up to 1 a SM" in row, "the SMs a kernel ran on", out)
 print("kernel_trace_summary: ok")

@@ -345,15 +345,16 @@ struct KernelTrace {
     }
     // ZMLX_KERNEL_TRACE_BLOCKS=1: every block's own line too (its kernel's
     // index, start, release and end in ns from the step's first release,
-    // its grid, then its phase marks, -1 where none), for questions like
-    // "when did the late blocks finish" or "which phase takes the time".
+    // its grid, then its phase marks, -1 where none, then the SM it ran
+    // on), for questions like "when did the late blocks finish", "which
+    // phase takes the time" or "were the slow blocks sharing an SM".
     if (const char* v = std::getenv("ZMLX_KERNEL_TRACE_BLOCKS"); v && std::strcmp(v, "1") == 0)
       for (unsigned long long b = 0; b < nb; ++b) {
         const auto& r = host->blk[b];
         auto mark = [&](int i) { return r.mark_ns[i] ? int64_t(r.mark_ns[i] - t0) : int64_t(-1); };
-        fmt::print(stderr, "[zmlx trace block] {} {} {} {} {} {} {} {} {} {}\n", owner[b], int64_t(r.start_ns - t0),
+        fmt::print(stderr, "[zmlx trace block] {} {} {} {} {} {} {} {} {} {} {}\n", owner[b], int64_t(r.start_ns - t0),
                    int64_t(r.go_ns - t0), int64_t(r.end_ns - t0), r.grid_x, r.grid_y, mark(0), mark(1), mark(2),
-                   mark(3));
+                   mark(3), r.sm);
       }
 #else
     log_info("[zmlx] ZMLX_KERNEL_TRACE_STEP: this build records no kernel trace (cmake -DZMLX_KERNEL_TRACE=ON)");

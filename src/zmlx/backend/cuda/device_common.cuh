@@ -311,6 +311,9 @@ struct TraceBlockEnd {
       r.start_ns = t_start, r.go_ns = t_go, r.end_ns = t_end;
       for (int i = 0; i < kTraceMarks; ++i) r.mark_ns[i] = g_trace_mark_ns[i];
       r.grid_x = gridDim.x, r.grid_y = gridDim.y;
+      unsigned sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      r.sm = sm;
     }
   }
 };

@@ -18,6 +18,8 @@
 // Inside a kernel, ZMLX_TRACE_MARK(i) (i < kTraceMarks) records when the
 // block's last warp passed that point, so the time after the release splits
 // into phases (which phase a mark ends is said where the kernel places it).
+// Each block also records the SM it ran on, so the blocks that shared an SM
+// (and the SMs a kernel left idle) can be told apart.
 // Normal builds compile none of it.
 #pragma once
 #include <cstdint>
@@ -35,6 +37,7 @@ struct KernelBlockRec {
   unsigned long long start_ns, go_ns, end_ns;
   unsigned long long mark_ns[kTraceMarks];
   unsigned grid_x, grid_y;
+  unsigned sm, pad;  // the SM the block ran on (%smid): which blocks shared an SM
 };
 struct KernelTraceBuf {
   static constexpr unsigned long long kMax = 8192;
