@@ -149,7 +149,10 @@ TEST(CudaOps, NormRopeAddEmbedMatchCpu) {
   auto g = gpu();
   auto c = make_cpu_backend();
   std::mt19937 rng(13);
-  for (int64_t D : {128, 2048, 3000}) {
+  // 512 and 768: the one-warp vector form (rows of a multiple of 256, its
+  // weights loaded before the wait); 128: the warp's scalar form; 2048, 3000:
+  // a block a row.
+  for (int64_t D : {128, 512, 768, 2048, 3000}) {
     Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(5 * D), 2.f), {5, D});
     Tensor w = test::bf16_tensor(test::random_bf16(rng, size_t(D)), {D});
     EXPECT_LT(rel_l2(host_floats(*g, g->rms_norm(g->from_host(x), g->adopt(w), 1e-6f)),
