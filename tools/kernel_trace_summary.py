@@ -43,6 +43,7 @@ different kernels; the grid usually tells).
   zmlx-trace bench MODEL ... 2> trace.log; tools/kernel_trace_summary.py trace.log
 """
 import re
+import collections
 import statistics
 import sys
 
@@ -51,7 +52,7 @@ def main(path):
     recs = []
     block_ends = {}  # kernel index -> [(start, end)] of its blocks (ns from the step's first release)
     block_phases = {}  # kernel index -> [(mark 0, 3, 1, 2, end)] of its blocks, ns after the block's release
-    block_sms = {}  # kernel index -> {SM: blocks that ran there}
+    block_sms = {}  # kernel index -> Counter {SM: blocks that ran there}
     for line in open(path):
         # ... grid_x grid_y, then (newer builds) 4 phase marks, then (newer still) the SM
         b = re.match(r"\[zmlx trace block\] (-?\d+) (-?\d+) (-?\d+) (-?\d+) (\d+) (\d+)((?: -?\d+){4})?(?: (\d+))?$",
@@ -61,8 +62,7 @@ def main(path):
             if k >= 0:
                 block_ends.setdefault(k, []).append((start, end))
                 if b.group(8) is not None:
-                    sms = block_sms.setdefault(k, {})
-                    sms[int(b.group(8))] = sms.get(int(b.group(8)), 0) + 1
+                    block_sms.setdefault(k, collections.Counter())[int(b.group(8))] += 1
                 if b.group(7):
                     marks = [int(x) for x in b.group(7).split()]
                     if any(v >= 0 for v in marks):

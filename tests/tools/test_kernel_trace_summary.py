@@ -17,11 +17,12 @@ def waited(i):
     return 300 + 170 * (i % 5)
 
 
-def run(records):
+def run(records, block_lines=()):
     with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
         f.write("noise before the trace\n")
         for i, (start, release, gx, gy, block) in enumerate(records):
             f.write(f"[zmlx trace] {i} {start} {release} {gx} {gy} {block}\n")
+        f.writelines(line + "\n" for line in block_lines)
         path = f.name
     try:
         out = subprocess.run([sys.executable, TOOL, path], capture_output=True, text=True, check=True).stdout
@@ -109,15 +110,7 @@ for layer_i in range(6):
         t += d
 recs.append((t - 500, t, 4748, 1, 256))
 recs.append((t + 90000 - 500, t + 90000, 1, 1, 1024))
-with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
-    for i, (start, release, gx, gy, block) in enumerate(recs):
-        f.write(f"[zmlx trace] {i} {start} {release} {gx} {gy} {block}\n")
-    f.write("\n".join(blines) + "\n")
-    path = f.name
-try:
-    out = subprocess.run([sys.executable, TOOL, path], capture_output=True, text=True, check=True).stdout
-finally:
-    os.unlink(path)
+out = run(recs, blines)
 row = next((l for l in out.splitlines() if "grid   640 x 1" in l and "pos" in l), "")
 check("ends early/late  1.50 /  1.80 us" in row, "the early and late blocks' ends", out)
 # Marks count from each block's own release; the medians are over the blocks with marks (6 early, 5 late).

@@ -1631,7 +1631,7 @@ __device__ __forceinline__ void load_norm_w(const uint16_t* w, int D, NormW& wv)
 __device__ __forceinline__ void warp_rms_norm_row(const uint16_t* x, const uint16_t* w, int D, float eps,
                                                   uint16_t* out, const NormW* pre = nullptr) {
   const int lane = threadIdx.x & 31;
-  if (warp_norm_vec(x, w, D, out)) {
+  if (pre || warp_norm_vec(x, w, D, out)) {  // pre: the caller checked
     const int n = D / 256;
     NormW wl;
     if (!pre) load_norm_w(w, D, wl);
@@ -2406,9 +2406,9 @@ __global__ void short_conv_kernel(const uint16_t* bcx, int T, int C, uint16_t* s
 // no better. out_proj is let launch only once this kernel's MMA steps are
 // done (late_trigger): launched at the wait, all its blocks were resident
 // ~5 us early, yet ~12 of 256 ended 0.8-1.8 us after the median (perhaps
-// stacked on the 4 SMs these 128 blocks leave free; the trace has no SM
-// ids), and decode was 1-2 % slower than with the late trigger. The same
-// bits either way.
+// stacked on the 4 SMs these 128 blocks leave free: the trace had no SM ids
+// then; it records them now, unchecked for this kernel), and decode was 1-2 %
+// slower than with the late trigger. The same bits either way.
 template <int S>
 __global__ void __maxnreg__(104)
     mma_conv_decode_kernel(const uint16_t* x, QMat m, uint16_t* state, const uint16_t* w, int L, uint16_t* out,
