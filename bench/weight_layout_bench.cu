@@ -18,9 +18,17 @@
 // the two variants provably read the same data. Each launch picks other
 // experts (201 MB of weights, beyond L2). Launches run in a CUDA graph,
 // back to back, no PDL: µs a launch includes the launch boundary, the same
-// for both.
+// for every variant.
 //
-// Usage: weight_layout_bench [launches=400]
+// A third variant reads the row-major layout through bulk copies (TMA): one
+// thread of each block copies its tile's 16 rows of gate and of up (two
+// contiguous 16 KB ranges) into shared memory, the block waits on a
+// transaction-count mbarrier, then every lane XORs the same words from
+// shared memory. It asks whether the copy engine gets more out of HBM than
+// the warps' 16-byte loads, and it holds no weights in registers (what would
+// let another kernel's blocks sit beside gate+up's on an SM).
+//
+// Usage: weight_layout_bench [launches=400]  (needs sm_90 for the bulk variant)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -83,6 +91,66 @@ __global__ void __launch_bounds__(kWarps * 32) gate_up_loads(const uint4* w, con
   if (lane == 0) atomicXor(out, x);
 }
 
+// Bulk copies and transaction-count mbarriers (sm_90).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+
+constexpr int kTileU4 = 16 * kChunks;  // one matrix's 16 rows of a tile, uint4
+
+__global__ void __launch_bounds__(kWarps * 32) gate_up_bulk(const uint4* w, const int* ex, uint32_t* out) {
+  extern __shared__ __align__(128) uint4 tile_smem[];  // gate's 16 rows, then up's
+  __shared__ __align__(8) uint64_t bar;
+  const int tile = blockIdx.x, slot = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  if (threadIdx.x == 0) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&bar)));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    constexpr uint32_t bytes = kTileU4 * 16;
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(&bar)), "r"(2 * bytes)
+                 : "memory");
+    const uint4* base = w + int64_t(ex[slot]) * kExpertU4 + row_major(tile * 16, 0);
+    bulk_copy(tile_smem, base, bytes, &bar);
+    bulk_copy(tile_smem + kTileU4, base + kMatrixU4, bytes, &bar);
+  }
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done)
+                 : "r"(smem_addr(&bar))
+                 : "memory");
+  uint32_t x = 0;
+#pragma unroll
+  for (int step = 0; step < 2; ++step) {
+    const int sx = warp + 2 * kSplits * step, sy = sx + kSplits;
+    const int cx = 4 * sx + t, cy = 4 * sy + t;
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      const uint4* mat = tile_smem + m * kTileU4;
+      const uint4 v[4] = {mat[g * kChunks + cx], mat[(g + 8) * kChunks + cx], mat[g * kChunks + cy],
+                          mat[(g + 8) * kChunks + cy]};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x ^= v[i].x ^ v[i].y ^ v[i].z ^ v[i].w;
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x ^= __shfl_xor_sync(0xffffffffu, x, o);
+  if (lane == 0) atomicXor(out, x);
+}
+
+// The launch alone: the same grid, no weight loads (the boundary every
+// variant's µs a launch includes).
+__global__ void __launch_bounds__(kWarps * 32) gate_up_none(const int* ex, uint32_t* out) {
+  if (threadIdx.x == 0 && ex[blockIdx.y] < 0) atomicXor(out, 1u);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -111,55 +179,61 @@ int main(int argc, char** argv) {
   CK(cudaMalloc(&d_rm, size_t(total_u4) * 16));
   CK(cudaMalloc(&d_tl, size_t(total_u4) * 16));
   CK(cudaMalloc(&d_ex, ex.size() * 4));
-  CK(cudaMalloc(&d_out, size_t(2) * launches * 4));
+  constexpr int kVariants = 4;  // row-major, tiled, bulk (row-major through TMA), no loads
+  const char* names[kVariants] = {"row-major", "tiled", "bulk", "no loads"};
+  CK(cudaMalloc(&d_out, size_t(kVariants) * launches * 4));
   CK(cudaMemcpy(d_rm, rm.data(), rm.size() * 16, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(d_tl, tl.data(), tl.size() * 16, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(d_ex, ex.data(), ex.size() * 4, cudaMemcpyHostToDevice));
-  CK(cudaMemset(d_out, 0, size_t(2) * launches * 4));
+  CK(cudaMemset(d_out, 0, size_t(kVariants) * launches * 4));
   cudaStream_t s;
   CK(cudaStreamCreate(&s));
   const dim3 grid(kTiles, kPicked), block(kWarps * 32);
-  auto graph_of = [&](bool tiled_layout) {
+  const size_t bulk_smem = size_t(2) * kTileU4 * 16;
+  CK(cudaFuncSetAttribute(gate_up_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bulk_smem)));
+  auto graph_of = [&](int v) {
     cudaGraph_t g;
     cudaGraphExec_t ge;
     CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
     for (int l = 0; l < launches; ++l) {
-      uint32_t* o = d_out + (tiled_layout ? launches : 0) + l;
-      if (tiled_layout)
-        gate_up_loads<true><<<grid, block, 0, s>>>(d_tl, d_ex + l * kPicked, o);
-      else
-        gate_up_loads<false><<<grid, block, 0, s>>>(d_rm, d_ex + l * kPicked, o);
+      uint32_t* o = d_out + size_t(v) * launches + l;
+      const int* e = d_ex + l * kPicked;
+      if (v == 0) gate_up_loads<false><<<grid, block, 0, s>>>(d_rm, e, o);
+      else if (v == 1) gate_up_loads<true><<<grid, block, 0, s>>>(d_tl, e, o);
+      else if (v == 2) gate_up_bulk<<<grid, block, bulk_smem, s>>>(d_rm, e, o);
+      else gate_up_none<<<grid, block, 0, s>>>(e, o);
     }
     CK(cudaStreamEndCapture(s, &g));
     CK(cudaGraphInstantiate(&ge, g, 0));
     CK(cudaGraphDestroy(g));
     return ge;
   };
-  cudaGraphExec_t g_rm = graph_of(false), g_tl = graph_of(true);
+  cudaGraphExec_t graphs[kVariants];
+  for (int v = 0; v < kVariants; ++v) graphs[v] = graph_of(v);
   cudaEvent_t a, b;
   CK(cudaEventCreate(&a));
   CK(cudaEventCreate(&b));
   const double mb = kPicked * kExpertU4 * 16 / 1e6;
   for (int round = 0; round < 3; ++round)
-    for (int v = 0; v < 2; ++v) {
-      CK(cudaMemsetAsync(d_out + (v ? launches : 0), 0, size_t(launches) * 4, s));
+    for (int v = 0; v < kVariants; ++v) {
+      CK(cudaMemsetAsync(d_out + size_t(v) * launches, 0, size_t(launches) * 4, s));
       CK(cudaEventRecord(a, s));
-      CK(cudaGraphLaunch(v ? g_tl : g_rm, s));
+      CK(cudaGraphLaunch(graphs[v], s));
       CK(cudaEventRecord(b, s));
       CK(cudaEventSynchronize(b));
       float ms = 0;
       CK(cudaEventElapsedTime(&ms, a, b));
       const double us = ms * 1e3 / launches;
-      std::printf("round %d  %-10s  %7.2f us a launch  %7.1f GB/s\n", round, v ? "tiled" : "row-major", us,
-                  mb * 1e3 / us);
+      std::printf("round %d  %-10s  %7.2f us a launch  %7.1f GB/s\n", round, names[v], us, mb * 1e3 / us);
     }
-  std::vector<uint32_t> out(size_t(2) * launches);
+  std::vector<uint32_t> out(size_t(kVariants) * launches);
   CK(cudaMemcpy(out.data(), d_out, out.size() * 4, cudaMemcpyDeviceToHost));
-  for (int l = 0; l < launches; ++l)
-    if (out[size_t(l)] != out[size_t(launches + l)]) {
-      std::fprintf(stderr, "weight_layout_bench: launch %d read different data in the two layouts\n", l);
-      return 1;
-    }
-  std::printf("both layouts read the same bytes (XOR of every launch equal)\n");
+  for (int v = 1; v < kVariants - 1; ++v)
+    for (int l = 0; l < launches; ++l)
+      if (out[size_t(l)] != out[size_t(v) * launches + l]) {
+        std::fprintf(stderr, "weight_layout_bench: launch %d of %s read other data than row-major\n", l, names[v]);
+        return 1;
+      }
+  std::printf("every variant read the same bytes (XOR of every launch equal)\n");
   return 0;
 }

@@ -848,6 +848,48 @@ TEST(CudaOps, MmaMatVecMatchesScalarAndCpu) {
   }
 }
 
+// The output head streamed through shared memory (head_stream_kernel: bulk
+// copies into a ring of stages, a resident grid) against the tensor-core
+// decode kernel it replaces (ZMLX_CUDA_HEAD_STREAM=0), bit for bit, and the
+// CPU. Every split count (K 512 to 4096: 1 to 8 warps a tile), every group
+// size, row counts that leave a partial last group, and enough groups a block
+// (the first case: ~7 a block against 2 stages on an H100) that the ring
+// wraps around, so a stage is refilled and waited on at the other parity. Outputs start as NaN,
+// so an unwritten row fails.
+TEST(CudaOps, StreamedHeadIsBitIdenticalToMma) {
+  REQUIRE_GPU();
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  if (major < 9) GTEST_SKIP() << "the streamed head is Hopper code (bulk copies)";
+  auto c = make_cpu_backend();
+  std::mt19937 rng(61);
+  struct S {
+    int64_t K, N;
+    int group;
+  };
+  for (S sz : {S{2048, 60021, 64}, S{1024, k::kHeadStreamMinRows + 16 * 133, 32}, S{512, k::kHeadStreamMinRows + 250, 128},
+               S{4096, k::kHeadStreamMinRows + 5, 64}}) {
+    const std::string at =
+        "K " + std::to_string(sz.K) + " N " + std::to_string(sz.N) + " group " + std::to_string(sz.group);
+    const Weight w = test::random_qweight(rng, 0, sz.N, sz.K, 4, sz.group);
+    Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.K)), {1, sz.K});
+    DevQ q;
+    upload(w, q);
+    ASSERT_TRUE(k::head_stream_fits(q.m)) << at;
+    DevBuf dx(x.data, x.nbytes()), ys(size_t(sz.N) * 2), ym(size_t(sz.N) * 2);
+    k::linear(dx.u16(), 1, q.m, ys.u16(), nullptr);
+    setenv("ZMLX_CUDA_HEAD_STREAM", "0", 1);
+    EXPECT_FALSE(k::head_stream_fits(q.m));
+    k::linear(dx.u16(), 1, q.m, ym.u16(), nullptr);
+    unsetenv("ZMLX_CUDA_HEAD_STREAM");
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << at;
+    const auto a = ys.floats();
+    ASSERT_TRUE(all_finite(a)) << at << ": unwritten or non-finite output";
+    EXPECT_EQ(a, ym.floats()) << "stream vs tensor-core kernel, " << at;
+    EXPECT_LT(rel_l2(a, host_floats(*c, c->linear(x, w))), 5e-3) << "vs CPU, " << at;
+  }
+}
+
 // The scalar decode mat-vecs with x staged once a block in shared memory
 // (the default) against the same kernels reading x from global memory
 // (ZMLX_CUDA_STAGE_X=0): bit for bit, outputs poisoned first, and against

@@ -798,42 +798,67 @@ __device__ __forceinline__ MmaRows mma_rows(const QMat (&ms)[NM], int64_t r0) {
 // GW (groups of 64 or more, known at compile time): both C columns of a
 // lane share one group, so only column 0's scale and bias are held (fewer
 // registers; gather_combine needs them to hold two steps).
-template <int NM, bool GW = false>
-__device__ __forceinline__ void mma_load_step(MmaStep<NM>& st, const QMat (&ms)[NM], int64_t e, const MmaRows& rw,
-                                              int slab_x, int slab_y, int t) {
+// The loads of one step from rows laid out as in a matrix (row g + 8 is
+// 8·wpr words after row g, its groups 8·gpr after), wherever they are: wa,
+// sa, ba point at row g's first word, scale and bias of each matrix. SMEM:
+// a copy in shared memory (the streamed head), read with plain loads;
+// otherwise global memory, read through the non-coherent path. Invalid rows
+// and chunks give zeros either way, so both give a step the same registers.
+template <int NM, bool GW, bool SMEM>
+__device__ __forceinline__ void mma_load_step_at(MmaStep<NM>& st, const uint32_t* const (&wa)[NM],
+                                                 const uint16_t* const (&sa)[NM], const uint16_t* const (&ba)[NM],
+                                                 int64_t wpr, const MmaRows& rw, int slab_x, int slab_y, int t) {
   const bool va = rw.va, vb = rw.vb;
   const int chunks = rw.chunks;
-  const int64_t wpr = ms[0].cols >> 3, gpr = rw.gpr;
+  const int64_t gpr = rw.gpr;
   const int cx = 4 * slab_x + t, cy = 4 * slab_y + t;
   const int cs = 4 * (t < 2 ? slab_x : slab_y) + 2 * (t & 1);
   const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+  auto ld4 = [](const uint32_t* p, int c) {
+    const uint4* q = reinterpret_cast<const uint4*>(p) + c;
+    return SMEM ? *q : __ldg(q);
+  };
+  auto ld2 = [](const uint16_t* p) -> uint32_t { return SMEM ? *p : __ldg(p); };
 #pragma unroll
   for (int i = 0; i < NM; ++i) {
-    const uint32_t* wa = ms[i].w + e * ms[i].w_stride + rw.woff;
-    const uint32_t* wb = wa + 8 * wpr;
-    st.w[i][0] = va && cx < chunks ? __ldg(reinterpret_cast<const uint4*>(wa) + cx) : z;
-    st.w[i][1] = vb && cx < chunks ? __ldg(reinterpret_cast<const uint4*>(wb) + cx) : z;
-    st.w[i][2] = va && cy < chunks ? __ldg(reinterpret_cast<const uint4*>(wa) + cy) : z;
-    st.w[i][3] = vb && cy < chunks ? __ldg(reinterpret_cast<const uint4*>(wb) + cy) : z;
+    const uint32_t* wb = wa[i] + 8 * wpr;
+    st.w[i][0] = va && cx < chunks ? ld4(wa[i], cx) : z;
+    st.w[i][1] = vb && cx < chunks ? ld4(wb, cx) : z;
+    st.w[i][2] = va && cy < chunks ? ld4(wa[i], cy) : z;
+    st.w[i][3] = vb && cy < chunks ? ld4(wb, cy) : z;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int c = cs + j;
       // cs is even, so for groups of 64+ both columns share one group:
       // column 1 is not loaded and mma_do_step reads column 0's.
       if (j == 1 && (GW || rw.cshift > 0)) continue;
-      const int64_t gi = e * ms[i].s_stride + rw.goff + (c >> rw.cshift);
+      const int64_t gi = c >> rw.cshift;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         uint32_t sv = 0u, bv = 0u;  // bf16 zeros: the terms of a missing row or chunk are 0
         if ((h == 0 ? va : vb) && c < chunks) {
-          sv = __ldg(ms[i].scales + gi + h * 8 * gpr);
-          bv = __ldg(ms[i].biases + gi + h * 8 * gpr);
+          sv = ld2(sa[i] + gi + h * 8 * gpr);
+          bv = ld2(ba[i] + gi + h * 8 * gpr);
         }
         st.sc[i][h][j] = sv;
         st.bi[i][h][j] = bv;
       }
     }
   }
+}
+// The same from the matrices themselves (expert e), in global memory.
+template <int NM, bool GW = false>
+__device__ __forceinline__ void mma_load_step(MmaStep<NM>& st, const QMat (&ms)[NM], int64_t e, const MmaRows& rw,
+                                              int slab_x, int slab_y, int t) {
+  const uint32_t* wa[NM];
+  const uint16_t *sa[NM], *ba[NM];
+#pragma unroll
+  for (int i = 0; i < NM; ++i) {
+    wa[i] = ms[i].w + e * ms[i].w_stride + rw.woff;
+    sa[i] = ms[i].scales + e * ms[i].s_stride + rw.goff;
+    ba[i] = ms[i].biases + e * ms[i].s_stride + rw.goff;
+  }
+  mma_load_step_at<NM, GW, false>(st, wa, sa, ba, ms[0].cols >> 3, rw, slab_x, slab_y, t);
 }
 
 template <int NM, bool GW = false>
@@ -1042,6 +1067,140 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
         y[r] = swiglu_bf(to_bf(v[0]), to_bf(v[1]));
     }
   }
+}
+
+// ---- the output head streamed through shared memory (one token) ----
+//
+// Why: the head (lm_head: 65-155 K rows of 2,048 inputs, 75-175 MB a token)
+// is the decode step's largest kernel. As mma_decode_kernel's grid (Qwen3:
+// 4,748 blocks, 18 waves) it read ~2.0 TB/s on an H100: a block issues its
+// loads, waits for them, computes and leaves, so an SM's bytes in flight dip
+// at every block's turn. Here a resident grid (kHeadBlocksPerSm blocks an
+// SM) keeps its blocks' next groups of rows in flight, copied into shared
+// memory by bulk copies (TMA, transaction-count mbarriers) while its warps
+// compute the groups before them. A group is one mma_decode block's rows (kMmaWarps / S
+// tiles of 16), and warp (tile, split) computes its slabs with mma_do_step
+// from steps loaded out of the copy (mma_load_step_at): the steps, their
+// order and the split sums are mma_decode_kernel's, so are the bits. (A
+// stream of 2026-11-27 12:06 summed its rows with the scalar kernel's
+// instructions and was bound by them: 83.5 us against the MMA kernel's 88.1.)
+// Bulk copies and transaction-count mbarriers are sm_90 instructions: the
+// sm_80 build compiles the kernel empty, and head_stream_fits() asks for a
+// Hopper GPU running this binary's sm_90 code.
+constexpr int kHeadMaxStages = 6;
+// Two blocks an SM, each with up to ~110 KB of shared memory (2 stages of
+// Qwen3's head): the kernel is bound by its instructions, not by bytes in
+// flight. On an H200 (2026-11-27, cuda_kernels_bench, Qwen3's head): one
+// block an SM with 5 stages 85.9 us, two with 2 stages each 65.6, the same
+// two with no compute 40.7 (4.3 TB/s), and with no copies (the compute
+// alone) 65.4; mma_decode_kernel 86.7.
+constexpr int kHeadBlocksPerSm = 2;
+constexpr size_t kHeadSmemBudget = 110 * 1024;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define ZMLX_NO_BULK_COPY 1
+#endif
+#ifndef ZMLX_NO_BULK_COPY
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+// The one arrival of the barrier's phase, announcing `bytes` of copies.
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+}
+// bytes (a multiple of 16, 16-byte aligned at both ends) from global src to
+// shared dst, counted against bar's transaction bytes.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+#endif
+
+// A stage: the group's rows' words, then their scales, then their biases
+// (three contiguous ranges of the matrix, so three copies).
+__host__ __device__ __forceinline__ int64_t head_stage_bytes(const QMat& m, int S) {
+  const int64_t rows = 16 * (kMmaWarps / S);
+  return rows * (m.cols / 2 + 4 * (m.cols / m.group));
+}
+
+__global__ void __launch_bounds__(kMmaWarps * 32, kHeadBlocksPerSm)
+    head_stream_kernel(const uint16_t* x, QMat m, uint16_t* y, int S, int stages) {
+#ifndef ZMLX_NO_BULK_COPY
+  ZMLX_TRACE_BLOCK_END();
+  extern __shared__ __align__(128) uint8_t head_smem[];
+  __shared__ __align__(8) uint64_t full[kHeadMaxStages];
+  const int64_t K = m.cols, wpr = K >> 3, gpr = K / m.group;
+  const int sh = __ffs(S) - 1, tpb = kMmaWarps >> sh, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int sp = warp & (S - 1), tt = warp >> sh;
+  const int64_t rows_g = 16 * tpb, groups = (m.rows + rows_g - 1) / rows_g;
+  const int64_t w_bytes = rows_g * wpr * 4, s_bytes = rows_g * gpr * 2, stage_bytes = w_bytes + 2 * s_bytes;
+  uint32_t* xs = reinterpret_cast<uint32_t*>(head_smem + stages * stage_bytes);
+  float* red = reinterpret_cast<float*>(xs + mma_stage_words(K));
+  // Thread 0: group g's rows into stage st.
+  auto issue = [&](int64_t g, int st) {
+    const int64_t r0 = g * rows_g, n = min(rows_g, m.rows - r0);
+    uint8_t* dst = head_smem + st * stage_bytes;
+    mbar_expect_tx(&full[st], uint32_t(n * (wpr * 4 + 4 * gpr)));
+    bulk_copy(dst, m.w + r0 * wpr, uint32_t(n * wpr * 4), &full[st]);
+    bulk_copy(dst + w_bytes, m.scales + r0 * gpr, uint32_t(n * gpr * 2), &full[st]);
+    bulk_copy(dst + w_bytes + s_bytes, m.biases + r0 * gpr, uint32_t(n * gpr * 2), &full[st]);
+  };
+  // The weights do not depend on the previous kernel: the first stages are
+  // requested before the programmatic-launch wait.
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < stages; ++i) mbar_init(&full[i], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int i = 0; i < stages; ++i)
+      if (blockIdx.x + int64_t(i) * gridDim.x < groups) issue(blockIdx.x + int64_t(i) * gridDim.x, i);
+  }
+  pdl_begin();
+  mma_stage_x(x, K, xs);
+  __syncthreads();  // x staged; the barriers' initialisation seen by every thread
+  const QMat ms[1] = {m};
+  for (int64_t it = 0;; ++it) {
+    const int64_t g = blockIdx.x + it * gridDim.x;
+    if (g >= groups) break;
+    const int st = int(it % stages);
+    mbar_wait(&full[st], uint32_t(it / stages) & 1u);
+    const uint8_t* stage = head_smem + st * stage_bytes;
+    const int64_t r0 = g * rows_g + tt * 16;
+    float part[1][2] = {{0.f, 0.f}};
+    if (r0 < m.rows) {
+      const MmaRows rw = mma_rows(ms, r0);
+      const int64_t lr = tt * 16 + (lane >> 2);  // row g of the warp's tile, within the group
+      const uint32_t* wa[1] = {reinterpret_cast<const uint32_t*>(stage) + lr * wpr};
+      const uint16_t* sa[1] = {reinterpret_cast<const uint16_t*>(stage + w_bytes) + lr * gpr};
+      const uint16_t* ba[1] = {reinterpret_cast<const uint16_t*>(stage + w_bytes + s_bytes) + lr * gpr};
+      // mma_tile's steps, in its order: slabs (sp, sp + S), (sp + 2S, sp + 3S), ...
+      for (int x0 = sp; x0 < rw.slabs; x0 += 2 * S) {
+        MmaStep<1> cur;
+        mma_load_step_at<1, false, true>(cur, wa, sa, ba, wpr, rw, x0, x0 + S, lane & 3);
+        mma_do_step<1>(cur, xs, K, x0, x0 + S, rw, lane >> 2, lane & 3, part);
+      }
+      mma_quad_sum(part);
+    }
+    mma_publish_partials<1>(red, part);
+    __syncthreads();
+    if (int(threadIdx.x) < 16 * tpb) {
+      const int t2 = threadIdx.x >> 4, rr = threadIdx.x & 15;
+      const int64_t r = g * rows_g + t2 * 16 + rr;
+      if (r < m.rows) y[r] = to_bf(mma_split_sum(red, t2 * S, S, 16, rr));
+    }
+    __syncthreads();  // every warp is done with the stage and with red
+    if (threadIdx.x == 0 && g + int64_t(stages) * gridDim.x < groups) issue(g + int64_t(stages) * gridDim.x, st);
+  }
+#endif
 }
 
 // gather_combine: a block of WARPS warps is one tile of 16 output rows of
@@ -1459,9 +1618,47 @@ void launch_linear_multi_decode(dim3 grid, const uint16_t* x, const MultiQ& mq, 
   });
 }
 
+// ZMLX_CUDA_HEAD_STREAM=0: the output head takes mma_decode_kernel, as
+// before (A/B runs and the test; the same bits). Read at every launch.
+bool head_stream_on() { return env_on("ZMLX_CUDA_HEAD_STREAM"); }
+// Stages that fit the shared-memory budget beside the staged x and the
+// partials (at most kHeadMaxStages).
+int head_stream_stages(const QMat& m) {
+  const int S = mma_splits(m.cols);
+  const int64_t fixed = (mma_stage_words(m.cols) + kMmaWarps * 16) * 4;
+  const int64_t room = int64_t(kHeadSmemBudget) - fixed;
+  return room <= 0 ? 0 : int(std::min<int64_t>(kHeadMaxStages, room / head_stage_bytes(m, S)));
+}
+}  // namespace
+
+bool head_stream_fits(const QMat& m) {
+  static const bool hopper = [] {
+    int dev = 0, major = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    return major >= 9 && kernel_ptx_version(reinterpret_cast<const void*>(head_stream_kernel)) >= 90;
+  }();
+  const bool aligned =
+      ((reinterpret_cast<uintptr_t>(m.w) | reinterpret_cast<uintptr_t>(m.scales) | reinterpret_cast<uintptr_t>(m.biases)) &
+       15) == 0;
+  return hopper && head_stream_on() && use_mma_linear(m) && m.rows >= kHeadStreamMinRows && aligned &&
+         head_stream_stages(m) >= 2;
+}
+
+namespace {
+void head_stream(const uint16_t* x, const QMat& m, uint16_t* y, cudaStream_t s) {
+  const int S = mma_splits(m.cols), stages = head_stream_stages(m);
+  const size_t smem = size_t(stages * head_stage_bytes(m, S) + (mma_stage_words(m.cols) + kMmaWarps * 16) * 4);
+  allow_dynamic_smem(reinterpret_cast<const void*>(head_stream_kernel), smem);
+  const int64_t groups = (m.rows + 16 * (kMmaWarps / S) - 1) / (16 * (kMmaWarps / S));
+  launch_smem(head_stream_kernel, dim3(unsigned(std::min<int64_t>(kHeadBlocksPerSm * sm_count(), groups))),
+              dim3(kMmaWarps * 32), smem, s, x, m, y, S, stages);
+}
+
 template <int B>
 struct LinearL {
   static void go(const uint16_t* x, int T, const QMat& m, uint16_t* y, cudaStream_t s) {
+    if (T == 1 && head_stream_fits(m)) return head_stream(x, m, y, s);
     if (T == 1 && use_mma_linear(m)) return mma_decode<1>(x, mma_job(&m, &y, 1), 1, s);
     const unsigned gx = unsigned((m.rows + kRowsPerBlock - 1) / kRowsPerBlock);
     const dim3 decode_grid(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));

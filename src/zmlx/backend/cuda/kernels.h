@@ -44,6 +44,11 @@ void embed(const QMat& table, const int32_t* ids, int T, uint16_t* out, cudaStre
 
 // y[T, N] = bf16(x[T, K] · Wᵀ)
 void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s);
+// Whether linear() of one token streams w through shared memory (the output
+// head: a tensor-core matrix of at least kHeadStreamMinRows rows, on a Hopper
+// GPU; the tensor-core kernel's bits; ZMLX_CUDA_HEAD_STREAM=0: never).
+constexpr int64_t kHeadStreamMinRows = 16384;
+bool head_stream_fits(const QMat& w);
 // Whether the scalar decode mat-vecs stage their input once a block in shared
 // memory (kernels.cu, stage_x_block; ZMLX_CUDA_STAGE_X=0: never); the bits
 // are the same either way.
