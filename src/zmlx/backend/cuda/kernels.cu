@@ -461,46 +461,58 @@ __device__ __forceinline__ float row_dot_preloaded(const QMat& m, const RowPrelo
 }
 
 // x staged once a block in shared memory (decode_row's SX): after the
-// wait the block copies x there in 16-byte pieces (8 inputs), and every
-// warp reads its lanes' chunks from it instead of from global memory. A
-// lane's chunk c is 64 contiguous bytes, so read straight from global
-// memory each of the four 16-byte loads of a warp touches 16 lines (lanes
-// 64 bytes apart): 4x the L1 wavefronts of a contiguous load, and each of
-// the block's warps makes them. In shared memory the pieces of chunk c are
-// rotated by c/2 (slot 4c + (j + c/2) mod 4), so the eight lanes of each
-// phase of a 16-byte load fall on eight different 4-bank groups. The values
-// and their order are load_x's, so the bits are the same.
-__device__ __forceinline__ int staged_x_slot(int piece) {
-  const int c = piece >> 2, j = piece & 3;
-  return (c << 2) | ((j + (c >> 1)) & 3);
-}
+// wait the block copies x there, and every warp reads its lanes' chunks
+// from it instead of from global memory. A lane's chunk c is 64 contiguous
+// bytes, so read straight from global memory each of the four 16-byte loads
+// of a warp touches 16 lines (lanes 64 bytes apart): 4x the L1 wavefronts
+// of a contiguous load, and each of the block's warps makes them.
+// The block stages x as floats, not as its bf16 pairs: the warps then do
+// not unpack every input once a row (one instruction a weight, of the ~5
+// these kernels spend, and they are bound by instruction issue), for one
+// more 16-byte shared load a row's 8 inputs. A chunk's 32 floats are 8
+// slots of 16 bytes, rotated by c (slot 8c + (j + c) mod 8), so the eight
+// lanes of each phase of a 16-byte load (chunks c .. c+7) fall on eight
+// different 4-bank groups. The values and their order are load_x's, so
+// the bits are the same.
+__device__ __forceinline__ int staged_x_slot(int c, int j) { return (c << 3) | ((j + c) & 7); }
 // One shared buffer a kernel for every caller of the same PRE (decode_row
 // and swiglu_decode_row in one launch share it): x of up to 32·32·PRE inputs.
 template <int PRE>
-__device__ __forceinline__ uint4* staged_x_buffer() {
-  __shared__ uint4 buf[32 * PRE * 4];
+__device__ __forceinline__ float4* staged_x_buffer() {
+  __shared__ float4 buf[32 * PRE * 8];
   return buf;
 }
-// Whole block, after the programmatic-launch wait; K <= 32·32·PRE.
+// Whole block, after the programmatic-launch wait; K <= 32·32·PRE. Piece p
+// (8 inputs, 16 bytes of x) is slots 2i and 2i + 1 of chunk p / 4 (i = p % 4).
 template <int PRE>
-__device__ __forceinline__ const uint4* stage_x_block(const uint16_t* x, int64_t K) {
-  uint4* xs = staged_x_buffer<PRE>();
+__device__ __forceinline__ const float4* stage_x_block(const uint16_t* x, int64_t K) {
+  float4* xs = staged_x_buffer<PRE>();
   const uint4* src = reinterpret_cast<const uint4*>(x);
-  for (int p = threadIdx.x; p < int(K >> 3); p += blockDim.x) xs[staged_x_slot(p)] = __ldg(src + p);
+  for (int p = threadIdx.x; p < int(K >> 3); p += blockDim.x) {
+    const uint4 q = __ldg(src + p);
+    const int c = p >> 2, i = p & 3;
+    xs[staged_x_slot(c, 2 * i)] = make_float4(lo_bf(q.x), hi_bf(q.x), lo_bf(q.y), hi_bf(q.y));
+    xs[staged_x_slot(c, 2 * i + 1)] = make_float4(lo_bf(q.z), hi_bf(q.z), lo_bf(q.w), hi_bf(q.w));
+  }
   __syncthreads();
   return xs;
 }
-// Chunk c of a staged x: pieces staged_x_slot(4c + i), i = 0..3, as load_x reads them.
-__device__ __forceinline__ XF load_x_staged(const uint4* xs, int c) {
+// Chunk c of a staged x, in load_x's order (xf_piece's: inputs 8i .. 8i+7
+// from piece i), then its sum.
+__device__ __forceinline__ XF load_x_staged(const float4* xs, int c) {
   XF out;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) xf_piece(out, i, xs[(c << 2) | ((i + (c >> 1)) & 3)]);
+  for (int i = 0; i < 4; ++i) {
+    const float4 a = xs[staged_x_slot(c, 2 * i)], b = xs[staged_x_slot(c, 2 * i + 1)];
+    out.v[8 * i] = a.x, out.v[8 * i + 1] = a.y, out.v[8 * i + 2] = a.z, out.v[8 * i + 3] = a.w;
+    out.v[8 * i + 4] = b.x, out.v[8 * i + 5] = b.y, out.v[8 * i + 6] = b.z, out.v[8 * i + 7] = b.w;
+  }
   xf_sum(out);
   return out;
 }
 template <int BITS, int PRE = kPreChunks>
 __device__ __forceinline__ float row_dot_preloaded_staged(const QMat& m, const RowPreload<BITS, PRE>& p,
-                                                          const uint4* xs) {
+                                                          const float4* xs) {
   return row_dot_preloaded_from<BITS, PRE>(m, p, [&](int c) { return load_x_staged(xs, c); });
 }
 
@@ -517,7 +529,7 @@ __device__ __forceinline__ void decode_row_to(const QMat& m, int64_t r, const ui
     RowPreload<BITS, PRE> p;
     if (valid) row_preload<BITS, PRE>(m, r, p);
     pdl_begin();
-    const uint4* xs = SX ? stage_x_block<PRE>(x, m.cols) : nullptr;  // whole block, before any warp leaves
+    const float4* xs = SX ? stage_x_block<PRE>(x, m.cols) : nullptr;  // whole block, before any warp leaves
     ZMLX_TRACE_MARK(0);  // trace: x staged
     if (!valid) return;
     const float acc = SX ? row_dot_preloaded_staged<BITS, PRE>(m, p, xs) : row_dot_preloaded<BITS, PRE>(m, p, x);
@@ -562,7 +574,7 @@ __device__ __forceinline__ void swiglu_decode_row(const QMat& g, const QMat& u, 
     RowPreload<BITS> pg, pu;
     if (valid) row_preload<BITS>(g, r, pg), row_preload<BITS>(u, r, pu);
     pdl_begin();
-    const uint4* xs = SX ? stage_x_block<kPreChunks>(x, g.cols) : nullptr;  // whole block, before any warp leaves
+    const float4* xs = SX ? stage_x_block<kPreChunks>(x, g.cols) : nullptr;  // whole block, before any warp leaves
     ZMLX_TRACE_MARK(0);  // trace: x staged
     if (!valid) return;
     const float ag = SX ? row_dot_preloaded_staged<BITS>(g, pg, xs) : row_dot_preloaded<BITS>(g, pg, x);
