@@ -1090,10 +1090,11 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
 // at every block's turn. Here a resident grid (kHeadBlocksPerSm blocks an
 // SM) keeps its blocks' next groups of rows in flight, copied into shared
 // memory by bulk copies (TMA, transaction-count mbarriers) while its warps
-// compute the groups before them. A group is one mma_decode block's rows (kMmaWarps / S
-// tiles of 16), and warp (tile, split) computes its slabs with mma_do_step
-// from steps loaded out of the copy (mma_load_step_at): the steps, their
-// order and the split sums are mma_decode_kernel's, so are the bits. (A
+// compute the groups before them. A group is one mma_decode block's rows
+// (kMmaWarps / S tiles of 16), and warp (tile, split) computes its slabs
+// with mma_do_step from steps loaded out of the copy (mma_load_step_at):
+// the steps, their order and the split sums are mma_decode_kernel's, so are
+// the bits. (A
 // stream of 2026-11-27 12:06 summed its rows with the scalar kernel's
 // instructions and was bound by them: 83.5 us against the MMA kernel's 88.1.)
 // Bulk copies and transaction-count mbarriers are sm_90 instructions: the
@@ -1102,10 +1103,11 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
 constexpr int kHeadMaxStages = 6;
 // Two blocks an SM, each with up to ~110 KB of shared memory (2 stages of
 // Qwen3's head): the kernel is bound by its instructions, not by bytes in
-// flight. On an H200 (2026-11-27, cuda_kernels_bench, Qwen3's head): one
+// flight. On H200s (2026-11-27, cuda_kernels_bench, Qwen3's head): one
 // block an SM with 5 stages 85.9 us, two with 2 stages each 65.6, the same
-// two with no compute 40.7 (4.3 TB/s), and with no copies (the compute
-// alone) 65.4; mma_decode_kernel 86.7.
+// two with no compute 40.7 (4.3 TB/s); mma_decode_kernel 86.7. (A variant
+// timed with no copies, its compute alone, took 65.4 against 72.3 with
+// them: docs/performance.md.)
 constexpr int kHeadBlocksPerSm = 2;
 constexpr size_t kHeadSmemBudget = 110 * 1024;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -1650,9 +1652,11 @@ bool head_stream_fits(const QMat& m) {
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
     return major >= 9 && kernel_ptx_version(reinterpret_cast<const void*>(head_stream_kernel)) >= 90;
   }();
-  const bool aligned =
-      ((reinterpret_cast<uintptr_t>(m.w) | reinterpret_cast<uintptr_t>(m.scales) | reinterpret_cast<uintptr_t>(m.biases)) &
-       15) == 0;
+  // Bulk copies need 16-byte aligned sources (the row ranges' sizes are
+  // multiples of 16: K a multiple of 32, groups of 16 rows).
+  const uintptr_t bases =
+      reinterpret_cast<uintptr_t>(m.w) | reinterpret_cast<uintptr_t>(m.scales) | reinterpret_cast<uintptr_t>(m.biases);
+  const bool aligned = (bases & 15) == 0;
   return hopper && head_stream_on() && use_mma_linear(m) && m.rows >= kHeadStreamMinRows && aligned &&
          head_stream_stages(m) >= 2;
 }
