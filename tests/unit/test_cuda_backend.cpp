@@ -888,6 +888,14 @@ TEST(CudaOps, StreamedHeadIsBitIdenticalToMma) {
     EXPECT_EQ(a, ym.floats()) << "stream vs tensor-core kernel, " << at;
     EXPECT_LT(rel_l2(a, host_floats(*c, c->linear(x, w))), 5e-3) << "vs CPU, " << at;
   }
+  // 4 groups a row (K 512, groups of 128: 8 bytes of scales a row) and a
+  // last group of 123 rows (groups of 128 rows at K 512): its scales are not
+  // a multiple of 16 bytes, so no bulk copy, and the head takes the
+  // tensor-core kernel.
+  const Weight odd = test::random_qweight(rng, 0, k::kHeadStreamMinRows + 251, 512, 4, 128);
+  DevQ qo;
+  upload(odd, qo);
+  EXPECT_FALSE(k::head_stream_fits(qo.m));
 }
 
 // The scalar decode mat-vecs with x staged once a block in shared memory

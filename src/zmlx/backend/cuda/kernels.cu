@@ -1652,11 +1652,14 @@ bool head_stream_fits(const QMat& m) {
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
     return major >= 9 && kernel_ptx_version(reinterpret_cast<const void*>(head_stream_kernel)) >= 90;
   }();
-  // Bulk copies need 16-byte aligned sources (the row ranges' sizes are
-  // multiples of 16: K a multiple of 32, groups of 16 rows).
+  // Bulk copies take 16-byte aligned ranges whose sizes are multiples of
+  // 16 bytes. A group's words are (K a multiple of 32), and so are a whole
+  // group's scales and biases (rows x K / group bf16, 16 rows a tile); the
+  // last group's may not be (K 512 in groups of 128: 8 bytes a row).
   const uintptr_t bases =
       reinterpret_cast<uintptr_t>(m.w) | reinterpret_cast<uintptr_t>(m.scales) | reinterpret_cast<uintptr_t>(m.biases);
-  const bool aligned = (bases & 15) == 0;
+  const int64_t rows_g = 16 * (kMmaWarps / mma_splits(m.cols));
+  const bool aligned = (bases & 15) == 0 && (m.rows % rows_g) * (m.cols / m.group) * 2 % 16 == 0;
   return hopper && head_stream_on() && use_mma_linear(m) && m.rows >= kHeadStreamMinRows && aligned &&
          head_stream_stages(m) >= 2;
 }
