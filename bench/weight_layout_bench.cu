@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "cuda_check.h"
+#include "zmlx/backend/cuda/device_common.cuh"
 
 namespace {
 
@@ -60,48 +61,54 @@ __host__ __device__ inline int64_t tiled(int row, int chunk) {
   return (int64_t(row >> 4) * kChunks + chunk) * 16 + (row & 15);
 }
 
-template <bool TILED>
-__global__ void __launch_bounds__(kWarps * 32) gate_up_loads(const uint4* w, const int* ex, uint32_t* out) {
-  const int tile = blockIdx.x, slot = blockIdx.y;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int ra = tile * 16 + g, rb = ra + 8;
-  const uint4* base = w + int64_t(ex[slot]) * kExpertU4;
-  // Split `warp` takes slabs warp, warp + 4, ... in pairs (X, Y) = (s, s + 4): two steps.
-  uint4 v[2][2][4];
+// The 16 uint4 a lane of warp `warp` reads, as the decode kernel's steps
+// read them: split `warp` takes slabs warp, warp + 4, ... in pairs (X, Y) =
+// (s, s + 4), two steps; for each step and matrix m, rows g and g + 8 of
+// the tile at chunks 4X + t and 4Y + t. f(i, m, row, chunk): i = 0..15 in
+// that order, row within the tile.
+template <typename F>
+__device__ __forceinline__ void for_each_lane_load(int warp, int lane, F&& f) {
+  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int step = 0; step < 2; ++step) {
     const int sx = warp + 2 * kSplits * step, sy = sx + kSplits;
     const int cx = 4 * sx + t, cy = 4 * sy + t;
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
-      const uint4* mat = base + m * kMatrixU4;
-      auto at = [&](int r, int c) { return TILED ? tiled(r, c) : row_major(r, c); };
-      v[step][m][0] = __ldg(mat + at(ra, cx));
-      v[step][m][1] = __ldg(mat + at(rb, cx));
-      v[step][m][2] = __ldg(mat + at(ra, cy));
-      v[step][m][3] = __ldg(mat + at(rb, cy));
+      const int i = 8 * step + 4 * m;
+      f(i, m, g, cx), f(i + 1, m, g + 8, cx), f(i + 2, m, g, cy), f(i + 3, m, g + 8, cy);
     }
   }
-  uint32_t x = 0;
-#pragma unroll
-  for (int step = 0; step < 2; ++step)
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) x ^= v[step][m][i].x ^ v[step][m][i].y ^ v[step][m][i].z ^ v[step][m][i].w;
+}
+__device__ __forceinline__ uint32_t xor4(const uint4& v) { return v.x ^ v.y ^ v.z ^ v.w; }
+// The block's XOR of what its lanes read, into *out.
+__device__ __forceinline__ void xor_out(uint32_t x, uint32_t* out) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x ^= __shfl_xor_sync(0xffffffffu, x, o);
-  if (lane == 0) atomicXor(out, x);
+  if ((threadIdx.x & 31) == 0) atomicXor(out, x);
 }
 
-// Bulk copies and transaction-count mbarriers (sm_90).
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
+template <bool TILED>
+__global__ void __launch_bounds__(kWarps * 32) gate_up_loads(const uint4* w, const int* ex, uint32_t* out) {
+  const int tile = blockIdx.x, slot = blockIdx.y;
+  const uint4* base = w + int64_t(ex[slot]) * kExpertU4;
+  // Every load of the lane issued before any is used.
+  uint4 v[16];
+  for_each_lane_load(threadIdx.x >> 5, threadIdx.x & 31, [&](int i, int m, int r, int c) {
+    const int row = tile * 16 + r;
+    v[i] = __ldg(base + m * kMatrixU4 + (TILED ? tiled(row, c) : row_major(row, c)));
+  });
+  uint32_t x = 0;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) x ^= xor4(v[i]);
+  xor_out(x, out);
 }
+
+using zmlx::cuda::dev::bulk_copy;
+using zmlx::cuda::dev::mbar_expect_tx;
+using zmlx::cuda::dev::mbar_init;
+using zmlx::cuda::dev::mbar_init_fence;
+using zmlx::cuda::dev::mbar_wait;
 
 constexpr int kTileU4 = 16 * kChunks;  // one matrix's 16 rows of a tile, uint4
 
@@ -109,43 +116,23 @@ __global__ void __launch_bounds__(kWarps * 32) gate_up_bulk(const uint4* w, cons
   extern __shared__ __align__(128) uint4 tile_smem[];  // gate's 16 rows, then up's
   __shared__ __align__(8) uint64_t bar;
   const int tile = blockIdx.x, slot = blockIdx.y;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   if (threadIdx.x == 0) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&bar)));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    mbar_init(&bar, 1);
+    mbar_init_fence();
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     constexpr uint32_t bytes = kTileU4 * 16;
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(&bar)), "r"(2 * bytes)
-                 : "memory");
+    mbar_expect_tx(&bar, 2 * bytes);
     const uint4* base = w + int64_t(ex[slot]) * kExpertU4 + row_major(tile * 16, 0);
     bulk_copy(tile_smem, base, bytes, &bar);
     bulk_copy(tile_smem + kTileU4, base + kMatrixU4, bytes, &bar);
   }
-  uint32_t done = 0;
-  while (!done)
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(done)
-                 : "r"(smem_addr(&bar))
-                 : "memory");
+  mbar_wait(&bar, 0);
   uint32_t x = 0;
-#pragma unroll
-  for (int step = 0; step < 2; ++step) {
-    const int sx = warp + 2 * kSplits * step, sy = sx + kSplits;
-    const int cx = 4 * sx + t, cy = 4 * sy + t;
-#pragma unroll
-    for (int m = 0; m < 2; ++m) {
-      const uint4* mat = tile_smem + m * kTileU4;
-      const uint4 v[4] = {mat[g * kChunks + cx], mat[(g + 8) * kChunks + cx], mat[g * kChunks + cy],
-                          mat[(g + 8) * kChunks + cy]};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) x ^= v[i].x ^ v[i].y ^ v[i].z ^ v[i].w;
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x ^= __shfl_xor_sync(0xffffffffu, x, o);
-  if (lane == 0) atomicXor(out, x);
+  for_each_lane_load(threadIdx.x >> 5, threadIdx.x & 31,
+                     [&](int, int m, int r, int c) { x ^= xor4(tile_smem[m * kTileU4 + r * kChunks + c]); });
+  xor_out(x, out);
 }
 
 // The launch alone: the same grid, no weight loads (the boundary every

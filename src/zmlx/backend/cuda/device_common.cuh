@@ -69,6 +69,41 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+// Bulk copies (TMA) into shared memory, completed through transaction-count
+// mbarriers. They are sm_90 instructions: an sm_80 pass compiles them to a
+// trap, and a kernel using them runs only where its caller has checked for a
+// Hopper GPU running this binary's sm_90 code (kernel_ptx_version below).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define ZMLX_SM90_ASM(...) __trap()
+#else
+#define ZMLX_SM90_ASM(...) asm volatile(__VA_ARGS__)
+#endif
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  ZMLX_SM90_ASM("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+// After the block's barriers are initialised, before a bulk copy uses them.
+__device__ __forceinline__ void mbar_init_fence() { ZMLX_SM90_ASM("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+// The one arrival of the barrier's phase, announcing `bytes` of copies.
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  ZMLX_SM90_ASM("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    ZMLX_SM90_ASM("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                  : "=r"(done)
+                  : "r"(smem_addr(bar)), "r"(parity)
+                  : "memory");
+}
+// bytes (a multiple of 16, 16-byte aligned at both ends) from global src to
+// shared dst, counted against bar's transaction bytes.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  ZMLX_SM90_ASM("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                    smem_addr(dst)),
+                "l"(src), "r"(bytes), "r"(smem_addr(bar))
+                : "memory");
+}
+#undef ZMLX_SM90_ASM
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

@@ -1094,12 +1094,10 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
 // (kMmaWarps / S tiles of 16), and warp (tile, split) computes its slabs
 // with mma_do_step from steps loaded out of the copy (mma_load_step_at):
 // the steps, their order and the split sums are mma_decode_kernel's, so are
-// the bits. (A
-// stream of 2026-11-27 12:06 summed its rows with the scalar kernel's
-// instructions and was bound by them: 83.5 us against the MMA kernel's 88.1.)
-// Bulk copies and transaction-count mbarriers are sm_90 instructions: the
-// sm_80 build compiles the kernel empty, and head_stream_fits() asks for a
-// Hopper GPU running this binary's sm_90 code.
+// the bits. (A stream of 2026-11-27 12:06 summed its rows with the scalar
+// kernel's instructions and was bound by them: 83.5 us against the MMA
+// kernel's 88.1.) Bulk copies are sm_90 instructions (device_common.cuh):
+// head_stream_fits() asks for a Hopper GPU running this binary's sm_90 code.
 constexpr int kHeadMaxStages = 6;
 // Two blocks an SM, each with up to ~110 KB of shared memory (2 stages of
 // Qwen3's head): the kernel is bound by its instructions, not by bytes in
@@ -1110,54 +1108,27 @@ constexpr int kHeadMaxStages = 6;
 // them: docs/performance.md.)
 constexpr int kHeadBlocksPerSm = 2;
 constexpr size_t kHeadSmemBudget = 110 * 1024;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define ZMLX_NO_BULK_COPY 1
-#endif
-#ifndef ZMLX_NO_BULK_COPY
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
-}
-// The one arrival of the barrier's phase, announcing `bytes` of copies.
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done)
-    asm volatile(
-        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-}
-// bytes (a multiple of 16, 16-byte aligned at both ends) from global src to
-// shared dst, counted against bar's transaction bytes.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
-}
-#endif
-
+// A group's rows: one mma_decode block's (kMmaWarps / S tiles of 16).
+__host__ __device__ __forceinline__ int64_t head_group_rows(int S) { return 16 * (kMmaWarps / S); }
 // A stage: the group's rows' words, then their scales, then their biases
 // (three contiguous ranges of the matrix, so three copies).
 __host__ __device__ __forceinline__ int64_t head_stage_bytes(const QMat& m, int S) {
-  const int64_t rows = 16 * (kMmaWarps / S);
-  return rows * (m.cols / 2 + 4 * (m.cols / m.group));
+  return head_group_rows(S) * (m.cols / 2 + 4 * (m.cols / m.group));
+}
+// The shared memory beside the stages: the staged x and the partials.
+__host__ __device__ __forceinline__ int64_t head_fixed_bytes(int64_t K) {
+  return (mma_stage_words(K) + kMmaWarps * 16) * 4;
 }
 
 __global__ void __launch_bounds__(kMmaWarps * 32, kHeadBlocksPerSm)
     head_stream_kernel(const uint16_t* x, QMat m, uint16_t* y, int S, int stages) {
-#ifndef ZMLX_NO_BULK_COPY
   ZMLX_TRACE_BLOCK_END();
   extern __shared__ __align__(128) uint8_t head_smem[];
   __shared__ __align__(8) uint64_t full[kHeadMaxStages];
   const int64_t K = m.cols, wpr = K >> 3, gpr = K / m.group;
   const int sh = __ffs(S) - 1, tpb = kMmaWarps >> sh, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int sp = warp & (S - 1), tt = warp >> sh;
-  const int64_t rows_g = 16 * tpb, groups = (m.rows + rows_g - 1) / rows_g;
+  const int64_t rows_g = head_group_rows(S), groups = (m.rows + rows_g - 1) / rows_g;
   const int64_t w_bytes = rows_g * wpr * 4, s_bytes = rows_g * gpr * 2, stage_bytes = w_bytes + 2 * s_bytes;
   uint32_t* xs = reinterpret_cast<uint32_t*>(head_smem + stages * stage_bytes);
   float* red = reinterpret_cast<float*>(xs + mma_stage_words(K));
@@ -1174,7 +1145,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kHeadBlocksPerSm)
   // requested before the programmatic-launch wait.
   if (threadIdx.x == 0) {
     for (int i = 0; i < stages; ++i) mbar_init(&full[i], 1);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    mbar_init_fence();
     for (int i = 0; i < stages; ++i)
       if (blockIdx.x + int64_t(i) * gridDim.x < groups) issue(blockIdx.x + int64_t(i) * gridDim.x, i);
   }
@@ -1214,7 +1185,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kHeadBlocksPerSm)
     __syncthreads();  // every warp is done with the stage and with red
     if (threadIdx.x == 0 && g + int64_t(stages) * gridDim.x < groups) issue(g + int64_t(stages) * gridDim.x, st);
   }
-#endif
 }
 
 // gather_combine: a block of WARPS warps is one tile of 16 output rows of
@@ -1639,8 +1609,7 @@ bool head_stream_on() { return env_on("ZMLX_CUDA_HEAD_STREAM"); }
 // partials (at most kHeadMaxStages).
 int head_stream_stages(const QMat& m) {
   const int S = mma_splits(m.cols);
-  const int64_t fixed = (mma_stage_words(m.cols) + kMmaWarps * 16) * 4;
-  const int64_t room = int64_t(kHeadSmemBudget) - fixed;
+  const int64_t room = int64_t(kHeadSmemBudget) - head_fixed_bytes(m.cols);
   return room <= 0 ? 0 : int(std::min<int64_t>(kHeadMaxStages, room / head_stage_bytes(m, S)));
 }
 }  // namespace
@@ -1658,7 +1627,7 @@ bool head_stream_fits(const QMat& m) {
   // last group's may not be (K 512 in groups of 128: 8 bytes a row).
   const uintptr_t bases =
       reinterpret_cast<uintptr_t>(m.w) | reinterpret_cast<uintptr_t>(m.scales) | reinterpret_cast<uintptr_t>(m.biases);
-  const int64_t rows_g = 16 * (kMmaWarps / mma_splits(m.cols));
+  const int64_t rows_g = head_group_rows(mma_splits(m.cols));
   const bool aligned = (bases & 15) == 0 && (m.rows % rows_g) * (m.cols / m.group) * 2 % 16 == 0;
   return hopper && head_stream_on() && use_mma_linear(m) && m.rows >= kHeadStreamMinRows && aligned &&
          head_stream_stages(m) >= 2;
@@ -1667,9 +1636,9 @@ bool head_stream_fits(const QMat& m) {
 namespace {
 void head_stream(const uint16_t* x, const QMat& m, uint16_t* y, cudaStream_t s) {
   const int S = mma_splits(m.cols), stages = head_stream_stages(m);
-  const size_t smem = size_t(stages * head_stage_bytes(m, S) + (mma_stage_words(m.cols) + kMmaWarps * 16) * 4);
+  const size_t smem = size_t(stages * head_stage_bytes(m, S) + head_fixed_bytes(m.cols));
   allow_dynamic_smem(reinterpret_cast<const void*>(head_stream_kernel), smem);
-  const int64_t groups = (m.rows + 16 * (kMmaWarps / S) - 1) / (16 * (kMmaWarps / S));
+  const int64_t groups = (m.rows + head_group_rows(S) - 1) / head_group_rows(S);
   launch_smem(head_stream_kernel, dim3(unsigned(std::min<int64_t>(kHeadBlocksPerSm * sm_count(), groups))),
               dim3(kMmaWarps * 32), smem, s, x, m, y, S, stages);
 }
