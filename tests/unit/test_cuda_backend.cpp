@@ -229,6 +229,12 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
       const auto ref = host_floats(*c, c->attention(q, ck, pos, H, Hkv, hd, scale));
       const auto got = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
       ASSERT_LT(rel_l2(got, ref), 5e-3) << "H " << H << " Hkv " << Hkv << " hd " << hd << " pos " << pos;
+      // The splits' rows sent to L2 before the wait (kv_prefetch) are a
+      // hint: the same bits without them, and no fault at any split shape.
+      setenv("ZMLX_CUDA_KV_PREFETCH", "0", 1);
+      const auto plain = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
+      unsetenv("ZMLX_CUDA_KV_PREFETCH");
+      ASSERT_EQ(plain, got) << "KV prefetch, H " << H << " Hkv " << Hkv << " hd " << hd << " pos " << pos;
     }
   }
 }
@@ -550,6 +556,13 @@ TEST(CudaOps, MlaFastKernelsMatchCpu) {
                                                        ac.kvh, scale));
       EXPECT_LT(rel_l2(got, ref), 5e-3) << "H " << ac.H << " kvh " << ac.kvh << " dk " << ac.dk << " dv " << ac.dv
                                         << " dr " << ac.dr << " pos0 " << pos0 << " T " << T;
+      if (T == 1) {  // the decode kernel's L2 prefetch of its rows is a hint: the same bits without it
+        setenv("ZMLX_CUDA_KV_PREFETCH", "0", 1);
+        const auto plain = host_floats(*g, g->attention_pe(g->from_host(q), gk, gv, g->from_host(qpe), gkpe, pos0,
+                                                           ac.H, ac.kvh, scale));
+        unsetenv("ZMLX_CUDA_KV_PREFETCH");
+        EXPECT_EQ(plain, got) << "KV prefetch, dk " << ac.dk << " pos0 " << pos0;
+      }
     }
   }
 }

@@ -69,6 +69,15 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+// Sends [p, p + bytes) to L2 (p 16-byte aligned, bytes a multiple of 16):
+// one bulk prefetch on sm_90, nothing below (it is only a hint).
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+  (void)p, (void)bytes;
+#endif
+}
 // Bulk copies (TMA) into shared memory, completed through transaction-count
 // mbarriers. They are sm_90 instructions: an sm_80 pass compiles them to a
 // trap, and a kernel using them runs only where its caller has checked for a

@@ -2232,7 +2232,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
                                                                       const uint16_t* kc, const uint16_t* vc,
                                                                       int64_t cap, int pos0, const int* dpos,
                                                                       float scale, int splits, float* scratch,
-                                                                      bool preload, AttnPrep prep) {
+                                                                      bool preload, bool prefetch, AttnPrep prep) {
   ZMLX_TRACE_BLOCK_END();
   constexpr int HD = 32 * DPL;
   const int h = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
@@ -2277,6 +2277,20 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
       }
     }
   };
+  // The steps after the first load their keys and values after the wait,
+  // one dependent round trip each, which from DRAM is the longer one (the
+  // cache does not stay in L2 between steps: each token streams the weights
+  // through it). So the first head of each kv group sends the split's old
+  // rows (written by earlier steps) to L2 before the wait, two bulk
+  // prefetches of contiguous rows.
+  if (prefetch && threadIdx.x == 0 && t == 0 && h % (heads / kvh) == 0) {
+    const int je = min(j1, p0);
+    if (je > j0) {
+      const uint32_t bytes = uint32_t(je - j0) * HD * 2;
+      prefetch_l2_bulk(kc + (int64_t(g) * cap + j0) * HD, bytes);
+      prefetch_l2_bulk(vc + (int64_t(g) * cap + j0) * HD, bytes);
+    }
+  }
   if (preload) load_step(jfirst, true);
   pdl_begin();
   if (!preload) load_step(jfirst, true);
@@ -3189,7 +3203,7 @@ void attention_splits(const uint16_t* q, int T, int heads, int kv_heads, int hea
   const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
   auto go = [&](auto kern) {
     launch(kern, grid, dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits,
-           scratch, preload_weights(), prep);
+           scratch, preload_weights(), kv_prefetch(), prep);
   };
   switch (head_dim) {
     case 64: go(attn_partial_kernel<2, PREP>); break;
@@ -3225,6 +3239,9 @@ void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t*
 }
 
 bool stage_x() { return env_on("ZMLX_CUDA_STAGE_X"); }
+// ZMLX_CUDA_KV_PREFETCH=0: the attention kernels do not send their splits'
+// cached rows to L2 before their wait (A/B runs; the same bits). Per launch.
+bool kv_prefetch() { return env_on("ZMLX_CUDA_KV_PREFETCH"); }
 bool merge_in_registers(int splits) { return splits <= kRegMergeSplits && !env_is("ZMLX_CUDA_MERGE_REGS", "0"); }
 
 bool combine_two_steps(const QMat& down, int k, bool routing_ready) {

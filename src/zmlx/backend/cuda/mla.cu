@@ -254,16 +254,30 @@ template <int PL, int RL, bool SAME>
 __global__ void __launch_bounds__(kDW * 32) pe_decode_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v,
                                                              const uint16_t* q_pe, const uint16_t* k_pe, int heads,
                                                              int kvh, int pos0, const int* dpos, float scale,
-                                                             int splits, float* scratch) {
+                                                             int splits, float* scratch, bool prefetch) {
   ZMLX_TRACE_BLOCK_END();
-  pdl_begin();
   constexpr int D = 32 * PL, DR = 32 * RL;
   const int h = blockIdx.x, s = blockIdx.y, t = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int visible = (dpos ? *dpos : pos0) + t + 1;
+  // The position comes from the host or from the recorded step's first
+  // node (a copy), not from the previous kernel: read before the wait.
+  const int p0 = dpos ? *dpos : pos0;
+  const int visible = p0 + t + 1;
   const int chunk = (visible + splits - 1) / splits;
   const int j0 = s * chunk, j1 = min(visible, j0 + chunk);
   const int g = h / (heads / kvh);
+  // The split's rows written by earlier steps (before p0) to L2 before the
+  // wait, as attn_partial_kernel does: whole rows (every kv head's), by the
+  // first head's block.
+  if (prefetch && threadIdx.x == 0 && t == 0 && h == 0) {
+    const int je = min(j1, p0);
+    if (je > j0) {
+      prefetch_l2_bulk(k + int64_t(j0) * kvh * D, uint32_t(je - j0) * kvh * D * 2);
+      if (!SAME) prefetch_l2_bulk(v + int64_t(j0) * kvh * D, uint32_t(je - j0) * kvh * D * 2);
+      prefetch_l2_bulk(k_pe + int64_t(j0) * DR, uint32_t(je - j0) * DR * 2);
+    }
+  }
+  pdl_begin();
   float qv[PL], qs[RL];
   {
     uint32_t w[PL / 2];
@@ -541,7 +555,8 @@ bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, c
   const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
   const bool same = k == v;
   auto go = [&](auto kern) {
-    launch(kern, grid, dim3(kDW * 32), s, q, k, v, q_pe, k_pe, heads, kv_heads, pos0, dpos, scale, splits, scratch);
+    launch(kern, grid, dim3(kDW * 32), s, q, k, v, q_pe, k_pe, heads, kv_heads, pos0, dpos, scale, splits, scratch,
+           cuda::k::kv_prefetch());
   };
   if (dk == 512) {
     if (dr == 64) same ? go(pe_decode_kernel<16, 2, true>) : go(pe_decode_kernel<16, 2, false>);
