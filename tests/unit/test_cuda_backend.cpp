@@ -245,14 +245,24 @@ TEST(CudaOps, FusedResidualNormAndAttentionPrepMatchCpu) {
   auto c = make_cpu_backend();
   std::mt19937 rng(16);
   const int64_t D = 2048;
-  Tensor h = test::bf16_tensor(test::random_bf16(rng, size_t(3 * D)), {3, D});
+  const auto hv = test::random_bf16(rng, size_t(3 * D));
+  Tensor h = test::bf16_tensor(hv, {3, D});
   Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(3 * D)), {3, D});
   Tensor w = test::bf16_tensor(test::random_bf16(rng, size_t(D)), {D});
   Tensor gh = g->from_host(h);
-  const auto got = host_floats(*g, g->add_rms_norm(gh, g->from_host(x), g->adopt(w), 1e-6f));
+  const Tensor gx = g->from_host(x), gw = g->adopt(w);
+  const auto got = host_floats(*g, g->add_rms_norm(gh, gx, gw, 1e-6f));
   const auto ref = host_floats(*c, c->add_rms_norm(h, x, w, 1e-6f));
   EXPECT_LT(rel_l2(got, ref), 5e-3);
   EXPECT_TRUE(std::memcmp(g->to_host(gh).data, h.data, h.nbytes()) == 0) << "the residual sum is exact";
+  // The weights loaded and the residual row prefetched before the wait
+  // (the default) against after it: the same bits, in place and out.
+  setenv("ZMLX_CUDA_NORM_PREFETCH", "0", 1);
+  Tensor gh2 = g->from_host(test::bf16_tensor(hv, {3, D}));
+  const auto late = host_floats(*g, g->add_rms_norm(gh2, gx, gw, 1e-6f));
+  unsetenv("ZMLX_CUDA_NORM_PREFETCH");
+  EXPECT_EQ(late, got);
+  EXPECT_TRUE(same_bits(*g, gh2, gh));
   for (int64_t hd : {32, 64, 128})
     for (bool trad : {false, true}) {
       const int64_t T = 5, H = 4, Hkv = 2, pos0 = 9;

@@ -69,6 +69,11 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+// Sends the 128-byte line holding p to L2 (a hint: data another kernel
+// still writes is not read early by it, the write updates the line).
+__device__ __forceinline__ void prefetch_l2_line(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
 // Sends [p, p + bytes) to L2 (p 16-byte aligned, bytes a multiple of 16):
 // one bulk prefetch on sm_90, nothing below (it is only a hint).
 __device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {

@@ -1911,14 +1911,25 @@ __global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const
 
 // add_rms_norm for rows of D = 8·blockDim.x: one 16-byte load of h, x and w
 // per thread (add_rms_norm_row8).
+// early: the norm weights (constant) are loaded before the wait, and the
+// residual row is sent to L2 then (a prefetch, safe whoever still writes it).
+// A decode step streams megabytes of weights through L2 between the writes
+// of h and its next read, so both had come from DRAM after the wait (trace,
+// Qwen3, H100: the layer's first norm ended 1.29 us after its release, the
+// second 0.82). ZMLX_CUDA_NORM_PREFETCH=0: off (the same bits).
 __global__ void add_rms_norm_vec_kernel(uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
-                                        uint16_t* out, bool trigger_first) {
+                                        uint16_t* out, bool early, bool trigger_first) {
   ZMLX_TRACE_BLOCK_END();
-  pdl_begin(trigger_first);
   const int64_t r = blockIdx.x;
   uint4* hr = reinterpret_cast<uint4*>(h + r * D) + threadIdx.x;
+  uint4 wv{};
+  if (early) {
+    wv = __ldg(reinterpret_cast<const uint4*>(w) + threadIdx.x);
+    if ((threadIdx.x & 7) == 0) prefetch_l2_line(hr);
+  }
+  pdl_begin(trigger_first);
   const uint4 hv = *hr, xv = __ldg(reinterpret_cast<const uint4*>(x + r * D) + threadIdx.x);
-  const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w) + threadIdx.x);
+  if (!early) wv = __ldg(reinterpret_cast<const uint4*>(w) + threadIdx.x);
   uint4 hn, on;
   add_rms_norm_row8(hv, xv, wv, D, eps, hn, on);
   *hr = hn;
@@ -3108,7 +3119,8 @@ void add_rms_norm(uint16_t* h, const uint16_t* x, int64_t rows, int64_t D, const
   const bool aligned = ((reinterpret_cast<uintptr_t>(h) | reinterpret_cast<uintptr_t>(x) |
                          reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
   if (aligned && D % 256 == 0 && D / 8 <= 1024)
-    launch_short(add_rms_norm_vec_kernel, dim3(unsigned(rows)), dim3(unsigned(D / 8)), s, h, x, int(D), w, eps, out);
+    launch_short(add_rms_norm_vec_kernel, dim3(unsigned(rows)), dim3(unsigned(D / 8)), s, h, x, int(D), w, eps, out,
+                 env_on("ZMLX_CUDA_NORM_PREFETCH"));
   else
     launch_short(add_rms_norm_kernel, dim3(unsigned(rows)), dim3(256), s, h, x, int(D), w, eps, out);
   check_launch("add_rms_norm");
