@@ -1914,9 +1914,10 @@ __global__ void add_rms_norm_kernel(uint16_t* h, const uint16_t* x, int D, const
 // early: the norm weights (constant) are loaded before the wait, and the
 // residual row is sent to L2 then (a prefetch, safe whoever still writes it).
 // A decode step streams megabytes of weights through L2 between the writes
-// of h and its next read, so both had come from DRAM after the wait (trace,
-// Qwen3, H100: the layer's first norm ended 1.29 us after its release, the
-// second 0.82). ZMLX_CUDA_NORM_PREFETCH=0: off (the same bits).
+// of h and its next read, so both most likely came from DRAM after the wait
+// (trace, Qwen3, H100: the layer's first norm ended 1.29 us after its
+// release, the second 0.82; with this, decode +1.3-1.4 % on Qwen3 and GLM).
+// ZMLX_CUDA_NORM_PREFETCH=0: off (the same bits).
 __global__ void add_rms_norm_vec_kernel(uint16_t* h, const uint16_t* x, int D, const uint16_t* w, float eps,
                                         uint16_t* out, bool early, bool trigger_first) {
   ZMLX_TRACE_BLOCK_END();
@@ -3251,8 +3252,6 @@ void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t*
 }
 
 bool stage_x() { return env_on("ZMLX_CUDA_STAGE_X"); }
-// ZMLX_CUDA_KV_PREFETCH=0: the attention kernels do not send their splits'
-// cached rows to L2 before their wait (A/B runs; the same bits). Per launch.
 bool kv_prefetch() { return env_on("ZMLX_CUDA_KV_PREFETCH"); }
 bool merge_in_registers(int splits) { return splits <= kRegMergeSplits && !env_is("ZMLX_CUDA_MERGE_REGS", "0"); }
 

@@ -53,8 +53,9 @@ bool head_stream_fits(const QMat& w);
 // memory (kernels.cu, stage_x_block; ZMLX_CUDA_STAGE_X=0: never); the bits
 // are the same either way.
 bool stage_x();
-// Whether the attention kernels send their splits' cached rows to L2 before
-// their programmatic-launch wait (ZMLX_CUDA_KV_PREFETCH=0: no; read per launch).
+// Whether the decode attention kernels send their splits' cached rows to L2
+// before their programmatic-launch wait (ZMLX_CUDA_KV_PREFETCH=0: no, for A/B
+// runs; the same bits; read per launch).
 bool kv_prefetch();
 // ys[i][T, N_i] = bf16(x · W_iᵀ) for up to 4 matrices of one format, one launch.
 void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys, int n, cudaStream_t s);
