@@ -83,6 +83,11 @@ __device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) 
   (void)p, (void)bytes;
 #endif
 }
+// Sends rows [j0, j1) of a row-major 16-bit matrix of `cols` columns to L2
+// (rows 16-byte aligned, cols a multiple of 8); nothing when the range is empty.
+__device__ __forceinline__ void prefetch_rows_l2(const uint16_t* base, int64_t cols, int j0, int j1) {
+  if (j1 > j0) prefetch_l2_bulk(base + int64_t(j0) * cols, uint32_t(int64_t(j1 - j0) * cols * 2));
+}
 // Bulk copies (TMA) into shared memory, completed through transaction-count
 // mbarriers. They are sm_90 instructions: an sm_80 pass compiles them to a
 // trap, and a kernel using them runs only where its caller has checked for a
@@ -129,6 +134,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+}
+// Byte offset of 16-byte chunk c of row r in a swizzled tile with rows of
+// `row_bytes` (a multiple of 128): the low 3 bits of the chunk index are
+// XORed with r & 7, so the 8 rows an ldmatrix phase reads hit 8 different
+// bank groups.
+__device__ __forceinline__ uint32_t swz(int r, int c, int row_bytes) {
+  return uint32_t(r * row_bytes + ((c ^ (r & 7)) << 4));
 }
 // c += a·b for one m16n8k16 tile, bf16 inputs, fp32 accumulators.
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {

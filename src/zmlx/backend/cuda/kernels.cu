@@ -1998,23 +1998,23 @@ __device__ __forceinline__ void rope_sincos(float th, float& sn, float& c) {
   __sincosf(r, &sn, &c);
 }
 
-// One head row (HD = 32·DPL values at src, lane holding DPL of them) ->
-// RMSNorm with weights nw -> RoPE at position pos; y: the lane's values
-// before their bf16 rounding. Whole warp. qk_norm_rope_kv_kernel and the
-// fused decode attention (attn_partial_kernel<DPL, true>) both go through
-// here, so a row gets the same bits from either.
+// The lane's RoPE frequencies for norm_rope_loaded.
 template <int DPL>
-__device__ __forceinline__ void norm_rope_row(const uint16_t* src, const uint16_t* nw, float eps,
-                                              const float* inv_freq, bool traditional, int pos, float (&y)[DPL]) {
-  constexpr int HD = 32 * DPL;
+__device__ __forceinline__ void load_rope_freqs(const float* inv_freq, bool traditional, float (&fr)[DPL]) {
   const int lane = threadIdx.x & 31;
-  // Every load this warp needs is issued before the first use.
-  float x[DPL], w[DPL], fr[DPL];
-  load_bf16s<DPL>(src + lane * DPL, x);
-  load_bf16s<DPL>(nw + lane * DPL, w);
 #pragma unroll
   for (int d = 0; d < DPL; ++d)
     fr[d] = !traditional ? inv_freq[(lane & 15) * DPL + d] : inv_freq[(lane * DPL + d) / 2];
+}
+
+// norm_rope_row's arithmetic on a row already loaded (x: the lane's values,
+// overwritten; w: its norm weights; fr: load_rope_freqs), for callers that
+// issue several rows' loads at once.
+template <int DPL>
+__device__ __forceinline__ void norm_rope_loaded(float (&x)[DPL], const float (&w)[DPL], const float (&fr)[DPL],
+                                                 float eps, bool traditional, int pos, float (&y)[DPL]) {
+  constexpr int HD = 32 * DPL;
+  const int lane = threadIdx.x & 31;
   float ss = 0.f;
 #pragma unroll
   for (int d = 0; d < DPL; ++d) ss = fmaf(x[d], x[d], ss);
@@ -2044,6 +2044,23 @@ __device__ __forceinline__ void norm_rope_row(const uint16_t* src, const uint16_
     rope_sincos(float(pos) * fr[0], sn, c);
     y[0] = (lane & 1) == 0 ? x[0] * c - other * sn : other * sn + x[0] * c;
   }
+}
+
+// One head row (HD = 32·DPL values at src, lane holding DPL of them) ->
+// RMSNorm with weights nw -> RoPE at position pos; y: the lane's values
+// before their bf16 rounding. Whole warp. qk_norm_rope_kv_kernel and the
+// fused decode attention (attn_partial_kernel<DPL, true>) both go through
+// here, and attn_group_mma_kernel through norm_rope_loaded, so a row gets
+// the same bits from each.
+template <int DPL>
+__device__ __forceinline__ void norm_rope_row(const uint16_t* src, const uint16_t* nw, float eps,
+                                              const float* inv_freq, bool traditional, int pos, float (&y)[DPL]) {
+  // Every load this warp needs is issued before the first use.
+  float x[DPL], w[DPL], fr[DPL];
+  load_bf16s<DPL>(src + threadIdx.x % 32 * DPL, x);
+  load_bf16s<DPL>(nw + threadIdx.x % 32 * DPL, w);
+  load_rope_freqs<DPL>(inv_freq, traditional, fr);
+  norm_rope_loaded<DPL>(x, w, fr, eps, traditional, pos, y);
 }
 
 template <int DPL>
@@ -2222,6 +2239,9 @@ __global__ void kv_write_kernel(uint16_t* kc, uint16_t* vc, int64_t cap, int H, 
 
 constexpr int kAttnWarps = 4;
 constexpr int kAttnGroup = 4;  // key positions a warp handles per step
+// The grouped decode kernel's shared memory at most (an H100's opt-in limit
+// is 227 KiB; an A100's 163): past it, the per-head kernel serves.
+constexpr size_t kAttnGroupMaxSmem = 160 * 1024;
 
 // Partial softmax-attention of one (head, split, token): running max m, sum l
 // and unnormalised output acc over the split's keys.
@@ -2296,12 +2316,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
   // rows (written by earlier steps) to L2 before the wait, two bulk
   // prefetches of contiguous rows.
   if (prefetch && threadIdx.x == 0 && t == 0 && h % (heads / kvh) == 0) {
-    const int je = min(j1, p0);
-    if (je > j0) {
-      const uint32_t bytes = uint32_t(je - j0) * HD * 2;
-      prefetch_l2_bulk(kc + (int64_t(g) * cap + j0) * HD, bytes);
-      prefetch_l2_bulk(vc + (int64_t(g) * cap + j0) * HD, bytes);
-    }
+    prefetch_rows_l2(kc + int64_t(g) * cap * HD, HD, j0, min(j1, p0));
+    prefetch_rows_l2(vc + int64_t(g) * cap * HD, HD, j0, min(j1, p0));
   }
   if (preload) load_step(jfirst, true);
   pdl_begin();
@@ -2367,6 +2383,221 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
   store_split_partial(sm, sl, sacc, HD, scratch + ((int64_t(t) * heads + h) * splits + s) * (HD + 2));
 }
 
+// One (kv group, split) of a one-token decode step on tensor cores, every
+// query head of the group in one block (attn_partial_kernel gives each head
+// its own block and does every q·k and p·v on the CUDA cores, a warp
+// reduction a key: at long contexts, waves of small blocks bound by
+// instruction issue). The G heads' q rows are the rows of one 16-row MMA
+// tile (rows G..15 zero); the split's keys and values sit in shared memory
+// (swizzled rows, as the flash prefill kernel keeps them), the rows written
+// by earlier steps (before p0; no kernel of this step writes them) copied
+// by cp.async before the programmatic-launch wait. The new row (p0) is made
+// here (PREP, as attn_partial_kernel makes it, and written to the cache) or,
+// unfused, copied from the cache after the wait. G <= 8: a thread's tile
+// row is lane / 4, rows 8..15 are padding. Each of the 4 warps takes
+// 16-row slices of the split round robin: S = Q·Kᵀ (fp32), online softmax
+// for its rows, O += bf16(P)·V (fp32), as the flash kernels do. The warps'
+// states then combine, as store_split_partial does, into each head's
+// partial. Shared memory: Q [16][HD], K and V [rows16][HD] (rows16: the
+// longest split, to 16), then the warps' (m, l, o[HD]) for each head.
+// The trace marks: 0 q and the new row in shared memory, 1 every slice
+// done, 2 the warps' states published.
+constexpr int kAttnMmaWarps = 4;
+__host__ __device__ constexpr int attn_rows16(int rows) { return (rows + 15) / 16 * 16; }
+template <int HD, bool PREP>
+__global__ void __launch_bounds__(kAttnMmaWarps * 32) attn_group_mma_kernel(const uint16_t* q, int heads, int kvh,
+                                                                            const uint16_t* kc, const uint16_t* vc,
+                                                                            int64_t cap, int pos0, const int* dpos,
+                                                                            float scale, int splits, int rows,
+                                                                            float* scratch, AttnPrep prep) {
+  ZMLX_TRACE_BLOCK_END();
+  constexpr int DPL = HD / 32, RB = HD * 2, CH = HD / 8;  // lane's dims, row bytes, 16-byte chunks a row
+  extern __shared__ __align__(128) uint8_t attn_smem[];
+  const int rows16 = attn_rows16(rows);
+  uint8_t* sQ = attn_smem;
+  uint8_t* sK = sQ + 16 * RB;
+  uint8_t* sV = sK + rows16 * RB;
+  float* states = reinterpret_cast<float*>(sV + rows16 * RB);  // [warp][head][HD + 2]
+  const int G = heads / kvh, g = blockIdx.x, s = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int p0 = dpos ? *dpos : pos0;  // from the host or the step's first node: read before the wait
+  const int visible = p0 + 1;
+  const int chunk = (visible + splits - 1) / splits;
+  const int j0 = s * chunk, j1 = min(visible, j0 + chunk), jo = min(j1, p0);
+  const int n = max(j1 - j0, 0), nold = max(jo - j0, 0);  // the split's rows, and its old ones
+  const uint32_t aQ = smem_addr(sQ), aK = smem_addr(sK), aV = smem_addr(sV);
+  {
+    const uint16_t* gk = kc + (int64_t(g) * cap + j0) * HD;
+    const uint16_t* gv = vc + (int64_t(g) * cap + j0) * HD;
+    // Old rows copied; the rows after the split's last, to its 16-row end,
+    // zero-filled (0·V must not meet stale NaNs).
+    const int fill = attn_rows16(n) * CH;
+    for (int i = tid; i < fill; i += blockDim.x) {
+      const int r = i / CH, c = i % CH;
+      if (r < nold || r >= n) {
+        const bool ok = r < nold;
+        cp_async16(aK + swz(r, c, RB), ok ? gk + int64_t(r) * HD + c * 8 : kc, ok);
+        cp_async16(aV + swz(r, c, RB), ok ? gv + int64_t(r) * HD + c * 8 : vc, ok);
+      }
+    }
+    cp_async_commit();
+    for (int i = tid; i < (16 - G) * CH; i += blockDim.x)
+      *reinterpret_cast<uint4*>(sQ + swz(G + i / CH, i % CH, RB)) = make_uint4(0u, 0u, 0u, 0u);
+  }
+  pdl_begin();
+  // After the wait: the heads' q rows (normed and roped here with PREP) as
+  // bf16 tile rows, and the new row. A warp has up to two q rows (G <= 8)
+  // and the last warp the new row too: every load is issued before the
+  // first use, one round trip for all.
+  {
+    constexpr int QR = 8 / kAttnMmaWarps;
+    const bool has_new = n > nold && warp == kAttnMmaWarps - 1;
+    const int col = lane * DPL;
+    float x[QR][DPL], xk[DPL], xv[DPL], wq[DPL], wk[DPL], fr[DPL];
+#pragma unroll
+    for (int i = 0; i < QR; ++i)
+      if (warp + i * kAttnMmaWarps < G) load_bf16s<DPL>(q + int64_t(g * G + warp + i * kAttnMmaWarps) * HD + col, x[i]);
+    if (has_new) {  // raw from the projection (PREP), or the cache row the previous kernel wrote
+      load_bf16s<DPL>((PREP ? prep.k + int64_t(g) * HD : kc + (int64_t(g) * cap + p0) * HD) + col, xk);
+      load_bf16s<DPL>((PREP ? prep.v + int64_t(g) * HD : vc + (int64_t(g) * cap + p0) * HD) + col, xv);
+    }
+    if constexpr (PREP) {
+      load_bf16s<DPL>(prep.qn + col, wq);
+      if (has_new) load_bf16s<DPL>(prep.kn + col, wk);
+      load_rope_freqs<DPL>(prep.inv_freq, prep.traditional, fr);
+    }
+    const int off = col * 2;  // the lane's bytes within a row
+#pragma unroll
+    for (int i = 0; i < QR; ++i) {
+      const int hh = warp + i * kAttnMmaWarps;
+      if (hh >= G) break;
+      float y[DPL];
+      if constexpr (PREP) norm_rope_loaded<DPL>(x[i], wq, fr, prep.eps, prep.traditional, p0, y);
+      if constexpr (!PREP)
+#pragma unroll
+        for (int d = 0; d < DPL; ++d) y[d] = x[i][d];
+      store_bf16s<DPL>(reinterpret_cast<uint16_t*>(sQ + swz(hh, off / 16, RB) + off % 16), y);
+    }
+    if (has_new) {  // the split holding p0
+      float y[DPL];
+      if constexpr (PREP) {
+        norm_rope_loaded<DPL>(xk, wk, fr, prep.eps, prep.traditional, p0, y);
+        if (p0 < cap) {
+          store_bf16s<DPL>(prep.kc + (int64_t(g) * cap + p0) * HD + col, y);
+          store_bf16s<DPL>(prep.vc + (int64_t(g) * cap + p0) * HD + col, xv);
+        }
+      } else {
+#pragma unroll
+        for (int d = 0; d < DPL; ++d) y[d] = xk[d];
+      }
+      store_bf16s<DPL>(reinterpret_cast<uint16_t*>(sK + swz(nold, off / 16, RB) + off % 16), y);
+      store_bf16s<DPL>(reinterpret_cast<uint16_t*>(sV + swz(nold, off / 16, RB) + off % 16), xv);
+    }
+  }
+  ZMLX_TRACE_MARK(0);  // trace: q (and the new row) in shared memory
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t qa[HD / 16][4];  // Q as the A operand, every k-step
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) ldmatrix_x4(qa[kk], aQ + swz(lane & 15, kk * 2 + (lane >> 4), RB));
+  float o[HD / 8][4];
+#pragma unroll
+  for (int t = 0; t < HD / 8; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[t][e] = 0.f;
+  float m = -FLT_MAX, l = 0.f;  // of tile row lane / 4 (head lane / 4 where < G); rows +8 are padding
+  for (int base = warp * 16; base < n; base += kAttnMmaWarps * 16) {
+    float sc[2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      uint32_t b[4];
+      ldmatrix_x4(b, aK + swz(base + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1), RB));
+      mma_bf16(sc[0], qa[kk], b[0], b[1]);
+      mma_bf16(sc[1], qa[kk], b[2], b[3]);
+    }
+    float mx = m;
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = base + t * 8 + (lane & 3) * 2 + e;
+        sc[t][e] = r < n ? sc[t][e] * scale : -INFINITY;
+        mx = fmaxf(mx, sc[t][e]);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float corr = expf(m - mx);
+    m = mx;
+    l *= corr;
+#pragma unroll
+    for (int t = 0; t < HD / 8; ++t) o[t][0] *= corr, o[t][1] *= corr;
+    float p[2][2];
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) p[t][e] = expf(sc[t][e] - mx), l += p[t][e];
+    // P as the A operand of P·V: this thread's tile row (lane / 4) at keys
+    // 2·(lane % 4) + {0, 1} and + 8; the padding rows (+8) are zero.
+    const uint32_t pa[4] = {pack_bf2(p[0][0], p[0][1]), 0u, pack_bf2(p[1][0], p[1][1]), 0u};
+    const int vrow = base + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int t = 0; t < HD / 16; ++t) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, aV + swz(vrow, t * 2 + (lane >> 4), RB));
+      mma_bf16(o[2 * t], pa, b[0], b[1]);
+      mma_bf16(o[2 * t + 1], pa, b[2], b[3]);
+    }
+  }
+  ZMLX_TRACE_MARK(1);  // trace: every slice done
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  // Each warp's state of each head: (m, l, -, -, o[HD]), rows of HD + 4
+  // floats so that o is 16-byte aligned.
+  constexpr int SR = HD + 4;
+  const int hh = lane >> 2;
+  if (hh < G) {
+    float* st = states + (warp * G + hh) * SR;
+    if ((lane & 3) == 0) st[0] = m, st[1] = l;
+#pragma unroll
+    for (int t = 0; t < HD / 8; ++t)
+      *reinterpret_cast<float2*>(st + 4 + t * 8 + (lane & 3) * 2) = make_float2(o[t][0], o[t][1]);
+  }
+  __syncthreads();
+  ZMLX_TRACE_MARK(2);  // trace: the warps' states published
+  // The heads' partials, as store_split_partial combines warps: a thread
+  // 8 dimensions of one head (G·HD/8 <= 128 of them), every load at once.
+  for (int i = tid; i < G * HD / 8; i += blockDim.x) {
+    const int h = i / (HD / 8), d0 = i % (HD / 8) * 8;
+    float ms[kAttnMmaWarps], ls[kAttnMmaWarps], v[kAttnMmaWarps][8];
+#pragma unroll
+    for (int w = 0; w < kAttnMmaWarps; ++w) {
+      const float* st = states + (w * G + h) * SR;
+      ms[w] = st[0], ls[w] = st[1];
+      const float4 lo = *reinterpret_cast<const float4*>(st + 4 + d0);
+      const float4 hi = *reinterpret_cast<const float4*>(st + 8 + d0);
+      v[w][0] = lo.x, v[w][1] = lo.y, v[w][2] = lo.z, v[w][3] = lo.w;
+      v[w][4] = hi.x, v[w][5] = hi.y, v[w][6] = hi.z, v[w][7] = hi.w;
+    }
+    float M = -FLT_MAX;
+#pragma unroll
+    for (int w = 0; w < kAttnMmaWarps; ++w)
+      if (ls[w] > 0.f) M = fmaxf(M, ms[w]);
+    float L = 0.f, a[8] = {};
+#pragma unroll
+    for (int w = 0; w < kAttnMmaWarps; ++w) {
+      if (!(ls[w] > 0.f)) continue;
+      const float e = expf(ms[w] - M);
+      L = fmaf(ls[w], e, L);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) a[j] = fmaf(v[w][j], e, a[j]);
+    }
+    float* out = scratch + (int64_t(g * G + h) * splits + s) * (HD + 2);  // 8-byte aligned rows
+#pragma unroll
+    for (int j = 0; j < 8; j += 2) *reinterpret_cast<float2*>(out + 2 + d0 + j) = make_float2(a[j], a[j + 1]);
+    if (d0 == 0) out[0] = M, out[1] = L;
+  }
+}
+
 __global__ void attn_merge_kernel(const float* scratch, int heads, int hd, int splits, uint16_t* out, bool in_registers,
                                   bool trigger_first) {
   ZMLX_TRACE_BLOCK_END();
@@ -2374,6 +2605,62 @@ __global__ void attn_merge_kernel(const float* scratch, int heads, int hd, int s
   const int h = blockIdx.x, t = blockIdx.y;
   merge_split_partials(scratch + (int64_t(t) * heads + h) * splits * (hd + 2), hd, splits,
                        out + (int64_t(t) * heads + h) * hd, in_registers);
+}
+
+// The merge above kRegMergeSplits splits (long contexts; up to
+// kMaxMergeSplits): a block per (head, token, 32 dimensions), 8 warps, the
+// lane a dimension, warp w summing splits w, w + 8, ... Every load (each
+// split's m and l, the lane's values) is issued at the start: one round trip.
+// The shared-memory form (one thread working out the weights in a loop, then
+// rounds of 8 loads a thread) took 8 us a layer at 48 splits and 18 at 128 in
+// a Qwen3 step. Weights as there: M the largest m of the splits that saw a
+// key, w_s = exp(m_s - M); but L = Σ l_s·w_s and the values' sums in another
+// (fixed) order: warp sums, then the warps in order.
+constexpr int kWideMergeWarps = 8;
+static_assert(kMaxMergeSplits <= kWideMergeWarps * 32, "a thread a split's m and l");
+__global__ void __launch_bounds__(kWideMergeWarps * 32) attn_merge_wide_kernel(const float* scratch, int heads, int D,
+                                                                               int splits, uint16_t* out,
+                                                                               bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
+  pdl_begin(trigger_first);
+  constexpr int PER = kMaxMergeSplits / kWideMergeWarps;
+  const int h = blockIdx.x, t = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int d = blockIdx.z * 32 + lane;
+  const float* base = scratch + (int64_t(t) * heads + h) * splits * (D + 2);
+  const bool mine = tid < splits;
+  const float mi = mine ? base[tid * (D + 2)] : -FLT_MAX, li = mine ? base[tid * (D + 2) + 1] : 0.f;
+  float v[PER];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int sp = warp + i * kWideMergeWarps;
+    v[i] = sp < splits && d < D ? base[sp * (D + 2) + 2 + d] : 0.f;
+  }
+  __shared__ float s_w[kMaxMergeSplits], s_max[kWideMergeWarps], s_sum[kWideMergeWarps],
+      s_part[kWideMergeWarps][32];
+  const float mm = warp_max(li > 0.f ? mi : -FLT_MAX);
+  if (lane == 0) s_max[warp] = mm;
+  __syncthreads();
+  float M = s_max[0];
+#pragma unroll
+  for (int w = 1; w < kWideMergeWarps; ++w) M = fmaxf(M, s_max[w]);
+  const float wi = li > 0.f ? expf(mi - M) : 0.f;  // 0: the split saw no key
+  if (mine) s_w[tid] = wi;
+  const float lw = warp_sum(li > 0.f ? li * wi : 0.f);
+  if (lane == 0) s_sum[warp] = lw;
+  __syncthreads();
+  float a = 0.f;
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int sp = warp + i * kWideMergeWarps;
+    if (sp < splits && s_w[sp] > 0.f) a = fmaf(v[i], s_w[sp], a);
+  }
+  s_part[warp][lane] = a;
+  __syncthreads();
+  if (warp != 0 || d >= D) return;
+  float L = 0.f, r = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWideMergeWarps; ++w) L += s_sum[w], r += s_part[w][lane];
+  out[(int64_t(t) * heads + h) * D + d] = to_bf(r * (1.0f / L));
 }
 
 // ------------------------------------------------------------------ routers
@@ -3207,12 +3494,45 @@ void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int he
   check_launch("kv_write");
 }
 
+size_t attn_group_smem(int rows, int head_dim, int G) {
+  return size_t(16 + 2 * attn_rows16(rows)) * head_dim * 2 + size_t(kAttnMmaWarps) * G * (head_dim + 4) * 4;
+}
+
+// Whether a one-token step takes attn_group_mma_kernel: 2 to 8 query heads a
+// kv group (the first 8 rows of the MMA tile: a thread keeps one row's
+// softmax state; a lone head gains nothing from the tile), head_dim 64 or
+// 128 (256 would hold 192 registers of fragments), and the longest split's
+// rows fit kAttnGroupMaxSmem. ZMLX_CUDA_GROUP_ATTN=0: never (A/B runs; read
+// per launch).
+bool attention_by_group(int heads, int kv_heads, int head_dim, int64_t capacity, int splits) {
+  if (env_is("ZMLX_CUDA_GROUP_ATTN", "0") || kv_heads <= 0 || heads % kv_heads != 0) return false;
+  const int G = heads / kv_heads;
+  if (G < 2 || G > 8 || (head_dim != 64 && head_dim != 128)) return false;
+  return attn_group_smem(int((capacity + splits - 1) / splits), head_dim, G) <= kAttnGroupMaxSmem;
+}
+
 // The split partials of T tokens (attn_partial_kernel<DPL, PREP> for
 // head_dim = 32·DPL; the fused preparation needs DPL >= 2), then the merge.
 template <bool PREP>
 void attention_splits(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, const uint16_t* kc,
                       const uint16_t* vc, int64_t capacity, int pos0, const int* dpos, float scale, int splits,
                       float* scratch, uint16_t* out, const AttnPrep& prep, cudaStream_t s) {
+  if (T == 1 && attention_by_group(heads, kv_heads, head_dim, capacity, splits)) {
+    const int rows = int((capacity + splits - 1) / splits);
+    const size_t smem = attn_group_smem(rows, head_dim, heads / kv_heads);
+    auto go = [&](auto kern) {
+      allow_dynamic_smem(reinterpret_cast<const void*>(kern), smem);
+      launch_smem(kern, dim3(unsigned(kv_heads), unsigned(splits)), dim3(kAttnMmaWarps * 32), smem, s, q, heads,
+                  kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, rows, scratch, prep);
+    };
+    switch (head_dim) {
+      case 64: go(attn_group_mma_kernel<64, PREP>); break;
+      case 128: go(attn_group_mma_kernel<128, PREP>); break;
+    }
+    check_launch("attention (grouped, tensor cores)");
+    merge_attention_splits(scratch, T, heads, head_dim, splits, out, s);
+    return;
+  }
   const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
   auto go = [&](auto kern) {
     launch(kern, grid, dim3(kAttnWarps * 32), s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits,
@@ -3274,8 +3594,15 @@ bool multi_linear_short_rows(int bits, int64_t cols) {
 void merge_attention_splits(const float* scratch, int T, int heads, int D, int splits, uint16_t* out, cudaStream_t s) {
   // A thread a dimension (up to 1024): a thread holding several loaded them
   // one round trip after another (GLM's 512-wide latent rows: four).
+  // Above kRegMergeSplits splits, attn_merge_wide_kernel.
   // ZMLX_CUDA_MERGE_REGS=0: the shared-memory form at every split count
-  // (the test compares the two; read at every launch).
+  // (the test compares them; read at every launch).
+  if (splits > kRegMergeSplits && merge_in_registers(kRegMergeSplits)) {
+    launch_short(attn_merge_wide_kernel, dim3(unsigned(heads), unsigned(T), unsigned((D + 31) / 32)),
+                 dim3(kWideMergeWarps * 32), s, scratch, heads, D, splits, out);
+    check_launch("attention merge (wide)");
+    return;
+  }
   const unsigned threads = unsigned(std::min(1024, std::max(32, (D + 31) / 32 * 32)));
   launch_short(attn_merge_kernel, dim3(unsigned(heads), unsigned(T)), dim3(threads), s, scratch, heads, D, splits, out,
                merge_in_registers(splits));

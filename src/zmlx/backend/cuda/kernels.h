@@ -53,9 +53,10 @@ bool head_stream_fits(const QMat& w);
 // memory (kernels.cu, stage_x_block; ZMLX_CUDA_STAGE_X=0: never); the bits
 // are the same either way.
 bool stage_x();
-// Whether the decode attention kernels send their splits' cached rows to L2
-// before their programmatic-launch wait (ZMLX_CUDA_KV_PREFETCH=0: no, for A/B
-// runs; the same bits; read per launch).
+// Whether the per-head decode attention kernels (GQA's attn_partial_kernel,
+// MLA's) send their splits' cached rows to L2 before their programmatic-launch
+// wait (ZMLX_CUDA_KV_PREFETCH=0: no, for A/B runs; the same bits; read per
+// launch). The grouped GQA kernel copies them to shared memory instead.
 bool kv_prefetch();
 // ys[i][T, N_i] = bf16(x · W_iᵀ) for up to 4 matrices of one format, one launch.
 void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys, int n, cudaStream_t s);
@@ -156,6 +157,9 @@ bool combine_two_steps(const QMat& down, int k, bool routing_ready);
 bool combine_shared_capped(const QMat& down, int k, bool routing_ready);
 // Causal GQA attention, split over `splits` key ranges per (token, head)
 // (flash-decoding) and merged; scratch holds T·heads·splits·(head_dim + 2) floats.
+// One token with 2–8 heads a kv group and head_dim 64 or 128 runs on tensor
+// cores, a block per (kv group, split) (ZMLX_CUDA_GROUP_ATTN=0: the per-head
+// kernel; read per launch).
 void attention(const uint16_t* q, int T, int heads, int kv_heads, int head_dim, const uint16_t* kc,
                const uint16_t* vc, int64_t capacity, int pos0, const int* dpos, float scale, int splits,
                float* scratch, uint16_t* out, cudaStream_t s);

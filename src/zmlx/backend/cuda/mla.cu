@@ -13,13 +13,6 @@ namespace {
 
 using namespace zmlx::cuda::dev;
 
-// Byte offset of 16-byte chunk c of row r in a swizzled tile with rows of
-// `row_bytes` (a multiple of 128): the low 3 bits of the chunk index are
-// XORed with r & 7, so the 8 rows an ldmatrix phase reads hit 8 different
-// bank groups.
-__device__ __forceinline__ uint32_t swz(int r, int c, int row_bytes) {
-  return uint32_t(r * row_bytes + ((c ^ (r & 7)) << 4));
-}
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // ------------------------------------------------------------ flash prefill
@@ -271,11 +264,9 @@ __global__ void __launch_bounds__(kDW * 32) pe_decode_kernel(const uint16_t* q, 
   // first head's block.
   if (prefetch && threadIdx.x == 0 && t == 0 && h == 0) {
     const int je = min(j1, p0);
-    if (je > j0) {
-      prefetch_l2_bulk(k + int64_t(j0) * kvh * D, uint32_t(je - j0) * kvh * D * 2);
-      if (!SAME) prefetch_l2_bulk(v + int64_t(j0) * kvh * D, uint32_t(je - j0) * kvh * D * 2);
-      prefetch_l2_bulk(k_pe + int64_t(j0) * DR, uint32_t(je - j0) * DR * 2);
-    }
+    prefetch_rows_l2(k, int64_t(kvh) * D, j0, je);
+    if (!SAME) prefetch_rows_l2(v, int64_t(kvh) * D, j0, je);
+    prefetch_rows_l2(k_pe, DR, j0, je);
   }
   pdl_begin();
   float qv[PL], qs[RL];
