@@ -624,6 +624,10 @@ TEST(CudaOps, MlaFastKernelsMatchCpu) {
                                                            ac.H, ac.kvh, scale));
         unsetenv("ZMLX_CUDA_KV_PREFETCH");
         EXPECT_EQ(plain, got) << "KV prefetch, dk " << ac.dk << " pos0 " << pos0;
+        // A cache of 4,096 rows: 64 splits (the wide merge) instead of 16.
+        const auto big = host_floats(*g, g->attention_pe(g->from_host(q), gk, gv, g->from_host(qpe), gkpe, pos0,
+                                                         ac.H, ac.kvh, scale, 4096));
+        EXPECT_LT(rel_l2(big, ref), 5e-3) << "64 splits, dk " << ac.dk << " pos0 " << pos0;
       }
     }
   }

@@ -8,7 +8,7 @@ namespace zmlx {
 
 // The GLM ops a backend may not have (yet): a clear error, never a crash.
 Tensor Backend::attention_pe(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
-                             int64_t, int64_t, float) {
+                             int64_t, int64_t, float, int64_t) {
   fail("attention_pe (multi-latent attention) is not implemented on the {} backend", name());
 }
 Tensor Backend::multi_linear(const Tensor&, const Weight& w, bool) {
@@ -168,12 +168,12 @@ Tensor MlaAttention::forward(Backend& be, const Tensor& x, KvLayer& cache, int64
   Tensor o;
   if (absorbed) {
     Tensor q_lat = be.multi_linear(q_nope, embed_q, /*transpose=*/true);  // [T, H*kv_lora]
-    Tensor o_lat = be.attention_pe(q_lat, lat_all, lat_all, q_pe, pe_all, pos0, heads, 1, scale);
+    Tensor o_lat = be.attention_pe(q_lat, lat_all, lat_all, q_pe, pe_all, pos0, heads, 1, scale, cache.capacity);
     o = be.multi_linear(o_lat, unembed_out, /*transpose=*/true);          // [T, H*dv]
   } else {
     Tensor k_nope = be.multi_linear(lat_all, embed_q, /*transpose=*/false);  // [S, H*dn]
     Tensor v = be.multi_linear(lat_all, unembed_out, /*transpose=*/true);    // [S, H*dv]
-    o = be.attention_pe(q_nope, k_nope, v, q_pe, pe_all, pos0, heads, heads, scale);
+    o = be.attention_pe(q_nope, k_nope, v, q_pe, pe_all, pos0, heads, heads, scale, cache.capacity);
   }
   return be.linear(o, o_proj);
 }

@@ -126,8 +126,12 @@ class Backend {
   //   out[t,h]   = bf16( Σ_j softmax_j(s) · v[j,kvh] )  (softmax and sum in fp32)
   // -> [T, heads*dv]. Absorbed (decode) form: k = v = latent cache, kv_heads 1;
   // expanded (prefill) form: k = per-head k_nope, v = per-head values.
+  // capacity: the rows the cache behind k / v can hold (0: not given). k
+  // holds only the rows in use, so a backend that splits a one-token step's
+  // keys by the cache's size (the same within a recorded step) needs it.
   virtual Tensor attention_pe(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pe,
-                              const Tensor& k_pe, int64_t pos0, int64_t heads, int64_t kv_heads, float scale);
+                              const Tensor& k_pe, int64_t pos0, int64_t heads, int64_t kv_heads, float scale,
+                              int64_t capacity = 0);
   // MLA input preparation, between the projections and attention_pe:
   // traditional RoPE on the last rope_dim columns of every head of
   // q [T, heads*(nope_dim+rope_dim)], split into q_nope [T, heads*nope_dim] and

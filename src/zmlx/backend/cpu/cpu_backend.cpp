@@ -354,7 +354,7 @@ class CpuBackend final : public Backend {
   }
 
   Tensor attention_pe(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pe, const Tensor& k_pe,
-                      int64_t pos0, int64_t heads, int64_t kv_heads, float scale) override {
+                      int64_t pos0, int64_t heads, int64_t kv_heads, float scale, int64_t /*capacity*/) override {
     OpTimer timer_("attention_pe");
     for (const Tensor* t : {&q, &k, &v, &q_pe, &k_pe}) check_bf16_2d(*t, "attention_pe input");
     const int64_t T = q.rows(), S = pos0 + T;

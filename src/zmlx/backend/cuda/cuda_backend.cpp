@@ -701,7 +701,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor attention_pe(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pe, const Tensor& k_pe,
-                      int64_t pos0, int64_t heads, int64_t kv_heads, float scale) override {
+                      int64_t pos0, int64_t heads, int64_t kv_heads, float scale, int64_t capacity) override {
     const int64_t T = q.rows();
     ZMLX_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && q.cols() % heads == 0 &&
                    q_pe.cols() % heads == 0 && v.cols() % kv_heads == 0 && q_pe.rows() == T,
@@ -712,8 +712,11 @@ class CudaBackend final : public Backend {
     ZMLX_CHECK(k.rows() >= pos0 + T && v.rows() >= pos0 + T && k_pe.rows() >= pos0 + T && T <= 65535,
                "attention_pe: k [{}] / v [{}] / k_pe [{}] rows do not cover {} positions (or over 65535 queries)",
                k.rows(), v.rows(), k_pe.rows(), pos0 + T);
-    // Decode: a fixed number of key splits (a recorded step serves every length).
-    const int splits = T == 1 ? 16 : 1;
+    // Decode: the key splits follow the cache's capacity as GQA's do (a
+    // recorded step serves every length up to it), at least 16: with 16 at
+    // every length a split's warps took ~33 dependent steps at 8K positions.
+    // ZMLX_CUDA_MLA_SPLITS=16: 16 always (A/B runs; read per call).
+    const int splits = T == 1 ? mla_decode_splits(capacity) : 1;
     Tensor scratch = alloc(DType::F32, {T * heads * splits * (dv + 2)});
     Tensor out = alloc(DType::BF16, {T, heads * dv});
     Prof p_(this, "attention_pe");
@@ -841,6 +844,10 @@ class CudaBackend final : public Backend {
   // Decode attention splits the keys over blocks (flash-decoding); the split
   // count depends only on the cache capacity, so eager and replayed steps agree.
   static int decode_splits(const KvLayer& c) { return int(std::clamp<int64_t>(c.capacity / 64, 1, 128)); }
+  static int mla_decode_splits(int64_t capacity) {
+    if (capacity <= 0 || zmlx::cuda::env_is("ZMLX_CUDA_MLA_SPLITS", "16")) return 16;
+    return int(std::clamp<int64_t>(capacity / 64, 16, 128));
+  }
 
   Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads, int64_t kv_heads, int64_t hd,
                    float scale) override {

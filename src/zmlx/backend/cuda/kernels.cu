@@ -2417,7 +2417,7 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32) attn_group_mma_kernel(cons
   uint8_t* sQ = attn_smem;
   uint8_t* sK = sQ + 16 * RB;
   uint8_t* sV = sK + rows16 * RB;
-  float* states = reinterpret_cast<float*>(sV + rows16 * RB);  // [warp][head][HD + 2]
+  float* states = reinterpret_cast<float*>(sV + rows16 * RB);  // [warp][head][HD + 4]
   const int G = heads / kvh, g = blockIdx.x, s = blockIdx.y;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int p0 = dpos ? *dpos : pos0;  // from the host or the step's first node: read before the wait
