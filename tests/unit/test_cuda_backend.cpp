@@ -246,7 +246,7 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
 
 // The grouped one-token kernel (a kv group's query heads as one tensor-core
 // tile, the split's rows in shared memory) at long contexts: many splits (the
-// merge's shared-memory form), splits longer than 64 rows and not multiples
+// wide merge), splits longer than 64 rows and not multiples
 // of 16, 2, 4 and 8 heads a group (and 1, which takes the per-head kernel);
 // against the CPU and against the per-head kernel (ZMLX_CUDA_GROUP_ATTN=0),
 // which rounds nothing to bf16 between its products: close, not the same bits.

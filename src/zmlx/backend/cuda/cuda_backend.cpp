@@ -655,7 +655,7 @@ class CudaBackend final : public Backend {
                    qn.numel() == hd && kn.numel() == hd,
                "norm_rope_attention: shapes do not match {} + {} heads of {}", heads, kv_heads, hd);
     ensure_capacity(cache, pos0 + 1, pos0);
-    const int splits = decode_splits(cache);
+    const int splits = decode_splits(cache.capacity);
     Tensor scratch = alloc(DType::F32, {heads * splits * (hd + 2)});
     Tensor out = alloc(DType::BF16, {1, heads * hd});
     Prof p_(this, "norm_rope_attention");  // the name tests look for (the fused kernel ran)
@@ -715,8 +715,9 @@ class CudaBackend final : public Backend {
     // Decode: the key splits follow the cache's capacity as GQA's do (a
     // recorded step serves every length up to it), at least 16: with 16 at
     // every length a split's warps took ~33 dependent steps at 8K positions.
-    // ZMLX_CUDA_MLA_SPLITS=16: 16 always (A/B runs; read per call).
-    const int splits = T == 1 ? mla_decode_splits(capacity) : 1;
+    // No capacity given, or ZMLX_CUDA_MLA_SPLITS=16: 16 (A/B runs; read per call).
+    const bool by_capacity = capacity > 0 && !zmlx::cuda::env_is("ZMLX_CUDA_MLA_SPLITS", "16");
+    const int splits = T > 1 ? 1 : by_capacity ? decode_splits(capacity, 16) : 16;
     Tensor scratch = alloc(DType::F32, {T * heads * splits * (dv + 2)});
     Tensor out = alloc(DType::BF16, {T, heads * dv});
     Prof p_(this, "attention_pe");
@@ -841,12 +842,11 @@ class CudaBackend final : public Backend {
     return r;
   }
 
-  // Decode attention splits the keys over blocks (flash-decoding); the split
+  // Decode attention splits the keys over blocks (flash-decoding), 64 cache
+  // rows a split, at least `at_least`, at most 128 (the merge's limit); the
   // count depends only on the cache capacity, so eager and replayed steps agree.
-  static int decode_splits(const KvLayer& c) { return int(std::clamp<int64_t>(c.capacity / 64, 1, 128)); }
-  static int mla_decode_splits(int64_t capacity) {
-    if (capacity <= 0 || zmlx::cuda::env_is("ZMLX_CUDA_MLA_SPLITS", "16")) return 16;
-    return int(std::clamp<int64_t>(capacity / 64, 16, 128));
+  static int decode_splits(int64_t capacity, int at_least = 1) {
+    return int(std::clamp<int64_t>(capacity / 64, at_least, 128));
   }
 
   Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads, int64_t kv_heads, int64_t hd,
@@ -857,7 +857,7 @@ class CudaBackend final : public Backend {
                "attention: q [{}, {}] with {} heads / {} kv heads of {} does not fit the cache [{}, {}, {}] at {}+{}",
                q.rows(), q.cols(), heads, kv_heads, hd, c.k.dim(0), c.capacity, c.k.dim(2), pos0, T);
     ZMLX_CHECK(T <= 65535, "attention: {} query rows in one call (at most 65535; prefill in chunks)", T);
-    const int splits = T == 1 ? decode_splits(c) : 1;
+    const int splits = T == 1 ? decode_splits(c.capacity) : 1;
     Tensor out = alloc(DType::BF16, {T, heads * hd});
     Prof p_(this, "attention");
     // Prefill: flash attention on tensor cores (a block per 64 queries and
