@@ -27,6 +27,7 @@
 
 #include "zmlx/backend/cuda/env_switch.h"
 #include "zmlx/backend/cuda/kernels.h"
+#include "zmlx/backend/cuda/mla.h"
 #endif
 
 namespace zmlx {
@@ -630,6 +631,55 @@ TEST(CudaOps, MlaFastKernelsMatchCpu) {
         EXPECT_LT(rel_l2(big, ref), 5e-3) << "64 splits, dk " << ac.dk << " pos0 " << pos0;
       }
     }
+  }
+}
+
+// GLM-4.7-Flash's one-token absorbed attention on tensor cores
+// (pe_decode_mma_kernel: 512 latent + 64 rotary dims, k = v, the heads as
+// MMA columns in tiles of 8) against the CPU and against the CUDA-core
+// kernel (ZMLX_CUDA_MLA_MMA=0), and bit for bit across 8 to 32 heads a
+// block: 5, 16, 20 and 32 heads, splits that are empty, hold the new row,
+// or hold more than one 64-row step (9,000 positions, 128 splits), and
+// caches whose rows and rotary parts hold large values (a softmax that is
+// nearly one-hot).
+TEST(CudaOps, MlaTensorCoreDecodeMatchesCpu) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(43);
+  constexpr int64_t dk = 512, dr = 64;
+  struct Case { int64_t H, S, pos0, capacity; float spread; };
+  for (const Case& tc : {Case{20, 700, 699, 768, 0.3f}, Case{20, 700, 3, 768, 0.3f}, Case{5, 300, 150, 0, 0.3f},
+                         Case{16, 200, 64, 4096, 0.3f}, Case{32, 400, 399, 512, 0.3f}, Case{20, 700, 640, 768, 2.0f},
+                         Case{20, 9000, 8999, 16384, 0.3f}}) {
+    Tensor k = test::bf16_tensor(test::random_bf16(rng, size_t(tc.S * dk), tc.spread), {tc.S, dk});
+    Tensor kpe = test::bf16_tensor(test::random_bf16(rng, size_t(tc.S * dr), tc.spread), {tc.S, dr});
+    Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(tc.H * dk), tc.spread), {1, tc.H * dk});
+    Tensor qpe = test::bf16_tensor(test::random_bf16(rng, size_t(tc.H * dr), tc.spread), {1, tc.H * dr});
+    const float scale = 1.0f / std::sqrt(float(192 + dr));
+    Tensor gk = g->from_host(k), gkpe = g->from_host(kpe), gq = g->from_host(q), gqpe = g->from_host(qpe);
+    const auto ref = host_floats(*c, c->attention_pe(q, k, k, qpe, kpe, tc.pos0, tc.H, 1, scale));
+#ifdef ZMLX_HAVE_CUDA
+    EXPECT_TRUE(cuda::mla::decode_on_tensor_cores(int(tc.H), 1, int(dk), int(dr)));
+#endif
+    const auto got = host_floats(*g, g->attention_pe(gq, gk, gk, gqpe, gkpe, tc.pos0, tc.H, 1, scale, tc.capacity));
+    setenv("ZMLX_CUDA_MLA_MMA", "0", 1);
+#ifdef ZMLX_HAVE_CUDA
+    EXPECT_FALSE(cuda::mla::decode_on_tensor_cores(int(tc.H), 1, int(dk), int(dr)));
+#endif
+    const auto plain = host_floats(*g, g->attention_pe(gq, gk, gk, gqpe, gkpe, tc.pos0, tc.H, 1, scale, tc.capacity));
+    unsetenv("ZMLX_CUDA_MLA_MMA");
+    for (const char* per_block : {"8", "16", "24", "32"}) {  // heads a block: a head's arithmetic is its own
+      setenv("ZMLX_CUDA_MLA_BLOCK_HEADS", per_block, 1);
+      const auto packed =
+          host_floats(*g, g->attention_pe(gq, gk, gk, gqpe, gkpe, tc.pos0, tc.H, 1, scale, tc.capacity));
+      unsetenv("ZMLX_CUDA_MLA_BLOCK_HEADS");
+      EXPECT_EQ(packed, got) << per_block << " heads a block, " << tc.H << " heads";
+    }
+    const std::string what = "heads " + std::to_string(tc.H) + " pos0 " + std::to_string(tc.pos0) + " capacity " +
+                             std::to_string(tc.capacity) + " spread " + std::to_string(tc.spread);
+    EXPECT_LT(rel_l2(plain, ref), 5e-3) << what << " (CUDA cores)";
+    EXPECT_LT(rel_l2(got, ref), 5e-3) << what;
   }
 }
 
@@ -1377,6 +1427,13 @@ TEST(CudaModels, GroupedAttentionModelsGpuMatchCpuAndFusedIsBitIdentical) {
   REQUIRE_GPU();
   check_model("qwen3_moe", "qwen3_moe_hd64", {{"head_dim", "64"}});
   check_model("lfm2_moe", "lfm2_moe_hd64", {{"hidden_size", "256"}});
+}
+// GLM with the full model's latent and rotary widths (512 + 64) takes the
+// tensor-core absorbed decode (pe_decode_mma_kernel); the tiny preset's 64
+// + 32 take the CUDA-core one.
+TEST(CudaModels, Glm4MoeLiteFullLatentGpuMatchesCpuAndFusedIsBitIdentical) {
+  REQUIRE_GPU();
+  check_model("glm4_moe_lite", "glm4_moe_lite_lora512", {{"kv_lora_rank", "512"}, {"qk_rope_head_dim", "64"}});
 }
 TEST(CudaModels, DenseQwen3GpuMatchesCpu) {
   REQUIRE_GPU();

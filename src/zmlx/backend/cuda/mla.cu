@@ -2,7 +2,9 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cfloat>
+#include <cstdlib>
 #include <cmath>
 
 #include "zmlx/backend/cuda/device_common.cuh"
@@ -360,6 +362,264 @@ __global__ void __launch_bounds__(kDW * 32) pe_decode_kernel(const uint16_t* q, 
   store_split_partial(sm, sl, sacc, D, scratch + ((int64_t(t) * heads + h) * splits + s) * (D + 2));
 }
 
+// ------------------------------------------------------------ decode partials on tensor cores
+
+// One token's absorbed attention over a split of the latent cache, every
+// head in one block (GLM-4.7-Flash: kv_heads = 1, k = v, 512 latent + 64
+// rotary dims). The heads are the N dimension of m16n8k16 tiles, in NT
+// tiles of 8 (20 heads: 24 columns, where heads as M rows would pad to 32):
+//   Sᵀ[row][head] = K[row]·Q[head] (the latent and rotary parts in separate
+//   accumulators: the reference rounds the rotary dot to bf16 before adding),
+//   Oᵀ[dim][head] += Vᵀ[dim][row]·Pᵀ[row][head] with P rounded to bf16 (as
+//   the flash prefill kernel and the grouped GQA kernel do).
+// A step takes kPmRows cache rows [latent | rotary] into shared memory:
+// the split's first step's old rows (j < p0) with cp.async before the
+// wait, the rest after it. The 8 warps:
+//   scores: warp = (16-row tile w % 4, k half w / 4); the second half's
+//     18 k-steps hold the 4 rotary ones;
+//   softmax: warp w owns heads w, w + 8, ... (running max and sum in
+//     registers; P and the correction into shared memory);
+//   P·V: warp w owns latent dims 64w..64w+63 (4 M tiles) of every head.
+// The partial goes to scratch in store_split_partial's layout (M, L, o[D]).
+// Trace marks (the last step's): 0 q and the first step's rows in shared
+// memory, 3 the scores, 1 P, 2 the partial stored.
+constexpr int kPmWarps = 8;
+constexpr int kPmRows = 64;                // cache rows a step
+constexpr int kPmD = 512, kPmDR = 64;      // latent and rotary widths
+constexpr int kPmRB = (kPmD + kPmDR) * 2;  // bytes of a [latent | rotary] row in shared memory
+constexpr int kPmCH = kPmRB / 16;          // its 16-byte chunks
+constexpr int kPmSS = kPmRows + 4;         // floats a head's score row
+
+template <int NT>
+constexpr size_t pe_mma_smem() {
+  constexpr size_t HP = NT * 8;
+  return HP * kPmRB + size_t(kPmRows) * kPmRB + 3 * HP * kPmSS * 4 + HP * kPmRows * 2 + HP * 4;
+}
+
+// k-steps [KB, KE) of Sᵀ for the 16 cache rows at m0: A = the rows (K),
+// B = the heads' q rows, NT tiles of 8.
+template <int NT, int KB, int KE>
+__device__ __forceinline__ void pe_mma_scores(uint32_t aK, uint32_t aQ, int m0, int lane, float (&acc)[NT][4]) {
+#pragma unroll
+  for (int kk = KB; kk < KE; kk += 2) {
+    uint32_t a0[4], a1[4];
+    ldmatrix_x4(a0, aK + swz(m0 + (lane & 15), kk * 2 + (lane >> 4), kPmRB));
+    ldmatrix_x4(a1, aK + swz(m0 + (lane & 15), kk * 2 + 2 + (lane >> 4), kPmRB));
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t b[4];  // this tile's heads at k-steps kk and kk + 1
+      ldmatrix_x4(b, aQ + swz(nt * 8 + (lane & 7), kk * 2 + (lane >> 3), kPmRB));
+      mma_bf16(acc[nt], a0, b[0], b[1]);
+      mma_bf16(acc[nt], a1, b[2], b[3]);
+    }
+  }
+}
+
+template <int NT>
+__global__ void __launch_bounds__(kPmWarps * 32, 1)
+    pe_decode_mma_kernel(const uint16_t* q, const uint16_t* kc, const uint16_t* q_pe, const uint16_t* k_pe,
+                         int all_heads, int pos0, const int* dpos, float scale, int splits, float* scratch) {
+  ZMLX_TRACE_BLOCK_END();
+  constexpr int HP = NT * 8;
+  // This block's heads: h0.. (blockIdx.y's tile of HP).
+  const int h0 = blockIdx.y * HP, heads = min(all_heads - h0, HP);
+  q += int64_t(h0) * kPmD, q_pe += int64_t(h0) * kPmDR, scratch += int64_t(h0) * splits * (kPmD + 2);
+  extern __shared__ __align__(128) uint8_t pm_smem[];
+  uint8_t* sQ = pm_smem;
+  uint8_t* sK = sQ + HP * kPmRB;
+  float* sN0 = reinterpret_cast<float*>(sK + kPmRows * kPmRB);  // latent scores, first k half
+  float* sN1 = sN0 + HP * kPmSS;                                  // second k half
+  float* sR = sN1 + HP * kPmSS;                                   // rotary scores
+  uint8_t* sP = reinterpret_cast<uint8_t*>(sR + HP * kPmSS);      // [head][row] bf16, 128-byte rows
+  float* sCorr = reinterpret_cast<float*>(sP + HP * kPmRows * 2);
+  const int s = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int p0 = dpos ? *dpos : pos0;  // from the host or the step's first node: read before the wait
+  const int visible = p0 + 1;
+  const int chunk = (visible + splits - 1) / splits;
+  const int j0 = s * chunk, n = max(min(visible, j0 + chunk) - j0, 0);
+  const uint32_t aQ = smem_addr(sQ), aK = smem_addr(sK), aP = smem_addr(sP);
+
+  // Cache rows [base, base + rows) of the split whose position is in
+  // [jlo, jhi) into sK; the rows after them to the 16-row end zero-filled
+  // (P is 0 there, but 0·V must not meet stale NaNs).
+  auto chunk_src = [&](int j, int c) {
+    return c < kPmD / 8 ? kc + int64_t(j) * kPmD + c * 8 : k_pe + int64_t(j) * kPmDR + (c - kPmD / 8) * 8;
+  };
+  auto stage = [&](int base, int rows, int jhi) {
+    const int fill = (rows + 15) / 16 * 16 * kPmCH;
+    for (int i = tid; i < fill; i += blockDim.x) {
+      const int r = i / kPmCH, c = i % kPmCH, j = j0 + base + r;
+      if (r >= rows) cp_async16(aK + swz(r, c, kPmRB), kc, false);
+      else if (j < jhi) cp_async16(aK + swz(r, c, kPmRB), chunk_src(j, c), true);
+    }
+  };
+  stage(0, min(n, kPmRows), p0);  // the old rows
+  cp_async_commit();
+  for (int i = tid; i < (HP - heads) * kPmCH; i += blockDim.x)  // the padding heads' q rows
+    *reinterpret_cast<uint4*>(sQ + swz(heads + i / kPmCH, i % kPmCH, kPmRB)) = make_uint4(0u, 0u, 0u, 0u);
+  for (int i = tid; i < HP * kPmRows / 8; i += blockDim.x)  // P's padding heads stay 0
+    *reinterpret_cast<uint4*>(sP + i * 16) = make_uint4(0u, 0u, 0u, 0u);
+  for (int i = tid; i < HP; i += blockDim.x) sCorr[i] = 0.f;
+
+  pdl_begin();
+  // After the wait: the heads' q rows (the latent part copied, the rotary
+  // part scaled and rounded to bf16 as the reference does) and, in the
+  // split holding it, the new row p0 if it is in the first step.
+  for (int i = tid; i < heads * (kPmD / 8); i += blockDim.x) {
+    const int h = i / (kPmD / 8), c = i % (kPmD / 8);
+    cp_async16(aQ + swz(h, c, kPmRB), q + int64_t(h) * kPmD + c * 8, true);
+  }
+  if (p0 >= j0 && p0 < j0 + min(n, kPmRows))
+    for (int c = tid; c < kPmCH; c += blockDim.x) cp_async16(aK + swz(p0 - j0, c, kPmRB), chunk_src(p0, c), true);
+  cp_async_commit();
+  if (tid < heads * (kPmDR / 8)) {
+    const int h = tid / (kPmDR / 8), c = tid % (kPmDR / 8);
+    const uint4 raw = *reinterpret_cast<const uint4*>(q_pe + int64_t(h) * kPmDR + c * 8);
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+    uint32_t o[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) o[j] = pack_bf2(rbf(scale * lo_bf(w[j])), rbf(scale * hi_bf(w[j])));
+    *reinterpret_cast<uint4*>(sQ + swz(h, kPmD / 8 + c, kPmRB)) = make_uint4(o[0], o[1], o[2], o[3]);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  ZMLX_TRACE_MARK(0);  // trace: q and the first step's rows in shared memory
+
+  float m_run[NT], l_run[NT];  // of heads warp + 8i (the softmax owner's)
+#pragma unroll
+  for (int i = 0; i < NT; ++i) m_run[i] = -FLT_MAX, l_run[i] = 0.f;
+  float o[4][NT][4];  // Oᵀ: dims 64·warp + 16i.., the NT head tiles
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[i][nt][e] = 0.f;
+
+  for (int base = 0; base < n; base += kPmRows) {
+    const int rows = min(kPmRows, n - base);
+    if (base > 0) {  // a later step: every row after the wait
+      __syncthreads();  // the previous step's P·V is done with sK and sP
+      stage(base, rows, visible);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+    }
+    {  // scores
+      const int mt = warp & 3, kh = warp >> 2;
+      if (mt * 16 < rows) {
+        float sn[NT][4] = {}, sr[NT][4] = {};
+        constexpr int KL = kPmD / 16, KH = (kPmD + kPmDR) / 32;  // latent k-steps (32), a half's (18)
+        if (kh == 0) {
+          pe_mma_scores<NT, 0, KH>(aK, aQ, mt * 16, lane, sn);
+        } else {
+          pe_mma_scores<NT, KH, KL>(aK, aQ, mt * 16, lane, sn);
+          pe_mma_scores<NT, KL, KL + kPmDR / 16>(aK, aQ, mt * 16, lane, sr);
+        }
+        float* dst = kh == 0 ? sN0 : sN1;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int h = nt * 8 + (lane & 3) * 2 + (e & 1), r = mt * 16 + (lane >> 2) + (e >> 1) * 8;
+            dst[h * kPmSS + r] = sn[nt][e];
+            if (kh == 1) sR[h * kPmSS + r] = sr[nt][e];
+          }
+      }
+    }
+    __syncthreads();
+    ZMLX_TRACE_MARK(3);  // trace: the step's scores in shared memory
+    // Softmax: lane's rows 2·lane, 2·lane + 1 of each owned head.
+    // No early exit for the warps' missing heads: the NT heads' shuffle
+    // chains stay independent, so they overlap.
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+      const int h = warp + 8 * i;
+      const bool live = h < heads;
+      float sv[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = 2 * lane + e;
+        sv[e] = live && r < rows ? (sN0[h * kPmSS + r] + sN1[h * kPmSS + r]) * scale + rbf(sR[h * kPmSS + r])
+                                 : -INFINITY;
+      }
+      const float mn = fmaxf(m_run[i], warp_max(fmaxf(sv[0], sv[1])));
+      const float corr = expf(m_run[i] - mn);
+      const float pa = expf(sv[0] - mn), pb = expf(sv[1] - mn);
+      l_run[i] = l_run[i] * corr + warp_sum(pa + pb);
+      m_run[i] = mn;
+      if (live) {
+        *reinterpret_cast<uint32_t*>(sP + swz(h, lane >> 2, kPmRows * 2) + (lane & 3) * 4) = pack_bf2(pa, pb);
+        if (lane == 0) sCorr[h] = corr;
+      }
+    }
+    __syncthreads();
+    ZMLX_TRACE_MARK(1);  // trace: the step's P in shared memory
+    {  // P·V
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float ca = sCorr[nt * 8 + (lane & 3) * 2], cb = sCorr[nt * 8 + (lane & 3) * 2 + 1];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) o[i][nt][0] *= ca, o[i][nt][1] *= cb, o[i][nt][2] *= ca, o[i][nt][3] *= cb;
+      }
+      const int ksteps = (rows + 15) / 16;
+#pragma unroll
+      for (int ks = 0; ks < kPmRows / 16; ks += 2) {
+        if (ks >= ksteps) break;
+        uint32_t b[NT][4];  // Pᵀ at k-steps ks, ks + 1
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) ldmatrix_x4(b[nt], aP + swz(nt * 8 + (lane & 7), ks * 2 + (lane >> 3), kPmRows * 2));
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          if (ks + u >= ksteps) break;
+          const int vrow = (ks + u) * 16 + (lane & 7) + ((lane >> 4) << 3);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            uint32_t a[4];  // Vᵀ: dims warp·64 + 16i.., rows of this k-step
+            ldmatrix_x4_trans(a, aK + swz(vrow, warp * 8 + i * 2 + ((lane >> 3) & 1), kPmRB));
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mma_bf16(o[i][nt], a, b[nt][2 * u], b[nt][2 * u + 1]);
+          }
+        }
+      }
+    }
+  }
+
+  // The partial: (M, L) by the heads' softmax owners, o by the P·V warps.
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    const int h = warp + 8 * i;
+    if (h < heads && lane == 0) {
+      float* out = scratch + (int64_t(h) * splits + s) * (kPmD + 2);
+      out[0] = m_run[i], out[1] = l_run[i];
+    }
+  }
+  {
+    // o through shared memory (sK's space, free once every warp is past its
+    // last P·V): [head][kPmD + 4] floats, then rows of float2 stores (stored
+    // straight from the fragments, 4-byte pieces a head apart, the kernel
+    // took 0.6 us longer).
+    constexpr int OS = kPmD + 4;
+    float* sO = reinterpret_cast<float*>(sK);
+    __syncthreads();
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = nt * 8 + (lane & 3) * 2 + (e & 1);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sO[h * OS + warp * 64 + i * 16 + (lane >> 2) + (e >> 1) * 8] = o[i][nt][e];
+      }
+    __syncthreads();
+    for (int i = tid; i < heads * (kPmD / 2); i += blockDim.x) {
+      const int h = i / (kPmD / 2), c = i % (kPmD / 2) * 2;
+      *reinterpret_cast<float2*>(scratch + (int64_t(h) * splits + s) * (kPmD + 2) + 2 + c) =
+          *reinterpret_cast<const float2*>(sO + h * OS + c);
+    }
+  }
+  ZMLX_TRACE_MARK(2);  // trace: the partial stored
+}
+
 // ------------------------------------------------------------ multi_linear (no transpose)
 
 constexpr int kMT = 64;  // tokens per block
@@ -538,13 +798,46 @@ bool attention_prefill_cache(const uint16_t* q, const uint16_t* kc, const uint16
   return true;
 }
 
+bool decode_on_tensor_cores(int heads, int kv_heads, int dk, int dr) {
+  return kv_heads == 1 && dk == kPmD && dr == kPmDR && heads >= 1 && heads <= 32 &&
+         !zmlx::cuda::env_is("ZMLX_CUDA_MLA_MMA", "0");
+}
+
 bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe,
                       const uint16_t* k_pe, int T, int heads, int kv_heads, int dk, int dv, int dr, int pos0,
                       const int* dpos, float scale, int splits, float* scratch, uint16_t* out, cudaStream_t s) {
   if (dk != dv || (dk != 256 && dk != 512) || (dr != 32 && dr != 64)) return false;
   if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(k_pe)) return false;
-  const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
   const bool same = k == v;
+  if (T == 1 && same && decode_on_tensor_cores(heads, kv_heads, dk, dr) && aligned16(q_pe)) {
+    // Heads a block, in tiles of 8: 8 while the grid fits two blocks an SM
+    // (90 KB of shared memory each), else every head in one block. GLM's 20
+    // heads (H100, 2026-11-28, decode tok/s): at 16 splits (512 tokens) 8 a
+    // block 4.5 % faster than 24; at 64 (2,048) 390 against 382; at 128
+    // (4,096 and 8,192) 24 a block 5 % / 9 % faster than 8; 16 a block (a
+    // tile of 16 heads and one of 4) was slower than both at 64 splits.
+    // ZMLX_CUDA_MLA_BLOCK_HEADS=8..32 fixes it (A/B runs and the test; read
+    // per call).
+    const int most = (heads + 7) / 8;
+    int tiles = int64_t(splits) * most <= 2 * sm_count() ? 1 : most;
+    if (const char* e = std::getenv("ZMLX_CUDA_MLA_BLOCK_HEADS")) tiles = std::clamp(std::atoi(e) / 8, 1, 4);
+    tiles = std::min(tiles, most);
+    const unsigned blocks_y = unsigned((heads + tiles * 8 - 1) / (tiles * 8));
+    auto go = [&](auto kern, size_t smem) {
+      cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      launch_smem(kern, dim3(unsigned(splits), blocks_y), dim3(kPmWarps * 32), smem, s, q, k, q_pe, k_pe, heads, pos0,
+                  dpos, scale, splits, scratch);
+    };
+    switch (tiles) {
+      case 1: go(pe_decode_mma_kernel<1>, pe_mma_smem<1>()); break;
+      case 2: go(pe_decode_mma_kernel<2>, pe_mma_smem<2>()); break;
+      case 3: go(pe_decode_mma_kernel<3>, pe_mma_smem<3>()); break;
+      default: go(pe_decode_mma_kernel<4>, pe_mma_smem<4>()); break;
+    }
+    cuda::k::merge_attention_splits(scratch, T, heads, dv, splits, out, s);
+    return true;
+  }
+  const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};
   auto go = [&](auto kern) {
     launch(kern, grid, dim3(kDW * 32), s, q, k, v, q_pe, k_pe, heads, kv_heads, pos0, dpos, scale, splits, scratch,
            cuda::k::kv_prefetch());

@@ -17,6 +17,10 @@
 // - attention_decode: the split partials for T = 1 (absorbed form, k = v =
 //   the latent cache): 16-byte loads, 4 keys per warp step with interleaved
 //   reductions, and the key row reused as the value row when k == v.
+//   GLM-4.7-Flash's shapes (one kv head, 512 latent + 64 rotary dims, up to
+//   32 heads) take pe_decode_mma_kernel instead: every head of a split in one
+//   block, scores and P·V on tensor cores with P rounded to bf16
+//   (decode_on_tensor_cores; ZMLX_CUDA_MLA_MMA=0: never).
 // - multi_linear_n: out[t, h·C + c] = Σ_r x[t, h, r] · W[h][r][c] on tensor
 //   cores (W dequantized per tile to bf16(fma(scale, q, bias)), as gemm.cu).
 //
@@ -40,6 +44,10 @@ bool attention_prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, 
 bool attention_prefill_cache(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, int64_t capacity, int T,
                              int heads, int kv_heads, int hd, int pos0, const int* dpos, float scale, uint16_t* out,
                              cudaStream_t s);
+
+// Whether a one-token absorbed decode (k = v) of these shapes runs on
+// tensor cores (read per call: ZMLX_CUDA_MLA_MMA=0 turns it off).
+bool decode_on_tensor_cores(int heads, int kv_heads, int dk, int dr);
 
 // scratch: T·heads·splits·(dv + 2) floats.
 bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe,
