@@ -364,10 +364,10 @@ __global__ void __launch_bounds__(kDW * 32) pe_decode_kernel(const uint16_t* q, 
 
 // ------------------------------------------------------------ decode partials on tensor cores
 
-// One token's absorbed attention over a split of the latent cache, every
-// head in one block (GLM-4.7-Flash: kv_heads = 1, k = v, 512 latent + 64
-// rotary dims). The heads are the N dimension of m16n8k16 tiles, in NT
-// tiles of 8 (20 heads: 24 columns, where heads as M rows would pad to 32):
+// One token's absorbed attention over a split of the latent cache for a
+// tile of NT·8 heads (blockIdx.y; GLM-4.7-Flash: kv_heads = 1, k = v, 512
+// latent + 64 rotary dims). The heads are the N dimension of m16n8k16
+// tiles, 8 a tile (20 heads: 24 columns, where heads as M rows pad to 32):
 //   Sᵀ[row][head] = K[row]·Q[head] (the latent and rotary parts in separate
 //   accumulators: the reference rounds the rotary dot to bf16 before adding),
 //   Oᵀ[dim][head] += Vᵀ[dim][row]·Pᵀ[row][head] with P rounded to bf16 (as
@@ -439,9 +439,9 @@ __global__ void __launch_bounds__(kPmWarps * 32, 1)
   const int j0 = s * chunk, n = max(min(visible, j0 + chunk) - j0, 0);
   const uint32_t aQ = smem_addr(sQ), aK = smem_addr(sK), aP = smem_addr(sP);
 
-  // Cache rows [base, base + rows) of the split whose position is in
-  // [jlo, jhi) into sK; the rows after them to the 16-row end zero-filled
-  // (P is 0 there, but 0·V must not meet stale NaNs).
+  // The split's cache rows [base, base + rows) at positions below jhi into
+  // sK; the rows after them to the 16-row end zero-filled (P is 0 there,
+  // but 0·V must not meet stale NaNs).
   auto chunk_src = [&](int j, int c) {
     return c < kPmD / 8 ? kc + int64_t(j) * kPmD + c * 8 : k_pe + int64_t(j) * kPmDR + (c - kPmD / 8) * 8;
   };
