@@ -50,12 +50,15 @@ PY
 
 # Tiny models; moe_intermediate_size 128 = 2 quantization groups, so experts split in two. Qwen3 gets
 # 64-wide heads, so a rank's one-token attention (2 query heads on 1 kv head) takes the grouped
-# tensor-core kernel; LFM2's and GLM's take the per-head ones. (LFM2 at hidden_size 256, for 64-wide
-# heads, is itself 1.4-1.7e-2 from the CPU on one GPU, with either attention kernel: 2026-11-27.)
+# tensor-core kernel; LFM2's takes the per-head one. GLM gets the full model's latent and rotary
+# widths (512 + 64), so its one-token absorbed attention takes the tensor-core kernel (a rank's 2
+# heads in one block). (LFM2 at hidden_size 256, for 64-wide heads, is itself 1.4-1.7e-2 from the
+# CPU on one GPU, with either attention kernel: 2026-11-27.)
 "$ZMLX" synth --arch qwen3_moe --preset tiny --out "$WORK/qwen3_moe" --seed 3 --set moe_intermediate_size=128 \
   --set head_dim=64 2>/dev/null
 "$ZMLX" synth --arch lfm2_moe --preset tiny --out "$WORK/lfm2_moe" --seed 2 --set moe_intermediate_size=128 2>/dev/null
-"$ZMLX" synth --arch glm4_moe_lite --preset tiny --out "$WORK/glm4_moe_lite" --seed 4 --set moe_intermediate_size=128 2>/dev/null
+"$ZMLX" synth --arch glm4_moe_lite --preset tiny --out "$WORK/glm4_moe_lite" --seed 4 --set moe_intermediate_size=128 \
+  --set kv_lora_rank=512 --set qk_rope_head_dim=64 2>/dev/null
 
 if "${MPIRUN[@]}" "$ZMLX" generate "$WORK/qwen3_moe" --ids 1,2,3 --max-tokens 1 --backend cuda --parallel pipeline \
     > "$WORK/probe.out" 2>&1; then :; else
