@@ -281,6 +281,12 @@ TEST(CudaOps, GroupedDecodeAttentionMatchesCpuAtLongContexts) {
       setenv("ZMLX_CUDA_GROUP_ATTN", "0", 1);
       const auto per_head = host_floats(*g, g->attention(g->from_host(q), gk, pos, k.H, k.Hkv, k.hd, scale));
       unsetenv("ZMLX_CUDA_GROUP_ATTN");
+      if (pos == k.filled) {  // a card with 16 KiB of shared memory a block: the per-head kernel's bits
+        setenv("ZMLX_CUDA_SMEM_LIMIT", "16384", 1);
+        const auto small = host_floats(*g, g->attention(g->from_host(q), gk, pos, k.H, k.Hkv, k.hd, scale));
+        unsetenv("ZMLX_CUDA_SMEM_LIMIT");
+        EXPECT_EQ(small, per_head) << "H " << k.H << " cap " << k.capacity << ": past the card's shared memory";
+      }
       ASSERT_LT(rel_l2(got, ref), 5e-3) << "H " << k.H << " Hkv " << k.Hkv << " cap " << k.capacity << " pos " << pos;
       ASSERT_LT(rel_l2(got, per_head), 5e-3) << "H " << k.H << " cap " << k.capacity << " pos " << pos;
       differs = differs || got != per_head;
@@ -669,6 +675,20 @@ TEST(CudaOps, MlaTensorCoreDecodeMatchesCpu) {
 #endif
     const auto plain = host_floats(*g, g->attention_pe(gq, gk, gk, gqpe, gkpe, tc.pos0, tc.H, 1, scale, tc.capacity));
     unsetenv("ZMLX_CUDA_MLA_MMA");
+    // A card with 99 KiB of shared memory a block (sm_86 / sm_89) takes 8
+    // heads a block (90 KB), the same bits; one with 64 KiB the CUDA-core
+    // kernel.
+    setenv("ZMLX_CUDA_SMEM_LIMIT", "101376", 1);
+    const auto small = host_floats(*g, g->attention_pe(gq, gk, gk, gqpe, gkpe, tc.pos0, tc.H, 1, scale, tc.capacity));
+    setenv("ZMLX_CUDA_SMEM_LIMIT", "65536", 1);
+#ifdef ZMLX_HAVE_CUDA
+    EXPECT_FALSE(cuda::mla::decode_on_tensor_cores(int(tc.H), 1, int(dk), int(dr)));
+#endif
+    const auto smaller =
+        host_floats(*g, g->attention_pe(gq, gk, gk, gqpe, gkpe, tc.pos0, tc.H, 1, scale, tc.capacity));
+    unsetenv("ZMLX_CUDA_SMEM_LIMIT");
+    EXPECT_EQ(small, got) << "99 KiB of shared memory a block, " << tc.H << " heads";
+    EXPECT_EQ(smaller, plain) << "64 KiB of shared memory a block, " << tc.H << " heads";
     for (const char* per_block : {"8", "16", "24", "32"}) {  // heads a block: a head's arithmetic is its own
       setenv("ZMLX_CUDA_MLA_BLOCK_HEADS", per_block, 1);
       const auto packed =

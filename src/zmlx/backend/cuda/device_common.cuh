@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cfloat>
 #include <cstdint>
@@ -489,6 +490,28 @@ inline int64_t sm_count() {
     counts[dev].store(n, std::memory_order_relaxed);
   }
   return n;
+}
+
+// The shared memory a block of the current device may opt in to (cached per
+// device): 227 KiB on an H100, 163 on an A100, 99 on sm_86 / sm_89 cards.
+// Kernels whose shared memory grows with their shapes check it and take
+// another form past it. ZMLX_CUDA_SMEM_LIMIT (bytes) lowers it, so a test on
+// a large card takes the paths a smaller one would (read per call).
+inline size_t smem_optin_limit() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> limits[kMaxDevices] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  int n = dev >= 0 && dev < kMaxDevices ? limits[dev].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (n <= 0) n = 48 * 1024;
+    if (dev >= 0 && dev < kMaxDevices) limits[dev].store(n, std::memory_order_relaxed);
+  }
+  size_t limit = size_t(n);
+  if (const char* e = std::getenv("ZMLX_CUDA_SMEM_LIMIT"); e && std::atoll(e) > 0)
+    limit = std::min(limit, size_t(std::atoll(e)));
+  return limit;
 }
 
 // A short kernel, whose last parameter is pdl_begin's trigger_first: on when

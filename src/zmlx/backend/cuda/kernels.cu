@@ -2240,7 +2240,8 @@ __global__ void kv_write_kernel(uint16_t* kc, uint16_t* vc, int64_t cap, int H, 
 constexpr int kAttnWarps = 4;
 constexpr int kAttnGroup = 4;  // key positions a warp handles per step
 // The grouped decode kernel's shared memory at most (an H100's opt-in limit
-// is 227 KiB; an A100's 163): past it, the per-head kernel serves.
+// is 227 KiB; an A100's 163), and at most the card's (smem_optin_limit):
+// past it, the per-head kernel serves.
 constexpr size_t kAttnGroupMaxSmem = 160 * 1024;
 
 // Partial softmax-attention of one (head, split, token): running max m, sum l
@@ -3502,13 +3503,14 @@ size_t attn_group_smem(int rows, int head_dim, int G) {
 // kv group (the first 8 rows of the MMA tile: a thread keeps one row's
 // softmax state; a lone head gains nothing from the tile), head_dim 64 or
 // 128 (256 would hold 192 registers of fragments), and the longest split's
-// rows fit kAttnGroupMaxSmem. ZMLX_CUDA_GROUP_ATTN=0: never (A/B runs; read
-// per launch).
+// rows fit kAttnGroupMaxSmem and the card. ZMLX_CUDA_GROUP_ATTN=0: never
+// (A/B runs; read per launch).
 bool attention_by_group(int heads, int kv_heads, int head_dim, int64_t capacity, int splits) {
   if (env_is("ZMLX_CUDA_GROUP_ATTN", "0") || kv_heads <= 0 || heads % kv_heads != 0) return false;
   const int G = heads / kv_heads;
   if (G < 2 || G > 8 || (head_dim != 64 && head_dim != 128)) return false;
-  return attn_group_smem(int((capacity + splits - 1) / splits), head_dim, G) <= kAttnGroupMaxSmem;
+  return attn_group_smem(int((capacity + splits - 1) / splits), head_dim, G) <=
+         std::min(kAttnGroupMaxSmem, smem_optin_limit());
 }
 
 // The split partials of T tokens (attn_partial_kernel<DPL, PREP> for

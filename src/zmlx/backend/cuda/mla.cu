@@ -390,9 +390,10 @@ constexpr int kPmRB = (kPmD + kPmDR) * 2;  // bytes of a [latent | rotary] row i
 constexpr int kPmCH = kPmRB / 16;          // its 16-byte chunks
 constexpr int kPmSS = kPmRows + 4;         // floats a head's score row
 
-template <int NT>
-constexpr size_t pe_mma_smem() {
-  constexpr size_t HP = NT * 8;
+// Shared memory of a block of NT head tiles: q rows, a step's cache rows,
+// the scores (two latent halves, rotary), P, the corrections.
+constexpr size_t pe_mma_smem(int nt) {
+  const size_t HP = size_t(nt) * 8;
   return HP * kPmRB + size_t(kPmRows) * kPmRB + 3 * HP * kPmSS * 4 + HP * kPmRows * 2 + HP * 4;
 }
 
@@ -800,7 +801,7 @@ bool attention_prefill_cache(const uint16_t* q, const uint16_t* kc, const uint16
 
 bool decode_on_tensor_cores(int heads, int kv_heads, int dk, int dr) {
   return kv_heads == 1 && dk == kPmD && dr == kPmDR && heads >= 1 && heads <= 32 &&
-         !zmlx::cuda::env_is("ZMLX_CUDA_MLA_MMA", "0");
+         pe_mma_smem(1) <= smem_optin_limit() && !zmlx::cuda::env_is("ZMLX_CUDA_MLA_MMA", "0");
 }
 
 bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe,
@@ -822,6 +823,10 @@ bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, c
     int tiles = int64_t(splits) * most <= 2 * sm_count() ? 1 : most;
     if (const char* e = std::getenv("ZMLX_CUDA_MLA_BLOCK_HEADS")) tiles = std::clamp(std::atoi(e) / 8, 1, 4);
     tiles = std::min(tiles, most);
+    // A card with less shared memory a block (sm_86 / sm_89: 99 KiB) takes
+    // 8 heads a block (90 KB); decode_on_tensor_cores already asked that
+    // those fit.
+    if (pe_mma_smem(tiles) > smem_optin_limit()) tiles = 1;
     const unsigned blocks_y = unsigned((heads + tiles * 8 - 1) / (tiles * 8));
     auto go = [&](auto kern, size_t smem) {
       cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -829,10 +834,10 @@ bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, c
                   dpos, scale, splits, scratch);
     };
     switch (tiles) {
-      case 1: go(pe_decode_mma_kernel<1>, pe_mma_smem<1>()); break;
-      case 2: go(pe_decode_mma_kernel<2>, pe_mma_smem<2>()); break;
-      case 3: go(pe_decode_mma_kernel<3>, pe_mma_smem<3>()); break;
-      default: go(pe_decode_mma_kernel<4>, pe_mma_smem<4>()); break;
+      case 1: go(pe_decode_mma_kernel<1>, pe_mma_smem(1)); break;
+      case 2: go(pe_decode_mma_kernel<2>, pe_mma_smem(2)); break;
+      case 3: go(pe_decode_mma_kernel<3>, pe_mma_smem(3)); break;
+      default: go(pe_decode_mma_kernel<4>, pe_mma_smem(4)); break;
     }
     cuda::k::merge_attention_splits(scratch, T, heads, dv, splits, out, s);
     return true;
