@@ -665,34 +665,35 @@ TEST(CudaOps, MlaTensorCoreDecodeMatchesCpu) {
     const float scale = 1.0f / std::sqrt(float(192 + dr));
     Tensor gk = g->from_host(k), gkpe = g->from_host(kpe), gq = g->from_host(q), gqpe = g->from_host(qpe);
     const auto ref = host_floats(*c, c->attention_pe(q, k, k, qpe, kpe, tc.pos0, tc.H, 1, scale));
+    auto decode = [&] {  // the GPU's one-token step under the switches set now
+      return host_floats(*g, g->attention_pe(gq, gk, gk, gqpe, gkpe, tc.pos0, tc.H, 1, scale, tc.capacity));
+    };
 #ifdef ZMLX_HAVE_CUDA
     EXPECT_TRUE(cuda::mla::decode_on_tensor_cores(int(tc.H), 1, int(dk), int(dr)));
 #endif
-    const auto got = host_floats(*g, g->attention_pe(gq, gk, gk, gqpe, gkpe, tc.pos0, tc.H, 1, scale, tc.capacity));
+    const auto got = decode();
     setenv("ZMLX_CUDA_MLA_MMA", "0", 1);
 #ifdef ZMLX_HAVE_CUDA
     EXPECT_FALSE(cuda::mla::decode_on_tensor_cores(int(tc.H), 1, int(dk), int(dr)));
 #endif
-    const auto plain = host_floats(*g, g->attention_pe(gq, gk, gk, gqpe, gkpe, tc.pos0, tc.H, 1, scale, tc.capacity));
+    const auto plain = decode();
     unsetenv("ZMLX_CUDA_MLA_MMA");
     // A card with 99 KiB of shared memory a block (sm_86 / sm_89) takes 8
     // heads a block (90 KB), the same bits; one with 64 KiB the CUDA-core
     // kernel.
     setenv("ZMLX_CUDA_SMEM_LIMIT", "101376", 1);
-    const auto small = host_floats(*g, g->attention_pe(gq, gk, gk, gqpe, gkpe, tc.pos0, tc.H, 1, scale, tc.capacity));
+    const auto small = decode();
     setenv("ZMLX_CUDA_SMEM_LIMIT", "65536", 1);
 #ifdef ZMLX_HAVE_CUDA
     EXPECT_FALSE(cuda::mla::decode_on_tensor_cores(int(tc.H), 1, int(dk), int(dr)));
 #endif
-    const auto smaller =
-        host_floats(*g, g->attention_pe(gq, gk, gk, gqpe, gkpe, tc.pos0, tc.H, 1, scale, tc.capacity));
+    const auto smaller = decode();
     unsetenv("ZMLX_CUDA_SMEM_LIMIT");
     EXPECT_EQ(small, got) << "99 KiB of shared memory a block, " << tc.H << " heads";
     EXPECT_EQ(smaller, plain) << "64 KiB of shared memory a block, " << tc.H << " heads";
     for (const char* per_block : {"8", "16", "24", "32"}) {  // heads a block: a head's arithmetic is its own
       setenv("ZMLX_CUDA_MLA_BLOCK_HEADS", per_block, 1);
-      const auto packed =
-          host_floats(*g, g->attention_pe(gq, gk, gk, gqpe, gkpe, tc.pos0, tc.H, 1, scale, tc.capacity));
+      const auto packed = decode();
       unsetenv("ZMLX_CUDA_MLA_BLOCK_HEADS");
       EXPECT_EQ(packed, got) << per_block << " heads a block, " << tc.H << " heads";
     }

@@ -14,7 +14,10 @@
 #include <cfloat>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "zmlx/backend/cuda/env_switch.h"
 #include "zmlx/backend/cuda/kernel_trace.h"
@@ -476,42 +479,58 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Arg
   launch_smem(kernel, grid, block, 0, s, args...);
 }
 
-// The current device's SM count (cached per device; a process may drive several).
-inline int64_t sm_count() {
+// Attribute A of the current device, cached per device (a process may drive
+// several); `fallback` where the query fails.
+template <cudaDeviceAttr A>
+inline int device_attribute(int fallback) {
   constexpr int kMaxDevices = 64;
-  static std::atomic<int> counts[kMaxDevices] = {};
+  static std::atomic<int> values[kMaxDevices] = {};
   int dev = 0;
   cudaGetDevice(&dev);
-  if (dev < 0 || dev >= kMaxDevices) return 132;
-  int n = counts[dev].load(std::memory_order_relaxed);
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  int n = cached ? values[dev].load(std::memory_order_relaxed) : 0;
   if (n == 0) {
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    if (n <= 0) n = 132;
-    counts[dev].store(n, std::memory_order_relaxed);
+    if (cudaDeviceGetAttribute(&n, A, dev) != cudaSuccess || n <= 0) n = fallback;
+    if (cached) values[dev].store(n, std::memory_order_relaxed);
   }
   return n;
 }
 
-// The shared memory a block of the current device may opt in to (cached per
-// device): 227 KiB on an H100, 163 on an A100, 99 on sm_86 / sm_89 cards.
-// Kernels whose shared memory grows with their shapes check it and take
-// another form past it. ZMLX_CUDA_SMEM_LIMIT (bytes) lowers it, so a test on
-// a large card takes the paths a smaller one would (read per call).
+// The current device's SM count.
+inline int64_t sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(132); }
+
+// The shared memory a block of the current device may opt in to: 227 KiB on
+// an H100, 163 on an A100, 99 on sm_86 / sm_89 cards. Kernels whose shared
+// memory grows with their shapes check it and take another form past it.
+// ZMLX_CUDA_SMEM_LIMIT (bytes) lowers it, so a test on a large card takes the
+// paths a smaller one would (read per call).
 inline size_t smem_optin_limit() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> limits[kMaxDevices] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  int n = dev >= 0 && dev < kMaxDevices ? limits[dev].load(std::memory_order_relaxed) : 0;
-  if (n == 0) {
-    cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    if (n <= 0) n = 48 * 1024;
-    if (dev >= 0 && dev < kMaxDevices) limits[dev].store(n, std::memory_order_relaxed);
-  }
-  size_t limit = size_t(n);
+  size_t limit = size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024));
   if (const char* e = std::getenv("ZMLX_CUDA_SMEM_LIMIT"); e && std::atoll(e) > 0)
     limit = std::min(limit, size_t(std::atoll(e)));
   return limit;
+}
+
+// A kernel launched with more than the default 48 KB of dynamic shared memory
+// opts in first, once per (device, kernel, size); a size the card cannot
+// give throws, naming it.
+inline void allow_dynamic_smem(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  struct Allowed {
+    int dev;
+    const void* kernel;
+    size_t bytes;
+  };
+  static std::mutex mu;
+  static std::vector<Allowed> allowed;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const Allowed& a : allowed)
+    if (a.dev == dev && a.kernel == kernel && a.bytes >= bytes) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) != cudaSuccess)
+    throw std::runtime_error("CUDA: a kernel needs " + std::to_string(bytes) + " bytes of shared memory");
+  allowed.push_back({dev, kernel, bytes});
 }
 
 // A short kernel, whose last parameter is pdl_begin's trigger_first: on when

@@ -1472,28 +1472,6 @@ bool small_swiglu_blocks() {
   return on;
 }
 
-// A kernel launched with more than the default 48 KB of dynamic shared memory
-// (the MMA kernels' staged inputs: 8 bytes an input) opts in first, once.
-// Per device (a process may drive several).
-void allow_dynamic_smem(const void* kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return;
-  int dev = 0;
-  cudaGetDevice(&dev);
-  struct Allowed {
-    int dev;
-    const void* kernel;
-    size_t bytes;
-  };
-  static std::mutex mu;
-  static std::vector<Allowed> allowed;
-  std::lock_guard<std::mutex> lock(mu);
-  for (const Allowed& a : allowed)
-    if (a.dev == dev && a.kernel == kernel && a.bytes >= bytes) return;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) != cudaSuccess)
-    throw std::runtime_error("CUDA: a kernel needs " + std::to_string(bytes) + " bytes of shared memory");
-  allowed.push_back({dev, kernel, bytes});
-}
-
 template <int NM, int WARPS>
 void mma_decode_w(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s) {
   const int64_t K = job.m[0].cols;
@@ -3575,7 +3553,9 @@ void attention_decode_prep(const uint16_t* q, const uint16_t* k, const uint16_t*
 
 bool stage_x() { return env_on("ZMLX_CUDA_STAGE_X"); }
 bool kv_prefetch() { return env_on("ZMLX_CUDA_KV_PREFETCH"); }
-bool merge_in_registers(int splits) { return splits <= kRegMergeSplits && !env_is("ZMLX_CUDA_MERGE_REGS", "0"); }
+// ZMLX_CUDA_MERGE_REGS=0: the merge's shared-memory form at every split count.
+bool merge_regs_switch() { return !env_is("ZMLX_CUDA_MERGE_REGS", "0"); }
+bool merge_in_registers(int splits) { return splits <= kRegMergeSplits && merge_regs_switch(); }
 
 bool combine_two_steps(const QMat& down, int k, bool routing_ready) {
   const int S = mma_splits(down.cols);
@@ -3599,7 +3579,7 @@ void merge_attention_splits(const float* scratch, int T, int heads, int D, int s
   // Above kRegMergeSplits splits, attn_merge_wide_kernel.
   // ZMLX_CUDA_MERGE_REGS=0: the shared-memory form at every split count
   // (the test compares them; read at every launch).
-  if (splits > kRegMergeSplits && merge_in_registers(kRegMergeSplits)) {
+  if (splits > kRegMergeSplits && merge_regs_switch()) {
     launch_short(attn_merge_wide_kernel, dim3(unsigned(heads), unsigned(T), unsigned((D + 31) / 32)),
                  dim3(kWideMergeWarps * 32), s, scratch, heads, D, splits, out);
     check_launch("attention merge (wide)");

@@ -212,8 +212,8 @@ void launch_flash(dim3 grid, cudaStream_t s, const uint16_t* q, const KvRows& kv
                   const uint16_t* k_pe, int T, int heads, int kvh, int dk, int dr, int pos0, const int* dpos,
                   float scale, uint16_t* out) {
   constexpr int smem = flash_smem<DV>();
-  // Over 48 KiB of dynamic shared memory needs the opt-in (per device; a host-side call, cheap to repeat).
-  cudaFuncSetAttribute(flash_pe_kernel<DV>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // Over 48 KiB of dynamic shared memory needs the opt-in.
+  allow_dynamic_smem(reinterpret_cast<const void*>(flash_pe_kernel<DV>), smem);
   flash_pe_kernel<DV><<<grid, 128, smem, s>>>(q, kv, q_pe, k_pe, T, heads, kvh, dk, dr, pos0, dpos, scale, out);
 }
 
@@ -814,7 +814,7 @@ bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, c
     // Heads a block, in tiles of 8: 8 while the grid fits two blocks an SM
     // (90 KB of shared memory each), else every head in one block. GLM's 20
     // heads (H100, 2026-11-28, decode tok/s): at 16 splits (512 tokens) 8 a
-    // block 4.5 % faster than 24; at 64 (2,048) 390 against 382; at 128
+    // block 4 % faster than 24; at 64 (2,048) 390 against 382; at 128
     // (4,096 and 8,192) 24 a block 5 % / 9 % faster than 8; 16 a block (a
     // tile of 16 heads and one of 4) was slower than both at 64 splits.
     // ZMLX_CUDA_MLA_BLOCK_HEADS=8..32 fixes it (A/B runs and the test; read
@@ -829,7 +829,7 @@ bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, c
     if (pe_mma_smem(tiles) > smem_optin_limit()) tiles = 1;
     const unsigned blocks_y = unsigned((heads + tiles * 8 - 1) / (tiles * 8));
     auto go = [&](auto kern, size_t smem) {
-      cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      allow_dynamic_smem(reinterpret_cast<const void*>(kern), smem);
       launch_smem(kern, dim3(unsigned(splits), blocks_y), dim3(kPmWarps * 32), smem, s, q, k, q_pe, k_pe, heads, pos0,
                   dpos, scale, splits, scratch);
     };

@@ -18,8 +18,8 @@
 //   the latent cache): 16-byte loads, 4 keys per warp step with interleaved
 //   reductions, and the key row reused as the value row when k == v.
 //   GLM-4.7-Flash's shapes (one kv head, 512 latent + 64 rotary dims, up to
-//   32 heads) take pe_decode_mma_kernel instead: every head of a split in one
-//   block, scores and P·V on tensor cores with P rounded to bf16
+//   32 heads) take pe_decode_mma_kernel instead: a block per (split, tile of
+//   heads), scores and P·V on tensor cores with P rounded to bf16
 //   (decode_on_tensor_cores; ZMLX_CUDA_MLA_MMA=0: never).
 // - multi_linear_n: out[t, h·C + c] = Σ_r x[t, h, r] · W[h][r][c] on tensor
 //   cores (W dequantized per tile to bf16(fma(scale, q, bias)), as gemm.cu).
