@@ -1261,6 +1261,82 @@ TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
   }
 }
 
+// GLM's router launch picking the experts too (linear_route_and_swiglu: the
+// router's blocks are a thread-block cluster whose first block runs the
+// grouped top-k) against linear_and_swiglu + route_sigmoid_grouped, bit for
+// bit: logits, shared gate+up, expert ids and fp32 scores. Clusters of 1, 2,
+// 5 and 8 blocks (8 to 64 experts; 5 pads the grid to whole clusters), top-2
+// to top-16, bf16, 8- and 4-bit routers, three launches a shape, one with
+// every bias equal (ties). Outputs start as NaN, so a value never written
+// fails. Past 64 experts, with group limiting or before Hopper: not taken.
+TEST(CudaOps, GroupedTopKInTheRouterLaunchIsBitIdentical) {
+  REQUIRE_GPU();
+  std::mt19937 rng(53);
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  struct S {
+    int64_t D, I, E;
+    int k, router_bits;
+    bool normalize;
+    float scaling;
+  };
+  auto bytes = [](const DevBuf& b) {
+    std::vector<uint8_t> h(b.n);
+    cudaDeviceSynchronize();
+    cudaMemcpy(h.data(), b.p, b.n, cudaMemcpyDeviceToHost);
+    return h;
+  };
+  for (S sz : {S{2048, 1536, 64, 4, 16, true, 1.8f}, S{1088, 384, 9, 3, 8, true, 1.0f},
+               S{480, 1152, 40, 8, 4, false, 2.5f}, S{256, 256, 64, 16, 16, true, 1.0f},
+               S{512, 256, 8, 2, 8, true, 1.0f}}) {
+    const std::string what = "E " + std::to_string(sz.E) + " k " + std::to_string(sz.k);
+    const Weight router = sz.router_bits == 16 ? test::random_dense_weight(rng, 0, sz.E, sz.D)
+                                               : test::random_qweight(rng, 0, sz.E, sz.D, sz.router_bits, 32);
+    Weight sg = test::random_qweight(rng, 0, sz.I, sz.D, 4, 64), su = test::random_qweight(rng, 0, sz.I, sz.D, 4, 64);
+    DevQ qr, qg, qu;
+    upload(router, qr), upload(sg, qg), upload(su, qu);
+    if (major < 9 || k::kernels_ptx_version() < 90) {
+      EXPECT_FALSE(k::linear_route_and_swiglu_fits(qr.m, qg.m, qu.m, sz.k, 1, 1)) << "no clusters, " << what;
+      continue;
+    }
+    ASSERT_TRUE(k::linear_route_and_swiglu_fits(qr.m, qg.m, qu.m, sz.k, 1, 1)) << what;
+    EXPECT_TRUE(k::linear_route_and_swiglu_fits(qr.m, qg.m, qu.m, sz.k, 4, 4)) << what;
+    EXPECT_FALSE(k::linear_route_and_swiglu_fits(qr.m, qg.m, qu.m, sz.k, 4, 2)) << "group limiting, " << what;
+    for (int rep = 0; rep < 3; ++rep) {
+      std::uniform_real_distribution<float> ub(-0.05f, 0.05f);
+      std::vector<float> bias(size_t(sz.E), 0.01f);
+      if (rep != 1)  // rep 1: every bias equal
+        for (float& b : bias) b = ub(rng);
+      Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.D)), {1, sz.D});
+      DevBuf dx(x.data, x.nbytes()), db(bias.data(), bias.size() * 4);
+      DevBuf yf(size_t(sz.E) * 2), hf(size_t(sz.I) * 2), yr(size_t(sz.E) * 2), hr(size_t(sz.I) * 2);
+      DevBuf exf(size_t(sz.k) * 4), scf(size_t(sz.k) * 4), exr(size_t(sz.k) * 4), scr(size_t(sz.k) * 4);
+      const k::GroupedRoute gr{static_cast<const float*>(db.p), sz.k, 1, 1, sz.normalize, 1e-20f, sz.scaling,
+                               static_cast<int32_t*>(exf.p), static_cast<float*>(scf.p)};
+      k::linear_route_and_swiglu(dx.u16(), qr.m, yf.u16(), gr, qg.m, qu.m, hf.u16(), nullptr);
+      k::linear_and_swiglu(dx.u16(), qr.m, yr.u16(), qg.m, qu.m, hr.u16(), nullptr);
+      k::route_sigmoid_grouped(yr.u16(), static_cast<const float*>(db.p), 1, int(sz.E), sz.k, 1, 1, sz.normalize,
+                               1e-20f, sz.scaling, static_cast<int32_t*>(exr.p), static_cast<float*>(scr.p), nullptr);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
+      ASSERT_TRUE(all_finite(yf.floats()) && all_finite(hf.floats())) << what;
+      EXPECT_EQ(bytes(yf), bytes(yr)) << "router logits, " << what << ", launch " << rep;
+      EXPECT_EQ(bytes(hf), bytes(hr)) << "shared gate+up, " << what << ", launch " << rep;
+      const auto ids = bytes(exf);
+      EXPECT_EQ(ids, bytes(exr)) << "expert ids, " << what << ", launch " << rep;
+      EXPECT_EQ(bytes(scf), bytes(scr)) << "scores, " << what << ", launch " << rep;
+      std::vector<int32_t> e(size_t(sz.k));
+      std::memcpy(e.data(), ids.data(), ids.size());
+      for (int32_t v : e) EXPECT_TRUE(v >= 0 && v < sz.E) << what;
+    }
+  }
+  // Past 64 experts (9 router blocks): not taken.
+  const Weight big = test::random_dense_weight(rng, 0, 72, 256);
+  Weight sg = test::random_qweight(rng, 0, 256, 256, 4, 64), su = test::random_qweight(rng, 0, 256, 256, 4, 64);
+  DevQ qb, qg, qu;
+  upload(big, qb), upload(sg, qg), upload(su, qu);
+  EXPECT_FALSE(k::linear_route_and_swiglu_fits(qb.m, qg.m, qu.m, 4, 1, 1));
+}
+
 // LFM2's conv block at one token in one launch (in_proj + short conv)
 // against its two ops, bit for bit, over several steps (the state carries
 // from one to the next): the real shape (the MMA path by size, 4 splits a

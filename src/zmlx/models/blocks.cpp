@@ -51,6 +51,15 @@ Tensor Backend::linear_short_conv(const Tensor& x, const Weight& in_proj, Tensor
   return short_conv(linear(x, in_proj), state, w);
 }
 
+std::pair<Routing, Tensor> Backend::linear_route_grouped_and_swiglu(const Tensor& x, const Weight& w,
+                                                                    const GroupedRouter& r, const Weight& gate,
+                                                                    const Weight& up) {
+  ZMLX_CHECK(r.bias != nullptr, "linear_route_grouped_and_swiglu: the grouped router needs its expert bias");
+  auto [logits, h] = linear_and_swiglu(x, w, gate, up);
+  return {route_sigmoid_grouped_topk(logits, *r.bias, r.k, r.n_group, r.topk_group, r.normalize, r.eps, r.scaling),
+          std::move(h)};
+}
+
 Tensor Backend::gather_qmm_combine_shared(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode,
                                           const Tensor& shared_h, const Weight& shared_down) {
   Tensor out = gather_qmm_combine(h, down, r, mode);
@@ -186,10 +195,18 @@ Tensor SwigluMlp::forward(Backend& be, const Tensor& x) {
 
 Routing MoeBlock::route(Backend& be, const Tensor& x) const { return route_logits(be, be.linear(x, router)); }
 
+GroupedRouter MoeBlock::grouped_router() const {
+  GroupedRouter g;
+  g.bias = &expert_bias;
+  g.k = top_k, g.n_group = n_group, g.topk_group = topk_group;
+  g.normalize = norm_topk_prob, g.eps = route_eps, g.scaling = routed_scaling;
+  return g;
+}
+
 Routing MoeBlock::route_logits(Backend& be, const Tensor& logits) const {
   if (router_kind == RouterKind::SigmoidGroupedTopK)
     return be.route_sigmoid_grouped_topk(logits, expert_bias, top_k, n_group, topk_group, norm_topk_prob, route_eps,
-                                         routed_scaling);
+                                         routed_scaling);  // grouped_router()'s parameters
   if (router_kind == RouterKind::SigmoidBiasTopK)
     return be.route_sigmoid_topk(logits, expert_bias, top_k, norm_topk_prob, route_eps, routed_scaling);
   return be.route_softmax_topk(logits, top_k, norm_topk_prob);

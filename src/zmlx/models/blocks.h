@@ -89,6 +89,8 @@ class MoeBlock : public FeedForward {
   Routing route(Backend& be, const Tensor& x) const;
   // The routing from the router's logits (route = route_logits of linear(x, router)).
   Routing route_logits(Backend& be, const Tensor& logits) const;
+  // route_sigmoid_grouped_topk's parameters (router_kind SigmoidGroupedTopK).
+  GroupedRouter grouped_router() const;
 
  protected:
   // The expert computation for routed tokens -> [T, D]. The unfused form

@@ -36,6 +36,14 @@ struct Routing {
   int64_t k = 0;
 };
 
+// route_sigmoid_grouped_topk's parameters after the logits.
+struct GroupedRouter {
+  const Tensor* bias = nullptr;  // F32 [E]
+  int64_t k = 0, n_group = 1, topk_group = 1;
+  bool normalize = true;
+  float eps = 1e-6f, scaling = 1.0f;
+};
+
 // How y = Σ_j score_j · y_j is rounded (it differs per family, spec §0.3).
 enum class CombineMode {
   Bf16Products,  // Qwen3 / LFM2: bf16 products, summed in fp32, rounded to bf16
@@ -220,6 +228,12 @@ class Backend {
   // input, each with its own op's bits; a backend may launch them as one.
   virtual std::pair<Tensor, Tensor> linear_and_swiglu(const Tensor& x, const Weight& w, const Weight& gate,
                                                       const Weight& up);
+  // linear_and_swiglu, then route_sigmoid_grouped_topk of the logits with
+  // `router`'s parameters: {routing, shared gate+up}, with those ops' bits; a
+  // backend may pick the experts inside the same launch (GLM's MoE block).
+  virtual std::pair<Routing, Tensor> linear_route_grouped_and_swiglu(const Tensor& x, const Weight& w,
+                                                                     const GroupedRouter& router, const Weight& gate,
+                                                                     const Weight& up);
   // gather_qmm_combine(h, down, r, mode), then add(out, linear(shared_h,
   // shared_down)): the routed experts' output plus the shared expert's, with
   // those ops' bits; a backend may launch it as one.

@@ -1,5 +1,7 @@
 #include "zmlx/patch/fused_modules.h"
 
+#include <tuple>
+
 namespace zmlx::patch {
 
 FusedMoe::FusedMoe(std::unique_ptr<MoeBlock> inner) : inner_(std::move(inner)) { path = inner_->path; }
@@ -15,9 +17,17 @@ Tensor FusedMoe::forward(Backend& be, const Tensor& x) {
   // router (same input), its down projection and the add with the combine.
   // The unpatched block computes it after the routed experts; the values do
   // not depend on the order, and each op keeps its unfused bits.
+  // GLM's grouped router may also pick the experts in that launch.
   const SwigluMlp& s = *m.shared_expert;
-  auto [logits, shared_h] = be.linear_and_swiglu(x, m.router, s.gate_proj, s.up_proj);
-  const Routing r = m.route_logits(be, logits);
+  Routing r;
+  Tensor shared_h;
+  if (m.router_kind == RouterKind::SigmoidGroupedTopK) {
+    std::tie(r, shared_h) = be.linear_route_grouped_and_swiglu(x, m.router, m.grouped_router(), s.gate_proj, s.up_proj);
+  } else {
+    auto [logits, h_shared] = be.linear_and_swiglu(x, m.router, s.gate_proj, s.up_proj);
+    r = m.route_logits(be, logits);
+    shared_h = std::move(h_shared);
+  }
   Tensor h = be.gather_qmm_swiglu(x, m.gate_proj, m.up_proj, r);
   return be.gather_qmm_combine_shared(h, m.down_proj, r, m.combine, shared_h, s.down_proj);
 }

@@ -1058,6 +1058,34 @@ class CudaBackend final : public Backend {
     return Backend::linear_and_swiglu(x, w, gate, up);
   }
 
+  // The same launch picking the grouped router's experts too
+  // (kern::linear_route_and_swiglu): GLM's top-k kernel leaves the step.
+  std::pair<Routing, Tensor> linear_route_grouped_and_swiglu(const Tensor& x, const Weight& w,
+                                                             const GroupedRouter& gr, const Weight& gate,
+                                                             const Weight& up) override {
+    const kern::QMat mw = qmat(w), mg = qmat(gate), mu = qmat(up);
+    if (x.rows() == 1 && gr.bias &&
+        kern::linear_route_and_swiglu_fits(mw, mg, mu, int(gr.k), int(gr.n_group), int(gr.topk_group))) {
+      check_input(x, w);
+      ZMLX_CHECK(x.cols() == gate.cols && x.cols() == up.cols && up.rows == gate.rows,
+                 "{}: linear_swiglu shape mismatch", gate.name);
+      Tensor logits = alloc(DType::BF16, {1, w.rows}), yh = alloc(DType::BF16, {1, gate.rows});
+      Routing r = new_routing(logits, gr.k, DType::F32, gr.bias, gr.n_group, gr.topk_group);
+      routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet
+      Prof p_(this, "linear_route");
+      const kern::GroupedRoute kr{static_cast<const float*>(gr.bias->data), int(gr.k), int(gr.n_group),
+                                  int(gr.topk_group), gr.normalize, gr.eps, gr.scaling,
+                                  static_cast<int32_t*>(r.experts.data), static_cast<float*>(r.scores.data)};
+      kern::linear_route_and_swiglu(bf16p(x), mw, bf16p(logits), kr, mg, mu, bf16p(yh), stream_);
+      // gather_qmm_swiglu's x_ready, as after linear() and a route op: x was
+      // complete before this launch, which lets its successor launch only
+      // after its own wait.
+      last_linear_input_ = x.data, last_linear_op_ = op_seq_ - 1, route_op_ = op_seq_;
+      return {std::move(r), std::move(yh)};
+    }
+    return Backend::linear_route_grouped_and_swiglu(x, w, gr, gate, up);
+  }
+
   Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) override {
     ZMLX_CHECK(x.cols() == gate.cols && x.cols() == up.cols && up.rows == gate.rows, "{}: linear_swiglu shape mismatch",
                gate.name);

@@ -101,6 +101,18 @@ __device__ __forceinline__ void prefetch_rows_l2(const uint16_t* base, int64_t c
 #else
 #define ZMLX_SM90_ASM(...) asm volatile(__VA_ARGS__)
 #endif
+// Thread-block clusters (sm_90). v into the shared-memory variable `local`
+// (an address in this block's shared memory) of the cluster's block `rank`.
+__device__ __forceinline__ void st_cluster_u16(const void* local, uint32_t rank, uint16_t v) {
+  uint32_t remote = 0;
+  ZMLX_SM90_ASM("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(local)), "r"(rank));
+  ZMLX_SM90_ASM("st.shared::cluster.u16 [%0], %1;" ::"r"(remote), "h"(v) : "memory");
+}
+// Every (non-exited) thread of the cluster: writes before it, to any block's
+// shared memory, are visible to every thread after it.
+__device__ __forceinline__ void cluster_sync() {
+  ZMLX_SM90_ASM("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
   ZMLX_SM90_ASM("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
 }
@@ -477,6 +489,25 @@ void launch_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, c
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Args... args) {
   launch_smem(kernel, grid, block, 0, s, args...);
+}
+
+// launch_smem for a grid of thread-block clusters of `cluster` blocks (grid.x
+// a multiple of it), with programmatic dependent launch as launch_smem.
+template <typename... KArgs, typename... Args>
+void launch_clusters(void (*kernel)(KArgs...), dim3 grid, dim3 block, unsigned cluster, cudaStream_t s,
+                     Args... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled(reinterpret_cast<const void*>(kernel)) ? 2 : 1;
+  cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
 }
 
 // Attribute A of the current device, cached per device (a process may drive

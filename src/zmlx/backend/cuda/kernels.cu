@@ -3216,15 +3216,15 @@ __global__ void route_grouped_kernel(const uint16_t* logits, const float* bias, 
 }
 
 // The grouped router without group limiting (n_group == 1 or topk_group ==
-// n_group, as GLM-4.7-Flash ships): one warp per token, as route_sigmoid.
+// n_group, as GLM-4.7-Flash ships) for one token's logits l[E] (global or
+// shared memory), one warp: the picks into ex[k] and their scores into
+// scores[k]. PL may exceed ceil(E / 32): lanes past E hold -inf keys and are
+// never picked, so the picks, their order and the sum agree.
 template <int PL>
-__global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* bias, int T, int E, int k,
-                                          bool normalize, float eps, float scaling, int32_t* ex, float* scores, bool trigger_first) {
-  ZMLX_TRACE_BLOCK_END();
-  pdl_begin(trigger_first);
-  const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (t >= T) return;
-  const uint16_t* l = logits + int64_t(t) * E;
+__device__ __forceinline__ void route_grouped_warp_token(const uint16_t* l, const float* bias, int E, int k,
+                                                         bool normalize, float eps, float scaling, int32_t* ex,
+                                                         float* scores) {
+  const int lane = threadIdx.x & 31;
   float sv[PL], key[PL];
   #pragma unroll
   for (int i = 0; i < PL; ++i) {
@@ -3237,9 +3237,83 @@ __global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* b
   warp_topk_picks(key, sv, E, k, id, w, total);
   if (lane < k) {
     if (normalize) w = w / (total + eps);
-    ex[int64_t(t) * k + lane] = id;
-    scores[int64_t(t) * k + lane] = w * scaling;
+    ex[lane] = id;
+    scores[lane] = w * scaling;
   }
+}
+
+// One warp per token, as route_sigmoid.
+template <int PL>
+__global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* bias, int T, int E, int k,
+                                          bool normalize, float eps, float scaling, int32_t* ex, float* scores, bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
+  pdl_begin(trigger_first);
+  const int t = blockIdx.x * 4 + (threadIdx.x >> 5);
+  if (t >= T) return;
+  route_grouped_warp_token<PL>(logits + int64_t(t) * E, bias, E, k, normalize, eps, scaling, ex + int64_t(t) * k,
+                               scores + int64_t(t) * k);
+}
+
+// linear_and_swiglu_decode_kernel with the grouped router's top-k as well
+// (one token), for routers of at most 64 experts (8 blocks): the router's wb
+// blocks form the grid's first thread-block cluster (wb blocks a cluster).
+// Each router warp stores its logit to y and into block 0's shared memory;
+// after the cluster's barrier, block 0's first warp picks the experts as
+// route_grouped_warp_kernel does, while the shared expert's gate+up blocks
+// still run. The top-k's own launch and kernel boundary (~3 us a layer on an
+// H100) leave the step; logits, picks, scores and the shared h keep their
+// ops' bits. (Tried before on a router alone, with nothing to hide it
+// behind: slower.)
+struct GroupedRouteArgs {
+  const float* bias;
+  int E, k;
+  bool normalize;
+  float eps, scaling;
+  int32_t* ex;
+  float* scores;
+};
+constexpr int kFusedRouteMaxE = 8 * kRowsPerBlock;  // 64: a cluster of 8 blocks, a row a warp
+constexpr int kFusedRoutePerLane = kFusedRouteMaxE / 32;
+
+// The top-k of the launch below as one copy of code (not inlined), so that
+// running it once before the wait loads the very instructions that block 0
+// runs after it.
+__device__ __noinline__ void route_grouped_warp_token_call(const uint16_t* l, const float* bias, int E, int k,
+                                                           bool normalize, float eps, float scaling, int32_t* ex,
+                                                           float* scores) {
+  route_grouped_warp_token<kFusedRoutePerLane>(l, bias, E, k, normalize, eps, scaling, ex, scores);
+}
+
+template <int WB, bool SX>
+__global__ void __launch_bounds__(256) linear_route_and_swiglu_decode_kernel(const uint16_t* x, QMat w, uint16_t* y,
+                                                                             int wb, QMat g, QMat u, uint16_t* yh,
+                                                                             bool pre, GroupedRouteArgs ra) {
+  ZMLX_TRACE_BLOCK_END();
+  // Gate+up blocks, and past them the padding of the last cluster (no rows).
+  if (int(blockIdx.x) >= wb) return swiglu_decode_row<4, SX>(g, u, decode_row0(int64_t(blockIdx.x) - wb), x, yh, pre);
+  __shared__ uint16_t logits_s[kFusedRouteMaxE];  // block 0's: every router row's logit
+  // A dry run of the top-k before the wait (zeros as logits, the picks into
+  // shared memory), so block 0 runs it from its SM's instruction cache. Run
+  // cold, once a layer after ~36 MB of weights have passed through L2, the
+  // same code took 3.5-4.7 us (H100 traces, 2026-11-28: ~1.5 us for four
+  // picks that touch no memory); the separate top-k kernel takes ~1 us.
+  if (blockIdx.x == 0 && threadIdx.x < 32) {
+    __shared__ uint16_t dry_l[kFusedRouteMaxE];
+    __shared__ int32_t dry_ex[32];
+    __shared__ float dry_scores[32];
+    for (int i = threadIdx.x; i < kFusedRouteMaxE; i += 32) dry_l[i] = 0;
+    __syncwarp();
+    route_grouped_warp_token_call(dry_l, ra.bias, ra.E, ra.k, ra.normalize, ra.eps, ra.scaling, dry_ex, dry_scores);
+  }
+  decode_row_to<WB, kPreChunks, SX>(w, decode_row0(), x, pre, [&](int64_t r, uint16_t v) {
+    y[r] = v;
+    st_cluster_u16(logits_s + r, 0, v);
+  });
+  cluster_sync();
+  if (blockIdx.x != 0 || threadIdx.x >= 32) return;
+  ZMLX_TRACE_MARK(2);  // trace: every router row in block 0
+  route_grouped_warp_token_call(logits_s, ra.bias, ra.E, ra.k, ra.normalize, ra.eps, ra.scaling, ra.ex, ra.scores);
+  ZMLX_TRACE_MARK(3);  // trace: the picks stored
 }
 
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
@@ -3364,6 +3438,41 @@ void linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat
     default: launch_linear_and_swiglu<16>(x, w, y, g, u, yh, s); break;
   }
   check_launch("linear + linear_swiglu");
+}
+
+bool linear_route_and_swiglu_fits(const QMat& w, const QMat& g, const QMat& u, int k, int n_group, int topk_group) {
+  // Clusters: a Hopper (or newer) GPU running this binary's sm_90 code.
+  static const bool clusters = [] {
+    int dev = 0, major = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    return major >= 9 && kernels_ptx_version() >= 90;
+  }();
+  static const bool on = env_on("ZMLX_CUDA_ROUTE_IN_ROUTER");
+  return on && clusters && linear_and_swiglu_fits(w, g, u) && w.rows <= kFusedRouteMaxE && k >= 1 && k <= 16 &&
+         k <= w.rows && (n_group == 1 || topk_group >= n_group);
+}
+
+void linear_route_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const GroupedRoute& r, const QMat& g,
+                             const QMat& u, uint16_t* yh, cudaStream_t s) {
+  if (!linear_route_and_swiglu_fits(w, g, u, r.k, r.n_group, r.topk_group))
+    throw std::runtime_error("linear_route_and_swiglu: formats, a router or a GPU it does not take");
+  const int wb = int((w.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
+  const int gb = int((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
+  const int blocks = (wb + gb + wb - 1) / wb * wb;  // whole clusters of wb blocks
+  const GroupedRouteArgs ra{r.bias, int(w.rows), r.k, r.normalize, r.eps, r.scaling, r.experts, r.scores};
+  auto go = [&](auto wbits) {
+    with_staged_x([&](auto sx) {
+      launch_clusters(linear_route_and_swiglu_decode_kernel<decltype(wbits)::value, decltype(sx)::value>,
+                      dim3(unsigned(blocks)), dim3(256), unsigned(wb), s, x, w, y, wb, g, u, yh, preload_weights(), ra);
+    });
+  };
+  switch (w.bits) {
+    case 4: go(std::integral_constant<int, 4>{}); break;
+    case 8: go(std::integral_constant<int, 8>{}); break;
+    default: go(std::integral_constant<int, 16>{}); break;
+  }
+  check_launch("linear + grouped top-k + linear_swiglu");
 }
 
 void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,

@@ -94,6 +94,24 @@ void gather_combine_shared(const uint16_t* h, const int32_t* experts, const void
 bool linear_and_swiglu_fits(const QMat& w, const QMat& g, const QMat& u);
 void linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat& g, const QMat& u, uint16_t* yh,
                        cudaStream_t s);
+// linear_and_swiglu plus route_sigmoid_grouped of the logits (one token):
+// the router's blocks form a thread-block cluster whose first block picks
+// the experts while the shared gate+up blocks still run; logits, picks,
+// scores and yh have the three ops' bits. Only where
+// linear_route_and_swiglu_fits() says so: linear_and_swiglu fits, at most 64
+// experts, top-16, no group limiting (n_group 1 or topk_group >= n_group),
+// a Hopper GPU running the sm_90 kernels; ZMLX_CUDA_ROUTE_IN_ROUTER=0: never.
+struct GroupedRoute {
+  const float* bias;  // F32 [E]
+  int k, n_group, topk_group;
+  bool normalize;
+  float eps, scaling;
+  int32_t* experts;  // [k]
+  float* scores;     // [k]
+};
+bool linear_route_and_swiglu_fits(const QMat& w, const QMat& g, const QMat& u, int k, int n_group, int topk_group);
+void linear_route_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const GroupedRoute& r, const QMat& g,
+                             const QMat& u, uint16_t* yh, cudaStream_t s);
 // out[t, d] = Σ_j term(y[t, j, d], score[t, j]) in slot order.
 void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,
                  uint16_t* out, cudaStream_t s);
