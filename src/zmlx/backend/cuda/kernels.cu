@@ -3295,8 +3295,9 @@ __global__ void __launch_bounds__(256) linear_route_and_swiglu_decode_kernel(con
   // A dry run of the top-k before the wait (zeros as logits, the picks into
   // shared memory), so block 0 runs it from its SM's instruction cache. Run
   // cold, once a layer after ~36 MB of weights have passed through L2, the
-  // same code took 3.5-4.7 us (H100 traces, 2026-11-28: ~1.5 us for four
-  // picks that touch no memory); the separate top-k kernel takes ~1 us.
+  // same code took ~4.4 us (H100 traces, 2026-11-28: ~1.5 us of it for four
+  // picks that touch no memory), 1.7 us after a dry run; the separate top-k
+  // kernel's work is ~1 us (docs/performance.md).
   if (blockIdx.x == 0 && threadIdx.x < 32) {
     __shared__ uint16_t dry_l[kFusedRouteMaxE];
     __shared__ int32_t dry_ex[32];
