@@ -204,9 +204,10 @@ GroupedRouter MoeBlock::grouped_router() const {
 }
 
 Routing MoeBlock::route_logits(Backend& be, const Tensor& logits) const {
-  if (router_kind == RouterKind::SigmoidGroupedTopK)
-    return be.route_sigmoid_grouped_topk(logits, expert_bias, top_k, n_group, topk_group, norm_topk_prob, route_eps,
-                                         routed_scaling);  // grouped_router()'s parameters
+  if (router_kind == RouterKind::SigmoidGroupedTopK) {
+    const GroupedRouter g = grouped_router();  // the fused block's launch takes the same
+    return be.route_sigmoid_grouped_topk(logits, *g.bias, g.k, g.n_group, g.topk_group, g.normalize, g.eps, g.scaling);
+  }
   if (router_kind == RouterKind::SigmoidBiasTopK)
     return be.route_sigmoid_topk(logits, expert_bias, top_k, norm_topk_prob, route_eps, routed_scaling);
   return be.route_softmax_topk(logits, top_k, norm_topk_prob);
