@@ -820,6 +820,12 @@ struct DevBuf {
   }
   ~DevBuf() { cudaFree(p); }
   uint16_t* u16() const { return static_cast<uint16_t*>(p); }
+  std::vector<uint8_t> bytes() const {
+    std::vector<uint8_t> h(n);
+    cudaDeviceSynchronize();
+    cudaMemcpy(h.data(), p, n, cudaMemcpyDeviceToHost);
+    return h;
+  }
   std::vector<float> floats() const {
     std::vector<uint16_t> h(n / 2);
     cudaDeviceSynchronize();
@@ -1280,12 +1286,6 @@ TEST(CudaOps, GroupedTopKInTheRouterLaunchIsBitIdentical) {
     bool normalize;
     float scaling;
   };
-  auto bytes = [](const DevBuf& b) {
-    std::vector<uint8_t> h(b.n);
-    cudaDeviceSynchronize();
-    cudaMemcpy(h.data(), b.p, b.n, cudaMemcpyDeviceToHost);
-    return h;
-  };
   for (S sz : {S{2048, 1536, 64, 4, 16, true, 1.8f}, S{1088, 384, 9, 3, 8, true, 1.0f},
                S{480, 1152, 40, 8, 4, false, 2.5f}, S{256, 256, 64, 16, 16, true, 1.0f},
                S{512, 256, 8, 2, 8, true, 1.0f}}) {
@@ -1319,11 +1319,11 @@ TEST(CudaOps, GroupedTopKInTheRouterLaunchIsBitIdentical) {
                                1e-20f, sz.scaling, static_cast<int32_t*>(exr.p), static_cast<float*>(scr.p), nullptr);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
       ASSERT_TRUE(all_finite(yf.floats()) && all_finite(hf.floats())) << what;
-      EXPECT_EQ(bytes(yf), bytes(yr)) << "router logits, " << what << ", launch " << rep;
-      EXPECT_EQ(bytes(hf), bytes(hr)) << "shared gate+up, " << what << ", launch " << rep;
-      const auto ids = bytes(exf);
-      EXPECT_EQ(ids, bytes(exr)) << "expert ids, " << what << ", launch " << rep;
-      EXPECT_EQ(bytes(scf), bytes(scr)) << "scores, " << what << ", launch " << rep;
+      EXPECT_EQ(yf.bytes(), yr.bytes()) << "router logits, " << what << ", launch " << rep;
+      EXPECT_EQ(hf.bytes(), hr.bytes()) << "shared gate+up, " << what << ", launch " << rep;
+      const auto ids = exf.bytes();
+      EXPECT_EQ(ids, exr.bytes()) << "expert ids, " << what << ", launch " << rep;
+      EXPECT_EQ(scf.bytes(), scr.bytes()) << "scores, " << what << ", launch " << rep;
       std::vector<int32_t> e(size_t(sz.k));
       std::memcpy(e.data(), ids.data(), ids.size());
       for (int32_t v : e) EXPECT_TRUE(v >= 0 && v < sz.E) << what;

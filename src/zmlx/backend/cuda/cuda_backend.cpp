@@ -1039,15 +1039,20 @@ class CudaBackend final : public Backend {
     return Backend::gather_qmm_combine_shared(h, down, r, mode, shared_h, shared_down);
   }
 
+  // The one-launch forms' input checks: linear(x, w)'s and linear_swiglu(x, gate, up)'s.
+  void check_router_and_shared(const Tensor& x, const Weight& w, const Weight& gate, const Weight& up) {
+    check_input(x, w);
+    ZMLX_CHECK(x.cols() == gate.cols && x.cols() == up.cols && up.rows == gate.rows, "{}: linear_swiglu shape mismatch",
+               gate.name);
+  }
+
   // One token: the router and the shared expert's gate+up in one launch
   // (kern::linear_and_swiglu) when both take the scalar decode kernels.
   std::pair<Tensor, Tensor> linear_and_swiglu(const Tensor& x, const Weight& w, const Weight& gate,
                                               const Weight& up) override {
     const kern::QMat mw = qmat(w), mg = qmat(gate), mu = qmat(up);
     if (x.rows() == 1 && kern::linear_and_swiglu_fits(mw, mg, mu)) {
-      check_input(x, w);
-      ZMLX_CHECK(x.cols() == gate.cols && x.cols() == up.cols && up.rows == gate.rows,
-                 "{}: linear_swiglu shape mismatch", gate.name);
+      check_router_and_shared(x, w, gate, up);
       Tensor y = alloc(DType::BF16, {1, w.rows}), yh = alloc(DType::BF16, {1, gate.rows});
       Prof p_(this, "linear");
       kern::linear_and_swiglu(bf16p(x), mw, bf16p(y), mg, mu, bf16p(yh), stream_);
@@ -1066,9 +1071,7 @@ class CudaBackend final : public Backend {
     const kern::QMat mw = qmat(w), mg = qmat(gate), mu = qmat(up);
     if (x.rows() == 1 && gr.bias &&
         kern::linear_route_and_swiglu_fits(mw, mg, mu, int(gr.k), int(gr.n_group), int(gr.topk_group))) {
-      check_input(x, w);
-      ZMLX_CHECK(x.cols() == gate.cols && x.cols() == up.cols && up.rows == gate.rows,
-                 "{}: linear_swiglu shape mismatch", gate.name);
+      check_router_and_shared(x, w, gate, up);
       Tensor logits = alloc(DType::BF16, {1, w.rows}), yh = alloc(DType::BF16, {1, gate.rows});
       Routing r = new_routing(logits, gr.k, DType::F32, gr.bias, gr.n_group, gr.topk_group);
       routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet

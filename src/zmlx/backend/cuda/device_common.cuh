@@ -455,59 +455,61 @@ inline int kernel_ptx_version(const void* kernel) {
   }
   return a.ptxVersion;
 }
-// Whether launches carry the programmatic-launch attribute: a Hopper (or
-// newer) GPU, ZMLX_CUDA_PDL not "0", and kernels built for it. A binary
-// built for sm_80 alone (-DZMLX_CUDA_ARCHS=80) runs on a Hopper card from its
-// PTX, and those kernels have no griddepcontrol.wait (pdl_begin is empty
-// below sm_90): nothing would then make a predecessor's writes visible to a
-// kernel launched early. `kernel`: any kernel of this binary (all are built
-// for the same targets).
+// pdl_enabled: whether launches carry the programmatic-launch attribute
+// (runs_sm90_code, and ZMLX_CUDA_PDL not "0"). A binary built for sm_80 alone
+// (-DZMLX_CUDA_ARCHS=80) has no griddepcontrol.wait in its kernels (pdl_begin
+// is empty below sm_90): nothing would then make a predecessor's writes
+// visible to a kernel launched early.
+// Whether the current device is a Hopper (or newer) GPU running `kernel`'s
+// sm_90 code: what programmatic launch, bulk copies and thread-block
+// clusters need. A binary built for sm_80 alone runs on such a card from its
+// PTX, without them. `kernel`: any kernel of this binary (all are built for
+// the same targets).
+inline bool runs_sm90_code(const void* kernel) {
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major >= 9 && kernel_ptx_version(kernel) >= 90;
+}
 inline bool pdl_enabled(const void* kernel) {
-  static const bool on = [kernel] {
-    int dev = 0, major = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    return major >= 9 && kernel_ptx_version(kernel) >= 90 && env_on("ZMLX_CUDA_PDL");
-  }();
+  static const bool on = runs_sm90_code(kernel) && env_on("ZMLX_CUDA_PDL");
   return on;
 }
 
+// Every launch: programmatic dependent launch where pdl_enabled, and, when
+// cluster > 0, thread-block clusters of `cluster` blocks along x (grid.x a
+// multiple of it; sm_90 code only).
 template <typename... KArgs, typename... Args>
-void launch_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args... args) {
+void launch_ex(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, unsigned cluster, cudaStream_t s,
+               Args... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (pdl_enabled(reinterpret_cast<const void*>(kernel))) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  if (cluster > 0) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster, attr[n].val.clusterDim.y = 1, attr[n].val.clusterDim.z = 1;
+    ++n;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
+  cfg.numAttrs = n;
   cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+template <typename... KArgs, typename... Args>
+void launch_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args... args) {
+  launch_ex(kernel, grid, block, smem, 0, s, args...);
 }
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Args... args) {
   launch_smem(kernel, grid, block, 0, s, args...);
-}
-
-// launch_smem for a grid of thread-block clusters of `cluster` blocks (grid.x
-// a multiple of it), with programmatic dependent launch as launch_smem.
-template <typename... KArgs, typename... Args>
-void launch_clusters(void (*kernel)(KArgs...), dim3 grid, dim3 block, unsigned cluster, cudaStream_t s,
-                     Args... args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled(reinterpret_cast<const void*>(kernel)) ? 2 : 1;
-  cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
 }
 
 // Attribute A of the current device, cached per device (a process may drive

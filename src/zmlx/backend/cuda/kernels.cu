@@ -1593,12 +1593,7 @@ int head_stream_stages(const QMat& m) {
 }  // namespace
 
 bool head_stream_fits(const QMat& m) {
-  static const bool hopper = [] {
-    int dev = 0, major = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    return major >= 9 && kernel_ptx_version(reinterpret_cast<const void*>(head_stream_kernel)) >= 90;
-  }();
+  static const bool hopper = runs_sm90_code(reinterpret_cast<const void*>(head_stream_kernel));
   // Bulk copies take 16-byte aligned ranges whose sizes are multiples of
   // 16 bytes. A group's words are (K a multiple of 32), and so are a whole
   // group's scales and biases (rows x K / group bf16, 16 rows a tile); the
@@ -3264,14 +3259,6 @@ __global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* b
 // H100) leave the step; logits, picks, scores and the shared h keep their
 // ops' bits. (Tried before on a router alone, with nothing to hide it
 // behind: slower.)
-struct GroupedRouteArgs {
-  const float* bias;
-  int E, k;
-  bool normalize;
-  float eps, scaling;
-  int32_t* ex;
-  float* scores;
-};
 constexpr int kFusedRouteMaxE = 8 * kRowsPerBlock;  // 64: a cluster of 8 blocks, a row a warp
 constexpr int kFusedRoutePerLane = kFusedRouteMaxE / 32;
 
@@ -3287,7 +3274,7 @@ __device__ __noinline__ void route_grouped_warp_token_call(const uint16_t* l, co
 template <int WB, bool SX>
 __global__ void __launch_bounds__(256) linear_route_and_swiglu_decode_kernel(const uint16_t* x, QMat w, uint16_t* y,
                                                                              int wb, QMat g, QMat u, uint16_t* yh,
-                                                                             bool pre, GroupedRouteArgs ra) {
+                                                                             bool pre, GroupedRoute ra) {
   ZMLX_TRACE_BLOCK_END();
   // Gate+up blocks, and past them the padding of the last cluster (no rows).
   if (int(blockIdx.x) >= wb) return swiglu_decode_row<4, SX>(g, u, decode_row0(int64_t(blockIdx.x) - wb), x, yh, pre);
@@ -3304,7 +3291,8 @@ __global__ void __launch_bounds__(256) linear_route_and_swiglu_decode_kernel(con
     __shared__ float dry_scores[32];
     for (int i = threadIdx.x; i < kFusedRouteMaxE; i += 32) dry_l[i] = 0;
     __syncwarp();
-    route_grouped_warp_token_call(dry_l, ra.bias, ra.E, ra.k, ra.normalize, ra.eps, ra.scaling, dry_ex, dry_scores);
+    route_grouped_warp_token_call(dry_l, ra.bias, int(w.rows), ra.k, ra.normalize, ra.eps, ra.scaling, dry_ex,
+                                  dry_scores);
   }
   decode_row_to<WB, kPreChunks, SX>(w, decode_row0(), x, pre, [&](int64_t r, uint16_t v) {
     y[r] = v;
@@ -3313,7 +3301,8 @@ __global__ void __launch_bounds__(256) linear_route_and_swiglu_decode_kernel(con
   cluster_sync();
   if (blockIdx.x != 0 || threadIdx.x >= 32) return;
   ZMLX_TRACE_MARK(2);  // trace: every router row in block 0
-  route_grouped_warp_token_call(logits_s, ra.bias, ra.E, ra.k, ra.normalize, ra.eps, ra.scaling, ra.ex, ra.scores);
+  route_grouped_warp_token_call(logits_s, ra.bias, int(w.rows), ra.k, ra.normalize, ra.eps, ra.scaling, ra.experts,
+                                ra.scores);
   ZMLX_TRACE_MARK(3);  // trace: the picks stored
 }
 
@@ -3442,13 +3431,7 @@ void linear_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const QMat
 }
 
 bool linear_route_and_swiglu_fits(const QMat& w, const QMat& g, const QMat& u, int k, int n_group, int topk_group) {
-  // Clusters: a Hopper (or newer) GPU running this binary's sm_90 code.
-  static const bool clusters = [] {
-    int dev = 0, major = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    return major >= 9 && kernels_ptx_version() >= 90;
-  }();
+  static const bool clusters = runs_sm90_code(reinterpret_cast<const void*>(linear_route_and_swiglu_decode_kernel<16, false>));
   static const bool on = env_on("ZMLX_CUDA_ROUTE_IN_ROUTER");
   return on && clusters && linear_and_swiglu_fits(w, g, u) && w.rows <= kFusedRouteMaxE && k >= 1 && k <= 16 &&
          k <= w.rows && (n_group == 1 || topk_group >= n_group);
@@ -3461,11 +3444,10 @@ void linear_route_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, cons
   const int wb = int((w.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
   const int gb = int((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
   const int blocks = (wb + gb + wb - 1) / wb * wb;  // whole clusters of wb blocks
-  const GroupedRouteArgs ra{r.bias, int(w.rows), r.k, r.normalize, r.eps, r.scaling, r.experts, r.scores};
   auto go = [&](auto wbits) {
     with_staged_x([&](auto sx) {
-      launch_clusters(linear_route_and_swiglu_decode_kernel<decltype(wbits)::value, decltype(sx)::value>,
-                      dim3(unsigned(blocks)), dim3(256), unsigned(wb), s, x, w, y, wb, g, u, yh, preload_weights(), ra);
+      launch_ex(linear_route_and_swiglu_decode_kernel<decltype(wbits)::value, decltype(sx)::value>,
+                dim3(unsigned(blocks)), dim3(256), 0, unsigned(wb), s, x, w, y, wb, g, u, yh, preload_weights(), r);
     });
   };
   switch (w.bits) {
