@@ -28,6 +28,15 @@
 //                 preloaded before the barrier where it is not routed
 //   persist-rlx   the same, the barrier a release add, relaxed polls, one
 //                 fence after
+//   chain-flag    chain-wide's kernels and launches, but a phase waits for
+//                 its producer through a counter in global memory (each
+//                 producer block: barrier, fence, add; the consumer's thread
+//                 0 spins on an acquire load) instead of griddepcontrol.wait,
+//                 so it need not wait for the producer grid's exit and flush;
+//                 it triggers its successor after that wait, as chain-pdl
+//   chain-flag32  chain-flag with the count spread over 32 counters a phase
+//   flag32-early  chain-flag32, every kernel triggering its successor at
+//                 its start (grids launch as soon as the previous is resident)
 // and, as the floor, every row of the step read by one kernel.
 //
 // Usage: phase_sync_bench [layers=48] [reps=20] [blocks_per_sm=0 (occupancy)]
@@ -170,6 +179,74 @@ __global__ void __launch_bounds__(kThreads) chain_reduce(Phase p, int pdl) {
   reduce_phase(p, xs, red);
 }
 
+// ------------------------------------------------------------ flag chain
+
+constexpr int kFlagStride = 32;  // counters 128 bytes apart: a line each
+
+// A producer block's output is complete: make it visible at GPU scope and
+// count the block (cooperative groups' grid barrier does the same). The
+// count is spread over `lanes` counters (block b adds to counter b % lanes),
+// in case adds to one address queue in its L2 slice (640 blocks, 640 adds);
+// on an H100 that made no difference (2026-11-28): the handoff itself costs.
+__device__ __forceinline__ void flag_signal(unsigned* cnt, int lanes) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(cnt + kFlagStride * (blockIdx.x % lanes), 1u);
+  }
+}
+
+// Wait until all `target` producer blocks have signalled (null: first phase):
+// lane i of warp 0 polls counter i for the blocks b = i mod lanes.
+__device__ __forceinline__ void flag_wait(const unsigned* cnt, unsigned target, int lanes) {
+  if (cnt && threadIdx.x < 32) {
+    const unsigned i = threadIdx.x;
+    const unsigned n = unsigned(lanes);
+    const unsigned want = i < n && i < target ? (target - i + n - 1) / n : 0u;
+    bool pending = want > 0;
+    while (__any_sync(0xffffffffu, pending)) {
+      if (pending) {
+        unsigned v;
+        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(cnt + kFlagStride * i) : "memory");
+        pending = v < want;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+struct Flags {
+  const unsigned* wait;  // the producer's counters (null for the first phase)
+  unsigned target;       // the producer's grid size
+  unsigned* signal;      // this phase's counters
+  int early;             // trigger the successor at the start
+  int lanes;             // counters a phase (1 or 32)
+};
+
+__global__ void __launch_bounds__(kThreads) flag_matvec(Phase p, Flags f) {
+  __shared__ float xs[kIn];
+  const int lane = threadIdx.x & 31;
+  const int gwarp = blockIdx.x * kWarps + threadIdx.x / 32;
+  const int nwarps = gridDim.x * kWarps;
+  uint4 a{}, b{};
+  if (f.early) pdl_trigger();
+  if (!p.experts && gwarp < p.rows) load_row(p.w, gwarp, lane, a, b);
+  flag_wait(f.wait, f.target, f.lanes);
+  if (!f.early) pdl_trigger();
+  stage_x(p.in, xs);
+  matvec_phase(p, xs, gwarp, nwarps, a, b);
+  flag_signal(f.signal, f.lanes);
+}
+
+__global__ void __launch_bounds__(kThreads) flag_reduce(Phase p, Flags f) {
+  __shared__ float xs[kIn];
+  __shared__ float red[kWarps];
+  pdl_trigger();  // short kernels trigger first, as chain_reduce
+  flag_wait(f.wait, f.target, f.lanes);
+  reduce_phase(p, xs, red);
+  flag_signal(f.signal, f.lanes);
+}
+
 // ----------------------------------------------------------- persistent
 
 // All blocks are resident (the grid is sized from the occupancy, on a GPU
@@ -246,6 +323,20 @@ void launch_phase(const Phase& p, int grid, bool pdl, cudaStream_t s) {
   cfg.numAttrs = pdl ? 1 : 0;
   if (p.w) CK(cudaLaunchKernelEx(&cfg, chain_matvec, p, int(pdl)));
   else CK(cudaLaunchKernelEx(&cfg, chain_reduce, p, int(pdl)));
+}
+
+void launch_flag_phase(const Phase& p, int grid, const Flags& f, cudaStream_t s) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(p.w ? grid : 1);
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = s;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  if (p.w) CK(cudaLaunchKernelEx(&cfg, flag_matvec, p, f));
+  else CK(cudaLaunchKernelEx(&cfg, flag_reduce, p, f));
 }
 
 }  // namespace
@@ -328,12 +419,15 @@ int main(int argc, char** argv) {
   CK(cudaMemcpy(d_phases, phases.data(), phases.size() * sizeof(Phase), cudaMemcpyHostToDevice));
   unsigned* counter = nullptr;
   CK(cudaMalloc(&counter, sizeof(unsigned)));
+  unsigned* flags = nullptr;  // 32 counters a phase, for the flag chains
+  CK(cudaMalloc(&flags, phases.size() * 32 * kFlagStride * sizeof(unsigned)));
 
   cudaStream_t s;
   CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   auto reset = [&] {
     CK(cudaMemcpyAsync(act[0], x0.data(), x0.size() * sizeof(float), cudaMemcpyHostToDevice, s));
     CK(cudaMemsetAsync(counter, 0, sizeof(unsigned), s));
+    CK(cudaMemsetAsync(flags, 0, phases.size() * 32 * kFlagStride * sizeof(unsigned), s));
   };
 
   // Graphs of the chain, with and without PDL; the matvec grid is the same
@@ -347,6 +441,25 @@ int main(int argc, char** argv) {
     for (const Phase& p : phases) launch_phase(p, v == 2 ? (p.rows + kWarps - 1) / kWarps : grid, v != 0, s);
     CK(cudaStreamEndCapture(s, &g));
     CK(cudaGraphInstantiate(&chain[v], g, 0));
+    CK(cudaGraphDestroy(g));
+  }
+  // The flag chains: chain-wide's grids, a counter a phase (zeroed by reset()).
+  // Variants: one counter a phase; 32; 32 with every kernel triggering first.
+  const int flag_lanes[3] = {1, 32, 32}, flag_early[3] = {0, 0, 1};
+  cudaGraphExec_t flag_chain[3];
+  for (int v = 0; v < 3; ++v) {
+    cudaGraph_t g;
+    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    unsigned prev_grid = 0;
+    for (size_t k = 0; k < phases.size(); ++k) {
+      const Phase& p = phases[k];
+      const int pg = p.w ? (p.rows + kWarps - 1) / kWarps : 1;
+      Flags f{k ? flags + 32 * kFlagStride * (k - 1) : nullptr, prev_grid, flags + 32 * kFlagStride * k, flag_early[v], flag_lanes[v]};
+      launch_flag_phase(p, pg, f, s);
+      prev_grid = unsigned(pg);
+    }
+    CK(cudaStreamEndCapture(s, &g));
+    CK(cudaGraphInstantiate(&flag_chain[v], g, 0));
     CK(cudaGraphDestroy(g));
   }
 
@@ -386,6 +499,9 @@ int main(int argc, char** argv) {
   run("chain-pdl", [&] { CK(cudaGraphLaunch(chain[1], s)); });
   run("chain-plain", [&] { CK(cudaGraphLaunch(chain[0], s)); });
   run("chain-wide", [&] { CK(cudaGraphLaunch(chain[2], s)); });
+  run("chain-flag", [&] { CK(cudaGraphLaunch(flag_chain[0], s)); });
+  run("chain-flag32", [&] { CK(cudaGraphLaunch(flag_chain[1], s)); });
+  run("flag32-early", [&] { CK(cudaGraphLaunch(flag_chain[2], s)); });
   run("persistent", [&] {
     persistent_step<false><<<grid, kThreads, 0, s>>>(d_phases, nphases, counter);
     CK(cudaGetLastError());

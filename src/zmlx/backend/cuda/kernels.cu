@@ -899,8 +899,16 @@ __device__ __forceinline__ void mma_do_step(const MmaStep<NM>& st, const uint32_
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
         const uint4& bb = s < 2 ? b01 : b23;
+#ifdef ZMLX_DIAG_NO_MMA
+        // Diagnostic builds only (-DCMAKE_CUDA_FLAGS=-DZMLX_DIAG_NO_MMA, with
+        // the kernel trace): the same loads and registers, a few ALU ops
+        // instead of the MMA, so a trace shows what the tensor-core work
+        // costs each MoE kernel. The results are wrong (small finite values).
+        c[i][s & 3] += __uint_as_float(((w0 ^ w1 ^ w2 ^ w3 ^ bb.x) >> (4 * s)) & 0x3F000000u) * 1e-9f;
+#else
         mma_16816(c[i], nib_pair(w0, s), nib_pair(w1, s), nib_pair(w2, s), nib_pair(w3, s),
                   (s & 1) ? bb.z : bb.x, (s & 1) ? bb.w : bb.y);
+#endif
       }
     }
   }
