@@ -31,6 +31,20 @@
 // every variant's µs a launch includes (H100, 2026-11-27: 1.22 µs, against
 // 5.61 row-major and 5.80 bulk).
 //
+// Then, when each warp's data arrive: a timed form of the row-major and tiled
+// loads records, per warp, the global timer before its loads go out and
+// after it has used its first step's 8 loads and then its second's, and the
+// program prints their percentiles after the launch's first warp started.
+// A third timed form (tiled, "one step in flight") issues the second step's
+// loads only after the first step's data were used. It asks whether any
+// warp's first step comes back early, or every warp's data only at the end
+// of the launch's ~14 MB (what the decode trace shows for gate+up: the
+// tensor-core work then runs after the last bytes, docs/performance.md).
+// H100, 2026-11-28: alone, the first steps do come back early (row-major,
+// median 2.2 us after the launch's first warp, the second step 3.6), so the
+// late arrivals in the decode step come from what runs beside gate+up.
+// (The timed launches are plain launches, not in a graph.)
+//
 // Usage: weight_layout_bench [launches=400]  (needs sm_90 for the bulk variant)
 #include <cuda_runtime.h>
 
@@ -39,6 +53,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda_check.h"
@@ -102,6 +117,48 @@ __global__ void __launch_bounds__(kWarps * 32) gate_up_loads(const uint4* w, con
 #pragma unroll
   for (int i = 0; i < 16; ++i) x ^= xor4(v[i]);
   xor_out(x, out);
+}
+
+__device__ __forceinline__ unsigned long long now_ns(uint32_t after) {
+  unsigned long long t;  // `after`: read once that value is computed (its loads have arrived)
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t) : "r"(after));
+  return t;
+}
+
+// The same loads, timed: t[3 · warp + 0..2] = before the loads, after step 1
+// was used, after step 2 (warp = the launch's global warp index). ONE: step
+// 2's loads go out only after step 1's data were used.
+template <bool TILED, bool ONE>
+__global__ void __launch_bounds__(kWarps * 32) gate_up_timed(const uint4* w, const int* ex, uint32_t* out,
+                                                             unsigned long long* t) {
+  const int tile = blockIdx.x, slot = blockIdx.y;
+  const uint4* base = w + int64_t(ex[slot]) * kExpertU4;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const unsigned long long t0 = now_ns(0);
+  uint4 v[16];
+  auto load = [&](int lo, int hi) {
+    for_each_lane_load(warp, lane, [&](int i, int m, int r, int c) {
+      if (i < lo || i >= hi) return;
+      const int row = tile * 16 + r;
+      v[i] = __ldg(base + m * kMatrixU4 + (TILED ? tiled(row, c) : row_major(row, c)));
+    });
+  };
+  load(0, ONE ? 8 : 16);
+  uint32_t x1 = 0, x2 = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x1 ^= xor4(v[i]);
+  x1 = __reduce_xor_sync(0xffffffffu, x1);  // every lane's step 1 arrived
+  const unsigned long long t1 = now_ns(x1);
+  if (ONE) load(8, 16);
+#pragma unroll
+  for (int i = 8; i < 16; ++i) x2 ^= xor4(v[i]);
+  x2 = __reduce_xor_sync(0xffffffffu, x2);
+  const unsigned long long t2 = now_ns(x2);
+  if (lane == 0) {
+    const int64_t gw = (int64_t(slot) * gridDim.x + tile) * kWarps + warp;
+    t[3 * gw] = t0, t[3 * gw + 1] = t1, t[3 * gw + 2] = t2;
+    atomicXor(out, x1 ^ x2);
+  }
 }
 
 using zmlx::cuda::dev::bulk_copy;
@@ -225,5 +282,58 @@ int main(int argc, char** argv) {
         return 1;
       }
   std::printf("every variant read the same bytes (XOR of every launch equal)\n");
+
+  // When each warp's steps arrive (µs after the launch's first warp started).
+  const int warps = kTiles * kPicked * kWarps;
+  unsigned long long* d_t;
+  CK(cudaMalloc(&d_t, size_t(launches) * warps * 3 * 8));
+  constexpr int kTimed = 3;
+  const char* tnames[kTimed] = {"row-major", "tiled", "tiled, one step in flight"};
+  std::vector<unsigned long long> t(size_t(launches) * warps * 3);
+  for (int v = 0; v < kTimed; ++v) {
+    CK(cudaMemsetAsync(d_out, 0, size_t(launches) * 4, s));
+    CK(cudaEventRecord(a, s));
+    for (int l = 0; l < launches; ++l) {
+      const int* e = d_ex + l * kPicked;
+      unsigned long long* tl_ = d_t + size_t(l) * warps * 3;
+      if (v == 0) gate_up_timed<false, false><<<grid, block, 0, s>>>(d_rm, e, d_out + l, tl_);
+      else if (v == 1) gate_up_timed<true, false><<<grid, block, 0, s>>>(d_tl, e, d_out + l, tl_);
+      else gate_up_timed<true, true><<<grid, block, 0, s>>>(d_tl, e, d_out + l, tl_);
+    }
+    CK(cudaEventRecord(b, s));
+    CK(cudaEventSynchronize(b));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    CK(cudaMemcpy(t.data(), d_t, t.size() * 8, cudaMemcpyDeviceToHost));
+    std::vector<uint32_t> o(static_cast<size_t>(launches));
+    CK(cudaMemcpy(o.data(), d_out, o.size() * 4, cudaMemcpyDeviceToHost));
+    for (int l = 0; l < launches; ++l)
+      if (o[size_t(l)] != out[size_t(l)]) {
+        std::fprintf(stderr, "weight_layout_bench: timed %s launch %d read other data than row-major\n", tnames[v], l);
+        return 1;
+      }
+    std::vector<double> first, second, span;  // first, second step arrived; a warp's first step after its issue
+    for (int l = 1; l < launches; ++l) {      // launch 0 is a warm-up
+      const unsigned long long* tl_ = t.data() + size_t(l) * warps * 3;
+      unsigned long long start = ~0ull;
+      for (int w = 0; w < warps; ++w) start = std::min(start, tl_[3 * w]);
+      for (int w = 0; w < warps; ++w) {
+        first.push_back((tl_[3 * w + 1] - start) / 1e3);
+        second.push_back((tl_[3 * w + 2] - start) / 1e3);
+        span.push_back((tl_[3 * w + 1] - tl_[3 * w]) / 1e3);
+      }
+    }
+    auto pct = [](std::vector<double>& x) {
+      std::sort(x.begin(), x.end());
+      auto at = [&](double p) { return x[size_t(p * double(x.size() - 1))]; };
+      char buf[128];
+      std::snprintf(buf, sizeof buf, "%5.2f %5.2f %5.2f %5.2f %5.2f", at(0.05), at(0.25), at(0.5), at(0.75), at(0.95));
+      return std::string(buf);
+    };
+    std::printf("timed %-26s %6.2f us a launch; us after the launch's first warp, percentiles 5 25 50 75 95:\n",
+                tnames[v], ms * 1e3 / launches);
+    std::printf("   first step used  %s\n   second step used %s\n   first step after its own issue %s\n",
+                pct(first).c_str(), pct(second).c_str(), pct(span).c_str());
+  }
   return 0;
 }
