@@ -41,9 +41,9 @@
 // of the launch's ~14 MB (what the decode trace shows for gate+up: the
 // tensor-core work then runs after the last bytes, docs/performance.md).
 // H100, 2026-11-28: alone, the first steps do come back early (row-major,
-// median 2.2 us after the launch's first warp, the second step 3.6), so the
-// late arrivals in the decode step come from what runs beside gate+up.
-// (The timed launches are plain launches, not in a graph.)
+// median 2.2 us after the launch's first warp, the second step 3.6), unlike
+// inside the decode step (~5 us after issue); the bench leaves out the
+// scale and bias loads. (The timed launches are plain launches, no graph.)
 //
 // Usage: weight_layout_bench [launches=400]  (needs sm_90 for the bulk variant)
 #include <cuda_runtime.h>
