@@ -36,7 +36,8 @@
 // after it has used its first step's 8 loads and then its second's, and the
 // program prints their percentiles after the launch's first warp started.
 // A third timed form (tiled, "one step in flight") issues the second step's
-// loads only after the first step's data were used. It asks whether any
+// loads only after the first step's data were used; a fourth adds the
+// steps' scale and bias loads, as the decode kernel makes them. It asks whether any
 // warp's first step comes back early, or every warp's data only at the end
 // of the launch's ~14 MB (what the decode trace shows for gate+up: the
 // tensor-core work then runs after the last bytes, docs/performance.md).
@@ -128,9 +129,14 @@ __device__ __forceinline__ unsigned long long now_ns(uint32_t after) {
 // The same loads, timed: t[3 · warp + 0..2] = before the loads, after step 1
 // was used, after step 2 (warp = the launch's global warp index). ONE: step
 // 2's loads go out only after step 1's data were used.
-template <bool TILED, bool ONE>
+// SB: also each step's scales and biases (bf16, groups of 64: [expert][m][row][group]), loaded as
+// the decode kernel loads them (mma_load_step_at with both columns of a lane in one group): 2-byte
+// loads of rows g and g + 8 for the lane's group, four a matrix a step.
+constexpr int kGroups = kCols / 64;
+template <bool TILED, bool ONE, bool SB = false>
 __global__ void __launch_bounds__(kWarps * 32) gate_up_timed(const uint4* w, const int* ex, uint32_t* out,
-                                                             unsigned long long* t) {
+                                                             unsigned long long* t, const uint16_t* sc = nullptr,
+                                                             const uint16_t* bi = nullptr) {
   const int tile = blockIdx.x, slot = blockIdx.y;
   const uint4* base = w + int64_t(ex[slot]) * kExpertU4;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -144,14 +150,33 @@ __global__ void __launch_bounds__(kWarps * 32) gate_up_timed(const uint4* w, con
     });
   };
   load(0, ONE ? 8 : 16);
+  uint32_t sbv[2][2][4] = {};  // [step][matrix][scale g, bias g, scale g+8, bias g+8]
+  if constexpr (SB) {
+    const int g = lane >> 2, tt = lane & 3;
+#pragma unroll
+    for (int step = 0; step < 2; ++step) {
+      const int sx = warp + 2 * kSplits * step, sy = sx + kSplits;
+      const int gi = (4 * (tt < 2 ? sx : sy) + 2 * (tt & 1)) >> 1;
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        const int64_t r0 = (int64_t(ex[slot]) * 2 + m) * kRows + tile * 16 + g;
+        sbv[step][m][0] = __ldg(sc + r0 * kGroups + gi), sbv[step][m][1] = __ldg(bi + r0 * kGroups + gi);
+        sbv[step][m][2] = __ldg(sc + (r0 + 8) * kGroups + gi), sbv[step][m][3] = __ldg(bi + (r0 + 8) * kGroups + gi);
+      }
+    }
+  }
   uint32_t x1 = 0, x2 = 0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) x1 ^= xor4(v[i]);
+#pragma unroll
+  for (int m = 0; m < 2; ++m) x1 ^= sbv[0][m][0] ^ sbv[0][m][1] ^ sbv[0][m][2] ^ sbv[0][m][3];
   x1 = __reduce_xor_sync(0xffffffffu, x1);  // every lane's step 1 arrived
   const unsigned long long t1 = now_ns(x1);
   if (ONE) load(8, 16);
 #pragma unroll
   for (int i = 8; i < 16; ++i) x2 ^= xor4(v[i]);
+#pragma unroll
+  for (int m = 0; m < 2; ++m) x2 ^= sbv[1][m][0] ^ sbv[1][m][1] ^ sbv[1][m][2] ^ sbv[1][m][3];
   x2 = __reduce_xor_sync(0xffffffffu, x2);
   const unsigned long long t2 = now_ns(x2);
   if (lane == 0) {
@@ -287,8 +312,18 @@ int main(int argc, char** argv) {
   const int warps = kTiles * kPicked * kWarps;
   unsigned long long* d_t;
   CK(cudaMalloc(&d_t, size_t(launches) * warps * 3 * 8));
-  constexpr int kTimed = 3;
-  const char* tnames[kTimed] = {"row-major", "tiled", "tiled, one step in flight"};
+  constexpr int kTimed = 4;
+  const char* tnames[kTimed] = {"row-major", "tiled", "tiled, one step in flight", "row-major + scales, biases"};
+  // Random scales and biases for the fourth form (the XOR check leaves it out: it reads more).
+  const size_t n_sb = size_t(kExperts) * 2 * kRows * kGroups;
+  std::vector<uint16_t> h_sb(n_sb);
+  for (auto& u : h_sb) u = uint16_t(rng());
+  uint16_t *d_sc, *d_bi;
+  CK(cudaMalloc(&d_sc, n_sb * 2));
+  CK(cudaMalloc(&d_bi, n_sb * 2));
+  CK(cudaMemcpy(d_sc, h_sb.data(), n_sb * 2, cudaMemcpyHostToDevice));
+  std::reverse(h_sb.begin(), h_sb.end());
+  CK(cudaMemcpy(d_bi, h_sb.data(), n_sb * 2, cudaMemcpyHostToDevice));
   std::vector<unsigned long long> t(size_t(launches) * warps * 3);
   for (int v = 0; v < kTimed; ++v) {
     CK(cudaMemsetAsync(d_out, 0, size_t(launches) * 4, s));
@@ -298,7 +333,8 @@ int main(int argc, char** argv) {
       unsigned long long* tl_ = d_t + size_t(l) * warps * 3;
       if (v == 0) gate_up_timed<false, false><<<grid, block, 0, s>>>(d_rm, e, d_out + l, tl_);
       else if (v == 1) gate_up_timed<true, false><<<grid, block, 0, s>>>(d_tl, e, d_out + l, tl_);
-      else gate_up_timed<true, true><<<grid, block, 0, s>>>(d_tl, e, d_out + l, tl_);
+      else if (v == 2) gate_up_timed<true, true><<<grid, block, 0, s>>>(d_tl, e, d_out + l, tl_);
+      else gate_up_timed<false, false, true><<<grid, block, 0, s>>>(d_rm, e, d_out + l, tl_, d_sc, d_bi);
     }
     CK(cudaEventRecord(b, s));
     CK(cudaEventSynchronize(b));
@@ -307,7 +343,7 @@ int main(int argc, char** argv) {
     CK(cudaMemcpy(t.data(), d_t, t.size() * 8, cudaMemcpyDeviceToHost));
     std::vector<uint32_t> o(static_cast<size_t>(launches));
     CK(cudaMemcpy(o.data(), d_out, o.size() * 4, cudaMemcpyDeviceToHost));
-    for (int l = 0; l < launches; ++l)
+    for (int l = 0; l < launches && v < 3; ++l)
       if (o[size_t(l)] != out[size_t(l)]) {
         std::fprintf(stderr, "weight_layout_bench: timed %s launch %d read other data than row-major\n", tnames[v], l);
         return 1;
