@@ -37,14 +37,14 @@
 // program prints their percentiles after the launch's first warp started.
 // A third timed form (tiled, "one step in flight") issues the second step's
 // loads only after the first step's data were used; a fourth adds the
-// steps' scale and bias loads, as the decode kernel makes them. It asks whether any
-// warp's first step comes back early, or every warp's data only at the end
-// of the launch's ~14 MB (what the decode trace shows for gate+up: the
-// tensor-core work then runs after the last bytes, docs/performance.md).
-// H100, 2026-11-28: alone, the first steps do come back early (row-major,
-// median 2.2 us after the launch's first warp, the second step 3.6), unlike
-// inside the decode step (~5 us after issue); the bench leaves out the
-// scale and bias loads. (The timed launches are plain launches, no graph.)
+// steps' scale and bias loads, as the decode kernel makes them. It asks
+// whether any warp's first step comes back early, or every warp's data only
+// at the end of the launch's ~14 MB (what the decode trace shows for
+// gate+up: the tensor-core work then runs after the last bytes,
+// docs/performance.md). H100, 2026-11-28, the first three forms: alone, the
+// first steps do come back early (row-major, median 2.2 us after the
+// launch's first warp, the second step 3.6), unlike inside the decode step
+// (~5 us after issue). (The timed launches are plain launches, no graph.)
 //
 // Usage: weight_layout_bench [launches=400]  (needs sm_90 for the bulk variant)
 #include <cuda_runtime.h>
@@ -336,6 +336,7 @@ int main(int argc, char** argv) {
       else if (v == 2) gate_up_timed<true, true><<<grid, block, 0, s>>>(d_tl, e, d_out + l, tl_);
       else gate_up_timed<false, false, true><<<grid, block, 0, s>>>(d_rm, e, d_out + l, tl_, d_sc, d_bi);
     }
+    CK(cudaGetLastError());
     CK(cudaEventRecord(b, s));
     CK(cudaEventSynchronize(b));
     float ms = 0;
