@@ -311,7 +311,11 @@ __global__ void fill_weights(uint4* w, size_t n, uint32_t seed) {
   }
 }
 
-void launch_phase(const Phase& p, int grid, bool pdl, cudaStream_t s) {
+// One phase: its mat-vec kernel, or for a reduction (no weights) its
+// one-block kernel; `arg` is the kernels' second parameter.
+template <typename A>
+void launch_phase_with(void (*matvec)(Phase, A), void (*reduce)(Phase, A), const Phase& p, int grid, bool pdl, A arg,
+                       cudaStream_t s) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(p.w ? grid : 1);
   cfg.blockDim = dim3(kThreads);
@@ -321,23 +325,19 @@ void launch_phase(const Phase& p, int grid, bool pdl, cudaStream_t s) {
   attr.val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  if (p.w) CK(cudaLaunchKernelEx(&cfg, chain_matvec, p, int(pdl)));
-  else CK(cudaLaunchKernelEx(&cfg, chain_reduce, p, int(pdl)));
+  CK(cudaLaunchKernelEx(&cfg, p.w ? matvec : reduce, p, arg));
+}
+void launch_phase(const Phase& p, int grid, bool pdl, cudaStream_t s) {
+  launch_phase_with(chain_matvec, chain_reduce, p, grid, pdl, int(pdl), s);
+}
+// The flag chains launch with PDL too: the attribute lets a grid start
+// before its producer ends; the flags, not griddepcontrol.wait, order them.
+void launch_flag_phase(const Phase& p, int grid, const Flags& f, cudaStream_t s) {
+  launch_phase_with(flag_matvec, flag_reduce, p, grid, true, f, s);
 }
 
-void launch_flag_phase(const Phase& p, int grid, const Flags& f, cudaStream_t s) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(p.w ? grid : 1);
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = s;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  if (p.w) CK(cudaLaunchKernelEx(&cfg, flag_matvec, p, f));
-  else CK(cudaLaunchKernelEx(&cfg, flag_reduce, p, f));
-}
+// chain-wide's grid: a warp a row.
+int wide_grid(const Phase& p) { return p.w ? (p.rows + kWarps - 1) / kWarps : 1; }
 
 }  // namespace
 
@@ -434,34 +434,34 @@ int main(int argc, char** argv) {
   // resident grid as the persistent kernel's.
   // A third graph gives every warp one row (grids of rows / 8 blocks, as
   // zmlx's kernels are launched), PDL on.
-  cudaGraphExec_t chain[3];
-  for (int v = 0; v < 3; ++v) {
+  auto capture = [&](auto&& launch_all) {
     cudaGraph_t g;
+    cudaGraphExec_t exec;
     CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    for (const Phase& p : phases) launch_phase(p, v == 2 ? (p.rows + kWarps - 1) / kWarps : grid, v != 0, s);
+    launch_all();
     CK(cudaStreamEndCapture(s, &g));
-    CK(cudaGraphInstantiate(&chain[v], g, 0));
+    CK(cudaGraphInstantiate(&exec, g, 0));
     CK(cudaGraphDestroy(g));
-  }
+    return exec;
+  };
+  cudaGraphExec_t chain[3];
+  for (int v = 0; v < 3; ++v)
+    chain[v] = capture([&] {
+      for (const Phase& p : phases) launch_phase(p, v == 2 ? wide_grid(p) : grid, v != 0, s);
+    });
   // The flag chains: chain-wide's grids, a counter a phase (zeroed by reset()).
   // Variants: one counter a phase; 32; 32 with every kernel triggering first.
   const int flag_lanes[3] = {1, 32, 32}, flag_early[3] = {0, 0, 1};
   cudaGraphExec_t flag_chain[3];
-  for (int v = 0; v < 3; ++v) {
-    cudaGraph_t g;
-    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    unsigned prev_grid = 0;
-    for (size_t k = 0; k < phases.size(); ++k) {
-      const Phase& p = phases[k];
-      const int pg = p.w ? (p.rows + kWarps - 1) / kWarps : 1;
-      Flags f{k ? flags + 32 * kFlagStride * (k - 1) : nullptr, prev_grid, flags + 32 * kFlagStride * k, flag_early[v], flag_lanes[v]};
-      launch_flag_phase(p, pg, f, s);
-      prev_grid = unsigned(pg);
-    }
-    CK(cudaStreamEndCapture(s, &g));
-    CK(cudaGraphInstantiate(&flag_chain[v], g, 0));
-    CK(cudaGraphDestroy(g));
-  }
+  for (int v = 0; v < 3; ++v)
+    flag_chain[v] = capture([&] {
+      for (size_t k = 0; k < phases.size(); ++k) {
+        unsigned* mine = flags + 32 * kFlagStride * k;
+        const Flags f{k ? mine - 32 * kFlagStride : nullptr, k ? unsigned(wide_grid(phases[k - 1])) : 0u, mine,
+                      flag_early[v], flag_lanes[v]};
+        launch_flag_phase(phases[k], wide_grid(phases[k]), f, s);
+      }
+    });
 
   const float* final_out = phases.back().out;
   std::vector<float> ref(kIn), got(kIn);
