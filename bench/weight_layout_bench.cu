@@ -45,6 +45,15 @@
 // first steps do come back early (row-major, median 2.2 us after the
 // launch's first warp, the second step 3.6), unlike inside the decode step
 // (~5 us after issue). (The timed launches are plain launches, no graph.)
+// The later forms take the decode step's other differences apart: every
+// block released at once (a PDL launch behind a one-warp hold); the experts
+// spread over 10 GB as the real weights are; the chosen experts' pages
+// touched first (prefetched or loaded, to rule address translation in or
+// out); the scales and biases packed a lane's four to one 8-byte load.
+// H100, 2026-11-28: the scales cost the median first step 1.1 us, the
+// spread 0.3-0.4; release, touching and packing change nothing (packing:
+// the first step later still); docs/performance.md, "Where gate+up's first
+// steps go".
 //
 // Usage: weight_layout_bench [launches=400]  (needs sm_90 for the bulk variant)
 #include <cuda_runtime.h>
@@ -133,12 +142,26 @@ __device__ __forceinline__ unsigned long long now_ns(uint32_t after) {
 // the decode kernel loads them (mma_load_step_at with both columns of a lane in one group): 2-byte
 // loads of rows g and g + 8 for the lane's group, four a matrix a step.
 constexpr int kGroups = kCols / 64;
-template <bool TILED, bool ONE, bool SB = false>
+// REL ("released together"): the launch follows hold_then_release with
+// programmatic dependent launch, so every block is resident and waiting
+// when the hold ends and all issue their loads at once, as the decode
+// kernels' blocks do at their griddepcontrol.wait; the time starts after
+// the wait.
+// PK (with SB): the same number of scale and bias bytes, laid out so that
+// a lane's four values of a matrix's step (scale and bias of rows g and
+// g + 8 in its group) are one 8-byte load and a warp's 32 of them one
+// contiguous 256 bytes: `sc` then holds, per expert, [matrix][tile][warp]
+// [step][lane] of uint2 (ss: uint16 an expert); bi is unused.
+template <bool TILED, bool ONE, bool SB = false, bool REL = false, bool PK = false>
 __global__ void __launch_bounds__(kWarps * 32) gate_up_timed(const uint4* w, const int* ex, uint32_t* out,
                                                              unsigned long long* t, const uint16_t* sc = nullptr,
-                                                             const uint16_t* bi = nullptr) {
+                                                             const uint16_t* bi = nullptr, int64_t es = kExpertU4,
+                                                             int64_t ss = 2 * kRows * kGroups) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (REL) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   const int tile = blockIdx.x, slot = blockIdx.y;
-  const uint4* base = w + int64_t(ex[slot]) * kExpertU4;
+  const uint4* base = w + int64_t(ex[slot]) * es;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const unsigned long long t0 = now_ns(0);
   uint4 v[16];
@@ -159,9 +182,16 @@ __global__ void __launch_bounds__(kWarps * 32) gate_up_timed(const uint4* w, con
       const int gi = (4 * (tt < 2 ? sx : sy) + 2 * (tt & 1)) >> 1;
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
-        const int64_t r0 = (int64_t(ex[slot]) * 2 + m) * kRows + tile * 16 + g;
-        sbv[step][m][0] = __ldg(sc + r0 * kGroups + gi), sbv[step][m][1] = __ldg(bi + r0 * kGroups + gi);
-        sbv[step][m][2] = __ldg(sc + (r0 + 8) * kGroups + gi), sbv[step][m][3] = __ldg(bi + (r0 + 8) * kGroups + gi);
+        if constexpr (PK) {
+          const uint2 q = __ldg(reinterpret_cast<const uint2*>(sc + int64_t(ex[slot]) * ss) +
+                                (((m * kTiles + tile) * kWarps + warp) * 2 + step) * 32 + lane);
+          sbv[step][m][0] = q.x & 0xFFFFu, sbv[step][m][1] = q.x >> 16;
+          sbv[step][m][2] = q.y & 0xFFFFu, sbv[step][m][3] = q.y >> 16;
+          continue;
+        }
+        const int64_t r0 = int64_t(ex[slot]) * ss + (int64_t(m) * kRows + tile * 16 + g) * kGroups + gi;
+        sbv[step][m][0] = __ldg(sc + r0), sbv[step][m][1] = __ldg(bi + r0);
+        sbv[step][m][2] = __ldg(sc + r0 + 8 * kGroups), sbv[step][m][3] = __ldg(bi + r0 + 8 * kGroups);
       }
     }
   }
@@ -184,6 +214,58 @@ __global__ void __launch_bounds__(kWarps * 32) gate_up_timed(const uint4* w, con
     t[3 * gw] = t0, t[3 * gw + 1] = t1, t[3 * gw + 2] = t2;
     atomicXor(out, x1 ^ x2);
   }
+}
+
+// One warp: lets the next launch's blocks in at once, then holds them at
+// their griddepcontrol.wait for `ns`.
+__global__ void hold_then_release(unsigned ns) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  const unsigned long long end = now_ns(0) + ns;
+  while (now_ns(0) < end) {
+  }
+}
+
+// Pseudo-random words (a hash of the index) for the spread forms' 11 GB,
+// filled on the device: no host copy of that size.
+__global__ void fill_hash(uint32_t* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t x = uint32_t(i) * 0x9E3779B1u ^ uint32_t(i >> 32) ^ seed * 0x85EBCA6Bu;
+    x ^= x >> 16, x *= 0x7FEB352Du, x ^= x >> 15, x *= 0x846CA68Bu, x ^= x >> 16;
+    p[i] = x;
+  }
+}
+
+// One block, before a spread form's PDL launch: lets it in at once, then
+// (mode 1) prefetches to L2, or (mode 2) loads, one 16-byte line in every
+// 64 KB of the 8 experts' gate and up words and scales and biases, so their
+// address translations are cached; mode 0 touches nothing. Then it holds
+// the launch at its wait for 2 us (what the top-k kernel's tail and
+// boundary leave before gate+up's release in the decode step).
+constexpr int64_t kSlotU4 = 2 * kMatrixU4, kSlotSbBytes = 2 * kRows * kGroups * 2;
+__global__ void touch_pages(const uint4* w, const uint16_t* sc, const uint16_t* bi, const int* ex, uint32_t* out,
+                            int mode) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  const unsigned long long end = now_ns(0) + 2000;
+  constexpr int kPerWords = int(kSlotU4 * 16 / 65536), kPerSb = int((kSlotSbBytes + 65535) / 65536);
+  constexpr int kPer = kPerWords + 2 * kPerSb;
+  uint32_t x = 0;
+  for (int i = threadIdx.x; mode != 0 && i < kPicked * kPer; i += blockDim.x) {
+    const int64_t e = ex[i / kPer];
+    const int j = i % kPer;
+    const char* p = j < kPerWords ? reinterpret_cast<const char*>(w + e * kSlotU4) + int64_t(j) * 65536
+                    : j < kPerWords + kPerSb
+                        ? reinterpret_cast<const char*>(sc) + e * kSlotSbBytes + int64_t(j - kPerWords) * 65536
+                        : reinterpret_cast<const char*>(bi) + e * kSlotSbBytes + int64_t(j - kPerWords - kPerSb) * 65536;
+    if (mode == 1) asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+    else x ^= __ldg(reinterpret_cast<const uint32_t*>(p));
+  }
+  while (now_ns(x) < end) {
+  }
+  if (mode == 2 && x == 0x12345678u) atomicXor(out, 1u);  // keeps the loads; practically never taken
 }
 
 using zmlx::cuda::dev::bulk_copy;
@@ -312,8 +394,44 @@ int main(int argc, char** argv) {
   const int warps = kTiles * kPicked * kWarps;
   unsigned long long* d_t;
   CK(cudaMalloc(&d_t, size_t(launches) * warps * 3 * 8));
-  constexpr int kTimed = 4;
-  const char* tnames[kTimed] = {"row-major", "tiled", "tiled, one step in flight", "row-major + scales, biases"};
+  constexpr int kTimed = 13;
+  const char* tnames[kTimed] = {"row-major", "tiled", "tiled, one step in flight", "row-major + scales, biases",
+                                "row-major, released together", "row-major + scales, released",
+                                "row-major, 10 GB spread", "row-major + scales, spread",
+                                "spread + scales, released", "spread + sc, released, prefetched",
+                                "spread + sc, released, loaded", "row-major + packed scales",
+                                "spread + packed scales"};
+  // The spread forms: 48 "layers" of 128 experts (9.7 GB of weights, 1.2 GB
+  // of scales and biases, as many 2 MB pages as Qwen3's routed gate and up
+  // span), each launch 8 experts of a random layer, so the launches touch
+  // pages all over the card's memory as the decode step does.
+  constexpr int kLayersSpread = 48, kSlots = kLayersSpread * kExperts;
+  constexpr int64_t kSlotSb = 2 * kRows * kGroups;  // uint16 of scales (or biases) a slot
+  uint4* d_big;
+  uint16_t *d_bsc, *d_bbi;
+  int* d_ex_big;
+  CK(cudaMalloc(&d_big, size_t(kSlots) * kExpertU4 * 16));
+  CK(cudaMalloc(&d_bsc, size_t(kSlots) * kSlotSb * 2));
+  CK(cudaMalloc(&d_bbi, size_t(kSlots) * kSlotSb * 2));
+  fill_hash<<<1024, 256, 0, s>>>(reinterpret_cast<uint32_t*>(d_big), size_t(kSlots) * kExpertU4 * 4, 1u);
+  fill_hash<<<1024, 256, 0, s>>>(reinterpret_cast<uint32_t*>(d_bsc), size_t(kSlots) * kSlotSb / 2, 2u);
+  fill_hash<<<1024, 256, 0, s>>>(reinterpret_cast<uint32_t*>(d_bbi), size_t(kSlots) * kSlotSb / 2, 3u);
+  // The packed forms' scales and biases: the same bytes a slot as both arrays together.
+  uint16_t *d_pk, *d_bpk;
+  CK(cudaMalloc(&d_pk, size_t(kExperts) * 2 * kSlotSb * 2));
+  CK(cudaMalloc(&d_bpk, size_t(kSlots) * 2 * kSlotSb * 2));
+  fill_hash<<<1024, 256, 0, s>>>(reinterpret_cast<uint32_t*>(d_pk), size_t(kExperts) * kSlotSb, 4u);
+  fill_hash<<<1024, 256, 0, s>>>(reinterpret_cast<uint32_t*>(d_bpk), size_t(kSlots) * kSlotSb, 5u);
+  CK(cudaGetLastError());
+  {
+    std::vector<int> exb(ex.size());
+    for (int l = 0; l < launches; ++l) {
+      const int layer = int(rng() % kLayersSpread);
+      for (int i = 0; i < kPicked; ++i) exb[size_t(l * kPicked + i)] = layer * kExperts + ex[size_t(l * kPicked + i)];
+    }
+    CK(cudaMalloc(&d_ex_big, exb.size() * 4));
+    CK(cudaMemcpy(d_ex_big, exb.data(), exb.size() * 4, cudaMemcpyHostToDevice));
+  }
   // Random scales and biases for the fourth form (the XOR check leaves it out: it reads more).
   const size_t n_sb = size_t(kExperts) * 2 * kRows * kGroups;
   std::vector<uint16_t> h_sb(n_sb);
@@ -324,6 +442,25 @@ int main(int argc, char** argv) {
   CK(cudaMemcpy(d_sc, h_sb.data(), n_sb * 2, cudaMemcpyHostToDevice));
   std::reverse(h_sb.begin(), h_sb.end());
   CK(cudaMemcpy(d_bi, h_sb.data(), n_sb * 2, cudaMemcpyHostToDevice));
+  // The released-together forms: a PDL launch behind a one-warp kernel
+  // (hold_then_release, or touch_pages mode 0..2 for the spread forms).
+  using Timed = void (*)(const uint4*, const int*, uint32_t*, unsigned long long*, const uint16_t*, const uint16_t*,
+                         int64_t, int64_t);
+  auto released = [&](Timed k, const uint4* w, const uint16_t* sc, const uint16_t* bi, int64_t ss, const int* e,
+                      uint32_t* o, unsigned long long* tl_, int touch) {
+    if (touch < 0) hold_then_release<<<1, 32, 0, s>>>(10000u);
+    else touch_pages<<<1, 256, 0, s>>>(d_big, d_bsc, d_bbi, e, o, touch);
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.stream = s;
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    CK(cudaLaunchKernelEx(&cfg, k, w, e, o, tl_, sc, bi, int64_t(kExpertU4), ss));
+  };
   std::vector<unsigned long long> t(size_t(launches) * warps * 3);
   for (int v = 0; v < kTimed; ++v) {
     CK(cudaMemsetAsync(d_out, 0, size_t(launches) * 4, s));
@@ -334,7 +471,24 @@ int main(int argc, char** argv) {
       if (v == 0) gate_up_timed<false, false><<<grid, block, 0, s>>>(d_rm, e, d_out + l, tl_);
       else if (v == 1) gate_up_timed<true, false><<<grid, block, 0, s>>>(d_tl, e, d_out + l, tl_);
       else if (v == 2) gate_up_timed<true, true><<<grid, block, 0, s>>>(d_tl, e, d_out + l, tl_);
-      else gate_up_timed<false, false, true><<<grid, block, 0, s>>>(d_rm, e, d_out + l, tl_, d_sc, d_bi);
+      else if (v == 3) gate_up_timed<false, false, true><<<grid, block, 0, s>>>(d_rm, e, d_out + l, tl_, d_sc, d_bi);
+      else if (v == 4) released(gate_up_timed<false, false, false, true>, d_rm, d_sc, d_bi, kSlotSb, e, d_out + l, tl_, -1);
+      else if (v == 5) released(gate_up_timed<false, false, true, true>, d_rm, d_sc, d_bi, kSlotSb, e, d_out + l, tl_, -1);
+      else if (v == 6)
+        gate_up_timed<false, false><<<grid, block, 0, s>>>(d_big, d_ex_big + l * kPicked, d_out + l, tl_, nullptr,
+                                                           nullptr, kExpertU4);
+      else if (v == 7)
+        gate_up_timed<false, false, true><<<grid, block, 0, s>>>(d_big, d_ex_big + l * kPicked, d_out + l, tl_, d_bsc,
+                                                                 d_bbi, kExpertU4, kSlotSb);
+      else if (v < 11)
+        released(gate_up_timed<false, false, true, true>, d_big, d_bsc, d_bbi, kSlotSb, d_ex_big + l * kPicked,
+                 d_out + l, tl_, v - 8);
+      else if (v == 11)
+        gate_up_timed<false, false, true, false, true><<<grid, block, 0, s>>>(d_rm, e, d_out + l, tl_, d_pk, nullptr,
+                                                                              kExpertU4, 2 * kSlotSb);
+      else
+        gate_up_timed<false, false, true, false, true><<<grid, block, 0, s>>>(
+            d_big, d_ex_big + l * kPicked, d_out + l, tl_, d_bpk, nullptr, kExpertU4, 2 * kSlotSb);
     }
     CK(cudaGetLastError());
     CK(cudaEventRecord(b, s));
@@ -344,7 +498,7 @@ int main(int argc, char** argv) {
     CK(cudaMemcpy(t.data(), d_t, t.size() * 8, cudaMemcpyDeviceToHost));
     std::vector<uint32_t> o(static_cast<size_t>(launches));
     CK(cudaMemcpy(o.data(), d_out, o.size() * 4, cudaMemcpyDeviceToHost));
-    for (int l = 0; l < launches && v < 3; ++l)
+    for (int l = 0; l < launches && (v < 3 || v == 4); ++l)
       if (o[size_t(l)] != out[size_t(l)]) {
         std::fprintf(stderr, "weight_layout_bench: timed %s launch %d read other data than row-major\n", tnames[v], l);
         return 1;
@@ -367,7 +521,7 @@ int main(int argc, char** argv) {
       std::snprintf(buf, sizeof buf, "%5.2f %5.2f %5.2f %5.2f %5.2f", at(0.05), at(0.25), at(0.5), at(0.75), at(0.95));
       return std::string(buf);
     };
-    std::printf("timed %-26s %6.2f us a launch; us after the launch's first warp, percentiles 5 25 50 75 95:\n",
+    std::printf("timed %-28s %6.2f us a launch; us after the launch's first warp, percentiles 5 25 50 75 95:\n",
                 tnames[v], ms * 1e3 / launches);
     std::printf("   first step used  %s\n   second step used %s\n   first step after its own issue %s\n",
                 pct(first).c_str(), pct(second).c_str(), pct(span).c_str());
