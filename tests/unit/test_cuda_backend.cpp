@@ -1337,6 +1337,78 @@ TEST(CudaOps, GroupedTopKInTheRouterLaunchIsBitIdentical) {
   EXPECT_FALSE(k::linear_route_and_swiglu_fits(qb.m, qg.m, qu.m, 4, 1, 1));
 }
 
+// Qwen3's softmax and LFM2's sigmoid + bias top-k inside the router's launch
+// (kern::linear_route: a cluster of the router's blocks, block 0 picking)
+// against linear() and the route op's own kernel, bit for bit: logits, ids
+// and bf16 scores, which start as NaN. Real shapes (128 experts: a
+// non-portable cluster of 16 blocks; 32) and small ones: 1, 2 and 4 values
+// a lane, 4-, 8-bit and bf16 routers, top-1 to top-16, tied biases.
+TEST(CudaOps, TopKInTheRouterLaunchIsBitIdentical) {
+  REQUIRE_GPU();
+  std::mt19937 rng(67);
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  struct S {
+    int64_t D, E;
+    int k, bits;
+    bool sigmoid, normalize;
+    float scaling;
+  };
+  for (S sz : {S{2048, 128, 8, 8, false, true, 1.f}, S{2048, 128, 8, 4, false, false, 1.f},
+               S{2048, 32, 4, 8, true, true, 1.f}, S{1088, 9, 3, 16, true, false, 2.5f},
+               S{480, 40, 16, 4, false, true, 1.f}, S{256, 96, 1, 16, false, true, 1.f},
+               S{512, 64, 6, 8, true, true, 1.5f}}) {
+    const std::string what = "E " + std::to_string(sz.E) + " k " + std::to_string(sz.k) + " bits " +
+                             std::to_string(sz.bits) + (sz.sigmoid ? " sigmoid" : " softmax");
+    const Weight router = sz.bits == 16 ? test::random_dense_weight(rng, 0, sz.E, sz.D)
+                                        : test::random_qweight(rng, 0, sz.E, sz.D, sz.bits, 64);
+    DevQ qr;
+    upload(router, qr);
+    if (major < 9 || k::kernels_ptx_version() < 90) {
+      EXPECT_FALSE(k::linear_route_fits(qr.m, sz.k)) << "no clusters, " << what;
+      continue;
+    }
+    ASSERT_TRUE(k::linear_route_fits(qr.m, sz.k)) << what;
+    for (int rep = 0; rep < 3; ++rep) {
+      std::uniform_real_distribution<float> ub(-0.05f, 0.05f);
+      std::vector<float> bias(size_t(sz.E), 0.01f);
+      if (rep != 1)  // rep 1: every bias equal
+        for (float& b : bias) b = ub(rng);
+      Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.D)), {1, sz.D});
+      DevBuf dx(x.data, x.nbytes()), db(bias.data(), bias.size() * 4);
+      DevBuf yf(size_t(sz.E) * 2), yr(size_t(sz.E) * 2);
+      DevBuf exf(size_t(sz.k) * 4), scf(size_t(sz.k) * 2), exr(size_t(sz.k) * 4), scr(size_t(sz.k) * 2);
+      const float eps = 1e-6f;
+      const k::TopKRoute tr{sz.sigmoid, static_cast<const float*>(db.p), sz.k, sz.normalize, eps, sz.scaling,
+                            !sz.sigmoid && k::route_packed_topk(int(sz.E), sz.k), static_cast<int32_t*>(exf.p),
+                            scf.u16()};
+      k::linear_route(dx.u16(), qr.m, yf.u16(), tr, nullptr);
+      k::linear(dx.u16(), 1, qr.m, yr.u16(), nullptr);
+      if (sz.sigmoid)
+        k::route_sigmoid(yr.u16(), static_cast<const float*>(db.p), 1, int(sz.E), sz.k, sz.normalize, eps, sz.scaling,
+                         static_cast<int32_t*>(exr.p), scr.u16(), nullptr);
+      else
+        k::route_softmax(yr.u16(), 1, int(sz.E), sz.k, sz.normalize, static_cast<int32_t*>(exr.p), scr.u16(), nullptr);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
+      ASSERT_TRUE(all_finite(yf.floats()) && all_finite(scf.floats())) << what;
+      EXPECT_EQ(yf.bytes(), yr.bytes()) << "router logits, " << what << ", launch " << rep;
+      const auto ids = exf.bytes();
+      EXPECT_EQ(ids, exr.bytes()) << "expert ids, " << what << ", launch " << rep;
+      EXPECT_EQ(scf.bytes(), scr.bytes()) << "scores, " << what << ", launch " << rep;
+      std::vector<int32_t> e(size_t(sz.k));
+      std::memcpy(e.data(), ids.data(), ids.size());
+      for (int32_t v : e) EXPECT_TRUE(v >= 0 && v < sz.E) << what;
+    }
+  }
+  // Past 128 experts, or past top-16: not taken.
+  DevQ qb;
+  upload(test::random_dense_weight(rng, 0, 136, 256), qb);
+  EXPECT_FALSE(k::linear_route_fits(qb.m, 4));
+  DevQ qs;
+  upload(test::random_dense_weight(rng, 0, 64, 256), qs);
+  EXPECT_FALSE(k::linear_route_fits(qs.m, 17));
+}
+
 // LFM2's conv block at one token in one launch (in_proj + short conv)
 // against its two ops, bit for bit, over several steps (the state carries
 // from one to the next): the real shape (the MMA path by size, 4 splits a

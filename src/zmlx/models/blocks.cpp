@@ -60,6 +60,13 @@ std::pair<Routing, Tensor> Backend::linear_route_grouped_and_swiglu(const Tensor
           std::move(h)};
 }
 
+Routing Backend::linear_route(const Tensor& x, const Weight& w, const TopKRouter& r) {
+  Tensor logits = linear(x, w);
+  if (!r.sigmoid) return route_softmax_topk(logits, r.k, r.normalize);
+  ZMLX_CHECK(r.bias != nullptr, "linear_route: the sigmoid router needs its expert bias");
+  return route_sigmoid_topk(logits, *r.bias, r.k, r.normalize, r.eps, r.scaling);
+}
+
 Tensor Backend::gather_qmm_combine_shared(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode,
                                           const Tensor& shared_h, const Weight& shared_down) {
   Tensor out = gather_qmm_combine(h, down, r, mode);
@@ -201,6 +208,16 @@ GroupedRouter MoeBlock::grouped_router() const {
   g.k = top_k, g.n_group = n_group, g.topk_group = topk_group;
   g.normalize = norm_topk_prob, g.eps = route_eps, g.scaling = routed_scaling;
   return g;
+}
+
+TopKRouter MoeBlock::topk_router() const {
+  ZMLX_CHECK(router_kind != RouterKind::SigmoidGroupedTopK, "{}: the grouped router is not a plain top-k router",
+             router.name);
+  TopKRouter t;
+  t.sigmoid = router_kind == RouterKind::SigmoidBiasTopK;
+  t.bias = t.sigmoid ? &expert_bias : nullptr;
+  t.k = top_k, t.normalize = norm_topk_prob, t.eps = route_eps, t.scaling = routed_scaling;
+  return t;
 }
 
 Routing MoeBlock::route_logits(Backend& be, const Tensor& logits) const {

@@ -91,6 +91,8 @@ class MoeBlock : public FeedForward {
   Routing route_logits(Backend& be, const Tensor& logits) const;
   // route_sigmoid_grouped_topk's parameters (router_kind SigmoidGroupedTopK).
   GroupedRouter grouped_router() const;
+  // route_softmax_topk's or route_sigmoid_topk's parameters (the other kinds).
+  TopKRouter topk_router() const;
 
  protected:
   // The expert computation for routed tokens -> [T, D]. The unfused form

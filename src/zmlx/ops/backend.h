@@ -44,6 +44,16 @@ struct GroupedRouter {
   float eps = 1e-6f, scaling = 1.0f;
 };
 
+// route_softmax_topk's (sigmoid false) or route_sigmoid_topk's parameters
+// after the logits.
+struct TopKRouter {
+  bool sigmoid = false;
+  const Tensor* bias = nullptr;  // sigmoid: F32 [E]
+  int64_t k = 0;
+  bool normalize = true;
+  float eps = 1e-6f, scaling = 1.0f;  // sigmoid only
+};
+
 // How y = Σ_j score_j · y_j is rounded (it differs per family, spec §0.3).
 enum class CombineMode {
   Bf16Products,  // Qwen3 / LFM2: bf16 products, summed in fp32, rounded to bf16
@@ -234,6 +244,11 @@ class Backend {
   virtual std::pair<Routing, Tensor> linear_route_grouped_and_swiglu(const Tensor& x, const Weight& w,
                                                                      const GroupedRouter& router, const Weight& gate,
                                                                      const Weight& up);
+  // linear(x, w), then route_softmax_topk or route_sigmoid_topk of the
+  // logits with `router`'s parameters, with those ops' bits; a backend may
+  // pick the experts inside the router's launch (Qwen3's and LFM2's fused
+  // MoE blocks).
+  virtual Routing linear_route(const Tensor& x, const Weight& w, const TopKRouter& router);
   // gather_qmm_combine(h, down, r, mode), then add(out, linear(shared_h,
   // shared_down)): the routed experts' output plus the shared expert's, with
   // those ops' bits; a backend may launch it as one.

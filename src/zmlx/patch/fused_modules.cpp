@@ -9,7 +9,9 @@ FusedMoe::FusedMoe(std::unique_ptr<MoeBlock> inner) : inner_(std::move(inner)) {
 Tensor FusedMoe::forward(Backend& be, const Tensor& x) {
   const MoeBlock& m = *inner_;
   if (!m.shared_expert) {
-    const Routing r = m.route(be, x);
+    // The router's linear and its top-k: one launch where the backend can.
+    const Routing r = m.router_kind == RouterKind::SigmoidGroupedTopK ? m.route(be, x)
+                                                                      : be.linear_route(x, m.router, m.topk_router());
     Tensor h = be.gather_qmm_swiglu(x, m.gate_proj, m.up_proj, r);
     return be.gather_qmm_combine(h, m.down_proj, r, m.combine);
   }

@@ -1089,6 +1089,34 @@ class CudaBackend final : public Backend {
     return Backend::linear_route_grouped_and_swiglu(x, w, gr, gate, up);
   }
 
+  // The router's linear and its softmax or sigmoid top-k in one launch
+  // (kern::linear_route): Qwen3's and LFM2's top-k kernel leaves the step.
+  Routing linear_route(const Tensor& x, const Weight& w, const TopKRouter& tr) override {
+    const kern::QMat mw = qmat(w);
+    if (x.rows() == 1 && (!tr.sigmoid || tr.bias) && kern::linear_route_fits(mw, int(tr.k))) {
+      check_input(x, w);
+      Tensor logits = alloc(DType::BF16, {1, w.rows});
+      Routing r = new_routing(logits, tr.k, DType::BF16, tr.sigmoid ? tr.bias : nullptr);
+      routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet
+      Prof p_(this, "linear_route");
+      const kern::TopKRoute kr{tr.sigmoid,
+                               tr.sigmoid ? static_cast<const float*>(tr.bias->data) : nullptr,
+                               int(tr.k),
+                               tr.normalize,
+                               tr.eps,
+                               tr.scaling,
+                               !tr.sigmoid && kern::route_packed_topk(int(w.rows), int(tr.k)),
+                               static_cast<int32_t*>(r.experts.data),
+                               static_cast<uint16_t*>(r.scores.data)};
+      kern::linear_route(bf16p(x), mw, bf16p(logits), kr, stream_);
+      // gather_qmm_swiglu's x_ready, as after linear() and a route op (the
+      // grouped form's bookkeeping, linear_route_grouped_and_swiglu).
+      last_linear_input_ = x.data, last_linear_op_ = op_seq_ - 1, route_op_ = op_seq_;
+      return r;
+    }
+    return Backend::linear_route(x, w, tr);
+  }
+
   Tensor linear_swiglu(const Tensor& x, const Weight& gate, const Weight& up) override {
     ZMLX_CHECK(x.cols() == gate.cols && x.cols() == up.cols && up.rows == gate.rows, "{}: linear_swiglu shape mismatch",
                gate.name);

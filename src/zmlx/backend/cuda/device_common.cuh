@@ -138,6 +138,35 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
                 "l"(src), "r"(bytes), "r"(smem_addr(bar))
                 : "memory");
 }
+// One 32-bit word into block `rank`'s shared memory at `local`'s offset,
+// counted (4 bytes) against that block's barrier at `bar`'s offset
+// (st.async): the target learns of it from its barrier, so the writer needs
+// no cluster-wide release (whose fence also waits for the block's global
+// stores).
+__device__ __forceinline__ void st_async_cluster_u32(const void* local, const uint64_t* bar, uint32_t rank,
+                                                     uint32_t v) {
+  uint32_t ra = 0, rb = 0;
+  ZMLX_SM90_ASM("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(smem_addr(local)), "r"(rank));
+  ZMLX_SM90_ASM("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rb) : "r"(smem_addr(bar)), "r"(rank));
+  ZMLX_SM90_ASM("st.async.shared::cluster.mbarrier::complete_tx::bytes.u32 [%0], %1, [%2];" ::"r"(ra), "r"(v), "r"(rb)
+                : "memory");
+}
+// mbar_wait for words other blocks of the cluster stored (st.async): acquire
+// at cluster scope.
+__device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    ZMLX_SM90_ASM(
+        "{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+}
+// The cluster's barrier ordering no memory: after mbar_init_fence, barriers a
+// block initialised before it are usable from every block after it.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+  ZMLX_SM90_ASM("barrier.cluster.arrive.relaxed;\n\tbarrier.cluster.wait;" ::: "memory");
+}
 #undef ZMLX_SM90_ASM
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"

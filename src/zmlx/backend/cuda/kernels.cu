@@ -2748,20 +2748,19 @@ __device__ void warp_topk_packed(const float (&key)[PL], int E, int k, int& my_i
   }
 }
 
-template <int PL>
-__global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k, bool normalize, int32_t* ex,
-                                     uint16_t* scores, bool packed, bool trigger_first) {
-  ZMLX_TRACE_BLOCK_END();
-  pdl_begin(trigger_first);
-  const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (t >= T) return;
-  const uint16_t* l = logits + int64_t(t) * E;
+// One token's softmax top-k (route_softmax_kernel), one warp: logits l
+// [E] (global or shared memory, expert e's at l[LS·e]) -> its k ids and
+// bf16 scores.
+template <int PL, int LS = 1>
+__device__ __forceinline__ void route_softmax_token(const uint16_t* l, int E, int k, bool normalize, bool packed,
+                                                    int32_t* ex, uint16_t* scores) {
+  const int lane = threadIdx.x & 31;
   float z[PL], p[PL];
   float mx = -INFINITY;
   #pragma unroll
   for (int i = 0; i < PL; ++i) {
     const int e = lane + 32 * i;
-    z[i] = e < E ? bf(l[e]) : -INFINITY;
+    z[i] = e < E ? bf(l[LS * e]) : -INFINITY;
     mx = fmaxf(mx, z[i]);
   }
   mx = warp_max(mx);
@@ -2771,34 +2770,42 @@ __global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k
   sum = warp_sum(sum);
   #pragma unroll
   for (int i = 0; i < PL; ++i) p[i] = lane + 32 * i < E ? rbf(expf(z[i] - mx) / sum) : -INFINITY;
-  ZMLX_TRACE_MARK(0);  // trace: the probabilities
   int id;
   float w, total;
   if (packed)
     warp_topk_packed(p, E, k, id, w, total);
   else
     warp_topk_picks(p, p, E, k, id, w, total);
-  ZMLX_TRACE_MARK(1);  // trace: the picks
   if (lane < k) {
     const float denom = rbf(total);
-    ex[int64_t(t) * k + lane] = id;
-    scores[int64_t(t) * k + lane] = to_bf(normalize ? w / denom : w);
+    ex[lane] = id;
+    scores[lane] = to_bf(normalize ? w / denom : w);
   }
 }
 
 template <int PL>
-__global__ void route_sigmoid_kernel(const uint16_t* logits, const float* bias, int T, int E, int k, bool normalize,
-                                     float eps, float scaling, int32_t* ex, uint16_t* scores, bool trigger_first) {
+__global__ void route_softmax_kernel(const uint16_t* logits, int T, int E, int k, bool normalize, int32_t* ex,
+                                     uint16_t* scores, bool packed, bool trigger_first) {
   ZMLX_TRACE_BLOCK_END();
   pdl_begin(trigger_first);
-  const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  const int t = blockIdx.x * 4 + (threadIdx.x >> 5);
   if (t >= T) return;
-  const uint16_t* l = logits + int64_t(t) * E;
+  route_softmax_token<PL>(logits + int64_t(t) * E, E, k, normalize, packed, ex + int64_t(t) * k,
+                          scores + int64_t(t) * k);
+  ZMLX_TRACE_MARK(1);  // trace: the picks stored
+}
+
+// One token's sigmoid + bias top-k (route_sigmoid_kernel), one warp.
+template <int PL, int LS = 1>
+__device__ __forceinline__ void route_sigmoid_token(const uint16_t* l, const float* bias, int E, int k,
+                                                    bool normalize, float eps, float scaling, int32_t* ex,
+                                                    uint16_t* scores) {
+  const int lane = threadIdx.x & 31;
   float sw[PL], sel_key[PL];
   #pragma unroll
   for (int i = 0; i < PL; ++i) {
     const int e = lane + 32 * i;
-    sw[i] = e < E ? rbf(1.0f / (1.0f + expf(-bf(l[e])))) : 0.f;
+    sw[i] = e < E ? rbf(1.0f / (1.0f + expf(-bf(l[LS * e])))) : 0.f;
     sel_key[i] = e < E ? sw[i] + bias[e] : -INFINITY;
   }
   int id;
@@ -2807,9 +2814,20 @@ __global__ void route_sigmoid_kernel(const uint16_t* logits, const float* bias, 
   if (lane < k) {
     const float denom = rbf(rbf(total) + eps);
     if (normalize) w = rbf(w / denom);
-    ex[int64_t(t) * k + lane] = id;
-    scores[int64_t(t) * k + lane] = to_bf(w * scaling);
+    ex[lane] = id;
+    scores[lane] = to_bf(w * scaling);
   }
+}
+
+template <int PL>
+__global__ void route_sigmoid_kernel(const uint16_t* logits, const float* bias, int T, int E, int k, bool normalize,
+                                     float eps, float scaling, int32_t* ex, uint16_t* scores, bool trigger_first) {
+  ZMLX_TRACE_BLOCK_END();
+  pdl_begin(trigger_first);
+  const int t = blockIdx.x * 4 + (threadIdx.x >> 5);
+  if (t >= T) return;
+  route_sigmoid_token<PL>(logits + int64_t(t) * E, bias, E, k, normalize, eps, scaling, ex + int64_t(t) * k,
+                          scores + int64_t(t) * k);
 }
 
 // ---------------------------------------------------------------- short conv
@@ -3314,6 +3332,63 @@ __global__ void __launch_bounds__(256) linear_route_and_swiglu_decode_kernel(con
   ZMLX_TRACE_MARK(3);  // trace: the picks stored
 }
 
+// linear_decode_kernel for a softmax or a sigmoid + bias router (one token,
+// at most 128 experts), with the top-k in the same launch: the router's wb
+// blocks (a row a warp) are one thread-block cluster. Each warp stores its
+// logit to y and, by st.async, into block 0's shared memory, counted against
+// block 0's barrier; block 0's first warp waits on that barrier and picks
+// the experts with route_softmax_kernel's or route_sigmoid_kernel's own
+// token function (their bits). The barrier is set up before the
+// programmatic-launch wait, behind one relaxed cluster barrier, so after the
+// wait nothing but the logits' own arrival stands between the rows and the
+// picks (a cluster barrier with release there waited ~1 us for the blocks'
+// global stores: H100 trace, 2026-11-28). The top-k's launch and kernel
+// boundary leave the step (Qwen3, LFM2), as GLM's grouped top-k left it in
+// linear_route_and_swiglu_decode_kernel above, whose dry run before the wait
+// this kernel repeats.
+constexpr int kRouteInRouterMaxE = 16 * kRowsPerDecodeBlock;  // 128: 16 blocks, a non-portable cluster past 8
+
+// Logits as 32-bit words in shared memory (st.async stores no 16-bit
+// values): the bf16 in the low half, read as uint16 at stride 2.
+template <int PL, bool SIG>
+__device__ __noinline__ void route_token_call(const uint32_t* l32, TopKRoute r, int E, int32_t* ex, uint16_t* scores) {
+  const uint16_t* l = reinterpret_cast<const uint16_t*>(l32);
+  if (SIG) route_sigmoid_token<PL, 2>(l, r.bias, E, r.k, r.normalize, r.eps, r.scaling, ex, scores);
+  else route_softmax_token<PL, 2>(l, E, r.k, r.normalize, r.packed, ex, scores);
+}
+
+template <int WB, bool SX, int PL, bool SIG>
+__global__ void __launch_bounds__(256) linear_route_decode_kernel(const uint16_t* x, QMat w, uint16_t* y, bool pre,
+                                                                  TopKRoute ra) {
+  ZMLX_TRACE_BLOCK_END();
+  __shared__ uint32_t logits_s[kRouteInRouterMaxE];  // block 0's: every router row's logit
+  __shared__ __align__(8) uint64_t arrived;           // block 0's: counts the logits' bytes
+  const int E = int(w.rows);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    mbar_init(&arrived, 1);
+    mbar_init_fence();
+    mbar_expect_tx(&arrived, uint32_t(E) * 4);  // the phase's one arrival; it completes with the E words
+  }
+  cluster_sync_relaxed();  // block 0's barrier exists before any block stores to it
+  if (blockIdx.x == 0 && threadIdx.x < 32) {  // the dry run (zeros as logits, picks into shared memory)
+    __shared__ uint32_t dry_l[kRouteInRouterMaxE];
+    __shared__ int32_t dry_ex[32];
+    __shared__ uint16_t dry_scores[32];
+    for (int i = threadIdx.x; i < kRouteInRouterMaxE; i += 32) dry_l[i] = 0;
+    __syncwarp();
+    route_token_call<PL, SIG>(dry_l, ra, E, dry_ex, dry_scores);
+  }
+  decode_row_to<WB, kPreChunks, SX>(w, decode_row0(), x, pre, [&](int64_t r, uint16_t v) {
+    y[r] = v;
+    st_async_cluster_u32(logits_s + r, &arrived, 0, v);
+  });
+  if (blockIdx.x != 0 || threadIdx.x >= 32) return;
+  mbar_wait_cluster(&arrived, 0);
+  ZMLX_TRACE_MARK(2);  // trace: every router row in block 0
+  route_token_call<PL, SIG>(logits_s, ra, E, ra.experts, ra.scores);
+  ZMLX_TRACE_MARK(3);  // trace: the picks stored
+}
+
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
 }  // namespace
@@ -3701,12 +3776,14 @@ void by_per_lane(int E, F&& f) {
   else f(std::integral_constant<int, 16>{});
 }
 
+bool route_packed_topk(int E, int k) { return k <= E && env_on("ZMLX_CUDA_PACKED_TOPK"); }
+
 void route_softmax(const uint16_t* logits, int T, int E, int k, bool normalize, int32_t* experts, uint16_t* scores,
                    cudaStream_t s) {
   if (E > 32 * kRouteMaxPerLane || k > 16) throw std::runtime_error("CUDA router: at most 512 experts, top-16");
   by_per_lane(E, [&](auto pl) {
     launch_short(route_softmax_kernel<decltype(pl)::value>, dim3(unsigned((T + 3) / 4)), dim3(128), s, logits, T, E, k,
-           normalize, experts, scores, k <= E && env_on("ZMLX_CUDA_PACKED_TOPK"));
+           normalize, experts, scores, route_packed_topk(E, k));
   });
   check_launch("route_softmax_topk");
 }
@@ -3719,6 +3796,70 @@ void route_sigmoid(const uint16_t* logits, const float* bias, int T, int E, int 
            normalize, eps, scaling, experts, scores);
   });
   check_launch("route_sigmoid_topk");
+}
+
+namespace {
+int route_in_router_blocks(const QMat& w) { return int((w.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock); }
+// Whether this GPU runs clusters of 16 blocks of linear_route_decode_kernel
+// (a size past the portable 8, which the kernel must opt into).
+bool route_cluster_of_16_runs() {
+  auto kernel = linear_route_decode_kernel<4, false, 4, false>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(16);
+  cfg.blockDim = dim3(256);
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 16, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return n >= 1;
+}
+}  // namespace
+
+bool linear_route_fits(const QMat& w, int k) {
+  static const bool clusters = runs_sm90_code(reinterpret_cast<const void*>(linear_route_decode_kernel<4, false, 4, false>));
+  static const bool on = env_on("ZMLX_CUDA_ROUTE_IN_ROUTER");
+  static const bool sixteen = clusters && route_cluster_of_16_runs();
+  return on && clusters && (w.bits == 4 || w.bits == 8 || w.bits == 16) &&
+         scalar_preloaded_decode(w, 32 * kPreChunks) && w.rows <= kRouteInRouterMaxE && k >= 1 && k <= 16 &&
+         k <= w.rows && (route_in_router_blocks(w) <= 8 || sixteen);
+}
+
+void linear_route(const uint16_t* x, const QMat& w, uint16_t* y, const TopKRoute& r, cudaStream_t s) {
+  if (!linear_route_fits(w, r.k)) throw std::runtime_error("linear_route: a router or a GPU it does not take");
+  const int wb = route_in_router_blocks(w), E = int(w.rows);
+  auto go = [&](auto wbits, auto pl) {
+    with_staged_x([&](auto sx) {
+      auto one = [&](auto kernel) {
+        if (wb > 8) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+        launch_ex(kernel, dim3(unsigned(wb)), dim3(256), 0, unsigned(wb), s, x, w, y, preload_weights(), r);
+      };
+      constexpr int WB = decltype(wbits)::value, PL = decltype(pl)::value;
+      if (r.sigmoid) one(linear_route_decode_kernel<WB, decltype(sx)::value, PL, true>);
+      else one(linear_route_decode_kernel<WB, decltype(sx)::value, PL, false>);
+    });
+  };
+  // route_softmax's and route_sigmoid's values a lane (by_per_lane), so the same bits.
+  auto per_lane = [&](auto wbits) {
+    if (E <= 32) go(wbits, std::integral_constant<int, 1>{});
+    else if (E <= 64) go(wbits, std::integral_constant<int, 2>{});
+    else go(wbits, std::integral_constant<int, 4>{});
+  };
+  switch (w.bits) {
+    case 4: per_lane(std::integral_constant<int, 4>{}); break;
+    case 8: per_lane(std::integral_constant<int, 8>{}); break;
+    default: per_lane(std::integral_constant<int, 16>{}); break;
+  }
+  check_launch("linear + top-k");
 }
 
 void argmax(const uint16_t* x, int64_t V, int32_t* out, cudaStream_t s) {

@@ -112,6 +112,27 @@ struct GroupedRoute {
 bool linear_route_and_swiglu_fits(const QMat& w, const QMat& g, const QMat& u, int k, int n_group, int topk_group);
 void linear_route_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const GroupedRoute& r, const QMat& g,
                              const QMat& u, uint16_t* yh, cudaStream_t s);
+// linear(x, w) of one token plus route_softmax or route_sigmoid of the
+// logits in the same launch: the router's blocks form a thread-block cluster
+// whose first block picks the experts; logits, ids and bf16 scores have the
+// two ops' bits. Only where linear_route_fits() says so: the router takes the
+// scalar decode kernel (4-, 8-bit or bf16), at most 128 experts (16 blocks,
+// where the GPU runs clusters that large), top-16, a Hopper GPU running the
+// sm_90 kernels; ZMLX_CUDA_ROUTE_IN_ROUTER=0: never.
+struct TopKRoute {
+  bool sigmoid;       // route_sigmoid (bias, eps, scaling) or route_softmax
+  const float* bias;  // F32 [E] (sigmoid)
+  int k;
+  bool normalize;
+  float eps, scaling;
+  bool packed;  // softmax: route_packed_topk(E, k), as route_softmax decides
+  int32_t* experts;  // [k]
+  uint16_t* scores;  // [k] bf16
+};
+bool linear_route_fits(const QMat& w, int k);
+void linear_route(const uint16_t* x, const QMat& w, uint16_t* y, const TopKRoute& r, cudaStream_t s);
+// route_softmax's choice of top-k form (ZMLX_CUDA_PACKED_TOPK, read each call).
+bool route_packed_topk(int E, int k);
 // out[t, d] = Σ_j term(y[t, j, d], score[t, j]) in slot order.
 void moe_combine(const uint16_t* y, const void* scores, bool scores_f32, Combine mode, int T, int k, int64_t D,
                  uint16_t* out, cudaStream_t s);
