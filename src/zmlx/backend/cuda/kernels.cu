@@ -3840,6 +3840,9 @@ void linear_route(const uint16_t* x, const QMat& w, uint16_t* y, const TopKRoute
   auto go = [&](auto wbits, auto pl) {
     with_staged_x([&](auto sx) {
       auto one = [&](auto kernel) {
+        // Each instance opts into clusters past 8 itself (route_cluster_of_16_runs
+        // asked for one instance); a host call, made only when a launch is
+        // recorded or run eagerly, never on a graph replay.
         if (wb > 8) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
         launch_ex(kernel, dim3(unsigned(wb)), dim3(256), 0, unsigned(wb), s, x, w, y, preload_weights(), r);
       };
