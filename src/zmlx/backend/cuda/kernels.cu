@@ -3359,7 +3359,7 @@ __device__ __noinline__ void route_token_call(const uint32_t* l32, TopKRoute r, 
 
 template <int WB, bool SX, int PL, bool SIG>
 __global__ void __launch_bounds__(256) linear_route_decode_kernel(const uint16_t* x, QMat w, uint16_t* y, bool pre,
-                                                                  TopKRoute ra) {
+                                                                  TopKRoute ra, bool dry) {
   ZMLX_TRACE_BLOCK_END();
   __shared__ uint32_t logits_s[kRouteInRouterMaxE];  // block 0's: every router row's logit
   __shared__ __align__(8) uint64_t arrived;           // block 0's: counts the logits' bytes
@@ -3370,7 +3370,7 @@ __global__ void __launch_bounds__(256) linear_route_decode_kernel(const uint16_t
     mbar_expect_tx(&arrived, uint32_t(E) * 4);  // the phase's one arrival; it completes with the E words
   }
   cluster_sync_relaxed();  // block 0's barrier exists before any block stores to it
-  if (blockIdx.x == 0 && threadIdx.x < 32) {  // the dry run (zeros as logits, picks into shared memory)
+  if (dry && blockIdx.x == 0 && threadIdx.x < 32) {  // the dry run (zeros as logits, picks into shared memory)
     __shared__ uint32_t dry_l[kRouteInRouterMaxE];
     __shared__ int32_t dry_ex[32];
     __shared__ uint16_t dry_scores[32];
@@ -3844,7 +3844,8 @@ void linear_route(const uint16_t* x, const QMat& w, uint16_t* y, const TopKRoute
         // asked for one instance); a host call, made only when a launch is
         // recorded or run eagerly, never on a graph replay.
         if (wb > 8) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-        launch_ex(kernel, dim3(unsigned(wb)), dim3(256), 0, unsigned(wb), s, x, w, y, preload_weights(), r);
+        launch_ex(kernel, dim3(unsigned(wb)), dim3(256), 0, unsigned(wb), s, x, w, y, preload_weights(), r,
+                  env_on("ZMLX_CUDA_ROUTE_DRY_RUN"));
       };
       constexpr int WB = decltype(wbits)::value, PL = decltype(pl)::value;
       if (r.sigmoid) one(linear_route_decode_kernel<WB, decltype(sx)::value, PL, true>);
