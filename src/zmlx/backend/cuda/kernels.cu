@@ -3241,7 +3241,7 @@ __global__ void route_grouped_kernel(const uint16_t* logits, const float* bias, 
 // shared memory), one warp: the picks into ex[k] and their scores into
 // scores[k]. PL may exceed ceil(E / 32): lanes past E hold -inf keys and are
 // never picked, so the picks, their order and the sum agree.
-template <int PL>
+template <int PL, int LS = 1>  // LS: expert e's logit at l[LS·e]
 __device__ __forceinline__ void route_grouped_warp_token(const uint16_t* l, const float* bias, int E, int k,
                                                          bool normalize, float eps, float scaling, int32_t* ex,
                                                          float* scores) {
@@ -3250,7 +3250,7 @@ __device__ __forceinline__ void route_grouped_warp_token(const uint16_t* l, cons
   #pragma unroll
   for (int i = 0; i < PL; ++i) {
     const int e = lane + 32 * i;
-    sv[i] = e < E ? 1.0f / (1.0f + expf(-bf(l[e]))) : 0.f;
+    sv[i] = e < E ? 1.0f / (1.0f + expf(-bf(l[LS * e]))) : 0.f;
     key[i] = e < E ? sv[i] + bias[e] : -INFINITY;
   }
   int id;
@@ -3278,33 +3278,48 @@ __global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* b
 // linear_and_swiglu_decode_kernel with the grouped router's top-k as well
 // (one token), for routers of at most 64 experts (8 blocks): the router's wb
 // blocks form the grid's first thread-block cluster (wb blocks a cluster).
-// Each router warp stores its logit to y and into block 0's shared memory;
-// after the cluster's barrier, block 0's first warp picks the experts as
-// route_grouped_warp_kernel does, while the shared expert's gate+up blocks
-// still run. The top-k's own launch and kernel boundary (~3 us a layer on an
-// H100) leave the step; logits, picks, scores and the shared h keep their
-// ops' bits. (Tried before on a router alone, with nothing to hide it
-// behind: slower.)
+// Each router warp stores its logit to y and into block 0's shared memory
+// (by st.async, or with sa off behind the cluster's barrier); then block 0's
+// first warp picks the experts as route_grouped_warp_kernel does, while the
+// shared expert's gate+up blocks still run. The top-k's own launch and
+// kernel boundary (~3 us a layer on an H100) leave the step; logits, picks,
+// scores and the shared h keep their ops' bits. (A router alone with a
+// counter in its last block was slower; with a cluster, linear_route below.)
 constexpr int kFusedRouteMaxE = 8 * kRowsPerBlock;  // 64: a cluster of 8 blocks, a row a warp
 constexpr int kFusedRoutePerLane = kFusedRouteMaxE / 32;
 
 // The top-k of the launch below as one copy of code (not inlined), so that
 // running it once before the wait loads the very instructions that block 0
 // runs after it.
+// LS 2: the logits as 32-bit words (the st.async form), bf16 in the low half.
+template <int LS>
 __device__ __noinline__ void route_grouped_warp_token_call(const uint16_t* l, const float* bias, int E, int k,
                                                            bool normalize, float eps, float scaling, int32_t* ex,
                                                            float* scores) {
-  route_grouped_warp_token<kFusedRoutePerLane>(l, bias, E, k, normalize, eps, scaling, ex, scores);
+  route_grouped_warp_token<kFusedRoutePerLane, LS>(l, bias, E, k, normalize, eps, scaling, ex, scores);
 }
 
 template <int WB, bool SX>
 __global__ void __launch_bounds__(256) linear_route_and_swiglu_decode_kernel(const uint16_t* x, QMat w, uint16_t* y,
                                                                              int wb, QMat g, QMat u, uint16_t* yh,
-                                                                             bool pre, GroupedRoute ra) {
+                                                                             bool pre, GroupedRoute ra, bool sa) {
   ZMLX_TRACE_BLOCK_END();
   // Gate+up blocks, and past them the padding of the last cluster (no rows).
   if (int(blockIdx.x) >= wb) return swiglu_decode_row<4, SX>(g, u, decode_row0(int64_t(blockIdx.x) - wb), x, yh, pre);
   __shared__ uint16_t logits_s[kFusedRouteMaxE];  // block 0's: every router row's logit
+  // sa (ZMLX_CUDA_ROUTE_ST_ASYNC): the logits go by st.async to a barrier in
+  // block 0 instead (as linear_route_decode_kernel below hands them over),
+  // set up before the wait behind one relaxed cluster barrier.
+  __shared__ uint32_t logits_w[kFusedRouteMaxE];
+  __shared__ __align__(8) uint64_t arrived;
+  if (sa) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      mbar_init(&arrived, 1);
+      mbar_init_fence();
+      mbar_expect_tx(&arrived, uint32_t(w.rows) * 4);
+    }
+    cluster_sync_relaxed();
+  }
   // A dry run of the top-k before the wait (zeros as logits, the picks into
   // shared memory), so block 0 runs it from its SM's instruction cache. Run
   // cold, once a layer after ~36 MB of weights have passed through L2, the
@@ -3312,23 +3327,33 @@ __global__ void __launch_bounds__(256) linear_route_and_swiglu_decode_kernel(con
   // picks that touch no memory), 1.7 us after a dry run; the separate top-k
   // kernel's work is ~1 us (docs/performance.md).
   if (blockIdx.x == 0 && threadIdx.x < 32) {
-    __shared__ uint16_t dry_l[kFusedRouteMaxE];
+    __shared__ uint16_t dry_l[2 * kFusedRouteMaxE];  // room for the word form's stride
     __shared__ int32_t dry_ex[32];
     __shared__ float dry_scores[32];
-    for (int i = threadIdx.x; i < kFusedRouteMaxE; i += 32) dry_l[i] = 0;
+    for (int i = threadIdx.x; i < 2 * kFusedRouteMaxE; i += 32) dry_l[i] = 0;
     __syncwarp();
-    route_grouped_warp_token_call(dry_l, ra.bias, int(w.rows), ra.k, ra.normalize, ra.eps, ra.scaling, dry_ex,
-                                  dry_scores);
+    if (sa)  // dry_l read as words: zeros either way
+      route_grouped_warp_token_call<2>(dry_l, ra.bias, int(w.rows), ra.k, ra.normalize, ra.eps, ra.scaling, dry_ex,
+                                       dry_scores);
+    else
+      route_grouped_warp_token_call<1>(dry_l, ra.bias, int(w.rows), ra.k, ra.normalize, ra.eps, ra.scaling, dry_ex,
+                                       dry_scores);
   }
   decode_row_to<WB, kPreChunks, SX>(w, decode_row0(), x, pre, [&](int64_t r, uint16_t v) {
     y[r] = v;
-    st_cluster_u16(logits_s + r, 0, v);
+    if (sa) st_async_cluster_u32(logits_w + r, &arrived, 0, v);
+    else st_cluster_u16(logits_s + r, 0, v);
   });
-  cluster_sync();
+  if (!sa) cluster_sync();
   if (blockIdx.x != 0 || threadIdx.x >= 32) return;
+  if (sa) mbar_wait_cluster(&arrived, 0);
   ZMLX_TRACE_MARK(2);  // trace: every router row in block 0
-  route_grouped_warp_token_call(logits_s, ra.bias, int(w.rows), ra.k, ra.normalize, ra.eps, ra.scaling, ra.experts,
-                                ra.scores);
+  if (sa)
+    route_grouped_warp_token_call<2>(reinterpret_cast<const uint16_t*>(logits_w), ra.bias, int(w.rows), ra.k,
+                                     ra.normalize, ra.eps, ra.scaling, ra.experts, ra.scores);
+  else
+    route_grouped_warp_token_call<1>(logits_s, ra.bias, int(w.rows), ra.k, ra.normalize, ra.eps, ra.scaling,
+                                     ra.experts, ra.scores);
   ZMLX_TRACE_MARK(3);  // trace: the picks stored
 }
 
@@ -3530,7 +3555,8 @@ void linear_route_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, cons
   auto go = [&](auto wbits) {
     with_staged_x([&](auto sx) {
       launch_ex(linear_route_and_swiglu_decode_kernel<decltype(wbits)::value, decltype(sx)::value>,
-                dim3(unsigned(blocks)), dim3(256), 0, unsigned(wb), s, x, w, y, wb, g, u, yh, preload_weights(), r);
+                dim3(unsigned(blocks)), dim3(256), 0, unsigned(wb), s, x, w, y, wb, g, u, yh, preload_weights(), r,
+                env_on("ZMLX_CUDA_ROUTE_ST_ASYNC"));
     });
   };
   switch (w.bits) {
