@@ -60,11 +60,14 @@ std::pair<Routing, Tensor> Backend::linear_route_grouped_and_swiglu(const Tensor
           std::move(h)};
 }
 
-Routing Backend::linear_route(const Tensor& x, const Weight& w, const TopKRouter& r) {
-  Tensor logits = linear(x, w);
+Routing Backend::route_topk(const Tensor& logits, const TopKRouter& r) {
   if (!r.sigmoid) return route_softmax_topk(logits, r.k, r.normalize);
-  ZMLX_CHECK(r.bias != nullptr, "linear_route: the sigmoid router needs its expert bias");
+  ZMLX_CHECK(r.bias != nullptr, "route_topk: the sigmoid router needs its expert bias");
   return route_sigmoid_topk(logits, *r.bias, r.k, r.normalize, r.eps, r.scaling);
+}
+
+Routing Backend::linear_route(const Tensor& x, const Weight& w, const TopKRouter& r) {
+  return route_topk(linear(x, w), r);
 }
 
 Tensor Backend::gather_qmm_combine_shared(const Tensor& h, const Weight& down, const Routing& r, CombineMode mode,
@@ -225,9 +228,7 @@ Routing MoeBlock::route_logits(Backend& be, const Tensor& logits) const {
     const GroupedRouter g = grouped_router();  // the fused block's launch takes the same
     return be.route_sigmoid_grouped_topk(logits, *g.bias, g.k, g.n_group, g.topk_group, g.normalize, g.eps, g.scaling);
   }
-  if (router_kind == RouterKind::SigmoidBiasTopK)
-    return be.route_sigmoid_topk(logits, expert_bias, top_k, norm_topk_prob, route_eps, routed_scaling);
-  return be.route_softmax_topk(logits, top_k, norm_topk_prob);
+  return be.route_topk(logits, topk_router());
 }
 
 Tensor MoeBlock::experts(Backend& be, const Tensor& x, const Routing& r) {

@@ -249,6 +249,8 @@ class Backend {
   // pick the experts inside the router's launch (Qwen3's and LFM2's fused
   // MoE blocks).
   virtual Routing linear_route(const Tensor& x, const Weight& w, const TopKRouter& router);
+  // route_softmax_topk or route_sigmoid_topk of the logits, as `router` says.
+  Routing route_topk(const Tensor& logits, const TopKRouter& router);
   // gather_qmm_combine(h, down, r, mode), then add(out, linear(shared_h,
   // shared_down)): the routed experts' output plus the shared expert's, with
   // those ops' bits; a backend may launch it as one.
