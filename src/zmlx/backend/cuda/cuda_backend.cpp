@@ -833,9 +833,8 @@ class CudaBackend final : public Backend {
                                      int64_t topk_group, bool normalize, float eps, float scaling) override {
     const int64_t T = logits.rows(), E = logits.cols();
     Routing r = new_routing(logits, k, DType::F32, &bias, n_group, topk_group);
-    routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet
     Prof p_(this, "route_grouped");
-    route_op_ = op_seq_;
+    note_routing(routed_by_last_linear());
     kern::route_sigmoid_grouped(bf16p(logits), static_cast<const float*>(bias.data), int(T), int(E), int(k),
                                 int(n_group), int(topk_group), normalize, eps, scaling,
                                 static_cast<int32_t*>(r.experts.data), static_cast<float*>(r.scores.data), stream_);
@@ -876,9 +875,8 @@ class CudaBackend final : public Backend {
   Routing route_softmax_topk(const Tensor& logits, int64_t k, bool normalize) override {
     const int64_t T = logits.rows(), E = logits.cols();
     Routing r = new_routing(logits, k, DType::BF16);
-    routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet
     Prof p_(this, "route_softmax");
-    route_op_ = op_seq_;
+    note_routing(routed_by_last_linear());
     kern::route_softmax(bf16p(logits), int(T), int(E), int(k), normalize, static_cast<int32_t*>(r.experts.data),
                      bf16p(r.scores), stream_);
     return r;
@@ -888,9 +886,8 @@ class CudaBackend final : public Backend {
                              float scaling) override {
     const int64_t T = logits.rows(), E = logits.cols();
     Routing r = new_routing(logits, k, DType::BF16, &bias);
-    routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet
     Prof p_(this, "route_sigmoid");
-    route_op_ = op_seq_;
+    note_routing(routed_by_last_linear());
     kern::route_sigmoid(bf16p(logits), static_cast<const float*>(bias.data), int(T), int(E), int(k), normalize, eps,
                      scaling, static_cast<int32_t*>(r.experts.data), bf16p(r.scores), stream_);
     return r;
@@ -966,7 +963,7 @@ class CudaBackend final : public Backend {
     // The MoE block's input as the router read it, routed by the op just
     // before: complete one kernel before the one enqueued last, so the
     // kernel may stage it before its programmatic-launch wait.
-    const bool x_ready = x.data == last_linear_input_ && route_op_ == last_linear_op_ + 1 && op_seq_ == route_op_ + 1;
+    const bool x_ready = x.data == routed_input_ && op_seq_ == routed_op_ + 1;
     if (T * k >= kGemmMinPairs && tc::gemm_supported(g) && tc::gemm_supported(u)) {
       Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(gate.experts)))});
       tc::moe_gate_up_swiglu(bf16p(x), experts_of(r), int(T), int(k), g, u, bf16p(out), ws.data, stream_,
@@ -1074,16 +1071,14 @@ class CudaBackend final : public Backend {
       check_router_and_shared(x, w, gate, up);
       Tensor logits = alloc(DType::BF16, {1, w.rows}), yh = alloc(DType::BF16, {1, gate.rows});
       Routing r = new_routing(logits, gr.k, DType::F32, gr.bias, gr.n_group, gr.topk_group);
-      routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet
       Prof p_(this, "linear_route");
       const kern::GroupedRoute kr{static_cast<const float*>(gr.bias->data), int(gr.k), int(gr.n_group),
                                   int(gr.topk_group), gr.normalize, gr.eps, gr.scaling,
                                   static_cast<int32_t*>(r.experts.data), static_cast<float*>(r.scores.data)};
       kern::linear_route_and_swiglu(bf16p(x), mw, bf16p(logits), kr, mg, mu, bf16p(yh), stream_);
-      // gather_qmm_swiglu's x_ready, as after linear() and a route op: x was
-      // complete before this launch, which lets its successor launch only
-      // after its own wait.
-      last_linear_input_ = x.data, last_linear_op_ = op_seq_ - 1, route_op_ = op_seq_;
+      // x was complete before this launch, which lets its successor launch
+      // only after its own wait.
+      note_routing(x.data);
       return {std::move(r), std::move(yh)};
     }
     return Backend::linear_route_grouped_and_swiglu(x, w, gr, gate, up);
@@ -1097,7 +1092,6 @@ class CudaBackend final : public Backend {
       check_input(x, w);
       Tensor logits = alloc(DType::BF16, {1, w.rows});
       Routing r = new_routing(logits, tr.k, DType::BF16, tr.sigmoid ? tr.bias : nullptr);
-      routing_consumed_ = nullptr;  // a new routing: no kernel has read it yet
       Prof p_(this, "linear_route");
       const kern::TopKRoute kr{tr.sigmoid,
                                tr.sigmoid ? static_cast<const float*>(tr.bias->data) : nullptr,
@@ -1109,9 +1103,7 @@ class CudaBackend final : public Backend {
                                static_cast<int32_t*>(r.experts.data),
                                static_cast<uint16_t*>(r.scores.data)};
       kern::linear_route(bf16p(x), mw, bf16p(logits), kr, stream_);
-      // gather_qmm_swiglu's x_ready, as after linear() and a route op (the
-      // grouped form's bookkeeping, linear_route_grouped_and_swiglu).
-      last_linear_input_ = x.data, last_linear_op_ = op_seq_ - 1, route_op_ = op_seq_;
+      note_routing(x.data);
       return r;
     }
     return Backend::linear_route(x, w, tr);
@@ -1356,11 +1348,24 @@ class CudaBackend final : public Backend {
   // read was complete before that kernel ran, so later kernels may read it
   // before their programmatic-launch wait (gather_combine does).
   const void* routing_consumed_ = nullptr;
-  // Ops enqueued so far (every op's Prof counts it), the input and number of
-  // the last plain linear, and the number of the last routing op: together
-  // they tell gather_qmm_swiglu that its x is the router's input.
-  uint64_t op_seq_ = 0, last_linear_op_ = 0, route_op_ = 0;
+  // Ops enqueued so far (every op's Prof counts it); the input and number of
+  // the last plain linear; and, for the newest routing, the op that made it
+  // and the input its router read (null: not known). gather_qmm_swiglu's x
+  // is ready before its wait when it is that input and the routing op is
+  // the one just before.
+  uint64_t op_seq_ = 0, last_linear_op_ = 0, routed_op_ = 0;
   const void* last_linear_input_ = nullptr;
+  const void* routed_input_ = nullptr;
+  // The input of the linear enqueued just before this op (a route op's
+  // logits then come from it), else null.
+  const void* routed_by_last_linear() const { return last_linear_op_ + 1 == op_seq_ ? last_linear_input_ : nullptr; }
+  // A new routing, made by the current op from the router's input
+  // router_input: no kernel has read it yet.
+  void note_routing(const void* router_input) {
+    routing_consumed_ = nullptr;
+    routed_input_ = router_input;
+    routed_op_ = op_seq_;
+  }
   // Chained greedy steps: each step's argmax lands in d_step_ (the next
   // step's input) and in a mapped pinned ring the host reads by position.
   static constexpr int kRing = 64;
