@@ -1267,6 +1267,22 @@ TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
   }
 }
 
+// The routers-in-one-launch tests' expert bias for launch `rep` of a
+// shape: uniform in ±0.05, or for rep 1 every bias equal (ties decide).
+std::vector<float> router_bias(std::mt19937& rng, int64_t E, int rep) {
+  std::uniform_real_distribution<float> ub(-0.05f, 0.05f);
+  std::vector<float> bias(size_t(E), 0.01f);
+  if (rep != 1)
+    for (float& b : bias) b = ub(rng);
+  return bias;
+}
+// Every picked id (int32 bytes from the device) names one of E experts.
+void expect_ids_in_range(const std::vector<uint8_t>& ids, int64_t E, const std::string& what) {
+  std::vector<int32_t> e(ids.size() / 4);
+  std::memcpy(e.data(), ids.data(), e.size() * 4);
+  for (int32_t v : e) EXPECT_TRUE(v >= 0 && v < E) << what;
+}
+
 // GLM's router launch picking the experts too (linear_route_and_swiglu: the
 // router's blocks are a thread-block cluster whose first block runs the
 // grouped top-k) against linear_and_swiglu + route_sigmoid_grouped, bit for
@@ -1303,10 +1319,7 @@ TEST(CudaOps, GroupedTopKInTheRouterLaunchIsBitIdentical) {
     EXPECT_TRUE(k::linear_route_and_swiglu_fits(qr.m, qg.m, qu.m, sz.k, 4, 4)) << what;
     EXPECT_FALSE(k::linear_route_and_swiglu_fits(qr.m, qg.m, qu.m, sz.k, 4, 2)) << "group limiting, " << what;
     for (int rep = 0; rep < 3; ++rep) {
-      std::uniform_real_distribution<float> ub(-0.05f, 0.05f);
-      std::vector<float> bias(size_t(sz.E), 0.01f);
-      if (rep != 1)  // rep 1: every bias equal
-        for (float& b : bias) b = ub(rng);
+      const std::vector<float> bias = router_bias(rng, sz.E, rep);
       Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.D)), {1, sz.D});
       DevBuf dx(x.data, x.nbytes()), db(bias.data(), bias.size() * 4);
       DevBuf yf(size_t(sz.E) * 2), hf(size_t(sz.I) * 2), yr(size_t(sz.E) * 2), hr(size_t(sz.I) * 2);
@@ -1328,9 +1341,7 @@ TEST(CudaOps, GroupedTopKInTheRouterLaunchIsBitIdentical) {
       const auto ids = exf.bytes();
       EXPECT_EQ(ids, exr.bytes()) << "expert ids, " << what << ", launch " << rep;
       EXPECT_EQ(scf.bytes(), scr.bytes()) << "scores, " << what << ", launch " << rep;
-      std::vector<int32_t> e(size_t(sz.k));
-      std::memcpy(e.data(), ids.data(), ids.size());
-      for (int32_t v : e) EXPECT_TRUE(v >= 0 && v < sz.E) << what;
+      expect_ids_in_range(ids, sz.E, what);
     }
   }
   // Past 64 experts (9 router blocks): not taken.
@@ -1374,10 +1385,7 @@ TEST(CudaOps, TopKInTheRouterLaunchIsBitIdentical) {
     }
     ASSERT_TRUE(k::linear_route_fits(qr.m, sz.k)) << what;
     for (int rep = 0; rep < 3; ++rep) {
-      std::uniform_real_distribution<float> ub(-0.05f, 0.05f);
-      std::vector<float> bias(size_t(sz.E), 0.01f);
-      if (rep != 1)  // rep 1: every bias equal
-        for (float& b : bias) b = ub(rng);
+      const std::vector<float> bias = router_bias(rng, sz.E, rep);
       Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(sz.D)), {1, sz.D});
       DevBuf dx(x.data, x.nbytes()), db(bias.data(), bias.size() * 4);
       DevBuf yf(size_t(sz.E) * 2), yr(size_t(sz.E) * 2);
@@ -1399,9 +1407,7 @@ TEST(CudaOps, TopKInTheRouterLaunchIsBitIdentical) {
       const auto ids = exf.bytes();
       EXPECT_EQ(ids, exr.bytes()) << "expert ids, " << what << ", launch " << rep;
       EXPECT_EQ(scf.bytes(), scr.bytes()) << "scores, " << what << ", launch " << rep;
-      std::vector<int32_t> e(size_t(sz.k));
-      std::memcpy(e.data(), ids.data(), ids.size());
-      for (int32_t v : e) EXPECT_TRUE(v >= 0 && v < sz.E) << what;
+      expect_ids_in_range(ids, sz.E, what);
     }
   }
   // Past 128 experts, or past top-16: not taken.
