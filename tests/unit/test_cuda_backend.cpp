@@ -1326,11 +1326,7 @@ TEST(CudaOps, GroupedTopKInTheRouterLaunchIsBitIdentical) {
       DevBuf exf(size_t(sz.k) * 4), scf(size_t(sz.k) * 4), exr(size_t(sz.k) * 4), scr(size_t(sz.k) * 4);
       const k::GroupedRoute gr{static_cast<const float*>(db.p), sz.k, 1, 1, sz.normalize, 1e-20f, sz.scaling,
                                static_cast<int32_t*>(exf.p), static_cast<float*>(scf.p)};
-      // Launch 0: the logits handed over behind the cluster barrier
-      // (ZMLX_CUDA_ROUTE_ST_ASYNC=0); the others by st.async (the default).
-      if (rep == 0) setenv("ZMLX_CUDA_ROUTE_ST_ASYNC", "0", 1);
       k::linear_route_and_swiglu(dx.u16(), qr.m, yf.u16(), gr, qg.m, qu.m, hf.u16(), nullptr);
-      unsetenv("ZMLX_CUDA_ROUTE_ST_ASYNC");
       k::linear_and_swiglu(dx.u16(), qr.m, yr.u16(), qg.m, qu.m, hr.u16(), nullptr);
       k::route_sigmoid_grouped(yr.u16(), static_cast<const float*>(db.p), 1, int(sz.E), sz.k, 1, 1, sz.normalize,
                                1e-20f, sz.scaling, static_cast<int32_t*>(exr.p), static_cast<float*>(scr.p), nullptr);

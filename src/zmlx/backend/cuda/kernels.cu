@@ -3275,51 +3275,69 @@ __global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* b
                                scores + int64_t(t) * k);
 }
 
+// The router launches below hand every logit to block 0 of their cluster
+// the same way: each router warp stores its row's logit as a 32-bit word
+// (st.async stores no 16-bit values; the bf16 in the low half) into block
+// 0's shared memory, counted against a barrier there that block 0 sets up
+// before the programmatic-launch wait, behind one relaxed cluster barrier.
+// After the wait nothing but the logits' own arrival stands between the
+// rows and the picks: a cluster barrier with release, the earlier form,
+// waited ~1 us longer for the blocks' global stores (H100 traces,
+// 2026-11-28). Declared __shared__ in every block of the cluster; only
+// block 0's copy is used.
+template <int MaxE>
+struct LogitsToBlock0 {
+  uint32_t words[MaxE];
+  uint64_t arrived;  // counts the E words' bytes
+
+  // Every block of the cluster, before any of them stores a logit.
+  __device__ void prepare(int E) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      mbar_init(&arrived, 1);
+      mbar_init_fence();
+      mbar_expect_tx(&arrived, uint32_t(E) * 4);  // the phase's one arrival; it completes with the E words
+    }
+    cluster_sync_relaxed();  // block 0's barrier exists before any block stores to it
+  }
+  __device__ void store(int64_t row, uint16_t v) { st_async_cluster_u32(words + row, &arrived, 0, v); }
+  // Block 0: returns once every logit is in its shared memory.
+  __device__ void wait() { mbar_wait_cluster(&arrived, 0); }
+  // The logits as bf16, expert e's at [2 * e].
+  __device__ const uint16_t* logits() const { return reinterpret_cast<const uint16_t*>(words); }
+};
+
 // linear_and_swiglu_decode_kernel with the grouped router's top-k as well
 // (one token), for routers of at most 64 experts (8 blocks): the router's wb
 // blocks form the grid's first thread-block cluster (wb blocks a cluster).
-// Each router warp stores its logit to y and into block 0's shared memory
-// (by st.async, or with sa off behind the cluster's barrier); then block 0's
-// first warp picks the experts as route_grouped_warp_kernel does, while the
-// shared expert's gate+up blocks still run. The top-k's own launch and
-// kernel boundary (~3 us a layer on an H100) leave the step; logits, picks,
-// scores and the shared h keep their ops' bits. (A router alone with a
-// counter in its last block was slower; with a cluster, linear_route below.)
+// Each router warp stores its logit to y and hands it to block 0
+// (LogitsToBlock0); then block 0's first warp picks the experts as
+// route_grouped_warp_kernel does, while the shared expert's gate+up blocks
+// still run. The top-k's own launch and kernel boundary (~3 us a layer on an
+// H100) leave the step; logits, picks, scores and the shared h keep their
+// ops' bits. (A router alone with a counter in its last block was slower;
+// with a cluster, linear_route below.)
 constexpr int kFusedRouteMaxE = 8 * kRowsPerBlock;  // 64: a cluster of 8 blocks, a row a warp
 constexpr int kFusedRoutePerLane = kFusedRouteMaxE / 32;
 
 // The top-k of the launch below as one copy of code (not inlined), so that
 // running it once before the wait loads the very instructions that block 0
-// runs after it.
-// LS 2: the logits as 32-bit words (the st.async form), bf16 in the low half.
-template <int LS>
+// runs after it. The logits at stride 2 (LogitsToBlock0::logits).
 __device__ __noinline__ void route_grouped_warp_token_call(const uint16_t* l, const float* bias, int E, int k,
                                                            bool normalize, float eps, float scaling, int32_t* ex,
                                                            float* scores) {
-  route_grouped_warp_token<kFusedRoutePerLane, LS>(l, bias, E, k, normalize, eps, scaling, ex, scores);
+  route_grouped_warp_token<kFusedRoutePerLane, 2>(l, bias, E, k, normalize, eps, scaling, ex, scores);
 }
 
 template <int WB, bool SX>
 __global__ void __launch_bounds__(256) linear_route_and_swiglu_decode_kernel(const uint16_t* x, QMat w, uint16_t* y,
                                                                              int wb, QMat g, QMat u, uint16_t* yh,
-                                                                             bool pre, GroupedRoute ra, bool sa) {
+                                                                             bool pre, GroupedRoute ra) {
   ZMLX_TRACE_BLOCK_END();
   // Gate+up blocks, and past them the padding of the last cluster (no rows).
   if (int(blockIdx.x) >= wb) return swiglu_decode_row<4, SX>(g, u, decode_row0(int64_t(blockIdx.x) - wb), x, yh, pre);
-  __shared__ uint16_t logits_s[kFusedRouteMaxE];  // block 0's: every router row's logit
-  // sa (ZMLX_CUDA_ROUTE_ST_ASYNC): the logits go by st.async to a barrier in
-  // block 0 instead (as linear_route_decode_kernel below hands them over),
-  // set up before the wait behind one relaxed cluster barrier.
-  __shared__ uint32_t logits_w[kFusedRouteMaxE];
-  __shared__ __align__(8) uint64_t arrived;
-  if (sa) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-      mbar_init(&arrived, 1);
-      mbar_init_fence();
-      mbar_expect_tx(&arrived, uint32_t(w.rows) * 4);
-    }
-    cluster_sync_relaxed();
-  }
+  const int E = int(w.rows);
+  __shared__ LogitsToBlock0<kFusedRouteMaxE> hand;
+  hand.prepare(E);
   // A dry run of the top-k before the wait (zeros as logits, the picks into
   // shared memory), so block 0 runs it from its SM's instruction cache. Run
   // cold, once a layer after ~36 MB of weights have passed through L2, the
@@ -3327,57 +3345,40 @@ __global__ void __launch_bounds__(256) linear_route_and_swiglu_decode_kernel(con
   // picks that touch no memory), 1.7 us after a dry run; the separate top-k
   // kernel's work is ~1 us (docs/performance.md).
   if (blockIdx.x == 0 && threadIdx.x < 32) {
-    __shared__ uint16_t dry_l[2 * kFusedRouteMaxE];  // room for the word form's stride
+    __shared__ uint32_t dry_l[kFusedRouteMaxE];
     __shared__ int32_t dry_ex[32];
     __shared__ float dry_scores[32];
-    for (int i = threadIdx.x; i < 2 * kFusedRouteMaxE; i += 32) dry_l[i] = 0;
+    for (int i = threadIdx.x; i < kFusedRouteMaxE; i += 32) dry_l[i] = 0;
     __syncwarp();
-    if (sa)  // dry_l read as words: zeros either way
-      route_grouped_warp_token_call<2>(dry_l, ra.bias, int(w.rows), ra.k, ra.normalize, ra.eps, ra.scaling, dry_ex,
-                                       dry_scores);
-    else
-      route_grouped_warp_token_call<1>(dry_l, ra.bias, int(w.rows), ra.k, ra.normalize, ra.eps, ra.scaling, dry_ex,
-                                       dry_scores);
+    route_grouped_warp_token_call(reinterpret_cast<const uint16_t*>(dry_l), ra.bias, E, ra.k, ra.normalize, ra.eps,
+                                  ra.scaling, dry_ex, dry_scores);
   }
   decode_row_to<WB, kPreChunks, SX>(w, decode_row0(), x, pre, [&](int64_t r, uint16_t v) {
     y[r] = v;
-    if (sa) st_async_cluster_u32(logits_w + r, &arrived, 0, v);
-    else st_cluster_u16(logits_s + r, 0, v);
+    hand.store(r, v);
   });
-  if (!sa) cluster_sync();
   if (blockIdx.x != 0 || threadIdx.x >= 32) return;
-  if (sa) mbar_wait_cluster(&arrived, 0);
+  hand.wait();
   ZMLX_TRACE_MARK(2);  // trace: every router row in block 0
-  if (sa)
-    route_grouped_warp_token_call<2>(reinterpret_cast<const uint16_t*>(logits_w), ra.bias, int(w.rows), ra.k,
-                                     ra.normalize, ra.eps, ra.scaling, ra.experts, ra.scores);
-  else
-    route_grouped_warp_token_call<1>(logits_s, ra.bias, int(w.rows), ra.k, ra.normalize, ra.eps, ra.scaling,
-                                     ra.experts, ra.scores);
+  route_grouped_warp_token_call(hand.logits(), ra.bias, E, ra.k, ra.normalize, ra.eps, ra.scaling, ra.experts,
+                                ra.scores);
   ZMLX_TRACE_MARK(3);  // trace: the picks stored
 }
 
 // linear_decode_kernel for a softmax or a sigmoid + bias router (one token,
 // at most 128 experts), with the top-k in the same launch: the router's wb
 // blocks (a row a warp) are one thread-block cluster. Each warp stores its
-// logit to y and, by st.async, into block 0's shared memory, counted against
-// block 0's barrier; block 0's first warp waits on that barrier and picks
-// the experts with route_softmax_kernel's or route_sigmoid_kernel's own
-// token function (their bits). The barrier is set up before the
-// programmatic-launch wait, behind one relaxed cluster barrier, so after the
-// wait nothing but the logits' own arrival stands between the rows and the
-// picks (a cluster barrier with release there waited ~1 us for the blocks'
-// global stores: H100 trace, 2026-11-28). The top-k's launch and kernel
-// boundary leave the step (Qwen3, LFM2), as GLM's grouped top-k left it in
+// logit to y and hands it to block 0 (LogitsToBlock0); block 0's first warp
+// picks the experts with route_softmax_kernel's or route_sigmoid_kernel's
+// own token function (their bits). The top-k's launch and kernel boundary
+// leave the step (Qwen3, LFM2), as GLM's grouped top-k left it in
 // linear_route_and_swiglu_decode_kernel above, whose dry run before the wait
-// this kernel repeats.
+// this kernel repeats (ZMLX_CUDA_ROUTE_DRY_RUN=0: none).
 constexpr int kRouteInRouterMaxE = 16 * kRowsPerDecodeBlock;  // 128: 16 blocks, a non-portable cluster past 8
 
-// Logits as 32-bit words in shared memory (st.async stores no 16-bit
-// values): the bf16 in the low half, read as uint16 at stride 2.
+// The logits at stride 2 (LogitsToBlock0::logits).
 template <int PL, bool SIG>
-__device__ __noinline__ void route_token_call(const uint32_t* l32, TopKRoute r, int E, int32_t* ex, uint16_t* scores) {
-  const uint16_t* l = reinterpret_cast<const uint16_t*>(l32);
+__device__ __noinline__ void route_token_call(const uint16_t* l, TopKRoute r, int E, int32_t* ex, uint16_t* scores) {
   if (SIG) route_sigmoid_token<PL, 2>(l, r.bias, E, r.k, r.normalize, r.eps, r.scaling, ex, scores);
   else route_softmax_token<PL, 2>(l, E, r.k, r.normalize, r.packed, ex, scores);
 }
@@ -3386,31 +3387,25 @@ template <int WB, bool SX, int PL, bool SIG>
 __global__ void __launch_bounds__(256) linear_route_decode_kernel(const uint16_t* x, QMat w, uint16_t* y, bool pre,
                                                                   TopKRoute ra, bool dry) {
   ZMLX_TRACE_BLOCK_END();
-  __shared__ uint32_t logits_s[kRouteInRouterMaxE];  // block 0's: every router row's logit
-  __shared__ __align__(8) uint64_t arrived;           // block 0's: counts the logits' bytes
   const int E = int(w.rows);
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    mbar_init(&arrived, 1);
-    mbar_init_fence();
-    mbar_expect_tx(&arrived, uint32_t(E) * 4);  // the phase's one arrival; it completes with the E words
-  }
-  cluster_sync_relaxed();  // block 0's barrier exists before any block stores to it
+  __shared__ LogitsToBlock0<kRouteInRouterMaxE> hand;
+  hand.prepare(E);
   if (dry && blockIdx.x == 0 && threadIdx.x < 32) {  // the dry run (zeros as logits, picks into shared memory)
     __shared__ uint32_t dry_l[kRouteInRouterMaxE];
     __shared__ int32_t dry_ex[32];
     __shared__ uint16_t dry_scores[32];
     for (int i = threadIdx.x; i < kRouteInRouterMaxE; i += 32) dry_l[i] = 0;
     __syncwarp();
-    route_token_call<PL, SIG>(dry_l, ra, E, dry_ex, dry_scores);
+    route_token_call<PL, SIG>(reinterpret_cast<const uint16_t*>(dry_l), ra, E, dry_ex, dry_scores);
   }
   decode_row_to<WB, kPreChunks, SX>(w, decode_row0(), x, pre, [&](int64_t r, uint16_t v) {
     y[r] = v;
-    st_async_cluster_u32(logits_s + r, &arrived, 0, v);
+    hand.store(r, v);
   });
   if (blockIdx.x != 0 || threadIdx.x >= 32) return;
-  mbar_wait_cluster(&arrived, 0);
+  hand.wait();
   ZMLX_TRACE_MARK(2);  // trace: every router row in block 0
-  route_token_call<PL, SIG>(logits_s, ra, E, ra.experts, ra.scores);
+  route_token_call<PL, SIG>(hand.logits(), ra, E, ra.experts, ra.scores);
   ZMLX_TRACE_MARK(3);  // trace: the picks stored
 }
 
@@ -3555,8 +3550,7 @@ void linear_route_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, cons
   auto go = [&](auto wbits) {
     with_staged_x([&](auto sx) {
       launch_ex(linear_route_and_swiglu_decode_kernel<decltype(wbits)::value, decltype(sx)::value>,
-                dim3(unsigned(blocks)), dim3(256), 0, unsigned(wb), s, x, w, y, wb, g, u, yh, preload_weights(), r,
-                env_on("ZMLX_CUDA_ROUTE_ST_ASYNC"));
+                dim3(unsigned(blocks)), dim3(256), 0, unsigned(wb), s, x, w, y, wb, g, u, yh, preload_weights(), r);
     });
   };
   switch (w.bits) {
