@@ -295,6 +295,91 @@ TEST(CudaOps, GroupedDecodeAttentionMatchesCpuAtLongContexts) {
   EXPECT_TRUE(differs) << "the grouped kernel did not run (the per-head kernel's bits everywhere)";
 }
 
+#ifdef ZMLX_HAVE_CUDA  // asks the kernels which form runs
+// The grouped one-token kernel with each kv group's splits as one
+// thread-block cluster that merges its own partials (the default at 2-16
+// splits on Hopper) against a block a split plus the merge kernel
+// (ZMLX_CUDA_ATTN_CLUSTER=0) and the cluster launch without the merge
+// (=launch): the same bits, for 2 to 16 splits, 2, 3, 4 and 8 heads a group
+// (more heads than splits: a block merges several), splits that saw no key,
+// head dims 64 and 128; and through the fused norm + rope + attention op,
+// whose new keys and values must land in the cache alike.
+TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  auto finite = [](const std::vector<float>& v) {
+    return std::all_of(v.begin(), v.end(), [](float f) { return std::isfinite(f); });
+  };
+  std::mt19937 rng(29);
+  struct Case {
+    int64_t H, Hkv, hd, capacity, filled;
+  };
+  int clustered = 0;
+  for (const Case& k : {Case{32, 4, 128, 768, 500}, Case{32, 4, 128, 1024, 1000}, Case{32, 8, 64, 128, 3},
+                        Case{16, 8, 64, 320, 100}, Case{32, 4, 128, 448, 447}, Case{24, 8, 128, 576, 200},
+                        Case{32, 4, 128, 192, 150}, Case{16, 4, 64, 640, 20}}) {
+    const int splits = int(std::clamp<int64_t>(k.capacity / 64, 1, 128));
+    const std::string what = "H " + std::to_string(k.H) + " Hkv " + std::to_string(k.Hkv) + " hd " +
+                             std::to_string(k.hd) + " splits " + std::to_string(splits);
+    const auto mode = cuda::k::attention_cluster(int(k.H), int(k.Hkv), int(k.hd), k.capacity, splits);
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+    if (major >= 9) EXPECT_EQ(int(mode), int(cuda::k::AttnCluster::merge)) << "the cluster form is not taken, " << what;
+    clustered += mode == cuda::k::AttnCluster::merge;
+    KvLayer gk = g->new_kv_layer(k.Hkv, k.hd, k.capacity);
+    ASSERT_EQ(gk.capacity, k.capacity);
+    Tensor pk = test::bf16_tensor(test::random_bf16(rng, size_t(k.filled * k.Hkv * k.hd)), {k.filled, k.Hkv * k.hd});
+    Tensor pv = test::bf16_tensor(test::random_bf16(rng, size_t(k.filled * k.Hkv * k.hd)), {k.filled, k.Hkv * k.hd});
+    g->kv_write(gk, g->from_host(pk), g->from_host(pv), 0);
+    const float scale = 1.f / std::sqrt(float(k.hd));
+    for (int64_t pos = k.filled; pos < std::min(k.capacity, k.filled + 3); ++pos) {
+      Tensor q = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.H * k.hd)), {1, k.H * k.hd}));
+      Tensor kk = test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd});
+      Tensor vv = test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd});
+      g->kv_write(gk, g->from_host(kk), g->from_host(vv), pos);
+      const auto got = host_floats(*g, g->attention(q, gk, pos, k.H, k.Hkv, k.hd, scale));
+      setenv("ZMLX_CUDA_ATTN_CLUSTER", "launch", 1);
+      const auto launch_only = host_floats(*g, g->attention(q, gk, pos, k.H, k.Hkv, k.hd, scale));
+      setenv("ZMLX_CUDA_ATTN_CLUSTER", "0", 1);
+      const auto plain = host_floats(*g, g->attention(q, gk, pos, k.H, k.Hkv, k.hd, scale));
+      unsetenv("ZMLX_CUDA_ATTN_CLUSTER");
+      ASSERT_TRUE(finite(got)) << what << " pos " << pos;
+      ASSERT_TRUE(got == plain) << "cluster merge, " << what << " pos " << pos;
+      ASSERT_TRUE(launch_only == plain) << "cluster launch, " << what << " pos " << pos;
+    }
+    // The fused preparation (q/k norms, rope, the new row written to the
+    // cache) in the cluster form: the outputs and the caches alike.
+    Tensor qn = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.hd)), {k.hd}));
+    Tensor kn = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.hd)), {k.hd}));
+    KvLayer a = g->new_kv_layer(k.Hkv, k.hd, k.capacity), b = g->new_kv_layer(k.Hkv, k.hd, k.capacity);
+    g->kv_write(a, g->from_host(pk), g->from_host(pv), 0);
+    g->kv_write(b, g->from_host(pk), g->from_host(pv), 0);
+    const int64_t pos = k.filled;
+    Tensor q = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.H * k.hd)), {1, k.H * k.hd}));
+    Tensor kk = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd}));
+    Tensor vv = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd}));
+    const auto fused = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos, 1e6f,
+                                                              false, a, scale));
+    setenv("ZMLX_CUDA_ATTN_CLUSTER", "0", 1);
+    const auto fused_plain = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos,
+                                                                    1e6f, false, b, scale));
+    unsetenv("ZMLX_CUDA_ATTN_CLUSTER");
+    ASSERT_TRUE(finite(fused)) << what;
+    EXPECT_TRUE(fused == fused_plain) << "fused preparation, " << what;
+    // Rows 0..pos of every kv head (the rest of the capacity was never written).
+    const auto ak = host_floats(*g, a.k), bk = host_floats(*g, b.k), av = host_floats(*g, a.v), bv = host_floats(*g, b.v);
+    for (int64_t hh = 0; hh < k.Hkv; ++hh) {
+      const size_t o = size_t(hh * k.capacity * k.hd), n = size_t((pos + 1) * k.hd);
+      EXPECT_TRUE(std::equal(ak.begin() + o, ak.begin() + o + n, bk.begin() + o)) << "cached keys, " << what;
+      EXPECT_TRUE(std::equal(av.begin() + o, av.begin() + o + n, bv.begin() + o)) << "cached values, " << what;
+    }
+  }
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  if (major >= 9) EXPECT_GT(clustered, 0);
+}
+#endif
+
 TEST(CudaOps, FusedResidualNormAndAttentionPrepMatchCpu) {
   REQUIRE_GPU();
   auto g = gpu();

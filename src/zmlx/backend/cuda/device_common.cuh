@@ -140,6 +140,16 @@ __device__ __forceinline__ void st_async_cluster_u32(const void* local, const ui
   ZMLX_SM90_ASM("st.async.shared::cluster.mbarrier::complete_tx::bytes.u32 [%0], %1, [%2];" ::"r"(ra), "r"(v), "r"(rb)
                 : "memory");
 }
+// Two 32-bit words (8-byte aligned) the same way: 8 bytes against the barrier.
+__device__ __forceinline__ void st_async_cluster_v2(const void* local, const uint64_t* bar, uint32_t rank, float a,
+                                                    float b) {
+  [[maybe_unused]] uint32_t ra = 0, rb = 0;  // unused where the sm_80 pass traps
+  ZMLX_SM90_ASM("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(smem_addr(local)), "r"(rank));
+  ZMLX_SM90_ASM("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rb) : "r"(smem_addr(bar)), "r"(rank));
+  ZMLX_SM90_ASM("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];" ::"r"(ra),
+                "f"(a), "f"(b), "r"(rb)
+                : "memory");
+}
 // mbar_wait for words other blocks of the cluster stored (st.async): acquire
 // at cluster scope.
 __device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {

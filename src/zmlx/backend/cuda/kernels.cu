@@ -13,9 +13,11 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -2384,14 +2386,29 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
 // longest split, to 16), then the warps' (m, l, o[HD]) for each head.
 // The trace marks: 0 q and the new row in shared memory, 1 every slice
 // done, 2 the warps' states published.
+//
+// CL: the grid is (splits, kv groups), each group's splits one thread-block
+// cluster (splits <= 16; past 8 a non-portable size). CM (with CL): the
+// flash-decoding merge happens in the cluster instead of attn_merge_kernel:
+// split s merges heads s, s + splits, ...; every block hands each head's
+// partial (m, l, acc[HD], the scratch row) to that head's merging block by
+// st.async into a receive area of its shared memory, counted against a
+// barrier there (set up before the programmatic-launch wait, as the router
+// launches' LogitsToBlock0), and the merging block runs the merge kernel's
+// own code (merge_split_partials, register form) on it: the same bits, one
+// kernel and its boundary fewer a layer. (A cluster a query head with split
+// 0 merging after a cluster barrier measured 6 % slower, 2026-11-26.)
+// CL without CM only measures what the cluster launch costs.
 constexpr int kAttnMmaWarps = 4;
 __host__ __device__ constexpr int attn_rows16(int rows) { return (rows + 15) / 16 * 16; }
-template <int HD, bool PREP>
+template <int HD, bool PREP, bool CL = false, bool CM = false>
 __global__ void __launch_bounds__(kAttnMmaWarps * 32) attn_group_mma_kernel(const uint16_t* q, int heads, int kvh,
                                                                             const uint16_t* kc, const uint16_t* vc,
                                                                             int64_t cap, int pos0, const int* dpos,
                                                                             float scale, int splits, int rows,
-                                                                            float* scratch, AttnPrep prep) {
+                                                                            float* scratch, AttnPrep prep,
+                                                                            uint16_t* merged) {
+  static_assert(CL || !CM, "the merge in the cluster needs the cluster launch");
   ZMLX_TRACE_BLOCK_END();
   constexpr int DPL = HD / 32, RB = HD * 2, CH = HD / 8;  // lane's dims, row bytes, 16-byte chunks a row
   extern __shared__ __align__(128) uint8_t attn_smem[];
@@ -2400,8 +2417,21 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32) attn_group_mma_kernel(cons
   uint8_t* sK = sQ + 16 * RB;
   uint8_t* sV = sK + rows16 * RB;
   float* states = reinterpret_cast<float*>(sV + rows16 * RB);  // [warp][head][HD + 4]
-  const int G = heads / kvh, g = blockIdx.x, s = blockIdx.y;
+  const int G = heads / kvh, g = CL ? blockIdx.y : blockIdx.x, s = CL ? blockIdx.x : blockIdx.y;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  // CM: the partials of the heads this block merges, [slot][split][HD + 2]
+  // (head s + slot·splits), and the barrier that counts their bytes.
+  float* recv = states + kAttnMmaWarps * (heads / kvh) * (HD + 4);
+  __shared__ __align__(8) uint64_t arrived;
+  const int merges = CM && s < G ? (G - 1 - s) / splits + 1 : 0;
+  if constexpr (CM) {
+    if (tid == 0 && merges > 0) {
+      mbar_init(&arrived, 1);
+      mbar_init_fence();
+      mbar_expect_tx(&arrived, uint32_t(merges * splits * (HD + 2) * 4));
+    }
+    cluster_sync_relaxed();  // every barrier exists before any block stores to it
+  }
   const int p0 = dpos ? *dpos : pos0;  // from the host or the step's first node: read before the wait
   const int visible = p0 + 1;
   const int chunk = (visible + splits - 1) / splits;
@@ -2573,10 +2603,26 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32) attn_group_mma_kernel(cons
 #pragma unroll
       for (int j = 0; j < 8; ++j) a[j] = fmaf(v[w][j], e, a[j]);
     }
-    float* out = scratch + (int64_t(g * G + h) * splits + s) * (HD + 2);  // 8-byte aligned rows
+    if constexpr (CM) {  // into the merging block's receive area (the same offsets there)
+      const uint32_t to = uint32_t(h % splits);
+      const float* row = recv + (int64_t(h / splits) * splits + s) * (HD + 2);
 #pragma unroll
-    for (int j = 0; j < 8; j += 2) *reinterpret_cast<float2*>(out + 2 + d0 + j) = make_float2(a[j], a[j + 1]);
-    if (d0 == 0) out[0] = M, out[1] = L;
+      for (int j = 0; j < 8; j += 2) st_async_cluster_v2(row + 2 + d0 + j, &arrived, to, a[j], a[j + 1]);
+      if (d0 == 0) st_async_cluster_v2(row, &arrived, to, M, L);
+    } else {
+      float* out = scratch + (int64_t(g * G + h) * splits + s) * (HD + 2);  // 8-byte aligned rows
+#pragma unroll
+      for (int j = 0; j < 8; j += 2) *reinterpret_cast<float2*>(out + 2 + d0 + j) = make_float2(a[j], a[j + 1]);
+      if (d0 == 0) out[0] = M, out[1] = L;
+    }
+  }
+  if constexpr (CM) {
+    if (merges == 0) return;
+    mbar_wait_cluster(&arrived, 0);
+    ZMLX_TRACE_MARK(3);  // trace: every split's partials here
+    for (int i = 0; i < merges; ++i)
+      merge_split_partials(recv + int64_t(i) * splits * (HD + 2), HD, splits,
+                           merged + int64_t(g * G + s + i * splits) * HD);
   }
 }
 
@@ -3671,6 +3717,10 @@ void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int he
 size_t attn_group_smem(int rows, int head_dim, int G) {
   return size_t(16 + 2 * attn_rows16(rows)) * head_dim * 2 + size_t(kAttnMmaWarps) * G * (head_dim + 4) * 4;
 }
+// The merge in the cluster's receive area: ceil(G / splits) heads' partials a block.
+size_t attn_cluster_recv_smem(int splits, int head_dim, int G) {
+  return size_t((G + splits - 1) / splits) * splits * (head_dim + 2) * 4;
+}
 
 // Whether a one-token step takes attn_group_mma_kernel: 2 to 8 query heads a
 // kv group (the first 8 rows of the MMA tile: a thread keeps one row's
@@ -3686,6 +3736,58 @@ bool attention_by_group(int heads, int kv_heads, int head_dim, int64_t capacity,
          std::min(kAttnGroupMaxSmem, smem_optin_limit());
 }
 
+// Whether the grouped one-token kernel runs each kv group's splits as one
+// thread-block cluster, and merges there (attn_group_mma_kernel's CL, CM):
+// on Hopper, 2 to 16 splits, the merge's register form on
+// (ZMLX_CUDA_MERGE_REGS), and a cluster of that many blocks with their
+// shared memory resident on this GPU (asked once a shape).
+// ZMLX_CUDA_ATTN_CLUSTER=0: never; =launch: the cluster launch without the
+// merge (a measurement); read per launch.
+AttnCluster attention_cluster(int heads, int kv_heads, int head_dim, int64_t capacity, int splits) {
+  if (env_is("ZMLX_CUDA_ATTN_CLUSTER", "0") || splits < 2 || splits > 16 || !merge_in_registers(splits) ||
+      !attention_by_group(heads, kv_heads, head_dim, capacity, splits))
+    return AttnCluster::off;
+  const AttnCluster mode = env_is("ZMLX_CUDA_ATTN_CLUSTER", "launch") ? AttnCluster::launch : AttnCluster::merge;
+  const int G = heads / kv_heads, rows = int((capacity + splits - 1) / splits);
+  const size_t smem = attn_group_smem(rows, head_dim, G) +
+                      (mode == AttnCluster::merge ? attn_cluster_recv_smem(splits, head_dim, G) : 0);
+  if (smem > std::min(kAttnGroupMaxSmem, smem_optin_limit())) return AttnCluster::off;
+  // Whether a cluster of `splits` blocks of this size fits the GPU, per
+  // (mode, splits, smem): a sm_90 question the driver answers once.
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, size_t, int>, bool> fits;
+  std::lock_guard<std::mutex> lock(mu);
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const auto key = std::make_tuple(int(mode), splits, smem, dev);
+  if (auto it = fits.find(key); it != fits.end()) return it->second ? mode : AttnCluster::off;
+  // Asked of the head_dim-128 prepared instance: the occupancy question is
+  // about the blocks' shared memory, threads and cluster size (the registers
+  // of the instances differ little; a launch that does not fit fails loudly).
+  auto ask = [&](auto kern) {
+    if (!runs_sm90_code(reinterpret_cast<const void*>(kern))) return false;
+    allow_dynamic_smem(reinterpret_cast<const void*>(kern), smem);
+    if (splits > 8 && cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+      return false;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(unsigned(splits), unsigned(kv_heads));
+    cfg.blockDim = dim3(kAttnMmaWarps * 32);
+    cfg.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = unsigned(splits), attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    int n = 0;
+    return cudaOccupancyMaxActiveClusters(&n, kern, &cfg) == cudaSuccess && n >= 1;
+  };
+  const bool ok = mode == AttnCluster::merge ? ask(attn_group_mma_kernel<128, true, true, true>)
+                                             : ask(attn_group_mma_kernel<128, true, true, false>);
+  if (!ok) cudaGetLastError();
+  fits[key] = ok;
+  return ok ? mode : AttnCluster::off;
+}
+
 // The split partials of T tokens (attn_partial_kernel<DPL, PREP> for
 // head_dim = 32·DPL; the fused preparation needs DPL >= 2), then the merge.
 template <bool PREP>
@@ -3694,18 +3796,39 @@ void attention_splits(const uint16_t* q, int T, int heads, int kv_heads, int hea
                       float* scratch, uint16_t* out, const AttnPrep& prep, cudaStream_t s) {
   if (T == 1 && attention_by_group(heads, kv_heads, head_dim, capacity, splits)) {
     const int rows = int((capacity + splits - 1) / splits);
-    const size_t smem = attn_group_smem(rows, head_dim, heads / kv_heads);
-    auto go = [&](auto kern) {
+    const int G = heads / kv_heads;
+    const AttnCluster mode = attention_cluster(heads, kv_heads, head_dim, capacity, splits);
+    const size_t smem =
+        attn_group_smem(rows, head_dim, G) + (mode == AttnCluster::merge ? attn_cluster_recv_smem(splits, head_dim, G) : 0);
+    auto go = [&](auto kern, auto cl) {
       allow_dynamic_smem(reinterpret_cast<const void*>(kern), smem);
-      launch_smem(kern, dim3(unsigned(kv_heads), unsigned(splits)), dim3(kAttnMmaWarps * 32), smem, s, q, heads,
-                  kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, rows, scratch, prep);
+      if constexpr (decltype(cl)::value) {
+        // Each instance opts into clusters past 8 itself; made only when a
+        // launch is recorded or run eagerly, never on a graph replay.
+        if (splits > 8) cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+        launch_ex(kern, dim3(unsigned(splits), unsigned(kv_heads)), dim3(kAttnMmaWarps * 32), smem, unsigned(splits),
+                  s, q, heads, kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, rows, scratch, prep, out);
+      } else {
+        launch_smem(kern, dim3(unsigned(kv_heads), unsigned(splits)), dim3(kAttnMmaWarps * 32), smem, s, q, heads,
+                    kv_heads, kc, vc, capacity, pos0, dpos, scale, splits, rows, scratch, prep, out);
+      }
+    };
+    using On = std::true_type;
+    using Off = std::false_type;
+    auto by_mode = [&](auto hd) {
+      constexpr int HD = decltype(hd)::value;
+      switch (mode) {
+        case AttnCluster::merge: go(attn_group_mma_kernel<HD, PREP, true, true>, On{}); break;
+        case AttnCluster::launch: go(attn_group_mma_kernel<HD, PREP, true, false>, On{}); break;
+        default: go(attn_group_mma_kernel<HD, PREP>, Off{}); break;
+      }
     };
     switch (head_dim) {
-      case 64: go(attn_group_mma_kernel<64, PREP>); break;
-      case 128: go(attn_group_mma_kernel<128, PREP>); break;
+      case 64: by_mode(std::integral_constant<int, 64>{}); break;
+      case 128: by_mode(std::integral_constant<int, 128>{}); break;
     }
     check_launch("attention (grouped, tensor cores)");
-    merge_attention_splits(scratch, T, heads, head_dim, splits, out, s);
+    if (mode != AttnCluster::merge) merge_attention_splits(scratch, T, heads, head_dim, splits, out, s);
     return;
   }
   const dim3 grid{unsigned(heads), unsigned(splits), unsigned(T)};

@@ -184,6 +184,13 @@ void merge_attention_splits(const float* scratch, int T, int heads, int D, int s
 // (ZMLX_CUDA_SHORT_ROWS=0: never). Both read their switch at every call.
 bool merge_in_registers(int splits);
 bool multi_linear_short_rows(int bits, int64_t cols);
+// How a one-token grouped attention launch runs its kv groups' splits
+// (attention_cluster): off — a block a split, then the merge kernel;
+// merge — each group's splits one thread-block cluster that merges its
+// partials itself (the same bits); launch — the cluster without that merge
+// (ZMLX_CUDA_ATTN_CLUSTER=launch, a measurement).
+enum class AttnCluster { off, merge, launch };
+AttnCluster attention_cluster(int heads, int kv_heads, int head_dim, int64_t capacity, int splits);
 // Whether gather_combine with this down projection, k slots and routing
 // issues both weight steps of every warp before its programmatic-launch
 // wait (groups of 64+, at most two steps a warp, one pass; the routing
