@@ -298,12 +298,13 @@ TEST(CudaOps, GroupedDecodeAttentionMatchesCpuAtLongContexts) {
 #ifdef ZMLX_HAVE_CUDA  // asks the kernels which form runs
 // The grouped one-token kernel with each kv group's splits as one
 // thread-block cluster that merges its own partials (the default at 2-16
-// splits on Hopper) against a block a split plus the merge kernel
-// (ZMLX_CUDA_ATTN_CLUSTER=0) and the cluster launch without the merge
-// (=launch): the same bits, for 2 to 16 splits, 2, 3, 4 and 8 heads a group
-// (more heads than splits: a block merges several), splits that saw no key,
-// head dims 64 and 128; and through the fused norm + rope + attention op,
-// whose new keys and values must land in the cache alike.
+// splits and up to 4 kv heads on Hopper; ZMLX_CUDA_ATTN_CLUSTER=all: any
+// number of kv heads, as this test runs it) against a block a split plus the
+// merge kernel (=0) and the cluster launch without the merge (=launch): the
+// same bits, for 2 to 16 splits, 2, 3, 4 and 8 heads a group (more heads
+// than splits: a block merges several), splits that saw no key, head dims 64
+// and 128; and through the fused norm + rope + attention op, whose new keys
+// and values must land in the cache alike.
 TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
   REQUIRE_GPU();
   auto g = gpu();
@@ -321,9 +322,14 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
     const int splits = int(std::clamp<int64_t>(k.capacity / 64, 1, 128));
     const std::string what = "H " + std::to_string(k.H) + " Hkv " + std::to_string(k.Hkv) + " hd " +
                              std::to_string(k.hd) + " splits " + std::to_string(splits);
-    const auto mode = cuda::k::attention_cluster(int(k.H), int(k.Hkv), int(k.hd), k.capacity, splits);
     int major = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+    // The default: the cluster form up to 4 kv heads.
+    const auto by_default = cuda::k::attention_cluster(int(k.H), int(k.Hkv), int(k.hd), k.capacity, splits);
+    if (major >= 9)
+      EXPECT_EQ(int(by_default), int(k.Hkv <= 4 ? cuda::k::AttnCluster::merge : cuda::k::AttnCluster::off)) << what;
+    setenv("ZMLX_CUDA_ATTN_CLUSTER", "all", 1);
+    const auto mode = cuda::k::attention_cluster(int(k.H), int(k.Hkv), int(k.hd), k.capacity, splits);
     if (major >= 9) EXPECT_EQ(int(mode), int(cuda::k::AttnCluster::merge)) << "the cluster form is not taken, " << what;
     clustered += mode == cuda::k::AttnCluster::merge;
     KvLayer gk = g->new_kv_layer(k.Hkv, k.hd, k.capacity);
@@ -337,6 +343,7 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
       Tensor kk = test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd});
       Tensor vv = test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd});
       g->kv_write(gk, g->from_host(kk), g->from_host(vv), pos);
+      setenv("ZMLX_CUDA_ATTN_CLUSTER", "all", 1);
       const auto got = host_floats(*g, g->attention(q, gk, pos, k.H, k.Hkv, k.hd, scale));
       setenv("ZMLX_CUDA_ATTN_CLUSTER", "launch", 1);
       const auto launch_only = host_floats(*g, g->attention(q, gk, pos, k.H, k.Hkv, k.hd, scale));
@@ -358,6 +365,7 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
     Tensor q = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.H * k.hd)), {1, k.H * k.hd}));
     Tensor kk = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd}));
     Tensor vv = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd}));
+    setenv("ZMLX_CUDA_ATTN_CLUSTER", "all", 1);
     const auto fused = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos, 1e6f,
                                                               false, a, scale));
     setenv("ZMLX_CUDA_ATTN_CLUSTER", "0", 1);

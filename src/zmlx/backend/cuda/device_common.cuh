@@ -594,6 +594,50 @@ inline void allow_dynamic_smem(const void* kernel, size_t bytes) {
   allowed.push_back({dev, kernel, bytes});
 }
 
+// Whether `kernel` runs as thread-block clusters of n blocks along x
+// (n > 8: a non-portable size, which this opts the kernel into) of
+// `threads` threads and `smem` bytes of dynamic shared memory on the current
+// GPU, with its sm_90 code: asked of the driver once per (device, kernel, n,
+// smem). The kernel is opted into `smem` too (allow_dynamic_smem).
+inline bool cluster_fits(const void* kernel, int n, int threads, size_t smem) {
+  if (!runs_sm90_code(kernel)) return false;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  struct Asked {
+    int dev;
+    const void* kernel;
+    int n;
+    size_t smem;
+    bool fits;
+  };
+  static std::mutex mu;
+  static std::vector<Asked> asked;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const Asked& a : asked)
+      if (a.dev == dev && a.kernel == kernel && a.n == n && a.smem == smem) return a.fits;
+  }
+  allow_dynamic_smem(kernel, smem);
+  bool fits = n <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+  if (fits) {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(unsigned(n));
+    cfg.blockDim = dim3(unsigned(threads));
+    cfg.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = unsigned(n), attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    fits = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters >= 1;
+  }
+  if (!fits) cudaGetLastError();
+  std::lock_guard<std::mutex> lock(mu);
+  asked.push_back({dev, kernel, n, smem, fits});
+  return fits;
+}
+
 // A short kernel, whose last parameter is pdl_begin's trigger_first: on when
 // the grid is one wave at most, a block an SM (a prefill-sized grid would
 // have its successor's blocks take SM slots its own blocks still need).

@@ -13,11 +13,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -3738,54 +3736,39 @@ bool attention_by_group(int heads, int kv_heads, int head_dim, int64_t capacity,
 
 // Whether the grouped one-token kernel runs each kv group's splits as one
 // thread-block cluster, and merges there (attn_group_mma_kernel's CL, CM):
-// on Hopper, 2 to 16 splits, the merge's register form on
-// (ZMLX_CUDA_MERGE_REGS), and a cluster of that many blocks with their
-// shared memory resident on this GPU (asked once a shape).
-// ZMLX_CUDA_ATTN_CLUSTER=0: never; =launch: the cluster launch without the
-// merge (a measurement); read per launch.
+// on Hopper, 2 to 16 splits, at most kAttnClusterMaxGroups kv groups, the
+// merge's register form on (ZMLX_CUDA_MERGE_REGS), and a cluster of that
+// many blocks with their shared memory resident on this GPU (cluster_fits).
+// ZMLX_CUDA_ATTN_CLUSTER=0: never; =all: any number of kv groups; =launch:
+// the cluster launch without the merge (a measurement); read per launch.
+//
+// The kv-group limit is measured (one H100, 2026-11-28, traces in
+// docs/performance.md): a cluster's blocks become resident only together,
+// beside the q/k/v mat-vec's blocks, so the launch's blocks start later
+// (Qwen3: 15 of 48 after the release) and the q/k/v kernel's boundary grows
+// ~0.6 us. With Qwen3's 4 clusters the merge kernel's ~2.8 us more than pay
+// for that (+2.9 % decode); with LFM2's 8 (96 blocks, 34 late) the layer
+// came out 0.3 us longer (-0.4 to -0.8 %).
+constexpr int kAttnClusterMaxGroups = 4;
 AttnCluster attention_cluster(int heads, int kv_heads, int head_dim, int64_t capacity, int splits) {
   if (env_is("ZMLX_CUDA_ATTN_CLUSTER", "0") || splits < 2 || splits > 16 || !merge_in_registers(splits) ||
       !attention_by_group(heads, kv_heads, head_dim, capacity, splits))
+    return AttnCluster::off;
+  if (kv_heads > kAttnClusterMaxGroups && !env_is("ZMLX_CUDA_ATTN_CLUSTER", "all") &&
+      !env_is("ZMLX_CUDA_ATTN_CLUSTER", "launch"))
     return AttnCluster::off;
   const AttnCluster mode = env_is("ZMLX_CUDA_ATTN_CLUSTER", "launch") ? AttnCluster::launch : AttnCluster::merge;
   const int G = heads / kv_heads, rows = int((capacity + splits - 1) / splits);
   const size_t smem = attn_group_smem(rows, head_dim, G) +
                       (mode == AttnCluster::merge ? attn_cluster_recv_smem(splits, head_dim, G) : 0);
   if (smem > std::min(kAttnGroupMaxSmem, smem_optin_limit())) return AttnCluster::off;
-  // Whether a cluster of `splits` blocks of this size fits the GPU, per
-  // (mode, splits, smem): a sm_90 question the driver answers once.
-  static std::mutex mu;
-  static std::map<std::tuple<int, int, size_t, int>, bool> fits;
-  std::lock_guard<std::mutex> lock(mu);
-  int dev = 0;
-  cudaGetDevice(&dev);
-  const auto key = std::make_tuple(int(mode), splits, smem, dev);
-  if (auto it = fits.find(key); it != fits.end()) return it->second ? mode : AttnCluster::off;
-  // Asked of the head_dim-128 prepared instance: the occupancy question is
-  // about the blocks' shared memory, threads and cluster size (the registers
-  // of the instances differ little; a launch that does not fit fails loudly).
-  auto ask = [&](auto kern) {
-    if (!runs_sm90_code(reinterpret_cast<const void*>(kern))) return false;
-    allow_dynamic_smem(reinterpret_cast<const void*>(kern), smem);
-    if (splits > 8 && cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
-      return false;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(unsigned(splits), unsigned(kv_heads));
-    cfg.blockDim = dim3(kAttnMmaWarps * 32);
-    cfg.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = unsigned(splits), attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-    int n = 0;
-    return cudaOccupancyMaxActiveClusters(&n, kern, &cfg) == cudaSuccess && n >= 1;
-  };
-  const bool ok = mode == AttnCluster::merge ? ask(attn_group_mma_kernel<128, true, true, true>)
-                                             : ask(attn_group_mma_kernel<128, true, true, false>);
-  if (!ok) cudaGetLastError();
-  fits[key] = ok;
-  return ok ? mode : AttnCluster::off;
+  // Asked of the head_dim-128 prepared instance: the question is about the
+  // blocks' shared memory, threads and cluster size (the instances'
+  // registers differ little; a launch that does not fit fails loudly).
+  const void* kern = mode == AttnCluster::merge
+                         ? reinterpret_cast<const void*>(attn_group_mma_kernel<128, true, true, true>)
+                         : reinterpret_cast<const void*>(attn_group_mma_kernel<128, true, true, false>);
+  return cluster_fits(kern, splits, kAttnMmaWarps * 32, smem) ? mode : AttnCluster::off;
 }
 
 // The split partials of T tokens (attn_partial_kernel<DPL, PREP> for
