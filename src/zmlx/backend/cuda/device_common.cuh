@@ -600,13 +600,12 @@ inline void allow_dynamic_smem(const void* kernel, size_t bytes) {
 // GPU, with its sm_90 code: asked of the driver once per (device, kernel, n,
 // smem). The kernel is opted into `smem` too (allow_dynamic_smem).
 inline bool cluster_fits(const void* kernel, int n, int threads, size_t smem) {
-  if (!runs_sm90_code(kernel)) return false;
   int dev = 0;
   cudaGetDevice(&dev);
   struct Asked {
     int dev;
     const void* kernel;
-    int n;
+    int n, threads;
     size_t smem;
     bool fits;
   };
@@ -615,10 +614,13 @@ inline bool cluster_fits(const void* kernel, int n, int threads, size_t smem) {
   {
     std::lock_guard<std::mutex> lock(mu);
     for (const Asked& a : asked)
-      if (a.dev == dev && a.kernel == kernel && a.n == n && a.smem == smem) return a.fits;
+      if (a.dev == dev && a.kernel == kernel && a.n == n && a.threads == threads && a.smem == smem) return a.fits;
   }
-  allow_dynamic_smem(kernel, smem);
-  bool fits = n <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+  // A failed query clears its own error (cudaGetLastError) and answers no.
+  auto ok = [](cudaError_t e) { return e == cudaSuccess || (cudaGetLastError(), false); };
+  bool fits = runs_sm90_code(kernel);
+  if (fits) allow_dynamic_smem(kernel, smem);
+  fits = fits && (n <= 8 || ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1)));
   if (fits) {
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(unsigned(n));
@@ -630,11 +632,10 @@ inline bool cluster_fits(const void* kernel, int n, int threads, size_t smem) {
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
     int clusters = 0;
-    fits = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters >= 1;
+    fits = ok(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg)) && clusters >= 1;
   }
-  if (!fits) cudaGetLastError();
   std::lock_guard<std::mutex> lock(mu);
-  asked.push_back({dev, kernel, n, smem, fits});
+  asked.push_back({dev, kernel, n, threads, smem, fits});
   return fits;
 }
 

@@ -3328,7 +3328,8 @@ __global__ void route_grouped_warp_kernel(const uint16_t* logits, const float* b
 // rows and the picks: a cluster barrier with release, the earlier form,
 // waited ~1 us longer for the blocks' global stores (H100 traces,
 // 2026-11-28). Declared __shared__ in every block of the cluster; only
-// block 0's copy is used.
+// block 0's copy is used. Block 0 of the grid must be the cluster's rank 0:
+// both launches put their one router cluster at the grid's start.
 template <int MaxE>
 struct LogitsToBlock0 {
   uint32_t words[MaxE];
@@ -3740,7 +3741,8 @@ bool attention_by_group(int heads, int kv_heads, int head_dim, int64_t capacity,
 // merge's register form on (ZMLX_CUDA_MERGE_REGS), and a cluster of that
 // many blocks with their shared memory resident on this GPU (cluster_fits).
 // ZMLX_CUDA_ATTN_CLUSTER=0: never; =all: any number of kv groups; =launch:
-// the cluster launch without the merge (a measurement); read per launch.
+// the cluster launch without the merge, at any number of kv groups (a
+// measurement); read per launch.
 //
 // The kv-group limit is measured (one H100, 2026-11-28, traces in
 // docs/performance.md): a cluster's blocks become resident only together,
@@ -3762,13 +3764,19 @@ AttnCluster attention_cluster(int heads, int kv_heads, int head_dim, int64_t cap
   const size_t smem = attn_group_smem(rows, head_dim, G) +
                       (mode == AttnCluster::merge ? attn_cluster_recv_smem(splits, head_dim, G) : 0);
   if (smem > std::min(kAttnGroupMaxSmem, smem_optin_limit())) return AttnCluster::off;
-  // Asked of the head_dim-128 prepared instance: the question is about the
-  // blocks' shared memory, threads and cluster size (the instances'
-  // registers differ little; a launch that does not fit fails loudly).
-  const void* kern = mode == AttnCluster::merge
-                         ? reinterpret_cast<const void*>(attn_group_mma_kernel<128, true, true, true>)
-                         : reinterpret_cast<const void*>(attn_group_mma_kernel<128, true, true, false>);
-  return cluster_fits(kern, splits, kAttnMmaWarps * 32, smem) ? mode : AttnCluster::off;
+  // Asked of both instances this shape may launch (with and without the
+  // fused preparation, whose registers differ).
+  auto fits = [&](auto hd) {
+    constexpr int HD = decltype(hd)::value;
+    auto ask = [&](const void* k) { return cluster_fits(k, splits, kAttnMmaWarps * 32, smem); };
+    return mode == AttnCluster::merge
+               ? ask(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, true, true, true>)) &&
+                     ask(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, false, true, true>))
+               : ask(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, true, true, false>)) &&
+                     ask(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, false, true, false>));
+  };
+  const bool ok = head_dim == 64 ? fits(std::integral_constant<int, 64>{}) : fits(std::integral_constant<int, 128>{});
+  return ok ? mode : AttnCluster::off;
 }
 
 // The split partials of T tokens (attn_partial_kernel<DPL, PREP> for
