@@ -1849,8 +1849,15 @@ __global__ void rms_norm_warp_kernel(const uint16_t* x, int64_t R, int D, const 
   ZMLX_TRACE_BLOCK_END();
   const int64_t r = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
   // The weights are constant: loaded before the wait (the vector form).
+  // Only where there is a wait (sm_90): the sm_80 build run on an H100 from
+  // its PTX gave one 256-value chunk of every row as zeros in this form
+  // (2026-11-28; the sm_90a build's rows were right).
   NormW wv;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const bool pre = r < R && warp_norm_vec(x + r * D, w, D, out + r * D);
+#else
+  const bool pre = false;
+#endif
   if (pre) load_norm_w(w, D, wv);
   pdl_begin(trigger_first);
   if (r >= R) return;
