@@ -166,6 +166,20 @@ __device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity
 __device__ __forceinline__ void cluster_sync_relaxed() {
   ZMLX_SM90_ASM("barrier.cluster.arrive.relaxed;\n\tbarrier.cluster.wait;" ::: "memory");
 }
+// Before a cluster's blocks store into each other's shared memory by
+// st.async: where `receives`, this block's thread 0 sets up `bar` to expect
+// `bytes` (the phase's one arrival; it completes with those bytes); then
+// every block of the cluster passes one relaxed cluster barrier, so every
+// barrier exists before any block stores to it. Every thread of every block
+// of the cluster calls it.
+__device__ __forceinline__ void mbar_prepare_cluster(uint64_t* bar, bool receives, uint32_t bytes) {
+  if (receives && threadIdx.x == 0) {
+    mbar_init(bar, 1);
+    mbar_init_fence();
+    mbar_expect_tx(bar, bytes);
+  }
+  cluster_sync_relaxed();
+}
 #undef ZMLX_SM90_ASM
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"

@@ -2429,14 +2429,7 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32) attn_group_mma_kernel(cons
   float* recv = states + kAttnMmaWarps * (heads / kvh) * (HD + 4);
   __shared__ __align__(8) uint64_t arrived;
   const int merges = CM && s < G ? (G - 1 - s) / splits + 1 : 0;
-  if constexpr (CM) {
-    if (tid == 0 && merges > 0) {
-      mbar_init(&arrived, 1);
-      mbar_init_fence();
-      mbar_expect_tx(&arrived, uint32_t(merges * splits * (HD + 2) * 4));
-    }
-    cluster_sync_relaxed();  // every barrier exists before any block stores to it
-  }
+  if constexpr (CM) mbar_prepare_cluster(&arrived, merges > 0, uint32_t(merges * splits * (HD + 2) * 4));
   const int p0 = dpos ? *dpos : pos0;  // from the host or the step's first node: read before the wait
   const int visible = p0 + 1;
   const int chunk = (visible + splits - 1) / splits;
@@ -3343,20 +3336,46 @@ struct LogitsToBlock0 {
   uint64_t arrived;  // counts the E words' bytes
 
   // Every block of the cluster, before any of them stores a logit.
-  __device__ void prepare(int E) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-      mbar_init(&arrived, 1);
-      mbar_init_fence();
-      mbar_expect_tx(&arrived, uint32_t(E) * 4);  // the phase's one arrival; it completes with the E words
-    }
-    cluster_sync_relaxed();  // block 0's barrier exists before any block stores to it
-  }
+  __device__ void prepare(int E) { mbar_prepare_cluster(&arrived, blockIdx.x == 0, uint32_t(E) * 4); }
   __device__ void store(int64_t row, uint16_t v) { st_async_cluster_u32(words + row, &arrived, 0, v); }
   // Block 0: returns once every logit is in its shared memory.
   __device__ void wait() { mbar_wait_cluster(&arrived, 0); }
   // The logits as bf16, expert e's at [2 * e].
   __device__ const uint16_t* logits() const { return reinterpret_cast<const uint16_t*>(words); }
 };
+
+// What both router launches do after LogitsToBlock0::prepare: with `dry`,
+// block 0's first warp runs its top-k once on zero logits before the wait
+// (the picks into shared memory), so that after the wait it runs the very
+// instructions from its SM's instruction cache (run cold, once a layer after
+// ~36 MB of weights have passed through L2, GLM's took ~4.4 us, 1.7 us after
+// a dry run: H100 traces, 2026-11-28); then every warp's router rows, each
+// logit to y and to block 0; then block 0's first warp waits for them all
+// and picks. pick(logits, ex, scores) is the launch's top-k (logits at
+// stride 2, LogitsToBlock0::logits), a __noinline__ function, so the dry run
+// and the real one are one copy of code.
+template <int WB, bool SX, int MaxE, typename Score, typename Pick>
+__device__ __forceinline__ void router_rows_then_picks(const uint16_t* x, const QMat& w, uint16_t* y, bool pre,
+                                                       LogitsToBlock0<MaxE>& hand, bool dry, int32_t* ex,
+                                                       Score* scores, Pick pick) {
+  if (dry && blockIdx.x == 0 && threadIdx.x < 32) {
+    __shared__ uint32_t dry_l[MaxE];
+    __shared__ int32_t dry_ex[32];
+    __shared__ Score dry_scores[32];
+    for (int i = threadIdx.x; i < MaxE; i += 32) dry_l[i] = 0;
+    __syncwarp();
+    pick(reinterpret_cast<const uint16_t*>(dry_l), dry_ex, dry_scores);
+  }
+  decode_row_to<WB, kPreChunks, SX>(w, decode_row0(), x, pre, [&](int64_t r, uint16_t v) {
+    y[r] = v;
+    hand.store(r, v);
+  });
+  if (blockIdx.x != 0 || threadIdx.x >= 32) return;
+  hand.wait();
+  ZMLX_TRACE_MARK(2);  // trace: every router row in block 0
+  pick(hand.logits(), ex, scores);
+  ZMLX_TRACE_MARK(3);  // trace: the picks stored
+}
 
 // linear_and_swiglu_decode_kernel with the grouped router's top-k as well
 // (one token), for routers of at most 64 experts (8 blocks): the router's wb
@@ -3390,31 +3409,11 @@ __global__ void __launch_bounds__(256) linear_route_and_swiglu_decode_kernel(con
   const int E = int(w.rows);
   __shared__ LogitsToBlock0<kFusedRouteMaxE> hand;
   hand.prepare(E);
-  // A dry run of the top-k before the wait (zeros as logits, the picks into
-  // shared memory), so block 0 runs it from its SM's instruction cache. Run
-  // cold, once a layer after ~36 MB of weights have passed through L2, the
-  // same code took ~4.4 us (H100 traces, 2026-11-28: ~1.5 us of it for four
-  // picks that touch no memory), 1.7 us after a dry run; the separate top-k
-  // kernel's work is ~1 us (docs/performance.md).
-  if (blockIdx.x == 0 && threadIdx.x < 32) {
-    __shared__ uint32_t dry_l[kFusedRouteMaxE];
-    __shared__ int32_t dry_ex[32];
-    __shared__ float dry_scores[32];
-    for (int i = threadIdx.x; i < kFusedRouteMaxE; i += 32) dry_l[i] = 0;
-    __syncwarp();
-    route_grouped_warp_token_call(reinterpret_cast<const uint16_t*>(dry_l), ra.bias, E, ra.k, ra.normalize, ra.eps,
-                                  ra.scaling, dry_ex, dry_scores);
-  }
-  decode_row_to<WB, kPreChunks, SX>(w, decode_row0(), x, pre, [&](int64_t r, uint16_t v) {
-    y[r] = v;
-    hand.store(r, v);
-  });
-  if (blockIdx.x != 0 || threadIdx.x >= 32) return;
-  hand.wait();
-  ZMLX_TRACE_MARK(2);  // trace: every router row in block 0
-  route_grouped_warp_token_call(hand.logits(), ra.bias, E, ra.k, ra.normalize, ra.eps, ra.scaling, ra.experts,
-                                ra.scores);
-  ZMLX_TRACE_MARK(3);  // trace: the picks stored
+  router_rows_then_picks<WB, SX>(x, w, y, pre, hand, true, ra.experts, ra.scores,
+                                 [&](const uint16_t* l, int32_t* ex, float* sc) {
+                                   route_grouped_warp_token_call(l, ra.bias, E, ra.k, ra.normalize, ra.eps,
+                                                                 ra.scaling, ex, sc);
+                                 });
 }
 
 // linear_decode_kernel for a softmax or a sigmoid + bias router (one token,
@@ -3442,23 +3441,10 @@ __global__ void __launch_bounds__(256) linear_route_decode_kernel(const uint16_t
   const int E = int(w.rows);
   __shared__ LogitsToBlock0<kRouteInRouterMaxE> hand;
   hand.prepare(E);
-  if (dry && blockIdx.x == 0 && threadIdx.x < 32) {  // the dry run (zeros as logits, picks into shared memory)
-    __shared__ uint32_t dry_l[kRouteInRouterMaxE];
-    __shared__ int32_t dry_ex[32];
-    __shared__ uint16_t dry_scores[32];
-    for (int i = threadIdx.x; i < kRouteInRouterMaxE; i += 32) dry_l[i] = 0;
-    __syncwarp();
-    route_token_call<PL, SIG>(reinterpret_cast<const uint16_t*>(dry_l), ra, E, dry_ex, dry_scores);
-  }
-  decode_row_to<WB, kPreChunks, SX>(w, decode_row0(), x, pre, [&](int64_t r, uint16_t v) {
-    y[r] = v;
-    hand.store(r, v);
-  });
-  if (blockIdx.x != 0 || threadIdx.x >= 32) return;
-  hand.wait();
-  ZMLX_TRACE_MARK(2);  // trace: every router row in block 0
-  route_token_call<PL, SIG>(hand.logits(), ra, E, ra.experts, ra.scores);
-  ZMLX_TRACE_MARK(3);  // trace: the picks stored
+  router_rows_then_picks<WB, SX>(x, w, y, pre, hand, dry, ra.experts, ra.scores,
+                                 [&](const uint16_t* l, int32_t* ex, uint16_t* sc) {
+                                   route_token_call<PL, SIG>(l, ra, E, ex, sc);
+                                 });
 }
 
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
