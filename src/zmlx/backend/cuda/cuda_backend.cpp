@@ -412,6 +412,7 @@ class CudaBackend final : public Backend {
     cuda_check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&d_ring_), h_ring_, 0), "cudaHostGetDevicePointer");
     for (auto& e : chain_done_) cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
     graphs_enabled_ = zmlx::cuda::env_on("ZMLX_CUDA_GRAPHS") && !profile_.on;
+    poison_ = zmlx::cuda::env_is("ZMLX_CUDA_POISON", "1");
   }
 
   ~CudaBackend() override {
@@ -444,6 +445,10 @@ class CudaBackend final : public Backend {
     auto pool = pool_;
     t.storage = std::shared_ptr<void>(p, [pool](void* q) { pool->put(q); });
     t.data = p;
+    // A pooled block may hold an earlier op's result, even the very values
+    // a kernel that skips an element would have written: poisoned, such an
+    // element reads as NaN (bf16, f32) or -1 (ints).
+    if (poison_) cuda_check(cudaMemsetAsync(p, 0xff, bytes, stream_), "cudaMemsetAsync (poison)");
     return t;
   }
 
@@ -1343,6 +1348,9 @@ class CudaBackend final : public Backend {
   // are copied to the device by the graph's first node.
   int32_t* h_step_ = nullptr;
   int32_t* d_step_ = nullptr;
+  // ZMLX_CUDA_POISON=1 (read when the backend is made; tests): every new
+  // tensor filled with 0xff bytes first (alloc).
+  bool poison_ = false;
   // The experts tensor of the last routing an expert kernel has read (null
   // after a route op makes a new one). A routing some enqueued kernel has
   // read was complete before that kernel ran, so later kernels may read it
