@@ -167,35 +167,25 @@ class Lfm2Moe final : public Model {
   }
 
   Tensor forward(Backend& be, const std::vector<int32_t>& ids, Cache& cache, bool all_logits) override {
-    ZMLX_CHECK(!ids.empty(), "forward: no tokens");
-    ZMLX_CHECK(cache.kv.size() == layers_.size() && cache.conv.size() == layers_.size(),
-               "forward: the cache was not made by this model");
+    ZMLX_CHECK(cache.conv.size() == layers_.size(), "forward: the cache was not made by this model");
     const float eps = config_.rms_norm_eps;
-    const int64_t pos0 = cache.pos, T = int64_t(ids.size());
-    Tensor h;
-    stage_input(be, ids, embed_, h);  // pipeline: later stages receive h
-    const int64_t NL = int64_t(layers_.size());
-    Tensor f;  // the previous layer's MLP output, added to h together with the next norm
-    for (size_t l = size_t(placement().layer_begin()); l < size_t(placement().layer_end(NL)); ++l) {
-      Layer& L = layers_[l];
-      // Tensor parallel: f (and attention's a) are summed over the ranks'
-      // shards together with the residual add and the next norm.
-      Tensor x = tp_reduce_add_rms_norm(be, h, f, L.operator_norm, eps);
-      Tensor xf;
-      if (L.attention) {
-        Tensor a = L.attn.forward(be, x, cache.kv[l], pos0);
-        xf = tp_reduce_add_rms_norm(be, h, a, L.ffn_norm, eps);
-      } else {  // replicated under tensor parallel: every rank computes the whole conv
-        Tensor y = be.linear_short_conv(x, L.in_proj, cache.conv[l], L.conv_w);
-        xf = be.add_rms_norm(h, be.linear(y, L.conv_out_proj), L.ffn_norm, eps);
-      }
-      f = L.mlp->forward(be, xf);
-    }
-    tp_reduce_add(be, h, f);
-    cache.pos += T;
-    if (stage_output(be, h)) return Tensor{};  // pipeline: not the last stage
-    if (!all_logits && T > 1) h = last_row(h);
-    return be.linear(be.rms_norm(h, norm_, eps), lm_head_);
+    const int64_t pos0 = cache.pos;
+    return forward_layers(be, ids, cache, all_logits, embed_, norm_, lm_head_, layers_.size(),
+                          [&](size_t l, Tensor& h, Tensor& f) {
+                            Layer& L = layers_[l];
+                            // Tensor parallel: f (and attention's a) are summed over the ranks'
+                            // shards together with the residual add and the next norm.
+                            Tensor x = tp_reduce_add_rms_norm(be, h, f, L.operator_norm, eps);
+                            Tensor xf;
+                            if (L.attention) {
+                              Tensor a = L.attn.forward(be, x, cache.kv[l], pos0);
+                              xf = tp_reduce_add_rms_norm(be, h, a, L.ffn_norm, eps);
+                            } else {  // replicated under tensor parallel: every rank computes the whole conv
+                              Tensor y = be.linear_short_conv(x, L.in_proj, cache.conv[l], L.conv_w);
+                              xf = be.add_rms_norm(h, be.linear(y, L.conv_out_proj), L.ffn_norm, eps);
+                            }
+                            f = L.mlp->forward(be, xf);
+                          });
   }
 
  private:

@@ -2,6 +2,7 @@
 // the checkpoint keys, run through a Backend. Families live in one file each
 // (qwen3_moe.cpp, ...) and are listed in registry.cpp.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -58,6 +59,39 @@ class Model {
   bool supports_parallel() const { return parallel_supported_; }
 
  protected:
+  // The step every family's forward() runs around its blocks: this stage's
+  // h (embedded, or received from the previous pipeline stage), then
+  // block(l, h, f) for each of this rank's layers in order (f: the previous
+  // block's output, which the block adds to h with its first norm,
+  // tp_reduce_add_rms_norm; the block leaves its own output in f), then the
+  // last add, the cache's position, the hand-off to the next stage and, on
+  // the last, the final norm and the head (the last row's logits unless
+  // all_logits). n_layers: the model's whole depth (the placement picks this
+  // rank's share).
+  using BlockFn = std::function<void(size_t l, Tensor& h, Tensor& f)>;
+  Tensor forward_layers(Backend& be, const std::vector<int32_t>& ids, Cache& cache, bool all_logits,
+                        const Weight& embed, const Tensor& norm, const Weight& lm_head, size_t n_layers,
+                        const BlockFn& block);
+  // forward_layers over pre-norm attention + feed-forward blocks (Qwen3,
+  // GLM): each Layer has input_layernorm, attn.forward(be, x, kv, pos),
+  // post_attention_layernorm and mlp.
+  template <typename Layer>
+  Tensor forward_attention_blocks(Backend& be, const std::vector<int32_t>& ids, Cache& cache, bool all_logits,
+                                  const Weight& embed, const Tensor& norm, const Weight& lm_head,
+                                  std::vector<Layer>& layers) {
+    const float eps = config_.rms_norm_eps;
+    const int64_t pos0 = cache.pos;
+    return forward_layers(be, ids, cache, all_logits, embed, norm, lm_head, layers.size(),
+                          [&](size_t l, Tensor& h, Tensor& f) {
+                            Layer& L = layers[l];
+                            Tensor x = tp_reduce_add_rms_norm(be, h, f, L.input_layernorm, eps);
+                            Tensor a = L.attn.forward(be, x, cache.kv[l], pos0);
+                            // tensor parallel: a and f are summed over the ranks' shards (heads,
+                            // intermediate dimension) together with the residual add and the next norm.
+                            f = L.mlp->forward(be, tp_reduce_add_rms_norm(be, h, a, L.post_attention_layernorm, eps));
+                          });
+  }
+
   // Parallel glue (models/parallel.cpp), no-ops in a single process:
   // the first stage embeds, later stages receive [T, D] from the previous one;
   bool stage_input(Backend& be, const std::vector<int32_t>& ids, const Weight& embed, Tensor& h);

@@ -36,6 +36,23 @@ bool Model::stage_input(Backend& be, const std::vector<int32_t>& ids, const Weig
   return true;
 }
 
+Tensor Model::forward_layers(Backend& be, const std::vector<int32_t>& ids, Cache& cache, bool all_logits,
+                             const Weight& embed, const Tensor& norm, const Weight& lm_head, size_t n_layers,
+                             const BlockFn& block) {
+  ZMLX_CHECK(!ids.empty(), "forward: no tokens");
+  ZMLX_CHECK(cache.kv.size() == n_layers, "forward: the cache was not made by this model");
+  Tensor h;
+  stage_input(be, ids, embed, h);  // pipeline: later stages receive h
+  const int64_t NL = int64_t(n_layers);
+  Tensor f;  // the previous block's output, added to h together with the next norm
+  for (size_t l = size_t(placement().layer_begin()); l < size_t(placement().layer_end(NL)); ++l) block(l, h, f);
+  tp_reduce_add(be, h, f);
+  cache.pos += int64_t(ids.size());
+  if (stage_output(be, h)) return Tensor{};  // pipeline: not the last stage
+  if (!all_logits && ids.size() > 1) h = last_row(h);
+  return be.linear(be.rms_norm(h, norm, config_.rms_norm_eps), lm_head);
+}
+
 bool Model::stage_output(Backend& be, const Tensor& h) {
   const dist::Placement& P = placement();
   if (P.last_stage()) return false;

@@ -104,26 +104,7 @@ class Qwen3Moe final : public Model {
   }
 
   Tensor forward(Backend& be, const std::vector<int32_t>& ids, Cache& cache, bool all_logits) override {
-    ZMLX_CHECK(!ids.empty(), "forward: no tokens");
-    const float eps = config_.rms_norm_eps;
-    const int64_t pos0 = cache.pos, T = int64_t(ids.size());
-    Tensor h;
-    stage_input(be, ids, embed_, h);  // pipeline: later stages receive h
-    const int64_t NL = int64_t(layers_.size());
-    Tensor f;  // the previous layer's MLP output, added to h together with the next norm
-    for (size_t l = size_t(placement().layer_begin()); l < size_t(placement().layer_end(NL)); ++l) {
-      Layer& L = layers_[l];
-      Tensor x = tp_reduce_add_rms_norm(be, h, f, L.input_layernorm, eps);
-      Tensor a = L.attn.forward(be, x, cache.kv[l], pos0);
-      // tensor parallel: a and f are summed over the ranks' shards (heads,
-      // intermediate dimension) together with the residual add and the next norm.
-      f = L.mlp->forward(be, tp_reduce_add_rms_norm(be, h, a, L.post_attention_layernorm, eps));
-    }
-    tp_reduce_add(be, h, f);
-    cache.pos += T;
-    if (stage_output(be, h)) return Tensor{};  // pipeline: not the last stage
-    if (!all_logits && T > 1) h = last_row(h);
-    return be.linear(be.rms_norm(h, norm_, eps), lm_head_);
+    return forward_attention_blocks(be, ids, cache, all_logits, embed_, norm_, lm_head_, layers_);
   }
 
  private:
