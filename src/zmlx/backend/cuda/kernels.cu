@@ -2709,6 +2709,9 @@ __device__ __forceinline__ uint32_t ordered_bits(float f) {
   const uint32_t u = __float_as_uint(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
+__device__ __forceinline__ float from_ordered_bits(uint32_t o) {
+  return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
+}
 
 // vals[i] of the lane that owns expert sel (lane sel % 32, slot sel / 32),
 // broadcast to the whole warp.
@@ -2799,21 +2802,28 @@ template <int PL, int LS = 1>
 __device__ __forceinline__ void route_softmax_token(const uint16_t* l, int E, int k, bool normalize, bool packed,
                                                     int32_t* ex, uint16_t* scores) {
   const int lane = threadIdx.x & 31;
-  float z[PL], p[PL];
-  float mx = -INFINITY;
+  float z[PL], ez[PL], p[PL];
+  // The max as one warp-wide integer max of the logits' ordered bits (a
+  // NaN counted as -inf, as fmaxf skips it): the same value as five
+  // shuffle-and-fmaxf rounds, in one instruction of the one warp's chain.
+  uint32_t om = ordered_bits(-INFINITY);
   #pragma unroll
   for (int i = 0; i < PL; ++i) {
     const int e = lane + 32 * i;
     z[i] = e < E ? bf(l[LS * e]) : -INFINITY;
-    mx = fmaxf(mx, z[i]);
+    om = max(om, ordered_bits(z[i] == z[i] ? z[i] : -INFINITY));
   }
-  mx = warp_max(mx);
+  const float mx = from_ordered_bits(__reduce_max_sync(0xffffffffu, om));
+  // Each exp once (the sum and the probabilities read the same values).
   float sum = 0.f;
   #pragma unroll
-  for (int i = 0; i < PL; ++i) sum += (lane + 32 * i < E) ? expf(z[i] - mx) : 0.f;
+  for (int i = 0; i < PL; ++i) {
+    ez[i] = (lane + 32 * i < E) ? expf(z[i] - mx) : 0.f;
+    sum += ez[i];
+  }
   sum = warp_sum(sum);
   #pragma unroll
-  for (int i = 0; i < PL; ++i) p[i] = lane + 32 * i < E ? rbf(expf(z[i] - mx) / sum) : -INFINITY;
+  for (int i = 0; i < PL; ++i) p[i] = lane + 32 * i < E ? rbf(ez[i] / sum) : -INFINITY;
   int id;
   float w, total;
   if (packed)
@@ -3377,6 +3387,22 @@ __device__ __forceinline__ void router_rows_then_picks(const uint16_t* x, const 
   ZMLX_TRACE_MARK(3);  // trace: the picks stored
 }
 
+// The router's bias (a weight, complete before the step), copied by block 0's
+// first warp into shared memory before the programmatic-launch wait, so the
+// picks read it there after the logits arrive instead of loading it from
+// global memory on that one warp's chain. Returns the pointer the picks
+// read: `s` in block 0's first warp, `bias` elsewhere (and when null).
+// LFM2's sigmoid router (linear_route_decode_kernel); GLM's grouped router
+// in the same form measured -0.1 to -0.8 % (two rounds, H200 2026-11-28),
+// so its launch reads the bias from global memory as before.
+template <int MaxE>
+__device__ __forceinline__ const float* bias_to_shared(const float* bias, int E, float (&s)[MaxE]) {
+  if (!bias || blockIdx.x != 0 || threadIdx.x >= 32) return bias;
+  for (int i = threadIdx.x; i < E; i += 32) s[i] = bias[i];
+  __syncwarp();
+  return s;
+}
+
 // linear_and_swiglu_decode_kernel with the grouped router's top-k as well
 // (one token), for routers of at most 64 experts (8 blocks): the router's wb
 // blocks form the grid's first thread-block cluster (wb blocks a cluster).
@@ -3440,10 +3466,13 @@ __global__ void __launch_bounds__(256) linear_route_decode_kernel(const uint16_t
   ZMLX_TRACE_BLOCK_END();
   const int E = int(w.rows);
   __shared__ LogitsToBlock0<kRouteInRouterMaxE> hand;
+  __shared__ float bias_s[kRouteInRouterMaxE];
+  TopKRoute r = ra;
+  r.bias = bias_to_shared(SIG ? ra.bias : nullptr, E, bias_s);
   hand.prepare(E);
   router_rows_then_picks<WB, SX>(x, w, y, pre, hand, dry, ra.experts, ra.scores,
                                  [&](const uint16_t* l, int32_t* ex, uint16_t* sc) {
-                                   route_token_call<PL, SIG>(l, ra, E, ex, sc);
+                                   route_token_call<PL, SIG>(l, r, E, ex, sc);
                                  });
 }
 
