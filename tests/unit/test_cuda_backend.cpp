@@ -309,9 +309,18 @@ TEST(CudaOps, GroupedDecodeAttentionMatchesCpuAtLongContexts) {
 // writes cannot pass on a pooled block's earlier, equal value.
 TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
   REQUIRE_GPU();
-  setenv("ZMLX_CUDA_POISON", "1", 1);
-  auto g = gpu();
-  unsetenv("ZMLX_CUDA_POISON");
+  // The backend reads the switch when made; the caller's own value (a whole
+  // run may set it) comes back however gpu() ends.
+  struct PoisonedBackend {
+    const char* before = std::getenv("ZMLX_CUDA_POISON");
+    std::string saved = before ? before : "";
+    PoisonedBackend() { setenv("ZMLX_CUDA_POISON", "1", 1); }
+    ~PoisonedBackend() { before ? setenv("ZMLX_CUDA_POISON", saved.c_str(), 1) : unsetenv("ZMLX_CUDA_POISON"); }
+  };
+  auto g = [] {
+    PoisonedBackend on;
+    return gpu();
+  }();
   auto finite = [](const std::vector<float>& v) {
     return std::all_of(v.begin(), v.end(), [](float f) { return std::isfinite(f); });
   };
