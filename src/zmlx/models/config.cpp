@@ -71,6 +71,13 @@ void ModelConfig::check_range(const std::string& key, int64_t v, int64_t lo, int
              lo, hi);
 }
 
+void ModelConfig::check_gqa_heads() const {
+  ZMLX_CHECK(num_key_value_heads > 0 && num_attention_heads % num_key_value_heads == 0,
+             "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", path, num_attention_heads,
+             num_key_value_heads);
+  ZMLX_CHECK(head_dim % 2 == 0, "{}: head_dim {} must be even for RoPE", path, head_dim);
+}
+
 static quant::QuantParams parse_qparams(const json& j, const std::string& where) {
   ZMLX_CHECK(j.is_object(), "{}: expected an object with group_size and bits, found {}", where, j.dump());
   ZMLX_CHECK(j.contains("bits") && j["bits"].is_number_integer(), "{}: 'bits' missing or not an integer",

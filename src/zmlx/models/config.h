@@ -55,6 +55,9 @@ struct ModelConfig {
   bool has(const std::string& key) const;
   // Throws unless lo <= v <= hi (for sanity checks on sizes).
   void check_range(const std::string& key, int64_t v, int64_t lo, int64_t hi) const;
+  // Grouped-query attention's shape: num_attention_heads a multiple of
+  // num_key_value_heads, and an even head_dim (RoPE rotates pairs).
+  void check_gqa_heads() const;
 };
 
 // Reads <dir>/config.json (+ generation_config.json for the EOS set).

@@ -41,9 +41,7 @@ class Lfm2Moe final : public Model {
     H_ = c.num_attention_heads;
     Hkv_ = c.num_key_value_heads;
     hd_ = c.head_dim;
-    ZMLX_CHECK(H_ % Hkv_ == 0, "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", c.path, H_,
-               Hkv_);
-    ZMLX_CHECK(hd_ % 2 == 0, "{}: head_dim {} must be even for RoPE", c.path, hd_);
+    c.check_gqa_heads();
     Lc_ = c.get_int("conv_L_cache", 3);
     c.check_range("conv_L_cache", Lc_, 2, 64);
     ZMLX_CHECK(!c.get_bool("conv_bias", false), "{}: conv_bias = true is not supported", c.path);

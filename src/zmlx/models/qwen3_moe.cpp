@@ -31,9 +31,7 @@ class Qwen3Moe final : public Model {
     H_ = c.num_attention_heads;
     Hkv_ = c.num_key_value_heads;
     hd_ = c.head_dim;
-    ZMLX_CHECK(H_ % Hkv_ == 0, "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
-               c.path, H_, Hkv_);
-    ZMLX_CHECK(hd_ % 2 == 0, "{}: head_dim {} must be even for RoPE", c.path, hd_);
+    c.check_gqa_heads();
     const bool dense = c.model_type == "qwen3";
     // transformers 5.x writes num_local_experts; older configs num_experts.
     const int64_t E = dense ? 0 : c.has("num_experts") ? c.get_int("num_experts") : c.get_int("num_local_experts");
