@@ -47,6 +47,25 @@ inline std::string synth_temp(const std::string& arch, const std::string& name, 
   return synth::synth_model(o);
 }
 
+// n token ids spread over the vocabulary (the same for every run).
+inline std::vector<int32_t> ids_of(size_t n, int64_t vocab) {
+  std::vector<int32_t> ids;
+  for (size_t i = 0; i < n; ++i) ids.push_back(int32_t((i * 7919 + 13) % uint64_t(vocab)));
+  return ids;
+}
+
+// n greedy tokens after `prompt`, from a fresh cache.
+inline std::vector<int32_t> greedy(Model& m, Backend& be, const std::vector<int32_t>& prompt, int n) {
+  Cache c = m.new_cache(be);
+  auto v = logits_to_host(be, m.forward(be, prompt, c), 0);
+  std::vector<int32_t> out;
+  for (int s = 0; s < n; ++s) {
+    out.push_back(argmax(v.data(), int64_t(v.size())));
+    v = logits_to_host(be, m.forward(be, {out.back()}, c), 0);
+  }
+  return out;
+}
+
 // Logits of the last token after feeding `ids` in pieces of `chunk`.
 inline std::vector<float> last_logits(Model& m, Backend& be, const std::vector<int32_t>& ids, size_t chunk) {
   Cache c = m.new_cache(be);

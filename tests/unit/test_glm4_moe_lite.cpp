@@ -42,11 +42,7 @@ std::string synth_glm(const std::string& name, std::vector<std::pair<std::string
   return test::synth_temp("glm4_moe_lite", "glm_" + name, seed, std::move(sets));
 }
 
-std::vector<int32_t> ids_of(size_t n, int64_t vocab) {
-  std::vector<int32_t> ids;
-  for (size_t i = 0; i < n; ++i) ids.push_back(int32_t((i * 7919 + 13) % uint64_t(vocab)));
-  return ids;
-}
+using test::ids_of;
 
 // Relative L2 distance of two logit vectors.
 double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
@@ -235,16 +231,7 @@ TEST(GlmOps, GroupedSigmoidRouterMatchesPlainReference) {
 
 // ------------------------------------------------------------------ model
 
-std::vector<int32_t> greedy(Model& m, Backend& be, const std::vector<int32_t>& prompt, int n) {
-  Cache c = m.new_cache(be);
-  auto v = logits_to_host(be, m.forward(be, prompt, c), 0);
-  std::vector<int32_t> out;
-  for (int s = 0; s < n; ++s) {
-    out.push_back(argmax(v.data(), int64_t(v.size())));
-    v = logits_to_host(be, m.forward(be, {out.back()}, c), 0);
-  }
-  return out;
-}
+using test::greedy;
 
 std::string file_bytes(const fs::path& p) {
   std::ifstream f(p, std::ios::binary);

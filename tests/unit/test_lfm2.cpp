@@ -28,22 +28,9 @@ std::string synth_lfm2(const std::string& name, std::vector<std::pair<std::strin
   return test::synth_temp("lfm2_moe", "lfm2_" + name, seed, std::move(sets));
 }
 
-std::vector<int32_t> ids_of(size_t n, int64_t vocab) {
-  std::vector<int32_t> ids;
-  for (size_t i = 0; i < n; ++i) ids.push_back(int32_t((i * 7919 + 13) % uint64_t(vocab)));
-  return ids;
-}
+using test::ids_of;
 
-std::vector<int32_t> greedy(Model& m, Backend& be, const std::vector<int32_t>& prompt, int n) {
-  Cache c = m.new_cache(be);
-  auto v = logits_to_host(be, m.forward(be, prompt, c), 0);
-  std::vector<int32_t> out;
-  for (int s = 0; s < n; ++s) {
-    out.push_back(argmax(v.data(), int64_t(v.size())));
-    v = logits_to_host(be, m.forward(be, {out.back()}, c), 0);
-  }
-  return out;
-}
+using test::greedy;
 
 float bf(uint16_t b) { return bf16_to_f32(b); }
 float rb(float f) { return round_bf16(f); }
