@@ -2709,6 +2709,7 @@ __device__ __forceinline__ uint32_t ordered_bits(float f) {
   const uint32_t u = __float_as_uint(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
+// ordered_bits' inverse.
 __device__ __forceinline__ float from_ordered_bits(uint32_t o) {
   return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
 }
@@ -2789,7 +2790,7 @@ __device__ void warp_topk_packed(const float (&key)[PL], int E, int k, int& my_i
     for (int i = 0; i < PL; ++i)
       if (pk[i] == top) pk[i] = 0u;  // ids are unique: only the pick's own word
     const uint32_t ob = top & 0x80000000u ? (top & 0xFFFF0000u) : (top | 0x0000FFFFu);
-    const float v = __uint_as_float(ob & 0x80000000u ? ob ^ 0x80000000u : ~ob);
+    const float v = from_ordered_bits(ob);
     total += v;
     if (lane == j) my_id = pick, my_val = v;
   }
@@ -3466,7 +3467,7 @@ __global__ void __launch_bounds__(256) linear_route_decode_kernel(const uint16_t
   ZMLX_TRACE_BLOCK_END();
   const int E = int(w.rows);
   __shared__ LogitsToBlock0<kRouteInRouterMaxE> hand;
-  __shared__ float bias_s[kRouteInRouterMaxE];
+  __shared__ float bias_s[SIG ? kRouteInRouterMaxE : 1];  // the softmax router has no bias
   TopKRoute r = ra;
   r.bias = bias_to_shared(SIG ? ra.bias : nullptr, E, bias_s);
   hand.prepare(E);
