@@ -456,9 +456,11 @@ TEST(CudaOps, FusedResidualNormAndAttentionPrepMatchCpu) {
 }
 
 // One-token steps through norm_rope_attention: the CUDA backend's fused
-// kernel (norm, RoPE, cache write and attention partials in one launch)
-// against the two-op path (ZMLX_CUDA_FUSED_ATTN=0): identical outputs and
-// caches, step after step, while the cache grows; both close to the CPU.
+// kernel (norm, RoPE, cache write and attention partials in one launch;
+// ZMLX_CUDA_FUSED_ATTN=all, so also where the default keeps the two apart,
+// the merging clusters) against the two-op path (=0) and the default:
+// identical outputs and caches, step after step, while the cache grows; all
+// close to the CPU.
 TEST(CudaOps, FusedDecodeAttentionIsBitIdenticalToTwoOps) {
   REQUIRE_GPU();
   auto g = gpu();
@@ -469,7 +471,7 @@ TEST(CudaOps, FusedDecodeAttentionIsBitIdenticalToTwoOps) {
       Tensor qn = test::bf16_tensor(test::random_bf16(rng, size_t(hd)), {hd});
       Tensor kn = test::bf16_tensor(test::random_bf16(rng, size_t(hd)), {hd});
       KvLayer cc = c->new_kv_layer(Hkv, hd, 64), fused = g->new_kv_layer(Hkv, hd, 64),
-              plain = g->new_kv_layer(Hkv, hd, 64);
+              plain = g->new_kv_layer(Hkv, hd, 64), dflt_kv = g->new_kv_layer(Hkv, hd, 64);
       const float scale = 1.f / std::sqrt(float(hd));
       for (int64_t pos = 0; pos < 70; ++pos) {  // crosses the first capacity (64)
         Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(H * hd)), {1, H * hd});
@@ -478,13 +480,18 @@ TEST(CudaOps, FusedDecodeAttentionIsBitIdenticalToTwoOps) {
         Tensor gq = g->from_host(q), gk = g->from_host(k), gv = g->from_host(v), gqn = g->adopt(qn), gkn = g->adopt(kn);
         const auto ref = host_floats(*c, c->norm_rope_attention(q, k, v, qn, kn, 1e-6f, H, Hkv, hd, pos, 1e6f, trad,
                                                                 cc, scale));
+        setenv("ZMLX_CUDA_FUSED_ATTN", "all", 1);
         const auto got = host_floats(*g, g->norm_rope_attention(gq, gk, gv, gqn, gkn, 1e-6f, H, Hkv, hd, pos, 1e6f,
                                                                 trad, fused, scale));
+        unsetenv("ZMLX_CUDA_FUSED_ATTN");
+        const auto dflt = host_floats(*g, g->norm_rope_attention(gq, gk, gv, gqn, gkn, 1e-6f, H, Hkv, hd, pos, 1e6f,
+                                                                 trad, dflt_kv, scale));
         setenv("ZMLX_CUDA_FUSED_ATTN", "0", 1);
         const auto two = host_floats(*g, g->norm_rope_attention(gq, gk, gv, gqn, gkn, 1e-6f, H, Hkv, hd, pos, 1e6f,
                                                                 trad, plain, scale));
         unsetenv("ZMLX_CUDA_FUSED_ATTN");
         ASSERT_TRUE(got == two) << "H " << H << " hd " << hd << " trad " << trad << " pos " << pos;
+        ASSERT_TRUE(dflt == two) << "default, H " << H << " hd " << hd << " trad " << trad << " pos " << pos;
         ASSERT_LT(rel_l2(got, ref), 1e-2) << "H " << H << " hd " << hd << " trad " << trad << " pos " << pos;
       }
       // The written rows (positions 0..69 of every kv head; the rest of the

@@ -647,7 +647,18 @@ class CudaBackend final : public Backend {
   // One-token steps: q/k norm, RoPE, the cache write and the attention
   // partials in one kernel (kern::attention_decode_prep), bit-identical to
   // qk_norm_rope_cache + attention. ZMLX_CUDA_FUSED_ATTN=0 keeps the two
-  // (read at every call, so a test can compare both in one process).
+  // everywhere, =all fuses them everywhere (read at every call, so a test
+  // can compare the forms in one process).
+  //
+  // By default the two stay apart where the attention runs as merging
+  // thread-block clusters (kern::attention_cluster; Qwen3's shapes up to
+  // ~1,000 cached positions): the q/k/v mat-vec's blocks fill the SMs until
+  // they leave, and a cluster's blocks become resident only together, so
+  // with the preparation inside, the clusters start late and do it after
+  // their wait. With the small norm + RoPE kernel between, they become
+  // resident while it runs and copy their old keys and values before their
+  // wait. Same bits. One H200, 2026-11-28 (docs/performance.md): Qwen3 decode
+  // +0.9 % patched and +1.8 % unpatched at 512 + 128 positions.
   Tensor norm_rope_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qn, const Tensor& kn,
                              float eps, int64_t heads, int64_t kv_heads, int64_t hd, int64_t pos0, float base,
                              bool traditional, KvLayer& cache, float scale) override {
@@ -661,6 +672,10 @@ class CudaBackend final : public Backend {
                "norm_rope_attention: shapes do not match {} + {} heads of {}", heads, kv_heads, hd);
     ensure_capacity(cache, pos0 + 1, pos0);
     const int splits = decode_splits(cache.capacity);
+    if (!zmlx::cuda::env_is("ZMLX_CUDA_FUSED_ATTN", "all") &&
+        kern::attention_cluster(int(heads), int(kv_heads), int(hd), cache.capacity, splits) == kern::AttnCluster::merge)
+      return Backend::norm_rope_attention(q, k, v, qn, kn, eps, heads, kv_heads, hd, pos0, base, traditional, cache,
+                                          scale);
     Tensor scratch = alloc(DType::F32, {heads * splits * (hd + 2)});
     Tensor out = alloc(DType::BF16, {1, heads * hd});
     Prof p_(this, "norm_rope_attention");  // the name tests look for (the fused kernel ran)
