@@ -1182,8 +1182,9 @@ TEST(CudaOps, ScalarDecodeStagedInputIsBitIdentical) {
   REQUIRE_GPU();
   auto c = make_cpu_backend();
   std::mt19937 rng(53);
-  auto both = [](auto&& f) {  // f() with x staged, then with the switch off
+  auto both = [](auto&& f) {  // f() with x staged (long rows too: =all), then with the switch off
     setenv("ZMLX_CUDA_MMA", "0", 1);
+    setenv("ZMLX_CUDA_STAGE_X", "all", 1);
     f();
     setenv("ZMLX_CUDA_STAGE_X", "0", 1);
     f();

@@ -1456,10 +1456,16 @@ bool preload_weights() {
 // and 08:01 UTC) had every launch staged faster on the whole step: Qwen3
 // +1.3 %, LFM2 +1.3-1.6 %, GLM flat. So every launch stages.
 // f(std::true_type{}) where a launch stages x, else f(std::false_type{}):
-// f launches the kernel instantiated with that SX.
+// f launches the kernel instantiated with that SX. long_rows: the
+// long-row form (rows of 4,097-8,192 inputs, kPreChunksLong preloaded:
+// GLM's o_proj) reads x from global memory unless ZMLX_CUDA_STAGE_X=all.
+// An H200 sweep (2026-11-28) had GLM 0.8-1.5 % faster with no launch
+// staging; this rule made GLM decode 1.5 % faster than staging every
+// launch and 0.3 % faster than staging none (H200, four rounds; same bits;
+// docs/performance.md).
 template <typename F>
-void with_staged_x(F&& f) {
-  if (stage_x()) f(std::true_type{});
+void with_staged_x(F&& f, bool long_rows = false) {
+  if (stage_x() && (!long_rows || env_is("ZMLX_CUDA_STAGE_X", "all"))) f(std::true_type{});
   else f(std::false_type{});
 }
 
@@ -1633,10 +1639,12 @@ struct LinearL {
     const dim3 decode_grid(unsigned((m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));
     const int64_t chunks = m.cols / 32;
     if (T == 1 && chunks > 32 * kPreChunks && chunks <= 32 * kPreChunksLong && long_row_preload())
-      with_staged_x([&](auto sx) {
-        launch(linear_decode_kernel<B, kPreChunksLong, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
-               preload_weights());
-      });
+      with_staged_x(
+          [&](auto sx) {
+            launch(linear_decode_kernel<B, kPreChunksLong, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
+                   preload_weights());
+          },
+          true);
     else if (T == 1)
       with_staged_x([&](auto sx) {
         launch(linear_decode_kernel<B, kPreChunks, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
