@@ -1170,7 +1170,7 @@ TEST(CudaOps, StreamedHeadIsBitIdenticalToMma) {
 }
 
 // The scalar decode mat-vecs with x staged once a block in shared memory
-// (the default) against the same kernels reading x from global memory
+// (ZMLX_CUDA_STAGE_X=all: the default, and the long-row form too) against the same kernels reading x from global memory
 // (ZMLX_CUDA_STAGE_X=0): bit for bit, outputs poisoned first, and against
 // the CPU. Awkward sizes: an odd number of 32-chunks (partial lanes), rows
 // that leave warps of the last block idle (they still meet the block's
@@ -1196,7 +1196,8 @@ TEST(CudaOps, ScalarDecodeStagedInputIsBitIdentical) {
     int64_t K, N;
     int bits, group;
   };
-  // Every launch stages x by default (one block too: the 13-row case).
+  // Every launch but the long-row form (K 4,097-8,192) stages x by default,
+  // one block too (the 13-row case); `both` stages that form as well (=all).
   EXPECT_TRUE(k::stage_x());
   for (S sz : {S{96, 13, 4, 32}, S{96, 130, 4, 32}, S{2048, 300, 4, 64}, S{2080, 133, 8, 32}, S{4096, 261, 4, 128},
                S{5120, 170, 4, 64}, S{8192, 129, 8, 64}, S{1024, 145, 2, 64}, S{544, 190, 16, 64}}) {

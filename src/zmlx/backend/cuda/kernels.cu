@@ -1454,7 +1454,8 @@ bool preload_weights() {
 // slower alone (1.93 -> 2.33 us), so launches under 16 blocks first kept
 // the old form; but decode A/Bs of that threshold (two H100 calls, 07:55
 // and 08:01 UTC) had every launch staged faster on the whole step: Qwen3
-// +1.3 %, LFM2 +1.3-1.6 %, GLM flat. So every launch stages.
+// +1.3 %, LFM2 +1.3-1.6 %, GLM flat. So every launch stages, but for the
+// long-row form below.
 // f(std::true_type{}) where a launch stages x, else f(std::false_type{}):
 // f launches the kernel instantiated with that SX. long_rows: the
 // long-row form (rows of 4,097-8,192 inputs, kPreChunksLong preloaded:
