@@ -303,8 +303,9 @@ TEST(CudaOps, GroupedDecodeAttentionMatchesCpuAtLongContexts) {
 // merge kernel (=0) and the cluster launch without the merge (=launch): the
 // same bits, for 2 to 16 splits, 2, 3, 4 and 8 heads a group (more heads
 // than splits: a block merges several), splits that saw no key, head dims 64
-// and 128; and through the fused norm + rope + attention op, whose new keys
-// and values must land in the cache alike. Every tensor the backend makes
+// and 128; and through the norm + rope + attention op, fused in the cluster
+// form (ZMLX_CUDA_FUSED_ATTN=all) and as the default's two kernels, whose
+// new keys and values must land in the cache alike. Every tensor the backend makes
 // starts as NaN (ZMLX_CUDA_POISON), so an output element one form never
 // writes cannot pass on a pooled block's earlier, equal value.
 TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
@@ -381,21 +382,36 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
     Tensor q = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.H * k.hd)), {1, k.H * k.hd}));
     Tensor kk = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd}));
     Tensor vv = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd}));
+    // ZMLX_CUDA_FUSED_ATTN=all: the default keeps the preparation a kernel
+    // apart beside merging clusters, so the fused-in-cluster kernel runs only
+    // when asked; the default's two kernels are compared as well (c).
+    KvLayer c = g->new_kv_layer(k.Hkv, k.hd, k.capacity);
+    g->kv_write(c, g->from_host(pk), g->from_host(pv), 0);
     setenv("ZMLX_CUDA_ATTN_CLUSTER", "all", 1);
+    setenv("ZMLX_CUDA_FUSED_ATTN", "all", 1);
     const auto fused = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos, 1e6f,
                                                               false, a, scale));
+    unsetenv("ZMLX_CUDA_FUSED_ATTN");
+    const auto apart = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos, 1e6f,
+                                                              false, c, scale));
+    setenv("ZMLX_CUDA_FUSED_ATTN", "all", 1);
     setenv("ZMLX_CUDA_ATTN_CLUSTER", "0", 1);
     const auto fused_plain = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos,
                                                                     1e6f, false, b, scale));
     unsetenv("ZMLX_CUDA_ATTN_CLUSTER");
+    unsetenv("ZMLX_CUDA_FUSED_ATTN");
     ASSERT_TRUE(finite(fused)) << what;
     EXPECT_TRUE(fused == fused_plain) << "fused preparation, " << what;
+    EXPECT_TRUE(apart == fused_plain) << "preparation apart (the default beside clusters), " << what;
     // Rows 0..pos of every kv head (the rest of the capacity was never written).
     const auto ak = host_floats(*g, a.k), bk = host_floats(*g, b.k), av = host_floats(*g, a.v), bv = host_floats(*g, b.v);
+    const auto ck = host_floats(*g, c.k), cv = host_floats(*g, c.v);
     for (int64_t hh = 0; hh < k.Hkv; ++hh) {
       const size_t o = size_t(hh * k.capacity * k.hd), n = size_t((pos + 1) * k.hd);
       EXPECT_TRUE(std::equal(ak.begin() + o, ak.begin() + o + n, bk.begin() + o)) << "cached keys, " << what;
       EXPECT_TRUE(std::equal(av.begin() + o, av.begin() + o + n, bv.begin() + o)) << "cached values, " << what;
+      EXPECT_TRUE(std::equal(ck.begin() + o, ck.begin() + o + n, bk.begin() + o)) << "cached keys, apart, " << what;
+      EXPECT_TRUE(std::equal(cv.begin() + o, cv.begin() + o + n, bv.begin() + o)) << "cached values, apart, " << what;
     }
   }
   if (hopper) EXPECT_GT(clustered, 0);
@@ -508,15 +524,28 @@ TEST(CudaOps, FusedDecodeAttentionIsBitIdenticalToTwoOps) {
   // Both paths give the same bits by design, so the comparison above cannot
   // tell whether the fused kernel ran at all. Its op name in the GPU profile
   // (ZMLX_PROFILE=1, printed when the backend goes) can: present for the
-  // fused step, absent with ZMLX_CUDA_FUSED_ATTN=0.
-  for (bool fused_on : {true, false}) {
+  // fused step, absent with ZMLX_CUDA_FUSED_ATTN=0, and absent by default
+  // where the attention runs as merging clusters (capacity 320: 5 splits,
+  // on Hopper), present there with =all.
+  struct ProfileCase {
+    int64_t capacity;
+    const char* fused_attn;  // ZMLX_CUDA_FUSED_ATTN, or null: unset
+  };
+  for (const ProfileCase pc : {ProfileCase{64, nullptr}, ProfileCase{64, "0"}, ProfileCase{320, nullptr},
+                               ProfileCase{320, "all"}}) {
+    const int64_t H = 8, Hkv = 2, hd = 128;
+    bool fused_on = pc.fused_attn == nullptr || std::string(pc.fused_attn) == "all";
+#ifdef ZMLX_HAVE_CUDA
+    if (pc.fused_attn == nullptr && cuda::k::attention_cluster(int(H), int(Hkv), int(hd), pc.capacity,
+                                                               int(pc.capacity / 64)) == cuda::k::AttnCluster::merge)
+      fused_on = false;
+#endif
     setenv("ZMLX_PROFILE", "1", 1);
-    if (!fused_on) setenv("ZMLX_CUDA_FUSED_ATTN", "0", 1);
+    if (pc.fused_attn) setenv("ZMLX_CUDA_FUSED_ATTN", pc.fused_attn, 1);
     testing::internal::CaptureStderr();
     {
       auto p = gpu();
-      const int64_t H = 8, Hkv = 2, hd = 128;
-      KvLayer kv = p->new_kv_layer(Hkv, hd, 64);
+      KvLayer kv = p->new_kv_layer(Hkv, hd, pc.capacity);
       Tensor q = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(H * hd)), {1, H * hd}));
       Tensor k = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd}));
       Tensor v = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd}));
@@ -526,7 +555,9 @@ TEST(CudaOps, FusedDecodeAttentionIsBitIdenticalToTwoOps) {
     const std::string profile = testing::internal::GetCapturedStderr();
     unsetenv("ZMLX_PROFILE");
     unsetenv("ZMLX_CUDA_FUSED_ATTN");
-    EXPECT_EQ(profile.find("norm_rope_attention") != std::string::npos, fused_on) << profile;
+    EXPECT_EQ(profile.find("norm_rope_attention") != std::string::npos, fused_on)
+        << "capacity " << pc.capacity << ", ZMLX_CUDA_FUSED_ATTN " << (pc.fused_attn ? pc.fused_attn : "unset")
+        << "\n" << profile;
   }
 }
 
@@ -1170,7 +1201,8 @@ TEST(CudaOps, StreamedHeadIsBitIdenticalToMma) {
 }
 
 // The scalar decode mat-vecs with x staged once a block in shared memory
-// (ZMLX_CUDA_STAGE_X=all: the default, and the long-row form too) against the same kernels reading x from global memory
+// (ZMLX_CUDA_STAGE_X=all: every form, the long-row one too, which the
+// default leaves unstaged) against the same kernels reading x from global memory
 // (ZMLX_CUDA_STAGE_X=0): bit for bit, outputs poisoned first, and against
 // the CPU. Awkward sizes: an odd number of 32-chunks (partial lanes), rows
 // that leave warps of the last block idle (they still meet the block's

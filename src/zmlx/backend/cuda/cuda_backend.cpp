@@ -651,8 +651,8 @@ class CudaBackend final : public Backend {
   // can compare the forms in one process).
   //
   // By default the two stay apart where the attention runs as merging
-  // thread-block clusters (kern::attention_cluster; Qwen3's shapes up to
-  // ~1,000 cached positions): the q/k/v mat-vec's blocks fill the SMs until
+  // thread-block clusters (kern::attention_cluster; Qwen3's shapes at KV
+  // cache capacities of 128 to 1,087, i.e. 2 to 16 splits): the q/k/v mat-vec's blocks fill the SMs until
   // they leave, and a cluster's blocks become resident only together, so
   // with the preparation inside, the clusters start late and do it after
   // their wait. With the small norm + RoPE kernel between, they become

@@ -50,8 +50,9 @@ void linear(const uint16_t* x, int T, const QMat& w, uint16_t* y, cudaStream_t s
 constexpr int64_t kHeadStreamMinRows = 16384;
 bool head_stream_fits(const QMat& w);
 // Whether the scalar decode mat-vecs stage their input once a block in shared
-// memory (kernels.cu, stage_x_block; ZMLX_CUDA_STAGE_X=0: never); the bits
-// are the same either way.
+// memory (kernels.cu, stage_x_block; ZMLX_CUDA_STAGE_X=0: never); the
+// long-row form (rows of 4,097-8,192 inputs) stages only with =all
+// (with_staged_x). The bits are the same either way.
 bool stage_x();
 // Whether the per-head decode attention kernels (GQA's attn_partial_kernel,
 // MLA's) send their splits' cached rows to L2 before their programmatic-launch
