@@ -165,8 +165,7 @@ class Lfm2Moe final : public Model {
   }
 
   Tensor forward(Backend& be, const std::vector<int32_t>& ids, Cache& cache, bool all_logits) override {
-    // (no tokens: forward_layers says so first)
-    ZMLX_CHECK(ids.empty() || cache.conv.size() == layers_.size(), "forward: the cache was not made by this model");
+    ZMLX_CHECK(cache.conv.size() == layers_.size(), "forward: the cache was not made by this model");
     const float eps = config_.rms_norm_eps;
     const int64_t pos0 = cache.pos;
     return forward_layers(be, ids, cache, all_logits, embed_, norm_, lm_head_, layers_.size(),

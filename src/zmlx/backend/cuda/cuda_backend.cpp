@@ -652,21 +652,26 @@ class CudaBackend final : public Backend {
   //
   // By default the two stay apart where the attention runs as merging
   // thread-block clusters (kern::attention_cluster; Qwen3's shapes at KV
-  // cache capacities of 128 to 1,087, i.e. 2 to 16 splits): the q/k/v mat-vec's blocks fill the SMs until
-  // they leave, and a cluster's blocks become resident only together, so
-  // with the preparation inside, the clusters start late and do it after
-  // their wait. With the small norm + RoPE kernel between, they become
-  // resident while it runs and copy their old keys and values before their
-  // wait. Same bits. One H200, 2026-11-28 (docs/performance.md): Qwen3 decode
-  // +0.9 % patched and +1.8 % unpatched at 512 + 128 positions.
+  // cache capacities of 128 to 1,087, i.e. 2 to 16 splits). There, a trace
+  // of the fused form showed 20 of 48 blocks resident only after their
+  // release: the q/k/v mat-vec's blocks hold the SMs until they leave, a
+  // cluster's blocks become resident only together, and the preparation
+  // then runs after their wait. The likely reason the small norm + RoPE
+  // kernel in between pays is that the clusters become resident while it
+  // runs (not traced after the change). Same bits. One H200, 2026-11-28
+  // (docs/performance.md): Qwen3 decode +0.9 % patched and +1.8 % unpatched
+  // at 512 + 128 positions.
   Tensor norm_rope_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qn, const Tensor& kn,
                              float eps, int64_t heads, int64_t kv_heads, int64_t hd, int64_t pos0, float base,
                              bool traditional, KvLayer& cache, float scale) override {
+    auto two_kernels = [&] {
+      return Backend::norm_rope_attention(q, k, v, qn, kn, eps, heads, kv_heads, hd, pos0, base, traditional, cache,
+                                          scale);
+    };
     const bool fused = zmlx::cuda::env_on("ZMLX_CUDA_FUSED_ATTN");
     if (!fused || q.rows() != 1 || (hd != 64 && hd != 128 && hd != 256) || heads % kv_heads != 0 ||
         cache.k.dim(0) != kv_heads || cache.k.dim(2) != hd || cache.v.dim(2) != hd)
-      return Backend::norm_rope_attention(q, k, v, qn, kn, eps, heads, kv_heads, hd, pos0, base, traditional, cache,
-                                          scale);
+      return two_kernels();
     ZMLX_CHECK(q.cols() == heads * hd && k.cols() == kv_heads * hd && v.cols() == kv_heads * hd &&
                    qn.numel() == hd && kn.numel() == hd,
                "norm_rope_attention: shapes do not match {} + {} heads of {}", heads, kv_heads, hd);
@@ -674,8 +679,7 @@ class CudaBackend final : public Backend {
     const int splits = decode_splits(cache.capacity);
     if (!zmlx::cuda::env_is("ZMLX_CUDA_FUSED_ATTN", "all") &&
         kern::attention_cluster(int(heads), int(kv_heads), int(hd), cache.capacity, splits) == kern::AttnCluster::merge)
-      return Backend::norm_rope_attention(q, k, v, qn, kn, eps, heads, kv_heads, hd, pos0, base, traditional, cache,
-                                          scale);
+      return two_kernels();
     Tensor scratch = alloc(DType::F32, {heads * splits * (hd + 2)});
     Tensor out = alloc(DType::BF16, {1, heads * hd});
     Prof p_(this, "norm_rope_attention");  // the name tests look for (the fused kernel ran)

@@ -1460,7 +1460,7 @@ bool preload_weights() {
 // f launches the kernel instantiated with that SX. long_rows: the
 // long-row form (rows of 4,097-8,192 inputs, kPreChunksLong preloaded:
 // GLM's o_proj) reads x from global memory unless ZMLX_CUDA_STAGE_X=all.
-// An H200 sweep (2026-11-28) had GLM 0.8-1.5 % faster with no launch
+// An H200 sweep (2026-11-28) had GLM 0.7-1.6 % faster with no launch
 // staging; this rule made GLM decode 1.5 % faster than staging every
 // launch and 0.3 % faster than staging none (H200, four rounds; same bits;
 // docs/performance.md).
