@@ -130,6 +130,14 @@ TEST(ServeApi, MissingAndWrongTypedFieldsNameTheParameter) {
   }
 }
 
+// A range error names the bounds as a reader writes them ("between 0 and 1",
+// not "0.000000 and 1.000000") and echoes the value sent.
+TEST(ServeApi, RangeErrorsStateTheBoundsPlainly) {
+  EXPECT_EQ(std::string(chat_error(with(R"(, "top_p": 7)")).what()), "'top_p' must be between 0 and 1, got 7");
+  EXPECT_EQ(std::string(chat_error(with(R"(, "temperature": 2.5)")).what()),
+            "'temperature' must be between 0 and 2, got 2.5");
+}
+
 TEST(ServeApi, ErrorBodyHasOpenAIShape) {
   ApiError e = chat_error(R"({"model": "m"})");
   auto b = e.body();

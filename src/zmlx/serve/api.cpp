@@ -1,5 +1,7 @@
 #include "zmlx/serve/api.h"
 
+#include <fmt/format.h>
+
 #include <cmath>
 
 namespace zmlx::serve {
@@ -60,9 +62,7 @@ double number(const ojson& o, const char* name, double lo, double hi) {
   if (!v.is_number()) bad_request(fmt_type(name, "a number", v), name, "invalid_type");
   double d = v.get<double>();
   if (!std::isfinite(d) || d < lo || d > hi)
-    bad_request(std::string("'") + name + "' must be between " + std::to_string(lo) + " and " + std::to_string(hi) +
-                    ", got " + v.dump(),
-                name);
+    bad_request(fmt::format("'{}' must be between {} and {}, got {}", name, lo, hi, v.dump()), name);
   return d;
 }
 
