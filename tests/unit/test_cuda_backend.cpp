@@ -206,9 +206,11 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
       const auto got = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
       EXPECT_LT(rel_l2(got, ref), 5e-3) << "H " << H << " hd " << hd << " pos " << pos << " T " << T;
       if (T > 1) {
-        setenv("ZMLX_CUDA_FLASH", "0", 1);
-        const auto plain = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
-        unsetenv("ZMLX_CUDA_FLASH");
+        std::vector<float> plain;
+        {
+          test::ScopedEnv no_flash("ZMLX_CUDA_FLASH", "0");
+          plain = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
+        }
         EXPECT_LT(rel_l2(plain, ref), 5e-3) << "plain kernels, H " << H << " hd " << hd << " pos " << pos;
         EXPECT_GT(rel_l2(plain, got), 0.0) << "the flash path was not taken (same bits as the plain kernels)";
       }
@@ -233,12 +235,13 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
       // The splits' rows sent to L2 before the wait (kv_prefetch) are a
       // hint: the same bits without them, and no fault at any split shape.
       // (On the per-head kernel: the grouped one does not prefetch.)
-      setenv("ZMLX_CUDA_GROUP_ATTN", "0", 1);
-      const auto per_head = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
-      setenv("ZMLX_CUDA_KV_PREFETCH", "0", 1);
-      const auto plain = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
-      unsetenv("ZMLX_CUDA_KV_PREFETCH");
-      unsetenv("ZMLX_CUDA_GROUP_ATTN");
+      std::vector<float> per_head, plain;
+      {
+        test::ScopedEnv per_head_kernel("ZMLX_CUDA_GROUP_ATTN", "0");
+        per_head = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
+        test::ScopedEnv no_prefetch("ZMLX_CUDA_KV_PREFETCH", "0");
+        plain = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
+      }
       ASSERT_EQ(plain, per_head) << "KV prefetch, H " << H << " Hkv " << Hkv << " hd " << hd << " pos " << pos;
       ASSERT_LT(rel_l2(per_head, ref), 5e-3) << "per-head kernel, H " << H << " Hkv " << Hkv << " pos " << pos;
     }
@@ -278,13 +281,17 @@ TEST(CudaOps, GroupedDecodeAttentionMatchesCpuAtLongContexts) {
       const float scale = 1.f / std::sqrt(float(k.hd));
       const auto ref = host_floats(*c, c->attention(q, ck, pos, k.H, k.Hkv, k.hd, scale));
       const auto got = host_floats(*g, g->attention(g->from_host(q), gk, pos, k.H, k.Hkv, k.hd, scale));
-      setenv("ZMLX_CUDA_GROUP_ATTN", "0", 1);
-      const auto per_head = host_floats(*g, g->attention(g->from_host(q), gk, pos, k.H, k.Hkv, k.hd, scale));
-      unsetenv("ZMLX_CUDA_GROUP_ATTN");
+      std::vector<float> per_head;
+      {
+        test::ScopedEnv per_head_kernel("ZMLX_CUDA_GROUP_ATTN", "0");
+        per_head = host_floats(*g, g->attention(g->from_host(q), gk, pos, k.H, k.Hkv, k.hd, scale));
+      }
       if (pos == k.filled) {  // a card with 16 KiB of shared memory a block: the per-head kernel's bits
-        setenv("ZMLX_CUDA_SMEM_LIMIT", "16384", 1);
-        const auto small = host_floats(*g, g->attention(g->from_host(q), gk, pos, k.H, k.Hkv, k.hd, scale));
-        unsetenv("ZMLX_CUDA_SMEM_LIMIT");
+        std::vector<float> small;
+        {
+          test::ScopedEnv smem("ZMLX_CUDA_SMEM_LIMIT", "16384");
+          small = host_floats(*g, g->attention(g->from_host(q), gk, pos, k.H, k.Hkv, k.hd, scale));
+        }
         EXPECT_EQ(small, per_head) << "H " << k.H << " cap " << k.capacity << ": past the card's shared memory";
       }
       ASSERT_LT(rel_l2(got, ref), 5e-3) << "H " << k.H << " Hkv " << k.Hkv << " cap " << k.capacity << " pos " << pos;
@@ -313,10 +320,7 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
   // The backend reads the switch when made; the caller's own value (a whole
   // run may set it) comes back however gpu() ends.
   struct PoisonedBackend {
-    const char* before = std::getenv("ZMLX_CUDA_POISON");
-    std::string saved = before ? before : "";
-    PoisonedBackend() { setenv("ZMLX_CUDA_POISON", "1", 1); }
-    ~PoisonedBackend() { before ? setenv("ZMLX_CUDA_POISON", saved.c_str(), 1) : unsetenv("ZMLX_CUDA_POISON"); }
+    test::ScopedEnv poison{"ZMLX_CUDA_POISON", "1"};
   };
   auto g = [] {
     PoisonedBackend on;
@@ -329,7 +333,7 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
   struct Case {
     int64_t H, Hkv, hd, capacity, filled;
   };
-  unsetenv("ZMLX_CUDA_ATTN_CLUSTER");  // the default is what is checked first
+  test::ScopedEnv cluster("ZMLX_CUDA_ATTN_CLUSTER", nullptr);  // the default is what is checked first
   int clustered = 0, major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
   const bool hopper = major >= 9 && cuda::k::kernels_ptx_version() >= 90;
@@ -345,7 +349,7 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
     const auto on = hopper ? cuda::k::AttnCluster::merge : cuda::k::AttnCluster::off;
     const auto by_default = cuda::k::attention_cluster(int(k.H), int(k.Hkv), int(k.hd), k.capacity, splits);
     EXPECT_EQ(int(by_default), int(k.Hkv <= 4 ? on : cuda::k::AttnCluster::off)) << what;
-    setenv("ZMLX_CUDA_ATTN_CLUSTER", "all", 1);
+    cluster.set("all");
     const auto mode = cuda::k::attention_cluster(int(k.H), int(k.Hkv), int(k.hd), k.capacity, splits);
     EXPECT_EQ(int(mode), int(on)) << "the cluster form, " << what;
     clustered += mode == cuda::k::AttnCluster::merge;
@@ -360,13 +364,13 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
       Tensor kk = test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd});
       Tensor vv = test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd});
       g->kv_write(gk, g->from_host(kk), g->from_host(vv), pos);
-      setenv("ZMLX_CUDA_ATTN_CLUSTER", "all", 1);
+      cluster.set("all");
       const auto got = host_floats(*g, g->attention(q, gk, pos, k.H, k.Hkv, k.hd, scale));
-      setenv("ZMLX_CUDA_ATTN_CLUSTER", "launch", 1);
+      cluster.set("launch");
       const auto launch_only = host_floats(*g, g->attention(q, gk, pos, k.H, k.Hkv, k.hd, scale));
-      setenv("ZMLX_CUDA_ATTN_CLUSTER", "0", 1);
+      cluster.set("0");
       const auto plain = host_floats(*g, g->attention(q, gk, pos, k.H, k.Hkv, k.hd, scale));
-      unsetenv("ZMLX_CUDA_ATTN_CLUSTER");
+      cluster.set(nullptr);
       ASSERT_TRUE(finite(got)) << what << " pos " << pos;
       ASSERT_TRUE(got == plain) << "cluster merge, " << what << " pos " << pos;
       ASSERT_TRUE(launch_only == plain) << "cluster launch, " << what << " pos " << pos;
@@ -387,19 +391,21 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
     // when asked; the default's two kernels are compared as well (c).
     KvLayer c = g->new_kv_layer(k.Hkv, k.hd, k.capacity);
     g->kv_write(c, g->from_host(pk), g->from_host(pv), 0);
-    setenv("ZMLX_CUDA_ATTN_CLUSTER", "all", 1);
-    setenv("ZMLX_CUDA_FUSED_ATTN", "all", 1);
-    const auto fused = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos, 1e6f,
-                                                              false, a, scale));
-    unsetenv("ZMLX_CUDA_FUSED_ATTN");
-    const auto apart = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos, 1e6f,
-                                                              false, c, scale));
-    setenv("ZMLX_CUDA_FUSED_ATTN", "all", 1);
-    setenv("ZMLX_CUDA_ATTN_CLUSTER", "0", 1);
-    const auto fused_plain = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos,
-                                                                    1e6f, false, b, scale));
-    unsetenv("ZMLX_CUDA_ATTN_CLUSTER");
-    unsetenv("ZMLX_CUDA_FUSED_ATTN");
+    std::vector<float> fused, apart, fused_plain;
+    {
+      cluster.set("all");
+      test::ScopedEnv fused_attn("ZMLX_CUDA_FUSED_ATTN", "all");
+      fused = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos, 1e6f, false, a,
+                                                     scale));
+      fused_attn.set(nullptr);
+      apart = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos, 1e6f, false, c,
+                                                     scale));
+      fused_attn.set("all");
+      cluster.set("0");
+      fused_plain = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos, 1e6f,
+                                                           false, b, scale));
+      cluster.set(nullptr);
+    }
     ASSERT_TRUE(finite(fused)) << what;
     EXPECT_TRUE(fused == fused_plain) << "fused preparation, " << what;
     EXPECT_TRUE(apart == fused_plain) << "preparation apart (the default beside clusters), " << what;
@@ -436,10 +442,13 @@ TEST(CudaOps, FusedResidualNormAndAttentionPrepMatchCpu) {
   EXPECT_TRUE(std::memcmp(g->to_host(gh).data, h.data, h.nbytes()) == 0) << "the residual sum is exact";
   // The weights loaded and the residual row prefetched before the wait
   // (the default) against after it: the same bits, in place and out.
-  setenv("ZMLX_CUDA_NORM_PREFETCH", "0", 1);
-  Tensor gh2 = g->from_host(test::bf16_tensor(hv, {3, D}));
-  const auto late = host_floats(*g, g->add_rms_norm(gh2, gx, gw, 1e-6f));
-  unsetenv("ZMLX_CUDA_NORM_PREFETCH");
+  Tensor gh2;
+  std::vector<float> late;
+  {
+    test::ScopedEnv late_norm("ZMLX_CUDA_NORM_PREFETCH", "0");
+    gh2 = g->from_host(test::bf16_tensor(hv, {3, D}));
+    late = host_floats(*g, g->add_rms_norm(gh2, gx, gw, 1e-6f));
+  }
   EXPECT_EQ(late, got);
   EXPECT_TRUE(same_bits(*g, gh2, gh));
   for (int64_t hd : {32, 64, 128})
@@ -496,16 +505,18 @@ TEST(CudaOps, FusedDecodeAttentionIsBitIdenticalToTwoOps) {
         Tensor gq = g->from_host(q), gk = g->from_host(k), gv = g->from_host(v), gqn = g->adopt(qn), gkn = g->adopt(kn);
         const auto ref = host_floats(*c, c->norm_rope_attention(q, k, v, qn, kn, 1e-6f, H, Hkv, hd, pos, 1e6f, trad,
                                                                 cc, scale));
-        setenv("ZMLX_CUDA_FUSED_ATTN", "all", 1);
-        const auto got = host_floats(*g, g->norm_rope_attention(gq, gk, gv, gqn, gkn, 1e-6f, H, Hkv, hd, pos, 1e6f,
-                                                                trad, fused, scale));
-        unsetenv("ZMLX_CUDA_FUSED_ATTN");
-        const auto dflt = host_floats(*g, g->norm_rope_attention(gq, gk, gv, gqn, gkn, 1e-6f, H, Hkv, hd, pos, 1e6f,
-                                                                 trad, dflt_kv, scale));
-        setenv("ZMLX_CUDA_FUSED_ATTN", "0", 1);
-        const auto two = host_floats(*g, g->norm_rope_attention(gq, gk, gv, gqn, gkn, 1e-6f, H, Hkv, hd, pos, 1e6f,
-                                                                trad, plain, scale));
-        unsetenv("ZMLX_CUDA_FUSED_ATTN");
+        std::vector<float> got, dflt, two;
+        {
+          test::ScopedEnv fused_attn("ZMLX_CUDA_FUSED_ATTN", "all");
+          got = host_floats(*g, g->norm_rope_attention(gq, gk, gv, gqn, gkn, 1e-6f, H, Hkv, hd, pos, 1e6f, trad, fused,
+                                                       scale));
+          fused_attn.set(nullptr);
+          dflt = host_floats(*g, g->norm_rope_attention(gq, gk, gv, gqn, gkn, 1e-6f, H, Hkv, hd, pos, 1e6f, trad,
+                                                        dflt_kv, scale));
+          fused_attn.set("0");
+          two = host_floats(*g, g->norm_rope_attention(gq, gk, gv, gqn, gkn, 1e-6f, H, Hkv, hd, pos, 1e6f, trad, plain,
+                                                       scale));
+        }
         ASSERT_TRUE(got == two) << "H " << H << " hd " << hd << " trad " << trad << " pos " << pos;
         ASSERT_TRUE(dflt == two) << "default, H " << H << " hd " << hd << " trad " << trad << " pos " << pos;
         ASSERT_LT(rel_l2(got, ref), 1e-2) << "H " << H << " hd " << hd << " trad " << trad << " pos " << pos;
@@ -540,21 +551,22 @@ TEST(CudaOps, FusedDecodeAttentionIsBitIdenticalToTwoOps) {
                                                                int(pc.capacity / 64)) == cuda::k::AttnCluster::merge)
       fused_on = false;
 #endif
-    setenv("ZMLX_PROFILE", "1", 1);
-    if (pc.fused_attn) setenv("ZMLX_CUDA_FUSED_ATTN", pc.fused_attn, 1);
-    testing::internal::CaptureStderr();
+    std::string profile;
     {
-      auto p = gpu();
-      KvLayer kv = p->new_kv_layer(Hkv, hd, pc.capacity);
-      Tensor q = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(H * hd)), {1, H * hd}));
-      Tensor k = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd}));
-      Tensor v = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd}));
-      Tensor n = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(hd)), {hd}));
-      host_floats(*p, p->norm_rope_attention(q, k, v, n, n, 1e-6f, H, Hkv, hd, 0, 1e6f, false, kv, 0.125f));
+      test::ScopedEnv profiled("ZMLX_PROFILE", "1");
+      test::ScopedEnv fused_attn("ZMLX_CUDA_FUSED_ATTN", pc.fused_attn);  // null: unset
+      testing::internal::CaptureStderr();
+      {
+        auto p = gpu();
+        KvLayer kv = p->new_kv_layer(Hkv, hd, pc.capacity);
+        Tensor q = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(H * hd)), {1, H * hd}));
+        Tensor k = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd}));
+        Tensor v = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd}));
+        Tensor n = p->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(hd)), {hd}));
+        host_floats(*p, p->norm_rope_attention(q, k, v, n, n, 1e-6f, H, Hkv, hd, 0, 1e6f, false, kv, 0.125f));
+      }
+      profile = testing::internal::GetCapturedStderr();
     }
-    const std::string profile = testing::internal::GetCapturedStderr();
-    unsetenv("ZMLX_PROFILE");
-    unsetenv("ZMLX_CUDA_FUSED_ATTN");
     EXPECT_EQ(profile.find("norm_rope_attention") != std::string::npos, fused_on)
         << "capacity " << pc.capacity << ", ZMLX_CUDA_FUSED_ATTN " << (pc.fused_attn ? pc.fused_attn : "unset")
         << "\n" << profile;
@@ -593,10 +605,11 @@ TEST(CudaOps, AttentionMergeInRegistersIsBitIdenticalToSharedMemoryForm) {
       EXPECT_EQ(cuda::k::merge_in_registers(splits), splits <= 16) << "splits " << splits;
       cuda::k::merge_attention_splits(dpart, T, heads, D, splits, dout, nullptr);
       cudaMemcpy(regs.data(), dout, regs.size() * 2, cudaMemcpyDeviceToHost);
-      setenv("ZMLX_CUDA_MERGE_REGS", "0", 1);
-      EXPECT_FALSE(cuda::k::merge_in_registers(splits));
-      cuda::k::merge_attention_splits(dpart, T, heads, D, splits, dout, nullptr);
-      unsetenv("ZMLX_CUDA_MERGE_REGS");
+      {
+        test::ScopedEnv shared_merge("ZMLX_CUDA_MERGE_REGS", "0");
+        EXPECT_FALSE(cuda::k::merge_in_registers(splits));
+        cuda::k::merge_attention_splits(dpart, T, heads, D, splits, dout, nullptr);
+      }
       cudaMemcpy(shared.data(), dout, shared.size() * 2, cudaMemcpyDeviceToHost);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       cudaFree(dpart);
@@ -715,12 +728,14 @@ TEST(CudaOps, MultiLinearShortRowsAreBitIdenticalToAWarpARow) {
           EXPECT_EQ(cuda::k::multi_linear_short_rows(4, K), K <= 512) << "K " << K;
 #endif
           const auto got = host_floats(*g, g->multi_linear(gx, gw, true));
-          setenv("ZMLX_CUDA_SHORT_ROWS", "0", 1);
+          std::vector<float> warp_a_row;
+          {
+            test::ScopedEnv no_short_rows("ZMLX_CUDA_SHORT_ROWS", "0");
 #ifdef ZMLX_HAVE_CUDA
-          EXPECT_FALSE(cuda::k::multi_linear_short_rows(4, K));
+            EXPECT_FALSE(cuda::k::multi_linear_short_rows(4, K));
 #endif
-          const auto warp_a_row = host_floats(*g, g->multi_linear(gx, gw, true));
-          unsetenv("ZMLX_CUDA_SHORT_ROWS");
+            warp_a_row = host_floats(*g, g->multi_linear(gx, gw, true));
+          }
           EXPECT_TRUE(got == warp_a_row) << "K " << K << " rows " << rows << " T " << T << " shared " << shared;
           EXPECT_LT(rel_l2(got, host_floats(*c, c->multi_linear(x, w, true))), 5e-3) << "K " << K << " rows " << rows;
         }
@@ -771,10 +786,12 @@ TEST(CudaOps, MlaFastKernelsMatchCpu) {
       EXPECT_LT(rel_l2(got, ref), 5e-3) << "H " << ac.H << " kvh " << ac.kvh << " dk " << ac.dk << " dv " << ac.dv
                                         << " dr " << ac.dr << " pos0 " << pos0 << " T " << T;
       if (T == 1) {  // the decode kernel's L2 prefetch of its rows is a hint: the same bits without it
-        setenv("ZMLX_CUDA_KV_PREFETCH", "0", 1);
-        const auto plain = host_floats(*g, g->attention_pe(g->from_host(q), gk, gv, g->from_host(qpe), gkpe, pos0,
-                                                           ac.H, ac.kvh, scale));
-        unsetenv("ZMLX_CUDA_KV_PREFETCH");
+        std::vector<float> plain;
+        {
+          test::ScopedEnv no_prefetch("ZMLX_CUDA_KV_PREFETCH", "0");
+          plain = host_floats(*g, g->attention_pe(g->from_host(q), gk, gv, g->from_host(qpe), gkpe, pos0, ac.H, ac.kvh,
+                                                  scale));
+        }
         EXPECT_EQ(plain, got) << "KV prefetch, dk " << ac.dk << " pos0 " << pos0;
         // A cache of 4,096 rows: 64 splits (the wide merge) instead of 16.
         const auto big = host_floats(*g, g->attention_pe(g->from_host(q), gk, gv, g->from_host(qpe), gkpe, pos0,
@@ -817,29 +834,35 @@ TEST(CudaOps, MlaTensorCoreDecodeMatchesCpu) {
     EXPECT_TRUE(cuda::mla::decode_on_tensor_cores(int(tc.H), 1, int(dk), int(dr)));
 #endif
     const auto got = decode();
-    setenv("ZMLX_CUDA_MLA_MMA", "0", 1);
+    std::vector<float> plain;
+    {
+      test::ScopedEnv no_mma("ZMLX_CUDA_MLA_MMA", "0");
 #ifdef ZMLX_HAVE_CUDA
-    EXPECT_FALSE(cuda::mla::decode_on_tensor_cores(int(tc.H), 1, int(dk), int(dr)));
+      EXPECT_FALSE(cuda::mla::decode_on_tensor_cores(int(tc.H), 1, int(dk), int(dr)));
 #endif
-    const auto plain = decode();
-    unsetenv("ZMLX_CUDA_MLA_MMA");
+      plain = decode();
+    }
     // A card with 99 KiB of shared memory a block (sm_86 / sm_89) takes 8
     // heads a block (90 KB), the same bits; one with 64 KiB the CUDA-core
     // kernel.
-    setenv("ZMLX_CUDA_SMEM_LIMIT", "101376", 1);
-    const auto small = decode();
-    setenv("ZMLX_CUDA_SMEM_LIMIT", "65536", 1);
+    std::vector<float> small, smaller;
+    {
+      test::ScopedEnv smem("ZMLX_CUDA_SMEM_LIMIT", "101376");
+      small = decode();
+      smem.set("65536");
 #ifdef ZMLX_HAVE_CUDA
-    EXPECT_FALSE(cuda::mla::decode_on_tensor_cores(int(tc.H), 1, int(dk), int(dr)));
+      EXPECT_FALSE(cuda::mla::decode_on_tensor_cores(int(tc.H), 1, int(dk), int(dr)));
 #endif
-    const auto smaller = decode();
-    unsetenv("ZMLX_CUDA_SMEM_LIMIT");
+      smaller = decode();
+    }
     EXPECT_EQ(small, got) << "99 KiB of shared memory a block, " << tc.H << " heads";
     EXPECT_EQ(smaller, plain) << "64 KiB of shared memory a block, " << tc.H << " heads";
     for (const char* per_block : {"8", "16", "24", "32"}) {  // heads a block: a head's arithmetic is its own
-      setenv("ZMLX_CUDA_MLA_BLOCK_HEADS", per_block, 1);
-      const auto packed = decode();
-      unsetenv("ZMLX_CUDA_MLA_BLOCK_HEADS");
+      std::vector<float> packed;
+      {
+        test::ScopedEnv block_heads("ZMLX_CUDA_MLA_BLOCK_HEADS", per_block);
+        packed = decode();
+      }
       EXPECT_EQ(packed, got) << per_block << " heads a block, " << tc.H << " heads";
     }
     const std::string what = "heads " + std::to_string(tc.H) + " pos0 " + std::to_string(tc.pos0) + " capacity " +
@@ -873,9 +896,11 @@ TEST(CudaOps, RouterPackedTopKIsBitIdentical) {
           const Tensor logits = g->from_host(test::bf16_tensor(lv, {T, E}));
           for (bool normalize : {true, false}) {
             const Routing a = g->route_softmax_topk(logits, k, normalize);
-            setenv("ZMLX_CUDA_PACKED_TOPK", "0", 1);
-            const Routing b = g->route_softmax_topk(logits, k, normalize);
-            unsetenv("ZMLX_CUDA_PACKED_TOPK");
+            Routing b;
+            {
+              test::ScopedEnv general_topk("ZMLX_CUDA_PACKED_TOPK", "0");
+              b = g->route_softmax_topk(logits, k, normalize);
+            }
             const std::string what = "E=" + std::to_string(E) + " k=" + std::to_string(k) + " T=" + std::to_string(T) +
                                      " spread " + std::to_string(spread) + (normalize ? " normalized" : "");
             EXPECT_EQ(bytes(a.experts), bytes(b.experts)) << what;
@@ -989,10 +1014,9 @@ bool all_finite(const std::vector<float>& v) {
 // or with the scalar kernels.
 template <typename F>
 void with_path(bool mma, F&& f) {
-  setenv("ZMLX_CUDA_MMA", mma ? "all" : "0", 1);
+  test::ScopedEnv mma_path("ZMLX_CUDA_MMA", mma ? "all" : "0");
   f();
   cudaDeviceSynchronize();
-  unsetenv("ZMLX_CUDA_MMA");
 }
 
 // A latent (MLA) cache layer on the GPU with every value NaN, so that a row
@@ -1180,10 +1204,11 @@ TEST(CudaOps, StreamedHeadIsBitIdenticalToMma) {
     ASSERT_TRUE(k::head_stream_fits(q.m)) << at;
     DevBuf dx(x.data, x.nbytes()), ys(size_t(sz.N) * 2), ym(size_t(sz.N) * 2);
     k::linear(dx.u16(), 1, q.m, ys.u16(), nullptr);
-    setenv("ZMLX_CUDA_HEAD_STREAM", "0", 1);
-    EXPECT_FALSE(k::head_stream_fits(q.m));
-    k::linear(dx.u16(), 1, q.m, ym.u16(), nullptr);
-    unsetenv("ZMLX_CUDA_HEAD_STREAM");
+    {
+      test::ScopedEnv no_head_stream("ZMLX_CUDA_HEAD_STREAM", "0");
+      EXPECT_FALSE(k::head_stream_fits(q.m));
+      k::linear(dx.u16(), 1, q.m, ym.u16(), nullptr);
+    }
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << at;
     const auto a = ys.floats();
     ASSERT_TRUE(all_finite(a)) << at << ": unwritten or non-finite output";
@@ -1215,13 +1240,13 @@ TEST(CudaOps, ScalarDecodeStagedInputIsBitIdentical) {
   auto c = make_cpu_backend();
   std::mt19937 rng(53);
   auto both = [](auto&& f) {  // f() with x staged (long rows too: =all), then with the switch off
-    setenv("ZMLX_CUDA_MMA", "0", 1);
-    setenv("ZMLX_CUDA_STAGE_X", "all", 1);
-    f();
-    setenv("ZMLX_CUDA_STAGE_X", "0", 1);
-    f();
-    unsetenv("ZMLX_CUDA_STAGE_X");
-    unsetenv("ZMLX_CUDA_MMA");
+    {
+      test::ScopedEnv no_mma("ZMLX_CUDA_MMA", "0");
+      test::ScopedEnv stage_x("ZMLX_CUDA_STAGE_X", "all");
+      f();
+      stage_x.set("0");
+      f();
+    }
     cudaDeviceSynchronize();
   };
   struct S {
@@ -1400,11 +1425,12 @@ TEST(CudaOps, SharedExpertFusionIsBitIdenticalToItsOps) {
         // The two-step form (groups of 64+, routing early) is one of those compared.
         EXPECT_EQ(k::combine_two_steps(qd.m, int(sz.k), early), early && sz.group >= 64) << what;
         ASSERT_TRUE(k::gather_combine_shared_fits(qd.m, qs.m)) << what;
-        if (form == 2) setenv("ZMLX_CUDA_COMBINE_REG_CAP", "0", 1);
-        // The first shape (k 4 of 4 splits, groups of 64) is the capped form's.
-        EXPECT_EQ(k::combine_shared_capped(qd.m, int(sz.k), early), form == 1 && sz.I == 1536) << what;
-        k::gather_combine_shared(dh.u16(), ex, dsc.p, false, mode, int(sz.k), qd.m, shd, of.u16(), nullptr, early);
-        unsetenv("ZMLX_CUDA_COMBINE_REG_CAP");
+        {
+          test::ScopedEnv reg_cap("ZMLX_CUDA_COMBINE_REG_CAP", form == 2 ? "0" : nullptr);
+          // The first shape (k 4 of 4 splits, groups of 64) is the capped form's.
+          EXPECT_EQ(k::combine_shared_capped(qd.m, int(sz.k), early), form == 1 && sz.I == 1536) << what;
+          k::gather_combine_shared(dh.u16(), ex, dsc.p, false, mode, int(sz.k), qd.m, shd, of.u16(), nullptr, early);
+        }
         k::gather_combine(dh.u16(), ex, dsc.p, false, mode, 1, int(sz.k), qd.m, ou.u16(), nullptr, early);
         k::linear(hr.u16(), 1, qs.m, ys.u16(), nullptr);
         k::add(ou.u16(), ys.u16(), sz.D, nullptr);

@@ -10,6 +10,7 @@
 #include "zmlx/dist/placement.h"
 #include "zmlx/gen/sampler.h"
 #include "zmlx/ops/backend.h"
+#include "test_helpers.h"
 #include "thread_ranks_test_helpers.h"
 
 using namespace zmlx;
@@ -66,16 +67,12 @@ TEST(DistPlacement, DescribeNamesTheDevice) {
 }
 
 TEST(DistPlacement, LocalRankFromTheLauncher) {
-  const char* saved = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
-  const std::string keep = saved ? saved : "";
-  unsetenv("OMPI_COMM_WORLD_LOCAL_RANK");
-  unsetenv("MPI_LOCALRANKID");
-  unsetenv("SLURM_LOCALID");
+  test::ScopedEnv ompi("OMPI_COMM_WORLD_LOCAL_RANK", nullptr);
+  test::ScopedEnv mpich("MPI_LOCALRANKID", nullptr);
+  test::ScopedEnv slurm("SLURM_LOCALID", nullptr);
   EXPECT_EQ(dist::local_rank(5), 5);  // no launcher variable: the world rank
-  setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1", 1);
+  ompi.set("1");
   EXPECT_EQ(dist::local_rank(5), 1);
-  if (saved) setenv("OMPI_COMM_WORLD_LOCAL_RANK", keep.c_str(), 1);
-  else unsetenv("OMPI_COMM_WORLD_LOCAL_RANK");
 }
 
 namespace {

@@ -34,6 +34,27 @@ struct TempDir {
   std::string file(const std::string& name) const { return (path / name).string(); }
 };
 
+// Sets an environment variable (value nullptr: unsets it) for the guard's
+// lifetime, then restores what was there before, even when an assertion
+// returns early: a switch never leaks into later tests.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = ::getenv(name)) had_ = true, old_ = old;
+    set(value);
+  }
+  ~ScopedEnv() { had_ ? ::setenv(name_.c_str(), old_.c_str(), 1) : ::unsetenv(name_.c_str()); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+  // A new value (nullptr: unset); the destructor still restores the state
+  // from before the constructor.
+  void set(const char* value) { value ? ::setenv(name_.c_str(), value, 1) : ::unsetenv(name_.c_str()); }
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
+
 inline std::vector<uint16_t> random_bf16(std::mt19937& rng, size_t n, float std = 1.0f) {
   std::normal_distribution<float> d(0.f, std);
   std::vector<uint16_t> v(n);

@@ -6,8 +6,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <optional>
 
+#include "test_helpers.h"
 #include "zmlx/core/error.h"
 #include "zmlx/io/model_path.h"
 
@@ -19,27 +19,17 @@ namespace {
 // Sets HF_HOME to a fresh temp dir (clearing the variables that outrank it)
 // and restores the environment afterwards.
 struct HfHome {
-  fs::path root;
-  std::vector<std::pair<std::string, std::optional<std::string>>> saved;
-  HfHome() {
-    for (const char* v : {"HF_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME"}) {
-      const char* old = std::getenv(v);
-      saved.push_back({v, old ? std::optional<std::string>(old) : std::nullopt});
-    }
-    std::string tmpl = (fs::temp_directory_path() / "zmlx_hf_XXXXXX").string();
-    EXPECT_NE(::mkdtemp(tmpl.data()), nullptr);
-    root = tmpl;
-    ::unsetenv("HF_HUB_CACHE");
-    ::unsetenv("XDG_CACHE_HOME");
-    ::setenv("HF_HOME", root.c_str(), 1);
-  }
+  fs::path root = fresh_dir();
+  zmlx::test::ScopedEnv hub_cache{"HF_HUB_CACHE", nullptr}, xdg_cache{"XDG_CACHE_HOME", nullptr},
+      hf_home{"HF_HOME", root.c_str()};
   ~HfHome() {
-    for (auto& [k, v] : saved) {
-      if (v) ::setenv(k.c_str(), v->c_str(), 1);
-      else ::unsetenv(k.c_str());
-    }
     std::error_code ec;
     fs::remove_all(root, ec);
+  }
+  static fs::path fresh_dir() {
+    std::string tmpl = (fs::temp_directory_path() / "zmlx_hf_XXXXXX").string();
+    EXPECT_NE(::mkdtemp(tmpl.data()), nullptr);
+    return tmpl;
   }
   fs::path repo(const std::string& org, const std::string& name) const {
     return root / "hub" / ("models--" + org + "--" + name);
@@ -71,11 +61,11 @@ std::string error_of(const std::string& arg) {
 TEST(ModelPath, HubDirPrecedence) {
   HfHome h;
   EXPECT_EQ(hf_hub_dir(), (h.root / "hub").string());
-  ::setenv("HF_HUB_CACHE", "/x/hubcache", 1);
+  h.hub_cache.set("/x/hubcache");
   EXPECT_EQ(hf_hub_dir(), "/x/hubcache");
-  ::unsetenv("HF_HUB_CACHE");
-  ::unsetenv("HF_HOME");
-  ::setenv("XDG_CACHE_HOME", "/x/xdg", 1);
+  h.hub_cache.set(nullptr);
+  h.hf_home.set(nullptr);
+  h.xdg_cache.set("/x/xdg");
   EXPECT_EQ(hf_hub_dir(), "/x/xdg/huggingface/hub");
 }
 

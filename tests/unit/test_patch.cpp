@@ -12,6 +12,7 @@
 #include "zmlx/patch/patch.h"
 #include "zmlx/synth/synth.h"
 #include "model_test_helpers.h"
+#include "test_helpers.h"
 
 namespace zmlx {
 namespace {
@@ -124,21 +125,21 @@ TEST(Patch, PatternsExcludeAndUnknownNames) {
 }
 
 TEST(Patch, EnvironmentVariablesAsInTheSeed) {
-  setenv("EXO_ZMLX", "1", 1);
-  setenv("EXO_ZMLX_VERBOSE", "1", 1);
-  setenv("EXO_ZMLX_PATTERNS", "moe_mlp", 1);
-  setenv("EXO_ZMLX_EXCLUDE", "swiglu_mlp", 1);
+  test::ScopedEnv enabled("EXO_ZMLX", "1");
+  test::ScopedEnv verbose("EXO_ZMLX_VERBOSE", "1");
+  test::ScopedEnv patterns("EXO_ZMLX_PATTERNS", "moe_mlp");
+  test::ScopedEnv exclude("EXO_ZMLX_EXCLUDE", "swiglu_mlp");
   auto o = patch::PatchOptions::from_env();
   EXPECT_TRUE(o.enabled);
   EXPECT_TRUE(o.verbose);
   ASSERT_TRUE(o.patterns.has_value());
   EXPECT_EQ(*o.patterns, std::vector<std::string>{"moe_mlp"});
   EXPECT_EQ(o.exclude, std::vector<std::string>{"swiglu_mlp"});
-  setenv("EXO_ZMLX", "0", 1);
+  enabled.set("0");
   EXPECT_FALSE(patch::PatchOptions::from_env().enabled);
-  setenv("EXO_ZMLX_PATTERNS", "bogus", 1);
+  patterns.set("bogus");
   EXPECT_THROW(patch::PatchOptions::from_env(), Error);
-  for (auto v : {"EXO_ZMLX", "EXO_ZMLX_VERBOSE", "EXO_ZMLX_PATTERNS", "EXO_ZMLX_EXCLUDE"}) unsetenv(v);
+  for (auto* v : {&enabled, &verbose, &patterns, &exclude}) v->set(nullptr);  // the defaults, checked last
   EXPECT_FALSE(patch::PatchOptions::from_env().enabled);
 }
 
