@@ -51,7 +51,8 @@ Plan plan_glm4_moe_lite(const PlanInput& in) {
       "mlp.shared_experts.up_proj.weight", "mlp.shared_experts.down_proj.weight"};
 
   Plan p;
-  const ExpertLayout layout{.family = "glm4_moe_lite", .module = "mlp", .experts = E, .intermediate = I, .hidden = D};
+  const ExpertLayout layout{
+      .family = "glm4_moe_lite", .module = "mlp", .experts = E, .intermediate = I, .hidden = D, .aliases = {}};
   ExpertTensors experts;
   std::set<int64_t> routers, biases;
   for (const std::string& name : ws.names()) {

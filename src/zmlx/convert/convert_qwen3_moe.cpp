@@ -85,7 +85,8 @@ Plan plan_qwen3_moe(const PlanInput& in) {
 
   Plan p;
   const ExpertLayout layout{
-      .family = "qwen3_moe", .module = "mlp", .experts = n_experts, .intermediate = inter, .hidden = hidden};
+      .family = "qwen3_moe", .module = "mlp", .experts = n_experts, .intermediate = inter, .hidden = hidden,
+      .aliases = {}};
   ExpertTensors experts;
   std::set<int64_t> routers;
 
