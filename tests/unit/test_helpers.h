@@ -1,4 +1,5 @@
-// Helpers shared by the unit tests: seeded random data and tensors.
+// Helpers shared by the unit tests: seeded random data and tensors, temporary
+// directories, and scoped environment switches.
 #pragma once
 #include <gtest/gtest.h>
 #include <stdlib.h>
