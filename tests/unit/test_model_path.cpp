@@ -18,19 +18,13 @@ namespace {
 
 // Sets HF_HOME to a fresh temp dir (clearing the variables that outrank it)
 // and restores the environment afterwards.
+// (Members are destroyed in reverse: the environment comes back, then the
+// directory goes.)
 struct HfHome {
-  fs::path root = fresh_dir();
+  zmlx::test::TempDir dir{"hf"};
+  const fs::path& root = dir.path;
   zmlx::test::ScopedEnv hub_cache{"HF_HUB_CACHE", nullptr}, xdg_cache{"XDG_CACHE_HOME", nullptr},
       hf_home{"HF_HOME", root.c_str()};
-  ~HfHome() {
-    std::error_code ec;
-    fs::remove_all(root, ec);
-  }
-  static fs::path fresh_dir() {
-    std::string tmpl = (fs::temp_directory_path() / "zmlx_hf_XXXXXX").string();
-    EXPECT_NE(::mkdtemp(tmpl.data()), nullptr);
-    return tmpl;
-  }
   fs::path repo(const std::string& org, const std::string& name) const {
     return root / "hub" / ("models--" + org + "--" + name);
   }

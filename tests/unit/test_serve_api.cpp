@@ -136,6 +136,8 @@ TEST(ServeApi, RangeErrorsStateTheBoundsPlainly) {
   EXPECT_EQ(std::string(chat_error(with(R"(, "top_p": 7)")).what()), "'top_p' must be between 0 and 1, got 7");
   EXPECT_EQ(std::string(chat_error(with(R"(, "temperature": 2.5)")).what()),
             "'temperature' must be between 0 and 2, got 2.5");
+  EXPECT_EQ(std::string(chat_error(with(R"(, "max_tokens": -4)")).what()),
+            "'max_tokens' must be between 1 and 1048576, got -4");
 }
 
 TEST(ServeApi, ErrorBodyHasOpenAIShape) {

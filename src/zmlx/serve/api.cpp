@@ -39,6 +39,13 @@ static std::string fmt_type(const char* name, const char* want, const ojson& v) 
   return std::string("'") + name + "' must be " + want + ", got " + type_name(v);
 }
 
+// A number outside its range: the bounds as a reader writes them ("0", "2",
+// "1048576") and the value as sent. number() and integer() share it.
+template <typename T>
+[[noreturn]] static void out_of_range(const char* name, T lo, T hi, const ojson& v) {
+  bad_request(fmt::format("'{}' must be between {} and {}, got {}", name, lo, hi, v.dump()), name);
+}
+
 namespace {
 
 ojson parse_object(const std::string& body) {
@@ -61,8 +68,7 @@ double number(const ojson& o, const char* name, double lo, double hi) {
   const ojson& v = *field(o, name);
   if (!v.is_number()) bad_request(fmt_type(name, "a number", v), name, "invalid_type");
   double d = v.get<double>();
-  if (!std::isfinite(d) || d < lo || d > hi)
-    bad_request(fmt::format("'{}' must be between {} and {}, got {}", name, lo, hi, v.dump()), name);
+  if (!std::isfinite(d) || d < lo || d > hi) out_of_range(name, lo, hi, v);
   return d;
 }
 
@@ -84,10 +90,7 @@ static int64_t integer(const ojson& o, const char* name, int64_t lo, int64_t hi)
   } else {
     x = int64_t(v.get<double>());
   }
-  if (x < lo || x > hi)
-    bad_request(std::string("'") + name + "' must be between " + std::to_string(lo) + " and " + std::to_string(hi) +
-                    ", got " + v.dump(),
-                name);
+  if (x < lo || x > hi) out_of_range(name, lo, hi, v);
   return x;
 }
 
