@@ -657,6 +657,55 @@ TEST(CudaOps, ArgmaxMatchesHostIncludingTies) {
   }
 }
 
+// The device sampler against the host's definition (sample_logits_reference)
+// on the same bf16 logits: every option, ties, NaN and infinities, the
+// penalty's window, many draws; rows at an offset in a larger tensor.
+TEST(CudaOps, DeviceSamplerPicksTheHostDefinitionsToken) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  std::mt19937 rng(1128);
+  int checked = 0, distinct_from_argmax = 0;
+  for (int64_t V : {1, 7, 1000, 4099, 151936}) {
+    for (int kind = 0; kind < 3; ++kind) {
+      auto v = test::random_bf16(rng, size_t(2 * V), kind == 0 ? 2.f : 6.f);
+      if (kind == 1)  // coarse values: many exact ties
+        for (auto& b : v) b = f32_to_bf16_bits(std::round(bf16_to_f32(b)));
+      if (kind == 2 && V > 16) {
+        v[size_t(V + 3)] = 0x7fc0;                       // NaN
+        v[size_t(V + 5)] = 0xff80;                       // -inf
+        v[size_t(V + 9)] = 0x8000;                       // -0
+      }
+      Tensor d = g->from_host(test::bf16_tensor(v, {2, V}));
+      std::vector<float> row(static_cast<size_t>(V));
+      for (int64_t i = 0; i < V; ++i) row[size_t(i)] = bf16_to_f32(v[size_t(V + i)]);
+      for (int c = 0; c < 6; ++c) {
+        SamplerOptions o;
+        const float temps[] = {0.f, 0.3f, 1.f, 2.5f};
+        o.temperature = temps[c % 4];
+        o.top_k = c == 1 ? 40 : c == 4 ? int(V + 5) : 0;
+        o.top_p = c == 2 ? 0.9f : c == 5 ? 0.3f : 1.f;
+        o.min_p = c == 3 ? 0.05f : 0.f;
+        o.repetition_penalty = c >= 3 ? 1.3f : 1.f;
+        o.repetition_context = 64;
+        o.seed = rng();
+        std::vector<int32_t> window;
+        for (int i = 0; i < 80; ++i) window.push_back(int32_t(rng() % uint64_t(V)));
+        const auto p = sampling_params(o);
+        const std::vector<int32_t> seen = repetition_window(o, window);
+        for (uint64_t draw = 0; draw < 6; ++draw) {
+          const int32_t want = sample_logits_reference(row, p, seen, draw);
+          ASSERT_EQ(g->sample_row(d, 1, p, seen, draw), want)
+              << "V " << V << " kind " << kind << " case " << c << " draw " << draw;
+          distinct_from_argmax += want != argmax(row.data(), V);
+          ++checked;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(checked, 5 * 3 * 6 * 6);
+  EXPECT_GT(distinct_from_argmax, checked / 8);  // the cases really sample
+}
+
 TEST(CudaOps, GlmOpsMatchCpu) {
   REQUIRE_GPU();
   auto g = gpu();
@@ -1752,6 +1801,26 @@ void check_model(const std::string& arch, const std::string& name,
     ASSERT_EQ(chained.token_ids[size_t(s)], next) << arch << ": chained greedy token " << s << " differs";
     if (s + 1 < go.max_tokens) next = argmax(logits_to_host(*g, mg->forward(*g, {next}, h), 0).data(), V);
   }
+
+  // Chained sampled generation (the device sampler in the recorded step,
+  // its draws and penalty window carried on the device) vs the host sampler
+  // on each step's logits (on_logits: no chain): the same tokens.
+  GenerateOptions so;
+  so.max_tokens = 120;
+  so.sampling.temperature = 4.f;  // the synthetic logits are peaked: a high T so that picks vary
+  so.sampling.top_p = 0.97f;
+  so.sampling.repetition_penalty = 1.2f;
+  so.sampling.repetition_context = 16;
+  so.sampling.seed = 2026;
+  const GenerateResult dev = generate(*mg, *g, nullptr, ids, so);
+  GenerateOptions ho = so;
+  ho.on_logits = [](const std::vector<float>&) {};
+  const GenerateResult host = generate(*mg, *g, nullptr, ids, ho);
+  ASSERT_EQ(dev.token_ids.size(), size_t(so.max_tokens)) << arch;
+  EXPECT_EQ(dev.token_ids, host.token_ids) << arch << ": device-sampled tokens differ from the host sampler's";
+  int differ = 0;
+  for (size_t s = 0; s < dev.token_ids.size(); ++s) differ += dev.token_ids[s] != chained.token_ids[s];
+  EXPECT_GT(differ, 0) << arch << ": sampling at T = 4 gave the greedy tokens";
 }
 
 TEST(CudaModels, Qwen3MoeGpuMatchesCpuAndFusedIsBitIdentical) {

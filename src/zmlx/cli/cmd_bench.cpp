@@ -1,6 +1,7 @@
 // zmlx bench MODEL: prefill and decode throughput (median, min, max over
-// runs) and peak memory. Greedy decoding of a fixed pseudo-random prompt;
-// EOS does not stop a run, so every run decodes the same number of tokens.
+// runs) and peak memory. Greedy decoding of a fixed pseudo-random prompt,
+// or sampled (--temp and the filters, a fixed seed); EOS does not stop a
+// run, so every run decodes the same number of tokens.
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -18,6 +19,7 @@ struct BenchArgs {
   ModelArgs model;
   int prompt_tokens = 512, gen_tokens = 128, runs = 5, warmup = 1;
   bool json = false;
+  SamplerOptions sampling;
 };
 
 struct Stats {
@@ -39,6 +41,7 @@ int run(const BenchArgs& a) {
   }
   GenerateOptions opt;
   opt.max_tokens = a.gen_tokens;  // no EOS ids: always the full length
+  opt.sampling = a.sampling;
   std::vector<double> pre, dec;
   for (int r = 0; r < a.warmup + a.runs; ++r) {
     GenerateResult g = generate(*m.model, *m.backend, nullptr, prompt, opt);
@@ -57,6 +60,10 @@ int run(const BenchArgs& a) {
     nlohmann::json j = {{"model", m.dir}, {"family", m.model->family()}, {"backend", m.backend->name()},
                         {"parallel", m.model->placement().describe()},
                         {"prompt_tokens", a.prompt_tokens}, {"gen_tokens", a.gen_tokens}, {"runs", a.runs},
+                        {"sampling", {{"temperature", a.sampling.temperature}, {"top_k", a.sampling.top_k},
+                                      {"top_p", a.sampling.top_p}, {"min_p", a.sampling.min_p},
+                                      {"repetition_penalty", a.sampling.repetition_penalty},
+                                      {"seed", a.sampling.seed}}},
                         {"prefill_tps", {{"median", p.median}, {"min", p.min}, {"max", p.max}}},
                         {"decode_tps", {{"median", d.median}, {"min", d.min}, {"max", d.max}}},
                         {"bytes_per_token", per_token},
@@ -86,6 +93,12 @@ ZMLX_COMMAND("bench", "Measure prefill and decode throughput", [](CLI::App& app)
   app.add_option("--runs", a->runs)->check(CLI::Range(1, 1000));
   app.add_option("--warmup", a->warmup, "untimed runs first")->check(CLI::Range(0, 100));
   app.add_flag("--json", a->json);
+  app.add_option("--temp", a->sampling.temperature, "sampling temperature (0 = greedy)")->check(CLI::Range(0.f, 100.f));
+  app.add_option("--top-k", a->sampling.top_k, "top-k filtering (0 = off)")->check(CLI::NonNegativeNumber);
+  app.add_option("--top-p", a->sampling.top_p, "nucleus filtering (1 = off)")->check(CLI::Range(0.f, 1.f));
+  app.add_option("--min-p", a->sampling.min_p, "min-p filtering (0 = off)")->check(CLI::Range(0.f, 1.f));
+  app.add_option("--repeat-penalty", a->sampling.repetition_penalty, "repetition penalty (1 = off)");
+  app.add_option("--seed", a->sampling.seed, "random seed of the sampled runs");
   return [a] { return run(*a); };
 });
 

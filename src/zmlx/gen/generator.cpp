@@ -162,6 +162,7 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
   if (opt.max_tokens == 0) return res;
 
   Sampler sampler(opt.sampling);
+  const sampling::Params params = sampling_params(opt.sampling);
   Cache cache = model.new_cache(be);
   std::vector<int32_t> history = prompt_ids;
 
@@ -177,13 +178,14 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
   auto sample = [&](const Tensor& l) {
     int32_t t = 0;
     if (!P.active() || P.rank == P.logits_rank()) {
-      const SamplerOptions& so = sampler.options();
-      if (!opt.on_logits && so.temperature <= 0.f && so.repetition_penalty == 1.f) {
-        t = be.argmax_row(l, 0);  // greedy: the backend reduces, one id crosses to the host
-      } else {
+      if (opt.on_logits) {  // the caller sees every row: sample on the host
         std::vector<float> host = logits_to_host(be, l, 0);
-        if (opt.on_logits) opt.on_logits(host);
-        t = sampler.sample(std::move(host), history);
+        opt.on_logits(host);
+        t = sampler.sample(host, history);
+      } else if (sampler.greedy()) {
+        t = be.argmax_row(l, 0);  // the backend reduces, one id crosses to the host
+      } else {
+        t = be.sample_row(l, 0, params, repetition_window(sampler.options(), history), sampler.next_draw());
       }
     }
     if (P.active()) P.comm->broadcast(&t, sizeof t, P.logits_rank());
@@ -197,17 +199,36 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
   std::string pending;  // decoded but not yet released (may start a stop string)
   auto t1 = Clock::now();
   bool cancelled = false, stop_string_hit = false;
-  // Greedy decoding chains its steps on the device: step S_j consumes token
-  // t_j and chooses t_{j+1} on the device, and S_{j+1} is enqueued before the
-  // host reads t_{j+1}, so the device always has the next step queued while
-  // the host detokenizes and checks stop strings. Steps enqueued past a stop
-  // are waited for and dropped. Tensor-parallel GPU ranks chain too: the
-  // all-reduces leave every rank with the same bits, so each rank's argmax
-  // picks the same token, and rank 0's token (broadcast as the host reads
-  // it) checks that they did.
-  const SamplerOptions& so = sampler.options();
-  const bool greedy = !opt.on_logits && so.temperature <= 0.f && so.repetition_penalty == 1.f;
-  const bool chained = greedy && (!P.active() || (P.tensor() && P.comm->accepts(be.device())));
+  // Decoding chains its steps on the device: step S_j consumes token t_j and
+  // chooses t_{j+1} on the device, and S_{j+1} is enqueued before the host
+  // reads t_{j+1}, so the device always has the next step queued while the
+  // host detokenizes and checks stop strings. Steps enqueued past a stop are
+  // waited for and dropped. Greedy steps chain everywhere (the default
+  // backend runs them one by one). Tensor-parallel GPU ranks chain greedy
+  // steps too: the all-reduces leave every rank with the same bits, so each
+  // rank's argmax picks the same token, and rank 0's token (broadcast as the
+  // host reads it) checks that they did. Sampled steps chain in one process
+  // on a backend that samples on the device, from the stream's next draw.
+  const bool greedy = !opt.on_logits && sampler.greedy();
+  const bool sampled_chain = !opt.on_logits && !sampler.greedy() && !P.active() && be.samples_chained(params);
+  const bool chained =
+      (greedy && (!P.active() || (P.tensor() && P.comm->accepts(be.device())))) || sampled_chain;
+  struct ChainSampler {  // set for this generation only, also when it throws
+    Backend& be;
+    bool on;
+    ~ChainSampler() {
+      if (!on) return;
+      try {
+        be.set_chain_sampler(nullptr, {}, 0);
+      } catch (...) {
+      }
+    }
+  } chain_sampler{be, sampled_chain};
+  if (sampled_chain) {  // S_0 consumes `next`: the penalty sees it with the prompt
+    std::vector<int32_t> seen = history;
+    seen.push_back(next);
+    be.set_chain_sampler(&params, repetition_window(sampler.options(), seen), sampler.draws());
+  }
   const int64_t chain_pos0 = cache.pos;  // S_j runs at chain_pos0 + j
   int enqueued = 0;                      // S_0 .. S_{enqueued-1} are on the device
   for (int step = 0;; ++step) {
@@ -264,7 +285,7 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
     if (chained) {
       next = be.chained_token(chain_pos0 + j);
       // The device fed it on without a host check (NaN logits give no valid id).
-      ZMLX_CHECK(next >= 0 && next < model.config().vocab_size, "decode step {}: the greedy token {} is outside the "
+      ZMLX_CHECK(next >= 0 && next < model.config().vocab_size, "decode step {}: the chosen token {} is outside the "
                  "vocabulary [0, {}) (non-finite logits?)", j, next, model.config().vocab_size);
       if (P.active()) {
         int32_t lead = next;

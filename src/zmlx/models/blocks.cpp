@@ -3,6 +3,7 @@
 #include <tuple>
 
 #include "zmlx/core/error.h"
+#include "zmlx/gen/sampler.h"
 
 namespace zmlx {
 
@@ -118,6 +119,22 @@ int32_t Backend::chained_token(int64_t pos) {
   ZMLX_CHECK(pos >= 0 && r.pos == pos, "chained_token({}): no chained step ran at that position (or it is older "
              "than the last four)", pos);
   return r.token;
+}
+
+int32_t Backend::sample_row(const Tensor& logits, int64_t row, const sampling::Params& p,
+                            std::span<const int32_t> window, uint64_t draw) {
+  Tensor h = to_host(logits);
+  const int64_t V = h.cols();
+  ZMLX_CHECK(h.dtype == DType::BF16 && row >= 0 && row < h.rows(), "sample_row: row {} of {} bf16 logits rows", row,
+             h.rows());
+  const uint16_t* src = h.ptr<uint16_t>() + row * V;
+  std::vector<float> l(static_cast<size_t>(V));
+  for (int64_t i = 0; i < V; ++i) l[size_t(i)] = bf16_to_f32(src[i]);
+  return sample_logits(l, p, window, draw);
+}
+
+void Backend::set_chain_sampler(const sampling::Params* p, std::span<const int32_t> window, uint64_t draw) {
+  ZMLX_CHECK(p == nullptr || samples_chained(*p), "backend {}: chained decoding samples by argmax only", name());
 }
 
 Tensor Backend::add_rms_norm(Tensor& h, const Tensor& x, const Tensor& w, float eps) {

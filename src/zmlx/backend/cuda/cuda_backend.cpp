@@ -25,6 +25,7 @@
 #include "zmlx/backend/cuda/kernel_trace.h"
 #include "zmlx/backend/cuda/kernels.h"
 #include "zmlx/backend/cuda/mla.h"
+#include "zmlx/backend/cuda/sampling.h"
 #include "zmlx/core/error.h"
 #include "zmlx/core/log.h"
 #include "zmlx/ops/backend.h"
@@ -420,6 +421,9 @@ class CudaBackend final : public Backend {
     drop_graph();
     cudaStreamSynchronize(stream_);
     for (auto& [k, v] : rope_tables_) cudaFree(v);
+    kern::sampling_workspace_free(sampling_ws_);
+    cudaFree(sampling_ws_.state);
+    cudaFreeHost(h_sampling_);
     cudaFree(d_step_);
     cudaFreeHost(h_step_);
     cudaFreeHost(h_ring_);
@@ -1156,6 +1160,34 @@ class CudaBackend final : public Backend {
     return h_step_[2];
   }
 
+  // ------------------------------------------------------------ sampling
+
+  int32_t sample_row(const Tensor& logits, int64_t row, const sampling::Params& p, std::span<const int32_t> window,
+                     uint64_t draw) override {
+    if (logits.device != Device::CUDA || !samples_chained(p) || logits.cols() > sampling::kMaxVocab)
+      return Backend::sample_row(logits, row, p, window, draw);
+    cudaSetDevice(device_);
+    const int64_t V = logits.cols();
+    ZMLX_CHECK(row >= 0 && row < logits.rows(), "sample_row: row {} of {}", row, logits.rows());
+    upload_sampling_state(p, window, draw);
+    kern::sample_token(bf16p(logits) + row * V, sampling_workspace(V), d_step_ + 2, nullptr, nullptr, 0, stream_);
+    cuda_check(cudaMemcpyAsync(h_step_ + 2, d_step_ + 2, 4, cudaMemcpyDeviceToHost, stream_), "sampled token download");
+    cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (a kernel failed)");
+    if (profile_.on) profile_.collect();
+    return h_step_[2];
+  }
+
+  bool samples_chained(const sampling::Params& p) const override {
+    return p.window_cap >= 0 && p.window_cap <= kern::kMaxSamplingWindow;
+  }
+
+  void set_chain_sampler(const sampling::Params* p, std::span<const int32_t> window, uint64_t draw) override {
+    Backend::set_chain_sampler(p, window, draw);  // checks samples_chained
+    cudaSetDevice(device_);
+    chain_sampling_ = p != nullptr;
+    if (p) upload_sampling_state(*p, window, draw);
+  }
+
   // ------------------------------------------------------ recorded steps
 
   Tensor decode_step(uint64_t key, int32_t token, int64_t pos, const std::function<Tensor()>& step) override {
@@ -1188,6 +1220,7 @@ class CudaBackend final : public Backend {
                            const std::function<Tensor(int32_t)>& step) override {
     cudaSetDevice(device_);
     if (key != 0) key ^= weights_epoch_ * 0x9e3779b97f4a7c15ull;
+    if (key != 0 && chain_sampling_) key ^= 0x5a3f1e2d4c6b8a79ull;  // its recording ends in the sampler
     const bool usable = key != 0 && graphs_enabled_ && !failed_keys_.count(key);
     const bool replay = usable && exec_ && key == graph_key_;
     const bool record = usable && !replay && key == warm_key_;
@@ -1204,7 +1237,10 @@ class CudaBackend final : public Backend {
     auto body = [&](int32_t t) {
       Tensor logits = step(t);
       ZMLX_CHECK(logits.device == Device::CUDA && logits.rows() >= 1, "chained step: expected device logits");
-      kern::argmax_chain(bf16p(logits), logits.cols(), d_step_, d_ring_, kRing, stream_);
+      if (chain_sampling_)
+        kern::sample_token(bf16p(logits), sampling_workspace(logits.cols()), nullptr, d_step_, d_ring_, kRing, stream_);
+      else
+        kern::argmax_chain(bf16p(logits), logits.cols(), d_step_, d_ring_, kRing, stream_);
       return logits;
     };
     Tensor unused;
@@ -1231,6 +1267,35 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // The sampler's buffers for rows of V logits (allocated by an eager step,
+  // before any recording that uses them).
+  kern::SamplingWorkspace& sampling_workspace(int64_t V) {
+    if (sampling_ws_.V != V) {
+      ZMLX_CHECK(!capturing_, "the CUDA sampler's buffers must exist before a step is recorded");
+      kern::sampling_workspace_alloc(sampling_ws_, V);
+    }
+    return sampling_ws_;
+  }
+  // The sampler's options, next draw and penalty window to the device, in
+  // stream order (the pinned copy is rewritten only once the stream is idle).
+  void upload_sampling_state(const sampling::Params& p, std::span<const int32_t> window, uint64_t draw) {
+    if (!sampling_ws_.state) {
+      cuda_check(cudaMalloc(&sampling_ws_.state, sizeof(kern::SamplingState)), "cudaMalloc");
+      cuda_check(cudaMallocHost(&h_sampling_, sizeof(kern::SamplingState)), "cudaMallocHost");
+    }
+    cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    kern::SamplingState& st = *h_sampling_;
+    st.params = p;
+    st.draw = draw;
+    const size_t n = std::min(window.size(), size_t(std::max(p.window_cap, 0)));
+    std::copy(window.end() - std::ptrdiff_t(n), window.end(), st.window);
+    st.window_len = int32_t(n);
+    st.window_head = 0;  // full: index 0 is the oldest
+    st.window_cap = p.window_cap;
+    cuda_check(cudaMemcpyAsync(sampling_ws_.state, h_sampling_, sizeof st, cudaMemcpyHostToDevice, stream_),
+               "sampler state upload");
+  }
+
   void launch_graph() {
     if (kernel_trace_.armed_for(++replays_)) return kernel_trace_.replay(exec_, stream_, step_done_);
     if (!step_profile_.on) {
@@ -1400,6 +1465,11 @@ class CudaBackend final : public Backend {
   int32_t* d_ring_ = nullptr;
   cudaEvent_t chain_done_[4] = {};
   int64_t chained_pos_ = -1;
+  // Temperature sampling on the device (sample_row; chained steps while
+  // chain_sampling_): buffers, and the pinned state staged for upload.
+  kern::SamplingWorkspace sampling_ws_;
+  kern::SamplingState* h_sampling_ = nullptr;
+  bool chain_sampling_ = false;
   bool graphs_enabled_ = true, capturing_ = false;
   int device_ = 0;
   uint64_t weight_bytes_ = 0;

@@ -1,0 +1,57 @@
+// Temperature sampling on the GPU: the algorithm of gen/sampler.h (the same
+// arithmetic, gen/sampling_math.h), so the token is the one the host's
+// sample_logits picks from the same logits, seed and draw. One row of bf16
+// logits in, one token out; nothing else crosses to the host, so chained
+// decoding (Backend::decode_step_chained) runs sampled steps back to back as
+// it does greedy ones, with the sampler inside the recorded step.
+//
+// Work: the penalized logits' order keys, a radix sort of (key, id)
+// (CUB), each candidate's integer weight and their running sum (CUB), then
+// one block finds the cuts and the pick by parallel search.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "zmlx/gen/sampling_math.h"
+
+typedef struct CUstream_st* cudaStream_t;
+
+namespace zmlx::cuda::k {
+
+// The largest repetition window sampled on the GPU (a longer one samples
+// on the host).
+constexpr int kMaxSamplingWindow = 1024;
+
+// What the kernels read and update, in device memory: the options, the
+// next draw of the seed's stream, and the ids the repetition penalty sees
+// (a ring of the last `window_cap` tokens; a picked token enters it).
+struct SamplingState {
+  sampling::Params params;
+  uint64_t draw = 0;
+  int32_t window_len = 0, window_head = 0, window_cap = 0, pad = 0;
+  int32_t window[kMaxSamplingWindow];
+};
+
+// Device buffers for rows of V logits (V <= sampling::kMaxVocab); `state`
+// is the caller's (it outlives a change of V).
+struct SamplingWorkspace {
+  int64_t V = 0;
+  uint32_t* keys = nullptr;  // [2V]: keys, sorted keys
+  int32_t* ids = nullptr;    // [2V]: ids, sorted ids
+  uint64_t* cum = nullptr;   // [V]: running weight in sorted order
+  void* cub_temp = nullptr;
+  size_t cub_bytes = 0;
+  SamplingState* state = nullptr;
+};
+void sampling_workspace_alloc(SamplingWorkspace& ws, int64_t V);
+void sampling_workspace_free(SamplingWorkspace& ws);
+
+// Samples a token from `logits` (bf16 [V]) by ws.state. The token goes to
+// *out when out is set; with `step` set (chained decoding) it becomes the
+// next step's input as argmax_chain's does: step[0] = token,
+// ring[step[1] % ring_len] = token, step[1] += 1. The draw advances when
+// the temperature is above 0, and the token enters the window.
+void sample_token(const uint16_t* logits, SamplingWorkspace& ws, int32_t* out, int32_t* step, int32_t* ring,
+                  int ring_len, cudaStream_t s);
+
+}  // namespace zmlx::cuda::k
