@@ -1170,7 +1170,8 @@ class CudaBackend final : public Backend {
     const int64_t V = logits.cols();
     ZMLX_CHECK(row >= 0 && row < logits.rows(), "sample_row: row {} of {}", row, logits.rows());
     upload_sampling_state(p, window, draw);
-    kern::sample_token(bf16p(logits) + row * V, sampling_workspace(V), d_step_ + 2, nullptr, nullptr, 0, stream_);
+    kern::sample_token(bf16p(logits) + row * V, sampling_workspace(V), p.penalty != 1.f, d_step_ + 2, nullptr, nullptr,
+                       0, stream_);
     cuda_check(cudaMemcpyAsync(h_step_ + 2, d_step_ + 2, 4, cudaMemcpyDeviceToHost, stream_), "sampled token download");
     cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (a kernel failed)");
     if (profile_.on) profile_.collect();
@@ -1185,6 +1186,7 @@ class CudaBackend final : public Backend {
     Backend::set_chain_sampler(p, window, draw);  // checks samples_chained
     cudaSetDevice(device_);
     chain_sampling_ = p != nullptr;
+    chain_penalized_ = p && p->penalty != 1.f;
     if (p) upload_sampling_state(*p, window, draw);
   }
 
@@ -1220,7 +1222,8 @@ class CudaBackend final : public Backend {
                            const std::function<Tensor(int32_t)>& step) override {
     cudaSetDevice(device_);
     if (key != 0) key ^= weights_epoch_ * 0x9e3779b97f4a7c15ull;
-    if (key != 0 && chain_sampling_) key ^= 0x5a3f1e2d4c6b8a79ull;  // its recording ends in the sampler
+    if (key != 0 && chain_sampling_)  // its recording ends in the sampler's launches
+      key ^= chain_penalized_ ? 0x3c6ef372fe94f82bull : 0x5a3f1e2d4c6b8a79ull;
     const bool usable = key != 0 && graphs_enabled_ && !failed_keys_.count(key);
     const bool replay = usable && exec_ && key == graph_key_;
     const bool record = usable && !replay && key == warm_key_;
@@ -1238,7 +1241,8 @@ class CudaBackend final : public Backend {
       Tensor logits = step(t);
       ZMLX_CHECK(logits.device == Device::CUDA && logits.rows() >= 1, "chained step: expected device logits");
       if (chain_sampling_)
-        kern::sample_token(bf16p(logits), sampling_workspace(logits.cols()), nullptr, d_step_, d_ring_, kRing, stream_);
+        kern::sample_token(bf16p(logits), sampling_workspace(logits.cols()), chain_penalized_, nullptr, d_step_, d_ring_,
+                           kRing, stream_);
       else
         kern::argmax_chain(bf16p(logits), logits.cols(), d_step_, d_ring_, kRing, stream_);
       return logits;
@@ -1469,7 +1473,7 @@ class CudaBackend final : public Backend {
   // chain_sampling_): buffers, and the pinned state staged for upload.
   kern::SamplingWorkspace sampling_ws_;
   kern::SamplingState* h_sampling_ = nullptr;
-  bool chain_sampling_ = false;
+  bool chain_sampling_ = false, chain_penalized_ = false;
   bool graphs_enabled_ = true, capturing_ = false;
   int device_ = 0;
   uint64_t weight_bytes_ = 0;

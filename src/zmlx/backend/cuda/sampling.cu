@@ -166,8 +166,8 @@ void sampling_workspace_free(SamplingWorkspace& ws) {
   ws.state = state;
 }
 
-void sample_token(const uint16_t* logits, SamplingWorkspace& ws, int32_t* out, int32_t* step, int32_t* ring,
-                  int ring_len, cudaStream_t s) {
+void sample_token(const uint16_t* logits, SamplingWorkspace& ws, bool penalized, int32_t* out, int32_t* step,
+                  int32_t* ring, int ring_len, cudaStream_t s) {
   const int64_t V = ws.V;
   const unsigned blocks = unsigned((V + kKeyThreads - 1) / kKeyThreads);
   uint32_t* keys = ws.keys;
@@ -177,8 +177,11 @@ void sample_token(const uint16_t* logits, SamplingWorkspace& ws, int32_t* out, i
   sampling_keys_kernel<<<blocks, kKeyThreads, 0, s>>>(logits, V, ws.state, keys, ids);
   check(cudaGetLastError(), "keys kernel");
   size_t bytes = ws.cub_bytes;
-  check(cub::DeviceRadixSort::SortPairsDescending(ws.cub_temp, bytes, keys, sorted_keys, ids, sorted_ids, int(V), 0, 32,
-                                                   s),
+  // bf16 logits' keys have 16 zero low bits (and -inf, the only other key
+  // of its top half, sorts alike): without the penalty's float results,
+  // half the passes give the same order.
+  check(cub::DeviceRadixSort::SortPairsDescending(ws.cub_temp, bytes, keys, sorted_keys, ids, sorted_ids, int(V),
+                                                   penalized ? 0 : 16, 32, s),
         "radix sort");
   sampling_weights_kernel<<<blocks, kKeyThreads, 0, s>>>(sorted_keys, V, ws.state, ws.cum);
   check(cudaGetLastError(), "weights kernel");

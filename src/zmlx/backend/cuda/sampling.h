@@ -46,12 +46,14 @@ struct SamplingWorkspace {
 void sampling_workspace_alloc(SamplingWorkspace& ws, int64_t V);
 void sampling_workspace_free(SamplingWorkspace& ws);
 
-// Samples a token from `logits` (bf16 [V]) by ws.state. The token goes to
-// *out when out is set; with `step` set (chained decoding) it becomes the
-// next step's input as argmax_chain's does: step[0] = token,
-// ring[step[1] % ring_len] = token, step[1] += 1. The draw advances when
-// the temperature is above 0, and the token enters the window.
-void sample_token(const uint16_t* logits, SamplingWorkspace& ws, int32_t* out, int32_t* step, int32_t* ring,
-                  int ring_len, cudaStream_t s);
+// Samples a token from `logits` (bf16 [V]) by ws.state. `penalized`: the
+// state's repetition penalty is not 1 (a fixed shape of the launches, for a
+// recording). The token goes to *out when out is set; with `step` set
+// (chained decoding) it becomes the next step's input as argmax_chain's
+// does: step[0] = token, ring[step[1] % ring_len] = token, step[1] += 1.
+// The draw advances when the temperature is above 0, and the token enters
+// the window.
+void sample_token(const uint16_t* logits, SamplingWorkspace& ws, bool penalized, int32_t* out, int32_t* step,
+                  int32_t* ring, int ring_len, cudaStream_t s);
 
 }  // namespace zmlx::cuda::k
