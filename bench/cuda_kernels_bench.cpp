@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "zmlx/backend/cuda/kernels.h"
+#include "zmlx/backend/cuda/sampling.h"
 
 namespace k = zmlx::cuda::k;
 
@@ -211,6 +212,25 @@ int main(int argc, char** argv) {
   both("gather_qmm (down, unfused)", bytes_of(down, kk),
           [&](int i) { k::gather_linear(hmid, true, ex_of(i), 1, kk, down, big, s); });
   both("lm_head 151936", bytes_of(head, 1), [&](int) { k::linear(x, 1, head, big, s); });
+  {  // The device sampler (T 1, top-p 0.95) on the head's row, and on a row of one value (one crowded bin).
+    k::SamplingWorkspace ws;
+    cudaMalloc(&ws.state, sizeof(k::SamplingState));
+    k::SamplingState st{};
+    st.params.inv_temp = 1.f, st.params.top_p = 0.95f, st.params.seed = 1;
+    cudaMemcpy(ws.state, &st, sizeof st, cudaMemcpyHostToDevice);
+    k::sampling_workspace_alloc(ws, 151936);
+    int32_t* tok = nullptr;
+    uint16_t* flat = nullptr;
+    cudaMalloc(&tok, 4);
+    cudaMalloc(&flat, 151936 * 2);
+    cudaMemset(flat, 0, 151936 * 2);
+    for (auto [row, what] : {std::pair{static_cast<const uint16_t*>(big), "head row"}, std::pair{static_cast<const uint16_t*>(flat), "one value"}}) {
+      for (bool penalized : {false, true}) {  // the sort of 16 key bits, or of 32 (as with a penalty)
+        const std::string name = std::string("sampler, ") + what + (penalized ? " [sort 32]" : " [sort 16]");
+        time_it(s, reps, name.c_str(), 0, [&](int) { k::sample_token(row, ws, penalized, tok, nullptr, nullptr, 0, s); });
+      }
+    }
+  }
   // Where the tensor-core path starts to pay for plain linears (use_mma_linear).
   std::printf("plain linear sweep (rows x K):\n");
   for (int64_t K : {1024, 2048, 4096}) {

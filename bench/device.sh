@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (see bench/device_bundle.sh): the GPU unit tests,
 # then for each family's `full` synth model (real shapes, random weights):
-# prefill/decode throughput patched and unpatched, and `zmlx validate`.
+# prefill/decode throughput patched and unpatched, sampled decode (T 0.7,
+# top-p 0.95), and `zmlx validate`.
 # $OUT gets results.md and raw.tgz (every raw log and JSON): a device run
 # brings back at most 8 files, so the raw files are packed into one.
 #   STAGES="tests qwen3 lfm2 glm" (default: all)   RUNS=3   GEN=128   PROMPT=512
@@ -50,6 +51,10 @@ bench_family() {  # arch name
       --runs "$RUNS" --json >"$RAW/bench-$arch-$mode.json" 2>"$RAW/bench-$arch-$mode.log"
     log "bench $arch --$mode (exit $?): $(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('prefill %.0f tok/s, decode %.1f tok/s (min %.1f max %.1f), %.2f GB/token, %.0f GB/s' % (j['prefill_tps']['median'], j['decode_tps']['median'], j['decode_tps']['min'], j['decode_tps']['max'], j['bytes_per_token']/1e9, j['decode_gbps']))" "$RAW/bench-$arch-$mode.json" 2>&1 | tail -1)"
   done
+  # Sampled decoding (the sampler on the device, inside the recorded step).
+  timeout 400 "$BIN/zmlx" bench "$dir" --backend cuda --patch --prompt-tokens "$PROMPT" --gen-tokens "$GEN" \
+    --runs "$RUNS" --temp 0.7 --top-p 0.95 --seed 1 --json >"$RAW/bench-$arch-sampled.json" 2>"$RAW/bench-$arch-sampled.log"
+  log "bench $arch --patch --temp 0.7 --top-p 0.95 (exit $?): $(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('decode %.1f tok/s (min %.1f max %.1f)' % (j['decode_tps']['median'], j['decode_tps']['min'], j['decode_tps']['max']))" "$RAW/bench-$arch-sampled.json" 2>&1 | tail -1)"
   timeout 300 "$BIN/zmlx" validate "$dir" --backend cuda --max-tokens 64 --runs 3 >"$RAW/validate-$arch.txt" 2>&1
   log "validate $arch (exit $?):"
   tail -12 "$RAW/validate-$arch.txt" | tee -a "$R"

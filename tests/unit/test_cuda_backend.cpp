@@ -658,18 +658,22 @@ TEST(CudaOps, ArgmaxMatchesHostIncludingTies) {
 }
 
 // The device sampler against the host's definition (sample_logits_reference)
-// on the same bf16 logits: every option, ties, NaN and infinities, the
-// penalty's window, many draws; rows at an offset in a larger tensor.
+// on the same bf16 logits: every option, ties, one value everywhere, NaN and
+// infinities, the penalty's window (the sorting form) or none (the binning
+// form), many draws in a row (the bins must be left empty); rows at an
+// offset in a larger tensor.
 TEST(CudaOps, DeviceSamplerPicksTheHostDefinitionsToken) {
   REQUIRE_GPU();
   auto g = gpu();
   std::mt19937 rng(1128);
   int checked = 0, distinct_from_argmax = 0;
   for (int64_t V : {1, 7, 1000, 4099, 151936}) {
-    for (int kind = 0; kind < 3; ++kind) {
+    for (int kind = 0; kind < 4; ++kind) {
       auto v = test::random_bf16(rng, size_t(2 * V), kind == 0 ? 2.f : 6.f);
       if (kind == 1)  // coarse values: many exact ties
         for (auto& b : v) b = f32_to_bf16_bits(std::round(bf16_to_f32(b)));
+      if (kind == 3)  // one value: every candidate in one bin
+        std::fill(v.begin(), v.end(), f32_to_bf16_bits(-2.5f));
       if (kind == 2 && V > 16) {
         v[size_t(V + 3)] = 0x7fc0;                       // NaN
         v[size_t(V + 5)] = 0xff80;                       // -inf
@@ -702,7 +706,7 @@ TEST(CudaOps, DeviceSamplerPicksTheHostDefinitionsToken) {
       }
     }
   }
-  EXPECT_EQ(checked, 5 * 3 * 6 * 6);
+  EXPECT_EQ(checked, 5 * 4 * 6 * 6);
   EXPECT_GT(distinct_from_argmax, checked / 8);  // the cases really sample
 }
 

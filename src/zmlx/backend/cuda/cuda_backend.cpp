@@ -421,8 +421,8 @@ class CudaBackend final : public Backend {
     drop_graph();
     cudaStreamSynchronize(stream_);
     for (auto& [k, v] : rope_tables_) cudaFree(v);
-    kern::sampling_workspace_free(sampling_ws_);
-    cudaFree(sampling_ws_.state);
+    for (auto& [V, ws] : sampling_ws_by_vocab_) kern::sampling_workspace_free(ws);
+    cudaFree(sampling_state_);
     cudaFreeHost(h_sampling_);
     cudaFree(d_step_);
     cudaFreeHost(h_step_);
@@ -1271,20 +1271,25 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  // The sampler's buffers for rows of V logits (allocated by an eager step,
-  // before any recording that uses them).
+  // The sampler's buffers for rows of V logits, allocated by an eager step
+  // before any recording that uses them, and kept (one set a vocabulary
+  // size): a recording of another model's step may still point at them.
   kern::SamplingWorkspace& sampling_workspace(int64_t V) {
-    if (sampling_ws_.V != V) {
+    auto it = sampling_ws_by_vocab_.find(V);
+    if (it == sampling_ws_by_vocab_.end()) {
       ZMLX_CHECK(!capturing_, "the CUDA sampler's buffers must exist before a step is recorded");
-      kern::sampling_workspace_alloc(sampling_ws_, V);
+      kern::SamplingWorkspace ws;
+      ws.state = sampling_state_;
+      kern::sampling_workspace_alloc(ws, V);
+      it = sampling_ws_by_vocab_.emplace(V, ws).first;
     }
-    return sampling_ws_;
+    return it->second;
   }
   // The sampler's options, next draw and penalty window to the device, in
   // stream order (the pinned copy is rewritten only once the stream is idle).
   void upload_sampling_state(const sampling::Params& p, std::span<const int32_t> window, uint64_t draw) {
-    if (!sampling_ws_.state) {
-      cuda_check(cudaMalloc(&sampling_ws_.state, sizeof(kern::SamplingState)), "cudaMalloc");
+    if (!sampling_state_) {
+      cuda_check(cudaMalloc(&sampling_state_, sizeof(kern::SamplingState)), "cudaMalloc");
       cuda_check(cudaMallocHost(&h_sampling_, sizeof(kern::SamplingState)), "cudaMallocHost");
     }
     cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
@@ -1296,7 +1301,7 @@ class CudaBackend final : public Backend {
     st.window_len = int32_t(n);
     st.window_head = 0;  // full: index 0 is the oldest
     st.window_cap = p.window_cap;
-    cuda_check(cudaMemcpyAsync(sampling_ws_.state, h_sampling_, sizeof st, cudaMemcpyHostToDevice, stream_),
+    cuda_check(cudaMemcpyAsync(sampling_state_, h_sampling_, sizeof st, cudaMemcpyHostToDevice, stream_),
                "sampler state upload");
   }
 
@@ -1471,7 +1476,8 @@ class CudaBackend final : public Backend {
   int64_t chained_pos_ = -1;
   // Temperature sampling on the device (sample_row; chained steps while
   // chain_sampling_): buffers, and the pinned state staged for upload.
-  kern::SamplingWorkspace sampling_ws_;
+  std::map<int64_t, kern::SamplingWorkspace> sampling_ws_by_vocab_;
+  kern::SamplingState* sampling_state_ = nullptr;
   kern::SamplingState* h_sampling_ = nullptr;
   bool chain_sampling_ = false, chain_penalized_ = false;
   bool graphs_enabled_ = true, capturing_ = false;

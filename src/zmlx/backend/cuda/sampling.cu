@@ -177,9 +177,8 @@ void sample_token(const uint16_t* logits, SamplingWorkspace& ws, bool penalized,
   sampling_keys_kernel<<<blocks, kKeyThreads, 0, s>>>(logits, V, ws.state, keys, ids);
   check(cudaGetLastError(), "keys kernel");
   size_t bytes = ws.cub_bytes;
-  // bf16 logits' keys have 16 zero low bits (and -inf, the only other key
-  // of its top half, sorts alike): without the penalty's float results,
-  // half the passes give the same order.
+  // bf16 logits' keys have all-0 or all-1 low halves, equal within a top
+  // half: without the penalty's float results, 2 passes give the same order.
   check(cub::DeviceRadixSort::SortPairsDescending(ws.cub_temp, bytes, keys, sorted_keys, ids, sorted_ids, int(V),
                                                    penalized ? 0 : 16, 32, s),
         "radix sort");

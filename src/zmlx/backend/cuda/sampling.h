@@ -5,9 +5,12 @@
 // decoding (Backend::decode_step_chained) runs sampled steps back to back as
 // it does greedy ones, with the sampler inside the recorded step.
 //
-// Work: the penalized logits' order keys, a radix sort of (key, id)
-// (CUB), each candidate's integer weight and their running sum (CUB), then
-// one block finds the cuts and the pick by parallel search.
+// Work: the penalized logits' order keys, a radix sort of (key, id) (CUB;
+// two 8-bit passes without a penalty, as bf16 logits' keys differ only in
+// their top 16 bits, four with one), each candidate's integer weight and
+// their running sum (CUB), then one block finds the cuts and the pick by
+// parallel search. (Counting 16-bit bins instead of sorting, one block then
+// scanning the 65,536 bins: 70-79 us against the sort's 31-34, not kept.)
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -47,7 +50,7 @@ void sampling_workspace_alloc(SamplingWorkspace& ws, int64_t V);
 void sampling_workspace_free(SamplingWorkspace& ws);
 
 // Samples a token from `logits` (bf16 [V]) by ws.state. `penalized`: the
-// state's repetition penalty is not 1 (a fixed shape of the launches, for a
+// state's repetition penalty is not 1 (the sort's width: fixed in a
 // recording). The token goes to *out when out is set; with `step` set
 // (chained decoding) it becomes the next step's input as argmax_chain's
 // does: step[0] = token, ring[step[1] % ring_len] = token, step[1] += 1.
