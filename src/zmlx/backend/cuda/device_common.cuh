@@ -364,6 +364,18 @@ __device__ __forceinline__ void add_rms_norm_row8(uint4 hv, uint4 xv, uint4 wv, 
   out = make_uint4(o[0], o[1], o[2], o[3]);
 }
 
+// ------------------------------------------------------ chained decoding
+
+// A chained decode step's chosen token (argmax or the sampler; one thread):
+// the next step's input, step[0] = token, and the host's mapped ring at the
+// step's position, ring[step[1] % ring_len] = token; then step[1] += 1.
+__device__ __forceinline__ void publish_chained_token(int32_t token, int32_t* step, int32_t* ring, int ring_len) {
+  const int32_t pos = step[1];
+  step[0] = token;
+  ring[pos % ring_len] = token;
+  step[1] = pos + 1;
+}
+
 // ---------------------------------------------------------------- launch
 
 // Programmatic dependent launch (Hopper): every kernel waits for its

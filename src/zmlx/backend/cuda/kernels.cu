@@ -3063,12 +3063,7 @@ __global__ void __launch_bounds__(1024) argmax_kernel(const uint16_t* x, int64_t
     warp_best(threadIdx.x < nw ? sv[threadIdx.x] : -INFINITY, threadIdx.x < nw ? si[threadIdx.x] : INT_MAX, ov, oi);
     if (threadIdx.x == 0) {
       if (out) *out = oi;
-      if (step) {
-        const int32_t p = step[1];
-        step[0] = oi;
-        ring[p % ring_len] = oi;
-        step[1] = p + 1;
-      }
+      if (step) publish_chained_token(oi, step, ring, ring_len);
     }
   }
 }

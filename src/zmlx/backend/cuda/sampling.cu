@@ -8,12 +8,14 @@
 #include <stdexcept>
 #include <string>
 
+#include "zmlx/backend/cuda/device_common.cuh"
 #include "zmlx/backend/cuda/sampling.h"
 
 namespace zmlx::cuda::k {
 namespace {
 
 using namespace zmlx::sampling;
+using zmlx::cuda::dev::publish_chained_token;
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA sampler, ") + what + ": " + cudaGetErrorString(e));
@@ -123,12 +125,7 @@ __global__ void __launch_bounds__(kPickThreads) sampling_pick_kernel(const uint3
     }
   }
   if (out) *out = token;
-  if (step) {
-    const int32_t pos = step[1];
-    step[0] = token;
-    ring[pos % ring_len] = token;
-    step[1] = pos + 1;
-  }
+  if (step) publish_chained_token(token, step, ring, ring_len);
 }
 
 size_t cub_bytes(int64_t V) {
