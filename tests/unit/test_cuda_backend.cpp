@@ -659,9 +659,9 @@ TEST(CudaOps, ArgmaxMatchesHostIncludingTies) {
 
 // The device sampler against the host's definition (sample_logits_reference)
 // on the same bf16 logits: every option, ties, one value everywhere, NaN and
-// infinities, the penalty's window (the sorting form) or none (the binning
-// form), many draws in a row (the bins must be left empty); rows at an
-// offset in a larger tensor.
+// infinities, the repetition penalty's window and the output's frequency and
+// presence penalties (a 32-bit sort) or none (16 bits), many draws; rows at
+// an offset in a larger tensor.
 TEST(CudaOps, DeviceSamplerPicksTheHostDefinitionsToken) {
   REQUIRE_GPU();
   auto g = gpu();
@@ -691,14 +691,17 @@ TEST(CudaOps, DeviceSamplerPicksTheHostDefinitionsToken) {
         o.min_p = c == 3 ? 0.05f : 0.f;
         o.repetition_penalty = c >= 3 ? 1.3f : 1.f;
         o.repetition_context = 64;
+        o.frequency_penalty = c == 2 || c == 4 ? 0.35f : 0.f;
+        o.presence_penalty = c == 1 ? 0.8f : 0.f;
         o.seed = rng();
-        std::vector<int32_t> window;
+        std::vector<int32_t> window, output;
         for (int i = 0; i < 80; ++i) window.push_back(int32_t(rng() % uint64_t(V)));
+        for (int i = 0; i < 50; ++i) output.push_back(int32_t(rng() % uint64_t(std::min<int64_t>(V, 40))));  // repeats
         const auto p = sampling_params(o);
         const std::vector<int32_t> seen = repetition_window(o, window);
         for (uint64_t draw = 0; draw < 6; ++draw) {
-          const int32_t want = sample_logits_reference(row, p, seen, draw);
-          ASSERT_EQ(g->sample_row(d, 1, p, seen, draw), want)
+          const int32_t want = sample_logits_reference(row, p, seen, output, draw);
+          ASSERT_EQ(g->sample_row(d, 1, p, seen, output, draw), want)
               << "V " << V << " kind " << kind << " case " << c << " draw " << draw;
           distinct_from_argmax += want != argmax(row.data(), V);
           ++checked;
@@ -1823,6 +1826,8 @@ void check_model(const std::string& arch, const std::string& name,
   so.sampling.top_p = 0.97f;
   so.sampling.repetition_penalty = 1.2f;
   so.sampling.repetition_context = 16;
+  so.sampling.frequency_penalty = 0.2f;  // counted on the device from the first token on
+  so.sampling.presence_penalty = 0.1f;
   so.sampling.seed = 2026;
   const GenerateResult dev = generate(*mg, *g, nullptr, ids, so);
   GenerateOptions ho = so;

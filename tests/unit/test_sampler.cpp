@@ -65,8 +65,29 @@ TEST(Sampler, RepetitionPenaltyDemotesSeenTokens) {
   SamplerOptions o;
   o.repetition_penalty = 2.0f;
   Sampler s(o);
-  EXPECT_EQ(s.sample({2.0f, 1.5f}, {0}), 1);  // 2.0/2 = 1.0 < 1.5
+  EXPECT_EQ(s.sample({2.0f, 1.5f}, std::vector<int32_t>{0}), 1);  // 2.0/2 = 1.0 < 1.5
   EXPECT_EQ(s.sample({2.0f, 1.5f}, {}), 0);
+}
+
+TEST(Sampler, FrequencyAndPresencePenaltiesCountTheOutput) {
+  // Greedy with penalties: token 0 leads by 1.0; after it was output twice,
+  // frequency 0.3 (x2) + presence 0.5 take 1.1 off: token 1 wins.
+  SamplerOptions o;
+  o.frequency_penalty = 0.3f;
+  o.presence_penalty = 0.5f;
+  Sampler s(o);
+  EXPECT_FALSE(s.greedy());
+  const std::vector<float> l = {3.0f, 2.0f, 0.5f};
+  const std::vector<int32_t> once = {0}, twice = {0, 2, 0};
+  EXPECT_EQ(s.sample(l, {}, once), 0);   // 3.0 - 0.3 - 0.5 = 2.2 > 2.0
+  EXPECT_EQ(s.sample(l, {}, twice), 1);  // 3.0 - 0.6 - 0.5 = 1.9 < 2.0
+  EXPECT_EQ(s.sample(l, {}, {}), 0);
+  // A negative presence penalty favours what was said.
+  o.frequency_penalty = 0.f;
+  o.presence_penalty = -1.5f;
+  Sampler f(o);
+  EXPECT_EQ(f.sample(l, {}, std::vector<int32_t>{2}), 0);  // 0.5 + 1.5 = 2.0 < 3.0
+  EXPECT_EQ(f.sample({2.0f, 2.4f, 1.0f}, {}, std::vector<int32_t>{0}), 0);  // 3.5 > 2.4
 }
 
 TEST(Sampler, RejectsBadOptions) {
@@ -134,12 +155,15 @@ TEST(Sampler, FastSamplerMatchesTheSortedDefinition) {
         o.top_p = c % 2 == 0 ? 0.05f + 0.95f * float(g() % 1000) / 1000.f : 1.f;
         o.min_p = c % 4 == 1 ? 0.01f * float(g() % 50) : 0.f;
         o.repetition_penalty = c % 3 == 2 ? 1.7f : 1.f;
+        o.frequency_penalty = c % 2 == 1 ? 0.4f : 0.f;
+        o.presence_penalty = c == 5 ? -0.7f : 0.f;
         o.seed = g();
-        std::vector<int32_t> window;
+        std::vector<int32_t> window, output;
         for (int i = 0; i < 12; ++i) window.push_back(int32_t(g() % uint32_t(V)));
+        for (int i = 0; i < 30; ++i) output.push_back(int32_t(g() % uint32_t(std::min<int64_t>(V, 9))));  // repeats
         for (uint64_t draw = 0; draw < 8; ++draw) {
-          const int32_t want = sample_logits_reference(l, o, window, draw);
-          ASSERT_EQ(sample_logits(l, o, window, draw), want)
+          const int32_t want = sample_logits_reference(l, o, window, output, draw);
+          ASSERT_EQ(sample_logits(l, o, window, output, draw), want)
               << "V " << V << " kind " << kind << " T " << o.temperature << " top_k " << o.top_k << " top_p "
               << o.top_p << " min_p " << o.min_p << " draw " << draw;
           ASSERT_GE(want, 0);
@@ -180,7 +204,7 @@ TEST(Sampler, EachDrawIsAPureFunctionOfSeedAndIndex) {
   for (uint64_t j = 0; j < 30; ++j) {
     EXPECT_EQ(s.draws(), j);
     const int32_t t = s.sample(l, {});
-    EXPECT_EQ(t, sample_logits(l, o, {}, j));
+    EXPECT_EQ(t, sample_logits(l, o, {}, {}, j));
   }
 }
 

@@ -42,7 +42,8 @@ TEST(ServeApi, ParsesAFullChatRequest) {
                  {"role": "developer", "content": "x"}],
     "max_completion_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
     "seed": -3, "stop": ["END", ""], "stream": true, "stream_options": {"include_usage": true},
-    "chat_template_kwargs": {"enable_thinking": false}, "frequency_penalty": 0.1, "n": 1})");
+    "chat_template_kwargs": {"enable_thinking": false}, "frequency_penalty": 0.1, "presence_penalty": -0.25,
+    "n": 1})");
   EXPECT_EQ(r.model, "tiny");
   ASSERT_EQ(r.messages.size(), 4u);
   EXPECT_EQ(r.messages[1]["content"], "ab");
@@ -53,6 +54,8 @@ TEST(ServeApi, ParsesAFullChatRequest) {
   EXPECT_FLOAT_EQ(r.top_p, 0.9f);
   EXPECT_EQ(r.top_k, 40);
   EXPECT_FLOAT_EQ(r.min_p, 0.05f);
+  EXPECT_FLOAT_EQ(r.frequency_penalty, 0.1f);
+  EXPECT_FLOAT_EQ(r.presence_penalty, -0.25f);
   EXPECT_EQ(r.seed.value(), uint64_t(int64_t(-3)));
   ASSERT_EQ(r.stop.size(), 1u);  // empty stop strings are dropped
   EXPECT_EQ(r.stop[0], "END");

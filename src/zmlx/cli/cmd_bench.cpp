@@ -63,6 +63,8 @@ int run(const BenchArgs& a) {
                         {"sampling", {{"temperature", a.sampling.temperature}, {"top_k", a.sampling.top_k},
                                       {"top_p", a.sampling.top_p}, {"min_p", a.sampling.min_p},
                                       {"repetition_penalty", a.sampling.repetition_penalty},
+                                      {"frequency_penalty", a.sampling.frequency_penalty},
+                                      {"presence_penalty", a.sampling.presence_penalty},
                                       {"seed", a.sampling.seed}}},
                         {"prefill_tps", {{"median", p.median}, {"min", p.min}, {"max", p.max}}},
                         {"decode_tps", {{"median", d.median}, {"min", d.min}, {"max", d.max}}},
@@ -98,6 +100,8 @@ ZMLX_COMMAND("bench", "Measure prefill and decode throughput", [](CLI::App& app)
   app.add_option("--top-p", a->sampling.top_p, "nucleus filtering (1 = off)")->check(CLI::Range(0.f, 1.f));
   app.add_option("--min-p", a->sampling.min_p, "min-p filtering (0 = off)")->check(CLI::Range(0.f, 1.f));
   app.add_option("--repeat-penalty", a->sampling.repetition_penalty, "repetition penalty (1 = off)");
+  app.add_option("--frequency-penalty", a->sampling.frequency_penalty, "frequency penalty (0 = off)");
+  app.add_option("--presence-penalty", a->sampling.presence_penalty, "presence penalty (0 = off)");
   app.add_option("--seed", a->sampling.seed, "random seed of the sampled runs");
   return [a] { return run(*a); };
 });

@@ -20,7 +20,7 @@ struct GenerateArgs {
   std::string prompt, system, ids;
   int max_tokens = 128;
   bool chat = false, json = false, no_thinking = false;
-  float temp = 0.f, top_p = 1.f, min_p = 0.f, repeat_penalty = 1.f;
+  float temp = 0.f, top_p = 1.f, min_p = 0.f, repeat_penalty = 1.f, frequency_penalty = 0.f, presence_penalty = 0.f;
   int top_k = 0;
   uint64_t seed = 0;
   std::vector<std::string> stop;
@@ -49,6 +49,8 @@ int run(const GenerateArgs& a) {
   opt.sampling.top_p = a.top_p;
   opt.sampling.min_p = a.min_p;
   opt.sampling.repetition_penalty = a.repeat_penalty;
+  opt.sampling.frequency_penalty = a.frequency_penalty;
+  opt.sampling.presence_penalty = a.presence_penalty;
   opt.sampling.seed = a.seed;
   opt.stop_strings = a.stop;
   for (int32_t id : m.model->config().eos_token_ids) opt.eos_ids.push_back(id);
@@ -110,6 +112,8 @@ ZMLX_COMMAND("generate", "Generate text from a prompt", [](CLI::App& app) {
   app.add_option("--top-p", a->top_p, "nucleus filtering (1 = off)");
   app.add_option("--min-p", a->min_p, "min-p filtering (0 = off)");
   app.add_option("--repeat-penalty", a->repeat_penalty, "repetition penalty (1 = off)");
+  app.add_option("--frequency-penalty", a->frequency_penalty, "OpenAI frequency penalty over the output (0 = off)");
+  app.add_option("--presence-penalty", a->presence_penalty, "OpenAI presence penalty over the output (0 = off)");
   app.add_option("--seed", a->seed, "random seed");
   app.add_option("--stop", a->stop, "stop string (repeatable)");
   app.add_flag("--json", a->json, "print one JSON object with token ids, text and speeds");

@@ -181,11 +181,12 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
       if (opt.on_logits) {  // the caller sees every row: sample on the host
         std::vector<float> host = logits_to_host(be, l, 0);
         opt.on_logits(host);
-        t = sampler.sample(host, history);
+        t = sampler.sample(host, history, res.token_ids);
       } else if (sampler.greedy()) {
         t = be.argmax_row(l, 0);  // the backend reduces, one id crosses to the host
       } else {
-        t = be.sample_row(l, 0, params, repetition_window(sampler.options(), history), sampler.next_draw());
+        t = be.sample_row(l, 0, params, repetition_window(sampler.options(), history), res.token_ids,
+                          sampler.next_draw());
       }
     }
     if (P.active()) P.comm->broadcast(&t, sizeof t, P.logits_rank());
@@ -219,15 +220,16 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
     ~ChainSampler() {
       if (!on) return;
       try {
-        be.set_chain_sampler(nullptr, {}, 0);
+        be.set_chain_sampler(nullptr, {}, {}, 0);
       } catch (...) {
       }
     }
   } chain_sampler{be, sampled_chain};
-  if (sampled_chain) {  // S_0 consumes `next`: the penalty sees it with the prompt
+  if (sampled_chain) {  // S_0 consumes `next`: the penalties see it, after the prompt
     std::vector<int32_t> seen = history;
     seen.push_back(next);
-    be.set_chain_sampler(&params, repetition_window(sampler.options(), seen), sampler.draws());
+    const int32_t output[1] = {next};
+    be.set_chain_sampler(&params, repetition_window(sampler.options(), seen), output, sampler.draws());
   }
   const int64_t chain_pos0 = cache.pos;  // S_j runs at chain_pos0 + j
   int enqueued = 0;                      // S_0 .. S_{enqueued-1} are on the device

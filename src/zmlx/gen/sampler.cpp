@@ -25,6 +25,8 @@ void check_sampler_options(const SamplerOptions& o) {
   ZMLX_CHECK(o.repetition_penalty > 0.f && std::isfinite(o.repetition_penalty),
              "repetition penalty must be > 0, got {}", o.repetition_penalty);
   ZMLX_CHECK(o.repetition_context >= 0, "repetition context must be >= 0, got {}", o.repetition_context);
+  ZMLX_CHECK(std::isfinite(o.frequency_penalty), "frequency penalty must be finite, got {}", o.frequency_penalty);
+  ZMLX_CHECK(std::isfinite(o.presence_penalty), "presence penalty must be finite, got {}", o.presence_penalty);
 }
 
 Params sampling_params(const SamplerOptions& o) {
@@ -36,6 +38,8 @@ Params sampling_params(const SamplerOptions& o) {
   p.penalty = o.repetition_penalty;
   p.top_k = o.top_k;
   p.window_cap = o.repetition_penalty != 1.f ? o.repetition_context : 0;
+  p.frequency = o.frequency_penalty;
+  p.presence = o.presence_penalty;
   p.seed = o.seed;
   return p;
 }
@@ -48,19 +52,32 @@ std::vector<int32_t> repetition_window(const SamplerOptions& o, std::span<const 
 
 namespace {
 
-// The logits with the repetition penalty applied once to each distinct id
-// of the window, as order keys.
-std::vector<uint32_t> penalized_keys(std::span<const float> logits, const Params& p, std::span<const int32_t> window) {
+// The logits with the penalties applied (the repetition penalty once to
+// each distinct id of the window, then the output counts'), as order keys.
+std::vector<uint32_t> penalized_keys(std::span<const float> logits, const Params& p, std::span<const int32_t> window,
+                                     std::span<const int32_t> output) {
   const int64_t V = int64_t(logits.size());
   ZMLX_CHECK(V >= 1 && V <= kMaxVocab, "sampling: {} logits (expected 1 to {})", V, kMaxVocab);
   std::vector<uint32_t> key(static_cast<size_t>(V));
   for (int64_t i = 0; i < V; ++i) key[size_t(i)] = order_key(logits[size_t(i)]);
-  if (p.penalty != 1.f) {
-    std::vector<int32_t> ids(window.begin(), window.end());
-    std::sort(ids.begin(), ids.end());
-    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-    for (int32_t id : ids)
-      if (id >= 0 && id < V) key[size_t(id)] = order_key(penalize(logits[size_t(id)], p.penalty));
+  if (!p.penalized()) return key;
+  std::vector<int32_t> ids;
+  if (p.penalty != 1.f) ids.assign(window.begin(), window.end());
+  std::vector<int32_t> out(output.begin(), output.end());
+  std::sort(out.begin(), out.end());
+  if (p.counts_output()) ids.insert(ids.end(), out.begin(), out.end());
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  const std::vector<int32_t> seen(window.begin(), window.end());
+  for (int32_t id : ids) {
+    if (id < 0 || id >= V) continue;
+    float l = logits[size_t(id)];
+    if (p.penalty != 1.f && std::find(seen.begin(), seen.end(), id) != seen.end()) l = penalize(l, p.penalty);
+    if (p.counts_output()) {
+      const auto r = std::equal_range(out.begin(), out.end(), id);
+      l = penalize_count(l, int32_t(r.second - r.first), p.frequency, p.presence);
+    }
+    key[size_t(id)] = order_key(l);
   }
   return key;
 }
@@ -187,13 +204,13 @@ int32_t first_in_order(const std::vector<uint32_t>& key) {
 }  // namespace
 
 int32_t sample_logits_reference(std::span<const float> logits, const SamplerOptions& o,
-                                std::span<const int32_t> window, uint64_t draw) {
-  return sample_logits_reference(logits, sampling_params(o), window, draw);
+                                std::span<const int32_t> window, std::span<const int32_t> output, uint64_t draw) {
+  return sample_logits_reference(logits, sampling_params(o), window, output, draw);
 }
 
 int32_t sample_logits_reference(std::span<const float> logits, const Params& p, std::span<const int32_t> window,
-                                uint64_t draw) {
-  const std::vector<uint32_t> key = penalized_keys(logits, p, window);
+                                std::span<const int32_t> output, uint64_t draw) {
+  const std::vector<uint32_t> key = penalized_keys(logits, p, window, output);
   const int64_t V = int64_t(key.size());
   SortedView v;
   v.ord.resize(size_t(V));
@@ -211,13 +228,13 @@ int32_t sample_logits_reference(std::span<const float> logits, const Params& p, 
 }
 
 int32_t sample_logits(std::span<const float> logits, const SamplerOptions& o, std::span<const int32_t> window,
-                      uint64_t draw) {
-  return sample_logits(logits, sampling_params(o), window, draw);
+                      std::span<const int32_t> output, uint64_t draw) {
+  return sample_logits(logits, sampling_params(o), window, output, draw);
 }
 
 int32_t sample_logits(std::span<const float> logits, const Params& p, std::span<const int32_t> window,
-                      uint64_t draw) {
-  const std::vector<uint32_t> key = penalized_keys(logits, p, window);
+                      std::span<const int32_t> output, uint64_t draw) {
+  const std::vector<uint32_t> key = penalized_keys(logits, p, window, output);
   const int64_t V = int64_t(key.size());
   const int32_t top = first_in_order(key);
   if (p.inv_temp == 0.f) return top;
@@ -264,9 +281,10 @@ int32_t sample_logits(std::span<const float> logits, const Params& p, std::span<
 
 Sampler::Sampler(const SamplerOptions& o) : o_(o) { check_sampler_options(o); }
 
-int32_t Sampler::sample(const std::vector<float>& logits, const std::vector<int32_t>& history) {
+int32_t Sampler::sample(const std::vector<float>& logits, std::span<const int32_t> history,
+                        std::span<const int32_t> output) {
   const std::vector<int32_t> window = repetition_window(o_, history);
-  return sample_logits(logits, o_, window, next_draw());
+  return sample_logits(logits, o_, window, output, next_draw());
 }
 
 }  // namespace zmlx

@@ -5,7 +5,10 @@
 // gen/sampling_math.h; the CUDA backend's sampler is tested against
 // sample_logits_reference below):
 //   1. The repetition penalty applies once to each distinct id among the
-//      last `repetition_context` tokens of the history (prompt + output).
+//      last `repetition_context` tokens of the history (prompt + output);
+//      then OpenAI's frequency and presence penalties subtract
+//      count * frequency + presence from a token the output holds count > 0
+//      times (penalize_count).
 //   2. Temperature 0: the highest logit, ties to the lower id.
 //   3. Candidates in order: logit descending, ties to the lower id.
 //      Weights w_i = exp((l_i - max) / T) as integers (exp_weight).
@@ -33,6 +36,8 @@ struct SamplerOptions {
   float min_p = 0.f;              // 0: off
   float repetition_penalty = 1.f; // 1: off (mlx-lm semantics)
   int repetition_context = 20;    // how many recent tokens the penalty sees
+  float frequency_penalty = 0.f;  // 0: off (OpenAI semantics, over the output)
+  float presence_penalty = 0.f;   // 0: off
   uint64_t seed = 0;
 };
 
@@ -47,28 +52,35 @@ sampling::Params sampling_params(const SamplerOptions& o);
 std::vector<int32_t> repetition_window(const SamplerOptions& o, std::span<const int32_t> history);
 
 // One token from `logits` by the algorithm above: draw `draw` of o.seed,
-// `window` the penalty's ids. Work O(V) plus sorting the few candidates
-// that share the top 16 bits of a logit with a cut or the pick.
+// `window` the repetition penalty's ids, `output` the tokens generated so
+// far (the frequency and presence penalties count them). Work O(V) plus
+// sorting the few candidates that share the top 16 bits of a logit with a
+// cut or the pick.
 int32_t sample_logits(std::span<const float> logits, const SamplerOptions& o, std::span<const int32_t> window,
-                      uint64_t draw);
+                      std::span<const int32_t> output, uint64_t draw);
 // The same by sorting every candidate: the definition, for tests.
 int32_t sample_logits_reference(std::span<const float> logits, const SamplerOptions& o,
-                                std::span<const int32_t> window, uint64_t draw);
+                                std::span<const int32_t> window, std::span<const int32_t> output, uint64_t draw);
 // Both by the options as sampling_params gives them.
 int32_t sample_logits(std::span<const float> logits, const sampling::Params& p, std::span<const int32_t> window,
-                      uint64_t draw);
+                      std::span<const int32_t> output, uint64_t draw);
 int32_t sample_logits_reference(std::span<const float> logits, const sampling::Params& p,
-                                std::span<const int32_t> window, uint64_t draw);
+                                std::span<const int32_t> window, std::span<const int32_t> output, uint64_t draw);
 
 // A seeded stream of samples: draw 0, 1, 2, ... of options().seed.
 class Sampler {
  public:
   explicit Sampler(const SamplerOptions& o);
-  // `history` = prompt + generated ids so far (for the repetition penalty).
-  int32_t sample(const std::vector<float>& logits, const std::vector<int32_t>& history);
+  // `history` = prompt + generated ids so far (the repetition penalty's
+  // window comes from it); `output` = the generated ids alone.
+  int32_t sample(const std::vector<float>& logits, std::span<const int32_t> history,
+                 std::span<const int32_t> output = {});
   const SamplerOptions& options() const { return o_; }
   // Plain argmax: temperature 0 and no penalty.
-  bool greedy() const { return o_.temperature <= 0.f && o_.repetition_penalty == 1.f; }
+  bool greedy() const {
+    return o_.temperature <= 0.f && o_.repetition_penalty == 1.f && o_.frequency_penalty == 0.f &&
+           o_.presence_penalty == 0.f;
+  }
   // How many draws the stream has used. next_draw() is the index of the
   // next sample's draw, and uses it when the sample is random (T > 0;
   // greedy picks take none), so a caller sampling elsewhere (a device)

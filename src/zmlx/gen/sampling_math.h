@@ -167,7 +167,19 @@ struct Params {
   int32_t use_min_p = 0;   // min_p > 0
   int32_t window_cap = 0;  // how many recent tokens the penalty sees
   int32_t pad = 0;
+  float frequency = 0.f;   // OpenAI's frequency_penalty: minus this per earlier pick of the token
+  float presence = 0.f;    // OpenAI's presence_penalty: minus this once the token was picked
   uint64_t seed = 0;
+  // Whether the penalties change logits (then they are not bf16 values).
+  ZMLX_SAMPLING_HD bool penalized() const { return penalty != 1.f || frequency != 0.f || presence != 0.f; }
+  ZMLX_SAMPLING_HD bool counts_output() const { return frequency != 0.f || presence != 0.f; }
 };
+
+// The frequency and presence penalties of a logit whose token the output
+// already holds `count` times (after the repetition penalty).
+ZMLX_SAMPLING_HD float penalize_count(float l, int32_t count, float frequency, float presence) {
+  if (count <= 0) return l;
+  return sub_rn(sub_rn(l, mul_rn(float(count), frequency)), presence);
+}
 
 }  // namespace zmlx::sampling

@@ -122,7 +122,7 @@ int32_t Backend::chained_token(int64_t pos) {
 }
 
 int32_t Backend::sample_row(const Tensor& logits, int64_t row, const sampling::Params& p,
-                            std::span<const int32_t> window, uint64_t draw) {
+                            std::span<const int32_t> window, std::span<const int32_t> output, uint64_t draw) {
   Tensor h = to_host(logits);
   const int64_t V = h.cols();
   ZMLX_CHECK(h.dtype == DType::BF16 && row >= 0 && row < h.rows(), "sample_row: row {} of {} bf16 logits rows", row,
@@ -130,10 +130,11 @@ int32_t Backend::sample_row(const Tensor& logits, int64_t row, const sampling::P
   const uint16_t* src = h.ptr<uint16_t>() + row * V;
   std::vector<float> l(static_cast<size_t>(V));
   for (int64_t i = 0; i < V; ++i) l[size_t(i)] = bf16_to_f32(src[i]);
-  return sample_logits(l, p, window, draw);
+  return sample_logits(l, p, window, output, draw);
 }
 
-void Backend::set_chain_sampler(const sampling::Params* p, std::span<const int32_t> window, uint64_t draw) {
+void Backend::set_chain_sampler(const sampling::Params* p, std::span<const int32_t> window,
+                                std::span<const int32_t> output, uint64_t draw) {
   ZMLX_CHECK(p == nullptr || samples_chained(*p), "backend {}: chained decoding samples by argmax only", name());
 }
 

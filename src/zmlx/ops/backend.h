@@ -300,16 +300,19 @@ class Backend {
   // Sampling (the algorithm of gen/sampler.h, arithmetic in
   // gen/sampling_math.h). sample_row: one token from row `row` of bf16
   // logits [R, V], draw `draw` of p.seed, `window` the ids the repetition
-  // penalty sees. The default reads the row back to the host; a GPU
-  // backend samples on the device and one id crosses.
+  // penalty sees, `output` the tokens generated so far (the frequency and
+  // presence penalties count them). The default reads the row back to the
+  // host; a GPU backend samples on the device and one id crosses.
   virtual int32_t sample_row(const Tensor& logits, int64_t row, const sampling::Params& p,
-                             std::span<const int32_t> window, uint64_t draw);
+                             std::span<const int32_t> window, std::span<const int32_t> output, uint64_t draw);
   // Whether chained steps can sample by `p` on the device (set_chain_sampler).
   virtual bool samples_chained(const sampling::Params& p) const { return false; }
   // The chained steps that follow sample by *p (null: argmax, as before)
-  // from draw `draw` on, the penalty seeing `window` and then each picked
-  // token (the last p.window_cap). Only where samples_chained(*p).
-  virtual void set_chain_sampler(const sampling::Params* p, std::span<const int32_t> window, uint64_t draw);
+  // from draw `draw` on, the penalties seeing `window` and `output` and
+  // then each picked token (the window its last p.window_cap). Only where
+  // samples_chained(*p).
+  virtual void set_chain_sampler(const sampling::Params* p, std::span<const int32_t> window,
+                                 std::span<const int32_t> output, uint64_t draw);
 
  protected:
   // The default chained steps' results by position (pos & 3), so a caller

@@ -129,9 +129,8 @@ static void parse_sampling(const ojson& o, SamplingParams& p) {
     p.repetition_penalty = float(number(o, "repetition_penalty", 0, 10));
     if (p.repetition_penalty <= 0) bad_request("'repetition_penalty' must be greater than 0", "repetition_penalty");
   }
-  // Accepted for compatibility, validated, not applied.
-  if (field(o, "frequency_penalty")) number(o, "frequency_penalty", -2, 2);
-  if (field(o, "presence_penalty")) number(o, "presence_penalty", -2, 2);
+  if (field(o, "frequency_penalty")) p.frequency_penalty = float(number(o, "frequency_penalty", -2, 2));
+  if (field(o, "presence_penalty")) p.presence_penalty = float(number(o, "presence_penalty", -2, 2));
   if (field(o, "seed")) p.seed = uint64_t(integer(o, "seed", INT64_MIN, INT64_MAX));
   if (field(o, "n") && integer(o, "n", 1, 128) != 1) bad_request("only n=1 is supported", "n", "unsupported_value");
   if (const ojson* s = field(o, "stop")) {

@@ -35,6 +35,7 @@ struct SamplingParams {
   float temperature = 1.f;            // OpenAI's default
   bool temperature_set = false;
   float top_p = 1.f, min_p = 0.f, repetition_penalty = 1.f;
+  float frequency_penalty = 0.f, presence_penalty = 0.f;  // OpenAI's, over the output
   int top_k = 0;
   std::optional<uint64_t> seed;
   std::vector<std::string> stop;

@@ -93,6 +93,8 @@ GenerateOptions make_options(const SamplingParams& p, Instance& inst, size_t pro
   o.sampling.top_k = p.top_k;
   o.sampling.min_p = p.min_p;
   o.sampling.repetition_penalty = p.repetition_penalty;
+  o.sampling.frequency_penalty = p.frequency_penalty;
+  o.sampling.presence_penalty = p.presence_penalty;
   o.sampling.seed = p.seed ? *p.seed : random_seed();
   o.stop_strings = p.stop;
   for (int32_t id : inst.model().config().eos_token_ids) o.eos_ids.push_back(id);

@@ -423,6 +423,8 @@ class CudaBackend final : public Backend {
     for (auto& [k, v] : rope_tables_) cudaFree(v);
     for (auto& [V, ws] : sampling_ws_by_vocab_) kern::sampling_workspace_free(ws);
     cudaFree(sampling_state_);
+    cudaFree(sampling_counts_);
+    cudaFree(output_ids_);
     cudaFreeHost(h_sampling_);
     cudaFree(d_step_);
     cudaFreeHost(h_step_);
@@ -1163,14 +1165,14 @@ class CudaBackend final : public Backend {
   // ------------------------------------------------------------ sampling
 
   int32_t sample_row(const Tensor& logits, int64_t row, const sampling::Params& p, std::span<const int32_t> window,
-                     uint64_t draw) override {
+                     std::span<const int32_t> output, uint64_t draw) override {
     if (logits.device != Device::CUDA || !samples_chained(p) || logits.cols() > sampling::kMaxVocab)
-      return Backend::sample_row(logits, row, p, window, draw);
+      return Backend::sample_row(logits, row, p, window, output, draw);
     cudaSetDevice(device_);
     const int64_t V = logits.cols();
     ZMLX_CHECK(row >= 0 && row < logits.rows(), "sample_row: row {} of {}", row, logits.rows());
-    upload_sampling_state(p, window, draw);
-    kern::sample_token(bf16p(logits) + row * V, sampling_workspace(V), p.penalty != 1.f, d_step_ + 2, nullptr, nullptr,
+    upload_sampling_state(p, window, output, draw);
+    kern::sample_token(bf16p(logits) + row * V, sampling_workspace(V), p.penalized(), d_step_ + 2, nullptr, nullptr,
                        0, stream_);
     cuda_check(cudaMemcpyAsync(h_step_ + 2, d_step_ + 2, 4, cudaMemcpyDeviceToHost, stream_), "sampled token download");
     cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (a kernel failed)");
@@ -1182,12 +1184,13 @@ class CudaBackend final : public Backend {
     return p.window_cap >= 0 && p.window_cap <= kern::kMaxSamplingWindow;
   }
 
-  void set_chain_sampler(const sampling::Params* p, std::span<const int32_t> window, uint64_t draw) override {
-    Backend::set_chain_sampler(p, window, draw);  // checks samples_chained
+  void set_chain_sampler(const sampling::Params* p, std::span<const int32_t> window, std::span<const int32_t> output,
+                         uint64_t draw) override {
+    Backend::set_chain_sampler(p, window, output, draw);  // checks samples_chained
     cudaSetDevice(device_);
     chain_sampling_ = p != nullptr;
-    chain_penalized_ = p && p->penalty != 1.f;
-    if (p) upload_sampling_state(*p, window, draw);
+    chain_penalized_ = p && p->penalized();
+    if (p) upload_sampling_state(*p, window, output, draw);
   }
 
   // ------------------------------------------------------ recorded steps
@@ -1285,14 +1288,32 @@ class CudaBackend final : public Backend {
     }
     return it->second;
   }
-  // The sampler's options, next draw and penalty window to the device, in
-  // stream order (the pinned copy is rewritten only once the stream is idle).
-  void upload_sampling_state(const sampling::Params& p, std::span<const int32_t> window, uint64_t draw) {
+  // The sampler's options, next draw, penalty window and output counts to
+  // the device, in stream order (the pinned copy is rewritten only once the
+  // stream is idle).
+  void upload_sampling_state(const sampling::Params& p, std::span<const int32_t> window,
+                             std::span<const int32_t> output, uint64_t draw) {
     if (!sampling_state_) {
       cuda_check(cudaMalloc(&sampling_state_, sizeof(kern::SamplingState)), "cudaMalloc");
       cuda_check(cudaMallocHost(&h_sampling_, sizeof(kern::SamplingState)), "cudaMallocHost");
+      cuda_check(cudaMalloc(&sampling_counts_, size_t(sampling::kMaxVocab) * sizeof(int32_t)), "cudaMalloc");
     }
     cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    if (p.counts_output()) {  // the output's counts, rebuilt from its ids
+      cuda_check(cudaMemsetAsync(sampling_counts_, 0, size_t(sampling::kMaxVocab) * sizeof(int32_t), stream_),
+                 "cudaMemsetAsync");
+      if (!output.empty()) {
+        if (output.size() > output_ids_cap_) {
+          cudaFree(output_ids_);
+          output_ids_cap_ = std::max(output.size(), size_t(4096));
+          cuda_check(cudaMalloc(&output_ids_, output_ids_cap_ * sizeof(int32_t)), "cudaMalloc");
+        }
+        // Pageable source: the copy has read it when the call returns.
+        cuda_check(cudaMemcpyAsync(output_ids_, output.data(), output.size_bytes(), cudaMemcpyHostToDevice, stream_),
+                   "output ids upload");
+        kern::add_token_counts(output_ids_, int(output.size()), sampling_counts_, stream_);
+      }
+    }
     kern::SamplingState& st = *h_sampling_;
     st.params = p;
     st.draw = draw;
@@ -1301,6 +1322,7 @@ class CudaBackend final : public Backend {
     st.window_len = int32_t(n);
     st.window_head = 0;  // full: index 0 is the oldest
     st.window_cap = p.window_cap;
+    st.counts = sampling_counts_;
     cuda_check(cudaMemcpyAsync(sampling_state_, h_sampling_, sizeof st, cudaMemcpyHostToDevice, stream_),
                "sampler state upload");
   }
@@ -1479,6 +1501,9 @@ class CudaBackend final : public Backend {
   std::map<int64_t, kern::SamplingWorkspace> sampling_ws_by_vocab_;
   kern::SamplingState* sampling_state_ = nullptr;
   kern::SamplingState* h_sampling_ = nullptr;
+  int32_t* sampling_counts_ = nullptr;  // kMaxVocab: the output's counts
+  int32_t* output_ids_ = nullptr;       // staging for them
+  size_t output_ids_cap_ = 0;
   bool chain_sampling_ = false, chain_penalized_ = false;
   bool graphs_enabled_ = true, capturing_ = false;
   int device_ = 0;

@@ -41,6 +41,7 @@ __global__ void __launch_bounds__(kKeyThreads) sampling_keys_kernel(const uint16
   bool seen = false;
   for (int j = 0; j < n; ++j) seen |= win[j] == int32_t(i);
   if (seen) l = penalize(l, penalty);
+  if (st->params.counts_output()) l = penalize_count(l, st->counts[i], st->params.frequency, st->params.presence);
   keys[i] = order_key(l);
   ids[i] = int32_t(i);
 }
@@ -116,6 +117,7 @@ __global__ void __launch_bounds__(kPickThreads) sampling_pick_kernel(const uint3
   __syncthreads();  // every thread has read st->draw
   if (threadIdx.x != 0) return;
   if (p.inv_temp != 0.f) st->draw += 1;
+  if (p.counts_output()) st->counts[token] += 1;
   if (p.penalty != 1.f && st->window_cap > 0) {
     if (st->window_len < st->window_cap) {
       st->window[st->window_len++] = token;
@@ -126,6 +128,11 @@ __global__ void __launch_bounds__(kPickThreads) sampling_pick_kernel(const uint3
   }
   if (out) *out = token;
   if (step) publish_chained_token(token, step, ring, ring_len);
+}
+
+__global__ void add_counts_kernel(const int32_t* ids, int n, int32_t* counts) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n && ids[i] >= 0 && ids[i] < kMaxVocab) atomicAdd(&counts[ids[i]], 1);
 }
 
 size_t cub_bytes(int64_t V) {
@@ -161,6 +168,12 @@ void sampling_workspace_free(SamplingWorkspace& ws) {
   SamplingState* state = ws.state;
   ws = SamplingWorkspace{};
   ws.state = state;
+}
+
+void add_token_counts(const int32_t* ids, int n, int32_t* counts, cudaStream_t s) {
+  if (n <= 0) return;
+  add_counts_kernel<<<(n + 255) / 256, 256, 0, s>>>(ids, n, counts);
+  check(cudaGetLastError(), "count kernel");
 }
 
 void sample_token(const uint16_t* logits, SamplingWorkspace& ws, bool penalized, int32_t* out, int32_t* step,

@@ -32,8 +32,14 @@ struct SamplingState {
   sampling::Params params;
   uint64_t draw = 0;
   int32_t window_len = 0, window_head = 0, window_cap = 0, pad = 0;
+  // How often the output holds each id (frequency and presence penalties;
+  // sampling::kMaxVocab entries; a picked token counts itself in).
+  int32_t* counts = nullptr;
   int32_t window[kMaxSamplingWindow];
 };
+
+// counts[ids[i]] += 1 for i < n (the output so far, before a sampled run).
+void add_token_counts(const int32_t* ids, int n, int32_t* counts, cudaStream_t s);
 
 // Device buffers for rows of V logits (V <= sampling::kMaxVocab); `state`
 // is the caller's (it outlives a change of V).
@@ -50,12 +56,11 @@ void sampling_workspace_alloc(SamplingWorkspace& ws, int64_t V);
 void sampling_workspace_free(SamplingWorkspace& ws);
 
 // Samples a token from `logits` (bf16 [V]) by ws.state. `penalized`: the
-// state's repetition penalty is not 1 (the sort's width: fixed in a
-// recording). The token goes to *out when out is set; with `step` set
+// state's params.penalized() (the sort's width: fixed in a recording). The token goes to *out when out is set; with `step` set
 // (chained decoding) it becomes the next step's input as argmax_chain's
 // does: step[0] = token, ring[step[1] % ring_len] = token, step[1] += 1.
-// The draw advances when the temperature is above 0, and the token enters
-// the window.
+// The draw advances when the temperature is above 0, the token enters the
+// window, and it is counted when the output's counts are kept.
 void sample_token(const uint16_t* logits, SamplingWorkspace& ws, bool penalized, int32_t* out, int32_t* step,
                   int32_t* ring, int ring_len, cudaStream_t s);
 
