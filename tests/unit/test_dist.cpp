@@ -4,10 +4,12 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <thread>
 
 #include "zmlx/core/error.h"
 #include "zmlx/dist/comm.h"
 #include "zmlx/dist/placement.h"
+#include "zmlx/gen/generator.h"
 #include "zmlx/gen/sampler.h"
 #include "zmlx/ops/backend.h"
 #include "test_helpers.h"
@@ -165,6 +167,49 @@ TEST(DistGlm, PipelineLogitsAreBitIdenticalToOneProcess) {
       EXPECT_TRUE(got == want) << "layers '" << layers << "' patched " << patched << ": rel L2 " << rel_l2(got, want);
     }
   }
+}
+
+// Every sampler option reaches the rank that samples: a pipeline's last
+// rank generates with the frequency and presence penalties as one process
+// does (they were once left out of the request message).
+TEST(DistGlm, PipelineSampledGenerationMatchesOneProcess) {
+  const std::string dir = synth_glm_splittable("glm_pipe_sampled");
+  auto be = make_cpu_backend();
+  auto ref = load_model(dir, *be);
+  const auto ids = prompt_ids(ref->config().vocab_size);
+  GenerateOptions o;
+  o.max_tokens = 12;
+  // Penalties alone (T 0: not greedy()). The synthetic logits are peaked and
+  // rarely repeat, so a large negative presence penalty makes output tokens
+  // come back: a visible effect.
+  o.sampling.temperature = 0.f;
+  o.sampling.frequency_penalty = 0.5f;
+  o.sampling.presence_penalty = -50.f;
+  const std::vector<int32_t> want = generate(*ref, *be, nullptr, ids, o).token_ids;
+  GenerateOptions plain = o;
+  plain.sampling.frequency_penalty = plain.sampling.presence_penalty = 0.f;
+  EXPECT_NE(generate(*ref, *be, nullptr, ids, plain).token_ids, want) << "the penalties changed nothing here";
+  test::ThreadRanksHub hub(2);
+  std::vector<std::vector<int32_t>> got(2);
+  std::vector<std::exception_ptr> errors(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        dist::Placement p = placement(dist::Mode::Pipeline, r, 2);
+        p.comm = std::make_shared<test::ThreadRanksComm>(hub, r);
+        auto rb = make_cpu_backend();
+        auto m = load_model(dir, *rb, p);
+        got[size_t(r)] = generate(*m, *rb, nullptr, ids, r == 0 ? o : GenerateOptions{}).token_ids;
+      } catch (...) {
+        errors[size_t(r)] = std::current_exception();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+  EXPECT_EQ(got[0], want);
+  EXPECT_EQ(got[1], want);
 }
 
 TEST(DistGlm, PipelineStageLoadsOnlyItsLayers) {

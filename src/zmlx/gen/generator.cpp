@@ -56,6 +56,8 @@ std::vector<int32_t> encode_request(const std::vector<int32_t>& prompt, const Ge
   f(s.min_p);
   f(s.repetition_penalty);
   m.push_back(s.repetition_context);
+  f(s.frequency_penalty);
+  f(s.presence_penalty);
   m.push_back(int32_t(uint32_t(s.seed)));
   m.push_back(int32_t(uint32_t(s.seed >> 32)));
   return m;
@@ -86,6 +88,8 @@ void decode_request(const std::vector<int32_t>& m, std::vector<int32_t>& prompt,
   s.min_p = f();
   s.repetition_penalty = f();
   s.repetition_context = next();
+  s.frequency_penalty = f();
+  s.presence_penalty = f();
   const uint32_t lo = uint32_t(next()), hi = uint32_t(next());
   s.seed = uint64_t(lo) | (uint64_t(hi) << 32);
 }
