@@ -212,22 +212,30 @@ int main(int argc, char** argv) {
   both("gather_qmm (down, unfused)", bytes_of(down, kk),
           [&](int i) { k::gather_linear(hmid, true, ex_of(i), 1, kk, down, big, s); });
   both("lm_head 151936", bytes_of(head, 1), [&](int) { k::linear(x, 1, head, big, s); });
-  {  // The device sampler (T 1, top-p 0.95) on the head's row, and on a row of one value (one crowded bin).
+  {  // The device sampler (T 1, top-p 0.95) on the head's row, and on a row of one value (one crowded bin);
+     // without penalties (a sort of 16 key bits) and with a repetition window of 64 and a frequency
+     // penalty (32 bits).
     k::SamplingWorkspace ws;
     cudaMalloc(&ws.state, sizeof(k::SamplingState));
-    k::SamplingState st{};
-    st.params.inv_temp = 1.f, st.params.top_p = 0.95f, st.params.seed = 1;
-    cudaMemcpy(ws.state, &st, sizeof st, cudaMemcpyHostToDevice);
     k::sampling_workspace_alloc(ws, 151936);
-    int32_t* tok = nullptr;
+    int32_t *tok = nullptr, *counts = nullptr, *window_counts = nullptr;
     uint16_t* flat = nullptr;
     cudaMalloc(&tok, 4);
     cudaMalloc(&flat, 151936 * 2);
     cudaMemset(flat, 0, 151936 * 2);
+    cudaMalloc(&counts, size_t(zmlx::sampling::kMaxVocab) * 4);
+    cudaMalloc(&window_counts, size_t(zmlx::sampling::kMaxVocab) * 4);
+    cudaMemset(counts, 0, size_t(zmlx::sampling::kMaxVocab) * 4);
+    cudaMemset(window_counts, 0, size_t(zmlx::sampling::kMaxVocab) * 4);
     for (auto [row, what] : {std::pair{static_cast<const uint16_t*>(big), "head row"}, std::pair{static_cast<const uint16_t*>(flat), "one value"}}) {
-      for (bool penalized : {false, true}) {  // the sort of 16 key bits, or of 32 (as with a penalty)
-        const std::string name = std::string("sampler, ") + what + (penalized ? " [sort 32]" : " [sort 16]");
-        time_it(s, reps, name.c_str(), 0, [&](int) { k::sample_token(row, ws, penalized, tok, nullptr, nullptr, 0, s); });
+      for (bool penalized : {false, true}) {
+        k::SamplingState st{};
+        st.params.inv_temp = 1.f, st.params.top_p = 0.95f, st.params.seed = 1;
+        if (penalized) st.params.penalty = 1.1f, st.params.window_cap = 64, st.params.frequency = 0.5f;
+        st.counts = counts, st.window_counts = window_counts;
+        cudaMemcpy(ws.state, &st, sizeof st, cudaMemcpyHostToDevice);
+        const std::string name = std::string("sampler, ") + what + (penalized ? " [penalties, sort 32]" : " [sort 16]");
+        time_it(s, reps, name.c_str(), 0, [&](int) { k::sample_token(row, ws, st.params, tok, nullptr, nullptr, 0, s); });
       }
     }
   }

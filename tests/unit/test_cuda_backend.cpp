@@ -1734,6 +1734,56 @@ TEST(CudaOps, ChainedStepsSurviveAFailedRecording) {
   EXPECT_EQ(g->chained_token(12), 6);
 }
 
+// Chained steps that sample on the device carry the penalty window (a ring,
+// with per-id counts for the membership test), the output's counts and the
+// draw from step to step: on one fixed row of logits only the penalties
+// move the picks, and each must be the host definition's token for the
+// window and output so far. The starting window holds an id twice (still
+// seen once its first copy leaves the ring), an id past V and a negative
+// one (both ignored). Eager steps first, then recorded and replayed ones.
+TEST(CudaOps, ChainedSamplerCarriesItsPenaltyWindowAndCounts) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  const int64_t V = 300;
+  std::mt19937 rng(1129);
+  const auto v = test::random_bf16(rng, size_t(V), 1.5f);
+  std::vector<float> row(static_cast<size_t>(V));
+  for (int64_t i = 0; i < V; ++i) row[size_t(i)] = bf16_to_f32(v[size_t(i)]);
+  const Tensor d = g->from_host(test::bf16_tensor(v, {1, V}));
+  auto step = [&](int32_t) { return d; };
+  for (const uint64_t key : {uint64_t(0), uint64_t(0x5a3d)}) {
+    SamplerOptions o;
+    o.temperature = 0.5f;
+    o.repetition_penalty = 4.f;
+    o.repetition_context = 5;
+    o.frequency_penalty = 0.7f;
+    o.presence_penalty = 0.3f;
+    o.seed = 77 + key;
+    const sampling::Params p = sampling_params(o);
+    std::vector<int32_t> history = {11, 5, -1, 7, int32_t(V) + 9, 5}, output;
+    const std::vector<int32_t> start = repetition_window(o, history);
+    ASSERT_EQ(start.size(), 5u);
+    g->set_chain_sampler(&p, start, output, 0);
+    const int steps = 80;
+    std::vector<int32_t> got;
+    for (int s = 0; s < steps; ++s) {  // read one step behind, as the generator does
+      g->decode_step_chained(key, s == 0 ? 0 : -1, 100 + s, step);
+      if (s > 0) got.push_back(g->chained_token(100 + s - 1));
+    }
+    got.push_back(g->chained_token(100 + steps - 1));
+    g->set_chain_sampler(nullptr, {}, {}, 0);
+    int distinct = 0;
+    for (int s = 0; s < steps; ++s) {
+      const int32_t want = sample_logits_reference(row, p, repetition_window(o, history), output, uint64_t(s));
+      ASSERT_EQ(got[size_t(s)], want) << "key " << key << " step " << s;
+      distinct += std::find(output.begin(), output.end(), want) == output.end();
+      history.push_back(want);
+      output.push_back(want);
+    }
+    EXPECT_GT(distinct, 10) << "the penalties should spread the picks";
+  }
+}
+
 // Whole models: GPU vs CPU logits and greedy tokens; patched vs unpatched on
 // the GPU bit for bit; graph-replayed decode steps vs eager ones bit for bit.
 void check_model(const std::string& arch, const std::string& name,

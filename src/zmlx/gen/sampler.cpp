@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <numeric>
 
 #include "zmlx/core/error.h"
@@ -61,18 +62,19 @@ std::vector<uint32_t> penalized_keys(std::span<const float> logits, const Params
   std::vector<uint32_t> key(static_cast<size_t>(V));
   for (int64_t i = 0; i < V; ++i) key[size_t(i)] = order_key(logits[size_t(i)]);
   if (!p.penalized()) return key;
-  std::vector<int32_t> ids;
-  if (p.penalty != 1.f) ids.assign(window.begin(), window.end());
-  std::vector<int32_t> out(output.begin(), output.end());
+  // Both id lists sorted, so each penalized id is looked up by bisection.
+  std::vector<int32_t> seen, out;
+  if (p.penalty != 1.f) seen.assign(window.begin(), window.end());
+  if (p.counts_output()) out.assign(output.begin(), output.end());
+  std::sort(seen.begin(), seen.end());
   std::sort(out.begin(), out.end());
-  if (p.counts_output()) ids.insert(ids.end(), out.begin(), out.end());
-  std::sort(ids.begin(), ids.end());
+  std::vector<int32_t> ids;
+  std::set_union(seen.begin(), seen.end(), out.begin(), out.end(), std::back_inserter(ids));
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-  const std::vector<int32_t> seen(window.begin(), window.end());
   for (int32_t id : ids) {
     if (id < 0 || id >= V) continue;
     float l = logits[size_t(id)];
-    if (p.penalty != 1.f && std::find(seen.begin(), seen.end(), id) != seen.end()) l = penalize(l, p.penalty);
+    if (std::binary_search(seen.begin(), seen.end(), id)) l = penalize(l, p.penalty);
     if (p.counts_output()) {
       const auto r = std::equal_range(out.begin(), out.end(), id);
       l = penalize_count(l, int32_t(r.second - r.first), p.frequency, p.presence);
@@ -124,11 +126,12 @@ struct SortedView {
 // bin where a cut or the pick falls is gathered and sorted.
 struct BinnedView {
   const std::vector<uint32_t>& key;
-  std::vector<uint64_t> w;       // weight by id
   std::vector<uint32_t>& count;  // by bin
   std::vector<uint64_t>& mass;   // by bin
-  int32_t top = 0;               // the first candidate
-  std::vector<uint32_t> bins;    // the occupied bins, highest first
+  int32_t top;                   // the first candidate
+  float inv_temp;
+  std::vector<uint64_t> w = {};     // weight by id
+  std::vector<uint32_t> bins = {};  // the occupied bins, highest first
 
   static constexpr int kBins = 1 << 16;
   static uint32_t bin(uint32_t k) { return k >> 16; }
@@ -191,7 +194,6 @@ struct BinnedView {
     return top;  // unreachable: r < the prefix weight
   }
   int32_t first() const { return top; }
-  float inv_temp = 0.f;
 };
 
 int32_t first_in_order(const std::vector<uint32_t>& key) {
@@ -248,7 +250,7 @@ int32_t sample_logits(std::span<const float> logits, const Params& p, std::span<
       for (uint32_t k : key) count[BinnedView::bin(k)] = 0, mass[BinnedView::bin(k)] = 0;
     }
   } clear{key};
-  BinnedView v{key, {}, count, mass, top, {}, p.inv_temp};
+  BinnedView v{.key = key, .count = count, .mass = mass, .top = top, .inv_temp = p.inv_temp};
   v.w.resize(size_t(V));
   const float mx = key_logit(key[size_t(top)]);
   // Logits that came from bf16 fill a bin with one value: its weight is

@@ -16,6 +16,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <span>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -424,7 +426,8 @@ class CudaBackend final : public Backend {
     for (auto& [V, ws] : sampling_ws_by_vocab_) kern::sampling_workspace_free(ws);
     cudaFree(sampling_state_);
     cudaFree(sampling_counts_);
-    cudaFree(output_ids_);
+    cudaFree(window_counts_);
+    cudaFree(sampler_ids_);
     cudaFreeHost(h_sampling_);
     cudaFree(d_step_);
     cudaFreeHost(h_step_);
@@ -1166,13 +1169,13 @@ class CudaBackend final : public Backend {
 
   int32_t sample_row(const Tensor& logits, int64_t row, const sampling::Params& p, std::span<const int32_t> window,
                      std::span<const int32_t> output, uint64_t draw) override {
-    if (logits.device != Device::CUDA || !samples_chained(p) || logits.cols() > sampling::kMaxVocab)
+    if (logits.device != Device::CUDA || !samples_chained(p))
       return Backend::sample_row(logits, row, p, window, output, draw);
     cudaSetDevice(device_);
     const int64_t V = logits.cols();
     ZMLX_CHECK(row >= 0 && row < logits.rows(), "sample_row: row {} of {}", row, logits.rows());
     upload_sampling_state(p, window, output, draw);
-    kern::sample_token(bf16p(logits) + row * V, sampling_workspace(V), p.penalized(), d_step_ + 2, nullptr, nullptr,
+    kern::sample_token(bf16p(logits) + row * V, sampling_workspace(V), p, d_step_ + 2, nullptr, nullptr,
                        0, stream_);
     cuda_check(cudaMemcpyAsync(h_step_ + 2, d_step_ + 2, 4, cudaMemcpyDeviceToHost, stream_), "sampled token download");
     cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (a kernel failed)");
@@ -1188,9 +1191,8 @@ class CudaBackend final : public Backend {
                          uint64_t draw) override {
     Backend::set_chain_sampler(p, window, output, draw);  // checks samples_chained
     cudaSetDevice(device_);
-    chain_sampling_ = p != nullptr;
-    chain_penalized_ = p && p->penalized();
-    if (p) upload_sampling_state(*p, window, output, draw);
+    chain_params_.reset();
+    if (p) chain_params_ = *p, upload_sampling_state(*p, window, output, draw);
   }
 
   // ------------------------------------------------------ recorded steps
@@ -1225,8 +1227,8 @@ class CudaBackend final : public Backend {
                            const std::function<Tensor(int32_t)>& step) override {
     cudaSetDevice(device_);
     if (key != 0) key ^= weights_epoch_ * 0x9e3779b97f4a7c15ull;
-    if (key != 0 && chain_sampling_)  // its recording ends in the sampler's launches
-      key ^= chain_penalized_ ? 0x3c6ef372fe94f82bull : 0x5a3f1e2d4c6b8a79ull;
+    if (key != 0 && chain_params_)  // its recording ends in the sampler's launches, shaped by the params
+      key ^= chain_params_->penalized() ? 0x3c6ef372fe94f82bull : 0x5a3f1e2d4c6b8a79ull;
     const bool usable = key != 0 && graphs_enabled_ && !failed_keys_.count(key);
     const bool replay = usable && exec_ && key == graph_key_;
     const bool record = usable && !replay && key == warm_key_;
@@ -1243,8 +1245,8 @@ class CudaBackend final : public Backend {
     auto body = [&](int32_t t) {
       Tensor logits = step(t);
       ZMLX_CHECK(logits.device == Device::CUDA && logits.rows() >= 1, "chained step: expected device logits");
-      if (chain_sampling_)
-        kern::sample_token(bf16p(logits), sampling_workspace(logits.cols()), chain_penalized_, nullptr, d_step_, d_ring_,
+      if (chain_params_)
+        kern::sample_token(bf16p(logits), sampling_workspace(logits.cols()), *chain_params_, nullptr, d_step_, d_ring_,
                            kRing, stream_);
       else
         kern::argmax_chain(bf16p(logits), logits.cols(), d_step_, d_ring_, kRing, stream_);
@@ -1297,34 +1299,41 @@ class CudaBackend final : public Backend {
       cuda_check(cudaMalloc(&sampling_state_, sizeof(kern::SamplingState)), "cudaMalloc");
       cuda_check(cudaMallocHost(&h_sampling_, sizeof(kern::SamplingState)), "cudaMallocHost");
       cuda_check(cudaMalloc(&sampling_counts_, size_t(sampling::kMaxVocab) * sizeof(int32_t)), "cudaMalloc");
+      cuda_check(cudaMalloc(&window_counts_, size_t(sampling::kMaxVocab) * sizeof(int32_t)), "cudaMalloc");
     }
     cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-    if (p.counts_output()) {  // the output's counts, rebuilt from its ids
-      cuda_check(cudaMemsetAsync(sampling_counts_, 0, size_t(sampling::kMaxVocab) * sizeof(int32_t), stream_),
-                 "cudaMemsetAsync");
-      if (!output.empty()) {
-        if (output.size() > output_ids_cap_) {
-          cudaFree(output_ids_);
-          output_ids_cap_ = std::max(output.size(), size_t(4096));
-          cuda_check(cudaMalloc(&output_ids_, output_ids_cap_ * sizeof(int32_t)), "cudaMalloc");
-        }
-        // Pageable source: the copy has read it when the call returns.
-        cuda_check(cudaMemcpyAsync(output_ids_, output.data(), output.size_bytes(), cudaMemcpyHostToDevice, stream_),
-                   "output ids upload");
-        kern::add_token_counts(output_ids_, int(output.size()), sampling_counts_, stream_);
-      }
-    }
+    const size_t n = std::min(window.size(), size_t(std::max(p.window_cap, 0)));
+    const std::span<const int32_t> kept = window.last(n);  // the ring: the last window_cap ids
+    // The output's and the window's counts, rebuilt from their ids.
+    if (p.counts_output()) count_ids_on_device(output, sampling_counts_);
+    if (p.penalty != 1.f) count_ids_on_device(kept, window_counts_);
     kern::SamplingState& st = *h_sampling_;
     st.params = p;
     st.draw = draw;
-    const size_t n = std::min(window.size(), size_t(std::max(p.window_cap, 0)));
-    std::copy(window.end() - std::ptrdiff_t(n), window.end(), st.window);
+    std::copy(kept.begin(), kept.end(), st.window);
     st.window_len = int32_t(n);
     st.window_head = 0;  // full: index 0 is the oldest
-    st.window_cap = p.window_cap;
     st.counts = sampling_counts_;
+    st.window_counts = window_counts_;
     cuda_check(cudaMemcpyAsync(sampling_state_, h_sampling_, sizeof st, cudaMemcpyHostToDevice, stream_),
                "sampler state upload");
+  }
+
+  // counts[id] = how often `ids` holds id, for every id below kMaxVocab.
+  void count_ids_on_device(std::span<const int32_t> ids, int32_t* counts) {
+    cuda_check(cudaMemsetAsync(counts, 0, size_t(sampling::kMaxVocab) * sizeof(int32_t), stream_), "cudaMemsetAsync");
+    if (ids.empty()) return;
+    if (ids.size() > sampler_ids_cap_) {
+      cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");  // an earlier count may still read it
+      cudaFree(sampler_ids_);
+      sampler_ids_cap_ = std::max(ids.size(), size_t(4096));
+      cuda_check(cudaMalloc(&sampler_ids_, sampler_ids_cap_ * sizeof(int32_t)), "cudaMalloc");
+    }
+    // Pageable source: the copy has read it when the call returns. The
+    // buffer is reused by the next count, after this one in stream order.
+    cuda_check(cudaMemcpyAsync(sampler_ids_, ids.data(), ids.size_bytes(), cudaMemcpyHostToDevice, stream_),
+               "sampler ids upload");
+    kern::add_token_counts(sampler_ids_, int(ids.size()), counts, stream_);
   }
 
   void launch_graph() {
@@ -1497,14 +1506,15 @@ class CudaBackend final : public Backend {
   cudaEvent_t chain_done_[4] = {};
   int64_t chained_pos_ = -1;
   // Temperature sampling on the device (sample_row; chained steps while
-  // chain_sampling_): buffers, and the pinned state staged for upload.
+  // chain_params_ is set): buffers, and the pinned state staged for upload.
   std::map<int64_t, kern::SamplingWorkspace> sampling_ws_by_vocab_;
   kern::SamplingState* sampling_state_ = nullptr;
   kern::SamplingState* h_sampling_ = nullptr;
   int32_t* sampling_counts_ = nullptr;  // kMaxVocab: the output's counts
-  int32_t* output_ids_ = nullptr;       // staging for them
-  size_t output_ids_cap_ = 0;
-  bool chain_sampling_ = false, chain_penalized_ = false;
+  int32_t* window_counts_ = nullptr;    // kMaxVocab: the penalty window's counts
+  int32_t* sampler_ids_ = nullptr;      // staging for the ids they count
+  size_t sampler_ids_cap_ = 0;
+  std::optional<sampling::Params> chain_params_;  // set while chained steps sample
   bool graphs_enabled_ = true, capturing_ = false;
   int device_ = 0;
   uint64_t weight_bytes_ = 0;

@@ -24,24 +24,18 @@ void check(cudaError_t e, const char* what) {
 constexpr int kKeyThreads = 256;
 constexpr int kPickThreads = 1024;
 
-// Each logit's order key, the repetition penalty applied to the ids of the
-// window (a membership test, so each distinct id once), and the ids 0..V-1
-// for the sort to carry.
+// Each logit's order key with the penalties applied (the repetition
+// penalty once to an id the window holds, by its count there), and the ids
+// 0..V-1 for the sort to carry.
 __global__ void __launch_bounds__(kKeyThreads) sampling_keys_kernel(const uint16_t* logits, int64_t V,
                                                                     const SamplingState* st, uint32_t* keys,
                                                                     int32_t* ids) {
-  __shared__ int32_t win[kMaxSamplingWindow];
-  const float penalty = st->params.penalty;
-  const int n = penalty != 1.f ? st->window_len : 0;
-  for (int j = threadIdx.x; j < n; j += blockDim.x) win[j] = st->window[j];
-  __syncthreads();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= V) return;
+  const Params& p = st->params;
   float l = __uint_as_float(uint32_t(logits[i]) << 16);
-  bool seen = false;
-  for (int j = 0; j < n; ++j) seen |= win[j] == int32_t(i);
-  if (seen) l = penalize(l, penalty);
-  if (st->params.counts_output()) l = penalize_count(l, st->counts[i], st->params.frequency, st->params.presence);
+  if (p.penalty != 1.f && st->window_counts[i] > 0) l = penalize(l, p.penalty);
+  if (p.counts_output()) l = penalize_count(l, st->counts[i], p.frequency, p.presence);
   keys[i] = order_key(l);
   ids[i] = int32_t(i);
 }
@@ -118,13 +112,16 @@ __global__ void __launch_bounds__(kPickThreads) sampling_pick_kernel(const uint3
   if (threadIdx.x != 0) return;
   if (p.inv_temp != 0.f) st->draw += 1;
   if (p.counts_output()) st->counts[token] += 1;
-  if (p.penalty != 1.f && st->window_cap > 0) {
-    if (st->window_len < st->window_cap) {
+  if (p.penalty != 1.f && p.window_cap > 0) {
+    if (st->window_len < p.window_cap) {
       st->window[st->window_len++] = token;
     } else {
+      const int32_t old = st->window[st->window_head];
+      if (old >= 0 && old < kMaxVocab) st->window_counts[old] -= 1;  // as add_token_counts counted it
       st->window[st->window_head] = token;
-      st->window_head = (st->window_head + 1) % st->window_cap;
+      st->window_head = (st->window_head + 1) % p.window_cap;
     }
+    st->window_counts[token] += 1;
   }
   if (out) *out = token;
   if (step) publish_chained_token(token, step, ring, ring_len);
@@ -176,7 +173,7 @@ void add_token_counts(const int32_t* ids, int n, int32_t* counts, cudaStream_t s
   check(cudaGetLastError(), "count kernel");
 }
 
-void sample_token(const uint16_t* logits, SamplingWorkspace& ws, bool penalized, int32_t* out, int32_t* step,
+void sample_token(const uint16_t* logits, SamplingWorkspace& ws, const sampling::Params& p, int32_t* out, int32_t* step,
                   int32_t* ring, int ring_len, cudaStream_t s) {
   const int64_t V = ws.V;
   const unsigned blocks = unsigned((V + kKeyThreads - 1) / kKeyThreads);
@@ -190,7 +187,7 @@ void sample_token(const uint16_t* logits, SamplingWorkspace& ws, bool penalized,
   // bf16 logits' keys have all-0 or all-1 low halves, equal within a top
   // half: without the penalty's float results, 2 passes give the same order.
   check(cub::DeviceRadixSort::SortPairsDescending(ws.cub_temp, bytes, keys, sorted_keys, ids, sorted_ids, int(V),
-                                                   penalized ? 0 : 16, 32, s),
+                                                   p.penalized() ? 0 : 16, 32, s),
         "radix sort");
   sampling_weights_kernel<<<blocks, kKeyThreads, 0, s>>>(sorted_keys, V, ws.state, ws.cum);
   check(cudaGetLastError(), "weights kernel");

@@ -27,18 +27,22 @@ constexpr int kMaxSamplingWindow = 1024;
 
 // What the kernels read and update, in device memory: the options, the
 // next draw of the seed's stream, and the ids the repetition penalty sees
-// (a ring of the last `window_cap` tokens; a picked token enters it).
+// (a ring of the last params.window_cap tokens; a picked token enters it,
+// evicting the oldest once the ring is full).
 struct SamplingState {
   sampling::Params params;
   uint64_t draw = 0;
-  int32_t window_len = 0, window_head = 0, window_cap = 0, pad = 0;
-  // How often the output holds each id (frequency and presence penalties;
-  // sampling::kMaxVocab entries; a picked token counts itself in).
+  int32_t window_len = 0, window_head = 0;  // head: the oldest entry once full
+  // How often the output holds each id (frequency and presence penalties),
+  // and how often the window does (the repetition penalty's membership
+  // test, O(1) an id): sampling::kMaxVocab entries each, kept in step with
+  // the picks.
   int32_t* counts = nullptr;
+  int32_t* window_counts = nullptr;
   int32_t window[kMaxSamplingWindow];
 };
 
-// counts[ids[i]] += 1 for i < n (the output so far, before a sampled run).
+// counts[ids[i]] += 1 for i < n (ids out of [0, kMaxVocab) are skipped).
 void add_token_counts(const int32_t* ids, int n, int32_t* counts, cudaStream_t s);
 
 // Device buffers for rows of V logits (V <= sampling::kMaxVocab); `state`
@@ -55,13 +59,15 @@ struct SamplingWorkspace {
 void sampling_workspace_alloc(SamplingWorkspace& ws, int64_t V);
 void sampling_workspace_free(SamplingWorkspace& ws);
 
-// Samples a token from `logits` (bf16 [V]) by ws.state. `penalized`: the
-// state's params.penalized() (the sort's width: fixed in a recording). The token goes to *out when out is set; with `step` set
+// Samples a token from `logits` (bf16 [V]) by ws.state. `p`: the host's
+// copy of the params ws.state holds; the launches' shape depends on it (a
+// 16- or 32-bit sort, fixed in a recording). The token goes to *out when
+// out is set; with `step` set
 // (chained decoding) it becomes the next step's input as argmax_chain's
 // does: step[0] = token, ring[step[1] % ring_len] = token, step[1] += 1.
 // The draw advances when the temperature is above 0, the token enters the
 // window, and it is counted when the output's counts are kept.
-void sample_token(const uint16_t* logits, SamplingWorkspace& ws, bool penalized, int32_t* out, int32_t* step,
+void sample_token(const uint16_t* logits, SamplingWorkspace& ws, const sampling::Params& p, int32_t* out, int32_t* step,
                   int32_t* ring, int ring_len, cudaStream_t s);
 
 }  // namespace zmlx::cuda::k
