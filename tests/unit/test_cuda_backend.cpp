@@ -263,8 +263,14 @@ TEST(CudaOps, GroupedDecodeAttentionMatchesCpuAtLongContexts) {
     int64_t H, Hkv, hd, capacity, filled;
   };
   bool differs = false;
+  int streamed_vs_whole = 0;
+  // The last three stream their splits by default: 128 splits of 156-157
+  // rows (the new row in stage 2 of its split, copied after the wait from
+  // its slot, then past it), and of 300-313 rows (past 34,816 positions,
+  // where holding a split whole does not fit and the per-head kernel ran).
   for (const Case& k : {Case{32, 4, 128, 4096, 1500}, Case{32, 4, 128, 300, 290}, Case{32, 8, 64, 2048, 1900},
-                        Case{16, 8, 64, 1024, 700}, Case{8, 8, 128, 600, 500}}) {
+                        Case{16, 8, 64, 1024, 700}, Case{8, 8, 128, 600, 500}, Case{32, 4, 128, 20000, 19967},
+                        Case{32, 8, 64, 20000, 19966}, Case{32, 4, 128, 40000, 38397}}) {
     KvLayer ck = c->new_kv_layer(k.Hkv, k.hd, k.capacity), gk = g->new_kv_layer(k.Hkv, k.hd, k.capacity);
     ASSERT_EQ(gk.capacity, k.capacity);
     Tensor pk = test::bf16_tensor(test::random_bf16(rng, size_t(k.filled * k.Hkv * k.hd)), {k.filled, k.Hkv * k.hd});
@@ -297,9 +303,29 @@ TEST(CudaOps, GroupedDecodeAttentionMatchesCpuAtLongContexts) {
       ASSERT_LT(rel_l2(got, ref), 5e-3) << "H " << k.H << " Hkv " << k.Hkv << " cap " << k.capacity << " pos " << pos;
       ASSERT_LT(rel_l2(got, per_head), 5e-3) << "H " << k.H << " cap " << k.capacity << " pos " << pos;
       differs = differs || got != per_head;
+      // Streamed through stage buffers or held whole: the same bits, where
+      // a split fits whole.
+      std::vector<float> streamed, whole;
+      {
+        test::ScopedEnv always("ZMLX_CUDA_ATTN_STREAM", "all");
+        streamed = host_floats(*g, g->attention(g->from_host(q), gk, pos, k.H, k.Hkv, k.hd, scale));
+      }
+      {
+        test::ScopedEnv never("ZMLX_CUDA_ATTN_STREAM", "0");
+        whole = host_floats(*g, g->attention(g->from_host(q), gk, pos, k.H, k.Hkv, k.hd, scale));
+      }
+      if (k.capacity < 34816 && k.H / k.Hkv > 1) {
+        ASSERT_TRUE(streamed == whole) << "H " << k.H << " Hkv " << k.Hkv << " cap " << k.capacity << " pos " << pos;
+        ASSERT_TRUE(got == whole) << "H " << k.H << " Hkv " << k.Hkv << " cap " << k.capacity << " pos " << pos;
+        ++streamed_vs_whole;
+      } else if (k.H / k.Hkv > 1) {
+        ASSERT_TRUE(streamed == got) << "cap " << k.capacity << " pos " << pos;
+        ASSERT_TRUE(whole == per_head) << "cap " << k.capacity << ": held whole it does not fit";
+      }
     }
   }
   EXPECT_TRUE(differs) << "the grouped kernel did not run (the per-head kernel's bits everywhere)";
+  EXPECT_EQ(streamed_vs_whole, 6 * 6);
 }
 
 #ifdef ZMLX_HAVE_CUDA  // asks the kernels which form runs
@@ -486,6 +512,54 @@ TEST(CudaOps, FusedResidualNormAndAttentionPrepMatchCpu) {
 // the merging clusters) against the two-op path (=0) and the default:
 // identical outputs and caches, step after step, while the cache grows; all
 // close to the CPU.
+// Long caches stream each split through stage buffers (attention_streams):
+// the fused norm + rope + attention makes the new row in the kernel and,
+// when its stage is copied after the wait (rows past 128 of the last
+// split), hands it over through a slot; the same bits as the two ops, and
+// the same cache rows. 128 splits of 156-157 rows, 8 and 4 heads a group.
+TEST(CudaOps, StreamedFusedDecodeAttentionIsBitIdenticalToTwoOps) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  std::mt19937 rng(22);
+  for (auto [H, Hkv, hd] : {std::tuple<int64_t, int64_t, int64_t>{32, 4, 128}, {32, 8, 64}}) {
+    const int64_t cap = 20000, filled = 19966;
+    KvLayer fused = g->new_kv_layer(Hkv, hd, cap), plain = g->new_kv_layer(Hkv, hd, cap);
+    Tensor pk = test::bf16_tensor(test::random_bf16(rng, size_t(filled * Hkv * hd)), {filled, Hkv * hd});
+    Tensor pv = test::bf16_tensor(test::random_bf16(rng, size_t(filled * Hkv * hd)), {filled, Hkv * hd});
+    Tensor gpk = g->from_host(pk), gpv = g->from_host(pv);
+    g->kv_write(fused, gpk, gpv, 0);
+    g->kv_write(plain, gpk, gpv, 0);
+    Tensor qn = test::bf16_tensor(test::random_bf16(rng, size_t(hd)), {hd});
+    Tensor kn = test::bf16_tensor(test::random_bf16(rng, size_t(hd)), {hd});
+    Tensor gqn = g->adopt(qn), gkn = g->adopt(kn);
+    const float scale = 1.f / std::sqrt(float(hd));
+    for (int64_t pos = filled; pos < filled + 6; ++pos) {
+      Tensor gq = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(H * hd)), {1, H * hd}));
+      Tensor gk = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd}));
+      Tensor gv = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(Hkv * hd)), {1, Hkv * hd}));
+      std::vector<float> got, two;
+      {
+        test::ScopedEnv fused_attn("ZMLX_CUDA_FUSED_ATTN", "all");
+        got = host_floats(*g, g->norm_rope_attention(gq, gk, gv, gqn, gkn, 1e-6f, H, Hkv, hd, pos, 1e6f, false, fused,
+                                                     scale));
+        fused_attn.set("0");
+        two = host_floats(*g, g->norm_rope_attention(gq, gk, gv, gqn, gkn, 1e-6f, H, Hkv, hd, pos, 1e6f, false, plain,
+                                                     scale));
+      }
+      ASSERT_EQ(fused.capacity, cap);
+      ASSERT_TRUE(got == two) << "H " << H << " hd " << hd << " pos " << pos;
+    }
+    // The written rows (0 .. filled + 5 of every kv head) are identical.
+    const auto fk = host_floats(*g, fused.k), qk = host_floats(*g, plain.k);
+    const auto fv = host_floats(*g, fused.v), qv = host_floats(*g, plain.v);
+    for (int64_t hh = 0; hh < Hkv; ++hh) {
+      const size_t a = size_t(hh * cap * hd), n = size_t((filled + 6) * hd);
+      EXPECT_TRUE(std::equal(fk.begin() + a, fk.begin() + a + n, qk.begin() + a)) << "keys, kv head " << hh;
+      EXPECT_TRUE(std::equal(fv.begin() + a, fv.begin() + a + n, qv.begin() + a)) << "values, kv head " << hh;
+    }
+  }
+}
+
 TEST(CudaOps, FusedDecodeAttentionIsBitIdenticalToTwoOps) {
   REQUIRE_GPU();
   auto g = gpu();

@@ -2413,9 +2413,23 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_partial_kernel(const uin
 // kernel and its boundary fewer a layer. (A cluster a query head with split
 // 0 merging after a cluster barrier measured 6 % slower, 2026-11-26.)
 // CL without CM only measures what the cluster launch costs.
+//
+// ST (long splits): the split streams through kAttnStages buffers of
+// kAttnStageRows rows (one 16-row slice a warp) instead of sitting in
+// shared memory whole: stage c (rows 64c..64c+63) is copied while the
+// stages before it are computed, the first kAttnStages before the wait. A
+// warp still takes slices warp, warp + 4, ... in order, so the arithmetic
+// and the bits are the one-shot form's. The new row goes into its stage's
+// buffer (or, for a stage copied after the wait, from a slot the copy reads),
+// and the warps' states reuse the key buffers once every slice is done.
+// Shared memory no longer grows with the split, so long contexts keep
+// several blocks an SM and the tensor cores (the one-shot form held 1 block
+// an SM at 32K positions and gave way to the per-head kernel past 34,816).
 constexpr int kAttnMmaWarps = 4;
+constexpr int kAttnStageRows = kAttnMmaWarps * 16;
+constexpr int kAttnStages = 2;
 __host__ __device__ constexpr int attn_rows16(int rows) { return (rows + 15) / 16 * 16; }
-template <int HD, bool PREP, bool CL = false, bool CM = false>
+template <int HD, bool PREP, bool CL = false, bool CM = false, bool ST = false>
 __global__ void __launch_bounds__(kAttnMmaWarps * 32) attn_group_mma_kernel(const uint16_t* q, int heads, int kvh,
                                                                             const uint16_t* kc, const uint16_t* vc,
                                                                             int64_t cap, int pos0, const int* dpos,
@@ -2423,14 +2437,17 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32) attn_group_mma_kernel(cons
                                                                             float* scratch, AttnPrep prep,
                                                                             uint16_t* merged) {
   static_assert(CL || !CM, "the merge in the cluster needs the cluster launch");
+  static_assert(!(ST && CL), "streamed splits are long ones: no cluster");
   ZMLX_TRACE_BLOCK_END();
   constexpr int DPL = HD / 32, RB = HD * 2, CH = HD / 8;  // lane's dims, row bytes, 16-byte chunks a row
   extern __shared__ __align__(128) uint8_t attn_smem[];
-  const int rows16 = attn_rows16(rows);
+  const int rows16 = ST ? kAttnStages * kAttnStageRows : attn_rows16(rows);  // rows of the K and V areas
   uint8_t* sQ = attn_smem;
   uint8_t* sK = sQ + 16 * RB;
   uint8_t* sV = sK + rows16 * RB;
-  float* states = reinterpret_cast<float*>(sV + rows16 * RB);  // [warp][head][HD + 4]
+  uint8_t* sNew = sV + rows16 * RB;  // ST: the new row's key and value, for a stage copied after the wait
+  // [warp][head][HD + 4]; ST: in the key buffers, once every slice is done.
+  float* states = reinterpret_cast<float*>(ST ? sK : sV + rows16 * RB);
   const int G = heads / kvh, g = CL ? blockIdx.y : blockIdx.x, s = CL ? blockIdx.x : blockIdx.y;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   // CM: the partials of the heads this block merges, [slot][split][HD + 2]
@@ -2445,21 +2462,39 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32) attn_group_mma_kernel(cons
   const int j0 = s * chunk, j1 = min(visible, j0 + chunk), jo = min(j1, p0);
   const int n = max(j1 - j0, 0), nold = max(jo - j0, 0);  // the split's rows, and its old ones
   const uint32_t aQ = smem_addr(sQ), aK = smem_addr(sK), aV = smem_addr(sV);
-  {
-    const uint16_t* gk = kc + (int64_t(g) * cap + j0) * HD;
-    const uint16_t* gv = vc + (int64_t(g) * cap + j0) * HD;
-    // Old rows copied; the rows after the split's last, to its 16-row end,
-    // zero-filled (0·V must not meet stale NaNs).
-    const int fill = attn_rows16(n) * CH;
-    for (int i = tid; i < fill; i += blockDim.x) {
-      const int r = i / CH, c = i % CH;
+  const uint16_t* gk = kc + (int64_t(g) * cap + j0) * HD;
+  const uint16_t* gv = vc + (int64_t(g) * cap + j0) * HD;
+  // Split rows [r0, r1) into shared memory rows from r0 - shift: old rows
+  // copied; the rows after the split's last, to its 16-row end, zero-filled
+  // (0·V must not meet stale NaNs); the new row (nold, when n > nold) from
+  // sNew when `new_from_slot`, else left to the warp that makes it.
+  auto copy_rows = [&](int r0, int r1, int shift, bool new_from_slot) {
+    for (int i = tid + r0 * CH; i < r1 * CH; i += blockDim.x) {
+      const int r = i / CH, c = i % CH, sr = r - shift;
       if (r < nold || r >= n) {
         const bool ok = r < nold;
-        cp_async16(aK + swz(r, c, RB), ok ? gk + int64_t(r) * HD + c * 8 : kc, ok);
-        cp_async16(aV + swz(r, c, RB), ok ? gv + int64_t(r) * HD + c * 8 : vc, ok);
+        cp_async16(aK + swz(sr, c, RB), ok ? gk + int64_t(r) * HD + c * 8 : kc, ok);
+        cp_async16(aV + swz(sr, c, RB), ok ? gv + int64_t(r) * HD + c * 8 : vc, ok);
+      } else if (new_from_slot) {
+        *reinterpret_cast<uint4*>(sK + swz(sr, c, RB)) = *reinterpret_cast<const uint4*>(sNew + c * 16);
+        *reinterpret_cast<uint4*>(sV + swz(sr, c, RB)) = *reinterpret_cast<const uint4*>(sNew + RB + c * 16);
       }
     }
     cp_async_commit();
+  };
+  // ST: stage c's rows into buffer c % kAttnStages (an empty group past the
+  // split's end, so a wait counts groups alike every iteration).
+  auto copy_stage = [&](int c, bool after_wait) {
+    const int r0 = c * kAttnStageRows;
+    copy_rows(r0, min(r0 + kAttnStageRows, attn_rows16(n)), r0 - (c % kAttnStages) * kAttnStageRows, after_wait);
+  };
+  {
+    if constexpr (ST) {
+#pragma unroll
+      for (int c = 0; c < kAttnStages; ++c) copy_stage(c, false);
+    } else {
+      copy_rows(0, attn_rows16(n), 0, false);
+    }
     for (int i = tid; i < (16 - G) * CH; i += blockDim.x)
       *reinterpret_cast<uint4*>(sQ + swz(G + i / CH, i % CH, RB)) = make_uint4(0u, 0u, 0u, 0u);
   }
@@ -2509,12 +2544,21 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32) attn_group_mma_kernel(cons
 #pragma unroll
         for (int d = 0; d < DPL; ++d) y[d] = xk[d];
       }
-      store_bf16s<DPL>(reinterpret_cast<uint16_t*>(sK + swz(nold, off / 16, RB) + off % 16), y);
-      store_bf16s<DPL>(reinterpret_cast<uint16_t*>(sV + swz(nold, off / 16, RB) + off % 16), xv);
+      // Its stage's buffer row, or (ST, a stage copied after the wait) the slot.
+      const int stage = nold / kAttnStageRows;
+      if (!ST || stage < kAttnStages) {
+        const int sr = ST ? nold - (stage - stage % kAttnStages) * kAttnStageRows : nold;
+        store_bf16s<DPL>(reinterpret_cast<uint16_t*>(sK + swz(sr, off / 16, RB) + off % 16), y);
+        store_bf16s<DPL>(reinterpret_cast<uint16_t*>(sV + swz(sr, off / 16, RB) + off % 16), xv);
+      } else {
+        store_bf16s<DPL>(reinterpret_cast<uint16_t*>(sNew + off), y);
+        store_bf16s<DPL>(reinterpret_cast<uint16_t*>(sNew + RB + off), xv);
+      }
     }
   }
   ZMLX_TRACE_MARK(0);  // trace: q (and the new row) in shared memory
-  cp_async_wait<0>();
+  if constexpr (ST) cp_async_wait<kAttnStages - 1>();  // stage 0
+  else cp_async_wait<0>();
   __syncthreads();
   uint32_t qa[HD / 16][4];  // Q as the A operand, every k-step
 #pragma unroll
@@ -2525,12 +2569,13 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32) attn_group_mma_kernel(cons
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[t][e] = 0.f;
   float m = -FLT_MAX, l = 0.f;  // of tile row lane / 4 (head lane / 4 where < G); rows +8 are padding
-  for (int base = warp * 16; base < n; base += kAttnMmaWarps * 16) {
+  // One 16-row slice: split rows from `base`, at shared-memory row `sbase`.
+  auto slice = [&](int base, int sbase) {
     float sc[2][4] = {};
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
       uint32_t b[4];
-      ldmatrix_x4(b, aK + swz(base + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1), RB));
+      ldmatrix_x4(b, aK + swz(sbase + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1), RB));
       mma_bf16(sc[0], qa[kk], b[0], b[1]);
       mma_bf16(sc[1], qa[kk], b[2], b[3]);
     }
@@ -2558,7 +2603,7 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32) attn_group_mma_kernel(cons
     // P as the A operand of P·V: this thread's tile row (lane / 4) at keys
     // 2·(lane % 4) + {0, 1} and + 8; the padding rows (+8) are zero.
     const uint32_t pa[4] = {pack_bf2(p[0][0], p[0][1]), 0u, pack_bf2(p[1][0], p[1][1]), 0u};
-    const int vrow = base + (lane & 7) + ((lane >> 3) & 1) * 8;
+    const int vrow = sbase + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
     for (int t = 0; t < HD / 16; ++t) {
       uint32_t b[4];
@@ -2566,6 +2611,22 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32) attn_group_mma_kernel(cons
       mma_bf16(o[2 * t], pa, b[0], b[1]);
       mma_bf16(o[2 * t + 1], pa, b[2], b[3]);
     }
+  };
+  if constexpr (ST) {
+    const int stages = (n + kAttnStageRows - 1) / kAttnStageRows;
+    for (int c = 0; c < stages; ++c) {
+      if (c > 0) {
+        cp_async_wait<kAttnStages - 1>();  // stage c
+        __syncthreads();
+      }
+      const int base = c * kAttnStageRows + warp * 16;
+      if (base < n) slice(base, (c % kAttnStages) * kAttnStageRows + warp * 16);
+      __syncthreads();  // every warp is done with buffer c % kAttnStages
+      copy_stage(c + kAttnStages, true);
+    }
+    cp_async_wait<0>();  // nothing left in flight (the groups past the end are empty)
+  } else {
+    for (int base = warp * 16; base < n; base += kAttnMmaWarps * 16) slice(base, base);
   }
   ZMLX_TRACE_MARK(1);  // trace: every slice done
   l += __shfl_xor_sync(0xffffffffu, l, 1);
@@ -3743,6 +3804,19 @@ void kv_write(uint16_t* kc, uint16_t* vc, int64_t capacity, int kv_heads, int he
 size_t attn_group_smem(int rows, int head_dim, int G) {
   return size_t(16 + 2 * attn_rows16(rows)) * head_dim * 2 + size_t(kAttnMmaWarps) * G * (head_dim + 4) * 4;
 }
+// The streamed form (ST): Q, the stage buffers and the new row's slot (the
+// states reuse the key buffers), whatever the split's length.
+size_t attn_stream_smem(int head_dim) { return size_t(16 + 2 * kAttnStages * kAttnStageRows + 2) * head_dim * 2; }
+// Whether a grouped one-token launch streams its splits: when holding a
+// split whole would take more shared memory than streaming it (Qwen3's
+// shapes, 8 heads a group of 128 dimensions: splits of over 96 rows, i.e.
+// capacities above 12,288 positions at 128 splits). ZMLX_CUDA_ATTN_STREAM=0: never (the one-shot form up to
+// kAttnGroupMaxSmem, then the per-head kernel); =all: always (tests compare
+// the two forms bit for bit; read per launch).
+bool attention_streams(int rows, int head_dim, int G) {
+  if (env_is("ZMLX_CUDA_ATTN_STREAM", "0")) return false;
+  return env_is("ZMLX_CUDA_ATTN_STREAM", "all") || attn_group_smem(rows, head_dim, G) > attn_stream_smem(head_dim);
+}
 // The merge in the cluster's receive area: ceil(G / splits) heads' partials a block.
 size_t attn_cluster_recv_smem(int splits, int head_dim, int G) {
   return size_t((G + splits - 1) / splits) * splits * (head_dim + 2) * 4;
@@ -3758,7 +3832,8 @@ bool attention_by_group(int heads, int kv_heads, int head_dim, int64_t capacity,
   if (env_is("ZMLX_CUDA_GROUP_ATTN", "0") || kv_heads <= 0 || heads % kv_heads != 0) return false;
   const int G = heads / kv_heads;
   if (G < 2 || G > 8 || (head_dim != 64 && head_dim != 128)) return false;
-  return attn_group_smem(int((capacity + splits - 1) / splits), head_dim, G) <=
+  const int rows = int((capacity + splits - 1) / splits);
+  return (attention_streams(rows, head_dim, G) ? attn_stream_smem(head_dim) : attn_group_smem(rows, head_dim, G)) <=
          std::min(kAttnGroupMaxSmem, smem_optin_limit());
 }
 
@@ -3781,7 +3856,8 @@ bool attention_by_group(int heads, int kv_heads, int head_dim, int64_t capacity,
 constexpr int kAttnClusterMaxGroups = 4;
 AttnCluster attention_cluster(int heads, int kv_heads, int head_dim, int64_t capacity, int splits) {
   if (env_is("ZMLX_CUDA_ATTN_CLUSTER", "0") || splits < 2 || splits > 16 || !merge_in_registers(splits) ||
-      !attention_by_group(heads, kv_heads, head_dim, capacity, splits))
+      !attention_by_group(heads, kv_heads, head_dim, capacity, splits) ||
+      attention_streams(int((capacity + splits - 1) / splits), head_dim, heads / kv_heads))
     return AttnCluster::off;
   if (kv_heads > kAttnClusterMaxGroups && !env_is("ZMLX_CUDA_ATTN_CLUSTER", "all") &&
       !env_is("ZMLX_CUDA_ATTN_CLUSTER", "launch"))
@@ -3816,8 +3892,11 @@ void attention_splits(const uint16_t* q, int T, int heads, int kv_heads, int hea
     const int rows = int((capacity + splits - 1) / splits);
     const int G = heads / kv_heads;
     const AttnCluster mode = attention_cluster(heads, kv_heads, head_dim, capacity, splits);
+    const bool stream = attention_streams(rows, head_dim, G);  // then mode is off
     const size_t smem =
-        attn_group_smem(rows, head_dim, G) + (mode == AttnCluster::merge ? attn_cluster_recv_smem(splits, head_dim, G) : 0);
+        stream ? attn_stream_smem(head_dim)
+               : attn_group_smem(rows, head_dim, G) +
+                     (mode == AttnCluster::merge ? attn_cluster_recv_smem(splits, head_dim, G) : 0);
     auto go = [&](auto kern, auto cl) {
       allow_dynamic_smem(reinterpret_cast<const void*>(kern), smem);
       if constexpr (decltype(cl)::value) {
@@ -3838,7 +3917,10 @@ void attention_splits(const uint16_t* q, int T, int heads, int kv_heads, int hea
       switch (mode) {
         case AttnCluster::merge: go(attn_group_mma_kernel<HD, PREP, true, true>, On{}); break;
         case AttnCluster::launch: go(attn_group_mma_kernel<HD, PREP, true, false>, On{}); break;
-        default: go(attn_group_mma_kernel<HD, PREP>, Off{}); break;
+        default:
+          if (stream) go(attn_group_mma_kernel<HD, PREP, false, false, true>, Off{});
+          else go(attn_group_mma_kernel<HD, PREP>, Off{});
+          break;
       }
     };
     switch (head_dim) {
