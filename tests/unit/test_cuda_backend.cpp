@@ -264,10 +264,11 @@ TEST(CudaOps, GroupedDecodeAttentionMatchesCpuAtLongContexts) {
   };
   bool differs = false;
   int streamed_vs_whole = 0;
-  // The last three stream their splits by default: 128 splits of 156-157
-  // rows (the new row in stage 2 of its split, copied after the wait from
-  // its slot, then past it), and of 300-313 rows (past 34,816 positions,
-  // where holding a split whole does not fit and the per-head kernel ran).
+  // The last three stream their splits by default (decode_attention_splits:
+  // on a 132-SM Hopper card 99 or 49 splits of ~200-410 rows; the new row in
+  // stage 2 or later of its split, copied after the wait from its slot), the
+  // last past 34,816 positions, where holding a split whole does not fit and
+  // the per-head kernel ran before.
   for (const Case& k : {Case{32, 4, 128, 4096, 1500}, Case{32, 4, 128, 300, 290}, Case{32, 8, 64, 2048, 1900},
                         Case{16, 8, 64, 1024, 700}, Case{8, 8, 128, 600, 500}, Case{32, 4, 128, 20000, 19967},
                         Case{32, 8, 64, 20000, 19966}, Case{32, 4, 128, 40000, 38397}}) {
@@ -516,7 +517,7 @@ TEST(CudaOps, FusedResidualNormAndAttentionPrepMatchCpu) {
 // the fused norm + rope + attention makes the new row in the kernel and,
 // when its stage is copied after the wait (rows past 128 of the last
 // split), hands it over through a slot; the same bits as the two ops, and
-// the same cache rows. 128 splits of 156-157 rows, 8 and 4 heads a group.
+// the same cache rows. 8 and 4 heads a group, splits of ~200-410 rows.
 TEST(CudaOps, StreamedFusedDecodeAttentionIsBitIdenticalToTwoOps) {
   REQUIRE_GPU();
   auto g = gpu();

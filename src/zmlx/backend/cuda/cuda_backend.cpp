@@ -685,7 +685,7 @@ class CudaBackend final : public Backend {
                    qn.numel() == hd && kn.numel() == hd,
                "norm_rope_attention: shapes do not match {} + {} heads of {}", heads, kv_heads, hd);
     ensure_capacity(cache, pos0 + 1, pos0);
-    const int splits = decode_splits(cache.capacity);
+    const int splits = kern::decode_attention_splits(int(heads), int(kv_heads), int(hd), cache.capacity);
     if (!zmlx::cuda::env_is("ZMLX_CUDA_FUSED_ATTN", "all") &&
         kern::attention_cluster(int(heads), int(kv_heads), int(hd), cache.capacity, splits) == kern::AttnCluster::merge)
       return two_kernels();
@@ -874,9 +874,10 @@ class CudaBackend final : public Backend {
     return r;
   }
 
-  // Decode attention splits the keys over blocks (flash-decoding), 64 cache
-  // rows a split, at least `at_least`, at most 128 (the merge's limit); the
-  // count depends only on the cache capacity, so eager and replayed steps agree.
+  // MLA's decode attention splits the keys over blocks (flash-decoding), 64
+  // cache rows a split, at least `at_least`, at most 128 (the merge's limit);
+  // the count depends only on the cache capacity, so eager and replayed steps
+  // agree. (GQA's: kern::decode_attention_splits.)
   static int decode_splits(int64_t capacity, int at_least = 1) {
     return int(std::clamp<int64_t>(capacity / 64, at_least, 128));
   }
@@ -889,7 +890,7 @@ class CudaBackend final : public Backend {
                "attention: q [{}, {}] with {} heads / {} kv heads of {} does not fit the cache [{}, {}, {}] at {}+{}",
                q.rows(), q.cols(), heads, kv_heads, hd, c.k.dim(0), c.capacity, c.k.dim(2), pos0, T);
     ZMLX_CHECK(T <= 65535, "attention: {} query rows in one call (at most 65535; prefill in chunks)", T);
-    const int splits = T == 1 ? decode_splits(c.capacity) : 1;
+    const int splits = T == 1 ? kern::decode_attention_splits(int(heads), int(kv_heads), int(hd), c.capacity) : 1;
     Tensor out = alloc(DType::BF16, {T, heads * hd});
     Prof p_(this, "attention");
     // Prefill: flash attention on tensor cores (a block per 64 queries and

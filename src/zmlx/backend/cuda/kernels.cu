@@ -3882,6 +3882,34 @@ AttnCluster attention_cluster(int heads, int kv_heads, int head_dim, int64_t cap
   return ok ? mode : AttnCluster::off;
 }
 
+// How many blocks of the streamed grouped kernel an SM holds (the fewer of
+// its two instances, with and without the fused preparation; once a process).
+template <int HD>
+int stream_blocks_per_sm() {
+  static const int n = [] {
+    auto occ = [](const void* k) {
+      int blocks = 0;
+      allow_dynamic_smem(k, attn_stream_smem(HD));
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, kAttnMmaWarps * 32, attn_stream_smem(HD));
+      return blocks;
+    };
+    return std::max(1, std::min(occ(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, true, false, false, true>)),
+                                occ(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, false, false, false, true>))));
+  }();
+  return n;
+}
+
+int decode_attention_splits(int heads, int kv_heads, int head_dim, int64_t capacity) {
+  const int by_rows = int(std::clamp<int64_t>(capacity / 64, 1, kMaxMergeSplits));
+  if (env_is("ZMLX_CUDA_ATTN_WAVE_SPLITS", "0") || kv_heads <= 0 || heads % kv_heads != 0) return by_rows;
+  const int G = heads / kv_heads;
+  if (G < 2 || G > 8 || (head_dim != 64 && head_dim != 128)) return by_rows;
+  const int rows = int((capacity + by_rows - 1) / by_rows);
+  if (attn_group_smem(rows, head_dim, G) <= attn_stream_smem(head_dim)) return by_rows;  // held whole
+  const int64_t wave = (head_dim == 128 ? stream_blocks_per_sm<128>() : stream_blocks_per_sm<64>()) * sm_count();
+  return int(std::clamp<int64_t>(wave / kv_heads, 1, by_rows));
+}
+
 // The split partials of T tokens (attn_partial_kernel<DPL, PREP> for
 // head_dim = 32·DPL; the fused preparation needs DPL >= 2), then the merge.
 template <bool PREP>

@@ -192,6 +192,17 @@ bool multi_linear_short_rows(int bits, int64_t cols);
 // (ZMLX_CUDA_ATTN_CLUSTER=launch, a measurement).
 enum class AttnCluster { off, merge, launch };
 AttnCluster attention_cluster(int heads, int kv_heads, int head_dim, int64_t capacity, int splits);
+// The key splits of a one-token GQA attention over a cache of `capacity`
+// rows (a function of the shapes and the card alone, so eager and replayed
+// steps agree): 64 rows a split, at most kMaxMergeSplits (128) — except
+// where the grouped kernel streams its splits (holding one whole would take
+// more shared memory than streaming it: Qwen3 past 12,288 positions), which
+// take as many splits as one wave of its blocks holds (H200: 3 blocks an SM
+// over 132 SMs, 99 splits for 4 kv heads). Against 128 splits after a
+// 16,384- and a 32,768-token prompt, 96 gave Qwen3 +6 % and +5 % decode
+// (one H200, 2026-11-28). ZMLX_CUDA_ATTN_WAVE_SPLITS=0: 64 rows a split
+// everywhere (A/B runs; read per call).
+int decode_attention_splits(int heads, int kv_heads, int head_dim, int64_t capacity);
 // Whether gather_combine with this down projection, k slots and routing
 // issues both weight steps of every warp before its programmatic-launch
 // wait (groups of 64+, at most two steps a warp, one pass; the routing
