@@ -950,7 +950,7 @@ TEST(CudaOps, MlaTensorCoreDecodeMatchesCpu) {
   struct Case { int64_t H, S, pos0, capacity; float spread; };
   for (const Case& tc : {Case{20, 700, 699, 768, 0.3f}, Case{20, 700, 3, 768, 0.3f}, Case{5, 300, 150, 0, 0.3f},
                          Case{16, 200, 64, 4096, 0.3f}, Case{32, 400, 399, 512, 0.3f}, Case{20, 700, 640, 768, 2.0f},
-                         Case{20, 9000, 8999, 16384, 0.3f}}) {
+                         Case{20, 9000, 8999, 16384, 0.3f}, Case{20, 30000, 29999, 32768, 0.3f}}) {
     Tensor k = test::bf16_tensor(test::random_bf16(rng, size_t(tc.S * dk), tc.spread), {tc.S, dk});
     Tensor kpe = test::bf16_tensor(test::random_bf16(rng, size_t(tc.S * dr), tc.spread), {tc.S, dr});
     Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(tc.H * dk), tc.spread), {1, tc.H * dk});
@@ -996,6 +996,15 @@ TEST(CudaOps, MlaTensorCoreDecodeMatchesCpu) {
       }
       EXPECT_EQ(packed, got) << per_block << " heads a block, " << tc.H << " heads";
     }
+    // One step buffer or two (the default where one block an SM fits either
+    // way: here 20 heads in one block at 128 splits, 2 to 4 steps a split
+    // for the last two cases): the same bits.
+    std::vector<float> single;
+    {
+      test::ScopedEnv one_buffer("ZMLX_CUDA_MLA_DOUBLE_BUFFER", "0");
+      single = decode();
+    }
+    EXPECT_EQ(single, got) << "one step buffer, " << tc.H << " heads, capacity " << tc.capacity;
     const std::string what = "heads " + std::to_string(tc.H) + " pos0 " + std::to_string(tc.pos0) + " capacity " +
                              std::to_string(tc.capacity) + " spread " + std::to_string(tc.spread);
     EXPECT_LT(rel_l2(plain, ref), 5e-3) << what << " (CUDA cores)";

@@ -374,7 +374,10 @@ __global__ void __launch_bounds__(kDW * 32) pe_decode_kernel(const uint16_t* q, 
 //   the flash prefill kernel and the grouped GQA kernel do).
 // A step takes kPmRows cache rows [latent | rotary] into shared memory:
 // the split's first step's old rows (j < p0) with cp.async before the
-// wait, the rest after it. The 8 warps:
+// wait, the rest after it. DB (splits of several steps where a block an SM
+// fits either way): two step buffers, step i + 1 copied while step i is
+// computed (step 1 right after the wait); the same arithmetic in the same
+// order, so the same bits. The 8 warps:
 //   scores: warp = (16-row tile w % 4, k half w / 4); the second half's
 //     18 k-steps hold the 4 rotary ones;
 //   softmax: warp w owns heads w, w + 8, ... (running max and sum in
@@ -390,11 +393,12 @@ constexpr int kPmRB = (kPmD + kPmDR) * 2;  // bytes of a [latent | rotary] row i
 constexpr int kPmCH = kPmRB / 16;          // its 16-byte chunks
 constexpr int kPmSS = kPmRows + 4;         // floats a head's score row
 
-// Shared memory of a block of NT head tiles: q rows, a step's cache rows,
-// the scores (two latent halves, rotary), P, the corrections.
-constexpr size_t pe_mma_smem(int nt) {
+// Shared memory of a block of NT head tiles: q rows, a step's cache rows
+// (two steps' with double buffering), the scores (two latent halves,
+// rotary), P, the corrections.
+constexpr size_t pe_mma_smem(int nt, bool db = false) {
   const size_t HP = size_t(nt) * 8;
-  return HP * kPmRB + size_t(kPmRows) * kPmRB + 3 * HP * kPmSS * 4 + HP * kPmRows * 2 + HP * 4;
+  return HP * kPmRB + size_t(db ? 2 : 1) * kPmRows * kPmRB + 3 * HP * kPmSS * 4 + HP * kPmRows * 2 + HP * 4;
 }
 
 // k-steps [KB, KE) of Sᵀ for the 16 cache rows at m0: A = the rows (K),
@@ -416,7 +420,7 @@ __device__ __forceinline__ void pe_mma_scores(uint32_t aK, uint32_t aQ, int m0, 
   }
 }
 
-template <int NT>
+template <int NT, bool DB = false>
 __global__ void __launch_bounds__(kPmWarps * 32, 1)
     pe_decode_mma_kernel(const uint16_t* q, const uint16_t* kc, const uint16_t* q_pe, const uint16_t* k_pe,
                          int all_heads, int pos0, const int* dpos, float scale, int splits, float* scratch) {
@@ -428,7 +432,7 @@ __global__ void __launch_bounds__(kPmWarps * 32, 1)
   extern __shared__ __align__(128) uint8_t pm_smem[];
   uint8_t* sQ = pm_smem;
   uint8_t* sK = sQ + HP * kPmRB;
-  float* sN0 = reinterpret_cast<float*>(sK + kPmRows * kPmRB);  // latent scores, first k half
+  float* sN0 = reinterpret_cast<float*>(sK + (DB ? 2 : 1) * kPmRows * kPmRB);  // latent scores, first k half
   float* sN1 = sN0 + HP * kPmSS;                                  // second k half
   float* sR = sN1 + HP * kPmSS;                                   // rotary scores
   uint8_t* sP = reinterpret_cast<uint8_t*>(sR + HP * kPmSS);      // [head][row] bf16, 128-byte rows
@@ -441,20 +445,21 @@ __global__ void __launch_bounds__(kPmWarps * 32, 1)
   const uint32_t aQ = smem_addr(sQ), aK = smem_addr(sK), aP = smem_addr(sP);
 
   // The split's cache rows [base, base + rows) at positions below jhi into
-  // sK; the rows after them to the 16-row end zero-filled (P is 0 there,
-  // but 0·V must not meet stale NaNs).
+  // the step buffer at aKb; the rows after them to the 16-row end
+  // zero-filled (P is 0 there, but 0·V must not meet stale NaNs).
   auto chunk_src = [&](int j, int c) {
     return c < kPmD / 8 ? kc + int64_t(j) * kPmD + c * 8 : k_pe + int64_t(j) * kPmDR + (c - kPmD / 8) * 8;
   };
-  auto stage = [&](int base, int rows, int jhi) {
+  auto stage = [&](uint32_t aKb, int base, int rows, int jhi) {
     const int fill = (rows + 15) / 16 * 16 * kPmCH;
     for (int i = tid; i < fill; i += blockDim.x) {
       const int r = i / kPmCH, c = i % kPmCH, j = j0 + base + r;
-      if (r >= rows) cp_async16(aK + swz(r, c, kPmRB), kc, false);
-      else if (j < jhi) cp_async16(aK + swz(r, c, kPmRB), chunk_src(j, c), true);
+      if (r >= rows) cp_async16(aKb + swz(r, c, kPmRB), kc, false);
+      else if (j < jhi) cp_async16(aKb + swz(r, c, kPmRB), chunk_src(j, c), true);
     }
   };
-  stage(0, min(n, kPmRows), p0);  // the old rows
+  auto step_buffer = [&](int step) { return aK + uint32_t(DB ? (step & 1) * kPmRows * kPmRB : 0); };
+  stage(aK, 0, min(n, kPmRows), p0);  // the old rows
   cp_async_commit();
   for (int i = tid; i < (HP - heads) * kPmCH; i += blockDim.x)  // the padding heads' q rows
     *reinterpret_cast<uint4*>(sQ + swz(heads + i / kPmCH, i % kPmCH, kPmRB)) = make_uint4(0u, 0u, 0u, 0u);
@@ -482,7 +487,13 @@ __global__ void __launch_bounds__(kPmWarps * 32, 1)
     for (int j = 0; j < 4; ++j) o[j] = pack_bf2(rbf(scale * lo_bf(w[j])), rbf(scale * hi_bf(w[j])));
     *reinterpret_cast<uint4*>(sQ + swz(h, kPmD / 8 + c, kPmRB)) = make_uint4(o[0], o[1], o[2], o[3]);
   }
-  cp_async_wait<0>();
+  if constexpr (DB) {  // step 1 (an empty group when the split has one step)
+    if (n > kPmRows) stage(step_buffer(1), kPmRows, min(kPmRows, n - kPmRows), visible);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
   __syncthreads();
   ZMLX_TRACE_MARK(0);  // trace: q and the first step's rows in shared memory
 
@@ -497,14 +508,23 @@ __global__ void __launch_bounds__(kPmWarps * 32, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[i][nt][e] = 0.f;
 
-  for (int base = 0; base < n; base += kPmRows) {
+  for (int base = 0, step = 0; base < n; base += kPmRows, ++step) {
     const int rows = min(kPmRows, n - base);
+    const uint32_t aKs = step_buffer(step);
     if (base > 0) {  // a later step: every row after the wait
-      __syncthreads();  // the previous step's P·V is done with sK and sP
-      stage(base, rows, visible);
-      cp_async_commit();
-      cp_async_wait<0>();
-      __syncthreads();
+      if constexpr (DB) {
+        cp_async_wait<0>();  // this step's rows (copied during the last one)
+        __syncthreads();     // ... and the last step's P·V is done with its buffer: the next step's
+        if (base + kPmRows < n)
+          stage(step_buffer(step + 1), base + kPmRows, min(kPmRows, n - base - kPmRows), visible);
+        cp_async_commit();
+      } else {
+        __syncthreads();  // the previous step's P·V is done with sK and sP
+        stage(aK, base, rows, visible);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+      }
     }
     {  // scores
       const int mt = warp & 3, kh = warp >> 2;
@@ -512,10 +532,10 @@ __global__ void __launch_bounds__(kPmWarps * 32, 1)
         float sn[NT][4] = {}, sr[NT][4] = {};
         constexpr int KL = kPmD / 16, KH = (kPmD + kPmDR) / 32;  // latent k-steps (32), a half's (18)
         if (kh == 0) {
-          pe_mma_scores<NT, 0, KH>(aK, aQ, mt * 16, lane, sn);
+          pe_mma_scores<NT, 0, KH>(aKs, aQ, mt * 16, lane, sn);
         } else {
-          pe_mma_scores<NT, KH, KL>(aK, aQ, mt * 16, lane, sn);
-          pe_mma_scores<NT, KL, KL + kPmDR / 16>(aK, aQ, mt * 16, lane, sr);
+          pe_mma_scores<NT, KH, KL>(aKs, aQ, mt * 16, lane, sn);
+          pe_mma_scores<NT, KL, KL + kPmDR / 16>(aKs, aQ, mt * 16, lane, sr);
         }
         float* dst = kh == 0 ? sN0 : sN1;
 #pragma unroll
@@ -577,7 +597,7 @@ __global__ void __launch_bounds__(kPmWarps * 32, 1)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             uint32_t a[4];  // Vᵀ: dims warp·64 + 16i.., rows of this k-step
-            ldmatrix_x4_trans(a, aK + swz(vrow, warp * 8 + i * 2 + ((lane >> 3) & 1), kPmRB));
+            ldmatrix_x4_trans(a, aKs + swz(vrow, warp * 8 + i * 2 + ((lane >> 3) & 1), kPmRB));
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) mma_bf16(o[i][nt], a, b[nt][2 * u], b[nt][2 * u + 1]);
           }
@@ -828,17 +848,30 @@ bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, c
     // those fit.
     if (pe_mma_smem(tiles) > smem_optin_limit()) tiles = 1;
     const unsigned blocks_y = unsigned((heads + tiles * 8 - 1) / (tiles * 8));
+    // Two step buffers where they cost no block an SM: only one fits either
+    // way (GLM's 20 heads in one block, 124 KB, from 89 splits: caches past
+    // ~5,700 positions, whose splits take one to several steps). A one-step
+    // split only commits an empty copy group more.
+    // ZMLX_CUDA_MLA_DOUBLE_BUFFER=0: never (A/B runs and the test; read per call).
+    const size_t sm_smem = size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(1 << 30));
+    const bool db = pe_mma_smem(tiles, true) <= smem_optin_limit() && 2 * pe_mma_smem(tiles) > sm_smem &&
+                    !zmlx::cuda::env_is("ZMLX_CUDA_MLA_DOUBLE_BUFFER", "0");
     auto go = [&](auto kern, size_t smem) {
       allow_dynamic_smem(reinterpret_cast<const void*>(kern), smem);
       launch_smem(kern, dim3(unsigned(splits), blocks_y), dim3(kPmWarps * 32), smem, s, q, k, q_pe, k_pe, heads, pos0,
                   dpos, scale, splits, scratch);
     };
-    switch (tiles) {
-      case 1: go(pe_decode_mma_kernel<1>, pe_mma_smem(1)); break;
-      case 2: go(pe_decode_mma_kernel<2>, pe_mma_smem(2)); break;
-      case 3: go(pe_decode_mma_kernel<3>, pe_mma_smem(3)); break;
-      default: go(pe_decode_mma_kernel<4>, pe_mma_smem(4)); break;
-    }
+    auto by_tiles = [&](auto db_c) {
+      constexpr bool DB = decltype(db_c)::value;
+      switch (tiles) {
+        case 1: go(pe_decode_mma_kernel<1, DB>, pe_mma_smem(1, DB)); break;
+        case 2: go(pe_decode_mma_kernel<2, DB>, pe_mma_smem(2, DB)); break;
+        case 3: go(pe_decode_mma_kernel<3, DB>, pe_mma_smem(3, DB)); break;
+        default: go(pe_decode_mma_kernel<4, DB>, pe_mma_smem(4, DB)); break;
+      }
+    };
+    if (db) by_tiles(std::true_type{});
+    else by_tiles(std::false_type{});
     cuda::k::merge_attention_splits(scratch, T, heads, dv, splits, out, s);
     return true;
   }
