@@ -265,10 +265,10 @@ TEST(CudaOps, GroupedDecodeAttentionMatchesCpuAtLongContexts) {
   bool differs = false;
   int streamed_vs_whole = 0;
   // The last three stream their splits by default (decode_attention_splits:
-  // on a 132-SM Hopper card 99 or 49 splits of ~200-410 rows; the new row in
-  // stage 2 or later of its split, copied after the wait from its slot), the
-  // last past 34,816 positions, where holding a split whole does not fit and
-  // the per-head kernel ran before.
+  // one wave of blocks, on an H200 99 or 49 splits of ~200-410 rows; at 64
+  // rows a split, 157 and 313: the new row in stage 2 or later of its split,
+  // copied after the wait from its slot), the last past 34,816 positions,
+  // where holding a split whole does not fit and the per-head kernel ran before.
   for (const Case& k : {Case{32, 4, 128, 4096, 1500}, Case{32, 4, 128, 300, 290}, Case{32, 8, 64, 2048, 1900},
                         Case{16, 8, 64, 1024, 700}, Case{8, 8, 128, 600, 500}, Case{32, 4, 128, 20000, 19967},
                         Case{32, 8, 64, 20000, 19966}, Case{32, 4, 128, 40000, 38397}}) {
@@ -304,29 +304,35 @@ TEST(CudaOps, GroupedDecodeAttentionMatchesCpuAtLongContexts) {
       ASSERT_LT(rel_l2(got, ref), 5e-3) << "H " << k.H << " Hkv " << k.Hkv << " cap " << k.capacity << " pos " << pos;
       ASSERT_LT(rel_l2(got, per_head), 5e-3) << "H " << k.H << " cap " << k.capacity << " pos " << pos;
       differs = differs || got != per_head;
-      // Streamed through stage buffers or held whole: the same bits, where
-      // a split fits whole.
+#ifdef ZMLX_HAVE_CUDA  // asks the kernels which form runs
+      // Streamed through stage buffers or held whole, at the same split
+      // count (64 rows a split): the same bits, where a split fits whole on
+      // this card; where it does not, held whole means the per-head kernel.
       std::vector<float> streamed, whole;
+      bool fits_whole = false;
       {
+        test::ScopedEnv rows_splits("ZMLX_CUDA_ATTN_WAVE_SPLITS", "0");
         test::ScopedEnv always("ZMLX_CUDA_ATTN_STREAM", "all");
         streamed = host_floats(*g, g->attention(g->from_host(q), gk, pos, k.H, k.Hkv, k.hd, scale));
-      }
-      {
-        test::ScopedEnv never("ZMLX_CUDA_ATTN_STREAM", "0");
+        always.set("0");
         whole = host_floats(*g, g->attention(g->from_host(q), gk, pos, k.H, k.Hkv, k.hd, scale));
+        fits_whole = cuda::k::attention_by_group(
+            int(k.H), int(k.Hkv), int(k.hd), k.capacity,
+            cuda::k::decode_attention_splits(int(k.H), int(k.Hkv), int(k.hd), k.capacity));
       }
-      if (k.capacity < 34816 && k.H / k.Hkv > 1) {
+      if (k.H / k.Hkv > 1 && fits_whole) {
         ASSERT_TRUE(streamed == whole) << "H " << k.H << " Hkv " << k.Hkv << " cap " << k.capacity << " pos " << pos;
-        ASSERT_TRUE(got == whole) << "H " << k.H << " Hkv " << k.Hkv << " cap " << k.capacity << " pos " << pos;
         ++streamed_vs_whole;
       } else if (k.H / k.Hkv > 1) {
-        ASSERT_TRUE(streamed == got) << "cap " << k.capacity << " pos " << pos;
-        ASSERT_TRUE(whole == per_head) << "cap " << k.capacity << ": held whole it does not fit";
+        ASSERT_LT(rel_l2(streamed, ref), 5e-3) << "cap " << k.capacity << " pos " << pos;
       }
+#endif
     }
   }
   EXPECT_TRUE(differs) << "the grouped kernel did not run (the per-head kernel's bits everywhere)";
-  EXPECT_EQ(streamed_vs_whole, 6 * 6);
+#ifdef ZMLX_HAVE_CUDA
+  EXPECT_GE(streamed_vs_whole, 4 * 6);  // the four short cases fit whole on any card; on an H200 also the 20,000s
+#endif
 }
 
 #ifdef ZMLX_HAVE_CUDA  // asks the kernels which form runs
@@ -1839,14 +1845,14 @@ TEST(CudaOps, ChainedSamplerCarriesItsPenaltyWindowAndCounts) {
     SamplerOptions o;
     o.temperature = 0.5f;
     o.repetition_penalty = 4.f;
-    o.repetition_context = 5;
+    o.repetition_context = key == 0 ? 5 : 9;  // a full ring to start with, then one that grows first
     o.frequency_penalty = 0.7f;
     o.presence_penalty = 0.3f;
     o.seed = 77 + key;
     const sampling::Params p = sampling_params(o);
-    std::vector<int32_t> history = {11, 5, -1, 7, int32_t(V) + 9, 5}, output;
+    std::vector<int32_t> history = {11, 5, -1, INT32_MAX, 7, int32_t(V) + 9, 5}, output;
     const std::vector<int32_t> start = repetition_window(o, history);
-    ASSERT_EQ(start.size(), 5u);
+    ASSERT_EQ(start.size(), key == 0 ? 5u : 7u);
     g->set_chain_sampler(&p, start, output, 0);
     const int steps = 80;
     std::vector<int32_t> got;

@@ -3882,20 +3882,30 @@ AttnCluster attention_cluster(int heads, int kv_heads, int head_dim, int64_t cap
   return ok ? mode : AttnCluster::off;
 }
 
-// How many blocks of the streamed grouped kernel an SM holds (the fewer of
-// its two instances, with and without the fused preparation; once a process).
+// How many blocks of the streamed grouped kernel an SM of the current
+// device holds (the fewer of its two instances, with and without the fused
+// preparation; cached per device), or 0 where the query fails (its error
+// cleared, so no later launch check reports it).
 template <int HD>
 int stream_blocks_per_sm() {
-  static const int n = [] {
-    auto occ = [](const void* k) {
-      int blocks = 0;
-      allow_dynamic_smem(k, attn_stream_smem(HD));
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, kAttnMmaWarps * 32, attn_stream_smem(HD));
-      return blocks;
-    };
-    return std::max(1, std::min(occ(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, true, false, false, true>)),
-                                occ(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, false, false, false, true>))));
-  }();
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev >= 0 && dev < kMaxDevices && cache[dev].load() > 0) return cache[dev].load();
+  auto occ = [](const void* k) {
+    int blocks = 0;
+    allow_dynamic_smem(k, attn_stream_smem(HD));
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, kAttnMmaWarps * 32, attn_stream_smem(HD)) !=
+        cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return blocks;
+  };
+  const int n = std::min(occ(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, true, false, false, true>)),
+                         occ(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, false, false, false, true>)));
+  if (n > 0 && dev >= 0 && dev < kMaxDevices) cache[dev].store(n);
   return n;
 }
 
@@ -3905,9 +3915,15 @@ int decode_attention_splits(int heads, int kv_heads, int head_dim, int64_t capac
   const int G = heads / kv_heads;
   if (G < 2 || G > 8 || (head_dim != 64 && head_dim != 128)) return by_rows;
   const int rows = int((capacity + by_rows - 1) / by_rows);
-  if (attn_group_smem(rows, head_dim, G) <= attn_stream_smem(head_dim)) return by_rows;  // held whole
-  const int64_t wave = (head_dim == 128 ? stream_blocks_per_sm<128>() : stream_blocks_per_sm<64>()) * sm_count();
-  return int(std::clamp<int64_t>(wave / kv_heads, 1, by_rows));
+  // Held whole (by default; =all streams these too, with the same splits),
+  // streaming switched off, or not the grouped kernel at all (its switch,
+  // the card's shared memory): 64 rows a split.
+  if (attn_group_smem(rows, head_dim, G) <= attn_stream_smem(head_dim) || env_is("ZMLX_CUDA_ATTN_STREAM", "0") ||
+      !attention_by_group(heads, kv_heads, head_dim, capacity, by_rows))
+    return by_rows;
+  const int per_sm = head_dim == 128 ? stream_blocks_per_sm<128>() : stream_blocks_per_sm<64>();
+  if (per_sm <= 0) return by_rows;
+  return int(std::clamp<int64_t>(per_sm * sm_count() / kv_heads, 1, by_rows));
 }
 
 // The split partials of T tokens (attn_partial_kernel<DPL, PREP> for

@@ -200,9 +200,14 @@ AttnCluster attention_cluster(int heads, int kv_heads, int head_dim, int64_t cap
 // take as many splits as one wave of its blocks holds (H200: 3 blocks an SM
 // over 132 SMs, 99 splits for 4 kv heads). Against 128 splits after a
 // 16,384- and a 32,768-token prompt, 96 gave Qwen3 +6 % and +5 % decode
-// (one H200, 2026-11-28). ZMLX_CUDA_ATTN_WAVE_SPLITS=0: 64 rows a split
-// everywhere (A/B runs; read per call).
+// (one H200, 2026-11-28). ZMLX_CUDA_ATTN_WAVE_SPLITS=0 or
+// ZMLX_CUDA_ATTN_STREAM=0: capacity / 64 splits everywhere, at most 128
+// (A/B runs; read per call).
 int decode_attention_splits(int heads, int kv_heads, int head_dim, int64_t capacity);
+// Whether a one-token GQA step of these shapes takes the grouped
+// tensor-core kernel at this split count (its switches and the card's
+// shared memory decide; kernels.cu).
+bool attention_by_group(int heads, int kv_heads, int head_dim, int64_t capacity, int splits);
 // Whether gather_combine with this down projection, k slots and routing
 // issues both weight steps of every warp before its programmatic-launch
 // wait (groups of 64+, at most two steps a warp, one pass; the routing
