@@ -566,21 +566,30 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t s, Arg
   launch_smem(kernel, grid, block, 0, s, args...);
 }
 
-// Attribute A of the current device, cached per device (a process may drive
-// several); `fallback` where the query fails.
-template <cudaDeviceAttr A>
-inline int device_attribute(int fallback) {
+// f(device) for the current device, computed once a device (a process may
+// drive several); a result <= 0 is returned but not kept. Tag: one cache a use.
+template <class Tag, class F>
+inline int cached_per_device(F&& f) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> values[kMaxDevices] = {};
   int dev = 0;
   cudaGetDevice(&dev);
   const bool cached = dev >= 0 && dev < kMaxDevices;
-  int n = cached ? values[dev].load(std::memory_order_relaxed) : 0;
-  if (n == 0) {
-    if (cudaDeviceGetAttribute(&n, A, dev) != cudaSuccess || n <= 0) n = fallback;
-    if (cached) values[dev].store(n, std::memory_order_relaxed);
-  }
+  if (cached)
+    if (const int n = values[dev].load(std::memory_order_relaxed); n > 0) return n;
+  const int n = f(dev);
+  if (cached && n > 0) values[dev].store(n, std::memory_order_relaxed);
   return n;
+}
+
+// Attribute A of the current device, cached per device; `fallback` where
+// the query fails.
+template <cudaDeviceAttr A>
+inline int device_attribute(int fallback) {
+  return cached_per_device<std::integral_constant<int, int(A)>>([&](int dev) {
+    int n = 0;
+    return cudaDeviceGetAttribute(&n, A, dev) == cudaSuccess && n > 0 ? n : fallback;
+  });
 }
 
 // The current device's SM count.

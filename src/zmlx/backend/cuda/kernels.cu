@@ -3887,40 +3887,35 @@ AttnCluster attention_cluster(int heads, int kv_heads, int head_dim, int64_t cap
 // preparation; cached per device), or 0 where the query fails (its error
 // cleared, so no later launch check reports it).
 template <int HD>
+struct StreamOccupancy {};
+template <int HD>
 int stream_blocks_per_sm() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev >= 0 && dev < kMaxDevices && cache[dev].load() > 0) return cache[dev].load();
-  auto occ = [](const void* k) {
-    int blocks = 0;
-    allow_dynamic_smem(k, attn_stream_smem(HD));
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, kAttnMmaWarps * 32, attn_stream_smem(HD)) !=
-        cudaSuccess) {
-      cudaGetLastError();
-      return 0;
-    }
-    return blocks;
-  };
-  const int n = std::min(occ(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, true, false, false, true>)),
-                         occ(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, false, false, false, true>)));
-  if (n > 0 && dev >= 0 && dev < kMaxDevices) cache[dev].store(n);
-  return n;
+  return cached_per_device<StreamOccupancy<HD>>([](int) {
+    auto occ = [](const void* k) {
+      int blocks = 0;
+      allow_dynamic_smem(k, attn_stream_smem(HD));
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, kAttnMmaWarps * 32, attn_stream_smem(HD)) !=
+          cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+      }
+      return blocks;
+    };
+    return std::min(occ(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, true, false, false, true>)),
+                    occ(reinterpret_cast<const void*>(attn_group_mma_kernel<HD, false, false, false, true>)));
+  });
 }
 
 int decode_attention_splits(int heads, int kv_heads, int head_dim, int64_t capacity) {
   const int by_rows = int(std::clamp<int64_t>(capacity / 64, 1, kMaxMergeSplits));
-  if (env_is("ZMLX_CUDA_ATTN_WAVE_SPLITS", "0") || kv_heads <= 0 || heads % kv_heads != 0) return by_rows;
-  const int G = heads / kv_heads;
-  if (G < 2 || G > 8 || (head_dim != 64 && head_dim != 128)) return by_rows;
-  const int rows = int((capacity + by_rows - 1) / by_rows);
-  // Held whole (by default; =all streams these too, with the same splits),
-  // streaming switched off, or not the grouped kernel at all (its switch,
-  // the card's shared memory): 64 rows a split.
-  if (attn_group_smem(rows, head_dim, G) <= attn_stream_smem(head_dim) || env_is("ZMLX_CUDA_ATTN_STREAM", "0") ||
+  // Streaming or its split sizing switched off, or not the grouped kernel at
+  // all (its shapes, its switch, the card's shared memory): 64 rows a split.
+  if (env_is("ZMLX_CUDA_ATTN_WAVE_SPLITS", "0") || env_is("ZMLX_CUDA_ATTN_STREAM", "0") ||
       !attention_by_group(heads, kv_heads, head_dim, capacity, by_rows))
     return by_rows;
+  // Held whole by default (=all streams these too, at the same splits).
+  const int rows = int((capacity + by_rows - 1) / by_rows);
+  if (attn_group_smem(rows, head_dim, heads / kv_heads) <= attn_stream_smem(head_dim)) return by_rows;
   const int per_sm = head_dim == 128 ? stream_blocks_per_sm<128>() : stream_blocks_per_sm<64>();
   if (per_sm <= 0) return by_rows;
   return int(std::clamp<int64_t>(per_sm * sm_count() / kv_heads, 1, by_rows));
