@@ -2,10 +2,12 @@
 # Runs on the GPU machine (see bench/device_bundle.sh): the GPU unit tests,
 # then for each family's `full` synth model (real shapes, random weights):
 # prefill/decode throughput patched and unpatched, sampled decode (T 0.7,
-# top-p 0.95), and `zmlx validate`.
+# top-p 0.95), `zmlx validate`, and prefill of long prompts (LONG tokens) in
+# the GPU's default passes and in passes of 512.
 # $OUT gets results.md and raw.tgz (every raw log and JSON): a device run
 # brings back at most 8 files, so the raw files are packed into one.
 #   STAGES="tests qwen3 lfm2 glm" (default: all)   RUNS=3   GEN=128   PROMPT=512
+#   LONG="32768" (prompt lengths; empty: none)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-build-device}
@@ -13,7 +15,7 @@ export LD_LIBRARY_PATH="$PWD/$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 OUT=${OUT:-/tmp/zmlx-device-out}
 WORK=${WORK:-/tmp/zmlx-models}
 STAGES=${STAGES:-tests qwen3 lfm2 glm}
-RUNS=${RUNS:-3}; GEN=${GEN:-128}; PROMPT=${PROMPT:-512}
+RUNS=${RUNS:-3}; GEN=${GEN:-128}; PROMPT=${PROMPT:-512}; LONG=${LONG-32768}
 RAW=$(mktemp -d)
 mkdir -p "$OUT" "$WORK"
 R="$OUT/results.md"
@@ -58,6 +60,13 @@ bench_family() {  # arch name
   timeout 300 "$BIN/zmlx" validate "$dir" --backend cuda --max-tokens 64 --runs 3 >"$RAW/validate-$arch.txt" 2>&1
   log "validate $arch (exit $?):"
   tail -12 "$RAW/validate-$arch.txt" | tee -a "$R"
+  for n in $LONG; do
+    for chunk in 0 512; do  # 0: the backend's choice
+      timeout 300 "$BIN/zmlx" bench "$dir" --backend cuda --patch --prompt-tokens "$n" --gen-tokens 16 --runs 1 \
+        --prefill-chunk "$chunk" --json >"$RAW/bench-$arch-long-$n-$chunk.json" 2>"$RAW/bench-$arch-long-$n-$chunk.log"
+      log "bench $arch --prompt-tokens $n --prefill-chunk $chunk (exit $?): $(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('prefill %.0f tok/s in passes of %d, then decode %.1f tok/s, GPU peak %.2f GB' % (j['prefill_tps']['median'], j['prefill_chunk'], j['decode_tps']['median'], j['peak_device_bytes']/1e9))" "$RAW/bench-$arch-long-$n-$chunk.json" 2>&1 | tail -1)"
+    done
+  done
   [[ "${KEEP_MODELS:-0}" == 1 ]] || rm -rf "$dir"
 }
 has qwen3 && bench_family qwen3_moe

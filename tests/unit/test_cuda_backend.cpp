@@ -213,6 +213,15 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
         }
         EXPECT_LT(rel_l2(plain, ref), 5e-3) << "plain kernels, H " << H << " hd " << hd << " pos " << pos;
         EXPECT_GT(rel_l2(plain, got), 0.0) << "the flash path was not taken (same bits as the plain kernels)";
+        // The flash kernel's two schedules (next K / V tile copied during
+        // the products, or at the top of each step) give the same bits.
+        std::vector<float> forms[2];
+        for (int piped : {0, 1}) {
+          test::ScopedEnv pipeline("ZMLX_CUDA_FLASH_PIPELINE", piped ? "1" : "0");
+          forms[piped] = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
+        }
+        EXPECT_EQ(forms[0], got) << "flash pipeline, H " << H << " hd " << hd << " pos " << pos << " T " << T;
+        EXPECT_EQ(forms[1], got) << "flash pipeline, H " << H << " hd " << hd << " pos " << pos << " T " << T;
       }
       pos += T;
     }
@@ -245,6 +254,57 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
       ASSERT_EQ(plain, per_head) << "KV prefetch, H " << H << " Hkv " << Hkv << " hd " << hd << " pos " << pos;
       ASSERT_LT(rel_l2(per_head, ref), 5e-3) << "per-head kernel, H " << H << " Hkv " << Hkv << " pos " << pos;
     }
+  }
+}
+
+// The flash prefill kernel over many key tiles, as GPU prefill runs it in
+// passes of thousands of tokens: heaviest query tiles first, a kv group's
+// heads side by side. Against the CPU, and its two schedules
+// (ZMLX_CUDA_FLASH_PIPELINE=0 / 1) against each other bit for bit; GQA rows
+// of 64 and 128 dims from the cache, and GLM's expanded MLA rows (192 + 64 | 256).
+TEST(CudaOps, FlashPrefillOverManyTilesMatchesCpu) {
+  REQUIRE_GPU();
+  auto g = gpu();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(61);
+  for (auto [H, Hkv, hd] : {std::tuple<int64_t, int64_t, int64_t>{8, 2, 128}, {8, 2, 64}}) {
+    KvLayer ck = c->new_kv_layer(Hkv, hd, 4096), gk = g->new_kv_layer(Hkv, hd, 4096);
+    int64_t pos = 0;
+    for (int64_t T : {int64_t(1500), int64_t(1801)}) {  // the second pass: 53 key tiles, 29 query tiles
+      Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(T * H * hd)), {T, H * hd});
+      Tensor k = test::bf16_tensor(test::random_bf16(rng, size_t(T * Hkv * hd)), {T, Hkv * hd});
+      Tensor v = test::bf16_tensor(test::random_bf16(rng, size_t(T * Hkv * hd)), {T, Hkv * hd});
+      c->kv_write(ck, k, v, pos);
+      g->kv_write(gk, g->from_host(k), g->from_host(v), pos);
+      const float scale = 1.f / std::sqrt(float(hd));
+      const auto ref = host_floats(*c, c->attention(q, ck, pos, H, Hkv, hd, scale));
+      const auto got = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
+      EXPECT_LT(rel_l2(got, ref), 5e-3) << "hd " << hd << " pos " << pos << " T " << T;
+      for (const char* piped : {"0", "1"}) {
+        test::ScopedEnv pipeline("ZMLX_CUDA_FLASH_PIPELINE", piped);
+        EXPECT_EQ(host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale)), got)
+            << "pipeline " << piped << ", hd " << hd << " pos " << pos << " T " << T;
+      }
+      pos += T;
+    }
+  }
+  const int64_t H = 4, dk = 192, dv = 256, dr = 64, S = 3000, pos0 = 1900, T = S - pos0;
+  Tensor k = test::bf16_tensor(test::random_bf16(rng, size_t(S * H * dk), 0.3f), {S, H * dk});
+  Tensor v = test::bf16_tensor(test::random_bf16(rng, size_t(S * H * dv)), {S, H * dv});
+  Tensor kpe = test::bf16_tensor(test::random_bf16(rng, size_t(S * dr)), {S, dr});
+  Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(T * H * dk), 0.3f), {T, H * dk});
+  Tensor qpe = test::bf16_tensor(test::random_bf16(rng, size_t(T * H * dr)), {T, H * dr});
+  const float scale = 1.0f / std::sqrt(float(dk + dr));
+  const auto ref = host_floats(*c, c->attention_pe(q, k, v, qpe, kpe, pos0, H, H, scale));
+  auto run = [&] {
+    return host_floats(*g, g->attention_pe(g->from_host(q), g->from_host(k), g->from_host(v), g->from_host(qpe),
+                                           g->from_host(kpe), pos0, H, H, scale));
+  };
+  const auto got = run();
+  EXPECT_LT(rel_l2(got, ref), 5e-3) << "MLA";
+  for (const char* piped : {"0", "1"}) {
+    test::ScopedEnv pipeline("ZMLX_CUDA_FLASH_PIPELINE", piped);
+    EXPECT_EQ(run(), got) << "MLA, pipeline " << piped;
   }
 }
 
@@ -922,6 +982,14 @@ TEST(CudaOps, MlaFastKernelsMatchCpu) {
                                                        ac.kvh, scale));
       EXPECT_LT(rel_l2(got, ref), 5e-3) << "H " << ac.H << " kvh " << ac.kvh << " dk " << ac.dk << " dv " << ac.dv
                                         << " dr " << ac.dr << " pos0 " << pos0 << " T " << T;
+      for (const char* piped : {"0", "1"}) {  // T > 1: the flash kernel's two schedules, the same bits
+        if (T == 1) break;
+        test::ScopedEnv pipeline("ZMLX_CUDA_FLASH_PIPELINE", piped);
+        EXPECT_EQ(host_floats(*g, g->attention_pe(g->from_host(q), gk, gv, g->from_host(qpe), gkpe, pos0, ac.H,
+                                                  ac.kvh, scale)),
+                  got)
+            << "flash pipeline " << piped << ", dk " << ac.dk << " dr " << ac.dr << " pos0 " << pos0 << " T " << T;
+      }
       if (T == 1) {  // the decode kernel's L2 prefetch of its rows is a hint: the same bits without it
         std::vector<float> plain;
         {

@@ -19,6 +19,7 @@ struct GenerateArgs {
   ModelArgs model;
   std::string prompt, system, ids;
   int max_tokens = 128;
+  int prefill_chunk = 0;  // 0: the backend's choice
   bool chat = false, json = false, no_thinking = false;
   float temp = 0.f, top_p = 1.f, min_p = 0.f, repeat_penalty = 1.f, frequency_penalty = 0.f, presence_penalty = 0.f;
   int top_k = 0;
@@ -44,6 +45,7 @@ int run(const GenerateArgs& a) {
   }
   GenerateOptions opt;
   opt.max_tokens = a.max_tokens;
+  opt.prefill_chunk = a.prefill_chunk;
   opt.sampling.temperature = a.temp;
   opt.sampling.top_k = a.top_k;
   opt.sampling.top_p = a.top_p;
@@ -104,6 +106,7 @@ ZMLX_COMMAND("generate", "Generate text from a prompt", [](CLI::App& app) {
   app.add_option("--prompt,-p", a->prompt, "prompt text");
   app.add_option("--ids", a->ids, "prompt as comma-separated token ids (instead of --prompt)");
   app.add_option("--max-tokens,-n", a->max_tokens, "maximum tokens to generate")->check(CLI::Range(0, 1 << 20));
+  app.add_option("--prefill-chunk", a->prefill_chunk, "prompt tokens per forward pass (0: the backend's choice: up to 4096 on a GPU, 512 on the CPU)")->check(CLI::Range(0, 1 << 20));
   app.add_flag("--chat", a->chat, "wrap the prompt in the model's chat template");
   app.add_option("--system", a->system, "system prompt (with --chat)");
   app.add_flag("--no-thinking", a->no_thinking, "set enable_thinking=false in the chat template");

@@ -106,8 +106,10 @@ GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
   const dist::Placement& P = model.placement();
   if (!P.active()) return run_generation(model, be, tok, prompt_ids, opt, on_text);
   ZMLX_CHECK(!prompt_ids.empty(), "the prompt is empty (no tokens to condition on)");
-  // Rank 0's request is the one every rank runs.
-  std::vector<int32_t> msg = P.rank == 0 ? encode_request(prompt_ids, opt) : std::vector<int32_t>{};
+  // Rank 0's request is the one every rank runs (its backend picks the chunk).
+  GenerateOptions resolved = opt;
+  if (resolved.prefill_chunk <= 0) resolved.prefill_chunk = be.prefill_chunk();
+  std::vector<int32_t> msg = P.rank == 0 ? encode_request(prompt_ids, resolved) : std::vector<int32_t>{};
   P.comm->broadcast_i32(msg, 0);
   std::vector<int32_t> prompt;
   GenerateOptions o = opt;
@@ -173,7 +175,7 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
   // Prefill.
   auto t0 = Clock::now();
   Tensor logits;
-  const size_t chunk = size_t(std::max(1, opt.prefill_chunk));
+  const size_t chunk = size_t(opt.prefill_chunk > 0 ? opt.prefill_chunk : std::max(1, be.prefill_chunk()));
   for (size_t i = 0; i < prompt_ids.size(); i += chunk) {
     std::vector<int32_t> part(prompt_ids.begin() + i, prompt_ids.begin() + std::min(prompt_ids.size(), i + chunk));
     logits = model.forward(be, part, cache);

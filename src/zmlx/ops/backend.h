@@ -265,6 +265,12 @@ class Backend {
   virtual void* native_stream() const { return nullptr; }
   virtual int device_index() const { return -1; }
 
+  // Prompt tokens per prefill forward pass when the caller leaves it open
+  // (GenerateOptions::prefill_chunk = 0). Longer passes feed the GPU's
+  // GEMMs and flash attention more rows at once (the CUDA backend picks up
+  // to 4,096 by its free memory); the CPU keeps 512.
+  virtual int prefill_chunk() const { return 512; }
+
   // Peak bytes this backend has held in device memory (weights + pool);
   // 0 for host backends, whose memory shows in the process RSS.
   virtual uint64_t peak_device_bytes() const { return 0; }

@@ -19,41 +19,61 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 // ------------------------------------------------------------ flash prefill
 
-constexpr int kFQ = 64;       // queries per block (4 warps x 16 rows)
-constexpr int kFK = 64;       // keys per tile
-constexpr int kFQKW = 256;    // smem row width (bf16) of the Q and K tiles: dk + dr <= 256
+constexpr int kFQ = 64;     // queries per block (4 warps x 16 rows)
+constexpr int kFK = 64;     // keys per tile
+constexpr int kFMaxQK = 256;  // widest Q / K row (bf16): dk + dr <= 256
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <int DV>
+// Shared memory of a block: the Q tile, one K tile and one V tile, rows of
+// QKW (Q, K) and DV (V) bf16.
+template <int DV, int QKW>
 constexpr int flash_smem() {
-  return kFQ * kFQKW * 2 + kFK * kFQKW * 2 + kFK * DV * 2;
+  return kFQ * QKW * 2 + kFK * QKW * 2 + kFK * DV * 2;
 }
 
 // Block (query tile, head). Q tile rows = [q_nope (dk) | bf16(scale·q_pe) (dr)],
-// K tile rows = [k_nope (dk) | k_pe (dr)], V tile rows = v (DV).
+// K tile rows = [k_nope (dk) | k_pe (dr)], V tile rows = v (DV); QKW >= dk +
+// dr is the tiles' row width, ROT says dr > 0.
 //
 // Where key j of kv group g lives: k + j·k_row + g·k_group (v likewise), so
 // the same kernel reads MLA's expanded [T][kv heads][dk] keys and the GQA
-// cache's [kv heads][capacity][hd] rows. dr = 0: no rotary part (GQA).
+// cache's [kv heads][capacity][hd] rows.
 struct KvRows {
   const uint16_t* k;
   const uint16_t* v;
   int64_t k_row, k_group, v_row, v_group;
 };
-template <int DV>
+
+// The schedule (PIPE): K tile kt+1 is copied while tile kt's softmax and
+// P·V run, V tile kt+1 while tile kt+1's Q·Kᵀ runs (the K and V buffers are
+// each free once the product that reads them is done), so every copy but the
+// first overlaps a product, in the shared memory of one K and one V tile.
+// PIPE = false copies each tile's K and V at the top of its step (V's copy
+// overlapping Q·Kᵀ only); launch_flash_pipe picks the form (GLM's rows take
+// the pipeline). Either way a warp computes the same products in the same
+// order: the same bits (tested).
+//
+// Blocks run heaviest first: block b takes head b % heads of query tile
+// (tiles - 1 - b / heads), so the long causal rows start in the first wave
+// and a kv group's heads (adjacent) read its tiles together, from L2.
+// Every tile is masked: skipping the mask on the tiles wholly before the
+// block's first query made ptxas spill GLM's form (255 registers).
+template <int DV, int QKW, bool ROT, bool PIPE>
 __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows kv, const uint16_t* q_pe,
                                                        const uint16_t* k_pe, int T, int heads, int kvh, int dk, int dr,
                                                        int pos0, const int* dpos, float scale, uint16_t* out) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* sQ = smem;
-  uint8_t* sK = sQ + kFQ * kFQKW * 2;
-  uint8_t* sV = sK + kFK * kFQKW * 2;
-  constexpr int QKB = kFQKW * 2, VB = DV * 2;  // row bytes
+  uint8_t* sK = sQ + kFQ * QKW * 2;
+  uint8_t* sV = sK + kFK * QKW * 2;
+  constexpr int QKB = QKW * 2, VB = DV * 2;  // row bytes
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int q0 = blockIdx.x * kFQ, h = blockIdx.y, g = h / (heads / kvh);
+  const int qtiles = int(gridDim.x) / heads;
+  const int h = int(blockIdx.x) % heads, q0 = (qtiles - 1 - int(blockIdx.x) / heads) * kFQ;
+  const int g = h / (heads / kvh);
   const int p0 = dpos ? *dpos : pos0;
   const int nq = min(kFQ, T - q0);
-  const int qc = dk / 8, rc = dr / 8, kc = qc + rc;  // 16-byte chunks per row
+  const int qc = dk / 8, rc = ROT ? dr / 8 : 0, kc = qc + rc;  // 16-byte chunks per row
 
   // ---- Q tile (plain loads: q_pe is scaled and rounded on the way).
   for (int i = tid; i < kFQ * kc; i += 128) {
@@ -78,6 +98,28 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows
   const int last_key = p0 + q0 + nq - 1;  // the tile's last query sees keys 0..last_key
   const int ntiles = last_key / kFK + 1;
 
+  const uint32_t aQ = smem_addr(sQ), aK = smem_addr(sK), aV = smem_addr(sV);
+  auto load_k = [&](int kt) {
+    const int j0 = kt * kFK;
+    for (int i = tid; i < kFK * kc; i += 128) {
+      const int r = i / kc, c = i % kc, j = j0 + r;
+      const bool ok = j <= last_key;
+      const uint16_t* src = c < qc ? kv.k + (ok ? j * kv.k_row + g * kv.k_group + c * 8 : 0)
+                                   : k_pe + (ok ? int64_t(j) * dr + (c - qc) * 8 : 0);
+      cp_async16(aK + swz(r, c, QKB), src, ok);
+    }
+    cp_async_commit();
+  };
+  auto load_v = [&](int kt) {
+    const int j0 = kt * kFK;
+    for (int i = tid; i < kFK * (DV / 8); i += 128) {
+      const int r = i / (DV / 8), c = i % (DV / 8), j = j0 + r;
+      const bool ok = j <= last_key;
+      cp_async16(aV + swz(r, c, VB), kv.v + (ok ? j * kv.v_row + g * kv.v_group + c * 8 : 0), ok);
+    }
+    cp_async_commit();
+  };
+
   float o_acc[DV / 8][4];
 #pragma unroll
   for (int n = 0; n < DV / 8; ++n)
@@ -87,51 +129,56 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows
   const int qrow = warp * 16 + (lane >> 2);  // this thread's rows: qrow, qrow + 8
   const int qpos[2] = {p0 + q0 + qrow, p0 + q0 + qrow + 8};
 
-  const uint32_t aQ = smem_addr(sQ), aK = smem_addr(sK), aV = smem_addr(sV);
+  if (PIPE) {
+    load_k(0);
+    load_v(0);
+  }
   for (int kt = 0; kt < ntiles; ++kt) {
     const int j0 = kt * kFK;
-    // K then V tile, as two cp.async groups: QKᵀ starts once K is in.
-    for (int i = tid; i < kFK * kc; i += 128) {
-      const int r = i / kc, c = i % kc, j = j0 + r;
-      const bool ok = j <= last_key;
-      const uint16_t* src = c < qc ? kv.k + (ok ? j * kv.k_row + g * kv.k_group + c * 8 : 0)
-                                   : k_pe + (ok ? int64_t(j) * dr + (c - qc) * 8 : 0);
-      cp_async16(aK + swz(r, c, QKB), src, ok);
+    if (!PIPE) {
+      load_k(kt);
+      load_v(kt);
     }
-    cp_async_commit();
-    for (int i = tid; i < kFK * (DV / 8); i += 128) {
-      const int r = i / (DV / 8), c = i % (DV / 8), j = j0 + r;
-      const bool ok = j <= last_key;
-      cp_async16(aV + swz(r, c, VB), kv.v + (ok ? j * kv.v_row + g * kv.v_group + c * 8 : 0), ok);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<1>();  // K tile kt (V tile kt may still be coming)
     __syncthreads();
 
     // ---- S = Q Kᵀ (nope part and rotary part kept apart: the reference
     // rounds the rotary dot to bf16 before adding).
-    float s_n[kFK / 8][4], s_r[kFK / 8][4];
+    float s_n[kFK / 8][4], s_r[ROT ? kFK / 8 : 1][4];
 #pragma unroll
     for (int n = 0; n < kFK / 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s_n[n][e] = 0.f, s_r[n][e] = 0.f;
+      for (int e = 0; e < 4; ++e) s_n[n][e] = 0.f;
+    if (ROT)
+#pragma unroll
+      for (int n = 0; n < kFK / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s_r[ROT ? n : 0][e] = 0.f;
     const int arow = warp * 16 + (lane & 15);
     for (int kk = 0; kk < qc / 2 + rc / 2; ++kk) {
-      uint32_t a[4];
+      uint32_t a[4], b[kFK / 16][4];
       ldmatrix_x4(a, aQ + swz(arow, kk * 2 + (lane >> 4), QKB));
-      const bool rot = kk >= qc / 2;
+      const bool rot = ROT && kk >= qc / 2;
+      // Every B fragment of the step first, then the products: the loads are
+      // in flight together (one after another, each product waited for its own).
+#pragma unroll
+      for (int p = 0; p < kFK / 16; ++p)
+        ldmatrix_x4(b[p], aK + swz(p * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1), QKB));
 #pragma unroll
       for (int p = 0; p < kFK / 16; ++p) {
-        uint32_t b[4];
-        ldmatrix_x4(b, aK + swz(p * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1), QKB));
         if (rot) {
-          mma_bf16(s_r[2 * p], a, b[0], b[1]);
-          mma_bf16(s_r[2 * p + 1], a, b[2], b[3]);
+          mma_bf16(s_r[ROT ? 2 * p : 0], a, b[p][0], b[p][1]);
+          mma_bf16(s_r[ROT ? 2 * p + 1 : 0], a, b[p][2], b[p][3]);
         } else {
-          mma_bf16(s_n[2 * p], a, b[0], b[1]);
-          mma_bf16(s_n[2 * p + 1], a, b[2], b[3]);
+          mma_bf16(s_n[2 * p], a, b[p][0], b[p][1]);
+          mma_bf16(s_n[2 * p + 1], a, b[p][2], b[p][3]);
         }
       }
+    }
+    if (PIPE) {
+      __syncthreads();  // every warp is done with sK
+      if (kt + 1 < ntiles) load_k(kt + 1);
+      else cp_async_commit();  // an empty group keeps the wait counts below
     }
 
     // ---- online softmax (rows qrow, qrow + 8; a quad of lanes shares a row)
@@ -141,7 +188,8 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = j0 + n * 8 + (lane & 3) * 2 + (e & 1), hr = e >> 1;
-        const float sc = key <= qpos[hr] ? s_n[n][e] * scale + rbf(s_r[n][e]) : -INFINITY;
+        const float full = ROT ? s_n[n][e] * scale + rbf(s_r[ROT ? n : 0][e]) : s_n[n][e] * scale;
+        const float sc = key <= qpos[hr] ? full : -INFINITY;
         s_n[n][e] = sc;
         mx[hr] = fmaxf(mx[hr], sc);
       }
@@ -172,21 +220,30 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows
       pa[n / 2][(n & 1) * 2 + 1] = pack_bf2(pr[2], pr[3]);
     }
 
-    cp_async_wait<0>();
+    if (PIPE) cp_async_wait<1>();  // V tile kt (K tile kt+1 may still be coming)
+    else cp_async_wait<0>();
     __syncthreads();
     // ---- O += P V
 #pragma unroll
     for (int kk = 0; kk < kFK / 16; ++kk) {
       const int vrow = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
-      for (int p = 0; p < DV / 16; ++p) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, aV + swz(vrow, p * 2 + (lane >> 4), VB));
-        mma_bf16(o_acc[2 * p], pa[kk], b[0], b[1]);
-        mma_bf16(o_acc[2 * p + 1], pa[kk], b[2], b[3]);
+      for (int p0 = 0; p0 < DV / 16; p0 += 4) {
+        uint32_t b[4][4];  // four fragments loaded, then their products (as above)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ldmatrix_x4_trans(b[i], aV + swz(vrow, (p0 + i) * 2 + (lane >> 4), VB));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          mma_bf16(o_acc[2 * (p0 + i)], pa[kk], b[i][0], b[i][1]);
+          mma_bf16(o_acc[2 * (p0 + i) + 1], pa[kk], b[i][2], b[i][3]);
+        }
       }
     }
-    __syncthreads();  // the next tile overwrites sK, sV
+    __syncthreads();  // every warp is done with sV (and, unpipelined, sK)
+    if (PIPE) {
+      if (kt + 1 < ntiles) load_v(kt + 1);
+      else cp_async_commit();
+    }
   }
 
   // ---- normalize and store
@@ -207,24 +264,62 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows
   }
 }
 
-template <int DV>
-void launch_flash(dim3 grid, cudaStream_t s, const uint16_t* q, const KvRows& kv, const uint16_t* q_pe,
-                  const uint16_t* k_pe, int T, int heads, int kvh, int dk, int dr, int pos0, const int* dpos,
-                  float scale, uint16_t* out) {
-  constexpr int smem = flash_smem<DV>();
+struct FlashArgs {
+  const uint16_t* q;
+  KvRows kv;
+  const uint16_t *q_pe, *k_pe;
+  int T, heads, kvh, dk, dr, pos0;
+  const int* dpos;
+  float scale;
+  uint16_t* out;
+};
+
+template <int DV, int QKW, bool ROT, bool PIPE>
+void launch_flash(const FlashArgs& a, cudaStream_t s) {
+  constexpr int smem = flash_smem<DV, QKW>();
+  auto* kernel = flash_pe_kernel<DV, QKW, ROT, PIPE>;
   // Over 48 KiB of dynamic shared memory needs the opt-in.
-  allow_dynamic_smem(reinterpret_cast<const void*>(flash_pe_kernel<DV>), smem);
-  flash_pe_kernel<DV><<<grid, 128, smem, s>>>(q, kv, q_pe, k_pe, T, heads, kvh, dk, dr, pos0, dpos, scale, out);
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+  const unsigned blocks = unsigned((a.T + kFQ - 1) / kFQ) * unsigned(a.heads);
+  kernel<<<blocks, 128, smem, s>>>(a.q, a.kv, a.q_pe, a.k_pe, a.T, a.heads, a.kvh, a.dk, a.dr, a.pos0, a.dpos,
+                                   a.scale, a.out);
 }
 
-// Launches flash_pe_kernel for dv in {64, 128, 256}.
-void launch_flash_dv(int dv, dim3 grid, cudaStream_t s, const uint16_t* q, const KvRows& kv, const uint16_t* q_pe,
-                     const uint16_t* k_pe, int T, int heads, int kvh, int dk, int dr, int pos0, const int* dpos,
-                     float scale, uint16_t* out) {
-  switch (dv) {
-    case 64: launch_flash<64>(grid, s, q, kv, q_pe, k_pe, T, heads, kvh, dk, dr, pos0, dpos, scale, out); break;
-    case 128: launch_flash<128>(grid, s, q, kv, q_pe, k_pe, T, heads, kvh, dk, dr, pos0, dpos, scale, out); break;
-    default: launch_flash<256>(grid, s, q, kv, q_pe, k_pe, T, heads, kvh, dk, dr, pos0, dpos, scale, out); break;
+// The row width of the Q and K tiles: the smallest of 64, 128, 256 that
+// holds dk + dr.
+int flash_row_width(int dk, int dr) { return dk + dr <= 64 ? 64 : dk + dr <= 128 ? 128 : kFMaxQK; }
+
+template <int DV, int QKW, bool ROT>
+void launch_flash_pipe(const FlashArgs& a, cudaStream_t s) {
+  // Pipelined where a block's registers leave room for two blocks an SM
+  // (rows of 256 values: ~250 registers), unpipelined where three or more
+  // blocks hide each other's copies and the pipeline's extra barrier costs
+  // more (1 % on Qwen3's 128-value rows; H200, docs/performance.md).
+  // ZMLX_CUDA_FLASH_PIPELINE=0 / 1: never / always (read per call).
+  const bool pipe = zmlx::cuda::env_is("ZMLX_CUDA_FLASH_PIPELINE", "1") ||
+                    (DV >= 256 && !zmlx::cuda::env_is("ZMLX_CUDA_FLASH_PIPELINE", "0"));
+  if (pipe) launch_flash<DV, QKW, ROT, true>(a, s);
+  else launch_flash<DV, QKW, ROT, false>(a, s);
+}
+
+// GQA prefill (no rotary part): hd in {64, 128, 256}.
+void launch_flash_gqa(int hd, const FlashArgs& a, cudaStream_t s) {
+  switch (hd) {
+    case 64: launch_flash_pipe<64, 64, false>(a, s); break;
+    case 128: launch_flash_pipe<128, 128, false>(a, s); break;
+    default: launch_flash_pipe<256, 256, false>(a, s); break;
+  }
+}
+
+// MLA prefill (a rotary part): dv in {64, 128, 256}, rows of dk + dr.
+void launch_flash_mla(int dv, const FlashArgs& a, cudaStream_t s) {
+  const int w = flash_row_width(a.dk, a.dr);
+  if (dv == 256 && w == 256) return launch_flash_pipe<256, 256, true>(a, s);
+  if (dv == 128 && w == 128) return launch_flash_pipe<128, 128, true>(a, s);
+  switch (dv) {  // other pairings: rows of the widest tile
+    case 64: launch_flash_pipe<64, kFMaxQK, true>(a, s); break;
+    case 128: launch_flash_pipe<128, kFMaxQK, true>(a, s); break;
+    default: launch_flash_pipe<256, kFMaxQK, true>(a, s); break;
   }
 }
 
@@ -795,14 +890,13 @@ __global__ void __launch_bounds__(128) multi_linear_n_mma_kernel(const uint16_t*
 bool attention_prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe,
                        const uint16_t* k_pe, int T, int heads, int kv_heads, int dk, int dv, int dr, int pos0,
                        const int* dpos, float scale, uint16_t* out, cudaStream_t s) {
-  if (T < 2 || dk % 16 != 0 || dr % 16 != 0 || dk + dr > kFQKW || dk < 16 || dr < 16) return false;
+  if (T < 2 || dk % 16 != 0 || dr % 16 != 0 || dk + dr > kFMaxQK || dk < 16 || dr < 16) return false;
   if (dv != 64 && dv != 128 && dv != 256) return false;
   for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
                         static_cast<const void*>(q_pe), static_cast<const void*>(k_pe), static_cast<const void*>(out)})
     if (!aligned16(p)) return false;
-  const dim3 grid(unsigned((T + kFQ - 1) / kFQ), unsigned(heads));
   const KvRows kv{k, v, int64_t(kv_heads) * dk, dk, int64_t(kv_heads) * dv, dv};
-  launch_flash_dv(dv, grid, s, q, kv, q_pe, k_pe, T, heads, kv_heads, dk, dr, pos0, dpos, scale, out);
+  launch_flash_mla(dv, FlashArgs{q, kv, q_pe, k_pe, T, heads, kv_heads, dk, dr, pos0, dpos, scale, out}, s);
   return true;
 }
 
@@ -813,9 +907,8 @@ bool attention_prefill_cache(const uint16_t* q, const uint16_t* kc, const uint16
   for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(kc), static_cast<const void*>(vc),
                         static_cast<const void*>(out)})
     if (!aligned16(p)) return false;
-  const dim3 grid(unsigned((T + kFQ - 1) / kFQ), unsigned(heads));
   const KvRows kv{kc, vc, hd, capacity * hd, hd, capacity * hd};
-  launch_flash_dv(hd, grid, s, q, kv, nullptr, nullptr, T, heads, kv_heads, hd, 0, pos0, dpos, scale, out);
+  launch_flash_gqa(hd, FlashArgs{q, kv, nullptr, nullptr, T, heads, kv_heads, hd, 0, pos0, dpos, scale, out}, s);
   return true;
 }
 
