@@ -6,7 +6,9 @@
 # the GPU's default passes and in passes of 512.
 # $OUT gets results.md and raw.tgz (every raw log and JSON): a device run
 # brings back at most 8 files, so the raw files are packed into one.
-#   STAGES="tests qwen3 lfm2 glm" (default: all)   RUNS=3   GEN=128   PROMPT=512
+#   STAGES="tests qwen3 lfm2 glm" (default: all; add "sanitize" for the GPU
+#   tests under compute-sanitizer's memcheck, ~80 s, and racecheck on the
+#   flash prefill kernels' tests)   RUNS=3   GEN=128   PROMPT=512
 #   LONG="32768" (prompt lengths; empty: none)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +43,16 @@ if has tests; then
   # runs without PDL on its own, as on an A100 (pdl_enabled).
   [[ -x "$BIN/zmlx_tests80" ]] && gpu_tests "GPU unit tests, the sm_80 build (PTX compiled at load, no PDL)" \
     zmlx_tests80 tests80.txt
+fi
+
+if has sanitize; then
+  CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  log "## compute-sanitizer"
+  timeout 420 "$CS" --tool memcheck --print-limit 10 "$BIN/zmlx_tests" --gtest_filter='Cuda*' >"$RAW/memcheck.txt" 2>&1
+  log "memcheck (exit $?): $(grep -E 'ERROR SUMMARY|^\[  (PASSED|FAILED) ' "$RAW/memcheck.txt" | tr '\n' ' ')"
+  timeout 300 "$CS" --tool racecheck --print-limit 10 "$BIN/zmlx_tests" \
+    --gtest_filter='CudaOps.AttentionDecodeAndPrefillMatchCpu:CudaOps.MlaFastKernelsMatchCpu' >"$RAW/racecheck.txt" 2>&1
+  log "racecheck (exit $?): $(grep -E 'RACECHECK SUMMARY|^\[  (PASSED|FAILED) ' "$RAW/racecheck.txt" | tr '\n' ' ')"
 fi
 
 bench_family() {  # arch name

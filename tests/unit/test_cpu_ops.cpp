@@ -116,7 +116,7 @@ TEST(CpuOps, SoftmaxTopKRouter) {
 
 struct MoeFixture {
   std::mt19937 rng{5};
-  int64_t T, D = 128, I = 192, E = 6, k = 3;
+  int64_t T, D = 128, I = 256, E = 6, k = 3;  // whole groups of 128 both ways
   Weight gate, up, down;
   Tensor x;
   Routing r;

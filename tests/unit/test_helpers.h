@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <cstdint>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -72,6 +73,12 @@ inline Tensor bf16_tensor(const std::vector<uint16_t>& v, std::vector<int64_t> s
 // A random MLX-affine weight (random codes, scales of both signs).
 inline Weight random_qweight(std::mt19937& rng, int64_t experts, int64_t rows, int64_t cols, int bits, int group,
                              const std::string& name = "w") {
+  // As the loader demands of a checkpoint: whole groups and words a row (a
+  // kernel reads a row's groups as cols / group; compute-sanitizer caught a
+  // test weight of 160 columns in groups of 64 read past its scales).
+  if (group <= 0 || cols % group != 0 || (cols * bits) % 32 != 0)
+    throw std::invalid_argument("random_qweight: " + std::to_string(cols) + " columns are not whole groups of " +
+                                std::to_string(group) + " and 32-bit words of " + std::to_string(bits) + "-bit values");
   Weight w;
   w.name = name;
   w.experts = experts;

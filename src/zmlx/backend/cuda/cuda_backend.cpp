@@ -530,6 +530,12 @@ class CudaBackend final : public Backend {
   }
 
   Weight adopt(const Weight& w) override {
+    // The kernels read a row's groups as cols / group_size (the loader
+    // demands as much of a checkpoint; a weight built in code must too).
+    ZMLX_CHECK(!w.quantized || (w.q.group_size > 0 && w.cols % w.q.group_size == 0 &&
+                                w.scales.numel() == std::max<int64_t>(w.experts, 1) * w.rows * (w.cols / w.q.group_size)),
+               "{}: {} columns in groups of {} with {} scales: not whole groups of every row", w.name, w.cols,
+               w.q.group_size, w.scales.numel());
     Weight d = w;
     d.tiles = d.tile_scales = d.tile_biases = Tensor{};
     d.w = adopt(w.w);

@@ -3673,11 +3673,20 @@ bool linear_route_and_swiglu_fits(const QMat& w, const QMat& g, const QMat& u, i
          k <= w.rows && (n_group == 1 || topk_group >= n_group);
 }
 
+namespace {
+// At least two: the rows hand their logits to block 0 by st.async, which
+// compute-sanitizer calls invalid in a cluster of one block (a router of up
+// to 8 experts; the spare block's warps hold no row).
+int route_in_router_blocks(const QMat& w) {
+  return std::max(2, int((w.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock));
+}
+}  // namespace
+
 void linear_route_and_swiglu(const uint16_t* x, const QMat& w, uint16_t* y, const GroupedRoute& r, const QMat& g,
                              const QMat& u, uint16_t* yh, cudaStream_t s) {
   if (!linear_route_and_swiglu_fits(w, g, u, r.k, r.n_group, r.topk_group))
     throw std::runtime_error("linear_route_and_swiglu: formats, a router or a GPU it does not take");
-  const int wb = int((w.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
+  const int wb = route_in_router_blocks(w);  // at least two (st.async into block 0)
   const int gb = int((g.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock);
   const int blocks = (wb + gb + wb - 1) / wb * wb;  // whole clusters of wb blocks
   auto go = [&](auto wbits) {
@@ -4081,7 +4090,6 @@ void route_sigmoid(const uint16_t* logits, const float* bias, int T, int E, int 
 }
 
 namespace {
-int route_in_router_blocks(const QMat& w) { return int((w.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock); }
 // Whether this GPU runs clusters of 16 blocks of linear_route_decode_kernel
 // (a size past the portable 8, which the kernel must opt into).
 bool route_cluster_of_16_runs() {
