@@ -9,7 +9,7 @@
 #   STAGES="tests qwen3 lfm2 glm" (default: all; add "sanitize" for the GPU
 #   tests under compute-sanitizer's memcheck, ~80 s, and racecheck on the
 #   flash prefill kernels' tests)   RUNS=3   GEN=128   PROMPT=512
-#   LONG="32768" (prompt lengths; empty: none)
+#   LONG="32768" (prompt lengths; empty: none)   LONG_CHUNKS="0 512" (passes; 0: the GPU's default)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-build-device}
@@ -17,7 +17,7 @@ export LD_LIBRARY_PATH="$PWD/$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 OUT=${OUT:-/tmp/zmlx-device-out}
 WORK=${WORK:-/tmp/zmlx-models}
 STAGES=${STAGES:-tests qwen3 lfm2 glm}
-RUNS=${RUNS:-3}; GEN=${GEN:-128}; PROMPT=${PROMPT:-512}; LONG=${LONG-32768}
+RUNS=${RUNS:-3}; GEN=${GEN:-128}; PROMPT=${PROMPT:-512}; LONG=${LONG-32768}; LONG_CHUNKS=${LONG_CHUNKS:-0 512}
 RAW=$(mktemp -d)
 mkdir -p "$OUT" "$WORK"
 R="$OUT/results.md"
@@ -50,8 +50,8 @@ if has sanitize; then
   log "## compute-sanitizer"
   timeout 420 "$CS" --tool memcheck --print-limit 10 "$BIN/zmlx_tests" --gtest_filter='Cuda*' >"$RAW/memcheck.txt" 2>&1
   log "memcheck (exit $?): $(grep -E 'ERROR SUMMARY|^\[  (PASSED|FAILED) ' "$RAW/memcheck.txt" | tr '\n' ' ')"
-  timeout 300 "$CS" --tool racecheck --print-limit 10 "$BIN/zmlx_tests" \
-    --gtest_filter='CudaOps.AttentionDecodeAndPrefillMatchCpu:CudaOps.MlaFastKernelsMatchCpu' >"$RAW/racecheck.txt" 2>&1
+  timeout 420 "$CS" --tool racecheck --print-limit 10 "$BIN/zmlx_tests" \
+    --gtest_filter='CudaOps.AttentionDecodeAndPrefillMatchCpu:CudaOps.MlaFastKernelsMatchCpu:CudaOps.FlashPrefillOverManyTilesMatchesCpu' >"$RAW/racecheck.txt" 2>&1
   log "racecheck (exit $?): $(grep -E 'RACECHECK SUMMARY|^\[  (PASSED|FAILED) ' "$RAW/racecheck.txt" | tr '\n' ' ')"
 fi
 
@@ -73,7 +73,7 @@ bench_family() {  # arch name
   log "validate $arch (exit $?):"
   tail -12 "$RAW/validate-$arch.txt" | tee -a "$R"
   for n in $LONG; do
-    for chunk in 0 512; do  # 0: the backend's choice
+    for chunk in $LONG_CHUNKS; do  # 0: the backend's choice
       timeout 300 "$BIN/zmlx" bench "$dir" --backend cuda --patch --prompt-tokens "$n" --gen-tokens 16 --runs 1 \
         --prefill-chunk "$chunk" --json >"$RAW/bench-$arch-long-$n-$chunk.json" 2>"$RAW/bench-$arch-long-$n-$chunk.log"
       log "bench $arch --prompt-tokens $n --prefill-chunk $chunk (exit $?): $(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('prefill %.0f tok/s in passes of %d, then decode %.1f tok/s, GPU peak %.2f GB' % (j['prefill_tps']['median'], j['prefill_chunk'], j['decode_tps']['median'], j['peak_device_bytes']/1e9))" "$RAW/bench-$arch-long-$n-$chunk.json" 2>&1 | tail -1)"

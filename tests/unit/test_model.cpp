@@ -54,6 +54,25 @@ TEST(Model, PrefillInChunksEqualsOnePassBitForBit) {
   EXPECT_EQ(one, mixed);
 }
 
+// GenerateOptions::prefill_chunk = 0 leaves the pass length to the backend
+// (the CPU's: 512); any pass length gives the CPU's bits.
+TEST(Model, PrefillPassLeftOpenTakesTheBackendsAndKeepsTheTokens) {
+  auto be = make_cpu_backend();
+  EXPECT_EQ(be->prefill_chunk(), 512);
+  auto m = load_model(tiny("passes"), *be);
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 600; ++i) ids.push_back((i * 37 + 11) % 2000);  // two passes of 512
+  GenerateOptions o;
+  o.max_tokens = 6;
+  ASSERT_EQ(o.prefill_chunk, 0);
+  const auto open = generate(*m, *be, nullptr, ids, o).token_ids;
+  ASSERT_EQ(open.size(), 6u);
+  for (int chunk : {1000, 512, 7}) {
+    o.prefill_chunk = chunk;
+    EXPECT_EQ(generate(*m, *be, nullptr, ids, o).token_ids, open) << "passes of " << chunk;
+  }
+}
+
 TEST(Model, GreedyGenerationIsDeterministicAndPeaked) {
   auto be = make_cpu_backend();
   const std::string dir = tiny("greedy");

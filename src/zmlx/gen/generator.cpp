@@ -106,10 +106,15 @@ GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
   const dist::Placement& P = model.placement();
   if (!P.active()) return run_generation(model, be, tok, prompt_ids, opt, on_text);
   ZMLX_CHECK(!prompt_ids.empty(), "the prompt is empty (no tokens to condition on)");
-  // Rank 0's request is the one every rank runs (its backend picks the chunk).
-  GenerateOptions resolved = opt;
-  if (resolved.prefill_chunk <= 0) resolved.prefill_chunk = be.prefill_chunk();
-  std::vector<int32_t> msg = P.rank == 0 ? encode_request(prompt_ids, resolved) : std::vector<int32_t>{};
+  // Rank 0's request is the one every rank runs, its pass length included
+  // (chosen by rank 0's backend when left open, so that every rank runs the
+  // same passes).
+  std::vector<int32_t> msg;
+  if (P.rank == 0) {
+    GenerateOptions resolved = opt;
+    if (resolved.prefill_chunk <= 0) resolved.prefill_chunk = std::max(1, be.prefill_chunk());
+    msg = encode_request(prompt_ids, resolved);
+  }
   P.comm->broadcast_i32(msg, 0);
   std::vector<int32_t> prompt;
   GenerateOptions o = opt;

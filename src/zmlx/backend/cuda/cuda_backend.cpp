@@ -514,19 +514,27 @@ class CudaBackend final : public Backend {
 
   uint64_t peak_device_bytes() const override { return weight_bytes_ + pool_->peak_bytes(); }
   // Passes of 4,096 prompt tokens: on an H200, prefill of 8,192 and 32,768
-  // tokens ran 1.2-1.9x faster than in passes of 512 (docs/performance.md).
-  // A pass of 4,096 holds ~2 GB more activations than one of 512 on
-  // Qwen3-30B-A3B's shapes, so a card with less room (free + the pool's idle
-  // blocks) than 8 GiB takes 1,024, and under 2 GiB 512.
+  // tokens ran 1.2-2.1x faster than in passes of 512, and the GPU's peak
+  // memory was no higher (docs/performance.md). The room a pass needs grows
+  // with it, so a card with less room (free memory + the pool's idle blocks)
+  // than 8 GiB takes 1,024 and under 2 GiB 512: margins for smaller cards,
+  // not measured ones. Decided once, at the first prompt, and kept: the
+  // pass length changes the prefill GEMMs' split-K and so the bits, and two
+  // runs of one prompt (validate's, a seeded request's) must agree.
   int prefill_chunk() const override {
-    size_t free = 0, total = 0;
-    if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
-      cudaGetLastError();
-      return 512;
-    }
-    const double room = double(free) + double(pool_->idle_bytes());
-    constexpr double GiB = 1024.0 * 1024.0 * 1024.0;
-    return room >= 8 * GiB ? 4096 : room >= 2 * GiB ? 1024 : 512;
+    std::call_once(prefill_chunk_once_, [this] {
+      cudaSetDevice(device_);  // the caller may be another thread (the node's worker)
+      size_t free = 0, total = 0;
+      if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
+        cudaGetLastError();
+        prefill_chunk_ = 512;
+        return;
+      }
+      const double room = double(free) + double(pool_->idle_bytes());
+      constexpr double GiB = 1024.0 * 1024.0 * 1024.0;
+      prefill_chunk_ = room >= 8 * GiB ? 4096 : room >= 2 * GiB ? 1024 : 512;
+    });
+    return prefill_chunk_;
   }
 
   Weight adopt(const Weight& w) override {
@@ -774,12 +782,13 @@ class CudaBackend final : public Backend {
     ZMLX_CHECK(k.rows() >= pos0 + T && v.rows() >= pos0 + T && k_pe.rows() >= pos0 + T && T <= 65535,
                "attention_pe: k [{}] / v [{}] / k_pe [{}] rows do not cover {} positions (or over 65535 queries)",
                k.rows(), v.rows(), k_pe.rows(), pos0 + T);
-    // Decode: the key splits follow the cache's capacity as GQA's do (a
+    // Decode: the key splits follow the cache's capacity (kern::splits_by_rows:
+    // 64 rows a split, so eager and replayed steps agree), as GQA's do (a
     // recorded step serves every length up to it), at least 16: with 16 at
     // every length a split's warps took ~33 dependent steps at 8K positions.
     // No capacity given, or ZMLX_CUDA_MLA_SPLITS=16: 16 (A/B runs; read per call).
     const bool by_capacity = capacity > 0 && !zmlx::cuda::env_is("ZMLX_CUDA_MLA_SPLITS", "16");
-    const int splits = T > 1 ? 1 : by_capacity ? decode_splits(capacity, 16) : 16;
+    const int splits = T > 1 ? 1 : by_capacity ? kern::splits_by_rows(capacity, 16) : 16;
     Tensor scratch = alloc(DType::F32, {T * heads * splits * (dv + 2)});
     Tensor out = alloc(DType::BF16, {T, heads * dv});
     Prof p_(this, "attention_pe");
@@ -901,14 +910,6 @@ class CudaBackend final : public Backend {
                                 int(n_group), int(topk_group), normalize, eps, scaling,
                                 static_cast<int32_t*>(r.experts.data), static_cast<float*>(r.scores.data), stream_);
     return r;
-  }
-
-  // MLA's decode attention splits the keys over blocks (flash-decoding), 64
-  // cache rows a split, at least `at_least`, at most 128 (the merge's limit);
-  // the count depends only on the cache capacity, so eager and replayed steps
-  // agree. (GQA's: kern::decode_attention_splits.)
-  static int decode_splits(int64_t capacity, int at_least = 1) {
-    return int(std::clamp<int64_t>(capacity / 64, at_least, 128));
   }
 
   Tensor attention(const Tensor& q, const KvLayer& c, int64_t pos0, int64_t heads, int64_t kv_heads, int64_t hd,
@@ -1547,6 +1548,8 @@ class CudaBackend final : public Backend {
   std::optional<sampling::Params> chain_params_;  // set while chained steps sample
   bool graphs_enabled_ = true, capturing_ = false;
   int device_ = 0;
+  mutable std::once_flag prefill_chunk_once_;  // prefill_chunk(): decided once
+  mutable int prefill_chunk_ = 512;
   uint64_t weight_bytes_ = 0;
   cudaEvent_t step_done_ = nullptr;
   std::unordered_set<uint64_t> failed_keys_;

@@ -3915,8 +3915,12 @@ int stream_blocks_per_sm() {
   });
 }
 
+int splits_by_rows(int64_t capacity, int at_least) {
+  return int(std::clamp<int64_t>(capacity / 64, at_least, kMaxMergeSplits));
+}
+
 int decode_attention_splits(int heads, int kv_heads, int head_dim, int64_t capacity) {
-  const int by_rows = int(std::clamp<int64_t>(capacity / 64, 1, kMaxMergeSplits));
+  const int by_rows = splits_by_rows(capacity);
   // Streaming or its split sizing switched off, or not the grouped kernel at
   // all (its shapes, its switch, the card's shared memory): 64 rows a split.
   if (env_is("ZMLX_CUDA_ATTN_WAVE_SPLITS", "0") || env_is("ZMLX_CUDA_ATTN_STREAM", "0") ||

@@ -192,6 +192,10 @@ bool multi_linear_short_rows(int bits, int64_t cols);
 // (ZMLX_CUDA_ATTN_CLUSTER=launch, a measurement).
 enum class AttnCluster { off, merge, launch };
 AttnCluster attention_cluster(int heads, int kv_heads, int head_dim, int64_t capacity, int splits);
+// 64 cache rows a split, from `at_least` to at most 128 (the merge's limit):
+// the decode attentions' split count by capacity (GLM's absorbed attention
+// asks for at least 16; decode_attention_splits starts from it).
+int splits_by_rows(int64_t capacity, int at_least = 1);
 // The key splits of a one-token GQA attention over a cache of `capacity`
 // rows (a function of the shapes and the card alone, so eager and replayed
 // steps agree): 64 rows a split, at most kMaxMergeSplits (128) — except

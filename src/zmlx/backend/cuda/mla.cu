@@ -228,14 +228,14 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows
     for (int kk = 0; kk < kFK / 16; ++kk) {
       const int vrow = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
-      for (int p0 = 0; p0 < DV / 16; p0 += 4) {
+      for (int pb = 0; pb < DV / 16; pb += 4) {  // four column pairs a batch
         uint32_t b[4][4];  // four fragments loaded, then their products (as above)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) ldmatrix_x4_trans(b[i], aV + swz(vrow, (p0 + i) * 2 + (lane >> 4), VB));
+        for (int i = 0; i < 4; ++i) ldmatrix_x4_trans(b[i], aV + swz(vrow, (pb + i) * 2 + (lane >> 4), VB));
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          mma_bf16(o_acc[2 * (p0 + i)], pa[kk], b[i][0], b[i][1]);
-          mma_bf16(o_acc[2 * (p0 + i) + 1], pa[kk], b[i][2], b[i][3]);
+          mma_bf16(o_acc[2 * (pb + i)], pa[kk], b[i][0], b[i][1]);
+          mma_bf16(o_acc[2 * (pb + i) + 1], pa[kk], b[i][2], b[i][3]);
         }
       }
     }
