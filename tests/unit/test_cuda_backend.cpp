@@ -2094,7 +2094,7 @@ TEST(CudaModels, Glm4MoeLiteFullLatentGpuMatchesCpuAndFusedIsBitIdentical) {
 // replayed steps (sequence length read from device memory) against eager
 // ones, bit for bit, patched. Qwen3's head grouping (8 query heads a kv
 // head, 128 dims) on a small model, after a 20,000-token prompt prefilled in
-// the GPU's passes.
+// passes of 4,096.
 TEST(CudaModels, ReplayedStepsAtALongContextAreBitIdenticalToEager) {
   REQUIRE_GPU();
   const std::string dir = test::synth_temp("qwen3_moe", "cuda_long_replay", 23,
