@@ -182,6 +182,27 @@ TEST(CudaOps, NormRopeAddEmbedMatchCpu) {
   EXPECT_TRUE(std::memcmp(g->to_host(ge).data, ce.data, ce.nbytes()) == 0) << "embedding rows are exact";
 }
 
+// T tokens of random q, k, v at `pos`: k and v written to both caches, the
+// CPU's attention (ref) and the GPU's (got) of q over them.
+struct GqaStep {
+  Tensor q;
+  float scale;
+  std::vector<float> ref, got;
+};
+GqaStep gqa_step(Backend& c, Backend& g, KvLayer& ck, KvLayer& gk, std::mt19937& rng, int64_t T, int64_t pos,
+                 int64_t H, int64_t Hkv, int64_t hd) {
+  GqaStep st;
+  st.q = test::bf16_tensor(test::random_bf16(rng, size_t(T * H * hd)), {T, H * hd});
+  Tensor k = test::bf16_tensor(test::random_bf16(rng, size_t(T * Hkv * hd)), {T, Hkv * hd});
+  Tensor v = test::bf16_tensor(test::random_bf16(rng, size_t(T * Hkv * hd)), {T, Hkv * hd});
+  c.kv_write(ck, k, v, pos);
+  g.kv_write(gk, g.from_host(k), g.from_host(v), pos);
+  st.scale = 1.f / std::sqrt(float(hd));
+  st.ref = host_floats(c, c.attention(st.q, ck, pos, H, Hkv, hd, st.scale));
+  st.got = host_floats(g, g.attention(g.from_host(st.q), gk, pos, H, Hkv, hd, st.scale));
+  return st;
+}
+
 TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
   REQUIRE_GPU();
   auto g = gpu();
@@ -196,14 +217,11 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
     // plain split kernels: both must match the CPU.
     int64_t pos = 0;
     for (int64_t T : {int64_t(65), int64_t(235), int64_t(17), int64_t(383), int64_t(1), int64_t(1), int64_t(1)}) {
-      Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(T * H * hd)), {T, H * hd});
-      Tensor k = test::bf16_tensor(test::random_bf16(rng, size_t(T * Hkv * hd)), {T, Hkv * hd});
-      Tensor v = test::bf16_tensor(test::random_bf16(rng, size_t(T * Hkv * hd)), {T, Hkv * hd});
-      c->kv_write(ck, k, v, pos);
-      g->kv_write(gk, g->from_host(k), g->from_host(v), pos);
-      const float scale = 1.f / std::sqrt(float(hd));
-      const auto ref = host_floats(*c, c->attention(q, ck, pos, H, Hkv, hd, scale));
-      const auto got = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
+      const GqaStep st = gqa_step(*c, *g, ck, gk, rng, T, pos, H, Hkv, hd);
+      const Tensor& q = st.q;
+      const float scale = st.scale;
+      const std::vector<float>& ref = st.ref;
+      const std::vector<float>& got = st.got;
       EXPECT_LT(rel_l2(got, ref), 5e-3) << "H " << H << " hd " << hd << " pos " << pos << " T " << T;
       if (T > 1) {
         std::vector<float> plain;
@@ -271,14 +289,11 @@ TEST(CudaOps, FlashPrefillOverManyTilesMatchesCpu) {
     KvLayer ck = c->new_kv_layer(Hkv, hd, 4096), gk = g->new_kv_layer(Hkv, hd, 4096);
     int64_t pos = 0;
     for (int64_t T : {int64_t(1500), int64_t(1801)}) {  // the second pass: 52 key tiles, 29 query tiles
-      Tensor q = test::bf16_tensor(test::random_bf16(rng, size_t(T * H * hd)), {T, H * hd});
-      Tensor k = test::bf16_tensor(test::random_bf16(rng, size_t(T * Hkv * hd)), {T, Hkv * hd});
-      Tensor v = test::bf16_tensor(test::random_bf16(rng, size_t(T * Hkv * hd)), {T, Hkv * hd});
-      c->kv_write(ck, k, v, pos);
-      g->kv_write(gk, g->from_host(k), g->from_host(v), pos);
-      const float scale = 1.f / std::sqrt(float(hd));
-      const auto ref = host_floats(*c, c->attention(q, ck, pos, H, Hkv, hd, scale));
-      const auto got = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
+      const GqaStep st = gqa_step(*c, *g, ck, gk, rng, T, pos, H, Hkv, hd);
+      const Tensor& q = st.q;
+      const float scale = st.scale;
+      const std::vector<float>& ref = st.ref;
+      const std::vector<float>& got = st.got;
       EXPECT_LT(rel_l2(got, ref), 5e-3) << "hd " << hd << " pos " << pos << " T " << T;
       {
         test::ScopedEnv no_flash("ZMLX_CUDA_FLASH", "0");
