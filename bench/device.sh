@@ -17,7 +17,7 @@ export LD_LIBRARY_PATH="$PWD/$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 OUT=${OUT:-/tmp/zmlx-device-out}
 WORK=${WORK:-/tmp/zmlx-models}
 STAGES=${STAGES:-tests qwen3 lfm2 glm}
-RUNS=${RUNS:-3}; GEN=${GEN:-128}; PROMPT=${PROMPT:-512}; LONG=${LONG-32768}; LONG_CHUNKS=${LONG_CHUNKS:-0 512}
+RUNS=${RUNS:-3}; GEN=${GEN:-128}; PROMPT=${PROMPT:-512}; LONG=${LONG-32768}; LONG_CHUNKS=${LONG_CHUNKS-0 512}
 RAW=$(mktemp -d)
 mkdir -p "$OUT" "$WORK"
 R="$OUT/results.md"

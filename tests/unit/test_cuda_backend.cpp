@@ -456,7 +456,7 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
   for (const Case& k : {Case{32, 4, 128, 768, 500}, Case{32, 4, 128, 1024, 1000}, Case{32, 8, 64, 128, 3},
                         Case{16, 8, 64, 320, 100}, Case{32, 4, 128, 448, 447}, Case{24, 8, 128, 576, 200},
                         Case{32, 4, 128, 192, 150}, Case{16, 4, 64, 640, 20}}) {
-    const int splits = int(std::clamp<int64_t>(k.capacity / 64, 1, 128));  // the backend's decode_splits
+    const int splits = int(std::clamp<int64_t>(k.capacity / 64, 1, 128));  // kern::splits_by_rows
     const std::string what = "H " + std::to_string(k.H) + " Hkv " + std::to_string(k.Hkv) + " hd " +
                              std::to_string(k.hd) + " splits " + std::to_string(splits);
     // The default: the cluster form up to 4 kv heads, where this binary's

@@ -54,9 +54,11 @@ TEST(Model, PrefillInChunksEqualsOnePassBitForBit) {
   EXPECT_EQ(one, mixed);
 }
 
-// GenerateOptions::prefill_chunk = 0 leaves the pass length to the backend
-// (the CPU's: 512); any pass length gives the CPU's bits.
-TEST(Model, PrefillPassLeftOpenTakesTheBackendsAndKeepsTheTokens) {
+// GenerateOptions::prefill_chunk = 0 (the default) leaves the pass length to
+// the backend: the CPU's is 512, an open length runs, and any pass length
+// gives the CPU's tokens. (Which length a GPU picks, and that every rank of a
+// parallel run takes rank 0's, is not checked here.)
+TEST(Model, OpenPrefillPassRunsAndAnyPassGivesTheSameTokens) {
   auto be = make_cpu_backend();
   EXPECT_EQ(be->prefill_chunk(), 512);
   auto m = load_model(tiny("passes"), *be);
@@ -71,6 +73,13 @@ TEST(Model, PrefillPassLeftOpenTakesTheBackendsAndKeepsTheTokens) {
     o.prefill_chunk = chunk;
     EXPECT_EQ(generate(*m, *be, nullptr, ids, o).token_ids, open) << "passes of " << chunk;
   }
+  // The pass length actually used: the backend's when left open, at most
+  // 65,535 / experts a token (the tiny Qwen3-MoE: 2 a token).
+  const int64_t k = m->config().get_int("num_experts_per_tok");
+  ASSERT_GT(k, 1);
+  EXPECT_EQ(prefill_pass(*m, *be, 0), 512);
+  EXPECT_EQ(prefill_pass(*m, *be, 100), 100);
+  EXPECT_EQ(prefill_pass(*m, *be, 65535), int(65535 / k));
 }
 
 TEST(Model, GreedyGenerationIsDeterministicAndPeaked) {

@@ -100,6 +100,12 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
 
 }  // namespace
 
+int prefill_pass(const Model& model, Backend& be, int requested) {
+  const int64_t k = std::max<int64_t>(1, model.config().get_int("num_experts_per_tok", 1));
+  const int limit = int(std::max<int64_t>(1, 65535 / k));
+  return std::clamp(requested > 0 ? requested : be.prefill_chunk(), 1, limit);
+}
+
 GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
                         const std::vector<int32_t>& prompt_ids, const GenerateOptions& opt,
                         const TextCallback& on_text) {
@@ -112,7 +118,7 @@ GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
   std::vector<int32_t> msg;
   if (P.rank == 0) {
     GenerateOptions resolved = opt;
-    if (resolved.prefill_chunk <= 0) resolved.prefill_chunk = std::max(1, be.prefill_chunk());
+    resolved.prefill_chunk = prefill_pass(model, be, resolved.prefill_chunk);
     msg = encode_request(prompt_ids, resolved);
   }
   P.comm->broadcast_i32(msg, 0);
@@ -180,7 +186,7 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
   // Prefill.
   auto t0 = Clock::now();
   Tensor logits;
-  const size_t chunk = size_t(opt.prefill_chunk > 0 ? opt.prefill_chunk : std::max(1, be.prefill_chunk()));
+  const size_t chunk = size_t(prefill_pass(model, be, opt.prefill_chunk));
   for (size_t i = 0; i < prompt_ids.size(); i += chunk) {
     std::vector<int32_t> part(prompt_ids.begin() + i, prompt_ids.begin() + std::min(prompt_ids.size(), i + chunk));
     logits = model.forward(be, part, cache);

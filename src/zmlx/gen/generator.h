@@ -19,7 +19,7 @@ struct GenerateOptions {
   std::vector<std::string> stop_strings;
   std::vector<int32_t> eos_ids;   // generation stops when one is sampled (not emitted)
   // Prompt tokens per forward pass; 0: the backend's choice
-  // (Backend::prefill_chunk(): 512 on the CPU, up to 8,192 on a GPU).
+  // (Backend::prefill_chunk(): 512 on the CPU, up to 4,096 on a GPU).
   int prefill_chunk = 0;
   // Called with the logits of every sampled position (validate compares them).
   std::function<void(const std::vector<float>&)> on_logits;
@@ -44,6 +44,12 @@ using TextCallback = std::function<bool(const std::string&)>;
 GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
                         const std::vector<int32_t>& prompt_ids, const GenerateOptions& opt,
                         const TextCallback& on_text = nullptr);
+
+// The prompt tokens a prefill pass takes: `requested`, or the backend's
+// choice when it is 0 or less (Backend::prefill_chunk), at most what one
+// backend call takes — 65,535 query rows, and 65,535 token-expert pairs in
+// the unpatched MoE block's gather (8,191 tokens at 8 experts a token).
+int prefill_pass(const Model& model, Backend& be, int requested);
 
 // Multi-process runs (model.placement().active()): generate() is collective.
 // Rank 0's prompt and options are broadcast and every rank runs the same

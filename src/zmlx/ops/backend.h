@@ -268,7 +268,7 @@ class Backend {
   // Prompt tokens per prefill forward pass when the caller leaves it open
   // (GenerateOptions::prefill_chunk = 0). Longer passes feed the GPU's
   // GEMMs and flash attention more rows at once (the CUDA backend picks up
-  // to 8,192 by its free memory); the CPU keeps 512.
+  // to 4,096 by its free memory); the CPU keeps 512.
   virtual int prefill_chunk() const { return 512; }
 
   // Peak bytes this backend has held in device memory (weights + pool);

@@ -513,16 +513,18 @@ class CudaBackend final : public Backend {
   }
 
   uint64_t peak_device_bytes() const override { return weight_bytes_ + pool_->peak_bytes(); }
-  // Passes of 8,192 prompt tokens: on an H200, a 32,768-token prompt
-  // prefilled 1.24-2.18x faster than in passes of 512 and 2.4-5.4 % faster
-  // than in passes of 4,096, at no higher GPU peak memory on Qwen3's and
-  // GLM's shapes (+0.23 GB on LFM2's; docs/performance.md). The room a pass
-  // needs grows with it, so a card with less room (free memory + the pool's
-  // idle blocks) takes shorter ones: 4,096 under 16 GiB, 1,024 under 8, 512
-  // under 2 — margins for smaller cards, not measured ones. Decided once, at
-  // the first prompt, and kept: the pass length changes the prefill GEMMs'
-  // split-K and so the bits, and two runs of one prompt (validate's, a
-  // seeded request's) must agree.
+  // Passes of 4,096 prompt tokens: on an H200, a 32,768-token prompt
+  // prefilled 1.21-2.07x faster than in passes of 512, at no higher GPU peak
+  // memory (docs/performance.md). Passes of 8,192 were 2.4-5.4 % faster
+  // still (`--prefill-chunk 8192`), but the unpatched MoE block's
+  // gather_qmm takes at most 65,535 token-expert pairs a call: 8,191 tokens
+  // at Qwen3's 8 experts a token. The room a pass needs grows with it, so a
+  // card with less room (free memory + the pool's idle blocks) takes shorter
+  // ones: 1,024 under 8 GiB, 512 under 2 — margins for smaller cards, not
+  // measured ones. Decided once, at the first prompt, and kept for the
+  // backend's life (a node's instance keeps it as other models load): the
+  // pass length changes the prefill GEMMs' split-K and so the bits, and two
+  // runs of one prompt (validate's, a seeded request's) must agree.
   int prefill_chunk() const override {
     std::call_once(prefill_chunk_once_, [this] {
       cudaSetDevice(device_);  // the caller may be another thread (the node's worker)
@@ -534,7 +536,7 @@ class CudaBackend final : public Backend {
       }
       const double room = double(free) + double(pool_->idle_bytes());
       constexpr double GiB = 1024.0 * 1024.0 * 1024.0;
-      prefill_chunk_ = room >= 16 * GiB ? 8192 : room >= 8 * GiB ? 4096 : room >= 2 * GiB ? 1024 : 512;
+      prefill_chunk_ = room >= 8 * GiB ? 4096 : room >= 2 * GiB ? 1024 : 512;
     });
     return prefill_chunk_;
   }
