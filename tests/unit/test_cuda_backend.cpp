@@ -283,6 +283,9 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
 TEST(CudaOps, FlashPrefillOverManyTilesMatchesCpu) {
   REQUIRE_GPU();
   auto g = gpu();
+  // One call's limits (65,535 rows or token-expert pairs) bound a pass.
+  EXPECT_EQ(g->max_prefill_pass(8), 8191);
+  EXPECT_EQ(g->max_prefill_pass(0), 65535);
   auto c = make_cpu_backend();
   std::mt19937 rng(61);
   for (auto [H, Hkv, hd] : {std::tuple<int64_t, int64_t, int64_t>{8, 2, 128}, {8, 2, 64}}) {

@@ -101,8 +101,7 @@ GenerateResult run_generation(Model& model, Backend& be, const text::Tokenizer* 
 }  // namespace
 
 int prefill_pass(const Model& model, Backend& be, int requested) {
-  const int64_t k = std::max<int64_t>(1, model.config().get_int("num_experts_per_tok", 1));
-  const int limit = int(std::max<int64_t>(1, 65535 / k));
+  const int limit = std::max(1, be.max_prefill_pass(model.config().get_int("num_experts_per_tok", 0)));
   return std::clamp(requested > 0 ? requested : be.prefill_chunk(), 1, limit);
 }
 

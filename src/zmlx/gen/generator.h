@@ -46,9 +46,9 @@ GenerateResult generate(Model& model, Backend& be, const text::Tokenizer* tok,
                         const TextCallback& on_text = nullptr);
 
 // The prompt tokens a prefill pass takes: `requested`, or the backend's
-// choice when it is 0 or less (Backend::prefill_chunk), at most what one
-// backend call takes — 65,535 query rows, and 65,535 token-expert pairs in
-// the unpatched MoE block's gather (8,191 tokens at 8 experts a token).
+// choice when it is 0 or less (Backend::prefill_chunk), at most what one of
+// the backend's calls takes for this model (Backend::max_prefill_pass: on a
+// GPU 8,191 tokens at 8 experts a token).
 int prefill_pass(const Model& model, Backend& be, int requested);
 
 // Multi-process runs (model.placement().active()): generate() is collective.

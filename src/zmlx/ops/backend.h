@@ -7,6 +7,7 @@
 // accumulate in fp32; results are rounded to bf16 exactly where MLX rounds.
 #pragma once
 #include <functional>
+#include <limits>
 #include <memory>
 #include <span>
 #include <string>
@@ -270,6 +271,13 @@ class Backend {
   // GEMMs and flash attention more rows at once (the CUDA backend picks up
   // to 4,096 by its free memory); the CPU keeps 512.
   virtual int prefill_chunk() const { return 512; }
+  // The most prompt tokens one forward pass may hand this backend, for a
+  // model routing each token to `experts_per_token` experts (0: dense).
+  // Host backends have no per-call limit.
+  virtual int max_prefill_pass(int64_t experts_per_token) const {
+    (void)experts_per_token;
+    return std::numeric_limits<int>::max();
+  }
 
   // Peak bytes this backend has held in device memory (weights + pool);
   // 0 for host backends, whose memory shows in the process RSS.

@@ -58,6 +58,10 @@ bool flash_prefill() {
 constexpr int64_t kGemmMinTokens = 16;
 constexpr int64_t kGemmMinPairs = 64;
 
+// The most rows one op call takes where a kernel puts them on a grid's y
+// (65,535 blocks): attention's queries, gather_qmm's token-expert pairs.
+constexpr int64_t kMaxCallRows = 65535;
+
 void cuda_check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) fail("CUDA: {} failed: {}", what, cudaGetErrorString(e));
 }
@@ -517,8 +521,8 @@ class CudaBackend final : public Backend {
   // prefilled 1.21-2.07x faster than in passes of 512, at no higher GPU peak
   // memory (docs/performance.md). Passes of 8,192 were 2.4-5.4 % faster
   // still (`--prefill-chunk 8192`), but the unpatched MoE block's
-  // gather_qmm takes at most 65,535 token-expert pairs a call: 8,191 tokens
-  // at Qwen3's 8 experts a token. The room a pass needs grows with it, so a
+  // gather_qmm takes at most 65,535 token-expert pairs a call
+  // (max_prefill_pass: 8,191 tokens at Qwen3's 8 experts a token). The room a pass needs grows with it, so a
   // card with less room (free memory + the pool's idle blocks) takes shorter
   // ones: 1,024 under 8 GiB, 512 under 2 — margins for smaller cards, not
   // measured ones. Decided once, at the first prompt, and kept for the
@@ -539,6 +543,11 @@ class CudaBackend final : public Backend {
       prefill_chunk_ = room >= 8 * GiB ? 4096 : room >= 2 * GiB ? 1024 : 512;
     });
     return prefill_chunk_;
+  }
+  // One call's limits: 65,535 query rows (attention, attention_pe) and
+  // 65,535 token-expert pairs (gather_qmm, the unpatched MoE block's).
+  int max_prefill_pass(int64_t experts_per_token) const override {
+    return int(kMaxCallRows / std::max<int64_t>(1, experts_per_token));
   }
 
   Weight adopt(const Weight& w) override {
@@ -783,7 +792,7 @@ class CudaBackend final : public Backend {
                q.cols(), v.rows(), v.cols());
     const int64_t dk = q.cols() / heads, dv = v.cols() / kv_heads, dr = q_pe.cols() / heads;
     ZMLX_CHECK(k.cols() == kv_heads * dk && k_pe.cols() == dr, "attention_pe: k/k_pe widths do not match q");
-    ZMLX_CHECK(k.rows() >= pos0 + T && v.rows() >= pos0 + T && k_pe.rows() >= pos0 + T && T <= 65535,
+    ZMLX_CHECK(k.rows() >= pos0 + T && v.rows() >= pos0 + T && k_pe.rows() >= pos0 + T && T <= kMaxCallRows,
                "attention_pe: k [{}] / v [{}] / k_pe [{}] rows do not cover {} positions (or over 65535 queries)",
                k.rows(), v.rows(), k_pe.rows(), pos0 + T);
     // Decode: the key splits follow the cache's capacity (kern::splits_by_rows:
@@ -923,7 +932,8 @@ class CudaBackend final : public Backend {
                    c.k.dim(2) == hd && c.v.dim(2) == hd && pos0 + T <= c.capacity,
                "attention: q [{}, {}] with {} heads / {} kv heads of {} does not fit the cache [{}, {}, {}] at {}+{}",
                q.rows(), q.cols(), heads, kv_heads, hd, c.k.dim(0), c.capacity, c.k.dim(2), pos0, T);
-    ZMLX_CHECK(T <= 65535, "attention: {} query rows in one call (at most 65535; prefill in chunks)", T);
+    ZMLX_CHECK(T <= kMaxCallRows, "attention: {} query rows in one call (at most {}; prefill in chunks)", T,
+               kMaxCallRows);
     const int splits = T == 1 ? kern::decode_attention_splits(int(heads), int(kv_heads), int(hd), c.capacity) : 1;
     Tensor out = alloc(DType::BF16, {T, heads * hd});
     Prof p_(this, "attention");
@@ -996,7 +1006,8 @@ class CudaBackend final : public Backend {
     ZMLX_CHECK(x.cols() == w.cols, "{}: input has {} features, experts expect {}", w.name, x.cols(), w.cols);
     const bool per_slot = x.rows() == T * k;
     ZMLX_CHECK(per_slot || x.rows() == T, "{}: {} input rows for {} tokens x {} slots", w.name, x.rows(), T, k);
-    ZMLX_CHECK(T * k <= 65535, "{}: {} token-expert pairs in one call (at most 65535; prefill in chunks)", w.name, T * k);
+    ZMLX_CHECK(T * k <= kMaxCallRows, "{}: {} token-expert pairs in one call (at most {}; prefill in chunks)", w.name,
+               T * k, kMaxCallRows);
     Tensor out = alloc(DType::BF16, {T, k, N});
     const kern::QMat m = qmat(w);
     Prof p_(this, "gather_linear");

@@ -285,10 +285,6 @@ void launch_flash(const FlashArgs& a, cudaStream_t s) {
                                    a.scale, a.out);
 }
 
-// The row width of the Q and K tiles: the smallest of 64, 128, 256 that
-// holds dk + dr.
-int flash_row_width(int dk, int dr) { return dk + dr <= 64 ? 64 : dk + dr <= 128 ? 128 : kFMaxQK; }
-
 template <int DV, int QKW, bool ROT>
 void launch_flash_pipe(const FlashArgs& a, cudaStream_t s) {
   // Pipelined where a block's registers leave room for two blocks an SM
@@ -311,12 +307,11 @@ void launch_flash_gqa(int hd, const FlashArgs& a, cudaStream_t s) {
   }
 }
 
-// MLA prefill (a rotary part): dv in {64, 128, 256}, rows of dk + dr.
+// MLA prefill (a rotary part): dv in {64, 128, 256}, Q / K rows of dk + dr
+// <= 256 values in tiles 128 wide where they fit and dv is 128, else 256.
 void launch_flash_mla(int dv, const FlashArgs& a, cudaStream_t s) {
-  const int w = flash_row_width(a.dk, a.dr);
-  if (dv == 256 && w == 256) return launch_flash_pipe<256, 256, true>(a, s);
-  if (dv == 128 && w == 128) return launch_flash_pipe<128, 128, true>(a, s);
-  switch (dv) {  // other pairings: rows of the widest tile
+  if (dv == 128 && a.dk + a.dr <= 128) return launch_flash_pipe<128, 128, true>(a, s);
+  switch (dv) {
     case 64: launch_flash_pipe<64, kFMaxQK, true>(a, s); break;
     case 128: launch_flash_pipe<128, kFMaxQK, true>(a, s); break;
     default: launch_flash_pipe<256, kFMaxQK, true>(a, s); break;
