@@ -203,6 +203,19 @@ GqaStep gqa_step(Backend& c, Backend& g, KvLayer& ck, KvLayer& gk, std::mt19937&
   return st;
 }
 
+// Runs fn under every form of the flash prefill kernel (mla.cu's switches,
+// read per call): the run-time-shape form and the compile-time one, blocks
+// of 4 and of 8 warps. Each must give the default form's bits.
+template <class Fn>
+void for_each_flash_form(Fn fn) {
+  for (const char* generic : {"0", "1"})
+    for (const char* warps : {"4", "8"}) {
+      test::ScopedEnv generic_form("ZMLX_CUDA_FLASH_GENERIC", generic);
+      test::ScopedEnv block_warps("ZMLX_CUDA_FLASH_WARPS", warps);
+      fn(std::string("generic ") + generic + ", warps " + warps);
+    }
+}
+
 TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
   REQUIRE_GPU();
   auto g = gpu();
@@ -231,15 +244,11 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
         }
         EXPECT_LT(rel_l2(plain, ref), 5e-3) << "plain kernels, H " << H << " hd " << hd << " pos " << pos;
         EXPECT_GT(rel_l2(plain, got), 0.0) << "the flash path was not taken (same bits as the plain kernels)";
-        // The flash kernel's two schedules (next K / V tile copied during
-        // the products, or at the top of each step) give the same bits.
-        std::vector<float> forms[2];
-        for (int piped : {0, 1}) {
-          test::ScopedEnv pipeline("ZMLX_CUDA_FLASH_PIPELINE", piped ? "1" : "0");
-          forms[piped] = host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale));
-        }
-        EXPECT_EQ(forms[0], got) << "flash pipeline, H " << H << " hd " << hd << " pos " << pos << " T " << T;
-        EXPECT_EQ(forms[1], got) << "flash pipeline, H " << H << " hd " << hd << " pos " << pos << " T " << T;
+        // The flash kernel's forms give the same bits.
+        for_each_flash_form([&](const std::string& form) {
+          EXPECT_EQ(host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale)), got)
+              << form << ", H " << H << " hd " << hd << " pos " << pos << " T " << T;
+        });
       }
       pos += T;
     }
@@ -277,9 +286,9 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
 
 // The flash prefill kernel over many key tiles, as GPU prefill runs it in
 // passes of thousands of tokens: heaviest query tiles first, a kv group's
-// heads side by side. Against the CPU, and its two schedules
-// (ZMLX_CUDA_FLASH_PIPELINE=0 / 1) against each other bit for bit; GQA rows
-// of 64 and 128 dims from the cache, and GLM's expanded MLA rows (192 + 64 | 256).
+// heads side by side. Against the CPU, and its forms (for_each_flash_form)
+// against each other bit for bit; GQA rows of 64 and 128 dims from the cache,
+// and GLM's expanded MLA rows (192 + 64 | 256).
 TEST(CudaOps, FlashPrefillOverManyTilesMatchesCpu) {
   REQUIRE_GPU();
   auto g = gpu();
@@ -303,11 +312,10 @@ TEST(CudaOps, FlashPrefillOverManyTilesMatchesCpu) {
         EXPECT_GT(rel_l2(host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale)), got), 0.0)
             << "the flash kernel did not run (the split kernels' bits)";
       }
-      for (const char* piped : {"0", "1"}) {
-        test::ScopedEnv pipeline("ZMLX_CUDA_FLASH_PIPELINE", piped);
+      for_each_flash_form([&](const std::string& form) {
         EXPECT_EQ(host_floats(*g, g->attention(g->from_host(q), gk, pos, H, Hkv, hd, scale)), got)
-            << "pipeline " << piped << ", hd " << hd << " pos " << pos << " T " << T;
-      }
+            << form << ", hd " << hd << " pos " << pos << " T " << T;
+      });
       pos += T;
     }
   }
@@ -328,10 +336,7 @@ TEST(CudaOps, FlashPrefillOverManyTilesMatchesCpu) {
   };
   const auto got = run();
   EXPECT_LT(rel_l2(got, ref), 5e-3) << "MLA";
-  for (const char* piped : {"0", "1"}) {
-    test::ScopedEnv pipeline("ZMLX_CUDA_FLASH_PIPELINE", piped);
-    EXPECT_EQ(run(), got) << "MLA, pipeline " << piped;
-  }
+  for_each_flash_form([&](const std::string& form) { EXPECT_EQ(run(), got) << "MLA, " << form; });
 }
 
 // The grouped one-token kernel (a kv group's query heads as one tensor-core
@@ -1008,14 +1013,13 @@ TEST(CudaOps, MlaFastKernelsMatchCpu) {
                                                        ac.kvh, scale));
       EXPECT_LT(rel_l2(got, ref), 5e-3) << "H " << ac.H << " kvh " << ac.kvh << " dk " << ac.dk << " dv " << ac.dv
                                         << " dr " << ac.dr << " pos0 " << pos0 << " T " << T;
-      for (const char* piped : {"0", "1"}) {  // the flash kernel's two schedules, the same bits
-        if (T == 1 || ac.dk + ac.dr > 256) break;  // not the flash kernel's shapes
-        test::ScopedEnv pipeline("ZMLX_CUDA_FLASH_PIPELINE", piped);
-        EXPECT_EQ(host_floats(*g, g->attention_pe(g->from_host(q), gk, gv, g->from_host(qpe), gkpe, pos0, ac.H,
-                                                  ac.kvh, scale)),
-                  got)
-            << "flash pipeline " << piped << ", dk " << ac.dk << " dr " << ac.dr << " pos0 " << pos0 << " T " << T;
-      }
+      if (T > 1 && ac.dk + ac.dr <= 256)  // the flash kernel's shapes: its forms give the same bits
+        for_each_flash_form([&](const std::string& form) {
+          EXPECT_EQ(host_floats(*g, g->attention_pe(g->from_host(q), gk, gv, g->from_host(qpe), gkpe, pos0, ac.H,
+                                                    ac.kvh, scale)),
+                    got)
+              << form << ", dk " << ac.dk << " dr " << ac.dr << " pos0 " << pos0 << " T " << T;
+        });
       if (T == 1) {  // the decode kernel's L2 prefetch of its rows is a hint: the same bits without it
         std::vector<float> plain;
         {

@@ -937,7 +937,7 @@ class CudaBackend final : public Backend {
     const int splits = T == 1 ? kern::decode_attention_splits(int(heads), int(kv_heads), int(hd), c.capacity) : 1;
     Tensor out = alloc(DType::BF16, {T, heads * hd});
     Prof p_(this, "attention");
-    // Prefill: flash attention on tensor cores (a block per 64 queries and
+    // Prefill: flash attention on tensor cores (a block per 64 or 128 queries and
     // head); the split kernels below give every query its own block and
     // were ~300 us a layer for a 512-token Qwen3 prompt on an H100.
     if (T > 1 && flash_prefill() &&

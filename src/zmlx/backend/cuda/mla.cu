@@ -19,16 +19,15 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 // ------------------------------------------------------------ flash prefill
 
-constexpr int kFQ = 64;     // queries per block (4 warps x 16 rows)
 constexpr int kFK = 64;     // keys per tile
 constexpr int kFMaxQK = 256;  // widest Q / K row (bf16): dk + dr <= 256
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Shared memory of a block: the Q tile, one K tile and one V tile, rows of
-// QKW (Q, K) and DV (V) bf16.
-template <int DV, int QKW>
+// Shared memory of a block of WARPS warps (16 queries each): the Q tile, one
+// K tile and one V tile, rows of QKW (Q, K) and DV (V) bf16.
+template <int DV, int QKW, int WARPS>
 constexpr int flash_smem() {
-  return kFQ * QKW * 2 + kFK * QKW * 2 + kFK * DV * 2;
+  return 16 * WARPS * QKW * 2 + kFK * QKW * 2 + kFK * DV * 2;
 }
 
 // Block (query tile, head). Q tile rows = [q_nope (dk) | bf16(scale·q_pe) (dr)],
@@ -44,39 +43,55 @@ struct KvRows {
   int64_t k_row, k_group, v_row, v_group;
 };
 
-// The schedule (PIPE): K tile kt+1 is copied while tile kt's softmax and
-// P·V run, V tile kt+1 while tile kt+1's Q·Kᵀ runs (the K and V buffers are
-// each free once the product that reads them is done), so every copy but the
-// first overlaps a product, in the shared memory of one K and one V tile.
-// PIPE = false copies each tile's K and V at the top of its step (V's copy
-// overlapping Q·Kᵀ only); launch_flash_pipe picks the form (GLM's rows take
-// the pipeline). Either way a warp computes the same products in the same
-// order: the same bits (tested).
+// Blocks of 4 warps an SM the GQA kernel is held to (the register cap that
+// follows): three for rows of up to 128 values (Qwen3's compile-time form:
+// 185 registers uncapped, two blocks), four for rows of 64 (LFM2). The MLA
+// forms' rotary accumulators would spill under those caps.
+constexpr int flash_min_blocks(int dv, int qkw, bool rot, int warps) {
+  return warps != 4 || rot ? 1 : qkw <= 64 && dv <= 64 ? 4 : qkw <= 128 && dv <= 128 ? 3 : 1;
+}
+
+// DK != 0 fixes dk at compile time (and dr = QKW - DK): the copy loops' row
+// and chunk indices and the Q·Kᵀ steps are then constants, where the generic
+// form (DK = 0, any dk / dr the tiles hold) divides by the chunk count in
+// every copy. ncu on Qwen3's shapes (H200, 2026-11-29) had the generic form
+// issuing ~12 instructions per MMA, its ALU pipe the busiest.
+//
+// Each step copies its K and V tiles at its top (V's copy overlapping Q·Kᵀ);
+// blocks beside each other on the SM hide the copies. (A pipeline copying
+// tile kt+1 during tile kt measured slower on every shape once the shapes
+// were constants: docs/performance.md.) Every form (DK, WARPS) computes each
+// query row's products in the same order, over the same key tiles: the same
+// bits (tested).
 //
 // Blocks run heaviest first: block b takes head b % heads of query tile
 // (tiles - 1 - b / heads), so the long causal rows start in the first wave
-// and a kv group's heads (adjacent) read its tiles together, from L2.
-// Every tile is masked: skipping the mask on the tiles wholly before the
-// block's first query made ptxas spill GLM's form (255 registers).
-template <int DV, int QKW, bool ROT, bool PIPE>
-__global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows kv, const uint16_t* q_pe,
-                                                       const uint16_t* k_pe, int T, int heads, int kvh, int dk, int dr,
-                                                       int pos0, const int* dpos, float scale, uint16_t* out) {
+// and a kv group's heads (adjacent) read its tiles together, from L2. Only
+// the tiles that reach past the block's first query are masked (a masked
+// key's score is -inf either way).
+template <int DV, int QKW, bool ROT, int DK, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS, flash_min_blocks(DV, QKW, ROT, WARPS)) flash_pe_kernel(const uint16_t* q, KvRows kv, const uint16_t* q_pe,
+                                                              const uint16_t* k_pe, int T, int heads, int kvh,
+                                                              int dk_arg, int dr_arg, int pos0, const int* dpos,
+                                                              float scale, uint16_t* out) {
+  static_assert(DK == 0 || (DK % 16 == 0 && DK <= QKW && (ROT || DK == QKW)), "flash_pe_kernel: DK");
+  constexpr int NT = 32 * WARPS, FQ = 16 * WARPS;
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* sQ = smem;
-  uint8_t* sK = sQ + kFQ * QKW * 2;
+  uint8_t* sK = sQ + FQ * QKW * 2;
   uint8_t* sV = sK + kFK * QKW * 2;
   constexpr int QKB = QKW * 2, VB = DV * 2;  // row bytes
+  const int dk = DK ? DK : dk_arg, dr = DK ? QKW - DK : dr_arg;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qtiles = int(gridDim.x) / heads;
-  const int h = int(blockIdx.x) % heads, q0 = (qtiles - 1 - int(blockIdx.x) / heads) * kFQ;
+  const int h = int(blockIdx.x) % heads, q0 = (qtiles - 1 - int(blockIdx.x) / heads) * FQ;
   const int g = h / (heads / kvh);
   const int p0 = dpos ? *dpos : pos0;
-  const int nq = min(kFQ, T - q0);
+  const int nq = min(FQ, T - q0);
   const int qc = dk / 8, rc = ROT ? dr / 8 : 0, kc = qc + rc;  // 16-byte chunks per row
 
   // ---- Q tile (plain loads: q_pe is scaled and rounded on the way).
-  for (int i = tid; i < kFQ * kc; i += 128) {
+  for (int i = tid; i < FQ * kc; i += NT) {
     const int r = i / kc, c = i % kc;
     uint4 val = make_uint4(0u, 0u, 0u, 0u);
     if (r < nq) {
@@ -97,14 +112,20 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows
 
   const int last_key = p0 + q0 + nq - 1;  // the tile's last query sees keys 0..last_key
   const int ntiles = last_key / kFK + 1;
+  const int open_tiles = (p0 + q0 + 1) / kFK;  // tiles wholly at or before the first query
 
   const uint32_t aQ = smem_addr(sQ), aK = smem_addr(sK), aV = smem_addr(sV);
+  const uint16_t* kg = kv.k + g * kv.k_group;
+  const uint16_t* vg = kv.v + g * kv.v_group;
   auto load_k = [&](int kt) {
     const int j0 = kt * kFK;
-    for (int i = tid; i < kFK * kc; i += 128) {
+#pragma unroll
+    for (int it = 0; it < (kFK * kc + NT - 1) / NT; ++it) {
+      const int i = tid + it * NT;
+      if (i >= kFK * kc) break;
       const int r = i / kc, c = i % kc, j = j0 + r;
       const bool ok = j <= last_key;
-      const uint16_t* src = c < qc ? kv.k + (ok ? j * kv.k_row + g * kv.k_group + c * 8 : 0)
+      const uint16_t* src = c < qc ? kg + (ok ? j * kv.k_row + c * 8 : 0)
                                    : k_pe + (ok ? int64_t(j) * dr + (c - qc) * 8 : 0);
       cp_async16(aK + swz(r, c, QKB), src, ok);
     }
@@ -112,10 +133,12 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows
   };
   auto load_v = [&](int kt) {
     const int j0 = kt * kFK;
-    for (int i = tid; i < kFK * (DV / 8); i += 128) {
+#pragma unroll
+    for (int it = 0; it < kFK * (DV / 8) / NT; ++it) {
+      const int i = tid + it * NT;
       const int r = i / (DV / 8), c = i % (DV / 8), j = j0 + r;
       const bool ok = j <= last_key;
-      cp_async16(aV + swz(r, c, VB), kv.v + (ok ? j * kv.v_row + g * kv.v_group + c * 8 : 0), ok);
+      cp_async16(aV + swz(r, c, VB), vg + (ok ? j * kv.v_row + c * 8 : 0), ok);
     }
     cp_async_commit();
   };
@@ -129,16 +152,10 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows
   const int qrow = warp * 16 + (lane >> 2);  // this thread's rows: qrow, qrow + 8
   const int qpos[2] = {p0 + q0 + qrow, p0 + q0 + qrow + 8};
 
-  if (PIPE) {
-    load_k(0);
-    load_v(0);
-  }
   for (int kt = 0; kt < ntiles; ++kt) {
     const int j0 = kt * kFK;
-    if (!PIPE) {
-      load_k(kt);
-      load_v(kt);
-    }
+    load_k(kt);
+    load_v(kt);
     cp_async_wait<1>();  // K tile kt (V tile kt may still be coming)
     __syncthreads();
 
@@ -155,7 +172,8 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows
 #pragma unroll
         for (int e = 0; e < 4; ++e) s_r[ROT ? n : 0][e] = 0.f;
     const int arow = warp * 16 + (lane & 15);
-    for (int kk = 0; kk < qc / 2 + rc / 2; ++kk) {
+#pragma unroll
+    for (int kk = 0; kk < (DK ? QKW / 16 : qc / 2 + rc / 2); ++kk) {
       uint32_t a[4], b[kFK / 16][4];
       ldmatrix_x4(a, aQ + swz(arow, kk * 2 + (lane >> 4), QKB));
       const bool rot = ROT && kk >= qc / 2;
@@ -175,24 +193,24 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows
         }
       }
     }
-    if (PIPE) {
-      __syncthreads();  // every warp is done with sK
-      if (kt + 1 < ntiles) load_k(kt + 1);
-      else cp_async_commit();  // an empty group keeps the wait counts below
-    }
 
     // ---- online softmax (rows qrow, qrow + 8; a quad of lanes shares a row)
+#pragma unroll
+    for (int n = 0; n < kFK / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        s_n[n][e] = ROT ? s_n[n][e] * scale + rbf(s_r[ROT ? n : 0][e]) : s_n[n][e] * scale;
+    if (kt >= open_tiles)
+#pragma unroll
+      for (int n = 0; n < kFK / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (j0 + n * 8 + (lane & 3) * 2 + (e & 1) > qpos[e >> 1]) s_n[n][e] = -INFINITY;
     float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
     for (int n = 0; n < kFK / 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = j0 + n * 8 + (lane & 3) * 2 + (e & 1), hr = e >> 1;
-        const float full = ROT ? s_n[n][e] * scale + rbf(s_r[ROT ? n : 0][e]) : s_n[n][e] * scale;
-        const float sc = key <= qpos[hr] ? full : -INFINITY;
-        s_n[n][e] = sc;
-        mx[hr] = fmaxf(mx[hr], sc);
-      }
+      for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s_n[n][e]);
     float corr[2];
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
@@ -220,8 +238,7 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows
       pa[n / 2][(n & 1) * 2 + 1] = pack_bf2(pr[2], pr[3]);
     }
 
-    if (PIPE) cp_async_wait<1>();  // V tile kt (K tile kt+1 may still be coming)
-    else cp_async_wait<0>();
+    cp_async_wait<0>();  // V tile kt
     __syncthreads();
     // ---- O += P V
 #pragma unroll
@@ -239,11 +256,7 @@ __global__ void __launch_bounds__(128) flash_pe_kernel(const uint16_t* q, KvRows
         }
       }
     }
-    __syncthreads();  // every warp is done with sV (and, unpipelined, sK)
-    if (PIPE) {
-      if (kt + 1 < ntiles) load_v(kt + 1);
-      else cp_async_commit();
-    }
+    __syncthreads();  // every warp is done with sK and sV
   }
 
   // ---- normalize and store
@@ -274,47 +287,58 @@ struct FlashArgs {
   uint16_t* out;
 };
 
-template <int DV, int QKW, bool ROT, bool PIPE>
+template <int DV, int QKW, bool ROT, int DK, int WARPS>
 void launch_flash(const FlashArgs& a, cudaStream_t s) {
-  constexpr int smem = flash_smem<DV, QKW>();
-  auto* kernel = flash_pe_kernel<DV, QKW, ROT, PIPE>;
+  constexpr int smem = flash_smem<DV, QKW, WARPS>();
+  auto* kernel = flash_pe_kernel<DV, QKW, ROT, DK, WARPS>;
   // Over 48 KiB of dynamic shared memory needs the opt-in.
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
-  const unsigned blocks = unsigned((a.T + kFQ - 1) / kFQ) * unsigned(a.heads);
-  kernel<<<blocks, 128, smem, s>>>(a.q, a.kv, a.q_pe, a.k_pe, a.T, a.heads, a.kvh, a.dk, a.dr, a.pos0, a.dpos,
-                                   a.scale, a.out);
+  const unsigned blocks = unsigned((a.T + 16 * WARPS - 1) / (16 * WARPS)) * unsigned(a.heads);
+  kernel<<<blocks, 32 * WARPS, smem, s>>>(a.q, a.kv, a.q_pe, a.k_pe, a.T, a.heads, a.kvh, a.dk, a.dr, a.pos0,
+                                          a.dpos, a.scale, a.out);
 }
 
-template <int DV, int QKW, bool ROT>
-void launch_flash_pipe(const FlashArgs& a, cudaStream_t s) {
-  // Pipelined where a block's registers leave room for two blocks an SM
-  // (rows of 256 values: ~250 registers), unpipelined where three or more
-  // blocks hide each other's copies and the pipeline's extra barrier costs
-  // more (1 % on Qwen3's 128-value rows; H200, docs/performance.md).
-  // ZMLX_CUDA_FLASH_PIPELINE=0 / 1: never / always (read per call).
-  const bool pipe = zmlx::cuda::env_is("ZMLX_CUDA_FLASH_PIPELINE", "1") ||
-                    (DV >= 256 && !zmlx::cuda::env_is("ZMLX_CUDA_FLASH_PIPELINE", "0"));
-  if (pipe) launch_flash<DV, QKW, ROT, true>(a, s);
-  else launch_flash<DV, QKW, ROT, false>(a, s);
+// The kernel's form for these shapes: compile-time dk where DK says one,
+// blocks of 8 warps (128 queries) for rows of 256 values, else 4. One H200,
+// 2026-11-29 (docs/performance.md, flash_prefill_bench, a pass of 4,096
+// after 28,672 positions): GLM's rows 212.5 TFLOPS with 4 warps, 232.7 with
+// 8; Qwen3's 253.8 with 4, 229.1 with 8. ZMLX_CUDA_FLASH_GENERIC=1: the
+// run-time-shape form; ZMLX_CUDA_FLASH_WARPS=4 / 8: that block width. Read
+// per call (A/B runs and the tests; the same bits every way).
+template <int DV, int QKW, bool ROT, int DK>
+void launch_flash_form(const FlashArgs& a, cudaStream_t s) {
+  const bool wide = zmlx::cuda::env_is("ZMLX_CUDA_FLASH_WARPS", "8") ||
+                    (DV >= 256 && !zmlx::cuda::env_is("ZMLX_CUDA_FLASH_WARPS", "4"));
+  if (DK == 0 || zmlx::cuda::env_is("ZMLX_CUDA_FLASH_GENERIC", "1")) {
+    if (wide) launch_flash<DV, QKW, ROT, 0, 8>(a, s);
+    else launch_flash<DV, QKW, ROT, 0, 4>(a, s);
+    return;
+  }
+  if constexpr (DK != 0) {
+    if (wide) launch_flash<DV, QKW, ROT, DK, 8>(a, s);
+    else launch_flash<DV, QKW, ROT, DK, 4>(a, s);
+  }
 }
 
 // GQA prefill (no rotary part): hd in {64, 128, 256}.
 void launch_flash_gqa(int hd, const FlashArgs& a, cudaStream_t s) {
   switch (hd) {
-    case 64: launch_flash_pipe<64, 64, false>(a, s); break;
-    case 128: launch_flash_pipe<128, 128, false>(a, s); break;
-    default: launch_flash_pipe<256, 256, false>(a, s); break;
+    case 64: launch_flash_form<64, 64, false, 64>(a, s); break;
+    case 128: launch_flash_form<128, 128, false, 128>(a, s); break;
+    default: launch_flash_form<256, 256, false, 256>(a, s); break;
   }
 }
 
 // MLA prefill (a rotary part): dv in {64, 128, 256}, Q / K rows of dk + dr
 // <= 256 values in tiles 128 wide where they fit and dv is 128, else 256.
+// GLM-4.7-Flash's shapes (192 + 64, 256) have a compile-time form.
 void launch_flash_mla(int dv, const FlashArgs& a, cudaStream_t s) {
-  if (dv == 128 && a.dk + a.dr <= 128) return launch_flash_pipe<128, 128, true>(a, s);
+  if (dv == 256 && a.dk == 192 && a.dr == 64) return launch_flash_form<256, 256, true, 192>(a, s);
+  if (dv == 128 && a.dk + a.dr <= 128) return launch_flash_form<128, 128, true, 0>(a, s);
   switch (dv) {
-    case 64: launch_flash_pipe<64, kFMaxQK, true>(a, s); break;
-    case 128: launch_flash_pipe<128, kFMaxQK, true>(a, s); break;
-    default: launch_flash_pipe<256, kFMaxQK, true>(a, s); break;
+    case 64: launch_flash_form<64, kFMaxQK, true, 0>(a, s); break;
+    case 128: launch_flash_form<128, kFMaxQK, true, 0>(a, s); break;
+    default: launch_flash_form<256, kFMaxQK, true, 0>(a, s); break;
   }
 }
 

@@ -7,7 +7,7 @@
 // them everywhere).
 //
 // - attention_prefill: flash-attention for T > 1 (expanded form): a block per
-//   (head, 64 queries), keys in tiles of 64 through shared memory, mma.sync
+//   (head, 64 or 128 queries), keys in tiles of 64 through shared memory, mma.sync
 //   bf16 -> fp32 for QKᵀ and PV, online softmax in registers. Scores are
 //   scale·(q·k) + bf16(q_pe'·k_pe) as in the reference; P is rounded to bf16
 //   for the PV product (the usual flash-attention approximation).
