@@ -95,7 +95,7 @@ ZMLX_COMMAND("bench", "Measure prefill and decode throughput", [](CLI::App& app)
   add_model_args(app, a->model);
   app.add_option("--prompt-tokens", a->prompt_tokens)->check(CLI::Range(1, 1 << 20));
   app.add_option("--gen-tokens", a->gen_tokens)->check(CLI::Range(2, 1 << 20));
-  app.add_option("--prefill-chunk", a->prefill_chunk, "prompt tokens per forward pass (0: the backend's choice: up to 4096 on a GPU, 512 on the CPU; on a GPU at most 65535 / experts a token)")->check(CLI::Range(0, 65535));
+  app.add_option("--prefill-chunk", a->prefill_chunk, "prompt tokens per forward pass (0: the backend's choice: up to 8192 on a GPU, 512 on the CPU; on a GPU at most 65535 / experts a token)")->check(CLI::Range(0, 65535));
   app.add_option("--runs", a->runs)->check(CLI::Range(1, 1000));
   app.add_option("--warmup", a->warmup, "untimed runs first")->check(CLI::Range(0, 100));
   app.add_flag("--json", a->json);

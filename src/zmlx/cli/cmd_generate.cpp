@@ -106,7 +106,7 @@ ZMLX_COMMAND("generate", "Generate text from a prompt", [](CLI::App& app) {
   app.add_option("--prompt,-p", a->prompt, "prompt text");
   app.add_option("--ids", a->ids, "prompt as comma-separated token ids (instead of --prompt)");
   app.add_option("--max-tokens,-n", a->max_tokens, "maximum tokens to generate")->check(CLI::Range(0, 1 << 20));
-  app.add_option("--prefill-chunk", a->prefill_chunk, "prompt tokens per forward pass (0: the backend's choice: up to 4096 on a GPU, 512 on the CPU; on a GPU at most 65535 / experts a token)")->check(CLI::Range(0, 65535));
+  app.add_option("--prefill-chunk", a->prefill_chunk, "prompt tokens per forward pass (0: the backend's choice: up to 8192 on a GPU, 512 on the CPU; on a GPU at most 65535 / experts a token)")->check(CLI::Range(0, 65535));
   app.add_flag("--chat", a->chat, "wrap the prompt in the model's chat template");
   app.add_option("--system", a->system, "system prompt (with --chat)");
   app.add_flag("--no-thinking", a->no_thinking, "set enable_thinking=false in the chat template");

@@ -19,7 +19,7 @@ struct GenerateOptions {
   std::vector<std::string> stop_strings;
   std::vector<int32_t> eos_ids;   // generation stops when one is sampled (not emitted)
   // Prompt tokens per forward pass; 0: the backend's choice
-  // (Backend::prefill_chunk(): 512 on the CPU, up to 4,096 on a GPU).
+  // (Backend::prefill_chunk(): 512 on the CPU, up to 8,192 on a GPU).
   int prefill_chunk = 0;
   // Called with the logits of every sampled position (validate compares them).
   std::function<void(const std::vector<float>&)> on_logits;

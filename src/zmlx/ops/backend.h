@@ -269,7 +269,7 @@ class Backend {
   // Prompt tokens per prefill forward pass when the caller leaves it open
   // (GenerateOptions::prefill_chunk = 0). Longer passes feed the GPU's
   // GEMMs and flash attention more rows at once (the CUDA backend picks up
-  // to 4,096 by its free memory); the CPU keeps 512.
+  // to 8,192 by its free memory); the CPU keeps 512.
   virtual int prefill_chunk() const { return 512; }
   // The most prompt tokens one forward pass may hand this backend, for a
   // model routing each token to `experts_per_token` experts (0: dense).

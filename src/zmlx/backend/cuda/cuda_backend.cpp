@@ -517,14 +517,14 @@ class CudaBackend final : public Backend {
   }
 
   uint64_t peak_device_bytes() const override { return weight_bytes_ + pool_->peak_bytes(); }
-  // Passes of 4,096 prompt tokens: on an H200, a 32,768-token prompt
-  // prefilled 1.21-2.07x faster than in passes of 512, at no higher GPU peak
-  // memory (docs/performance.md). Passes of 8,192 were 2.4-5.4 % faster
-  // still (`--prefill-chunk 8192`), but the unpatched MoE block's
-  // gather_qmm takes at most 65,535 token-expert pairs a call
-  // (max_prefill_pass: 8,191 tokens at Qwen3's 8 experts a token). The room a pass needs grows with it, so a
-  // card with less room (free memory + the pool's idle blocks) takes shorter
-  // ones: 1,024 under 8 GiB, 512 under 2 — margins for smaller cards, not
+  // Passes of 8,192 prompt tokens where the card has 16 GiB of room (free
+  // memory + the pool's idle blocks), 4,096 above 8, 1,024 above 2, else
+  // 512. On an H200 a 32,768-token prompt prefilled 1.2-2.1x faster in
+  // passes of 4,096 than of 512 at no higher GPU peak memory, and in passes of
+  // 8,192 another 0.8 / 7.3 / 1.9 % (Qwen3 / GLM / LFM2; GLM re-expands its
+  // latent cache once a pass; LFM2's peak +0.22 GB) (docs/performance.md).
+  // prefill_pass caps a pass at max_prefill_pass: 8,191 tokens for Qwen3's
+  // 8 experts a token. The smaller margins are for smaller cards, not
   // measured ones. Decided once, at the first prompt, and kept for the
   // backend's life (a node's instance keeps it as other models load): the
   // pass length changes the prefill GEMMs' split-K and so the bits, and two
@@ -540,7 +540,7 @@ class CudaBackend final : public Backend {
       }
       const double room = double(free) + double(pool_->idle_bytes());
       constexpr double GiB = 1024.0 * 1024.0 * 1024.0;
-      prefill_chunk_ = room >= 8 * GiB ? 4096 : room >= 2 * GiB ? 1024 : 512;
+      prefill_chunk_ = room >= 16 * GiB ? 8192 : room >= 8 * GiB ? 4096 : room >= 2 * GiB ? 1024 : 512;
     });
     return prefill_chunk_;
   }
