@@ -224,7 +224,7 @@ TEST(CudaOps, AttentionDecodeAndPrefillMatchCpu) {
   for (auto [H, Hkv, hd] : {std::tuple<int64_t, int64_t, int64_t>{8, 2, 64}, {8, 2, 128}, {32, 4, 128}, {4, 4, 256}}) {
     KvLayer ck = c->new_kv_layer(Hkv, hd, 256), gk = g->new_kv_layer(Hkv, hd, 256);
     // Prefill 700 tokens in four chunks (the cache grows; chunk lengths that
-    // are not multiples of the flash kernel's 64-query tiles, and chunks
+    // are not multiples of the flash kernel's 64- or 128-query tiles, and chunks
     // after the first see earlier keys), then decode 3 steps. Prefill chunks
     // go through the flash kernel and, with ZMLX_CUDA_FLASH=0, through the
     // plain split kernels: both must match the CPU.
@@ -336,7 +336,50 @@ TEST(CudaOps, FlashPrefillOverManyTilesMatchesCpu) {
   };
   const auto got = run();
   EXPECT_LT(rel_l2(got, ref), 5e-3) << "MLA";
+  ASSERT_EQ(cuda::mla::flash_form(int(dv), int(dk), int(dr)).warps, 8) << "GLM's rows take 8-warp blocks here";
   for_each_flash_form([&](const std::string& form) { EXPECT_EQ(run(), got) << "MLA, " << form; });
+  {  // an sm_86 / sm_89 card's 99 KiB: 4-warp blocks (96 KiB), the same bits
+    test::ScopedEnv smem("ZMLX_CUDA_SMEM_LIMIT", "101376");
+    ASSERT_EQ(cuda::mla::flash_form(int(dv), int(dk), int(dr)).warps, 4);
+    EXPECT_EQ(run(), got) << "MLA, 99 KiB of shared memory";
+  }
+  {  // no flash block fits: the plain kernels (other bits, close to the CPU)
+    test::ScopedEnv smem("ZMLX_CUDA_SMEM_LIMIT", "65536");
+    ASSERT_EQ(cuda::mla::flash_form(int(dv), int(dk), int(dr)).warps, 0);
+    const auto plain = run();
+    EXPECT_LT(rel_l2(plain, ref), 5e-3) << "MLA, plain kernels";
+    EXPECT_GT(rel_l2(plain, got), 0.0) << "the flash kernel ran without room for its block";
+  }
+}
+
+// Which form of the flash prefill kernel the shapes and switches pick (so the
+// bit-for-bit comparisons under the switches compare different kernels).
+TEST(CudaOps, FlashFormFollowsShapesSwitchesAndSharedMemory) {
+  REQUIRE_GPU();
+  namespace mla = cuda::mla;
+  auto form = [](int dv, int dk, int dr) {
+    const mla::FlashForm f = mla::flash_form(dv, dk, dr);
+    return std::pair<int, int>{f.dk, f.warps};
+  };
+  using P = std::pair<int, int>;
+  EXPECT_EQ(form(128, 128, 0), P(128, 4));  // Qwen3
+  EXPECT_EQ(form(64, 64, 0), P(64, 4));     // LFM2
+  EXPECT_EQ(form(256, 256, 0), P(256, 8));
+  EXPECT_EQ(form(256, 192, 64), P(192, 8));  // GLM
+  EXPECT_EQ(form(128, 64, 32), P(0, 4));     // an MLA shape without a compile-time form
+  {
+    test::ScopedEnv generic("ZMLX_CUDA_FLASH_GENERIC", "1");
+    EXPECT_EQ(form(128, 128, 0), P(0, 4));
+    EXPECT_EQ(form(256, 192, 64), P(0, 8));
+  }
+  {
+    test::ScopedEnv warps("ZMLX_CUDA_FLASH_WARPS", "8");
+    EXPECT_EQ(form(128, 128, 0), P(128, 8));
+  }
+  {
+    test::ScopedEnv warps("ZMLX_CUDA_FLASH_WARPS", "4");
+    EXPECT_EQ(form(256, 192, 64), P(192, 4));
+  }
 }
 
 // The grouped one-token kernel (a kv group's query heads as one tensor-core
@@ -1013,13 +1056,15 @@ TEST(CudaOps, MlaFastKernelsMatchCpu) {
                                                        ac.kvh, scale));
       EXPECT_LT(rel_l2(got, ref), 5e-3) << "H " << ac.H << " kvh " << ac.kvh << " dk " << ac.dk << " dv " << ac.dv
                                         << " dr " << ac.dr << " pos0 " << pos0 << " T " << T;
-      if (T > 1 && ac.dk + ac.dr <= 256)  // the flash kernel's shapes: its forms give the same bits
+      if (T > 1 && ac.dk + ac.dr <= 256) {  // the flash kernel's shapes: its forms give the same bits
+        ASSERT_GT(cuda::mla::flash_form(int(ac.dv), int(ac.dk), int(ac.dr)).warps, 0);
         for_each_flash_form([&](const std::string& form) {
           EXPECT_EQ(host_floats(*g, g->attention_pe(g->from_host(q), gk, gv, g->from_host(qpe), gkpe, pos0, ac.H,
                                                     ac.kvh, scale)),
                     got)
               << form << ", dk " << ac.dk << " dr " << ac.dr << " pos0 " << pos0 << " T " << T;
         });
+      }
       if (T == 1) {  // the decode kernel's L2 prefetch of its rows is a hint: the same bits without it
         std::vector<float> plain;
         {

@@ -23,12 +23,9 @@ constexpr int kFK = 64;     // keys per tile
 constexpr int kFMaxQK = 256;  // widest Q / K row (bf16): dk + dr <= 256
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Shared memory of a block of WARPS warps (16 queries each): the Q tile, one
-// K tile and one V tile, rows of QKW (Q, K) and DV (V) bf16.
-template <int DV, int QKW, int WARPS>
-constexpr int flash_smem() {
-  return 16 * WARPS * QKW * 2 + kFK * QKW * 2 + kFK * DV * 2;
-}
+// Shared memory of a block of `warps` warps (16 queries each): the Q tile,
+// one K tile and one V tile, rows of qkw (Q, K) and dv (V) bf16.
+constexpr int flash_smem(int dv, int qkw, int warps) { return 16 * warps * qkw * 2 + kFK * qkw * 2 + kFK * dv * 2; }
 
 // Block (query tile, head). Q tile rows = [q_nope (dk) | bf16(scale·q_pe) (dr)],
 // K tile rows = [k_nope (dk) | k_pe (dr)], V tile rows = v (DV); QKW >= dk +
@@ -59,8 +56,8 @@ constexpr int flash_min_blocks(int dv, int qkw, bool rot, int warps) {
 //
 // Each step copies its K and V tiles at its top (V's copy overlapping Q·Kᵀ);
 // blocks beside each other on the SM hide the copies. (A pipeline copying
-// tile kt+1 during tile kt measured slower on every shape once the shapes
-// were constants: docs/performance.md.) Every form (DK, WARPS) computes each
+// tile kt+1 during tile kt measured slower or level on every shape once the
+// shapes were constants: docs/performance.md.) Every form (DK, WARPS) computes each
 // query row's products in the same order, over the same key tiles: the same
 // bits (tested).
 //
@@ -294,7 +291,7 @@ struct FlashArgs {
 
 template <int DV, int QKW, bool ROT, int DK, int WARPS>
 void launch_flash(const FlashArgs& a, cudaStream_t s) {
-  constexpr int smem = flash_smem<DV, QKW, WARPS>();
+  constexpr int smem = flash_smem(DV, QKW, WARPS);
   auto* kernel = flash_pe_kernel<DV, QKW, ROT, DK, WARPS>;
   // Over 48 KiB of dynamic shared memory needs the opt-in.
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
@@ -303,47 +300,50 @@ void launch_flash(const FlashArgs& a, cudaStream_t s) {
                                           a.dpos, a.scale, a.out);
 }
 
-// The kernel's form for these shapes: compile-time dk where DK says one,
-// blocks of 8 warps (128 queries) for rows of 256 values, else 4. One H200,
-// 2026-11-29 (docs/performance.md, flash_prefill_bench, a pass of 4,096
-// after 28,672 positions): GLM's rows 212.5 TFLOPS with 4 warps, 232.7 with
-// 8; Qwen3's 253.8 with 4, 229.1 with 8. ZMLX_CUDA_FLASH_GENERIC=1: the
-// run-time-shape form; ZMLX_CUDA_FLASH_WARPS=4 / 8: that block width. Read
-// per call (A/B runs and the tests; the same bits every way).
+// The Q / K tiles' row width for these shapes: GQA rows as wide as the
+// head; MLA rows 128 wide where dv is 128 and dk + dr fit, else 256.
+int flash_tile_width(int dv, int dk, int dr) { return dr == 0 ? dk : dv == 128 && dk + dr <= 128 ? 128 : kFMaxQK; }
+
+// The shapes with a compile-time form (their dk; 0: none): GQA heads of 64,
+// 128 and 256, GLM-4.7-Flash's 192 + 64 | 256.
+int flash_fixed_dk(int dv, int dk, int dr) {
+  if (dr == 0) return dv == dk && (dk == 64 || dk == 128 || dk == 256) ? dk : 0;
+  return dv == 256 && dk == 192 && dr == 64 ? 192 : 0;
+}
+
+// Launches the form f (from flash_form) of the kernel for these shapes.
 template <int DV, int QKW, bool ROT, int DK>
-void launch_flash_form(const FlashArgs& a, cudaStream_t s) {
-  const bool wide = zmlx::cuda::env_is("ZMLX_CUDA_FLASH_WARPS", "8") ||
-                    (DV >= 256 && !zmlx::cuda::env_is("ZMLX_CUDA_FLASH_WARPS", "4"));
-  if (DK == 0 || zmlx::cuda::env_is("ZMLX_CUDA_FLASH_GENERIC", "1")) {
-    if (wide) launch_flash<DV, QKW, ROT, 0, 8>(a, s);
+void launch_flash_form(const FlashArgs& a, FlashForm f, cudaStream_t s) {
+  if (DK == 0 || f.dk != DK) {
+    if (f.warps == 8) launch_flash<DV, QKW, ROT, 0, 8>(a, s);
     else launch_flash<DV, QKW, ROT, 0, 4>(a, s);
     return;
   }
   if constexpr (DK != 0) {
-    if (wide) launch_flash<DV, QKW, ROT, DK, 8>(a, s);
+    if (f.warps == 8) launch_flash<DV, QKW, ROT, DK, 8>(a, s);
     else launch_flash<DV, QKW, ROT, DK, 4>(a, s);
   }
 }
 
-// GQA prefill (no rotary part): hd in {64, 128, 256}.
-void launch_flash_gqa(int hd, const FlashArgs& a, cudaStream_t s) {
+// GQA prefill (no rotary part): hd in {64, 128, 256} (attention_prefill_cache
+// takes no other).
+void launch_flash_gqa(int hd, const FlashArgs& a, FlashForm f, cudaStream_t s) {
   switch (hd) {
-    case 64: launch_flash_form<64, 64, false, 64>(a, s); break;
-    case 128: launch_flash_form<128, 128, false, 128>(a, s); break;
-    default: launch_flash_form<256, 256, false, 256>(a, s); break;
+    case 64: launch_flash_form<64, 64, false, 64>(a, f, s); break;
+    case 128: launch_flash_form<128, 128, false, 128>(a, f, s); break;
+    case 256: launch_flash_form<256, 256, false, 256>(a, f, s); break;
   }
 }
 
 // MLA prefill (a rotary part): dv in {64, 128, 256}, Q / K rows of dk + dr
-// <= 256 values in tiles 128 wide where they fit and dv is 128, else 256.
-// GLM-4.7-Flash's shapes (192 + 64, 256) have a compile-time form.
-void launch_flash_mla(int dv, const FlashArgs& a, cudaStream_t s) {
-  if (dv == 256 && a.dk == 192 && a.dr == 64) return launch_flash_form<256, 256, true, 192>(a, s);
-  if (dv == 128 && a.dk + a.dr <= 128) return launch_flash_form<128, 128, true, 0>(a, s);
+// <= 256 values (flash_tile_width).
+void launch_flash_mla(int dv, const FlashArgs& a, FlashForm f, cudaStream_t s) {
+  if (dv == 256 && a.dk == 192 && a.dr == 64) return launch_flash_form<256, 256, true, 192>(a, f, s);
+  if (flash_tile_width(dv, a.dk, a.dr) == 128) return launch_flash_form<128, 128, true, 0>(a, f, s);
   switch (dv) {
-    case 64: launch_flash_form<64, kFMaxQK, true, 0>(a, s); break;
-    case 128: launch_flash_form<128, kFMaxQK, true, 0>(a, s); break;
-    default: launch_flash_form<256, kFMaxQK, true, 0>(a, s); break;
+    case 64: launch_flash_form<64, kFMaxQK, true, 0>(a, f, s); break;
+    case 128: launch_flash_form<128, kFMaxQK, true, 0>(a, f, s); break;
+    default: launch_flash_form<256, kFMaxQK, true, 0>(a, f, s); break;
   }
 }
 
@@ -911,6 +911,27 @@ __global__ void __launch_bounds__(128) multi_linear_n_mma_kernel(const uint16_t*
 
 }  // namespace
 
+// The form: compile-time dk where the shapes have one (flash_fixed_dk),
+// blocks of 8 warps (128 queries) for rows of 256 values, else 4 — as far as
+// the card's shared memory allows (an sm_86 / sm_89 card's 99 KiB takes
+// GLM's rows in 4-warp blocks: 96 KiB against 128). One H200, 2026-11-29
+// (docs/performance.md, flash_prefill_bench, a pass of 4,096 after 28,672
+// positions): GLM's rows 212.5 TFLOPS with 4 warps, 232.7 with 8; Qwen3's
+// 253.8 with 4, 229.1 with 8. ZMLX_CUDA_FLASH_GENERIC=1: the run-time-shape
+// form; ZMLX_CUDA_FLASH_WARPS=4 / 8: that block width where it fits. Read per
+// call (A/B runs and the tests; the same bits every way).
+FlashForm flash_form(int dv, int dk, int dr) {
+  const int qkw = flash_tile_width(dv, dk, dr);
+  FlashForm f;
+  f.dk = zmlx::cuda::env_is("ZMLX_CUDA_FLASH_GENERIC", "1") ? 0 : flash_fixed_dk(dv, dk, dr);
+  const bool wide = zmlx::cuda::env_is("ZMLX_CUDA_FLASH_WARPS", "8") ||
+                    (dv >= 256 && !zmlx::cuda::env_is("ZMLX_CUDA_FLASH_WARPS", "4"));
+  const size_t limit = smem_optin_limit();
+  const auto fits = [&](int warps) { return size_t(flash_smem(dv, qkw, warps)) <= limit; };
+  f.warps = wide && fits(8) ? 8 : fits(4) ? 4 : 0;
+  return f;
+}
+
 bool attention_prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe,
                        const uint16_t* k_pe, int T, int heads, int kv_heads, int dk, int dv, int dr, int pos0,
                        const int* dpos, float scale, uint16_t* out, cudaStream_t s) {
@@ -919,8 +940,10 @@ bool attention_prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, 
   for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
                         static_cast<const void*>(q_pe), static_cast<const void*>(k_pe), static_cast<const void*>(out)})
     if (!aligned16(p)) return false;
+  const FlashForm f = flash_form(dv, dk, dr);
+  if (f.warps == 0) return false;  // the card's shared memory holds no block of these rows
   const KvRows kv{k, v, int64_t(kv_heads) * dk, dk, int64_t(kv_heads) * dv, dv};
-  launch_flash_mla(dv, FlashArgs{q, kv, q_pe, k_pe, T, heads, kv_heads, dk, dr, pos0, dpos, scale, out}, s);
+  launch_flash_mla(dv, FlashArgs{q, kv, q_pe, k_pe, T, heads, kv_heads, dk, dr, pos0, dpos, scale, out}, f, s);
   return true;
 }
 
@@ -931,8 +954,10 @@ bool attention_prefill_cache(const uint16_t* q, const uint16_t* kc, const uint16
   for (const void* p : {static_cast<const void*>(q), static_cast<const void*>(kc), static_cast<const void*>(vc),
                         static_cast<const void*>(out)})
     if (!aligned16(p)) return false;
+  const FlashForm f = flash_form(hd, hd, 0);
+  if (f.warps == 0) return false;
   const KvRows kv{kc, vc, hd, capacity * hd, hd, capacity * hd};
-  launch_flash_gqa(hd, FlashArgs{q, kv, nullptr, nullptr, T, heads, kv_heads, hd, 0, pos0, dpos, scale, out}, s);
+  launch_flash_gqa(hd, FlashArgs{q, kv, nullptr, nullptr, T, heads, kv_heads, hd, 0, pos0, dpos, scale, out}, f, s);
   return true;
 }
 

@@ -35,6 +35,14 @@ namespace zmlx::cuda::mla {
 
 using QMat = zmlx::cuda::k::QMat;
 
+// The flash prefill kernel's form for these shapes under the current
+// switches and the card's shared memory: dk fixed at compile time (0: the
+// run-time-shape form) and warps a block (4 or 8; 0: no block fits, and the
+// prefill functions below return false).
+struct FlashForm {
+  int dk = 0, warps = 0;
+};
+FlashForm flash_form(int dv, int dk, int dr);
 bool attention_prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* q_pe,
                        const uint16_t* k_pe, int T, int heads, int kv_heads, int dk, int dv, int dr, int pos0,
                        const int* dpos, float scale, uint16_t* out, cudaStream_t s);
