@@ -91,6 +91,7 @@ int main(int argc, char** argv) {
       for (int i = 0; i < reps; ++i) call();
       cudaEventRecord(e1, s);
       check(cudaEventSynchronize(e1), "timed calls");
+      check(cudaGetLastError(), "timed calls");
       float ms = 0.f;
       cudaEventElapsedTime(&ms, e0, e1);
       const double us = 1000.0 * ms / reps;
