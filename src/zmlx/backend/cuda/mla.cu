@@ -67,12 +67,12 @@ constexpr int flash_min_blocks(int dv, int qkw, bool rot, int warps) {
 // the tiles that reach past the block's first query are masked (a masked
 // key's score is -inf either way).
 template <int DV, int QKW, bool ROT, int DK, int WARPS>
-__global__ void __launch_bounds__(32 * WARPS, flash_min_blocks(DV, QKW, ROT, WARPS)) flash_pe_kernel(const uint16_t* q, KvRows kv, const uint16_t* q_pe,
-                                                              const uint16_t* k_pe, int T, int heads, int kvh,
-                                                              int dk_arg, int dr_arg, int pos0, const int* dpos,
-                                                              float scale, uint16_t* out) {
+__global__ void __launch_bounds__(32 * WARPS, flash_min_blocks(DV, QKW, ROT, WARPS))
+    flash_pe_kernel(const uint16_t* q, KvRows kv, const uint16_t* q_pe, const uint16_t* k_pe, int T, int heads,
+                    int kvh, int dk_arg, int dr_arg, int pos0, const int* dpos, float scale, uint16_t* out) {
   static_assert(DK == 0 || (DK % 16 == 0 && DK <= QKW && (ROT || DK == QKW)), "flash_pe_kernel: DK");
   constexpr int NT = 32 * WARPS, FQ = 16 * WARPS;
+  static_assert(kFK * (DV / 8) % NT == 0, "flash_pe_kernel: the V copy loop has no bound check");
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* sQ = smem;
   uint8_t* sK = sQ + FQ * QKW * 2;
