@@ -4,7 +4,9 @@
 // attention projections as dense GEMMs. Prints one JSON object per kernel:
 // microseconds per call (median of reps, cudaEvents), TFLOP/s (2·M·N·K of
 // useful work) and GB/s (weight bytes of the experts actually used + the
-// activations read and written, each counted once).
+// activations read and written, each counted once). Each MoE line also
+// carries an FNV-1a hash of the kernel's output ("bits"), so two builds of
+// gemm.cu can be compared for the same bits in the same run.
 //
 //   gemm_bench [T=512] [reps=50]
 #include <cuda_runtime.h>
@@ -80,6 +82,16 @@ double time_us(F&& f, int reps) {
   return 1000.0 * ms[ms.size() / 2];
 }
 
+// FNV-1a over a device buffer's bytes (the same input gives the same hash
+// only if every output bit is the same).
+uint64_t device_hash(const void* d, size_t bytes) {
+  std::vector<uint8_t> h(bytes);
+  CK(cudaMemcpy(h.data(), d, bytes, cudaMemcpyDeviceToHost));
+  uint64_t x = 1469598103934665603ull;
+  for (uint8_t b : h) x = (x ^ b) * 1099511628211ull;
+  return x;
+}
+
 void report(const char* name, double us, double flops, double bytes) {
   std::printf("{\"kernel\": \"%s\", \"us\": %.1f, \"tflops\": %.1f, \"gbps\": %.0f}\n", name, us,
               flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9);
@@ -134,11 +146,14 @@ int main(int argc, char** argv) {
   const double gu_bytes = active * (gate.bytes_per_expert() + up.bytes_per_expert()) + 2.0 * T * D + 2.0 * P * I;
   const double gu = time_us([&] { g::moe_gate_up_swiglu(x, dex, T, k, gate.m, up.m, h, ws, nullptr, E); }, reps);
   report("moe_gate_up_swiglu", gu, gu_flops, gu_bytes);
+  std::printf("{\"kernel\": \"moe_gate_up_swiglu\", \"bits\": \"%016llx\"}\n",
+              (unsigned long long)device_hash(h, size_t(P) * I * 2));
 
   const double dn_flops = 2.0 * double(P) * I * D;
   const double dn_bytes = active * down.bytes_per_expert() + 2.0 * P * I + 2.0 * P * D;
   const double dn = time_us([&] { g::moe_down(h, dex, T, k, down.m, y, ws, nullptr, E); }, reps);
   report("moe_down", dn, dn_flops, dn_bytes);
+  std::printf("{\"kernel\": \"moe_down\", \"bits\": \"%016llx\"}\n", (unsigned long long)device_hash(y, size_t(P) * D * 2));
 
   const double cb = time_us(
       [&] { g::moe_combine(y, scores, false, zmlx::cuda::k::kBf16Products, T, k, D, out, nullptr); }, reps);

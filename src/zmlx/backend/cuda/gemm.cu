@@ -43,6 +43,32 @@ constexpr int kDefaultExpertsHint = 128;
 // Byte offset of 16-byte chunk c of row r in a [rows][64 bf16] swizzled tile.
 __device__ __forceinline__ uint32_t swz(int r, int c) { return uint32_t(r * 128 + ((c ^ (r & 7)) << 4)); }
 
+// Nibble j (bits 4j..4j+3, j <= 4) of a packed word as an exact float: the
+// nibble stays where it is and becomes the low mantissa bits of a float
+// whose exponent makes one unit of bit 4j worth 1.0, i.e. the float
+// 2^(23-4j) + q; subtracting 2^(23-4j) leaves q. One LOP3 and one FADD a
+// value, no shift: the same q as (w >> 4j) & 15 turned into a float.
+template <int J>
+__device__ __forceinline__ float nibble_as_float(uint32_t w) {
+  static_assert(J >= 0 && J <= 4, "the nibble must lie inside the 23 mantissa bits");
+  constexpr uint32_t kMagic = uint32_t(150 - 4 * J) << 23;  // the float 2^(23-4J)
+  uint32_t bits;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(bits) : "r"(w), "n"(0xFu << (4 * J)), "r"(kMagic));  // (a & b) | c
+  return __uint_as_float(bits) - __uint_as_float(kMagic);
+}
+
+// The 8 values of one 4-bit word, dequantized as bf16(fma(s, q, b)) and
+// packed in pairs, value 0 lowest: nibbles 0..4 read in place, nibbles 5..7
+// from the word shifted right by 12 (where they sit at positions 2..4).
+__device__ __forceinline__ uint4 dequant_word4(uint32_t w, float s, float b) {
+  const uint32_t hi = w >> 12;
+  const float q0 = nibble_as_float<0>(w), q1 = nibble_as_float<1>(w), q2 = nibble_as_float<2>(w),
+              q3 = nibble_as_float<3>(w), q4 = nibble_as_float<4>(w), q5 = nibble_as_float<2>(hi),
+              q6 = nibble_as_float<3>(hi), q7 = nibble_as_float<4>(hi);
+  return make_uint4(pack_bf2(__fmaf_rn(s, q0, b), __fmaf_rn(s, q1, b)), pack_bf2(__fmaf_rn(s, q2, b), __fmaf_rn(s, q3, b)),
+                    pack_bf2(__fmaf_rn(s, q4, b), __fmaf_rn(s, q5, b)), pack_bf2(__fmaf_rn(s, q6, b), __fmaf_rn(s, q7, b)));
+}
+
 // ------------------------------------------------------------------ GEMM
 
 struct Params {
@@ -176,9 +202,12 @@ __global__ void __launch_bounds__(NT, 2) gemm_kernel(Params p) {
       cp_async_commit();
     }
 
+    // group is 32, 64 or 128 (gemm_supported): the group index of a K
+    // position is a shift, not a division, in the K-step loop.
+    const int gshift = group == 32 ? 5 : group == 64 ? 6 : 7;
     uint16_t sc = 0, bi = 0;
     if (BITS != 16 && s_src) {
-      const int gi = (kbeg * BK + dh * 32) / group;
+      const int gi = (kbeg * BK + dh * 32) >> gshift;
       sc = __ldg(s_src + gi);
       bi = __ldg(b_src + gi);
     }
@@ -202,29 +231,35 @@ __global__ void __launch_bounds__(NT, 2) gemm_kernel(Params p) {
           }
         }
         const float s = bf(sc), b = bf(bi);
-        constexpr int per = 32 / BITS;
-        constexpr uint32_t mask = (1u << BITS) - 1u;
+        if constexpr (BITS == 4) {
+          // A word is one 16-byte chunk of the tile: 8 values.
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          uint32_t o[4];
+          for (int j = 0; j < 4; ++j) *reinterpret_cast<uint4*>(dst + swz(dr, dh * 4 + j)) = dequant_word4(wv[j], s, b);
+        } else {
+          constexpr int per = 32 / BITS;
+          constexpr uint32_t mask = (1u << BITS) - 1u;
 #pragma unroll
-          for (int v = 0; v < 4; ++v) {
-            float f[2];
+          for (int j = 0; j < 4; ++j) {
+            uint32_t o[4];
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int i = j * 8 + v * 2 + h;
-              const uint32_t q = (wv[i / per] >> (BITS * (i % per))) & mask;
-              // exact int -> float: 2^23 + q, minus 2^23
-              const float qf = __uint_as_float(0x4B000000u | q) - 8388608.0f;
-              f[h] = __fmaf_rn(s, qf, b);
+            for (int v = 0; v < 4; ++v) {
+              float f[2];
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const int i = j * 8 + v * 2 + h;
+                const uint32_t q = (wv[i / per] >> (BITS * (i % per))) & mask;
+                // exact int -> float: 2^23 + q, minus 2^23
+                const float qf = __uint_as_float(0x4B000000u | q) - 8388608.0f;
+                f[h] = __fmaf_rn(s, qf, b);
+              }
+              o[v] = pack_bf2(f[0], f[1]);
             }
-            o[v] = pack_bf2(f[0], f[1]);
+            *reinterpret_cast<uint4*>(dst + swz(dr, dh * 4 + j)) = make_uint4(o[0], o[1], o[2], o[3]);
           }
-          *reinterpret_cast<uint4*>(dst + swz(dr, dh * 4 + j)) = make_uint4(o[0], o[1], o[2], o[3]);
         }
         // Scale and bias of the next K-step (latency hidden behind the MMAs).
         if (s_src && kt + 1 < nk) {
-          const int gi = ((kbeg + kt + 1) * BK + dh * 32) / group;
+          const int gi = ((kbeg + kt + 1) * BK + dh * 32) >> gshift;
           sc = __ldg(s_src + gi);
           bi = __ldg(b_src + gi);
         }
