@@ -4,7 +4,8 @@
 // x BN = 128 weight rows x BK = 64 along K; 256 threads = 8 warps as 2 (M)
 // x 4 (N), each warp 32 x 32 with mma.sync m16n8k16 (bf16 in, fp32 acc).
 //
-// Pipeline (STAGES deep, cp.async): per K-step a stage holds the activation
+// Pipeline (STAGES deep, cp.async; 4 stages and 2 blocks an SM, or 3 and 3
+// for the 4-bit MoE down projection): per K-step a stage holds the activation
 // tile (bf16, 64 x 64) and the raw weight tile (packed words, or bf16 for
 // dense weights). The packed tile is dequantized once into a bf16 tile
 // (bf16(fma(scale, q, bias))), double-buffered: K-step kt + 1 is dequantized
@@ -34,7 +35,7 @@ namespace {
 
 using namespace zmlx::cuda::dev;
 
-constexpr int BM = 64, BN = 128, BK = 64, NT = 256, STAGES = 4;
+constexpr int BM = 64, BN = 128, BK = 64, NT = 256;
 constexpr int kBucketThreads = 1024;
 constexpr int kDefaultExpertsHint = 128;
 
@@ -86,7 +87,7 @@ struct Params {
   float* partial;         // splits > 1: [splits][M][N] fp32 sums ([..][2N] gate | up for SwiGLU)
 };
 
-template <int BITS>
+template <int BITS, int STAGES>
 struct Cfg {
   static constexpr int A_STAGE = BM * BK * 2;                       // bytes
   static constexpr int W_STAGE = BN * BK * BITS / 8;                // bytes
@@ -97,9 +98,12 @@ struct Cfg {
   static constexpr int SMEM = STAGES * (A_STAGE + W_STAGE) + B_TILE;
 };
 
-template <int BITS, bool SWIGLU>
-__global__ void __launch_bounds__(NT, 2) gemm_kernel(Params p) {
-  using C = Cfg<BITS>;
+// STAGES = 3 trades pipeline depth for a third block an SM (80 registers);
+// the same products in the same order either way, so the same bits.
+template <int BITS, bool SWIGLU, int STAGES>
+__global__ void __launch_bounds__(NT, STAGES == 3 ? 3 : 2) gemm_kernel(Params p) {
+  static_assert(STAGES == 3 || STAGES == 4, "the K-step loop's waits assume 3 or 4 stages");
+  using C = Cfg<BITS, STAGES>;
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* sA = smem;
   uint8_t* sW = smem + STAGES * C::A_STAGE;
@@ -555,6 +559,18 @@ __global__ void split_sum_kernel(const float* part, int S, int64_t M, int64_t N,
 constexpr int64_t kSplitTargetBlocks = 256;  // about two blocks per SM (132 SMs on an H100)
 constexpr int kSplitMinSteps = 8;
 constexpr int kMaxSplits = 8;
+// ZMLX_GEMM_MOE_3STAGE=0: the 4-bit MoE linears (the down projection, and
+// the unfused path's gate and up) in the 4-stage, 2-blocks-an-SM form like
+// every other GEMM (A/B runs; the same bits either way). By default they run
+// 3 stages deep at 3 blocks an SM: down 167 -> 154 us at 512 tokens and
+// 679 -> 617 at 4,096 on Qwen3's shapes (H200, gemm_bench, 2026-11-29),
+// where the dense projections lost 6-9 % in that form and gate+up gained
+// under 2 %.
+bool moe_three_stage_enabled() {
+  static const bool on = env_on("ZMLX_GEMM_MOE_3STAGE");
+  return on;
+}
+
 // ZMLX_GEMM_DBUF=0: one dequantized tile buffer and two barriers a K-step,
 // as before the double buffering (A/B runs; the same bits either way).
 bool dbuf_enabled() {
@@ -584,9 +600,9 @@ void check(const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("zmlx gemm ") + what + ": " + cudaGetErrorString(e));
 }
 
-template <int BITS, bool SWIGLU>
+template <int BITS, bool SWIGLU, int STAGES = 4>
 void launch_gemm(const Params& p, dim3 grid, cudaStream_t s) {
-  constexpr int smem = Cfg<BITS>::SMEM;
+  constexpr int smem = Cfg<BITS, STAGES>::SMEM;
   // Opt in to > 48 KiB of dynamic shared memory once per device.
   static std::atomic<uint64_t> done{0};
   int dev = 0;
@@ -594,11 +610,11 @@ void launch_gemm(const Params& p, dim3 grid, cudaStream_t s) {
   const uint64_t bit = uint64_t(1) << (dev & 63);
   if (!(done.load(std::memory_order_acquire) & bit)) {
     const cudaError_t e =
-        cudaFuncSetAttribute(gemm_kernel<BITS, SWIGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaFuncSetAttribute(gemm_kernel<BITS, SWIGLU, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) throw std::runtime_error(std::string("zmlx gemm: shared memory opt-in: ") + cudaGetErrorString(e));
     done.fetch_or(bit, std::memory_order_acq_rel);
   }
-  gemm_kernel<BITS, SWIGLU><<<grid, NT, smem, s>>>(p);
+  gemm_kernel<BITS, SWIGLU, STAGES><<<grid, NT, smem, s>>>(p);
 }
 
 template <bool SWIGLU>
@@ -714,7 +730,8 @@ void moe_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T,
   p.a = x, p.a_div = per_slot ? 1 : k, p.perm = w.perm, p.tiles = w.tiles, p.ntiles = w.ntiles;
   p.w0 = d, p.w1 = d, p.K = d.cols, p.N = d.rows, p.out = y, p.splits = 1, p.dbuf = dbuf_enabled();
   const dim3 grid(unsigned((d.rows + BN - 1) / BN), moe_grid_y(P, num_experts));
-  launch_bits<false>(d.bits, p, grid, s);
+  if (d.bits == 4 && moe_three_stage_enabled()) launch_gemm<4, false, 3>(p, grid, s);
+  else launch_bits<false>(d.bits, p, grid, s);
   check("moe_linear");
 }
 
