@@ -29,6 +29,7 @@
 
 #include "zmlx/backend/cuda/gemm.h"
 #include "zmlx/backend/cuda/kernels.h"  // k::swiglu (the unfused composition)
+#include "test_helpers.h"                // ScopedEnv
 
 namespace {
 
@@ -600,6 +601,61 @@ TEST(CudaGemm, MoeLinearSharedInput) {
   CK(cudaDeviceSynchronize());
   expect_close("moe_linear shared input T=45 k=4 E=16 K=768 N=136 4-bit exact", dy.get(), ref, &aref, P, N, 5e-3,
                true);
+}
+
+// The 4-bit MoE linears run 3 stages deep at 3 blocks an SM unless
+// ZMLX_GEMM_MOE_3STAGE=0 (the 4-stage form of every other GEMM): the same
+// products in the same order, so the same bits, at every group size and at
+// K-step counts below, at and above the stage count (K = 64 .. 768), and
+// both against the double reference.
+TEST(CudaGemm, MoeThreeStageFormIsBitIdentical) {
+  REQUIRE_GPU();
+  struct Case {
+    int T, k, E;
+    int64_t N, K;
+    int group;
+  };
+  const Case cases[] = {{9, 4, 16, 136, 64, 64},  {45, 4, 16, 200, 128, 32}, {70, 8, 16, 96, 192, 64},
+                        {33, 4, 16, 256, 256, 128}, {130, 8, 32, 512, 768, 64}};
+  std::mt19937 rng(23);
+  for (const Case& c : cases) {
+    const HostW hw = make_weights(rng, c.E, c.N, c.K, 4, c.group, true);
+    const int64_t P = int64_t(c.T) * c.k;
+    const std::vector<uint16_t> x = random_x(rng, size_t(P) * c.K, 0.5f);
+    const std::vector<int32_t> ex = random_experts(rng, c.T, c.k, c.E, 1);
+    std::vector<double> ref(size_t(P) * c.N), aref(ref.size());
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t n = 0; n < c.N; ++n) {
+        double a = 0, aa = 0;
+        for (int64_t kk = 0; kk < c.K; ++kk) {
+          const double v = double(bf2f(x[size_t(p) * c.K + kk])) * hw.at(ex[size_t(p)], n, kk);
+          a += v;
+          aa += std::fabs(v);
+        }
+        ref[size_t(p) * c.N + n] = a;
+        aref[size_t(p) * c.N + n] = aa;
+      }
+    DevW dw(hw);
+    Dev<uint16_t> dx(x), y3(size_t(P) * c.N, kPoison), y4(size_t(P) * c.N, kPoison);
+    Dev<int32_t> dex(ex);
+    Dev<uint8_t> ws(g::moe_workspace_bytes(c.T, c.k, c.E), 0);
+    {
+      zmlx::test::ScopedEnv three("ZMLX_GEMM_MOE_3STAGE", nullptr);
+      g::moe_linear(dx.p, true, dex.p, c.T, c.k, dw.m, y3.p, ws.p, nullptr, c.E);
+    }
+    {
+      zmlx::test::ScopedEnv four("ZMLX_GEMM_MOE_3STAGE", "0");
+      g::moe_linear(dx.p, true, dex.p, c.T, c.k, dw.m, y4.p, ws.p, nullptr, c.E);
+    }
+    CK(cudaDeviceSynchronize());
+    char name[160];
+    std::snprintf(name, sizeof name, "moe_linear T=%d k=%d E=%d N=%lld K=%lld group=%d", c.T, c.k, c.E,
+                  (long long)c.N, (long long)c.K, c.group);
+    const std::vector<uint16_t> a = y3.get(), b = y4.get();
+    EXPECT_TRUE(a == b) << name << ": the 3-stage and 4-stage forms differ";
+    EXPECT_EQ(std::count(a.begin(), a.end(), kPoison), 0) << name << ": unwritten elements";
+    expect_close(name, a, ref, &aref, P, c.N, 5e-3, true);
+  }
 }
 
 // The bucketing must not depend on what the workspace held before, and

@@ -565,11 +565,9 @@ constexpr int kMaxSplits = 8;
 // 3 stages deep at 3 blocks an SM: down 167 -> 154 us at 512 tokens and
 // 679 -> 617 at 4,096 on Qwen3's shapes (H200, gemm_bench, 2026-11-29),
 // where the dense projections lost 6-9 % in that form and gate+up gained
-// under 2 %.
-bool moe_three_stage_enabled() {
-  static const bool on = env_on("ZMLX_GEMM_MOE_3STAGE");
-  return on;
-}
+// under 2 %. Read per call (both forms give the same bits), so a test can
+// compare them in one process.
+bool moe_three_stage_enabled() { return env_on("ZMLX_GEMM_MOE_3STAGE"); }
 
 // ZMLX_GEMM_DBUF=0: one dequantized tile buffer and two barriers a K-step,
 // as before the double buffering (A/B runs; the same bits either way).
