@@ -4,9 +4,10 @@
 // attention projections as dense GEMMs. Prints one JSON object per kernel:
 // microseconds per call (median of reps, cudaEvents), TFLOP/s (2·M·N·K of
 // useful work) and GB/s (weight bytes of the experts actually used + the
-// activations read and written, each counted once). Each MoE line also
-// carries an FNV-1a hash of the kernel's output ("bits"), so two builds of
-// gemm.cu can be compared for the same bits in the same run.
+// activations read and written, each counted once). After each quantized
+// kernel's line, a {"bits_of", "fnv1a"} line: an FNV-1a hash of its output,
+// so two builds of gemm.cu can be compared for the same bits in one run
+// (same toolchain: the routing comes from std::shuffle).
 //
 //   gemm_bench [T=512] [reps=50]
 #include <cuda_runtime.h>
@@ -146,14 +147,14 @@ int main(int argc, char** argv) {
   const double gu_bytes = active * (gate.bytes_per_expert() + up.bytes_per_expert()) + 2.0 * T * D + 2.0 * P * I;
   const double gu = time_us([&] { g::moe_gate_up_swiglu(x, dex, T, k, gate.m, up.m, h, ws, nullptr, E); }, reps);
   report("moe_gate_up_swiglu", gu, gu_flops, gu_bytes);
-  std::printf("{\"kernel\": \"moe_gate_up_swiglu\", \"bits\": \"%016llx\"}\n",
+  std::printf("{\"bits_of\": \"moe_gate_up_swiglu\", \"fnv1a\": \"%016llx\"}\n",
               (unsigned long long)device_hash(h, size_t(P) * I * 2));
 
   const double dn_flops = 2.0 * double(P) * I * D;
   const double dn_bytes = active * down.bytes_per_expert() + 2.0 * P * I + 2.0 * P * D;
   const double dn = time_us([&] { g::moe_down(h, dex, T, k, down.m, y, ws, nullptr, E); }, reps);
   report("moe_down", dn, dn_flops, dn_bytes);
-  std::printf("{\"kernel\": \"moe_down\", \"bits\": \"%016llx\"}\n", (unsigned long long)device_hash(y, size_t(P) * D * 2));
+  std::printf("{\"bits_of\": \"moe_down\", \"fnv1a\": \"%016llx\"}\n", (unsigned long long)device_hash(y, size_t(P) * D * 2));
 
   const double cb = time_us(
       [&] { g::moe_combine(y, scores, false, zmlx::cuda::k::kBf16Products, T, k, D, out, nullptr); }, reps);
@@ -191,6 +192,8 @@ int main(int argc, char** argv) {
     const double us = time_us([&] { g::gemm_dense(ax, T, w.m, ay, nullptr, split_ws); }, reps);
     cudaFree(split_ws);
     report(s.name, us, 2.0 * T * s.N * s.K, w.bytes_per_expert() + 2.0 * T * s.K + 2.0 * T * s.N);
+    std::printf("{\"bits_of\": \"%s\", \"fnv1a\": \"%016llx\"}\n", s.name,
+                (unsigned long long)device_hash(ay, size_t(T) * s.N * 2));
   }
   {
     // Dense bf16 weights, for comparison with cuBLAS-class numbers.

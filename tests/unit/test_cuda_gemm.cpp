@@ -603,8 +603,9 @@ TEST(CudaGemm, MoeLinearSharedInput) {
                true);
 }
 
-// The 4-bit MoE linears run 3 stages deep at 3 blocks an SM unless
-// ZMLX_GEMM_MOE_3STAGE=0 (the 4-stage form of every other GEMM): the same
+// The 4-bit MoE linears run 3 stages deep at 3 blocks an SM (on a card whose
+// SM holds three, sm_90; elsewhere both runs below take the 4-stage form)
+// unless ZMLX_GEMM_MOE_3STAGE=0 (the 4-stage form of every other GEMM): the same
 // products in the same order, so the same bits, at every group size and at
 // K-step counts below, at and above the stage count (K = 64 .. 768), and
 // both against the double reference.

@@ -4,8 +4,9 @@
 // x BN = 128 weight rows x BK = 64 along K; 256 threads = 8 warps as 2 (M)
 // x 4 (N), each warp 32 x 32 with mma.sync m16n8k16 (bf16 in, fp32 acc).
 //
-// Pipeline (STAGES deep, cp.async; 4 stages and 2 blocks an SM, or 3 and 3
-// for the 4-bit MoE down projection): per K-step a stage holds the activation
+// Pipeline (STAGES deep, cp.async; 4 stages and 2 blocks an SM, or, for the
+// 4-bit MoE linears where the SM's shared memory holds them, 3 stages and 3
+// blocks): per K-step a stage holds the activation
 // tile (bf16, 64 x 64) and the raw weight tile (packed words, or bf16 for
 // dense weights). The packed tile is dequantized once into a bf16 tile
 // (bf16(fma(scale, q, bias))), double-buffered: K-step kt + 1 is dequantized
@@ -98,7 +99,8 @@ struct Cfg {
   static constexpr int SMEM = STAGES * (A_STAGE + W_STAGE) + B_TILE;
 };
 
-// STAGES = 3 trades pipeline depth for a third block an SM (80 registers);
+// STAGES = 3 trades pipeline depth for a third block an SM (80 registers; a
+// third block fits only where an SM has ~207 KiB of shared memory, sm_90);
 // the same products in the same order either way, so the same bits.
 template <int BITS, bool SWIGLU, int STAGES>
 __global__ void __launch_bounds__(NT, STAGES == 3 ? 3 : 2) gemm_kernel(Params p) {
@@ -562,12 +564,31 @@ constexpr int kMaxSplits = 8;
 // ZMLX_GEMM_MOE_3STAGE=0: the 4-bit MoE linears (the down projection, and
 // the unfused path's gate and up) in the 4-stage, 2-blocks-an-SM form like
 // every other GEMM (A/B runs; the same bits either way). By default they run
-// 3 stages deep at 3 blocks an SM: down 167 -> 154 us at 512 tokens and
-// 679 -> 617 at 4,096 on Qwen3's shapes (H200, gemm_bench, 2026-11-29),
-// where the dense projections lost 6-9 % in that form and gate+up gained
-// under 2 %. Read per call (both forms give the same bits), so a test can
-// compare them in one process.
+// 3 stages deep at 3 blocks an SM where three fit: down 168.7 -> 157.4 us at
+// 512 tokens and 677.4 -> 629.5 at 4,096 on Qwen3's shapes (H200, gemm_bench,
+// 2026-11-29 06:00), where the dense projections lost 6-9 % in that form and
+// gate+up gained under 2 %. Read per call (both forms give the same bits),
+// so a test can compare them in one process.
 bool moe_three_stage_enabled() { return env_on("ZMLX_GEMM_MOE_3STAGE"); }
+
+// Whether three blocks of the 3-stage form fit an SM of the current device:
+// sm_90's 228 KiB of shared memory do; sm_80 (164 KiB) holds two and
+// sm_86/89 (100 KiB) one, where the shallower pipeline would be all cost.
+// Cached per device.
+bool three_stage_fits_device() {
+  static std::atomic<uint64_t> known{0}, fits{0};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const uint64_t bit = uint64_t(1) << (dev & 63);
+  if (!(known.load(std::memory_order_acquire) & bit)) {
+    int per_sm = 0, reserved = 0;
+    cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+    cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
+    if (per_sm >= 3 * (Cfg<4, 3>::SMEM + reserved)) fits.fetch_or(bit, std::memory_order_acq_rel);
+    known.fetch_or(bit, std::memory_order_acq_rel);
+  }
+  return (fits.load(std::memory_order_acquire) & bit) != 0;
+}
 
 // ZMLX_GEMM_DBUF=0: one dequantized tile buffer and two barriers a K-step,
 // as before the double buffering (A/B runs; the same bits either way).
@@ -728,7 +749,7 @@ void moe_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T,
   p.a = x, p.a_div = per_slot ? 1 : k, p.perm = w.perm, p.tiles = w.tiles, p.ntiles = w.ntiles;
   p.w0 = d, p.w1 = d, p.K = d.cols, p.N = d.rows, p.out = y, p.splits = 1, p.dbuf = dbuf_enabled();
   const dim3 grid(unsigned((d.rows + BN - 1) / BN), moe_grid_y(P, num_experts));
-  if (d.bits == 4 && moe_three_stage_enabled()) launch_gemm<4, false, 3>(p, grid, s);
+  if (d.bits == 4 && moe_three_stage_enabled() && three_stage_fits_device()) launch_gemm<4, false, 3>(p, grid, s);
   else launch_bits<false>(d.bits, p, grid, s);
   check("moe_linear");
 }
