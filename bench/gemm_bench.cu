@@ -202,7 +202,12 @@ int main(int argc, char** argv) {
     fill_bf16<<<1024, 256>>>(wb, size_t(4096) * 2048, 10, -0.05f, 0.1f);
     g::QMat m;
     m.w = reinterpret_cast<const uint32_t*>(wb), m.rows = 4096, m.cols = 2048, m.bits = 16;
-    const double us = time_us([&] { g::gemm_dense(ax, T, m, ay, nullptr); }, reps);
+    // Short prompts split K here too (gemm_dense_workspace_bytes): give it the workspace.
+    float* split_ws = nullptr;
+    const size_t split_bytes = g::gemm_dense_workspace_bytes(T, m, false);
+    if (split_bytes) CK(cudaMalloc(&split_ws, split_bytes));
+    const double us = time_us([&] { g::gemm_dense(ax, T, m, ay, nullptr, split_ws); }, reps);
+    cudaFree(split_ws);
     report("dense bf16 2048->4096", us, 2.0 * T * 4096 * 2048, 2.0 * 4096 * 2048 + 2.0 * T * 2048 + 2.0 * T * 4096);
     cudaFree(wb);
   }
