@@ -3,7 +3,8 @@
 # then for each family's `full` synth model (real shapes, random weights):
 # prefill/decode throughput patched and unpatched, sampled decode (T 0.7,
 # top-p 0.95), `zmlx validate`, and prefill of long prompts (LONG tokens) in
-# the GPU's default passes and in passes of 512.
+# the GPU's default passes and in passes of 512, each then decoding GEN tokens
+# (16 until 2026-11-29, which read lower than a 128-token decode).
 # $OUT gets results.md and raw.tgz (every raw log and JSON): a device run
 # brings back at most 8 files, so the raw files are packed into one.
 #   STAGES="tests qwen3 lfm2 glm" (default: all; add "sanitize" for the GPU
@@ -74,7 +75,7 @@ bench_family() {  # arch name
   tail -12 "$RAW/validate-$arch.txt" | tee -a "$R"
   for n in $LONG; do
     for chunk in $LONG_CHUNKS; do  # 0: the backend's choice
-      timeout 300 "$BIN/zmlx" bench "$dir" --backend cuda --patch --prompt-tokens "$n" --gen-tokens 16 --runs 1 \
+      timeout 300 "$BIN/zmlx" bench "$dir" --backend cuda --patch --prompt-tokens "$n" --gen-tokens "$GEN" --runs 1 \
         --prefill-chunk "$chunk" --json >"$RAW/bench-$arch-long-$n-$chunk.json" 2>"$RAW/bench-$arch-long-$n-$chunk.log"
       log "bench $arch --prompt-tokens $n --prefill-chunk $chunk (exit $?): $(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('prefill %.0f tok/s in passes of %d, then decode %.1f tok/s, GPU peak %.2f GB' % (j['prefill_tps']['median'], j['prefill_chunk'], j['decode_tps']['median'], j['peak_device_bytes']/1e9))" "$RAW/bench-$arch-long-$n-$chunk.json" 2>&1 | tail -1)"
     done
