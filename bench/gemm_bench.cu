@@ -178,11 +178,19 @@ int main(int argc, char** argv) {
                           {"dense k_proj 2048->512", 512, 2048},
                           {"dense o_proj 4096->2048", 2048, 4096},
                           {"dense moe-sized 2048->768", 768, 2048},
-                          {"dense router 2048->128", 128, 2048}};
+                          {"dense router 2048->128", 128, 2048},
+                          // GLM-4.7-Flash's dense projections (its prefill's other big share)
+                          {"glm q_a 2048->768", 768, 2048},
+                          {"glm kv_a 2048->576", 576, 2048},
+                          {"glm q_b 768->5120", 5120, 768},
+                          {"glm o_proj 5120->2048", 2048, 5120},
+                          {"glm shared down 1536->2048", 2048, 1536},
+                          {"glm router 2048->64", 64, 2048}};
   uint16_t *ax, *ay;
-  CK(cudaMalloc(&ax, size_t(T) * 4096 * 2));
-  CK(cudaMalloc(&ay, size_t(T) * 4096 * 2));
-  fill_bf16<<<1024, 256>>>(ax, size_t(T) * 4096, 9, -1.f, 2.f);
+  constexpr int64_t kWidest = 5120;  // the widest K or N below (GLM's q_b and o_proj)
+  CK(cudaMalloc(&ax, size_t(T) * kWidest * 2));
+  CK(cudaMalloc(&ay, size_t(T) * kWidest * 2));
+  fill_bf16<<<1024, 256>>>(ax, size_t(T) * kWidest, 9, -1.f, 2.f);
   for (const Shape& s : shapes) {
     DevQ w(1, s.N, s.K, bits, group, 44);
     // Small tile grids split K (gemm.h); the split sums' workspace is timed too.
