@@ -98,6 +98,21 @@ void report(const char* name, double us, double flops, double bytes) {
               flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9);
 }
 
+void report_bits(const char* name, const void* d, size_t bytes) {
+  std::printf("{\"bits_of\": \"%s\", \"fnv1a\": \"%016llx\"}\n", name, (unsigned long long)device_hash(d, bytes));
+}
+
+// gemm_dense of T rows of x through m into y, timed, with the split-K
+// workspace it asks for (gemm_dense_workspace_bytes: short prompts split).
+double time_dense(const uint16_t* x, int T, const g::QMat& m, uint16_t* y, int reps) {
+  float* split_ws = nullptr;
+  const size_t split_bytes = g::gemm_dense_workspace_bytes(T, m, false);
+  if (split_bytes) CK(cudaMalloc(&split_ws, split_bytes));
+  const double us = time_us([&] { g::gemm_dense(x, T, m, y, nullptr, split_ws); }, reps);
+  cudaFree(split_ws);
+  return us;
+}
+
 int main(int argc, char** argv) {
   const int T = argc > 1 ? std::atoi(argv[1]) : 512;
   const int reps = argc > 2 ? std::atoi(argv[2]) : 50;
@@ -147,14 +162,13 @@ int main(int argc, char** argv) {
   const double gu_bytes = active * (gate.bytes_per_expert() + up.bytes_per_expert()) + 2.0 * T * D + 2.0 * P * I;
   const double gu = time_us([&] { g::moe_gate_up_swiglu(x, dex, T, k, gate.m, up.m, h, ws, nullptr, E); }, reps);
   report("moe_gate_up_swiglu", gu, gu_flops, gu_bytes);
-  std::printf("{\"bits_of\": \"moe_gate_up_swiglu\", \"fnv1a\": \"%016llx\"}\n",
-              (unsigned long long)device_hash(h, size_t(P) * I * 2));
+  report_bits("moe_gate_up_swiglu", h, size_t(P) * I * 2);
 
   const double dn_flops = 2.0 * double(P) * I * D;
   const double dn_bytes = active * down.bytes_per_expert() + 2.0 * P * I + 2.0 * P * D;
   const double dn = time_us([&] { g::moe_down(h, dex, T, k, down.m, y, ws, nullptr, E); }, reps);
   report("moe_down", dn, dn_flops, dn_bytes);
-  std::printf("{\"bits_of\": \"moe_down\", \"fnv1a\": \"%016llx\"}\n", (unsigned long long)device_hash(y, size_t(P) * D * 2));
+  report_bits("moe_down", y, size_t(P) * D * 2);
 
   const double cb = time_us(
       [&] { g::moe_combine(y, scores, false, zmlx::cuda::k::kBf16Products, T, k, D, out, nullptr); }, reps);
@@ -193,15 +207,10 @@ int main(int argc, char** argv) {
   fill_bf16<<<1024, 256>>>(ax, size_t(T) * kWidest, 9, -1.f, 2.f);
   for (const Shape& s : shapes) {
     DevQ w(1, s.N, s.K, bits, group, 44);
-    // Small tile grids split K (gemm.h); the split sums' workspace is timed too.
-    float* split_ws = nullptr;
-    const size_t split_bytes = g::gemm_dense_workspace_bytes(T, w.m, false);
-    if (split_bytes) CK(cudaMalloc(&split_ws, split_bytes));
-    const double us = time_us([&] { g::gemm_dense(ax, T, w.m, ay, nullptr, split_ws); }, reps);
-    cudaFree(split_ws);
+    // Small tile grids split K (gemm.h); the split sums are timed too.
+    const double us = time_dense(ax, T, w.m, ay, reps);
     report(s.name, us, 2.0 * T * s.N * s.K, w.bytes_per_expert() + 2.0 * T * s.K + 2.0 * T * s.N);
-    std::printf("{\"bits_of\": \"%s\", \"fnv1a\": \"%016llx\"}\n", s.name,
-                (unsigned long long)device_hash(ay, size_t(T) * s.N * 2));
+    report_bits(s.name, ay, size_t(T) * s.N * 2);
   }
   {
     // Dense bf16 weights, for comparison with cuBLAS-class numbers.
@@ -210,12 +219,7 @@ int main(int argc, char** argv) {
     fill_bf16<<<1024, 256>>>(wb, size_t(4096) * 2048, 10, -0.05f, 0.1f);
     g::QMat m;
     m.w = reinterpret_cast<const uint32_t*>(wb), m.rows = 4096, m.cols = 2048, m.bits = 16;
-    // Short prompts split K here too (gemm_dense_workspace_bytes): give it the workspace.
-    float* split_ws = nullptr;
-    const size_t split_bytes = g::gemm_dense_workspace_bytes(T, m, false);
-    if (split_bytes) CK(cudaMalloc(&split_ws, split_bytes));
-    const double us = time_us([&] { g::gemm_dense(ax, T, m, ay, nullptr, split_ws); }, reps);
-    cudaFree(split_ws);
+    const double us = time_dense(ax, T, m, ay, reps);
     report("dense bf16 2048->4096", us, 2.0 * T * 4096 * 2048, 2.0 * 4096 * 2048 + 2.0 * T * 2048 + 2.0 * T * 4096);
     cudaFree(wb);
   }

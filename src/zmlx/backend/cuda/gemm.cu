@@ -574,20 +574,10 @@ bool moe_three_stage_enabled() { return env_on("ZMLX_GEMM_MOE_3STAGE"); }
 // Whether three blocks of the 3-stage form fit an SM of the current device:
 // sm_90's 228 KiB of shared memory do; sm_80 (164 KiB) holds two and
 // sm_86/89 (100 KiB) one, where the shallower pipeline would be all cost.
-// Cached per device.
 bool three_stage_fits_device() {
-  static std::atomic<uint64_t> known{0}, fits{0};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  const uint64_t bit = uint64_t(1) << (dev & 63);
-  if (!(known.load(std::memory_order_acquire) & bit)) {
-    int per_sm = 0, reserved = 0;
-    cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-    cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
-    if (per_sm >= 3 * (Cfg<4, 3>::SMEM + reserved)) fits.fetch_or(bit, std::memory_order_acq_rel);
-    known.fetch_or(bit, std::memory_order_acq_rel);
-  }
-  return (fits.load(std::memory_order_acquire) & bit) != 0;
+  const int per_sm = device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(0);
+  const int reserved = device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>(1024);
+  return per_sm >= 3 * (Cfg<4, 3>::SMEM + reserved);
 }
 
 // ZMLX_GEMM_DBUF=0: one dequantized tile buffer and two barriers a K-step,
@@ -738,6 +728,10 @@ void moe_gate_up_swiglu(const uint16_t* x, const int32_t* experts, int T, int k,
   check("moe_gate_up_swiglu");
 }
 
+bool moe_linear_three_stage(const QMat& w) {
+  return w.bits == 4 && moe_three_stage_enabled() && three_stage_fits_device();
+}
+
 void moe_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T, int k, const QMat& d, uint16_t* y,
                 void* workspace, cudaStream_t s, int num_experts) {
   const int64_t P = int64_t(T) * k;
@@ -749,7 +743,7 @@ void moe_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T,
   p.a = x, p.a_div = per_slot ? 1 : k, p.perm = w.perm, p.tiles = w.tiles, p.ntiles = w.ntiles;
   p.w0 = d, p.w1 = d, p.K = d.cols, p.N = d.rows, p.out = y, p.splits = 1, p.dbuf = dbuf_enabled();
   const dim3 grid(unsigned((d.rows + BN - 1) / BN), moe_grid_y(P, num_experts));
-  if (d.bits == 4 && moe_three_stage_enabled() && three_stage_fits_device()) launch_gemm<4, false, 3>(p, grid, s);
+  if (moe_linear_three_stage(d)) launch_gemm<4, false, 3>(p, grid, s);
   else launch_bits<false>(d.bits, p, grid, s);
   check("moe_linear");
 }

@@ -79,6 +79,10 @@ void moe_down(const uint16_t* h, const int32_t* experts, int T, int k, const QMa
 // per_slot case.
 void moe_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T, int k, const QMat& w, uint16_t* y,
                 void* workspace, cudaStream_t s, int num_experts = 0);
+// Whether moe_linear runs w in its 3-stage, 3-blocks-an-SM form on the
+// current device: 4-bit weights, ZMLX_GEMM_MOE_3STAGE not "0", an SM whose
+// shared memory holds three such blocks (sm_90). The same bits either way.
+bool moe_linear_three_stage(const QMat& w);
 
 // out[t, d] = bf16(Σ_{j=0..k-1} term(y[t·k + j, d], score[t·k + j])) summed
 // in fp32 in slot order; term = bf16(y · bf16 score) (kBf16Products) or

@@ -338,7 +338,7 @@ void launch_flash_gqa(int hd, const FlashArgs& a, FlashForm f, cudaStream_t s) {
 // MLA prefill (a rotary part): dv in {64, 128, 256}, Q / K rows of dk + dr
 // <= 256 values (flash_tile_width).
 void launch_flash_mla(int dv, const FlashArgs& a, FlashForm f, cudaStream_t s) {
-  if (dv == 256 && a.dk == 192 && a.dr == 64) return launch_flash_form<256, 256, true, 192>(a, f, s);
+  if (flash_fixed_dk(dv, a.dk, a.dr) == 192) return launch_flash_form<256, 256, true, 192>(a, f, s);  // GLM
   if (flash_tile_width(dv, a.dk, a.dr) == 128) return launch_flash_form<128, 128, true, 0>(a, f, s);
   switch (dv) {
     case 64: launch_flash_form<64, kFMaxQK, true, 0>(a, f, s); break;
