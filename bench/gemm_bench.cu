@@ -183,6 +183,30 @@ int main(int argc, char** argv) {
       reps);
   report("moe_layer_total", layer, gu_flops + dn_flops, gu_bytes + dn_bytes);
 
+  // The same expert ops over pairs bucketed by expert, the short-prompt form
+  // (zmlx::cuda::k::gather_*_grouped), with their bucketing, as the backend
+  // runs them per op.
+  namespace kn = zmlx::cuda::k;
+  if (kn::grouped_fits(gate.m) && kn::grouped_fits(down.m)) {
+    void* gws;
+    CK(cudaMalloc(&gws, g::pair_groups_workspace_bytes(P)));
+    const double ggu = time_us(
+        [&] {
+          const kn::PairGroups grp = g::bucket_pairs(dex, P, gws, nullptr);
+          kn::gather_swiglu_grouped(x, dex, T, k, gate.m, up.m, h, grp, nullptr);
+        },
+        reps);
+    report("moe_gate_up_swiglu grouped", ggu, gu_flops, gu_bytes);
+    const double gdn = time_us(
+        [&] {
+          const kn::PairGroups grp = g::bucket_pairs(dex, P, gws, nullptr);
+          kn::gather_linear_grouped(h, true, dex, T, k, down.m, y, grp, nullptr);
+        },
+        reps);
+    report("moe_down grouped", gdn, dn_flops, dn_bytes);
+    CK(cudaFree(gws));
+  }
+
   // Attention projections of the same model as dense GEMMs.
   struct Shape {
     const char* name;

@@ -26,6 +26,7 @@
 #include <cstdlib>
 
 #include "zmlx/backend/cuda/env_switch.h"
+#include "zmlx/backend/cuda/gemm.h"
 #include "zmlx/backend/cuda/kernels.h"
 #include "zmlx/backend/cuda/mla.h"
 #endif
@@ -1673,6 +1674,85 @@ TEST(CudaOps, MmaExpertKernelsMatchScalarAndCpuAndFusedIsBitIdentical) {
     }
 }
 
+// Short prompts' expert ops over pairs bucketed by expert (tiles of
+// kGroupPairs pairs of one expert, the MMA's columns) against the per-pair
+// decode kernels with the same T and k: the same values up to fp32
+// summation order (rel L2 2e-3; gate, up and down no element further than
+// `far` allows),
+// outputs starting as NaN so a row left unwritten fails; and the
+// fused gate+up against gate, up and SwiGLU of the grouped form, bit for
+// bit. Experts get 0 to ~50 pairs (partial tiles, several tiles an expert);
+// groups of 32, 64 and 128; inputs of 13 chunks (a partial slab); 416 rows
+// (not a whole 64-row block); 8 slots a token.
+TEST(CudaOps, GroupedExpertKernelsMatchPerPairAndFusedIsBitIdentical) {
+  REQUIRE_GPU();
+  auto c = make_cpu_backend();
+  std::mt19937 rng(77);
+  struct S {
+    int64_t D, I;
+    int group;
+    int64_t E, k, T;
+  };
+  // Elements of a further from the reference b than summation order
+  // explains: more than `ulps` bf16 ulps of b (ulps · 2^-8 |b|) plus a floor
+  // of 1e-3 of b's RMS (outputs that cancel to near zero keep the absolute
+  // error of their fp32 sums, many ulps of a tiny value). SwiGLU's output
+  // is not held to it (a flip of a large negative gate moves SiLU by many
+  // ulps): gate and up are, and the fused output must equal SwiGLU of them.
+  auto far = [](const std::vector<float>& a, const std::vector<float>& b, int ulps) {
+    double ss = 0;
+    for (float v : b) ss += double(v) * v;
+    const double floor = 1e-3 * std::sqrt(ss / std::max<size_t>(b.size(), 1));
+    int64_t n = 0;
+    for (size_t i = 0; i < a.size(); ++i) n += std::fabs(double(a[i]) - b[i]) > ulps * std::ldexp(std::fabs(double(b[i])), -8) + floor;
+    return n;
+  };
+  for (S sz : {S{2048, 768, 64, 16, 4, 40}, S{1088, 832, 32, 9, 3, 101}, S{416, 416, 32, 7, 2, 33},
+               S{2176, 384, 128, 12, 8, 9}}) {
+    const int64_t E = sz.E, kk = sz.k, T = sz.T, P = T * kk;
+    const std::string what = "D " + std::to_string(sz.D) + " I " + std::to_string(sz.I) + " T " + std::to_string(T);
+    Weight gate = test::random_qweight(rng, E, sz.I, sz.D, 4, sz.group),
+           up = test::random_qweight(rng, E, sz.I, sz.D, 4, sz.group),
+           down = test::random_qweight(rng, E, sz.D, sz.I, 4, sz.group);
+    DevQ qg, qu, qd;
+    upload(gate, qg), upload(up, qu), upload(down, qd);
+    ASSERT_TRUE(k::grouped_fits(qg.m) && k::grouped_fits(qd.m)) << what;
+    Tensor x = test::bf16_tensor(test::random_bf16(rng, size_t(T * sz.D)), {T, sz.D});
+    const Routing r = cpu_routing(*c, rng, T, E, kk);
+    DevBuf dx(x.data, x.nbytes()), dex(r.experts.data, r.experts.nbytes());
+    const auto* ex = static_cast<const int32_t*>(dex.p);
+    DevBuf ws(cuda::gemm::pair_groups_workspace_bytes(P));
+    const k::PairGroups grp = cuda::gemm::bucket_pairs(ex, P, ws.p, nullptr);
+
+    const size_t hb = size_t(P * sz.I) * 2, yb = size_t(P * sz.D) * 2;
+    DevBuf hg(hb), hr(hb), gg(hb), gr(hb), ug(hb), ur(hb), hun(hb), yg(yb), yr(yb);
+    k::gather_swiglu_grouped(dx.u16(), ex, int(T), int(kk), qg.m, qu.m, hg.u16(), grp, nullptr);
+    k::gather_swiglu(dx.u16(), ex, int(T), int(kk), qg.m, qu.m, hr.u16(), nullptr);
+    k::gather_linear_grouped(dx.u16(), false, ex, int(T), int(kk), qg.m, gg.u16(), grp, nullptr);
+    k::gather_linear(dx.u16(), false, ex, int(T), int(kk), qg.m, gr.u16(), nullptr);
+    k::gather_linear_grouped(dx.u16(), false, ex, int(T), int(kk), qu.m, ug.u16(), grp, nullptr);
+    k::gather_linear(dx.u16(), false, ex, int(T), int(kk), qu.m, ur.u16(), nullptr);
+    k::swiglu(gg.u16(), ug.u16(), P * sz.I, hun.u16(), nullptr);
+    k::gather_linear_grouped(hr.u16(), true, ex, int(T), int(kk), qd.m, yg.u16(), grp, nullptr);
+    k::gather_linear(hr.u16(), true, ex, int(T), int(kk), qd.m, yr.u16(), nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
+
+    const auto h = hg.floats(), href = hr.floats();
+    ASSERT_TRUE(all_finite(h)) << "gate+up rows unwritten, " << what;
+    EXPECT_LT(rel_l2(h, href), 2e-3) << "grouped gate+up vs per pair, " << what;
+    const auto gq = gg.floats();
+    ASSERT_TRUE(all_finite(gq)) << "gate rows unwritten, " << what;
+    EXPECT_EQ(far(gq, gr.floats(), 2), 0) << "grouped gate vs per pair, " << what;
+    EXPECT_EQ(far(ug.floats(), ur.floats(), 2), 0) << "grouped up vs per pair, " << what;
+    EXPECT_EQ(hun.floats(), h) << "grouped gate+up fused != unfused, " << what;
+    const auto y = yg.floats();
+    ASSERT_TRUE(all_finite(y)) << "down rows unwritten, " << what;
+    EXPECT_EQ(far(y, yr.floats(), 2), 0) << "grouped down vs per pair, " << what;
+    EXPECT_LT(rel_l2(y, yr.floats()), 2e-3) << "grouped down vs per pair, " << what;
+    EXPECT_LT(rel_l2(h, host_floats(*c, c->gather_qmm_swiglu(x, gate, up, r))), 1e-2) << what;
+  }
+}
+
 // GLM's fused MoE block folds its shared expert into the routed launches:
 // the router + shared gate+up launch against linear and linear_swiglu, and
 // gather_combine_shared against gather_combine, linear and add, bit for bit
@@ -2145,6 +2225,16 @@ TEST(CudaModels, Lfm2MoeGpuMatchesCpuAndFusedIsBitIdentical) {
 }
 TEST(CudaModels, Glm4MoeLiteGpuMatchesCpuAndFusedIsBitIdentical) {
   REQUIRE_GPU();
+  check_model("glm4_moe_lite", "glm4_moe_lite");
+}
+// The tiny presets' 37-token prompts give 74 pairs over 8 experts, so the
+// tests above run the expert ops over bucketed pairs (kern::gather_*_grouped);
+// with that form off the same prompts take the expert GEMMs end to end.
+TEST(CudaModels, ExpertGemmModelsGpuMatchCpuAndFusedIsBitIdentical) {
+  REQUIRE_GPU();
+  test::ScopedEnv off("ZMLX_MOE_GROUPED_MAX", "0");
+  check_model("qwen3_moe", "qwen3_moe");
+  check_model("lfm2_moe", "lfm2_moe");
   check_model("glm4_moe_lite", "glm4_moe_lite");
 }
 // The tiny presets' 32-wide heads take the per-head decode attention; at 64

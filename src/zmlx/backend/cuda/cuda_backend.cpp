@@ -58,6 +58,27 @@ bool flash_prefill() {
 constexpr int64_t kGemmMinTokens = 16;
 constexpr int64_t kGemmMinPairs = 64;
 
+// From kGemmMinPairs pairs up to this many pairs an expert on average
+// (T·k <= experts · this), the expert matrices run as mat-vecs over pairs
+// bucketed by expert (kern::gather_*_grouped: each expert's weights read
+// once a tile of kern::kGroupPairs pairs) instead of the expert GEMM, whose
+// cost hardly falls below 64 pairs an expert. At 8 the two forms measured
+// level (H200, 2026-11-29: Qwen3 at 128 tokens 5,024 against 5,102 tok/s,
+// LFM2 at 64 8,292 against 8,121), at 16 the GEMM 1.4x faster (Qwen3 at
+// 256 tokens), at 1-4 the grouped form 1.25-1.35x (16-64 tokens, all three
+// families; docs/performance.md). ZMLX_MOE_GROUPED_MAX=N
+// overrides it (0: the GEMM from kGemmMinPairs, as before; read per call,
+// and every expert op asks alike, so fused and unfused agree).
+constexpr int64_t kGroupedMaxPairsPerExpert = 8;
+int64_t grouped_max_pairs_per_expert() {
+  const char* v = std::getenv("ZMLX_MOE_GROUPED_MAX");
+  if (!v || !*v) return kGroupedMaxPairsPerExpert;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  if (*end != '\0' || n < 0) throw std::runtime_error(std::string("ZMLX_MOE_GROUPED_MAX: not a count: ") + v);
+  return n;
+}
+
 // The most rows one op call takes where a kernel puts them on a grid's y
 // (65,535 blocks): attention's queries, gather_qmm's token-expert pairs.
 constexpr int64_t kMaxCallRows = 65535;
@@ -1011,7 +1032,11 @@ class CudaBackend final : public Backend {
     Tensor out = alloc(DType::BF16, {T, k, N});
     const kern::QMat m = qmat(w);
     Prof p_(this, "gather_linear");
-    if (T * k >= kGemmMinPairs && tc::gemm_supported(m)) {
+    if (moe_grouped(T, k, m, w.experts)) {
+      Tensor ws;
+      const kern::PairGroups grp = bucket_pairs(r, T * k, ws);
+      kern::gather_linear_grouped(bf16p(x), per_slot, experts_of(r), int(T), int(k), m, bf16p(out), grp, stream_);
+    } else if (T * k >= kGemmMinPairs && tc::gemm_supported(m)) {
       Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(w.experts)))});
       tc::moe_linear(bf16p(x), per_slot, experts_of(r), int(T), int(k), m, bf16p(out), ws.data, stream_,
                      int(w.experts));
@@ -1043,7 +1068,11 @@ class CudaBackend final : public Backend {
     // before: complete one kernel before the one enqueued last, so the
     // kernel may stage it before its programmatic-launch wait.
     const bool x_ready = x.data == routed_input_ && op_seq_ == routed_op_ + 1;
-    if (T * k >= kGemmMinPairs && tc::gemm_supported(g) && tc::gemm_supported(u)) {
+    if (moe_grouped(T, k, g, gate.experts) && moe_grouped(T, k, u, up.experts)) {
+      Tensor ws;
+      const kern::PairGroups grp = bucket_pairs(r, T * k, ws);
+      kern::gather_swiglu_grouped(bf16p(x), experts_of(r), int(T), int(k), g, u, bf16p(out), grp, stream_);
+    } else if (T * k >= kGemmMinPairs && tc::gemm_supported(g) && tc::gemm_supported(u)) {
       Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(gate.experts)))});
       tc::moe_gate_up_swiglu(bf16p(x), experts_of(r), int(T), int(k), g, u, bf16p(out), ws.data, stream_,
                              int(gate.experts));
@@ -1059,6 +1088,19 @@ class CudaBackend final : public Backend {
   // generic one-launch form keeps one expert's loads in flight at a time, so
   // the two-launch form of the unfused path is faster), or one launch
   // (gather_combine).
+  // Whether the expert op of T tokens x k slots runs over bucketed pairs
+  // (grouped_max_pairs_per_expert above).
+  static bool moe_grouped(int64_t T, int64_t k, const kern::QMat& m, int64_t experts) {
+    const int64_t P = T * k;
+    return P >= kGemmMinPairs && kern::grouped_fits(m) && P <= std::max<int64_t>(experts, 1) * grouped_max_pairs_per_expert();
+  }
+  // The P pairs of routing r bucketed by expert; ws: the workspace (from the
+  // pool, stream-ordered like every op tensor), kept by the caller for the op.
+  kern::PairGroups bucket_pairs(const Routing& r, int64_t P, Tensor& ws) {
+    ws = alloc(DType::U8, {int64_t(tc::pair_groups_workspace_bytes(P))});
+    return tc::bucket_pairs(experts_of(r), P, ws.data, stream_);
+  }
+
   static bool combine_by_gemm(int64_t T, int64_t k, const kern::QMat& m) {
     return T * k >= kGemmMinPairs && tc::gemm_supported(m);
   }
@@ -1073,7 +1115,15 @@ class CudaBackend final : public Backend {
     Tensor out = alloc(DType::BF16, {T, D});
     const kern::QMat m = qmat(down);
     Prof p_(this, "gather_combine");
-    if (combine_by_gemm(T, k, m)) {
+    if (moe_grouped(T, k, m, down.experts)) {
+      // Down over the bucketed pairs into y [T·k, D], then the unfused path's combine kernel.
+      Tensor y = alloc(DType::BF16, {T * k, D});
+      Tensor ws;
+      const kern::PairGroups grp = bucket_pairs(r, T * k, ws);
+      kern::gather_linear_grouped(bf16p(h), true, experts_of(r), int(T), int(k), m, bf16p(y), grp, stream_);
+      kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), D,
+                        bf16p(out), stream_);
+    } else if (combine_by_gemm(T, k, m)) {
       // Expert GEMM into y [T·k, D], then the same combine kernel the unfused path uses.
       Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(down.experts)))});
       Tensor y = alloc(DType::BF16, {T * k, D});

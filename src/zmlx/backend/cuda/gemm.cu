@@ -408,12 +408,15 @@ struct Workspace {
 };
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
-int max_tiles_for(int64_t P) { return int((P + BM - 1) / BM + std::min<int64_t>(P, kMaxExperts)); }
+// Tiles of at most tile_rows pairs of one expert: at most one partial tile an expert.
+int max_tiles_for(int64_t P, int tile_rows = BM) {
+  return int((P + tile_rows - 1) / tile_rows + std::min<int64_t>(P, kMaxExperts));
+}
 
-Workspace carve(void* ws, int64_t P) {
+Workspace carve(void* ws, int64_t P, int tile_rows = BM) {
   Workspace w{};
   uint8_t* b = static_cast<uint8_t*>(ws);
-  w.max_tiles = max_tiles_for(P);
+  w.max_tiles = max_tiles_for(P, tile_rows);
   w.counts = reinterpret_cast<int*>(b);
   b += align256(sizeof(int) * kMaxExperts);
   w.offsets = reinterpret_cast<int*>(b);
@@ -426,8 +429,8 @@ Workspace carve(void* ws, int64_t P) {
   return w;
 }
 
-size_t workspace_size(int64_t P) {
-  return 2 * align256(sizeof(int) * kMaxExperts) + 256 + align256(sizeof(int4) * size_t(max_tiles_for(P))) +
+size_t workspace_size(int64_t P, int tile_rows = BM) {
+  return 2 * align256(sizeof(int) * kMaxExperts) + 256 + align256(sizeof(int4) * size_t(max_tiles_for(P, tile_rows))) +
          align256(sizeof(int32_t) * size_t(std::max<int64_t>(P, 1)));
 }
 
@@ -442,11 +445,11 @@ __global__ void count_kernel(const int32_t* ex, int P, int* counts) {
 // One block of kBucketThreads (= kMaxExperts) threads: exclusive scans of the
 // counts and of the tile counts, then the tile table.
 __global__ void __launch_bounds__(kBucketThreads) scan_kernel(const int* counts, int* offsets, int4* tiles,
-                                                              int* ntiles, int max_tiles) {
+                                                              int* ntiles, int max_tiles, int tile_rows) {
   __shared__ int wc[32], wt[32];
   const int e = threadIdx.x, lane = e & 31, warp = e >> 5;
   const int c = counts[e];
-  const int t = (c + BM - 1) / BM;
+  const int t = (c + tile_rows - 1) / tile_rows;
   int ic = c, it = t;  // inclusive warp scans
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
@@ -469,7 +472,8 @@ __global__ void __launch_bounds__(kBucketThreads) scan_kernel(const int* counts,
   const int toff = (warp ? wt[warp - 1] : 0) + it - t;
   offsets[e] = off;
   for (int j = 0; j < t; ++j)
-    if (toff + j < max_tiles) tiles[toff + j] = make_int4(e, off + j * BM, min(off + (j + 1) * BM, off + c), 0);
+    if (toff + j < max_tiles)
+      tiles[toff + j] = make_int4(e, off + j * tile_rows, min(off + (j + 1) * tile_rows, off + c), 0);
   if (e == kBucketThreads - 1) *ntiles = min(wt[31], max_tiles);
 }
 
@@ -499,11 +503,11 @@ __global__ void __launch_bounds__(256) scatter_kernel(const int32_t* ex, int P, 
   }
 }
 
-Workspace bucket(const int32_t* experts, int64_t P, void* ws, cudaStream_t s) {
-  Workspace w = carve(ws, P);
+Workspace bucket(const int32_t* experts, int64_t P, void* ws, cudaStream_t s, int tile_rows = BM) {
+  Workspace w = carve(ws, P, tile_rows);
   cudaMemsetAsync(w.counts, 0, sizeof(int) * kMaxExperts, s);
   count_kernel<<<unsigned((P + 255) / 256), 256, 0, s>>>(experts, int(P), w.counts);
-  scan_kernel<<<1, kBucketThreads, 0, s>>>(w.counts, w.offsets, w.tiles, w.ntiles, w.max_tiles);
+  scan_kernel<<<1, kBucketThreads, 0, s>>>(w.counts, w.offsets, w.tiles, w.ntiles, w.max_tiles, tile_rows);
   scatter_kernel<<<kMaxExperts, 256, 0, s>>>(experts, int(P), w.counts, w.offsets, w.perm);
   return w;
 }
@@ -726,6 +730,17 @@ void moe_gate_up_swiglu(const uint16_t* x, const int32_t* experts, int T, int k,
   const dim3 grid(unsigned((g.rows + 63) / 64), moe_grid_y(P, num_experts));
   launch_bits<true>(g.bits, p, grid, s);
   check("moe_gate_up_swiglu");
+}
+
+size_t pair_groups_workspace_bytes(int64_t P) {
+  return workspace_size(std::max<int64_t>(P, 1), ::zmlx::cuda::k::kGroupPairs);
+}
+
+::zmlx::cuda::k::PairGroups bucket_pairs(const int32_t* experts, int64_t P, void* workspace, cudaStream_t s) {
+  if (P <= 0) throw std::runtime_error("zmlx bucket_pairs: no pairs");
+  const Workspace w = bucket(experts, P, workspace, s, ::zmlx::cuda::k::kGroupPairs);
+  check("pair bucketing");
+  return {reinterpret_cast<const int32_t*>(w.tiles), w.ntiles, w.perm, w.max_tiles};
 }
 
 bool moe_linear_three_stage(const QMat& w) {

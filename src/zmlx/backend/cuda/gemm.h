@@ -79,6 +79,11 @@ void moe_down(const uint16_t* h, const int32_t* experts, int T, int k, const QMa
 // per_slot case.
 void moe_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T, int k, const QMat& w, uint16_t* y,
                 void* workspace, cudaStream_t s, int num_experts = 0);
+// The P pairs bucketed by expert as above, in tiles of at most
+// k::kGroupPairs pairs of one expert, for k::gather_*_grouped. workspace:
+// pair_groups_workspace_bytes(P) bytes; the result points into it.
+size_t pair_groups_workspace_bytes(int64_t P);
+::zmlx::cuda::k::PairGroups bucket_pairs(const int32_t* experts, int64_t P, void* workspace, cudaStream_t s);
 // Whether moe_linear runs w in its 3-stage, 3-blocks-an-SM form on the
 // current device: 4-bit weights, ZMLX_GEMM_MOE_3STAGE not "0", an SM whose
 // shared memory holds three such blocks (sm_90). The same bits either way.

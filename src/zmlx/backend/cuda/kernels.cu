@@ -1089,6 +1089,234 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
   }
 }
 
+// ---- expert mat-vecs of a few pairs an expert (short prompts) ----
+//
+// Why: a prompt of 16-256 tokens gives each expert about 1-16 of its
+// (token, slot) pairs. The expert GEMM (gemm.cu) dequantizes every weight of
+// every touched expert into shared memory for a tile of 64 pairs whatever
+// the count: Qwen3's gate+up took 193-284 us at 16-256 tokens, ~800 GB/s
+// (H200, gemm_bench, 2026-11-29). The decode kernels read an expert's
+// weights once a pair and use an eighth of each MMA: run over bucketed pairs
+// they took 129 us at 16 tokens but 1,642 at 512 (same call).
+//
+// Here the pairs come bucketed by expert in tiles of at most kGroupPairs = 8
+// (gemm::bucket_pairs), and the MMA's 8 columns are a tile's pairs: a block
+// takes one tile and 64 rows of the expert's matrices, each weight is loaded
+// once and used for every pair of the tile. One MMA pair covers one 32-input
+// chunk for 16 rows: lane (g, t) supplies word t of the chunk (inputs
+// 8t..8t+7) of rows g and g+8 as nibble pairs (nib_pair: the bf16 pairs
+// (128+q[s], 128+q[s+4]), s = 0, 1 for the first MMA, 2, 3 for the second),
+// and B holds x of pair g at the same inputs, staged once a block in that
+// order. Every C entry is one (row, pair) sum over one chunk, inside one
+// group (groups are 32+ and aligned), and the lane applies the affine part in
+// fp32, as the decode MMA kernels do:
+//   Σ w·x = scale·Σ(128+q)·x + (bias − 128·scale)·Σx      (Σx per chunk, staged)
+// The chunk sums are the tensor core's: the bits differ from the per-pair
+// kernels' by fp32 summation order (the GPU test bounds it). Both grouped
+// entry points run this kernel, so fused and unfused agree bit for bit.
+//
+// A warp: a tile of 16 rows over all of K, slab by slab (4 chunks), the
+// loads of the next two slabs in flight during a slab's MMAs (three
+// register buffers taking turns). CPG (chunks a group: 1, 2, 4) sizes the
+// scale registers, so groups of 64 and 128 hold one or two a row a slab.
+constexpr int kPairWarps = 4;
+
+// 32-bit words of one staged pair row: K/2 (pairs of bf16), padded so that
+// a row starts 16 banks after the previous one (the 8 pairs' 16-byte loads
+// of one quarter-warp phase then hit distinct banks).
+__host__ __device__ __forceinline__ int64_t pair_stage_stride(int64_t K) { return ((K / 2 + 31) & ~int64_t(31)) + 16; }
+__host__ __device__ __forceinline__ size_t pair_smem_bytes(int64_t K) {
+  return size_t(kGroupPairs * pair_stage_stride(K) + kGroupPairs * (K / 32)) * 4;
+}
+
+// Whole block: the input rows of the n pairs in pairs[] (row p of x when
+// per_slot, else row p / k) into st in nibble-pair order (word w's pairs
+// (x0,x4) (x1,x5) (x2,x6) (x3,x7) at [w·4 .. w·4+3] of the pair's row), and
+// Σx of every chunk (its 32 inputs added in order) at sums[q·chunks + c].
+// A thread a (pair, chunk): its four 16-byte loads go out together and the
+// sum comes from the same registers (reading each chunk again for its sum,
+// as load_x does, made staging a large share of a block's time). Pair rows
+// n.. are zeros.
+__device__ __forceinline__ void pair_stage_x(const uint16_t* x, const int* pairs, int n, bool per_slot, int k, int64_t K,
+                                             uint32_t* st) {
+  const int64_t sw = pair_stage_stride(K);
+  float* sums = reinterpret_cast<float*>(st + kGroupPairs * sw);
+  const int chunks = int(K >> 5);
+  const uint32_t rc = 0xFFFFFFFFu / uint32_t(chunks) + 1u;  // i / chunks as a multiply-high (i < 2^15)
+#pragma unroll 2
+  for (int i = threadIdx.x; i < kGroupPairs * chunks; i += blockDim.x) {
+    const int q = int(__umulhi(uint32_t(i), rc)), c = i - q * chunks;
+    uint4 v[4];
+    if (q < n) {
+      const uint4* src = reinterpret_cast<const uint4*>(x + (per_slot ? pairs[q] : pairs[q] / k) * K + int64_t(c) * 32);
+#pragma unroll
+      for (int w = 0; w < 4; ++w) v[w] = __ldg(src + w);
+    } else {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) v[w] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    uint4* dst = reinterpret_cast<uint4*>(st + q * sw) + 4 * c;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      dst[w] = make_uint4(__byte_perm(v[w].x, v[w].z, 0x5410), __byte_perm(v[w].x, v[w].z, 0x7632),
+                          __byte_perm(v[w].y, v[w].w, 0x5410), __byte_perm(v[w].y, v[w].w, 0x7632));
+      sum += lo_bf(v[w].x), sum += hi_bf(v[w].x), sum += lo_bf(v[w].y), sum += hi_bf(v[w].y);
+      sum += lo_bf(v[w].z), sum += hi_bf(v[w].z), sum += lo_bf(v[w].w), sum += hi_bf(v[w].w);
+    }
+    sums[i] = sum;
+  }
+}
+
+// One slab's loads of a lane: word t of chunks 4·slab + j of rows g and g+8,
+// and the raw bf16 scale and bias of each group among them.
+template <int NM, int CPG>
+struct PairStep {
+  static constexpr int NG = 4 / CPG;  // groups a slab
+  uint32_t w[NM][2][4];
+  uint32_t sc[NM][2][NG], bi[NM][2][NG];
+};
+
+// Where a lane's rows lie in each matrix (expert e): row g's first word and
+// first group; row g + 8 is 8 rows further.
+template <int NM>
+struct PairRows {
+  const uint32_t* w[NM];
+  const uint16_t *s[NM], *b[NM];
+  int64_t wpr, gpr;  // words, groups a row
+  bool va, vb;
+  int chunks, slabs;
+  int gshift;  // log2(group)
+};
+
+template <int NM, int CPG>
+__device__ __forceinline__ void pair_load_step(PairStep<NM, CPG>& st, const PairRows<NM>& pr, int slab, int t) {
+  constexpr int NG = PairStep<NM, CPG>::NG;
+#pragma unroll
+  for (int i = 0; i < NM; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int c = 4 * slab + j;
+      const bool ok = c < pr.chunks;
+      st.w[i][0][j] = pr.va && ok ? __ldg(pr.w[i] + 4 * c + t) : 0u;
+      st.w[i][1][j] = pr.vb && ok ? __ldg(pr.w[i] + 8 * pr.wpr + 4 * c + t) : 0u;
+    }
+#pragma unroll
+    for (int q = 0; q < NG; ++q) {
+      const int c = 4 * slab + q * CPG;  // the group's first chunk in this slab
+      const bool ok = c < pr.chunks;
+      const int64_t gi = (int64_t(c) << 5) >> pr.gshift;
+      st.sc[i][0][q] = pr.va && ok ? __ldg(pr.s[i] + gi) : 0u;
+      st.bi[i][0][q] = pr.va && ok ? __ldg(pr.b[i] + gi) : 0u;
+      st.sc[i][1][q] = pr.vb && ok ? __ldg(pr.s[i] + 8 * pr.gpr + gi) : 0u;
+      st.bi[i][1][q] = pr.vb && ok ? __ldg(pr.b[i] + 8 * pr.gpr + gi) : 0u;
+    }
+  }
+}
+
+// One slab's MMAs and affine parts. acc[i][h][p]: matrix i, row g + 8h,
+// pair 2t + p of the tile.
+template <int NM, int CPG>
+__device__ __forceinline__ void pair_do_step(const PairStep<NM, CPG>& st, const uint32_t* xg, const float* sums,
+                                             int chunks, int slab, int t, float (&acc)[NM][2][2]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int c = 4 * slab + j;
+    if (c >= chunks) break;
+    const uint4 b = reinterpret_cast<const uint4*>(xg)[4 * c + t];  // pair g: word 4c + t's four pairs
+    const float sx0 = sums[(2 * t) * chunks + c], sx1 = sums[(2 * t + 1) * chunks + c];
+#pragma unroll
+    for (int i = 0; i < NM; ++i) {
+      const uint32_t wg = st.w[i][0][j], wh = st.w[i][1][j];
+      float cc[4] = {0.f, 0.f, 0.f, 0.f};
+      mma_16816(cc, nib_pair(wg, 0), nib_pair(wh, 0), nib_pair(wg, 1), nib_pair(wh, 1), b.x, b.y);
+      mma_16816(cc, nib_pair(wg, 2), nib_pair(wh, 2), nib_pair(wg, 3), nib_pair(wh, 3), b.z, b.w);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float sc = lo_bf(st.sc[i][h][j / CPG]), bi = lo_bf(st.bi[i][h][j / CPG]);
+        const float off = fmaf(-128.f, sc, bi);
+        acc[i][h][0] = fmaf(off, sx0, fmaf(sc, cc[2 * h], acc[i][h][0]));
+        acc[i][h][1] = fmaf(off, sx1, fmaf(sc, cc[2 * h + 1], acc[i][h][1]));
+      }
+    }
+  }
+}
+
+// A block: kPairWarps tiles of 16 rows (blockIdx.x) against the pairs of
+// bucket tile blockIdx.y (one expert, at most kGroupPairs pairs); y rows
+// indexed by pair, as gather_linear's. NM == 2: gate m[0], up m[1], SwiGLU.
+template <int NM, int CPG>
+__global__ void __launch_bounds__(kPairWarps * 32, 3) moe_pairs_kernel(const uint16_t* x, MmaJob job, PairGroups grp) {
+  extern __shared__ __align__(16) uint32_t pair_smem[];
+  __shared__ int pairs[kGroupPairs];
+  pdl_begin();
+  const int ti = int(blockIdx.y);
+  if (ti >= *grp.ntiles) return;
+  const int4 tile = reinterpret_cast<const int4*>(grp.tiles)[ti];
+  const int n = min(tile.z - tile.y, kGroupPairs);
+  const int64_t e = tile.x;
+  if (int(threadIdx.x) < n) pairs[threadIdx.x] = grp.perm[tile.y + int(threadIdx.x)];
+  const int64_t K = job.m[0].cols, rows = job.m[0].rows;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int64_t r0 = (int64_t(blockIdx.x) * kPairWarps + warp) * 16;
+  PairRows<NM> pr;
+  pr.wpr = K >> 3;
+  pr.gshift = __ffs(job.m[0].group) - 1;
+  pr.gpr = K >> pr.gshift;
+  pr.va = r0 + g < rows, pr.vb = r0 + g + 8 < rows;
+  pr.chunks = int(K >> 5), pr.slabs = (pr.chunks + 3) >> 2;
+#pragma unroll
+  for (int i = 0; i < NM; ++i) {
+    const QMat& m = job.m[i];
+    pr.w[i] = m.w + e * m.w_stride + (r0 + g) * pr.wpr;
+    pr.s[i] = m.scales + e * m.s_stride + (r0 + g) * pr.gpr;
+    pr.b[i] = m.biases + e * m.s_stride + (r0 + g) * pr.gpr;
+  }
+  // Three slabs' loads in flight: buffers a, b, c take turns.
+  PairStep<NM, CPG> a, b, c;
+  const bool live = r0 < rows;
+  if (live) {
+    pair_load_step(a, pr, 0, t);
+    if (1 < pr.slabs) pair_load_step(b, pr, 1, t);
+  }
+  __syncthreads();  // pairs[]
+  pair_stage_x(x, pairs, n, job.per_slot, job.k, K, pair_smem);
+  __syncthreads();
+  const int64_t sw = pair_stage_stride(K);
+  const uint32_t* xg = pair_smem + g * sw;
+  const float* sums = reinterpret_cast<const float*>(pair_smem + kGroupPairs * sw);
+  float acc[NM][2][2];
+#pragma unroll
+  for (int i = 0; i < NM; ++i) acc[i][0][0] = acc[i][0][1] = acc[i][1][0] = acc[i][1][1] = 0.f;
+  if (live) {
+    for (int s = 0; s < pr.slabs; s += 3) {
+      if (s + 2 < pr.slabs) pair_load_step(c, pr, s + 2, t);
+      pair_do_step(a, xg, sums, pr.chunks, s, t, acc);
+      if (s + 1 >= pr.slabs) break;
+      if (s + 3 < pr.slabs) pair_load_step(a, pr, s + 3, t);
+      pair_do_step(b, xg, sums, pr.chunks, s + 1, t, acc);
+      if (s + 2 >= pr.slabs) break;
+      if (s + 4 < pr.slabs) pair_load_step(b, pr, s + 4, t);
+      pair_do_step(c, xg, sums, pr.chunks, s + 2, t, acc);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = r0 + g + 8 * h;
+      if (r >= rows) continue;
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const int q = 2 * t + p;
+        if (q >= n) continue;
+        uint16_t* y = job.y[0] + int64_t(pairs[q]) * rows;
+        if constexpr (NM == 1)
+          y[r] = to_bf(acc[0][h][p]);
+        else
+          y[r] = swiglu_bf(to_bf(acc[0][h][p]), to_bf(acc[1][h][p]));
+      }
+    }
+  }
+}
+
 // ---- the output head streamed through shared memory (one token) ----
 //
 // Why: the head (lm_head: 65-155 K rows of 2,048 inputs, 75-175 MB a token)
@@ -1509,6 +1737,25 @@ void mma_decode(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s) {
   if constexpr (NM == 2)
     if (job.splits <= 4 && small_swiglu_blocks()) return mma_decode_w<NM, 4>(x, job, pairs, s);
   mma_decode_w<NM, kMmaWarps>(x, job, pairs, s);
+}
+
+// moe_pairs_kernel's launch: 64 rows a block, a grid row a bucket tile
+// (those past *grp.ntiles exit at once).
+template <int NM, int CPG>
+void pairs_launch_cpg(const uint16_t* x, const MmaJob& job, const PairGroups& grp, cudaStream_t s) {
+  const size_t smem = pair_smem_bytes(job.m[0].cols);
+  allow_dynamic_smem(reinterpret_cast<const void*>(moe_pairs_kernel<NM, CPG>), smem);
+  const int64_t per_block = 16 * kPairWarps;
+  launch_smem(moe_pairs_kernel<NM, CPG>, dim3(unsigned((job.m[0].rows + per_block - 1) / per_block), unsigned(grp.max_tiles)),
+              dim3(kPairWarps * 32), smem, s, x, job, grp);
+}
+template <int NM>
+void pairs_launch(const uint16_t* x, const MmaJob& job, const PairGroups& grp, cudaStream_t s) {
+  switch (job.m[0].group) {
+    case 32: return pairs_launch_cpg<NM, 1>(x, job, grp, s);
+    case 64: return pairs_launch_cpg<NM, 2>(x, job, grp, s);
+    default: return pairs_launch_cpg<NM, 4>(x, job, grp, s);  // 128 and up: 4 chunks a group at least
+  }
 }
 
 // ZMLX_CUDA_EARLY_X=0: gate+up stages its input after the programmatic-launch
@@ -3591,6 +3838,30 @@ void gather_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, cons
   if (g.bits != u.bits) throw std::runtime_error("gather_qmm_swiglu: gate and up differ in format");
   by_bits<GatherSwigluL>(g.bits, x, experts, T * k, k, g, u, y, s, x_ready);
   check_launch("gather_qmm_swiglu");
+}
+
+bool grouped_fits(const QMat& m) { return use_mma(m) && m.cols <= kGroupMaxK; }
+
+void gather_linear_grouped(const uint16_t* x, bool per_slot, const int32_t* experts, int T, int k, const QMat& w,
+                           uint16_t* y, const PairGroups& grp, cudaStream_t s) {
+  if (!grouped_fits(w)) throw std::runtime_error("gather_qmm (grouped pairs): a weight format it does not take");
+  MmaJob j = mma_job(&w, &y, 1);
+  j.ex = experts, j.k = k, j.per_slot = per_slot;
+  pairs_launch<1>(x, j, grp, s);
+  check_launch("gather_qmm (grouped pairs)");
+}
+
+void gather_swiglu_grouped(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u,
+                           uint16_t* y, const PairGroups& grp, cudaStream_t s) {
+  if (!grouped_fits(g) || !grouped_fits(u) || g.bits != u.bits || g.group != u.group || g.rows != u.rows ||
+      g.cols != u.cols)
+    throw std::runtime_error("gather_qmm_swiglu (grouped pairs): formats it does not take");
+  const QMat gu[2] = {g, u};
+  MmaJob j = mma_job(gu, nullptr, 2);
+  j.y[0] = y;
+  j.ex = experts, j.k = k, j.per_slot = 0;
+  pairs_launch<2>(x, j, grp, s);
+  check_launch("gather_qmm_swiglu (grouped pairs)");
 }
 
 void gather_combine(const uint16_t* h, const int32_t* experts, const void* scores, bool scores_f32, Combine mode,

@@ -73,6 +73,26 @@ void gather_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int
 // before its programmatic-launch wait.
 void gather_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u,
                    uint16_t* y, cudaStream_t s, bool x_ready = false);
+// The same for pairs bucketed by expert (prefill of short prompts: a few
+// pairs an expert): tiles of at most kGroupPairs pairs of one expert, as
+// gemm::bucket_pairs makes them; each tile's weights are read once for all
+// its pairs (the MMA's 8 columns). The values of gather_linear /
+// gather_swiglu up to fp32 summation order; the grouped gate, up and fused
+// gate+up agree bit for bit. Only where grouped_fits(): the tensor-core
+// format (4-bit, groups of 32+), rows of at most kGroupMaxK inputs.
+constexpr int kGroupPairs = 8;
+constexpr int64_t kGroupMaxK = 4096;
+struct PairGroups {
+  const int32_t* tiles; // 4 ints a tile: expert, first sorted pair, end sorted pair, 0
+  const int* ntiles;    // number of valid tiles (device)
+  const int32_t* perm;  // sorted pair -> pair
+  int max_tiles;        // grid rows to launch (tiles past *ntiles exit)
+};
+bool grouped_fits(const QMat& m);
+void gather_linear_grouped(const uint16_t* x, bool per_slot, const int32_t* experts, int T, int k, const QMat& w,
+                           uint16_t* y, const PairGroups& grp, cudaStream_t s);
+void gather_swiglu_grouped(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u,
+                           uint16_t* y, const PairGroups& grp, cudaStream_t s);
 // out[t, d] = Σ_j term(bf16(h[t, j] · down[e_tj][d]), score[t, j]) in slot order.
 // routing_ready: experts and scores were complete before the kernel just
 // enqueued ran (e.g. it, or an earlier kernel, read them): the tensor-core
