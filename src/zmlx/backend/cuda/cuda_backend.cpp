@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -62,11 +63,11 @@ constexpr int64_t kGemmMinPairs = 64;
 // (T·k <= experts · this), the expert matrices run as mat-vecs over pairs
 // bucketed by expert (kern::gather_*_grouped: each expert's weights read
 // once a tile of kern::kGroupPairs pairs) instead of the expert GEMM, whose
-// cost hardly falls below 64 pairs an expert. At 8 the two forms measured
-// level (H200, 2026-11-29: Qwen3 at 128 tokens 5,024 against 5,102 tok/s,
-// LFM2 at 64 8,292 against 8,121), at 16 the GEMM 1.4x faster (Qwen3 at
-// 256 tokens), at 1-4 the grouped form 1.25-1.35x (16-64 tokens, all three
-// families; docs/performance.md). ZMLX_MOE_GROUPED_MAX=N
+// cost hardly falls below 64 pairs an expert. Prefill with it against the
+// GEMM (H200, 2026-11-29, docs/performance.md "Short prompts"): at 1-4
+// pairs an expert +27-40 % (16-64 tokens, all three families), at 8 +5-7 %
+// (Qwen3 and GLM at 128 tokens, LFM2 at 64), at 16 the GEMM 1.4x faster
+// (Qwen3 and GLM at 256 tokens). ZMLX_MOE_GROUPED_MAX=N
 // overrides it (0: the GEMM from kGemmMinPairs, as before; read per call,
 // and every expert op asks alike, so fused and unfused agree).
 constexpr int64_t kGroupedMaxPairsPerExpert = 8;
@@ -74,8 +75,10 @@ int64_t grouped_max_pairs_per_expert() {
   const char* v = std::getenv("ZMLX_MOE_GROUPED_MAX");
   if (!v || !*v) return kGroupedMaxPairsPerExpert;
   char* end = nullptr;
+  errno = 0;
   const long n = std::strtol(v, &end, 10);
-  if (*end != '\0' || n < 0) throw std::runtime_error(std::string("ZMLX_MOE_GROUPED_MAX: not a count: ") + v);
+  if (*end != '\0' || n < 0 || errno == ERANGE || n > (1L << 20))
+    throw std::runtime_error(std::string("ZMLX_MOE_GROUPED_MAX: not a count from 0 to 1048576: ") + v);
   return n;
 }
 
@@ -1083,16 +1086,12 @@ class CudaBackend final : public Backend {
     return out;
   }
 
-  // How gather_qmm_combine runs: the expert GEMM (prefill-sized), two
-  // launches (rows the short-row kernel cannot hold in registers: the
-  // generic one-launch form keeps one expert's loads in flight at a time, so
-  // the two-launch form of the unfused path is faster), or one launch
-  // (gather_combine).
   // Whether the expert op of T tokens x k slots runs over bucketed pairs
   // (grouped_max_pairs_per_expert above).
   static bool moe_grouped(int64_t T, int64_t k, const kern::QMat& m, int64_t experts) {
     const int64_t P = T * k;
-    return P >= kGemmMinPairs && kern::grouped_fits(m) && P <= std::max<int64_t>(experts, 1) * grouped_max_pairs_per_expert();
+    return P >= kGemmMinPairs && experts <= tc::kMaxExperts && kern::grouped_fits(m) &&
+           P <= std::max<int64_t>(experts, 1) * grouped_max_pairs_per_expert();
   }
   // The P pairs of routing r bucketed by expert; ws: the workspace (from the
   // pool, stream-ordered like every op tensor), kept by the caller for the op.
@@ -1101,6 +1100,11 @@ class CudaBackend final : public Backend {
     return tc::bucket_pairs(experts_of(r), P, ws.data, stream_);
   }
 
+  // How gather_qmm_combine runs: over bucketed pairs (moe_grouped: a few
+  // pairs an expert), the expert GEMM (prefill-sized), two launches (rows
+  // the short-row kernel cannot hold in registers: the generic one-launch
+  // form keeps one expert's loads in flight at a time, so the two-launch form
+  // of the unfused path is faster), or one launch (gather_combine).
   static bool combine_by_gemm(int64_t T, int64_t k, const kern::QMat& m) {
     return T * k >= kGemmMinPairs && tc::gemm_supported(m);
   }

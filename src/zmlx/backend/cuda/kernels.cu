@@ -1095,9 +1095,10 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
 // (token, slot) pairs. The expert GEMM (gemm.cu) dequantizes every weight of
 // every touched expert into shared memory for a tile of 64 pairs whatever
 // the count: Qwen3's gate+up took 193-284 us at 16-256 tokens, ~800 GB/s
-// (H200, gemm_bench, 2026-11-29). The decode kernels read an expert's
-// weights once a pair and use an eighth of each MMA: run over bucketed pairs
-// they took 129 us at 16 tokens but 1,642 at 512 (same call).
+// (H200, gemm_bench, 2026-11-29). The decode MMA kernels use an eighth of
+// each MMA (its columns are chunks of one input): a form of them that ran
+// 4 bucketed pairs a block, each step's weights loaded once, took 129 us at
+// 16 tokens but 1,642 at 512 (same card and day; not kept).
 //
 // Here the pairs come bucketed by expert in tiles of at most kGroupPairs = 8
 // (gemm::bucket_pairs), and the MMA's 8 columns are a tile's pairs: a block
@@ -1117,13 +1118,15 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
 //
 // A warp: a tile of 16 rows over all of K, slab by slab (4 chunks), the
 // loads of the next two slabs in flight during a slab's MMAs (three
-// register buffers taking turns). CPG (chunks a group: 1, 2, 4) sizes the
+// register buffers taking turns). Known cost (ptxas, sm_90a): gate+up with
+// groups of 32 spills 300 bytes at the 3-blocks-an-SM cap; groups of 64 and
+// 128 do not. CPG (chunks a group: 1, 2, 4) sizes the
 // scale registers, so groups of 64 and 128 hold one or two a row a slab.
 constexpr int kPairWarps = 4;
 
 // 32-bit words of one staged pair row: K/2 (pairs of bf16), padded so that
-// a row starts 16 banks after the previous one (the 8 pairs' 16-byte loads
-// of one quarter-warp phase then hit distinct banks).
+// a row starts 16 banks after the previous one (a quarter-warp phase's
+// 16-byte loads, 4 words of each of 2 pairs, then hit distinct banks).
 __host__ __device__ __forceinline__ int64_t pair_stage_stride(int64_t K) { return ((K / 2 + 31) & ~int64_t(31)) + 16; }
 __host__ __device__ __forceinline__ size_t pair_smem_bytes(int64_t K) {
   return size_t(kGroupPairs * pair_stage_stride(K) + kGroupPairs * (K / 32)) * 4;
@@ -3840,7 +3843,9 @@ void gather_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, cons
   check_launch("gather_qmm_swiglu");
 }
 
-bool grouped_fits(const QMat& m) { return use_mma(m) && m.cols <= kGroupMaxK; }
+// Rows of 64+ inputs: pair_stage_x divides by the chunk count through a
+// reciprocal that wraps at one chunk.
+bool grouped_fits(const QMat& m) { return use_mma(m) && m.cols >= 64 && m.cols <= kGroupMaxK; }
 
 void gather_linear_grouped(const uint16_t* x, bool per_slot, const int32_t* experts, int T, int k, const QMat& w,
                            uint16_t* y, const PairGroups& grp, cudaStream_t s) {
