@@ -4,13 +4,15 @@
 # prefill/decode throughput patched and unpatched, sampled decode (T 0.7,
 # top-p 0.95), `zmlx validate`, and prefill of long prompts (LONG tokens) in
 # the GPU's default passes and in passes of 512, each then decoding GEN tokens
-# (16 until 2026-11-29, which read lower than a 128-token decode).
+# (16 until 2026-11-29, which read lower than a 128-token decode), and
+# prefill of short prompts (SHORT tokens: the experts over bucketed pairs).
 # $OUT gets results.md and raw.tgz (every raw log and JSON): a device run
 # brings back at most 8 files, so the raw files are packed into one.
 #   STAGES="tests qwen3 lfm2 glm" (default: all; add "sanitize" for the GPU
 #   tests under compute-sanitizer's memcheck, ~80 s, and racecheck on the
 #   flash prefill kernels' tests)   RUNS=3   GEN=128   PROMPT=512
 #   LONG="32768" (prompt lengths; empty: none)   LONG_CHUNKS="0 512" (passes; 0: the GPU's default)
+#   SHORT="16 64 128" (short prompt lengths, prefill only; empty: none)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-build-device}
@@ -19,6 +21,7 @@ OUT=${OUT:-/tmp/zmlx-device-out}
 WORK=${WORK:-/tmp/zmlx-models}
 STAGES=${STAGES:-tests qwen3 lfm2 glm}
 RUNS=${RUNS:-3}; GEN=${GEN:-128}; PROMPT=${PROMPT:-512}; LONG=${LONG-32768}; LONG_CHUNKS=${LONG_CHUNKS-0 512}
+SHORT=${SHORT-16 64 128}
 RAW=$(mktemp -d)
 mkdir -p "$OUT" "$WORK"
 R="$OUT/results.md"
@@ -79,6 +82,11 @@ bench_family() {  # arch name
         --prefill-chunk "$chunk" --json >"$RAW/bench-$arch-long-$n-$chunk.json" 2>"$RAW/bench-$arch-long-$n-$chunk.log"
       log "bench $arch --prompt-tokens $n --prefill-chunk $chunk (exit $?): $(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('prefill %.0f tok/s in passes of %d, then decode %.1f tok/s, GPU peak %.2f GB' % (j['prefill_tps']['median'], j['prefill_chunk'], j['decode_tps']['median'], j['peak_device_bytes']/1e9))" "$RAW/bench-$arch-long-$n-$chunk.json" 2>&1 | tail -1)"
     done
+  done
+  for n in $SHORT; do
+    timeout 120 "$BIN/zmlx" bench "$dir" --backend cuda --patch --prompt-tokens "$n" --gen-tokens 2 --warmup 1 \
+      --runs "$RUNS" --json >"$RAW/bench-$arch-short-$n.json" 2>"$RAW/bench-$arch-short-$n.log"
+    log "bench $arch --prompt-tokens $n (exit $?): $(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('prefill %.0f tok/s (min %.0f max %.0f)' % (j['prefill_tps']['median'], j['prefill_tps']['min'], j['prefill_tps']['max']))" "$RAW/bench-$arch-short-$n.json" 2>&1 | tail -1)"
   done
   [[ "${KEEP_MODELS:-0}" == 1 ]] || rm -rf "$dir"
 }
