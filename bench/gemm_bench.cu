@@ -193,14 +193,14 @@ int main(int argc, char** argv) {
     const double ggu = time_us(
         [&] {
           const kn::PairGroups grp = g::bucket_pairs(dex, P, gws, nullptr);
-          kn::gather_swiglu_grouped(x, dex, T, k, gate.m, up.m, h, grp, nullptr);
+          kn::gather_swiglu_grouped(x, k, gate.m, up.m, h, grp, nullptr);
         },
         reps);
     report("moe_gate_up_swiglu grouped", ggu, gu_flops, gu_bytes);
     const double gdn = time_us(
         [&] {
           const kn::PairGroups grp = g::bucket_pairs(dex, P, gws, nullptr);
-          kn::gather_linear_grouped(h, true, dex, T, k, down.m, y, grp, nullptr);
+          kn::gather_linear_grouped(h, true, k, down.m, y, grp, nullptr);
         },
         reps);
     report("moe_down grouped", gdn, dn_flops, dn_bytes);

@@ -1726,14 +1726,14 @@ TEST(CudaOps, GroupedExpertKernelsMatchPerPairAndFusedIsBitIdentical) {
 
     const size_t hb = size_t(P * sz.I) * 2, yb = size_t(P * sz.D) * 2;
     DevBuf hg(hb), hr(hb), gg(hb), gr(hb), ug(hb), ur(hb), hun(hb), yg(yb), yr(yb);
-    k::gather_swiglu_grouped(dx.u16(), ex, int(T), int(kk), qg.m, qu.m, hg.u16(), grp, nullptr);
+    k::gather_swiglu_grouped(dx.u16(), int(kk), qg.m, qu.m, hg.u16(), grp, nullptr);
     k::gather_swiglu(dx.u16(), ex, int(T), int(kk), qg.m, qu.m, hr.u16(), nullptr);
-    k::gather_linear_grouped(dx.u16(), false, ex, int(T), int(kk), qg.m, gg.u16(), grp, nullptr);
+    k::gather_linear_grouped(dx.u16(), false, int(kk), qg.m, gg.u16(), grp, nullptr);
     k::gather_linear(dx.u16(), false, ex, int(T), int(kk), qg.m, gr.u16(), nullptr);
-    k::gather_linear_grouped(dx.u16(), false, ex, int(T), int(kk), qu.m, ug.u16(), grp, nullptr);
+    k::gather_linear_grouped(dx.u16(), false, int(kk), qu.m, ug.u16(), grp, nullptr);
     k::gather_linear(dx.u16(), false, ex, int(T), int(kk), qu.m, ur.u16(), nullptr);
     k::swiglu(gg.u16(), ug.u16(), P * sz.I, hun.u16(), nullptr);
-    k::gather_linear_grouped(hr.u16(), true, ex, int(T), int(kk), qd.m, yg.u16(), grp, nullptr);
+    k::gather_linear_grouped(hr.u16(), true, int(kk), qd.m, yg.u16(), grp, nullptr);
     k::gather_linear(hr.u16(), true, ex, int(T), int(kk), qd.m, yr.u16(), nullptr);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
 

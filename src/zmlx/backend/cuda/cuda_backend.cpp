@@ -1038,7 +1038,7 @@ class CudaBackend final : public Backend {
     if (moe_grouped(T, k, m, w.experts)) {
       Tensor ws;
       const kern::PairGroups grp = bucket_pairs(r, T * k, ws);
-      kern::gather_linear_grouped(bf16p(x), per_slot, experts_of(r), int(T), int(k), m, bf16p(out), grp, stream_);
+      kern::gather_linear_grouped(bf16p(x), per_slot, int(k), m, bf16p(out), grp, stream_);
     } else if (T * k >= kGemmMinPairs && tc::gemm_supported(m)) {
       Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(w.experts)))});
       tc::moe_linear(bf16p(x), per_slot, experts_of(r), int(T), int(k), m, bf16p(out), ws.data, stream_,
@@ -1074,7 +1074,7 @@ class CudaBackend final : public Backend {
     if (moe_grouped(T, k, g, gate.experts) && moe_grouped(T, k, u, up.experts)) {
       Tensor ws;
       const kern::PairGroups grp = bucket_pairs(r, T * k, ws);
-      kern::gather_swiglu_grouped(bf16p(x), experts_of(r), int(T), int(k), g, u, bf16p(out), grp, stream_);
+      kern::gather_swiglu_grouped(bf16p(x), int(k), g, u, bf16p(out), grp, stream_);
     } else if (T * k >= kGemmMinPairs && tc::gemm_supported(g) && tc::gemm_supported(u)) {
       Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(gate.experts)))});
       tc::moe_gate_up_swiglu(bf16p(x), experts_of(r), int(T), int(k), g, u, bf16p(out), ws.data, stream_,
@@ -1124,7 +1124,7 @@ class CudaBackend final : public Backend {
       Tensor y = alloc(DType::BF16, {T * k, D});
       Tensor ws;
       const kern::PairGroups grp = bucket_pairs(r, T * k, ws);
-      kern::gather_linear_grouped(bf16p(h), true, experts_of(r), int(T), int(k), m, bf16p(y), grp, stream_);
+      kern::gather_linear_grouped(bf16p(h), true, int(k), m, bf16p(y), grp, stream_);
       kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), D,
                         bf16p(out), stream_);
     } else if (combine_by_gemm(T, k, m)) {

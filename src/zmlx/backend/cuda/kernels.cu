@@ -1245,11 +1245,21 @@ __device__ __forceinline__ void pair_do_step(const PairStep<NM, CPG>& st, const 
   }
 }
 
+// What one launch computes: y[p] = x_p · m[0]ᵀ (NM == 1) or
+// swiglu(x_p · m[0]ᵀ, x_p · m[1]ᵀ) (gate, up), x_p = x[p] when per_slot,
+// else x[p / k]; y rows indexed by pair, as gather_linear's.
+template <int NM>
+struct PairJob {
+  QMat m[NM];
+  uint16_t* y;
+  int k;
+  bool per_slot;
+};
+
 // A block: kPairWarps tiles of 16 rows (blockIdx.x) against the pairs of
-// bucket tile blockIdx.y (one expert, at most kGroupPairs pairs); y rows
-// indexed by pair, as gather_linear's. NM == 2: gate m[0], up m[1], SwiGLU.
+// bucket tile blockIdx.y (one expert, at most kGroupPairs pairs).
 template <int NM, int CPG>
-__global__ void __launch_bounds__(kPairWarps * 32, 3) moe_pairs_kernel(const uint16_t* x, MmaJob job, PairGroups grp) {
+__global__ void __launch_bounds__(kPairWarps * 32, 3) moe_pairs_kernel(const uint16_t* x, PairJob<NM> job, PairGroups grp) {
   extern __shared__ __align__(16) uint32_t pair_smem[];
   __shared__ int pairs[kGroupPairs];
   pdl_begin();
@@ -1310,7 +1320,7 @@ __global__ void __launch_bounds__(kPairWarps * 32, 3) moe_pairs_kernel(const uin
       for (int p = 0; p < 2; ++p) {
         const int q = 2 * t + p;
         if (q >= n) continue;
-        uint16_t* y = job.y[0] + int64_t(pairs[q]) * rows;
+        uint16_t* y = job.y + int64_t(pairs[q]) * rows;
         if constexpr (NM == 1)
           y[r] = to_bf(acc[0][h][p]);
         else
@@ -1745,7 +1755,7 @@ void mma_decode(const uint16_t* x, MmaJob job, unsigned pairs, cudaStream_t s) {
 // moe_pairs_kernel's launch: 64 rows a block, a grid row a bucket tile
 // (those past *grp.ntiles exit at once).
 template <int NM, int CPG>
-void pairs_launch_cpg(const uint16_t* x, const MmaJob& job, const PairGroups& grp, cudaStream_t s) {
+void pairs_launch_cpg(const uint16_t* x, const PairJob<NM>& job, const PairGroups& grp, cudaStream_t s) {
   const size_t smem = pair_smem_bytes(job.m[0].cols);
   allow_dynamic_smem(reinterpret_cast<const void*>(moe_pairs_kernel<NM, CPG>), smem);
   const int64_t per_block = 16 * kPairWarps;
@@ -1753,7 +1763,7 @@ void pairs_launch_cpg(const uint16_t* x, const MmaJob& job, const PairGroups& gr
               dim3(kPairWarps * 32), smem, s, x, job, grp);
 }
 template <int NM>
-void pairs_launch(const uint16_t* x, const MmaJob& job, const PairGroups& grp, cudaStream_t s) {
+void pairs_launch(const uint16_t* x, const PairJob<NM>& job, const PairGroups& grp, cudaStream_t s) {
   switch (job.m[0].group) {
     case 32: return pairs_launch_cpg<NM, 1>(x, job, grp, s);
     case 64: return pairs_launch_cpg<NM, 2>(x, job, grp, s);
@@ -3847,25 +3857,19 @@ void gather_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, cons
 // reciprocal that wraps at one chunk.
 bool grouped_fits(const QMat& m) { return use_mma(m) && m.cols >= 64 && m.cols <= kGroupMaxK; }
 
-void gather_linear_grouped(const uint16_t* x, bool per_slot, const int32_t* experts, int T, int k, const QMat& w,
-                           uint16_t* y, const PairGroups& grp, cudaStream_t s) {
+void gather_linear_grouped(const uint16_t* x, bool per_slot, int k, const QMat& w, uint16_t* y, const PairGroups& grp,
+                           cudaStream_t s) {
   if (!grouped_fits(w)) throw std::runtime_error("gather_qmm (grouped pairs): a weight format it does not take");
-  MmaJob j = mma_job(&w, &y, 1);
-  j.ex = experts, j.k = k, j.per_slot = per_slot;
-  pairs_launch<1>(x, j, grp, s);
+  pairs_launch<1>(x, PairJob<1>{{w}, y, k, per_slot}, grp, s);
   check_launch("gather_qmm (grouped pairs)");
 }
 
-void gather_swiglu_grouped(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u,
-                           uint16_t* y, const PairGroups& grp, cudaStream_t s) {
+void gather_swiglu_grouped(const uint16_t* x, int k, const QMat& g, const QMat& u, uint16_t* y, const PairGroups& grp,
+                           cudaStream_t s) {
   if (!grouped_fits(g) || !grouped_fits(u) || g.bits != u.bits || g.group != u.group || g.rows != u.rows ||
       g.cols != u.cols)
     throw std::runtime_error("gather_qmm_swiglu (grouped pairs): formats it does not take");
-  const QMat gu[2] = {g, u};
-  MmaJob j = mma_job(gu, nullptr, 2);
-  j.y[0] = y;
-  j.ex = experts, j.k = k, j.per_slot = 0;
-  pairs_launch<2>(x, j, grp, s);
+  pairs_launch<2>(x, PairJob<2>{{g, u}, y, k, false}, grp, s);
   check_launch("gather_qmm_swiglu (grouped pairs)");
 }
 

@@ -89,10 +89,12 @@ struct PairGroups {
   int max_tiles;        // grid rows to launch (tiles past *ntiles exit)
 };
 bool grouped_fits(const QMat& m);
-void gather_linear_grouped(const uint16_t* x, bool per_slot, const int32_t* experts, int T, int k, const QMat& w,
-                           uint16_t* y, const PairGroups& grp, cudaStream_t s);
-void gather_swiglu_grouped(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u,
-                           uint16_t* y, const PairGroups& grp, cudaStream_t s);
+// The pairs and their experts come from grp; k: slots a token (the input
+// row of pair p is x[p] when per_slot, else x[p / k]).
+void gather_linear_grouped(const uint16_t* x, bool per_slot, int k, const QMat& w, uint16_t* y, const PairGroups& grp,
+                           cudaStream_t s);
+void gather_swiglu_grouped(const uint16_t* x, int k, const QMat& g, const QMat& u, uint16_t* y, const PairGroups& grp,
+                           cudaStream_t s);
 // out[t, d] = Σ_j term(bf16(h[t, j] · down[e_tj][d]), score[t, j]) in slot order.
 // routing_ready: experts and scores were complete before the kernel just
 // enqueued ran (e.g. it, or an earlier kernel, read them): the tensor-core
