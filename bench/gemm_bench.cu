@@ -192,18 +192,22 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&gws, g::pair_groups_workspace_bytes(P)));
     const double ggu = time_us(
         [&] {
-          const kn::PairGroups grp = g::bucket_pairs(dex, P, gws, nullptr);
+          const kn::PairGroups grp = g::bucket_pairs(dex, P, gws, nullptr, E);
           kn::gather_swiglu_grouped(x, k, gate.m, up.m, h, grp, nullptr);
         },
         reps);
     report("moe_gate_up_swiglu grouped", ggu, gu_flops, gu_bytes);
     const double gdn = time_us(
         [&] {
-          const kn::PairGroups grp = g::bucket_pairs(dex, P, gws, nullptr);
+          const kn::PairGroups grp = g::bucket_pairs(dex, P, gws, nullptr, E);
           kn::gather_linear_grouped(h, true, k, down.m, y, grp, nullptr);
         },
         reps);
     report("moe_down grouped", gdn, dn_flops, dn_bytes);
+    // The bucketing alone (counted in both lines above), with the expert
+    // count and as for an unknown one (kMaxExperts scatter blocks).
+    report("bucket_pairs alone", time_us([&] { g::bucket_pairs(dex, P, gws, nullptr, E); }, reps), 0, 0);
+    report("bucket_pairs alone, experts unknown", time_us([&] { g::bucket_pairs(dex, P, gws, nullptr, 0); }, reps), 0, 0);
     CK(cudaFree(gws));
   }
 

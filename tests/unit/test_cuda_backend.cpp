@@ -1722,7 +1722,7 @@ TEST(CudaOps, GroupedExpertKernelsMatchPerPairAndFusedIsBitIdentical) {
     DevBuf dx(x.data, x.nbytes()), dex(r.experts.data, r.experts.nbytes());
     const auto* ex = static_cast<const int32_t*>(dex.p);
     DevBuf ws(cuda::gemm::pair_groups_workspace_bytes(P));
-    const k::PairGroups grp = cuda::gemm::bucket_pairs(ex, P, ws.p, nullptr);
+    const k::PairGroups grp = cuda::gemm::bucket_pairs(ex, P, ws.p, nullptr, int(E));
 
     const size_t hb = size_t(P * sz.I) * 2, yb = size_t(P * sz.D) * 2;
     DevBuf hg(hb), hr(hb), gg(hb), gr(hb), ug(hb), ur(hb), hun(hb), yg(yb), yr(yb);

@@ -342,7 +342,11 @@ TEST(CudaGemm, SplitKOnlyForSmallGrids) {
   EXPECT_EQ(bytes(512, 4096, 2048), 0u) << "256 tiles fill the GPU: no split";
   EXPECT_EQ(bytes(512, 512, 2048), size_t(4) * 512 * 512 * 4) << "32 tiles, 32 K-steps: 4 ranges of 8";
   EXPECT_EQ(bytes(512, 2048, 4096), size_t(2) * 512 * 2048 * 4) << "128 tiles: 2 ranges";
-  EXPECT_EQ(bytes(33, 2048, 512), 0u) << "8 K-steps cannot split";
+  EXPECT_EQ(bytes(65, 2048, 512), 0u) << "two M tiles, 8 K-steps: cannot split (8 steps a range at least)";
+  // One M tile (T <= 64, short prompts): ranges of 4 K-steps, up to 512 blocks.
+  EXPECT_EQ(bytes(33, 2048, 512), size_t(2) * 33 * 2048 * 4) << "one M tile, 8 K-steps: 2 ranges of 4";
+  EXPECT_EQ(bytes(16, 4096, 2048), size_t(8) * 16 * 4096 * 4) << "one M tile, 32 tiles x 32 K-steps: 8 ranges";
+  EXPECT_EQ(bytes(16, 128, 4096), size_t(16) * 16 * 128 * 4) << "one M tile, 1 tile, 64 K-steps: at most 16 ranges";
   m.rows = 768, m.cols = 2048;
   EXPECT_EQ(g::gemm_dense_workspace_bytes(300, m, true), 2 * g::gemm_dense_workspace_bytes(300, m, false));
 }

@@ -1037,7 +1037,7 @@ class CudaBackend final : public Backend {
     Prof p_(this, "gather_linear");
     if (moe_grouped(T, k, m, w.experts)) {
       Tensor ws;
-      const kern::PairGroups grp = bucket_pairs(r, T * k, ws);
+      const kern::PairGroups grp = bucket_pairs(r, T * k, w.experts, ws);
       kern::gather_linear_grouped(bf16p(x), per_slot, int(k), m, bf16p(out), grp, stream_);
     } else if (T * k >= kGemmMinPairs && tc::gemm_supported(m)) {
       Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(w.experts)))});
@@ -1073,7 +1073,7 @@ class CudaBackend final : public Backend {
     const bool x_ready = x.data == routed_input_ && op_seq_ == routed_op_ + 1;
     if (moe_grouped(T, k, g, gate.experts) && moe_grouped(T, k, u, up.experts)) {
       Tensor ws;
-      const kern::PairGroups grp = bucket_pairs(r, T * k, ws);
+      const kern::PairGroups grp = bucket_pairs(r, T * k, gate.experts, ws);
       kern::gather_swiglu_grouped(bf16p(x), int(k), g, u, bf16p(out), grp, stream_);
     } else if (T * k >= kGemmMinPairs && tc::gemm_supported(g) && tc::gemm_supported(u)) {
       Tensor ws = alloc(DType::U8, {int64_t(tc::moe_workspace_bytes(int(T), int(k), int(gate.experts)))});
@@ -1095,9 +1095,9 @@ class CudaBackend final : public Backend {
   }
   // The P pairs of routing r bucketed by expert; ws: the workspace (from the
   // pool, stream-ordered like every op tensor), kept by the caller for the op.
-  kern::PairGroups bucket_pairs(const Routing& r, int64_t P, Tensor& ws) {
+  kern::PairGroups bucket_pairs(const Routing& r, int64_t P, int64_t experts, Tensor& ws) {
     ws = alloc(DType::U8, {int64_t(tc::pair_groups_workspace_bytes(P))});
-    return tc::bucket_pairs(experts_of(r), P, ws.data, stream_);
+    return tc::bucket_pairs(experts_of(r), P, ws.data, stream_, int(experts));
   }
 
   // How gather_qmm_combine runs: over bucketed pairs (moe_grouped: a few
@@ -1123,7 +1123,7 @@ class CudaBackend final : public Backend {
       // Down over the bucketed pairs into y [T·k, D], then the unfused path's combine kernel.
       Tensor y = alloc(DType::BF16, {T * k, D});
       Tensor ws;
-      const kern::PairGroups grp = bucket_pairs(r, T * k, ws);
+      const kern::PairGroups grp = bucket_pairs(r, T * k, down.experts, ws);
       kern::gather_linear_grouped(bf16p(h), true, int(k), m, bf16p(y), grp, stream_);
       kern::moe_combine(bf16p(y), r.scores.data, r.scores.dtype == DType::F32, combine_of(mode), int(T), int(k), D,
                         bf16p(out), stream_);

@@ -444,11 +444,14 @@ __global__ void count_kernel(const int32_t* ex, int P, int* counts) {
 
 // One block of kBucketThreads (= kMaxExperts) threads: exclusive scans of the
 // counts and of the tile counts, then the tile table.
+// Experts from num_experts up count as empty (their pairs are left out of
+// the tiles, as count_kernel leaves out ids past kMaxExperts).
 __global__ void __launch_bounds__(kBucketThreads) scan_kernel(const int* counts, int* offsets, int4* tiles,
-                                                              int* ntiles, int max_tiles, int tile_rows) {
+                                                              int* ntiles, int max_tiles, int tile_rows,
+                                                              int num_experts) {
   __shared__ int wc[32], wt[32];
   const int e = threadIdx.x, lane = e & 31, warp = e >> 5;
-  const int c = counts[e];
+  const int c = e < num_experts ? counts[e] : 0;
   const int t = (c + tile_rows - 1) / tile_rows;
   int ic = c, it = t;  // inclusive warp scans
 #pragma unroll
@@ -503,12 +506,18 @@ __global__ void __launch_bounds__(256) scatter_kernel(const int32_t* ex, int P, 
   }
 }
 
-Workspace bucket(const int32_t* experts, int64_t P, void* ws, cudaStream_t s, int tile_rows = BM) {
+// num_experts (1..kMaxExperts; 0: kMaxExperts): the matrices' expert count.
+// It bounds the tiles (at most one partial tile an expert), so the grid a
+// kernel launches over them (w.max_tiles rows) holds few empty blocks, and
+// the scatter's blocks (one an expert).
+Workspace bucket(const int32_t* experts, int64_t P, void* ws, cudaStream_t s, int tile_rows = BM, int num_experts = 0) {
+  const int E = num_experts > 0 && num_experts < kMaxExperts ? num_experts : kMaxExperts;
   Workspace w = carve(ws, P, tile_rows);
+  w.max_tiles = int(std::min<int64_t>(w.max_tiles, (P + tile_rows - 1) / tile_rows + std::min<int64_t>(P, E)));
   cudaMemsetAsync(w.counts, 0, sizeof(int) * kMaxExperts, s);
   count_kernel<<<unsigned((P + 255) / 256), 256, 0, s>>>(experts, int(P), w.counts);
-  scan_kernel<<<1, kBucketThreads, 0, s>>>(w.counts, w.offsets, w.tiles, w.ntiles, w.max_tiles, tile_rows);
-  scatter_kernel<<<kMaxExperts, 256, 0, s>>>(experts, int(P), w.counts, w.offsets, w.perm);
+  scan_kernel<<<1, kBucketThreads, 0, s>>>(w.counts, w.offsets, w.tiles, w.ntiles, w.max_tiles, tile_rows, E);
+  scatter_kernel<<<unsigned(E), 256, 0, s>>>(experts, int(P), w.counts, w.offsets, w.perm);
   return w;
 }
 
@@ -565,6 +574,14 @@ __global__ void split_sum_kernel(const float* part, int S, int64_t M, int64_t N,
 constexpr int64_t kSplitTargetBlocks = 256;  // about two blocks per SM (132 SMs on an H100)
 constexpr int kSplitMinSteps = 8;
 constexpr int kMaxSplits = 8;
+// Prompts of one M tile (T <= BM: short prompts) split further: their
+// blocks' K-steps are the cheapest, so the serial K loop's latency is most
+// of a call. Prefill with these against the above (H200, 2026-11-29 10:23,
+// docs/performance.md "Short prompts"): 16 tokens +3-4 % on all three
+// families, 64 tokens +0-2 %; at 128 tokens (two M tiles) they cost 1-4 %.
+constexpr int64_t kSplitTargetBlocksOneTile = 512;
+constexpr int kSplitMinStepsOneTile = 4;
+constexpr int kMaxSplitsOneTile = 16;
 // ZMLX_GEMM_MOE_3STAGE=0: the 4-bit MoE linears (the down projection, and
 // the unfused path's gate and up) in the 4-stage, 2-blocks-an-SM form like
 // every other GEMM (A/B runs; the same bits either way). By default they run
@@ -597,12 +614,29 @@ bool split_enabled() {
   static const bool on = env_on("ZMLX_GEMM_SPLIT");
   return on;
 }
+// ZMLX_GEMM_SPLIT_BLOCKS / _MIN_STEPS / _MAX (tuning runs): the split's
+// target blocks, least K-steps a split and most splits from the
+// environment, for every T (read once per process).
+int split_param(const char* name, int fallback, int lo, int hi) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  if (*end != '\0' || n < lo || n > hi) throw std::runtime_error(std::string(name) + ": not a count from " + std::to_string(lo) + " to " + std::to_string(hi) + ": " + v);
+  return int(n);
+}
 int dense_splits(int64_t T, int64_t N, int64_t K) {
   if (!split_enabled()) return 1;
+  const bool one_tile = T <= BM;
+  static const int env_target = split_param("ZMLX_GEMM_SPLIT_BLOCKS", 0, 0, 1 << 16);
+  static const int env_min_steps = split_param("ZMLX_GEMM_SPLIT_MIN_STEPS", 0, 0, 1 << 16);
+  static const int env_max = split_param("ZMLX_GEMM_SPLIT_MAX", 0, 0, 64);
+  const int64_t target = env_target ? env_target : one_tile ? kSplitTargetBlocksOneTile : kSplitTargetBlocks;
+  const int min_steps = env_min_steps ? env_min_steps : one_tile ? kSplitMinStepsOneTile : kSplitMinSteps;
+  const int max_splits = env_max ? env_max : one_tile ? kMaxSplitsOneTile : kMaxSplits;
   const int64_t tiles = ((T + BM - 1) / BM) * ((N + BN - 1) / BN), nk = K / BK;
   int s = 1;
-  while (s < kMaxSplits && tiles * s * 2 <= kSplitTargetBlocks && nk % (2 * s) == 0 && nk / (2 * s) >= kSplitMinSteps)
-    s *= 2;
+  while (s < max_splits && tiles * s * 2 <= target && nk % (2 * s) == 0 && nk / (2 * s) >= min_steps) s *= 2;
   return s;
 }
 
@@ -722,7 +756,7 @@ void moe_gate_up_swiglu(const uint16_t* x, const int32_t* experts, int T, int k,
   require(u, "moe_gate_up_swiglu");
   if (g.bits != u.bits || g.group != u.group || g.rows != u.rows || g.cols != u.cols)
     throw std::runtime_error("zmlx moe_gate_up_swiglu: gate and up differ in format");
-  const Workspace w = bucket(experts, P, workspace, s);
+  const Workspace w = bucket(experts, P, workspace, s, BM, num_experts);
   check("moe bucketing");
   Params p{};
   p.a = x, p.a_div = k, p.perm = w.perm, p.tiles = w.tiles, p.ntiles = w.ntiles;
@@ -736,9 +770,10 @@ size_t pair_groups_workspace_bytes(int64_t P) {
   return workspace_size(std::max<int64_t>(P, 1), ::zmlx::cuda::k::kGroupPairs);
 }
 
-::zmlx::cuda::k::PairGroups bucket_pairs(const int32_t* experts, int64_t P, void* workspace, cudaStream_t s) {
+::zmlx::cuda::k::PairGroups bucket_pairs(const int32_t* experts, int64_t P, void* workspace, cudaStream_t s,
+                                         int num_experts) {
   if (P <= 0) throw std::runtime_error("zmlx bucket_pairs: no pairs");
-  const Workspace w = bucket(experts, P, workspace, s, ::zmlx::cuda::k::kGroupPairs);
+  const Workspace w = bucket(experts, P, workspace, s, ::zmlx::cuda::k::kGroupPairs, num_experts);
   check("pair bucketing");
   return {reinterpret_cast<const int32_t*>(w.tiles), w.ntiles, w.perm, w.max_tiles};
 }
@@ -752,7 +787,7 @@ void moe_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T,
   const int64_t P = int64_t(T) * k;
   if (P <= 0) return;
   require(d, "moe_linear");
-  const Workspace w = bucket(experts, P, workspace, s);
+  const Workspace w = bucket(experts, P, workspace, s, BM, num_experts);
   check("moe bucketing");
   Params p{};
   p.a = x, p.a_div = per_slot ? 1 : k, p.perm = w.perm, p.tiles = w.tiles, p.ntiles = w.ntiles;

@@ -63,9 +63,10 @@ size_t moe_workspace_bytes(int T, int k, int E);
 // out[p, i] = swiglu(bf16(x[p / k] · G_e[i]), bf16(x[p / k] · U_e[i])),
 // e = experts[p], p < P = T·k; out is [P, I] (I = g.rows).
 // swiglu(g, u) = bf16(bf16(g · bf16(1 / (1 + expf(-g)))) · u).
-// experts[p] must lie in [0, kMaxExperts); pairs with other ids are skipped
-// (their output rows are left untouched). num_experts is only a hint for
-// the grid size (0: assume 128); any value gives correct results.
+// experts[p] must lie in [0, num_experts) (num_experts 0: unknown, then
+// [0, kMaxExperts)); pairs with other ids are skipped (their output rows are
+// left untouched). num_experts also sizes the grid (0: as for 128 experts;
+// the blocks stride over the tiles, so a small grid is only slower).
 void moe_gate_up_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, const QMat& g, const QMat& u,
                         uint16_t* out, void* workspace, cudaStream_t s, int num_experts = 0);
 
@@ -82,8 +83,12 @@ void moe_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T,
 // The P pairs bucketed by expert as above, in tiles of at most
 // k::kGroupPairs pairs of one expert, for k::gather_*_grouped. workspace:
 // pair_groups_workspace_bytes(P) bytes; the result points into it.
+// num_experts: the matrices' expert count (bounds the launched tiles; 0:
+// kMaxExperts). Ids from num_experts up are left out, as ids past
+// kMaxExperts are.
 size_t pair_groups_workspace_bytes(int64_t P);
-::zmlx::cuda::k::PairGroups bucket_pairs(const int32_t* experts, int64_t P, void* workspace, cudaStream_t s);
+::zmlx::cuda::k::PairGroups bucket_pairs(const int32_t* experts, int64_t P, void* workspace, cudaStream_t s,
+                                         int num_experts);
 // Whether moe_linear runs w in its 3-stage, 3-blocks-an-SM form on the
 // current device: 4-bit weights, ZMLX_GEMM_MOE_3STAGE not "0", an SM whose
 // shared memory holds three such blocks (sm_90). The same bits either way.

@@ -1104,13 +1104,18 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
 // (gemm::bucket_pairs), and the MMA's 8 columns are a tile's pairs: a block
 // takes one tile and 64 rows of the expert's matrices, each weight is loaded
 // once and used for every pair of the tile. One MMA pair covers one 32-input
-// chunk for 16 rows: lane (g, t) supplies word t of the chunk (inputs
-// 8t..8t+7) of rows g and g+8 as nibble pairs (nib_pair: the bf16 pairs
-// (128+q[s], 128+q[s+4]), s = 0, 1 for the first MMA, 2, 3 for the second),
-// and B holds x of pair g at the same inputs, staged once a block in that
-// order. Every C entry is one (row, pair) sum over one chunk, inside one
-// group (groups are 32+ and aligned), and the lane applies the affine part in
-// fp32, as the decode MMA kernels do:
+// chunk for 16 rows: lane (g, t) supplies one 8-input word of the chunk of
+// rows g and g+8 as nibble pairs (nib_pair: the bf16 pairs (128+q[s],
+// 128+q[s+4]), s = 0, 1 for the first MMA, 2, 3 for the second), and B holds
+// x of pair g at the same inputs, staged once a block in that order. A
+// chunk here is 4 words of one group, not always 4 adjacent words: a slab's
+// 16 words are spans of one group each (CPG·4 words: 4, 8 or 16), and lane t
+// loads words CPG·t .. CPG·t + CPG − 1 of each span in one load (4, 8 or 16
+// bytes), so chunk j of a span is its words {CPG·t + j}. (One 4-byte load a
+// word left half of every 32-byte sector to another instruction: L1-bound,
+// ncu 2026-11-29.) Every C entry is one (row, pair) sum over one chunk,
+// inside one group, and the lane applies the affine part in fp32, as the
+// decode MMA kernels do:
 //   Σ w·x = scale·Σ(128+q)·x + (bias − 128·scale)·Σx      (Σx per chunk, staged)
 // The chunk sums are the tensor core's: the bits differ from the per-pair
 // kernels' by fp32 summation order (the GPU test bounds it). Both grouped
@@ -1133,13 +1138,23 @@ __host__ __device__ __forceinline__ size_t pair_smem_bytes(int64_t K) {
 }
 
 // Whole block: the input rows of the n pairs in pairs[] (row p of x when
-// per_slot, else row p / k) into st in nibble-pair order (word w's pairs
-// (x0,x4) (x1,x5) (x2,x6) (x3,x7) at [w·4 .. w·4+3] of the pair's row), and
-// Σx of every chunk (its 32 inputs added in order) at sums[q·chunks + c].
+// per_slot, else row p / k) into st in nibble-pair order, chunk by chunk
+// (pair_chunk_word: the words of chunk c in lane order; word w's pairs
+// (x0,x4) (x1,x5) (x2,x6) (x3,x7) as 4 words), and Σx of every chunk (its
+// 32 inputs added in lane order) at sums[c·kGroupPairs + q], so a lane reads
+// its two pairs' sums in one 8-byte load, free of bank conflicts.
 // A thread a (pair, chunk): its four 16-byte loads go out together and the
 // sum comes from the same registers (reading each chunk again for its sum,
 // as load_x does, made staging a large share of a block's time). Pair rows
 // n.. are zeros.
+// Word t (lane t's) of chunk c: chunk c lies in span c / CPG (CPG·4 words of
+// one group), as its words {CPG·t + c % CPG}.
+template <int CPG>
+__host__ __device__ __forceinline__ int64_t pair_chunk_word(int64_t c, int t) {
+  return (c / CPG) * (4 * CPG) + CPG * t + c % CPG;
+}
+
+template <int CPG>
 __device__ __forceinline__ void pair_stage_x(const uint16_t* x, const int* pairs, int n, bool per_slot, int k, int64_t K,
                                              uint32_t* st) {
   const int64_t sw = pair_stage_stride(K);
@@ -1151,9 +1166,10 @@ __device__ __forceinline__ void pair_stage_x(const uint16_t* x, const int* pairs
     const int q = int(__umulhi(uint32_t(i), rc)), c = i - q * chunks;
     uint4 v[4];
     if (q < n) {
-      const uint4* src = reinterpret_cast<const uint4*>(x + (per_slot ? pairs[q] : pairs[q] / k) * K + int64_t(c) * 32);
+      // Input word w (inputs 8w..8w+7) is 16 bytes of the row.
+      const uint4* src = reinterpret_cast<const uint4*>(x + (per_slot ? pairs[q] : pairs[q] / k) * K);
 #pragma unroll
-      for (int w = 0; w < 4; ++w) v[w] = __ldg(src + w);
+      for (int w = 0; w < 4; ++w) v[w] = __ldg(src + pair_chunk_word<CPG>(c, w));
     } else {
 #pragma unroll
       for (int w = 0; w < 4; ++w) v[w] = make_uint4(0u, 0u, 0u, 0u);
@@ -1167,12 +1183,13 @@ __device__ __forceinline__ void pair_stage_x(const uint16_t* x, const int* pairs
       sum += lo_bf(v[w].x), sum += hi_bf(v[w].x), sum += lo_bf(v[w].y), sum += hi_bf(v[w].y);
       sum += lo_bf(v[w].z), sum += hi_bf(v[w].z), sum += lo_bf(v[w].w), sum += hi_bf(v[w].w);
     }
-    sums[i] = sum;
+    sums[c * kGroupPairs + q] = sum;
   }
 }
 
-// One slab's loads of a lane: word t of chunks 4·slab + j of rows g and g+8,
-// and the raw bf16 scale and bias of each group among them.
+// One slab's loads of a lane: its word of chunks 4·slab + j of rows g and
+// g+8 (pair_chunk_word), and the raw bf16 scale and bias of each group
+// among them (one group a span).
 template <int NM, int CPG>
 struct PairStep {
   static constexpr int NG = 4 / CPG;  // groups a slab
@@ -1195,14 +1212,26 @@ struct PairRows {
 template <int NM, int CPG>
 __device__ __forceinline__ void pair_load_step(PairStep<NM, CPG>& st, const PairRows<NM>& pr, int slab, int t) {
   constexpr int NG = PairStep<NM, CPG>::NG;
+  // Span q of the slab: words 16·slab + 4·CPG·q .., lane t's CPG of them in
+  // one load (a span is all valid or all past K: K is a multiple of the group).
+  using Vec = typename std::conditional<CPG == 1, uint32_t, typename std::conditional<CPG == 2, uint2, uint4>::type>::type;
+  auto put = [](uint32_t (&dst)[4], int q, const Vec& v) {
+    if constexpr (CPG == 1) dst[q] = v;
+    else if constexpr (CPG == 2) dst[2 * q] = v.x, dst[2 * q + 1] = v.y;
+    else dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+  };
 #pragma unroll
   for (int i = 0; i < NM; ++i) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int c = 4 * slab + j;
+    for (int q = 0; q < NG; ++q) {
+      const int c = 4 * slab + q * CPG;
       const bool ok = c < pr.chunks;
-      st.w[i][0][j] = pr.va && ok ? __ldg(pr.w[i] + 4 * c + t) : 0u;
-      st.w[i][1][j] = pr.vb && ok ? __ldg(pr.w[i] + 8 * pr.wpr + 4 * c + t) : 0u;
+      const int64_t w0 = int64_t(16) * slab + 4 * CPG * q + CPG * t;
+      Vec zero{};
+      const Vec a = pr.va && ok ? __ldg(reinterpret_cast<const Vec*>(pr.w[i] + w0)) : zero;
+      const Vec b = pr.vb && ok ? __ldg(reinterpret_cast<const Vec*>(pr.w[i] + 8 * pr.wpr + w0)) : zero;
+      put(st.w[i][0], q, a);
+      put(st.w[i][1], q, b);
     }
 #pragma unroll
     for (int q = 0; q < NG; ++q) {
@@ -1226,8 +1255,9 @@ __device__ __forceinline__ void pair_do_step(const PairStep<NM, CPG>& st, const 
   for (int j = 0; j < 4; ++j) {
     const int c = 4 * slab + j;
     if (c >= chunks) break;
-    const uint4 b = reinterpret_cast<const uint4*>(xg)[4 * c + t];  // pair g: word 4c + t's four pairs
-    const float sx0 = sums[(2 * t) * chunks + c], sx1 = sums[(2 * t + 1) * chunks + c];
+    const uint4 b = reinterpret_cast<const uint4*>(xg)[4 * c + t];  // pair g: lane t's word of chunk c, as pairs
+    const float2 sx = reinterpret_cast<const float2*>(sums)[c * (kGroupPairs / 2) + t];  // pairs 2t, 2t+1
+    const float sx0 = sx.x, sx1 = sx.y;
 #pragma unroll
     for (int i = 0; i < NM; ++i) {
       const uint32_t wg = st.w[i][0][j], wh = st.w[i][1][j];
@@ -1293,7 +1323,7 @@ __global__ void __launch_bounds__(kPairWarps * 32, 3) moe_pairs_kernel(const uin
     if (1 < pr.slabs) pair_load_step(b, pr, 1, t);
   }
   __syncthreads();  // pairs[]
-  pair_stage_x(x, pairs, n, job.per_slot, job.k, K, pair_smem);
+  pair_stage_x<CPG>(x, pairs, n, job.per_slot, job.k, K, pair_smem);
   __syncthreads();
   const int64_t sw = pair_stage_stride(K);
   const uint32_t* xg = pair_smem + g * sw;
