@@ -67,7 +67,8 @@ constexpr int64_t kGemmMinPairs = 64;
 // GEMM (H200, 2026-11-29, docs/performance.md "Short prompts"): at 1-4
 // pairs an expert +27-40 % (16-64 tokens, all three families), at 8 +5-7 %
 // (Qwen3 and GLM at 128 tokens, LFM2 at 64), at 16 the GEMM 1.4x faster
-// (Qwen3 and GLM at 256 tokens). ZMLX_MOE_GROUPED_MAX=N
+// (Qwen3 and GLM at 256 tokens); rechecked with the wider loads (10:23):
+// at 16 an expert still 1-4 % slower than the GEMM. ZMLX_MOE_GROUPED_MAX=N
 // overrides it (0: the GEMM from kGemmMinPairs, as before; read per call,
 // and every expert op asks alike, so fused and unfused agree).
 constexpr int64_t kGroupedMaxPairsPerExpert = 8;
