@@ -287,7 +287,8 @@ TEST(CudaGemm, DenseSwiglu) {
     int bits, group;
     bool exact;
   };
-  // {300, 2048, 768} and {33, 2048, 1024} split K (4 ranges), the others not.
+  // {300, 2048, 768} splits K (4 ranges); {33, 2048, 1024} (8) and {33, 512, 200} (2) split as one-M-tile
+  // prompts do; the others not.
   const Case cases[] = {{1, 64, 48, 4, 64, true},      {33, 512, 200, 4, 64, true}, {300, 2048, 768, 8, 64, false},
                         {70, 256, 96, 16, 64, false},  {33, 2048, 1024, 4, 128, false}};
   unsigned seed = 50;
@@ -456,7 +457,7 @@ void run_gate_up(const MoeCase& c, unsigned seed) {
   // aggregate checks apply here.
   expect_close(name, dout.get(), ref, nullptr, P, c.I, 5e-3, false);
 
-  // Same call again without the hint (grid-size hint must not matter).
+  // Same call again without the expert count (0: unknown, up to kMaxExperts; only the grid differs).
   Dev<uint16_t> dout2(size_t(P) * c.I, kPoison);
   g::moe_gate_up_swiglu(dx.p, dex.p, c.T, c.k, dg.m, du.m, dout2.p, ws.p, nullptr);
   CK(cudaDeviceSynchronize());

@@ -68,7 +68,7 @@ constexpr int64_t kGemmMinPairs = 64;
 // pairs an expert +27-40 % (16-64 tokens, all three families), at 8 +5-7 %
 // (Qwen3 and GLM at 128 tokens, LFM2 at 64), at 16 the GEMM 1.4x faster
 // (Qwen3 and GLM at 256 tokens); rechecked with the wider loads (10:23):
-// at 16 an expert still 1-4 % slower than the GEMM. ZMLX_MOE_GROUPED_MAX=N
+// at 16 an expert still 0.7-3.5 % slower than the GEMM. ZMLX_MOE_GROUPED_MAX=N
 // overrides it (0: the GEMM from kGemmMinPairs, as before; read per call,
 // and every expert op asks alike, so fused and unfused agree).
 constexpr int64_t kGroupedMaxPairsPerExpert = 8;
@@ -1096,9 +1096,38 @@ class CudaBackend final : public Backend {
   }
   // The P pairs of routing r bucketed by expert; ws: the workspace (from the
   // pool, stream-ordered like every op tensor), kept by the caller for the op.
+  // A MoE block's expert ops bucket one routing two or three times (gate+up
+  // and down; unfused gate, up and down), so the last bucketing is kept
+  // (pair_buckets_) and reused by an expert op of the same routing within
+  // kBucketReuseOps ops. It holds the routing's experts tensor, so the pool
+  // cannot give that memory to another routing while it is kept; no op
+  // writes a routing in place (a route op makes a new one, note_routing).
   kern::PairGroups bucket_pairs(const Routing& r, int64_t P, int64_t experts, Tensor& ws) {
+    PairBuckets& b = pair_buckets_;
+    if (b.experts.data == r.experts.data && b.P == P && b.E == experts && op_seq_ - b.op <= kBucketReuseOps &&
+        bucket_reuse()) {
+      ws = b.ws;
+      b.op = op_seq_;
+      return b.grp;
+    }
     ws = alloc(DType::U8, {int64_t(tc::pair_groups_workspace_bytes(P))});
-    return tc::bucket_pairs(experts_of(r), P, ws.data, stream_, int(experts));
+    const kern::PairGroups grp = tc::bucket_pairs(experts_of(r), P, ws.data, stream_, int(experts));
+    b = PairBuckets{r.experts, ws, P, experts, op_seq_, grp};
+    return grp;
+  }
+  struct PairBuckets {
+    Tensor experts, ws;
+    int64_t P = 0, E = 0;
+    uint64_t op = 0;
+    kern::PairGroups grp{};
+  };
+  static constexpr uint64_t kBucketReuseOps = 4;  // unfused: gate, up, swiglu, down
+  PairBuckets pair_buckets_;
+  // ZMLX_MOE_BUCKET_REUSE=0: every expert op buckets its pairs again (A/B
+  // runs; the same tiles and bits either way).
+  static bool bucket_reuse() {
+    static const bool on = zmlx::cuda::env_on("ZMLX_MOE_BUCKET_REUSE");
+    return on;
   }
 
   // How gather_qmm_combine runs: over bucketed pairs (moe_grouped: a few
@@ -1595,6 +1624,7 @@ class CudaBackend final : public Backend {
   // A new routing, made by the current op from the router's input
   // router_input: no kernel has read it yet.
   void note_routing(const void* router_input) {
+    pair_buckets_ = PairBuckets{};
     routing_consumed_ = nullptr;
     routed_input_ = router_input;
     routed_op_ = op_seq_;

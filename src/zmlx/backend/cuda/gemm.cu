@@ -577,8 +577,9 @@ constexpr int kMaxSplits = 8;
 // Prompts of one M tile (T <= BM: short prompts) split further: their
 // blocks' K-steps are the cheapest, so the serial K loop's latency is most
 // of a call. Prefill with these against the above (H200, 2026-11-29 10:23,
-// docs/performance.md "Short prompts"): 16 tokens +3-4 % on all three
-// families, 64 tokens +0-2 %; at 128 tokens (two M tiles) they cost 1-4 %.
+// docs/performance.md "Short prompts, part two"): 16 tokens +3-4 % on all
+// three families, 64 tokens -0.1 to +2 %; at 128 tokens (two M tiles) they
+// cost 1-4 %, so two tiles and up keep the rule above.
 constexpr int64_t kSplitTargetBlocksOneTile = 512;
 constexpr int kSplitMinStepsOneTile = 4;
 constexpr int kMaxSplitsOneTile = 16;

@@ -72,12 +72,14 @@ void moe_gate_up_swiglu(const uint16_t* x, const int32_t* experts, int T, int k,
 
 // y[p, d] = bf16(h[p] · D_e[d]), e = experts[p]; h is [P, I], y is [P, D]
 // (D = d.rows). Follow with moe_combine for the weighted sum over slots.
+// experts and num_experts as for moe_gate_up_swiglu (ids from num_experts up
+// are skipped; 0: unknown).
 void moe_down(const uint16_t* h, const int32_t* experts, int T, int k, const QMat& d, uint16_t* y, void* workspace,
               cudaStream_t s, int num_experts = 0);
 
 // y[p, n] = bf16(x_p · W_e[n]), e = experts[p]; x_p = x[p] when per_slot
 // (x is [P, K]), else x[p / k] (x is [T, K]); y is [P, N]. moe_down is the
-// per_slot case.
+// per_slot case; experts and num_experts as for moe_gate_up_swiglu.
 void moe_linear(const uint16_t* x, bool per_slot, const int32_t* experts, int T, int k, const QMat& w, uint16_t* y,
                 void* workspace, cudaStream_t s, int num_experts = 0);
 // The P pairs bucketed by expert as above, in tiles of at most
