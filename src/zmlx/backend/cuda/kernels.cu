@@ -1123,9 +1123,10 @@ __global__ void __launch_bounds__(WARPS * 32, NM == 1 ? 2 : (WARPS == 4 ? kSmall
 //
 // A warp: a tile of 16 rows over all of K, slab by slab (4 chunks), the
 // loads of the next two slabs in flight during a slab's MMAs (three
-// register buffers taking turns). Known cost (ptxas, sm_90a): gate+up with
-// groups of 32 spills 300 bytes at the 3-blocks-an-SM cap; groups of 64 and
-// 128 do not. CPG (chunks a group: 1, 2, 4) sizes the
+// register buffers taking turns). Known cost (ptxas, sm_90a, rechecked
+// 2026-11-29 with the span loads): gate+up with groups of 32 spills 356
+// bytes (168 registers) at the 3-blocks-an-SM cap; groups of 64 (163
+// registers) and 128 (156) do not. CPG (chunks a group: 1, 2, 4) sizes the
 // scale registers, so groups of 64 and 128 hold one or two a row a slab.
 constexpr int kPairWarps = 4;
 
