@@ -1674,6 +1674,38 @@ TEST(CudaOps, MmaExpertKernelsMatchScalarAndCpuAndFusedIsBitIdentical) {
     }
 }
 
+// Host-side rules, no GPU needed: the environment counts the tuning
+// switches read (ZMLX_MOE_GROUPED_MAX, ZMLX_GEMM_SPLIT_*), and which weight
+// formats the grouped expert kernel takes.
+TEST(CudaOps, EnvCountsAndGroupedFormats) {
+  namespace cu = zmlx::cuda;
+  const char* var = "ZMLX_TEST_ENV_COUNT";
+  for (const char* none : {static_cast<const char*>(nullptr), ""}) {
+    test::ScopedEnv unset(var, none);
+    EXPECT_EQ(cu::env_count(var, 7, 0, 10), 7);
+  }
+  {
+    test::ScopedEnv v(var, "10");
+    EXPECT_EQ(cu::env_count(var, 7, 0, 10), 10);
+  }
+  for (const char* bad : {"11", "-1", "3x", "x", "99999999999999999999"}) {
+    test::ScopedEnv v(var, bad);
+    EXPECT_THROW(cu::env_count(var, 7, 0, 10), std::runtime_error) << bad;
+  }
+  k::QMat m;
+  m.bits = 4, m.rows = 768, m.cols = 2048;
+  for (int group : {32, 64, 128}) {
+    m.group = group;
+    EXPECT_TRUE(k::grouped_fits(m)) << group;
+  }
+  m.group = 256;
+  EXPECT_FALSE(k::grouped_fits(m)) << "groups past 128: no model loads them";
+  m.group = 64, m.cols = 4096 + 64;
+  EXPECT_FALSE(k::grouped_fits(m)) << "rows past kGroupMaxK";
+  m.group = 32, m.cols = 32;
+  EXPECT_FALSE(k::grouped_fits(m)) << "one chunk a row";
+}
+
 // Short prompts' expert ops over pairs bucketed by expert (tiles of
 // kGroupPairs pairs of one expert, the MMA's columns) against the per-pair
 // decode kernels with the same T and k: the same values up to fp32
@@ -1709,7 +1741,7 @@ TEST(CudaOps, GroupedExpertKernelsMatchPerPairAndFusedIsBitIdentical) {
   };
   // (group 64 with 34 chunks: a half slab of one span. Groups past 128 are
   // not a format models load — config.cpp refuses them, and the CPU
-  // reference does not take them — so none is tested.)
+  // reference does not take them — so grouped_fits refuses them.)
   for (S sz : {S{2048, 768, 64, 16, 4, 40}, S{1088, 832, 32, 9, 3, 101}, S{416, 416, 32, 7, 2, 33},
                S{2176, 384, 128, 12, 8, 9}, S{1088, 640, 64, 10, 4, 30}}) {
     const int64_t E = sz.E, kk = sz.k, T = sz.T, P = T * kk;

@@ -8,7 +8,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -73,14 +72,7 @@ constexpr int64_t kGemmMinPairs = 64;
 // and every expert op asks alike, so fused and unfused agree).
 constexpr int64_t kGroupedMaxPairsPerExpert = 8;
 int64_t grouped_max_pairs_per_expert() {
-  const char* v = std::getenv("ZMLX_MOE_GROUPED_MAX");
-  if (!v || !*v) return kGroupedMaxPairsPerExpert;
-  char* end = nullptr;
-  errno = 0;
-  const long n = std::strtol(v, &end, 10);
-  if (*end != '\0' || n < 0 || errno == ERANGE || n > (1L << 20))
-    throw std::runtime_error(std::string("ZMLX_MOE_GROUPED_MAX: not a count from 0 to 1048576: ") + v);
-  return n;
+  return zmlx::cuda::env_count("ZMLX_MOE_GROUPED_MAX", kGroupedMaxPairsPerExpert, 0, 1L << 20);
 }
 
 // The most rows one op call takes where a kernel puts them on a grid's y

@@ -5,8 +5,11 @@
 // (`static const bool on = env_on(...)`); the others read it per call, so a
 // test can compare both paths in one process.
 #pragma once
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 namespace zmlx::cuda {
 
@@ -18,5 +21,19 @@ inline bool env_is(const char* name, const char* value) {
 
 // On unless `name` is "0".
 inline bool env_on(const char* name) { return !env_is(name, "0"); }
+
+// The whole number in `name`, from lo to hi (unset or empty: fallback);
+// anything else throws, naming the variable and the range.
+inline long env_count(const char* name, long fallback, long lo, long hi) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long n = std::strtol(v, &end, 10);
+  if (*end != '\0' || errno == ERANGE || n < lo || n > hi)
+    throw std::runtime_error(std::string(name) + ": not a count from " + std::to_string(lo) + " to " +
+                             std::to_string(hi) + ": " + v);
+  return n;
+}
 
 }  // namespace zmlx::cuda

@@ -617,21 +617,14 @@ bool split_enabled() {
 }
 // ZMLX_GEMM_SPLIT_BLOCKS / _MIN_STEPS / _MAX (tuning runs): the split's
 // target blocks, least K-steps a split and most splits from the
-// environment, for every T (read once per process).
-int split_param(const char* name, int fallback, int lo, int hi) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return fallback;
-  char* end = nullptr;
-  const long n = std::strtol(v, &end, 10);
-  if (*end != '\0' || n < lo || n > hi) throw std::runtime_error(std::string(name) + ": not a count from " + std::to_string(lo) + " to " + std::to_string(hi) + ": " + v);
-  return int(n);
-}
+// environment, for every T (read once per process; 0 or unset: the rules
+// above).
 int dense_splits(int64_t T, int64_t N, int64_t K) {
   if (!split_enabled()) return 1;
   const bool one_tile = T <= BM;
-  static const int env_target = split_param("ZMLX_GEMM_SPLIT_BLOCKS", 0, 0, 1 << 16);
-  static const int env_min_steps = split_param("ZMLX_GEMM_SPLIT_MIN_STEPS", 0, 0, 1 << 16);
-  static const int env_max = split_param("ZMLX_GEMM_SPLIT_MAX", 0, 0, 64);
+  static const int env_target = int(env_count("ZMLX_GEMM_SPLIT_BLOCKS", 0, 0, 1 << 16));
+  static const int env_min_steps = int(env_count("ZMLX_GEMM_SPLIT_MIN_STEPS", 0, 0, 1 << 16));
+  static const int env_max = int(env_count("ZMLX_GEMM_SPLIT_MAX", 0, 0, 64));
   const int64_t target = env_target ? env_target : one_tile ? kSplitTargetBlocksOneTile : kSplitTargetBlocks;
   const int min_steps = env_min_steps ? env_min_steps : one_tile ? kSplitMinStepsOneTile : kSplitMinSteps;
   const int max_splits = env_max ? env_max : one_tile ? kMaxSplitsOneTile : kMaxSplits;

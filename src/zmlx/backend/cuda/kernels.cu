@@ -1138,6 +1138,13 @@ __host__ __device__ __forceinline__ size_t pair_smem_bytes(int64_t K) {
   return size_t(kGroupPairs * pair_stage_stride(K) + kGroupPairs * (K / 32)) * 4;
 }
 
+// Word t (lane t's) of chunk c: chunk c lies in span c / CPG (CPG·4 words of
+// one group), as its words {CPG·t + c % CPG}.
+template <int CPG>
+__host__ __device__ __forceinline__ int64_t pair_chunk_word(int64_t c, int t) {
+  return (c / CPG) * (4 * CPG) + CPG * t + c % CPG;
+}
+
 // Whole block: the input rows of the n pairs in pairs[] (row p of x when
 // per_slot, else row p / k) into st in nibble-pair order, chunk by chunk
 // (pair_chunk_word: the words of chunk c in lane order; word w's pairs
@@ -1148,13 +1155,6 @@ __host__ __device__ __forceinline__ size_t pair_smem_bytes(int64_t K) {
 // sum comes from the same registers (reading each chunk again for its sum,
 // as load_x does, made staging a large share of a block's time). Pair rows
 // n.. are zeros.
-// Word t (lane t's) of chunk c: chunk c lies in span c / CPG (CPG·4 words of
-// one group), as its words {CPG·t + c % CPG}.
-template <int CPG>
-__host__ __device__ __forceinline__ int64_t pair_chunk_word(int64_t c, int t) {
-  return (c / CPG) * (4 * CPG) + CPG * t + c % CPG;
-}
-
 template <int CPG>
 __device__ __forceinline__ void pair_stage_x(const uint16_t* x, const int* pairs, int n, bool per_slot, int k, int64_t K,
                                              uint32_t* st) {
@@ -1798,7 +1798,7 @@ void pairs_launch(const uint16_t* x, const PairJob<NM>& job, const PairGroups& g
   switch (job.m[0].group) {
     case 32: return pairs_launch_cpg<NM, 1>(x, job, grp, s);
     case 64: return pairs_launch_cpg<NM, 2>(x, job, grp, s);
-    default: return pairs_launch_cpg<NM, 4>(x, job, grp, s);  // 128 and up: 4 chunks a group at least
+    default: return pairs_launch_cpg<NM, 4>(x, job, grp, s);  // 128 (grouped_fits)
   }
 }
 
@@ -3885,8 +3885,13 @@ void gather_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, cons
 }
 
 // Rows of 64+ inputs: pair_stage_x divides by the chunk count through a
-// reciprocal that wraps at one chunk.
-bool grouped_fits(const QMat& m) { return use_mma(m) && m.cols >= 64 && m.cols <= kGroupMaxK; }
+// reciprocal that wraps at one chunk. Groups of 32, 64 and 128 only: the
+// formats models load (config.cpp) and the GPU test checks against the CPU;
+// a larger group would run the CPG = 4 form over spans of half a group,
+// never checked.
+bool grouped_fits(const QMat& m) {
+  return use_mma(m) && m.group <= 128 && m.cols >= 64 && m.cols <= kGroupMaxK;
+}
 
 void gather_linear_grouped(const uint16_t* x, bool per_slot, int k, const QMat& w, uint16_t* y, const PairGroups& grp,
                            cudaStream_t s) {

@@ -79,7 +79,7 @@ void gather_swiglu(const uint16_t* x, const int32_t* experts, int T, int k, cons
 // its pairs (the MMA's 8 columns). The values of gather_linear /
 // gather_swiglu up to fp32 summation order; the grouped gate, up and fused
 // gate+up agree bit for bit. Only where grouped_fits(): the tensor-core
-// format (4-bit, groups of 32+), rows of at most kGroupMaxK inputs.
+// format (4-bit) with groups of 32, 64 or 128, rows of 64 to kGroupMaxK inputs.
 constexpr int kGroupPairs = 8;
 constexpr int64_t kGroupMaxK = 4096;
 struct PairGroups {
