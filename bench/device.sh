@@ -5,7 +5,8 @@
 # top-p 0.95), `zmlx validate`, and prefill of long prompts (LONG tokens) in
 # the GPU's default passes and in passes of 512, each then decoding GEN tokens
 # (16 until 2026-11-29, which read lower than a 128-token decode), and
-# prefill of short prompts (SHORT tokens: the experts over bucketed pairs).
+# prefill of short prompts (SHORT tokens: the experts over bucketed pairs),
+# and decode after a 1-token prompt (llama-bench's tg128 starts empty).
 # $OUT gets results.md and raw.tgz (every raw log and JSON): a device run
 # brings back at most 8 files, so the raw files are packed into one.
 #   STAGES="tests qwen3 lfm2 glm" (default: all; add "sanitize" for the GPU
@@ -69,6 +70,11 @@ bench_family() {  # arch name
       --runs "$RUNS" --json >"$RAW/bench-$arch-$mode.json" 2>"$RAW/bench-$arch-$mode.log"
     log "bench $arch --$mode (exit $?): $(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('prefill %.0f tok/s, decode %.1f tok/s (min %.1f max %.1f), %.2f GB/token, %.0f GB/s' % (j['prefill_tps']['median'], j['decode_tps']['median'], j['decode_tps']['min'], j['decode_tps']['max'], j['bytes_per_token']/1e9, j['decode_gbps']))" "$RAW/bench-$arch-$mode.json" 2>&1 | tail -1)"
   done
+  # Decode from a nearly empty context (a 1-token prompt): llama-bench's
+  # tg128 measures from an empty one, so this is the like-for-like figure.
+  timeout 400 "$BIN/zmlx" bench "$dir" --backend cuda --patch --prompt-tokens 1 --gen-tokens "$GEN" \
+    --runs "$RUNS" --json >"$RAW/bench-$arch-depth0.json" 2>"$RAW/bench-$arch-depth0.log"
+  log "bench $arch --patch --prompt-tokens 1 (exit $?): $(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('decode %.1f tok/s (min %.1f max %.1f)' % (j['decode_tps']['median'], j['decode_tps']['min'], j['decode_tps']['max']))" "$RAW/bench-$arch-depth0.json" 2>&1 | tail -1)"
   # Sampled decoding (the sampler on the device, inside the recorded step).
   timeout 400 "$BIN/zmlx" bench "$dir" --backend cuda --patch --prompt-tokens "$PROMPT" --gen-tokens "$GEN" \
     --runs "$RUNS" --temp 0.7 --top-p 0.95 --seed 1 --json >"$RAW/bench-$arch-sampled.json" 2>"$RAW/bench-$arch-sampled.log"
