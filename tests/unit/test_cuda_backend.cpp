@@ -109,6 +109,22 @@ TEST(CudaOps, LinearMatchesCpuForEveryFormatAndTokenCount) {
       const auto got = host_floats(*g, g->linear(g->from_host(x), g->adopt(w)));
       EXPECT_LT(rel_l2(got, ref), 5e-3) << "bits " << f.bits << " K " << K;
     }
+  // 4-bit one-token rows with their nib pairs made before the wait (the
+  // default) against the packed form (ZMLX_CUDA_PRECONVERT=0): the same bits,
+  // with x staged and not, at 1-4 chunks a lane, partly filled last chunks
+  // of a lane and rows that leave a block's warps idle (21 rows, 8 a block).
+  for (const char* stage : {static_cast<const char*>(nullptr), "0"})
+    for (int group : {32, 64, 128})
+      for (int64_t K : {256, 1152, 2048, 4096}) {
+        const int64_t N = 21;
+        test::ScopedEnv staged("ZMLX_CUDA_STAGE_X", stage);
+        const Weight w = g->adopt(test::random_qweight(rng, 0, N, K, 4, group));
+        const Tensor x = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(K)), {1, K}));
+        const Tensor ahead = g->linear(x, w);
+        test::ScopedEnv packed("ZMLX_CUDA_PRECONVERT", "0");
+        EXPECT_TRUE(same_bits(*g, ahead, g->linear(x, w)))
+            << "group " << group << " K " << K << " x staged " << (stage ? "no" : "yes");
+      }
 }
 
 TEST(CudaOps, FusedExpertKernelsAreBitIdenticalToUnfusedAndCloseToCpu) {

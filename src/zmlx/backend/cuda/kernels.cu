@@ -118,6 +118,29 @@ __device__ __forceinline__ uint32_t nib_pair(uint32_t w, int s) {
 // Σ(128+q)·x·scale + (bias − 128·scale)·Σx. Three instructions a
 // weight instead of four (the scalar decode mat-vecs are bound by
 // instruction issue once their weights are preloaded).
+// chunk_dot<4>'s arithmetic on a chunk's 16 nib_pairs (pr[4j + s] =
+// nib_pair(word j, s)), for callers that make the pairs ahead of time.
+__device__ __forceinline__ float chunk_dot_pairs(const uint32_t (&pr)[16], const XF& x, float scale, float bias,
+                                                 float acc) {
+  float qx = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const uint32_t p = pr[4 * j + s];
+      qx = fmaf(lo_bf(p), x.v[8 * j + s], qx);
+      qx = fmaf(hi_bf(p), x.v[8 * j + s + 4], qx);
+    }
+  acc = fmaf(scale, qx, acc);
+  return fmaf(fmaf(-128.f, scale, bias), x.sum, acc);
+}
+__device__ __forceinline__ void chunk_pairs(const WChunk<4>& w, uint32_t (&pr)[16]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int s = 0; s < 4; ++s) pr[4 * j + s] = nib_pair(w.v[j], s);
+}
+
 template <int BITS>
 __device__ __forceinline__ float chunk_dot(const WChunk<BITS>& w, const XF& x, float scale, float bias, float acc) {
   if constexpr (BITS == 16) {
@@ -125,17 +148,9 @@ __device__ __forceinline__ float chunk_dot(const WChunk<BITS>& w, const XF& x, f
     for (int i = 0; i < 32; ++i) acc = fmaf((i & 1) ? hi_bf(w.v[i >> 1]) : lo_bf(w.v[i >> 1]), x.v[i], acc);
     return acc;
   } else if constexpr (BITS == 4) {
-    float qx = 0.f;
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        const uint32_t p = nib_pair(w.v[j], s);
-        qx = fmaf(lo_bf(p), x.v[8 * j + s], qx);
-        qx = fmaf(hi_bf(p), x.v[8 * j + s + 4], qx);
-      }
-    acc = fmaf(scale, qx, acc);
-    return fmaf(fmaf(-128.f, scale, bias), x.sum, acc);
+    uint32_t pr[16];
+    chunk_pairs(w, pr);
+    return chunk_dot_pairs(pr, x, scale, bias, acc);
   } else {
     constexpr uint32_t mask = (1u << BITS) - 1u;
     constexpr int per = 32 / BITS;
@@ -516,23 +531,71 @@ __device__ __forceinline__ float row_dot_preloaded_staged(const QMat& m, const R
   return row_dot_preloaded_from<BITS, PRE>(m, p, [&](int c) { return load_x_staged(xs, c); });
 }
 
+// A lane's preloaded 4-bit chunks as nib_pairs (decode_row_to's CV form),
+// made before the wait: the empty asm on each pair keeps the compiler from
+// moving its shift and lop3 past the wait.
+template <int PRE>
+struct ChunkPairs {
+  uint32_t v[PRE][16];
+};
+template <int PRE>
+__device__ __forceinline__ void make_pairs_ahead(const QMat& m, const RowPreload<4, PRE>& p, ChunkPairs<PRE>& pr) {
+  const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
+#pragma unroll
+  for (int i = 0; i < PRE; ++i)
+    if (lane + 32 * i < chunks) {
+      chunk_pairs(p.w[i], pr.v[i]);
+#pragma unroll
+      for (int k = 0; k < 16; ++k) asm volatile("" : "+r"(pr.v[i][k]));
+    }
+}
+// row_dot_preloaded_from on the pairs: the same sum in the same order.
+template <int PRE, typename XChunk>
+__device__ __forceinline__ float row_dot_pairs_from(const QMat& m, const RowPreload<4, PRE>& p,
+                                                    const ChunkPairs<PRE>& pr, XChunk&& x_chunk) {
+  const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < PRE; ++i) {
+    const int c = lane + 32 * i;
+    if (c < chunks) acc = chunk_dot_pairs(pr.v[i], x_chunk(c), row_scale(p, i), row_bias(p, i), acc);
+  }
+  return warp_sum(acc);
+}
+
 // One row of m (row r, valid or not) into y[r]: preloaded when the row is
 // short enough, x then staged as above when SX. Every thread of the block
 // calls it (pdl_begin inside). SX is a template parameter, not a flag: one
 // kernel holding both forms took more registers (ptxas).
 // store(r, value) takes the row's bf16 value in lane 0 (decode_row: y[r]).
-template <int BITS, int PRE = kPreChunks, bool SX = false, typename Store>
+// CV (4-bit rows only): each preloaded chunk is also turned into its
+// nib_pairs before the programmatic-launch wait (make_pairs_ahead), so after
+// the wait a weight costs its half's extraction and its FMA, not the shift
+// and lop3 as well: the same arithmetic in the same order (chunk_dot_pairs),
+// 12 more registers a preloaded chunk.
+template <int BITS, int PRE = kPreChunks, bool SX = false, bool CV = false, typename Store>
 __device__ __forceinline__ void decode_row_to(const QMat& m, int64_t r, const uint16_t* x, bool pre, Store&& store) {
   static_assert(kDecodeRows == 1, "decode_row computes one row a warp");
+  static_assert(!CV || BITS == 4, "pairs ahead of the wait: 4-bit rows");
   if (pre && row_preloadable<BITS, PRE>(m)) {  // the same for the whole block
     const bool valid = r < m.rows;
     RowPreload<BITS, PRE> p;
-    if (valid) row_preload<BITS, PRE>(m, r, p);
+    std::conditional_t<CV, ChunkPairs<PRE>, char> pr;
+    if (valid) {
+      row_preload<BITS, PRE>(m, r, p);
+      if constexpr (CV) make_pairs_ahead<PRE>(m, p, pr);
+    }
     pdl_begin();
     const float4* xs = SX ? stage_x_block<PRE>(x, m.cols) : nullptr;  // whole block, before any warp leaves
     ZMLX_TRACE_MARK(0);  // trace: x staged
     if (!valid) return;
-    const float acc = SX ? row_dot_preloaded_staged<BITS, PRE>(m, p, xs) : row_dot_preloaded<BITS, PRE>(m, p, x);
+    float acc;
+    if constexpr (CV)
+      acc = row_dot_pairs_from<PRE>(m, p, pr, [&](int c) {
+        return SX ? load_x_staged(xs, c) : load_x<true>(x + int64_t(c) * 32);
+      });
+    else
+      acc = SX ? row_dot_preloaded_staged<BITS, PRE>(m, p, xs) : row_dot_preloaded<BITS, PRE>(m, p, x);
     ZMLX_TRACE_MARK(1);  // trace: the row's sum
     if ((threadIdx.x & 31) == 0) store(r, to_bf(acc));
     return;
@@ -543,15 +606,15 @@ __device__ __forceinline__ void decode_row_to(const QMat& m, int64_t r, const ui
   rows_dot<BITS, 1>(m, 0, r, 1, x, acc);
   if ((threadIdx.x & 31) == 0) store(r, to_bf(acc[0]));
 }
-template <int BITS, int PRE = kPreChunks, bool SX = false>
+template <int BITS, int PRE = kPreChunks, bool SX = false, bool CV = false>
 __device__ __forceinline__ void decode_row(const QMat& m, int64_t r, const uint16_t* x, uint16_t* y, bool pre) {
-  decode_row_to<BITS, PRE, SX>(m, r, x, pre, [y](int64_t i, uint16_t v) { y[i] = v; });
+  decode_row_to<BITS, PRE, SX, CV>(m, r, x, pre, [y](int64_t i, uint16_t v) { y[i] = v; });
 }
 
-template <int BITS, int PRE, bool SX>
+template <int BITS, int PRE, bool SX, bool CV = false>
 __global__ void __launch_bounds__(256) linear_decode_kernel(const uint16_t* x, QMat m, uint16_t* y, bool pre) {
   ZMLX_TRACE_BLOCK_END();
-  decode_row<BITS, PRE, SX>(m, decode_row0(), x, y, pre);
+  decode_row<BITS, PRE, SX, CV>(m, decode_row0(), x, y, pre);
 }
 
 template <int BITS, bool SX>
@@ -1879,6 +1942,18 @@ void by_bits(int bits, A&&... a) {
   }
 }
 
+// ZMLX_CUDA_PRECONVERT=0: the one-matrix 4-bit decode mat-vecs of rows up to
+// 4,096 inputs (linear_decode_kernel: o_proj and the like) leave their
+// preloaded weights packed until after the wait, as before (A/B runs; the
+// same bits; read per launch). By default they make the nib_pairs before it
+// (decode_row_to's CV: 95 registers against 51, two blocks an SM). One
+// H200, 2026-11-29, alternating rounds: Qwen3 +1.0 % patched (five rounds,
+// two calls) and unpatched (two), LFM2 +0.5 %, GLM level (two each; docs/
+// performance.md). q/k/v's 640-block launch
+// the same way was 7 % slower (its blocks no longer all resident before the
+// wait), so linear_multi keeps the packed form.
+bool preconvert() { return env_on("ZMLX_CUDA_PRECONVERT"); }
+
 template <int B>
 void launch_linear_multi_decode(dim3 grid, const uint16_t* x, const MultiQ& mq, cudaStream_t s) {
   with_staged_x([&](auto sx) {
@@ -1939,6 +2014,10 @@ struct LinearL {
           true);
     else if (T == 1)
       with_staged_x([&](auto sx) {
+        if constexpr (B == 4)
+          if (preconvert())
+            return launch(linear_decode_kernel<B, kPreChunks, decltype(sx)::value, true>, decode_grid, dim3(256), s,
+                          x, m, y, preload_weights());
         launch(linear_decode_kernel<B, kPreChunks, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
                preload_weights());
       });
