@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -110,14 +111,6 @@ __device__ __forceinline__ uint32_t nib_pair(uint32_t w, int s) {
   return r;
 }
 
-// acc += Σ_i w_i·x_i over one chunk. Quantized: w_i = scale·q_i + bias, so
-// the sum is scale·Σq·x + bias·Σx (fp32, fixed order). q becomes a float
-// through the exponent trick (2^23 + q, exact) instead of a slow I2F.
-// 4-bit: two weights at a time, as the MMA path does: nib_pair (one shift,
-// one lop3), each half a float through one more op;
-// Σ(128+q)·x·scale + (bias − 128·scale)·Σx. Three instructions a
-// weight instead of four (the scalar decode mat-vecs are bound by
-// instruction issue once their weights are preloaded).
 // chunk_dot<4>'s arithmetic on a chunk's 16 nib_pairs (pr[4j + s] =
 // nib_pair(word j, s)), for callers that make the pairs ahead of time.
 __device__ __forceinline__ float chunk_dot_pairs(const uint32_t (&pr)[16], const XF& x, float scale, float bias,
@@ -141,6 +134,14 @@ __device__ __forceinline__ void chunk_pairs(const WChunk<4>& w, uint32_t (&pr)[1
     for (int s = 0; s < 4; ++s) pr[4 * j + s] = nib_pair(w.v[j], s);
 }
 
+// acc += Σ_i w_i·x_i over one chunk. Quantized: w_i = scale·q_i + bias, so
+// the sum is scale·Σq·x + bias·Σx (fp32, fixed order). q becomes a float
+// through the exponent trick (2^23 + q, exact) instead of a slow I2F.
+// 4-bit: two weights at a time, as the MMA path does: nib_pair (one shift,
+// one lop3), each half a float through one more op;
+// Σ(128+q)·x·scale + (bias − 128·scale)·Σx. Three instructions a
+// weight instead of four (the scalar decode mat-vecs are bound by
+// instruction issue once their weights are preloaded).
 template <int BITS>
 __device__ __forceinline__ float chunk_dot(const WChunk<BITS>& w, const XF& x, float scale, float bias, float acc) {
   if constexpr (BITS == 16) {
@@ -1952,7 +1953,31 @@ void by_bits(int bits, A&&... a) {
 // performance.md). q/k/v's 640-block launch
 // the same way was 7 % slower (its blocks no longer all resident before the
 // wait), so linear_multi keeps the packed form.
+// Launches whose blocks do not all fit on the GPU at once keep the packed
+// form (resident_blocks): blocks that start only after the wait load and
+// unpack after it anyway, and the packed form's five blocks an SM hold more.
 bool preconvert() { return env_on("ZMLX_CUDA_PRECONVERT"); }
+// How many 256-thread blocks of `kernel` the GPU holds at once (asked of the
+// driver once a device and kernel).
+int resident_blocks(const void* kernel) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, int> asked;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = asked.find({dev, kernel});
+  if (it != asked.end()) return it->second;
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, 0) != cudaSuccess) {
+    cudaGetLastError();
+    per_sm = 0;
+  }
+  return asked[{dev, kernel}] = per_sm * sm_count();
+}
+template <typename... KArgs>
+int resident_blocks(void (*kernel)(KArgs...)) {
+  return resident_blocks(reinterpret_cast<const void*>(kernel));
+}
 
 template <int B>
 void launch_linear_multi_decode(dim3 grid, const uint16_t* x, const MultiQ& mq, cudaStream_t s) {
@@ -2014,10 +2039,11 @@ struct LinearL {
           true);
     else if (T == 1)
       with_staged_x([&](auto sx) {
-        if constexpr (B == 4)
-          if (preconvert())
-            return launch(linear_decode_kernel<B, kPreChunks, decltype(sx)::value, true>, decode_grid, dim3(256), s,
-                          x, m, y, preload_weights());
+        if constexpr (B == 4) {
+          auto ahead = linear_decode_kernel<B, kPreChunks, decltype(sx)::value, true>;
+          if (preconvert() && int64_t(decode_grid.x) <= resident_blocks(ahead))
+            return launch(ahead, decode_grid, dim3(256), s, x, m, y, preload_weights());
+        }
         launch(linear_decode_kernel<B, kPreChunks, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
                preload_weights());
       });

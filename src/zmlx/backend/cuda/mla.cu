@@ -6,6 +6,8 @@
 #include <cfloat>
 #include <cstdlib>
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 #include "zmlx/backend/cuda/device_common.cuh"
 #include "zmlx/backend/cuda/mla.h"
@@ -983,8 +985,11 @@ bool attention_decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, c
     // per call).
     const int most = (heads + 7) / 8;
     int tiles = int64_t(splits) * most <= 2 * sm_count() ? 1 : most;
-    if (const long fixed = zmlx::cuda::env_count("ZMLX_CUDA_MLA_BLOCK_HEADS", 0, 8, 32); fixed > 0)
+    if (const long fixed = zmlx::cuda::env_count("ZMLX_CUDA_MLA_BLOCK_HEADS", 0, 8, 32); fixed > 0) {
+      if (fixed % 8 != 0) throw std::runtime_error("ZMLX_CUDA_MLA_BLOCK_HEADS: 8, 16, 24 or 32, not " +
+                                                   std::to_string(fixed));
       tiles = int(fixed / 8);
+    }
     tiles = std::min(tiles, most);
     // A card with less shared memory a block (sm_86 / sm_89: 99 KiB) takes
     // 8 heads a block (90 KB); decode_on_tensor_cores already asked that
