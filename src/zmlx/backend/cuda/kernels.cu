@@ -13,7 +13,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -457,17 +456,41 @@ __device__ __forceinline__ void row_preload(const QMat& m, int64_t r, RowPreload
     }
   }
 }
+// A lane's preloaded 4-bit chunks as nib_pairs (decode_row_to's CV form),
+// made before the wait: the empty asm on each pair keeps the compiler from
+// moving its shift and lop3 past the wait.
+template <int PRE>
+struct ChunkPairs {
+  uint32_t v[PRE][16];
+};
+template <int PRE>
+__device__ __forceinline__ void make_pairs_ahead(const QMat& m, const RowPreload<4, PRE>& p, ChunkPairs<PRE>& pr) {
+  const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
+#pragma unroll
+  for (int i = 0; i < PRE; ++i)
+    if (lane + 32 * i < chunks) {
+      chunk_pairs(p.w[i], pr.v[i]);
+#pragma unroll
+      for (int k = 0; k < 16; ++k) asm volatile("" : "+r"(pr.v[i][k]));
+    }
+}
 // The row's value from this lane's preloaded chunks, chunk c's inputs from
-// x_chunk(c) (an XF); the same value in every lane.
-template <int BITS, int PRE, typename XChunk>
+// x_chunk(c) (an XF); the same value in every lane. With pairs (made by
+// make_pairs_ahead) each chunk starts from its nib_pairs: the same
+// arithmetic, as chunk_dot<4> is chunk_pairs then chunk_dot_pairs.
+template <int BITS, int PRE, typename XChunk, typename Pairs = std::nullptr_t>
 __device__ __forceinline__ float row_dot_preloaded_from(const QMat& m, const RowPreload<BITS, PRE>& p,
-                                                        XChunk&& x_chunk) {
+                                                        XChunk&& x_chunk, const Pairs& pairs = nullptr) {
   const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
   float acc = 0.f;
 #pragma unroll
   for (int i = 0; i < PRE; ++i) {
     const int c = lane + 32 * i;
-    if (c < chunks) acc = chunk_dot<BITS>(p.w[i], x_chunk(c), row_scale(p, i), row_bias(p, i), acc);
+    if (c >= chunks) continue;
+    if constexpr (std::is_same_v<Pairs, ChunkPairs<PRE>>)
+      acc = chunk_dot_pairs(pairs.v[i], x_chunk(c), row_scale(p, i), row_bias(p, i), acc);
+    else
+      acc = chunk_dot<BITS>(p.w[i], x_chunk(c), row_scale(p, i), row_bias(p, i), acc);
   }
   return warp_sum(acc);
 }
@@ -532,38 +555,6 @@ __device__ __forceinline__ float row_dot_preloaded_staged(const QMat& m, const R
   return row_dot_preloaded_from<BITS, PRE>(m, p, [&](int c) { return load_x_staged(xs, c); });
 }
 
-// A lane's preloaded 4-bit chunks as nib_pairs (decode_row_to's CV form),
-// made before the wait: the empty asm on each pair keeps the compiler from
-// moving its shift and lop3 past the wait.
-template <int PRE>
-struct ChunkPairs {
-  uint32_t v[PRE][16];
-};
-template <int PRE>
-__device__ __forceinline__ void make_pairs_ahead(const QMat& m, const RowPreload<4, PRE>& p, ChunkPairs<PRE>& pr) {
-  const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
-#pragma unroll
-  for (int i = 0; i < PRE; ++i)
-    if (lane + 32 * i < chunks) {
-      chunk_pairs(p.w[i], pr.v[i]);
-#pragma unroll
-      for (int k = 0; k < 16; ++k) asm volatile("" : "+r"(pr.v[i][k]));
-    }
-}
-// row_dot_preloaded_from on the pairs: the same sum in the same order.
-template <int PRE, typename XChunk>
-__device__ __forceinline__ float row_dot_pairs_from(const QMat& m, const RowPreload<4, PRE>& p,
-                                                    const ChunkPairs<PRE>& pr, XChunk&& x_chunk) {
-  const int lane = threadIdx.x & 31, chunks = int(m.cols / 32);
-  float acc = 0.f;
-#pragma unroll
-  for (int i = 0; i < PRE; ++i) {
-    const int c = lane + 32 * i;
-    if (c < chunks) acc = chunk_dot_pairs(pr.v[i], x_chunk(c), row_scale(p, i), row_bias(p, i), acc);
-  }
-  return warp_sum(acc);
-}
-
 // One row of m (row r, valid or not) into y[r]: preloaded when the row is
 // short enough, x then staged as above when SX. Every thread of the block
 // calls it (pdl_begin inside). SX is a template parameter, not a flag: one
@@ -592,9 +583,8 @@ __device__ __forceinline__ void decode_row_to(const QMat& m, int64_t r, const ui
     if (!valid) return;
     float acc;
     if constexpr (CV)
-      acc = row_dot_pairs_from<PRE>(m, p, pr, [&](int c) {
-        return SX ? load_x_staged(xs, c) : load_x<true>(x + int64_t(c) * 32);
-      });
+      acc = row_dot_preloaded_from<BITS, PRE>(
+          m, p, [&](int c) { return SX ? load_x_staged(xs, c) : load_x<true>(x + int64_t(c) * 32); }, pr);
     else
       acc = SX ? row_dot_preloaded_staged<BITS, PRE>(m, p, xs) : row_dot_preloaded<BITS, PRE>(m, p, x);
     ZMLX_TRACE_MARK(1);  // trace: the row's sum
@@ -1943,40 +1933,32 @@ void by_bits(int bits, A&&... a) {
   }
 }
 
-// ZMLX_CUDA_PRECONVERT=0: the one-matrix 4-bit decode mat-vecs of rows up to
-// 4,096 inputs (linear_decode_kernel: o_proj and the like) leave their
-// preloaded weights packed until after the wait, as before (A/B runs; the
-// same bits; read per launch). By default they make the nib_pairs before it
-// (decode_row_to's CV: 95 registers against 51, two blocks an SM). One
-// H200, 2026-11-29, alternating rounds: Qwen3 +1.0 % patched (five rounds,
-// two calls) and unpatched (two), LFM2 +0.5 %, GLM level (two each; docs/
-// performance.md). q/k/v's 640-block launch
-// the same way was 7 % slower (its blocks no longer all resident before the
-// wait), so linear_multi keeps the packed form.
-// Launches whose blocks do not all fit on the GPU at once keep the packed
-// form (resident_blocks): blocks that start only after the wait load and
-// unpack after it anyway, and the packed form's five blocks an SM hold more.
-bool preconvert() { return env_on("ZMLX_CUDA_PRECONVERT"); }
-// How many 256-thread blocks of `kernel` the GPU holds at once (asked of the
-// driver once a device and kernel).
-int resident_blocks(const void* kernel) {
-  int dev = 0;
-  cudaGetDevice(&dev);
-  static std::mutex mu;
-  static std::map<std::pair<int, const void*>, int> asked;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = asked.find({dev, kernel});
-  if (it != asked.end()) return it->second;
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, 0) != cudaSuccess) {
-    cudaGetLastError();
-    per_sm = 0;
-  }
-  return asked[{dev, kernel}] = per_sm * sm_count();
-}
-template <typename... KArgs>
-int resident_blocks(void (*kernel)(KArgs...)) {
-  return resident_blocks(reinterpret_cast<const void*>(kernel));
+// Whether a one-token linear of m on linear_decode_kernel (4-bit, rows
+// preloaded) runs its CV form, the weights unpacked into nib_pairs before the
+// wait (decode_row_to). It takes 94 registers against 51 (ptxas, x staged):
+// two 256-thread blocks an SM instead of four, so only launches whose blocks
+// all fit on the GPU at once take it; blocks that start after the wait would
+// unpack after it anyway. One H200, 2026-11-29, alternating rounds: Qwen3
+// decode +1.0 % patched (five rounds, two calls) and unpatched (two), LFM2
+// +0.5 %, GLM level (docs/performance.md). q/k/v's 640-block multi-matrix
+// launch the same way was 7 % slower (2 blocks an SM hold 264 of them), so
+// linear_multi keeps the packed form. ZMLX_CUDA_PRECONVERT=0: never (A/B
+// runs; the same bits; read per launch).
+template <bool SX>
+struct UnpackAheadResidency {};
+template <bool SX>
+bool unpack_ahead(const QMat& m) {
+  if (m.bits != 4 || !preload_weights() || !env_on("ZMLX_CUDA_PRECONVERT")) return false;
+  const int resident = cached_per_device<UnpackAheadResidency<SX>>([](int) {
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, linear_decode_kernel<4, kPreChunks, SX, true>, 256,
+                                                      0) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return per_sm * int(sm_count());
+  });
+  return (m.rows + kRowsPerDecodeBlock - 1) / kRowsPerDecodeBlock <= resident;
 }
 
 template <int B>
@@ -2039,11 +2021,10 @@ struct LinearL {
           true);
     else if (T == 1)
       with_staged_x([&](auto sx) {
-        if constexpr (B == 4) {
-          auto ahead = linear_decode_kernel<B, kPreChunks, decltype(sx)::value, true>;
-          if (preconvert() && int64_t(decode_grid.x) <= resident_blocks(ahead))
-            return launch(ahead, decode_grid, dim3(256), s, x, m, y, preload_weights());
-        }
+        if constexpr (B == 4)
+          if (unpack_ahead<decltype(sx)::value>(m))
+            return launch(linear_decode_kernel<B, kPreChunks, decltype(sx)::value, true>, decode_grid, dim3(256), s,
+                          x, m, y, preload_weights());
         launch(linear_decode_kernel<B, kPreChunks, decltype(sx)::value>, decode_grid, dim3(256), s, x, m, y,
                preload_weights());
       });
@@ -4040,6 +4021,11 @@ bool scalar_preloaded_decode(const QMat& m, int max_chunks) {
   return !use_mma_linear(m) && m.cols % 32 == 0 && m.cols / 32 <= max_chunks;
 }
 }  // namespace
+
+bool linear_unpacks_ahead(const QMat& m) {
+  return !head_stream_fits(m) && scalar_preloaded_decode(m, 32 * kPreChunks) &&
+         (stage_x() ? unpack_ahead<true>(m) : unpack_ahead<false>(m));
+}
 
 bool gather_combine_shared_fits(const QMat& down, const QMat& sd) {
   const SharedFusion f = shared_fusion();

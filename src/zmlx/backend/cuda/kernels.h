@@ -61,6 +61,10 @@ bool stage_x();
 bool kv_prefetch();
 // ys[i][T, N_i] = bf16(x · W_iᵀ) for up to 4 matrices of one format, one launch.
 void linear_multi(const uint16_t* x, int T, const QMat* ms, uint16_t* const* ys, int n, cudaStream_t s);
+// Whether linear(x, m) of one token unpacks m's 4-bit weights into bf16
+// pairs before the programmatic-launch wait (the scalar decode kernel's CV
+// form; ZMLX_CUDA_PRECONVERT), as the launch decides: the same bits either way.
+bool linear_unpacks_ahead(const QMat& m);
 // y[T, N] = swiglu(bf16(x·Gᵀ), bf16(x·Uᵀ))
 void linear_swiglu(const uint16_t* x, int T, const QMat& g, const QMat& u, uint16_t* y, cudaStream_t s);
 
