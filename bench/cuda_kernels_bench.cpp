@@ -22,6 +22,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <string>
@@ -212,14 +213,27 @@ int main(int argc, char** argv) {
   both("gather_qmm (down, unfused)", bytes_of(down, kk),
           [&](int i) { k::gather_linear(hmid, true, ex_of(i), 1, kk, down, big, s); });
   both("lm_head 151936", bytes_of(head, 1), [&](int) { k::linear(x, 1, head, big, s); });
-  {  // The device sampler (T 1, top-p 0.95) on the head's row, and on a row of one value (one crowded bin);
-     // without penalties (a sort of 16 key bits) and with a repetition window of 64 and a frequency
-     // penalty (32 bits).
+  {  // The device sampler (T 1, top-p 0.95) on a row of random logits (normal, standard deviation 3;
+     // the head's output here is NaN, its weights being random bits) and on a row of one value (one
+     // crowded bin); without penalties (a sort of 16 key bits) and with a repetition window of 64 and
+     // a frequency penalty (32 bits).
     k::SamplingWorkspace ws;
     cudaMalloc(&ws.state, sizeof(k::SamplingState));
     k::sampling_workspace_alloc(ws, 151936);
     int32_t *tok = nullptr, *counts = nullptr, *window_counts = nullptr;
-    uint16_t* flat = nullptr;
+    uint16_t *flat = nullptr, *logits = nullptr;
+    {
+      std::normal_distribution<float> normal(0.f, 3.f);
+      std::vector<uint16_t> host(151936);
+      for (auto& v : host) {
+        const float f = normal(rng);
+        uint32_t u;
+        std::memcpy(&u, &f, 4);
+        v = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // round to nearest even (finite values)
+      }
+      cudaMalloc(&logits, host.size() * 2);
+      cudaMemcpy(logits, host.data(), host.size() * 2, cudaMemcpyHostToDevice);
+    }
     cudaMalloc(&tok, 4);
     cudaMalloc(&flat, 151936 * 2);
     cudaMemset(flat, 0, 151936 * 2);
@@ -227,7 +241,7 @@ int main(int argc, char** argv) {
     cudaMalloc(&window_counts, size_t(zmlx::sampling::kMaxVocab) * 4);
     cudaMemset(counts, 0, size_t(zmlx::sampling::kMaxVocab) * 4);
     cudaMemset(window_counts, 0, size_t(zmlx::sampling::kMaxVocab) * 4);
-    for (auto [row, what] : {std::pair{static_cast<const uint16_t*>(big), "head row"}, std::pair{static_cast<const uint16_t*>(flat), "one value"}}) {
+    for (auto [row, what] : {std::pair{static_cast<const uint16_t*>(logits), "random logits"}, std::pair{static_cast<const uint16_t*>(flat), "one value"}}) {
       for (bool penalized : {false, true}) {
         k::SamplingState st{};
         st.params.inv_temp = 1.f, st.params.top_p = 0.95f, st.params.seed = 1;

@@ -915,18 +915,21 @@ TEST(CudaOps, ArgmaxMatchesHostIncludingTies) {
 }
 
 // The device sampler against the host's definition (sample_logits_reference)
-// on the same bf16 logits: every option, ties, one value everywhere, NaN and
-// infinities, the repetition penalty's window and the output's frequency and
-// presence penalties (a 32-bit sort) or none (16 bits), many draws; rows at
-// an offset in a larger tensor.
+// on the same bf16 logits: every option with and without penalties (a 32-bit
+// sort, or 16 bits), ties, one value everywhere, NaN and infinities, rows of
+// NaN and -inf only, the repetition penalty's window and the output's
+// frequency and presence penalties, many draws; rows at an offset in a larger
+// tensor (odd lengths: unaligned rows).
 TEST(CudaOps, DeviceSamplerPicksTheHostDefinitionsToken) {
   REQUIRE_GPU();
   auto g = gpu();
   std::mt19937 rng(1128);
   int checked = 0, distinct_from_argmax = 0;
   for (int64_t V : {1, 7, 1000, 4099, 151936}) {
-    for (int kind = 0; kind < 4; ++kind) {
+    for (int kind = 0; kind < 5; ++kind) {
       auto v = test::random_bf16(rng, size_t(2 * V), kind == 0 ? 2.f : 6.f);
+      if (kind == 4)  // no finite logit: NaN and -inf only (as a head whose weights overflowed gives)
+        for (size_t i = 0; i < v.size(); ++i) v[i] = i % 7 == 3 ? uint16_t(0xff80) : uint16_t(0x7fc0);
       if (kind == 1)  // coarse values: many exact ties
         for (auto& b : v) b = f32_to_bf16_bits(std::round(bf16_to_f32(b)));
       if (kind == 3)  // one value: every candidate in one bin
@@ -939,14 +942,15 @@ TEST(CudaOps, DeviceSamplerPicksTheHostDefinitionsToken) {
       Tensor d = g->from_host(test::bf16_tensor(v, {2, V}));
       std::vector<float> row(static_cast<size_t>(V));
       for (int64_t i = 0; i < V; ++i) row[size_t(i)] = bf16_to_f32(v[size_t(V + i)]);
-      for (int c = 0; c < 6; ++c) {
+      for (int c = 0; c < 12; ++c) {
         SamplerOptions o;
-        const float temps[] = {0.f, 0.3f, 1.f, 2.5f};
-        o.temperature = temps[c % 4];
-        o.top_k = c == 1 ? 40 : c == 4 ? int(V + 5) : 0;
-        o.top_p = c == 2 ? 0.9f : c == 5 ? 0.3f : 1.f;
-        o.min_p = c == 3 ? 0.05f : 0.f;
-        o.repetition_penalty = c >= 3 ? 1.3f : 1.f;
+        const float temps[] = {0.f, 0.3f, 1.f, 2.5f, 1.f, 0.3f, 1.f, 0.3f, 1.f, 2.5f, 0.7f, 1.f};
+        o.temperature = temps[c];
+        o.top_k = c == 1 || c == 7 ? 40 : c == 4 || c == 11 ? int(V + 5) : c == 10 ? 20 : 0;
+        o.top_p = c == 2 || c == 8 ? 0.9f : c == 5 || c == 11 ? 0.3f : c == 10 ? 0.95f : 1.f;
+        o.min_p = c == 3 || c == 9 ? 0.05f : c == 10 ? 0.02f : 0.f;
+        // Cases 0 and 6-11 without penalties (the 16-bit sort): what an API request gets by default.
+        o.repetition_penalty = c >= 3 && c <= 5 ? 1.3f : 1.f;
         o.repetition_context = 64;
         o.frequency_penalty = c == 2 || c == 4 ? 0.35f : 0.f;
         o.presence_penalty = c == 1 ? 0.8f : 0.f;
@@ -966,7 +970,7 @@ TEST(CudaOps, DeviceSamplerPicksTheHostDefinitionsToken) {
       }
     }
   }
-  EXPECT_EQ(checked, 5 * 4 * 6 * 6);
+  EXPECT_EQ(checked, 5 * 5 * 12 * 6);
   EXPECT_GT(distinct_from_argmax, checked / 8);  // the cases really sample
 }
 
