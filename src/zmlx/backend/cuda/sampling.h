@@ -9,8 +9,10 @@
 // two 8-bit passes without a penalty, as bf16 logits' keys differ only in
 // their top 16 bits, four with one), each candidate's integer weight and
 // their running sum (CUB), then one block finds the cuts and the pick by
-// parallel search. (Counting 16-bit bins instead of sorting, one block then
-// scanning the 65,536 bins: 70-79 us against the sort's 31-34, not kept.)
+// parallel search. Counting 16-bit bins instead of sorting was tried twice
+// and not kept: one block scanning all 65,536 bins, 70-79 us; coarse bins
+// first and fine ones only where a cut or the pick falls (branch
+// exp/sampler-bins), 58 us against this sort's 43 on 151,936 finite logits.
 #pragma once
 #include <cstddef>
 #include <cstdint>
