@@ -596,8 +596,9 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
     Tensor kk = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd}));
     Tensor vv = g->from_host(test::bf16_tensor(test::random_bf16(rng, size_t(k.Hkv * k.hd)), {1, k.Hkv * k.hd}));
     // ZMLX_CUDA_FUSED_ATTN=all: the default keeps the preparation a kernel
-    // apart beside merging clusters, so the fused-in-cluster kernel runs only
-    // when asked; the default's two kernels are compared as well (c).
+    // apart beside merging clusters of more than kFusedPrepClusterSplits
+    // splits, so there the fused-in-cluster kernel runs only when asked; the
+    // default's form is compared as well (c: two kernels at those capacities).
     KvLayer c = g->new_kv_layer(k.Hkv, k.hd, k.capacity);
     g->kv_write(c, g->from_host(pk), g->from_host(pv), 0);
     std::vector<float> fused, apart, fused_plain;
@@ -793,19 +794,21 @@ TEST(CudaOps, FusedDecodeAttentionIsBitIdenticalToTwoOps) {
   // tell whether the fused kernel ran at all. Its op name in the GPU profile
   // (ZMLX_PROFILE=1, printed when the backend goes) can: present for the
   // fused step, absent with ZMLX_CUDA_FUSED_ATTN=0, and absent by default
-  // where the attention runs as merging clusters (capacity 320: 5 splits,
-  // on Hopper), present there with =all.
+  // where the attention runs as merging clusters of more than
+  // kFusedPrepClusterSplits splits (capacity 384: 6 splits, on Hopper),
+  // present there with =all and at 320 (5 splits).
   struct ProfileCase {
     int64_t capacity;
     const char* fused_attn;  // ZMLX_CUDA_FUSED_ATTN, or null: unset
   };
   for (const ProfileCase pc : {ProfileCase{64, nullptr}, ProfileCase{64, "0"}, ProfileCase{320, nullptr},
-                               ProfileCase{320, "all"}}) {
+                               ProfileCase{384, nullptr}, ProfileCase{384, "all"}}) {
     const int64_t H = 8, Hkv = 2, hd = 128;
     bool fused_on = pc.fused_attn == nullptr || std::string(pc.fused_attn) == "all";
 #ifdef ZMLX_HAVE_CUDA
-    if (pc.fused_attn == nullptr && cuda::k::attention_cluster(int(H), int(Hkv), int(hd), pc.capacity,
-                                                               int(pc.capacity / 64)) == cuda::k::AttnCluster::merge)
+    const int splits = int(pc.capacity / 64);
+    if (pc.fused_attn == nullptr && splits > cuda::k::kFusedPrepClusterSplits &&
+        cuda::k::attention_cluster(int(H), int(Hkv), int(hd), pc.capacity, splits) == cuda::k::AttnCluster::merge)
       fused_on = false;
 #endif
     std::string profile;

@@ -736,7 +736,10 @@ class CudaBackend final : public Backend {
   // kernel in between pays is that the clusters become resident while it
   // runs (not traced after the change). Same bits. One H200, 2026-11-28
   // (docs/performance.md): Qwen3 decode +0.9 % patched and +1.8 % unpatched
-  // at 512 + 128 positions.
+  // at 512 + 128 positions. At up to kern::kFusedPrepClusterSplits splits (caches
+  // of up to 320 positions: llama-bench tg128's condition, a prompt of 1 to
+  // 64 tokens) the fused form is ahead again: +0.2 to +1.2 % in each of 6
+  // rounds on an H200, 2026-11-29 (as ZMLX_CUDA_FUSED_ATTN=all).
   Tensor norm_rope_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qn, const Tensor& kn,
                              float eps, int64_t heads, int64_t kv_heads, int64_t hd, int64_t pos0, float base,
                              bool traditional, KvLayer& cache, float scale) override {
@@ -753,7 +756,7 @@ class CudaBackend final : public Backend {
                "norm_rope_attention: shapes do not match {} + {} heads of {}", heads, kv_heads, hd);
     ensure_capacity(cache, pos0 + 1, pos0);
     const int splits = kern::decode_attention_splits(int(heads), int(kv_heads), int(hd), cache.capacity);
-    if (!zmlx::cuda::env_is("ZMLX_CUDA_FUSED_ATTN", "all") &&
+    if (!zmlx::cuda::env_is("ZMLX_CUDA_FUSED_ATTN", "all") && splits > kern::kFusedPrepClusterSplits &&
         kern::attention_cluster(int(heads), int(kv_heads), int(hd), cache.capacity, splits) == kern::AttnCluster::merge)
       return two_kernels();
     Tensor scratch = alloc(DType::F32, {heads * splits * (hd + 2)});
