@@ -520,8 +520,9 @@ TEST(CudaOps, GroupedDecodeAttentionMatchesCpuAtLongContexts) {
 // same bits, for 2 to 16 splits, 2, 3, 4 and 8 heads a group (more heads
 // than splits: a block merges several), splits that saw no key, head dims 64
 // and 128; and through the norm + rope + attention op, fused in the cluster
-// form (ZMLX_CUDA_FUSED_ATTN=all) and as the default's two kernels, whose
-// new keys and values must land in the cache alike. Every tensor the backend makes
+// form (ZMLX_CUDA_FUSED_ATTN=all) and as two kernels (=0, the default above
+// kFusedPrepClusterSplits splits), whose new keys and values must land in the
+// cache alike. Every tensor the backend makes
 // starts as NaN (ZMLX_CUDA_POISON), so an output element one form never
 // writes cannot pass on a pooled block's earlier, equal value.
 TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
@@ -598,7 +599,7 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
     // ZMLX_CUDA_FUSED_ATTN=all: the default keeps the preparation a kernel
     // apart beside merging clusters of more than kFusedPrepClusterSplits
     // splits, so there the fused-in-cluster kernel runs only when asked; the
-    // default's form is compared as well (c: two kernels at those capacities).
+    // two kernels (=0) are compared as well (c).
     KvLayer c = g->new_kv_layer(k.Hkv, k.hd, k.capacity);
     g->kv_write(c, g->from_host(pk), g->from_host(pv), 0);
     std::vector<float> fused, apart, fused_plain;
@@ -607,7 +608,7 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
       test::ScopedEnv fused_attn("ZMLX_CUDA_FUSED_ATTN", "all");
       fused = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos, 1e6f, false, a,
                                                      scale));
-      fused_attn.set(nullptr);
+      fused_attn.set("0");
       apart = host_floats(*g, g->norm_rope_attention(q, kk, vv, qn, kn, 1e-6f, k.H, k.Hkv, k.hd, pos, 1e6f, false, c,
                                                      scale));
       fused_attn.set("all");
@@ -618,7 +619,7 @@ TEST(CudaOps, ClusterMergedGroupedAttentionIsBitIdentical) {
     }
     ASSERT_TRUE(finite(fused)) << what;
     EXPECT_TRUE(fused == fused_plain) << "fused preparation, " << what;
-    EXPECT_TRUE(apart == fused_plain) << "preparation apart (the default beside clusters), " << what;
+    EXPECT_TRUE(apart == fused_plain) << "preparation apart (two kernels), " << what;
     // Rows 0..pos of every kv head (the rest of the capacity was never written).
     const auto ak = host_floats(*g, a.k), bk = host_floats(*g, b.k), av = host_floats(*g, a.v), bv = host_floats(*g, b.v);
     const auto ck = host_floats(*g, c.k), cv = host_floats(*g, c.v);
@@ -693,9 +694,9 @@ TEST(CudaOps, FusedResidualNormAndAttentionPrepMatchCpu) {
 // One-token steps through norm_rope_attention: the CUDA backend's fused
 // kernel (norm, RoPE, cache write and attention partials in one launch;
 // ZMLX_CUDA_FUSED_ATTN=all, so also where the default keeps the two apart,
-// the merging clusters) against the two-op path (=0) and the default:
-// identical outputs and caches, step after step, while the cache grows; all
-// close to the CPU.
+// beside merging clusters of more than kFusedPrepClusterSplits splits)
+// against the two-op path (=0) and the default: identical outputs and
+// caches, step after step, while the cache grows; all close to the CPU.
 // Long caches stream each split through stage buffers (attention_streams):
 // the fused norm + rope + attention makes the new row in the kernel and,
 // when its stage is copied after the wait (rows past 128 of the last
@@ -795,18 +796,18 @@ TEST(CudaOps, FusedDecodeAttentionIsBitIdenticalToTwoOps) {
   // (ZMLX_PROFILE=1, printed when the backend goes) can: present for the
   // fused step, absent with ZMLX_CUDA_FUSED_ATTN=0, and absent by default
   // where the attention runs as merging clusters of more than
-  // kFusedPrepClusterSplits splits (capacity 384: 6 splits, on Hopper),
-  // present there with =all and at 320 (5 splits).
+  // kFusedPrepClusterSplits splits (capacity 320: 5 splits, on Hopper),
+  // present there with =all and at 256 (4 splits).
   struct ProfileCase {
     int64_t capacity;
     const char* fused_attn;  // ZMLX_CUDA_FUSED_ATTN, or null: unset
   };
-  for (const ProfileCase pc : {ProfileCase{64, nullptr}, ProfileCase{64, "0"}, ProfileCase{320, nullptr},
-                               ProfileCase{384, nullptr}, ProfileCase{384, "all"}}) {
+  for (const ProfileCase pc : {ProfileCase{64, nullptr}, ProfileCase{64, "0"}, ProfileCase{256, nullptr},
+                               ProfileCase{320, nullptr}, ProfileCase{320, "all"}}) {
     const int64_t H = 8, Hkv = 2, hd = 128;
     bool fused_on = pc.fused_attn == nullptr || std::string(pc.fused_attn) == "all";
 #ifdef ZMLX_HAVE_CUDA
-    const int splits = int(pc.capacity / 64);
+    const int splits = cuda::k::decode_attention_splits(int(H), int(Hkv), int(hd), pc.capacity);
     if (pc.fused_attn == nullptr && splits > cuda::k::kFusedPrepClusterSplits &&
         cuda::k::attention_cluster(int(H), int(Hkv), int(hd), pc.capacity, splits) == cuda::k::AttnCluster::merge)
       fused_on = false;
@@ -947,7 +948,7 @@ TEST(CudaOps, DeviceSamplerPicksTheHostDefinitionsToken) {
       for (int64_t i = 0; i < V; ++i) row[size_t(i)] = bf16_to_f32(v[size_t(V + i)]);
       for (int c = 0; c < 12; ++c) {
         SamplerOptions o;
-        const float temps[] = {0.f, 0.3f, 1.f, 2.5f, 1.f, 0.3f, 1.f, 0.3f, 1.f, 2.5f, 0.7f, 1.f};
+        const float temps[] = {0.f, 0.3f, 1.f, 2.5f, 0.f, 0.3f, 1.f, 0.3f, 1.f, 2.5f, 0.7f, 1.f};
         o.temperature = temps[c];
         o.top_k = c == 1 || c == 7 ? 40 : c == 4 || c == 11 ? int(V + 5) : c == 10 ? 20 : 0;
         o.top_p = c == 2 || c == 8 ? 0.9f : c == 5 || c == 11 ? 0.3f : c == 10 ? 0.95f : 1.f;

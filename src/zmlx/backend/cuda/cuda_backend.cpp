@@ -728,7 +728,8 @@ class CudaBackend final : public Backend {
   //
   // By default the two stay apart where the attention runs as merging
   // thread-block clusters (kern::attention_cluster; Qwen3's shapes at KV
-  // cache capacities of 128 to 1,087, i.e. 2 to 16 splits). There, a trace
+  // cache capacities of 128 to 1,087, i.e. 2 to 16 splits) of more than
+  // kern::kFusedPrepClusterSplits splits. There, a trace
   // of the fused form showed 20 of 48 blocks resident only after their
   // release: the q/k/v mat-vec's blocks hold the SMs until they leave, a
   // cluster's blocks become resident only together, and the preparation
@@ -736,10 +737,10 @@ class CudaBackend final : public Backend {
   // kernel in between pays is that the clusters become resident while it
   // runs (not traced after the change). Same bits. One H200, 2026-11-28
   // (docs/performance.md): Qwen3 decode +0.9 % patched and +1.8 % unpatched
-  // at 512 + 128 positions. At up to kern::kFusedPrepClusterSplits splits (caches
-  // of up to 320 positions: llama-bench tg128's condition, a prompt of 1 to
-  // 64 tokens) the fused form is ahead again: +0.2 to +1.2 % in each of 6
-  // rounds on an H200, 2026-11-29 (as ZMLX_CUDA_FUSED_ATTN=all).
+  // at 512 + 128 positions (12 splits). At 4 splits (the first cache of 256
+  // positions: a prompt of 1 to 64 tokens, llama-bench tg128's condition)
+  // the fused form is ahead: +0.2 to +1.2 % in each of 6 rounds on an H200,
+  // 2026-11-29 (as ZMLX_CUDA_FUSED_ATTN=all); at 8 and 12 one round each way.
   Tensor norm_rope_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qn, const Tensor& kn,
                              float eps, int64_t heads, int64_t kv_heads, int64_t hd, int64_t pos0, float base,
                              bool traditional, KvLayer& cache, float scale) override {

@@ -221,8 +221,8 @@ AttnCluster attention_cluster(int heads, int kv_heads, int head_dim, int64_t cap
 // Beside merging clusters of more splits than this, a one-token step keeps
 // its q/k norm + RoPE a kernel apart from the attention (the backend's
 // norm_rope_attention, measured faster there); at this many or fewer it
-// fuses them, as everywhere else.
-constexpr int kFusedPrepClusterSplits = 5;
+// fuses them, as everywhere else (measured at 4: docs/performance.md).
+constexpr int kFusedPrepClusterSplits = 4;
 // 64 cache rows a split, from `at_least` to at most 128 (the merge's limit):
 // the decode attentions' split count by capacity (GLM's absorbed attention
 // asks for at least 16; decode_attention_splits starts from it).
