@@ -494,9 +494,10 @@ __device__ __forceinline__ float row_dot_preloaded_from(const QMat& m, const Row
   }
   return warp_sum(acc);
 }
-template <int BITS, int PRE = kPreChunks, bool NC = true>
-__device__ __forceinline__ float row_dot_preloaded(const QMat& m, const RowPreload<BITS, PRE>& p, const uint16_t* x) {
-  return row_dot_preloaded_from<BITS, PRE>(m, p, [&](int c) { return load_x<NC>(x + int64_t(c) * 32); });
+template <int BITS, int PRE = kPreChunks, bool NC = true, typename Pairs = std::nullptr_t>
+__device__ __forceinline__ float row_dot_preloaded(const QMat& m, const RowPreload<BITS, PRE>& p, const uint16_t* x,
+                                                   const Pairs& pairs = nullptr) {
+  return row_dot_preloaded_from<BITS, PRE>(m, p, [&](int c) { return load_x<NC>(x + int64_t(c) * 32); }, pairs);
 }
 
 // x staged once a block in shared memory (decode_row's SX): after the
@@ -549,10 +550,10 @@ __device__ __forceinline__ XF load_x_staged(const float4* xs, int c) {
   xf_sum(out);
   return out;
 }
-template <int BITS, int PRE = kPreChunks>
+template <int BITS, int PRE = kPreChunks, typename Pairs = std::nullptr_t>
 __device__ __forceinline__ float row_dot_preloaded_staged(const QMat& m, const RowPreload<BITS, PRE>& p,
-                                                          const float4* xs) {
-  return row_dot_preloaded_from<BITS, PRE>(m, p, [&](int c) { return load_x_staged(xs, c); });
+                                                          const float4* xs, const Pairs& pairs = nullptr) {
+  return row_dot_preloaded_from<BITS, PRE>(m, p, [&](int c) { return load_x_staged(xs, c); }, pairs);
 }
 
 // One row of m (row r, valid or not) into y[r]: preloaded when the row is
@@ -572,7 +573,7 @@ __device__ __forceinline__ void decode_row_to(const QMat& m, int64_t r, const ui
   if (pre && row_preloadable<BITS, PRE>(m)) {  // the same for the whole block
     const bool valid = r < m.rows;
     RowPreload<BITS, PRE> p;
-    std::conditional_t<CV, ChunkPairs<PRE>, char> pr;
+    std::conditional_t<CV, ChunkPairs<PRE>, std::nullptr_t> pr{};
     if (valid) {
       row_preload<BITS, PRE>(m, r, p);
       if constexpr (CV) make_pairs_ahead<PRE>(m, p, pr);
@@ -581,12 +582,8 @@ __device__ __forceinline__ void decode_row_to(const QMat& m, int64_t r, const ui
     const float4* xs = SX ? stage_x_block<PRE>(x, m.cols) : nullptr;  // whole block, before any warp leaves
     ZMLX_TRACE_MARK(0);  // trace: x staged
     if (!valid) return;
-    float acc;
-    if constexpr (CV)
-      acc = row_dot_preloaded_from<BITS, PRE>(
-          m, p, [&](int c) { return SX ? load_x_staged(xs, c) : load_x<true>(x + int64_t(c) * 32); }, pr);
-    else
-      acc = SX ? row_dot_preloaded_staged<BITS, PRE>(m, p, xs) : row_dot_preloaded<BITS, PRE>(m, p, x);
+    const float acc =
+        SX ? row_dot_preloaded_staged<BITS, PRE>(m, p, xs, pr) : row_dot_preloaded<BITS, PRE>(m, p, x, pr);
     ZMLX_TRACE_MARK(1);  // trace: the row's sum
     if ((threadIdx.x & 31) == 0) store(r, to_bf(acc));
     return;
@@ -1948,7 +1945,10 @@ template <bool SX>
 struct UnpackAheadResidency {};
 template <bool SX>
 bool unpack_ahead(const QMat& m) {
-  if (m.bits != 4 || !preload_weights() || !env_on("ZMLX_CUDA_PRECONVERT")) return false;
+  // Only rows decode_row_to preloads (row_preloadable) have weights in
+  // registers before the wait to unpack.
+  if (m.bits != 4 || m.cols / 32 > 32 * kPreChunks || !preload_weights() || !env_on("ZMLX_CUDA_PRECONVERT"))
+    return false;
   const int resident = cached_per_device<UnpackAheadResidency<SX>>([](int) {
     int per_sm = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, linear_decode_kernel<4, kPreChunks, SX, true>, 256,
@@ -4022,9 +4022,10 @@ bool scalar_preloaded_decode(const QMat& m, int max_chunks) {
 }
 }  // namespace
 
+// LinearL's one-token choice: not the tensor-core path (which the streamed
+// head is part of), then with_staged_x's form (stage_x()) decides.
 bool linear_unpacks_ahead(const QMat& m) {
-  return !head_stream_fits(m) && scalar_preloaded_decode(m, 32 * kPreChunks) &&
-         (stage_x() ? unpack_ahead<true>(m) : unpack_ahead<false>(m));
+  return !use_mma_linear(m) && (stage_x() ? unpack_ahead<true>(m) : unpack_ahead<false>(m));
 }
 
 bool gather_combine_shared_fits(const QMat& down, const QMat& sd) {
